@@ -1,0 +1,590 @@
+//! Trellis address management over the cluster store.
+//!
+//! * Every network's subnet and VNI live in one index record, changed only
+//!   by compare-and-swap, so two networks never overlap and never share a
+//!   VNI, whichever host creates them.
+//! * Every allocated address is its own key (`addrs/<net>/<ip>`), created
+//!   only if absent: the store itself makes a duplicate address impossible.
+//! * A host claims blocks of a subnet (Calico-style, default /26) by CAS and
+//!   picks free addresses inside them from a local cache, so an allocation
+//!   costs one transaction; that transaction also checks the block is still
+//!   the host's (fencing) and carries the caller's own records, so an
+//!   endpoint and its address appear or fail together.
+//!
+//! [`pure`] holds the arithmetic, unit-tested without a store.
+
+pub mod pure;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use trellis_store::{Compare, KeyValue, Op, Revision, Store, StoreError};
+
+/// The first VNI handed out (as Docker's overlay does).
+pub const FIRST_VNI: u32 = 4096;
+/// The largest VNI (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// Default per-host block length for IPv4 subnets.
+pub const DEFAULT_BLOCK_V4: u8 = 26;
+/// Default per-host block length for IPv6 subnets.
+pub const DEFAULT_BLOCK_V6: u8 = 122;
+/// How often an allocation retries after losing a race before giving up.
+const MAX_ATTEMPTS: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error("no free address left in {subnet} of network {network}")]
+    Exhausted { network: String, subnet: IpNet },
+    #[error("the address pool {pool} has no free /{prefix_len} left (every candidate is in use or overlaps a host route)")]
+    PoolExhausted { pool: IpNet, prefix_len: u8 },
+    #[error("subnet {subnet} overlaps {other} of network {network}")]
+    Overlap { subnet: IpNet, other: IpNet, network: String },
+    #[error("subnet {subnet} overlaps the host route {route}")]
+    OverlapsHostRoute { subnet: IpNet, route: IpNet },
+    #[error("address {ip} is not inside subnet {subnet}")]
+    OutOfSubnet { ip: IpAddr, subnet: IpNet },
+    #[error("address {ip} is already in use (by {owner})")]
+    InUse { ip: IpAddr, owner: String },
+    #[error("address {ip} is reserved ({why}) in {subnet}")]
+    Reserved { ip: IpAddr, subnet: IpNet, why: &'static str },
+    #[error("{0} is not supported yet: Trellis allocates IPv4 only for now")]
+    Ipv6Unsupported(IpNet),
+    #[error("subnet {0} is too small for containers (at least /30 for IPv4)")]
+    TooSmall(IpNet),
+    #[error("no VNI left (all of {FIRST_VNI}..={MAX_VNI} are in use)")]
+    VniExhausted,
+    #[error("network {0} already has an address allocation record")]
+    NetworkExists(String),
+    /// The caller's own comparisons failed; nothing was written.
+    #[error("the caller's records changed concurrently")]
+    CallerConflict,
+    #[error("gave up after {0} attempts lost to concurrent allocations; try again")]
+    Contention(usize),
+    #[error("corrupt IPAM record {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub type Result<T, E = IpamError> = std::result::Result<T, E>;
+
+/// A network's entry in the subnet index.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAllocation {
+    pub subnet: IpNet,
+    pub vni: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubnetIndex {
+    pub nets: BTreeMap<String, NetAllocation>,
+}
+
+/// Who owns a block of a subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub host: String,
+}
+
+/// Who holds an address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddrRecord {
+    /// An endpoint id, or `gateway`.
+    pub owner: String,
+    /// The host that allocated it.
+    pub host: String,
+}
+
+/// How a network's subnet is chosen.
+#[derive(Clone, Debug)]
+pub enum SubnetRequest {
+    /// Exactly this subnet (must overlap no network and no host route).
+    Specific(IpNet),
+    /// The first free `prefix_len` of `pool` that overlaps no network and
+    /// nothing in `avoid` (the host's routes).
+    FromPool { pool: IpNet, prefix_len: u8 },
+}
+
+/// What a network's creation must write, as plain values: the caller adds
+/// its own records and submits one transaction.
+#[derive(Clone, Debug)]
+pub struct NetworkPlan {
+    pub subnet: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub vni: u32,
+    pub compares: Vec<Compare>,
+    pub ops: Vec<Op>,
+}
+
+/// A network as IPAM needs to know it.
+#[derive(Clone, Debug)]
+pub struct Pool {
+    pub net_id: String,
+    pub subnet: IpNet,
+    pub gateway: Option<IpAddr>,
+}
+
+/// Which address an endpoint asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum AddrRequest {
+    Any,
+    Specific(IpAddr),
+}
+
+#[derive(Default)]
+struct OwnedBlock {
+    rev: Revision,
+    used: BTreeSet<IpAddr>,
+}
+
+#[derive(Default)]
+struct NetCache {
+    /// Blocks this host owns, with the addresses known to be taken in them
+    /// (including ones being committed right now).
+    blocks: BTreeMap<IpNet, OwnedBlock>,
+    loaded: bool,
+}
+
+/// IPAM of one host.
+pub struct Ipam {
+    store: Arc<dyn Store>,
+    root: String,
+    host: String,
+    block_v4: u8,
+    block_v6: u8,
+    cache: Mutex<HashMap<String, NetCache>>,
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T> {
+    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
+        key: kv.key.clone(),
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("IPAM records serialize")
+}
+
+fn block_name(b: &IpNet) -> String {
+    format!("{}-{}", b.network(), b.prefix_len())
+}
+
+fn parse_block_name(s: &str) -> Option<IpNet> {
+    let (ip, len) = s.rsplit_once('-')?;
+    IpNet::new(ip.parse().ok()?, len.parse().ok()?).ok()
+}
+
+/// Checks a subnet a user asks for.
+pub fn validate_subnet(subnet: &IpNet) -> Result<()> {
+    if subnet.network().is_ipv6() {
+        return Err(IpamError::Ipv6Unsupported(*subnet));
+    }
+    if subnet.prefix_len() > 30 {
+        return Err(IpamError::TooSmall(*subnet));
+    }
+    Ok(())
+}
+
+impl Ipam {
+    /// IPAM for `host`, keeping its records under `root` (ends with `/`).
+    pub fn new(store: Arc<dyn Store>, root: impl Into<String>, host: impl Into<String>) -> Ipam {
+        Ipam {
+            store,
+            root: root.into(),
+            host: host.into(),
+            block_v4: DEFAULT_BLOCK_V4,
+            block_v6: DEFAULT_BLOCK_V6,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Use blocks of this length for IPv4 subnets.
+    pub fn with_block_len_v4(mut self, len: u8) -> Ipam {
+        self.block_v4 = len.clamp(8, 32);
+        self
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, NetCache>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn index_key(&self) -> String {
+        format!("{}subnets", self.root)
+    }
+    pub fn addr_key(&self, net_id: &str, ip: IpAddr) -> String {
+        format!("{}addrs/{net_id}/{ip}", self.root)
+    }
+    fn addrs_prefix(&self, net_id: &str) -> String {
+        format!("{}addrs/{net_id}/", self.root)
+    }
+    fn block_key(&self, net_id: &str, b: &IpNet) -> String {
+        format!("{}blocks/{net_id}/{}", self.root, block_name(b))
+    }
+    fn blocks_prefix(&self, net_id: &str) -> String {
+        format!("{}blocks/{net_id}/", self.root)
+    }
+
+    fn block_len(&self, subnet: &IpNet) -> u8 {
+        let configured = if subnet.network().is_ipv4() { self.block_v4 } else { self.block_v6 };
+        pure::block_len(subnet, configured)
+    }
+
+    /// The subnet index and its revision (0 when absent).
+    pub async fn index(&self) -> Result<(SubnetIndex, Revision)> {
+        match self.store.get(&self.index_key()).await? {
+            Some(kv) => Ok((decode(&kv)?, kv.mod_revision)),
+            None => Ok((SubnetIndex::default(), 0)),
+        }
+    }
+
+    /// Plan the address side of a network's creation: choose (or check) its
+    /// subnet and gateway, pick a VNI, and reserve the gateway address.
+    /// `avoid` are the host's routes a chosen subnet must not overlap.
+    pub async fn plan_network(
+        &self,
+        net_id: &str,
+        request: &SubnetRequest,
+        gateway: Option<IpAddr>,
+        avoid: &[IpNet],
+    ) -> Result<NetworkPlan> {
+        let (mut index, rev) = self.index().await?;
+        if index.nets.contains_key(net_id) {
+            return Err(IpamError::NetworkExists(net_id.to_string()));
+        }
+        let taken: Vec<IpNet> = index.nets.values().map(|a| a.subnet).collect();
+        let subnet = match request {
+            SubnetRequest::Specific(s) => {
+                let s = s.trunc();
+                validate_subnet(&s)?;
+                if let Some((net, a)) = index.nets.iter().find(|(_, a)| pure::overlaps(&a.subnet, &s)) {
+                    return Err(IpamError::Overlap {
+                        subnet: s,
+                        other: a.subnet,
+                        network: net.clone(),
+                    });
+                }
+                if let Some(route) = avoid.iter().find(|r| pure::overlaps(r, &s)) {
+                    return Err(IpamError::OverlapsHostRoute { subnet: s, route: *route });
+                }
+                s
+            }
+            SubnetRequest::FromPool { pool, prefix_len } => pure::choose_subnet(pool, *prefix_len, &taken, avoid)
+                .ok_or(IpamError::PoolExhausted {
+                    pool: *pool,
+                    prefix_len: *prefix_len,
+                })?,
+        };
+        let gateway = match gateway {
+            Some(gw) => {
+                if !subnet.contains(&gw) {
+                    return Err(IpamError::OutOfSubnet { ip: gw, subnet });
+                }
+                if gw == subnet.network() || (gw.is_ipv4() && gw == subnet.broadcast()) {
+                    return Err(IpamError::Reserved {
+                        ip: gw,
+                        subnet,
+                        why: "network or broadcast address",
+                    });
+                }
+                Some(gw)
+            }
+            None => pure::default_gateway(&subnet),
+        };
+        let used: BTreeSet<u32> = index.nets.values().map(|a| a.vni).collect();
+        let vni = (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or(IpamError::VniExhausted)?;
+        index.nets.insert(net_id.to_string(), NetAllocation { subnet, vni });
+        let index_cmp = if rev == 0 {
+            Compare::Absent(self.index_key())
+        } else {
+            Compare::ModRevision(self.index_key(), rev)
+        };
+        let mut compares = vec![index_cmp];
+        let mut ops = vec![Op::put(self.index_key(), encode(&index))];
+        if let Some(gw) = gateway {
+            let k = self.addr_key(net_id, gw);
+            compares.push(Compare::Absent(k.clone()));
+            ops.push(Op::put(
+                k,
+                encode(&AddrRecord {
+                    owner: "gateway".into(),
+                    host: self.host.clone(),
+                }),
+            ));
+        }
+        Ok(NetworkPlan {
+            subnet,
+            gateway,
+            vni,
+            compares,
+            ops,
+        })
+    }
+
+    /// Plan the removal of everything IPAM holds for a network: its index
+    /// entry, blocks and addresses.
+    pub async fn plan_network_release(&self, net_id: &str) -> Result<(Vec<Compare>, Vec<Op>)> {
+        let (mut index, rev) = self.index().await?;
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        if index.nets.remove(net_id).is_some() {
+            compares.push(Compare::ModRevision(self.index_key(), rev));
+            ops.push(Op::put(self.index_key(), encode(&index)));
+        }
+        for prefix in [self.blocks_prefix(net_id), self.addrs_prefix(net_id)] {
+            let (items, _) = self.store.list(&prefix).await?;
+            ops.extend(items.into_iter().map(|kv| Op::delete(kv.key)));
+        }
+        Ok((compares, ops))
+    }
+
+    /// Forget what this host cached about a network (after it is removed).
+    pub fn forget_network(&self, net_id: &str) {
+        self.cache().remove(net_id);
+    }
+
+    /// Every allocated address of a network, with its record.
+    pub async fn addresses(&self, net_id: &str) -> Result<Vec<(IpAddr, AddrRecord)>> {
+        let prefix = self.addrs_prefix(net_id);
+        let (items, _) = self.store.list(&prefix).await?;
+        let mut out = Vec::with_capacity(items.len());
+        for kv in items {
+            let ip = kv.key[prefix.len()..].parse().map_err(|_| IpamError::Corrupt {
+                key: kv.key.clone(),
+                reason: "key does not end in an IP address".into(),
+            })?;
+            out.push((ip, decode(&kv)?));
+        }
+        Ok(out)
+    }
+
+    /// The blocks of a network and their owners.
+    pub async fn blocks(&self, net_id: &str) -> Result<Vec<(IpNet, BlockRecord, Revision)>> {
+        let prefix = self.blocks_prefix(net_id);
+        let (items, _) = self.store.list(&prefix).await?;
+        let mut out = Vec::with_capacity(items.len());
+        for kv in items {
+            let b = parse_block_name(&kv.key[prefix.len()..]).ok_or_else(|| IpamError::Corrupt {
+                key: kv.key.clone(),
+                reason: "key does not end in a block".into(),
+            })?;
+            out.push((b, decode(&kv)?, kv.mod_revision));
+        }
+        Ok(out)
+    }
+
+    /// Allocate an address for `owner` and, in the same transaction, apply
+    /// the caller's records built by `extra` from the chosen address.
+    pub async fn allocate<F>(&self, pool: &Pool, request: AddrRequest, owner: &str, extra: F) -> Result<IpAddr>
+    where
+        F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
+    {
+        if pool.subnet.network().is_ipv6() {
+            return Err(IpamError::Ipv6Unsupported(pool.subnet));
+        }
+        match request {
+            AddrRequest::Specific(ip) => self.allocate_specific(pool, ip, owner, &extra).await,
+            AddrRequest::Any => self.allocate_any(pool, owner, &extra).await,
+        }
+    }
+
+    fn record(&self, owner: &str) -> Vec<u8> {
+        encode(&AddrRecord {
+            owner: owner.to_string(),
+            host: self.host.clone(),
+        })
+    }
+
+    async fn allocate_specific<F>(&self, pool: &Pool, ip: IpAddr, owner: &str, extra: &F) -> Result<IpAddr>
+    where
+        F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
+    {
+        if !pool.subnet.contains(&ip) {
+            return Err(IpamError::OutOfSubnet { ip, subnet: pool.subnet });
+        }
+        if pure::reserved(&pool.subnet, None).contains(&ip) {
+            return Err(IpamError::Reserved {
+                ip,
+                subnet: pool.subnet,
+                why: "network or broadcast address",
+            });
+        }
+        let key = self.addr_key(&pool.net_id, ip);
+        let (mut compares, mut ops) = extra(ip);
+        compares.push(Compare::Absent(key.clone()));
+        ops.push(Op::put(key.clone(), self.record(owner)));
+        if self.store.txn(compares, ops).await?.succeeded {
+            self.note_used(pool, ip);
+            return Ok(ip);
+        }
+        match self.store.get(&key).await? {
+            Some(kv) => Err(IpamError::InUse {
+                ip,
+                owner: decode::<AddrRecord>(&kv)?.owner,
+            }),
+            None => Err(IpamError::CallerConflict),
+        }
+    }
+
+    fn note_used(&self, pool: &Pool, ip: IpAddr) {
+        let b = pure::block_of(&pool.subnet, self.block_len(&pool.subnet), ip);
+        if let Some(block) = self.cache().get_mut(&pool.net_id).and_then(|c| c.blocks.get_mut(&b)) {
+            block.used.insert(ip);
+        }
+    }
+
+    /// Pick a free address from a block this host owns and mark it taken.
+    fn pick_cached(&self, pool: &Pool) -> Option<(IpAddr, IpNet, Revision)> {
+        let reserved = pure::reserved(&pool.subnet, pool.gateway);
+        let mut cache = self.cache();
+        let net = cache.get_mut(&pool.net_id)?;
+        if !net.loaded {
+            return None;
+        }
+        for (b, block) in net.blocks.iter_mut() {
+            if let Some(ip) = pure::first_free(b, &block.used, &reserved) {
+                block.used.insert(ip);
+                return Some((ip, *b, block.rev));
+            }
+        }
+        None
+    }
+
+    /// Reload this host's blocks and their used addresses from the store.
+    async fn refresh(&self, pool: &Pool) -> Result<(Vec<(IpNet, BlockRecord, Revision)>, BTreeSet<IpAddr>)> {
+        let blocks = self.blocks(&pool.net_id).await?;
+        let used: BTreeSet<IpAddr> = self.addresses(&pool.net_id).await?.into_iter().map(|(ip, _)| ip).collect();
+        let mut cache = self.cache();
+        let net = cache.entry(pool.net_id.clone()).or_default();
+        net.blocks = blocks
+            .iter()
+            .filter(|(_, r, _)| r.host == self.host)
+            .map(|(b, _, rev)| {
+                let in_block = used.iter().filter(|ip| b.contains(*ip)).copied().collect();
+                (*b, OwnedBlock { rev: *rev, used: in_block })
+            })
+            .collect();
+        net.loaded = true;
+        Ok((blocks, used))
+    }
+
+    async fn allocate_any<F>(&self, pool: &Pool, owner: &str, extra: &F) -> Result<IpAddr>
+    where
+        F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let (ip, block_cmp) = match self.pick_cached(pool) {
+                Some((ip, b, rev)) => (ip, Some(Compare::ModRevision(self.block_key(&pool.net_id, &b), rev))),
+                None => match self.grow(pool).await? {
+                    Grown::Block => continue,
+                    Grown::Borrow(ip) => (ip, None),
+                },
+            };
+            let key = self.addr_key(&pool.net_id, ip);
+            let (mut compares, mut ops) = extra(ip);
+            compares.push(Compare::Absent(key.clone()));
+            compares.extend(block_cmp.clone());
+            ops.push(Op::put(key.clone(), self.record(owner)));
+            let outcome = self.store.txn(compares, ops).await;
+            match outcome {
+                Ok(o) if o.succeeded => return Ok(ip),
+                Ok(_) => {}
+                Err(e) => {
+                    self.unmark(pool, ip);
+                    return Err(e.into());
+                }
+            }
+            // Lost a race: find out whether it was ours or the caller's.
+            let taken = self.store.get(&key).await?.is_some();
+            let block_moved = match &block_cmp {
+                Some(Compare::ModRevision(k, rev)) => self.store.get(k).await?.map(|kv| kv.mod_revision) != Some(*rev),
+                _ => false,
+            };
+            if !taken {
+                self.unmark(pool, ip);
+            }
+            if block_moved {
+                self.cache().remove(&pool.net_id);
+            }
+            if !taken && !block_moved {
+                return Err(IpamError::CallerConflict);
+            }
+        }
+        Err(IpamError::Contention(MAX_ATTEMPTS))
+    }
+
+    fn unmark(&self, pool: &Pool, ip: IpAddr) {
+        let b = pure::block_of(&pool.subnet, self.block_len(&pool.subnet), ip);
+        if let Some(block) = self.cache().get_mut(&pool.net_id).and_then(|c| c.blocks.get_mut(&b)) {
+            block.used.remove(&ip);
+        }
+    }
+
+    /// Make room when no owned block has a free address: reload, claim an
+    /// unclaimed block, or borrow a free address from another host's block.
+    async fn grow(&self, pool: &Pool) -> Result<Grown> {
+        let (blocks, used) = self.refresh(pool).await?;
+        if self.pick_cached(pool).is_some_and(|(ip, ..)| {
+            self.unmark(pool, ip);
+            true
+        }) {
+            return Ok(Grown::Block);
+        }
+        let len = self.block_len(&pool.subnet);
+        let claimed: BTreeSet<IpNet> = blocks.iter().map(|(b, ..)| *b).collect();
+        let reserved = pure::reserved(&pool.subnet, pool.gateway);
+        let candidates = pool.subnet.subnets(len).expect("block length is valid for the subnet");
+        for b in candidates.filter(|b| !claimed.contains(b)) {
+            // Skip blocks with nothing allocatable (all reserved or taken).
+            if pure::first_free(&b, &used, &reserved).is_none() {
+                continue;
+            }
+            let key = self.block_key(&pool.net_id, &b);
+            let rec = encode(&BlockRecord { host: self.host.clone() });
+            if self.store.txn(vec![Compare::Absent(key)], vec![Op::put(self.block_key(&pool.net_id, &b), rec)]).await?.succeeded {
+                tracing::debug!(network = %pool.net_id, block = %b, "claimed block");
+            }
+            // Claimed by us or by someone else: reload either way.
+            self.refresh(pool).await?;
+            return Ok(Grown::Block);
+        }
+        // Every block is claimed: borrow any free address.
+        for (b, ..) in &blocks {
+            if let Some(ip) = pure::first_free(b, &used, &reserved) {
+                return Ok(Grown::Borrow(ip));
+            }
+        }
+        Err(IpamError::Exhausted {
+            network: pool.net_id.clone(),
+            subnet: pool.subnet,
+        })
+    }
+
+    /// The operation that releases an address (to be put in the caller's
+    /// transaction), then call [`Ipam::released`] once it committed.
+    pub fn release_op(&self, net_id: &str, ip: IpAddr) -> Op {
+        Op::delete(self.addr_key(net_id, ip))
+    }
+
+    /// Tell the cache an address was released.
+    pub fn released(&self, pool: &Pool, ip: IpAddr) {
+        self.unmark(pool, ip);
+    }
+
+    /// Release an address on its own.
+    pub async fn release(&self, pool: &Pool, ip: IpAddr) -> Result<()> {
+        self.store.txn(vec![], vec![self.release_op(&pool.net_id, ip)]).await?;
+        self.released(pool, ip);
+        Ok(())
+    }
+}
+
+enum Grown {
+    /// The cache now has (or may have) free addresses: pick again.
+    Block,
+    /// No block can be claimed: try this address of another host's block.
+    Borrow(IpAddr),
+}

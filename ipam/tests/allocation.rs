@@ -1,0 +1,238 @@
+//! IPAM over a real (memory) store: networks, allocation, races, exhaustion.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use trellis_ipam::{AddrRequest, Ipam, IpamError, Pool, SubnetRequest};
+use trellis_store::{Compare, LocalStore, Op, Store};
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn store() -> Arc<dyn Store> {
+    Arc::new(LocalStore::memory())
+}
+
+async fn create(ipam: &Ipam, s: &Arc<dyn Store>, id: &str, req: SubnetRequest) -> Pool {
+    let plan = ipam.plan_network(id, &req, None, &[]).await.unwrap();
+    assert!(s.txn(plan.compares, plan.ops).await.unwrap().succeeded);
+    Pool {
+        net_id: id.into(),
+        subnet: plan.subnet,
+        gateway: plan.gateway,
+    }
+}
+
+fn none(_: IpAddr) -> (Vec<Compare>, Vec<Op>) {
+    (vec![], vec![])
+}
+
+#[tokio::test]
+async fn default_pool_skips_taken_subnets_and_host_routes() {
+    let s = store();
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h1");
+    let req = SubnetRequest::FromPool { pool: net("10.0.0.0/8"), prefix_len: 24 };
+    let avoid = [net("10.0.0.0/24"), net("10.0.2.0/24")];
+    let p1 = ipam.plan_network("n1", &req, None, &avoid).await.unwrap();
+    assert_eq!(p1.subnet, net("10.0.1.0/24"));
+    assert_eq!(p1.gateway, Some(ip("10.0.1.1")));
+    assert!(s.txn(p1.compares, p1.ops).await.unwrap().succeeded);
+    let p2 = ipam.plan_network("n2", &req, None, &avoid).await.unwrap();
+    assert_eq!(p2.subnet, net("10.0.3.0/24"));
+    assert_ne!(p1.vni, p2.vni, "VNIs are unique");
+    assert!(s.txn(p2.compares, p2.ops).await.unwrap().succeeded);
+    let (index, _) = ipam.index().await.unwrap();
+    assert_eq!(index.nets.len(), 2);
+}
+
+#[tokio::test]
+async fn stale_plan_cannot_commit() {
+    // Two hosts plan networks from the same index revision: only one commits.
+    let s = store();
+    let a = Ipam::new(s.clone(), "/t/ipam/", "a");
+    let b = Ipam::new(s.clone(), "/t/ipam/", "b");
+    let req = SubnetRequest::FromPool { pool: net("10.0.0.0/8"), prefix_len: 24 };
+    let pa = a.plan_network("na", &req, None, &[]).await.unwrap();
+    let pb = b.plan_network("nb", &req, None, &[]).await.unwrap();
+    assert_eq!(pa.subnet, pb.subnet, "both chose the same subnet from the same view");
+    assert!(s.txn(pa.compares, pa.ops).await.unwrap().succeeded);
+    assert!(!s.txn(pb.compares, pb.ops).await.unwrap().succeeded, "the stale plan must fail");
+    let pb = b.plan_network("nb", &req, None, &[]).await.unwrap();
+    assert_eq!(pb.subnet, net("10.0.1.0/24"));
+}
+
+#[tokio::test]
+async fn bad_subnets_and_gateways_are_refused() {
+    let s = store();
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    create(&ipam, &s, "n1", SubnetRequest::Specific(net("10.30.0.0/24"))).await;
+    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.30.0.128/25")), None, &[]).await.unwrap_err();
+    assert!(matches!(e, IpamError::Overlap { ref network, .. } if network == "n1"), "{e}");
+    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("192.168.5.0/24")), None, &[net("192.168.0.0/16")]).await.unwrap_err();
+    assert!(matches!(e, IpamError::OverlapsHostRoute { .. }), "{e}");
+    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/24")), Some(ip("10.32.0.1")), &[]).await.unwrap_err();
+    assert!(matches!(e, IpamError::OutOfSubnet { .. }), "{e}");
+    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/24")), Some(ip("10.31.0.255")), &[]).await.unwrap_err();
+    assert!(matches!(e, IpamError::Reserved { .. }), "{e}");
+    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/31")), None, &[]).await.unwrap_err();
+    assert!(matches!(e, IpamError::TooSmall(_)), "{e}");
+    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("fd00::/64")), None, &[]).await.unwrap_err();
+    assert!(matches!(e, IpamError::Ipv6Unsupported(_)), "{e}");
+    let e = ipam
+        .plan_network("n2", &SubnetRequest::FromPool { pool: net("10.30.0.0/24"), prefix_len: 24 }, None, &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IpamError::PoolExhausted { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn allocation_skips_reserved_and_exhausts_clearly() {
+    let s = store();
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    let pool = create(&ipam, &s, "n", SubnetRequest::Specific(net("10.9.0.0/29"))).await;
+    let mut got = BTreeSet::new();
+    for i in 0..5 {
+        got.insert(ipam.allocate(&pool, AddrRequest::Any, &format!("ep{i}"), none).await.unwrap());
+    }
+    let want: BTreeSet<IpAddr> = ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].iter().map(|s| ip(s)).collect();
+    assert_eq!(got, want, "network, gateway and broadcast are never handed out");
+    let e = ipam.allocate(&pool, AddrRequest::Any, "ep5", none).await.unwrap_err();
+    assert!(matches!(e, IpamError::Exhausted { .. }), "{e}");
+    assert!(e.to_string().contains("10.9.0.0/29"), "{e}");
+    // Release one: it can be had again.
+    ipam.release(&pool, ip("10.9.0.4")).await.unwrap();
+    assert_eq!(ipam.allocate(&pool, AddrRequest::Any, "ep6", none).await.unwrap(), ip("10.9.0.4"));
+}
+
+#[tokio::test]
+async fn specific_addresses() {
+    let s = store();
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    let pool = create(&ipam, &s, "n", SubnetRequest::Specific(net("10.9.0.0/24"))).await;
+    assert_eq!(ipam.allocate(&pool, AddrRequest::Specific(ip("10.9.0.50")), "a", none).await.unwrap(), ip("10.9.0.50"));
+    let e = ipam.allocate(&pool, AddrRequest::Specific(ip("10.9.0.50")), "b", none).await.unwrap_err();
+    assert!(matches!(e, IpamError::InUse { ref owner, .. } if owner == "a"), "{e}");
+    let e = ipam.allocate(&pool, AddrRequest::Specific(ip("10.9.0.1")), "b", none).await.unwrap_err();
+    assert!(matches!(e, IpamError::InUse { ref owner, .. } if owner == "gateway"), "{e}");
+    let e = ipam.allocate(&pool, AddrRequest::Specific(ip("10.9.0.255")), "b", none).await.unwrap_err();
+    assert!(matches!(e, IpamError::Reserved { .. }), "{e}");
+    let e = ipam.allocate(&pool, AddrRequest::Specific(ip("10.8.0.5")), "b", none).await.unwrap_err();
+    assert!(matches!(e, IpamError::OutOfSubnet { .. }), "{e}");
+    // A block allocation never hands out the specific one.
+    for i in 0..100 {
+        let got = ipam.allocate(&pool, AddrRequest::Any, &format!("x{i}"), none).await.unwrap();
+        assert_ne!(got, ip("10.9.0.50"));
+    }
+}
+
+#[tokio::test]
+async fn caller_records_commit_with_the_address_or_not_at_all() {
+    let s = store();
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    let pool = create(&ipam, &s, "n", SubnetRequest::Specific(net("10.9.0.0/24"))).await;
+    s.put("/t/names/taken", b"x".to_vec()).await.unwrap();
+    let e = ipam
+        .allocate(&pool, AddrRequest::Any, "ep", |ip| {
+            (vec![Compare::Absent("/t/names/taken".into())], vec![Op::put("/t/ep", ip.to_string().into_bytes())])
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, IpamError::CallerConflict), "{e}");
+    assert_eq!(s.get("/t/ep").await.unwrap(), None);
+    let addrs = ipam.addresses("n").await.unwrap();
+    assert_eq!(addrs.len(), 1, "only the gateway: {addrs:?}");
+    let got = ipam
+        .allocate(&pool, AddrRequest::Any, "ep", |ip| (vec![], vec![Op::put("/t/ep", ip.to_string().into_bytes())]))
+        .await
+        .unwrap();
+    assert_eq!(s.get("/t/ep").await.unwrap().unwrap().value, got.to_string().into_bytes());
+}
+
+/// Many hosts allocating at once from one small subnet: every address is
+/// handed out once, and exactly the allocatable ones are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_hosts_never_duplicate() {
+    let s = store();
+    let first = Ipam::new(s.clone(), "/t/ipam/", "h0");
+    let pool = create(&first, &s, "n", SubnetRequest::Specific(net("10.50.0.0/24"))).await;
+    let hosts: Vec<Arc<Ipam>> = (0..5).map(|h| Arc::new(Ipam::new(s.clone(), "/t/ipam/", format!("h{h}")).with_block_len_v4(28))).collect();
+    let mut tasks = Vec::new();
+    for (h, ipam) in hosts.iter().enumerate() {
+        for t in 0..4 {
+            let ipam = ipam.clone();
+            let pool = pool.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0.. {
+                    match ipam.allocate(&pool, AddrRequest::Any, &format!("h{h}t{t}e{i}"), none).await {
+                        Ok(ip) => mine.push(ip),
+                        Err(IpamError::Exhausted { .. }) => break,
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+                mine
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let unique: BTreeSet<_> = all.iter().copied().collect();
+    assert_eq!(unique.len(), all.len(), "duplicate addresses handed out");
+    assert_eq!(all.len(), 256 - 3, "every allocatable address of the /24 was handed out");
+    let stored = first.addresses("n").await.unwrap();
+    assert_eq!(stored.len(), 256 - 2, "store holds each endpoint address plus the gateway");
+    let blocks = first.blocks("n").await.unwrap();
+    let owners: BTreeSet<_> = blocks.iter().map(|(_, r, _)| r.host.clone()).collect();
+    assert!(owners.len() > 1, "blocks were spread over hosts: {owners:?}");
+}
+
+/// A block whose ownership changed under a host (reclaimed) is not used by
+/// that host's stale cache.
+#[tokio::test]
+async fn moved_block_fences_stale_cache() {
+    let s = store();
+    let a = Ipam::new(s.clone(), "/t/ipam/", "a");
+    let pool = create(&a, &s, "n", SubnetRequest::Specific(net("10.60.0.0/24"))).await;
+    let first = a.allocate(&pool, AddrRequest::Any, "e0", none).await.unwrap();
+    let blocks = a.blocks("n").await.unwrap();
+    assert_eq!(blocks.len(), 1);
+    let (b, _, _) = &blocks[0];
+    // Someone reassigns the block to host b (as reclaim will).
+    let key = format!("/t/ipam/blocks/n/{}-{}", b.network(), b.prefix_len());
+    s.put(&key, br#"{"host":"b"}"#.to_vec()).await.unwrap();
+    let next = a.allocate(&pool, AddrRequest::Any, "e1", none).await.unwrap();
+    assert_ne!(next, first);
+    assert!(!b.contains(&next), "a allocated {next} in block {b} it no longer owns");
+    let mine: BTreeSet<_> = a.blocks("n").await.unwrap().into_iter().filter(|(_, r, _)| r.host == "a").map(|(b, ..)| b).collect();
+    assert!(mine.iter().any(|blk| blk.contains(&next)));
+}
+
+#[tokio::test]
+async fn network_release_removes_everything() {
+    let s = store();
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    let pool = create(&ipam, &s, "n", SubnetRequest::Specific(net("10.9.0.0/24"))).await;
+    let keep = create(&ipam, &s, "keep", SubnetRequest::Specific(net("10.10.0.0/24"))).await;
+    for i in 0..10 {
+        ipam.allocate(&pool, AddrRequest::Any, &format!("e{i}"), none).await.unwrap();
+    }
+    ipam.allocate(&keep, AddrRequest::Any, "k", none).await.unwrap();
+    let (c, o) = ipam.plan_network_release("n").await.unwrap();
+    assert!(s.txn(c, o).await.unwrap().succeeded);
+    ipam.forget_network("n");
+    assert!(ipam.addresses("n").await.unwrap().is_empty());
+    assert!(ipam.blocks("n").await.unwrap().is_empty());
+    assert_eq!(ipam.addresses("keep").await.unwrap().len(), 2);
+    let (index, _) = ipam.index().await.unwrap();
+    assert_eq!(index.nets.keys().collect::<Vec<_>>(), ["keep"]);
+    // The subnet can be used again.
+    create(&ipam, &s, "n2", SubnetRequest::Specific(net("10.9.0.0/24"))).await;
+}
