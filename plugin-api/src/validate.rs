@@ -1,0 +1,157 @@
+//! Validation of user input, shared by every path into the agent (CLI,
+//! Docker, CNI). Pure functions; each error names the field and the value.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("invalid {field} {value:?}: {reason}")]
+    Invalid { field: &'static str, value: String, reason: String },
+}
+
+fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> ValidationError {
+    ValidationError::Invalid {
+        field,
+        value: value.to_string(),
+        reason: reason.into(),
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ValidationError>;
+
+/// Smallest and largest MTU accepted for a network.
+pub const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=9216;
+
+/// A name of a network or endpoint: 1–63 characters, letters, digits,
+/// `_`, `.` and `-`, starting with a letter or digit. Names are also DNS
+/// labels later, so they are kept short and plain.
+pub fn name(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(invalid(field, value, "must not be empty"));
+    }
+    if value.len() > 63 {
+        return Err(invalid(field, value, "must be at most 63 characters"));
+    }
+    let mut chars = value.chars();
+    let first = chars.next().expect("not empty");
+    if !first.is_ascii_alphanumeric() {
+        return Err(invalid(field, value, "must start with a letter or digit"));
+    }
+    if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+        return Err(invalid(field, value, format!("character {c:?} is not allowed (letters, digits, '_', '.', '-')")));
+    }
+    Ok(())
+}
+
+/// A subnet in CIDR notation with no host bits set.
+pub fn subnet(value: &str) -> Result<IpNet> {
+    let net: IpNet = value
+        .parse()
+        .map_err(|_| invalid("subnet", value, "expected CIDR notation such as 10.30.0.0/24"))?;
+    if net.trunc() != net {
+        return Err(invalid("subnet", value, format!("host bits are set; did you mean {}?", net.trunc())));
+    }
+    Ok(net)
+}
+
+/// An IP address.
+pub fn ip(field: &'static str, value: &str) -> Result<IpAddr> {
+    value
+        .parse()
+        .map_err(|_| invalid(field, value, "expected an IP address such as 10.30.0.7"))
+}
+
+/// A network MTU (0 means "derive from the underlay").
+pub fn mtu(value: u32) -> Result<u32> {
+    if value == 0 || MTU_RANGE.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            "mtu",
+            &value.to_string(),
+            format!("must be between {} and {}", MTU_RANGE.start(), MTU_RANGE.end()),
+        ))
+    }
+}
+
+/// An interface name inside a container.
+pub fn ifname(value: &str) -> Result<()> {
+    if value.is_empty() || value.len() > 15 {
+        return Err(invalid("interface name", value, "must be 1 to 15 characters"));
+    }
+    if value == "." || value == ".." || value.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(invalid("interface name", value, "must not contain '/', ':' or whitespace"));
+    }
+    Ok(())
+}
+
+/// Labels: keys non-empty, at most 255 bytes, no whitespace or '='.
+pub fn labels(map: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in map {
+        if k.is_empty() || k.len() > 255 || k.chars().any(|c| c.is_whitespace() || c == '=') {
+            return Err(invalid("label key", k, "must be 1 to 255 characters without whitespace or '='"));
+        }
+        if v.len() > 4096 {
+            return Err(invalid("label value", v, "must be at most 4096 bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// Parse a `key=value` label argument.
+pub fn label_arg(arg: &str) -> Result<(String, String)> {
+    let (k, v) = arg
+        .split_once('=')
+        .ok_or_else(|| invalid("label", arg, "expected key=value"))?;
+    let mut m = BTreeMap::new();
+    m.insert(k.to_string(), v.to_string());
+    labels(&m)?;
+    Ok((k.to_string(), v.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["app", "a", "web-1", "my_net.v2", "0net"] {
+            name("network name", ok).unwrap();
+        }
+        for bad in ["", "-x", ".x", "a b", "a/b", "ü", &"x".repeat(64)] {
+            let e = name("network name", bad).unwrap_err();
+            assert!(e.to_string().contains("network name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn subnets_must_be_clean_cidrs() {
+        assert_eq!(subnet("10.30.0.0/24").unwrap().to_string(), "10.30.0.0/24");
+        let e = subnet("10.30.0.5/24").unwrap_err().to_string();
+        assert!(e.contains("did you mean 10.30.0.0/24"), "{e}");
+        let e = subnet("10.30.0.0").unwrap_err().to_string();
+        assert!(e.contains("CIDR"), "{e}");
+        assert!(subnet("300.1.1.0/24").is_err());
+        assert!(subnet("10.0.0.0/33").is_err());
+    }
+
+    #[test]
+    fn ips_mtus_ifnames_labels() {
+        assert!(ip("ip", "10.1.2.3").is_ok());
+        assert!(ip("ip", "10.1.2").unwrap_err().to_string().contains("\"10.1.2\""));
+        assert_eq!(mtu(0).unwrap(), 0);
+        assert_eq!(mtu(1450).unwrap(), 1450);
+        assert!(mtu(100).is_err());
+        assert!(mtu(10_000).is_err());
+        assert!(ifname("eth0").is_ok());
+        assert!(ifname("").is_err());
+        assert!(ifname("a/b").is_err());
+        assert!(ifname("sixteen-chars-xx").is_err());
+        assert_eq!(label_arg("a=b=c").unwrap(), ("a".into(), "b=c".into()));
+        assert!(label_arg("novalue").is_err());
+        assert!(label_arg("=v").is_err());
+    }
+}
