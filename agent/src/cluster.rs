@@ -1,0 +1,362 @@
+//! The desired state in the store: networks and endpoints, created and
+//! removed in single transactions so that a failure leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use trellis_ipam::{AddrRequest, Ipam, IpamError, Pool, SubnetRequest};
+use trellis_store::{Compare, Op, Store, StoreError};
+
+use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
+use crate::reconcile::DesiredSource;
+
+/// Errors of the agent's operations, by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for AgentError {
+    fn from(e: StoreError) -> Self {
+        if e.is_transient() {
+            AgentError::Unavailable(e.to_string())
+        } else {
+            AgentError::Internal(e.to_string())
+        }
+    }
+}
+
+impl From<IpamError> for AgentError {
+    fn from(e: IpamError) -> Self {
+        match e {
+            IpamError::Store(s) => s.into(),
+            IpamError::Corrupt { .. } | IpamError::NetworkExists(_) => AgentError::Internal(e.to_string()),
+            IpamError::InUse { .. } => AgentError::AlreadyExists(e.to_string()),
+            IpamError::Exhausted { .. } | IpamError::PoolExhausted { .. } | IpamError::VniExhausted => {
+                AgentError::FailedPrecondition(e.to_string())
+            }
+            IpamError::Contention(_) | IpamError::CallerConflict => AgentError::Unavailable(e.to_string()),
+            _ => AgentError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// A network to create, already validated at the edge.
+#[derive(Clone, Debug, Default)]
+pub struct NewNetwork {
+    pub name: String,
+    pub subnet: Option<IpNet>,
+    pub gateway: Option<IpAddr>,
+    pub attachable: bool,
+    pub internal: bool,
+    pub encrypted: bool,
+    pub mtu: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// An endpoint to create, already validated at the edge.
+#[derive(Clone, Debug)]
+pub struct NewEndpoint {
+    pub id: String,
+    pub network: String,
+    pub name: Option<String>,
+    pub ip: Option<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub netns: PathBuf,
+    pub managed_netns: bool,
+    pub ifname: String,
+    pub kind: EndpointKind,
+    pub container_id: String,
+}
+
+/// The cluster-wide state as one host reads and writes it.
+pub struct Cluster {
+    pub store: Arc<dyn Store>,
+    pub ipam: Ipam,
+    pub host: String,
+    pub default_pool: IpNet,
+    pub default_prefix_len: u8,
+}
+
+const CREATE_ATTEMPTS: usize = 16;
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| AgentError::Internal(format!("corrupt record {key}: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("records serialize")
+}
+
+impl Cluster {
+    pub fn new(store: Arc<dyn Store>, host: &str, default_pool: IpNet, default_prefix_len: u8) -> Cluster {
+        Cluster {
+            ipam: Ipam::new(store.clone(), model::ipam_root(), host),
+            store,
+            host: host.to_string(),
+            default_pool,
+            default_prefix_len,
+        }
+    }
+
+    pub async fn networks(&self) -> Result<Vec<NetworkRecord>> {
+        let (items, _) = self.store.list(&model::networks_prefix()).await?;
+        items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
+        let (items, _) = self.store.list(&model::endpoints_prefix()).await?;
+        items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    /// A network by name or id.
+    pub async fn network(&self, name_or_id: &str) -> Result<NetworkRecord> {
+        if let Some(kv) = self.store.get(&model::network_key(name_or_id)).await? {
+            return decode(&kv.key, &kv.value);
+        }
+        self.networks()
+            .await?
+            .into_iter()
+            .find(|n| n.id == name_or_id || (name_or_id.len() >= 6 && n.id.starts_with(name_or_id)))
+            .ok_or_else(|| AgentError::NotFound(format!("network {name_or_id:?} not found")))
+    }
+
+    pub async fn create_network(&self, req: NewNetwork, host_routes: &[IpNet], underlay_mtu: u32) -> Result<NetworkRecord> {
+        if req.encrypted {
+            return Err(AgentError::FailedPrecondition(
+                "encrypted networks are not yet supported by this Trellis build (IPsec ESP support lands with the encryption work); nothing was created".into(),
+            ));
+        }
+        let request = match req.subnet {
+            Some(s) => SubnetRequest::Specific(s),
+            None => SubnetRequest::FromPool {
+                pool: self.default_pool,
+                prefix_len: self.default_prefix_len,
+            },
+        };
+        let mtu = if req.mtu == 0 { underlay_mtu.saturating_sub(50).max(576) } else { req.mtu };
+        for _ in 0..CREATE_ATTEMPTS {
+            let key = model::network_key(&req.name);
+            if self.store.get(&key).await?.is_some() {
+                return Err(AgentError::AlreadyExists(format!("network {:?} already exists", req.name)));
+            }
+            let id = model::new_id();
+            let plan = self.ipam.plan_network(&id, &request, req.gateway, host_routes).await?;
+            let record = NetworkRecord {
+                id: id.clone(),
+                name: req.name.clone(),
+                subnet: plan.subnet,
+                gateway: plan.gateway,
+                vni: plan.vni,
+                mtu,
+                attachable: req.attachable,
+                internal: req.internal,
+                encrypted: req.encrypted,
+                labels: req.labels.clone(),
+                created_unix: model::now_unix(),
+            };
+            let mut compares = plan.compares;
+            compares.push(Compare::Absent(key.clone()));
+            let mut ops = plan.ops;
+            ops.push(Op::put(key, encode(&record)));
+            if self.store.txn(compares, ops).await?.succeeded {
+                tracing::info!(network = %record.name, id = %record.id, subnet = %record.subnet, vni = record.vni, "network created");
+                return Ok(record);
+            }
+            // Lost a race with another creation: look again.
+        }
+        Err(AgentError::Unavailable("too many concurrent network changes; try again".into()))
+    }
+
+    /// Remove a network; with `force` its endpoints go too. Returns the
+    /// endpoints removed.
+    pub async fn remove_network(&self, name_or_id: &str, force: bool) -> Result<(NetworkRecord, Vec<EndpointRecord>)> {
+        let net = self.network(name_or_id).await?;
+        let eps: Vec<EndpointRecord> = self.endpoints().await?.into_iter().filter(|e| e.network_id == net.id).collect();
+        if !eps.is_empty() && !force {
+            let names: Vec<_> = eps.iter().take(5).map(|e| e.name.as_str()).collect();
+            return Err(AgentError::FailedPrecondition(format!(
+                "network {:?} has {} endpoint(s) ({}{}); detach them first or use --force",
+                net.name,
+                eps.len(),
+                names.join(", "),
+                if eps.len() > 5 { ", …" } else { "" }
+            )));
+        }
+        let (mut compares, mut ops) = self.ipam.plan_network_release(&net.id).await?;
+        let net_key = model::network_key(&net.name);
+        let current = self.store.get(&net_key).await?.ok_or_else(|| AgentError::NotFound(format!("network {:?} not found", net.name)))?;
+        compares.push(Compare::ModRevision(net_key.clone(), current.mod_revision));
+        ops.push(Op::delete(net_key));
+        for e in &eps {
+            ops.push(Op::delete(model::endpoint_key(&e.id)));
+            ops.push(Op::delete(model::endpoint_name_key(&e.network_id, &e.name)));
+        }
+        if !self.store.txn(compares, ops).await?.succeeded {
+            return Err(AgentError::Unavailable(format!("network {:?} changed while removing it; try again", net.name)));
+        }
+        self.ipam.forget_network(&net.id);
+        tracing::info!(network = %net.name, endpoints = eps.len(), "network removed");
+        Ok((net, eps))
+    }
+
+    fn pool(net: &NetworkRecord) -> Pool {
+        Pool {
+            net_id: net.id.clone(),
+            subnet: net.subnet,
+            gateway: net.gateway,
+        }
+    }
+
+    /// Write an endpoint and its address in one transaction.
+    pub async fn create_endpoint(&self, req: NewEndpoint) -> Result<EndpointRecord> {
+        let net = self.network(&req.network).await?;
+        if req.kind == EndpointKind::Adhoc && !net.attachable {
+            return Err(AgentError::FailedPrecondition(format!(
+                "network {:?} is not attachable: only networks created with --attachable accept ad-hoc endpoints (trellisctl attach, standalone containers)",
+                net.name
+            )));
+        }
+        let name = req.name.clone().unwrap_or_else(|| format!("ep-{}", &req.id[..8]));
+        let name_key = model::endpoint_name_key(&net.id, &name);
+        let template = EndpointRecord {
+            id: req.id.clone(),
+            name: name.clone(),
+            network_id: net.id.clone(),
+            network: net.name.clone(),
+            host: self.host.clone(),
+            ip: IpAddr::from([0, 0, 0, 0]),
+            mac: model::format_mac(&model::new_mac()),
+            netns: req.netns.clone(),
+            ifname: req.ifname.clone(),
+            labels: req.labels.clone(),
+            kind: req.kind,
+            managed_netns: req.managed_netns,
+            container_id: req.container_id.clone(),
+            created_unix: model::now_unix(),
+        };
+        let net_key = model::network_key(&net.name);
+        let request = match req.ip {
+            Some(ip) => AddrRequest::Specific(ip),
+            None => AddrRequest::Any,
+        };
+        let build = |ip: IpAddr| {
+            let mut rec = template.clone();
+            rec.ip = ip;
+            (
+                vec![Compare::Absent(name_key.clone()), Compare::Absent(model::endpoint_key(&rec.id))],
+                vec![
+                    Op::put(name_key.clone(), rec.id.clone().into_bytes()),
+                    Op::put(model::endpoint_key(&rec.id), encode(&rec)),
+                ],
+            )
+        };
+        let result = self.ipam.allocate(&Self::pool(&net), request, &req.id, build).await;
+        let ip = match result {
+            Ok(ip) => ip,
+            Err(IpamError::CallerConflict) => {
+                if self.store.get(&name_key).await?.is_some() {
+                    return Err(AgentError::AlreadyExists(format!("an endpoint named {name:?} already exists on network {:?}", net.name)));
+                }
+                return Err(AgentError::AlreadyExists(format!("endpoint {} already exists", req.id)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The network may have been removed while we allocated: then undo.
+        if self.store.get(&net_key).await?.is_none() {
+            let mut rec = template.clone();
+            rec.ip = ip;
+            self.delete_endpoint_records(&net, &rec).await?;
+            return Err(AgentError::NotFound(format!("network {:?} was removed", net.name)));
+        }
+        let mut rec = template;
+        rec.ip = ip;
+        Ok(rec)
+    }
+
+    /// Remove an endpoint's records and release its address, atomically.
+    pub async fn delete_endpoint_records(&self, net: &NetworkRecord, e: &EndpointRecord) -> Result<()> {
+        let ops = vec![
+            Op::delete(model::endpoint_key(&e.id)),
+            Op::delete(model::endpoint_name_key(&e.network_id, &e.name)),
+            self.ipam.release_op(&e.network_id, e.ip),
+        ];
+        self.store.txn(vec![], ops).await?;
+        self.ipam.released(&Self::pool(net), e.ip);
+        Ok(())
+    }
+
+    /// Find an endpoint by id, id prefix, or name (within `network` if given).
+    pub async fn find_endpoint(&self, endpoint: &str, network: Option<&str>) -> Result<EndpointRecord> {
+        if let Some(kv) = self.store.get(&model::endpoint_key(endpoint)).await? {
+            return decode(&kv.key, &kv.value);
+        }
+        let net_id = match network {
+            Some(n) => Some(self.network(n).await?.id),
+            None => None,
+        };
+        let matches: Vec<EndpointRecord> = self
+            .endpoints()
+            .await?
+            .into_iter()
+            .filter(|e| net_id.as_ref().is_none_or(|n| &e.network_id == n))
+            .filter(|e| e.name == endpoint || (endpoint.len() >= 6 && e.id.starts_with(endpoint)))
+            .collect();
+        match matches.len() {
+            0 => Err(AgentError::NotFound(format!("endpoint {endpoint:?} not found"))),
+            1 => Ok(matches.into_iter().next().expect("one")),
+            n => Err(AgentError::InvalidArgument(format!(
+                "{n} endpoints are named {endpoint:?} (on networks {}); name the network with --network",
+                matches.iter().map(|e| e.network.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
+    }
+
+    /// Remove an endpoint from the store (the reconciler then removes its
+    /// kernel objects).
+    pub async fn remove_endpoint(&self, e: &EndpointRecord) -> Result<()> {
+        let net = match self.network(&e.network_id).await {
+            Ok(n) => n,
+            Err(AgentError::NotFound(_)) => {
+                // The network went with --force; drop what is left.
+                self.store
+                    .txn(
+                        vec![],
+                        vec![
+                            Op::delete(model::endpoint_key(&e.id)),
+                            Op::delete(model::endpoint_name_key(&e.network_id, &e.name)),
+                        ],
+                    )
+                    .await?;
+                return Ok(());
+            }
+            Err(err) => return Err(err),
+        };
+        self.delete_endpoint_records(&net, e).await
+    }
+}
+
+#[async_trait::async_trait]
+impl DesiredSource for Cluster {
+    async fn load(&self) -> std::result::Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String> {
+        let nets = self.networks().await.map_err(|e| e.to_string())?;
+        let eps = self.endpoints().await.map_err(|e| e.to_string())?;
+        Ok((nets, eps))
+    }
+}

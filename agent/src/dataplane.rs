@@ -1,0 +1,208 @@
+//! The kernel boundary: one trait through which the agent observes and
+//! changes host networking. The netlink/nftables implementation lives in
+//! [`crate::netlink`]; [`FakeDataplane`] records operations for unit tests.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use ipnet::IpNet;
+
+use crate::egress::EgressRules;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkKind {
+    Bridge,
+    Veth,
+    Vxlan,
+    Other,
+}
+
+/// A link as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedLink {
+    pub kind: LinkKind,
+    pub master: Option<String>,
+    pub mtu: u32,
+    pub up: bool,
+    /// IPv4 addresses and global IPv6 addresses (link-local ones are the
+    /// kernel's and ignored).
+    pub addrs: Vec<IpNet>,
+}
+
+/// What the agent sees of its host's kernel state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub links: BTreeMap<String, ObservedLink>,
+    /// The fingerprint of the installed egress rules, if any are.
+    pub egress: Option<String>,
+}
+
+/// Everything needed to plug an endpoint in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub endpoint_id: String,
+    pub host_if: String,
+    pub peer_if: String,
+    pub bridge: String,
+    pub mtu: u32,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub mac: [u8; 6],
+    pub addr: IpNet,
+    /// Default route via this address (none on internal networks).
+    pub default_via: Option<IpAddr>,
+}
+
+/// One change to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    CreateBridge { name: String, mtu: u32 },
+    /// Make an existing link match: MTU, up, and (for ports) its bridge.
+    SetLink { name: String, mtu: u32, master: Option<String> },
+    AddAddress { link: String, addr: IpNet },
+    DelAddress { link: String, addr: IpNet },
+    CreateEndpoint(Box<EndpointSpec>),
+    DeleteLink { name: String },
+    ApplyEgress(EgressRules),
+}
+
+impl Action {
+    /// The endpoint this action is for, if any (to report errors per endpoint).
+    pub fn endpoint(&self) -> Option<&str> {
+        match self {
+            Action::CreateEndpoint(spec) => Some(&spec.endpoint_id),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("netlink {call} failed for {object}: {source}")]
+    Netlink {
+        call: &'static str,
+        object: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{call} failed for {object}: {source}")]
+    Io {
+        call: &'static str,
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("network namespace {0} does not exist (the container is gone?)")]
+    NetnsGone(PathBuf),
+    #[error("link {0} not found")]
+    LinkNotFound(String),
+    #[error("nftables: {0}")]
+    Nftables(String),
+}
+
+pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+/// The kernel boundary.
+#[async_trait::async_trait]
+pub trait Dataplane: Send + Sync + 'static {
+    /// The links, addresses and rules the agent may own.
+    async fn observe(&self) -> Result<Observed>;
+    /// Apply one change.
+    async fn apply(&self, action: &Action) -> Result<()>;
+    /// Destination prefixes of the host's routes that are not the agent's
+    /// own (new subnets must not overlap them).
+    async fn host_routes(&self) -> Result<Vec<IpNet>>;
+    /// MTU of the interface of the default route (1500 without one).
+    async fn underlay_mtu(&self) -> Result<u32>;
+}
+
+/// A dataplane in memory that applies actions to its own [`Observed`] and
+/// records them: the reconciler's unit tests run against it.
+#[derive(Default)]
+pub struct FakeDataplane {
+    pub state: Mutex<Observed>,
+    pub log: Mutex<Vec<Action>>,
+    /// Endpoint ids whose creation fails (their netns "is gone").
+    pub failing: Mutex<Vec<String>>,
+}
+
+impl FakeDataplane {
+    pub fn take_log(&self) -> Vec<Action> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut Observed) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for FakeDataplane {
+    async fn observe(&self) -> Result<Observed> {
+        // Yield like a real netlink dump would, so concurrency shows in tests.
+        tokio::task::yield_now().await;
+        Ok(self.state.lock().unwrap().clone())
+    }
+
+    async fn apply(&self, action: &Action) -> Result<()> {
+        self.log.lock().unwrap().push(action.clone());
+        let mut st = self.state.lock().unwrap();
+        match action {
+            Action::CreateBridge { name, mtu } => {
+                st.links.insert(
+                    name.clone(),
+                    ObservedLink {
+                        kind: LinkKind::Bridge,
+                        master: None,
+                        mtu: *mtu,
+                        up: false,
+                        addrs: vec![],
+                    },
+                );
+            }
+            Action::SetLink { name, mtu, master } => {
+                let l = st.links.get_mut(name).ok_or_else(|| DataplaneError::LinkNotFound(name.clone()))?;
+                l.mtu = *mtu;
+                l.up = true;
+                l.master = master.clone();
+            }
+            Action::AddAddress { link, addr } => {
+                let l = st.links.get_mut(link).ok_or_else(|| DataplaneError::LinkNotFound(link.clone()))?;
+                l.addrs.push(*addr);
+            }
+            Action::DelAddress { link, addr } => {
+                let l = st.links.get_mut(link).ok_or_else(|| DataplaneError::LinkNotFound(link.clone()))?;
+                l.addrs.retain(|a| a != addr);
+            }
+            Action::CreateEndpoint(spec) => {
+                if self.failing.lock().unwrap().contains(&spec.endpoint_id) {
+                    return Err(DataplaneError::NetnsGone(spec.netns.clone()));
+                }
+                st.links.insert(
+                    spec.host_if.clone(),
+                    ObservedLink {
+                        kind: LinkKind::Veth,
+                        master: Some(spec.bridge.clone()),
+                        mtu: spec.mtu,
+                        up: true,
+                        addrs: vec![],
+                    },
+                );
+            }
+            Action::DeleteLink { name } => {
+                st.links.remove(name).ok_or_else(|| DataplaneError::LinkNotFound(name.clone()))?;
+            }
+            Action::ApplyEgress(rules) => st.egress = Some(rules.fingerprint()),
+        }
+        Ok(())
+    }
+
+    async fn host_routes(&self) -> Result<Vec<IpNet>> {
+        Ok(vec![])
+    }
+
+    async fn underlay_mtu(&self) -> Result<u32> {
+        Ok(1500)
+    }
+}

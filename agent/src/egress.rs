@@ -1,0 +1,274 @@
+//! Egress and isolation rules in nftables, built as plain values.
+//!
+//! One table, `inet trellis`, in the agent's host namespace:
+//! * `postrouting` (nat): traffic of a non-internal network leaving through
+//!   anything but its own bridge is masqueraded.
+//! * `forward` (filter): an internal network forwards nothing in or out;
+//!   no network forwards into another Trellis network.
+//! * `input` (filter): an internal network's endpoints reach only their
+//!   gateway address on the host.
+//!
+//! The whole table is replaced atomically when it differs. Every rule
+//! carries the fingerprint of the desired rules as its comment, so the
+//! reconciler can tell a missing or altered rule from one glance at the
+//! installed table.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use crate::model::BRIDGE_PREFIX;
+
+pub const TABLE: &str = "trellis";
+
+/// One network as the egress rules need it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EgressNet {
+    pub bridge: String,
+    pub subnet: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub internal: bool,
+}
+
+/// The desired egress rules of a host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EgressRules {
+    pub nets: Vec<EgressNet>,
+}
+
+/// 64-bit FNV-1a: a stable fingerprint, not a security measure.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+}
+
+fn s(v: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.into()))
+}
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: Cow::Borrowed(protocol),
+        field: Cow::Borrowed(field),
+    })))
+}
+fn prefix(net: &IpNet) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(net.network().to_string())),
+        len: net.prefix_len() as u32,
+    }))
+}
+fn m(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+fn family_of(ip: &IpAddr) -> &'static str {
+    if ip.is_ipv4() { "ip" } else { "ip6" }
+}
+
+impl EgressRules {
+    pub fn new(mut nets: Vec<EgressNet>) -> EgressRules {
+        nets.sort();
+        nets.dedup();
+        EgressRules { nets }
+    }
+
+    /// The rules, as (chain, statements).
+    fn rules(&self) -> Vec<(&'static str, Vec<Statement<'static>>)> {
+        let mut out = Vec::new();
+        for n in &self.nets {
+            let fam = family_of(&n.subnet.network());
+            if n.internal {
+                out.push((
+                    "forward",
+                    vec![
+                        m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
+                        m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
+                        Statement::Drop(None),
+                    ],
+                ));
+                out.push((
+                    "forward",
+                    vec![
+                        m(meta(MetaKey::Oifname), Operator::EQ, s(&n.bridge)),
+                        m(meta(MetaKey::Iifname), Operator::NEQ, s(&n.bridge)),
+                        Statement::Drop(None),
+                    ],
+                ));
+                let mut input = vec![m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge))];
+                if let Some(gw) = n.gateway {
+                    input.push(m(payload(family_of(&gw), "daddr"), Operator::NEQ, s(gw.to_string())));
+                }
+                input.push(Statement::Drop(None));
+                out.push(("input", input));
+            } else {
+                out.push((
+                    "forward",
+                    vec![
+                        m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
+                        m(meta(MetaKey::Oifname), Operator::EQ, s(format!("{BRIDGE_PREFIX}*"))),
+                        m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
+                        Statement::Drop(None),
+                    ],
+                ));
+                out.push((
+                    "postrouting",
+                    vec![
+                        m(payload(fam, "saddr"), Operator::EQ, prefix(&n.subnet)),
+                        m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
+                        Statement::Masquerade(None),
+                    ],
+                ));
+            }
+        }
+        out
+    }
+
+    /// `<hash>/<number of rules>`: what [`observed_fingerprint`] reads back
+    /// from a table holding exactly these rules.
+    pub fn fingerprint(&self) -> String {
+        let rules = self.rules();
+        let text = serde_json::to_string(&rules.iter().map(|(c, st)| (c, st)).collect::<Vec<_>>()).expect("rules serialize");
+        format!("{:016x}/{}", fnv1a(text.as_bytes()), rules.len())
+    }
+
+    /// The nft batch that replaces the table with these rules atomically.
+    pub fn batch(&self) -> Nftables<'static> {
+        let fp = self.fingerprint();
+        let hash = fp.split('/').next().unwrap_or_default().to_string();
+        let table = || Table {
+            family: NfFamily::INet,
+            name: Cow::Borrowed(TABLE),
+            handle: None,
+        };
+        let mut b = Batch::new();
+        // `add` is idempotent, so the delete below never fails on a fresh host.
+        b.add(NfListObject::Table(table()));
+        b.delete(NfListObject::Table(table()));
+        b.add(NfListObject::Table(table()));
+        for (name, ty, hook, prio) in [
+            ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
+            ("forward", NfChainType::Filter, NfHook::Forward, 0),
+            ("input", NfChainType::Filter, NfHook::Input, 0),
+        ] {
+            b.add(NfListObject::Chain(Chain {
+                family: NfFamily::INet,
+                table: Cow::Borrowed(TABLE),
+                name: Cow::Borrowed(name),
+                _type: Some(ty),
+                hook: Some(hook),
+                prio: Some(prio),
+                policy: Some(NfChainPolicy::Accept),
+                ..Chain::default()
+            }));
+        }
+        for (chain, expr) in self.rules() {
+            b.add(NfListObject::Rule(Rule {
+                family: NfFamily::INet,
+                table: Cow::Borrowed(TABLE),
+                chain: Cow::Borrowed(chain),
+                expr: Cow::Owned(expr),
+                handle: None,
+                index: None,
+                comment: Some(Cow::Owned(format!("trellis:{hash}"))),
+            }));
+        }
+        b.to_nftables()
+    }
+}
+
+/// The fingerprint of an installed table (`None` when it is absent): the
+/// common comment hash of its rules and their number, or `mixed/N` when the
+/// rules do not all carry the same one.
+pub fn observed_fingerprint(table: &Nftables) -> Option<String> {
+    let mut table_seen = false;
+    let mut hashes = std::collections::BTreeSet::new();
+    let mut count = 0usize;
+    for obj in table.objects.iter() {
+        match obj {
+            nftables::schema::NfObject::ListObject(NfListObject::Table(t)) if t.name == TABLE => table_seen = true,
+            nftables::schema::NfObject::ListObject(NfListObject::Rule(r)) if r.table == TABLE => {
+                count += 1;
+                let c = r.comment.as_deref().unwrap_or("");
+                hashes.insert(c.strip_prefix("trellis:").unwrap_or("foreign").to_string());
+            }
+            _ => {}
+        }
+    }
+    if !table_seen {
+        return None;
+    }
+    let hash = match hashes.len() {
+        0 => format!("{:016x}", fnv1a(b"[]")),
+        1 => hashes.into_iter().next().expect("one"),
+        _ => "mixed".to_string(),
+    };
+    Some(format!("{hash}/{count}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(bridge: &str, subnet: &str, internal: bool) -> EgressNet {
+        let subnet: IpNet = subnet.parse().unwrap();
+        EgressNet {
+            bridge: bridge.into(),
+            subnet,
+            gateway: Some(ipnet::IpNet::hosts(&subnet).next().unwrap()),
+            internal,
+        }
+    }
+
+    #[test]
+    fn rules_per_network_kind() {
+        let r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", true)]);
+        let rules = r.rules();
+        let chains: Vec<_> = rules.iter().map(|(c, _)| *c).collect();
+        // The internal network sorts after the open one (by bridge name).
+        assert_eq!(chains, ["forward", "postrouting", "forward", "forward", "input"]);
+        let json = serde_json::to_string(&r.batch()).unwrap();
+        assert!(json.contains("\"masquerade\""), "{json}");
+        assert!(json.contains("10.1.0.0"));
+        assert!(!json.contains("\"10.2.0.0\""), "an internal network is never masqueraded: {json}");
+        assert!(json.contains("trb-*"));
+    }
+
+    #[test]
+    fn fingerprint_tracks_content_and_order_independent_input() {
+        let a = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", true)]);
+        let b = EgressRules::new(vec![net("trb-b", "10.2.0.0/24", true), net("trb-a", "10.1.0.0/24", false)]);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let c = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", true), net("trb-b", "10.2.0.0/24", true)]);
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert!(a.fingerprint().ends_with("/5"));
+        assert_eq!(EgressRules::default().fingerprint(), format!("{:016x}/0", fnv1a(b"[]")));
+    }
+
+    #[test]
+    fn observed_fingerprint_reads_back_the_batch() {
+        let r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        // The batch as nft would list it back: table, chains, rules.
+        let listed: Nftables = serde_json::from_value(serde_json::json!({"nftables": [
+            {"table": {"family": "inet", "name": "trellis", "handle": 1}},
+            {"rule": {"family": "inet", "table": "trellis", "chain": "forward", "handle": 4, "expr": [], "comment": format!("trellis:{}", r.fingerprint().split('/').next().unwrap())}},
+            {"rule": {"family": "inet", "table": "trellis", "chain": "postrouting", "handle": 5, "expr": [], "comment": format!("trellis:{}", r.fingerprint().split('/').next().unwrap())}},
+        ]}))
+        .unwrap();
+        assert_eq!(observed_fingerprint(&listed), Some(r.fingerprint()));
+        let missing_rule: Nftables = serde_json::from_value(serde_json::json!({"nftables": [
+            {"table": {"family": "inet", "name": "trellis", "handle": 1}},
+            {"rule": {"family": "inet", "table": "trellis", "chain": "forward", "handle": 4, "expr": [], "comment": format!("trellis:{}", r.fingerprint().split('/').next().unwrap())}},
+        ]}))
+        .unwrap();
+        assert_ne!(observed_fingerprint(&missing_rule), Some(r.fingerprint()));
+        let empty: Nftables = serde_json::from_value(serde_json::json!({"nftables": []})).unwrap();
+        assert_eq!(observed_fingerprint(&empty), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! The Trellis agent: `trellisd` (the daemon) and `trellisctl` (its CLI).
+//!
+//! * [`cluster`]: desired state in the store (networks, endpoints).
+//! * [`reconcile`]: desired vs observed → diff → apply, pure diff.
+//! * [`dataplane`]: the one kernel boundary; [`netlink`] implements it.
+//! * [`egress`]: nftables rules as values.
+//! * [`api`]: the gRPC service; [`daemon`]: wiring and lifecycle.
+
+pub mod api;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod egress;
+pub mod model;
+pub mod netlink;
+pub mod netns;
+pub mod reconcile;

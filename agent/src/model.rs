@@ -1,0 +1,158 @@
+//! The records Trellis keeps in the cluster store, their keys, and the
+//! names of the kernel objects derived from them.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Root of every Trellis key.
+pub const ROOT: &str = "/trellis/v1/";
+
+pub fn networks_prefix() -> String {
+    format!("{ROOT}networks/")
+}
+pub fn network_key(name: &str) -> String {
+    format!("{ROOT}networks/{name}")
+}
+pub fn endpoints_prefix() -> String {
+    format!("{ROOT}endpoints/")
+}
+pub fn endpoint_key(id: &str) -> String {
+    format!("{ROOT}endpoints/{id}")
+}
+/// Uniqueness of endpoint names inside a network.
+pub fn endpoint_name_key(network_id: &str, name: &str) -> String {
+    format!("{ROOT}endpoint-names/{network_id}/{name}")
+}
+pub fn ipam_root() -> String {
+    format!("{ROOT}ipam/")
+}
+
+/// Interface-name prefixes the agent owns in its host namespace: anything
+/// carrying them that the desired state does not hold is removed.
+pub const BRIDGE_PREFIX: &str = "trb-";
+pub const VETH_PREFIX: &str = "trv-";
+/// Temporary name of a container-side veth before it moves.
+pub const PEER_PREFIX: &str = "trp-";
+
+/// The bridge of a network on every host.
+pub fn bridge_name(network_id: &str) -> String {
+    format!("{BRIDGE_PREFIX}{}", &network_id[..network_id.len().min(10)])
+}
+/// The host side of an endpoint's veth.
+pub fn host_ifname(endpoint_id: &str) -> String {
+    format!("{VETH_PREFIX}{}", &endpoint_id[..endpoint_id.len().min(10)])
+}
+pub fn peer_ifname(endpoint_id: &str) -> String {
+    format!("{PEER_PREFIX}{}", &endpoint_id[..endpoint_id.len().min(10)])
+}
+
+/// A random identifier: 16 hex digits.
+pub fn new_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// A random locally administered unicast MAC address.
+pub fn new_mac() -> [u8; 6] {
+    let mut mac: [u8; 6] = rand::random();
+    mac[0] = (mac[0] & 0xfc) | 0x02;
+    mac
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<u8> = s.split(':').map(|p| u8::from_str_radix(p, 16)).collect::<Result<_, _>>().ok()?;
+    parts.try_into().ok()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub id: String,
+    pub name: String,
+    pub subnet: IpNet,
+    pub gateway: Option<IpAddr>,
+    pub vni: u32,
+    pub mtu: u32,
+    pub attachable: bool,
+    pub internal: bool,
+    pub encrypted: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub created_unix: i64,
+}
+
+impl NetworkRecord {
+    /// The gateway with the subnet's prefix length, as set on the bridge.
+    pub fn gateway_cidr(&self) -> Option<IpNet> {
+        self.gateway.map(|gw| IpNet::new(gw, self.subnet.prefix_len()).expect("prefix of the subnet"))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    Adhoc,
+    Docker,
+    Cni,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub id: String,
+    pub name: String,
+    pub network_id: String,
+    pub network: String,
+    pub host: String,
+    pub ip: IpAddr,
+    pub mac: String,
+    pub netns: PathBuf,
+    pub ifname: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub kind: EndpointKind,
+    /// The agent created the netns and removes it on detach.
+    #[serde(default)]
+    pub managed_netns: bool,
+    #[serde(default)]
+    pub container_id: String,
+    pub created_unix: i64,
+}
+
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_linux_interface_names() {
+        let id = new_id();
+        for n in [bridge_name(&id), host_ifname(&id), peer_ifname(&id)] {
+            assert!(n.len() <= 15, "{n} is longer than IFNAMSIZ-1");
+        }
+        assert!(bridge_name(&id).starts_with(BRIDGE_PREFIX));
+    }
+
+    #[test]
+    fn macs_are_local_unicast_and_round_trip() {
+        for _ in 0..100 {
+            let m = new_mac();
+            assert_eq!(m[0] & 0x01, 0, "unicast");
+            assert_eq!(m[0] & 0x02, 0x02, "locally administered");
+            assert_eq!(parse_mac(&format_mac(&m)), Some(m));
+        }
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("zz:00:00:00:00:00"), None);
+    }
+}

@@ -1,0 +1,394 @@
+//! The real [`Dataplane`]: rtnetlink for links, addresses and routes,
+//! nftables (through the `nft` JSON API) for egress rules. One netlink
+//! socket in the agent's namespace, and one per container namespace while
+//! an endpoint is plugged in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Observed, ObservedLink, Result};
+use crate::egress::{self, EgressRules};
+use crate::model;
+use crate::netns;
+
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENODEV: i32 = 19;
+const EEXIST: i32 = 17;
+const EADDRNOTAVAIL: i32 = 99;
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+fn nl(call: &'static str, object: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let object = object.into();
+    move |source| DataplaneError::Netlink { call, object, source }
+}
+
+pub struct NetlinkDataplane {
+    handle: rtnetlink::Handle,
+}
+
+struct LinkSummary {
+    index: u32,
+    name: String,
+    kind: LinkKind,
+    master: Option<u32>,
+    mtu: u32,
+    up: bool,
+}
+
+fn summarize(msg: &LinkMessage) -> LinkSummary {
+    let mut s = LinkSummary {
+        index: msg.header.index,
+        name: String::new(),
+        kind: LinkKind::Other,
+        master: None,
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for a in &msg.attributes {
+        match a {
+            LinkAttribute::IfName(n) => s.name = n.clone(),
+            LinkAttribute::Mtu(m) => s.mtu = *m,
+            LinkAttribute::Controller(m) => s.master = Some(*m),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        s.kind = match k {
+                            InfoKind::Bridge => LinkKind::Bridge,
+                            InfoKind::Veth => LinkKind::Veth,
+                            InfoKind::Vxlan => LinkKind::Vxlan,
+                            _ => LinkKind::Other,
+                        };
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+impl NetlinkDataplane {
+    /// A dataplane for the namespace the agent runs in. Must be called
+    /// inside a tokio runtime.
+    pub fn new() -> Result<NetlinkDataplane> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| DataplaneError::Io {
+            call: "netlink socket",
+            object: "host namespace".into(),
+            source: e,
+        })?;
+        tokio::spawn(conn);
+        Ok(NetlinkDataplane { handle })
+    }
+
+    async fn links(&self) -> Result<Vec<LinkSummary>> {
+        let mut out = Vec::new();
+        let mut stream = self.handle.link().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump links", "all"))? {
+            out.push(summarize(&msg));
+        }
+        Ok(out)
+    }
+
+    async fn index_of(handle: &rtnetlink::Handle, name: &str) -> Result<Option<u32>> {
+        let mut stream = handle.link().get().match_name(name.to_string()).execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(msg.header.index)),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(nl("get link", name)(e)),
+        }
+    }
+
+    async fn require(handle: &rtnetlink::Handle, name: &str) -> Result<u32> {
+        Self::index_of(handle, name).await?.ok_or_else(|| DataplaneError::LinkNotFound(name.to_string()))
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<()> {
+        let Some(index) = Self::index_of(&self.handle, name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
+            Err(e) => Err(nl("delete link", name)(e)),
+        }
+    }
+
+    async fn egress_fingerprint(&self) -> Result<Option<String>> {
+        tokio::task::spawn_blocking(|| {
+            match nftables::helper::get_current_ruleset_with_args(
+                nftables::helper::DEFAULT_NFT,
+                ["list", "table", "inet", egress::TABLE],
+            ) {
+                Ok(set) => Ok(egress::observed_fingerprint(&set)),
+                Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+                Err(e) => Err(DataplaneError::Nftables(format!("listing table inet {}: {e}", egress::TABLE))),
+            }
+        })
+        .await
+        .map_err(|e| DataplaneError::Nftables(e.to_string()))?
+    }
+
+    async fn apply_egress(&self, rules: &EgressRules) -> Result<()> {
+        let batch = rules.batch();
+        tokio::task::spawn_blocking(move || {
+            nftables::helper::apply_ruleset(&batch).map_err(|e| DataplaneError::Nftables(format!("applying table inet {}: {e}", egress::TABLE)))
+        })
+        .await
+        .map_err(|e| DataplaneError::Nftables(e.to_string()))??;
+        // Routing between the networks' bridges and the uplink.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(|e| DataplaneError::Io {
+            call: "enable ip_forward",
+            object: "/proc/sys/net/ipv4/ip_forward".into(),
+            source: e,
+        })
+    }
+
+    async fn create_endpoint(&self, s: &EndpointSpec) -> Result<()> {
+        let ns = netns::open(&s.netns)?;
+        // A leftover from an attempt that died half-way.
+        self.delete_link(&s.peer_if).await?;
+        self.handle
+            .link()
+            .add(LinkVeth::new(&s.host_if, &s.peer_if).mtu(s.mtu).build())
+            .execute()
+            .await
+            .map_err(nl("create veth", &s.host_if))?;
+        let result = self.plug(s, &ns).await;
+        if result.is_err() {
+            // Nothing half-created: the pair goes (both ends with one delete).
+            if let Err(e) = self.delete_link(&s.host_if).await {
+                tracing::warn!(link = %s.host_if, error = %e, "cleaning up a failed endpoint");
+            }
+        }
+        result
+    }
+
+    async fn plug(&self, s: &EndpointSpec, ns: &std::fs::File) -> Result<()> {
+        let peer = Self::require(&self.handle, &s.peer_if).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(peer).setns_by_fd(ns.as_raw_fd()).build())
+            .execute()
+            .await
+            .map_err(nl("move veth into netns", &s.peer_if))?;
+
+        let c = netns::handle_in(&s.netns)?;
+        let object = format!("{} in {}", s.ifname, s.netns.display());
+        if Self::index_of(&c, &s.ifname).await?.is_some() {
+            return Err(DataplaneError::Io {
+                call: "rename container interface",
+                object,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "an interface of that name already exists in the namespace; choose another interface name",
+                ),
+            });
+        }
+        let peer = Self::require(&c, &s.peer_if).await?;
+        c.link()
+            .set(
+                LinkUnspec::new_with_index(peer)
+                    .name(s.ifname.clone())
+                    .address(s.mac.to_vec())
+                    .mtu(s.mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("configure container interface", object.clone()))?;
+        if let Some(lo) = Self::index_of(&c, "lo").await? {
+            c.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.map_err(nl("set lo up", object.clone()))?;
+        }
+        c.address()
+            .add(peer, s.addr.addr(), s.addr.prefix_len())
+            .execute()
+            .await
+            .map_err(nl("add container address", object.clone()))?;
+        if let Some(IpAddr::V4(gw)) = s.default_via {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(peer).build();
+            c.route().add(route).replace().execute().await.map_err(nl("add default route", object.clone()))?;
+        }
+
+        let bridge = Self::require(&self.handle, &s.bridge).await?;
+        let host = Self::require(&self.handle, &s.host_if).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(host).controller(bridge).mtu(s.mtu).up().build())
+            .execute()
+            .await
+            .map_err(nl("attach veth to bridge", &s.host_if))
+    }
+
+    async fn routes(&self) -> Result<Vec<RouteMessage>> {
+        let mut out = Vec::new();
+        let mut stream = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        while let Some(r) = stream.try_next().await.map_err(nl("dump routes", "ipv4"))? {
+            out.push(r);
+        }
+        Ok(out)
+    }
+}
+
+fn route_oif(r: &RouteMessage) -> Option<u32> {
+    r.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(r.header.table as u32)
+}
+
+const MAIN_TABLE: u32 = 254;
+
+#[async_trait::async_trait]
+impl Dataplane for NetlinkDataplane {
+    async fn observe(&self) -> Result<Observed> {
+        let links = self.links().await?;
+        let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
+        let owned: HashMap<u32, &LinkSummary> = links
+            .iter()
+            .filter(|l| [model::BRIDGE_PREFIX, model::VETH_PREFIX, model::PEER_PREFIX].iter().any(|p| l.name.starts_with(p)))
+            .map(|l| (l.index, l))
+            .collect();
+        let mut addrs: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
+        let mut stream = self.handle.address().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "all"))? {
+            if !owned.contains_key(&msg.header.index) {
+                continue;
+            }
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+                    if !link_local && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
+                        addrs.entry(msg.header.index).or_default().push(net);
+                    }
+                }
+            }
+        }
+        let mut observed = Observed {
+            egress: self.egress_fingerprint().await?,
+            ..Observed::default()
+        };
+        for (index, l) in owned {
+            observed.links.insert(
+                l.name.clone(),
+                ObservedLink {
+                    kind: l.kind,
+                    master: l.master.and_then(|m| names.get(&m).cloned()),
+                    mtu: l.mtu,
+                    up: l.up,
+                    addrs: addrs.remove(&index).unwrap_or_default(),
+                },
+            );
+        }
+        Ok(observed)
+    }
+
+    async fn apply(&self, action: &Action) -> Result<()> {
+        match action {
+            Action::CreateBridge { name, mtu } => self
+                .handle
+                .link()
+                .add(LinkBridge::new(name).mtu(*mtu).build())
+                .execute()
+                .await
+                .map_err(nl("create bridge", name)),
+            Action::SetLink { name, mtu, master } => {
+                let index = Self::require(&self.handle, name).await?;
+                let mut msg = LinkUnspec::new_with_index(index).mtu(*mtu).up();
+                if let Some(m) = master {
+                    msg = msg.controller(Self::require(&self.handle, m).await?);
+                }
+                self.handle.link().set(msg.build()).execute().await.map_err(nl("set link", name))
+            }
+            Action::AddAddress { link, addr } => {
+                let index = Self::require(&self.handle, link).await?;
+                match self.handle.address().add(index, addr.addr(), addr.prefix_len()).execute().await {
+                    Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+                    r => r.map_err(nl("add address", format!("{addr} on {link}"))),
+                }
+            }
+            Action::DelAddress { link, addr } => {
+                let index = Self::require(&self.handle, link).await?;
+                let mut stream = self
+                    .handle
+                    .address()
+                    .get()
+                    .set_link_index_filter(index)
+                    .set_address_filter(addr.addr())
+                    .set_prefix_length_filter(addr.prefix_len())
+                    .execute();
+                while let Some(msg) = stream.try_next().await.map_err(nl("get address", link))? {
+                    match self.handle.address().del(msg).execute().await {
+                        Err(e) if matches!(errno(&e), Some(EADDRNOTAVAIL) | Some(ENOENT) | Some(ESRCH)) => {}
+                        r => r.map_err(nl("delete address", format!("{addr} on {link}")))?,
+                    }
+                }
+                Ok(())
+            }
+            Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
+            Action::DeleteLink { name } => self.delete_link(name).await,
+            Action::ApplyEgress(rules) => self.apply_egress(rules).await,
+        }
+    }
+
+    async fn host_routes(&self) -> Result<Vec<IpNet>> {
+        let links = self.links().await?;
+        let ours: Vec<u32> = links.iter().filter(|l| l.name.starts_with(model::BRIDGE_PREFIX)).map(|l| l.index).collect();
+        let mut out = Vec::new();
+        for r in self.routes().await? {
+            if route_table(&r) != MAIN_TABLE || r.header.destination_prefix_length == 0 {
+                continue;
+            }
+            if route_oif(&r).is_some_and(|i| ours.contains(&i)) {
+                continue;
+            }
+            let dst = r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+                _ => None,
+            });
+            if let Some(dst) = dst
+                && let Ok(net) = IpNet::new(dst, r.header.destination_prefix_length)
+            {
+                out.push(net.trunc());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn underlay_mtu(&self) -> Result<u32> {
+        let default_oif = self
+            .routes()
+            .await?
+            .iter()
+            .find(|r| route_table(r) == MAIN_TABLE && r.header.destination_prefix_length == 0)
+            .and_then(route_oif);
+        let Some(oif) = default_oif else { return Ok(1500) };
+        Ok(self.links().await?.iter().find(|l| l.index == oif).map(|l| l.mtu).unwrap_or(1500))
+    }
+}

@@ -1,0 +1,514 @@
+//! Level-triggered reconciliation: the kernel state a host should have is
+//! computed from the whole desired state in the store ([`desired`]), compared
+//! with what the kernel has ([`diff`]), and the difference applied. Both
+//! steps are pure; [`Reconciler`] runs them against a [`Dataplane`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+
+use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Observed};
+use crate::egress::{EgressNet, EgressRules};
+use crate::model::{self, EndpointRecord, NetworkRecord};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBridge {
+    pub mtu: u32,
+    pub addr: Option<IpNet>,
+}
+
+/// The kernel state one host should have.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredHost {
+    pub bridges: BTreeMap<String, DesiredBridge>,
+    /// Keyed by host-side interface name.
+    pub endpoints: BTreeMap<String, EndpointSpec>,
+    pub egress: EgressRules,
+}
+
+/// What `host` should have, from every network and endpoint of the cluster.
+/// Every network gets its bridge on every host (cheap, and a network is
+/// usable on a host before its first endpoint lands there).
+pub fn desired(networks: &[NetworkRecord], endpoints: &[EndpointRecord], host: &str) -> DesiredHost {
+    let mut d = DesiredHost::default();
+    let mut by_id = BTreeMap::new();
+    let mut egress = Vec::new();
+    for n in networks {
+        let bridge = model::bridge_name(&n.id);
+        d.bridges.insert(
+            bridge.clone(),
+            DesiredBridge {
+                mtu: n.mtu,
+                addr: n.gateway_cidr(),
+            },
+        );
+        egress.push(EgressNet {
+            bridge,
+            subnet: n.subnet,
+            gateway: n.gateway,
+            internal: n.internal,
+        });
+        by_id.insert(n.id.as_str(), n);
+    }
+    d.egress = EgressRules::new(egress);
+    for e in endpoints.iter().filter(|e| e.host == host) {
+        let Some(n) = by_id.get(e.network_id.as_str()) else {
+            continue;
+        };
+        let Some(mac) = model::parse_mac(&e.mac) else {
+            continue;
+        };
+        let host_if = model::host_ifname(&e.id);
+        d.endpoints.insert(
+            host_if.clone(),
+            EndpointSpec {
+                endpoint_id: e.id.clone(),
+                host_if,
+                peer_if: model::peer_ifname(&e.id),
+                bridge: model::bridge_name(&n.id),
+                mtu: n.mtu,
+                netns: e.netns.clone(),
+                ifname: e.ifname.clone(),
+                mac,
+                addr: IpNet::new(e.ip, n.subnet.prefix_len()).expect("prefix of the subnet"),
+                default_via: if n.internal { None } else { n.gateway },
+            },
+        );
+    }
+    d
+}
+
+fn owned(name: &str) -> bool {
+    name.starts_with(model::BRIDGE_PREFIX) || name.starts_with(model::VETH_PREFIX) || name.starts_with(model::PEER_PREFIX)
+}
+
+/// The actions that turn `observed` into `desired`, in an order that works:
+/// stale ports go first, then bridges are made right, then endpoints, then
+/// the rules.
+pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
+    let mut acts = Vec::new();
+    // Stale links the agent owns: ports and leftovers first, bridges after.
+    let mut stale_bridges = Vec::new();
+    for name in observed.links.keys().filter(|n| owned(n)) {
+        if name.starts_with(model::BRIDGE_PREFIX) {
+            if !desired.bridges.contains_key(name) {
+                stale_bridges.push(name.clone());
+            }
+        } else if !desired.endpoints.contains_key(name) {
+            acts.push(Action::DeleteLink { name: name.clone() });
+        }
+    }
+    acts.extend(stale_bridges.into_iter().map(|name| Action::DeleteLink { name }));
+
+    for (name, b) in &desired.bridges {
+        let observed_link = observed.links.get(name);
+        match observed_link {
+            Some(l) if l.kind == LinkKind::Bridge => {
+                if l.mtu != b.mtu || !l.up || l.master.is_some() {
+                    acts.push(Action::SetLink {
+                        name: name.clone(),
+                        mtu: b.mtu,
+                        master: None,
+                    });
+                }
+                for a in l.addrs.iter().filter(|a| Some(**a) != b.addr) {
+                    acts.push(Action::DelAddress {
+                        link: name.clone(),
+                        addr: *a,
+                    });
+                }
+                if let Some(addr) = b.addr
+                    && !l.addrs.contains(&addr)
+                {
+                    acts.push(Action::AddAddress { link: name.clone(), addr });
+                }
+            }
+            other => {
+                if other.is_some() {
+                    acts.push(Action::DeleteLink { name: name.clone() });
+                }
+                acts.push(Action::CreateBridge {
+                    name: name.clone(),
+                    mtu: b.mtu,
+                });
+                acts.push(Action::SetLink {
+                    name: name.clone(),
+                    mtu: b.mtu,
+                    master: None,
+                });
+                if let Some(addr) = b.addr {
+                    acts.push(Action::AddAddress { link: name.clone(), addr });
+                }
+            }
+        }
+    }
+
+    for (name, spec) in &desired.endpoints {
+        match observed.links.get(name) {
+            Some(l) if l.kind == LinkKind::Veth => {
+                if l.master.as_deref() != Some(spec.bridge.as_str()) || !l.up || l.mtu != spec.mtu {
+                    acts.push(Action::SetLink {
+                        name: name.clone(),
+                        mtu: spec.mtu,
+                        master: Some(spec.bridge.clone()),
+                    });
+                }
+            }
+            other => {
+                if other.is_some() {
+                    acts.push(Action::DeleteLink { name: name.clone() });
+                }
+                acts.push(Action::CreateEndpoint(Box::new(spec.clone())));
+            }
+        }
+    }
+
+    if observed.egress.as_deref() != Some(desired.egress.fingerprint().as_str()) {
+        acts.push(Action::ApplyEgress(desired.egress.clone()));
+    }
+    acts
+}
+
+/// The outcome of one reconcile pass.
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    pub generation: u64,
+    pub actions: usize,
+    /// Errors, with the endpoint they concern when there is one.
+    pub errors: Vec<(Option<String>, String)>,
+    /// Endpoints whose network namespace no longer exists.
+    pub gone: Vec<String>,
+    pub finished: Option<SystemTime>,
+    pub duration: Duration,
+}
+
+impl PassReport {
+    /// The error of an endpoint's creation in this pass, if it failed.
+    pub fn endpoint_error(&self, id: &str) -> Option<&str> {
+        self.errors.iter().find(|(e, _)| e.as_deref() == Some(id)).map(|(_, m)| m.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("reading the desired state: {0}")]
+    Desired(String),
+    #[error("observing the kernel: {0}")]
+    Observe(#[from] DataplaneError),
+}
+
+/// Where the reconciler reads the desired state from.
+#[async_trait::async_trait]
+pub trait DesiredSource: Send + Sync + 'static {
+    async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String>;
+}
+
+/// Runs passes, one at a time; concurrent callers share a pass that
+/// started after they asked.
+pub struct Reconciler {
+    dp: Arc<dyn Dataplane>,
+    source: Arc<dyn DesiredSource>,
+    host: String,
+    running: tokio::sync::Mutex<()>,
+    started: AtomicU64,
+    last: Mutex<Arc<PassReport>>,
+    pub repairs: AtomicU64,
+}
+
+impl Reconciler {
+    pub fn new(dp: Arc<dyn Dataplane>, source: Arc<dyn DesiredSource>, host: impl Into<String>) -> Reconciler {
+        Reconciler {
+            dp,
+            source,
+            host: host.into(),
+            running: tokio::sync::Mutex::new(()),
+            started: AtomicU64::new(0),
+            last: Mutex::new(Arc::new(PassReport::default())),
+            repairs: AtomicU64::new(0),
+        }
+    }
+
+    /// The report of the last finished pass.
+    pub fn last(&self) -> Arc<PassReport> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Run a pass that starts after this call (or share one that did).
+    pub async fn pass(&self) -> Result<Arc<PassReport>, ReconcileError> {
+        let wanted = self.started.load(Ordering::SeqCst) + 1;
+        let _guard = self.running.lock().await;
+        let last = self.last();
+        if last.generation >= wanted {
+            return Ok(last);
+        }
+        let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let t0 = Instant::now();
+        let (networks, endpoints) = self.source.load().await.map_err(ReconcileError::Desired)?;
+        let want = desired(&networks, &endpoints, &self.host);
+        let observed = self.dp.observe().await?;
+        let actions = diff(&want, &observed);
+        let mut report = PassReport {
+            generation,
+            actions: actions.len(),
+            ..PassReport::default()
+        };
+        // A failed endpoint creation must not stop the others, but the
+        // remaining steps of a failed bridge are skipped.
+        let mut failed_links: Vec<String> = Vec::new();
+        for a in &actions {
+            let link = match a {
+                Action::SetLink { name, .. } | Action::AddAddress { link: name, .. } | Action::DelAddress { link: name, .. } => Some(name),
+                _ => None,
+            };
+            if link.is_some_and(|l| failed_links.contains(l)) {
+                continue;
+            }
+            if let Err(e) = self.dp.apply(a).await {
+                if let Action::CreateBridge { name, .. } = a {
+                    failed_links.push(name.clone());
+                }
+                if let (Some(id), DataplaneError::NetnsGone(_)) = (a.endpoint(), &e) {
+                    report.gone.push(id.to_string());
+                }
+                tracing::warn!(action = ?a, error = %e, "reconcile action failed");
+                report.errors.push((a.endpoint().map(str::to_string), e.to_string()));
+            }
+        }
+        if !actions.is_empty() {
+            tracing::debug!(actions = actions.len(), errors = report.errors.len(), "reconciled");
+        }
+        self.repairs.fetch_add(actions.len() as u64, Ordering::Relaxed);
+        report.duration = t0.elapsed();
+        report.finished = Some(SystemTime::now());
+        let report = Arc::new(report);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+        Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::{FakeDataplane, ObservedLink};
+    use crate::model::EndpointKind;
+
+    fn network(id: &str, subnet: &str, internal: bool) -> NetworkRecord {
+        let subnet: IpNet = subnet.parse().unwrap();
+        NetworkRecord {
+            id: id.into(),
+            name: format!("net-{id}"),
+            subnet,
+            gateway: subnet.hosts().next(),
+            vni: 4096,
+            mtu: 1450,
+            attachable: true,
+            internal,
+            encrypted: false,
+            labels: Default::default(),
+            created_unix: 0,
+        }
+    }
+
+    fn endpoint(id: &str, net: &str, ip: &str, host: &str) -> EndpointRecord {
+        EndpointRecord {
+            id: id.into(),
+            name: id.into(),
+            network_id: net.into(),
+            network: format!("net-{net}"),
+            host: host.into(),
+            ip: ip.parse().unwrap(),
+            mac: "02:00:00:00:00:01".into(),
+            netns: format!("/run/netns/{id}").into(),
+            ifname: "eth0".into(),
+            labels: Default::default(),
+            kind: EndpointKind::Adhoc,
+            managed_netns: false,
+            container_id: String::new(),
+            created_unix: 0,
+        }
+    }
+
+    struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);
+    #[async_trait::async_trait]
+    impl DesiredSource for Fixed {
+        async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+    }
+
+    #[test]
+    fn desired_state_of_a_host() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", true)];
+        let eps = vec![
+            endpoint("e1", "aaaa", "10.1.0.2", "h1"),
+            endpoint("e2", "bbbb", "10.2.0.2", "h1"),
+            endpoint("e3", "aaaa", "10.1.0.3", "h2"),
+            endpoint("e4", "gone", "10.9.0.3", "h1"),
+        ];
+        let d = desired(&nets, &eps, "h1");
+        assert_eq!(d.bridges.len(), 2);
+        assert_eq!(d.bridges["trb-aaaa"].addr, Some("10.1.0.1/24".parse().unwrap()));
+        let names: Vec<_> = d.endpoints.keys().cloned().collect();
+        assert_eq!(names, ["trv-e1", "trv-e2"], "only this host's endpoints of existing networks");
+        assert_eq!(d.endpoints["trv-e1"].default_via, Some("10.1.0.1".parse().unwrap()));
+        assert_eq!(d.endpoints["trv-e2"].default_via, None, "internal networks get no default route");
+        assert_eq!(d.endpoints["trv-e2"].addr, "10.2.0.2/24".parse().unwrap());
+    }
+
+    #[test]
+    fn diff_from_scratch_creates_in_order() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+        let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
+        let acts = diff(&desired(&nets, &eps, "h1"), &Observed::default());
+        let kinds: Vec<_> = acts
+            .iter()
+            .map(|a| match a {
+                Action::CreateBridge { .. } => "bridge",
+                Action::SetLink { .. } => "set",
+                Action::AddAddress { .. } => "addr",
+                Action::CreateEndpoint(_) => "endpoint",
+                Action::ApplyEgress(_) => "egress",
+                Action::DeleteLink { .. } => "delete",
+                Action::DelAddress { .. } => "deladdr",
+            })
+            .collect();
+        assert_eq!(kinds, ["bridge", "set", "addr", "endpoint", "egress"]);
+    }
+
+    #[test]
+    fn diff_repairs_and_removes() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+        let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
+        let want = desired(&nets, &eps, "h1");
+        let mut obs = Observed::default();
+        obs.egress = Some(want.egress.fingerprint());
+        obs.links.insert(
+            "trb-aaaa".into(),
+            ObservedLink {
+                kind: LinkKind::Bridge,
+                master: None,
+                mtu: 1450,
+                up: true,
+                addrs: vec!["10.1.0.99/24".parse().unwrap()],
+            },
+        );
+        obs.links.insert(
+            "trv-e1".into(),
+            ObservedLink {
+                kind: LinkKind::Veth,
+                master: None,
+                mtu: 1450,
+                up: true,
+                addrs: vec![],
+            },
+        );
+        for stale in ["trv-old", "trb-old", "trp-e9"] {
+            obs.links.insert(
+                stale.into(),
+                ObservedLink {
+                    kind: LinkKind::Veth,
+                    master: None,
+                    mtu: 1500,
+                    up: true,
+                    addrs: vec![],
+                },
+            );
+        }
+        // Someone else's link is never touched.
+        obs.links.insert(
+            "eth0".into(),
+            ObservedLink {
+                kind: LinkKind::Other,
+                master: None,
+                mtu: 1500,
+                up: true,
+                addrs: vec![],
+            },
+        );
+        let acts = diff(&want, &obs);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DeleteLink { name: "trp-e9".into() },
+                Action::DeleteLink { name: "trv-old".into() },
+                Action::DeleteLink { name: "trb-old".into() },
+                Action::DelAddress {
+                    link: "trb-aaaa".into(),
+                    addr: "10.1.0.99/24".parse().unwrap()
+                },
+                Action::AddAddress {
+                    link: "trb-aaaa".into(),
+                    addr: "10.1.0.1/24".parse().unwrap()
+                },
+                Action::SetLink {
+                    name: "trv-e1".into(),
+                    mtu: 1450,
+                    master: Some("trb-aaaa".into())
+                },
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn passes_converge_and_then_do_nothing() {
+        let dp = Arc::new(FakeDataplane::default());
+        let src = Arc::new(Fixed(Mutex::new((
+            vec![network("aaaa", "10.1.0.0/24", false)],
+            vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
+        ))));
+        let r = Reconciler::new(dp.clone(), src.clone(), "h1");
+        let first = r.pass().await.unwrap();
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        assert_eq!(first.actions, 6);
+        let second = r.pass().await.unwrap();
+        assert_eq!(second.actions, 0, "a converged host needs nothing: {:?}", dp.take_log());
+        assert!(second.generation > first.generation);
+
+        // A veth deleted by hand comes back; a removed endpoint goes.
+        dp.with_state(|s| s.links.remove("trv-e1"));
+        src.0.lock().unwrap().1.retain(|e| e.id != "e2");
+        dp.take_log();
+        r.pass().await.unwrap();
+        let log = dp.take_log();
+        assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(s) if s.endpoint_id == "e1")), "{log:?}");
+        assert!(log.contains(&Action::DeleteLink { name: "trv-e2".into() }), "{log:?}");
+        assert_eq!(r.pass().await.unwrap().actions, 0);
+    }
+
+    #[tokio::test]
+    async fn a_gone_netns_is_reported_and_others_proceed() {
+        let dp = Arc::new(FakeDataplane::default());
+        dp.failing.lock().unwrap().push("e1".into());
+        let src = Arc::new(Fixed(Mutex::new((
+            vec![network("aaaa", "10.1.0.0/24", false)],
+            vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
+        ))));
+        let r = Reconciler::new(dp.clone(), src, "h1");
+        let rep = r.pass().await.unwrap();
+        assert_eq!(rep.gone, ["e1"]);
+        assert!(rep.endpoint_error("e1").unwrap().contains("does not exist"));
+        assert!(rep.endpoint_error("e2").is_none());
+        assert!(dp.with_state(|s| s.links.contains_key("trv-e2")));
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_passes() {
+        let dp = Arc::new(FakeDataplane::default());
+        let src = Arc::new(Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))));
+        let r = Arc::new(Reconciler::new(dp, src, "h1"));
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let r = r.clone();
+            tasks.push(tokio::spawn(async move { r.pass().await.unwrap().generation }));
+        }
+        let mut gens = Vec::new();
+        for t in tasks {
+            gens.push(t.await.unwrap());
+        }
+        assert!(r.last().generation < 20, "20 callers ran {} passes", r.last().generation);
+        assert!(gens.iter().all(|g| *g >= 1));
+    }
+}
