@@ -1,1 +1,326 @@
+//! The agent's gRPC service. Every request is validated here, written to
+//! the store, and converged by a reconcile pass before the answer goes
+//! back; a failure undoes what the request wrote.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use trellis_plugin_api::proto;
+use trellis_plugin_api::validate;
+
+use crate::cluster::{AgentError, Cluster, NewEndpoint, NewNetwork};
+use crate::dataplane::Dataplane;
+use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
+use crate::netns;
+use crate::reconcile::Reconciler;
+
+pub struct AgentService {
+    pub cluster: Arc<Cluster>,
+    pub reconciler: Arc<Reconciler>,
+    pub dataplane: Arc<dyn Dataplane>,
+    pub netns_dir: PathBuf,
+    pub hostname: String,
+    pub capabilities: HashMap<String, bool>,
+}
+
+impl From<AgentError> for Status {
+    fn from(e: AgentError) -> Status {
+        let msg = e.to_string();
+        match e {
+            AgentError::InvalidArgument(_) => Status::invalid_argument(msg),
+            AgentError::NotFound(_) => Status::not_found(msg),
+            AgentError::AlreadyExists(_) => Status::already_exists(msg),
+            AgentError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            AgentError::Unavailable(_) => Status::unavailable(msg),
+            AgentError::Internal(_) => Status::internal(msg),
+        }
+    }
+}
+
+fn bad(e: validate::ValidationError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+pub fn network_to_proto(n: &NetworkRecord, endpoints: u32) -> proto::Network {
+    proto::Network {
+        id: n.id.clone(),
+        name: n.name.clone(),
+        subnet: n.subnet.to_string(),
+        gateway: n.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        vni: n.vni,
+        mtu: n.mtu,
+        attachable: n.attachable,
+        internal: n.internal,
+        encrypted: n.encrypted,
+        labels: n.labels.clone().into_iter().collect(),
+        created_unix: n.created_unix,
+        bridge: model::bridge_name(&n.id),
+        endpoints,
+    }
+}
+
+pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> proto::Endpoint {
+    let prefix = net.map(|n| n.subnet.prefix_len()).unwrap_or(32);
+    proto::Endpoint {
+        id: e.id.clone(),
+        name: e.name.clone(),
+        network: e.network.clone(),
+        network_id: e.network_id.clone(),
+        host: e.host.clone(),
+        address: format!("{}/{prefix}", e.ip),
+        gateway: net.and_then(|n| n.gateway).map(|g| g.to_string()).unwrap_or_default(),
+        mac: e.mac.clone(),
+        mtu: net.map(|n| n.mtu).unwrap_or(0),
+        netns: e.netns.display().to_string(),
+        ifname: e.ifname.clone(),
+        host_ifname: model::host_ifname(&e.id),
+        labels: e.labels.clone().into_iter().collect(),
+        kind: match e.kind {
+            EndpointKind::Adhoc => proto::EndpointKind::Adhoc,
+            EndpointKind::Docker => proto::EndpointKind::Docker,
+            EndpointKind::Cni => proto::EndpointKind::Cni,
+        } as i32,
+        managed_netns: e.managed_netns,
+        container_id: e.container_id.clone(),
+    }
+}
+
+fn labels(map: HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+    let m: BTreeMap<String, String> = map.into_iter().collect();
+    validate::labels(&m).map_err(bad)?;
+    Ok(m)
+}
+
+impl AgentService {
+    fn remove_managed(&self, e: &EndpointRecord) {
+        if e.managed_netns
+            && let Err(err) = netns::remove(&e.netns)
+        {
+            tracing::warn!(netns = %e.netns.display(), error = %err, "removing a managed netns");
+        }
+    }
+
+    /// Converge now; a failing pass is an error of the request.
+    async fn converge(&self) -> Result<Arc<crate::reconcile::PassReport>, Status> {
+        self.reconciler.pass().await.map_err(|e| Status::unavailable(format!("reconcile failed: {e}")))
+    }
+
+    async fn attach_inner(&self, req: proto::AttachRequest) -> Result<EndpointRecord, Status> {
+        if req.network.is_empty() {
+            return Err(Status::invalid_argument("a network is required"));
+        }
+        let name = if req.name.is_empty() {
+            None
+        } else {
+            validate::name("endpoint name", &req.name).map_err(bad)?;
+            Some(req.name.clone())
+        };
+        let ip = if req.ip.is_empty() { None } else { Some(validate::ip("ip", &req.ip).map_err(bad)?) };
+        let ifname = if req.ifname.is_empty() { "eth0".to_string() } else { req.ifname.clone() };
+        validate::ifname(&ifname).map_err(bad)?;
+        let labels = labels(req.labels)?;
+        let kind = match proto::EndpointKind::try_from(req.kind) {
+            Ok(proto::EndpointKind::Adhoc) => EndpointKind::Adhoc,
+            Ok(proto::EndpointKind::Docker) => EndpointKind::Docker,
+            Ok(proto::EndpointKind::Cni) => EndpointKind::Cni,
+            Err(_) => return Err(Status::invalid_argument(format!("unknown endpoint kind {}", req.kind))),
+        };
+        let id = model::new_id();
+        let (netns_path, managed) = if req.netns.is_empty() {
+            (self.netns_dir.join(&id), true)
+        } else {
+            let p = PathBuf::from(&req.netns);
+            if !p.exists() {
+                return Err(Status::invalid_argument(format!("network namespace {:?} does not exist", req.netns)));
+            }
+            (p, false)
+        };
+        // Check the network before creating anything in the kernel.
+        self.cluster.network(&req.network).await?;
+        if managed {
+            netns::create(&netns_path).map_err(|e| internal(format!("creating a network namespace: {e}")))?;
+        }
+        let new = NewEndpoint {
+            id: id.clone(),
+            network: req.network.clone(),
+            name,
+            ip,
+            labels,
+            netns: netns_path.clone(),
+            managed_netns: managed,
+            ifname,
+            kind,
+            container_id: req.container_id.clone(),
+        };
+        let rec = match self.cluster.create_endpoint(new).await {
+            Ok(r) => r,
+            Err(e) => {
+                if managed {
+                    let _ = netns::remove(&netns_path);
+                }
+                return Err(e.into());
+            }
+        };
+        let report = self.converge().await;
+        let failure = match &report {
+            Ok(r) => r.endpoint_error(&id).map(str::to_string),
+            Err(e) => Some(e.message().to_string()),
+        };
+        if let Some(msg) = failure {
+            // Undo: records and address, then the kernel side.
+            if let Err(e) = self.cluster.remove_endpoint(&rec).await {
+                tracing::error!(endpoint = %id, error = %e, "rolling back a failed attach");
+            }
+            let _ = self.reconciler.pass().await;
+            self.remove_managed(&rec);
+            return Err(Status::failed_precondition(format!("attaching to network {:?} failed: {msg}; nothing was left behind", rec.network)));
+        }
+        tracing::info!(endpoint = %rec.id, name = %rec.name, network = %rec.network, ip = %rec.ip, "attached");
+        Ok(rec)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::agent_server::Agent for AgentService {
+    async fn create_network(&self, request: Request<proto::CreateNetworkRequest>) -> Result<Response<proto::Network>, Status> {
+        let r = request.into_inner();
+        validate::name("network name", &r.name).map_err(bad)?;
+        let subnet = if r.subnet.is_empty() { None } else { Some(validate::subnet(&r.subnet).map_err(bad)?) };
+        let gateway = if r.gateway.is_empty() { None } else { Some(validate::ip("gateway", &r.gateway).map_err(bad)?) };
+        if gateway.is_some() && subnet.is_none() {
+            return Err(Status::invalid_argument("--gateway needs --subnet"));
+        }
+        let mtu = validate::mtu(r.mtu).map_err(bad)?;
+        let new = NewNetwork {
+            name: r.name,
+            subnet,
+            gateway,
+            attachable: r.attachable,
+            internal: r.internal,
+            encrypted: r.encrypted,
+            mtu,
+            labels: labels(r.labels)?,
+        };
+        let routes = self.dataplane.host_routes().await.map_err(internal)?;
+        let underlay = self.dataplane.underlay_mtu().await.map_err(internal)?;
+        let net = self.cluster.create_network(new, &routes, underlay).await?;
+        let report = self.converge().await?;
+        if !report.errors.is_empty() {
+            tracing::warn!(errors = ?report.errors, "reconcile after network create reported errors");
+        }
+        Ok(Response::new(network_to_proto(&net, 0)))
+    }
+
+    async fn list_networks(&self, _: Request<proto::ListNetworksRequest>) -> Result<Response<proto::NetworkList>, Status> {
+        let nets = self.cluster.networks().await?;
+        let eps = self.cluster.endpoints().await?;
+        let networks = nets
+            .iter()
+            .map(|n| network_to_proto(n, eps.iter().filter(|e| e.network_id == n.id).count() as u32))
+            .collect();
+        Ok(Response::new(proto::NetworkList { networks }))
+    }
+
+    async fn inspect_network(&self, request: Request<proto::NetworkRef>) -> Result<Response<proto::Network>, Status> {
+        let n = self.cluster.network(&request.into_inner().name).await?;
+        let count = self.cluster.endpoints().await?.iter().filter(|e| e.network_id == n.id).count();
+        Ok(Response::new(network_to_proto(&n, count as u32)))
+    }
+
+    async fn remove_network(&self, request: Request<proto::RemoveNetworkRequest>) -> Result<Response<proto::RemoveNetworkResponse>, Status> {
+        let r = request.into_inner();
+        let (_, removed) = self.cluster.remove_network(&r.name, r.force).await?;
+        self.converge().await?;
+        for e in &removed {
+            self.remove_managed(e);
+        }
+        Ok(Response::new(proto::RemoveNetworkResponse {
+            endpoints_removed: removed.len() as u32,
+        }))
+    }
+
+    async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<proto::Endpoint>, Status> {
+        let rec = self.attach_inner(request.into_inner()).await?;
+        let net = self.cluster.network(&rec.network_id).await.ok();
+        Ok(Response::new(endpoint_to_proto(&rec, net.as_ref())))
+    }
+
+    async fn detach(&self, request: Request<proto::DetachRequest>) -> Result<Response<proto::DetachResponse>, Status> {
+        let r = request.into_inner();
+        let network = (!r.network.is_empty()).then_some(r.network.as_str());
+        let e = self.cluster.find_endpoint(&r.endpoint, network).await?;
+        self.cluster.remove_endpoint(&e).await?;
+        self.converge().await?;
+        self.remove_managed(&e);
+        tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "detached");
+        Ok(Response::new(proto::DetachResponse {}))
+    }
+
+    async fn list_endpoints(&self, request: Request<proto::ListEndpointsRequest>) -> Result<Response<proto::EndpointList>, Status> {
+        let r = request.into_inner();
+        let nets = self.cluster.networks().await?;
+        let filter = if r.network.is_empty() { None } else { Some(self.cluster.network(&r.network).await?.id) };
+        let endpoints = self
+            .cluster
+            .endpoints()
+            .await?
+            .iter()
+            .filter(|e| filter.as_ref().is_none_or(|f| &e.network_id == f))
+            .map(|e| endpoint_to_proto(e, nets.iter().find(|n| n.id == e.network_id)))
+            .collect();
+        Ok(Response::new(proto::EndpointList { endpoints }))
+    }
+
+    async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+        let last = self.reconciler.last();
+        let store = self.cluster.networks().await;
+        let eps = self.cluster.endpoints().await.unwrap_or_default();
+        let (store_ok, store_error, networks) = match store {
+            Ok(n) => (true, String::new(), n.len() as u32),
+            Err(e) => (false, e.to_string(), 0),
+        };
+        Ok(Response::new(proto::StatusResponse {
+            host_id: self.cluster.host.clone(),
+            hostname: self.hostname.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            store_backend: self.cluster.store.backend().to_string(),
+            store_ok,
+            store_error,
+            last_reconcile_unix_ms: last
+                .finished
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            reconcile_passes: last.generation,
+            reconcile_errors: last.errors.iter().map(|(_, m)| m.clone()).collect(),
+            networks,
+            local_endpoints: eps.iter().filter(|e| e.host == self.cluster.host).count() as u32,
+            capabilities: self.capabilities.clone(),
+        }))
+    }
+}
+
+/// Remove the records of endpoints whose namespace is gone (the container
+/// died without a detach) and their managed namespaces.
+pub async fn collect_gone(cluster: &Cluster, gone: &[String]) {
+    for id in gone {
+        match cluster.find_endpoint(id, None).await {
+            Ok(e) => {
+                if Path::new(&e.netns).exists() {
+                    continue;
+                }
+                match cluster.remove_endpoint(&e).await {
+                    Ok(()) => tracing::info!(endpoint = %e.id, name = %e.name, netns = %e.netns.display(), "namespace gone: endpoint removed"),
+                    Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "removing an endpoint whose namespace is gone"),
+                }
+            }
+            Err(err) => tracing::debug!(endpoint = %id, error = %err, "gone endpoint already removed"),
+        }
+    }
+}

@@ -1,1 +1,239 @@
+//! `trellisd` configuration: a TOML file, then flags (each with an
+//! environment fallback) on top. Defaults suit a single host.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The file's content; every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub state_dir: Option<PathBuf>,
+    pub run_dir: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub store: Option<String>,
+    pub default_pool: Option<IpNet>,
+    pub default_prefix_len: Option<u8>,
+    pub resync_interval_ms: Option<u64>,
+    pub host_id: Option<String>,
+    pub log: Option<String>,
+}
+
+/// Flags and environment variables (`None` when not given).
+#[derive(Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// Configuration file (TOML). Missing is fine unless given explicitly.
+    #[arg(long, env = "TRELLIS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the agent keeps its state (the embedded store, host identity).
+    #[arg(long, env = "TRELLIS_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Runtime directory (socket, managed network namespaces).
+    #[arg(long, env = "TRELLIS_RUN_DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// The agent API socket (root-only).
+    #[arg(long, env = "TRELLIS_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Cluster store: `embedded` (redb in the state dir) or `memory`.
+    #[arg(long, env = "TRELLIS_STORE")]
+    pub store: Option<String>,
+    /// Pool that networks created without --subnet are carved from.
+    #[arg(long, env = "TRELLIS_DEFAULT_POOL")]
+    pub default_pool: Option<IpNet>,
+    /// Prefix length of subnets carved from the default pool.
+    #[arg(long, env = "TRELLIS_DEFAULT_PREFIX_LEN")]
+    pub default_prefix_len: Option<u8>,
+    /// Full resync period in milliseconds.
+    #[arg(long, env = "TRELLIS_RESYNC_INTERVAL_MS")]
+    pub resync_interval_ms: Option<u64>,
+    /// Host identity (default: generated once and kept in the state dir).
+    #[arg(long, env = "TRELLIS_HOST_ID")]
+    pub host_id: Option<String>,
+    /// Log filter (tracing env-filter syntax).
+    #[arg(long, env = "TRELLIS_LOG")]
+    pub log: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreSpec {
+    Embedded,
+    Memory,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub socket: PathBuf,
+    pub store: StoreSpec,
+    pub default_pool: IpNet,
+    pub default_prefix_len: u8,
+    pub resync_interval: Duration,
+    pub host_id: Option<String>,
+    pub log: String,
+}
+
+pub const DEFAULT_CONFIG: &str = "/etc/trellis/trellisd.toml";
+pub const DEFAULT_SOCKET: &str = "/run/trellis/trellisd.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid store {0:?}: expected \"embedded\" or \"memory\" (etcd://HOST:PORT arrives with cluster support)")]
+    Store(String),
+    #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
+    PrefixLen { len: u8, pool: IpNet },
+}
+
+pub fn parse_store(s: &str) -> Result<StoreSpec, ConfigError> {
+    match s {
+        "embedded" | "redb" => Ok(StoreSpec::Embedded),
+        "memory" => Ok(StoreSpec::Memory),
+        other => Err(ConfigError::Store(other.to_string())),
+    }
+}
+
+impl Config {
+    /// Merge defaults, the file, and the overrides (highest wins).
+    pub fn load(o: &Overrides) -> Result<Config, ConfigError> {
+        let (path, explicit) = match &o.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG), false),
+        };
+        let file = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => FileConfig::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        Config::merge(file, o)
+    }
+
+    pub fn merge(f: FileConfig, o: &Overrides) -> Result<Config, ConfigError> {
+        let run_dir = o.run_dir.clone().or(f.run_dir).unwrap_or_else(|| PathBuf::from("/run/trellis"));
+        let socket = o.socket.clone().or(f.socket).unwrap_or_else(|| run_dir.join("trellisd.sock"));
+        let store = parse_store(o.store.as_deref().or(f.store.as_deref()).unwrap_or("embedded"))?;
+        let default_pool = o.default_pool.or(f.default_pool).unwrap_or_else(|| "10.0.0.0/8".parse().expect("valid"));
+        let default_prefix_len = o.default_prefix_len.or(f.default_prefix_len).unwrap_or(24);
+        if default_prefix_len < default_pool.prefix_len() || default_prefix_len > 30 {
+            return Err(ConfigError::PrefixLen {
+                len: default_prefix_len,
+                pool: default_pool,
+            });
+        }
+        Ok(Config {
+            state_dir: o.state_dir.clone().or(f.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/trellis")),
+            run_dir,
+            socket,
+            store,
+            default_pool,
+            default_prefix_len,
+            resync_interval: Duration::from_millis(o.resync_interval_ms.or(f.resync_interval_ms).unwrap_or(2000).max(100)),
+            host_id: o.host_id.clone().or(f.host_id),
+            log: o.log.clone().or(f.log).unwrap_or_else(|| "info,h2=warn,tower=warn".into()),
+        })
+    }
+
+    pub fn netns_dir(&self) -> PathBuf {
+        self.run_dir.join("netns")
+    }
+
+    pub fn store_path(&self) -> PathBuf {
+        self.state_dir.join("store.redb")
+    }
+}
+
+/// The host id kept in the state dir, created on first start.
+pub fn host_id(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join("host-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => write_host_id(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_host_id(&path),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_host_id(path: &Path) -> std::io::Result<String> {
+    let id = crate::model::new_id();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_override_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            state_dir = "/srv/trellis"
+            store = "memory"
+            default_pool = "172.20.0.0/14"
+            resync_interval_ms = 500
+            "#,
+        )
+        .unwrap();
+        let o = Overrides {
+            store: Some("embedded".into()),
+            run_dir: Some("/tmp/r".into()),
+            ..Overrides::default()
+        };
+        let c = Config::merge(file, &o).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/srv/trellis"));
+        assert_eq!(c.store, StoreSpec::Embedded);
+        assert_eq!(c.socket, PathBuf::from("/tmp/r/trellisd.sock"), "socket follows the run dir");
+        assert_eq!(c.default_pool.to_string(), "172.20.0.0/14");
+        assert_eq!(c.resync_interval, Duration::from_millis(500));
+        let d = Config::merge(FileConfig::default(), &Overrides::default()).unwrap();
+        assert_eq!(d.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!(d.state_dir, PathBuf::from("/var/lib/trellis"));
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        assert!(toml::from_str::<FileConfig>("bogus = 1").unwrap_err().to_string().contains("bogus"));
+        let e = Config::merge(
+            FileConfig {
+                store: Some("zookeeper".into()),
+                ..FileConfig::default()
+            },
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("zookeeper"));
+        let e = Config::merge(
+            FileConfig::default(),
+            &Overrides {
+                default_prefix_len: Some(4),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("default_prefix_len"));
+        let dir = tempfile::tempdir().unwrap();
+        let e = Config::load(&Overrides {
+            config: Some(dir.path().join("missing.toml")),
+            ..Overrides::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("missing.toml"));
+    }
+
+    #[test]
+    fn host_id_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = host_id(dir.path()).unwrap();
+        let b = host_id(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 16);
+    }
+}

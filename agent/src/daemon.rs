@@ -1,1 +1,154 @@
+//! `trellisd`: wiring and lifecycle. The agent owns no kernel state in
+//! memory: it starts, reconciles (adopting whatever is there), serves, and
+//! on SIGTERM stops serving and leaves the datapath exactly as it is.
 
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::wrappers::UnixListenerStream;
+use trellis_plugin_api::proto::agent_server::AgentServer;
+use trellis_store::{LocalStore, Store};
+
+use crate::api::{AgentService, collect_gone};
+use crate::cluster::Cluster;
+use crate::config::{Config, StoreSpec};
+use crate::dataplane::Dataplane;
+use crate::model;
+use crate::netlink::NetlinkDataplane;
+use crate::reconcile::Reconciler;
+
+fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match cfg.store {
+        StoreSpec::Memory => Arc::new(LocalStore::memory()),
+        StoreSpec::Embedded => Arc::new(
+            LocalStore::open_redb(&cfg.store_path()).with_context(|| format!("opening the embedded store {}", cfg.store_path().display()))?,
+        ),
+    })
+}
+
+fn capabilities() -> HashMap<String, bool> {
+    let nft = std::process::Command::new("nft").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    HashMap::from([("nftables".to_string(), nft), ("esp".to_string(), false)])
+}
+
+/// Run the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("trellisd must run as root: it creates network devices and namespaces");
+    }
+    for dir in [&cfg.state_dir, &cfg.run_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    let host = match &cfg.host_id {
+        Some(h) => h.clone(),
+        None => crate::config::host_id(&cfg.state_dir).context("reading the host id")?,
+    };
+    let store = open_store(&cfg)?;
+    let dataplane: Arc<dyn Dataplane> = Arc::new(NetlinkDataplane::new().context("opening netlink")?);
+    let cluster = Arc::new(Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len));
+    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), host.clone()));
+
+    // Adopt what the kernel has before serving anything.
+    match reconciler.pass().await {
+        Ok(r) => tracing::info!(actions = r.actions, errors = r.errors.len(), "initial reconcile"),
+        Err(e) => tracing::warn!(error = %e, "initial reconcile failed; retrying in the background"),
+    }
+
+    if let Some(parent) = cfg.socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::remove_file(&cfg.socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing a stale socket {}", cfg.socket.display())),
+    }
+    let listener = UnixListener::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
+    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", cfg.socket.display()))?;
+
+    let service = AgentService {
+        cluster: cluster.clone(),
+        reconciler: reconciler.clone(),
+        dataplane: dataplane.clone(),
+        netns_dir: cfg.netns_dir(),
+        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        capabilities: capabilities(),
+    };
+
+    // Periodic full resync; it also collects endpoints whose netns died.
+    let resync = {
+        let reconciler = reconciler.clone();
+        let cluster = cluster.clone();
+        let every = cfg.resync_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match reconciler.pass().await {
+                    Ok(r) if !r.gone.is_empty() => {
+                        collect_gone(&cluster, &r.gone).await;
+                        let _ = reconciler.pass().await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
+                }
+            }
+        })
+    };
+
+    // Store changes (from this host or any other) trigger a pass.
+    let watcher = {
+        let reconciler = reconciler.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut w = match store.watch(model::ROOT, 0).await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watching the store failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(ev) = w.next().await {
+                    if let Err(e) = ev {
+                        tracing::warn!(error = %e, "store watch broke; resubscribing");
+                        break;
+                    }
+                    // Fold a burst of events into one pass.
+                    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), w.next()).await {}
+                    if let Err(e) = reconciler.pass().await {
+                        tracing::warn!(error = %e, "reconcile after a store change failed");
+                    }
+                }
+            }
+        })
+    };
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping, datapath left in place"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping, datapath left in place"),
+        }
+    };
+    tracing::info!(host = %host, socket = %cfg.socket.display(), store = store.backend(), "trellisd serving");
+    tonic::transport::Server::builder()
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .context("serving the agent API")?;
+    resync.abort();
+    watcher.abort();
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}

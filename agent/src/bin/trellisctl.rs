@@ -1,1 +1,392 @@
-fn main(){}
+//! trellisctl: the Trellis command line.
+
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use trellis_agent::client;
+use trellis_agent::config::DEFAULT_SOCKET;
+use trellis_plugin_api::proto;
+use trellis_plugin_api::validate;
+
+/// Trellis: overlay networks for containers.
+#[derive(Parser)]
+#[command(name = "trellisctl", version)]
+struct Cli {
+    /// The agent's socket.
+    #[arg(long, global = true, env = "TRELLIS_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Attach an endpoint to an attachable network: into --netns, into a new
+    /// namespace kept until `detach`, or into a new namespace in which CMD runs
+    /// (a debugging shell) and which goes when CMD exits.
+    Attach {
+        network: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        ip: Option<String>,
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        #[arg(long)]
+        netns: Option<PathBuf>,
+        /// Interface name inside the namespace.
+        #[arg(long, default_value = "eth0")]
+        ifname: String,
+        #[arg(long)]
+        json: bool,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
+    /// Detach an endpoint (by name or id).
+    Detach {
+        endpoint: String,
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Endpoints.
+    #[command(subcommand)]
+    Endpoint(EndpointCmd),
+    /// The agent's health.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum NetworkCmd {
+    /// Create a network.
+    Create {
+        name: String,
+        #[arg(long)]
+        subnet: Option<String>,
+        #[arg(long)]
+        gateway: Option<String>,
+        /// Accept ad-hoc endpoints (trellisctl attach, standalone containers).
+        #[arg(long)]
+        attachable: bool,
+        /// No traffic in or out of the network.
+        #[arg(long)]
+        internal: bool,
+        #[arg(long)]
+        encrypted: bool,
+        #[arg(long)]
+        mtu: Option<u32>,
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List networks.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a network as JSON.
+    Inspect { name: String },
+    /// Remove a network (refused while it has endpoints, unless --force).
+    #[command(alias = "remove")]
+    Rm {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EndpointCmd {
+    /// List endpoints.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn labels(args: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    args.iter().map(|a| validate::label_arg(a).map_err(anyhow::Error::from)).collect()
+}
+
+fn network_json(n: &proto::Network) -> Value {
+    json!({
+        "id": n.id, "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "vni": n.vni,
+        "mtu": n.mtu, "attachable": n.attachable, "internal": n.internal, "encrypted": n.encrypted,
+        "labels": n.labels, "created_unix": n.created_unix, "bridge": n.bridge, "endpoints": n.endpoints,
+    })
+}
+
+fn endpoint_json(e: &proto::Endpoint) -> Value {
+    let kind = proto::EndpointKind::try_from(e.kind).map(|k| k.as_str_name().trim_start_matches("ENDPOINT_KIND_").to_lowercase()).unwrap_or_default();
+    json!({
+        "id": e.id, "name": e.name, "network": e.network, "network_id": e.network_id, "host": e.host,
+        "address": e.address, "gateway": e.gateway, "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
+        "ifname": e.ifname, "host_ifname": e.host_ifname, "labels": e.labels, "kind": kind,
+        "managed_netns": e.managed_netns, "container_id": e.container_id,
+    })
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("json"));
+}
+
+/// A child in a new netns of its own that waits for a byte on the returned
+/// pipe before it runs `cmd`. The child re-executes trellisctl as a small
+/// gate (`__gate FD -- CMD`): blocking before exec would block spawn itself.
+fn spawn_gated(cmd: &[String]) -> anyhow::Result<(std::process::Child, OwnedFd)> {
+    let (read, write) = nix::unistd::pipe().context("creating a pipe")?;
+    let write_raw = write.as_raw_fd();
+    let read_raw = read.as_raw_fd();
+    let me = std::env::current_exe().context("finding trellisctl's own binary")?;
+    let mut command = std::process::Command::new(me);
+    command.arg("__gate").arg(read_raw.to_string()).arg("--").args(cmd);
+    // SAFETY: only async-signal-safe calls (fcntl, close, unshare) run
+    // between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::close(write_raw).ok();
+            let fd = std::os::fd::BorrowedFd::borrow_raw(read_raw);
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(std::io::Error::from)?;
+            let flags = nix::fcntl::FdFlag::from_bits_truncate(flags) - nix::fcntl::FdFlag::FD_CLOEXEC;
+            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags)).map_err(std::io::Error::from)?;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+        });
+    }
+    let child = command.spawn().with_context(|| format!("starting {:?}", cmd[0]))?;
+    drop(read);
+    Ok((child, write))
+}
+
+/// The gate: wait for the go byte on `fd`, then become `cmd`.
+fn gate(fd: i32, cmd: &[String]) -> ExitCode {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the fd was handed to this process by its parent for this use.
+    let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut byte = [0u8; 1];
+    if !matches!(f.read(&mut byte), Ok(1)) {
+        eprintln!("trellisctl: the network was not set up; not running {:?}", cmd.join(" "));
+        return ExitCode::from(125);
+    }
+    drop(f);
+    let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    eprintln!("trellisctl: running {:?}: {err}", cmd[0]);
+    ExitCode::from(127)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let mut c = client::connect(&cli.socket).await?;
+    match cli.cmd {
+        Cmd::Network(NetworkCmd::Create {
+            name,
+            subnet,
+            gateway,
+            attachable,
+            internal,
+            encrypted,
+            mtu,
+            labels: l,
+            json,
+        }) => {
+            let n = c
+                .create_network(proto::CreateNetworkRequest {
+                    name,
+                    subnet: subnet.unwrap_or_default(),
+                    gateway: gateway.unwrap_or_default(),
+                    attachable,
+                    internal,
+                    encrypted,
+                    mtu: mtu.unwrap_or(0),
+                    labels: labels(&l)?,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&network_json(&n));
+            } else {
+                println!("{} {} subnet={} gateway={} vni={} mtu={}", n.name, n.id, n.subnet, n.gateway, n.vni, n.mtu);
+            }
+        }
+        Cmd::Network(NetworkCmd::Ls { json }) => {
+            let list = c.list_networks(proto::ListNetworksRequest {}).await?.into_inner().networks;
+            if json {
+                print_json(&Value::Array(list.iter().map(network_json).collect()));
+            } else {
+                println!("{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} FLAGS", "NAME", "ID", "SUBNET", "VNI", "MTU", "ENDPOINTS");
+                for n in list {
+                    let flags: Vec<&str> = [(n.attachable, "attachable"), (n.internal, "internal"), (n.encrypted, "encrypted")]
+                        .iter()
+                        .filter(|(on, _)| *on)
+                        .map(|(_, f)| *f)
+                        .collect();
+                    println!("{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} {}", n.name, n.id, n.subnet, n.vni, n.mtu, n.endpoints, flags.join(","));
+                }
+            }
+        }
+        Cmd::Network(NetworkCmd::Inspect { name }) => {
+            let n = c.inspect_network(proto::NetworkRef { name }).await?.into_inner();
+            print_json(&network_json(&n));
+        }
+        Cmd::Network(NetworkCmd::Rm { name, force }) => {
+            let r = c.remove_network(proto::RemoveNetworkRequest { name: name.clone(), force }).await?.into_inner();
+            if r.endpoints_removed > 0 {
+                println!("removed {name} and its {} endpoint(s)", r.endpoints_removed);
+            } else {
+                println!("removed {name}");
+            }
+        }
+        Cmd::Attach {
+            network,
+            name,
+            ip,
+            labels: l,
+            netns,
+            ifname,
+            json,
+            cmd,
+        } => {
+            let mut req = proto::AttachRequest {
+                network,
+                name: name.unwrap_or_default(),
+                ip: ip.unwrap_or_default(),
+                labels: labels(&l)?,
+                netns: netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                ifname,
+                kind: proto::EndpointKind::Adhoc as i32,
+                container_id: String::new(),
+            };
+            if cmd.is_empty() {
+                let e = c.attach(req).await?.into_inner();
+                if json {
+                    print_json(&endpoint_json(&e));
+                } else {
+                    println!("{} {} {} netns={}", e.name, e.id, e.address, e.netns);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if netns.is_some() {
+                anyhow::bail!("give either --netns or a command to run in a new namespace, not both");
+            }
+            let (mut child, gate) = spawn_gated(&cmd)?;
+            req.netns = format!("/proc/{}/ns/net", child.id());
+            let e = match c.attach(req).await {
+                Ok(e) => e.into_inner(),
+                Err(status) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(status.into());
+                }
+            };
+            eprintln!("attached {} ({}) to {}; running {:?}", e.name, e.address, e.network, cmd.join(" "));
+            // Let Ctrl-C reach the command, not us: we must detach after it.
+            let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn) };
+            nix::unistd::write(&gate, b"g").context("starting the command")?;
+            drop(gate);
+            let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+            if let Err(s) = c.detach(proto::DetachRequest { endpoint: e.id.clone(), network: String::new() }).await {
+                eprintln!("trellisctl: detaching {} failed: {} (the agent removes it once its namespace is gone)", e.id, s.message());
+            }
+            let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+            return Ok(ExitCode::from(code as u8));
+        }
+        Cmd::Detach { endpoint, network } => {
+            c.detach(proto::DetachRequest {
+                endpoint: endpoint.clone(),
+                network: network.unwrap_or_default(),
+            })
+            .await?;
+            println!("detached {endpoint}");
+        }
+        Cmd::Endpoint(EndpointCmd::Ls { network, json }) => {
+            let list = c
+                .list_endpoints(proto::ListEndpointsRequest {
+                    network: network.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .endpoints;
+            if json {
+                print_json(&Value::Array(list.iter().map(endpoint_json).collect()));
+            } else {
+                println!("{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} NETNS", "NAME", "ID", "NETWORK", "ADDRESS", "MAC", "HOST");
+                for e in list {
+                    println!("{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} {}", e.name, e.id, e.network, e.address, e.mac, e.host, e.netns);
+                }
+            }
+        }
+        Cmd::Status { json } => {
+            let s = c.status(proto::StatusRequest {}).await?.into_inner();
+            let healthy = s.store_ok && s.reconcile_errors.is_empty();
+            if json {
+                print_json(&json!({
+                    "healthy": healthy, "host_id": s.host_id, "hostname": s.hostname, "version": s.version,
+                    "store": {"backend": s.store_backend, "ok": s.store_ok, "error": s.store_error},
+                    "reconcile": {"passes": s.reconcile_passes, "last_unix_ms": s.last_reconcile_unix_ms, "errors": s.reconcile_errors},
+                    "networks": s.networks, "local_endpoints": s.local_endpoints, "capabilities": s.capabilities,
+                }));
+            } else {
+                println!("host        {} ({})", s.host_id, s.hostname);
+                println!("version     {}", s.version);
+                println!("store       {} {}", s.store_backend, if s.store_ok { "ok".to_string() } else { format!("UNAVAILABLE: {}", s.store_error) });
+                println!("reconcile   {} passes, {} errors in the last", s.reconcile_passes, s.reconcile_errors.len());
+                for e in &s.reconcile_errors {
+                    println!("            {e}");
+                }
+                println!("networks    {}", s.networks);
+                println!("endpoints   {} on this host", s.local_endpoints);
+                let mut caps: Vec<_> = s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();
+                caps.sort();
+                println!("kernel      {}", caps.join(" "));
+            }
+            if !healthy {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() > 4 && args[1] == "__gate" && args[3] == "--" {
+        return match args[2].parse() {
+            Ok(fd) => gate(fd, &args[4..]),
+            Err(_) => ExitCode::from(125),
+        };
+    }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("trellisctl: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            // A gRPC status carries the agent's own message: print just that.
+            match e.downcast_ref::<tonic::Status>() {
+                Some(s) => eprintln!("trellisctl: {}", s.message()),
+                None => eprintln!("trellisctl: {e:#}"),
+            }
+            ExitCode::from(1)
+        }
+    }
+}
