@@ -1,0 +1,339 @@
+//! Labs for Trellis's integration tests and benchmarks: hosts are network
+//! namespaces the test makes itself, each running a real `trellisd`;
+//! containers are network namespaces attached through the agent's API.
+//!
+//! Every name a lab makes is unique to the process and a counter, and
+//! everything is removed on drop, so tests run in parallel and never touch
+//! the root namespace's interfaces.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Fail loudly unless running as root: a root test must never pass by
+/// doing nothing.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, real kernel objects); run the suite as root (CI does)"
+    );
+}
+
+/// A name unique to this process: `prefix` + pid + counter.
+pub fn unique(prefix: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{prefix}{}-{n}", std::process::id())
+}
+
+/// Where the workspace's binaries are: `TRELLIS_BIN_DIR`, else the target
+/// directory next to this crate (debug, then release).
+pub fn bin(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("TRELLIS_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{name} not found under {}: run `cargo build --bins` first (or set TRELLIS_BIN_DIR)", target.display());
+}
+
+/// Run a command; error (with its output) unless it succeeds.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip ARGS`.
+pub fn ip(args: &[&str]) -> Result<String> {
+    run(Command::new("ip").args(args))
+}
+
+/// A named network namespace (`/run/netns/NAME`), deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(prefix: &str) -> Result<Netns> {
+        let name = unique(prefix);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command that runs inside this namespace (nsenter keeps the mount
+    /// namespace, unlike `ip netns exec`).
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c
+    }
+
+    /// Names of the links in this namespace.
+    pub fn links(&self) -> Result<Vec<String>> {
+        let out = self.ip(&["-o", "link", "show"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Run a command in the netns at `path` (any netns file, not only named ones).
+pub fn in_netns(path: &Path, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", path.display())).arg("--").arg(program).args(args);
+    c
+}
+
+/// `ping -c COUNT -W 1 DST` inside the netns at `path`; true if all replies came.
+pub fn ping(path: &Path, dst: &str, count: u32) -> bool {
+    in_netns(path, "ping", &["-q", "-c", &count.to_string(), "-i", "0.2", "-W", "1", dst])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Poll `f` until it returns true or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A host: a network namespace with its own `trellisd`.
+pub struct Host {
+    pub ns: Netns,
+    pub dir: tempfile::TempDir,
+    agent: Option<Child>,
+    pub extra_args: Vec<String>,
+}
+
+impl Host {
+    /// A host namespace (with an agent not yet started).
+    pub fn bare() -> Result<Host> {
+        let ns = Netns::new("trh")?;
+        let dir = tempfile::Builder::new().prefix("trellis-lab-").tempdir()?;
+        Ok(Host {
+            ns,
+            dir,
+            agent: None,
+            extra_args: Vec::new(),
+        })
+    }
+
+    /// A host with its agent running.
+    pub fn new() -> Result<Host> {
+        let mut h = Host::bare()?;
+        h.start()?;
+        Ok(h)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir().join("trellisd.sock")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("trellisd.log")
+    }
+
+    /// Start the agent and wait until it answers.
+    pub fn start(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let mut cmd = self.ns.cmd(bin("trellisd"));
+        cmd.arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--resync-interval-ms")
+            .arg("500")
+            .args(&self.extra_args)
+            .env("TRELLIS_LOG", "info,trellis_agent=debug,h2=warn,tower=warn")
+            .env_remove("TRELLIS_CONFIG")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting trellisd")?;
+        self.agent = Some(child);
+        let socket = self.socket();
+        let mut exited = None;
+        let ok = wait_for(Duration::from_secs(20), || {
+            if let Some(c) = self.agent.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                exited = Some(status);
+                return true;
+            }
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        if let Some(status) = exited {
+            self.agent = None;
+            bail!("trellisd exited at start ({status}); log:\n{}", self.log());
+        }
+        if !ok {
+            bail!("trellisd did not come up; log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    /// `kill -9` the agent.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM the agent and wait for it; its exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.agent.take()?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        c.wait().ok()
+    }
+
+    /// `trellisctl ARGS` against this host's agent.
+    pub fn ctl_output(&self, args: &[&str]) -> Output {
+        Command::new(bin("trellisctl"))
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()
+            .expect("running trellisctl")
+    }
+
+    /// `trellisctl ARGS`, which must succeed; its stdout.
+    pub fn ctl(&self, args: &[&str]) -> Result<String> {
+        let out = self.ctl_output(args);
+        if !out.status.success() {
+            bail!("trellisctl {args:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `trellisctl ARGS`, which must fail; its stderr.
+    pub fn ctl_err(&self, args: &[&str]) -> String {
+        let out = self.ctl_output(args);
+        assert!(!out.status.success(), "trellisctl {args:?} should have failed but printed {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `trellisctl ARGS --json` parsed.
+    pub fn ctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ctl(&a)?;
+        serde_json::from_str(&out).with_context(|| format!("parsing {out}"))
+    }
+
+    /// Attach an endpoint in a namespace the agent manages; returns its JSON.
+    pub fn attach(&self, network: &str, name: &str, extra: &[&str]) -> Result<serde_json::Value> {
+        let mut args = vec!["attach", network, "--name", name];
+        args.extend_from_slice(extra);
+        self.ctl_json(&args)
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill9();
+        // Unmount the namespaces the agent pinned under the run dir.
+        if let Ok(entries) = std::fs::read_dir(self.run_dir().join("netns")) {
+            for e in entries.flatten() {
+                let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// The netns path of an endpoint's JSON.
+pub fn netns_of(ep: &serde_json::Value) -> PathBuf {
+    PathBuf::from(ep["netns"].as_str().expect("netns in endpoint JSON"))
+}
+
+/// The IP (no prefix) of an endpoint's JSON.
+pub fn ip_of(ep: &serde_json::Value) -> String {
+    ep["address"].as_str().expect("address").split('/').next().expect("ip").to_string()
+}
+
+/// An "outside world" namespace joined to `host` by a veth: the host gets
+/// `host_ip/24` and a default route through `outside_ip`.
+pub struct Uplink {
+    pub outside: Netns,
+    pub host_ip: String,
+    pub outside_ip: String,
+}
+
+impl Uplink {
+    pub fn new(host: &Netns, subnet_third_octet: u8) -> Result<Uplink> {
+        let outside = Netns::new("tro")?;
+        let a = unique("tu");
+        let b = unique("to");
+        ip(&["link", "add", &a, "netns", &host.name, "type", "veth", "peer", "name", &b, "netns", &outside.name])?;
+        let host_ip = format!("198.18.{subnet_third_octet}.1");
+        let outside_ip = format!("198.18.{subnet_third_octet}.2");
+        host.ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &a])?;
+        host.ip(&["link", "set", &a, "up"])?;
+        outside.ip(&["addr", "add", &format!("{outside_ip}/24"), "dev", &b])?;
+        outside.ip(&["link", "set", &b, "up"])?;
+        host.ip(&["route", "add", "default", "via", &outside_ip])?;
+        Ok(Uplink { outside, host_ip, outside_ip })
+    }
+}

@@ -1,0 +1,381 @@
+//! One host, real kernel objects: each test runs its own `trellisd` inside a
+//! network namespace it made (never the root namespace).
+//!
+//! Root tests are `#[ignore]`d so that without root they show as ignored;
+//! the suite runs them as root with `--run-ignored all` (see .ci/run).
+
+use std::process::Command;
+use std::time::Duration;
+
+use trellis_integration::{Host, Netns, Uplink, in_netns, ip_of, netns_of, ping, require_root, wait_for};
+
+fn links_with_prefix(h: &Host, prefix: &str) -> Vec<String> {
+    h.ns.links().unwrap().into_iter().filter(|l| l.starts_with(prefix)).collect()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn network_lifecycle_bridge_gateway_and_rm() {
+    require_root();
+    let h = Host::new().unwrap();
+    let net = h
+        .ctl_json(&["network", "create", "app", "--subnet", "10.30.0.0/24", "--attachable", "--label", "team=a"])
+        .unwrap();
+    let bridge = net["bridge"].as_str().unwrap().to_string();
+    assert_eq!(net["gateway"], "10.30.0.1");
+    assert_eq!(net["mtu"], 1450, "no uplink: 1500 - 50");
+    // The bridge exists, is up, and holds the gateway address.
+    let addr = h.ns.ip(&["-br", "addr", "show", "dev", &bridge]).unwrap();
+    assert!(addr.contains("10.30.0.1/24"), "{addr}");
+    let detail = h.ns.ip(&["-d", "link", "show", &bridge]).unwrap();
+    assert!(detail.contains("bridge") && detail.contains("mtu 1450") && detail.contains(",UP"), "{detail}");
+
+    let inspected = h.ctl(&["network", "inspect", "app"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(v["subnet"], "10.30.0.0/24");
+    assert_eq!(v["labels"]["team"], "a");
+    assert_eq!(v["attachable"], true);
+    let ls = h.ctl_json(&["network", "ls"]).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+
+    // rm is refused while an endpoint exists, and then --force takes both.
+    let ep = h.attach("app", "a", &[]).unwrap();
+    let err = h.ctl_err(&["network", "rm", "app"]);
+    assert!(err.contains("endpoint") && err.contains("--force"), "{err}");
+    assert!(h.ns.links().unwrap().contains(&bridge), "a refused rm leaves the bridge");
+    h.ctl(&["network", "rm", "app", "--force"]).unwrap();
+    assert!(!h.ns.links().unwrap().contains(&bridge));
+    assert!(links_with_prefix(&h, "trv-").is_empty(), "the endpoint's veth went too");
+    assert!(!netns_of(&ep).exists(), "the managed netns was removed");
+    assert!(h.ctl_json(&["network", "ls"]).unwrap().as_array().unwrap().is_empty());
+    let err = h.ctl_err(&["network", "inspect", "app"]);
+    assert!(err.contains("not found"), "{err}");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn default_pool_skips_host_routes() {
+    require_root();
+    let h = Host::new().unwrap();
+    // The host already routes 10.0.0.0/23 somewhere: the pool must skip it.
+    h.ns.ip(&["link", "add", "lab-route", "type", "bridge"]).unwrap();
+    h.ns.ip(&["link", "set", "lab-route", "up"]).unwrap();
+    h.ns.ip(&["addr", "add", "10.0.0.1/23", "dev", "lab-route"]).unwrap();
+    let a = h.ctl_json(&["network", "create", "one"]).unwrap();
+    let b = h.ctl_json(&["network", "create", "two"]).unwrap();
+    assert_eq!(a["subnet"], "10.0.2.0/24");
+    assert_eq!(b["subnet"], "10.0.3.0/24");
+    assert_ne!(a["vni"], b["vni"]);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn two_endpoints_talk_with_ip_mac_route_and_mtu() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.31.0.0/24", "--attachable", "--mtu", "1400"]).unwrap();
+    let a = h.attach("app", "a", &["--label", "role=web"]).unwrap();
+    // A namespace the test made itself, attached with --netns.
+    let own = Netns::new("trc").unwrap();
+    let own_path = own.path();
+    let b = h.attach("app", "b", &["--netns", own_path.to_str().unwrap(), "--ip", "10.31.0.77"]).unwrap();
+    assert_eq!(ip_of(&b), "10.31.0.77");
+    assert_eq!(a["labels"]["role"], "web");
+
+    let inside = in_netns(&netns_of(&a), "ip", &["-d", "addr", "show", "eth0"]).output().unwrap();
+    let inside = String::from_utf8_lossy(&inside.stdout);
+    assert!(inside.contains(&format!("inet {}", a["address"].as_str().unwrap())), "{inside}");
+    assert!(inside.contains(a["mac"].as_str().unwrap()), "{inside}");
+    assert!(inside.contains("mtu 1400"), "{inside}");
+    let routes = String::from_utf8_lossy(&in_netns(&netns_of(&a), "ip", &["route"]).output().unwrap().stdout).into_owned();
+    assert!(routes.contains("default via 10.31.0.1 dev eth0"), "{routes}");
+
+    assert!(ping(&netns_of(&a), &ip_of(&b), 3), "a cannot reach b");
+    assert!(ping(&own_path, &ip_of(&a), 3), "b cannot reach a");
+    assert!(ping(&own_path, "10.31.0.1", 1), "b cannot reach its gateway");
+
+    let eps = h.ctl_json(&["endpoint", "ls", "--network", "app"]).unwrap();
+    assert_eq!(eps.as_array().unwrap().len(), 2);
+    h.ctl(&["detach", "b"]).unwrap();
+    assert_eq!(links_with_prefix(&h, "trv-").len(), 1, "b's veth is gone");
+    let own_links = own.links().unwrap();
+    assert!(!own_links.contains(&"eth0".to_string()), "{own_links:?}");
+    assert!(own_path.exists(), "a netns the agent did not create is never removed");
+    assert!(!ping(&netns_of(&a), "10.31.0.77", 1));
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn only_attachable_networks_take_adhoc_endpoints() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "closed", "--subnet", "10.32.0.0/24"]).unwrap();
+    let err = h.ctl_err(&["attach", "closed", "--name", "x"]);
+    assert!(err.contains("not attachable") && err.contains("--attachable"), "{err}");
+    assert!(links_with_prefix(&h, "trv-").is_empty());
+    assert!(h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().is_empty());
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn debug_shell_runs_inside_the_network_and_leaves_nothing() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.33.0.0/24", "--attachable"]).unwrap();
+    let peer = h.attach("app", "peer", &[]).unwrap();
+    let out = Command::new(trellis_integration::bin("trellisctl"))
+        .arg("--socket")
+        .arg(h.socket())
+        .args(["attach", "app", "--name", "shell", "--", "sh", "-c"])
+        .arg(format!("ip -br addr show eth0 && ping -c1 -W1 {} >/dev/null && exit 7", ip_of(&peer)))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "the command's exit code comes back; stdout {stdout} stderr {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("10.33.0."), "{stdout}");
+    let eps = h.ctl_json(&["endpoint", "ls"]).unwrap();
+    let names: Vec<_> = eps.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["peer"], "the shell's endpoint is detached when it exits");
+    assert_eq!(links_with_prefix(&h, "trv-").len(), 1);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn egress_masquerades_and_internal_is_cut_off() {
+    require_root();
+    let h = Host::new().unwrap();
+    let up = Uplink::new(&h.ns, 7).unwrap();
+    h.ctl(&["network", "create", "open", "--subnet", "10.34.0.0/24", "--attachable"]).unwrap();
+    h.ctl(&["network", "create", "closed", "--subnet", "10.35.0.0/24", "--attachable", "--internal"]).unwrap();
+    let o = h.attach("open", "o", &[]).unwrap();
+    let i = h.attach("closed", "i", &[]).unwrap();
+    let i2 = h.attach("closed", "i2", &[]).unwrap();
+    // The outside has no route to 10.34.0.0/24: a reply proves masquerade.
+    assert!(ping(&netns_of(&o), &up.outside_ip, 3), "open network cannot reach the outside");
+    // Internal: nothing outside the network, not even the host's other address.
+    assert!(!ping(&netns_of(&i), &up.outside_ip, 2), "internal network reached the outside");
+    assert!(!ping(&netns_of(&i), &up.host_ip, 1), "internal network reached the host's uplink address");
+    assert!(!ping(&netns_of(&i), &ip_of(&o), 1), "internal network reached another network");
+    assert!(!ping(&netns_of(&o), &ip_of(&i), 1), "another network reached the internal one");
+    let routes = String::from_utf8_lossy(&in_netns(&netns_of(&i), "ip", &["route"]).output().unwrap().stdout).into_owned();
+    assert!(!routes.contains("default"), "internal endpoints get no default route: {routes}");
+    // Inside the internal network all is well.
+    assert!(ping(&netns_of(&i), &ip_of(&i2), 2));
+    assert!(ping(&netns_of(&i), "10.35.0.1", 1), "the gateway (DNS address) stays reachable");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn hand_deleted_objects_are_repaired() {
+    require_root();
+    let h = Host::new().unwrap();
+    let net = h.ctl_json(&["network", "create", "app", "--subnet", "10.36.0.0/24", "--attachable"]).unwrap();
+    let bridge = net["bridge"].as_str().unwrap().to_string();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    let veth_a = a["host_ifname"].as_str().unwrap().to_string();
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1));
+
+    // A veth: both ends vanish; the agent re-plugs the endpoint.
+    h.ns.ip(&["link", "del", &veth_a]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || h.ns.links().unwrap().contains(&veth_a)), "veth not repaired");
+    assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&a), &ip_of(&b), 1)), "traffic after veth repair");
+
+    // The bridge: recreated, address back, ports re-attached.
+    h.ns.ip(&["link", "del", &bridge]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || h.ns.ip(&["-br", "addr", "show", "dev", &bridge]).is_ok_and(|o| o.contains("10.36.0.1/24"))),
+        "bridge not repaired"
+    );
+    assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&a), &ip_of(&b), 1)), "traffic after bridge repair");
+
+    // The gateway address.
+    h.ns.ip(&["addr", "del", "10.36.0.1/24", "dev", &bridge]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || h.ns.ip(&["-br", "addr", "show", "dev", &bridge]).is_ok_and(|o| o.contains("10.36.0.1/24"))),
+        "address not repaired"
+    );
+
+    // The nftables table.
+    let nft = |args: &[&str]| h.ns.cmd("nft").args(args).output().unwrap();
+    assert!(nft(&["list", "table", "inet", "trellis"]).status.success());
+    assert!(nft(&["delete", "table", "inet", "trellis"]).status.success());
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let o = nft(&["list", "table", "inet", "trellis"]);
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("masquerade")
+        }),
+        "nftables table not repaired"
+    );
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn kill9_under_traffic_loses_nothing_and_duplicates_nothing() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.37.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    let links_before = h.ns.links().unwrap();
+    let mut pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "150", "-i", "0.02", "-W", "1", &ip_of(&b)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    h.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    h.start().unwrap();
+    let out = pinger.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(summary.contains("150 received") && summary.contains(" 0% packet loss"), "{summary}");
+    // The restarted agent adopted everything: same links, no duplicates.
+    let mut before = links_before.clone();
+    let mut after = h.ns.links().unwrap();
+    before.sort();
+    after.sort();
+    assert_eq!(before, after);
+    let status = h.ctl_json(&["status"]).unwrap();
+    assert_eq!(status["local_endpoints"], 2);
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().len(), 2);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn sigterm_leaves_the_datapath_running() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.38.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    let status = h.terminate().expect("agent was running");
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+    assert!(!h.socket().exists(), "the socket is removed on exit");
+    assert!(ping(&netns_of(&a), &ip_of(&b), 2), "traffic continues without the agent");
+    assert_eq!(links_with_prefix(&h, "trv-").len(), 2);
+    // Back up, with the same state.
+    h.start().unwrap();
+    assert_eq!(h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().len(), 2);
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1));
+}
+
+/// Every kind of bad input: a clear message, a non-zero exit, and nothing
+/// half-created (no device, no address, no record, no namespace).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn bad_input_is_refused_cleanly() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.39.0.0/24", "--attachable"]).unwrap();
+    h.ctl(&["network", "create", "tiny", "--subnet", "10.40.0.0/30", "--attachable"]).unwrap();
+    let links = h.ns.links().unwrap();
+    let netns_dir = h.run_dir().join("netns");
+    let managed = || std::fs::read_dir(&netns_dir).map(|d| d.count()).unwrap_or(0);
+
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["network", "create", "x", "--subnet", "10.41.0.0"], "CIDR"),
+        (vec!["network", "create", "x", "--subnet", "10.41.0.7/24"], "did you mean 10.41.0.0/24"),
+        (vec!["network", "create", "x", "--subnet", "10.39.0.128/25"], "overlaps 10.39.0.0/24"),
+        (vec!["network", "create", "app", "--subnet", "10.42.0.0/24"], "already exists"),
+        (vec!["network", "create", "bad name"], "network name"),
+        (vec!["network", "create", "x", "--subnet", "10.43.0.0/24", "--gateway", "10.44.0.1"], "not inside"),
+        (vec!["network", "create", "x", "--subnet", "10.43.0.0/24", "--mtu", "100"], "mtu"),
+        (vec!["network", "create", "x", "--encrypted"], "not yet supported"),
+        (vec!["network", "rm", "nope"], "not found"),
+        (vec!["attach", "nope", "--name", "x"], "not found"),
+        (vec!["attach", "app", "--name", "x", "--ip", "10.39.0"], "IP address"),
+        (vec!["attach", "app", "--name", "x", "--ip", "10.50.0.5"], "not inside subnet"),
+        (vec!["attach", "app", "--name", "x", "--ip", "10.39.0.1"], "in use"),
+        (vec!["attach", "app", "--name", "x", "--netns", "/nonexistent/netns"], "does not exist"),
+        (vec!["attach", "app", "--name", "x", "--label", "novalue"], "key=value"),
+        (vec!["detach", "nope"], "not found"),
+    ];
+    for (args, expect) in &cases {
+        let err = h.ctl_err(args);
+        assert!(err.contains(expect), "trellisctl {args:?}: expected {expect:?} in {err:?}");
+    }
+    // Exhaustion: a /30 has one address after the gateway.
+    h.attach("tiny", "t1", &[]).unwrap();
+    let err = h.ctl_err(&["attach", "tiny", "--name", "t2"]);
+    assert!(err.contains("no free address"), "{err}");
+    // Duplicate endpoint name.
+    h.attach("app", "dup", &[]).unwrap();
+    let err = h.ctl_err(&["attach", "app", "--name", "dup"]);
+    assert!(err.contains("already exists"), "{err}");
+
+    // Nothing half-created: only the two good endpoints exist.
+    let mut now = h.ns.links().unwrap();
+    now.retain(|l| !l.starts_with("trv-"));
+    let mut before = links.clone();
+    before.retain(|l| !l.starts_with("trv-"));
+    assert_eq!(now, before, "no stray devices");
+    assert_eq!(links_with_prefix(&h, "trv-").len(), 2);
+    assert_eq!(managed(), 2, "no stray namespaces");
+    assert_eq!(h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().len(), 2);
+    assert_eq!(h.ctl_json(&["network", "ls"]).unwrap().as_array().unwrap().len(), 2);
+    // No address leaked: the next endpoint gets the lowest free one.
+    let next = h.attach("app", "next", &[]).unwrap();
+    assert_eq!(ip_of(&next), "10.39.0.3", "dup took .2; every failed attempt released its address");
+
+    // A non-root caller is told why.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(trellis_integration::bin("trellisctl"))
+        .arg("--socket")
+        .arg(h.socket())
+        .args(["network", "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("run trellisctl as root") || err.contains("permission denied"), "{err}");
+    // An agent that is not running is told apart.
+    let out = Command::new(trellis_integration::bin("trellisctl"))
+        .args(["--socket", "/nonexistent/trellisd.sock", "status"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is trellisd running"));
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn endpoints_whose_namespace_died_are_collected() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.45.0.0/24", "--attachable"]).unwrap();
+    let own = Netns::new("trc").unwrap();
+    let path = own.path();
+    h.attach("app", "short", &["--netns", path.to_str().unwrap()]).unwrap();
+    drop(own); // the "container" dies without a detach
+    assert!(
+        wait_for(Duration::from_secs(10), || h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().is_empty()),
+        "the endpoint of a dead namespace was not collected"
+    );
+    assert!(links_with_prefix(&h, "trv-").is_empty());
+    // Its address is free again.
+    let again = h.attach("app", "again", &[]).unwrap();
+    assert_eq!(ip_of(&again), "10.45.0.2");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn config_file_sets_defaults_and_agent_needs_root() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    let cfg = h.dir.path().join("trellisd.toml");
+    std::fs::write(&cfg, "default_pool = \"172.29.0.0/16\"\ndefault_prefix_len = 26\n").unwrap();
+    h.extra_args = vec!["--config".into(), cfg.display().to_string()];
+    h.start().unwrap();
+    let n = h.ctl_json(&["network", "create", "fromfile"]).unwrap();
+    assert_eq!(n["subnet"], "172.29.0.0/26");
+    // The agent refuses to start without root, saying so.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(trellis_integration::bin("trellisd"))
+        .args(["--state-dir", "/nonexistent/state", "--run-dir", "/nonexistent/run"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"), "{}", String::from_utf8_lossy(&out.stderr));
+}
