@@ -179,7 +179,10 @@ impl AgentService {
             }
             let _ = self.reconciler.pass().await;
             self.remove_managed(&rec);
-            return Err(Status::failed_precondition(format!("attaching to network {:?} failed: {msg}; nothing was left behind", rec.network)));
+            return Err(Status::failed_precondition(format!(
+                "attaching to network {:?} failed: {msg}; nothing was left behind",
+                rec.network
+            )));
         }
         tracing::info!(endpoint = %rec.id, name = %rec.name, network = %rec.network, ip = %rec.ip, "attached");
         Ok(rec)
@@ -188,7 +191,10 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl proto::agent_server::Agent for AgentService {
-    async fn create_network(&self, request: Request<proto::CreateNetworkRequest>) -> Result<Response<proto::Network>, Status> {
+    async fn create_network(
+        &self,
+        request: Request<proto::CreateNetworkRequest>,
+    ) -> Result<Response<proto::Network>, Status> {
         let r = request.into_inner();
         validate::name("network name", &r.name).map_err(bad)?;
         let subnet = if r.subnet.is_empty() { None } else { Some(validate::subnet(&r.subnet).map_err(bad)?) };
@@ -217,7 +223,10 @@ impl proto::agent_server::Agent for AgentService {
         Ok(Response::new(network_to_proto(&net, 0)))
     }
 
-    async fn list_networks(&self, _: Request<proto::ListNetworksRequest>) -> Result<Response<proto::NetworkList>, Status> {
+    async fn list_networks(
+        &self,
+        _: Request<proto::ListNetworksRequest>,
+    ) -> Result<Response<proto::NetworkList>, Status> {
         let nets = self.cluster.networks().await?;
         let eps = self.cluster.endpoints().await?;
         let networks = nets
@@ -233,16 +242,17 @@ impl proto::agent_server::Agent for AgentService {
         Ok(Response::new(network_to_proto(&n, count as u32)))
     }
 
-    async fn remove_network(&self, request: Request<proto::RemoveNetworkRequest>) -> Result<Response<proto::RemoveNetworkResponse>, Status> {
+    async fn remove_network(
+        &self,
+        request: Request<proto::RemoveNetworkRequest>,
+    ) -> Result<Response<proto::RemoveNetworkResponse>, Status> {
         let r = request.into_inner();
         let (_, removed) = self.cluster.remove_network(&r.name, r.force).await?;
         self.converge().await?;
         for e in &removed {
             self.remove_managed(e);
         }
-        Ok(Response::new(proto::RemoveNetworkResponse {
-            endpoints_removed: removed.len() as u32,
-        }))
+        Ok(Response::new(proto::RemoveNetworkResponse { endpoints_removed: removed.len() as u32 }))
     }
 
     async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<proto::Endpoint>, Status> {
@@ -262,7 +272,10 @@ impl proto::agent_server::Agent for AgentService {
         Ok(Response::new(proto::DetachResponse {}))
     }
 
-    async fn list_endpoints(&self, request: Request<proto::ListEndpointsRequest>) -> Result<Response<proto::EndpointList>, Status> {
+    async fn list_endpoints(
+        &self,
+        request: Request<proto::ListEndpointsRequest>,
+    ) -> Result<Response<proto::EndpointList>, Status> {
         let r = request.into_inner();
         let nets = self.cluster.networks().await?;
         let filter = if r.network.is_empty() { None } else { Some(self.cluster.network(&r.network).await?.id) };
@@ -316,8 +329,12 @@ pub async fn collect_gone(cluster: &Cluster, gone: &[String]) {
                     continue;
                 }
                 match cluster.remove_endpoint(&e).await {
-                    Ok(()) => tracing::info!(endpoint = %e.id, name = %e.name, netns = %e.netns.display(), "namespace gone: endpoint removed"),
-                    Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "removing an endpoint whose namespace is gone"),
+                    Ok(()) => {
+                        tracing::info!(endpoint = %e.id, name = %e.name, netns = %e.netns.display(), "namespace gone: endpoint removed")
+                    }
+                    Err(err) => {
+                        tracing::warn!(endpoint = %e.id, error = %err, "removing an endpoint whose namespace is gone")
+                    }
                 }
             }
             Err(err) => tracing::debug!(endpoint = %id, error = %err, "gone endpoint already removed"),

@@ -37,9 +37,6 @@ pub async fn connect(path: &Path) -> Result<AgentClient<Channel>, ConnectError> 
             async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
         }))
         .await
-        .map_err(|e| ConnectError::Other {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(e),
-        })?;
+        .map_err(|e| ConnectError::Other { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
     Ok(AgentClient::new(channel))
 }

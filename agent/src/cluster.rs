@@ -32,11 +32,7 @@ pub enum AgentError {
 
 impl From<StoreError> for AgentError {
     fn from(e: StoreError) -> Self {
-        if e.is_transient() {
-            AgentError::Unavailable(e.to_string())
-        } else {
-            AgentError::Internal(e.to_string())
-        }
+        if e.is_transient() { AgentError::Unavailable(e.to_string()) } else { AgentError::Internal(e.to_string()) }
     }
 }
 
@@ -137,7 +133,12 @@ impl Cluster {
             .ok_or_else(|| AgentError::NotFound(format!("network {name_or_id:?} not found")))
     }
 
-    pub async fn create_network(&self, req: NewNetwork, host_routes: &[IpNet], underlay_mtu: u32) -> Result<NetworkRecord> {
+    pub async fn create_network(
+        &self,
+        req: NewNetwork,
+        host_routes: &[IpNet],
+        underlay_mtu: u32,
+    ) -> Result<NetworkRecord> {
         if req.encrypted {
             return Err(AgentError::FailedPrecondition(
                 "encrypted networks are not yet supported by this Trellis build (IPsec ESP support lands with the encryption work); nothing was created".into(),
@@ -145,10 +146,7 @@ impl Cluster {
         }
         let request = match req.subnet {
             Some(s) => SubnetRequest::Specific(s),
-            None => SubnetRequest::FromPool {
-                pool: self.default_pool,
-                prefix_len: self.default_prefix_len,
-            },
+            None => SubnetRequest::FromPool { pool: self.default_pool, prefix_len: self.default_prefix_len },
         };
         let mtu = if req.mtu == 0 { underlay_mtu.saturating_sub(50).max(576) } else { req.mtu };
         for _ in 0..CREATE_ATTEMPTS {
@@ -201,7 +199,11 @@ impl Cluster {
         }
         let (mut compares, mut ops) = self.ipam.plan_network_release(&net.id).await?;
         let net_key = model::network_key(&net.name);
-        let current = self.store.get(&net_key).await?.ok_or_else(|| AgentError::NotFound(format!("network {:?} not found", net.name)))?;
+        let current = self
+            .store
+            .get(&net_key)
+            .await?
+            .ok_or_else(|| AgentError::NotFound(format!("network {:?} not found", net.name)))?;
         compares.push(Compare::ModRevision(net_key.clone(), current.mod_revision));
         ops.push(Op::delete(net_key));
         for e in &eps {
@@ -209,7 +211,10 @@ impl Cluster {
             ops.push(Op::delete(model::endpoint_name_key(&e.network_id, &e.name)));
         }
         if !self.store.txn(compares, ops).await?.succeeded {
-            return Err(AgentError::Unavailable(format!("network {:?} changed while removing it; try again", net.name)));
+            return Err(AgentError::Unavailable(format!(
+                "network {:?} changed while removing it; try again",
+                net.name
+            )));
         }
         self.ipam.forget_network(&net.id);
         tracing::info!(network = %net.name, endpoints = eps.len(), "network removed");
@@ -217,11 +222,7 @@ impl Cluster {
     }
 
     fn pool(net: &NetworkRecord) -> Pool {
-        Pool {
-            net_id: net.id.clone(),
-            subnet: net.subnet,
-            gateway: net.gateway,
-        }
+        Pool { net_id: net.id.clone(), subnet: net.subnet, gateway: net.gateway }
     }
 
     /// Write an endpoint and its address in one transaction.
@@ -272,7 +273,10 @@ impl Cluster {
             Ok(ip) => ip,
             Err(IpamError::CallerConflict) => {
                 if self.store.get(&name_key).await?.is_some() {
-                    return Err(AgentError::AlreadyExists(format!("an endpoint named {name:?} already exists on network {:?}", net.name)));
+                    return Err(AgentError::AlreadyExists(format!(
+                        "an endpoint named {name:?} already exists on network {:?}",
+                        net.name
+                    )));
                 }
                 return Err(AgentError::AlreadyExists(format!("endpoint {} already exists", req.id)));
             }

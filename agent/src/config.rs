@@ -107,7 +107,8 @@ impl Config {
             None => (PathBuf::from(DEFAULT_CONFIG), false),
         };
         let file = match std::fs::read_to_string(&path) {
-            Ok(text) => toml::from_str::<FileConfig>(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?,
+            Ok(text) => toml::from_str::<FileConfig>(&text)
+                .map_err(|source| ConfigError::Parse { path: path.clone(), source })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => FileConfig::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
@@ -121,10 +122,7 @@ impl Config {
         let default_pool = o.default_pool.or(f.default_pool).unwrap_or_else(|| "10.0.0.0/8".parse().expect("valid"));
         let default_prefix_len = o.default_prefix_len.or(f.default_prefix_len).unwrap_or(24);
         if default_prefix_len < default_pool.prefix_len() || default_prefix_len > 30 {
-            return Err(ConfigError::PrefixLen {
-                len: default_prefix_len,
-                pool: default_pool,
-            });
+            return Err(ConfigError::PrefixLen { len: default_prefix_len, pool: default_pool });
         }
         Ok(Config {
             state_dir: o.state_dir.clone().or(f.state_dir).unwrap_or_else(|| PathBuf::from("/var/lib/trellis")),
@@ -133,7 +131,9 @@ impl Config {
             store,
             default_pool,
             default_prefix_len,
-            resync_interval: Duration::from_millis(o.resync_interval_ms.or(f.resync_interval_ms).unwrap_or(2000).max(100)),
+            resync_interval: Duration::from_millis(
+                o.resync_interval_ms.or(f.resync_interval_ms).unwrap_or(2000).max(100),
+            ),
             host_id: o.host_id.clone().or(f.host_id),
             log: o.log.clone().or(f.log).unwrap_or_else(|| "info,h2=warn,tower=warn".into()),
         })
@@ -182,11 +182,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let o = Overrides {
-            store: Some("embedded".into()),
-            run_dir: Some("/tmp/r".into()),
-            ..Overrides::default()
-        };
+        let o = Overrides { store: Some("embedded".into()), run_dir: Some("/tmp/r".into()), ..Overrides::default() };
         let c = Config::merge(file, &o).unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/srv/trellis"));
         assert_eq!(c.store, StoreSpec::Embedded);
@@ -202,29 +198,18 @@ mod tests {
     fn bad_config_is_a_clear_error() {
         assert!(toml::from_str::<FileConfig>("bogus = 1").unwrap_err().to_string().contains("bogus"));
         let e = Config::merge(
-            FileConfig {
-                store: Some("zookeeper".into()),
-                ..FileConfig::default()
-            },
+            FileConfig { store: Some("zookeeper".into()), ..FileConfig::default() },
             &Overrides::default(),
         )
         .unwrap_err();
         assert!(e.to_string().contains("zookeeper"));
-        let e = Config::merge(
-            FileConfig::default(),
-            &Overrides {
-                default_prefix_len: Some(4),
-                ..Overrides::default()
-            },
-        )
-        .unwrap_err();
+        let e =
+            Config::merge(FileConfig::default(), &Overrides { default_prefix_len: Some(4), ..Overrides::default() })
+                .unwrap_err();
         assert!(e.to_string().contains("default_prefix_len"));
         let dir = tempfile::tempdir().unwrap();
-        let e = Config::load(&Overrides {
-            config: Some(dir.path().join("missing.toml")),
-            ..Overrides::default()
-        })
-        .unwrap_err();
+        let e = Config::load(&Overrides { config: Some(dir.path().join("missing.toml")), ..Overrides::default() })
+            .unwrap_err();
         assert!(e.to_string().contains("missing.toml"));
     }
 

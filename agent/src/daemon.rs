@@ -27,7 +27,8 @@ fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match cfg.store {
         StoreSpec::Memory => Arc::new(LocalStore::memory()),
         StoreSpec::Embedded => Arc::new(
-            LocalStore::open_redb(&cfg.store_path()).with_context(|| format!("opening the embedded store {}", cfg.store_path().display()))?,
+            LocalStore::open_redb(&cfg.store_path())
+                .with_context(|| format!("opening the embedded store {}", cfg.store_path().display()))?,
         ),
     })
 }
@@ -44,7 +45,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     for dir in [&cfg.state_dir, &cfg.run_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("restricting {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
     }
     let host = match &cfg.host_id {
         Some(h) => h.clone(),

@@ -58,13 +58,28 @@ pub struct EndpointSpec {
 /// One change to the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    CreateBridge { name: String, mtu: u32 },
+    CreateBridge {
+        name: String,
+        mtu: u32,
+    },
     /// Make an existing link match: MTU, up, and (for ports) its bridge.
-    SetLink { name: String, mtu: u32, master: Option<String> },
-    AddAddress { link: String, addr: IpNet },
-    DelAddress { link: String, addr: IpNet },
+    SetLink {
+        name: String,
+        mtu: u32,
+        master: Option<String>,
+    },
+    AddAddress {
+        link: String,
+        addr: IpNet,
+    },
+    DelAddress {
+        link: String,
+        addr: IpNet,
+    },
     CreateEndpoint(Box<EndpointSpec>),
-    DeleteLink { name: String },
+    DeleteLink {
+        name: String,
+    },
     ApplyEgress(EgressRules),
 }
 
@@ -152,13 +167,7 @@ impl Dataplane for FakeDataplane {
             Action::CreateBridge { name, mtu } => {
                 st.links.insert(
                     name.clone(),
-                    ObservedLink {
-                        kind: LinkKind::Bridge,
-                        master: None,
-                        mtu: *mtu,
-                        up: false,
-                        addrs: vec![],
-                    },
+                    ObservedLink { kind: LinkKind::Bridge, master: None, mtu: *mtu, up: false, addrs: vec![] },
                 );
             }
             Action::SetLink { name, mtu, master } => {

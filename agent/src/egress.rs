@@ -134,7 +134,8 @@ impl EgressRules {
     /// from a table holding exactly these rules.
     pub fn fingerprint(&self) -> String {
         let rules = self.rules();
-        let text = serde_json::to_string(&rules.iter().map(|(c, st)| (c, st)).collect::<Vec<_>>()).expect("rules serialize");
+        let text =
+            serde_json::to_string(&rules.iter().map(|(c, st)| (c, st)).collect::<Vec<_>>()).expect("rules serialize");
         format!("{:016x}/{}", fnv1a(text.as_bytes()), rules.len())
     }
 
@@ -142,11 +143,7 @@ impl EgressRules {
     pub fn batch(&self) -> Nftables<'static> {
         let fp = self.fingerprint();
         let hash = fp.split('/').next().unwrap_or_default().to_string();
-        let table = || Table {
-            family: NfFamily::INet,
-            name: Cow::Borrowed(TABLE),
-            handle: None,
-        };
+        let table = || Table { family: NfFamily::INet, name: Cow::Borrowed(TABLE), handle: None };
         let mut b = Batch::new();
         // `add` is idempotent, so the delete below never fails on a fresh host.
         b.add(NfListObject::Table(table()));

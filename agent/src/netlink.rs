@@ -136,7 +136,9 @@ impl NetlinkDataplane {
                 ["list", "table", "inet", egress::TABLE],
             ) {
                 Ok(set) => Ok(egress::observed_fingerprint(&set)),
-                Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+                Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => {
+                    Ok(None)
+                }
                 Err(e) => Err(DataplaneError::Nftables(format!("listing table inet {}: {e}", egress::TABLE))),
             }
         })
@@ -147,7 +149,8 @@ impl NetlinkDataplane {
     async fn apply_egress(&self, rules: &EgressRules) -> Result<()> {
         let batch = rules.batch();
         tokio::task::spawn_blocking(move || {
-            nftables::helper::apply_ruleset(&batch).map_err(|e| DataplaneError::Nftables(format!("applying table inet {}: {e}", egress::TABLE)))
+            nftables::helper::apply_ruleset(&batch)
+                .map_err(|e| DataplaneError::Nftables(format!("applying table inet {}: {e}", egress::TABLE)))
         })
         .await
         .map_err(|e| DataplaneError::Nftables(e.to_string()))??;
@@ -203,18 +206,17 @@ impl NetlinkDataplane {
         let peer = Self::require(&c, &s.peer_if).await?;
         c.link()
             .set(
-                LinkUnspec::new_with_index(peer)
-                    .name(s.ifname.clone())
-                    .address(s.mac.to_vec())
-                    .mtu(s.mtu)
-                    .up()
-                    .build(),
+                LinkUnspec::new_with_index(peer).name(s.ifname.clone()).address(s.mac.to_vec()).mtu(s.mtu).up().build(),
             )
             .execute()
             .await
             .map_err(nl("configure container interface", object.clone()))?;
         if let Some(lo) = Self::index_of(&c, "lo").await? {
-            c.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await.map_err(nl("set lo up", object.clone()))?;
+            c.link()
+                .set(LinkUnspec::new_with_index(lo).up().build())
+                .execute()
+                .await
+                .map_err(nl("set lo up", object.clone()))?;
         }
         c.address()
             .add(peer, s.addr.addr(), s.addr.prefix_len())
@@ -272,7 +274,9 @@ impl Dataplane for NetlinkDataplane {
         let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
         let owned: HashMap<u32, &LinkSummary> = links
             .iter()
-            .filter(|l| [model::BRIDGE_PREFIX, model::VETH_PREFIX, model::PEER_PREFIX].iter().any(|p| l.name.starts_with(p)))
+            .filter(|l| {
+                [model::BRIDGE_PREFIX, model::VETH_PREFIX, model::PEER_PREFIX].iter().any(|p| l.name.starts_with(p))
+            })
             .map(|l| (l.index, l))
             .collect();
         let mut addrs: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
@@ -290,10 +294,7 @@ impl Dataplane for NetlinkDataplane {
                 }
             }
         }
-        let mut observed = Observed {
-            egress: self.egress_fingerprint().await?,
-            ..Observed::default()
-        };
+        let mut observed = Observed { egress: self.egress_fingerprint().await?, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),
@@ -359,7 +360,8 @@ impl Dataplane for NetlinkDataplane {
 
     async fn host_routes(&self) -> Result<Vec<IpNet>> {
         let links = self.links().await?;
-        let ours: Vec<u32> = links.iter().filter(|l| l.name.starts_with(model::BRIDGE_PREFIX)).map(|l| l.index).collect();
+        let ours: Vec<u32> =
+            links.iter().filter(|l| l.name.starts_with(model::BRIDGE_PREFIX)).map(|l| l.index).collect();
         let mut out = Vec::new();
         for r in self.routes().await? {
             if route_table(&r) != MAIN_TABLE || r.header.destination_prefix_length == 0 {

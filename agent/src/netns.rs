@@ -12,11 +12,7 @@ use nix::sched::CloneFlags;
 use crate::dataplane::DataplaneError;
 
 fn io_err(call: &'static str, object: &Path, e: impl Into<io::Error>) -> DataplaneError {
-    DataplaneError::Io {
-        call,
-        object: object.display().to_string(),
-        source: e.into(),
-    }
+    DataplaneError::Io { call, object: object.display().to_string(), source: e.into() }
 }
 
 /// Open a netns file, telling a missing one apart.
@@ -45,9 +41,7 @@ where
             f().map_err(|e| io_err("netns operation", &owned, e))
         })
         .map_err(|e| io_err("spawn netns thread", path, e))?;
-    worker
-        .join()
-        .map_err(|_| io_err("netns thread", path, io::Error::other("panicked")))?
+    worker.join().map_err(|_| io_err("netns thread", path, io::Error::other("panicked")))?
 }
 
 /// A netlink handle whose socket lives in the netns at `path`. The

@@ -38,19 +38,8 @@ pub fn desired(networks: &[NetworkRecord], endpoints: &[EndpointRecord], host: &
     let mut egress = Vec::new();
     for n in networks {
         let bridge = model::bridge_name(&n.id);
-        d.bridges.insert(
-            bridge.clone(),
-            DesiredBridge {
-                mtu: n.mtu,
-                addr: n.gateway_cidr(),
-            },
-        );
-        egress.push(EgressNet {
-            bridge,
-            subnet: n.subnet,
-            gateway: n.gateway,
-            internal: n.internal,
-        });
+        d.bridges.insert(bridge.clone(), DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr() });
+        egress.push(EgressNet { bridge, subnet: n.subnet, gateway: n.gateway, internal: n.internal });
         by_id.insert(n.id.as_str(), n);
     }
     d.egress = EgressRules::new(egress);
@@ -82,7 +71,9 @@ pub fn desired(networks: &[NetworkRecord], endpoints: &[EndpointRecord], host: &
 }
 
 fn owned(name: &str) -> bool {
-    name.starts_with(model::BRIDGE_PREFIX) || name.starts_with(model::VETH_PREFIX) || name.starts_with(model::PEER_PREFIX)
+    name.starts_with(model::BRIDGE_PREFIX)
+        || name.starts_with(model::VETH_PREFIX)
+        || name.starts_with(model::PEER_PREFIX)
 }
 
 /// The actions that turn `observed` into `desired`, in an order that works:
@@ -108,17 +99,10 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
         match observed_link {
             Some(l) if l.kind == LinkKind::Bridge => {
                 if l.mtu != b.mtu || !l.up || l.master.is_some() {
-                    acts.push(Action::SetLink {
-                        name: name.clone(),
-                        mtu: b.mtu,
-                        master: None,
-                    });
+                    acts.push(Action::SetLink { name: name.clone(), mtu: b.mtu, master: None });
                 }
                 for a in l.addrs.iter().filter(|a| Some(**a) != b.addr) {
-                    acts.push(Action::DelAddress {
-                        link: name.clone(),
-                        addr: *a,
-                    });
+                    acts.push(Action::DelAddress { link: name.clone(), addr: *a });
                 }
                 if let Some(addr) = b.addr
                     && !l.addrs.contains(&addr)
@@ -130,15 +114,8 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
                 if other.is_some() {
                     acts.push(Action::DeleteLink { name: name.clone() });
                 }
-                acts.push(Action::CreateBridge {
-                    name: name.clone(),
-                    mtu: b.mtu,
-                });
-                acts.push(Action::SetLink {
-                    name: name.clone(),
-                    mtu: b.mtu,
-                    master: None,
-                });
+                acts.push(Action::CreateBridge { name: name.clone(), mtu: b.mtu });
+                acts.push(Action::SetLink { name: name.clone(), mtu: b.mtu, master: None });
                 if let Some(addr) = b.addr {
                     acts.push(Action::AddAddress { link: name.clone(), addr });
                 }
@@ -150,11 +127,7 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
         match observed.links.get(name) {
             Some(l) if l.kind == LinkKind::Veth => {
                 if l.master.as_deref() != Some(spec.bridge.as_str()) || !l.up || l.mtu != spec.mtu {
-                    acts.push(Action::SetLink {
-                        name: name.clone(),
-                        mtu: spec.mtu,
-                        master: Some(spec.bridge.clone()),
-                    });
+                    acts.push(Action::SetLink { name: name.clone(), mtu: spec.mtu, master: Some(spec.bridge.clone()) });
                 }
             }
             other => {
@@ -250,17 +223,15 @@ impl Reconciler {
         let want = desired(&networks, &endpoints, &self.host);
         let observed = self.dp.observe().await?;
         let actions = diff(&want, &observed);
-        let mut report = PassReport {
-            generation,
-            actions: actions.len(),
-            ..PassReport::default()
-        };
+        let mut report = PassReport { generation, actions: actions.len(), ..PassReport::default() };
         // A failed endpoint creation must not stop the others, but the
         // remaining steps of a failed bridge are skipped.
         let mut failed_links: Vec<String> = Vec::new();
         for a in &actions {
             let link = match a {
-                Action::SetLink { name, .. } | Action::AddAddress { link: name, .. } | Action::DelAddress { link: name, .. } => Some(name),
+                Action::SetLink { name, .. }
+                | Action::AddAddress { link: name, .. }
+                | Action::DelAddress { link: name, .. } => Some(name),
                 _ => None,
             };
             if link.is_some_and(|l| failed_links.contains(l)) {
@@ -383,8 +354,7 @@ mod tests {
         let nets = vec![network("aaaa", "10.1.0.0/24", false)];
         let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
         let want = desired(&nets, &eps, "h1");
-        let mut obs = Observed::default();
-        obs.egress = Some(want.egress.fingerprint());
+        let mut obs = Observed { egress: Some(want.egress.fingerprint()), ..Observed::default() };
         obs.links.insert(
             "trb-aaaa".into(),
             ObservedLink {
@@ -397,36 +367,18 @@ mod tests {
         );
         obs.links.insert(
             "trv-e1".into(),
-            ObservedLink {
-                kind: LinkKind::Veth,
-                master: None,
-                mtu: 1450,
-                up: true,
-                addrs: vec![],
-            },
+            ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1450, up: true, addrs: vec![] },
         );
         for stale in ["trv-old", "trb-old", "trp-e9"] {
             obs.links.insert(
                 stale.into(),
-                ObservedLink {
-                    kind: LinkKind::Veth,
-                    master: None,
-                    mtu: 1500,
-                    up: true,
-                    addrs: vec![],
-                },
+                ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1500, up: true, addrs: vec![] },
             );
         }
         // Someone else's link is never touched.
         obs.links.insert(
             "eth0".into(),
-            ObservedLink {
-                kind: LinkKind::Other,
-                master: None,
-                mtu: 1500,
-                up: true,
-                addrs: vec![],
-            },
+            ObservedLink { kind: LinkKind::Other, master: None, mtu: 1500, up: true, addrs: vec![] },
         );
         let acts = diff(&want, &obs);
         assert_eq!(
@@ -435,19 +387,9 @@ mod tests {
                 Action::DeleteLink { name: "trp-e9".into() },
                 Action::DeleteLink { name: "trv-old".into() },
                 Action::DeleteLink { name: "trb-old".into() },
-                Action::DelAddress {
-                    link: "trb-aaaa".into(),
-                    addr: "10.1.0.99/24".parse().unwrap()
-                },
-                Action::AddAddress {
-                    link: "trb-aaaa".into(),
-                    addr: "10.1.0.1/24".parse().unwrap()
-                },
-                Action::SetLink {
-                    name: "trv-e1".into(),
-                    mtu: 1450,
-                    master: Some("trb-aaaa".into())
-                },
+                Action::DelAddress { link: "trb-aaaa".into(), addr: "10.1.0.99/24".parse().unwrap() },
+                Action::AddAddress { link: "trb-aaaa".into(), addr: "10.1.0.1/24".parse().unwrap() },
+                Action::SetLink { name: "trv-e1".into(), mtu: 1450, master: Some("trb-aaaa".into()) },
             ]
         );
     }

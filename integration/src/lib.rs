@@ -160,12 +160,7 @@ impl Host {
     pub fn bare() -> Result<Host> {
         let ns = Netns::new("trh")?;
         let dir = tempfile::Builder::new().prefix("trellis-lab-").tempdir()?;
-        Ok(Host {
-            ns,
-            dir,
-            agent: None,
-            extra_args: Vec::new(),
-        })
+        Ok(Host { ns, dir, agent: None, extra_args: Vec::new() })
     }
 
     /// A host with its agent running.
@@ -263,7 +258,11 @@ impl Host {
     pub fn ctl(&self, args: &[&str]) -> Result<String> {
         let out = self.ctl_output(args);
         if !out.status.success() {
-            bail!("trellisctl {args:?} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+            bail!(
+                "trellisctl {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -271,7 +270,11 @@ impl Host {
     /// `trellisctl ARGS`, which must fail; its stderr.
     pub fn ctl_err(&self, args: &[&str]) -> String {
         let out = self.ctl_output(args);
-        assert!(!out.status.success(), "trellisctl {args:?} should have failed but printed {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            !out.status.success(),
+            "trellisctl {args:?} should have failed but printed {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 

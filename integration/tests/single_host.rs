@@ -87,7 +87,8 @@ fn two_endpoints_talk_with_ip_mac_route_and_mtu() {
     assert!(inside.contains(&format!("inet {}", a["address"].as_str().unwrap())), "{inside}");
     assert!(inside.contains(a["mac"].as_str().unwrap()), "{inside}");
     assert!(inside.contains("mtu 1400"), "{inside}");
-    let routes = String::from_utf8_lossy(&in_netns(&netns_of(&a), "ip", &["route"]).output().unwrap().stdout).into_owned();
+    let routes =
+        String::from_utf8_lossy(&in_netns(&netns_of(&a), "ip", &["route"]).output().unwrap().stdout).into_owned();
     assert!(routes.contains("default via 10.31.0.1 dev eth0"), "{routes}");
 
     assert!(ping(&netns_of(&a), &ip_of(&b), 3), "a cannot reach b");
@@ -131,7 +132,12 @@ fn debug_shell_runs_inside_the_network_and_leaves_nothing() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(7), "the command's exit code comes back; stdout {stdout} stderr {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "the command's exit code comes back; stdout {stdout} stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("10.33.0."), "{stdout}");
     let eps = h.ctl_json(&["endpoint", "ls"]).unwrap();
     let names: Vec<_> = eps.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
@@ -157,7 +163,8 @@ fn egress_masquerades_and_internal_is_cut_off() {
     assert!(!ping(&netns_of(&i), &up.host_ip, 1), "internal network reached the host's uplink address");
     assert!(!ping(&netns_of(&i), &ip_of(&o), 1), "internal network reached another network");
     assert!(!ping(&netns_of(&o), &ip_of(&i), 1), "another network reached the internal one");
-    let routes = String::from_utf8_lossy(&in_netns(&netns_of(&i), "ip", &["route"]).output().unwrap().stdout).into_owned();
+    let routes =
+        String::from_utf8_lossy(&in_netns(&netns_of(&i), "ip", &["route"]).output().unwrap().stdout).into_owned();
     assert!(!routes.contains("default"), "internal endpoints get no default route: {routes}");
     // Inside the internal network all is well.
     assert!(ping(&netns_of(&i), &ip_of(&i2), 2));
@@ -184,7 +191,10 @@ fn hand_deleted_objects_are_repaired() {
     // The bridge: recreated, address back, ports re-attached.
     h.ns.ip(&["link", "del", &bridge]).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || h.ns.ip(&["-br", "addr", "show", "dev", &bridge]).is_ok_and(|o| o.contains("10.36.0.1/24"))),
+        wait_for(Duration::from_secs(5), || h
+            .ns
+            .ip(&["-br", "addr", "show", "dev", &bridge])
+            .is_ok_and(|o| o.contains("10.36.0.1/24"))),
         "bridge not repaired"
     );
     assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&a), &ip_of(&b), 1)), "traffic after bridge repair");
@@ -192,7 +202,10 @@ fn hand_deleted_objects_are_repaired() {
     // The gateway address.
     h.ns.ip(&["addr", "del", "10.36.0.1/24", "dev", &bridge]).unwrap();
     assert!(
-        wait_for(Duration::from_secs(5), || h.ns.ip(&["-br", "addr", "show", "dev", &bridge]).is_ok_and(|o| o.contains("10.36.0.1/24"))),
+        wait_for(Duration::from_secs(5), || h
+            .ns
+            .ip(&["-br", "addr", "show", "dev", &bridge])
+            .is_ok_and(|o| o.contains("10.36.0.1/24"))),
         "address not repaired"
     );
 
@@ -218,7 +231,7 @@ fn kill9_under_traffic_loses_nothing_and_duplicates_nothing() {
     let a = h.attach("app", "a", &[]).unwrap();
     let b = h.attach("app", "b", &[]).unwrap();
     let links_before = h.ns.links().unwrap();
-    let mut pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "150", "-i", "0.02", "-W", "1", &ip_of(&b)])
+    let pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "150", "-i", "0.02", "-W", "1", &ip_of(&b)])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -377,5 +390,9 @@ fn config_file_sets_defaults_and_agent_needs_root() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must run as root"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -38,7 +38,9 @@ const MAX_ATTEMPTS: usize = 64;
 pub enum IpamError {
     #[error("no free address left in {subnet} of network {network}")]
     Exhausted { network: String, subnet: IpNet },
-    #[error("the address pool {pool} has no free /{prefix_len} left (every candidate is in use or overlaps a host route)")]
+    #[error(
+        "the address pool {pool} has no free /{prefix_len} left (every candidate is in use or overlaps a host route)"
+    )]
     PoolExhausted { pool: IpNet, prefix_len: u8 },
     #[error("subnet {subnet} overlaps {other} of network {network}")]
     Overlap { subnet: IpNet, other: IpNet, network: String },
@@ -159,10 +161,7 @@ pub struct Ipam {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T> {
-    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt {
-        key: kv.key.clone(),
-        reason: e.to_string(),
-    })
+    serde_json::from_slice(&kv.value).map_err(|e| IpamError::Corrupt { key: kv.key.clone(), reason: e.to_string() })
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -261,11 +260,7 @@ impl Ipam {
                 let s = s.trunc();
                 validate_subnet(&s)?;
                 if let Some((net, a)) = index.nets.iter().find(|(_, a)| pure::overlaps(&a.subnet, &s)) {
-                    return Err(IpamError::Overlap {
-                        subnet: s,
-                        other: a.subnet,
-                        network: net.clone(),
-                    });
+                    return Err(IpamError::Overlap { subnet: s, other: a.subnet, network: net.clone() });
                 }
                 if let Some(route) = avoid.iter().find(|r| pure::overlaps(r, &s)) {
                     return Err(IpamError::OverlapsHostRoute { subnet: s, route: *route });
@@ -273,10 +268,7 @@ impl Ipam {
                 s
             }
             SubnetRequest::FromPool { pool, prefix_len } => pure::choose_subnet(pool, *prefix_len, &taken, avoid)
-                .ok_or(IpamError::PoolExhausted {
-                    pool: *pool,
-                    prefix_len: *prefix_len,
-                })?,
+                .ok_or(IpamError::PoolExhausted { pool: *pool, prefix_len: *prefix_len })?,
         };
         let gateway = match gateway {
             Some(gw) => {
@@ -284,11 +276,7 @@ impl Ipam {
                     return Err(IpamError::OutOfSubnet { ip: gw, subnet });
                 }
                 if gw == subnet.network() || (gw.is_ipv4() && gw == subnet.broadcast()) {
-                    return Err(IpamError::Reserved {
-                        ip: gw,
-                        subnet,
-                        why: "network or broadcast address",
-                    });
+                    return Err(IpamError::Reserved { ip: gw, subnet, why: "network or broadcast address" });
                 }
                 Some(gw)
             }
@@ -297,31 +285,16 @@ impl Ipam {
         let used: BTreeSet<u32> = index.nets.values().map(|a| a.vni).collect();
         let vni = (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or(IpamError::VniExhausted)?;
         index.nets.insert(net_id.to_string(), NetAllocation { subnet, vni });
-        let index_cmp = if rev == 0 {
-            Compare::Absent(self.index_key())
-        } else {
-            Compare::ModRevision(self.index_key(), rev)
-        };
+        let index_cmp =
+            if rev == 0 { Compare::Absent(self.index_key()) } else { Compare::ModRevision(self.index_key(), rev) };
         let mut compares = vec![index_cmp];
         let mut ops = vec![Op::put(self.index_key(), encode(&index))];
         if let Some(gw) = gateway {
             let k = self.addr_key(net_id, gw);
             compares.push(Compare::Absent(k.clone()));
-            ops.push(Op::put(
-                k,
-                encode(&AddrRecord {
-                    owner: "gateway".into(),
-                    host: self.host.clone(),
-                }),
-            ));
+            ops.push(Op::put(k, encode(&AddrRecord { owner: "gateway".into(), host: self.host.clone() })));
         }
-        Ok(NetworkPlan {
-            subnet,
-            gateway,
-            vni,
-            compares,
-            ops,
-        })
+        Ok(NetworkPlan { subnet, gateway, vni, compares, ops })
     }
 
     /// Plan the removal of everything IPAM holds for a network: its index
@@ -392,10 +365,7 @@ impl Ipam {
     }
 
     fn record(&self, owner: &str) -> Vec<u8> {
-        encode(&AddrRecord {
-            owner: owner.to_string(),
-            host: self.host.clone(),
-        })
+        encode(&AddrRecord { owner: owner.to_string(), host: self.host.clone() })
     }
 
     async fn allocate_specific<F>(&self, pool: &Pool, ip: IpAddr, owner: &str, extra: &F) -> Result<IpAddr>
@@ -406,11 +376,7 @@ impl Ipam {
             return Err(IpamError::OutOfSubnet { ip, subnet: pool.subnet });
         }
         if pure::reserved(&pool.subnet, None).contains(&ip) {
-            return Err(IpamError::Reserved {
-                ip,
-                subnet: pool.subnet,
-                why: "network or broadcast address",
-            });
+            return Err(IpamError::Reserved { ip, subnet: pool.subnet, why: "network or broadcast address" });
         }
         let key = self.addr_key(&pool.net_id, ip);
         let (mut compares, mut ops) = extra(ip);
@@ -421,10 +387,7 @@ impl Ipam {
             return Ok(ip);
         }
         match self.store.get(&key).await? {
-            Some(kv) => Err(IpamError::InUse {
-                ip,
-                owner: decode::<AddrRecord>(&kv)?.owner,
-            }),
+            Some(kv) => Err(IpamError::InUse { ip, owner: decode::<AddrRecord>(&kv)?.owner }),
             None => Err(IpamError::CallerConflict),
         }
     }
@@ -544,7 +507,12 @@ impl Ipam {
             }
             let key = self.block_key(&pool.net_id, &b);
             let rec = encode(&BlockRecord { host: self.host.clone() });
-            if self.store.txn(vec![Compare::Absent(key)], vec![Op::put(self.block_key(&pool.net_id, &b), rec)]).await?.succeeded {
+            if self
+                .store
+                .txn(vec![Compare::Absent(key)], vec![Op::put(self.block_key(&pool.net_id, &b), rec)])
+                .await?
+                .succeeded
+            {
                 tracing::debug!(network = %pool.net_id, block = %b, "claimed block");
             }
             // Claimed by us or by someone else: reload either way.
@@ -557,10 +525,7 @@ impl Ipam {
                 return Ok(Grown::Borrow(ip));
             }
         }
-        Err(IpamError::Exhausted {
-            network: pool.net_id.clone(),
-            subnet: pool.subnet,
-        })
+        Err(IpamError::Exhausted { network: pool.net_id.clone(), subnet: pool.subnet })
     }
 
     /// The operation that releases an address (to be put in the caller's

@@ -44,9 +44,7 @@ pub fn size(net: &IpNet) -> u128 {
 /// The first `prefix_len` subnet of `pool` that overlaps nothing in
 /// `taken` or `avoid`.
 pub fn choose_subnet(pool: &IpNet, prefix_len: u8, taken: &[IpNet], avoid: &[IpNet]) -> Option<IpNet> {
-    pool.subnets(prefix_len)
-        .ok()?
-        .find(|c| !taken.iter().chain(avoid).any(|t| overlaps(c, t)))
+    pool.subnets(prefix_len).ok()?.find(|c| !taken.iter().chain(avoid).any(|t| overlaps(c, t)))
 }
 
 /// The block length used for a subnet: the configured block, or the

@@ -22,11 +22,7 @@ fn store() -> Arc<dyn Store> {
 async fn create(ipam: &Ipam, s: &Arc<dyn Store>, id: &str, req: SubnetRequest) -> Pool {
     let plan = ipam.plan_network(id, &req, None, &[]).await.unwrap();
     assert!(s.txn(plan.compares, plan.ops).await.unwrap().succeeded);
-    Pool {
-        net_id: id.into(),
-        subnet: plan.subnet,
-        gateway: plan.gateway,
-    }
+    Pool { net_id: id.into(), subnet: plan.subnet, gateway: plan.gateway }
 }
 
 fn none(_: IpAddr) -> (Vec<Compare>, Vec<Op>) {
@@ -74,11 +70,20 @@ async fn bad_subnets_and_gateways_are_refused() {
     create(&ipam, &s, "n1", SubnetRequest::Specific(net("10.30.0.0/24"))).await;
     let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.30.0.128/25")), None, &[]).await.unwrap_err();
     assert!(matches!(e, IpamError::Overlap { ref network, .. } if network == "n1"), "{e}");
-    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("192.168.5.0/24")), None, &[net("192.168.0.0/16")]).await.unwrap_err();
+    let e = ipam
+        .plan_network("n2", &SubnetRequest::Specific(net("192.168.5.0/24")), None, &[net("192.168.0.0/16")])
+        .await
+        .unwrap_err();
     assert!(matches!(e, IpamError::OverlapsHostRoute { .. }), "{e}");
-    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/24")), Some(ip("10.32.0.1")), &[]).await.unwrap_err();
+    let e = ipam
+        .plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/24")), Some(ip("10.32.0.1")), &[])
+        .await
+        .unwrap_err();
     assert!(matches!(e, IpamError::OutOfSubnet { .. }), "{e}");
-    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/24")), Some(ip("10.31.0.255")), &[]).await.unwrap_err();
+    let e = ipam
+        .plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/24")), Some(ip("10.31.0.255")), &[])
+        .await
+        .unwrap_err();
     assert!(matches!(e, IpamError::Reserved { .. }), "{e}");
     let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/31")), None, &[]).await.unwrap_err();
     assert!(matches!(e, IpamError::TooSmall(_)), "{e}");
@@ -100,7 +105,8 @@ async fn allocation_skips_reserved_and_exhausts_clearly() {
     for i in 0..5 {
         got.insert(ipam.allocate(&pool, AddrRequest::Any, &format!("ep{i}"), none).await.unwrap());
     }
-    let want: BTreeSet<IpAddr> = ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].iter().map(|s| ip(s)).collect();
+    let want: BTreeSet<IpAddr> =
+        ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].iter().map(|s| ip(s)).collect();
     assert_eq!(got, want, "network, gateway and broadcast are never handed out");
     let e = ipam.allocate(&pool, AddrRequest::Any, "ep5", none).await.unwrap_err();
     assert!(matches!(e, IpamError::Exhausted { .. }), "{e}");
@@ -161,7 +167,8 @@ async fn concurrent_hosts_never_duplicate() {
     let s = store();
     let first = Ipam::new(s.clone(), "/t/ipam/", "h0");
     let pool = create(&first, &s, "n", SubnetRequest::Specific(net("10.50.0.0/24"))).await;
-    let hosts: Vec<Arc<Ipam>> = (0..5).map(|h| Arc::new(Ipam::new(s.clone(), "/t/ipam/", format!("h{h}")).with_block_len_v4(28))).collect();
+    let hosts: Vec<Arc<Ipam>> =
+        (0..5).map(|h| Arc::new(Ipam::new(s.clone(), "/t/ipam/", format!("h{h}")).with_block_len_v4(28))).collect();
     let mut tasks = Vec::new();
     for (h, ipam) in hosts.iter().enumerate() {
         for t in 0..4 {
@@ -211,7 +218,8 @@ async fn moved_block_fences_stale_cache() {
     let next = a.allocate(&pool, AddrRequest::Any, "e1", none).await.unwrap();
     assert_ne!(next, first);
     assert!(!b.contains(&next), "a allocated {next} in block {b} it no longer owns");
-    let mine: BTreeSet<_> = a.blocks("n").await.unwrap().into_iter().filter(|(_, r, _)| r.host == "a").map(|(b, ..)| b).collect();
+    let mine: BTreeSet<_> =
+        a.blocks("n").await.unwrap().into_iter().filter(|(_, r, _)| r.host == "a").map(|(b, ..)| b).collect();
     assert!(mine.iter().any(|blk| blk.contains(&next)));
 }
 

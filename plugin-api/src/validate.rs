@@ -13,11 +13,7 @@ pub enum ValidationError {
 }
 
 fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> ValidationError {
-    ValidationError::Invalid {
-        field,
-        value: value.to_string(),
-        reason: reason.into(),
-    }
+    ValidationError::Invalid { field, value: value.to_string(), reason: reason.into() }
 }
 
 pub type Result<T> = std::result::Result<T, ValidationError>;
@@ -48,9 +44,8 @@ pub fn name(field: &'static str, value: &str) -> Result<()> {
 
 /// A subnet in CIDR notation with no host bits set.
 pub fn subnet(value: &str) -> Result<IpNet> {
-    let net: IpNet = value
-        .parse()
-        .map_err(|_| invalid("subnet", value, "expected CIDR notation such as 10.30.0.0/24"))?;
+    let net: IpNet =
+        value.parse().map_err(|_| invalid("subnet", value, "expected CIDR notation such as 10.30.0.0/24"))?;
     if net.trunc() != net {
         return Err(invalid("subnet", value, format!("host bits are set; did you mean {}?", net.trunc())));
     }
@@ -59,9 +54,7 @@ pub fn subnet(value: &str) -> Result<IpNet> {
 
 /// An IP address.
 pub fn ip(field: &'static str, value: &str) -> Result<IpAddr> {
-    value
-        .parse()
-        .map_err(|_| invalid(field, value, "expected an IP address such as 10.30.0.7"))
+    value.parse().map_err(|_| invalid(field, value, "expected an IP address such as 10.30.0.7"))
 }
 
 /// A network MTU (0 means "derive from the underlay").
@@ -103,9 +96,7 @@ pub fn labels(map: &BTreeMap<String, String>) -> Result<()> {
 
 /// Parse a `key=value` label argument.
 pub fn label_arg(arg: &str) -> Result<(String, String)> {
-    let (k, v) = arg
-        .split_once('=')
-        .ok_or_else(|| invalid("label", arg, "expected key=value"))?;
+    let (k, v) = arg.split_once('=').ok_or_else(|| invalid("label", arg, "expected key=value"))?;
     let mut m = BTreeMap::new();
     m.insert(k.to_string(), v.to_string());
     labels(&m)?;

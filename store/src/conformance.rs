@@ -166,10 +166,11 @@ pub async fn watch_resumes_from_revision(s: Arc<dyn Store>, p: &str) {
     let mut from_past = s.watch(&format!("{p}r/"), r0).await.unwrap();
     let mut from_list = s.watch(&format!("{p}r/"), listed + 1).await.unwrap();
     let r2 = s.put(&format!("{p}r/2"), b"2".to_vec()).await.unwrap();
-    let got: Vec<_> = [next_event(&mut from_past).await, next_event(&mut from_past).await, next_event(&mut from_past).await]
-        .iter()
-        .map(|e| e.kv.mod_revision)
-        .collect();
+    let got: Vec<_> =
+        [next_event(&mut from_past).await, next_event(&mut from_past).await, next_event(&mut from_past).await]
+            .iter()
+            .map(|e| e.kv.mod_revision)
+            .collect();
     assert_eq!(got, [r0, r1, r2]);
     assert_eq!(next_event(&mut from_list).await.kv.mod_revision, r2);
     // Nothing else is pending on the watch that started after the listing.
@@ -182,9 +183,7 @@ pub async fn lease_expiry_deletes_keys(s: Arc<dyn Store>, p: &str) {
     let plain = format!("{p}plain");
     let lease = s.lease_grant(Duration::from_secs(1)).await.unwrap();
     let mut w = s.watch(&k, 0).await.unwrap();
-    s.txn(vec![], vec![Op::put_with_lease(&k, b"v".to_vec(), lease), Op::put(&plain, b"v".to_vec())])
-        .await
-        .unwrap();
+    s.txn(vec![], vec![Op::put_with_lease(&k, b"v".to_vec(), lease), Op::put(&plain, b"v".to_vec())]).await.unwrap();
     assert_eq!(s.get(&k).await.unwrap().unwrap().lease, Some(lease));
     assert_eq!(next_event(&mut w).await.kind, EventKind::Put);
     // Keep it alive past its TTL once.

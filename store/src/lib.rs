@@ -56,30 +56,16 @@ pub enum Compare {
 /// A mutation inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Put {
-        key: String,
-        value: Vec<u8>,
-        lease: Option<LeaseId>,
-    },
-    Delete {
-        key: String,
-    },
+    Put { key: String, value: Vec<u8>, lease: Option<LeaseId> },
+    Delete { key: String },
 }
 
 impl Op {
     pub fn put(key: impl Into<String>, value: impl Into<Vec<u8>>) -> Op {
-        Op::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: None,
-        }
+        Op::Put { key: key.into(), value: value.into(), lease: None }
     }
     pub fn put_with_lease(key: impl Into<String>, value: impl Into<Vec<u8>>, lease: LeaseId) -> Op {
-        Op::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: Some(lease),
-        }
+        Op::Put { key: key.into(), value: value.into(), lease: Some(lease) }
     }
     pub fn delete(key: impl Into<String>) -> Op {
         Op::Delete { key: key.into() }
@@ -131,11 +117,7 @@ pub enum StoreError {
     #[error("watch fell behind by {0} events and was closed; list and watch again")]
     WatchLagged(u64),
     #[error("{backend} backend failed during {operation}: {reason}")]
-    Backend {
-        backend: &'static str,
-        operation: &'static str,
-        reason: String,
-    },
+    Backend { backend: &'static str, operation: &'static str, reason: String },
 }
 
 impl StoreError {
@@ -185,9 +167,6 @@ pub trait Store: Send + Sync + 'static {
 
     /// Create `key` only if it does not exist; `false` if it did.
     async fn create(&self, key: &str, value: Vec<u8>) -> Result<bool> {
-        Ok(self
-            .txn(vec![Compare::Absent(key.to_string())], vec![Op::put(key, value)])
-            .await?
-            .succeeded)
+        Ok(self.txn(vec![Compare::Absent(key.to_string())], vec![Op::put(key, value)]).await?.succeeded)
     }
 }

@@ -12,13 +12,12 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::redb_persist::{Persisted, PersistOp, RedbPersist};
+use crate::redb_persist::{PersistOp, Persisted, RedbPersist};
 use crate::{
-    Compare, EventKind, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, TxnOutcome,
-    WatchEvent, WatchStream,
+    Compare, EventKind, KeyValue, LeaseId, Op, Result, Revision, Store, StoreError, TxnOutcome, WatchEvent, WatchStream,
 };
 
 /// How many past events are kept for watches that start in the past.
@@ -100,16 +99,7 @@ impl LocalStore {
         let mut leases: HashMap<LeaseId, Lease> = loaded
             .leases
             .iter()
-            .map(|(id, ttl)| {
-                (
-                    *id,
-                    Lease {
-                        ttl: *ttl,
-                        deadline: now + *ttl,
-                        keys: BTreeSet::new(),
-                    },
-                )
-            })
+            .map(|(id, ttl)| (*id, Lease { ttl: *ttl, deadline: now + *ttl, keys: BTreeSet::new() }))
             .collect();
         for (key, entry) in &loaded.kv {
             if let Some(lease) = entry.lease.and_then(|l| leases.get_mut(&l)) {
@@ -125,11 +115,7 @@ impl LocalStore {
             oldest: loaded.revision + 1,
             watchers: Vec::new(),
         };
-        let inner = Arc::new(Inner {
-            name,
-            state: Mutex::new(state),
-            persist,
-        });
+        let inner = Arc::new(Inner { name, state: Mutex::new(state), persist });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&inner);
             handle.spawn(expire_loop(weak));
@@ -187,11 +173,7 @@ impl State {
 
     fn emit(&mut self, event: WatchEvent) {
         self.watchers.retain(|w| {
-            if event.kv.key.starts_with(&w.prefix) {
-                w.tx.send(Ok(event.clone())).is_ok()
-            } else {
-                !w.tx.is_closed()
-            }
+            if event.kv.key.starts_with(&w.prefix) { w.tx.send(Ok(event.clone())).is_ok() } else { !w.tx.is_closed() }
         });
         self.history.push_back(event);
         while self.history.len() > HISTORY_LIMIT {
@@ -223,12 +205,7 @@ impl State {
     }
 
     fn expire_due(&mut self, now: Instant) -> Vec<PersistOp> {
-        let due: Vec<LeaseId> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        let due: Vec<LeaseId> = self.leases.iter().filter(|(_, l)| l.deadline <= now).map(|(id, _)| *id).collect();
         let mut out = Vec::new();
         for id in due {
             self.revoke(id, &mut out);
@@ -247,10 +224,7 @@ impl State {
             for key in &lease.keys {
                 self.remove_key(key, rev, out);
             }
-            out.push(PersistOp::Meta {
-                revision: self.revision,
-                next_lease: self.next_lease,
-            });
+            out.push(PersistOp::Meta { revision: self.revision, next_lease: self.next_lease });
         }
         true
     }
@@ -271,13 +245,7 @@ impl State {
             }
         }
         if !compares.iter().all(|c| self.holds(c)) {
-            return Ok((
-                TxnOutcome {
-                    succeeded: false,
-                    revision: self.revision,
-                },
-                Vec::new(),
-            ));
+            return Ok((TxnOutcome { succeeded: false, revision: self.revision }, Vec::new()));
         }
         let changes = ops.iter().any(|op| match op {
             Op::Put { .. } => true,
@@ -303,35 +271,17 @@ impl State {
                                 l.keys.insert(key.clone());
                             }
                         }
-                        let entry = Entry {
-                            value,
-                            create_revision,
-                            mod_revision: rev,
-                            version,
-                            lease,
-                        };
+                        let entry = Entry { value, create_revision, mod_revision: rev, version, lease };
                         out.push(PersistOp::PutKv(key.clone(), entry.clone()));
                         let kv = entry.to_kv(&key);
                         self.kv.insert(key, entry);
-                        self.emit(WatchEvent {
-                            kind: EventKind::Put,
-                            kv,
-                        });
+                        self.emit(WatchEvent { kind: EventKind::Put, kv });
                     }
                 }
             }
-            out.push(PersistOp::Meta {
-                revision: self.revision,
-                next_lease: self.next_lease,
-            });
+            out.push(PersistOp::Meta { revision: self.revision, next_lease: self.next_lease });
         }
-        Ok((
-            TxnOutcome {
-                succeeded: true,
-                revision: self.revision,
-            },
-            out,
-        ))
+        Ok((TxnOutcome { succeeded: true, revision: self.revision }, out))
     }
 }
 
@@ -375,10 +325,7 @@ impl Store for LocalStore {
             let mut st = self.inner.lock();
             if start_revision > 0 && start_revision <= st.revision {
                 if start_revision < st.oldest {
-                    return Err(StoreError::Compacted {
-                        requested: start_revision,
-                        oldest: st.oldest,
-                    });
+                    return Err(StoreError::Compacted { requested: start_revision, oldest: st.oldest });
                 }
                 for ev in st.history.iter() {
                     if ev.kv.mod_revision >= start_revision && ev.kv.key.starts_with(prefix) {
@@ -388,10 +335,7 @@ impl Store for LocalStore {
             }
             // Events of revisions after `start_revision` that have not
             // happened yet arrive through the registered channel.
-            st.watchers.push(Watcher {
-                prefix: prefix.to_string(),
-                tx,
-            });
+            st.watchers.push(Watcher { prefix: prefix.to_string(), tx });
         }
         let min = start_revision;
         Ok(Box::pin(
@@ -408,22 +352,12 @@ impl Store for LocalStore {
             let mut st = self.inner.lock();
             let id = st.next_lease;
             st.next_lease += 1;
-            st.leases.insert(
-                id,
-                Lease {
-                    ttl,
-                    deadline: Instant::now() + ttl,
-                    keys: BTreeSet::new(),
-                },
-            );
+            st.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: BTreeSet::new() });
             (
                 id,
                 vec![
                     PersistOp::PutLease(id, ttl),
-                    PersistOp::Meta {
-                        revision: st.revision,
-                        next_lease: st.next_lease,
-                    },
+                    PersistOp::Meta { revision: st.revision, next_lease: st.next_lease },
                 ],
             )
         };

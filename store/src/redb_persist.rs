@@ -40,11 +40,7 @@ pub(crate) struct RedbPersist {
 }
 
 fn err(operation: &'static str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend {
-        backend: "redb",
-        operation,
-        reason: e.to_string(),
-    }
+    StoreError::Backend { backend: "redb", operation, reason: e.to_string() }
 }
 
 fn encode(e: &Entry) -> Vec<u8> {
@@ -89,7 +85,8 @@ impl RedbPersist {
         let kv = r.open_table(KV).map_err(|e| err("load", e))?;
         for item in kv.iter().map_err(|e| err("load", e))? {
             let (k, v) = item.map_err(|e| err("load", e))?;
-            let entry = decode(v.value()).ok_or_else(|| err("load", format!("corrupt record for key {:?}", k.value())))?;
+            let entry =
+                decode(v.value()).ok_or_else(|| err("load", format!("corrupt record for key {:?}", k.value())))?;
             loaded.kv.insert(k.value().to_string(), entry);
         }
         let meta = r.open_table(META).map_err(|e| err("load", e))?;

@@ -134,7 +134,9 @@ fn network_json(n: &proto::Network) -> Value {
 }
 
 fn endpoint_json(e: &proto::Endpoint) -> Value {
-    let kind = proto::EndpointKind::try_from(e.kind).map(|k| k.as_str_name().trim_start_matches("ENDPOINT_KIND_").to_lowercase()).unwrap_or_default();
+    let kind = proto::EndpointKind::try_from(e.kind)
+        .map(|k| k.as_str_name().trim_start_matches("ENDPOINT_KIND_").to_lowercase())
+        .unwrap_or_default();
     json!({
         "id": e.id, "name": e.name, "network": e.network, "network_id": e.network_id, "host": e.host,
         "address": e.address, "gateway": e.gateway, "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
@@ -228,14 +230,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&Value::Array(list.iter().map(network_json).collect()));
             } else {
-                println!("{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} FLAGS", "NAME", "ID", "SUBNET", "VNI", "MTU", "ENDPOINTS");
+                println!(
+                    "{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} FLAGS",
+                    "NAME", "ID", "SUBNET", "VNI", "MTU", "ENDPOINTS"
+                );
                 for n in list {
-                    let flags: Vec<&str> = [(n.attachable, "attachable"), (n.internal, "internal"), (n.encrypted, "encrypted")]
-                        .iter()
-                        .filter(|(on, _)| *on)
-                        .map(|(_, f)| *f)
-                        .collect();
-                    println!("{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} {}", n.name, n.id, n.subnet, n.vni, n.mtu, n.endpoints, flags.join(","));
+                    let flags: Vec<&str> =
+                        [(n.attachable, "attachable"), (n.internal, "internal"), (n.encrypted, "encrypted")]
+                            .iter()
+                            .filter(|(on, _)| *on)
+                            .map(|(_, f)| *f)
+                            .collect();
+                    println!(
+                        "{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} {}",
+                        n.name,
+                        n.id,
+                        n.subnet,
+                        n.vni,
+                        n.mtu,
+                        n.endpoints,
+                        flags.join(",")
+                    );
                 }
             }
         }
@@ -251,16 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("removed {name}");
             }
         }
-        Cmd::Attach {
-            network,
-            name,
-            ip,
-            labels: l,
-            netns,
-            ifname,
-            json,
-            cmd,
-        } => {
+        Cmd::Attach { network, name, ip, labels: l, netns, ifname, json, cmd } => {
             let mut req = proto::AttachRequest {
                 network,
                 name: name.unwrap_or_default(),
@@ -295,38 +301,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             eprintln!("attached {} ({}) to {}; running {:?}", e.name, e.address, e.network, cmd.join(" "));
             // Let Ctrl-C reach the command, not us: we must detach after it.
-            let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn) };
+            let _ = unsafe {
+                nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn)
+            };
             nix::unistd::write(&gate, b"g").context("starting the command")?;
             drop(gate);
             let status = tokio::task::spawn_blocking(move || child.wait()).await??;
             if let Err(s) = c.detach(proto::DetachRequest { endpoint: e.id.clone(), network: String::new() }).await {
-                eprintln!("trellisctl: detaching {} failed: {} (the agent removes it once its namespace is gone)", e.id, s.message());
+                eprintln!(
+                    "trellisctl: detaching {} failed: {} (the agent removes it once its namespace is gone)",
+                    e.id,
+                    s.message()
+                );
             }
             let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
             return Ok(ExitCode::from(code as u8));
         }
         Cmd::Detach { endpoint, network } => {
-            c.detach(proto::DetachRequest {
-                endpoint: endpoint.clone(),
-                network: network.unwrap_or_default(),
-            })
-            .await?;
+            c.detach(proto::DetachRequest { endpoint: endpoint.clone(), network: network.unwrap_or_default() }).await?;
             println!("detached {endpoint}");
         }
         Cmd::Endpoint(EndpointCmd::Ls { network, json }) => {
             let list = c
-                .list_endpoints(proto::ListEndpointsRequest {
-                    network: network.unwrap_or_default(),
-                })
+                .list_endpoints(proto::ListEndpointsRequest { network: network.unwrap_or_default() })
                 .await?
                 .into_inner()
                 .endpoints;
             if json {
                 print_json(&Value::Array(list.iter().map(endpoint_json).collect()));
             } else {
-                println!("{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} NETNS", "NAME", "ID", "NETWORK", "ADDRESS", "MAC", "HOST");
+                println!(
+                    "{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} NETNS",
+                    "NAME", "ID", "NETWORK", "ADDRESS", "MAC", "HOST"
+                );
                 for e in list {
-                    println!("{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} {}", e.name, e.id, e.network, e.address, e.mac, e.host, e.netns);
+                    println!(
+                        "{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} {}",
+                        e.name, e.id, e.network, e.address, e.mac, e.host, e.netns
+                    );
                 }
             }
         }
@@ -343,14 +355,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("host        {} ({})", s.host_id, s.hostname);
                 println!("version     {}", s.version);
-                println!("store       {} {}", s.store_backend, if s.store_ok { "ok".to_string() } else { format!("UNAVAILABLE: {}", s.store_error) });
+                println!(
+                    "store       {} {}",
+                    s.store_backend,
+                    if s.store_ok { "ok".to_string() } else { format!("UNAVAILABLE: {}", s.store_error) }
+                );
                 println!("reconcile   {} passes, {} errors in the last", s.reconcile_passes, s.reconcile_errors.len());
                 for e in &s.reconcile_errors {
                     println!("            {e}");
                 }
                 println!("networks    {}", s.networks);
                 println!("endpoints   {} on this host", s.local_endpoints);
-                let mut caps: Vec<_> = s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();
+                let mut caps: Vec<_> =
+                    s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();
                 caps.sort();
                 println!("kernel      {}", caps.join(" "));
             }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs everything Trellis needs to build, run and test on a fresh Debian
+# machine of this kind. Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup.sh: run as root (it installs Debian packages)" >&2
+  exit 1
+fi
+
+PACKAGES=(
+  protobuf-compiler        # protoc: tonic and etcd-client compile .proto files
+  clang-19 llvm-19 libbpf-dev  # the eBPF datapath (C programs)
+  nftables iproute2 util-linux iputils-ping conntrack
+  containernetworking-plugins  # the reference CNI bridge + host-local (benchmark peer)
+  iperf3 tcpdump bind9-dnsutils busybox-static
+  etcd-server              # the cluster store
+  ca-certificates
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup.sh: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  echo "setup.sh: all packages present"
+fi
+
+# The Rust toolchain comes with the machine (rustup, cargo 1.95); check it.
+if ! command -v cargo >/dev/null 2>&1; then
+  for d in "$HOME/.cargo/bin" /root/.cargo/bin /usr/local/cargo/bin; do
+    [ -x "$d/cargo" ] && export PATH="$d:$PATH" && break
+  done
+fi
+command -v cargo >/dev/null 2>&1 || { echo "setup.sh: cargo not found (install Rust 1.95 with rustup)" >&2; exit 1; }
+rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
+echo "setup.sh: $(cargo --version)"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The whole Trellis test suite: setup, format and lint checks, then every
+# unit test and every root integration test (network namespaces, real
+# kernel objects). Run as root; CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+for d in "$HOME/.cargo/bin" /root/.cargo/bin; do [ -d "$d" ] && export PATH="$d:$PATH"; done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== build"
+cargo build --workspace --bins --locked
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test.sh: not root: root tests will show as ignored" >&2
+  ignored=()
+else
+  ignored=(--run-ignored all)
+fi
+echo "== tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  exec cargo nextest run --workspace --locked --no-fail-fast "${ignored[@]}"
+else
+  include=()
+  [ ${#ignored[@]} -gt 0 ] && include=(--include-ignored)
+  exec cargo test --workspace --locked --no-fail-fast -- "${include[@]}"
+fi
