@@ -158,6 +158,7 @@ pub struct Ipam {
     block_v4: u8,
     block_v6: u8,
     cache: Mutex<HashMap<String, NetCache>>,
+    grow_lock: tokio::sync::Mutex<()>,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T> {
@@ -198,6 +199,7 @@ impl Ipam {
             block_v4: DEFAULT_BLOCK_V4,
             block_v6: DEFAULT_BLOCK_V6,
             cache: Mutex::new(HashMap::new()),
+            grow_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -399,7 +401,8 @@ impl Ipam {
         }
     }
 
-    /// Pick a free address from a block this host owns and mark it taken.
+    /// Pick a free address from a block this host owns and mark it taken
+    /// (in flight until its transaction settles).
     fn pick_cached(&self, pool: &Pool) -> Option<(IpAddr, IpNet, Revision)> {
         let reserved = pure::reserved(&pool.subnet, pool.gateway);
         let mut cache = self.cache();
@@ -416,22 +419,44 @@ impl Ipam {
         None
     }
 
-    /// Reload this host's blocks and their used addresses from the store.
+    fn has_free(&self, pool: &Pool) -> bool {
+        let reserved = pure::reserved(&pool.subnet, pool.gateway);
+        let cache = self.cache();
+        cache.get(&pool.net_id).is_some_and(|net| {
+            net.loaded && net.blocks.iter().any(|(b, blk)| pure::first_free(b, &blk.used, &reserved).is_some())
+        })
+    }
+
+    /// Load this host's blocks and their used addresses from the store,
+    /// keeping addresses that are in flight.
     async fn refresh(&self, pool: &Pool) -> Result<(Vec<(IpNet, BlockRecord, Revision)>, BTreeSet<IpAddr>)> {
         let blocks = self.blocks(&pool.net_id).await?;
         let used: BTreeSet<IpAddr> = self.addresses(&pool.net_id).await?.into_iter().map(|(ip, _)| ip).collect();
         let mut cache = self.cache();
         let net = cache.entry(pool.net_id.clone()).or_default();
-        net.blocks = blocks
-            .iter()
-            .filter(|(_, r, _)| r.host == self.host)
-            .map(|(b, _, rev)| {
-                let in_block = used.iter().filter(|ip| b.contains(*ip)).copied().collect();
-                (*b, OwnedBlock { rev: *rev, used: in_block })
-            })
-            .collect();
+        let mut fresh = BTreeMap::new();
+        for (b, _, rev) in blocks.iter().filter(|(_, r, _)| r.host == self.host) {
+            let mut in_block: BTreeSet<IpAddr> = used.iter().filter(|ip| b.contains(*ip)).copied().collect();
+            if let Some(old) = net.blocks.get(b).filter(|old| old.rev == *rev) {
+                in_block.extend(old.used.iter().copied());
+            }
+            fresh.insert(*b, OwnedBlock { rev: *rev, used: in_block });
+        }
+        net.blocks = fresh;
         net.loaded = true;
         Ok((blocks, used))
+    }
+
+    /// The used addresses of one block, read key by key (a block is small).
+    async fn block_usage(&self, pool: &Pool, b: &IpNet) -> Result<BTreeSet<IpAddr>> {
+        let mut used = BTreeSet::new();
+        for o in 0..pure::size(b) {
+            let ip = pure::nth(b, o);
+            if self.store.get(&self.addr_key(&pool.net_id, ip)).await?.is_some() {
+                used.insert(ip);
+            }
+        }
+        Ok(used)
     }
 
     async fn allocate_any<F>(&self, pool: &Pool, owner: &str, extra: &F) -> Result<IpAddr>
@@ -439,20 +464,20 @@ impl Ipam {
         F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
     {
         for _ in 0..MAX_ATTEMPTS {
-            let (ip, block_cmp) = match self.pick_cached(pool) {
-                Some((ip, b, rev)) => (ip, Some(Compare::ModRevision(self.block_key(&pool.net_id, &b), rev))),
+            let (ip, block) = match self.pick_cached(pool) {
+                Some((ip, b, rev)) => (ip, Some((b, rev))),
                 None => match self.grow(pool).await? {
                     Grown::Block => continue,
                     Grown::Borrow(ip) => (ip, None),
                 },
             };
+            let block_cmp = block.map(|(b, rev)| Compare::ModRevision(self.block_key(&pool.net_id, &b), rev));
             let key = self.addr_key(&pool.net_id, ip);
             let (mut compares, mut ops) = extra(ip);
             compares.push(Compare::Absent(key.clone()));
             compares.extend(block_cmp.clone());
             ops.push(Op::put(key.clone(), self.record(owner)));
-            let outcome = self.store.txn(compares, ops).await;
-            match outcome {
+            match self.store.txn(compares, ops).await {
                 Ok(o) if o.succeeded => return Ok(ip),
                 Ok(_) => {}
                 Err(e) => {
@@ -462,15 +487,21 @@ impl Ipam {
             }
             // Lost a race: find out whether it was ours or the caller's.
             let taken = self.store.get(&key).await?.is_some();
-            let block_moved = match &block_cmp {
-                Some(Compare::ModRevision(k, rev)) => self.store.get(k).await?.map(|kv| kv.mod_revision) != Some(*rev),
+            let block_moved = match (&block_cmp, block) {
+                (Some(Compare::ModRevision(k, rev)), Some((b, _))) => {
+                    let moved = self.store.get(k).await?.map(|kv| kv.mod_revision) != Some(*rev);
+                    if moved {
+                        // Fencing: the block is no longer ours as we knew it.
+                        if let Some(net) = self.cache().get_mut(&pool.net_id) {
+                            net.blocks.remove(&b);
+                        }
+                    }
+                    moved
+                }
                 _ => false,
             };
             if !taken {
                 self.unmark(pool, ip);
-            }
-            if block_moved {
-                self.cache().remove(&pool.net_id);
             }
             if !taken && !block_moved {
                 return Err(IpamError::CallerConflict);
@@ -486,41 +517,46 @@ impl Ipam {
         }
     }
 
-    /// Make room when no owned block has a free address: reload, claim an
-    /// unclaimed block, or borrow a free address from another host's block.
+    /// Make room when no owned block has a free address: claim an unclaimed
+    /// block, or borrow a free address from another host's block. One task
+    /// per host grows a network at a time; the others wait and pick again.
     async fn grow(&self, pool: &Pool) -> Result<Grown> {
-        let (blocks, used) = self.refresh(pool).await?;
-        if self.pick_cached(pool).is_some_and(|(ip, ..)| {
-            self.unmark(pool, ip);
-            true
-        }) {
+        let _one = self.grow_lock.lock().await;
+        let loaded = self.cache().get(&pool.net_id).is_some_and(|n| n.loaded);
+        if !loaded {
+            self.refresh(pool).await?;
+        }
+        if self.has_free(pool) {
             return Ok(Grown::Block);
         }
         let len = self.block_len(&pool.subnet);
+        let blocks = self.blocks(&pool.net_id).await?;
         let claimed: BTreeSet<IpNet> = blocks.iter().map(|(b, ..)| *b).collect();
         let reserved = pure::reserved(&pool.subnet, pool.gateway);
         let candidates = pool.subnet.subnets(len).expect("block length is valid for the subnet");
         for b in candidates.filter(|b| !claimed.contains(b)) {
-            // Skip blocks with nothing allocatable (all reserved or taken).
-            if pure::first_free(&b, &used, &reserved).is_none() {
-                continue;
-            }
             let key = self.block_key(&pool.net_id, &b);
             let rec = encode(&BlockRecord { host: self.host.clone() });
-            if self
-                .store
-                .txn(vec![Compare::Absent(key)], vec![Op::put(self.block_key(&pool.net_id, &b), rec)])
-                .await?
-                .succeeded
-            {
-                tracing::debug!(network = %pool.net_id, block = %b, "claimed block");
+            let out = self.store.txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, rec)]).await?;
+            if !out.succeeded {
+                continue;
             }
-            // Claimed by us or by someone else: reload either way.
-            self.refresh(pool).await?;
-            return Ok(Grown::Block);
+            tracing::debug!(network = %pool.net_id, block = %b, "claimed block");
+            let used = self.block_usage(pool, &b).await?;
+            let free = pure::first_free(&b, &used, &reserved).is_some();
+            if let Some(net) = self.cache().get_mut(&pool.net_id) {
+                net.blocks.insert(b, OwnedBlock { rev: out.revision, used });
+            }
+            if free {
+                return Ok(Grown::Block);
+            }
         }
         // Every block is claimed: borrow any free address.
-        for (b, ..) in &blocks {
+        let (all, used) = self.refresh(pool).await?;
+        if self.has_free(pool) {
+            return Ok(Grown::Block);
+        }
+        for (b, ..) in &all {
             if let Some(ip) = pure::first_free(b, &used, &reserved) {
                 return Ok(Grown::Borrow(ip));
             }
