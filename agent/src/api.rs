@@ -108,7 +108,9 @@ impl AgentService {
 
     /// Converge now; a failing pass is an error of the request.
     async fn converge(&self) -> Result<Arc<crate::reconcile::PassReport>, Status> {
-        self.reconciler.pass().await.map_err(|e| Status::unavailable(format!("reconcile failed: {e}")))
+        let report = self.reconciler.pass().await.map_err(|e| Status::unavailable(format!("reconcile failed: {e}")))?;
+        settle(&self.cluster, &report).await;
+        Ok(report)
     }
 
     async fn attach_inner(&self, req: proto::AttachRequest) -> Result<EndpointRecord, Status> {
@@ -265,9 +267,9 @@ impl proto::agent_server::Agent for AgentService {
         let r = request.into_inner();
         let network = (!r.network.is_empty()).then_some(r.network.as_str());
         let e = self.cluster.find_endpoint(&r.endpoint, network).await?;
-        self.cluster.remove_endpoint(&e).await?;
-        self.converge().await?;
-        self.remove_managed(&e);
+        // The endpoint is gone for every user now; its devices go in the
+        // next pass (triggered by this write), and only then its address.
+        self.cluster.mark_deleting(&e).await?;
         tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "detached");
         Ok(Response::new(proto::DetachResponse {}))
     }
@@ -316,6 +318,28 @@ impl proto::agent_server::Agent for AgentService {
             local_endpoints: eps.iter().filter(|e| e.host == self.cluster.host).count() as u32,
             capabilities: self.capabilities.clone(),
         }))
+    }
+}
+
+/// After a pass: endpoints being deleted whose devices are gone lose their
+/// records, addresses and managed namespaces; endpoints whose namespace
+/// died are collected.
+pub async fn settle(cluster: &Cluster, report: &crate::reconcile::PassReport) {
+    for e in &report.finalizable {
+        match cluster.finalize(e).await {
+            Ok(()) => {
+                if e.managed_netns
+                    && let Err(err) = netns::remove(&e.netns)
+                {
+                    tracing::warn!(netns = %e.netns.display(), error = %err, "removing a managed netns");
+                }
+                tracing::debug!(endpoint = %e.id, "endpoint removed");
+            }
+            Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "finalizing a detached endpoint"),
+        }
+    }
+    if !report.gone.is_empty() {
+        collect_gone(cluster, &report.gone).await;
     }
 }
 

@@ -116,9 +116,15 @@ impl Cluster {
         items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
     }
 
-    pub async fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
+    /// Every endpoint record, including ones being deleted.
+    pub async fn all_endpoints(&self) -> Result<Vec<EndpointRecord>> {
         let (items, _) = self.store.list(&model::endpoints_prefix()).await?;
         items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    /// The live endpoints (not being deleted).
+    pub async fn endpoints(&self) -> Result<Vec<EndpointRecord>> {
+        Ok(self.all_endpoints().await?.into_iter().filter(|e| !e.deleting).collect())
     }
 
     /// A network by name or id.
@@ -186,7 +192,9 @@ impl Cluster {
     /// endpoints removed.
     pub async fn remove_network(&self, name_or_id: &str, force: bool) -> Result<(NetworkRecord, Vec<EndpointRecord>)> {
         let net = self.network(name_or_id).await?;
-        let eps: Vec<EndpointRecord> = self.endpoints().await?.into_iter().filter(|e| e.network_id == net.id).collect();
+        let all: Vec<EndpointRecord> =
+            self.all_endpoints().await?.into_iter().filter(|e| e.network_id == net.id).collect();
+        let eps: Vec<EndpointRecord> = all.iter().filter(|e| !e.deleting).cloned().collect();
         if !eps.is_empty() && !force {
             let names: Vec<_> = eps.iter().take(5).map(|e| e.name.as_str()).collect();
             return Err(AgentError::FailedPrecondition(format!(
@@ -206,9 +214,11 @@ impl Cluster {
             .ok_or_else(|| AgentError::NotFound(format!("network {:?} not found", net.name)))?;
         compares.push(Compare::ModRevision(net_key.clone(), current.mod_revision));
         ops.push(Op::delete(net_key));
-        for e in &eps {
+        for e in &all {
             ops.push(Op::delete(model::endpoint_key(&e.id)));
-            ops.push(Op::delete(model::endpoint_name_key(&e.network_id, &e.name)));
+            if !e.deleting {
+                ops.push(Op::delete(model::endpoint_name_key(&e.network_id, &e.name)));
+            }
         }
         if !self.store.txn(compares, ops).await?.succeeded {
             return Err(AgentError::Unavailable(format!(
@@ -251,6 +261,7 @@ impl Cluster {
             managed_netns: req.managed_netns,
             container_id: req.container_id.clone(),
             created_unix: model::now_unix(),
+            deleting: false,
         };
         let net_key = model::network_key(&net.name);
         let request = match req.ip {
@@ -296,20 +307,62 @@ impl Cluster {
 
     /// Remove an endpoint's records and release its address, atomically.
     pub async fn delete_endpoint_records(&self, net: &NetworkRecord, e: &EndpointRecord) -> Result<()> {
-        let ops = vec![
-            Op::delete(model::endpoint_key(&e.id)),
-            Op::delete(model::endpoint_name_key(&e.network_id, &e.name)),
-            self.ipam.release_op(&e.network_id, e.ip),
-        ];
+        let ops = vec![Op::delete(model::endpoint_key(&e.id)), self.ipam.release_op(&e.network_id, e.ip)];
         self.store.txn(vec![], ops).await?;
         self.ipam.released(&Self::pool(net), e.ip);
+        self.release_name(e).await
+    }
+
+    /// Free an endpoint's name, unless another endpoint holds it by now.
+    async fn release_name(&self, e: &EndpointRecord) -> Result<()> {
+        let key = model::endpoint_name_key(&e.network_id, &e.name);
+        self.store.txn(vec![Compare::Value(key.clone(), e.id.clone().into_bytes())], vec![Op::delete(key)]).await?;
         Ok(())
+    }
+
+    /// Detach, first phase: the endpoint is marked for deletion and its
+    /// name freed; its devices go in the next reconcile pass and only then
+    /// its record and address ([`Cluster::finalize`]).
+    pub async fn mark_deleting(&self, e: &EndpointRecord) -> Result<()> {
+        let key = model::endpoint_key(&e.id);
+        for _ in 0..CREATE_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else { return Ok(()) };
+            let mut rec: EndpointRecord = decode(&kv.key, &kv.value)?;
+            if rec.deleting {
+                return Ok(());
+            }
+            rec.deleting = true;
+            let name_key = model::endpoint_name_key(&rec.network_id, &rec.name);
+            let out = self
+                .store
+                .txn(vec![Compare::ModRevision(key.clone(), kv.mod_revision)], vec![Op::put(key.clone(), encode(&rec))])
+                .await?;
+            if out.succeeded {
+                self.store
+                    .txn(
+                        vec![Compare::Value(name_key.clone(), rec.id.clone().into_bytes())],
+                        vec![Op::delete(name_key)],
+                    )
+                    .await?;
+                return Ok(());
+            }
+        }
+        Err(AgentError::Unavailable(format!("endpoint {} kept changing; try again", e.id)))
+    }
+
+    /// Detach, second phase: the devices are gone; drop the record and
+    /// release the address.
+    pub async fn finalize(&self, e: &EndpointRecord) -> Result<()> {
+        self.remove_endpoint(e).await
     }
 
     /// Find an endpoint by id, id prefix, or name (within `network` if given).
     pub async fn find_endpoint(&self, endpoint: &str, network: Option<&str>) -> Result<EndpointRecord> {
         if let Some(kv) = self.store.get(&model::endpoint_key(endpoint)).await? {
-            return decode(&kv.key, &kv.value);
+            let e: EndpointRecord = decode(&kv.key, &kv.value)?;
+            if !e.deleting {
+                return Ok(e);
+            }
         }
         let net_id = match network {
             Some(n) => Some(self.network(n).await?.id),
@@ -339,16 +392,8 @@ impl Cluster {
             Ok(n) => n,
             Err(AgentError::NotFound(_)) => {
                 // The network went with --force; drop what is left.
-                self.store
-                    .txn(
-                        vec![],
-                        vec![
-                            Op::delete(model::endpoint_key(&e.id)),
-                            Op::delete(model::endpoint_name_key(&e.network_id, &e.name)),
-                        ],
-                    )
-                    .await?;
-                return Ok(());
+                self.store.txn(vec![], vec![Op::delete(model::endpoint_key(&e.id))]).await?;
+                return self.release_name(e).await;
             }
             Err(err) => return Err(err),
         };
@@ -360,7 +405,7 @@ impl Cluster {
 impl DesiredSource for Cluster {
     async fn load(&self) -> std::result::Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String> {
         let nets = self.networks().await.map_err(|e| e.to_string())?;
-        let eps = self.endpoints().await.map_err(|e| e.to_string())?;
+        let eps = self.all_endpoints().await.map_err(|e| e.to_string())?;
         Ok((nets, eps))
     }
 }

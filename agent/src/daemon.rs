@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use trellis_plugin_api::proto::agent_server::AgentServer;
 use trellis_store::{LocalStore, Store};
 
-use crate::api::{AgentService, collect_gone};
+use crate::api::{AgentService, settle};
 use crate::cluster::Cluster;
 use crate::config::{Config, StoreSpec};
 use crate::dataplane::Dataplane;
@@ -94,12 +94,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match reconciler.pass().await {
-                    Ok(r) if !r.gone.is_empty() => {
-                        collect_gone(&cluster, &r.gone).await;
-                        let _ = reconciler.pass().await;
-                    }
-                    Ok(_) => {}
+                match reconciler.full_pass().await {
+                    Ok(r) => settle(&cluster, &r).await,
                     Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
                 }
             }
@@ -110,6 +106,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let watcher = {
         let reconciler = reconciler.clone();
         let store = store.clone();
+        let cluster = cluster.clone();
         tokio::spawn(async move {
             loop {
                 let mut w = match store.watch(model::ROOT, 0).await {
@@ -127,8 +124,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     }
                     // Fold a burst of events into one pass.
                     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), w.next()).await {}
-                    if let Err(e) = reconciler.pass().await {
-                        tracing::warn!(error = %e, "reconcile after a store change failed");
+                    match reconciler.pass().await {
+                        Ok(r) => settle(&cluster, &r).await,
+                        Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
                     }
                 }
             }

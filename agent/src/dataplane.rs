@@ -122,8 +122,9 @@ pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 /// The kernel boundary.
 #[async_trait::async_trait]
 pub trait Dataplane: Send + Sync + 'static {
-    /// The links, addresses and rules the agent may own.
-    async fn observe(&self) -> Result<Observed>;
+    /// The links and addresses the agent may own and, with `rules`, the
+    /// installed egress rules (costlier to read).
+    async fn observe(&self, rules: bool) -> Result<Observed>;
     /// Apply one change.
     async fn apply(&self, action: &Action) -> Result<()>;
     /// Destination prefixes of the host's routes that are not the agent's
@@ -154,10 +155,14 @@ impl FakeDataplane {
 
 #[async_trait::async_trait]
 impl Dataplane for FakeDataplane {
-    async fn observe(&self) -> Result<Observed> {
+    async fn observe(&self, rules: bool) -> Result<Observed> {
         // Yield like a real netlink dump would, so concurrency shows in tests.
         tokio::task::yield_now().await;
-        Ok(self.state.lock().unwrap().clone())
+        let mut o = self.state.lock().unwrap().clone();
+        if !rules {
+            o.egress = None;
+        }
+        Ok(o)
     }
 
     async fn apply(&self, action: &Action) -> Result<()> {

@@ -122,6 +122,10 @@ pub struct EndpointRecord {
     #[serde(default)]
     pub container_id: String,
     pub created_unix: i64,
+    /// Detached: the host removes its devices, then the record and the
+    /// address go. Until then the address stays taken (no early reuse).
+    #[serde(default)]
+    pub deleting: bool,
 }
 
 pub fn now_unix() -> i64 {

@@ -10,9 +10,9 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::{LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Observed, ObservedLink, Result};
 use crate::egress::{self, EgressRules};
@@ -164,15 +164,34 @@ impl NetlinkDataplane {
 
     async fn create_endpoint(&self, s: &EndpointSpec) -> Result<()> {
         let ns = netns::open(&s.netns)?;
-        // A leftover from an attempt that died half-way.
+        // A leftover from an attempt that died half-way (older agents named
+        // the peer in the host first).
         self.delete_link(&s.peer_if).await?;
-        self.handle
-            .link()
-            .add(LinkVeth::new(&s.host_if, &s.peer_if).mtu(s.mtu).build())
-            .execute()
-            .await
-            .map_err(nl("create veth", &s.host_if))?;
-        let result = self.plug(s, &ns).await;
+        // The container end is created directly inside the container's
+        // namespace, already named, addressed and sized: moving a device
+        // between namespaces costs an RCU grace period (tens of ms).
+        let peer =
+            LinkUnspec::new_with_name(&s.ifname).address(s.mac.to_vec()).mtu(s.mtu).setns_by_fd(ns.as_raw_fd()).build();
+        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(s.host_if.clone())
+            .mtu(s.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        match self.handle.link().add(pair).execute().await {
+            Ok(()) => {}
+            Err(e) if errno(&e) == Some(EEXIST) => {
+                return Err(DataplaneError::Io {
+                    call: "create veth",
+                    object: format!("{} / {} in {}", s.host_if, s.ifname, s.netns.display()),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        "an interface of that name already exists (in the namespace, choose another interface name)",
+                    ),
+                });
+            }
+            Err(e) => return Err(nl("create veth", &s.host_if)(e)),
+        }
+        let result = self.plug(s).await;
         if result.is_err() {
             // Nothing half-created: the pair goes (both ends with one delete).
             if let Err(e) = self.delete_link(&s.host_if).await {
@@ -182,35 +201,15 @@ impl NetlinkDataplane {
         result
     }
 
-    async fn plug(&self, s: &EndpointSpec, ns: &std::fs::File) -> Result<()> {
-        let peer = Self::require(&self.handle, &s.peer_if).await?;
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(peer).setns_by_fd(ns.as_raw_fd()).build())
-            .execute()
-            .await
-            .map_err(nl("move veth into netns", &s.peer_if))?;
-
+    async fn plug(&self, s: &EndpointSpec) -> Result<()> {
         let c = netns::handle_in(&s.netns)?;
         let object = format!("{} in {}", s.ifname, s.netns.display());
-        if Self::index_of(&c, &s.ifname).await?.is_some() {
-            return Err(DataplaneError::Io {
-                call: "rename container interface",
-                object,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "an interface of that name already exists in the namespace; choose another interface name",
-                ),
-            });
-        }
-        let peer = Self::require(&c, &s.peer_if).await?;
+        let inside = Self::require(&c, &s.ifname).await?;
         c.link()
-            .set(
-                LinkUnspec::new_with_index(peer).name(s.ifname.clone()).address(s.mac.to_vec()).mtu(s.mtu).up().build(),
-            )
+            .set(LinkUnspec::new_with_index(inside).up().build())
             .execute()
             .await
-            .map_err(nl("configure container interface", object.clone()))?;
+            .map_err(nl("set container interface up", object.clone()))?;
         if let Some(lo) = Self::index_of(&c, "lo").await? {
             c.link()
                 .set(LinkUnspec::new_with_index(lo).up().build())
@@ -219,15 +218,14 @@ impl NetlinkDataplane {
                 .map_err(nl("set lo up", object.clone()))?;
         }
         c.address()
-            .add(peer, s.addr.addr(), s.addr.prefix_len())
+            .add(inside, s.addr.addr(), s.addr.prefix_len())
             .execute()
             .await
             .map_err(nl("add container address", object.clone()))?;
         if let Some(IpAddr::V4(gw)) = s.default_via {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(peer).build();
+            let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(inside).build();
             c.route().add(route).replace().execute().await.map_err(nl("add default route", object.clone()))?;
         }
-
         let bridge = Self::require(&self.handle, &s.bridge).await?;
         let host = Self::require(&self.handle, &s.host_if).await?;
         self.handle
@@ -269,7 +267,7 @@ const MAIN_TABLE: u32 = 254;
 
 #[async_trait::async_trait]
 impl Dataplane for NetlinkDataplane {
-    async fn observe(&self) -> Result<Observed> {
+    async fn observe(&self, rules: bool) -> Result<Observed> {
         let links = self.links().await?;
         let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
         let owned: HashMap<u32, &LinkSummary> = links
@@ -294,7 +292,8 @@ impl Dataplane for NetlinkDataplane {
                 }
             }
         }
-        let mut observed = Observed { egress: self.egress_fingerprint().await?, ..Observed::default() };
+        let egress = if rules { self.egress_fingerprint().await? } else { None };
+        let mut observed = Observed { egress, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),

@@ -43,7 +43,7 @@ pub fn desired(networks: &[NetworkRecord], endpoints: &[EndpointRecord], host: &
         by_id.insert(n.id.as_str(), n);
     }
     d.egress = EgressRules::new(egress);
-    for e in endpoints.iter().filter(|e| e.host == host) {
+    for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
         };
@@ -154,6 +154,9 @@ pub struct PassReport {
     pub errors: Vec<(Option<String>, String)>,
     /// Endpoints whose network namespace no longer exists.
     pub gone: Vec<String>,
+    /// Endpoints being deleted whose devices are gone now: their records
+    /// and addresses can go.
+    pub finalizable: Vec<EndpointRecord>,
     pub finished: Option<SystemTime>,
     pub duration: Duration,
 }
@@ -188,6 +191,9 @@ pub struct Reconciler {
     running: tokio::sync::Mutex<()>,
     started: AtomicU64,
     last: Mutex<Arc<PassReport>>,
+    /// The egress fingerprint last read from (or written to) the kernel:
+    /// passes between full ones trust it instead of reading the rules back.
+    egress_seen: Mutex<Option<String>>,
     pub repairs: AtomicU64,
 }
 
@@ -200,6 +206,7 @@ impl Reconciler {
             running: tokio::sync::Mutex::new(()),
             started: AtomicU64::new(0),
             last: Mutex::new(Arc::new(PassReport::default())),
+            egress_seen: Mutex::new(None),
             repairs: AtomicU64::new(0),
         }
     }
@@ -210,18 +217,36 @@ impl Reconciler {
     }
 
     /// Run a pass that starts after this call (or share one that did).
+    /// It reads back the egress rules only if it is the first pass.
     pub async fn pass(&self) -> Result<Arc<PassReport>, ReconcileError> {
+        self.run(false).await
+    }
+
+    /// A pass that also reads back every rule (the periodic resync).
+    pub async fn full_pass(&self) -> Result<Arc<PassReport>, ReconcileError> {
+        self.run(true).await
+    }
+
+    async fn run(&self, full: bool) -> Result<Arc<PassReport>, ReconcileError> {
         let wanted = self.started.load(Ordering::SeqCst) + 1;
         let _guard = self.running.lock().await;
         let last = self.last();
-        if last.generation >= wanted {
+        if !full && last.generation >= wanted {
             return Ok(last);
         }
         let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let t0 = Instant::now();
         let (networks, endpoints) = self.source.load().await.map_err(ReconcileError::Desired)?;
         let want = desired(&networks, &endpoints, &self.host);
-        let observed = self.dp.observe().await?;
+        let t_load = t0.elapsed();
+        let read_rules = full || generation == 1;
+        let mut observed = self.dp.observe(read_rules).await?;
+        if read_rules {
+            *self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()) = observed.egress.clone();
+        } else {
+            observed.egress = self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        }
+        let t_observe = t0.elapsed();
         let actions = diff(&want, &observed);
         let mut report = PassReport { generation, actions: actions.len(), ..PassReport::default() };
         // A failed endpoint creation must not stop the others, but the
@@ -237,8 +262,12 @@ impl Reconciler {
             if link.is_some_and(|l| failed_links.contains(l)) {
                 continue;
             }
-            if let Err(e) = self.dp.apply(a).await {
-                if let Action::CreateBridge { name, .. } = a {
+            let applied = self.dp.apply(a).await;
+            if let (Ok(()), Action::ApplyEgress(rules)) = (&applied, a) {
+                *self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(rules.fingerprint());
+            }
+            if let Err(e) = applied {
+                if let Action::CreateBridge { name, .. } | Action::DeleteLink { name } = a {
                     failed_links.push(name.clone());
                 }
                 if let (Some(id), DataplaneError::NetnsGone(_)) = (a.endpoint(), &e) {
@@ -249,8 +278,22 @@ impl Reconciler {
             }
         }
         if !actions.is_empty() {
-            tracing::debug!(actions = actions.len(), errors = report.errors.len(), "reconciled");
+            tracing::debug!(
+                actions = actions.len(),
+                errors = report.errors.len(),
+                full,
+                load_us = t_load.as_micros() as u64,
+                observe_us = (t_observe - t_load).as_micros() as u64,
+                total_us = t0.elapsed().as_micros() as u64,
+                "reconciled"
+            );
         }
+        report.finalizable = endpoints
+            .iter()
+            .filter(|e| e.host == self.host && e.deleting)
+            .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
+            .cloned()
+            .collect();
         self.repairs.fetch_add(actions.len() as u64, Ordering::Relaxed);
         report.duration = t0.elapsed();
         report.finished = Some(SystemTime::now());
@@ -299,6 +342,7 @@ mod tests {
             managed_netns: false,
             container_id: String::new(),
             created_unix: 0,
+            deleting: false,
         }
     }
 
@@ -418,6 +462,23 @@ mod tests {
         assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(s) if s.endpoint_id == "e1")), "{log:?}");
         assert!(log.contains(&Action::DeleteLink { name: "trv-e2".into() }), "{log:?}");
         assert_eq!(r.pass().await.unwrap().actions, 0);
+    }
+
+    #[tokio::test]
+    async fn deleting_endpoints_lose_their_devices_then_become_final() {
+        let dp = Arc::new(FakeDataplane::default());
+        let src = Arc::new(Fixed(Mutex::new((
+            vec![network("aaaa", "10.1.0.0/24", false)],
+            vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
+        ))));
+        let r = Reconciler::new(dp.clone(), src.clone(), "h1");
+        assert!(r.pass().await.unwrap().finalizable.is_empty());
+        src.0.lock().unwrap().1[0].deleting = true;
+        let rep = r.pass().await.unwrap();
+        assert!(!dp.with_state(|s| s.links.contains_key("trv-e1")), "the device goes first");
+        let ids: Vec<_> = rep.finalizable.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["e1"], "then the record may go");
+        assert!(dp.with_state(|s| s.links.contains_key("trv-e2")));
     }
 
     #[tokio::test]

@@ -98,9 +98,12 @@ fn two_endpoints_talk_with_ip_mac_route_and_mtu() {
     let eps = h.ctl_json(&["endpoint", "ls", "--network", "app"]).unwrap();
     assert_eq!(eps.as_array().unwrap().len(), 2);
     h.ctl(&["detach", "b"]).unwrap();
-    assert_eq!(links_with_prefix(&h, "trv-").len(), 1, "b's veth is gone");
-    let own_links = own.links().unwrap();
-    assert!(!own_links.contains(&"eth0".to_string()), "{own_links:?}");
+    // Detach returns at once; the devices go in the pass it triggers.
+    assert!(wait_for(Duration::from_secs(5), || links_with_prefix(&h, "trv-").len() == 1), "b's veth is not gone");
+    assert!(wait_for(Duration::from_secs(5), || !own.links().unwrap().contains(&"eth0".to_string())));
+    // The name is free at once; the address once the devices are gone.
+    let b2 = h.attach("app", "b", &["--ip", "10.31.0.77"]).unwrap();
+    assert_eq!(ip_of(&b2), "10.31.0.77");
     assert!(own_path.exists(), "a netns the agent did not create is never removed");
     assert!(!ping(&netns_of(&a), "10.31.0.77", 1));
 }
@@ -142,7 +145,7 @@ fn debug_shell_runs_inside_the_network_and_leaves_nothing() {
     let eps = h.ctl_json(&["endpoint", "ls"]).unwrap();
     let names: Vec<_> = eps.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["peer"], "the shell's endpoint is detached when it exits");
-    assert_eq!(links_with_prefix(&h, "trv-").len(), 1);
+    assert!(wait_for(Duration::from_secs(5), || links_with_prefix(&h, "trv-").len() == 1));
 }
 
 #[test]

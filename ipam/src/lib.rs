@@ -140,6 +140,8 @@ pub enum AddrRequest {
 struct OwnedBlock {
     rev: Revision,
     used: BTreeSet<IpAddr>,
+    /// No free address was found the last time: skip until one is released.
+    full: bool,
 }
 
 #[derive(Default)]
@@ -411,9 +413,15 @@ impl Ipam {
             return None;
         }
         for (b, block) in net.blocks.iter_mut() {
-            if let Some(ip) = pure::first_free(b, &block.used, &reserved) {
-                block.used.insert(ip);
-                return Some((ip, *b, block.rev));
+            if block.full {
+                continue;
+            }
+            match pure::first_free(b, &block.used, &reserved) {
+                Some(ip) => {
+                    block.used.insert(ip);
+                    return Some((ip, *b, block.rev));
+                }
+                None => block.full = true,
             }
         }
         None
@@ -423,7 +431,8 @@ impl Ipam {
         let reserved = pure::reserved(&pool.subnet, pool.gateway);
         let cache = self.cache();
         cache.get(&pool.net_id).is_some_and(|net| {
-            net.loaded && net.blocks.iter().any(|(b, blk)| pure::first_free(b, &blk.used, &reserved).is_some())
+            net.loaded
+                && net.blocks.iter().any(|(b, blk)| !blk.full && pure::first_free(b, &blk.used, &reserved).is_some())
         })
     }
 
@@ -440,7 +449,7 @@ impl Ipam {
             if let Some(old) = net.blocks.get(b).filter(|old| old.rev == *rev) {
                 in_block.extend(old.used.iter().copied());
             }
-            fresh.insert(*b, OwnedBlock { rev: *rev, used: in_block });
+            fresh.insert(*b, OwnedBlock { rev: *rev, used: in_block, full: false });
         }
         net.blocks = fresh;
         net.loaded = true;
@@ -514,6 +523,7 @@ impl Ipam {
         let b = pure::block_of(&pool.subnet, self.block_len(&pool.subnet), ip);
         if let Some(block) = self.cache().get_mut(&pool.net_id).and_then(|c| c.blocks.get_mut(&b)) {
             block.used.remove(&ip);
+            block.full = false;
         }
     }
 
@@ -545,7 +555,7 @@ impl Ipam {
             let used = self.block_usage(pool, &b).await?;
             let free = pure::first_free(&b, &used, &reserved).is_some();
             if let Some(net) = self.cache().get_mut(&pool.net_id) {
-                net.blocks.insert(b, OwnedBlock { rev: out.revision, used });
+                net.blocks.insert(b, OwnedBlock { rev: out.revision, used, full: false });
             }
             if free {
                 return Ok(Grown::Block);
