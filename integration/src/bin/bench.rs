@@ -61,7 +61,7 @@ fn ms(d: Duration) -> String {
 }
 
 fn progress(what: &str, i: usize, n: usize) {
-    if i == n || i % 50 == 0 {
+    if i == n || i.is_multiple_of(50) {
         eprint!("\r  {what}: {i}/{n}   ");
         if i == n {
             eprintln!();
