@@ -39,6 +39,56 @@ pub struct Observed {
     pub egress: Option<String>,
 }
 
+impl Observed {
+    /// The state after `action` succeeded: how the reconciler keeps its
+    /// picture of the kernel current between full observations, and how the
+    /// fake kernel of the unit tests behaves.
+    pub fn record(&mut self, action: &Action) -> Result<()> {
+        let missing = |name: &str| DataplaneError::LinkNotFound(name.to_string());
+        match action {
+            Action::CreateBridge { name, mtu } => {
+                self.links.insert(
+                    name.clone(),
+                    ObservedLink { kind: LinkKind::Bridge, master: None, mtu: *mtu, up: false, addrs: vec![] },
+                );
+            }
+            Action::SetLink { name, mtu, master } => {
+                let l = self.links.get_mut(name).ok_or_else(|| missing(name))?;
+                l.mtu = *mtu;
+                l.up = true;
+                l.master = master.clone();
+            }
+            Action::AddAddress { link, addr } => {
+                let l = self.links.get_mut(link).ok_or_else(|| missing(link))?;
+                if !l.addrs.contains(addr) {
+                    l.addrs.push(*addr);
+                }
+            }
+            Action::DelAddress { link, addr } => {
+                let l = self.links.get_mut(link).ok_or_else(|| missing(link))?;
+                l.addrs.retain(|a| a != addr);
+            }
+            Action::CreateEndpoint(spec) => {
+                self.links.insert(
+                    spec.host_if.clone(),
+                    ObservedLink {
+                        kind: LinkKind::Veth,
+                        master: Some(spec.bridge.clone()),
+                        mtu: spec.mtu,
+                        up: true,
+                        addrs: vec![],
+                    },
+                );
+            }
+            Action::DeleteLink { name } => {
+                self.links.remove(name).ok_or_else(|| missing(name))?;
+            }
+            Action::ApplyEgress(rules) => self.egress = Some(rules.fingerprint()),
+        }
+        Ok(())
+    }
+}
+
 /// Everything needed to plug an endpoint in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
@@ -167,49 +217,12 @@ impl Dataplane for FakeDataplane {
 
     async fn apply(&self, action: &Action) -> Result<()> {
         self.log.lock().unwrap().push(action.clone());
-        let mut st = self.state.lock().unwrap();
-        match action {
-            Action::CreateBridge { name, mtu } => {
-                st.links.insert(
-                    name.clone(),
-                    ObservedLink { kind: LinkKind::Bridge, master: None, mtu: *mtu, up: false, addrs: vec![] },
-                );
-            }
-            Action::SetLink { name, mtu, master } => {
-                let l = st.links.get_mut(name).ok_or_else(|| DataplaneError::LinkNotFound(name.clone()))?;
-                l.mtu = *mtu;
-                l.up = true;
-                l.master = master.clone();
-            }
-            Action::AddAddress { link, addr } => {
-                let l = st.links.get_mut(link).ok_or_else(|| DataplaneError::LinkNotFound(link.clone()))?;
-                l.addrs.push(*addr);
-            }
-            Action::DelAddress { link, addr } => {
-                let l = st.links.get_mut(link).ok_or_else(|| DataplaneError::LinkNotFound(link.clone()))?;
-                l.addrs.retain(|a| a != addr);
-            }
-            Action::CreateEndpoint(spec) => {
-                if self.failing.lock().unwrap().contains(&spec.endpoint_id) {
-                    return Err(DataplaneError::NetnsGone(spec.netns.clone()));
-                }
-                st.links.insert(
-                    spec.host_if.clone(),
-                    ObservedLink {
-                        kind: LinkKind::Veth,
-                        master: Some(spec.bridge.clone()),
-                        mtu: spec.mtu,
-                        up: true,
-                        addrs: vec![],
-                    },
-                );
-            }
-            Action::DeleteLink { name } => {
-                st.links.remove(name).ok_or_else(|| DataplaneError::LinkNotFound(name.clone()))?;
-            }
-            Action::ApplyEgress(rules) => st.egress = Some(rules.fingerprint()),
+        if let Action::CreateEndpoint(spec) = action
+            && self.failing.lock().unwrap().contains(&spec.endpoint_id)
+        {
+            return Err(DataplaneError::NetnsGone(spec.netns.clone()));
         }
-        Ok(())
+        self.state.lock().unwrap().record(action)
     }
 
     async fn host_routes(&self) -> Result<Vec<IpNet>> {

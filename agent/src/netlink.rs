@@ -9,8 +9,11 @@ use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -97,7 +100,9 @@ impl NetlinkDataplane {
 
     async fn links(&self) -> Result<Vec<LinkSummary>> {
         let mut out = Vec::new();
-        let mut stream = self.handle.link().get().execute();
+        // Statistics are the bulk of a link dump and unused here.
+        let mut stream =
+            self.handle.link().get().set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::SkipStats]).execute();
         while let Some(msg) = stream.try_next().await.map_err(nl("dump links", "all"))? {
             out.push(summarize(&msg));
         }
@@ -278,7 +283,11 @@ impl Dataplane for NetlinkDataplane {
             .map(|l| (l.index, l))
             .collect();
         let mut addrs: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
-        let mut stream = self.handle.address().get().execute();
+        // IPv4 only: the agent configures no IPv6 yet, and every veth has
+        // an IPv6 link-local address that would double the dump.
+        let mut request = self.handle.address().get();
+        request.message_mut().header.family = AddressFamily::Inet;
+        let mut stream = request.execute();
         while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "all"))? {
             if !owned.contains_key(&msg.header.index) {
                 continue;

@@ -191,9 +191,10 @@ pub struct Reconciler {
     running: tokio::sync::Mutex<()>,
     started: AtomicU64,
     last: Mutex<Arc<PassReport>>,
-    /// The egress fingerprint last read from (or written to) the kernel:
-    /// passes between full ones trust it instead of reading the rules back.
-    egress_seen: Mutex<Option<String>>,
+    /// The kernel state as last observed, kept current with every action
+    /// applied since: passes between full ones use it instead of reading
+    /// the kernel back (a full pass, periodically, catches outside changes).
+    seen: Mutex<Option<Observed>>,
     pub repairs: AtomicU64,
 }
 
@@ -206,7 +207,7 @@ impl Reconciler {
             running: tokio::sync::Mutex::new(()),
             started: AtomicU64::new(0),
             last: Mutex::new(Arc::new(PassReport::default())),
-            egress_seen: Mutex::new(None),
+            seen: Mutex::new(None),
             repairs: AtomicU64::new(0),
         }
     }
@@ -239,19 +240,18 @@ impl Reconciler {
         let (networks, endpoints) = self.source.load().await.map_err(ReconcileError::Desired)?;
         let want = desired(&networks, &endpoints, &self.host);
         let t_load = t0.elapsed();
-        let read_rules = full || generation == 1;
-        let mut observed = self.dp.observe(read_rules).await?;
-        if read_rules {
-            *self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()) = observed.egress.clone();
-        } else {
-            observed.egress = self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        }
+        let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
+        let mut observed = match cached {
+            Some(o) => o,
+            None => self.dp.observe(true).await?,
+        };
         let t_observe = t0.elapsed();
         let actions = diff(&want, &observed);
         let mut report = PassReport { generation, actions: actions.len(), ..PassReport::default() };
         // A failed endpoint creation must not stop the others, but the
         // remaining steps of a failed bridge are skipped.
         let mut failed_links: Vec<String> = Vec::new();
+        let mut trust_cache = true;
         for a in &actions {
             let link = match a {
                 Action::SetLink { name, .. }
@@ -263,9 +263,12 @@ impl Reconciler {
                 continue;
             }
             let applied = self.dp.apply(a).await;
-            if let (Ok(()), Action::ApplyEgress(rules)) = (&applied, a) {
-                *self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(rules.fingerprint());
-            }
+            let recorded = match &applied {
+                Ok(()) => observed.record(a).is_ok(),
+                // A failed endpoint creation cleans up after itself.
+                Err(_) => matches!(a, Action::CreateEndpoint(_)),
+            };
+            trust_cache &= recorded;
             if let Err(e) = applied {
                 if let Action::CreateBridge { name, .. } | Action::DeleteLink { name } = a {
                     failed_links.push(name.clone());
@@ -287,6 +290,9 @@ impl Reconciler {
                 total_us = t0.elapsed().as_micros() as u64,
                 "reconciled"
             );
+        }
+        if trust_cache {
+            *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
         }
         report.finalizable = endpoints
             .iter()
@@ -453,11 +459,14 @@ mod tests {
         assert_eq!(second.actions, 0, "a converged host needs nothing: {:?}", dp.take_log());
         assert!(second.generation > first.generation);
 
-        // A veth deleted by hand comes back; a removed endpoint goes.
+        // A veth deleted by hand: a fast pass trusts its picture of the
+        // kernel and does not see it; the full pass repairs it.
         dp.with_state(|s| s.links.remove("trv-e1"));
+        assert_eq!(r.pass().await.unwrap().actions, 0);
+        // A removed endpoint goes with the same full pass.
         src.0.lock().unwrap().1.retain(|e| e.id != "e2");
         dp.take_log();
-        r.pass().await.unwrap();
+        r.full_pass().await.unwrap();
         let log = dp.take_log();
         assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(s) if s.endpoint_id == "e1")), "{log:?}");
         assert!(log.contains(&Action::DeleteLink { name: "trv-e2".into() }), "{log:?}");
