@@ -340,3 +340,135 @@ impl Uplink {
         Ok(Uplink { outside, host_ip, outside_ip })
     }
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released: good enough for tests
+/// that start a server right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A real etcd (Debian `etcd-server`) with its own data dir, on loopback or
+/// inside a test namespace; killed on drop.
+pub struct Etcd {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub ip: String,
+    pub client_port: u16,
+    peer_port: u16,
+    netns: Option<PathBuf>,
+}
+
+impl Etcd {
+    /// etcd on 127.0.0.1 with random ports.
+    pub fn start() -> Result<Etcd> {
+        Etcd::start_in(None, "127.0.0.1")
+    }
+
+    /// etcd listening on `ip` inside the namespace at `netns` (or here).
+    pub fn start_in(netns: Option<&Path>, ip: &str) -> Result<Etcd> {
+        let etcd = which("etcd").context("etcd not found: install etcd-server (scripts/setup.sh does)")?;
+        let mut e = Etcd {
+            child: None,
+            dir: tempfile::Builder::new().prefix("trellis-etcd-").tempdir()?,
+            ip: ip.to_string(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            netns: netns.map(Path::to_path_buf),
+        };
+        e.spawn(&etcd)?;
+        Ok(e)
+    }
+
+    fn spawn(&mut self, etcd: &Path) -> Result<()> {
+        let client = format!("http://{}:{}", self.ip, self.client_port);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.display())).arg("--").arg(etcd);
+                c
+            }
+            None => Command::new(etcd),
+        };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("etcd.log"))?;
+        cmd.arg("--name")
+            .arg("lab")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(&peer)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer)
+            .arg("--initial-cluster")
+            .arg(format!("lab={peer}"))
+            .arg("--heartbeat-interval")
+            .arg("50")
+            .arg("--election-timeout")
+            .arg("500")
+            .env("ETCD_UNSUPPORTED_ARCH", "")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.child = Some(cmd.spawn().context("starting etcd")?);
+        let ok = wait_for(Duration::from_secs(20), || {
+            let probe = match &self.netns {
+                Some(ns) => in_netns(
+                    ns,
+                    "sh",
+                    &["-c", &format!("exec 3<>/dev/tcp/{}/{} 2>/dev/null", self.ip, self.client_port)],
+                )
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false),
+                None => std::net::TcpStream::connect((self.ip.as_str(), self.client_port)).is_ok(),
+            };
+            probe
+                && std::fs::read_to_string(self.dir.path().join("etcd.log"))
+                    .is_ok_and(|l| l.contains("ready to serve client requests"))
+        });
+        if !ok {
+            bail!(
+                "etcd did not come up; log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// `etcd://IP:PORT`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}:{}", self.ip, self.client_port)
+    }
+
+    /// Stop etcd (SIGKILL); its data stays for [`Etcd::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let etcd = which("etcd").context("etcd not found")?;
+        self.spawn(&etcd)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A program on PATH (or in /usr/sbin, /usr/bin).
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}

@@ -11,6 +11,7 @@
 //! backend lives with the agent's cluster code and passes the same
 //! [`conformance`] suite.
 
+mod etcd;
 mod local;
 mod redb_persist;
 
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use futures::Stream;
 
+pub use etcd::{EtcdConfig, EtcdStore, EtcdTls};
 pub use local::LocalStore;
 
 /// A store revision. Every successful mutation increases it by one.

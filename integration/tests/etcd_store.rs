@@ -1,0 +1,86 @@
+//! The store conformance suite against a real etcd (Debian `etcd-server`),
+//! started here on loopback with random ports and a temporary data dir.
+//! Needs no root; fails (never passes vacuously) when etcd is missing.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use trellis_integration::Etcd;
+use trellis_store::{EtcdConfig, EtcdStore, Store, StoreError};
+
+async fn etcd_store() -> (Etcd, Arc<dyn Store>) {
+    let etcd = Etcd::start().expect("starting etcd");
+    let cfg = EtcdConfig::parse(&etcd.url()).unwrap();
+    let store = EtcdStore::connect(&cfg).await.expect("connecting to etcd");
+    (etcd, Arc::new(store))
+}
+
+mod conformance {
+    use super::*;
+
+    macro_rules! etcd_checks {
+        ($($check:ident),+) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    let (_etcd, store) = etcd_store().await;
+                    let prefix = format!("/conformance/{}/", stringify!($check));
+                    trellis_store::conformance::$check(store, &prefix).await;
+                }
+            )+
+        };
+    }
+
+    etcd_checks!(
+        put_get_delete,
+        list_prefix,
+        txn_compare_and_swap,
+        txn_rejects_duplicate_keys,
+        concurrent_cas_loses_nothing,
+        watch_prefix_in_order,
+        watch_resumes_from_revision,
+        lease_expiry_deletes_keys,
+        lease_revoke_deletes_keys
+    );
+}
+
+/// An unreachable etcd is a clear, quick error on the call, never a hang.
+#[tokio::test]
+async fn unreachable_etcd_fails_fast_and_clearly() {
+    let port = trellis_integration::free_port();
+    let mut cfg = EtcdConfig::parse(&format!("etcd://127.0.0.1:{port}")).unwrap();
+    cfg.timeout = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let result = match EtcdStore::connect(&cfg).await {
+        Ok(store) => store.get("/x").await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let e = result.expect_err("nothing listens there");
+    assert!(t0.elapsed() < Duration::from_secs(8), "took {:?}", t0.elapsed());
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+    assert!(e.is_transient());
+    assert!(e.to_string().contains(&port.to_string()), "the message names the endpoint: {e}");
+}
+
+/// A stopped etcd fails calls quickly, and the same client works again
+/// once etcd is back (no reconnect by hand).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_survives_an_etcd_restart() {
+    let (mut etcd, store) = etcd_store().await;
+    store.put("/r/a", b"1".to_vec()).await.unwrap();
+    etcd.stop();
+    let t0 = Instant::now();
+    let e = store.get("/r/a").await.expect_err("etcd is down");
+    assert!(e.is_transient(), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(12));
+    etcd.restart().unwrap();
+    let mut back = None;
+    for _ in 0..100 {
+        if let Ok(v) = store.get("/r/a").await {
+            back = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(back.expect("the value after the restart").value, b"1");
+}
