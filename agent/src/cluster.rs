@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use trellis_ipam::{AddrRequest, Ipam, IpamError, Pool, SubnetRequest};
 use trellis_store::{Compare, Op, Store, StoreError};
 
-use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
+use crate::model::{self, EndpointKind, EndpointRecord, HostRecord, NetworkRecord};
 use crate::reconcile::DesiredSource;
 
 /// Errors of the agent's operations, by what the caller can do about them.
@@ -403,9 +403,10 @@ impl Cluster {
 
 #[async_trait::async_trait]
 impl DesiredSource for Cluster {
-    async fn load(&self) -> std::result::Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String> {
+    async fn load(&self) -> std::result::Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String> {
         let nets = self.networks().await.map_err(|e| e.to_string())?;
         let eps = self.all_endpoints().await.map_err(|e| e.to_string())?;
-        Ok((nets, eps))
+        let hosts = crate::hosts::live_hosts(self.store.as_ref()).await.map_err(|e| e.to_string())?;
+        Ok((nets, eps, hosts))
     }
 }

@@ -1,6 +1,7 @@
 //! `trellisd` configuration: a TOML file, then flags (each with an
 //! environment fallback) on top. Defaults suit a single host.
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,6 +21,12 @@ pub struct FileConfig {
     pub resync_interval_ms: Option<u64>,
     pub host_id: Option<String>,
     pub log: Option<String>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub lease_ttl_ms: Option<u64>,
+    pub advertise_addr: Option<IpAddr>,
+    pub vxlan_port: Option<u16>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -55,12 +62,33 @@ pub struct Overrides {
     /// Log filter (tracing env-filter syntax).
     #[arg(long, env = "TRELLIS_LOG")]
     pub log: Option<String>,
+    /// CA certificate (PEM) that signs etcd's server certificate.
+    #[arg(long, env = "TRELLIS_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "TRELLIS_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "TRELLIS_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// TTL of this host's lease in the store, in milliseconds.
+    #[arg(long, env = "TRELLIS_LEASE_TTL_MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// This host's underlay address (default: the address of the
+    /// default-route interface).
+    #[arg(long, env = "TRELLIS_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<IpAddr>,
+    /// UDP port of the VXLAN tunnels.
+    #[arg(long, env = "TRELLIS_VXLAN_PORT")]
+    pub vxlan_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreSpec {
     Embedded,
     Memory,
+    /// `etcd://HOST:PORT[,HOST:PORT…]` (`etcds://` for TLS).
+    Etcd(String),
 }
 
 #[derive(Clone, Debug)]
@@ -74,6 +102,10 @@ pub struct Config {
     pub resync_interval: Duration,
     pub host_id: Option<String>,
     pub log: String,
+    pub etcd_tls: Option<trellis_store::EtcdTls>,
+    pub lease_ttl: Duration,
+    pub advertise_addr: Option<IpAddr>,
+    pub vxlan_port: u16,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/trellis/trellisd.toml";
@@ -85,8 +117,10 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("parsing config file {path}: {source}")]
     Parse { path: PathBuf, source: toml::de::Error },
-    #[error("invalid store {0:?}: expected \"embedded\" or \"memory\" (etcd://HOST:PORT arrives with cluster support)")]
+    #[error("invalid store {0:?}: expected \"embedded\", \"memory\" or etcd://HOST:PORT[,HOST:PORT…]")]
     Store(String),
+    #[error("lease TTL {0} ms is too short (at least 2000 ms; etcd's minimum)")]
+    LeaseTtl(u64),
     #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
     PrefixLen { len: u8, pool: IpNet },
 }
@@ -95,6 +129,7 @@ pub fn parse_store(s: &str) -> Result<StoreSpec, ConfigError> {
     match s {
         "embedded" | "redb" => Ok(StoreSpec::Embedded),
         "memory" => Ok(StoreSpec::Memory),
+        other if trellis_store::EtcdConfig::parse(other).is_ok() => Ok(StoreSpec::Etcd(other.to_string())),
         other => Err(ConfigError::Store(other.to_string())),
     }
 }
@@ -136,6 +171,21 @@ impl Config {
             ),
             host_id: o.host_id.clone().or(f.host_id),
             log: o.log.clone().or(f.log).unwrap_or_else(|| "info,h2=warn,tower=warn".into()),
+            etcd_tls: {
+                let ca = o.etcd_ca.clone().or(f.etcd_ca);
+                let cert = o.etcd_cert.clone().or(f.etcd_cert);
+                let key = o.etcd_key.clone().or(f.etcd_key);
+                (ca.is_some() || cert.is_some() || key.is_some()).then_some(trellis_store::EtcdTls { ca, cert, key })
+            },
+            lease_ttl: {
+                let ms = o.lease_ttl_ms.or(f.lease_ttl_ms).unwrap_or(10_000);
+                if ms < 2000 {
+                    return Err(ConfigError::LeaseTtl(ms));
+                }
+                Duration::from_millis(ms)
+            },
+            advertise_addr: o.advertise_addr.or(f.advertise_addr),
+            vxlan_port: o.vxlan_port.or(f.vxlan_port).unwrap_or(4789),
         })
     }
 
@@ -203,6 +253,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("zookeeper"));
+        let c = Config::merge(
+            FileConfig { store: Some("etcd://10.0.0.5:2379,10.0.0.6:2379".into()), ..FileConfig::default() },
+            &Overrides { lease_ttl_ms: Some(3000), ..Overrides::default() },
+        )
+        .unwrap();
+        assert_eq!(c.store, StoreSpec::Etcd("etcd://10.0.0.5:2379,10.0.0.6:2379".into()));
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        assert!(
+            Config::merge(FileConfig::default(), &Overrides { lease_ttl_ms: Some(500), ..Overrides::default() })
+                .is_err()
+        );
         let e =
             Config::merge(FileConfig::default(), &Overrides { default_prefix_len: Some(4), ..Overrides::default() })
                 .unwrap_err();

@@ -13,7 +13,7 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::wrappers::UnixListenerStream;
 use trellis_plugin_api::proto::agent_server::AgentServer;
-use trellis_store::{LocalStore, Store};
+use trellis_store::{EtcdConfig, EtcdStore, LocalStore, Store};
 
 use crate::api::{AgentService, settle};
 use crate::cluster::Cluster;
@@ -21,15 +21,23 @@ use crate::config::{Config, StoreSpec};
 use crate::dataplane::Dataplane;
 use crate::model;
 use crate::netlink::NetlinkDataplane;
-use crate::reconcile::Reconciler;
+use crate::model::HostRecord;
+use crate::reconcile::{Identity, Reconciler};
 
-fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match cfg.store {
+async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(match &cfg.store {
         StoreSpec::Memory => Arc::new(LocalStore::memory()),
         StoreSpec::Embedded => Arc::new(
             LocalStore::open_redb(&cfg.store_path())
                 .with_context(|| format!("opening the embedded store {}", cfg.store_path().display()))?,
         ),
+        StoreSpec::Etcd(spec) => {
+            let mut ecfg = EtcdConfig::parse(spec)?;
+            if let Some(tls) = &cfg.etcd_tls {
+                ecfg.tls = Some(tls.clone());
+            }
+            Arc::new(EtcdStore::connect(&ecfg).await.with_context(|| format!("connecting to {spec}"))?)
+        }
     })
 }
 
@@ -52,10 +60,44 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(h) => h.clone(),
         None => crate::config::host_id(&cfg.state_dir).context("reading the host id")?,
     };
-    let store = open_store(&cfg)?;
+    let store = open_store(&cfg).await?;
     let dataplane: Arc<dyn Dataplane> = Arc::new(NetlinkDataplane::new().context("opening netlink")?);
     let cluster = Arc::new(Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len));
-    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), host.clone()));
+    let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let underlay = match cfg.advertise_addr {
+        Some(a) => Some(a),
+        None => dataplane.underlay_addr().await.context("finding the underlay address")?,
+    };
+    let vtep_mac = crate::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
+    let identity = Identity {
+        host: host.clone(),
+        underlay,
+        vtep_mac: model::parse_mac(&vtep_mac).expect("vtep_mac() returns a valid MAC"),
+        vxlan_port: cfg.vxlan_port,
+    };
+    let caps = capabilities();
+    // Register this host (the lease renewal runs in the background; a
+    // store that is down now is retried there).
+    let record = HostRecord {
+        id: host.clone(),
+        hostname: hostname.clone(),
+        underlay: underlay.unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+        vtep_mac,
+        vxlan_port: cfg.vxlan_port,
+        capabilities: caps.clone().into_iter().collect(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_unix: model::now_unix(),
+    };
+    let lease = match crate::hosts::register(store.as_ref(), &record, cfg.lease_ttl).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "registering this host failed; retrying in the background");
+            None
+        }
+    };
+    let registration = tokio::spawn(crate::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
+    tracing::info!(host = %host, underlay = ?underlay, "host identity");
+    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), identity));
 
     // Adopt what the kernel has before serving anything.
     match reconciler.pass().await {
@@ -80,8 +122,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         reconciler: reconciler.clone(),
         dataplane: dataplane.clone(),
         netns_dir: cfg.netns_dir(),
-        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
-        capabilities: capabilities(),
+        hostname,
+        capabilities: caps,
     };
 
     // Periodic full resync; it also collects endpoints whose netns died.
@@ -149,6 +191,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .context("serving the agent API")?;
     resync.abort();
     watcher.abort();
+    registration.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! changes host networking. The netlink/nftables implementation lives in
 //! [`crate::netlink`]; [`FakeDataplane`] records operations for unit tests.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -11,16 +11,19 @@ use ipnet::IpNet;
 
 use crate::egress::EgressRules;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LinkKind {
     Bridge,
     Veth,
     Vxlan,
+    #[default]
     Other,
 }
 
+pub type Mac = [u8; 6];
+
 /// A link as the kernel reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ObservedLink {
     pub kind: LinkKind,
     pub master: Option<String>,
@@ -29,6 +32,22 @@ pub struct ObservedLink {
     /// IPv4 addresses and global IPv6 addresses (link-local ones are the
     /// kernel's and ignored).
     pub addrs: Vec<IpNet>,
+    /// VXLAN devices: the VNI, the static FDB entries (MAC → remote VTEP)
+    /// and the permanent neighbour entries (IP → MAC).
+    pub vni: Option<u32>,
+    pub fdb: BTreeSet<(Mac, IpAddr)>,
+    pub neigh: BTreeSet<(IpAddr, Mac)>,
+}
+
+/// A network's VXLAN device on a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: IpAddr,
+    pub mtu: u32,
+    pub mac: Mac,
 }
 
 /// What the agent sees of its host's kernel state.
@@ -47,10 +66,25 @@ impl Observed {
         let missing = |name: &str| DataplaneError::LinkNotFound(name.to_string());
         match action {
             Action::CreateBridge { name, mtu } => {
+                self.links.insert(name.clone(), ObservedLink { kind: LinkKind::Bridge, mtu: *mtu, ..Default::default() });
+            }
+            Action::CreateVxlan(v) => {
                 self.links.insert(
-                    name.clone(),
-                    ObservedLink { kind: LinkKind::Bridge, master: None, mtu: *mtu, up: false, addrs: vec![] },
+                    v.name.clone(),
+                    ObservedLink { kind: LinkKind::Vxlan, mtu: v.mtu, vni: Some(v.vni), ..Default::default() },
                 );
+            }
+            Action::AddFdb { link, mac, dst } => {
+                self.links.get_mut(link).ok_or_else(|| missing(link))?.fdb.insert((*mac, *dst));
+            }
+            Action::DelFdb { link, mac, dst } => {
+                self.links.get_mut(link).ok_or_else(|| missing(link))?.fdb.remove(&(*mac, *dst));
+            }
+            Action::AddNeigh { link, ip, mac } => {
+                self.links.get_mut(link).ok_or_else(|| missing(link))?.neigh.insert((*ip, *mac));
+            }
+            Action::DelNeigh { link, ip, mac } => {
+                self.links.get_mut(link).ok_or_else(|| missing(link))?.neigh.remove(&(*ip, *mac));
             }
             Action::SetLink { name, mtu, master } => {
                 let l = self.links.get_mut(name).ok_or_else(|| missing(name))?;
@@ -76,7 +110,7 @@ impl Observed {
                         master: Some(spec.bridge.clone()),
                         mtu: spec.mtu,
                         up: true,
-                        addrs: vec![],
+                        ..Default::default()
                     },
                 );
             }
@@ -127,6 +161,27 @@ pub enum Action {
         addr: IpNet,
     },
     CreateEndpoint(Box<EndpointSpec>),
+    CreateVxlan(Box<VxlanSpec>),
+    AddFdb {
+        link: String,
+        mac: Mac,
+        dst: IpAddr,
+    },
+    DelFdb {
+        link: String,
+        mac: Mac,
+        dst: IpAddr,
+    },
+    AddNeigh {
+        link: String,
+        ip: IpAddr,
+        mac: Mac,
+    },
+    DelNeigh {
+        link: String,
+        ip: IpAddr,
+        mac: Mac,
+    },
     DeleteLink {
         name: String,
     },
@@ -182,6 +237,8 @@ pub trait Dataplane: Send + Sync + 'static {
     async fn host_routes(&self) -> Result<Vec<IpNet>>;
     /// MTU of the interface of the default route (1500 without one).
     async fn underlay_mtu(&self) -> Result<u32>;
+    /// The first IPv4 address of the default route's interface.
+    async fn underlay_addr(&self) -> Result<Option<IpAddr>>;
 }
 
 /// A dataplane in memory that applies actions to its own [`Observed`] and
@@ -231,5 +288,9 @@ impl Dataplane for FakeDataplane {
 
     async fn underlay_mtu(&self) -> Result<u32> {
         Ok(1500)
+    }
+
+    async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
+        Ok(None)
     }
 }

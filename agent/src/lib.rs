@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod egress;
+pub mod hosts;
 pub mod model;
 pub mod netlink;
 pub mod netns;

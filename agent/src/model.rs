@@ -30,6 +30,12 @@ pub fn endpoint_name_key(network_id: &str, name: &str) -> String {
 pub fn ipam_root() -> String {
     format!("{ROOT}ipam/")
 }
+pub fn hosts_prefix() -> String {
+    format!("{ROOT}hosts/")
+}
+pub fn host_key(id: &str) -> String {
+    format!("{ROOT}hosts/{id}")
+}
 
 /// Interface-name prefixes the agent owns in its host namespace: anything
 /// carrying them that the desired state does not hold is removed.
@@ -37,6 +43,12 @@ pub const BRIDGE_PREFIX: &str = "trb-";
 pub const VETH_PREFIX: &str = "trv-";
 /// Temporary name of a container-side veth before it moves.
 pub const PEER_PREFIX: &str = "trp-";
+pub const VXLAN_PREFIX: &str = "trx-";
+
+/// The VXLAN device of a network on a host with endpoints on it.
+pub fn vxlan_name(network_id: &str) -> String {
+    format!("{VXLAN_PREFIX}{}", &network_id[..network_id.len().min(10)])
+}
 
 /// The bridge of a network on every host.
 pub fn bridge_name(network_id: &str) -> String {
@@ -126,6 +138,23 @@ pub struct EndpointRecord {
     /// address go. Until then the address stays taken (no early reuse).
     #[serde(default)]
     pub deleting: bool,
+}
+
+/// A host of the cluster, registered under its lease: it disappears when
+/// the host stops renewing it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub id: String,
+    pub hostname: String,
+    /// Underlay address: the outer source and destination of tunnels.
+    pub underlay: IpAddr,
+    /// MAC of the host's VXLAN devices (kept across restarts).
+    pub vtep_mac: String,
+    pub vxlan_port: u16,
+    #[serde(default)]
+    pub capabilities: BTreeMap<String, bool>,
+    pub version: String,
+    pub started_unix: i64,
 }
 
 pub fn now_unix() -> i64 {

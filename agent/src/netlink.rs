@@ -3,7 +3,7 @@
 //! socket in the agent's namespace, and one per container namespace while
 //! an endpoint is plugged in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 
@@ -12,12 +12,17 @@ use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
-use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Observed, ObservedLink, Result};
+use crate::dataplane::{
+    Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, ObservedLink, Result, VxlanSpec,
+};
 use crate::egress::{self, EgressRules};
 use crate::model;
 use crate::netns;
@@ -51,6 +56,7 @@ struct LinkSummary {
     master: Option<u32>,
     mtu: u32,
     up: bool,
+    vni: Option<u32>,
 }
 
 fn summarize(msg: &LinkMessage) -> LinkSummary {
@@ -61,6 +67,7 @@ fn summarize(msg: &LinkMessage) -> LinkSummary {
         master: None,
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
+        vni: None,
     };
     for a in &msg.attributes {
         match a {
@@ -69,13 +76,22 @@ fn summarize(msg: &LinkMessage) -> LinkSummary {
             LinkAttribute::Controller(m) => s.master = Some(*m),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
-                    if let LinkInfo::Kind(k) = i {
-                        s.kind = match k {
-                            InfoKind::Bridge => LinkKind::Bridge,
-                            InfoKind::Veth => LinkKind::Veth,
-                            InfoKind::Vxlan => LinkKind::Vxlan,
-                            _ => LinkKind::Other,
-                        };
+                    match i {
+                        LinkInfo::Kind(k) => {
+                            s.kind = match k {
+                                InfoKind::Bridge => LinkKind::Bridge,
+                                InfoKind::Veth => LinkKind::Veth,
+                                InfoKind::Vxlan => LinkKind::Vxlan,
+                                _ => LinkKind::Other,
+                            };
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(data)) => {
+                            s.vni = data.iter().find_map(|d| match d {
+                                InfoVxlan::Id(id) => Some(*id),
+                                _ => None,
+                            });
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -241,6 +257,57 @@ impl NetlinkDataplane {
             .map_err(nl("attach veth to bridge", &s.host_if))
     }
 
+    /// The permanent FDB entries with a remote VTEP and the permanent
+    /// neighbour entries of the given VXLAN devices.
+    #[allow(clippy::type_complexity)]
+    async fn tunnel_entries(
+        &self,
+        vxlans: &[u32],
+    ) -> Result<(BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>)> {
+        let mut fdb: BTreeMap<u32, BTreeSet<(Mac, IpAddr)>> = BTreeMap::new();
+        let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump fdb", "vxlan devices"))? {
+            if !vxlans.contains(&msg.header.ifindex) {
+                continue;
+            }
+            let (mac, dst) = neighbour_parts(&msg.attributes);
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                fdb.entry(msg.header.ifindex).or_default().insert((mac, dst));
+            }
+        }
+        let mut neigh: BTreeMap<u32, BTreeSet<(IpAddr, Mac)>> = BTreeMap::new();
+        let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump neighbours", "vxlan devices"))? {
+            if !vxlans.contains(&msg.header.ifindex) || msg.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let (mac, dst) = neighbour_parts(&msg.attributes);
+            if let (Some(mac), Some(ip)) = (mac, dst) {
+                neigh.entry(msg.header.ifindex).or_default().insert((ip, mac));
+            }
+        }
+        Ok((fdb, neigh))
+    }
+
+    async fn create_vxlan(&self, v: &VxlanSpec) -> Result<()> {
+        let IpAddr::V4(local) = v.local else {
+            return Err(DataplaneError::Io {
+                call: "create vxlan",
+                object: v.name.clone(),
+                source: std::io::Error::other("an IPv6 underlay is not supported yet"),
+            });
+        };
+        let msg = LinkVxlan::new(&v.name, v.vni)
+            .port(v.port)
+            .local(local)
+            .learning(false)
+            .proxy(true)
+            .mtu(v.mtu)
+            .address(v.mac.to_vec())
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))
+    }
+
     async fn routes(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         let mut stream = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
@@ -249,6 +316,28 @@ impl NetlinkDataplane {
         }
         Ok(out)
     }
+}
+
+fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
+/// The link-layer address and destination of a neighbour message.
+fn neighbour_parts(attrs: &[NeighbourAttribute]) -> (Option<Mac>, Option<IpAddr>) {
+    let mut mac = None;
+    let mut dst = None;
+    for a in attrs {
+        match a {
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+            _ => {}
+        }
+    }
+    (mac, dst)
 }
 
 fn route_oif(r: &RouteMessage) -> Option<u32> {
@@ -278,7 +367,9 @@ impl Dataplane for NetlinkDataplane {
         let owned: HashMap<u32, &LinkSummary> = links
             .iter()
             .filter(|l| {
-                [model::BRIDGE_PREFIX, model::VETH_PREFIX, model::PEER_PREFIX].iter().any(|p| l.name.starts_with(p))
+                [model::BRIDGE_PREFIX, model::VETH_PREFIX, model::PEER_PREFIX, model::VXLAN_PREFIX]
+                    .iter()
+                    .any(|p| l.name.starts_with(p))
             })
             .map(|l| (l.index, l))
             .collect();
@@ -301,6 +392,11 @@ impl Dataplane for NetlinkDataplane {
                 }
             }
         }
+        let vxlans: Vec<u32> = owned.values().filter(|l| l.kind == LinkKind::Vxlan).map(|l| l.index).collect();
+        let (mut fdb, mut neigh) = (BTreeMap::new(), BTreeMap::new());
+        if !vxlans.is_empty() {
+            (fdb, neigh) = self.tunnel_entries(&vxlans).await?;
+        }
         let egress = if rules { self.egress_fingerprint().await? } else { None };
         let mut observed = Observed { egress, ..Observed::default() };
         for (index, l) in owned {
@@ -312,6 +408,9 @@ impl Dataplane for NetlinkDataplane {
                     mtu: l.mtu,
                     up: l.up,
                     addrs: addrs.remove(&index).unwrap_or_default(),
+                    vni: l.vni,
+                    fdb: fdb.remove(&index).unwrap_or_default(),
+                    neigh: neigh.remove(&index).unwrap_or_default(),
                 },
             );
         }
@@ -361,6 +460,54 @@ impl Dataplane for NetlinkDataplane {
                 Ok(())
             }
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
+            Action::CreateVxlan(v) => self.create_vxlan(v).await,
+            Action::AddFdb { link, mac, dst } => {
+                let index = Self::require(&self.handle, link).await?;
+                self.handle
+                    .neighbours()
+                    .add_bridge(index, mac)
+                    .destination(*dst)
+                    .flags(NeighbourFlags::Own)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(nl("add fdb entry", format!("{} via {dst} on {link}", model::format_mac(mac))))
+            }
+            Action::DelFdb { link, mac, dst } => {
+                let index = Self::require(&self.handle, link).await?;
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = AddressFamily::Bridge;
+                msg.header.ifindex = index;
+                msg.header.flags = NeighbourFlags::Own;
+                msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+                msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(*dst)));
+                match self.handle.neighbours().del(msg).execute().await {
+                    Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
+                    r => r.map_err(nl("delete fdb entry", format!("{} on {link}", model::format_mac(mac)))),
+                }
+            }
+            Action::AddNeigh { link, ip, mac } => {
+                let index = Self::require(&self.handle, link).await?;
+                self.handle
+                    .neighbours()
+                    .add(index, *ip)
+                    .link_layer_address(mac)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(nl("add neighbour", format!("{ip} on {link}")))
+            }
+            Action::DelNeigh { link, ip, .. } => {
+                let index = Self::require(&self.handle, link).await?;
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+                msg.header.ifindex = index;
+                msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(*ip)));
+                match self.handle.neighbours().del(msg).execute().await {
+                    Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
+                    r => r.map_err(nl("delete neighbour", format!("{ip} on {link}"))),
+                }
+            }
             Action::DeleteLink { name } => self.delete_link(name).await,
             Action::ApplyEgress(rules) => self.apply_egress(rules).await,
         }
@@ -400,5 +547,26 @@ impl Dataplane for NetlinkDataplane {
             .and_then(route_oif);
         let Some(oif) = default_oif else { return Ok(1500) };
         Ok(self.links().await?.iter().find(|l| l.index == oif).map(|l| l.mtu).unwrap_or(1500))
+    }
+
+    async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
+        let default_oif = self
+            .routes()
+            .await?
+            .iter()
+            .find(|r| route_table(r) == MAIN_TABLE && r.header.destination_prefix_length == 0)
+            .and_then(route_oif);
+        let Some(oif) = default_oif else { return Ok(None) };
+        let mut request = self.handle.address().get().set_link_index_filter(oif);
+        request.message_mut().header.family = AddressFamily::Inet;
+        let mut stream = request.execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("get underlay address", "default route"))? {
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a {
+                    return Ok(Some(*ip));
+                }
+            }
+        }
+        Ok(None)
     }
 }

@@ -10,9 +10,38 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 
-use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Observed};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, VxlanSpec};
 use crate::egress::{EgressNet, EgressRules};
-use crate::model::{self, EndpointRecord, NetworkRecord};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord};
+
+/// Who this host is, as the desired state needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub host: String,
+    /// Underlay address; without one the host builds no tunnels.
+    pub underlay: Option<IpAddr>,
+    pub vtep_mac: Mac,
+    pub vxlan_port: u16,
+}
+
+impl Identity {
+    /// An identity with no underlay (single host, tests).
+    pub fn local(host: &str) -> Identity {
+        Identity { host: host.to_string(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 1], vxlan_port: 4789 }
+    }
+}
+
+/// A network's VXLAN device with its static entries for remote endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVxlan {
+    pub spec: VxlanSpec,
+    pub bridge: String,
+    pub fdb: BTreeSet<(Mac, IpAddr)>,
+    pub neigh: BTreeSet<(IpAddr, Mac)>,
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredBridge {
@@ -26,13 +55,21 @@ pub struct DesiredHost {
     pub bridges: BTreeMap<String, DesiredBridge>,
     /// Keyed by host-side interface name.
     pub endpoints: BTreeMap<String, EndpointSpec>,
+    /// Keyed by device name.
+    pub vxlans: BTreeMap<String, DesiredVxlan>,
     pub egress: EgressRules,
 }
 
 /// What `host` should have, from every network and endpoint of the cluster.
 /// Every network gets its bridge on every host (cheap, and a network is
 /// usable on a host before its first endpoint lands there).
-pub fn desired(networks: &[NetworkRecord], endpoints: &[EndpointRecord], host: &str) -> DesiredHost {
+pub fn desired(
+    networks: &[NetworkRecord],
+    endpoints: &[EndpointRecord],
+    hosts: &[HostRecord],
+    me: &Identity,
+) -> DesiredHost {
+    let host = me.host.as_str();
     let mut d = DesiredHost::default();
     let mut by_id = BTreeMap::new();
     let mut egress = Vec::new();
@@ -67,6 +104,42 @@ pub fn desired(networks: &[NetworkRecord], endpoints: &[EndpointRecord], host: &
             },
         );
     }
+    // Tunnels: on a host with endpoints on a network, a VXLAN device with a
+    // static FDB entry (MAC → VTEP) and neighbour entry (IP → MAC) for
+    // every endpoint of that network on every other live host.
+    if let Some(local) = me.underlay {
+        let live: BTreeMap<&str, &HostRecord> =
+            hosts.iter().filter(|h| h.id != host).map(|h| (h.id.as_str(), h)).collect();
+        let local_nets: BTreeSet<&str> =
+            d.endpoints.values().map(|e| e.endpoint_id.as_str()).filter_map(|id| {
+                endpoints.iter().find(|e| e.id == id).map(|e| e.network_id.as_str())
+            }).collect();
+        for net_id in local_nets {
+            let Some(n) = by_id.get(net_id) else { continue };
+            let name = model::vxlan_name(&n.id);
+            let mut v = DesiredVxlan {
+                spec: VxlanSpec {
+                    name: name.clone(),
+                    vni: n.vni,
+                    port: me.vxlan_port,
+                    local,
+                    mtu: n.mtu,
+                    mac: me.vtep_mac,
+                },
+                bridge: model::bridge_name(&n.id),
+                fdb: BTreeSet::new(),
+                neigh: BTreeSet::new(),
+            };
+            for e in endpoints.iter().filter(|e| e.network_id == n.id && !e.deleting) {
+                let (Some(h), Some(mac)) = (live.get(e.host.as_str()), model::parse_mac(&e.mac)) else {
+                    continue;
+                };
+                v.fdb.insert((mac, h.underlay));
+                v.neigh.insert((e.ip, mac));
+            }
+            d.vxlans.insert(name, v);
+        }
+    }
     d
 }
 
@@ -88,7 +161,7 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
             if !desired.bridges.contains_key(name) {
                 stale_bridges.push(name.clone());
             }
-        } else if !desired.endpoints.contains_key(name) {
+        } else if !desired.endpoints.contains_key(name) && !desired.vxlans.contains_key(name) {
             acts.push(Action::DeleteLink { name: name.clone() });
         }
     }
@@ -139,6 +212,38 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
         }
     }
 
+    for (name, v) in &desired.vxlans {
+        let set_link = Action::SetLink { name: name.clone(), mtu: v.spec.mtu, master: Some(v.bridge.clone()) };
+        match observed.links.get(name) {
+            Some(l) if l.kind == LinkKind::Vxlan && l.vni == Some(v.spec.vni) => {
+                if l.master.as_deref() != Some(v.bridge.as_str()) || !l.up || l.mtu != v.spec.mtu {
+                    acts.push(set_link);
+                }
+                for (mac, dst) in l.fdb.difference(&v.fdb) {
+                    acts.push(Action::DelFdb { link: name.clone(), mac: *mac, dst: *dst });
+                }
+                for (ip, mac) in l.neigh.difference(&v.neigh) {
+                    acts.push(Action::DelNeigh { link: name.clone(), ip: *ip, mac: *mac });
+                }
+                for (mac, dst) in v.fdb.difference(&l.fdb) {
+                    acts.push(Action::AddFdb { link: name.clone(), mac: *mac, dst: *dst });
+                }
+                for (ip, mac) in v.neigh.difference(&l.neigh) {
+                    acts.push(Action::AddNeigh { link: name.clone(), ip: *ip, mac: *mac });
+                }
+            }
+            other => {
+                if other.is_some() {
+                    acts.push(Action::DeleteLink { name: name.clone() });
+                }
+                acts.push(Action::CreateVxlan(Box::new(v.spec.clone())));
+                acts.push(set_link);
+                acts.extend(v.fdb.iter().map(|(mac, dst)| Action::AddFdb { link: name.clone(), mac: *mac, dst: *dst }));
+                acts.extend(v.neigh.iter().map(|(ip, mac)| Action::AddNeigh { link: name.clone(), ip: *ip, mac: *mac }));
+            }
+        }
+    }
+
     if observed.egress.as_deref() != Some(desired.egress.fingerprint().as_str()) {
         acts.push(Action::ApplyEgress(desired.egress.clone()));
     }
@@ -179,7 +284,7 @@ pub enum ReconcileError {
 /// Where the reconciler reads the desired state from.
 #[async_trait::async_trait]
 pub trait DesiredSource: Send + Sync + 'static {
-    async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String>;
+    async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String>;
 }
 
 /// Runs passes, one at a time; concurrent callers share a pass that
@@ -187,7 +292,7 @@ pub trait DesiredSource: Send + Sync + 'static {
 pub struct Reconciler {
     dp: Arc<dyn Dataplane>,
     source: Arc<dyn DesiredSource>,
-    host: String,
+    me: Identity,
     running: tokio::sync::Mutex<()>,
     started: AtomicU64,
     last: Mutex<Arc<PassReport>>,
@@ -199,11 +304,11 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub fn new(dp: Arc<dyn Dataplane>, source: Arc<dyn DesiredSource>, host: impl Into<String>) -> Reconciler {
+    pub fn new(dp: Arc<dyn Dataplane>, source: Arc<dyn DesiredSource>, me: Identity) -> Reconciler {
         Reconciler {
             dp,
             source,
-            host: host.into(),
+            me,
             running: tokio::sync::Mutex::new(()),
             started: AtomicU64::new(0),
             last: Mutex::new(Arc::new(PassReport::default())),
@@ -237,8 +342,8 @@ impl Reconciler {
         }
         let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let t0 = Instant::now();
-        let (networks, endpoints) = self.source.load().await.map_err(ReconcileError::Desired)?;
-        let want = desired(&networks, &endpoints, &self.host);
+        let (networks, endpoints, hosts) = self.source.load().await.map_err(ReconcileError::Desired)?;
+        let want = desired(&networks, &endpoints, &hosts, &self.me);
         let t_load = t0.elapsed();
         let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
         let mut observed = match cached {
@@ -273,6 +378,9 @@ impl Reconciler {
                 if let Action::CreateBridge { name, .. } | Action::DeleteLink { name } = a {
                     failed_links.push(name.clone());
                 }
+                if let Action::CreateVxlan(v) = a {
+                    failed_links.push(v.name.clone());
+                }
                 if let (Some(id), DataplaneError::NetnsGone(_)) = (a.endpoint(), &e) {
                     report.gone.push(id.to_string());
                 }
@@ -296,7 +404,7 @@ impl Reconciler {
         }
         report.finalizable = endpoints
             .iter()
-            .filter(|e| e.host == self.host && e.deleting)
+            .filter(|e| e.host == self.me.host && e.deleting)
             .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
             .cloned()
             .collect();
@@ -355,8 +463,9 @@ mod tests {
     struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);
     #[async_trait::async_trait]
     impl DesiredSource for Fixed {
-        async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>), String> {
-            Ok(self.0.lock().unwrap().clone())
+        async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String> {
+            let (n, e) = self.0.lock().unwrap().clone();
+            Ok((n, e, vec![]))
         }
     }
 
@@ -369,7 +478,7 @@ mod tests {
             endpoint("e3", "aaaa", "10.1.0.3", "h2"),
             endpoint("e4", "gone", "10.9.0.3", "h1"),
         ];
-        let d = desired(&nets, &eps, "h1");
+        let d = desired(&nets, &eps, &[], &Identity::local("h1"));
         assert_eq!(d.bridges.len(), 2);
         assert_eq!(d.bridges["trb-aaaa"].addr, Some("10.1.0.1/24".parse().unwrap()));
         let names: Vec<_> = d.endpoints.keys().cloned().collect();
@@ -379,11 +488,82 @@ mod tests {
         assert_eq!(d.endpoints["trv-e2"].addr, "10.2.0.2/24".parse().unwrap());
     }
 
+    fn host(id: &str, underlay: &str) -> HostRecord {
+        HostRecord {
+            id: id.into(),
+            hostname: id.into(),
+            underlay: underlay.parse().unwrap(),
+            vtep_mac: "02:00:00:00:aa:01".into(),
+            vxlan_port: 4789,
+            capabilities: Default::default(),
+            version: "test".into(),
+            started_unix: 0,
+        }
+    }
+
+    #[test]
+    fn tunnels_reach_every_remote_endpoint_of_local_networks() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", false)];
+        let mut eps = vec![
+            endpoint("l1", "aaaa", "10.1.0.2", "h1"),
+            endpoint("r1", "aaaa", "10.1.0.3", "h2"),
+            endpoint("r2", "aaaa", "10.1.0.4", "h3"),
+            endpoint("dead", "aaaa", "10.1.0.5", "h4"),
+            endpoint("other", "bbbb", "10.2.0.2", "h2"),
+        ];
+        eps[1].mac = "02:00:00:00:00:03".into();
+        eps[2].mac = "02:00:00:00:00:04".into();
+        let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2"), host("h3", "192.0.2.3")];
+        let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+        let d = desired(&nets, &eps, &hosts, &me);
+        assert_eq!(d.vxlans.keys().collect::<Vec<_>>(), ["trx-aaaa"], "only networks with local endpoints");
+        let v = &d.vxlans["trx-aaaa"];
+        assert_eq!(v.spec.vni, 4096);
+        assert_eq!(v.bridge, "trb-aaaa");
+        let fdb: Vec<_> = v.fdb.iter().map(|(m, ip)| (model::format_mac(m), ip.to_string())).collect();
+        assert_eq!(
+            fdb,
+            [("02:00:00:00:00:03".to_string(), "192.0.2.2".to_string()), ("02:00:00:00:00:04".into(), "192.0.2.3".into())],
+            "one entry per remote endpoint of a live host; the dead host's endpoint has none"
+        );
+        assert_eq!(v.neigh.len(), 2);
+        // Without an underlay there are no tunnels at all.
+        assert!(desired(&nets, &eps, &hosts, &Identity::local("h1")).vxlans.is_empty());
+
+        // The diff programs the device, then the entries; a host that dies
+        // takes its entries with it.
+        let acts = diff(&d, &Observed::default());
+        assert!(acts.iter().any(|a| matches!(a, Action::CreateVxlan(s) if s.name == "trx-aaaa")));
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::AddFdb { .. })).count(), 2);
+        let mut obs = Observed::default();
+        for a in &acts {
+            obs.record(a).unwrap();
+        }
+        assert!(diff(&d, &obs).is_empty(), "{:?}", diff(&d, &obs));
+        let fewer = desired(&nets, &eps, &hosts[..2], &me);
+        let acts = diff(&fewer, &obs);
+        assert_eq!(
+            acts,
+            vec![
+                Action::DelFdb {
+                    link: "trx-aaaa".into(),
+                    mac: model::parse_mac("02:00:00:00:00:04").unwrap(),
+                    dst: "192.0.2.3".parse().unwrap()
+                },
+                Action::DelNeigh {
+                    link: "trx-aaaa".into(),
+                    ip: "10.1.0.4".parse().unwrap(),
+                    mac: model::parse_mac("02:00:00:00:00:04").unwrap()
+                },
+            ]
+        );
+    }
+
     #[test]
     fn diff_from_scratch_creates_in_order() {
         let nets = vec![network("aaaa", "10.1.0.0/24", false)];
         let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
-        let acts = diff(&desired(&nets, &eps, "h1"), &Observed::default());
+        let acts = diff(&desired(&nets, &eps, &[], &Identity::local("h1")), &Observed::default());
         let kinds: Vec<_> = acts
             .iter()
             .map(|a| match a {
@@ -394,6 +574,7 @@ mod tests {
                 Action::ApplyEgress(_) => "egress",
                 Action::DeleteLink { .. } => "delete",
                 Action::DelAddress { .. } => "deladdr",
+                _ => "tunnel",
             })
             .collect();
         assert_eq!(kinds, ["bridge", "set", "addr", "endpoint", "egress"]);
@@ -403,7 +584,7 @@ mod tests {
     fn diff_repairs_and_removes() {
         let nets = vec![network("aaaa", "10.1.0.0/24", false)];
         let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
-        let want = desired(&nets, &eps, "h1");
+        let want = desired(&nets, &eps, &[], &Identity::local("h1"));
         let mut obs = Observed { egress: Some(want.egress.fingerprint()), ..Observed::default() };
         obs.links.insert(
             "trb-aaaa".into(),
@@ -413,22 +594,23 @@ mod tests {
                 mtu: 1450,
                 up: true,
                 addrs: vec!["10.1.0.99/24".parse().unwrap()],
+                ..Default::default()
             },
         );
         obs.links.insert(
             "trv-e1".into(),
-            ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1450, up: true, addrs: vec![] },
+            ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1450, up: true, addrs: vec![], ..Default::default() },
         );
         for stale in ["trv-old", "trb-old", "trp-e9"] {
             obs.links.insert(
                 stale.into(),
-                ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1500, up: true, addrs: vec![] },
+                ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1500, up: true, addrs: vec![], ..Default::default() },
             );
         }
         // Someone else's link is never touched.
         obs.links.insert(
             "eth0".into(),
-            ObservedLink { kind: LinkKind::Other, master: None, mtu: 1500, up: true, addrs: vec![] },
+            ObservedLink { kind: LinkKind::Other, master: None, mtu: 1500, up: true, addrs: vec![], ..Default::default() },
         );
         let acts = diff(&want, &obs);
         assert_eq!(
@@ -451,7 +633,7 @@ mod tests {
             vec![network("aaaa", "10.1.0.0/24", false)],
             vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
         ))));
-        let r = Reconciler::new(dp.clone(), src.clone(), "h1");
+        let r = Reconciler::new(dp.clone(), src.clone(), Identity::local("h1"));
         let first = r.pass().await.unwrap();
         assert!(first.errors.is_empty(), "{:?}", first.errors);
         assert_eq!(first.actions, 6);
@@ -480,7 +662,7 @@ mod tests {
             vec![network("aaaa", "10.1.0.0/24", false)],
             vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
         ))));
-        let r = Reconciler::new(dp.clone(), src.clone(), "h1");
+        let r = Reconciler::new(dp.clone(), src.clone(), Identity::local("h1"));
         assert!(r.pass().await.unwrap().finalizable.is_empty());
         src.0.lock().unwrap().1[0].deleting = true;
         let rep = r.pass().await.unwrap();
@@ -498,7 +680,7 @@ mod tests {
             vec![network("aaaa", "10.1.0.0/24", false)],
             vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
         ))));
-        let r = Reconciler::new(dp.clone(), src, "h1");
+        let r = Reconciler::new(dp.clone(), src, Identity::local("h1"));
         let rep = r.pass().await.unwrap();
         assert_eq!(rep.gone, ["e1"]);
         assert!(rep.endpoint_error("e1").unwrap().contains("does not exist"));
@@ -510,7 +692,7 @@ mod tests {
     async fn concurrent_callers_share_passes() {
         let dp = Arc::new(FakeDataplane::default());
         let src = Arc::new(Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))));
-        let r = Arc::new(Reconciler::new(dp, src, "h1"));
+        let r = Arc::new(Reconciler::new(dp, src, Identity::local("h1")));
         let mut tasks = Vec::new();
         for _ in 0..20 {
             let r = r.clone();

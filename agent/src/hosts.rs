@@ -1,0 +1,65 @@
+//! This host in the cluster: its identity (id, VTEP MAC, kept in the state
+//! dir) and its registration under a store lease, renewed in the
+//! background and re-created if it ever lapsed.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use trellis_store::{LeaseId, Op, Store, StoreError};
+
+use crate::model::{self, HostRecord};
+
+/// The VTEP MAC kept in the state dir, created on first start.
+pub fn vtep_mac(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join("vtep-mac");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if model::parse_mac(s.trim()).is_some() => Ok(s.trim().to_string()),
+        Ok(_) | Err(_) => {
+            let mac = model::format_mac(&model::new_mac());
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, format!("{mac}\n"))?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(mac)
+        }
+    }
+}
+
+/// Register `rec` under a new lease of `ttl`.
+pub async fn register(store: &dyn Store, rec: &HostRecord, ttl: Duration) -> Result<LeaseId, StoreError> {
+    let lease = store.lease_grant(ttl).await?;
+    let value = serde_json::to_vec(rec).expect("host record serializes");
+    store.txn(vec![], vec![Op::put_with_lease(model::host_key(&rec.id), value, lease)]).await?;
+    Ok(lease)
+}
+
+/// Keep this host registered: renew the lease every third of its TTL;
+/// register again if it lapsed (the store was unreachable too long).
+pub async fn keep_registered(store: Arc<dyn Store>, rec: HostRecord, ttl: Duration, mut lease: Option<LeaseId>) {
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = match lease {
+            Some(l) => store.lease_keep_alive(l).await,
+            None => Err(StoreError::LeaseNotFound(0)),
+        };
+        match result {
+            Ok(()) => {}
+            Err(StoreError::LeaseNotFound(_)) => match register(store.as_ref(), &rec, ttl).await {
+                Ok(l) => {
+                    tracing::info!(lease = l, "host registered");
+                    lease = Some(l);
+                }
+                Err(e) => tracing::warn!(error = %e, "registering this host failed; retrying"),
+            },
+            Err(e) => tracing::warn!(error = %e, "renewing this host's lease failed; retrying"),
+        }
+    }
+}
+
+/// The hosts alive in the cluster now.
+pub async fn live_hosts(store: &dyn Store) -> Result<Vec<HostRecord>, StoreError> {
+    let (items, _) = store.list(&model::hosts_prefix()).await?;
+    Ok(items.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect())
+}
