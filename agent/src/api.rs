@@ -292,6 +292,52 @@ impl proto::agent_server::Agent for AgentService {
         Ok(Response::new(proto::EndpointList { endpoints }))
     }
 
+    async fn list_hosts(&self, _: Request<proto::ListHostsRequest>) -> Result<Response<proto::HostList>, Status> {
+        let hosts = crate::hosts::live_hosts(self.cluster.store.as_ref()).await.map_err(AgentError::from)?;
+        let eps = self.cluster.endpoints().await?;
+        let want = self.reconciler.last_desired();
+        let seen = self.reconciler.seen();
+        let hosts = hosts
+            .iter()
+            .map(|h| {
+                let count = eps.iter().filter(|e| e.host == h.id).count() as u32;
+                let tunnel = if h.id == self.cluster.host {
+                    "local".to_string()
+                } else {
+                    // Every FDB entry towards this host that should exist, does.
+                    let wanted: Vec<(&String, &(model::Mac, std::net::IpAddr))> = want
+                        .vxlans
+                        .iter()
+                        .flat_map(|(name, v)| v.fdb.iter().map(move |f| (name, f)))
+                        .filter(|(_, (_, dst))| *dst == h.underlay)
+                        .collect();
+                    if wanted.is_empty() {
+                        "no shared networks".to_string()
+                    } else if wanted.iter().all(|(name, f)| seen.links.get(*name).is_some_and(|l| l.fdb.contains(f))) {
+                        format!("programmed ({} entries)", wanted.len())
+                    } else {
+                        "pending".to_string()
+                    }
+                };
+                proto::Host {
+                    id: h.id.clone(),
+                    hostname: h.hostname.clone(),
+                    underlay: h.underlay.to_string(),
+                    vtep_mac: h.vtep_mac.clone(),
+                    vxlan_port: h.vxlan_port as u32,
+                    version: h.version.clone(),
+                    started_unix: h.started_unix,
+                    local: h.id == self.cluster.host,
+                    endpoints: count,
+                    tunnel,
+                    lease_ttl_ms: 0,
+                    capabilities: h.capabilities.clone().into_iter().collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(proto::HostList { hosts }))
+    }
+
     async fn status(&self, _: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
         let last = self.reconciler.last();
         let store = self.cluster.networks().await;

@@ -20,8 +20,8 @@ use crate::cluster::Cluster;
 use crate::config::{Config, StoreSpec};
 use crate::dataplane::Dataplane;
 use crate::model;
-use crate::netlink::NetlinkDataplane;
 use crate::model::HostRecord;
+use crate::netlink::NetlinkDataplane;
 use crate::reconcile::{Identity, Reconciler};
 
 async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {

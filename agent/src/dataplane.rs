@@ -66,7 +66,8 @@ impl Observed {
         let missing = |name: &str| DataplaneError::LinkNotFound(name.to_string());
         match action {
             Action::CreateBridge { name, mtu } => {
-                self.links.insert(name.clone(), ObservedLink { kind: LinkKind::Bridge, mtu: *mtu, ..Default::default() });
+                self.links
+                    .insert(name.clone(), ObservedLink { kind: LinkKind::Bridge, mtu: *mtu, ..Default::default() });
             }
             Action::CreateVxlan(v) => {
                 self.links.insert(

@@ -45,6 +45,8 @@ pub const VETH_PREFIX: &str = "trv-";
 pub const PEER_PREFIX: &str = "trp-";
 pub const VXLAN_PREFIX: &str = "trx-";
 
+pub use crate::dataplane::Mac;
+
 /// The VXLAN device of a network on a host with endpoints on it.
 pub fn vxlan_name(network_id: &str) -> String {
     format!("{VXLAN_PREFIX}{}", &network_id[..network_id.len().min(10)])

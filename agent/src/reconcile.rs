@@ -110,10 +110,12 @@ pub fn desired(
     if let Some(local) = me.underlay {
         let live: BTreeMap<&str, &HostRecord> =
             hosts.iter().filter(|h| h.id != host).map(|h| (h.id.as_str(), h)).collect();
-        let local_nets: BTreeSet<&str> =
-            d.endpoints.values().map(|e| e.endpoint_id.as_str()).filter_map(|id| {
-                endpoints.iter().find(|e| e.id == id).map(|e| e.network_id.as_str())
-            }).collect();
+        let local_nets: BTreeSet<&str> = d
+            .endpoints
+            .values()
+            .map(|e| e.endpoint_id.as_str())
+            .filter_map(|id| endpoints.iter().find(|e| e.id == id).map(|e| e.network_id.as_str()))
+            .collect();
         for net_id in local_nets {
             let Some(n) = by_id.get(net_id) else { continue };
             let name = model::vxlan_name(&n.id);
@@ -239,7 +241,11 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
                 acts.push(Action::CreateVxlan(Box::new(v.spec.clone())));
                 acts.push(set_link);
                 acts.extend(v.fdb.iter().map(|(mac, dst)| Action::AddFdb { link: name.clone(), mac: *mac, dst: *dst }));
-                acts.extend(v.neigh.iter().map(|(ip, mac)| Action::AddNeigh { link: name.clone(), ip: *ip, mac: *mac }));
+                acts.extend(v.neigh.iter().map(|(ip, mac)| Action::AddNeigh {
+                    link: name.clone(),
+                    ip: *ip,
+                    mac: *mac,
+                }));
             }
         }
     }
@@ -300,6 +306,8 @@ pub struct Reconciler {
     /// applied since: passes between full ones use it instead of reading
     /// the kernel back (a full pass, periodically, catches outside changes).
     seen: Mutex<Option<Observed>>,
+    /// The desired state of the last pass (for status and host listings).
+    last_desired: Mutex<Arc<DesiredHost>>,
     pub repairs: AtomicU64,
 }
 
@@ -313,6 +321,7 @@ impl Reconciler {
             started: AtomicU64::new(0),
             last: Mutex::new(Arc::new(PassReport::default())),
             seen: Mutex::new(None),
+            last_desired: Mutex::new(Arc::new(DesiredHost::default())),
             repairs: AtomicU64::new(0),
         }
     }
@@ -320,6 +329,16 @@ impl Reconciler {
     /// The report of the last finished pass.
     pub fn last(&self) -> Arc<PassReport> {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The desired state the last pass worked towards.
+    pub fn last_desired(&self) -> Arc<DesiredHost> {
+        self.last_desired.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The kernel state as the reconciler last knew it.
+    pub fn seen(&self) -> Observed {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
     }
 
     /// Run a pass that starts after this call (or share one that did).
@@ -402,6 +421,7 @@ impl Reconciler {
         if trust_cache {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
         }
+        *self.last_desired.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(want);
         report.finalizable = endpoints
             .iter()
             .filter(|e| e.host == self.me.host && e.deleting)
@@ -523,7 +543,10 @@ mod tests {
         let fdb: Vec<_> = v.fdb.iter().map(|(m, ip)| (model::format_mac(m), ip.to_string())).collect();
         assert_eq!(
             fdb,
-            [("02:00:00:00:00:03".to_string(), "192.0.2.2".to_string()), ("02:00:00:00:00:04".into(), "192.0.2.3".into())],
+            [
+                ("02:00:00:00:00:03".to_string(), "192.0.2.2".to_string()),
+                ("02:00:00:00:00:04".into(), "192.0.2.3".into())
+            ],
             "one entry per remote endpoint of a live host; the dead host's endpoint has none"
         );
         assert_eq!(v.neigh.len(), 2);
@@ -599,18 +622,39 @@ mod tests {
         );
         obs.links.insert(
             "trv-e1".into(),
-            ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1450, up: true, addrs: vec![], ..Default::default() },
+            ObservedLink {
+                kind: LinkKind::Veth,
+                master: None,
+                mtu: 1450,
+                up: true,
+                addrs: vec![],
+                ..Default::default()
+            },
         );
         for stale in ["trv-old", "trb-old", "trp-e9"] {
             obs.links.insert(
                 stale.into(),
-                ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1500, up: true, addrs: vec![], ..Default::default() },
+                ObservedLink {
+                    kind: LinkKind::Veth,
+                    master: None,
+                    mtu: 1500,
+                    up: true,
+                    addrs: vec![],
+                    ..Default::default()
+                },
             );
         }
         // Someone else's link is never touched.
         obs.links.insert(
             "eth0".into(),
-            ObservedLink { kind: LinkKind::Other, master: None, mtu: 1500, up: true, addrs: vec![], ..Default::default() },
+            ObservedLink {
+                kind: LinkKind::Other,
+                master: None,
+                mtu: 1500,
+                up: true,
+                addrs: vec![],
+                ..Default::default()
+            },
         );
         let acts = diff(&want, &obs);
         assert_eq!(

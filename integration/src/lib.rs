@@ -409,20 +409,18 @@ impl Etcd {
             .arg("50")
             .arg("--election-timeout")
             .arg("500")
-            .env("ETCD_UNSUPPORTED_ARCH", "")
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(cmd.spawn().context("starting etcd")?);
         let ok = wait_for(Duration::from_secs(20), || {
             let probe = match &self.netns {
-                Some(ns) => in_netns(
-                    ns,
-                    "sh",
-                    &["-c", &format!("exec 3<>/dev/tcp/{}/{} 2>/dev/null", self.ip, self.client_port)],
-                )
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false),
+                Some(ns) => {
+                    in_netns(ns, "bash", &["-c", &format!("exec 3<>/dev/tcp/{}/{}", self.ip, self.client_port)])
+                        .stderr(Stdio::null())
+                        .status()
+                        .map(|s| s.success())
+                        .unwrap_or(false)
+                }
                 None => std::net::TcpStream::connect((self.ip.as_str(), self.client_port)).is_ok(),
             };
             probe
@@ -471,4 +469,55 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"])
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
+}
+
+/// The underlay address of lab host `i` (1-based) and of the underlay
+/// namespace itself (where etcd listens).
+pub fn underlay_ip(i: usize) -> String {
+    format!("198.19.0.{i}")
+}
+pub const UNDERLAY_GATEWAY: &str = "198.19.0.254";
+
+/// A multi-host lab: N hosts as network namespaces joined by an underlay
+/// bridge (in its own namespace, which also runs etcd), each host running
+/// its own `trellisd` against that etcd.
+pub struct Lab {
+    pub hosts: Vec<Host>,
+    pub etcd: Etcd,
+    pub underlay: Netns,
+}
+
+impl Lab {
+    /// A lab of `n` hosts with lease TTL `lease_ms` (agents started).
+    pub fn new(n: usize, lease_ms: u64) -> Result<Lab> {
+        let underlay = Netns::new("tru")?;
+        underlay.ip(&["link", "add", "ul0", "type", "bridge"])?;
+        underlay.ip(&["addr", "add", &format!("{UNDERLAY_GATEWAY}/24"), "dev", "ul0"])?;
+        underlay.ip(&["link", "set", "ul0", "up"])?;
+        let etcd = Etcd::start_in(Some(&underlay.path()), UNDERLAY_GATEWAY)?;
+        let mut hosts = Vec::with_capacity(n);
+        for i in 1..=n {
+            let mut h = Host::bare()?;
+            let a = unique("tl");
+            let b = unique("tu");
+            ip(&["link", "add", &a, "netns", &h.ns.name, "type", "veth", "peer", "name", &b, "netns", &underlay.name])?;
+            underlay.ip(&["link", "set", &b, "master", "ul0", "up"])?;
+            h.ns.ip(&["addr", "add", &format!("{}/24", underlay_ip(i)), "dev", &a])?;
+            h.ns.ip(&["link", "set", &a, "up"])?;
+            h.ns.ip(&["route", "add", "default", "via", UNDERLAY_GATEWAY])?;
+            h.extra_args = vec![
+                "--store".into(),
+                etcd.url(),
+                "--lease-ttl-ms".into(),
+                lease_ms.to_string(),
+                "--host-id".into(),
+                format!("host{i}"),
+            ];
+            hosts.push(h);
+        }
+        for h in hosts.iter_mut() {
+            h.start()?;
+        }
+        Ok(Lab { hosts, etcd, underlay })
+    }
 }

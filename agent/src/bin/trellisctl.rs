@@ -61,6 +61,9 @@ enum Cmd {
     /// Endpoints.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
+    /// Hosts of the cluster.
+    #[command(subcommand)]
+    Host(HostCmd),
     /// The agent's health.
     Status {
         #[arg(long)]
@@ -106,6 +109,16 @@ enum NetworkCmd {
         name: String,
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum HostCmd {
+    /// List the live hosts with their tunnel state as seen from this host.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -338,6 +351,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!(
                         "{:<20} {:<16} {:<16} {:<18} {:<17} {:<16} {}",
                         e.name, e.id, e.network, e.address, e.mac, e.host, e.netns
+                    );
+                }
+            }
+        }
+        Cmd::Host(HostCmd::Ls { json }) => {
+            let list = c.list_hosts(proto::ListHostsRequest {}).await?.into_inner().hosts;
+            if json {
+                print_json(&Value::Array(
+                    list.iter()
+                        .map(|h| {
+                            json!({
+                                "id": h.id, "hostname": h.hostname, "underlay": h.underlay, "vtep_mac": h.vtep_mac,
+                                "vxlan_port": h.vxlan_port, "version": h.version, "started_unix": h.started_unix,
+                                "local": h.local, "endpoints": h.endpoints, "tunnel": h.tunnel,
+                                "capabilities": h.capabilities,
+                            })
+                        })
+                        .collect(),
+                ));
+            } else {
+                println!(
+                    "{:<18} {:<16} {:<16} {:<9} {:<10} TUNNEL",
+                    "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP SINCE"
+                );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                for h in list {
+                    let id = if h.local { format!("{} *", h.id) } else { h.id.clone() };
+                    let up = format!("{}s", (now - h.started_unix).max(0));
+                    println!(
+                        "{:<18} {:<16} {:<16} {:<9} {:<10} {}",
+                        id, h.hostname, h.underlay, h.endpoints, up, h.tunnel
                     );
                 }
             }

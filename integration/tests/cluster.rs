@@ -1,0 +1,195 @@
+//! Many hosts, one etcd: hosts are network namespaces on an underlay
+//! bridge, each with its own `trellisd`. Root tests, `#[ignore]`d without
+//! `--run-ignored all` (see .ci/run).
+
+use std::collections::BTreeSet;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use trellis_integration::{Lab, in_netns, ip_of, netns_of, ping, require_root, wait_for};
+
+/// The FDB of a network's VXLAN device on a host, as `bridge fdb` shows it.
+fn fdb(h: &trellis_integration::Host, network_id: &str) -> String {
+    let dev = format!("trx-{}", &network_id[..10]);
+    h.ns.cmd("bridge")
+        .args(["fdb", "show", "dev", &dev])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn three_hosts_reach_each_other_by_ping_and_tcp() {
+    require_root();
+    let lab = Lab::new(3, 3000).unwrap();
+    let net = lab.hosts[0].ctl_json(&["network", "create", "app", "--subnet", "10.60.0.0/24", "--attachable"]).unwrap();
+    // Created on one host, visible on all, with the same VNI.
+    for h in &lab.hosts[1..] {
+        let seen = h.ctl_json(&["network", "inspect", "app"]).map(|_| ()).or_else(|_| {
+            serde_json::from_str::<serde_json::Value>(&h.ctl(&["network", "inspect", "app"]).unwrap()).map(|_| ())
+        });
+        assert!(seen.is_ok());
+        let v: serde_json::Value = serde_json::from_str(&h.ctl(&["network", "inspect", "app"]).unwrap()).unwrap();
+        assert_eq!(v["vni"], net["vni"]);
+        assert_eq!(v["id"], net["id"]);
+    }
+    let eps: Vec<serde_json::Value> =
+        lab.hosts.iter().enumerate().map(|(i, h)| h.attach("app", &format!("e{i}"), &[]).unwrap()).collect();
+    let ips: BTreeSet<String> = eps.iter().map(ip_of).collect();
+    assert_eq!(ips.len(), 3, "unique addresses across hosts: {ips:?}");
+    // Every endpoint reaches every other, across hosts.
+    for a in &eps {
+        for b in &eps {
+            if a["id"] != b["id"] {
+                assert!(
+                    wait_for(Duration::from_secs(5), || ping(&netns_of(a), &ip_of(b), 1)),
+                    "{} ({}) cannot reach {} ({})",
+                    a["name"],
+                    a["host"],
+                    b["name"],
+                    b["host"]
+                );
+            }
+        }
+    }
+    // The VXLAN device: right VNI, no learning, static entries only.
+    let id = net["id"].as_str().unwrap();
+    let dev = format!("trx-{}", &id[..10]);
+    let detail = lab.hosts[0].ns.ip(&["-d", "link", "show", &dev]).unwrap();
+    assert!(detail.contains(&format!("vxlan id {}", net["vni"])), "{detail}");
+    assert!(detail.contains("nolearning") && detail.contains("proxy"), "{detail}");
+    let table = fdb(&lab.hosts[0], id);
+    for e in &eps[1..] {
+        assert!(table.contains(e["mac"].as_str().unwrap()), "{table}");
+    }
+    assert!(!table.contains("00:00:00:00:00:00"), "no flood entry: {table}");
+
+    // TCP across hosts with iperf3 (one second).
+    let server_ns = netns_of(&eps[1]);
+    let mut server =
+        in_netns(&server_ns, "iperf3", &["-s", "-1", "-B", &ip_of(&eps[1])]).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = in_netns(&netns_of(&eps[0]), "iperf3", &["-c", &ip_of(&eps[1]), "-t", "1", "-J"]).output().unwrap();
+    let _ = server.wait();
+    assert!(out.status.success(), "iperf3: {}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bps = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap();
+    assert!(bps > 0.0, "{report}");
+
+    // Every host sees the others with their tunnels programmed.
+    let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
+    let hosts = hosts.as_array().unwrap();
+    assert_eq!(hosts.len(), 3);
+    for h in hosts.iter().filter(|h| h["local"] == false) {
+        assert!(h["tunnel"].as_str().unwrap().starts_with("programmed"), "{h}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn five_hosts_allocating_at_once_never_duplicate() {
+    require_root();
+    let lab = Lab::new(5, 3000).unwrap();
+    lab.hosts[0].ctl(&["network", "create", "app", "--subnet", "10.61.0.0/24", "--attachable"]).unwrap();
+    std::thread::scope(|s| {
+        for (i, h) in lab.hosts.iter().enumerate() {
+            s.spawn(move || {
+                for j in 0..8 {
+                    h.attach("app", &format!("h{i}e{j}"), &[]).unwrap();
+                }
+            });
+        }
+    });
+    let all = lab.hosts[2].ctl_json(&["endpoint", "ls"]).unwrap();
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 40);
+    let ips: BTreeSet<String> = all.iter().map(ip_of).collect();
+    assert_eq!(ips.len(), 40, "duplicate addresses in the store");
+    // The kernel agrees: each endpoint's namespace holds exactly its address.
+    for e in all {
+        let out = in_netns(&netns_of(e), "ip", &["-o", "-4", "addr", "show", "dev", "eth0"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!("inet {}", e["address"].as_str().unwrap())), "{text}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_dead_host_leaves_its_peers_and_returns() {
+    require_root();
+    let mut lab = Lab::new(3, 3000).unwrap();
+    let net = lab.hosts[0].ctl_json(&["network", "create", "app", "--subnet", "10.62.0.0/24", "--attachable"]).unwrap();
+    let id = net["id"].as_str().unwrap().to_string();
+    let eps: Vec<serde_json::Value> =
+        lab.hosts.iter().enumerate().map(|(i, h)| h.attach("app", &format!("e{i}"), &[]).unwrap()).collect();
+    let dead_mac = eps[2]["mac"].as_str().unwrap().to_string();
+    assert!(wait_for(Duration::from_secs(5), || fdb(&lab.hosts[0], &id).contains(&dead_mac)));
+    // Host 3 dies: its agent stops renewing its lease.
+    lab.hosts[2].kill9();
+    let t0 = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(15), || !fdb(&lab.hosts[0], &id).contains(&dead_mac)
+            && !fdb(&lab.hosts[1], &id).contains(&dead_mac)),
+        "the dead host's endpoint is still in its peers' FDBs"
+    );
+    let gone_after = t0.elapsed();
+    eprintln!("dead host entries gone after {gone_after:?}");
+    assert!(gone_after < Duration::from_millis(3000 + 2000 + 1500), "took {gone_after:?} (TTL 3 s + resync)");
+    let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
+    assert_eq!(hosts.as_array().unwrap().len(), 2);
+    // Back: re-registered, its endpoint reachable again.
+    lab.hosts[2].start().unwrap();
+    assert!(wait_for(Duration::from_secs(10), || fdb(&lab.hosts[0], &id).contains(&dead_mac)));
+    assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&eps[0]), &ip_of(&eps[2]), 1)));
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn agent_restart_and_etcd_outage_lose_no_packets() {
+    require_root();
+    let mut lab = Lab::new(2, 3000).unwrap();
+    lab.hosts[0].ctl(&["network", "create", "app", "--subnet", "10.63.0.0/24", "--attachable"]).unwrap();
+    let a = lab.hosts[0].attach("app", "a", &[]).unwrap();
+    let b = lab.hosts[1].attach("app", "b", &[]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&a), &ip_of(&b), 1)));
+
+    // kill -9 and restart host 2's agent while host 1 pings its endpoint.
+    let pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "100", "-i", "0.02", "-W", "1", &ip_of(&b)])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    lab.hosts[1].kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.hosts[1].start().unwrap();
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+
+    // etcd down for a while under traffic: the datapath does not notice.
+    let pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "150", "-i", "0.05", "-W", "1", &ip_of(&b)])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    lab.etcd.stop();
+    // Meanwhile a new attach fails clearly instead of hanging.
+    let t0 = Instant::now();
+    let err = lab.hosts[0].ctl_err(&["attach", "app", "--name", "c"]);
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
+    assert!(err.contains("unavailable") || err.contains("store"), "{err}");
+    std::thread::sleep(Duration::from_secs(5));
+    lab.etcd.restart().unwrap();
+    let out = pinger.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(" 0% packet loss"), "{text}");
+    // Agents reconnect by themselves: an attach works again.
+    assert!(
+        wait_for(Duration::from_secs(20), || lab.hosts[0]
+            .ctl_output(&["attach", "app", "--name", "c", "--json"])
+            .status
+            .success()),
+        "attach after etcd came back"
+    );
+}
