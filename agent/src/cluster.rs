@@ -401,6 +401,50 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Reclaim everything a dead host held: per network, in one
+    /// transaction that holds only while the host is still absent, its
+    /// blocks, addresses and endpoint records. Returns the endpoints removed.
+    pub async fn reclaim_host(&self, host: &str) -> Result<usize> {
+        let mut removed = 0;
+        let eps = self.all_endpoints().await?;
+        for net in self.networks().await? {
+            let (mut compares, mut ops) = self.ipam.plan_host_release(&net.id, host).await?;
+            compares.push(Compare::Absent(model::host_key(host)));
+            let mine: Vec<&EndpointRecord> = eps.iter().filter(|e| e.host == host && e.network_id == net.id).collect();
+            for e in &mine {
+                ops.push(Op::delete(model::endpoint_key(&e.id)));
+                if !e.deleting {
+                    let name_key = model::endpoint_name_key(&e.network_id, &e.name);
+                    compares.push(Compare::Value(name_key.clone(), e.id.clone().into_bytes()));
+                    ops.push(Op::delete(name_key));
+                }
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            if self.store.txn(compares, ops).await?.succeeded {
+                removed += mine.len();
+                self.ipam.forget_network(&net.id);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Hosts that hold blocks or endpoints but have no live registration.
+    pub async fn absent_owners(&self) -> Result<std::collections::BTreeSet<String>> {
+        let live: std::collections::BTreeSet<String> =
+            crate::hosts::live_hosts(self.store.as_ref()).await?.into_iter().map(|h| h.id).collect();
+        let mut owners: std::collections::BTreeSet<String> =
+            self.all_endpoints().await?.into_iter().map(|e| e.host).collect();
+        for net in self.networks().await? {
+            owners.extend(self.ipam.blocks(&net.id).await?.into_iter().map(|(_, r, _)| r.host));
+        }
+        owners.remove(&self.host);
+        Ok(owners.difference(&live).cloned().collect())
+    }
+}
+
 #[async_trait::async_trait]
 impl DesiredSource for Cluster {
     async fn load(&self) -> std::result::Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String> {

@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub lease_ttl_ms: Option<u64>,
     pub advertise_addr: Option<IpAddr>,
     pub vxlan_port: Option<u16>,
+    pub reclaim_grace_ms: Option<u64>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -81,6 +82,10 @@ pub struct Overrides {
     /// UDP port of the VXLAN tunnels.
     #[arg(long, env = "TRELLIS_VXLAN_PORT")]
     pub vxlan_port: Option<u16>,
+    /// How long after a host's lease expired its addresses and blocks are
+    /// reclaimed, in milliseconds.
+    #[arg(long, env = "TRELLIS_RECLAIM_GRACE_MS")]
+    pub reclaim_grace_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -106,6 +111,7 @@ pub struct Config {
     pub lease_ttl: Duration,
     pub advertise_addr: Option<IpAddr>,
     pub vxlan_port: u16,
+    pub reclaim_grace: Duration,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/trellis/trellisd.toml";
@@ -186,6 +192,7 @@ impl Config {
             },
             advertise_addr: o.advertise_addr.or(f.advertise_addr),
             vxlan_port: o.vxlan_port.or(f.vxlan_port).unwrap_or(4789),
+            reclaim_grace: Duration::from_millis(o.reclaim_grace_ms.or(f.reclaim_grace_ms).unwrap_or(30_000)),
         })
     }
 

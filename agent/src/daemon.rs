@@ -144,6 +144,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
     };
 
+    // Dead hosts' addresses, blocks and endpoints are reclaimed once their
+    // lease has expired and a grace period passed (any agent may do it; the
+    // transaction holds only while the host is still absent).
+    let reclaimer = {
+        let cluster = cluster.clone();
+        let grace = cfg.reclaim_grace;
+        let every = cfg.resync_interval;
+        tokio::spawn(async move {
+            let mut dead_since: HashMap<String, std::time::Instant> = HashMap::new();
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let absent = match cluster.absent_owners().await {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "checking for dead hosts");
+                        continue;
+                    }
+                };
+                let now = std::time::Instant::now();
+                dead_since.retain(|h, _| absent.contains(h));
+                for h in absent {
+                    let since = *dead_since.entry(h.clone()).or_insert(now);
+                    if now.duration_since(since) >= grace {
+                        match cluster.reclaim_host(&h).await {
+                            Ok(n) => {
+                                tracing::info!(host = %h, endpoints = n, "reclaimed a dead host's addresses");
+                                dead_since.remove(&h);
+                            }
+                            Err(e) => tracing::warn!(host = %h, error = %e, "reclaiming a dead host"),
+                        }
+                    }
+                }
+            }
+        })
+    };
+
     // Store changes (from this host or any other) trigger a pass.
     let watcher = {
         let reconciler = reconciler.clone();
@@ -192,6 +229,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     resync.abort();
     watcher.abort();
     registration.abort();
+    reclaimer.abort();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

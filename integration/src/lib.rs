@@ -485,17 +485,25 @@ pub struct Lab {
     pub hosts: Vec<Host>,
     pub etcd: Etcd,
     pub underlay: Netns,
+    /// Each host's uplink interface (in the host's namespace).
+    pub uplinks: Vec<String>,
 }
 
 impl Lab {
     /// A lab of `n` hosts with lease TTL `lease_ms` (agents started).
     pub fn new(n: usize, lease_ms: u64) -> Result<Lab> {
+        Lab::with_args(n, lease_ms, &[])
+    }
+
+    /// A lab whose agents get `extra` flags too.
+    pub fn with_args(n: usize, lease_ms: u64, extra: &[&str]) -> Result<Lab> {
         let underlay = Netns::new("tru")?;
         underlay.ip(&["link", "add", "ul0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", &format!("{UNDERLAY_GATEWAY}/24"), "dev", "ul0"])?;
         underlay.ip(&["link", "set", "ul0", "up"])?;
         let etcd = Etcd::start_in(Some(&underlay.path()), UNDERLAY_GATEWAY)?;
         let mut hosts = Vec::with_capacity(n);
+        let mut uplinks = Vec::with_capacity(n);
         for i in 1..=n {
             let mut h = Host::bare()?;
             let a = unique("tl");
@@ -513,11 +521,13 @@ impl Lab {
                 "--host-id".into(),
                 format!("host{i}"),
             ];
+            h.extra_args.extend(extra.iter().map(|s| s.to_string()));
             hosts.push(h);
+            uplinks.push(a);
         }
         for h in hosts.iter_mut() {
             h.start()?;
         }
-        Ok(Lab { hosts, etcd, underlay })
+        Ok(Lab { hosts, etcd, underlay, uplinks })
     }
 }

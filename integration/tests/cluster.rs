@@ -193,3 +193,49 @@ fn agent_restart_and_etcd_outage_lose_no_packets() {
         "attach after etcd came back"
     );
 }
+
+/// A host cut off from etcd loses its lease; its addresses are not reused
+/// before the lease expired and the grace period passed, then they are; and
+/// the host, once back, holds nothing it lost (fencing).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_cut_off_hosts_addresses_are_reclaimed_only_after_lease_and_grace() {
+    require_root();
+    let lab = Lab::with_args(2, 3000, &["--reclaim-grace-ms", "3000"]).unwrap();
+    lab.hosts[0].ctl(&["network", "create", "app", "--subnet", "10.64.0.0/24", "--attachable"]).unwrap();
+    let far = lab.hosts[1].attach("app", "far", &[]).unwrap();
+    let far_ip = ip_of(&far);
+    let far_links = || lab.hosts[1].ns.links().unwrap().into_iter().filter(|l| l.starts_with("trv-")).count();
+    assert_eq!(far_links(), 1);
+    // Cut host 2's underlay link: it can no longer renew its lease.
+    lab.hosts[1].ns.ip(&["link", "set", &lab.uplinks[1], "down"]).unwrap();
+    let t0 = Instant::now();
+    // Before lease expiry (3 s) + grace (3 s) the address stays taken.
+    while t0.elapsed() < Duration::from_millis(4500) {
+        let err = lab.hosts[0].ctl_err(&["attach", "app", "--name", "taker", "--ip", &far_ip]);
+        assert!(err.contains("in use"), "reused after {:?}: {err}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then it is reclaimed, and can be taken.
+    assert!(
+        wait_for(Duration::from_secs(15), || lab.hosts[0]
+            .ctl_output(&["attach", "app", "--name", "taker", "--ip", &far_ip, "--json"])
+            .status
+            .success()),
+        "the dead host's address was never reclaimed"
+    );
+    let reclaimed_after = t0.elapsed();
+    assert!(reclaimed_after >= Duration::from_secs(6), "reclaimed after {reclaimed_after:?}");
+    assert!(lab.hosts[0].ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().iter().all(|e| e["name"] != "far"));
+    // Host 2 comes back: it re-registers and tears down what it no longer owns.
+    lab.hosts[1].ns.ip(&["link", "set", &lab.uplinks[1], "up"]).unwrap();
+    lab.hosts[1].ns.ip(&["route", "replace", "default", "via", trellis_integration::UNDERLAY_GATEWAY]).unwrap();
+    assert!(wait_for(Duration::from_secs(15), || far_links() == 0), "the fenced host kept its stale endpoint");
+    assert!(wait_for(Duration::from_secs(10), || lab.hosts[0]
+        .ctl_json(&["host", "ls"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len()
+        == 2));
+}

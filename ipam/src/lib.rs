@@ -318,6 +318,28 @@ impl Ipam {
         Ok((compares, ops))
     }
 
+    /// Plan the release of everything `host` holds in a network: its blocks
+    /// (each compared at its current revision, so a block that changed
+    /// hands meanwhile stops the plan) and the addresses it allocated
+    /// anywhere. For reclaiming a dead host's share.
+    pub async fn plan_host_release(&self, net_id: &str, host: &str) -> Result<(Vec<Compare>, Vec<Op>)> {
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for (b, rec, rev) in self.blocks(net_id).await? {
+            if rec.host == host {
+                let key = self.block_key(net_id, &b);
+                compares.push(Compare::ModRevision(key.clone(), rev));
+                ops.push(Op::delete(key));
+            }
+        }
+        for (ip, rec) in self.addresses(net_id).await? {
+            if rec.host == host && rec.owner != "gateway" {
+                ops.push(Op::delete(self.addr_key(net_id, ip)));
+            }
+        }
+        Ok((compares, ops))
+    }
+
     /// Forget what this host cached about a network (after it is removed).
     pub fn forget_network(&self, net_id: &str) {
         self.cache().remove(net_id);

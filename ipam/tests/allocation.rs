@@ -275,3 +275,28 @@ async fn one_host_many_concurrent_allocators() {
     let blocks = ipam.blocks("n").await.unwrap();
     assert!(blocks.len() <= (64 * 40 / 62) + 2, "{} blocks for {} addresses", blocks.len(), 64 * 40);
 }
+
+/// A dead host's share is released as a plan the caller commits: its blocks
+/// and addresses go, nobody else's do, and the space is allocatable again.
+#[tokio::test]
+async fn host_release_frees_a_dead_hosts_share_only() {
+    let s = store();
+    let a = Ipam::new(s.clone(), "/t/ipam/", "a").with_block_len_v4(28);
+    let b = Ipam::new(s.clone(), "/t/ipam/", "b").with_block_len_v4(28);
+    let pool = create(&a, &s, "n", SubnetRequest::Specific(net("10.80.0.0/27"))).await;
+    let mut of_b = Vec::new();
+    for i in 0..5 {
+        a.allocate(&pool, AddrRequest::Any, &format!("a{i}"), none).await.unwrap();
+        of_b.push(b.allocate(&pool, AddrRequest::Any, &format!("b{i}"), none).await.unwrap());
+    }
+    let (c, o) = a.plan_host_release("n", "b").await.unwrap();
+    assert!(s.txn(c, o).await.unwrap().succeeded);
+    let left = a.addresses("n").await.unwrap();
+    assert!(left.iter().all(|(_, r)| r.host == "a"), "{left:?}");
+    assert_eq!(left.len(), 6, "a's five and the gateway");
+    assert!(a.blocks("n").await.unwrap().iter().all(|(_, r, _)| r.host == "a"));
+    // b's addresses can be had again.
+    for ip in of_b {
+        a.allocate(&pool, AddrRequest::Specific(ip), "again", none).await.unwrap();
+    }
+}
