@@ -356,6 +356,36 @@ pub struct Etcd {
     pub client_port: u16,
     peer_port: u16,
     netns: Option<PathBuf>,
+    /// With TLS: the directory holding ca.pem, server.pem/-key.pem and
+    /// client.pem/-key.pem; clients must present a certificate.
+    pub tls: Option<PathBuf>,
+}
+
+/// Make a CA, a server certificate for `ip` and a client certificate with
+/// openssl, in `dir`.
+pub fn make_certs(dir: &Path, ip: &str) -> Result<()> {
+    let sh = format!(
+        r#"set -e
+cd {dir}
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca.pem -days 2 -subj /CN=trellis-test-ca \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+for who in server client; do
+  openssl req -newkey rsa:2048 -nodes -keyout $who-key.pem -out $who.csr -subj /CN=$who 2>/dev/null
+done
+printf 'subjectAltName=IP:{ip}
+extendedKeyUsage=serverAuth
+basicConstraints=CA:FALSE
+' > server.ext
+printf 'extendedKeyUsage=clientAuth
+basicConstraints=CA:FALSE
+' > client.ext
+for who in server client; do
+  openssl x509 -req -in $who.csr -CA ca.pem -CAkey ca-key.pem -CAcreateserial -out $who.pem -days 2 -extfile $who.ext 2>/dev/null
+done
+"#,
+        dir = dir.display()
+    );
+    run(Command::new("bash").arg("-c").arg(sh)).map(|_| ())
 }
 
 impl Etcd {
@@ -364,8 +394,17 @@ impl Etcd {
         Etcd::start_in(None, "127.0.0.1")
     }
 
+    /// etcd on 127.0.0.1 speaking TLS only, demanding client certificates.
+    pub fn start_tls() -> Result<Etcd> {
+        Etcd::start_with(None, "127.0.0.1", true)
+    }
+
     /// etcd listening on `ip` inside the namespace at `netns` (or here).
     pub fn start_in(netns: Option<&Path>, ip: &str) -> Result<Etcd> {
+        Etcd::start_with(netns, ip, false)
+    }
+
+    fn start_with(netns: Option<&Path>, ip: &str, tls: bool) -> Result<Etcd> {
         let etcd = which("etcd").context("etcd not found: install etcd-server (scripts/setup.sh does)")?;
         let mut e = Etcd {
             child: None,
@@ -374,13 +413,21 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
             netns: netns.map(Path::to_path_buf),
+            tls: None,
         };
+        if tls {
+            let certs = e.dir.path().join("certs");
+            std::fs::create_dir_all(&certs)?;
+            make_certs(&certs, ip)?;
+            e.tls = Some(certs);
+        }
         e.spawn(&etcd)?;
         Ok(e)
     }
 
     fn spawn(&mut self, etcd: &Path) -> Result<()> {
-        let client = format!("http://{}:{}", self.ip, self.client_port);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://{}:{}", self.ip, self.client_port);
         let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let mut cmd = match &self.netns {
             Some(ns) => {
@@ -409,6 +456,18 @@ impl Etcd {
             .arg("50")
             .arg("--election-timeout")
             .arg("500")
+            .args(match &self.tls {
+                Some(d) => vec![
+                    "--cert-file".to_string(),
+                    d.join("server.pem").display().to_string(),
+                    "--key-file".into(),
+                    d.join("server-key.pem").display().to_string(),
+                    "--trusted-ca-file".into(),
+                    d.join("ca.pem").display().to_string(),
+                    "--client-cert-auth".into(),
+                ],
+                None => vec![],
+            })
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(cmd.spawn().context("starting etcd")?);
@@ -436,9 +495,10 @@ impl Etcd {
         Ok(())
     }
 
-    /// `etcd://IP:PORT`.
+    /// `etcd://IP:PORT` (`etcds://` with TLS).
     pub fn url(&self) -> String {
-        format!("etcd://{}:{}", self.ip, self.client_port)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
     }
 
     /// Stop etcd (SIGKILL); its data stays for [`Etcd::restart`].

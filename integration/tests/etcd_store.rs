@@ -84,3 +84,31 @@ async fn client_survives_an_etcd_restart() {
     }
     assert_eq!(back.expect("the value after the restart").value, b"1");
 }
+
+/// TLS with client certificates: with the right certificate the store
+/// works; without one etcd refuses and the error says the store is
+/// unavailable rather than hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_client_certificates() {
+    let etcd = Etcd::start_tls().expect("starting etcd with TLS");
+    let certs = etcd.tls.clone().unwrap();
+    let mut cfg = EtcdConfig::parse(&etcd.url()).unwrap();
+    cfg.tls = Some(trellis_store::EtcdTls {
+        ca: Some(certs.join("ca.pem")),
+        cert: Some(certs.join("client.pem")),
+        key: Some(certs.join("client-key.pem")),
+    });
+    let store = EtcdStore::connect(&cfg).await.expect("connecting with TLS");
+    store.put("/tls/a", b"1".to_vec()).await.unwrap();
+    assert_eq!(store.get("/tls/a").await.unwrap().unwrap().value, b"1");
+
+    let mut anon = cfg.clone();
+    anon.timeout = Duration::from_secs(2);
+    anon.tls = Some(trellis_store::EtcdTls { ca: Some(certs.join("ca.pem")), cert: None, key: None });
+    let result = match EtcdStore::connect(&anon).await {
+        Ok(s) => s.get("/tls/a").await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let e = result.expect_err("etcd demands a client certificate");
+    assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+}
