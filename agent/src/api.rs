@@ -363,6 +363,8 @@ impl proto::agent_server::Agent for AgentService {
             networks,
             local_endpoints: eps.iter().filter(|e| e.host == self.cluster.host).count() as u32,
             capabilities: self.capabilities.clone(),
+            last_full_reconcile_us: self.reconciler.last_full_us.load(std::sync::atomic::Ordering::Relaxed),
+            last_reconcile_us: last.duration.as_micros() as u64,
         }))
     }
 }

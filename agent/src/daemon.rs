@@ -202,7 +202,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                         break;
                     }
                     // Fold a burst of events into one pass.
-                    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(5), w.next()).await {}
+                    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {}
                     match reconciler.pass().await {
                         Ok(r) => settle(&cluster, &r).await,
                         Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),

@@ -223,6 +223,13 @@ impl NetlinkDataplane {
     }
 
     async fn plug(&self, s: &EndpointSpec) -> Result<()> {
+        // A container that asks for a peer's MAC before its host has the
+        // peer programmed gets no answer from the ARP proxy; retry in 20 ms
+        // rather than the kernel's default 1 s. ARP never leaves the host
+        // (the VXLAN device answers it locally), so retries cost nothing on
+        // the wire.
+        let sysctl = format!("/proc/sys/net/ipv4/neigh/{}/retrans_time_ms", s.ifname);
+        netns::run_in(&s.netns, move || std::fs::write(&sysctl, b"20"))?;
         let c = netns::handle_in(&s.netns)?;
         let object = format!("{} in {}", s.ifname, s.netns.display());
         let inside = Self::require(&c, &s.ifname).await?;

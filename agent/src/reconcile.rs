@@ -270,6 +270,8 @@ pub struct PassReport {
     pub finalizable: Vec<EndpointRecord>,
     pub finished: Option<SystemTime>,
     pub duration: Duration,
+    /// The pass read the whole kernel state back.
+    pub full: bool,
 }
 
 impl PassReport {
@@ -309,6 +311,8 @@ pub struct Reconciler {
     /// The desired state of the last pass (for status and host listings).
     last_desired: Mutex<Arc<DesiredHost>>,
     pub repairs: AtomicU64,
+    /// Duration of the last full pass, in microseconds.
+    pub last_full_us: AtomicU64,
 }
 
 impl Reconciler {
@@ -323,6 +327,7 @@ impl Reconciler {
             seen: Mutex::new(None),
             last_desired: Mutex::new(Arc::new(DesiredHost::default())),
             repairs: AtomicU64::new(0),
+            last_full_us: AtomicU64::new(0),
         }
     }
 
@@ -365,6 +370,7 @@ impl Reconciler {
         let want = desired(&networks, &endpoints, &hosts, &self.me);
         let t_load = t0.elapsed();
         let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
+        let cached_was_none = cached.is_none();
         let mut observed = match cached {
             Some(o) => o,
             None => self.dp.observe(true).await?,
@@ -430,6 +436,10 @@ impl Reconciler {
             .collect();
         self.repairs.fetch_add(actions.len() as u64, Ordering::Relaxed);
         report.duration = t0.elapsed();
+        report.full = cached_was_none;
+        if cached_was_none {
+            self.last_full_us.store(report.duration.as_micros() as u64, Ordering::Relaxed);
+        }
         report.finished = Some(SystemTime::now());
         let report = Arc::new(report);
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();

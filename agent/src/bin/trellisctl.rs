@@ -396,7 +396,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&json!({
                     "healthy": healthy, "host_id": s.host_id, "hostname": s.hostname, "version": s.version,
                     "store": {"backend": s.store_backend, "ok": s.store_ok, "error": s.store_error},
-                    "reconcile": {"passes": s.reconcile_passes, "last_unix_ms": s.last_reconcile_unix_ms, "errors": s.reconcile_errors},
+                    "reconcile": {
+                        "passes": s.reconcile_passes, "last_unix_ms": s.last_reconcile_unix_ms, "errors": s.reconcile_errors,
+                        "last_us": s.last_reconcile_us, "last_full_us": s.last_full_reconcile_us,
+                    },
                     "networks": s.networks, "local_endpoints": s.local_endpoints, "capabilities": s.capabilities,
                 }));
             } else {
@@ -407,7 +410,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.store_backend,
                     if s.store_ok { "ok".to_string() } else { format!("UNAVAILABLE: {}", s.store_error) }
                 );
-                println!("reconcile   {} passes, {} errors in the last", s.reconcile_passes, s.reconcile_errors.len());
+                println!(
+                    "reconcile   {} passes, {} errors in the last; last full pass {:.1} ms",
+                    s.reconcile_passes,
+                    s.reconcile_errors.len(),
+                    s.last_full_reconcile_us as f64 / 1e3
+                );
                 for e in &s.reconcile_errors {
                     println!("            {e}");
                 }
