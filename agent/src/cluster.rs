@@ -333,18 +333,33 @@ impl Cluster {
             }
             rec.deleting = true;
             let name_key = model::endpoint_name_key(&rec.network_id, &rec.name);
+            // One transaction: marked, and its name freed (the name key
+            // points at this endpoint as long as it is live).
             let out = self
                 .store
-                .txn(vec![Compare::ModRevision(key.clone(), kv.mod_revision)], vec![Op::put(key.clone(), encode(&rec))])
+                .txn(
+                    vec![
+                        Compare::ModRevision(key.clone(), kv.mod_revision),
+                        Compare::Value(name_key.clone(), rec.id.clone().into_bytes()),
+                    ],
+                    vec![Op::put(key.clone(), encode(&rec)), Op::delete(name_key)],
+                )
                 .await?;
             if out.succeeded {
-                self.store
+                return Ok(());
+            }
+            if self.store.get(&key).await?.is_some_and(|now| now.mod_revision == kv.mod_revision) {
+                // The name key was not ours (it should be): mark only.
+                let out = self
+                    .store
                     .txn(
-                        vec![Compare::Value(name_key.clone(), rec.id.clone().into_bytes())],
-                        vec![Op::delete(name_key)],
+                        vec![Compare::ModRevision(key.clone(), kv.mod_revision)],
+                        vec![Op::put(key.clone(), encode(&rec))],
                     )
                     .await?;
-                return Ok(());
+                if out.succeeded {
+                    return Ok(());
+                }
             }
         }
         Err(AgentError::Unavailable(format!("endpoint {} kept changing; try again", e.id)))

@@ -18,6 +18,11 @@ fn fdb(h: &trellis_integration::Host, network_id: &str) -> String {
         .unwrap_or_default()
 }
 
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn three_hosts_reach_each_other_by_ping_and_tcp() {
@@ -129,18 +134,27 @@ fn a_dead_host_leaves_its_peers_and_returns() {
     lab.hosts[2].kill9();
     let t0 = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(15), || !fdb(&lab.hosts[0], &id).contains(&dead_mac)
+        wait_for(Duration::from_secs(30), || !fdb(&lab.hosts[0], &id).contains(&dead_mac)
             && !fdb(&lab.hosts[1], &id).contains(&dead_mac)),
-        "the dead host's endpoint is still in its peers' FDBs"
+        "the dead host's endpoint is still in its peers' FDBs; host 1 fdb:\n{}\nhost 1 log:\n{}\nhost 2 log:\n{}",
+        fdb(&lab.hosts[0], &id),
+        tail(&lab.hosts[0].log(), 40),
+        tail(&lab.hosts[1].log(), 40)
     );
     let gone_after = t0.elapsed();
     eprintln!("dead host entries gone after {gone_after:?}");
-    assert!(gone_after < Duration::from_millis(3000 + 2000 + 1500), "took {gone_after:?} (TTL 3 s + resync)");
+    // Lease TTL 3 s, plus etcd's lease check, the watch and one pass; the
+    // margin is for a loaded CI machine (measured here: 2.7 to 2.9 s).
+    assert!(gone_after < Duration::from_millis(3000 + 5000), "took {gone_after:?} (TTL 3 s + resync)");
     let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
     assert_eq!(hosts.as_array().unwrap().len(), 2);
     // Back: re-registered, its endpoint reachable again.
     lab.hosts[2].start().unwrap();
-    assert!(wait_for(Duration::from_secs(10), || fdb(&lab.hosts[0], &id).contains(&dead_mac)));
+    assert!(
+        wait_for(Duration::from_secs(30), || fdb(&lab.hosts[0], &id).contains(&dead_mac)),
+        "the returning host's endpoint is not back in host 1's FDB; host 1 log:\n{}",
+        tail(&lab.hosts[0].log(), 40)
+    );
     assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&eps[0]), &ip_of(&eps[2]), 1)));
 }
 
@@ -167,8 +181,8 @@ fn agent_restart_and_etcd_outage_lose_no_packets() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(" 0% packet loss"), "{text}");
 
-    // etcd down for a while under traffic: the datapath does not notice.
-    let pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "150", "-i", "0.05", "-W", "1", &ip_of(&b)])
+    // etcd down for 30 s under traffic: the datapath does not notice.
+    let pinger = in_netns(&netns_of(&a), "ping", &["-q", "-c", "700", "-i", "0.05", "-W", "1", &ip_of(&b)])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -179,7 +193,7 @@ fn agent_restart_and_etcd_outage_lose_no_packets() {
     let err = lab.hosts[0].ctl_err(&["attach", "app", "--name", "c"]);
     assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
     assert!(err.contains("unavailable") || err.contains("store"), "{err}");
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(t0.elapsed()));
     lab.etcd.restart().unwrap();
     let out = pinger.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
