@@ -293,13 +293,13 @@ impl proto::agent_server::Agent for AgentService {
     }
 
     async fn list_hosts(&self, _: Request<proto::ListHostsRequest>) -> Result<Response<proto::HostList>, Status> {
-        let hosts = crate::hosts::live_hosts(self.cluster.store.as_ref()).await.map_err(AgentError::from)?;
+        let hosts = crate::hosts::live_hosts_seen(self.cluster.store.as_ref()).await.map_err(AgentError::from)?;
         let eps = self.cluster.endpoints().await?;
         let want = self.reconciler.last_desired();
         let seen = self.reconciler.seen();
         let hosts = hosts
             .iter()
-            .map(|h| {
+            .map(|(h, last_seen)| {
                 let count = eps.iter().filter(|e| e.host == h.id).count() as u32;
                 let tunnel = if h.id == self.cluster.host {
                     "local".to_string()
@@ -330,7 +330,7 @@ impl proto::agent_server::Agent for AgentService {
                     local: h.id == self.cluster.host,
                     endpoints: count,
                     tunnel,
-                    lease_ttl_ms: 0,
+                    last_seen_ms: last_seen.map(|d| d.as_millis() as i64).unwrap_or(-1),
                     capabilities: h.capabilities.clone().into_iter().collect(),
                 }
             })

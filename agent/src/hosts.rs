@@ -58,6 +58,21 @@ pub async fn keep_registered(store: Arc<dyn Store>, rec: HostRecord, ttl: Durati
     }
 }
 
+/// The live hosts with how long ago each last renewed its lease.
+pub async fn live_hosts_seen(store: &dyn Store) -> Result<Vec<(HostRecord, Option<Duration>)>, StoreError> {
+    let (items, _) = store.list(&model::hosts_prefix()).await?;
+    let mut out = Vec::with_capacity(items.len());
+    for kv in items {
+        let Ok(rec) = serde_json::from_slice::<HostRecord>(&kv.value) else { continue };
+        let seen = match kv.lease {
+            Some(l) => store.lease_time_to_live(l).await?.map(|(left, granted)| granted.saturating_sub(left)),
+            None => None,
+        };
+        out.push((rec, seen));
+    }
+    Ok(out)
+}
+
 /// The hosts alive in the cluster now.
 pub async fn live_hosts(store: &dyn Store) -> Result<Vec<HostRecord>, StoreError> {
     let (items, _) = store.list(&model::hosts_prefix()).await?;

@@ -89,6 +89,11 @@ fn three_hosts_reach_each_other_by_ping_and_tcp() {
     for h in hosts.iter().filter(|h| h["local"] == false) {
         assert!(h["tunnel"].as_str().unwrap().starts_with("programmed"), "{h}");
     }
+    for h in hosts {
+        // Renewed every TTL/3 = 1 s: last seen well within the 3 s TTL.
+        let seen = h["last_seen_ms"].as_i64().unwrap();
+        assert!((0..3000).contains(&seen), "{h}");
+    }
 }
 
 #[test]

@@ -206,12 +206,16 @@ pub async fn lease_expiry_deletes_keys(s: Arc<dyn Store>, p: &str) {
 
 pub async fn lease_revoke_deletes_keys(s: Arc<dyn Store>, p: &str) {
     let lease = s.lease_grant(Duration::from_secs(60)).await.unwrap();
+    let (left, granted) = s.lease_time_to_live(lease).await.unwrap().expect("a fresh lease is alive");
+    assert_eq!(granted, Duration::from_secs(60));
+    assert!(left > Duration::from_secs(55) && left <= granted, "{left:?} left of {granted:?}");
     for i in 0..3 {
         s.txn(vec![], vec![Op::put_with_lease(format!("{p}l/{i}"), b"v".to_vec(), lease)]).await.unwrap();
     }
     // Re-putting a key without the lease detaches it.
     s.put(&format!("{p}l/2"), b"v".to_vec()).await.unwrap();
     s.lease_revoke(lease).await.unwrap();
+    assert_eq!(s.lease_time_to_live(lease).await.unwrap(), None);
     let (left, _) = s.list(&format!("{p}l/")).await.unwrap();
     let keys: Vec<_> = left.iter().map(|kv| kv.key.strip_prefix(p).unwrap()).collect();
     assert_eq!(keys, ["l/2"]);

@@ -271,6 +271,18 @@ impl Store for EtcdStore {
         }
     }
 
+    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<(Duration, Duration)>> {
+        let mut c = self.client.clone();
+        match self.deadline(c.lease_time_to_live(lease, None)).await {
+            Ok(r) if r.ttl() > 0 => {
+                Ok(Some((Duration::from_secs(r.ttl() as u64), Duration::from_secs(r.granted_ttl().max(0) as u64))))
+            }
+            Ok(_) => Ok(None),
+            Err(e) if is_lease_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
         let mut c = self.client.clone();
         match self.deadline(c.lease_revoke(lease)).await {

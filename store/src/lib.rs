@@ -158,6 +158,9 @@ pub trait Store: Send + Sync + 'static {
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<()>;
     /// Revoke a lease and delete its keys now.
     async fn lease_revoke(&self, lease: LeaseId) -> Result<()>;
+    /// The time a lease has left and the TTL it was granted with; `None`
+    /// once it has expired.
+    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<(Duration, Duration)>>;
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<Revision> {
         Ok(self.txn(vec![], vec![Op::put(key, value)]).await?.revision)

@@ -387,6 +387,12 @@ impl Store for LocalStore {
         }
     }
 
+    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<(Duration, Duration)>> {
+        let st = self.inner.lock();
+        let now = Instant::now();
+        Ok(st.leases.get(&lease).filter(|l| l.deadline > now).map(|l| (l.deadline - now, l.ttl)))
+    }
+
     async fn lease_revoke(&self, lease: LeaseId) -> Result<()> {
         let (found, ops) = {
             let mut st = self.inner.lock();

@@ -365,6 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 "id": h.id, "hostname": h.hostname, "underlay": h.underlay, "vtep_mac": h.vtep_mac,
                                 "vxlan_port": h.vxlan_port, "version": h.version, "started_unix": h.started_unix,
                                 "local": h.local, "endpoints": h.endpoints, "tunnel": h.tunnel,
+                                "last_seen_ms": h.last_seen_ms,
                                 "capabilities": h.capabilities,
                             })
                         })
@@ -372,8 +373,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ));
             } else {
                 println!(
-                    "{:<18} {:<16} {:<16} {:<9} {:<10} TUNNEL",
-                    "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP SINCE"
+                    "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} TUNNEL",
+                    "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP", "LAST SEEN"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -382,9 +383,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for h in list {
                     let id = if h.local { format!("{} *", h.id) } else { h.id.clone() };
                     let up = format!("{}s", (now - h.started_unix).max(0));
+                    let seen = if h.last_seen_ms < 0 {
+                        "?".to_string()
+                    } else {
+                        format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3)
+                    };
                     println!(
-                        "{:<18} {:<16} {:<16} {:<9} {:<10} {}",
-                        id, h.hostname, h.underlay, h.endpoints, up, h.tunnel
+                        "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {}",
+                        id, h.hostname, h.underlay, h.endpoints, up, seen, h.tunnel
                     );
                 }
             }
