@@ -315,6 +315,16 @@ impl NetlinkDataplane {
         self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))
     }
 
+    /// The interface of the main table's default route, if any.
+    async fn default_oif(&self) -> Result<Option<u32>> {
+        Ok(self
+            .routes()
+            .await?
+            .iter()
+            .find(|r| route_table(r) == MAIN_TABLE && r.header.destination_prefix_length == 0)
+            .and_then(route_oif))
+    }
+
     async fn routes(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         let mut stream = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
@@ -546,23 +556,13 @@ impl Dataplane for NetlinkDataplane {
     }
 
     async fn underlay_mtu(&self) -> Result<u32> {
-        let default_oif = self
-            .routes()
-            .await?
-            .iter()
-            .find(|r| route_table(r) == MAIN_TABLE && r.header.destination_prefix_length == 0)
-            .and_then(route_oif);
+        let default_oif = self.default_oif().await?;
         let Some(oif) = default_oif else { return Ok(1500) };
         Ok(self.links().await?.iter().find(|l| l.index == oif).map(|l| l.mtu).unwrap_or(1500))
     }
 
     async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
-        let default_oif = self
-            .routes()
-            .await?
-            .iter()
-            .find(|r| route_table(r) == MAIN_TABLE && r.header.destination_prefix_length == 0)
-            .and_then(route_oif);
+        let default_oif = self.default_oif().await?;
         let Some(oif) = default_oif else { return Ok(None) };
         let mut request = self.handle.address().get().set_link_index_filter(oif);
         request.message_mut().header.family = AddressFamily::Inet;

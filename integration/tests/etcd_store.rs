@@ -17,31 +17,7 @@ async fn etcd_store() -> (Etcd, Arc<dyn Store>) {
 
 mod conformance {
     use super::*;
-
-    macro_rules! etcd_checks {
-        ($($check:ident),+) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $check() {
-                    let (_etcd, store) = etcd_store().await;
-                    let prefix = format!("/conformance/{}/", stringify!($check));
-                    trellis_store::conformance::$check(store, &prefix).await;
-                }
-            )+
-        };
-    }
-
-    etcd_checks!(
-        put_get_delete,
-        list_prefix,
-        txn_compare_and_swap,
-        txn_rejects_duplicate_keys,
-        concurrent_cas_loses_nothing,
-        watch_prefix_in_order,
-        watch_resumes_from_revision,
-        lease_expiry_deletes_keys,
-        lease_revoke_deletes_keys
-    );
+    trellis_store::store_conformance_tests!(etcd_store());
 }
 
 /// An unreachable etcd is a clear, quick error on the call, never a hang.

@@ -222,9 +222,9 @@ pub async fn lease_revoke_deletes_keys(s: Arc<dyn Store>, p: &str) {
 }
 
 /// Generates one `#[tokio::test]` per conformance check for a backend.
-/// `$make` is an async expression producing an `Arc<dyn Store>`; `$gate` is
-/// an expression evaluated first that may return early with a reason to
-/// ignore (tests that need an external service), or `None`.
+/// `$make` is an async expression producing `(guard, Arc<dyn Store>)`: the
+/// guard (an external server, a temporary directory, or `()`) lives as long
+/// as the test.
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($make:expr) => {
@@ -245,7 +245,7 @@ macro_rules! store_conformance_tests {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
-                let store: ::std::sync::Arc<dyn $crate::Store> = $make.await;
+                let (_guard, store): (_, ::std::sync::Arc<dyn $crate::Store>) = $make.await;
                 let prefix = format!("/conformance/{}/{}/", stringify!($check), ::std::process::id());
                 $crate::conformance::$check(store, &prefix).await;
             }

@@ -2,14 +2,20 @@
 
 mod memory {
     use std::sync::Arc;
-    trellis_store::store_conformance_tests!(async { Arc::new(trellis_store::LocalStore::memory()) });
+    use trellis_store::Store;
+    trellis_store::store_conformance_tests!(async {
+        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        ((), store)
+    });
 }
 
 mod redb {
     use std::sync::Arc;
+    use trellis_store::Store;
     trellis_store::store_conformance_tests!(async {
-        // The directory must outlive the store: leak it for the test's life.
-        let dir = tempfile::tempdir().unwrap().keep();
-        Arc::new(trellis_store::LocalStore::open_redb(&dir.join("store.redb")).unwrap())
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(trellis_store::LocalStore::open_redb(&dir.path().join("store.redb")).unwrap());
+        (dir, store)
     });
 }
