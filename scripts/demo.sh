@@ -43,11 +43,16 @@ ip -n $HOST route add default via 198.18.200.2
 
 say "starting trellisd (embedded store in $STATE)"
 mkdir -p "$RUN"
-nsenter --net=/run/netns/$HOST -- "$BIN/trellisd" --state-dir "$STATE" --run-dir "$RUN" >"$RUN/trellisd.log" 2>&1 &
-echo $! >"$RUN/trellisd.pid"
+start_agent() {
+  # In a subshell, so the shell does not report the agent's death as a job.
+  (nsenter --net=/run/netns/$HOST -- "$BIN/trellisd" --state-dir "$STATE" --run-dir "$RUN" >>"$RUN/trellisd.log" 2>&1 &
+   echo $! >"$RUN/trellisd.pid")
+}
+start_agent
 for _ in $(seq 100); do [ -S "$TRELLIS_SOCKET" ] && break; sleep 0.1; done
 [ -S "$TRELLIS_SOCKET" ] || { cat "$RUN/trellisd.log"; exit 1; }
 ctl status
+ctl host ls
 
 say "a network and two endpoints"
 ctl network create app --subnet 10.30.0.0/24 --attachable
@@ -77,8 +82,7 @@ in_ns "$CLIENT_NS" ping -q -c 60 -i 0.05 "$WEB" > "$RUN/ping.txt" &
 P=$!
 sleep 0.8; kill -9 "$(cat "$RUN/trellisd.pid")"; echo "trellisd killed"
 sleep 0.5
-nsenter --net=/run/netns/$HOST -- "$BIN/trellisd" --state-dir "$STATE" --run-dir "$RUN" >>"$RUN/trellisd.log" 2>&1 &
-echo $! >"$RUN/trellisd.pid"; echo "trellisd restarted"
+start_agent; echo "trellisd restarted"
 wait $P; tail -2 "$RUN/ping.txt"
 for _ in $(seq 100); do [ -S "$TRELLIS_SOCKET" ] && break; sleep 0.1; done
 ctl network ls
