@@ -1,6 +1,219 @@
-//! The Trellis eBPF datapath (anti-spoofing, tenant isolation, service VIP
-//! load balancing, DNS interception).
+//! The Trellis eBPF datapath.
 //!
-//! Not built yet: this crate holds the place the design gives it in the
-//! workspace. The programs (C, compiled by `build.rs` with clang-19), the
-//! map layouts and the aya loader arrive with the eBPF datapath issue.
+//! The programs are C (`bpf/*.bpf.c`, compiled by `build.rs` with clang-19);
+//! their map layouts live in one header (`include/trellis.h`) mirrored here
+//! by `#[repr(C)]` types whose sizes and offsets are checked on both sides
+//! (C `_Static_assert`s, Rust tests). [`Datapath`] loads them with aya.
+//!
+//! Built so far: the program on the host side of every endpoint veth that
+//! drops packets with a spoofed source MAC, IPv4 source or ARP sender and
+//! counts traffic and drops per endpoint. Not wired into the agent yet.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{HashMap, PerCpuHashMap};
+use aya::programs::tc::{NlOptions, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, Pod};
+
+/// The compiled endpoint program.
+pub static ENDPOINT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/endpoint.bpf.o"));
+
+/// `struct endpoint_info` of `trellis.h`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// IPv4 address in network byte order.
+    pub ip: u32,
+    pub mac: [u8; 6],
+    pub pad: u16,
+    /// The network's VNI.
+    pub net_id: u32,
+    pub flags: u32,
+}
+
+// SAFETY: plain old data with no padding the compiler may leave
+// uninitialised (checked by the layout test).
+unsafe impl Pod for EndpointInfo {}
+
+impl EndpointInfo {
+    pub fn new(ip: Ipv4Addr, mac: [u8; 6], net_id: u32) -> EndpointInfo {
+        EndpointInfo { ip: u32::from_ne_bytes(ip.octets()), mac, pad: 0, net_id, flags: 0 }
+    }
+}
+
+/// `enum drop_reason` of `trellis.h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    SpoofMac = 0,
+    SpoofIp = 1,
+    SpoofArp = 2,
+    SpoofIpv6 = 3,
+    Malformed = 4,
+}
+
+pub const DROP_REASONS: usize = 8;
+
+/// `struct endpoint_counters` of `trellis.h` (one per CPU in the map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    pub from_packets: u64,
+    pub from_bytes: u64,
+    pub to_packets: u64,
+    pub to_bytes: u64,
+    pub drops: [u64; DROP_REASONS],
+}
+
+// SAFETY: as above.
+unsafe impl Pod for EndpointCounters {}
+
+impl EndpointCounters {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+}
+
+/// How a program is attached to an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// tcx where the kernel has it (≥ 6.6), clsact below.
+    Auto,
+    /// A clsact qdisc and a tc filter, as on kernels before 6.6.
+    Clsact,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("eBPF program {call}: {source}")]
+    Program {
+        call: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {call}: {source}")]
+    Map {
+        call: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("adding a clsact qdisc to {ifname}: {source}")]
+    Clsact { ifname: String, source: std::io::Error },
+}
+
+pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+const PROGRAM: &str = "trellis_from_endpoint";
+
+/// The loaded endpoint program and its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+}
+
+impl Datapath {
+    /// Load (and verify) the endpoint program.
+    pub fn load() -> Result<Datapath> {
+        let mut ebpf = EbpfLoader::new().load(ENDPOINT_OBJECT)?;
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DatapathError::Missing("endpoint program"))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { call: "lookup", source })?;
+        prog.load().map_err(|source| DatapathError::Program { call: "load", source })?;
+        Ok(Datapath { ebpf })
+    }
+
+    fn program(&mut self) -> Result<&mut SchedClassifier> {
+        self.ebpf
+            .program_mut(PROGRAM)
+            .ok_or(DatapathError::Missing("endpoint program"))?
+            .try_into()
+            .map_err(|source| DatapathError::Program { call: "lookup", source })
+    }
+
+    /// Attach to the ingress of `ifname` (the host side of an endpoint's
+    /// veth: what the endpoint sends), in the calling thread's namespace.
+    pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
+        let prog = self.program()?;
+        let attached = match mode {
+            AttachMode::Auto => prog.attach(ifname, TcAttachType::Ingress),
+            AttachMode::Clsact => {
+                if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
+                    let io = std::io::Error::other(e.to_string());
+                    if !e.to_string().contains("exists") {
+                        return Err(DatapathError::Clsact { ifname: ifname.to_string(), source: io });
+                    }
+                }
+                prog.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
+            }
+        };
+        attached.map(|_| ()).map_err(|source| DatapathError::Program { call: "attach", source })
+    }
+
+    /// Program (or update) an endpoint, keyed by its host-side ifindex.
+    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        let map = self.ebpf.map_mut("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
+        let mut eps: HashMap<_, u32, EndpointInfo> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open endpoints", source })?;
+        eps.insert(ifindex, info, 0).map_err(|source| DatapathError::Map { call: "insert endpoint", source })
+    }
+
+    /// The counters of an endpoint, summed over CPUs (zero before its
+    /// first packet).
+    pub fn counters(&self, ifindex: u32) -> Result<EndpointCounters> {
+        let map = self.ebpf.map("counters").ok_or(DatapathError::Missing("counters map"))?;
+        let per_cpu: PerCpuHashMap<_, u32, EndpointCounters> =
+            PerCpuHashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open counters", source })?;
+        let values = match per_cpu.get(&ifindex, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(EndpointCounters::default()),
+            Err(source) => return Err(DatapathError::Map { call: "read counters", source }),
+        };
+        let mut sum = EndpointCounters::default();
+        for c in values.iter() {
+            sum.from_packets += c.from_packets;
+            sum.from_bytes += c.from_bytes;
+            sum.to_packets += c.to_packets;
+            sum.to_bytes += c.to_bytes;
+            for (s, d) in sum.drops.iter_mut().zip(c.drops.iter()) {
+                *s += d;
+            }
+        }
+        Ok(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    /// The same numbers as the `_Static_assert`s of `trellis.h`.
+    #[test]
+    fn layouts_match_the_c_header() {
+        assert_eq!(size_of::<EndpointInfo>(), 20);
+        assert_eq!(offset_of!(EndpointInfo, mac), 4);
+        assert_eq!(offset_of!(EndpointInfo, net_id), 12);
+        assert_eq!(size_of::<EndpointCounters>(), 96);
+        assert_eq!(offset_of!(EndpointCounters, drops), 32);
+        assert_eq!(DropReason::Malformed as usize, 4);
+    }
+
+    #[test]
+    fn addresses_are_stored_in_network_order() {
+        let e = EndpointInfo::new(Ipv4Addr::new(10, 1, 2, 3), [2, 0, 0, 0, 0, 1], 4096);
+        assert_eq!(e.ip.to_ne_bytes(), [10, 1, 2, 3]);
+    }
+
+    #[test]
+    fn the_object_is_an_ebpf_elf() {
+        assert_eq!(&ENDPOINT_OBJECT[..4], b"\x7fELF");
+        // e_machine = EM_BPF (247), little endian.
+        assert_eq!(u16::from_le_bytes([ENDPOINT_OBJECT[18], ENDPOINT_OBJECT[19]]), 247);
+    }
+}

@@ -1,0 +1,34 @@
+//! Compiles the datapath programs (`bpf/*.bpf.c`) with clang-19.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The programs under `bpf/`, by file stem.
+const PROGRAMS: &[&str] = &["endpoint"];
+
+fn main() {
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    println!("cargo:rerun-if-changed=bpf");
+    println!("cargo:rerun-if-changed=include");
+    let clang = std::env::var("TRELLIS_CLANG").unwrap_or_else(|_| "clang-19".into());
+    for prog in PROGRAMS {
+        let src = format!("bpf/{prog}.bpf.c");
+        let obj = out.join(format!("{prog}.bpf.o"));
+        let result = Command::new(&clang)
+            .args(["-O2", "-g", "-target", "bpf", "-D__TARGET_ARCH_x86", "-Wall", "-Werror"])
+            .args(["-I", "include", "-I", "/usr/include/x86_64-linux-gnu"])
+            .arg("-c")
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .output();
+        match result {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!("compiling {src} with {clang} failed:\n{}", String::from_utf8_lossy(&o.stderr)),
+            Err(e) => panic!(
+                "running {clang} to compile {src}: {e}\n(the eBPF datapath needs clang-19 and libbpf-dev: \
+                 `apt-get install -y clang-19 libbpf-dev`, or run scripts/setup.sh)"
+            ),
+        }
+    }
+}
