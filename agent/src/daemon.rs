@@ -187,22 +187,43 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let store = store.clone();
         let cluster = cluster.clone();
         tokio::spawn(async move {
+            // Resume after the last event seen, so a broken watch (an etcd
+            // restart) misses nothing; if that revision is compacted away,
+            // start afresh and reconcile at once.
+            let mut next: trellis_store::Revision = 0;
             loop {
-                let mut w = match store.watch(model::ROOT, 0).await {
+                let mut w = match store.watch(model::ROOT, next).await {
                     Ok(w) => w,
+                    Err(trellis_store::StoreError::Compacted { .. }) => {
+                        next = 0;
+                        if let Ok(r) = reconciler.pass().await {
+                            settle(&cluster, &r).await;
+                        }
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "watching the store failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                         continue;
                     }
                 };
-                while let Some(ev) = w.next().await {
-                    if let Err(e) = ev {
-                        tracing::warn!(error = %e, "store watch broke; resubscribing");
-                        break;
-                    }
+                loop {
+                    let ev = match w.next().await {
+                        Some(Ok(ev)) => ev,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "store watch broke; resubscribing");
+                            break;
+                        }
+                        None => {
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            break;
+                        }
+                    };
+                    next = next.max(ev.kv.mod_revision + 1);
                     // Fold a burst of events into one pass.
-                    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {}
+                    while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {
+                        next = next.max(ev.kv.mod_revision + 1);
+                    }
                     match reconciler.pass().await {
                         Ok(r) => settle(&cluster, &r).await,
                         Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
