@@ -21,6 +21,7 @@ cleanup() {
   [ -f "$RUN/trellisd.pid" ] && kill "$(cat "$RUN/trellisd.pid")" 2>/dev/null || true
   sleep 0.3
   for f in "$RUN"/netns/*; do [ -e "$f" ] && umount -l "$f" 2>/dev/null; done
+  mountpoint -q "$RUN/bpf" 2>/dev/null && umount -l "$RUN/bpf"
   ip netns del $HOST 2>/dev/null || true
   ip netns del $OUT 2>/dev/null || true
   rm -rf "$STATE" "$RUN"

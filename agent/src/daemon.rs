@@ -61,7 +61,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => crate::config::host_id(&cfg.state_dir).context("reading the host id")?,
     };
     let store = open_store(&cfg).await?;
-    let dataplane: Arc<dyn Dataplane> = Arc::new(NetlinkDataplane::new().context("opening netlink")?);
+    let netlink = NetlinkDataplane::new().context("opening netlink")?;
+    // The eBPF endpoint program, with maps and links pinned in a bpffs of
+    // this agent's own (under its run dir): they outlive the agent.
+    let (netlink, ebpf) = match netlink.with_ebpf(&cfg.run_dir.join("bpf")) {
+        Ok(n) => (n, true),
+        Err(e) => {
+            tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");
+            (NetlinkDataplane::new().context("opening netlink")?, false)
+        }
+    };
+    let dataplane: Arc<dyn Dataplane> = Arc::new(netlink);
     let cluster = Arc::new(Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len));
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {
@@ -74,8 +84,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         underlay,
         vtep_mac: model::parse_mac(&vtep_mac).expect("vtep_mac() returns a valid MAC"),
         vxlan_port: cfg.vxlan_port,
+        ebpf,
     };
-    let caps = capabilities();
+    let mut caps = capabilities();
+    caps.insert("ebpf".to_string(), ebpf);
     // Register this host (the lease renewal runs in the background; a
     // store that is down now is retried there).
     let record = HostRecord {

@@ -54,6 +54,8 @@ pub struct VxlanSpec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Observed {
     pub links: BTreeMap<String, ObservedLink>,
+    /// Interfaces with the endpoint program attached (pinned links).
+    pub programs: BTreeSet<String>,
     /// The fingerprint of the installed egress rules, if any are.
     pub egress: Option<String>,
 }
@@ -119,6 +121,12 @@ impl Observed {
                 self.links.remove(name).ok_or_else(|| missing(name))?;
             }
             Action::ApplyEgress(rules) => self.egress = Some(rules.fingerprint()),
+            Action::AttachProgram { ifname, .. } => {
+                self.programs.insert(ifname.clone());
+            }
+            Action::DetachProgram { ifname } => {
+                self.programs.remove(ifname);
+            }
         }
         Ok(())
     }
@@ -183,6 +191,17 @@ pub enum Action {
         ip: IpAddr,
         mac: Mac,
     },
+    /// Attach the endpoint program to an endpoint's host-side veth and
+    /// program its entry (replacing any earlier attachment).
+    AttachProgram {
+        ifname: String,
+        ip: IpAddr,
+        mac: Mac,
+        vni: u32,
+    },
+    DetachProgram {
+        ifname: String,
+    },
     DeleteLink {
         name: String,
     },
@@ -221,6 +240,8 @@ pub enum DataplaneError {
     LinkNotFound(String),
     #[error("nftables: {0}")]
     Nftables(String),
+    #[error("eBPF: {0}")]
+    Ebpf(String),
 }
 
 pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;

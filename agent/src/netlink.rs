@@ -47,6 +47,9 @@ fn nl(call: &'static str, object: impl Into<String>) -> impl FnOnce(rtnetlink::E
 
 pub struct NetlinkDataplane {
     handle: rtnetlink::Handle,
+    /// The eBPF endpoint program, when it could be loaded, and the bpffs
+    /// directory of its pinned links.
+    bpf: Option<(std::sync::Mutex<trellis_ebpf::Datapath>, std::path::PathBuf)>,
 }
 
 struct LinkSummary {
@@ -111,7 +114,52 @@ impl NetlinkDataplane {
             source: e,
         })?;
         tokio::spawn(conn);
-        Ok(NetlinkDataplane { handle })
+        Ok(NetlinkDataplane { handle, bpf: None })
+    }
+
+    /// Load the endpoint program with maps and links pinned under `dir`
+    /// (a bpffs mount of this agent's, made if absent), so that they
+    /// outlive the agent and a restarted agent adopts them.
+    pub fn with_ebpf(mut self, dir: &std::path::Path) -> std::result::Result<NetlinkDataplane, String> {
+        trellis_ebpf::mount_bpffs(dir)?;
+        let maps = dir.join("maps");
+        let links = dir.join("links");
+        for d in [&maps, &links] {
+            std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+        }
+        let dp = trellis_ebpf::Datapath::load_pinned(&maps).map_err(|e| e.to_string())?;
+        self.bpf = Some((std::sync::Mutex::new(dp), links));
+        Ok(self)
+    }
+
+    fn pinned_programs(&self) -> BTreeSet<String> {
+        let Some((_, links)) = &self.bpf else { return BTreeSet::new() };
+        std::fs::read_dir(links)
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn attach_program(&self, ifname: &str, ip: IpAddr, mac: Mac, vni: u32) -> Result<()> {
+        let Some((dp, links)) = &self.bpf else { return Ok(()) };
+        let IpAddr::V4(v4) = ip else { return Ok(()) };
+        let index = Self::require(&self.handle, ifname).await?;
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
+        dp.set_endpoint(index, trellis_ebpf::EndpointInfo::new(v4, mac, vni)).map_err(ebpf)?;
+        dp.attach_persistent(ifname, &links.join(ifname)).map_err(ebpf)
+    }
+
+    async fn detach_program(&self, ifname: &str) -> Result<()> {
+        let Some((dp, links)) = &self.bpf else { return Ok(()) };
+        if let Some(index) = Self::index_of(&self.handle, ifname).await? {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            dp.remove_endpoint(index).map_err(|e| DataplaneError::Ebpf(format!("{ifname}: {e}")))?;
+        }
+        match std::fs::remove_file(links.join(ifname)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DataplaneError::Io { call: "unpin link", object: ifname.to_string(), source: e }),
+        }
     }
 
     async fn links(&self) -> Result<Vec<LinkSummary>> {
@@ -415,7 +463,7 @@ impl Dataplane for NetlinkDataplane {
             (fdb, neigh) = self.tunnel_entries(&vxlans).await?;
         }
         let egress = if rules { self.egress_fingerprint().await? } else { None };
-        let mut observed = Observed { egress, ..Observed::default() };
+        let mut observed = Observed { egress, programs: self.pinned_programs(), ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),
@@ -477,6 +525,8 @@ impl Dataplane for NetlinkDataplane {
                 Ok(())
             }
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
+            Action::AttachProgram { ifname, ip, mac, vni } => self.attach_program(ifname, *ip, *mac, *vni).await,
+            Action::DetachProgram { ifname } => self.detach_program(ifname).await,
             Action::CreateVxlan(v) => self.create_vxlan(v).await,
             Action::AddFdb { link, mac, dst } => {
                 let index = Self::require(&self.handle, link).await?;

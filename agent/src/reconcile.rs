@@ -25,12 +25,14 @@ pub struct Identity {
     pub underlay: Option<IpAddr>,
     pub vtep_mac: Mac,
     pub vxlan_port: u16,
+    /// The eBPF endpoint program could be loaded: attach it everywhere.
+    pub ebpf: bool,
 }
 
 impl Identity {
     /// An identity with no underlay (single host, tests).
     pub fn local(host: &str) -> Identity {
-        Identity { host: host.to_string(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 1], vxlan_port: 4789 }
+        Identity { host: host.to_string(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 1], vxlan_port: 4789, ebpf: false }
     }
 }
 
@@ -57,6 +59,8 @@ pub struct DesiredHost {
     pub endpoints: BTreeMap<String, EndpointSpec>,
     /// Keyed by device name.
     pub vxlans: BTreeMap<String, DesiredVxlan>,
+    /// Endpoint veths that carry the endpoint program (with the VNI).
+    pub programs: BTreeMap<String, u32>,
     pub egress: EgressRules,
 }
 
@@ -103,6 +107,17 @@ pub fn desired(
                 default_via: if n.internal { None } else { n.gateway },
             },
         );
+    }
+    if me.ebpf {
+        for (name, spec) in &d.endpoints {
+            let vni = endpoints
+                .iter()
+                .find(|e| e.id == spec.endpoint_id)
+                .and_then(|e| by_id.get(e.network_id.as_str()))
+                .map(|n| n.vni)
+                .unwrap_or(0);
+            d.programs.insert(name.clone(), vni);
+        }
     }
     // Tunnels: on a host with endpoints on a network, a VXLAN device with a
     // static FDB entry (MAC → VTEP) and neighbour entry (IP → MAC) for
@@ -248,6 +263,25 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
                 }));
             }
         }
+    }
+
+    // The endpoint program: on every endpoint veth, again whenever the veth
+    // was (re)created in this pass; off interfaces that are no endpoint's.
+    let created: BTreeSet<String> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreateEndpoint(s) => Some(s.host_if.clone()),
+            _ => None,
+        })
+        .collect();
+    for (name, vni) in &desired.programs {
+        if !observed.programs.contains(name) || created.contains(name) {
+            let spec = &desired.endpoints[name];
+            acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, vni: *vni });
+        }
+    }
+    for name in observed.programs.iter().filter(|n| !desired.programs.contains_key(*n)) {
+        acts.push(Action::DetachProgram { ifname: name.clone() });
     }
 
     if observed.egress.as_deref() != Some(desired.egress.fingerprint().as_str()) {

@@ -17,6 +17,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct endpoint_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 
 struct {
@@ -24,6 +25,7 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__type(value, struct endpoint_counters);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } counters SEC(".maps");
 
 /* An ARP header (as linux/if_arp.h has it, which pulls in libc headers). */

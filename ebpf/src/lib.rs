@@ -10,8 +10,10 @@
 //! counts traffic and drops per endpoint. Not wired into the agent yet.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 
 use aya::maps::{HashMap, PerCpuHashMap};
+use aya::programs::links::FdLink;
 use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -102,6 +104,8 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("pinning a link at {path}: {reason}")]
+    Pin { path: std::path::PathBuf, reason: String },
     #[error("adding a clsact qdisc to {ifname}: {source}")]
     Clsact { ifname: String, source: std::io::Error },
 }
@@ -116,9 +120,20 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Load (and verify) the endpoint program.
-    pub fn load() -> Result<Datapath> {
-        let mut ebpf = EbpfLoader::new().load(ENDPOINT_OBJECT)?;
+    /// Load the endpoint program with its maps pinned in `pin_dir` (a bpffs
+    /// directory): maps already pinned there are reused, so endpoint entries
+    /// and counters outlive the process.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Datapath> {
+        Datapath::load_with(Some(pin_dir))
+    }
+
+    fn load_with(pin_dir: Option<&Path>) -> Result<Datapath> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = pin_dir {
+            loader.default_map_pin_directory(dir);
+        }
+        // (Its maps are declared pinned by name: loading needs a bpffs.)
+        let mut ebpf = loader.load(ENDPOINT_OBJECT)?;
         let prog: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .ok_or(DatapathError::Missing("endpoint program"))?
@@ -155,6 +170,52 @@ impl Datapath {
         attached.map(|_| ()).map_err(|source| DatapathError::Program { call: "attach", source })
     }
 
+    /// Attach to the ingress of `ifname` so that it stays attached after
+    /// this process exits: a tcx link is pinned at `link_pin` (replacing
+    /// an old pin there); a netlink (clsact) filter stays by itself.
+    pub fn attach_persistent(&mut self, ifname: &str, link_pin: &Path) -> Result<()> {
+        let prog = self.program()?;
+        let id = prog
+            .attach(ifname, TcAttachType::Ingress)
+            .map_err(|source| DatapathError::Program { call: "attach", source })?;
+        let link = prog.take_link(id).map_err(|source| DatapathError::Program { call: "take link", source })?;
+        match FdLink::try_from(link) {
+            Ok(fd_link) => {
+                let _ = std::fs::remove_file(link_pin);
+                fd_link
+                    .pin(link_pin)
+                    .map_err(|e| DatapathError::Pin { path: link_pin.to_path_buf(), reason: e.to_string() })?;
+            }
+            Err(e) => {
+                // Not a tcx link (kernel < 6.6): the tc filter is in the
+                // kernel already; keep it there when this handle goes.
+                tracing_free_forget(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove an endpoint's entry.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        let map = self.ebpf.map_mut("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
+        let mut eps: HashMap<_, u32, EndpointInfo> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open endpoints", source })?;
+        match eps.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(DatapathError::Map { call: "remove endpoint", source }),
+        }
+    }
+
+    /// The ifindexes that have endpoint entries.
+    pub fn endpoint_ifindexes(&self) -> Result<Vec<u32>> {
+        let map = self.ebpf.map("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
+        let eps: HashMap<_, u32, EndpointInfo> =
+            HashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open endpoints", source })?;
+        eps.keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|source| DatapathError::Map { call: "list endpoints", source })
+    }
+
     /// Program (or update) an endpoint, keyed by its host-side ifindex.
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
         let map = self.ebpf.map_mut("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
@@ -186,6 +247,28 @@ impl Datapath {
         }
         Ok(sum)
     }
+}
+
+/// Mount a bpffs at `dir` unless one is there already.
+pub fn mount_bpffs(dir: &std::path::Path) -> std::result::Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let target = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        f.get(4).is_some_and(|m| std::path::Path::new(m) == target) && l.contains(" - bpf ")
+    });
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(Some("bpf"), &target, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| format!("mounting bpffs at {}: {e}", target.display()))
+}
+
+/// Keep a netlink-attached filter in the kernel: dropping aya's handle
+/// would detach it.
+fn tracing_free_forget<T>(link: T) {
+    std::mem::forget(link);
 }
 
 #[cfg(test)]

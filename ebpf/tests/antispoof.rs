@@ -28,12 +28,22 @@ fn check(mode: AttachMode) {
     ctr.ip(&["addr", "add", "10.201.0.2/24", "dev", "eth0"]).unwrap();
     assert!(ping(&ctr.path(), "10.201.0.1", 1), "the plain veth works");
 
+    // Maps are pinned in a bpffs of this test's own.
+    let bpf = tempfile::tempdir().unwrap();
+    trellis_ebpf::mount_bpffs(bpf.path()).unwrap();
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _unmount = Unmount(bpf.path().to_path_buf());
     // Load and attach from a thread inside the host namespace.
-    let (host_path, ifname) = (host.path(), hv.clone());
+    let (host_path, ifname, pins) = (host.path(), hv.clone(), bpf.path().to_path_buf());
     let mut dp = std::thread::spawn(move || {
         let ns = std::fs::File::open(host_path).unwrap();
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut dp = Datapath::load().expect("loading the endpoint program");
+        let mut dp = Datapath::load_pinned(&pins).expect("loading the endpoint program");
         dp.attach(&ifname, mode).expect("attaching");
         dp
     })

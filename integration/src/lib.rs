@@ -297,12 +297,14 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.kill9();
-        // Unmount the namespaces the agent pinned under the run dir.
+        // Unmount the namespaces the agent pinned under the run dir, and
+        // its bpffs (pinned maps and links).
         if let Ok(entries) = std::fs::read_dir(self.run_dir().join("netns")) {
             for e in entries.flatten() {
                 let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
             }
         }
+        let _ = nix::mount::umount2(&self.run_dir().join("bpf"), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

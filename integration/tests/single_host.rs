@@ -405,3 +405,47 @@ fn config_file_sets_defaults_and_agent_needs_root() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The agent attaches the eBPF endpoint program to every endpoint veth:
+/// a spoofed source address is dropped, and the program (pinned) stays
+/// attached through a kill -9 of the agent, which adopts it on restart.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn endpoints_cannot_spoof_and_the_program_outlives_the_agent() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    let status = h.ctl_json(&["status"]).unwrap();
+    assert_eq!(status["capabilities"]["ebpf"], true, "{status}");
+    h.ctl(&["network", "create", "app", "--subnet", "10.46.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    let pins = h.run_dir().join("bpf/links");
+    let pinned = || {
+        let mut v: Vec<String> =
+            std::fs::read_dir(&pins).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+        v.sort();
+        v
+    };
+    let mut want = vec![a["host_ifname"].as_str().unwrap().to_string(), b["host_ifname"].as_str().unwrap().to_string()];
+    want.sort();
+    assert_eq!(pinned(), want);
+    in_netns(&netns_of(&a), "ip", &["addr", "add", "10.46.0.99/24", "dev", "eth0"]).status().unwrap();
+    let spoof = || {
+        in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "10.46.0.99", &ip_of(&b)])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1), "legitimate traffic passes");
+    assert!(!spoof(), "a spoofed source address got through");
+    h.kill9();
+    assert!(!spoof(), "without the agent, the pinned program still drops spoofed packets");
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1));
+    h.start().unwrap();
+    assert_eq!(pinned(), want, "the restarted agent adopted the pinned links");
+    assert!(!spoof());
+    // Detached endpoints lose their program.
+    h.ctl(&["detach", "b"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || pinned().len() == 1), "{:?}", pinned());
+}
