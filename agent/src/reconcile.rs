@@ -627,6 +627,46 @@ mod tests {
     }
 
     #[test]
+    fn the_endpoint_program_follows_the_veths() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+        let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")];
+        let me = Identity { ebpf: true, ..Identity::local("h1") };
+        let d = desired(&nets, &eps, &[], &me);
+        assert_eq!(d.programs.keys().collect::<Vec<_>>(), ["trv-e1", "trv-e2"]);
+        assert!(desired(&nets, &eps, &[], &Identity::local("h1")).programs.is_empty(), "none without eBPF");
+        let acts = diff(&d, &Observed::default());
+        let attach: Vec<_> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::AttachProgram { ifname, ip, vni, .. } => Some((ifname.as_str(), ip.to_string(), *vni)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(attach, [("trv-e1", "10.1.0.2".to_string(), 4096), ("trv-e2", "10.1.0.3".to_string(), 4096)]);
+        let pos = |f: &dyn Fn(&Action) -> bool| acts.iter().position(f).unwrap();
+        assert!(
+            pos(&|a| matches!(a, Action::CreateEndpoint(s) if s.host_if == "trv-e1"))
+                < pos(&|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1")),
+            "the veth exists before the program is attached"
+        );
+        let mut obs = Observed::default();
+        for a in &acts {
+            obs.record(a).unwrap();
+        }
+        assert!(diff(&d, &obs).is_empty());
+        // A veth recreated by a repair gets the program again; a stale
+        // attachment goes.
+        obs.links.remove("trv-e1");
+        obs.programs.insert("trv-gone".into());
+        let acts = diff(&d, &obs);
+        assert!(
+            acts.iter().any(|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1")),
+            "{acts:?}"
+        );
+        assert!(acts.contains(&Action::DetachProgram { ifname: "trv-gone".into() }), "{acts:?}");
+    }
+
+    #[test]
     fn diff_from_scratch_creates_in_order() {
         let nets = vec![network("aaaa", "10.1.0.0/24", false)];
         let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
