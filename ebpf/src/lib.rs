@@ -158,12 +158,7 @@ impl Datapath {
         let attached = match mode {
             AttachMode::Auto => prog.attach(ifname, TcAttachType::Ingress),
             AttachMode::Clsact => {
-                if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
-                    let io = std::io::Error::other(e.to_string());
-                    if !e.to_string().contains("exists") {
-                        return Err(DatapathError::Clsact { ifname: ifname.to_string(), source: io });
-                    }
-                }
+                add_clsact(ifname)?;
                 prog.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
             }
         };
@@ -171,25 +166,36 @@ impl Datapath {
     }
 
     /// Attach to the ingress of `ifname` so that it stays attached after
-    /// this process exits: a tcx link is pinned at `link_pin` (replacing
-    /// an old pin there); a netlink (clsact) filter stays by itself.
-    pub fn attach_persistent(&mut self, ifname: &str, link_pin: &Path) -> Result<()> {
+    /// this process exits, and leave a marker at `marker` (in a bpffs
+    /// directory) that says so. With tcx the link itself is pinned at
+    /// `marker`; with clsact the tc filter stays in the kernel by itself and
+    /// the marker is a directory.
+    pub fn attach_persistent(&mut self, ifname: &str, marker: &Path, mode: AttachMode) -> Result<()> {
+        if mode == AttachMode::Clsact {
+            add_clsact(ifname)?;
+        }
         let prog = self.program()?;
-        let id = prog
-            .attach(ifname, TcAttachType::Ingress)
-            .map_err(|source| DatapathError::Program { call: "attach", source })?;
+        let id = match mode {
+            AttachMode::Auto => prog.attach(ifname, TcAttachType::Ingress),
+            AttachMode::Clsact => {
+                prog.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
+            }
+        }
+        .map_err(|source| DatapathError::Program { call: "attach", source })?;
         let link = prog.take_link(id).map_err(|source| DatapathError::Program { call: "take link", source })?;
+        let _ = std::fs::remove_file(marker);
+        let _ = std::fs::remove_dir(marker);
         match FdLink::try_from(link) {
             Ok(fd_link) => {
-                let _ = std::fs::remove_file(link_pin);
                 fd_link
-                    .pin(link_pin)
-                    .map_err(|e| DatapathError::Pin { path: link_pin.to_path_buf(), reason: e.to_string() })?;
+                    .pin(marker)
+                    .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
             }
-            Err(e) => {
-                // Not a tcx link (kernel < 6.6): the tc filter is in the
-                // kernel already; keep it there when this handle goes.
-                tracing_free_forget(e);
+            Err(_) => {
+                // A netlink (clsact) filter: taking the link out of aya's
+                // list means dropping it does not detach the filter.
+                std::fs::create_dir(marker)
+                    .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
             }
         }
         Ok(())
@@ -265,10 +271,14 @@ pub fn mount_bpffs(dir: &std::path::Path) -> std::result::Result<(), String> {
         .map_err(|e| format!("mounting bpffs at {}: {e}", target.display()))
 }
 
-/// Keep a netlink-attached filter in the kernel: dropping aya's handle
-/// would detach it.
-fn tracing_free_forget<T>(link: T) {
-    std::mem::forget(link);
+/// Add a clsact qdisc to `ifname` (one already there is fine).
+fn add_clsact(ifname: &str) -> Result<()> {
+    match aya::programs::tc::qdisc_add_clsact(ifname) {
+        Err(e) if !e.to_string().contains("exists") => {
+            Err(DatapathError::Clsact { ifname: ifname.to_string(), source: std::io::Error::other(e.to_string()) })
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
