@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub advertise_addr: Option<IpAddr>,
     pub vxlan_port: Option<u16>,
     pub reclaim_grace_ms: Option<u64>,
+    pub ebpf: Option<bool>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -86,6 +87,10 @@ pub struct Overrides {
     /// reclaimed, in milliseconds.
     #[arg(long, env = "TRELLIS_RECLAIM_GRACE_MS")]
     pub reclaim_grace_ms: Option<u64>,
+    /// Attach the eBPF endpoint program (anti-spoofing, counters) to every
+    /// endpoint veth. Off by default until the eBPF datapath is complete.
+    #[arg(long, env = "TRELLIS_EBPF", num_args = 0..=1, default_missing_value = "true")]
+    pub ebpf: Option<bool>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +117,7 @@ pub struct Config {
     pub advertise_addr: Option<IpAddr>,
     pub vxlan_port: u16,
     pub reclaim_grace: Duration,
+    pub ebpf: bool,
 }
 
 pub const DEFAULT_CONFIG: &str = "/etc/trellis/trellisd.toml";
@@ -193,6 +199,7 @@ impl Config {
             advertise_addr: o.advertise_addr.or(f.advertise_addr),
             vxlan_port: o.vxlan_port.or(f.vxlan_port).unwrap_or(4789),
             reclaim_grace: Duration::from_millis(o.reclaim_grace_ms.or(f.reclaim_grace_ms).unwrap_or(30_000)),
+            ebpf: o.ebpf.or(f.ebpf).unwrap_or(false),
         })
     }
 
@@ -249,6 +256,7 @@ mod tests {
         let d = Config::merge(FileConfig::default(), &Overrides::default()).unwrap();
         assert_eq!(d.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(d.state_dir, PathBuf::from("/var/lib/trellis"));
+        assert!(!d.ebpf, "the eBPF program is opt-in for now");
     }
 
     #[test]

@@ -64,11 +64,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let netlink = NetlinkDataplane::new().context("opening netlink")?;
     // The eBPF endpoint program, with maps and links pinned in a bpffs of
     // this agent's own (under its run dir): they outlive the agent.
-    let (netlink, ebpf) = match netlink.with_ebpf(&cfg.run_dir.join("bpf")) {
-        Ok(n) => (n, true),
-        Err(e) => {
-            tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");
-            (NetlinkDataplane::new().context("opening netlink")?, false)
+    let (netlink, ebpf) = if !cfg.ebpf {
+        (netlink, false)
+    } else {
+        match netlink.with_ebpf(&cfg.run_dir.join("bpf")) {
+            Ok(n) => (n, true),
+            Err(e) => {
+                tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");
+                (NetlinkDataplane::new().context("opening netlink")?, false)
+            }
         }
     };
     let dataplane: Arc<dyn Dataplane> = Arc::new(netlink);

@@ -413,7 +413,9 @@ fn config_file_sets_defaults_and_agent_needs_root() {
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn endpoints_cannot_spoof_and_the_program_outlives_the_agent() {
     require_root();
-    let mut h = Host::new().unwrap();
+    let mut h = Host::bare().unwrap();
+    h.extra_args = vec!["--ebpf".into()];
+    h.start().unwrap();
     let status = h.ctl_json(&["status"]).unwrap();
     assert_eq!(status["capabilities"]["ebpf"], true, "{status}");
     h.ctl(&["network", "create", "app", "--subnet", "10.46.0.0/24", "--attachable"]).unwrap();
