@@ -98,6 +98,24 @@ fn labels(map: HashMap<String, String>) -> Result<BTreeMap<String, String>, Stat
 }
 
 impl AgentService {
+    /// An endpoint by id or name, or by an engine's container id + ifname.
+    async fn find(
+        &self,
+        endpoint: &str,
+        network: &str,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<EndpointRecord, Status> {
+        let network = (!network.is_empty()).then_some(network);
+        if !container_id.is_empty() {
+            return Ok(self.cluster.find_by_container(container_id, ifname, network).await?);
+        }
+        if endpoint.is_empty() {
+            return Err(Status::invalid_argument("an endpoint (id or name) or a container id is required"));
+        }
+        Ok(self.cluster.find_endpoint(endpoint, network).await?)
+    }
+
     fn remove_managed(&self, e: &EndpointRecord) {
         if e.managed_netns
             && let Err(err) = netns::remove(&e.netns)
@@ -265,13 +283,58 @@ impl proto::agent_server::Agent for AgentService {
 
     async fn detach(&self, request: Request<proto::DetachRequest>) -> Result<Response<proto::DetachResponse>, Status> {
         let r = request.into_inner();
-        let network = (!r.network.is_empty()).then_some(r.network.as_str());
-        let e = self.cluster.find_endpoint(&r.endpoint, network).await?;
+        let e = self.find(&r.endpoint, &r.network, &r.container_id, &r.ifname).await?;
         // The endpoint is gone for every user now; its devices go in the
         // next pass (triggered by this write), and only then its address.
         self.cluster.mark_deleting(&e).await?;
         tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "detached");
         Ok(Response::new(proto::DetachResponse {}))
+    }
+
+    async fn check_endpoint(
+        &self,
+        request: Request<proto::CheckEndpointRequest>,
+    ) -> Result<Response<proto::CheckEndpointResponse>, Status> {
+        let r = request.into_inner();
+        let e = self.find(&r.endpoint, &r.network, &r.container_id, &r.ifname).await?;
+        let net = self.cluster.network(&e.network_id).await?;
+        let mut problems = Vec::new();
+        if e.host == self.cluster.host {
+            let host_if = model::host_ifname(&e.id);
+            let bridge = model::bridge_name(&net.id);
+            match self.dataplane.observe(false).await.map_err(internal)?.links.get(&host_if) {
+                None => problems.push(format!("host interface {host_if} is missing")),
+                Some(l) if !l.up => problems.push(format!("host interface {host_if} is down")),
+                Some(l) if l.master.as_deref() != Some(bridge.as_str()) => {
+                    problems.push(format!("host interface {host_if} is not a port of bridge {bridge}"))
+                }
+                Some(_) => {}
+            }
+            let want = ipnet::IpNet::new(e.ip, net.subnet.prefix_len()).map_err(internal)?;
+            match self.dataplane.container_link(&e.netns, &e.ifname).await {
+                Err(err) => problems.push(err.to_string()),
+                Ok(None) => problems.push(format!("interface {} is missing in {}", e.ifname, e.netns.display())),
+                Ok(Some(l)) => {
+                    if !l.up {
+                        problems.push(format!("interface {} is down", e.ifname));
+                    }
+                    if !l.addrs.contains(&want) {
+                        problems.push(format!("interface {} lacks address {want}", e.ifname));
+                    }
+                    if model::format_mac(&l.mac) != e.mac {
+                        problems.push(format!(
+                            "interface {} has MAC {}, not {}",
+                            e.ifname,
+                            model::format_mac(&l.mac),
+                            e.mac
+                        ));
+                    }
+                }
+            }
+        } else {
+            problems.push(format!("endpoint {} is on host {}, not this one", e.id, e.host));
+        }
+        Ok(Response::new(proto::CheckEndpointResponse { endpoint: Some(endpoint_to_proto(&e, Some(&net))), problems }))
     }
 
     async fn list_endpoints(

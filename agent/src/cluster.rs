@@ -238,10 +238,23 @@ impl Cluster {
     /// Write an endpoint and its address in one transaction.
     pub async fn create_endpoint(&self, req: NewEndpoint) -> Result<EndpointRecord> {
         let net = self.network(&req.network).await?;
-        if req.kind == EndpointKind::Adhoc && !net.attachable {
+        if !net.attachable && !req.labels.contains_key(model::SERVICE_LABEL) {
             return Err(AgentError::FailedPrecondition(format!(
-                "network {:?} is not attachable: only networks created with --attachable accept ad-hoc endpoints (trellisctl attach, standalone containers)",
-                net.name
+                "network {:?} is not attachable: without --attachable a network accepts only service tasks (endpoints labelled {}=NAME); standalone containers, debugging shells and ad-hoc attaches need a network created with --attachable",
+                net.name,
+                model::SERVICE_LABEL
+            )));
+        }
+        if !req.container_id.is_empty()
+            && let Some(dup) = self
+                .endpoints()
+                .await?
+                .into_iter()
+                .find(|e| e.host == self.host && e.container_id == req.container_id && e.ifname == req.ifname)
+        {
+            return Err(AgentError::AlreadyExists(format!(
+                "container {} already has interface {} (endpoint {} on network {:?})",
+                req.container_id, req.ifname, dup.id, dup.network
             )));
         }
         let name = req.name.clone().unwrap_or_else(|| format!("ep-{}", &req.id[..8]));
@@ -398,6 +411,32 @@ impl Cluster {
                 matches.iter().map(|e| e.network.as_str()).collect::<Vec<_>>().join(", ")
             ))),
         }
+    }
+
+    /// This host's endpoint of an engine's container by interface name
+    /// (within `network` if given).
+    pub async fn find_by_container(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        network: Option<&str>,
+    ) -> Result<EndpointRecord> {
+        let net_id = match network {
+            Some(n) => Some(self.network(n).await?.id),
+            None => None,
+        };
+        self.endpoints()
+            .await?
+            .into_iter()
+            .find(|e| {
+                e.host == self.host
+                    && e.container_id == container_id
+                    && (ifname.is_empty() || e.ifname == ifname)
+                    && net_id.as_ref().is_none_or(|n| &e.network_id == n)
+            })
+            .ok_or_else(|| {
+                AgentError::NotFound(format!("container {container_id} has no endpoint {ifname:?} on this host"))
+            })
     }
 
     /// Remove an endpoint from the store (the reconciler then removes its

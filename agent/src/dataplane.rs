@@ -261,6 +261,18 @@ pub trait Dataplane: Send + Sync + 'static {
     async fn underlay_mtu(&self) -> Result<u32>;
     /// The first IPv4 address of the default route's interface.
     async fn underlay_addr(&self) -> Result<Option<IpAddr>>;
+    /// An interface inside a container's namespace, as the kernel has it
+    /// (`None`: no such interface; an error if the namespace is gone).
+    async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>>;
+}
+
+/// An endpoint's interface inside its container.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContainerLink {
+    pub mac: Mac,
+    pub mtu: u32,
+    pub up: bool,
+    pub addrs: Vec<IpNet>,
 }
 
 /// A dataplane in memory that applies actions to its own [`Observed`] and
@@ -314,5 +326,21 @@ impl Dataplane for FakeDataplane {
 
     async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
         Ok(None)
+    }
+
+    async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>> {
+        // The fake kernel plugs containers perfectly: the container side is
+        // what the endpoint's creation asked for, while its host side exists.
+        let state = self.state.lock().unwrap();
+        let created = self.log.lock().unwrap().iter().rev().find_map(|a| match a {
+            Action::CreateEndpoint(s) if s.netns == netns && s.ifname == ifname => Some((**s).clone()),
+            _ => None,
+        });
+        Ok(created.filter(|s| state.links.contains_key(&s.host_if)).map(|s| ContainerLink {
+            mac: s.mac,
+            mtu: s.mtu,
+            up: true,
+            addrs: vec![s.addr],
+        }))
     }
 }

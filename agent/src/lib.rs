@@ -7,7 +7,7 @@
 //! * [`api`]: the gRPC service; [`daemon`]: wiring and lifecycle.
 
 pub mod api;
-pub mod client;
+pub use trellis_plugin_api::client;
 pub mod cluster;
 pub mod config;
 pub mod daemon;

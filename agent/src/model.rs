@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 /// Root of every Trellis key.
 pub const ROOT: &str = "/trellis/v1/";
 
+/// The label that makes an endpoint a task of a service: service membership
+/// by default, and what lets it join a network created without
+/// `--attachable`.
+pub const SERVICE_LABEL: &str = "trellis.service";
+
 pub fn networks_prefix() -> String {
     format!("{ROOT}networks/")
 }

@@ -21,7 +21,8 @@ use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::dataplane::{
-    Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, ObservedLink, Result, VxlanSpec,
+    Action, ContainerLink, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, ObservedLink, Result,
+    VxlanSpec,
 };
 use crate::egress::{self, EgressRules};
 use crate::model;
@@ -431,6 +432,39 @@ const MAIN_TABLE: u32 = 254;
 
 #[async_trait::async_trait]
 impl Dataplane for NetlinkDataplane {
+    async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>> {
+        let c = netns::handle_in(netns)?;
+        let object = format!("{ifname} in {}", netns.display());
+        let mut stream = c.link().get().match_name(ifname.to_string()).execute();
+        let msg = match stream.try_next().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(None),
+            Err(e) if matches!(errno(&e), Some(ENODEV) | Some(ENOENT)) => return Ok(None),
+            Err(e) => return Err(nl("get container interface", object)(e)),
+        };
+        let mut link = ContainerLink { up: msg.header.flags.contains(LinkFlags::Up), ..ContainerLink::default() };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::Address(mac) if mac.len() == 6 => link.mac.copy_from_slice(mac),
+                _ => {}
+            }
+        }
+        let mut request = c.address().get().set_link_index_filter(msg.header.index);
+        request.message_mut().header.family = AddressFamily::Inet;
+        let mut addrs = request.execute();
+        while let Some(m) = addrs.try_next().await.map_err(nl("dump container addresses", object.clone()))? {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a
+                    && let Ok(net) = IpNet::new(*ip, m.header.prefix_len)
+                {
+                    link.addrs.push(net);
+                }
+            }
+        }
+        Ok(Some(link))
+    }
+
     async fn observe(&self, rules: bool) -> Result<Observed> {
         let links = self.links().await?;
         let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();

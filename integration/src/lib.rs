@@ -593,3 +593,41 @@ impl Lab {
         Ok(Lab { hosts, etcd, underlay, uplinks })
     }
 }
+
+/// One invocation of the `trellis-cni` plugin as a runtime makes it: the
+/// exit code and the JSON it printed (`Null` when it printed nothing).
+pub fn trellis_cni(
+    command: &str,
+    conf: &serde_json::Value,
+    container_id: &str,
+    netns: Option<&Path>,
+    ifname: &str,
+) -> (i32, serde_json::Value) {
+    use std::io::Write;
+    let mut c = Command::new(bin("trellis-cni"));
+    c.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !container_id.is_empty() {
+        c.env("CNI_CONTAINERID", container_id);
+    }
+    if !ifname.is_empty() {
+        c.env("CNI_IFNAME", ifname);
+    }
+    if let Some(ns) = netns {
+        c.env("CNI_NETNS", ns);
+    }
+    let mut child = c.spawn().expect("spawning trellis-cni");
+    child.stdin.take().expect("stdin").write_all(conf.to_string().as_bytes()).expect("writing the config");
+    let out = child.wait_with_output().expect("waiting for trellis-cni");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let v = if stdout.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("trellis-cni printed no JSON ({e}): {stdout}"))
+    };
+    (out.status.code().unwrap_or(-1), v)
+}

@@ -10,3 +10,5 @@ pub mod validate;
 pub mod proto {
     tonic::include_proto!("trellis.v1");
 }
+
+pub mod client;

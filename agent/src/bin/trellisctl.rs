@@ -320,7 +320,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nix::unistd::write(&gate, b"g").context("starting the command")?;
             drop(gate);
             let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-            if let Err(s) = c.detach(proto::DetachRequest { endpoint: e.id.clone(), network: String::new() }).await {
+            if let Err(s) = c.detach(proto::DetachRequest { endpoint: e.id.clone(), ..Default::default() }).await {
                 eprintln!(
                     "trellisctl: detaching {} failed: {} (the agent removes it once its namespace is gone)",
                     e.id,
@@ -331,7 +331,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code as u8));
         }
         Cmd::Detach { endpoint, network } => {
-            c.detach(proto::DetachRequest { endpoint: endpoint.clone(), network: network.unwrap_or_default() }).await?;
+            c.detach(proto::DetachRequest {
+                endpoint: endpoint.clone(),
+                network: network.unwrap_or_default(),
+                ..Default::default()
+            })
+            .await?;
             println!("detached {endpoint}");
         }
         Cmd::Endpoint(EndpointCmd::Ls { network, json }) => {

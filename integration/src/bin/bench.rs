@@ -189,10 +189,12 @@ fn bench_attach(n: usize) -> Result<AttachResult> {
     for i in 0..n {
         td.push(ctl(&["detach", &format!("t{i}")])?);
         let t0 = Instant::now();
-        rt.block_on(client.detach(trellis_plugin_api::proto::DetachRequest {
-            endpoint: api_ids[i].clone(),
-            network: String::new(),
-        }))?;
+        rt.block_on(
+            client.detach(trellis_plugin_api::proto::DetachRequest {
+                endpoint: api_ids[i].clone(),
+                ..Default::default()
+            }),
+        )?;
         ad.push(t0.elapsed());
         cd.push(cni("DEL", &conf, &format!("c{i}"), &c_ns[i].path())?);
         progress("detach / DEL", i + 1, n);

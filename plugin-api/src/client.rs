@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::proto::agent_client::AgentClient;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
-use trellis_plugin_api::proto::agent_client::AgentClient;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

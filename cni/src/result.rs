@@ -1,0 +1,88 @@
+//! The ADD result, shaped for the negotiated version.
+
+use serde_json::{Value, json};
+use trellis_plugin_api::proto;
+
+use crate::conf::Dns;
+
+/// What ADD prints: the host veth and the container interface, the
+/// endpoint's address on the container interface, the default route
+/// (none on internal networks) and the DNS settings.
+pub fn add_result(version: &str, ep: &proto::Endpoint, internal: bool, dns: &Dns) -> Value {
+    let mut ip = json!({ "address": ep.address, "interface": 1 });
+    if !ep.gateway.is_empty() {
+        ip["gateway"] = Value::String(ep.gateway.clone());
+    }
+    if version == "0.4.0" {
+        ip["version"] = Value::String("4".into());
+    }
+    let mut container = json!({ "name": ep.ifname, "mac": ep.mac, "sandbox": ep.netns });
+    if version != "0.4.0" && ep.mtu > 0 {
+        container["mtu"] = json!(ep.mtu);
+    }
+    let routes: Vec<Value> =
+        if internal || ep.gateway.is_empty() { vec![] } else { vec![json!({ "dst": "0.0.0.0/0", "gw": ep.gateway })] };
+    let mut out = json!({
+        "cniVersion": version,
+        "interfaces": [ { "name": ep.host_ifname }, container ],
+        "ips": [ip],
+        "routes": routes,
+    });
+    if !dns.is_empty() {
+        out["dns"] = serde_json::to_value(dns).expect("dns serializes");
+    }
+    out
+}
+
+/// The addresses (CIDR) of a previous result, for CHECK.
+pub fn prev_addresses(prev: &Value) -> Vec<String> {
+    prev.get("ips")
+        .and_then(Value::as_array)
+        .map(|ips| ips.iter().filter_map(|i| i.get("address").and_then(Value::as_str).map(str::to_string)).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep() -> proto::Endpoint {
+        proto::Endpoint {
+            id: "e1".into(),
+            address: "10.1.0.5/24".into(),
+            gateway: "10.1.0.1".into(),
+            mac: "02:00:00:00:00:01".into(),
+            mtu: 1450,
+            netns: "/var/run/netns/c1".into(),
+            ifname: "eth0".into(),
+            host_ifname: "trv-e1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn result_per_version() {
+        let r = add_result("1.1.0", &ep(), false, &Dns::default());
+        assert_eq!(r["cniVersion"], "1.1.0");
+        assert_eq!(r["interfaces"][0]["name"], "trv-e1");
+        assert!(r["interfaces"][0].get("sandbox").is_none(), "the host side has no sandbox");
+        assert_eq!(r["interfaces"][1]["sandbox"], "/var/run/netns/c1");
+        assert_eq!(r["interfaces"][1]["mtu"], 1450);
+        assert_eq!(r["ips"][0], json!({"address":"10.1.0.5/24","gateway":"10.1.0.1","interface":1}));
+        assert_eq!(r["routes"], json!([{"dst":"0.0.0.0/0","gw":"10.1.0.1"}]));
+        assert!(r.get("dns").is_none());
+        let old = add_result("0.4.0", &ep(), false, &Dns::default());
+        assert_eq!(old["ips"][0]["version"], "4", "0.4.0 results carry the IP version");
+        assert!(old["interfaces"][1].get("mtu").is_none());
+    }
+
+    #[test]
+    fn internal_networks_get_no_default_route_and_dns_passes_through() {
+        let dns = Dns { nameservers: vec!["10.1.0.1".into()], search: vec!["app".into()], ..Dns::default() };
+        let r = add_result("1.0.0", &ep(), true, &dns);
+        assert_eq!(r["routes"], json!([]));
+        assert_eq!(r["dns"], json!({"nameservers":["10.1.0.1"],"search":["app"]}));
+        assert_eq!(prev_addresses(&r), vec!["10.1.0.5/24"]);
+        assert!(prev_addresses(&json!({})).is_empty());
+    }
+}

@@ -1,0 +1,247 @@
+//! `trellis-cni` against a real `trellisd` (in its own namespace) and real
+//! container namespaces: every rule of the CNI reference page.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trellis_integration::{Host, Netns, in_netns, ping, require_root, run, trellis_cni, wait_for};
+
+fn conf(h: &Host, version: &str, network: &str) -> Value {
+    json!({
+        "cniVersion": version,
+        "name": network,
+        "type": "trellis",
+        "socket": h.socket(),
+    })
+}
+
+fn container_addr(ns: &Path, ifname: &str) -> String {
+    run(&mut in_netns(ns, "ip", &["-o", "-4", "addr", "show", "dev", ifname])).unwrap_or_default()
+}
+
+/// The host's CNI endpoints of `network` by container id.
+fn cni_endpoints(h: &Host, network: &str) -> Vec<String> {
+    h.ctl_json(&["endpoint", "ls", "--network", network])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "cni" || e["kind"] == 2)
+        .map(|e| e["container_id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn add_check_del_in_every_version() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.41.0.0/24", "--attachable"]).unwrap();
+    for (i, version) in ["0.4.0", "1.0.0", "1.1.0"].into_iter().enumerate() {
+        let c = Netns::new("trc").unwrap();
+        let id = format!("ctr{i}");
+        let conf = conf(&h, version, "app");
+        let (code, res) = trellis_cni("ADD", &conf, &id, Some(&c.path()), "eth0");
+        assert_eq!(code, 0, "{version}: {res}");
+        assert_eq!(res["cniVersion"], version);
+        let addr = res["ips"][0]["address"].as_str().unwrap().to_string();
+        assert!(addr.starts_with("10.41.0.") && addr.ends_with("/24"), "{addr}");
+        assert_eq!(res["ips"][0]["gateway"], "10.41.0.1");
+        assert_eq!(res["ips"][0]["interface"], 1);
+        assert_eq!(res["interfaces"][1]["name"], "eth0");
+        assert_eq!(res["interfaces"][1]["sandbox"], c.path().display().to_string());
+        assert_eq!(res["routes"][0], json!({"dst": "0.0.0.0/0", "gw": "10.41.0.1"}));
+        assert_eq!(res["ips"][0].get("version").is_some(), version == "0.4.0", "{res}");
+        // The kernel agrees with the result.
+        assert!(container_addr(&c.path(), "eth0").contains(&addr), "{version}");
+        assert!(ping(&c.path(), "10.41.0.1", 1), "{version}: gateway unreachable");
+
+        let mut with_prev = conf.clone();
+        with_prev["prevResult"] = res.clone();
+        let (code, out) = trellis_cni("CHECK", &with_prev, &id, Some(&c.path()), "eth0");
+        assert_eq!((code, &out), (0, &Value::Null), "{version}: CHECK of a fresh ADD");
+
+        let (code, _) = trellis_cni("DEL", &with_prev, &id, Some(&c.path()), "eth0");
+        assert_eq!(code, 0);
+        assert!(
+            wait_for(Duration::from_secs(5), || !c.links().unwrap().contains(&"eth0".to_string())),
+            "{version}: DEL left the interface"
+        );
+        // DEL again, and DEL without a netns: both succeed.
+        assert_eq!(trellis_cni("DEL", &with_prev, &id, Some(&c.path()), "eth0").0, 0);
+        assert_eq!(trellis_cni("DEL", &conf, &id, None, "eth0").0, 0);
+        assert!(!cni_endpoints(&h, "app").contains(&id));
+    }
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn check_reports_what_changed() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.42.0.0/24", "--attachable"]).unwrap();
+    let c = Netns::new("trc").unwrap();
+    let conf = conf(&h, "1.1.0", "app");
+    let (code, res) = trellis_cni("ADD", &conf, "chk1", Some(&c.path()), "eth0");
+    assert_eq!(code, 0, "{res}");
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = res.clone();
+    let addr = res["ips"][0]["address"].as_str().unwrap().to_string();
+
+    // Someone removes the address inside the container.
+    c.ip(&["addr", "del", &addr, "dev", "eth0"]).unwrap();
+    let (code, err) = trellis_cni("CHECK", &with_prev, "chk1", Some(&c.path()), "eth0");
+    assert_eq!(code, 1);
+    assert_eq!(err["code"], 101, "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("lacks address"), "{err}");
+
+    // A previous result that disagrees with the attachment.
+    c.ip(&["addr", "add", &addr, "dev", "eth0"]).unwrap();
+    let mut wrong = with_prev.clone();
+    wrong["prevResult"]["ips"][0]["address"] = json!("10.42.0.250/24");
+    let (code, err) = trellis_cni("CHECK", &wrong, "chk1", Some(&c.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(101)), "{err}");
+    assert_eq!(trellis_cni("CHECK", &with_prev, "chk1", Some(&c.path()), "eth0").0, 0, "repaired by hand");
+
+    // No prevResult, unknown container.
+    let (code, err) = trellis_cni("CHECK", &conf, "chk1", Some(&c.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(7)), "{err}");
+    let (code, err) = trellis_cni("CHECK", &with_prev, "nosuch", Some(&c.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(3)), "{err}");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn add_refusals_and_error_codes() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.43.0.0/24", "--attachable"]).unwrap();
+    h.ctl(&["network", "create", "prod", "--subnet", "10.44.0.0/24"]).unwrap();
+    let c = Netns::new("trc").unwrap();
+    let conf = conf(&h, "1.1.0", "app");
+
+    let (code, first) = trellis_cni("ADD", &conf, "dup", Some(&c.path()), "eth0");
+    assert_eq!(code, 0, "{first}");
+    // The same container and interface again: refused, the first untouched.
+    let (code, err) = trellis_cni("ADD", &conf, "dup", Some(&c.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(100)), "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("already has interface eth0"), "{err}");
+    assert!(ping(&c.path(), "10.43.0.1", 1), "the first attachment still works");
+    assert_eq!(cni_endpoints(&h, "app").len(), 1, "nothing half-created");
+
+    // A network without --attachable takes only service tasks.
+    let c2 = Netns::new("trc").unwrap();
+    let prod = self::conf(&h, "1.1.0", "prod");
+    let (code, err) = trellis_cni("ADD", &prod, "solo", Some(&c2.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(100)), "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("--attachable"), "{err}");
+    assert!(c2.links().unwrap().iter().all(|l| l == "lo"), "refused: nothing created in the container");
+    let mut task = prod.clone();
+    task["args"] = json!({"cni": {"labels": [{"key": "trellis.service", "value": "web"}]}});
+    let (code, res) = trellis_cni("ADD", &task, "task1", Some(&c2.path()), "eth0");
+    assert_eq!(code, 0, "a service task joins: {res}");
+
+    // Unknown network; a specific address; an address out of the subnet.
+    let c3 = Netns::new("trc").unwrap();
+    let (code, err) = trellis_cni("ADD", &self::conf(&h, "1.1.0", "nope"), "x1", Some(&c3.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(7)), "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("does not exist"), "{err}");
+    let mut want = conf.clone();
+    want["runtimeConfig"] = json!({"ips": ["10.43.0.77/24"]});
+    let (code, res) = trellis_cni("ADD", &want, "x2", Some(&c3.path()), "eth0");
+    assert_eq!((code, res["ips"][0]["address"].as_str()), (0, Some("10.43.0.77/24")), "{res}");
+    let c4 = Netns::new("trc").unwrap();
+    want["runtimeConfig"] = json!({"ips": ["10.99.0.7/24"]});
+    let (code, err) = trellis_cni("ADD", &want, "x3", Some(&c4.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(7)), "{err}");
+
+    // Environment and configuration errors.
+    let (code, err) = trellis_cni("ADD", &conf, "", Some(&c4.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(4)), "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("CNI_CONTAINERID"));
+    let mut bad = conf.clone();
+    bad["ipam"] = json!({"type": "host-local"});
+    assert_eq!(trellis_cni("ADD", &bad, "x4", Some(&c4.path()), "eth0").1["code"], 2);
+    bad = conf.clone();
+    bad["cniVersion"] = json!("0.2.0");
+    assert_eq!(trellis_cni("ADD", &bad, "x4", Some(&c4.path()), "eth0").1["code"], 1);
+    assert!(c4.links().unwrap().iter().all(|l| l == "lo"));
+    let (code, v) = trellis_cni("VERSION", &json!({"cniVersion": "1.0.0"}), "", None, "");
+    assert_eq!(code, 0);
+    assert_eq!(v["supportedVersions"], json!(["0.4.0", "1.0.0", "1.1.0"]));
+
+    // The agent down: try again later (11); STATUS says it cannot serve ADD.
+    h.terminate();
+    let (code, err) = trellis_cni("ADD", &conf, "x5", Some(&c4.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(11)), "{err}");
+    assert_eq!(trellis_cni("DEL", &conf, "dup", Some(&c.path()), "eth0").1["code"], 11);
+    assert_eq!(trellis_cni("STATUS", &conf, "", None, "").1["code"], 50);
+    h.start().unwrap();
+    assert_eq!(trellis_cni("STATUS", &conf, "", None, "").0, 0);
+    let (code, err) = trellis_cni("STATUS", &self::conf(&h, "1.1.0", "nope"), "", None, "");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(50)), "{err}");
+    assert_eq!(trellis_cni("DEL", &conf, "dup", Some(&c.path()), "eth0").0, 0);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn del_after_the_netns_is_gone_releases_the_address() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.45.0.0/24", "--attachable"]).unwrap();
+    let mut conf = conf(&h, "1.1.0", "app");
+    conf["runtimeConfig"] = json!({"ips": ["10.45.0.9/24"]});
+    let c = Netns::new("trc").unwrap();
+    assert_eq!(trellis_cni("ADD", &conf, "gone1", Some(&c.path()), "eth0").0, 0);
+    let path = c.path();
+    drop(c); // the container's namespace disappears before DEL
+    assert_eq!(trellis_cni("DEL", &conf, "gone1", Some(&path), "eth0").0, 0);
+    // The same address can be had again at once by a new container.
+    let c2 = Netns::new("trc").unwrap();
+    let mut ok = false;
+    for _ in 0..50 {
+        let (code, _) = trellis_cni("ADD", &conf, "gone2", Some(&c2.path()), "eth0");
+        if code == 0 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ok, "10.45.0.9 was not released");
+    assert_eq!(cni_endpoints(&h, "app"), vec!["gone2".to_string()]);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn gc_removes_attachments_not_in_the_valid_list() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.46.0.0/24", "--attachable"]).unwrap();
+    let conf = conf(&h, "1.1.0", "app");
+    let spaces: Vec<Netns> = (0..3).map(|_| Netns::new("trc").unwrap()).collect();
+    for (i, c) in spaces.iter().enumerate() {
+        assert_eq!(trellis_cni("ADD", &conf, &format!("gc{i}"), Some(&c.path()), "eth0").0, 0);
+    }
+    // An ad-hoc endpoint is not the CNI's to collect.
+    h.attach("app", "adhoc", &[]).unwrap();
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] =
+        json!([{"containerID": "gc0", "ifname": "eth0"}, {"containerID": "gc2", "ifname": "eth0"}]);
+    let (code, out) = trellis_cni("GC", &gc, "", None, "");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        wait_for(Duration::from_secs(5), || !spaces[1].links().unwrap().contains(&"eth0".to_string())),
+        "gc1's interface is still there"
+    );
+    let mut left = cni_endpoints(&h, "app");
+    left.sort();
+    assert_eq!(left, vec!["gc0".to_string(), "gc2".to_string()]);
+    assert!(ping(&spaces[0].path(), "10.46.0.1", 1) && ping(&spaces[2].path(), "10.46.0.1", 1));
+    let eps = h.ctl_json(&["endpoint", "ls"]).unwrap();
+    assert!(eps.as_array().unwrap().iter().any(|e| e["name"] == "adhoc"), "GC left the ad-hoc endpoint");
+    // GC needs 1.1.0 and the list.
+    let mut old = gc.clone();
+    old["cniVersion"] = json!("1.0.0");
+    assert_eq!(trellis_cni("GC", &old, "", None, "").1["code"], 1);
+}
