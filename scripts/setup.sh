@@ -15,6 +15,7 @@ PACKAGES=(
   containernetworking-plugins  # the reference CNI bridge + host-local (benchmark peer)
   iperf3 tcpdump bind9-dnsutils busybox-static
   etcd-server              # the cluster store
+  docker.io containerd runc  # real engines as clients (Docker driver, CNI via ctr)
   ca-certificates
 )
 

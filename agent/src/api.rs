@@ -88,6 +88,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         } as i32,
         managed_netns: e.managed_netns,
         container_id: e.container_id.clone(),
+        aliases: e.aliases.clone(),
     }
 }
 
@@ -142,6 +143,9 @@ impl AgentService {
             Some(req.name.clone())
         };
         let ip = if req.ip.is_empty() { None } else { Some(validate::ip("ip", &req.ip).map_err(bad)?) };
+        if req.reserved && ip.is_none() {
+            return Err(Status::invalid_argument("a reserved address must be named (ip)"));
+        }
         let ifname = if req.ifname.is_empty() { "eth0".to_string() } else { req.ifname.clone() };
         validate::ifname(&ifname).map_err(bad)?;
         let labels = labels(req.labels)?;
@@ -156,7 +160,8 @@ impl AgentService {
             (self.netns_dir.join(&id), true)
         } else {
             let p = PathBuf::from(&req.netns);
-            if !p.exists() {
+            // An engine's sandbox appears after its Join (Docker).
+            if !p.exists() && kind != EndpointKind::Docker {
                 return Err(Status::invalid_argument(format!("network namespace {:?} does not exist", req.netns)));
             }
             (p, false)
@@ -177,6 +182,7 @@ impl AgentService {
             ifname,
             kind,
             container_id: req.container_id.clone(),
+            reserved: req.reserved,
         };
         let rec = match self.cluster.create_endpoint(new).await {
             Ok(r) => r,

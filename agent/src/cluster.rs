@@ -79,6 +79,8 @@ pub struct NewEndpoint {
     pub ifname: String,
     pub kind: EndpointKind,
     pub container_id: String,
+    /// `ip` is this host's reservation, to be claimed.
+    pub reserved: bool,
 }
 
 /// The cluster-wide state as one host reads and writes it.
@@ -231,7 +233,7 @@ impl Cluster {
         Ok((net, eps))
     }
 
-    fn pool(net: &NetworkRecord) -> Pool {
+    pub fn pool(net: &NetworkRecord) -> Pool {
         Pool { net_id: net.id.clone(), subnet: net.subnet, gateway: net.gateway }
     }
 
@@ -266,7 +268,7 @@ impl Cluster {
             network: net.name.clone(),
             host: self.host.clone(),
             ip: IpAddr::from([0, 0, 0, 0]),
-            mac: model::format_mac(&model::new_mac()),
+            mac: String::new(),
             netns: req.netns.clone(),
             ifname: req.ifname.clone(),
             labels: req.labels.clone(),
@@ -275,15 +277,18 @@ impl Cluster {
             container_id: req.container_id.clone(),
             created_unix: model::now_unix(),
             deleting: false,
+            aliases: Vec::new(),
         };
         let net_key = model::network_key(&net.name);
         let request = match req.ip {
+            Some(ip) if req.reserved => AddrRequest::Claim(ip),
             Some(ip) => AddrRequest::Specific(ip),
             None => AddrRequest::Any,
         };
         let build = |ip: IpAddr| {
             let mut rec = template.clone();
             rec.ip = ip;
+            rec.mac = model::format_mac(&model::mac_for_ip(ip));
             (
                 vec![Compare::Absent(name_key.clone()), Compare::Absent(model::endpoint_key(&rec.id))],
                 vec![
@@ -310,11 +315,13 @@ impl Cluster {
         if self.store.get(&net_key).await?.is_none() {
             let mut rec = template.clone();
             rec.ip = ip;
+            rec.mac = model::format_mac(&model::mac_for_ip(ip));
             self.delete_endpoint_records(&net, &rec).await?;
             return Err(AgentError::NotFound(format!("network {:?} was removed", net.name)));
         }
         let mut rec = template;
         rec.ip = ip;
+        rec.mac = model::format_mac(&model::mac_for_ip(ip));
         Ok(rec)
     }
 
@@ -411,6 +418,47 @@ impl Cluster {
                 matches.iter().map(|e| e.network.as_str()).collect::<Vec<_>>().join(", ")
             ))),
         }
+    }
+
+    /// Give an endpoint the identity its engine knows it by: container id,
+    /// name (if free on its network), aliases and labels.
+    pub async fn set_identity(
+        &self,
+        id: &str,
+        container_id: &str,
+        name: Option<&str>,
+        aliases: Vec<String>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<EndpointRecord> {
+        let key = model::endpoint_key(id);
+        for _ in 0..CREATE_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(AgentError::NotFound(format!("endpoint {id} not found")));
+            };
+            let old: EndpointRecord = decode(&kv.key, &kv.value)?;
+            let mut rec = old.clone();
+            rec.container_id = container_id.to_string();
+            rec.aliases = aliases.clone();
+            rec.labels = labels.clone();
+            let mut compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
+            let mut ops = Vec::new();
+            if let Some(n) = name.filter(|n| *n != old.name) {
+                let new_key = model::endpoint_name_key(&old.network_id, n);
+                if self.store.get(&new_key).await?.is_none() {
+                    rec.name = n.to_string();
+                    compares.push(Compare::Absent(new_key.clone()));
+                    ops.push(Op::put(new_key, rec.id.clone().into_bytes()));
+                    ops.push(Op::delete(model::endpoint_name_key(&old.network_id, &old.name)));
+                } else {
+                    tracing::warn!(endpoint = %id, name = n, network = %old.network, "name taken on the network; keeping the generated one");
+                }
+            }
+            ops.push(Op::put(key.clone(), encode(&rec)));
+            if self.store.txn(compares, ops).await?.succeeded {
+                return Ok(rec);
+            }
+        }
+        Err(AgentError::Unavailable(format!("endpoint {id} kept changing; try again")))
     }
 
     /// This host's endpoint of an engine's container by interface name

@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub vxlan_port: Option<u16>,
     pub reclaim_grace_ms: Option<u64>,
     pub ebpf: Option<bool>,
+    pub docker_plugin: Option<PathBuf>,
+    pub docker_host: Option<String>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -91,6 +93,14 @@ pub struct Overrides {
     /// endpoint veth. Off by default until the eBPF datapath is complete.
     #[arg(long, env = "TRELLIS_EBPF", num_args = 0..=1, default_missing_value = "true")]
     pub ebpf: Option<bool>,
+    /// Socket of the Docker network + IPAM driver `trellis` (an empty
+    /// value turns the driver off).
+    #[arg(long, env = "TRELLIS_DOCKER_PLUGIN")]
+    pub docker_plugin: Option<PathBuf>,
+    /// The Docker engine's API, where the driver learns network and
+    /// container names, aliases and labels (`unix:///PATH`).
+    #[arg(long, env = "TRELLIS_DOCKER_HOST")]
+    pub docker_host: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +128,14 @@ pub struct Config {
     pub vxlan_port: u16,
     pub reclaim_grace: Duration,
     pub ebpf: bool,
+    /// `None`: the Docker driver is off.
+    pub docker_plugin: Option<PathBuf>,
+    /// The Docker engine's API socket.
+    pub docker_host: PathBuf,
 }
+
+pub const DEFAULT_DOCKER_PLUGIN: &str = "/run/docker/plugins/trellis.sock";
+pub const DEFAULT_DOCKER_HOST: &str = "/run/docker.sock";
 
 pub const DEFAULT_CONFIG: &str = "/etc/trellis/trellisd.toml";
 pub const DEFAULT_SOCKET: &str = "/run/trellis/trellisd.sock";
@@ -133,6 +150,8 @@ pub enum ConfigError {
     Store(String),
     #[error("lease TTL {0} ms is too short (at least 2000 ms; etcd's minimum)")]
     LeaseTtl(u64),
+    #[error("invalid docker_host {0:?}: expected unix:///PATH")]
+    DockerHost(String),
     #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
     PrefixLen { len: u8, pool: IpNet },
 }
@@ -200,6 +219,19 @@ impl Config {
             vxlan_port: o.vxlan_port.or(f.vxlan_port).unwrap_or(4789),
             reclaim_grace: Duration::from_millis(o.reclaim_grace_ms.or(f.reclaim_grace_ms).unwrap_or(30_000)),
             ebpf: o.ebpf.or(f.ebpf).unwrap_or(false),
+            docker_plugin: {
+                let p = o.docker_plugin.clone().or(f.docker_plugin).unwrap_or_else(|| DEFAULT_DOCKER_PLUGIN.into());
+                (!p.as_os_str().is_empty()).then_some(p)
+            },
+            docker_host: {
+                let h =
+                    o.docker_host.clone().or(f.docker_host).unwrap_or_else(|| format!("unix://{DEFAULT_DOCKER_HOST}"));
+                match h.strip_prefix("unix://") {
+                    Some(path) if path.starts_with('/') => PathBuf::from(path),
+                    _ if h.starts_with('/') => PathBuf::from(h),
+                    _ => return Err(ConfigError::DockerHost(h)),
+                }
+            },
         })
     }
 
@@ -257,6 +289,17 @@ mod tests {
         assert_eq!(d.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(d.state_dir, PathBuf::from("/var/lib/trellis"));
         assert!(!d.ebpf, "the eBPF program is opt-in for now");
+        assert_eq!(d.docker_plugin, Some(PathBuf::from(DEFAULT_DOCKER_PLUGIN)), "the Docker driver is on");
+        assert_eq!(d.docker_host, PathBuf::from(DEFAULT_DOCKER_HOST));
+        let off = Overrides {
+            docker_plugin: Some("".into()),
+            docker_host: Some("unix:///x/d.sock".into()),
+            ..Overrides::default()
+        };
+        let c = Config::merge(FileConfig::default(), &off).unwrap();
+        assert_eq!((c.docker_plugin, c.docker_host), (None, PathBuf::from("/x/d.sock")));
+        let bad = Overrides { docker_host: Some("tcp://1.2.3.4:2375".into()), ..Overrides::default() };
+        assert!(Config::merge(FileConfig::default(), &bad).unwrap_err().to_string().contains("docker_host"));
     }
 
     #[test]

@@ -133,13 +133,32 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", cfg.socket.display()))?;
 
-    let service = AgentService {
+    let service = Arc::new(AgentService {
         cluster: cluster.clone(),
         reconciler: reconciler.clone(),
         dataplane: dataplane.clone(),
         netns_dir: cfg.netns_dir(),
         hostname,
         capabilities: caps,
+    });
+    let docker = match &cfg.docker_plugin {
+        None => None,
+        Some(path) => {
+            let driver = crate::docker::DockerDriver::new(
+                service.clone(),
+                crate::engine::Engine { socket: cfg.docker_host.clone() },
+            );
+            match crate::docker::serve(driver, path).await {
+                Ok(task) => {
+                    tracing::info!(socket = %path.display(), "Docker network and IPAM driver \"trellis\" serving");
+                    Some(task)
+                }
+                Err(e) => {
+                    tracing::warn!(socket = %path.display(), error = %e, "the Docker driver could not start; Docker cannot use Trellis networks on this host");
+                    None
+                }
+            }
+        }
     };
 
     // Periodic full resync; it also collects endpoints whose netns died.
@@ -259,7 +278,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     tracing::info!(host = %host, socket = %cfg.socket.display(), store = store.backend(), "trellisd serving");
     tonic::transport::Server::builder()
-        .add_service(AgentServer::new(service))
+        .add_service(AgentServer::from_arc(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
         .context("serving the agent API")?;
@@ -267,6 +286,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     watcher.abort();
     registration.abort();
     reclaimer.abort();
+    if let Some(task) = docker {
+        task.abort();
+        if let Some(path) = &cfg.docker_plugin {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
 }

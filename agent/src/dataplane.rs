@@ -146,6 +146,13 @@ pub struct EndpointSpec {
     pub addr: IpNet,
     /// Default route via this address (none on internal networks).
     pub default_via: Option<IpAddr>,
+    /// The engine moves the container end into its sandbox and configures
+    /// it (Docker): both ends are created in the host's namespace, the
+    /// container end named `peer_if`.
+    pub engine_moves: bool,
+    /// When the endpoint was created (Unix seconds): an engine's sandbox
+    /// namespace appears only after its Join.
+    pub created_unix: i64,
 }
 
 /// One change to the kernel.

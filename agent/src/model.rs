@@ -75,6 +75,24 @@ pub fn new_id() -> String {
 }
 
 /// A random locally administered unicast MAC address.
+/// An endpoint's MAC, derived from its address (as Docker's overlay does):
+/// an address that is released and reused comes back with the same MAC, so
+/// the neighbour caches of the containers that talked to its previous
+/// holder stay right (no stale-ARP black hole after a reconnect). Unique
+/// within a network, which is one L2 domain.
+pub fn mac_for_ip(ip: std::net::IpAddr) -> [u8; 6] {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            [0x02, 0x42, o[0], o[1], o[2], o[3]]
+        }
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            [0x02, 0x42, o[12], o[13], o[14], o[15]]
+        }
+    }
+}
+
 pub fn new_mac() -> [u8; 6] {
     let mut mac: [u8; 6] = rand::random();
     mac[0] = (mac[0] & 0xfc) | 0x02;
@@ -145,6 +163,9 @@ pub struct EndpointRecord {
     /// address go. Until then the address stays taken (no early reuse).
     #[serde(default)]
     pub deleting: bool,
+    /// Other names on its network (Docker's network aliases).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
 }
 
 /// A host of the cluster, registered under its lease: it disappears when
@@ -185,6 +206,7 @@ mod tests {
     fn macs_are_local_unicast_and_round_trip() {
         for _ in 0..100 {
             let m = new_mac();
+            assert_eq!(mac_for_ip("10.1.2.3".parse().unwrap()), [2, 0x42, 10, 1, 2, 3]);
             assert_eq!(m[0] & 0x01, 0, "unicast");
             assert_eq!(m[0] & 0x02, 0x02, "locally administered");
             assert_eq!(parse_mac(&format_mac(&m)), Some(m));

@@ -28,6 +28,9 @@ use crate::egress::{self, EgressRules};
 use crate::model;
 use crate::netns;
 
+/// How long after its Join an engine's endpoint gets its pair created.
+const ENGINE_JOIN_GRACE_S: i64 = 10;
+
 const ENOENT: i32 = 2;
 const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
@@ -237,7 +240,57 @@ impl NetlinkDataplane {
         })
     }
 
+    /// Both ends in this namespace, the container end left for the engine
+    /// to move into its sandbox, rename and address (Docker's Join).
+    ///
+    /// Only a young endpoint gets a pair: the engine moves the interface
+    /// in right after its Join (the sandbox may not even exist yet). An
+    /// older one whose pair is gone cannot be repaired (the engine will not
+    /// move a new pair in): with its sandbox gone, its container is gone.
+    async fn create_engine_endpoint(&self, s: &EndpointSpec) -> Result<()> {
+        if model::now_unix() - s.created_unix > ENGINE_JOIN_GRACE_S {
+            if !s.netns.exists() {
+                return Err(DataplaneError::NetnsGone(s.netns.clone()));
+            }
+            return Err(DataplaneError::Io {
+                call: "create veth",
+                object: format!("{} for {}", s.host_if, s.netns.display()),
+                source: std::io::Error::other(
+                    "the container's interface is gone and its engine does not move a new one in: reconnect the container",
+                ),
+            });
+        }
+        self.delete_link(&s.peer_if).await?;
+        let peer = LinkUnspec::new_with_name(&s.peer_if).address(s.mac.to_vec()).mtu(s.mtu).build();
+        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+            .name(s.host_if.clone())
+            .mtu(s.mtu)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .build();
+        self.handle.link().add(pair).execute().await.map_err(nl("create veth", &s.host_if))?;
+        let plugged = async {
+            let bridge = Self::require(&self.handle, &s.bridge).await?;
+            let host = Self::require(&self.handle, &s.host_if).await?;
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(host).controller(bridge).mtu(s.mtu).up().build())
+                .execute()
+                .await
+                .map_err(nl("attach veth to bridge", &s.host_if))
+        }
+        .await;
+        if plugged.is_err()
+            && let Err(e) = self.delete_link(&s.host_if).await
+        {
+            tracing::warn!(link = %s.host_if, error = %e, "cleaning up a failed endpoint");
+        }
+        plugged
+    }
+
     async fn create_endpoint(&self, s: &EndpointSpec) -> Result<()> {
+        if s.engine_moves {
+            return self.create_engine_endpoint(s).await;
+        }
         let ns = netns::open(&s.netns)?;
         // A leftover from an attempt that died half-way (older agents named
         // the peer in the host first).

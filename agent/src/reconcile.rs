@@ -105,6 +105,8 @@ pub fn desired(
                 mac,
                 addr: IpNet::new(e.ip, n.subnet.prefix_len()).expect("prefix of the subnet"),
                 default_via: if n.internal { None } else { n.gateway },
+                engine_moves: e.kind == model::EndpointKind::Docker,
+                created_unix: e.created_unix,
             },
         );
     }
@@ -178,7 +180,10 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
             if !desired.bridges.contains_key(name) {
                 stale_bridges.push(name.clone());
             }
-        } else if !desired.endpoints.contains_key(name) && !desired.vxlans.contains_key(name) {
+        } else if !desired.endpoints.contains_key(name)
+            && !desired.vxlans.contains_key(name)
+            && !desired.endpoints.values().any(|e| e.engine_moves && &e.peer_if == name)
+        {
             acts.push(Action::DeleteLink { name: name.clone() });
         }
     }
@@ -521,7 +526,31 @@ mod tests {
             container_id: String::new(),
             created_unix: 0,
             deleting: false,
+            aliases: vec![],
         }
+    }
+
+    #[test]
+    fn an_engine_moves_docker_containers_ends_which_are_kept_until_then() {
+        let me =
+            Identity { host: "h1".into(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 9], vxlan_port: 4789, ebpf: false };
+        let mut docker = endpoint("d1", "n1", "10.9.0.2", "h1");
+        docker.kind = EndpointKind::Docker;
+        let adhoc = endpoint("a1", "n1", "10.9.0.3", "h1");
+        let want = desired(&[network("n1", "10.9.0.0/24", false)], &[docker.clone(), adhoc], &[], &me);
+        let spec = &want.endpoints[&model::host_ifname("d1")];
+        assert!(spec.engine_moves, "Docker's endpoints are moved in by the engine");
+        assert!(!want.endpoints[&model::host_ifname("a1")].engine_moves);
+        // Between Join and the engine's move, the container end sits in the
+        // host namespace: it is not a leftover. A stray one is.
+        let mut obs = Observed::default();
+        for name in [model::peer_ifname("d1"), model::peer_ifname("a1"), model::peer_ifname("x1")] {
+            obs.links.insert(name, ObservedLink { kind: LinkKind::Veth, up: true, ..Default::default() });
+        }
+        let acts = diff(&want, &obs);
+        assert!(!acts.contains(&Action::DeleteLink { name: model::peer_ifname("d1") }), "{acts:?}");
+        assert!(acts.contains(&Action::DeleteLink { name: model::peer_ifname("a1") }), "{acts:?}");
+        assert!(acts.contains(&Action::DeleteLink { name: model::peer_ifname("x1") }), "{acts:?}");
     }
 
     struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);

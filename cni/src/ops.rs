@@ -70,6 +70,7 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             ifname: env.ifname.clone(),
             kind: proto::EndpointKind::Cni as i32,
             container_id: env.container_id.clone(),
+            reserved: false,
         })
         .await
         .map_err(|s| CniError::from_status(&format!("attaching to network {:?}", conf.network), &s))?

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod dockerd;
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// Fail loudly unless running as root: a root test must never pass by
@@ -182,6 +184,14 @@ impl Host {
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("trellisd.log")
     }
+    /// What this host's dockerd sees as `/run/docker`.
+    pub fn docker_run_dir(&self) -> PathBuf {
+        self.dir.path().join("run-docker")
+    }
+    /// This host's dockerd API socket.
+    pub fn docker_socket(&self) -> PathBuf {
+        self.dir.path().join("docker.sock")
+    }
 
     /// Start the agent and wait until it answers.
     pub fn start(&mut self) -> Result<()> {
@@ -193,6 +203,12 @@ impl Host {
             .arg(self.run_dir())
             .arg("--resync-interval-ms")
             .arg("500")
+            // The Docker driver listens where this host's dockerd (if a
+            // test starts one) looks for plugins, never in /run/docker.
+            .arg("--docker-plugin")
+            .arg(self.docker_run_dir().join("plugins/trellis.sock"))
+            .arg("--docker-host")
+            .arg(format!("unix://{}", self.docker_socket().display()))
             .args(&self.extra_args)
             .env("TRELLIS_LOG", "info,trellis_agent=debug,h2=warn,tower=warn")
             .env_remove("TRELLIS_CONFIG")

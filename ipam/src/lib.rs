@@ -50,6 +50,8 @@ pub enum IpamError {
     OutOfSubnet { ip: IpAddr, subnet: IpNet },
     #[error("address {ip} is already in use (by {owner})")]
     InUse { ip: IpAddr, owner: String },
+    #[error("address {0} was not reserved (or its reservation was released)")]
+    NotReserved(IpAddr),
     #[error("address {ip} is reserved ({why}) in {subnet}")]
     Reserved { ip: IpAddr, subnet: IpNet, why: &'static str },
     #[error("{0} is not supported yet: Trellis allocates IPv4 only for now")]
@@ -134,7 +136,14 @@ pub struct Pool {
 pub enum AddrRequest {
     Any,
     Specific(IpAddr),
+    /// An address this host reserved earlier (owner [`RESERVED`]), taken
+    /// over in the same transaction that writes the caller's records.
+    Claim(IpAddr),
 }
+
+/// The owner of an address reserved ahead of its endpoint (an engine's
+/// IPAM asks for the address before it creates the endpoint).
+pub const RESERVED: &str = "reserved";
 
 #[derive(Default)]
 struct OwnedBlock {
@@ -386,6 +395,7 @@ impl Ipam {
         }
         match request {
             AddrRequest::Specific(ip) => self.allocate_specific(pool, ip, owner, &extra).await,
+            AddrRequest::Claim(ip) => self.claim(pool, ip, owner, &extra).await,
             AddrRequest::Any => self.allocate_any(pool, owner, &extra).await,
         }
     }
@@ -416,6 +426,42 @@ impl Ipam {
             Some(kv) => Err(IpamError::InUse { ip, owner: decode::<AddrRecord>(&kv)?.owner }),
             None => Err(IpamError::CallerConflict),
         }
+    }
+
+    async fn claim<F>(&self, pool: &Pool, ip: IpAddr, owner: &str, extra: &F) -> Result<IpAddr>
+    where
+        F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
+    {
+        let key = self.addr_key(&pool.net_id, ip);
+        let (mut compares, mut ops) = extra(ip);
+        compares.push(Compare::Value(key.clone(), self.record(RESERVED)));
+        ops.push(Op::put(key.clone(), self.record(owner)));
+        if self.store.txn(compares, ops).await?.succeeded {
+            return Ok(ip);
+        }
+        match self.store.get(&key).await? {
+            Some(kv) => {
+                let rec = decode::<AddrRecord>(&kv)?;
+                if rec.owner == RESERVED && rec.host == self.host {
+                    Err(IpamError::CallerConflict)
+                } else {
+                    Err(IpamError::InUse { ip, owner: rec.owner })
+                }
+            }
+            None => Err(IpamError::NotReserved(ip)),
+        }
+    }
+
+    /// Release an address only if it is still this host's reservation
+    /// (an endpoint that claimed it releases it itself). True if released.
+    pub async fn release_reservation(&self, pool: &Pool, ip: IpAddr) -> Result<bool> {
+        let key = self.addr_key(&pool.net_id, ip);
+        let done =
+            self.store.txn(vec![Compare::Value(key.clone(), self.record(RESERVED))], vec![Op::delete(key)]).await?;
+        if done.succeeded {
+            self.released(pool, ip);
+        }
+        Ok(done.succeeded)
     }
 
     fn note_used(&self, pool: &Pool, ip: IpAddr) {

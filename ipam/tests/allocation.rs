@@ -318,3 +318,48 @@ async fn host_release_frees_a_dead_hosts_share_only() {
         a.allocate(&pool, AddrRequest::Specific(ip), "again", none).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn reservations_are_claimed_once_and_released_only_while_reserved() {
+    let s = store();
+    let h1 = Ipam::new(s.clone(), "/t/ipam/", "h1");
+    let h2 = Ipam::new(s.clone(), "/t/ipam/", "h2");
+    let pool = create(&h1, &s, "n1", SubnetRequest::Specific(net("10.8.0.0/24"))).await;
+    let r = h1.allocate(&pool, AddrRequest::Any, trellis_ipam::RESERVED, none).await.unwrap();
+    // Reserved means taken: nobody else gets it.
+    assert!(matches!(h2.allocate(&pool, AddrRequest::Specific(r), "x", none).await, Err(IpamError::InUse { .. })));
+    assert_ne!(h1.allocate(&pool, AddrRequest::Any, "other", none).await.unwrap(), r);
+    // Another host cannot claim this host's reservation; an unreserved
+    // address cannot be claimed at all.
+    assert!(matches!(h2.claim_for_test(&pool, r).await, Err(IpamError::InUse { .. })));
+    assert!(matches!(h1.claim_for_test(&pool, ip("10.8.0.200")).await, Err(IpamError::NotReserved(_))));
+    // The claim writes the caller's records with it.
+    let key = "/t/rec".to_string();
+    let got = h1
+        .allocate(&pool, AddrRequest::Claim(r), "ep1", |_| (vec![], vec![Op::put(key.clone(), b"x".to_vec())]))
+        .await
+        .unwrap();
+    assert_eq!(got, r);
+    assert!(s.get(&key).await.unwrap().is_some());
+    let owner = h1.addresses("n1").await.unwrap().into_iter().find(|(a, _)| *a == r).unwrap().1.owner;
+    assert_eq!(owner, "ep1");
+    // Claimed once: a second claim fails, and releasing the reservation
+    // now leaves the endpoint's address alone.
+    assert!(h1.claim_for_test(&pool, r).await.is_err());
+    assert!(!h1.release_reservation(&pool, r).await.unwrap());
+    assert!(h1.addresses("n1").await.unwrap().iter().any(|(a, _)| *a == r));
+    // A reservation never claimed is released.
+    let r2 = h1.allocate(&pool, AddrRequest::Any, trellis_ipam::RESERVED, none).await.unwrap();
+    assert!(h1.release_reservation(&pool, r2).await.unwrap());
+    assert!(!h1.addresses("n1").await.unwrap().iter().any(|(a, _)| *a == r2));
+}
+
+trait ClaimForTest {
+    async fn claim_for_test(&self, pool: &Pool, ip: IpAddr) -> Result<IpAddr, IpamError>;
+}
+
+impl ClaimForTest for Ipam {
+    async fn claim_for_test(&self, pool: &Pool, ip: IpAddr) -> Result<IpAddr, IpamError> {
+        self.allocate(pool, AddrRequest::Claim(ip), "someone", none).await
+    }
+}

@@ -12,3 +12,4 @@ pub mod proto {
 }
 
 pub mod client;
+pub mod docker;

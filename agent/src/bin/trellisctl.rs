@@ -102,7 +102,12 @@ enum NetworkCmd {
         json: bool,
     },
     /// Show a network as JSON.
-    Inspect { name: String },
+    Inspect {
+        name: String,
+        /// Accepted for symmetry: inspect always prints JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove a network (refused while it has endpoints, unless --force).
     #[command(alias = "remove")]
     Rm {
@@ -154,7 +159,7 @@ fn endpoint_json(e: &proto::Endpoint) -> Value {
         "id": e.id, "name": e.name, "network": e.network, "network_id": e.network_id, "host": e.host,
         "address": e.address, "gateway": e.gateway, "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
         "ifname": e.ifname, "host_ifname": e.host_ifname, "labels": e.labels, "kind": kind,
-        "managed_netns": e.managed_netns, "container_id": e.container_id,
+        "managed_netns": e.managed_netns, "container_id": e.container_id, "aliases": e.aliases,
     })
 }
 
@@ -267,7 +272,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Cmd::Network(NetworkCmd::Inspect { name }) => {
+        Cmd::Network(NetworkCmd::Inspect { name, json: _ }) => {
             let n = c.inspect_network(proto::NetworkRef { name }).await?.into_inner();
             print_json(&network_json(&n));
         }
@@ -288,7 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 netns: netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
                 ifname,
                 kind: proto::EndpointKind::Adhoc as i32,
-                container_id: String::new(),
+                ..Default::default()
             };
             if cmd.is_empty() {
                 let e = c.attach(req).await?.into_inner();

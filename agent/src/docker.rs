@@ -1,0 +1,716 @@
+//! The Docker remote network driver and IPAM driver `trellis`, served by
+//! the agent on `/run/docker/plugins/trellis.sock`.
+//!
+//! Docker's protocol names neither the network nor the container: a Docker
+//! network (local to one engine) is bound to the cluster network of the
+//! same name once the engine's API knows the name, and an endpoint learns
+//! its container's name, aliases and labels from the engine after Join.
+//! The per-host mapping (Docker network → cluster network, Docker endpoint
+//! → Trellis endpoint, pools) lives in the store under
+//! `docker/hosts/<host>/`, so an agent restart loses nothing.
+//!
+//! Addresses: Docker asks its IPAM driver for the endpoint's address
+//! before it creates the endpoint, so RequestAddress *reserves* an address
+//! in the cluster network and Join's attach claims the reservation in the
+//! same transaction that writes the endpoint.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tonic::Request;
+use trellis_ipam::{AddrRequest, RESERVED, pure};
+use trellis_plugin_api::docker as dp;
+use trellis_plugin_api::proto::{self, agent_server::Agent};
+use trellis_plugin_api::validate;
+use trellis_store::{Compare, Op};
+
+use crate::api::AgentService;
+use crate::cluster::AgentError;
+use crate::engine::Engine;
+use crate::model::{self, NetworkRecord};
+
+/// Options `docker network create -o` understands.
+pub const OPT_ATTACHABLE: &str = "trellis.attachable";
+pub const OPT_ENCRYPTED: &str = "trellis.encrypted";
+pub const OPT_NETWORK: &str = "trellis.network";
+pub const OPT_MTU: &str = "com.docker.network.driver.mtu";
+/// The label on cluster networks the driver created (removed with the last
+/// Docker network bound to them).
+pub const CREATED_BY: &str = "trellis.created-by";
+
+const ADDRESS_SPACE: &str = "trellis";
+const DST_PREFIX: &str = "eth";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DockerNet {
+    docker_id: String,
+    pool: IpNet,
+    gateway: Option<IpAddr>,
+    /// The user gave --subnet (else the pool was chosen by the driver).
+    user_subnet: bool,
+    attachable: bool,
+    internal: bool,
+    encrypted: bool,
+    mtu: u32,
+    /// Name given with `-o trellis.network=`, else learned from the engine.
+    name: Option<String>,
+    /// The cluster network, once bound.
+    network_id: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DockerPool {
+    subnet: IpNet,
+    user_subnet: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct DockerEp {
+    docker_id: String,
+    docker_net: String,
+    ip: IpAddr,
+    endpoint_id: Option<String>,
+}
+
+fn subnet_key(n: &IpNet) -> String {
+    n.to_string().replace('/', "_")
+}
+
+fn pool_id(n: &IpNet) -> String {
+    format!("trellis-{n}")
+}
+
+fn parse_pool_id(id: &str) -> Result<IpNet, String> {
+    id.strip_prefix("trellis-").and_then(|s| s.parse().ok()).ok_or_else(|| format!("unknown pool {id:?}"))
+}
+
+pub struct DockerDriver {
+    svc: Arc<AgentService>,
+    engine: Engine,
+    host: String,
+    bind_lock: tokio::sync::Mutex<()>,
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+type Answer = Result<Value, String>;
+
+impl DockerDriver {
+    pub fn new(svc: Arc<AgentService>, engine: Engine) -> Arc<DockerDriver> {
+        let host = svc.cluster.host.clone();
+        Arc::new(DockerDriver { svc, engine, host, bind_lock: tokio::sync::Mutex::new(()) })
+    }
+
+    fn prefix(&self) -> String {
+        format!("{}docker/hosts/{}/", model::ROOT, self.host)
+    }
+    fn net_key(&self, id: &str) -> String {
+        format!("{}nets/{id}", self.prefix())
+    }
+    fn pool_key(&self, n: &IpNet) -> String {
+        format!("{}pools/{}", self.prefix(), subnet_key(n))
+    }
+    fn ep_key(&self, id: &str) -> String {
+        format!("{}eps/{id}", self.prefix())
+    }
+    fn reserved_key(n: &IpNet) -> String {
+        format!("{}docker/reserved/{}", model::ROOT, subnet_key(n))
+    }
+
+    async fn load<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, String> {
+        match self.svc.cluster.store.get(key).await.map_err(err)? {
+            Some(kv) => serde_json::from_slice(&kv.value).map(Some).map_err(|e| format!("corrupt record {key}: {e}")),
+            None => Ok(None),
+        }
+    }
+
+    async fn save<T: Serialize>(&self, key: &str, v: &T) -> Result<(), String> {
+        let bytes = serde_json::to_vec(v).expect("records serialize");
+        self.svc.cluster.store.txn(vec![], vec![Op::put(key.to_string(), bytes)]).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), String> {
+        self.svc.cluster.store.txn(vec![], vec![Op::delete(key.to_string())]).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// One request: `None` for a method this driver does not implement
+    /// (the engine gets a 404 and skips it).
+    pub async fn handle(self: &Arc<Self>, method: &str, body: &[u8]) -> Option<(StatusCode, Value)> {
+        let ipam = method.starts_with("IpamDriver.");
+        let answer: Answer = match method {
+            "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
+            "NetworkDriver.GetCapabilities" => Ok(json!({ "Scope": "local", "ConnectivityScope": "global" })),
+            "NetworkDriver.CreateNetwork" => match dp::parse(body) {
+                Ok(r) => self.create_network(r).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            "NetworkDriver.DeleteNetwork" => match dp::parse::<dp::NetworkRequest>(body) {
+                Ok(r) => self.delete_network(&r.network_id).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            "NetworkDriver.CreateEndpoint" => match dp::parse(body) {
+                Ok(r) => self.create_endpoint(r).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            "NetworkDriver.DeleteEndpoint" => match dp::parse::<dp::EndpointRequest>(body) {
+                Ok(r) => self.delete_endpoint(&r.endpoint_id).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            "NetworkDriver.EndpointOperInfo" => match dp::parse::<dp::EndpointRequest>(body) {
+                Ok(r) => self.oper_info(&r.endpoint_id).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            "NetworkDriver.Join" => match dp::parse(body) {
+                Ok(r) => self.join(r).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            "NetworkDriver.Leave" => match dp::parse::<dp::EndpointRequest>(body) {
+                Ok(r) => self.leave(&r.endpoint_id).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
+            },
+            // Connectivity to the outside is the network's egress rule;
+            // node discovery is the store's job.
+            "NetworkDriver.ProgramExternalConnectivity"
+            | "NetworkDriver.RevokeExternalConnectivity"
+            | "NetworkDriver.DiscoverNew"
+            | "NetworkDriver.DiscoverDelete" => Ok(json!({})),
+            "IpamDriver.GetCapabilities" => Ok(json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false })),
+            "IpamDriver.GetDefaultAddressSpaces" => Ok(json!({
+                "LocalDefaultAddressSpace": ADDRESS_SPACE,
+                "GlobalDefaultAddressSpace": ADDRESS_SPACE,
+            })),
+            "IpamDriver.RequestPool" => match dp::parse(body) {
+                Ok(r) => self.request_pool(r).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
+            },
+            "IpamDriver.ReleasePool" => match dp::parse::<dp::ReleasePoolRequest>(body) {
+                Ok(r) => self.release_pool(&r.pool_id).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
+            },
+            "IpamDriver.RequestAddress" => match dp::parse(body) {
+                Ok(r) => self.request_address(r).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
+            },
+            "IpamDriver.ReleaseAddress" => match dp::parse(body) {
+                Ok(r) => self.release_address(r).await,
+                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
+            },
+            _ => return None,
+        };
+        Some(match answer {
+            Ok(v) => (StatusCode::OK, v),
+            Err(msg) => {
+                tracing::warn!(method, error = %msg, "docker driver request refused");
+                (StatusCode::OK, if ipam { dp::ipam_error(&msg) } else { dp::network_error(&msg) })
+            }
+        })
+    }
+
+    // ---- IPAM ----
+
+    async fn request_pool(&self, r: dp::RequestPoolRequest) -> Answer {
+        if r.v6 {
+            return Err("Trellis networks are IPv4 only for now: create the network without --ipv6".into());
+        }
+        if !r.sub_pool.is_empty() {
+            return Err("--ip-range is not supported: Trellis allocates from the whole subnet".into());
+        }
+        let (subnet, user_subnet) = if r.pool.is_empty() {
+            (self.reserve_subnet().await?, false)
+        } else {
+            let subnet = validate::subnet(&r.pool).map_err(err)?;
+            for n in self.svc.cluster.networks().await.map_err(err)? {
+                if n.subnet != subnet && pure::overlaps(&n.subnet, &subnet) {
+                    return Err(format!("subnet {subnet} overlaps {} of Trellis network {:?}", n.subnet, n.name));
+                }
+            }
+            (subnet, true)
+        };
+        self.save(&self.pool_key(&subnet), &DockerPool { subnet, user_subnet }).await?;
+        Ok(json!({ "PoolID": pool_id(&subnet), "Pool": subnet.to_string(), "Data": {} }))
+    }
+
+    /// A subnet from the default pool, reserved cluster-wide until a
+    /// network takes it (or the pool is released).
+    async fn reserve_subnet(&self) -> Result<IpNet, String> {
+        let c = &self.svc.cluster;
+        let avoid = self.svc.dataplane.host_routes().await.map_err(err)?;
+        for _ in 0..16 {
+            let mut taken: Vec<IpNet> = c.networks().await.map_err(err)?.iter().map(|n| n.subnet).collect();
+            let (reserved, _) = c.store.list(&format!("{}docker/reserved/", model::ROOT)).await.map_err(err)?;
+            taken.extend(
+                reserved.iter().filter_map(|kv| kv.key.rsplit('/').next()?.replace('_', "/").parse::<IpNet>().ok()),
+            );
+            let Some(subnet) = pure::choose_subnet(&c.default_pool, c.default_prefix_len, &taken, &avoid) else {
+                return Err(format!("the default pool {} has no free /{} left", c.default_pool, c.default_prefix_len));
+            };
+            let key = Self::reserved_key(&subnet);
+            let done = c
+                .store
+                .txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, self.host.clone().into_bytes())])
+                .await
+                .map_err(err)?;
+            if done.succeeded {
+                return Ok(subnet);
+            }
+        }
+        Err("subnets kept being taken concurrently; try again".into())
+    }
+
+    async fn drop_reservation(&self, subnet: &IpNet) -> Result<(), String> {
+        let key = Self::reserved_key(subnet);
+        self.svc
+            .cluster
+            .store
+            .txn(vec![Compare::Value(key.clone(), self.host.clone().into_bytes())], vec![Op::delete(key)])
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn release_pool(&self, id: &str) -> Answer {
+        let subnet = parse_pool_id(id)?;
+        self.delete(&self.pool_key(&subnet)).await?;
+        self.drop_reservation(&subnet).await?;
+        Ok(json!({}))
+    }
+
+    /// The Docker network whose pool is `subnet`.
+    async fn net_by_pool(&self, subnet: &IpNet) -> Result<Option<DockerNet>, String> {
+        let (items, _) = self.svc.cluster.store.list(&format!("{}nets/", self.prefix())).await.map_err(err)?;
+        Ok(items
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<DockerNet>(&kv.value).ok())
+            .find(|n| &n.pool == subnet))
+    }
+
+    async fn request_address(self: &Arc<Self>, r: dp::RequestAddressRequest) -> Answer {
+        let subnet = parse_pool_id(&r.pool_id)?;
+        if r.is_gateway() {
+            // The network's gateway: the cluster network's if it exists,
+            // else the one asked for, else the subnet's first address.
+            let existing = self.svc.cluster.networks().await.map_err(err)?.into_iter().find(|n| n.subnet == subnet);
+            let gw = match (existing.and_then(|n| n.gateway), r.address.is_empty()) {
+                (Some(g), _) => g,
+                (None, false) => validate::ip("gateway", &r.address).map_err(err)?,
+                (None, true) => pure::default_gateway(&subnet).ok_or_else(|| format!("{subnet} has no gateway"))?,
+            };
+            return Ok(json!({ "Address": format!("{gw}/{}", subnet.prefix_len()), "Data": {} }));
+        }
+        let Some(dn) = self.net_by_pool(&subnet).await? else {
+            return Err(format!("no Docker network uses pool {subnet} on this host"));
+        };
+        let net = self.bind(&dn.docker_id).await?;
+        let request = if r.address.is_empty() {
+            AddrRequest::Any
+        } else {
+            AddrRequest::Specific(validate::ip("address", &r.address).map_err(err)?)
+        };
+        let c = &self.svc.cluster;
+        let ip = c
+            .ipam
+            .allocate(&crate::cluster::Cluster::pool(&net), request, RESERVED, |_| (vec![], vec![]))
+            .await
+            .map_err(|e| AgentError::from(e).to_string())?;
+        Ok(json!({ "Address": format!("{ip}/{}", net.subnet.prefix_len()), "Data": {} }))
+    }
+
+    async fn release_address(&self, r: dp::ReleaseAddressRequest) -> Answer {
+        let subnet = parse_pool_id(&r.pool_id)?;
+        let ip: IpAddr = r
+            .address
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| format!("invalid address {:?}", r.address))?;
+        let Some(dn) = self.net_by_pool(&subnet).await? else { return Ok(json!({})) };
+        let Some(net_id) = dn.network_id else { return Ok(json!({})) };
+        let net = match self.svc.cluster.network(&net_id).await {
+            Ok(n) => n,
+            Err(AgentError::NotFound(_)) => return Ok(json!({})),
+            Err(e) => return Err(e.to_string()),
+        };
+        if net.gateway == Some(ip) {
+            return Ok(json!({}));
+        }
+        // Still a reservation (the endpoint never joined): released here;
+        // an endpoint's address goes with the endpoint.
+        self.svc.cluster.ipam.release_reservation(&crate::cluster::Cluster::pool(&net), ip).await.map_err(err)?;
+        Ok(json!({}))
+    }
+
+    // ---- Network driver ----
+
+    async fn create_network(self: &Arc<Self>, r: dp::CreateNetworkRequest) -> Answer {
+        if r.ipv6_data.as_ref().is_some_and(|d| d.iter().any(|p| !p.pool.is_empty())) {
+            return Err("Trellis networks are IPv4 only for now: create the network without --ipv6".into());
+        }
+        let v4 = r.ipv4_data.as_ref().and_then(|d| d.first()).cloned().unwrap_or_default();
+        if v4.pool.is_empty() {
+            return Err("the trellis network driver needs the trellis IPAM driver: add --ipam-driver trellis".into());
+        }
+        let pool = validate::subnet(&v4.pool).map_err(err)?;
+        let Some(p) = self.load::<DockerPool>(&self.pool_key(&pool)).await? else {
+            return Err(format!("pool {pool} was not allocated by the trellis IPAM driver: add --ipam-driver trellis"));
+        };
+        let generic = r.generic();
+        let known = [OPT_ATTACHABLE, OPT_ENCRYPTED, OPT_NETWORK, OPT_MTU];
+        if let Some(k) = generic.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(format!("unknown option {k:?}: the trellis driver understands {}", known.join(", ")));
+        }
+        let flag = |k: &str| -> Result<bool, String> {
+            match generic.get(k).map(String::as_str) {
+                None | Some("false") => Ok(false),
+                Some("true") | Some("") => Ok(true),
+                Some(v) => Err(format!("option {k}={v:?}: expected true or false")),
+            }
+        };
+        let mtu = match generic.get(OPT_MTU) {
+            Some(v) => v.parse::<u32>().map_err(|_| format!("option {OPT_MTU}={v:?} is not a number"))?,
+            None => 0,
+        };
+        validate::mtu(mtu).map_err(err)?;
+        let name = generic.get(OPT_NETWORK).cloned();
+        if let Some(n) = &name {
+            validate::name("network name", n).map_err(err)?;
+        }
+        let gateway = if v4.gateway.is_empty() {
+            None
+        } else {
+            Some(
+                v4.gateway
+                    .split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .parse()
+                    .map_err(|_| format!("invalid gateway {:?}", v4.gateway))?,
+            )
+        };
+        let dn = DockerNet {
+            docker_id: r.network_id.clone(),
+            pool,
+            gateway,
+            user_subnet: p.user_subnet,
+            attachable: flag(OPT_ATTACHABLE)?,
+            internal: r.flag("com.docker.network.internal"),
+            encrypted: flag(OPT_ENCRYPTED)?,
+            mtu,
+            name,
+            network_id: None,
+        };
+        self.save(&self.net_key(&r.network_id), &dn).await?;
+        // Bind as soon as the engine knows the network's name (right after
+        // this call returns); endpoints bind on demand anyway.
+        let me = self.clone();
+        let id = r.network_id.clone();
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match me.bind(&id).await {
+                    Ok(_) => return,
+                    Err(e) => tracing::debug!(network = %id, error = %e, "binding a Docker network (retrying)"),
+                }
+            }
+        });
+        Ok(json!({}))
+    }
+
+    /// The cluster network a Docker network stands for, created here if
+    /// no host has created it yet.
+    async fn bind(&self, docker_id: &str) -> Result<NetworkRecord, String> {
+        let _guard = self.bind_lock.lock().await;
+        let key = self.net_key(docker_id);
+        let Some(mut dn) = self.load::<DockerNet>(&key).await? else {
+            return Err(format!("Docker network {docker_id} is unknown to the trellis driver"));
+        };
+        let c = &self.svc.cluster;
+        if let Some(id) = &dn.network_id {
+            return match c.network(id).await {
+                Ok(n) => Ok(n),
+                Err(AgentError::NotFound(_)) => Err(format!(
+                    "Trellis network {:?} was removed from the cluster: remove this Docker network and create it again",
+                    dn.name.clone().unwrap_or_default()
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        let mut labels = BTreeMap::new();
+        let name = match &dn.name {
+            Some(n) => n.clone(),
+            None => {
+                let info = self.engine.network(docker_id).await.map_err(err)?;
+                labels = info.labels.unwrap_or_default();
+                labels.retain(|k, v| validate::labels(&BTreeMap::from([(k.clone(), v.clone())])).is_ok());
+                validate::name("network name", &info.name).map_err(err)?;
+                info.name
+            }
+        };
+        labels.insert(CREATED_BY.to_string(), "docker".to_string());
+        let net = loop {
+            match c.network(&name).await {
+                Ok(n) => {
+                    if dn.user_subnet && n.subnet != dn.pool {
+                        return Err(format!(
+                            "Trellis network {name:?} already exists with subnet {} (created on another host); create the Docker network with --subnet {} or without --subnet",
+                            n.subnet, n.subnet
+                        ));
+                    }
+                    break n;
+                }
+                Err(AgentError::NotFound(_)) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let req = proto::CreateNetworkRequest {
+                name: name.clone(),
+                subnet: dn.pool.to_string(),
+                gateway: dn.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                attachable: dn.attachable,
+                internal: dn.internal,
+                encrypted: dn.encrypted,
+                mtu: dn.mtu,
+                labels: labels.clone().into_iter().collect(),
+            };
+            match self.svc.create_network(Request::new(req)).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::AlreadyExists => continue,
+                Err(s) => return Err(s.message().to_string()),
+            }
+        };
+        // The subnet is the network's now (or another one is): the
+        // reservation goes.
+        if !dn.user_subnet {
+            self.drop_reservation(&dn.pool).await?;
+        }
+        dn.name = Some(net.name.clone());
+        dn.network_id = Some(net.id.clone());
+        self.save(&key, &dn).await?;
+        tracing::info!(docker = %docker_id, network = %net.name, subnet = %net.subnet, "Docker network bound");
+        Ok(net)
+    }
+
+    async fn delete_network(&self, docker_id: &str) -> Answer {
+        let Some(dn) = self.load::<DockerNet>(&self.net_key(docker_id)).await? else { return Ok(json!({})) };
+        // Endpoint records of this Docker network (left by a dockerd that
+        // died) go with it.
+        let (eps, _) = self.svc.cluster.store.list(&format!("{}eps/", self.prefix())).await.map_err(err)?;
+        for kv in eps {
+            if serde_json::from_slice::<DockerEp>(&kv.value).is_ok_and(|e| e.docker_net == docker_id) {
+                self.delete(&kv.key).await?;
+            }
+        }
+        self.delete(&self.net_key(docker_id)).await?;
+        if !dn.user_subnet {
+            self.drop_reservation(&dn.pool).await?;
+        }
+        let Some(net_id) = dn.network_id else { return Ok(json!({})) };
+        // The cluster network goes with the last Docker network bound to it
+        // on any host, if the driver created it and nothing is attached.
+        let (all, _) = self.svc.cluster.store.list(&format!("{}docker/hosts/", model::ROOT)).await.map_err(err)?;
+        let still_bound = all.iter().any(|kv| {
+            kv.key.contains("/nets/")
+                && serde_json::from_slice::<DockerNet>(&kv.value)
+                    .is_ok_and(|n| n.network_id.as_deref() == Some(&net_id))
+        });
+        if still_bound {
+            return Ok(json!({}));
+        }
+        if let Ok(net) = self.svc.cluster.network(&net_id).await
+            && net.labels.get(CREATED_BY).map(String::as_str) == Some("docker")
+        {
+            let req = proto::RemoveNetworkRequest { name: net.id.clone(), force: false };
+            if let Err(s) = self.svc.remove_network(Request::new(req)).await {
+                tracing::info!(network = %net.name, reason = %s.message(), "keeping the cluster network");
+            }
+        }
+        Ok(json!({}))
+    }
+
+    async fn create_endpoint(&self, r: dp::CreateEndpointRequest) -> Answer {
+        let iface = r.interface.unwrap_or_default();
+        if !iface.address_ipv6.is_empty() {
+            return Err("Trellis networks are IPv4 only for now".into());
+        }
+        if iface.address.is_empty() {
+            return Err("the endpoint has no address: the trellis network driver needs --ipam-driver trellis".into());
+        }
+        let ip: IpAddr = iface
+            .address
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| format!("invalid address {:?}", iface.address))?;
+        if self.load::<DockerNet>(&self.net_key(&r.network_id)).await?.is_none() {
+            return Err(format!("Docker network {} is unknown to the trellis driver", r.network_id));
+        }
+        let de = DockerEp { docker_id: r.endpoint_id.clone(), docker_net: r.network_id, ip, endpoint_id: None };
+        self.save(&self.ep_key(&r.endpoint_id), &de).await?;
+        Ok(json!({}))
+    }
+
+    async fn join(self: &Arc<Self>, r: dp::JoinRequest) -> Answer {
+        let key = self.ep_key(&r.endpoint_id);
+        let Some(mut de) = self.load::<DockerEp>(&key).await? else {
+            return Err(format!("endpoint {} is unknown to the trellis driver", r.endpoint_id));
+        };
+        if r.sandbox_key.is_empty() {
+            return Err("Join without a SandboxKey".into());
+        }
+        let net = self.bind(&de.docker_net).await?;
+        let req = proto::AttachRequest {
+            network: net.id.clone(),
+            ip: de.ip.to_string(),
+            netns: r.sandbox_key.clone(),
+            ifname: DST_PREFIX.to_string(),
+            kind: proto::EndpointKind::Docker as i32,
+            reserved: true,
+            ..Default::default()
+        };
+        let ep = self.svc.attach(Request::new(req)).await.map_err(|s| s.message().to_string())?.into_inner();
+        de.endpoint_id = Some(ep.id.clone());
+        self.save(&key, &de).await?;
+        let me = self.clone();
+        let (docker_ep, docker_net, name) = (r.endpoint_id.clone(), de.docker_net.clone(), net.name.clone());
+        let endpoint = ep.id.clone();
+        tokio::spawn(async move { me.learn(&docker_net, &docker_ep, &endpoint, &name).await });
+        Ok(serde_json::to_value(dp::JoinResponse {
+            interface_name: dp::InterfaceName { src_name: model::peer_ifname(&ep.id), dst_prefix: DST_PREFIX.into() },
+            gateway: if net.internal { String::new() } else { net.gateway.map(|g| g.to_string()).unwrap_or_default() },
+            static_routes: vec![],
+            disable_gateway_service: true,
+        })
+        .expect("serializes"))
+    }
+
+    /// Learn the container behind a Docker endpoint (the engine lists it on
+    /// the network once Join returned): its name, aliases and labels.
+    async fn learn(&self, docker_net: &str, docker_ep: &str, endpoint: &str, network: &str) {
+        for attempt in 0..200u32 {
+            tokio::time::sleep(Duration::from_millis(if attempt < 20 { 25 } else { 100 })).await;
+            let info = match self.engine.network(docker_net).await {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::debug!(error = %e, "learning a container's identity");
+                    continue;
+                }
+            };
+            let Some(cid) = info
+                .containers
+                .unwrap_or_default()
+                .into_iter()
+                .find(|(_, c)| c.endpoint_id == docker_ep)
+                .map(|(id, _)| id)
+            else {
+                continue;
+            };
+            let c = match self.engine.container(&cid).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "inspecting a container");
+                    continue;
+                }
+            };
+            let name = Some(c.short_name()).filter(|n| validate::name("endpoint name", n).is_ok());
+            let aliases: Vec<String> =
+                c.aliases(&info.name).into_iter().filter(|a| validate::name("alias", a).is_ok()).collect();
+            let mut labels = c.labels();
+            labels.retain(|k, v| validate::labels(&BTreeMap::from([(k.clone(), v.clone())])).is_ok());
+            match self.svc.cluster.set_identity(endpoint, &cid, name, aliases, labels).await {
+                Ok(rec) => {
+                    tracing::info!(endpoint = %endpoint, name = %rec.name, network, container = %cid, "learned the container's identity")
+                }
+                Err(e) => tracing::warn!(endpoint = %endpoint, error = %e, "recording a container's identity"),
+            }
+            return;
+        }
+        tracing::warn!(endpoint = %endpoint, "the engine never listed the container of this endpoint");
+    }
+
+    async fn leave(&self, docker_ep: &str) -> Answer {
+        let Some(de) = self.load::<DockerEp>(&self.ep_key(docker_ep)).await? else { return Ok(json!({})) };
+        if let Some(id) = &de.endpoint_id {
+            self.detach(id).await?;
+        }
+        Ok(json!({}))
+    }
+
+    async fn detach(&self, id: &str) -> Result<(), String> {
+        match self.svc.cluster.find_endpoint(id, None).await {
+            Ok(e) if e.id == id => self.svc.cluster.mark_deleting(&e).await.map_err(err),
+            Ok(_) | Err(AgentError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn delete_endpoint(&self, docker_ep: &str) -> Answer {
+        let key = self.ep_key(docker_ep);
+        if let Some(de) = self.load::<DockerEp>(&key).await?
+            && let Some(id) = &de.endpoint_id
+        {
+            self.detach(id).await?;
+        }
+        self.delete(&key).await?;
+        Ok(json!({}))
+    }
+
+    async fn oper_info(&self, docker_ep: &str) -> Answer {
+        let de = self.load::<DockerEp>(&self.ep_key(docker_ep)).await?;
+        let id = de.and_then(|d| d.endpoint_id).unwrap_or_default();
+        Ok(json!({ "Value": { "trellis.endpoint": id } }))
+    }
+}
+
+async fn route(State(driver): State<Arc<DockerDriver>>, UrlPath(method): UrlPath<String>, body: Bytes) -> Response {
+    match driver.handle(&method, &body).await {
+        Some((status, v)) => (status, axum::Json(v)).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("{method} is not implemented")).into_response(),
+    }
+}
+
+/// Serve the driver on `socket` until the task is dropped.
+pub async fn serve(driver: Arc<DockerDriver>, socket: &Path) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = tokio::net::UnixListener::bind(socket)?;
+    let app = Router::new().route("/{method}", axum::routing::post(route)).with_state(driver);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the Docker driver stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_ids_round_trip() {
+        let n: IpNet = "10.7.0.0/24".parse().unwrap();
+        assert_eq!(parse_pool_id(&pool_id(&n)).unwrap(), n);
+        assert!(parse_pool_id("bogus").is_err());
+        assert_eq!(subnet_key(&n), "10.7.0.0_24");
+    }
+}

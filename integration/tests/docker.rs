@@ -1,0 +1,163 @@
+//! A real dockerd (Debian's docker.io) using Trellis as its network and
+//! IPAM driver: each test starts its own dockerd inside its own host
+//! namespace, with its own trellisd.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use trellis_integration::dockerd::{Dockerd, IMAGE};
+use trellis_integration::{Host, require_root, wait_for};
+
+fn endpoints(h: &Host) -> Vec<Value> {
+    h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().clone()
+}
+
+fn endpoint_named(h: &Host, name: &str) -> Option<Value> {
+    endpoints(h).into_iter().find(|e| e["name"] == name)
+}
+
+fn container_ip(d: &Dockerd, name: &str, network: &str) -> String {
+    d.ok(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}"), name])
+        .unwrap()
+}
+
+fn ping(d: &Dockerd, from: &str, to: &str) -> bool {
+    d.docker(&["exec", from, "ping", "-c", "1", "-W", "2", to]).output().is_ok_and(|o| o.status.success())
+}
+
+fn veths(h: &Host) -> Vec<String> {
+    h.ns.links().unwrap().into_iter().filter(|l| l.starts_with("trv-") || l.starts_with("trp-")).collect()
+}
+
+/// Addresses taken in a network besides its gateway.
+fn taken_addresses(h: &Host, network: &str) -> u64 {
+    h.ctl_json(&["network", "inspect", network]).unwrap()["endpoints"].as_u64().unwrap()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn docker_network_lifecycle_through_the_trellis_driver() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    let mut d = Dockerd::start(&h).unwrap();
+
+    let out = d
+        .ok(&[
+            "network",
+            "create",
+            "-d",
+            "trellis",
+            "--ipam-driver",
+            "trellis",
+            "--subnet",
+            "10.51.0.0/24",
+            "-o",
+            "trellis.attachable=true",
+            "--label",
+            "team=a",
+            "app",
+        ])
+        .unwrap();
+    assert!(!out.is_empty());
+    // The Docker network is the cluster network of the same name.
+    assert!(
+        wait_for(Duration::from_secs(5), || h.ctl_output(&["network", "inspect", "app"]).status.success()),
+        "the cluster network never appeared; agent log:\n{}",
+        h.log()
+    );
+    let net = h.ctl_json(&["network", "inspect", "app"]).unwrap();
+    assert_eq!(net["subnet"], "10.51.0.0/24");
+    assert_eq!(net["attachable"], true);
+    assert_eq!(net["labels"]["team"], "a");
+
+    d.ok(&["run", "-d", "--name", "web1", "--network", "app", IMAGE, "sleep", "600"]).unwrap();
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web2",
+        "--network",
+        "app",
+        "--network-alias",
+        "api",
+        "-l",
+        "trellis.service=web",
+        IMAGE,
+        "sleep",
+        "600",
+    ])
+    .unwrap();
+    let ip1 = container_ip(&d, "web1", "app");
+    let ip2 = container_ip(&d, "web2", "app");
+    assert!(ip1.starts_with("10.51.0.") && ip2.starts_with("10.51.0.") && ip1 != ip2, "{ip1} {ip2}");
+    assert!(ping(&d, "web1", &ip2), "web1 cannot reach web2 ({ip2})");
+    assert!(ping(&d, "web2", "10.51.0.1"), "the gateway does not answer");
+    // Docker's embedded DNS answers container names on the network.
+    assert!(ping(&d, "web1", "web2"), "web2 does not resolve in web1");
+    // The agent learned each container's name, aliases and labels.
+    assert!(
+        wait_for(Duration::from_secs(5), || endpoint_named(&h, "web2").is_some_and(|e| e["aliases"][0] == "api")),
+        "endpoints: {:?}",
+        endpoints(&h)
+    );
+    let e2 = endpoint_named(&h, "web2").unwrap();
+    assert_eq!(e2["labels"]["trellis.service"], "web");
+    assert_eq!(e2["kind"], "docker");
+    assert_eq!(e2["address"], format!("{ip2}/24"));
+    assert_eq!(e2["container_id"].as_str().unwrap().len(), 64);
+    assert!(endpoint_named(&h, "web1").is_some());
+
+    // disconnect / connect.
+    d.ok(&["network", "disconnect", "app", "web2"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || endpoint_named(&h, "web2").is_none()));
+    assert!(!ping(&d, "web1", &ip2));
+    d.ok(&["network", "connect", "app", "web2"]).unwrap();
+    let ip2b = container_ip(&d, "web2", "app");
+    assert!(ping(&d, "web1", &ip2b), "reconnected web2 ({ip2b}) unreachable");
+
+    // The agent restarts: traffic keeps flowing, new containers attach.
+    h.terminate();
+    assert!(ping(&d, "web1", &ip2b), "traffic stopped while the agent was down");
+    h.start().unwrap();
+    d.ok(&["run", "-d", "--name", "web3", "--network", "app", IMAGE, "sleep", "600"]).unwrap();
+    let ip3 = container_ip(&d, "web3", "app");
+    assert!(ping(&d, "web3", &ip1));
+
+    // rm -f: nothing left behind.
+    for c in ["web1", "web2", "web3"] {
+        d.ok(&["rm", "-f", c]).unwrap();
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || endpoints(&h).is_empty() && veths(&h).is_empty()),
+        "left behind: {:?} {:?}",
+        endpoints(&h),
+        veths(&h)
+    );
+    assert_eq!(taken_addresses(&h, "app"), 0);
+    assert!(!ip3.is_empty());
+
+    // dockerd restarts with a running container: after it is back, the
+    // dead container's endpoint is gone and a new one attaches.
+    d.ok(&["run", "-d", "--name", "web4", "--network", "app", IMAGE, "sleep", "600"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || endpoint_named(&h, "web4").is_some()));
+    d.restart().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || endpoints(&h).is_empty() && veths(&h).is_empty()),
+        "after the dockerd restart: {:?} {:?}",
+        endpoints(&h),
+        veths(&h)
+    );
+    d.ok(&["start", "web4"]).unwrap();
+    d.ok(&["run", "-d", "--name", "web5", "--network", "app", IMAGE, "sleep", "600"]).unwrap();
+    let ip4 = container_ip(&d, "web4", "app");
+    assert!(ping(&d, "web5", &ip4), "web5 cannot reach the restarted web4 ({ip4})");
+    d.ok(&["rm", "-f", "web4", "web5"]).unwrap();
+
+    // docker network rm removes the cluster network the driver created.
+    d.ok(&["network", "rm", "app"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || !h.ctl_output(&["network", "inspect", "app"]).status.success()),
+        "the cluster network outlived the Docker network"
+    );
+    assert!(veths(&h).is_empty());
+}
