@@ -93,10 +93,12 @@ pub struct Overrides {
     /// endpoint veth. Off by default until the eBPF datapath is complete.
     #[arg(long, env = "TRELLIS_EBPF", num_args = 0..=1, default_missing_value = "true")]
     pub ebpf: Option<bool>,
-    /// Socket of the Docker network + IPAM driver `trellis` (an empty
-    /// value turns the driver off).
+    /// Socket of the Docker network + IPAM driver `trellis`.
     #[arg(long, env = "TRELLIS_DOCKER_PLUGIN")]
     pub docker_plugin: Option<PathBuf>,
+    /// Do not serve the Docker driver (in the file: `docker_plugin = ""`).
+    #[arg(long, env = "TRELLIS_NO_DOCKER_PLUGIN")]
+    pub no_docker_plugin: bool,
     /// The Docker engine's API, where the driver learns network and
     /// container names, aliases and labels (`unix:///PATH`).
     #[arg(long, env = "TRELLIS_DOCKER_HOST")]
@@ -221,7 +223,7 @@ impl Config {
             ebpf: o.ebpf.or(f.ebpf).unwrap_or(false),
             docker_plugin: {
                 let p = o.docker_plugin.clone().or(f.docker_plugin).unwrap_or_else(|| DEFAULT_DOCKER_PLUGIN.into());
-                (!p.as_os_str().is_empty()).then_some(p)
+                (!p.as_os_str().is_empty() && !o.no_docker_plugin).then_some(p)
             },
             docker_host: {
                 let h =
@@ -300,6 +302,8 @@ mod tests {
         assert_eq!((c.docker_plugin, c.docker_host), (None, PathBuf::from("/x/d.sock")));
         let bad = Overrides { docker_host: Some("tcp://1.2.3.4:2375".into()), ..Overrides::default() };
         assert!(Config::merge(FileConfig::default(), &bad).unwrap_err().to_string().contains("docker_host"));
+        let file = FileConfig { docker_plugin: Some("".into()), ..FileConfig::default() };
+        assert_eq!(Config::merge(file, &Overrides::default()).unwrap().docker_plugin, None);
     }
 
     #[test]

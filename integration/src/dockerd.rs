@@ -94,14 +94,7 @@ impl Dockerd {
 
     fn import_image(&self, dir: &Path) -> Result<()> {
         let rootfs = dir.join("rootfs");
-        for sub in ["bin", "etc", "proc", "sys", "dev", "tmp"] {
-            std::fs::create_dir_all(rootfs.join(sub))?;
-        }
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).context("copying busybox (busybox-static)")?;
-        let list = crate::run(Command::new("/bin/busybox").arg("--list"))?;
-        for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
-            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
-        }
+        crate::busybox_rootfs(&rootfs)?;
         let tar = Command::new("tar")
             .arg("-C")
             .arg(&rootfs)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod containerd;
 pub mod dockerd;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -646,4 +647,17 @@ pub fn trellis_cni(
         serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("trellis-cni printed no JSON ({e}): {stdout}"))
     };
     (out.status.code().unwrap_or(-1), v)
+}
+
+/// A busybox root filesystem (from Debian's `busybox-static`) at `dir`.
+pub fn busybox_rootfs(dir: &Path) -> Result<()> {
+    for sub in ["bin", "etc", "proc", "sys", "dev", "tmp"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copying busybox (busybox-static)")?;
+    let list = run(Command::new("/bin/busybox").arg("--list"))?;
+    for applet in list.lines().filter(|a| !a.is_empty() && *a != "busybox") {
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    Ok(())
 }

@@ -245,3 +245,47 @@ fn gc_removes_attachments_not_in_the_valid_list() {
     old["cniVersion"] = json!("1.0.0");
     assert_eq!(trellis_cni("GC", &old, "", None, "").1["code"], 1);
 }
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn containerd_runs_containers_through_trellis_cni() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.47.0.0/24", "--attachable"]).unwrap();
+    // containerd 1.6's libcni reads results up to 1.0.0.
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": "app",
+        "plugins": [{ "type": "trellis", "socket": h.socket() }],
+    });
+    let mut ctrd = trellis_integration::containerd::Containerd::start(&h, &conflist).unwrap();
+    ctrd.run("c1").unwrap();
+    ctrd.run("c2").unwrap();
+    let eps = h.ctl_json(&["endpoint", "ls", "--network", "app"]).unwrap();
+    let eps = eps.as_array().unwrap();
+    assert_eq!(eps.len(), 2, "{eps:?}");
+    assert!(eps.iter().all(|e| e["kind"] == "cni"));
+    let ip_of = |cid: &str| {
+        eps.iter()
+            .find(|e| e["container_id"].as_str().unwrap().ends_with(cid))
+            .map(|e| e["address"].as_str().unwrap().split('/').next().unwrap().to_string())
+            .unwrap()
+    };
+    let (ip1, ip2) = (ip_of("c1"), ip_of("c2"));
+    assert!(ctrd.exec("c1", &["/bin/ping", "-c", "1", "-W", "2", &ip2]), "c1 cannot reach c2 ({ip2})");
+    assert!(ctrd.exec("c2", &["/bin/ping", "-c", "1", "-W", "2", &ip1]), "c2 cannot reach c1 ({ip1})");
+    assert!(ctrd.exec("c1", &["/bin/ping", "-c", "1", "-W", "2", "10.47.0.1"]), "the gateway does not answer");
+    // Killing the task: ctr runs DEL, the endpoint and its veth go.
+    ctrd.kill("c2").unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || cni_endpoints(&h, "app").len() == 1),
+        "c2's endpoint stayed: {:?}",
+        cni_endpoints(&h, "app")
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || h.ns.links().unwrap().iter().filter(|l| l.starts_with("trv-")).count()
+            == 1),
+        "c2's veth stayed"
+    );
+    assert!(!ctrd.exec("c1", &["/bin/ping", "-c", "1", "-W", "1", &ip2]));
+}
