@@ -161,3 +161,53 @@ fn docker_network_lifecycle_through_the_trellis_driver() {
     );
     assert!(veths(&h).is_empty());
 }
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn two_hosts_two_dockerds_one_network() {
+    require_root();
+    let lab = trellis_integration::Lab::new(2, 3000).unwrap();
+    let (ha, hb) = (&lab.hosts[0], &lab.hosts[1]);
+    let da = Dockerd::start(ha).unwrap();
+    let db = Dockerd::start(hb).unwrap();
+    // The same network created on each host, without --subnet: one
+    // cluster network (the second host's binds to the first's).
+    for d in [&da, &db] {
+        d.ok(&["network", "create", "-d", "trellis", "--ipam-driver", "trellis", "-o", "trellis.attachable=true", "shared"])
+            .unwrap();
+    }
+    assert!(wait_for(Duration::from_secs(5), || hb.ctl_output(&["network", "inspect", "shared"]).status.success()));
+    let nets = ha.ctl_json(&["network", "ls"]).unwrap();
+    assert_eq!(nets.as_array().unwrap().len(), 1, "one cluster network: {nets}");
+    let subnet = nets[0]["subnet"].as_str().unwrap().to_string();
+
+    da.ok(&["run", "-d", "--name", "a1", "--network", "shared", IMAGE, "sleep", "600"]).unwrap();
+    db.ok(&["run", "-d", "--name", "b1", "--network", "shared", "-l", "trellis.service=api", IMAGE, "sleep", "600"])
+        .unwrap();
+    let ipa = container_ip(&da, "a1", "shared");
+    let ipb = container_ip(&db, "b1", "shared");
+    let prefix = subnet.rsplit_once('.').unwrap().0.to_string();
+    assert!(ipa.starts_with(&prefix) && ipb.starts_with(&prefix), "{ipa} {ipb} not in {subnet}");
+    assert!(ping(&da, "a1", &ipb), "a1 on host1 cannot reach b1 ({ipb}) on host2");
+    assert!(ping(&db, "b1", &ipa), "b1 on host2 cannot reach a1 ({ipa}) on host1");
+    // Host1 sees host2's container by its Docker name and labels.
+    assert!(
+        wait_for(Duration::from_secs(5), || endpoint_named(ha, "b1")
+            .is_some_and(|e| e["labels"]["trellis.service"] == "api" && e["host"] == "host2")),
+        "{:?}",
+        endpoints(ha)
+    );
+
+    // Removing the network on one host keeps the cluster network (the
+    // other host's Docker network and container still use it).
+    da.ok(&["rm", "-f", "a1"]).unwrap();
+    da.ok(&["network", "rm", "shared"]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(hb.ctl_output(&["network", "inspect", "shared"]).status.success());
+    db.ok(&["rm", "-f", "b1"]).unwrap();
+    db.ok(&["network", "rm", "shared"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || !ha.ctl_output(&["network", "inspect", "shared"]).status.success()),
+        "the last Docker network took the cluster network with it"
+    );
+}
