@@ -89,6 +89,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         managed_netns: e.managed_netns,
         container_id: e.container_id.clone(),
         aliases: e.aliases.clone(),
+        internal: net.is_some_and(|n| n.internal),
     }
 }
 

@@ -335,9 +335,17 @@ impl NetlinkDataplane {
         // rather than the kernel's default 1 s. ARP never leaves the host
         // (the VXLAN device answers it locally), so retries cost nothing on
         // the wire.
+        // One visit to the namespace: the sysctl, and a netlink socket
+        // that stays bound to it.
         let sysctl = format!("/proc/sys/net/ipv4/neigh/{}/retrans_time_ms", s.ifname);
-        netns::run_in(&s.netns, move || std::fs::write(&sysctl, b"20"))?;
-        let c = netns::handle_in(&s.netns)?;
+        let rt = tokio::runtime::Handle::current();
+        let (conn, c) = netns::run_in(&s.netns, move || {
+            std::fs::write(&sysctl, b"20")?;
+            let _enter = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection()?;
+            Ok((conn, handle))
+        })?;
+        tokio::spawn(conn);
         let object = format!("{} in {}", s.ifname, s.netns.display());
         let inside = Self::require(&c, &s.ifname).await?;
         c.link()

@@ -42,23 +42,6 @@ pub async fn run(env: &Env, conf: &NetConf) -> Result<Option<Value>, CniError> {
 
 async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let mut c = connect(conf, codes::TRY_AGAIN_LATER).await?;
-    let net = c
-        .inspect_network(proto::NetworkRef { name: conf.network.clone() })
-        .await
-        .map_err(|s| {
-            if is_not_found(&s) {
-                CniError::new(
-                    codes::BAD_CONFIG,
-                    format!(
-                        "Trellis network {:?} does not exist (create it with `trellisctl network create {}`)",
-                        conf.network, conf.network
-                    ),
-                )
-            } else {
-                CniError::from_status("looking up the network", &s)
-            }
-        })?
-        .into_inner();
     let netns = env.netns.as_ref().expect("ADD has a netns (checked when parsing the environment)");
     let ep = c
         .attach(proto::AttachRequest {
@@ -73,9 +56,21 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             reserved: false,
         })
         .await
-        .map_err(|s| CniError::from_status(&format!("attaching to network {:?}", conf.network), &s))?
+        .map_err(|s| {
+            if is_not_found(&s) {
+                CniError::new(
+                    codes::BAD_CONFIG,
+                    format!(
+                        "Trellis network {:?} does not exist (create it with `trellisctl network create {}`)",
+                        conf.network, conf.network
+                    ),
+                )
+            } else {
+                CniError::from_status(&format!("attaching to network {:?}", conf.network), &s)
+            }
+        })?
         .into_inner();
-    Ok(result::add_result(&conf.cni_version, &ep, net.internal, &conf.dns))
+    Ok(result::add_result(&conf.cni_version, &ep, ep.internal, &conf.dns))
 }
 
 async fn del(env: &Env, conf: &NetConf) -> Result<(), CniError> {

@@ -173,8 +173,18 @@ fn two_hosts_two_dockerds_one_network() {
     // The same network created on each host, without --subnet: one
     // cluster network (the second host's binds to the first's).
     for d in [&da, &db] {
-        d.ok(&["network", "create", "-d", "trellis", "--ipam-driver", "trellis", "-o", "trellis.attachable=true", "shared"])
-            .unwrap();
+        d.ok(&[
+            "network",
+            "create",
+            "-d",
+            "trellis",
+            "--ipam-driver",
+            "trellis",
+            "-o",
+            "trellis.attachable=true",
+            "shared",
+        ])
+        .unwrap();
     }
     assert!(wait_for(Duration::from_secs(5), || hb.ctl_output(&["network", "inspect", "shared"]).status.success()));
     let nets = ha.ctl_json(&["network", "ls"]).unwrap();

@@ -6,6 +6,7 @@
 //! * endpoint attach/detach latency vs the reference CNI `bridge` +
 //!   `host-local` plugins (Debian `containernetworking-plugins`), each as a
 //!   process exec per operation, interleaved one by one;
+//! * `docker run --rm` on a Trellis network vs Docker's own bridge network;
 //! * IPAM allocations per second on the embedded (redb) store.
 
 use std::fmt::Write as _;
@@ -27,6 +28,7 @@ struct Args {
     convergence: usize,
     endpoints: usize,
     allocations: usize,
+    docker_runs: usize,
     out: PathBuf,
 }
 
@@ -38,6 +40,7 @@ fn parse_args() -> Result<Args> {
         convergence: 100,
         endpoints: 200,
         allocations: 20_000,
+        docker_runs: 30,
         out: PathBuf::from("BENCHMARKS.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -50,10 +53,11 @@ fn parse_args() -> Result<Args> {
             "--scale-hosts" => a.scale_hosts = val()?.parse()?,
             "--scale-per-host" => a.scale_per_host = val()?.parse()?,
             "--allocations" => a.allocations = val()?.parse()?,
+            "--docker-runs" => a.docker_runs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,attach; --endpoints N; --allocations N; \
-                 --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,attach; --endpoints N; --allocations N; \
+                 --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
     }
@@ -115,11 +119,42 @@ struct AttachResult {
     api_detach: Stats,
     cni_add: Stats,
     cni_del: Stats,
+    tcni_add: Stats,
+    tcni_del: Stats,
 }
 
 fn cni(command: &str, conf: &[u8], id: &str, netns: &Path) -> Result<Duration> {
     timed(
         Command::new(Path::new(CNI_DIR).join("bridge"))
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", id)
+            .env("CNI_NETNS", netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_DIR),
+        Some(conf),
+    )
+}
+
+/// The 24 orders of 4 contenders.
+fn permutations4() -> Vec<[usize; 4]> {
+    let mut out = Vec::with_capacity(24);
+    for a in 0..4 {
+        for b in 0..4 {
+            for c in 0..4 {
+                let d = 6 - a - b - c;
+                if a != b && a != c && b != c && d < 4 && d != a && d != b && d != c {
+                    out.push([a, b, c, d]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `trellis-cni` exec'd as a runtime does.
+fn tcni(command: &str, conf: &[u8], id: &str, netns: &Path) -> Result<Duration> {
+    timed(
+        Command::new(bin("trellis-cni"))
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", id)
             .env("CNI_NETNS", netns)
@@ -143,15 +178,21 @@ fn bench_attach(n: usize) -> Result<AttachResult> {
     })
     .to_string()
     .into_bytes();
+    let tconf = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "bench", "type": "trellis", "socket": host.socket(),
+    })
+    .to_string()
+    .into_bytes();
     // This process joins the host namespace, so the CNI plugin it execs runs
     // there as a runtime would run it (no nsenter in the timed path).
     let host_ns = std::fs::File::open(host.ns.path())?;
     nix::sched::setns(&host_ns, nix::sched::CloneFlags::CLONE_NEWNET).context("entering the bench host")?;
 
-    eprintln!("  creating {} namespaces", 3 * n);
+    eprintln!("  creating {} namespaces", 4 * n);
     let t_ns: Vec<Netns> = (0..n).map(|_| Netns::new("tbt")).collect::<Result<_>>()?;
     let a_ns: Vec<Netns> = (0..n).map(|_| Netns::new("tba")).collect::<Result<_>>()?;
     let c_ns: Vec<Netns> = (0..n).map(|_| Netns::new("tbc")).collect::<Result<_>>()?;
+    let x_ns: Vec<Netns> = (0..n).map(|_| Netns::new("tbx")).collect::<Result<_>>()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut client = rt.block_on(trellis_agent::client::connect(&host.socket()))?;
 
@@ -166,37 +207,59 @@ fn bench_attach(n: usize) -> Result<AttachResult> {
         ctl(&["detach", &name])?;
         cni("ADD", &conf, &name, &cns.path())?;
         cni("DEL", &conf, &name, &cns.path())?;
+        let xns = Netns::new("tbw")?;
+        tcni("ADD", &tconf, &name, &xns.path())?;
+        tcni("DEL", &tconf, &name, &xns.path())?;
     }
 
     let (mut ta, mut td, mut aa, mut ad, mut ca, mut cd) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut xa, mut xd) = (vec![], vec![]);
     let mut api_ids = Vec::with_capacity(n);
+    // Each iteration runs the contenders in another of the 24 orders, so
+    // each follows each other equally often: whoever runs right after a
+    // veth teardown pays for the kernel's cleanup on these 2 CPUs.
+    let orders = permutations4();
     for i in 0..n {
-        let name = format!("t{i}");
-        ta.push(ctl(&["attach", "bench", "--name", &name, "--netns", t_ns[i].path().to_str().unwrap()])?);
-        let req = trellis_plugin_api::proto::AttachRequest {
-            network: "bench".into(),
-            name: format!("a{i}"),
-            netns: a_ns[i].path().display().to_string(),
-            ..Default::default()
-        };
-        let t0 = Instant::now();
-        let ep = rt.block_on(client.attach(req))?.into_inner();
-        aa.push(t0.elapsed());
-        api_ids.push(ep.id);
-        ca.push(cni("ADD", &conf, &format!("c{i}"), &c_ns[i].path())?);
+        for &k in &orders[i % orders.len()] {
+            match k {
+                0 => {
+                    let name = format!("t{i}");
+                    ta.push(ctl(&["attach", "bench", "--name", &name, "--netns", t_ns[i].path().to_str().unwrap()])?);
+                }
+                1 => {
+                    let req = trellis_plugin_api::proto::AttachRequest {
+                        network: "bench".into(),
+                        name: format!("a{i}"),
+                        netns: a_ns[i].path().display().to_string(),
+                        ..Default::default()
+                    };
+                    let t0 = Instant::now();
+                    let ep = rt.block_on(client.attach(req))?.into_inner();
+                    aa.push(t0.elapsed());
+                    api_ids.push(ep.id);
+                }
+                2 => ca.push(cni("ADD", &conf, &format!("c{i}"), &c_ns[i].path())?),
+                _ => xa.push(tcni("ADD", &tconf, &format!("x{i}"), &x_ns[i].path())?),
+            }
+        }
         progress("attach / ADD", i + 1, n);
     }
     for i in 0..n {
-        td.push(ctl(&["detach", &format!("t{i}")])?);
-        let t0 = Instant::now();
-        rt.block_on(
-            client.detach(trellis_plugin_api::proto::DetachRequest {
-                endpoint: api_ids[i].clone(),
-                ..Default::default()
-            }),
-        )?;
-        ad.push(t0.elapsed());
-        cd.push(cni("DEL", &conf, &format!("c{i}"), &c_ns[i].path())?);
+        for &k in &orders[(i * 7 + 3) % orders.len()] {
+            match k {
+                0 => td.push(ctl(&["detach", &format!("t{i}")])?),
+                1 => {
+                    let t0 = Instant::now();
+                    rt.block_on(client.detach(trellis_plugin_api::proto::DetachRequest {
+                        endpoint: api_ids[i].clone(),
+                        ..Default::default()
+                    }))?;
+                    ad.push(t0.elapsed());
+                }
+                2 => cd.push(cni("DEL", &conf, &format!("c{i}"), &c_ns[i].path())?),
+                _ => xd.push(tcni("DEL", &tconf, &format!("x{i}"), &x_ns[i].path())?),
+            }
+        }
         progress("detach / DEL", i + 1, n);
     }
     // Detach returns before the devices are gone: wait for the last of them.
@@ -216,7 +279,72 @@ fn bench_attach(n: usize) -> Result<AttachResult> {
         api_detach: stats(ad),
         cni_add: stats(ca),
         cni_del: stats(cd),
+        tcni_add: stats(xa),
+        tcni_del: stats(xd),
     })
+}
+
+struct DockerResult {
+    trellis: Stats,
+    bridge: Stats,
+}
+
+/// `docker run --rm --network N IMG true`, wall time, on a Trellis network
+/// and on a Docker bridge network of the same engine, interleaved.
+fn bench_docker(runs: usize) -> Result<DockerResult> {
+    use trellis_integration::dockerd::{Dockerd, IMAGE};
+    let host = Host::new()?;
+    let d = Dockerd::start(&host)?;
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "trellis",
+        "--ipam-driver",
+        "trellis",
+        "--subnet",
+        "10.90.0.0/24",
+        "-o",
+        "trellis.attachable=true",
+        "tnet",
+    ])?;
+    d.ok(&["network", "create", "-d", "bridge", "--subnet", "10.91.0.0/24", "bnet"])?;
+    let run = |net: &str| -> Result<Duration> {
+        timed(&mut d.docker(&["run", "--rm", "--network", net, IMAGE, "true"]), None)
+    };
+    for _ in 0..2 {
+        run("tnet")?;
+        run("bnet")?;
+    }
+    let (mut t, mut b) = (vec![], vec![]);
+    for i in 0..runs {
+        t.push(run("tnet")?);
+        b.push(run("bnet")?);
+        progress("docker run", i + 1, runs);
+    }
+    Ok(DockerResult { trellis: stats(t), bridge: stats(b) })
+}
+
+fn md_docker(md: &mut String, r: &DockerResult) -> Result<()> {
+    writeln!(
+        md,
+        "## `docker run` on a Trellis network
+"
+    )?;
+    writeln!(
+        md,
+        "`docker run --rm --network N busybox true`, wall time from the CLI, {} runs each, interleaved, one \
+         dockerd (Debian docker.io 20.10) with the Trellis driver on a `trellis` network and on a Docker \
+         `bridge` network.\n",
+        r.trellis.n
+    )?;
+    writeln!(md, "| network | p50 | p99 | mean |")?;
+    writeln!(md, "|---|---|---|---|")?;
+    writeln!(md, "| Trellis | {} | {} | {} |", ms(r.trellis.p50), ms(r.trellis.p99), ms(r.trellis.mean))?;
+    writeln!(md, "| Docker bridge | {} | {} | {} |", ms(r.bridge.p50), ms(r.bridge.p99), ms(r.bridge.mean))?;
+    let ratio = r.trellis.p50.as_secs_f64() / r.bridge.p50.as_secs_f64();
+    writeln!(md, "\nRatio (p50): **{ratio:.2}×** (target ≤ 1.1×) {}.\n", verdict(ratio <= 1.1))?;
+    Ok(())
 }
 
 struct IpamResult {
@@ -592,6 +720,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let dk = if on("docker") {
+        eprintln!("trellis-bench: docker run ({} runs per network)", args.docker_runs);
+        Some(bench_docker(args.docker_runs)?)
+    } else {
+        None
+    };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
         Some(bench_attach(args.endpoints)?)
@@ -613,6 +747,9 @@ fn main() -> Result<()> {
     if let Some(at) = &at {
         md_attach(&mut md, at)?;
     }
+    if let Some(dk) = &dk {
+        md_docker(&mut md, dk)?;
+    }
     if let Some(cl) = &cl {
         md_cluster(&mut md, cl)?;
     }
@@ -631,8 +768,10 @@ fn md_attach(md: &mut String, at: &AttachResult) -> Result<()> {
     writeln!(md, "## Endpoint attach and detach latency\n")?;
     writeln!(
         md,
-        "{} endpoints each, one at a time, the contenders interleaved. Each operation is a process exec, as a \
-         runtime does it: `trellisctl attach NET --netns PATH` / `trellisctl detach` (CLI → gRPC → store \
+        "{} endpoints each, one at a time, the contenders interleaved (each iteration in another of their 24 orders, so that each follows each \
+         other equally often). Each operation is a process exec, as a \
+         runtime does it: `trellisctl attach NET --netns PATH` / `trellisctl detach`, and the `trellis-cni` \
+         plugin (`CNI_COMMAND=ADD`/`DEL`; both: process → gRPC → store \
          transaction → reconcile pass → veth in place) against the reference CNI `bridge` plugin with \
          `host-local` IPAM (`CNI_COMMAND=ADD`/`DEL`). The agent's own share (the gRPC call alone, no \
          process exec) is shown too.\n",
@@ -662,6 +801,26 @@ fn md_attach(md: &mut String, at: &AttachResult) -> Result<()> {
         ms(at.cni_del.p50),
         ms(at.cni_del.p99),
         verdict(rd <= 0.25)
+    )?;
+    let xa = at.tcni_add.p50.as_secs_f64() / at.cni_add.p50.as_secs_f64();
+    let xd = at.tcni_del.p50.as_secs_f64() / at.cni_del.p50.as_secs_f64();
+    writeln!(
+        md,
+        "| `trellis-cni` ADD vs ADD | {} | {} | {} | {} | {xa:.2}× | ≤ 0.5× | {} |",
+        ms(at.tcni_add.p50),
+        ms(at.tcni_add.p99),
+        ms(at.cni_add.p50),
+        ms(at.cni_add.p99),
+        verdict(xa <= 0.5)
+    )?;
+    writeln!(
+        md,
+        "| `trellis-cni` DEL vs DEL | {} | {} | {} | {} | {xd:.2}× | ≤ 0.25× | {} |",
+        ms(at.tcni_del.p50),
+        ms(at.tcni_del.p99),
+        ms(at.cni_del.p50),
+        ms(at.cni_del.p99),
+        verdict(xd <= 0.25)
     )?;
     writeln!(
         md,
