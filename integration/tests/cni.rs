@@ -289,3 +289,40 @@ fn containerd_runs_containers_through_trellis_cni() {
     );
     assert!(!ctrd.exec("c1", &["/bin/ping", "-c", "1", "-W", "1", &ip2]));
 }
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn store_outage_is_try_again_later() {
+    require_root();
+    let mut lab = trellis_integration::Lab::new(1, 3000).unwrap();
+    let h = &lab.hosts[0];
+    h.ctl(&["network", "create", "app", "--subnet", "10.48.0.0/24", "--attachable"]).unwrap();
+    let conf = conf(h, "1.1.0", "app");
+    let c1 = Netns::new("trc").unwrap();
+    assert_eq!(trellis_cni("ADD", &conf, "s1", Some(&c1.path()), "eth0").0, 0);
+    lab.etcd.stop();
+    let c2 = Netns::new("trc").unwrap();
+    let (code, err) = trellis_cni("ADD", &conf, "s2", Some(&c2.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(11)), "{err}");
+    assert!(err["msg"].as_str().unwrap().contains("store unavailable"), "{err}");
+    assert!(c2.links().unwrap().iter().all(|l| l == "lo"), "nothing created during the outage");
+    let (code, err) = trellis_cni("DEL", &conf, "s1", Some(&c1.path()), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(11)), "DEL cannot release without the store: {err}");
+    let (code, err) = trellis_cni("STATUS", &conf, "", None, "");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(50)), "{err}");
+    assert!(ping(&c1.path(), "10.48.0.1", 1), "existing attachments keep working");
+    lab.etcd.restart().unwrap();
+    let h2 = &lab.hosts[0];
+    let mut ok = false;
+    for _ in 0..50 {
+        if trellis_cni("ADD", &conf, "s2", Some(&c2.path()), "eth0").0 == 0 {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(ok, "ADD never succeeded after the store came back");
+    assert_eq!(trellis_cni("DEL", &conf, "s1", Some(&c1.path()), "eth0").0, 0);
+    assert_eq!(trellis_cni("STATUS", &conf, "", None, "").0, 0);
+    assert_eq!(h2.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().len(), 1);
+}
