@@ -16,6 +16,7 @@ PACKAGES=(
   iperf3 tcpdump bind9-dnsutils busybox-static
   etcd-server              # the cluster store
   docker.io containerd runc  # real engines as clients (Docker driver, CNI via ctr)
+  dnsmasq-base dnsperf aardvark-dns  # a real upstream resolver for DNS tests; DNS benchmark tool and peer
   ca-certificates
 )
 

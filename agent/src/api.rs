@@ -23,6 +23,8 @@ pub struct AgentService {
     pub netns_dir: PathBuf,
     pub hostname: String,
     pub capabilities: HashMap<String, bool>,
+    /// The agent serves DNS on every network's gateway.
+    pub dns: bool,
 }
 
 impl From<AgentError> for Status {
@@ -90,6 +92,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         container_id: e.container_id.clone(),
         aliases: e.aliases.clone(),
         internal: net.is_some_and(|n| n.internal),
+        dns: String::new(),
     }
 }
 
@@ -285,7 +288,11 @@ impl proto::agent_server::Agent for AgentService {
     async fn attach(&self, request: Request<proto::AttachRequest>) -> Result<Response<proto::Endpoint>, Status> {
         let rec = self.attach_inner(request.into_inner()).await?;
         let net = self.cluster.network(&rec.network_id).await.ok();
-        Ok(Response::new(endpoint_to_proto(&rec, net.as_ref())))
+        let mut ep = endpoint_to_proto(&rec, net.as_ref());
+        if self.dns {
+            ep.dns = ep.gateway.clone();
+        }
+        Ok(Response::new(ep))
     }
 
     async fn detach(&self, request: Request<proto::DetachRequest>) -> Result<Response<proto::DetachResponse>, Status> {

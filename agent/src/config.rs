@@ -31,6 +31,9 @@ pub struct FileConfig {
     pub ebpf: Option<bool>,
     pub docker_plugin: Option<PathBuf>,
     pub docker_host: Option<String>,
+    pub dns: Option<bool>,
+    pub dns_port: Option<u16>,
+    pub dns_upstream: Option<String>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -103,6 +106,16 @@ pub struct Overrides {
     /// container names, aliases and labels (`unix:///PATH`).
     #[arg(long, env = "TRELLIS_DOCKER_HOST")]
     pub docker_host: Option<String>,
+    /// Serve DNS (service discovery) on every network's gateway address.
+    #[arg(long, env = "TRELLIS_DNS", num_args = 0..=1, default_missing_value = "true")]
+    pub dns: Option<bool>,
+    /// Port of the DNS server.
+    #[arg(long, env = "TRELLIS_DNS_PORT")]
+    pub dns_port: Option<u16>,
+    /// Upstream resolvers for names that are not Trellis's: `IP[:PORT],…`
+    /// (default: the nameservers of /etc/resolv.conf).
+    #[arg(long, env = "TRELLIS_DNS_UPSTREAM")]
+    pub dns_upstream: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +147,9 @@ pub struct Config {
     pub docker_plugin: Option<PathBuf>,
     /// The Docker engine's API socket.
     pub docker_host: PathBuf,
+    pub dns: bool,
+    pub dns_port: u16,
+    pub dns_upstream: trellis_dns::Upstreams,
 }
 
 pub const DEFAULT_DOCKER_PLUGIN: &str = "/run/docker/plugins/trellis.sock";
@@ -152,6 +168,8 @@ pub enum ConfigError {
     Store(String),
     #[error("lease TTL {0} ms is too short (at least 2000 ms; etcd's minimum)")]
     LeaseTtl(u64),
+    #[error("{0}")]
+    DnsUpstream(String),
     #[error("invalid docker_host {0:?}: expected unix:///PATH")]
     DockerHost(String),
     #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
@@ -234,6 +252,14 @@ impl Config {
                     _ => return Err(ConfigError::DockerHost(h)),
                 }
             },
+            dns: o.dns.or(f.dns).unwrap_or(true),
+            dns_port: o.dns_port.or(f.dns_port).unwrap_or(53),
+            dns_upstream: match o.dns_upstream.clone().or(f.dns_upstream) {
+                Some(list) => trellis_dns::Upstreams::parse(&list).map_err(ConfigError::DnsUpstream)?,
+                None => trellis_dns::Upstreams::from_resolv_conf(
+                    &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                ),
+            },
         })
     }
 
@@ -302,6 +328,12 @@ mod tests {
         assert_eq!((c.docker_plugin, c.docker_host), (None, PathBuf::from("/x/d.sock")));
         let bad = Overrides { docker_host: Some("tcp://1.2.3.4:2375".into()), ..Overrides::default() };
         assert!(Config::merge(FileConfig::default(), &bad).unwrap_err().to_string().contains("docker_host"));
+        assert!(d.dns && d.dns_port == 53, "DNS is on, on port 53");
+        let up = Overrides { dns_upstream: Some("10.9.9.9:5300".into()), dns: Some(false), ..Overrides::default() };
+        let c = Config::merge(FileConfig::default(), &up).unwrap();
+        assert_eq!((c.dns, c.dns_upstream.servers), (false, vec!["10.9.9.9:5300".parse().unwrap()]));
+        let bad = Overrides { dns_upstream: Some("x".into()), ..Overrides::default() };
+        assert!(Config::merge(FileConfig::default(), &bad).unwrap_err().to_string().contains("upstream"));
         let file = FileConfig { docker_plugin: Some("".into()), ..FileConfig::default() };
         assert_eq!(Config::merge(file, &Overrides::default()).unwrap().docker_plugin, None);
     }

@@ -140,6 +140,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         netns_dir: cfg.netns_dir(),
         hostname,
         capabilities: caps,
+        dns: cfg.dns,
     });
     let docker = match &cfg.docker_plugin {
         None => None,
@@ -161,16 +162,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    // Service discovery: the zone follows the store (every change notifies).
+    let dns_changed = Arc::new(tokio::sync::Notify::new());
+    let dns = if cfg.dns {
+        let core = trellis_dns::Core::new(&cfg.dns_upstream);
+        let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
+        tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");
+        Some(tokio::spawn(crate::dns::run(cluster.clone(), core, listeners, dns_changed.clone())))
+    } else {
+        None
+    };
+
     // Periodic full resync; it also collects endpoints whose netns died.
     let resync = {
         let reconciler = reconciler.clone();
         let cluster = cluster.clone();
         let every = cfg.resync_interval;
+        let dns_changed = dns_changed.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                dns_changed.notify_one();
                 match reconciler.full_pass().await {
                     Ok(r) => settle(&cluster, &r).await,
                     Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
@@ -221,6 +235,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let reconciler = reconciler.clone();
         let store = store.clone();
         let cluster = cluster.clone();
+        let dns_changed = dns_changed.clone();
         tokio::spawn(async move {
             // Resume after the last event seen, so a broken watch (an etcd
             // restart) misses nothing; if that revision is compacted away,
@@ -259,6 +274,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {
                         next = next.max(ev.kv.mod_revision + 1);
                     }
+                    dns_changed.notify_one();
                     match reconciler.pass().await {
                         Ok(r) => settle(&cluster, &r).await,
                         Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
@@ -286,6 +302,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     watcher.abort();
     registration.abort();
     reclaimer.abort();
+    if let Some(task) = dns {
+        task.abort();
+    }
     if let Some(task) = docker {
         task.abort();
         if let Some(path) = &cfg.docker_plugin {

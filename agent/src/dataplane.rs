@@ -35,6 +35,8 @@ pub struct ObservedLink {
     /// VXLAN devices: the VNI, the static FDB entries (MAC → remote VTEP)
     /// and the permanent neighbour entries (IP → MAC).
     pub vni: Option<u32>,
+    /// Bridges: the MAC (fixed by the agent, so it never follows its ports).
+    pub mac: Option<Mac>,
     pub fdb: BTreeSet<(Mac, IpAddr)>,
     pub neigh: BTreeSet<(IpAddr, Mac)>,
 }
@@ -67,9 +69,14 @@ impl Observed {
     pub fn record(&mut self, action: &Action) -> Result<()> {
         let missing = |name: &str| DataplaneError::LinkNotFound(name.to_string());
         match action {
-            Action::CreateBridge { name, mtu } => {
-                self.links
-                    .insert(name.clone(), ObservedLink { kind: LinkKind::Bridge, mtu: *mtu, ..Default::default() });
+            Action::CreateBridge { name, mtu, mac } => {
+                self.links.insert(
+                    name.clone(),
+                    ObservedLink { kind: LinkKind::Bridge, mtu: *mtu, mac: Some(*mac), ..Default::default() },
+                );
+            }
+            Action::SetMac { link, mac } => {
+                self.links.get_mut(link).ok_or_else(|| missing(link))?.mac = Some(*mac);
             }
             Action::CreateVxlan(v) => {
                 self.links.insert(
@@ -158,9 +165,17 @@ pub struct EndpointSpec {
 /// One change to the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
+    /// A bridge with a fixed MAC: a bridge without one takes the lowest
+    /// of its ports' MACs, and changes it as ports come and go — leaving
+    /// every container's neighbour entry for the gateway stale.
     CreateBridge {
         name: String,
         mtu: u32,
+        mac: Mac,
+    },
+    SetMac {
+        link: String,
+        mac: Mac,
     },
     /// Make an existing link match: MTU, up, and (for ports) its bridge.
     SetLink {

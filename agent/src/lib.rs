@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod docker;
 pub mod egress;
 pub mod engine;

@@ -64,6 +64,7 @@ struct LinkSummary {
     mtu: u32,
     up: bool,
     vni: Option<u32>,
+    mac: Option<Mac>,
 }
 
 fn summarize(msg: &LinkMessage) -> LinkSummary {
@@ -75,12 +76,18 @@ fn summarize(msg: &LinkMessage) -> LinkSummary {
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         vni: None,
+        mac: None,
     };
     for a in &msg.attributes {
         match a {
             LinkAttribute::IfName(n) => s.name = n.clone(),
             LinkAttribute::Mtu(m) => s.mtu = *m,
             LinkAttribute::Controller(m) => s.master = Some(*m),
+            LinkAttribute::Address(a) if a.len() == 6 => {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(a);
+                s.mac = Some(m);
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {
@@ -574,6 +581,7 @@ impl Dataplane for NetlinkDataplane {
                     up: l.up,
                     addrs: addrs.remove(&index).unwrap_or_default(),
                     vni: l.vni,
+                    mac: if l.kind == LinkKind::Bridge { l.mac } else { None },
                     fdb: fdb.remove(&index).unwrap_or_default(),
                     neigh: neigh.remove(&index).unwrap_or_default(),
                 },
@@ -584,13 +592,22 @@ impl Dataplane for NetlinkDataplane {
 
     async fn apply(&self, action: &Action) -> Result<()> {
         match action {
-            Action::CreateBridge { name, mtu } => self
+            Action::CreateBridge { name, mtu, mac } => self
                 .handle
                 .link()
-                .add(LinkBridge::new(name).mtu(*mtu).build())
+                .add(LinkBridge::new(name).mtu(*mtu).address(mac.to_vec()).build())
                 .execute()
                 .await
                 .map_err(nl("create bridge", name)),
+            Action::SetMac { link, mac } => {
+                let index = Self::require(&self.handle, link).await?;
+                self.handle
+                    .link()
+                    .set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
+                    .execute()
+                    .await
+                    .map_err(nl("set MAC", link))
+            }
             Action::SetLink { name, mtu, master } => {
                 let index = Self::require(&self.handle, name).await?;
                 let mut msg = LinkUnspec::new_with_index(index).mtu(*mtu).up();

@@ -49,6 +49,7 @@ pub struct DesiredVxlan {
 pub struct DesiredBridge {
     pub mtu: u32,
     pub addr: Option<IpNet>,
+    pub mac: Mac,
 }
 
 /// The kernel state one host should have.
@@ -79,7 +80,10 @@ pub fn desired(
     let mut egress = Vec::new();
     for n in networks {
         let bridge = model::bridge_name(&n.id);
-        d.bridges.insert(bridge.clone(), DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr() });
+        // The same on every host (the gateway is anycast), never an
+        // endpoint's (no endpoint has the subnet's network address).
+        let mac = model::mac_for_ip(n.subnet.network());
+        d.bridges.insert(bridge.clone(), DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), mac });
         egress.push(EgressNet { bridge, subnet: n.subnet, gateway: n.gateway, internal: n.internal });
         by_id.insert(n.id.as_str(), n);
     }
@@ -196,6 +200,9 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
                 if l.mtu != b.mtu || !l.up || l.master.is_some() {
                     acts.push(Action::SetLink { name: name.clone(), mtu: b.mtu, master: None });
                 }
+                if l.mac.is_some_and(|m| m != b.mac) {
+                    acts.push(Action::SetMac { link: name.clone(), mac: b.mac });
+                }
                 for a in l.addrs.iter().filter(|a| Some(**a) != b.addr) {
                     acts.push(Action::DelAddress { link: name.clone(), addr: *a });
                 }
@@ -209,7 +216,7 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
                 if other.is_some() {
                     acts.push(Action::DeleteLink { name: name.clone() });
                 }
-                acts.push(Action::CreateBridge { name: name.clone(), mtu: b.mtu });
+                acts.push(Action::CreateBridge { name: name.clone(), mtu: b.mtu, mac: b.mac });
                 acts.push(Action::SetLink { name: name.clone(), mtu: b.mtu, master: None });
                 if let Some(addr) = b.addr {
                     acts.push(Action::AddAddress { link: name.clone(), addr });
@@ -528,6 +535,25 @@ mod tests {
             deleting: false,
             aliases: vec![],
         }
+    }
+
+    #[test]
+    fn bridges_keep_a_fixed_mac_derived_from_their_subnet() {
+        let me =
+            Identity { host: "h1".into(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 9], vxlan_port: 4789, ebpf: false };
+        let want = desired(&[network("n1", "10.9.0.0/24", false)], &[], &[], &me);
+        let b = &want.bridges[&model::bridge_name("n1")];
+        assert_eq!(b.mac, [0x02, 0x42, 10, 9, 0, 0]);
+        let acts = diff(&want, &Observed::default());
+        assert!(acts.contains(&Action::CreateBridge { name: model::bridge_name("n1"), mtu: b.mtu, mac: b.mac }));
+        // A bridge whose MAC followed its ports (or was changed by hand) gets it back.
+        let mut obs = Observed::default();
+        for a in &acts {
+            obs.record(a).unwrap();
+        }
+        assert!(diff(&want, &obs).is_empty());
+        obs.links.get_mut(&model::bridge_name("n1")).unwrap().mac = Some([0x0e, 1, 2, 3, 4, 5]);
+        assert_eq!(diff(&want, &obs), vec![Action::SetMac { link: model::bridge_name("n1"), mac: b.mac }]);
     }
 
     #[test]

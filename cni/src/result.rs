@@ -28,8 +28,14 @@ pub fn add_result(version: &str, ep: &proto::Endpoint, internal: bool, dns: &Dns
         "ips": [ip],
         "routes": routes,
     });
+    // The configuration's dns section wins; else the agent's resolver.
+    let dns = if dns.is_empty() && !ep.dns.is_empty() {
+        Dns { nameservers: vec![ep.dns.clone()], ..Dns::default() }
+    } else {
+        dns.clone()
+    };
     if !dns.is_empty() {
-        out["dns"] = serde_json::to_value(dns).expect("dns serializes");
+        out["dns"] = serde_json::to_value(&dns).expect("dns serializes");
     }
     out
 }
@@ -71,6 +77,9 @@ mod tests {
         assert_eq!(r["ips"][0], json!({"address":"10.1.0.5/24","gateway":"10.1.0.1","interface":1}));
         assert_eq!(r["routes"], json!([{"dst":"0.0.0.0/0","gw":"10.1.0.1"}]));
         assert!(r.get("dns").is_none());
+        let mut with_dns = ep();
+        with_dns.dns = "10.1.0.1".into();
+        assert_eq!(add_result("1.1.0", &with_dns, false, &Dns::default())["dns"], json!({"nameservers":["10.1.0.1"]}));
         let old = add_result("0.4.0", &ep(), false, &Dns::default());
         assert_eq!(old["ips"][0]["version"], "4", "0.4.0 results carry the IP version");
         assert!(old["interfaces"][1].get("mtu").is_none());

@@ -20,6 +20,10 @@ pub struct Containerd {
     pub conf_dir: PathBuf,
     pub bin_dir: PathBuf,
     pub rootfs: PathBuf,
+    /// The containerd namespace of this instance's containers: runc keeps
+    /// its state per namespace in one global directory, so instances must
+    /// not share one.
+    pub namespace: String,
     runs: Vec<Child>,
 }
 
@@ -35,6 +39,7 @@ impl Containerd {
             conf_dir: dir.join("net.d"),
             bin_dir: dir.join("cni-bin"),
             rootfs: dir.join("rootfs"),
+            namespace: crate::unique("trellis").replace('-', "x"),
             dir,
             runs: Vec::new(),
         };
@@ -74,10 +79,11 @@ impl Containerd {
     /// `ctr ARGS` as a runtime would run it (host netns, the test's CNI dirs).
     fn ctr(&self, args: &[&str]) -> Command {
         let script = format!(
-            "mount --bind {conf} /etc/cni/net.d && mount --bind {bin} /usr/lib/cni && exec ctr -a {sock} \"$@\"",
+            "mount --bind {conf} /etc/cni/net.d && mount --bind {bin} /usr/lib/cni && exec ctr -a {sock} -n {ns} \"$@\"",
             conf = self.conf_dir.display(),
             bin = self.bin_dir.display(),
             sock = self.socket.display(),
+            ns = self.namespace,
         );
         let mut c = Command::new("nsenter");
         // --propagation unchanged: the netns ctr pins under /run/netns (a

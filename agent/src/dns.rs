@@ -1,0 +1,63 @@
+//! The agent's side of service discovery: the DNS zone rebuilt from the
+//! store's records whenever they change, and a server listening on every
+//! network's gateway address.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use trellis_dns::{Core, Listeners, Zone};
+
+use crate::cluster::Cluster;
+use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL};
+
+/// The zone of `networks` and the live endpoints of live `hosts`.
+pub fn zone_of(networks: &[NetworkRecord], endpoints: &[EndpointRecord], hosts: &[String]) -> Zone {
+    let nets: Vec<trellis_dns::Network> = networks
+        .iter()
+        .map(|n| trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet })
+        .collect();
+    let eps: Vec<trellis_dns::Endpoint> = endpoints
+        .iter()
+        .filter(|e| !e.deleting && hosts.contains(&e.host))
+        .map(|e| trellis_dns::Endpoint {
+            name: e.name.clone(),
+            aliases: e.aliases.clone(),
+            network_id: e.network_id.clone(),
+            ip: e.ip,
+            // Namespace paths are per host.
+            sandbox: format!("{}:{}", e.host, e.netns.display()),
+            service: e.labels.get(SERVICE_LABEL).cloned(),
+        })
+        .collect();
+    Zone::build(&nets, &eps)
+}
+
+/// Keep the zone and the listeners current: rebuilt on every `changed`
+/// notification (the store watcher and the periodic resync send them).
+pub async fn run(cluster: Arc<Cluster>, core: Arc<Core>, mut listeners: Listeners, changed: Arc<Notify>) {
+    loop {
+        match rebuild(&cluster, &core, &mut listeners).await {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "DNS zone not updated"),
+        }
+        changed.notified().await;
+    }
+}
+
+async fn rebuild(cluster: &Cluster, core: &Core, listeners: &mut Listeners) -> Result<(), String> {
+    let networks = cluster.networks().await.map_err(|e| e.to_string())?;
+    let endpoints = cluster.endpoints().await.map_err(|e| e.to_string())?;
+    let hosts: Vec<String> = crate::hosts::live_hosts(cluster.store.as_ref())
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|h| h.id)
+        .collect();
+    core.set_zone(zone_of(&networks, &endpoints, &hosts));
+    let gateways: Vec<IpAddr> = networks.iter().filter_map(|n| n.gateway).collect();
+    for (ip, e) in listeners.set(&gateways) {
+        tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");
+    }
+    Ok(())
+}

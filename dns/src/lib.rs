@@ -1,0 +1,12 @@
+//! Service discovery DNS for Trellis networks.
+//!
+//! * [`zone`]: the scoped names as a value and the rules that answer from
+//!   it (pure, unit-tested).
+//! * [`server`]: the hickory server around it: per-gateway listeners, the
+//!   client's scope from its source address, forwarding upstream.
+
+pub mod server;
+pub mod zone;
+
+pub use server::{Core, Handler, Listeners, Stats, Upstreams};
+pub use zone::{Answer, Endpoint, Network, QType, Zone};

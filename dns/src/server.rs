@@ -1,0 +1,354 @@
+//! The DNS server: hickory's wire format and UDP/TCP plumbing (EDNS0,
+//! truncation with TCP fallback), answers from the [`Zone`] scoped by the
+//! client's source address, everything else forwarded to upstream
+//! resolvers through hickory's resolver (TTL-honouring cache, per-server
+//! timeouts and failover) with a bound on queries in flight.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
+use hickory_server::Server;
+use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use tokio::sync::Semaphore;
+
+use crate::zone::{Answer, QType, Zone};
+
+/// TTL of Trellis answers: short, names come and go.
+pub const LOCAL_TTL: u32 = 5;
+/// Forwarded queries in flight at most; more are refused (SERVFAIL).
+pub const MAX_INFLIGHT: usize = 1024;
+
+/// Queries by outcome and path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub local_answered: AtomicU64,
+    pub local_nxdomain: AtomicU64,
+    pub local_nodata: AtomicU64,
+    pub forwarded: AtomicU64,
+    pub forward_failed: AtomicU64,
+    pub refused: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("local_answered", self.local_answered.load(Ordering::Relaxed)),
+            ("local_nxdomain", self.local_nxdomain.load(Ordering::Relaxed)),
+            ("local_nodata", self.local_nodata.load(Ordering::Relaxed)),
+            ("forwarded", self.forwarded.load(Ordering::Relaxed)),
+            ("forward_failed", self.forward_failed.load(Ordering::Relaxed)),
+            ("refused", self.refused.load(Ordering::Relaxed)),
+            ("malformed", self.malformed.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+/// Upstream resolvers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstreams {
+    pub servers: Vec<SocketAddr>,
+    /// Per server and attempt.
+    pub timeout: Duration,
+}
+
+impl Upstreams {
+    /// The `nameserver` lines of a resolv.conf, on port 53; addresses
+    /// that would loop back to a Trellis server are the caller's to drop.
+    pub fn from_resolv_conf(text: &str) -> Upstreams {
+        let servers = text
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| IpAddr::from_str(a.trim()).ok())
+            .map(|ip| SocketAddr::new(ip, 53))
+            .collect();
+        Upstreams { servers, timeout: Duration::from_secs(2) }
+    }
+
+    /// `IP[:PORT],…`.
+    pub fn parse(list: &str) -> Result<Upstreams, String> {
+        let mut servers = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let addr = SocketAddr::from_str(item)
+                .or_else(|_| IpAddr::from_str(item).map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| format!("invalid DNS upstream {item:?}: expected IP or IP:PORT"))?;
+            servers.push(addr);
+        }
+        Ok(Upstreams { servers, timeout: Duration::from_secs(2) })
+    }
+
+    fn resolver(&self) -> Option<TokioResolver> {
+        if self.servers.is_empty() {
+            return None;
+        }
+        let mut config = ResolverConfig::from_parts(None, vec![], vec![]);
+        for s in &self.servers {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = s.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = s.port();
+            let mut ns = NameServerConfig::udp_and_tcp(s.ip());
+            ns.connections = vec![udp, tcp];
+            config.add_name_server(ns);
+        }
+        let mut opts = ResolverOpts::default();
+        opts.timeout = self.timeout;
+        opts.attempts = 2;
+        opts.ndots = 0;
+        opts.cache_size = 4096;
+        opts.num_concurrent_reqs = 1;
+        opts.edns0 = true;
+        let mut b = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default());
+        *b.options_mut() = opts;
+        b.build().ok()
+    }
+}
+
+/// Everything a query needs: the current zone, the upstreams, counters.
+pub struct Core {
+    zone: RwLock<Arc<Zone>>,
+    upstream: Option<TokioResolver>,
+    inflight: Semaphore,
+    pub stats: Stats,
+}
+
+impl Core {
+    pub fn new(upstreams: &Upstreams) -> Arc<Core> {
+        Arc::new(Core {
+            zone: RwLock::new(Arc::new(Zone::default())),
+            upstream: upstreams.resolver(),
+            inflight: Semaphore::new(MAX_INFLIGHT),
+            stats: Stats::default(),
+        })
+    }
+
+    /// Replace the zone (the agent does on every change of the records).
+    pub fn set_zone(&self, zone: Zone) {
+        *self.zone.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(zone);
+    }
+
+    pub fn zone(&self) -> Arc<Zone> {
+        self.zone.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+fn qtype(t: RecordType) -> QType {
+    match t {
+        RecordType::A => QType::A,
+        RecordType::AAAA => QType::Aaaa,
+        RecordType::PTR => QType::Ptr,
+        RecordType::ANY => QType::Any,
+        _ => QType::Other,
+    }
+}
+
+/// The handler given to hickory's server (cheap to clone).
+#[derive(Clone)]
+pub struct Handler(pub Arc<Core>);
+
+enum Outcome {
+    Records(Vec<Record>, ResponseCode, bool),
+}
+
+impl Handler {
+    async fn answer(&self, request: &Request) -> Result<Outcome, ResponseCode> {
+        let core = &self.0;
+        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+            core.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(ResponseCode::NotImp);
+        }
+        let info = request.request_info().map_err(|_| {
+            core.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            ResponseCode::FormErr
+        })?;
+        let q = info.query;
+        let name: Name = q.name().into();
+        let rtype = q.query_type();
+        let zone = core.zone();
+        let scope = zone.scope(info.src.ip());
+        match zone.resolve(&name.to_ascii(), qtype(rtype), &scope) {
+            Answer::Addrs(ips) => {
+                core.stats.local_answered.fetch_add(1, Ordering::Relaxed);
+                let recs =
+                    ips.into_iter().map(|ip| Record::from_rdata(name.clone(), LOCAL_TTL, RData::A(A(ip)))).collect();
+                Ok(Outcome::Records(recs, ResponseCode::NoError, true))
+            }
+            Answer::Names(names) => {
+                core.stats.local_answered.fetch_add(1, Ordering::Relaxed);
+                let recs = names
+                    .iter()
+                    .filter_map(|n| Name::from_ascii(n).ok())
+                    .map(|n| Record::from_rdata(name.clone(), LOCAL_TTL, RData::PTR(PTR(n))))
+                    .collect();
+                Ok(Outcome::Records(recs, ResponseCode::NoError, true))
+            }
+            Answer::NoData => {
+                core.stats.local_nodata.fetch_add(1, Ordering::Relaxed);
+                Ok(Outcome::Records(vec![], ResponseCode::NoError, true))
+            }
+            Answer::NxDomain => {
+                core.stats.local_nxdomain.fetch_add(1, Ordering::Relaxed);
+                Ok(Outcome::Records(vec![], ResponseCode::NXDomain, true))
+            }
+            Answer::Forward => {
+                let Some(up) = &core.upstream else {
+                    core.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(ResponseCode::Refused);
+                };
+                let Ok(_permit) = core.inflight.try_acquire() else {
+                    core.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(ResponseCode::ServFail);
+                };
+                match up.lookup(name.clone(), rtype).await {
+                    Ok(l) => {
+                        core.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        Ok(Outcome::Records(l.answers().to_vec(), ResponseCode::NoError, false))
+                    }
+                    Err(e) if e.is_nx_domain() => {
+                        core.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        Ok(Outcome::Records(vec![], ResponseCode::NXDomain, false))
+                    }
+                    Err(e) if e.is_no_records_found() => {
+                        core.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                        Ok(Outcome::Records(vec![], ResponseCode::NoError, false))
+                    }
+                    Err(e) => {
+                        tracing::debug!(name = %name, error = %e, "forwarding failed");
+                        core.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
+                        Err(ResponseCode::ServFail)
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response: R) -> ResponseInfo {
+        let edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(req.max_payload().max(512));
+            e
+        });
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        if let Some(e) = &edns {
+            builder.edns(e);
+        }
+        let mut meta = hickory_proto::op::Metadata::response_from_request(&request.metadata);
+        meta.recursion_available = self.0.upstream.is_some();
+        let sent = match self.answer(request).await {
+            Ok(Outcome::Records(recs, code, authoritative)) => {
+                meta.response_code = code;
+                meta.authoritative = authoritative;
+                response.send_response(builder.build(meta, recs.iter(), [], [], [])).await
+            }
+            Err(code) => response.send_response(builder.error_msg(&request.metadata, code)).await,
+        };
+        match sent {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::debug!(error = %e, "sending a DNS response");
+                let mut meta = hickory_proto::op::Metadata::response_from_request(&request.metadata);
+                meta.response_code = ResponseCode::ServFail;
+                ResponseInfo::from(Header { metadata: meta, counts: Default::default() })
+            }
+        }
+    }
+}
+
+/// One server per listening address (a network's gateway), started and
+/// stopped as networks come and go.
+pub struct Listeners {
+    core: Arc<Core>,
+    port: u16,
+    servers: HashMap<IpAddr, Server<Handler>>,
+}
+
+fn bind_udp(addr: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::DGRAM, None)?;
+    // The gateway address may not be on its bridge yet.
+    s.set_freebind_v4(true)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    tokio::net::UdpSocket::from_std(s.into())
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_freebind_v4(true)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(128)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+impl Listeners {
+    pub fn new(core: Arc<Core>, port: u16) -> Listeners {
+        Listeners { core, port, servers: HashMap::new() }
+    }
+
+    /// Serve on exactly `addrs` (UDP and TCP); errors per address.
+    pub fn set(&mut self, addrs: &[IpAddr]) -> Vec<(IpAddr, std::io::Error)> {
+        self.servers.retain(|ip, _| addrs.contains(ip));
+        let mut errors = Vec::new();
+        for ip in addrs {
+            if self.servers.contains_key(ip) {
+                continue;
+            }
+            let addr = SocketAddr::new(*ip, self.port);
+            let started = (|| {
+                let udp = bind_udp(addr)?;
+                let tcp = bind_tcp(addr)?;
+                let mut server = Server::new(Handler(self.core.clone()));
+                server.register_socket(udp);
+                server.register_listener(tcp, Duration::from_secs(5), 64);
+                Ok::<_, std::io::Error>(server)
+            })();
+            match started {
+                Ok(s) => {
+                    tracing::debug!(%addr, "DNS listening");
+                    self.servers.insert(*ip, s);
+                }
+                Err(e) => errors.push((*ip, e)),
+            }
+        }
+        errors
+    }
+
+    pub fn addrs(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.servers.keys().copied().collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstreams_from_resolv_conf_and_flags() {
+        let u = Upstreams::from_resolv_conf(
+            "# x\nsearch a.b\nnameserver 10.0.0.2\nnameserver  fd00::1 \noptions ndots:1\n",
+        );
+        assert_eq!(u.servers, vec!["10.0.0.2:53".parse().unwrap(), "[fd00::1]:53".parse().unwrap()]);
+        let u = Upstreams::parse("10.0.0.2, 10.0.0.3:5353").unwrap();
+        assert_eq!(u.servers, vec!["10.0.0.2:53".parse().unwrap(), "10.0.0.3:5353".parse().unwrap()]);
+        assert!(Upstreams::parse("nope").unwrap_err().contains("nope"));
+        assert!(Upstreams::parse("").unwrap().servers.is_empty());
+    }
+}

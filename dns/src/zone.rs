@@ -1,0 +1,323 @@
+//! The names Trellis answers for, as a value built from the cluster's
+//! records, and the rules that answer a query from it. No I/O: the server
+//! (and, later, the kernel fast path) only look things up here.
+//!
+//! Names, per network (every one also qualified as `NAME.NETWORK`):
+//! * an endpoint's name and aliases → its address;
+//! * a service (endpoints labelled `trellis.service=NAME`) → every backend
+//!   (`dnsrr`), and `tasks.NAME` → every backend;
+//! * `in-addr.arpa` of an endpoint's address → `NAME.NETWORK.`.
+//!
+//! A client (by source address) sees the names of every network its
+//! container is attached to, and nothing else: another network's names are
+//! NXDOMAIN for it. Single-label names, names under a Trellis network and
+//! reverse names of Trellis subnets are never forwarded upstream.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+
+/// A network as DNS needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Network {
+    pub id: String,
+    pub name: String,
+    pub subnet: IpNet,
+}
+
+/// An endpoint as DNS needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub aliases: Vec<String>,
+    pub network_id: String,
+    pub ip: IpAddr,
+    /// What ties a container's endpoints together (its namespace path).
+    pub sandbox: String,
+    /// The service it is a task of, if any.
+    pub service: Option<String>,
+}
+
+/// The record types the zone distinguishes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QType {
+    A,
+    Aaaa,
+    Ptr,
+    /// ANY: answered like A.
+    Any,
+    Other,
+}
+
+/// What to answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Authoritative addresses (A).
+    Addrs(Vec<Ipv4Addr>),
+    /// Authoritative names (PTR), fully qualified.
+    Names(Vec<String>),
+    /// The name exists, not with this type.
+    NoData,
+    /// The name does not exist (for this client).
+    NxDomain,
+    /// Not a Trellis name: ask upstream.
+    Forward,
+}
+
+#[derive(Default, Clone, Debug)]
+struct NetNames {
+    /// Endpoint names and aliases → addresses.
+    hosts: HashMap<String, BTreeSet<Ipv4Addr>>,
+    /// Service → its backends.
+    services: HashMap<String, BTreeSet<Ipv4Addr>>,
+}
+
+/// The scoped names of a cluster at one moment.
+#[derive(Default, Clone, Debug)]
+pub struct Zone {
+    nets: HashMap<String, Network>,
+    by_name: HashMap<String, String>,
+    names: HashMap<String, NetNames>,
+    /// Address → (network id, endpoint name, sandbox).
+    by_ip: HashMap<IpAddr, Vec<(String, String, String)>>,
+    /// Sandbox → the networks it is attached to.
+    sandboxes: HashMap<String, BTreeSet<String>>,
+}
+
+fn norm(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl Zone {
+    pub fn build(networks: &[Network], endpoints: &[Endpoint]) -> Zone {
+        let mut z = Zone::default();
+        for n in networks {
+            z.by_name.insert(norm(&n.name), n.id.clone());
+            z.nets.insert(n.id.clone(), n.clone());
+            z.names.insert(n.id.clone(), NetNames::default());
+        }
+        for e in endpoints {
+            let Some(names) = z.names.get_mut(&e.network_id) else { continue };
+            z.by_ip.entry(e.ip).or_default().push((e.network_id.clone(), e.name.clone(), e.sandbox.clone()));
+            z.sandboxes.entry(e.sandbox.clone()).or_default().insert(e.network_id.clone());
+            let IpAddr::V4(v4) = e.ip else { continue };
+            for n in std::iter::once(&e.name).chain(&e.aliases) {
+                names.hosts.entry(norm(n)).or_default().insert(v4);
+            }
+            if let Some(s) = &e.service {
+                names.services.entry(norm(s)).or_default().insert(v4);
+            }
+        }
+        z
+    }
+
+    /// The networks a client at `src` sees: those of every endpoint of
+    /// its container (none for a client that is not an endpoint).
+    pub fn scope(&self, src: IpAddr) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (net, _, sandbox) in self.by_ip.get(&src).into_iter().flatten() {
+            // The address must be the client's on that network (the same
+            // address can exist in two networks' subnets).
+            if self.nets.get(net).is_some_and(|n| n.subnet.contains(&src)) {
+                out.extend(self.sandboxes.get(sandbox).into_iter().flatten().cloned());
+            }
+        }
+        out
+    }
+
+    /// Is `name` one the zone is authoritative for (never forwarded)?
+    fn network_of_suffix(&self, labels: &[&str]) -> Option<String> {
+        labels.last().and_then(|l| self.by_name.get(*l)).cloned()
+    }
+
+    fn lookup_in(&self, net: &str, name: &str, tasks: bool) -> Option<Vec<Ipv4Addr>> {
+        let names = self.names.get(net)?;
+        if tasks {
+            return names.services.get(name).map(|s| s.iter().copied().collect());
+        }
+        names.hosts.get(name).or_else(|| names.services.get(name)).map(|s| s.iter().copied().collect())
+    }
+
+    fn answer_addrs(found: Vec<Ipv4Addr>, qtype: QType) -> Answer {
+        match qtype {
+            QType::A | QType::Any if !found.is_empty() => Answer::Addrs(found),
+            _ => Answer::NoData,
+        }
+    }
+
+    /// Answer `qname`/`qtype` for a client that sees `scope`.
+    pub fn resolve(&self, qname: &str, qtype: QType, scope: &BTreeSet<String>) -> Answer {
+        let name = norm(qname);
+        if name.is_empty() {
+            return Answer::Forward;
+        }
+        if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
+            return self.reverse(rev, qtype, scope);
+        }
+        let labels: Vec<&str> = name.split('.').collect();
+        let (tasks, rest) = match labels.as_slice() {
+            ["tasks", rest @ ..] if !rest.is_empty() => (true, rest),
+            all => (false, all),
+        };
+        match rest {
+            [single] => {
+                let mut found: BTreeSet<Ipv4Addr> = BTreeSet::new();
+                let mut any = false;
+                for net in scope {
+                    if let Some(a) = self.lookup_in(net, single, tasks) {
+                        any = true;
+                        found.extend(a);
+                    }
+                }
+                if any { Self::answer_addrs(found.into_iter().collect(), qtype) } else { Answer::NxDomain }
+            }
+            [host, netname] if self.by_name.contains_key(*netname) => {
+                let net = &self.by_name[*netname];
+                if !scope.contains(net) {
+                    return Answer::NxDomain;
+                }
+                match self.lookup_in(net, host, tasks) {
+                    Some(a) => Self::answer_addrs(a, qtype),
+                    None => Answer::NxDomain,
+                }
+            }
+            _ if self.network_of_suffix(rest).is_some() => Answer::NxDomain,
+            _ => Answer::Forward,
+        }
+    }
+
+    fn reverse(&self, rev: &str, qtype: QType, scope: &BTreeSet<String>) -> Answer {
+        let octets: Vec<u8> = rev.split('.').filter_map(|o| o.parse().ok()).collect();
+        if octets.len() != 4 || rev.split('.').count() != 4 {
+            return Answer::Forward;
+        }
+        let ip = IpAddr::V4(Ipv4Addr::new(octets[3], octets[2], octets[1], octets[0]));
+        if !self.nets.values().any(|n| n.subnet.contains(&ip)) {
+            return Answer::Forward;
+        }
+        let names: Vec<String> = self
+            .by_ip
+            .get(&ip)
+            .into_iter()
+            .flatten()
+            .filter(|(net, _, _)| scope.contains(net))
+            .filter_map(|(net, name, _)| self.nets.get(net).map(|n| format!("{}.{}.", norm(name), norm(&n.name))))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        match (names.is_empty(), qtype) {
+            (true, _) => Answer::NxDomain,
+            (false, QType::Ptr) | (false, QType::Any) => Answer::Names(names),
+            (false, _) => Answer::NoData,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(id: &str, name: &str, subnet: &str) -> Network {
+        Network { id: id.into(), name: name.into(), subnet: subnet.parse().unwrap() }
+    }
+
+    fn ep(name: &str, net: &str, ip: &str, sandbox: &str, service: Option<&str>, aliases: &[&str]) -> Endpoint {
+        Endpoint {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+            network_id: net.into(),
+            ip: ip.parse().unwrap(),
+            sandbox: sandbox.into(),
+            service: service.map(str::to_string),
+        }
+    }
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn zone() -> Zone {
+        Zone::build(
+            &[net("n1", "app", "10.1.0.0/24"), net("n2", "db", "10.2.0.0/24")],
+            &[
+                ep("web1", "n1", "10.1.0.2", "/c/web1", Some("web"), &["www"]),
+                ep("web2", "n1", "10.1.0.3", "/c/web2", Some("web"), &[]),
+                ep("client", "n1", "10.1.0.4", "/c/client", None, &[]),
+                ep("pg", "n2", "10.2.0.2", "/c/pg", None, &[]),
+                // A container on both networks.
+                ep("api", "n1", "10.1.0.5", "/c/api", None, &[]),
+                ep("api", "n2", "10.2.0.5", "/c/api", None, &[]),
+            ],
+        )
+    }
+
+    fn scope_of(z: &Zone, ip: &str) -> BTreeSet<String> {
+        z.scope(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn endpoints_aliases_services_and_tasks() {
+        let z = zone();
+        let s = scope_of(&z, "10.1.0.4");
+        assert_eq!(s, BTreeSet::from(["n1".to_string()]));
+        assert_eq!(z.resolve("web1.", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2")]));
+        assert_eq!(z.resolve("WWW", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2")]), "aliases, any case");
+        assert_eq!(z.resolve("web", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2"), v4("10.1.0.3")]));
+        assert_eq!(z.resolve("tasks.web", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2"), v4("10.1.0.3")]));
+        assert_eq!(z.resolve("tasks.web1", QType::A, &s), Answer::NxDomain, "tasks. is for services");
+        assert_eq!(z.resolve("web1.app", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2")]));
+        assert_eq!(z.resolve("tasks.web.app.", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2"), v4("10.1.0.3")]));
+        assert_eq!(z.resolve("web1", QType::Aaaa, &s), Answer::NoData, "AAAA: authoritative NODATA");
+        assert_eq!(z.resolve("web1", QType::Other, &s), Answer::NoData);
+        assert_eq!(z.resolve("nosuch", QType::A, &s), Answer::NxDomain, "single labels never go upstream");
+        assert_eq!(z.resolve("nosuch.app", QType::A, &s), Answer::NxDomain);
+        assert_eq!(z.resolve("a.b.app", QType::A, &s), Answer::NxDomain, "under a network name: ours");
+        assert_eq!(z.resolve("example.com", QType::A, &s), Answer::Forward);
+        assert_eq!(z.resolve(".", QType::A, &s), Answer::Forward);
+    }
+
+    #[test]
+    fn clients_see_only_their_networks() {
+        let z = zone();
+        let app = scope_of(&z, "10.1.0.4");
+        assert_eq!(z.resolve("pg", QType::A, &app), Answer::NxDomain);
+        assert_eq!(z.resolve("pg.db", QType::A, &app), Answer::NxDomain, "another network's name, qualified");
+        // A container on both networks sees both, by either address.
+        for ip in ["10.1.0.5", "10.2.0.5"] {
+            let both = scope_of(&z, ip);
+            assert_eq!(both.len(), 2, "{ip}");
+            assert_eq!(z.resolve("pg", QType::A, &both), Answer::Addrs(vec![v4("10.2.0.2")]));
+            assert_eq!(z.resolve("web1", QType::A, &both), Answer::Addrs(vec![v4("10.1.0.2")]));
+            assert_eq!(
+                z.resolve("api", QType::A, &both),
+                Answer::Addrs(vec![v4("10.1.0.5"), v4("10.2.0.5")]),
+                "a name on two networks answers both"
+            );
+        }
+        // Not an endpoint: no Trellis names at all.
+        let none = scope_of(&z, "192.168.1.1");
+        assert!(none.is_empty());
+        assert_eq!(z.resolve("web1", QType::A, &none), Answer::NxDomain);
+        // An address of one subnet does not open another network.
+        assert!(scope_of(&z, "10.2.0.4").is_empty());
+    }
+
+    #[test]
+    fn reverse_names() {
+        let z = zone();
+        let s = scope_of(&z, "10.1.0.4");
+        assert_eq!(z.resolve("2.0.1.10.in-addr.arpa.", QType::Ptr, &s), Answer::Names(vec!["web1.app.".into()]));
+        assert_eq!(z.resolve("2.0.2.10.in-addr.arpa", QType::Ptr, &s), Answer::NxDomain, "out of scope");
+        assert_eq!(z.resolve("99.0.1.10.in-addr.arpa", QType::Ptr, &s), Answer::NxDomain, "ours, unused");
+        assert_eq!(z.resolve("2.0.1.10.in-addr.arpa", QType::A, &s), Answer::NoData);
+        assert_eq!(z.resolve("1.1.168.192.in-addr.arpa", QType::Ptr, &s), Answer::Forward, "not a Trellis subnet");
+        assert_eq!(z.resolve("0.1.10.in-addr.arpa", QType::Ptr, &s), Answer::Forward);
+    }
+
+    #[test]
+    fn endpoints_of_unknown_networks_are_ignored() {
+        let z = Zone::build(&[net("n1", "app", "10.1.0.0/24")], &[ep("x", "gone", "10.9.0.2", "/c/x", None, &[])]);
+        assert!(scope_of(&z, "10.9.0.2").is_empty());
+    }
+}

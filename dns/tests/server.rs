@@ -1,0 +1,160 @@
+//! The server on loopback (no root): answers, truncation with TCP
+//! fallback, EDNS, and bad input that must not stop it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_dns::{Core, Endpoint, Listeners, Network, Upstreams, Zone};
+
+fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A zone where this test's client (127.0.0.1) is endpoint `client` of
+/// network `lo`, with a service `big` of `backends` tasks.
+fn zone(backends: u8) -> Zone {
+    let mut eps = vec![Endpoint {
+        name: "client".into(),
+        aliases: vec![],
+        network_id: "n1".into(),
+        ip: "127.0.0.1".parse().unwrap(),
+        sandbox: "s-client".into(),
+        service: None,
+    }];
+    for i in 0..backends {
+        eps.push(Endpoint {
+            name: format!("b{i}"),
+            aliases: vec![],
+            network_id: "n1".into(),
+            ip: IpAddr::from([127, 0, 1, i]),
+            sandbox: format!("s{i}"),
+            service: Some("big".into()),
+        });
+    }
+    Zone::build(&[Network { id: "n1".into(), name: "lo".into(), subnet: "127.0.0.0/8".parse().unwrap() }], &eps)
+}
+
+async fn server(backends: u8) -> (SocketAddr, Listeners) {
+    let core = Core::new(&Upstreams { servers: vec![], timeout: Duration::from_secs(1) });
+    core.set_zone(zone(backends));
+    let port = free_port();
+    let mut l = Listeners::new(core, port);
+    assert!(l.set(&["127.0.0.1".parse().unwrap()]).is_empty());
+    (SocketAddr::from(([127, 0, 0, 1], port)), l)
+}
+
+fn query(name: &str, t: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::new(0x4242, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    m.metadata.recursion_desired = true;
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+async fn udp(addr: SocketAddr, packet: &[u8]) -> Option<Message> {
+    let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    s.send_to(packet, addr).await.unwrap();
+    let mut buf = vec![0u8; 65535];
+    let n = tokio::time::timeout(Duration::from_secs(1), s.recv(&mut buf)).await.ok()?.ok()?;
+    Message::from_vec(&buf[..n]).ok()
+}
+
+async fn tcp(addr: SocketAddr, packet: &[u8]) -> Message {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&(packet.len() as u16).to_be_bytes()).await.unwrap();
+    s.write_all(packet).await.unwrap();
+    let len = s.read_u16().await.unwrap() as usize;
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await.unwrap();
+    Message::from_vec(&buf).unwrap()
+}
+
+fn addrs(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn answers_over_udp_and_tcp() {
+    let (addr, _l) = server(2).await;
+    let m = udp(addr, &query("b0.", RecordType::A, None)).await.expect("an answer");
+    assert_eq!(m.metadata.id, 0x4242);
+    assert!(m.metadata.authoritative);
+    assert_eq!(addrs(&m), vec!["127.0.1.0"]);
+    let m = tcp(addr, &query("tasks.big.lo.", RecordType::A, None)).await;
+    assert_eq!(addrs(&m), vec!["127.0.1.0", "127.0.1.1"]);
+    let m = udp(addr, &query("nosuch.", RecordType::A, None)).await.unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    // Not ours and no upstream configured: refused, not a guess.
+    let m = udp(addr, &query("example.com.", RecordType::A, None)).await.unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}
+
+#[tokio::test]
+async fn large_answers_truncate_over_udp_and_come_whole_over_tcp_or_edns() {
+    let (addr, _l) = server(120).await;
+    let plain = udp(addr, &query("big.", RecordType::A, None)).await.unwrap();
+    assert!(plain.metadata.truncation, "120 A records do not fit 512 bytes: TC set");
+    assert!(plain.answers.len() < 120);
+    let whole = tcp(addr, &query("big.", RecordType::A, None)).await;
+    assert!(!whole.metadata.truncation);
+    assert_eq!(whole.answers.len(), 120);
+    let edns = udp(addr, &query("big.", RecordType::A, Some(4096))).await.unwrap();
+    assert!(!edns.metadata.truncation, "EDNS0 with 4096 bytes holds them");
+    assert_eq!(edns.answers.len(), 120);
+}
+
+#[tokio::test]
+async fn bad_packets_never_stop_the_server() {
+    let (addr, _l) = server(1).await;
+    let good = query("b0.", RecordType::A, None);
+    // A compression pointer pointing at itself (a loop), as the name.
+    let mut looped = good[..12].to_vec();
+    looped.extend_from_slice(&[0xc0, 0x0c, 0x00, 0x01, 0x00, 0x01]);
+    let mut oversized = good.clone();
+    oversized.resize(4000, 0xff);
+    let mut many_queries = good.clone();
+    many_queries[5] = 0xff; // QDCOUNT 255, one present
+    let junk: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0x00],
+        good[..5].to_vec(),
+        good[..good.len() - 3].to_vec(),
+        looped,
+        oversized,
+        many_queries,
+        vec![0xff; 512],
+        // A response, not a query.
+        {
+            let mut r = good.clone();
+            r[2] |= 0x80;
+            r
+        },
+    ];
+    for j in &junk {
+        let _ = udp(addr, j).await;
+    }
+    // TCP: a length prefix longer than what follows, then a hang-up.
+    if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+        let _ = s.write_all(&[0x10, 0x00, 0x01, 0x02]).await;
+    }
+    let m = udp(addr, &good).await.expect("still answering");
+    assert_eq!(addrs(&m), vec!["127.0.1.0"]);
+    let m = tcp(addr, &good).await;
+    assert_eq!(addrs(&m), vec!["127.0.1.0"]);
+}

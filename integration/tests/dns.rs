@@ -1,0 +1,189 @@
+//! Service discovery DNS, asked with `dig` from container namespaces.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use trellis_integration::{Host, Netns, in_netns, ip_of, netns_of, require_root, run, wait_for};
+
+/// `dig @SERVER ARGS +short` from the namespace at `ns`: the answer lines.
+fn dig_short(ns: &Path, server: &str, args: &[&str]) -> Vec<String> {
+    let mut a = vec![format!("@{server}"), "+short".into(), "+time=1".into(), "+tries=2".into()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = run(&mut in_netns(ns, "dig", &refs)).unwrap_or_default();
+    let mut v: Vec<String> = out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect();
+    v.sort();
+    v
+}
+
+/// The full `dig` output (status line, flags, answer section).
+fn dig_full(ns: &Path, server: &str, args: &[&str]) -> String {
+    let mut a = vec![format!("@{server}"), "+time=1".into(), "+tries=2".into()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+    run(&mut in_netns(ns, "dig", &refs)).unwrap_or_default()
+}
+
+fn status_of(out: &str) -> String {
+    out.split("status: ").nth(1).and_then(|s| s.split(',').next()).unwrap_or("none").to_string()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn names_services_tasks_ptr_and_scoping() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.52.0.0/24", "--attachable"]).unwrap();
+    h.ctl(&["network", "create", "db", "--subnet", "10.53.0.0/24", "--attachable"]).unwrap();
+    let web1 = h.attach("app", "web1", &["--label", "trellis.service=web"]).unwrap();
+    let web2 = h.attach("app", "web2", &["--label", "trellis.service=web"]).unwrap();
+    let client = h.attach("app", "client", &[]).unwrap();
+    let pg = h.attach("db", "pg", &[]).unwrap();
+    let c = netns_of(&client);
+    let gw = "10.52.0.1";
+    let (ip1, ip2) = (ip_of(&web1), ip_of(&web2));
+    assert!(
+        wait_for(Duration::from_secs(5), || dig_short(&c, gw, &["web1"]) == vec![ip1.clone()]),
+        "web1 never resolved"
+    );
+    let mut both = vec![ip1.clone(), ip2.clone()];
+    both.sort();
+    assert_eq!(dig_short(&c, gw, &["web"]), both, "a service answers every backend");
+    assert_eq!(dig_short(&c, gw, &["tasks.web"]), both);
+    assert_eq!(dig_short(&c, gw, &["web2.app"]), vec![ip2.clone()], "qualified by network");
+    assert_eq!(dig_short(&c, gw, &["+tcp", "web1"]), vec![ip1.clone()], "TCP too");
+    assert_eq!(dig_short(&c, gw, &["-x", &ip1]), vec!["web1.app.".to_string()]);
+    // AAAA: authoritative NODATA, not forwarded.
+    let aaaa = dig_full(&c, gw, &["web1", "AAAA"]);
+    assert_eq!(status_of(&aaaa), "NOERROR", "{aaaa}");
+    assert!(aaaa.contains(" aa") && aaaa.contains("ANSWER: 0"), "{aaaa}");
+    // Scoping: db's names do not exist for a client of app only.
+    let nx = dig_full(&c, gw, &["pg"]);
+    assert_eq!(status_of(&nx), "NXDOMAIN", "{nx}");
+    assert_eq!(status_of(&dig_full(&c, gw, &["pg.db"])), "NXDOMAIN");
+    assert_eq!(status_of(&dig_full(&c, gw, &["-x", &ip_of(&pg)])), "NXDOMAIN");
+    // The client joins db too (a second interface): now it sees both.
+    h.ctl(&["attach", "db", "--name", "client-db", "--netns", c.to_str().unwrap(), "--ifname", "eth1"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || dig_short(&c, gw, &["pg"]) == vec![ip_of(&pg)]),
+        "a container on two networks sees both"
+    );
+    // pg sees its own network through its gateway, and not app.
+    let p = netns_of(&pg);
+    assert_eq!(dig_short(&p, "10.53.0.1", &["client-db"]).len(), 1);
+    assert_eq!(status_of(&dig_full(&p, "10.53.0.1", &["web1"])), "NXDOMAIN");
+    assert_eq!(dig_short(&c, gw, &["web1"]), vec![ip1]);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn new_and_removed_endpoints_show_at_once() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.54.0.0/24", "--attachable"]).unwrap();
+    let client = h.attach("app", "client", &[]).unwrap();
+    let c = netns_of(&client);
+    assert!(wait_for(Duration::from_secs(5), || dig_short(&c, "10.54.0.1", &["client"]).len() == 1));
+    let mut worst = Duration::ZERO;
+    for i in 0..10 {
+        let name = format!("n{i}");
+        let ep = h.attach("app", &name, &[]).unwrap();
+        let t0 = Instant::now();
+        assert!(wait_for(Duration::from_secs(2), || dig_short(&c, "10.54.0.1", &[&name]) == vec![ip_of(&ep)]));
+        worst = worst.max(t0.elapsed());
+        h.ctl(&["detach", &name]).unwrap();
+        let t0 = Instant::now();
+        assert!(
+            wait_for(Duration::from_secs(2), || status_of(&dig_full(&c, "10.54.0.1", &[&name])) == "NXDOMAIN"),
+            "{name} still answers after its detach: {}\n{}",
+            dig_full(&c, "10.54.0.1", &[&name]),
+            h.log()
+        );
+        worst = worst.max(t0.elapsed());
+    }
+    eprintln!("slowest: {worst:?} (the benchmark measures freshness; this test checks it happens)");
+}
+
+/// A real upstream resolver (dnsmasq) in its own namespace.
+struct Upstream {
+    ns: Netns,
+    child: Child,
+}
+
+impl Upstream {
+    fn start(h: &Host, ip: &str, peer_ip: &str) -> Upstream {
+        let ns = Netns::new("trdns").unwrap();
+        let (a, b) = (trellis_integration::unique("tda"), trellis_integration::unique("tdb"));
+        run(Command::new("ip")
+            .args(["link", "add", &a, "netns", &h.ns.name, "type", "veth", "peer", "name", &b, "netns", &ns.name]))
+        .unwrap();
+        h.ns.ip(&["addr", "add", &format!("{peer_ip}/24"), "dev", &a]).unwrap();
+        h.ns.ip(&["link", "set", &a, "up"]).unwrap();
+        ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", &b]).unwrap();
+        ns.ip(&["link", "set", &b, "up"]).unwrap();
+        let child = ns
+            .cmd("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                &format!("--listen-address={ip}"),
+                "--port=53",
+                "--local-ttl=60",
+                "--address=/example.test/192.0.2.10",
+                "--address=/nx.test/",
+                "--log-queries",
+                "--log-facility=-",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting dnsmasq (dnsmasq-base)");
+        std::thread::sleep(Duration::from_millis(300));
+        Upstream { ns, child }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.ns;
+    }
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn other_names_are_forwarded_cached_and_fail_over() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    // The first upstream does not exist (failover), the second is dnsmasq.
+    h.extra_args = vec!["--dns-upstream".into(), "198.18.7.99,198.18.7.2".into()];
+    h.start().unwrap();
+    let mut up = Upstream::start(&h, "198.18.7.2", "198.18.7.1");
+    h.ctl(&["network", "create", "app", "--subnet", "10.55.0.0/24", "--attachable"]).unwrap();
+    let client = h.attach("app", "client", &[]).unwrap();
+    let c = netns_of(&client);
+    let gw = "10.55.0.1";
+    let a = dig_short(&c, gw, &["+time=5", "www.example.test"]);
+    assert_eq!(a, vec!["192.0.2.10".to_string()], "forwarded through the second upstream");
+    let nx = dig_full(&c, gw, &["+time=5", "x.nx.test"]);
+    assert_eq!(status_of(&nx), "NXDOMAIN", "the upstream's NXDOMAIN comes back: {nx}");
+    assert!(!nx.contains(" aa"), "a forwarded answer is not authoritative: {nx}");
+    // Trellis names never reach the upstream.
+    let _ = dig_full(&c, gw, &["client"]);
+    let _ = dig_full(&c, gw, &["nosuchname"]);
+    // The upstream goes away: the cached answer still comes (TTL 60).
+    let _ = up.child.kill();
+    let _ = up.child.wait();
+    let mut log = String::new();
+    if let Some(mut e) = up.child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut log);
+    }
+    assert!(log.contains("www.example.test") && log.contains("x.nx.test"), "dnsmasq saw the forwarded queries: {log}");
+    assert!(!log.contains("nosuchname") && !log.contains("query[A] client"), "a Trellis name went upstream: {log}");
+    assert_eq!(dig_short(&c, gw, &["www.example.test"]), vec!["192.0.2.10".to_string()], "served from the cache");
+}
