@@ -152,6 +152,7 @@ impl Drop for Containerd {
             let _ = d.kill();
             let _ = d.wait();
         }
+        let _ = std::fs::remove_dir_all(PathBuf::from("/run/containerd/runc").join(&self.namespace));
         let _ = Command::new("umount").arg("-R").arg("-l").arg(self.dir.join("state")).status();
         let _ = Command::new("umount").arg("-R").arg("-l").arg(self.dir.join("root")).status();
     }
