@@ -187,3 +187,34 @@ fn other_names_are_forwarded_cached_and_fail_over() {
     assert!(!log.contains("nosuchname") && !log.contains("query[A] client"), "a Trellis name went upstream: {log}");
     assert_eq!(dig_short(&c, gw, &["www.example.test"]), vec!["192.0.2.10".to_string()], "served from the cache");
 }
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn names_resolve_across_hosts_and_leave_with_a_dead_host() {
+    require_root();
+    let mut lab = trellis_integration::Lab::new(3, 3000).unwrap();
+    lab.hosts[0].ctl(&["network", "create", "app", "--subnet", "10.56.0.0/24", "--attachable"]).unwrap();
+    let client = lab.hosts[0].attach("app", "client", &[]).unwrap();
+    let far = lab.hosts[1].attach("app", "far", &["--label", "trellis.service=api"]).unwrap();
+    let doomed = lab.hosts[2].attach("app", "doomed", &["--label", "trellis.service=api"]).unwrap();
+    let c = netns_of(&client);
+    let gw = "10.56.0.1";
+    assert!(
+        wait_for(Duration::from_secs(5), || dig_short(&c, gw, &["far"]) == vec![ip_of(&far)]),
+        "a name on another host does not resolve"
+    );
+    let mut both = vec![ip_of(&far), ip_of(&doomed)];
+    both.sort();
+    assert_eq!(dig_short(&c, gw, &["tasks.api"]), both, "a service's tasks on every host");
+    // Host 3 dies: its endpoints leave every answer within the lease TTL.
+    let t0 = Instant::now();
+    lab.hosts[2].kill9();
+    lab.hosts[2].ns.ip(&["link", "set", &lab.uplinks[2], "down"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(8), || dig_short(&c, gw, &["tasks.api"]) == vec![ip_of(&far)]),
+        "the dead host's task is still answered"
+    );
+    let took = t0.elapsed();
+    assert_eq!(status_of(&dig_full(&c, gw, &["doomed"])), "NXDOMAIN");
+    eprintln!("dead host's names gone after {took:?} (lease TTL 3 s)");
+}

@@ -191,15 +191,37 @@ fn two_hosts_two_dockerds_one_network() {
     assert_eq!(nets.as_array().unwrap().len(), 1, "one cluster network: {nets}");
     let subnet = nets[0]["subnet"].as_str().unwrap().to_string();
 
-    da.ok(&["run", "-d", "--name", "a1", "--network", "shared", IMAGE, "sleep", "600"]).unwrap();
-    db.ok(&["run", "-d", "--name", "b1", "--network", "shared", "-l", "trellis.service=api", IMAGE, "sleep", "600"])
-        .unwrap();
+    // Trellis DNS answers on the gateway; Docker's embedded DNS (which
+    // knows only this engine's containers) forwards other names to it.
+    let gw = nets[0]["gateway"].as_str().unwrap().to_string();
+    da.ok(&["run", "-d", "--name", "a1", "--network", "shared", "--dns", &gw, IMAGE, "sleep", "600"]).unwrap();
+    db.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "b1",
+        "--network",
+        "shared",
+        "--dns",
+        &gw,
+        "-l",
+        "trellis.service=api",
+        IMAGE,
+        "sleep",
+        "600",
+    ])
+    .unwrap();
     let ipa = container_ip(&da, "a1", "shared");
     let ipb = container_ip(&db, "b1", "shared");
     let prefix = subnet.rsplit_once('.').unwrap().0.to_string();
     assert!(ipa.starts_with(&prefix) && ipb.starts_with(&prefix), "{ipa} {ipb} not in {subnet}");
     assert!(ping(&da, "a1", &ipb), "a1 on host1 cannot reach b1 ({ipb}) on host2");
     assert!(ping(&db, "b1", &ipa), "b1 on host2 cannot reach a1 ({ipa}) on host1");
+    // By name, across hosts, both ways, and the service's tasks.
+    assert!(wait_for(Duration::from_secs(5), || ping(&da, "a1", "b1")), "a1 on host1 cannot reach b1 on host2 by name");
+    assert!(ping(&db, "b1", "a1"), "b1 on host2 cannot reach a1 on host1 by name");
+    let tasks = da.ok(&["exec", "a1", "nslookup", "tasks.api"]).unwrap();
+    assert!(tasks.contains(&ipb), "tasks.api from host1: {tasks}");
     // Host1 sees host2's container by its Docker name and labels.
     assert!(
         wait_for(Duration::from_secs(5), || endpoint_named(ha, "b1")

@@ -139,7 +139,11 @@ fn debug_shell_runs_inside_the_network_and_leaves_nothing() {
         .arg("--socket")
         .arg(h.socket())
         .args(["attach", "app", "--name", "shell", "--", "sh", "-c"])
-        .arg(format!("ip -br addr show eth0 && ping -c1 -W1 {} >/dev/null && exit 7", ip_of(&peer)))
+        .arg(format!(
+            "ip -br addr show eth0 && ping -c1 -W1 {} >/dev/null && grep '^nameserver 10.33.0.1$' /etc/resolv.conf \
+             && dig +short +time=1 peer && exit 7",
+            ip_of(&peer)
+        ))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -150,6 +154,9 @@ fn debug_shell_runs_inside_the_network_and_leaves_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("10.33.0."), "{stdout}");
+    assert!(stdout.contains(&ip_of(&peer)), "the shell resolves the network's names: {stdout}");
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    assert!(!host_resolv.contains("10.33.0.1"), "the host's resolv.conf is untouched");
     let eps = h.ctl_json(&["endpoint", "ls"]).unwrap();
     let names: Vec<_> = eps.as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["peer"], "the shell's endpoint is detached when it exits");

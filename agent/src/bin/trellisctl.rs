@@ -186,7 +186,10 @@ fn spawn_gated(cmd: &[String]) -> anyhow::Result<(std::process::Child, OwnedFd)>
             let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(std::io::Error::from)?;
             let flags = nix::fcntl::FdFlag::from_bits_truncate(flags) - nix::fcntl::FdFlag::FD_CLOEXEC;
             nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(flags)).map_err(std::io::Error::from)?;
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            // Its own network namespace, and its own mount namespace for
+            // the network's resolv.conf.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET | nix::sched::CloneFlags::CLONE_NEWNS)
+                .map_err(std::io::Error::from)
         });
     }
     let child = command.spawn().with_context(|| format!("starting {:?}", cmd[0]))?;
@@ -194,20 +197,44 @@ fn spawn_gated(cmd: &[String]) -> anyhow::Result<(std::process::Child, OwnedFd)>
     Ok((child, write))
 }
 
-/// The gate: wait for the go byte on `fd`, then become `cmd`.
+/// The gate: wait for the go message on `fd` (`g` and the network's
+/// resolver, if any), point /etc/resolv.conf at the resolver in this
+/// process's own mount namespace, then become `cmd`.
 fn gate(fd: i32, cmd: &[String]) -> ExitCode {
     use std::os::fd::FromRawFd;
     // SAFETY: the fd was handed to this process by its parent for this use.
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
-    let mut byte = [0u8; 1];
-    if !matches!(f.read(&mut byte), Ok(1)) {
+    let mut msg = Vec::new();
+    if f.read_to_end(&mut msg).is_err() || msg.first() != Some(&b'g') {
         eprintln!("trellisctl: the network was not set up; not running {:?}", cmd.join(" "));
         return ExitCode::from(125);
     }
     drop(f);
+    let resolver = String::from_utf8_lossy(&msg[1..]).trim().to_string();
+    if !resolver.is_empty()
+        && let Err(e) = use_resolver(&resolver)
+    {
+        eprintln!(
+            "trellisctl: cannot point /etc/resolv.conf at {resolver} ({e}); names of the network may not resolve"
+        );
+    }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     eprintln!("trellisctl: running {:?}: {err}", cmd[0]);
     ExitCode::from(127)
+}
+
+/// Bind a resolv.conf naming `resolver` over /etc/resolv.conf, in the
+/// gate's private mount namespace (the host's stays as it is).
+fn use_resolver(resolver: &str) -> anyhow::Result<()> {
+    use nix::mount::{MsFlags, mount};
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .context("making mounts private")?;
+    let file = std::env::temp_dir().join(format!("trellis-resolv-{}", std::process::id()));
+    std::fs::write(&file, format!("# written by trellisctl attach\nnameserver {resolver}\n"))?;
+    let bound = mount(Some(&file), "/etc/resolv.conf", None::<&str>, MsFlags::MS_BIND, None::<&str>);
+    let _ = std::fs::remove_file(&file);
+    bound.context("bind-mounting resolv.conf")?;
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -322,7 +349,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let _ = unsafe {
                 nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn)
             };
-            nix::unistd::write(&gate, b"g").context("starting the command")?;
+            nix::unistd::write(&gate, format!("g{}", e.dns).as_bytes()).context("starting the command")?;
             drop(gate);
             let status = tokio::task::spawn_blocking(move || child.wait()).await??;
             if let Err(s) = c.detach(proto::DetachRequest { endpoint: e.id.clone(), ..Default::default() }).await {
