@@ -112,6 +112,11 @@ impl Dockerd {
         Ok(())
     }
 
+    /// dockerd's pid.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pidfile).ok()?.trim().parse().ok()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -7,6 +7,7 @@
 //!   `host-local` plugins (Debian `containernetworking-plugins`), each as a
 //!   process exec per operation, interleaved one by one;
 //! * `docker run --rm` on a Trellis network vs Docker's own bridge network;
+//! * DNS: dnsperf against Trellis, aardvark-dns and Docker's embedded DNS;
 //! * IPAM allocations per second on the embedded (redb) store.
 
 use std::fmt::Write as _;
@@ -29,6 +30,7 @@ struct Args {
     endpoints: usize,
     allocations: usize,
     docker_runs: usize,
+    dns_secs: u32,
     out: PathBuf,
 }
 
@@ -41,6 +43,7 @@ fn parse_args() -> Result<Args> {
         endpoints: 200,
         allocations: 20_000,
         docker_runs: 30,
+        dns_secs: 5,
         out: PathBuf::from("BENCHMARKS.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -54,9 +57,10 @@ fn parse_args() -> Result<Args> {
             "--scale-per-host" => a.scale_per_host = val()?.parse()?,
             "--allocations" => a.allocations = val()?.parse()?,
             "--docker-runs" => a.docker_runs = val()?.parse()?,
+            "--dns-secs" => a.dns_secs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,docker,attach; --endpoints N; --allocations N; \
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,attach; --dns-secs N; --endpoints N; --allocations N; \
                  --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
@@ -344,6 +348,214 @@ fn md_docker(md: &mut String, r: &DockerResult) -> Result<()> {
     writeln!(md, "| Docker bridge | {} | {} | {} |", ms(r.bridge.p50), ms(r.bridge.p99), ms(r.bridge.mean))?;
     let ratio = r.trellis.p50.as_secs_f64() / r.bridge.p50.as_secs_f64();
     writeln!(md, "\nRatio (p50): **{ratio:.2}×** (target ≤ 1.1×) {}.\n", verdict(ratio <= 1.1))?;
+    Ok(())
+}
+
+struct DnsRow {
+    server: &'static str,
+    qps: f64,
+    cpu_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    avg_us: f64,
+}
+
+/// CPU time (user + system) of a process, in µs.
+fn cpu_us(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks * 1e6 / hz)
+}
+
+/// dnsperf from the namespace `ns` against `server`: at full load for
+/// `secs` (queries/s and the server's CPU per answered query), then at a
+/// fixed `rate` with per-query latencies (p50, p99, mean).
+fn dnsperf(
+    ns: &Path,
+    server: &str,
+    queries: &Path,
+    server_pid: u32,
+    secs: u32,
+    rate: u32,
+    name: &'static str,
+) -> Result<DnsRow> {
+    let base = |extra: &[&str]| {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", ns.display()))
+            .args(["--", "dnsperf", "-s", server, "-d"])
+            .arg(queries)
+            .args(["-t", "2"])
+            .args(extra);
+        c
+    };
+    let cpu0 = cpu_us(server_pid)?;
+    let out = base(&["-c", "10", "-l", &secs.to_string()]).output()?;
+    let cpu = cpu_us(server_pid)? - cpu0;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(key))?
+            .split(':')
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let completed = field("Queries completed").context(format!("dnsperf against {name}: {text}"))?;
+    let qps = field("Queries per second").unwrap_or(0.0);
+    if completed == 0.0 {
+        bail!("dnsperf against {name} got no answers: {text}");
+    }
+    let out = base(&["-c", "4", "-l", "3", "-Q", &rate.to_string(), "-v"]).output()?;
+    let mut lat: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("> NOERROR"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|s| s * 1e6)
+        .collect();
+    if lat.is_empty() {
+        bail!("dnsperf -v against {name} reported no latencies");
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    Ok(DnsRow {
+        server: name,
+        qps,
+        cpu_us: cpu / completed,
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+        avg_us: lat.iter().sum::<f64>() / lat.len() as f64,
+    })
+}
+
+const DNS_NAMES: usize = 20;
+
+fn bench_dns(secs: u32, rate: u32) -> Result<Vec<DnsRow>> {
+    use trellis_integration::dockerd::{Dockerd, IMAGE};
+    let dir = tempfile::tempdir()?;
+    let queries = dir.path().join("queries");
+    std::fs::write(&queries, (0..DNS_NAMES).map(|i| format!("t{i} A\n")).collect::<String>())?;
+
+    // Trellis: its server on the gateway, the client a managed endpoint.
+    let host = Host::new()?;
+    host.ctl(&["network", "create", "dnsb", "--subnet", "10.94.0.0/24", "--attachable"])?;
+    for i in 0..DNS_NAMES {
+        host.ctl(&["attach", "dnsb", "--name", &format!("t{i}")])?;
+    }
+    let client = host.ctl_json(&["attach", "dnsb", "--name", "client"])?;
+    let client_ns = PathBuf::from(client["netns"].as_str().context("netns")?);
+    let agent = host.agent_pid().context("agent pid")?;
+
+    // aardvark-dns (netavark's), the same names, in a namespace of its own
+    // wired to a client namespace.
+    let srv = Netns::new("tba")?;
+    let cli = Netns::new("tbc")?;
+    let (a, b) = (trellis_integration::unique("tds"), trellis_integration::unique("tdc"));
+    trellis_integration::ip(&[
+        "link", "add", &a, "netns", &srv.name, "type", "veth", "peer", "name", &b, "netns", &cli.name,
+    ])?;
+    srv.ip(&["addr", "add", "10.96.0.1/16", "dev", &a])?;
+    srv.ip(&["link", "set", &a, "up"])?;
+    cli.ip(&["addr", "add", "10.96.1.1/16", "dev", &b])?;
+    cli.ip(&["link", "set", &b, "up"])?;
+    let conf = dir.path().join("aardvark");
+    std::fs::create_dir_all(&conf)?;
+    let mut lines = String::from("10.96.0.1\nclient 10.96.1.1  client\n");
+    for i in 0..DNS_NAMES {
+        lines.push_str(&format!("c{i} 10.96.2.{}  t{i}\n", i + 1));
+    }
+    std::fs::write(conf.join("bench"), lines)?;
+    let aardvark = "/usr/lib/podman/aardvark-dns";
+    if !Path::new(aardvark).exists() {
+        bail!("{aardvark} not found: install aardvark-dns (scripts/setup.sh does)");
+    }
+    // It daemonizes; its pid file is in the config dir.
+    Command::new("nsenter")
+        .arg(format!("--net={}", srv.path().display()))
+        .args(["--", aardvark, "--config"])
+        .arg(&conf)
+        .args(["-p", "53", "run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    let pidfile = conf.join("aardvark.pid");
+    trellis_integration::wait_for(Duration::from_secs(5), || pidfile.exists());
+    let aardvark_pid: u32 = std::fs::read_to_string(&pidfile)?.trim().parse()?;
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0 as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    let _kill = Kill(aardvark_pid);
+
+    // Docker's embedded DNS, queried at 127.0.0.11 from a container.
+    let d = Dockerd::start(&host)?;
+    d.ok(&["network", "create", "-d", "bridge", "--subnet", "10.97.0.0/16", "dnsbr"])?;
+    for i in 0..DNS_NAMES {
+        d.ok(&["run", "-d", "--name", &format!("t{i}"), "--network", "dnsbr", IMAGE, "sleep", "3600"])?;
+    }
+    d.ok(&["run", "-d", "--name", "client", "--network", "dnsbr", IMAGE, "sleep", "3600"])?;
+    let cpid = d.ok(&["inspect", "-f", "{{.State.Pid}}", "client"])?;
+    let docker_ns = PathBuf::from(format!("/proc/{cpid}/ns/net"));
+    let dockerd_pid = d.pid().context("dockerd pid")?;
+
+    let mut rows = Vec::new();
+    for round in 0..2 {
+        rows.push(dnsperf(&client_ns, "10.94.0.1", &queries, agent, secs, rate, "Trellis (userspace)")?);
+        rows.push(dnsperf(&cli.path(), "10.96.0.1", &queries, aardvark_pid, secs, rate, "aardvark-dns 1.4")?);
+        rows.push(dnsperf(&docker_ns, "127.0.0.11", &queries, dockerd_pid, secs, rate, "Docker embedded DNS (20.10)")?);
+        progress("dns rounds", round + 1, 2);
+    }
+    // The better of the two rounds for each (noise on 2 CPUs is one-sided).
+    let mut best: Vec<DnsRow> = Vec::new();
+    for r in rows {
+        match best.iter_mut().find(|b| b.server == r.server) {
+            Some(b) if r.qps > b.qps => *b = r,
+            Some(_) => {}
+            None => best.push(r),
+        }
+    }
+    Ok(best)
+}
+
+fn md_dns(md: &mut String, rows: &[DnsRow], secs: u32, rate: u32) -> Result<()> {
+    writeln!(md, "## DNS service discovery\n")?;
+    writeln!(
+        md,
+        "dnsperf (10 clients, {secs} s, as fast as answers come) with the same query mix — A queries for {DNS_NAMES} \
+         container names — against each server from a client of its network: Trellis's server on the \
+         network's gateway, aardvark-dns (Debian's, as netavark runs it), and Docker's embedded DNS \
+         (127.0.0.11 in a container of a bridge network). CPU is the server process's user + system time \
+         over the run divided by the answered queries. Latency from a second run at a fixed {rate} queries/s \
+         (each query's time as dnsperf reports it). Best of two rounds.\n"
+    )?;
+    writeln!(md, "| server | answered/s | CPU per query | p50 | p99 | mean |")?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for r in rows {
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.1} µs | {:.0} µs | {:.0} µs | {:.0} µs |",
+            r.server, r.qps, r.cpu_us, r.p50_us, r.p99_us, r.avg_us
+        )?;
+    }
+    if let [t, rest @ ..] = rows {
+        let worst_peer_p99 = rest.iter().map(|r| r.p99_us).fold(f64::INFINITY, f64::min);
+        writeln!(
+            md,
+            "\nTrellis userspace CPU per query: {:.1} µs (target ≤ 4 µs) {}; p99 {:.0} µs vs the peers' best {:.0} µs \
+             (target: below both) {}. The in-kernel (eBPF) fast path is not built yet.\n",
+            t.cpu_us,
+            verdict(t.cpu_us <= 4.0),
+            t.p99_us,
+            worst_peer_p99,
+            verdict(t.p99_us < worst_peer_p99)
+        )?;
+    }
     Ok(())
 }
 
@@ -726,6 +938,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let dns = if on("dns") {
+        eprintln!("trellis-bench: DNS (dnsperf, {} s per server and round)", args.dns_secs);
+        Some(bench_dns(args.dns_secs, 5000)?)
+    } else {
+        None
+    };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
         Some(bench_attach(args.endpoints)?)
@@ -749,6 +967,9 @@ fn main() -> Result<()> {
     }
     if let Some(dk) = &dk {
         md_docker(&mut md, dk)?;
+    }
+    if let Some(rows) = &dns {
+        md_dns(&mut md, rows, args.dns_secs, 5000)?;
     }
     if let Some(cl) = &cl {
         md_cluster(&mut md, cl)?;
