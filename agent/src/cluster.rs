@@ -220,6 +220,9 @@ impl Cluster {
             ops.push(Op::delete(model::endpoint_key(&e.id)));
             if !e.deleting {
                 ops.push(Op::delete(model::endpoint_name_key(&e.network_id, &e.name)));
+                if let Some(k) = Self::container_key_of(e) {
+                    ops.push(Op::delete(k));
+                }
             }
         }
         if !self.store.txn(compares, ops).await?.succeeded {
@@ -245,18 +248,6 @@ impl Cluster {
                 "network {:?} is not attachable: without --attachable a network accepts only service tasks (endpoints labelled {}=NAME); standalone containers, debugging shells and ad-hoc attaches need a network created with --attachable",
                 net.name,
                 model::SERVICE_LABEL
-            )));
-        }
-        if !req.container_id.is_empty()
-            && let Some(dup) = self
-                .endpoints()
-                .await?
-                .into_iter()
-                .find(|e| e.host == self.host && e.container_id == req.container_id && e.ifname == req.ifname)
-        {
-            return Err(AgentError::AlreadyExists(format!(
-                "container {} already has interface {} (endpoint {} on network {:?})",
-                req.container_id, req.ifname, dup.id, dup.network
             )));
         }
         let name = req.name.clone().unwrap_or_else(|| format!("ep-{}", &req.id[..8]));
@@ -285,22 +276,36 @@ impl Cluster {
             Some(ip) => AddrRequest::Specific(ip),
             None => AddrRequest::Any,
         };
+        let container_key = Self::container_key_of(&template);
         let build = |ip: IpAddr| {
             let mut rec = template.clone();
             rec.ip = ip;
             rec.mac = model::format_mac(&model::mac_for_ip(ip));
-            (
-                vec![Compare::Absent(name_key.clone()), Compare::Absent(model::endpoint_key(&rec.id))],
-                vec![
-                    Op::put(name_key.clone(), rec.id.clone().into_bytes()),
-                    Op::put(model::endpoint_key(&rec.id), encode(&rec)),
-                ],
-            )
+            let mut compares = vec![Compare::Absent(name_key.clone()), Compare::Absent(model::endpoint_key(&rec.id))];
+            let mut ops = vec![
+                Op::put(name_key.clone(), rec.id.clone().into_bytes()),
+                Op::put(model::endpoint_key(&rec.id), encode(&rec)),
+            ];
+            if let Some(k) = &container_key {
+                compares.push(Compare::Absent(k.clone()));
+                ops.push(Op::put(k.clone(), rec.id.clone().into_bytes()));
+            }
+            (compares, ops)
         };
         let result = self.ipam.allocate(&Self::pool(&net), request, &req.id, build).await;
         let ip = match result {
             Ok(ip) => ip,
             Err(IpamError::CallerConflict) => {
+                if let Some(k) = &container_key
+                    && let Some(kv) = self.store.get(k).await?
+                {
+                    return Err(AgentError::AlreadyExists(format!(
+                        "container {} already has interface {} (endpoint {})",
+                        req.container_id,
+                        req.ifname,
+                        String::from_utf8_lossy(&kv.value)
+                    )));
+                }
                 if self.store.get(&name_key).await?.is_some() {
                     return Err(AgentError::AlreadyExists(format!(
                         "an endpoint named {name:?} already exists on network {:?}",
@@ -333,10 +338,21 @@ impl Cluster {
         self.release_name(e).await
     }
 
-    /// Free an endpoint's name, unless another endpoint holds it by now.
+    /// The container key of an engine's endpoint (CNI); Docker's endpoints
+    /// are found through the driver's own records.
+    fn container_key_of(e: &EndpointRecord) -> Option<String> {
+        (!e.container_id.is_empty() && e.kind != EndpointKind::Docker)
+            .then(|| model::container_key(&e.host, &e.container_id, &e.ifname))
+    }
+
+    /// Free an endpoint's name (and container key), unless another
+    /// endpoint holds it by now.
     async fn release_name(&self, e: &EndpointRecord) -> Result<()> {
         let key = model::endpoint_name_key(&e.network_id, &e.name);
         self.store.txn(vec![Compare::Value(key.clone(), e.id.clone().into_bytes())], vec![Op::delete(key)]).await?;
+        if let Some(k) = Self::container_key_of(e) {
+            self.store.txn(vec![Compare::Value(k.clone(), e.id.clone().into_bytes())], vec![Op::delete(k)]).await?;
+        }
         Ok(())
     }
 
@@ -366,6 +382,12 @@ impl Cluster {
                 )
                 .await?;
             if out.succeeded {
+                // Its container may attach again at once (CNI DEL, ADD).
+                if let Some(k) = Self::container_key_of(&rec) {
+                    self.store
+                        .txn(vec![Compare::Value(k.clone(), rec.id.clone().into_bytes())], vec![Op::delete(k)])
+                        .await?;
+                }
                 return Ok(());
             }
             if self.store.get(&key).await?.is_some_and(|now| now.mod_revision == kv.mod_revision) {
@@ -469,22 +491,24 @@ impl Cluster {
         ifname: &str,
         network: Option<&str>,
     ) -> Result<EndpointRecord> {
-        let net_id = match network {
-            Some(n) => Some(self.network(n).await?.id),
-            None => None,
+        let missing =
+            || AgentError::NotFound(format!("container {container_id} has no endpoint {ifname:?} on this host"));
+        let Some(kv) = self.store.get(&model::container_key(&self.host, container_id, ifname)).await? else {
+            return Err(missing());
         };
-        self.endpoints()
-            .await?
-            .into_iter()
-            .find(|e| {
-                e.host == self.host
-                    && e.container_id == container_id
-                    && (ifname.is_empty() || e.ifname == ifname)
-                    && net_id.as_ref().is_none_or(|n| &e.network_id == n)
-            })
-            .ok_or_else(|| {
-                AgentError::NotFound(format!("container {container_id} has no endpoint {ifname:?} on this host"))
-            })
+        let id = String::from_utf8_lossy(&kv.value).into_owned();
+        let Some(ep) = self.store.get(&model::endpoint_key(&id)).await? else { return Err(missing()) };
+        let e: EndpointRecord = decode(&ep.key, &ep.value)?;
+        if e.deleting {
+            return Err(missing());
+        }
+        if let Some(n) = network
+            && e.network != n
+            && e.network_id != n
+        {
+            return Err(missing());
+        }
+        Ok(e)
     }
 
     /// Remove an endpoint from the store (the reconciler then removes its
@@ -520,6 +544,9 @@ impl Cluster {
                     let name_key = model::endpoint_name_key(&e.network_id, &e.name);
                     compares.push(Compare::Value(name_key.clone(), e.id.clone().into_bytes()));
                     ops.push(Op::delete(name_key));
+                    if let Some(k) = Self::container_key_of(e) {
+                        ops.push(Op::delete(k));
+                    }
                 }
             }
             if ops.is_empty() {

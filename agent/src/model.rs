@@ -32,6 +32,12 @@ pub fn endpoint_key(id: &str) -> String {
 pub fn endpoint_name_key(network_id: &str, name: &str) -> String {
     format!("{ROOT}endpoint-names/{network_id}/{name}")
 }
+/// An engine's container's interface on a host → its endpoint id (one
+/// attachment per container and interface, and DEL/CHECK find it at once).
+pub fn container_key(host: &str, container_id: &str, ifname: &str) -> String {
+    format!("{ROOT}containers/{host}/{container_id}/{ifname}")
+}
+
 pub fn ipam_root() -> String {
     format!("{ROOT}ipam/")
 }

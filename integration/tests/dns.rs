@@ -206,6 +206,14 @@ fn names_resolve_across_hosts_and_leave_with_a_dead_host() {
     let mut both = vec![ip_of(&far), ip_of(&doomed)];
     both.sort();
     assert_eq!(dig_short(&c, gw, &["tasks.api"]), both, "a service's tasks on every host");
+    // A debugging shell on another host than the network's creator, by name.
+    let out =
+        lab.hosts[1].ctl_output(&["attach", "app", "--", "sh", "-c", "ping -c1 -W2 client >/dev/null && echo reached"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("reached"),
+        "a debugging shell on host2 cannot reach client on host1 by name: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Host 3 dies: its endpoints leave every answer within the lease TTL.
     let t0 = Instant::now();
     lab.hosts[2].kill9();
