@@ -423,7 +423,14 @@ impl proto::agent_server::Agent for AgentService {
             Ok(n) => (true, String::new(), n.len() as u32),
             Err(e) => (false, e.to_string(), 0),
         };
+        let docker = format!("{}docker/hosts/{}/", model::ROOT, self.cluster.host);
+        let count = |items: &[trellis_store::KeyValue], part: &str| {
+            items.iter().filter(|kv| kv.key[docker.len()..].starts_with(part)).count() as u32
+        };
+        let (docker_items, _) = self.cluster.store.list(&docker).await.unwrap_or_default();
         Ok(Response::new(proto::StatusResponse {
+            docker_networks: count(&docker_items, "nets/"),
+            docker_endpoints: count(&docker_items, "eps/"),
             host_id: self.cluster.host.clone(),
             hostname: self.hostname.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),

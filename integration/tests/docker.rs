@@ -135,6 +135,8 @@ fn docker_network_lifecycle_through_the_trellis_driver() {
     );
     assert_eq!(taken_addresses(&h, "app"), 0);
     assert!(!ip3.is_empty());
+    let st = h.ctl_json(&["status"]).unwrap();
+    assert_eq!(st["docker"], serde_json::json!({"networks": 1, "endpoints": 0}), "driver records left: {st}");
 
     // dockerd restarts with a running container: after it is back, the
     // dead container's endpoint is gone and a new one attaches.
@@ -152,6 +154,13 @@ fn docker_network_lifecycle_through_the_trellis_driver() {
     let ip4 = container_ip(&d, "web4", "app");
     assert!(ping(&d, "web5", &ip4), "web5 cannot reach the restarted web4 ({ip4})");
     d.ok(&["rm", "-f", "web4", "web5"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || endpoints(&h).is_empty()
+            && h.ctl_json(&["status"]).unwrap()["docker"]["endpoints"] == 0),
+        "after the dockerd restart: {:?} {}",
+        endpoints(&h),
+        h.ctl_json(&["status"]).unwrap()
+    );
 
     // docker network rm removes the cluster network the driver created.
     d.ok(&["network", "rm", "app"]).unwrap();
@@ -160,6 +169,7 @@ fn docker_network_lifecycle_through_the_trellis_driver() {
         "the cluster network outlived the Docker network"
     );
     assert!(veths(&h).is_empty());
+    assert_eq!(h.ctl_json(&["status"]).unwrap()["docker"], serde_json::json!({"networks": 0, "endpoints": 0}));
 }
 
 #[test]

@@ -444,6 +444,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "last_us": s.last_reconcile_us, "last_full_us": s.last_full_reconcile_us,
                     },
                     "networks": s.networks, "local_endpoints": s.local_endpoints, "capabilities": s.capabilities,
+                    "docker": {"networks": s.docker_networks, "endpoints": s.docker_endpoints},
                 }));
             } else {
                 println!("host        {} ({})", s.host_id, s.hostname);
@@ -464,6 +465,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 println!("networks    {}", s.networks);
                 println!("endpoints   {} on this host", s.local_endpoints);
+                if s.docker_networks > 0 || s.docker_endpoints > 0 {
+                    println!("docker      {} networks, {} endpoints", s.docker_networks, s.docker_endpoints);
+                }
                 let mut caps: Vec<_> =
                     s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();
                 caps.sort();
