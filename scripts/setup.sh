@@ -17,6 +17,7 @@ PACKAGES=(
   etcd-server              # the cluster store
   docker.io containerd runc  # real engines as clients (Docker driver, CNI via ctr)
   dnsmasq-base dnsperf aardvark-dns  # a real upstream resolver for DNS tests; DNS benchmark tool and peer
+  prometheus curl          # promtool checks the agent's metrics
   ca-certificates
 )
 

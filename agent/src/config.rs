@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub dns: Option<bool>,
     pub dns_port: Option<u16>,
     pub dns_upstream: Option<String>,
+    pub metrics_addr: Option<String>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -116,6 +117,9 @@ pub struct Overrides {
     /// (default: the nameservers of /etc/resolv.conf).
     #[arg(long, env = "TRELLIS_DNS_UPSTREAM")]
     pub dns_upstream: Option<String>,
+    /// Prometheus metrics on `ADDR:PORT/metrics` (`off` turns them off).
+    #[arg(long, env = "TRELLIS_METRICS_ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -150,8 +154,10 @@ pub struct Config {
     pub dns: bool,
     pub dns_port: u16,
     pub dns_upstream: trellis_dns::Upstreams,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
 pub const DEFAULT_DOCKER_PLUGIN: &str = "/run/docker/plugins/trellis.sock";
 pub const DEFAULT_DOCKER_HOST: &str = "/run/docker.sock";
 
@@ -170,6 +176,8 @@ pub enum ConfigError {
     LeaseTtl(u64),
     #[error("{0}")]
     DnsUpstream(String),
+    #[error("invalid metrics_addr {0:?}: expected IP:PORT or off")]
+    MetricsAddr(String),
     #[error("invalid docker_host {0:?}: expected unix:///PATH")]
     DockerHost(String),
     #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
@@ -260,6 +268,11 @@ impl Config {
                     &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
                 ),
             },
+            metrics_addr: match o.metrics_addr.clone().or(f.metrics_addr).as_deref() {
+                None => Some(DEFAULT_METRICS_ADDR.parse().expect("valid")),
+                Some("off") | Some("") => None,
+                Some(a) => Some(a.parse().map_err(|_| ConfigError::MetricsAddr(a.to_string()))?),
+            },
         })
     }
 
@@ -329,6 +342,11 @@ mod tests {
         let bad = Overrides { docker_host: Some("tcp://1.2.3.4:2375".into()), ..Overrides::default() };
         assert!(Config::merge(FileConfig::default(), &bad).unwrap_err().to_string().contains("docker_host"));
         assert!(d.dns && d.dns_port == 53, "DNS is on, on port 53");
+        assert_eq!(d.metrics_addr, Some("127.0.0.1:9473".parse().unwrap()));
+        let m = Overrides { metrics_addr: Some("off".into()), ..Overrides::default() };
+        assert_eq!(Config::merge(FileConfig::default(), &m).unwrap().metrics_addr, None);
+        let m = Overrides { metrics_addr: Some("nope".into()), ..Overrides::default() };
+        assert!(Config::merge(FileConfig::default(), &m).unwrap_err().to_string().contains("metrics_addr"));
         let up = Overrides { dns_upstream: Some("10.9.9.9:5300".into()), dns: Some(false), ..Overrides::default() };
         let c = Config::merge(FileConfig::default(), &up).unwrap();
         assert_eq!((c.dns, c.dns_upstream.servers), (false, vec!["10.9.9.9:5300".parse().unwrap()]));

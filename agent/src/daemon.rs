@@ -60,7 +60,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(h) => h.clone(),
         None => crate::config::host_id(&cfg.state_dir).context("reading the host id")?,
     };
-    let store = open_store(&cfg).await?;
+    let store_metrics = crate::metrics::StoreMetrics::default();
+    let store: Arc<dyn Store> =
+        Arc::new(crate::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
     let netlink = NetlinkDataplane::new().context("opening netlink")?;
     // The eBPF endpoint program, with maps and links pinned in a bpffs of
     // this agent's own (under its run dir): they outlive the agent.
@@ -164,13 +166,39 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Service discovery: the zone follows the store (every change notifies).
     let dns_changed = Arc::new(tokio::sync::Notify::new());
-    let dns = if cfg.dns {
-        let core = trellis_dns::Core::new(&cfg.dns_upstream);
+    let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
+    let dns = dns_core.as_ref().map(|core| {
         let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
         tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");
-        Some(tokio::spawn(crate::dns::run(cluster.clone(), core, listeners, dns_changed.clone())))
-    } else {
-        None
+        tokio::spawn(crate::dns::run(cluster.clone(), core.clone(), listeners, dns_changed.clone()))
+    });
+
+    // Metrics.
+    let metrics = match cfg.metrics_addr {
+        None => None,
+        Some(addr) => {
+            let mut registry = prometheus_client::registry::Registry::default();
+            store_metrics.register(&mut registry);
+            let snapshot = Arc::new(std::sync::RwLock::new(crate::metrics::Snapshot::default()));
+            registry.register_collector(Box::new(crate::metrics::AgentCollector {
+                reconciler: reconciler.clone(),
+                dns: dns_core.clone(),
+                dataplane: dataplane.clone(),
+                snapshot: snapshot.clone(),
+            }));
+            let refresher = tokio::spawn(crate::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
+            match crate::metrics::serve(Arc::new(registry), addr).await {
+                Ok(task) => {
+                    tracing::info!(%addr, "metrics on /metrics");
+                    Some((task, refresher))
+                }
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "the metrics server could not start");
+                    refresher.abort();
+                    None
+                }
+            }
+        }
     };
 
     // Periodic full resync; it also collects endpoints whose netns died.
@@ -304,6 +332,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     reclaimer.abort();
     if let Some(task) = dns {
         task.abort();
+    }
+    if let Some((a, b)) = metrics {
+        a.abort();
+        b.abort();
     }
     if let Some(task) = docker {
         task.abort();

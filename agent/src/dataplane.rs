@@ -286,6 +286,11 @@ pub trait Dataplane: Send + Sync + 'static {
     /// An interface inside a container's namespace, as the kernel has it
     /// (`None`: no such interface; an error if the namespace is gone).
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>>;
+    /// Per-endpoint counters of the eBPF program, by host interface (empty
+    /// without the program). Reads maps only: cheap enough for a scrape.
+    fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
+        Vec::new()
+    }
 }
 
 /// An endpoint's interface inside its container.

@@ -17,6 +17,7 @@ pub mod docker;
 pub mod egress;
 pub mod engine;
 pub mod hosts;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod netns;

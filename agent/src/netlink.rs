@@ -500,6 +500,19 @@ const MAIN_TABLE: u32 = 254;
 
 #[async_trait::async_trait]
 impl Dataplane for NetlinkDataplane {
+    fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
+        let Some((dp, _)) = &self.bpf else { return Vec::new() };
+        let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(indexes) = dp.endpoint_ifindexes() else { return Vec::new() };
+        indexes
+            .into_iter()
+            .filter_map(|i| {
+                let name = nix::net::if_::if_indextoname(i).ok()?.to_string_lossy().into_owned();
+                Some((name, dp.counters(i).ok()?))
+            })
+            .collect()
+    }
+
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>> {
         let c = netns::handle_in(netns)?;
         let object = format!("{ifname} in {}", netns.display());

@@ -1,0 +1,399 @@
+//! Prometheus metrics of the agent (`prometheus-client`), served over HTTP
+//! on `--metrics-addr`.
+//!
+//! Counters the agent keeps itself (store calls) are prometheus-client
+//! metrics; everything read from elsewhere (the reconciler, DNS counters,
+//! the eBPF maps, IPAM usage) is encoded at scrape time by a collector
+//! from state that is already in memory — a scrape never waits on the
+//! store or the kernel's netlink.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use trellis_store::{Compare, KeyValue, LeaseId, Op, Revision, Store, StoreError, TxnOutcome, WatchStream};
+
+use crate::cluster::Cluster;
+use crate::reconcile::Reconciler;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+/// Store calls: latency and errors by operation.
+#[derive(Clone, Debug)]
+pub struct StoreMetrics {
+    latency: Family<OpLabels, Histogram>,
+    errors: Family<OpLabels, Counter>,
+}
+
+impl Default for StoreMetrics {
+    fn default() -> Self {
+        StoreMetrics {
+            latency: Family::new_with_constructor(|| {
+                Histogram::new([0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0])
+            }),
+            errors: Family::default(),
+        }
+    }
+}
+
+impl StoreMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register("trellis_store_request_duration_seconds", "Store calls by operation.", self.latency.clone());
+        registry.register("trellis_store_errors", "Failed store calls by operation.", self.errors.clone());
+    }
+}
+
+/// A store that measures every call of the one it wraps.
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+    m: StoreMetrics,
+}
+
+impl MeteredStore {
+    pub fn new(inner: Arc<dyn Store>, m: StoreMetrics) -> MeteredStore {
+        MeteredStore { inner, m }
+    }
+
+    fn done<T>(&self, op: &'static str, t0: Instant, r: &Result<T, StoreError>) {
+        let l = OpLabels { op };
+        self.m.latency.get_or_create(&l).observe(t0.elapsed().as_secs_f64());
+        if r.is_err() {
+            self.m.errors.get_or_create(&l).inc();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for MeteredStore {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.get(key).await;
+        self.done("get", t0, &r);
+        r
+    }
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.list(prefix).await;
+        self.done("list", t0, &r);
+        r
+    }
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.txn(compares, ops).await;
+        self.done("txn", t0, &r);
+        r
+    }
+    async fn watch(&self, prefix: &str, start: Revision) -> Result<WatchStream, StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.watch(prefix, start).await;
+        self.done("watch", t0, &r);
+        r
+    }
+    async fn lease_grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.lease_grant(ttl).await;
+        self.done("lease_grant", t0, &r);
+        r
+    }
+    async fn lease_keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.lease_keep_alive(lease).await;
+        self.done("lease_keep_alive", t0, &r);
+        r
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.lease_revoke(lease).await;
+        self.done("lease_revoke", t0, &r);
+        r
+    }
+    async fn lease_time_to_live(&self, lease: LeaseId) -> Result<Option<(Duration, Duration)>, StoreError> {
+        let t0 = Instant::now();
+        let r = self.inner.lease_time_to_live(lease).await;
+        self.done("lease_time_to_live", t0, &r);
+        r
+    }
+}
+
+/// What the collector reports that needs the store to compute: refreshed
+/// in the background, read at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Per network: name, addresses taken, addresses usable, endpoints on
+    /// this host.
+    pub networks: Vec<(String, u64, u64, u64)>,
+    pub peers: u64,
+}
+
+/// The scrape-time part.
+pub struct AgentCollector {
+    pub reconciler: Arc<Reconciler>,
+    pub dns: Option<Arc<trellis_dns::Core>>,
+    pub dataplane: Arc<dyn crate::dataplane::Dataplane>,
+    pub snapshot: Arc<RwLock<Snapshot>>,
+}
+
+impl std::fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentCollector")
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let r = &self.reconciler;
+        let last = r.last();
+        counter(&mut enc, "trellis_reconcile_passes", "Reconcile passes run.", last.generation)?;
+        counter(
+            &mut enc,
+            "trellis_reconcile_repairs",
+            "Kernel changes made by reconcile passes.",
+            r.repairs.load(Ordering::Relaxed),
+        )?;
+        gauge(&mut enc, "trellis_reconcile_last_errors", "Errors of the last pass.", last.errors.len() as i64)?;
+        {
+            let g = ConstGauge::new(last.duration.as_secs_f64());
+            g.encode(enc.encode_descriptor(
+                "trellis_reconcile_last_duration_seconds",
+                "Duration of the last pass.",
+                None,
+                g.metric_type(),
+            )?)?;
+            let g = ConstGauge::new(r.last_full_us.load(Ordering::Relaxed) as f64 / 1e6);
+            g.encode(enc.encode_descriptor(
+                "trellis_reconcile_last_full_duration_seconds",
+                "Duration of the last full pass (the kernel read back).",
+                None,
+                g.metric_type(),
+            )?)?;
+        }
+
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+        gauge(&mut enc, "trellis_peers", "Other live hosts of the cluster.", snap.peers as i64)?;
+        for (name, help, idx) in [
+            ("trellis_ipam_addresses_allocated", "Addresses taken in a network (cluster-wide).", 0),
+            ("trellis_ipam_addresses_usable", "Addresses a network can hand out.", 1),
+            ("trellis_endpoints_local", "Endpoints of a network on this host.", 2),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (net, taken, usable, local) in &snap.networks {
+                let v = [*taken, *usable, *local][idx] as i64;
+                ConstGauge::new(v).encode(m.encode_family(&[("network", net.as_str())])?)?;
+            }
+        }
+
+        // Tunnel health: FDB entries that should exist vs those that do.
+        let want = r.last_desired();
+        let seen = r.seen();
+        let (mut programmed, mut pending) = (0i64, 0i64);
+        for (name, v) in &want.vxlans {
+            for f in &v.fdb {
+                if seen.links.get(name).is_some_and(|l| l.fdb.contains(f)) {
+                    programmed += 1;
+                } else {
+                    pending += 1;
+                }
+            }
+        }
+        {
+            let mut m = enc.encode_descriptor(
+                "trellis_tunnel_entries",
+                "FDB entries towards other hosts, by state.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            ConstGauge::new(programmed).encode(m.encode_family(&[("state", "programmed")])?)?;
+            ConstGauge::new(pending).encode(m.encode_family(&[("state", "pending")])?)?;
+        }
+
+        if let Some(dns) = &self.dns {
+            let mut m = enc.encode_descriptor(
+                "trellis_dns_queries",
+                "DNS queries by path and outcome.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (outcome, v) in dns.stats.snapshot() {
+                let path = if outcome.starts_with("forward") { "forwarded" } else { "userspace" };
+                ConstCounter::new(v).encode(m.encode_family(&[("path", path), ("outcome", outcome)])?)?;
+            }
+        }
+
+        // Per-endpoint counters from the eBPF maps (with --ebpf).
+        let counters = self.dataplane.endpoint_counters();
+        if !counters.is_empty() {
+            for (name, help, pick) in [
+                ("trellis_endpoint_packets_out", "Packets the endpoint sent.", 0usize),
+                ("trellis_endpoint_bytes_out", "Bytes the endpoint sent.", 1),
+                ("trellis_endpoint_packets_in", "Packets delivered to the endpoint.", 2),
+                ("trellis_endpoint_bytes_in", "Bytes delivered to the endpoint.", 3),
+            ] {
+                let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+                for (ifname, c) in &counters {
+                    let v = [c.from_packets, c.from_bytes, c.to_packets, c.to_bytes][pick];
+                    ConstCounter::new(v).encode(m.encode_family(&[("interface", ifname.as_str())])?)?;
+                }
+            }
+            let mut m = enc.encode_descriptor(
+                "trellis_endpoint_drops",
+                "Packets the endpoint program dropped, by reason.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (ifname, c) in &counters {
+                for (reason, r) in [
+                    ("spoofed_mac", trellis_ebpf::DropReason::SpoofMac),
+                    ("spoofed_ip", trellis_ebpf::DropReason::SpoofIp),
+                    ("spoofed_arp", trellis_ebpf::DropReason::SpoofArp),
+                    ("spoofed_ipv6", trellis_ebpf::DropReason::SpoofIpv6),
+                    ("malformed", trellis_ebpf::DropReason::Malformed),
+                ] {
+                    ConstCounter::new(c.dropped(r))
+                        .encode(m.encode_family(&[("interface", ifname.as_str()), ("reason", reason)])?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keep the snapshot current (every `every`).
+pub async fn refresh(cluster: Arc<Cluster>, snapshot: Arc<RwLock<Snapshot>>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Ok(nets) = cluster.networks().await else { continue };
+        let Ok(eps) = cluster.endpoints().await else { continue };
+        let mut out = Snapshot::default();
+        for n in &nets {
+            let taken = cluster.ipam.addresses(&n.id).await.map(|a| a.len() as u64).unwrap_or(0);
+            let usable = trellis_ipam::pure::size(&n.subnet).saturating_sub(2) as u64;
+            let local = eps.iter().filter(|e| e.network_id == n.id && e.host == cluster.host).count() as u64;
+            out.networks.push((n.name.clone(), taken, usable, local));
+        }
+        out.peers = crate::hosts::live_hosts(cluster.store.as_ref())
+            .await
+            .map(|h| h.iter().filter(|h| h.id != cluster.host).count() as u64)
+            .unwrap_or(0);
+        *snapshot.write().unwrap_or_else(|p| p.into_inner()) = out;
+    }
+}
+
+/// OpenMetrics text (what prometheus-client writes) as the Prometheus text
+/// format 0.0.4, for clients that do not ask for OpenMetrics (and for
+/// `promtool check metrics`): counter families are named with their
+/// `_total` suffix in HELP/TYPE, and `# UNIT`/`# EOF` go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((p, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{p}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Serve `/metrics` on `addr`: OpenMetrics when the client asks for it,
+/// the Prometheus text format otherwise.
+pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    return (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("encoding metrics: {e}"),
+                    );
+                }
+                let openmetrics = headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                if openmetrics {
+                    (
+                        axum::http::StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                } else {
+                    (
+                        axum::http::StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        to_prometheus_text(&body),
+                    )
+                }
+            }
+        }),
+    );
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_become_prometheus_counters() {
+        let om = "# HELP a_total_x Things.\n# TYPE a_total_x counter\na_total_x_total{k=\"v\"} 3\n\
+                  # HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 1.5\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP a_total_x_total Things.\n# TYPE a_total_x_total counter\na_total_x_total{k=\"v\"} 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1.5\n"
+        );
+    }
+}

@@ -1,0 +1,66 @@
+//! The agent's Prometheus metrics: scraped from its namespace and checked
+//! with promtool (Debian `prometheus`).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use trellis_integration::{Host, in_netns, ip_of, netns_of, ping, require_root, run, wait_for};
+
+fn scrape(h: &Host) -> String {
+    run(&mut in_netns(&h.ns.path(), "curl", &["-sf", "http://127.0.0.1:9473/metrics"])).unwrap_or_default()
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series))?.rsplit(' ').next()?.parse().ok()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn metrics_pass_promtool_and_count_what_happens() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    h.extra_args = vec!["--ebpf".into()];
+    h.start().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.58.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    assert!(ping(&netns_of(&a), &ip_of(&b), 3));
+    let _ = run(&mut in_netns(&netns_of(&a), "dig", &["@10.58.0.1", "+short", "+time=1", "b"]));
+    let _ = run(&mut in_netns(&netns_of(&a), "dig", &["@10.58.0.1", "+short", "+time=1", "nosuch"]));
+    // The snapshot refreshes with the resync interval (500 ms in tests).
+    assert!(
+        wait_for(Duration::from_secs(5), || value(&scrape(&h), "trellis_ipam_addresses_allocated{network=\"app\"}")
+            == Some(3.0)),
+        "gateway + 2 endpoints:\n{}",
+        scrape(&h)
+    );
+    let text = scrape(&h);
+    assert_eq!(value(&text, "trellis_endpoints_local{network=\"app\"}"), Some(2.0), "{text}");
+    assert_eq!(value(&text, "trellis_ipam_addresses_usable{network=\"app\"}"), Some(254.0));
+    assert!(value(&text, "trellis_reconcile_passes_total").unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(value(&text, "trellis_store_request_duration_seconds_count{op=\"txn\"}").unwrap_or(0.0) >= 3.0, "{text}");
+    assert_eq!(value(&text, "trellis_dns_queries_total{path=\"userspace\",outcome=\"local_answered\"}"), Some(1.0));
+    assert_eq!(value(&text, "trellis_dns_queries_total{path=\"userspace\",outcome=\"local_nxdomain\"}"), Some(1.0));
+    // The eBPF counters of a's veth saw the pings.
+    let host_if = a["host_ifname"].as_str().unwrap();
+    let sent = value(&text, &format!("trellis_endpoint_packets_out_total{{interface=\"{host_if}\"}}"));
+    assert!(sent.unwrap_or(0.0) >= 3.0, "a sent pings: {text}");
+
+    // promtool's linter accepts the whole exposition.
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian prometheus)");
+    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
