@@ -23,8 +23,8 @@ pub struct AgentService {
     pub netns_dir: PathBuf,
     pub hostname: String,
     pub capabilities: HashMap<String, bool>,
-    /// The agent serves DNS on every network's gateway.
-    pub dns: bool,
+    /// The agent's DNS server (on every network's gateway), if it runs.
+    pub dns: Option<Arc<trellis_dns::Core>>,
 }
 
 impl From<AgentError> for Status {
@@ -289,7 +289,9 @@ impl proto::agent_server::Agent for AgentService {
         let rec = self.attach_inner(request.into_inner()).await?;
         let net = self.cluster.network(&rec.network_id).await.ok();
         let mut ep = endpoint_to_proto(&rec, net.as_ref());
-        if self.dns {
+        if let (Some(dns), Some(n)) = (&self.dns, &net) {
+            // Resolvable, and resolving, before the container's first query.
+            dns.add_endpoint(&crate::dns::zone_network(n), &crate::dns::zone_endpoint(&rec));
             ep.dns = ep.gateway.clone();
         }
         Ok(Response::new(ep))

@@ -46,6 +46,63 @@ fn capabilities() -> HashMap<String, bool> {
     HashMap::from([("nftables".to_string(), nft), ("esp".to_string(), false)])
 }
 
+/// Namespaces the agent created for attaches that died before their
+/// endpoint was written (the agent was killed in between) belong to no
+/// endpoint: removed before serving. A store that cannot be read leaves
+/// them for the next start.
+async fn remove_orphan_namespaces(cluster: &Cluster, dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let owned: std::collections::HashSet<std::path::PathBuf> = match cluster.all_endpoints().await {
+        Ok(eps) => eps.into_iter().filter(|e| e.managed_netns).map(|e| e.netns).collect(),
+        Err(e) => {
+            tracing::debug!(error = %e, "not collecting orphan namespaces: the store is unavailable");
+            return;
+        }
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !owned.contains(&path) {
+            match crate::netns::remove(&path) {
+                Ok(()) => tracing::info!(netns = %path.display(), "removed a namespace no endpoint owns"),
+                Err(err) => tracing::warn!(netns = %path.display(), error = %err, "removing an orphan namespace"),
+            }
+        }
+    }
+}
+
+/// Kernel limits that are one for the whole host and too small for a
+/// thousand endpoints per host, raised (never lowered) when the agent runs
+/// in the initial network namespace (elsewhere the files are not writable
+/// and the host's settings stand):
+/// * the neighbour table (1,024 entries by default, shared by every
+///   namespace: each container holds entries for its gateway and peers and
+///   the host one per container) — past it ARP fails ("neighbour table
+///   overflow");
+/// * the per-CPU receive backlog (1,000 packets by default): a broadcast on
+///   a bridge is cloned to every port at once, and on a network of a
+///   thousand endpoints the clones past the backlog are dropped — ARP to
+///   the oldest ports (flooded last) never arrives.
+pub const HOST_LIMITS: [(&str, u64); 4] = [
+    ("/proc/sys/net/ipv4/neigh/default/gc_thresh1", 1024),
+    ("/proc/sys/net/ipv4/neigh/default/gc_thresh2", 8192),
+    ("/proc/sys/net/ipv4/neigh/default/gc_thresh3", 16384),
+    ("/proc/sys/net/core/netdev_max_backlog", 4096),
+];
+
+fn raise_host_limits() {
+    for (path, want) in HOST_LIMITS {
+        let Ok(now) = std::fs::read_to_string(path) else { continue };
+        let now: u64 = now.trim().parse().unwrap_or(0);
+        if now >= want {
+            continue;
+        }
+        match std::fs::write(path, want.to_string()) {
+            Ok(()) => tracing::info!(sysctl = path, from = now, to = want, "raised a host limit"),
+            Err(e) => tracing::debug!(sysctl = path, error = %e, "cannot raise a host limit here"),
+        }
+    }
+}
+
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -56,6 +113,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting {}", dir.display()))?;
     }
+    raise_host_limits();
     let host = match &cfg.host_id {
         Some(h) => h.clone(),
         None => crate::config::host_id(&cfg.state_dir).context("reading the host id")?,
@@ -122,6 +180,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Ok(r) => tracing::info!(actions = r.actions, errors = r.errors.len(), "initial reconcile"),
         Err(e) => tracing::warn!(error = %e, "initial reconcile failed; retrying in the background"),
     }
+    remove_orphan_namespaces(&cluster, &cfg.netns_dir()).await;
 
     if let Some(parent) = cfg.socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -135,6 +194,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", cfg.socket.display()))?;
 
+    let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
     let service = Arc::new(AgentService {
         cluster: cluster.clone(),
         reconciler: reconciler.clone(),
@@ -142,7 +202,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         netns_dir: cfg.netns_dir(),
         hostname,
         capabilities: caps,
-        dns: cfg.dns,
+        dns: dns_core.clone(),
     });
     let docker = match &cfg.docker_plugin {
         None => None,
@@ -166,7 +226,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Service discovery: the zone follows the store (every change notifies).
     let dns_changed = Arc::new(tokio::sync::Notify::new());
-    let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
     let dns = dns_core.as_ref().map(|core| {
         let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
         tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");

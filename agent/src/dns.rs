@@ -11,25 +11,28 @@ use trellis_dns::{Core, Listeners, Zone};
 use crate::cluster::Cluster;
 use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL};
 
+/// An endpoint as the zone has it.
+pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
+    trellis_dns::Endpoint {
+        name: e.name.clone(),
+        aliases: e.aliases.clone(),
+        network_id: e.network_id.clone(),
+        ip: e.ip,
+        // Namespace paths are per host.
+        sandbox: format!("{}:{}", e.host, e.netns.display()),
+        service: e.labels.get(SERVICE_LABEL).cloned(),
+    }
+}
+
+pub fn zone_network(n: &NetworkRecord) -> trellis_dns::Network {
+    trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet }
+}
+
 /// The zone of `networks` and the live endpoints of live `hosts`.
 pub fn zone_of(networks: &[NetworkRecord], endpoints: &[EndpointRecord], hosts: &[String]) -> Zone {
-    let nets: Vec<trellis_dns::Network> = networks
-        .iter()
-        .map(|n| trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet })
-        .collect();
-    let eps: Vec<trellis_dns::Endpoint> = endpoints
-        .iter()
-        .filter(|e| !e.deleting && hosts.contains(&e.host))
-        .map(|e| trellis_dns::Endpoint {
-            name: e.name.clone(),
-            aliases: e.aliases.clone(),
-            network_id: e.network_id.clone(),
-            ip: e.ip,
-            // Namespace paths are per host.
-            sandbox: format!("{}:{}", e.host, e.netns.display()),
-            service: e.labels.get(SERVICE_LABEL).cloned(),
-        })
-        .collect();
+    let nets: Vec<trellis_dns::Network> = networks.iter().map(zone_network).collect();
+    let eps: Vec<trellis_dns::Endpoint> =
+        endpoints.iter().filter(|e| !e.deleting && hosts.contains(&e.host)).map(zone_endpoint).collect();
     Zone::build(&nets, &eps)
 }
 
@@ -42,6 +45,9 @@ pub async fn run(cluster: Arc<Cluster>, core: Arc<Core>, mut listeners: Listener
             Err(e) => tracing::warn!(error = %e, "DNS zone not updated"),
         }
         changed.notified().await;
+        // Fold a burst of changes into one rebuild (freshness stays well
+        // under the 100 ms target).
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 

@@ -36,6 +36,30 @@ const ESRCH: i32 = 3;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EADDRNOTAVAIL: i32 = 99;
+const EXFULL: i32 = 54;
+
+/// A Linux bridge has at most this many ports (port numbers 1 to
+/// BR_MAX_PORTS - 1).
+pub const BRIDGE_MAX_PORTS: usize = 1023;
+
+/// Attaching a port to `bridge`, with the bridge's port limit said plainly.
+fn attach_err(host_if: &str, bridge: &str) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
+    let (host_if, bridge) = (host_if.to_string(), bridge.to_string());
+    move |e| {
+        if errno(&e) == Some(EXFULL) {
+            DataplaneError::Io {
+                call: "attach veth to bridge",
+                object: format!("{host_if} → {bridge}"),
+                source: std::io::Error::other(format!(
+                    "the network's bridge on this host has {BRIDGE_MAX_PORTS} ports, the Linux bridge's limit \
+                     (endpoints and the VXLAN device): this host takes no more endpoints on this network"
+                )),
+            }
+        } else {
+            nl("attach veth to bridge", host_if)(e)
+        }
+    }
+}
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
@@ -283,7 +307,7 @@ impl NetlinkDataplane {
                 .set(LinkUnspec::new_with_index(host).controller(bridge).mtu(s.mtu).up().build())
                 .execute()
                 .await
-                .map_err(nl("attach veth to bridge", &s.host_if))
+                .map_err(attach_err(&s.host_if, &s.bridge))
         }
         .await;
         if plugged.is_err()
@@ -342,12 +366,19 @@ impl NetlinkDataplane {
         // rather than the kernel's default 1 s. ARP never leaves the host
         // (the VXLAN device answers it locally), so retries cost nothing on
         // the wire.
-        // One visit to the namespace: the sysctl, and a netlink socket
+        // Trellis networks have no IPv6 router: the container stops
+        // soliciting one (the kernel's default is forever, each
+        // solicitation flooded to every port of the bridge — on a network
+        // of a thousand endpoints, a storm that fills the backlog).
+        // One visit to the namespace: the sysctls, and a netlink socket
         // that stays bound to it.
         let sysctl = format!("/proc/sys/net/ipv4/neigh/{}/retrans_time_ms", s.ifname);
+        let rs = format!("/proc/sys/net/ipv6/conf/{}/router_solicitations", s.ifname);
         let rt = tokio::runtime::Handle::current();
         let (conn, c) = netns::run_in(&s.netns, move || {
             std::fs::write(&sysctl, b"20")?;
+            // Absent when IPv6 is disabled: nothing to quiet then.
+            let _ = std::fs::write(&rs, b"0");
             let _enter = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection()?;
             Ok((conn, handle))
@@ -383,7 +414,7 @@ impl NetlinkDataplane {
             .set(LinkUnspec::new_with_index(host).controller(bridge).mtu(s.mtu).up().build())
             .execute()
             .await
-            .map_err(nl("attach veth to bridge", &s.host_if))
+            .map_err(attach_err(&s.host_if, &s.bridge))
     }
 
     /// The permanent FDB entries with a remote VTEP and the permanent

@@ -144,6 +144,12 @@ impl Core {
         *self.zone.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(zone);
     }
 
+    /// Add one endpoint to the current zone (copy on write).
+    pub fn add_endpoint(&self, network: &crate::zone::Network, e: &crate::zone::Endpoint) {
+        let mut guard = self.zone.write().unwrap_or_else(|p| p.into_inner());
+        Arc::make_mut(&mut guard).add(network, e);
+    }
+
     pub fn zone(&self) -> Arc<Zone> {
         self.zone.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

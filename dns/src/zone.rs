@@ -112,6 +112,31 @@ impl Zone {
         z
     }
 
+    /// Add one endpoint (and its network, if new): how an attach makes its
+    /// endpoint resolvable, and able to resolve, before it returns; the
+    /// next full build from the store agrees.
+    pub fn add(&mut self, network: &Network, e: &Endpoint) {
+        if !self.nets.contains_key(&network.id) {
+            self.by_name.insert(norm(&network.name), network.id.clone());
+            self.nets.insert(network.id.clone(), network.clone());
+            self.names.insert(network.id.clone(), NetNames::default());
+        }
+        let Some(names) = self.names.get_mut(&e.network_id) else { return };
+        let entry = (e.network_id.clone(), e.name.clone(), e.sandbox.clone());
+        let at_ip = self.by_ip.entry(e.ip).or_default();
+        if !at_ip.contains(&entry) {
+            at_ip.push(entry);
+        }
+        self.sandboxes.entry(e.sandbox.clone()).or_default().insert(e.network_id.clone());
+        let IpAddr::V4(v4) = e.ip else { return };
+        for n in std::iter::once(&e.name).chain(&e.aliases) {
+            names.hosts.entry(norm(n)).or_default().insert(v4);
+        }
+        if let Some(s) = &e.service {
+            names.services.entry(norm(s)).or_default().insert(v4);
+        }
+    }
+
     /// The networks a client at `src` sees: those of every endpoint of
     /// its container (none for a client that is not an endpoint).
     pub fn scope(&self, src: IpAddr) -> BTreeSet<String> {
@@ -313,6 +338,26 @@ mod tests {
         assert_eq!(z.resolve("2.0.1.10.in-addr.arpa", QType::A, &s), Answer::NoData);
         assert_eq!(z.resolve("1.1.168.192.in-addr.arpa", QType::Ptr, &s), Answer::Forward, "not a Trellis subnet");
         assert_eq!(z.resolve("0.1.10.in-addr.arpa", QType::Ptr, &s), Answer::Forward);
+    }
+
+    #[test]
+    fn adding_one_endpoint_equals_building_with_it() {
+        let n = net("n1", "app", "10.1.0.0/24");
+        let a = ep("a", "n1", "10.1.0.2", "/c/a", Some("svc"), &["al"]);
+        let b = ep("b", "n1", "10.1.0.3", "/c/b", Some("svc"), &[]);
+        let mut z = Zone::build(std::slice::from_ref(&n), std::slice::from_ref(&a));
+        z.add(&n, &b);
+        z.add(&n, &b);
+        let whole = Zone::build(&[n], &[a, b]);
+        let s = scope_of(&z, "10.1.0.3");
+        assert_eq!(s, scope_of(&whole, "10.1.0.3"));
+        for q in ["a", "al", "b", "svc", "tasks.svc", "b.app", "3.0.1.10.in-addr.arpa"] {
+            let t = if q.ends_with("arpa") { QType::Ptr } else { QType::A };
+            assert_eq!(z.resolve(q, t, &s), whole.resolve(q, t, &s), "{q}");
+        }
+        let mut empty = Zone::default();
+        empty.add(&net("n2", "x", "10.2.0.0/24"), &ep("c", "n2", "10.2.0.2", "/c/c", None, &[]));
+        assert_eq!(empty.resolve("c.x", QType::A, &scope_of(&empty, "10.2.0.2")), Answer::Addrs(vec![v4("10.2.0.2")]));
     }
 
     #[test]
