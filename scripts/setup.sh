@@ -18,6 +18,7 @@ PACKAGES=(
   docker.io containerd runc  # real engines as clients (Docker driver, CNI via ctr)
   dnsmasq-base dnsperf aardvark-dns  # a real upstream resolver for DNS tests; DNS benchmark tool and peer
   prometheus curl          # promtool checks the agent's metrics
+  bpftool                  # tests tamper with the pinned maps as an operator would
   ca-certificates
 )
 

@@ -181,6 +181,10 @@ impl NetlinkDataplane {
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
         dp.set_endpoint(index, trellis_ebpf::EndpointInfo::new(v4, mac, vni)).map_err(ebpf)?;
+        if links.join(ifname).exists() {
+            // Attached already (its map entry was what was missing).
+            return Ok(());
+        }
         // clsact, not tcx: attaching with tcx waits for an RCU grace period
         // (about 10 ms here, per endpoint); a tc filter costs ~0.4 ms and
         // stays in the kernel without the agent just the same.
@@ -614,7 +618,20 @@ impl Dataplane for NetlinkDataplane {
             (fdb, neigh) = self.tunnel_entries(&vxlans).await?;
         }
         let egress = if rules { self.egress_fingerprint().await? } else { None };
-        let mut observed = Observed { egress, programs: self.pinned_programs(), ..Observed::default() };
+        // An endpoint has its program when it is attached (its marker) and
+        // its entry is in the map (an entry deleted by hand is repaired).
+        let mut programs = self.pinned_programs();
+        if let Some((dp, _)) = &self.bpf {
+            let in_map: BTreeSet<u32> = dp
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .endpoint_ifindexes()
+                .map(|v| v.into_iter().collect())
+                .unwrap_or_default();
+            let index: HashMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
+            programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains(i)));
+        }
+        let mut observed = Observed { egress, programs, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),
