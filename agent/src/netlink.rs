@@ -78,6 +78,10 @@ pub struct NetlinkDataplane {
     /// The eBPF endpoint program, when it could be loaded, and the bpffs
     /// directory of its pinned links.
     bpf: Option<(std::sync::Mutex<trellis_ebpf::Datapath>, std::path::PathBuf)>,
+    /// One dump at a time on the shared socket: the kernel answers a second
+    /// concurrent dump on a netlink socket with EBUSY (an API call's route
+    /// dump racing the periodic pass's link dump).
+    dump: tokio::sync::Mutex<()>,
 }
 
 struct LinkSummary {
@@ -149,7 +153,7 @@ impl NetlinkDataplane {
             source: e,
         })?;
         tokio::spawn(conn);
-        Ok(NetlinkDataplane { handle, bpf: None })
+        Ok(NetlinkDataplane { handle, bpf: None, dump: tokio::sync::Mutex::new(()) })
     }
 
     /// Load the endpoint program with maps and links pinned under `dir`
@@ -208,6 +212,7 @@ impl NetlinkDataplane {
 
     async fn links(&self) -> Result<Vec<LinkSummary>> {
         let mut out = Vec::new();
+        let _dump = self.dump.lock().await;
         // Statistics are the bulk of a link dump and unused here.
         let mut stream =
             self.handle.link().get().set_filter_mask(AddressFamily::Unspec, vec![LinkExtentMask::SkipStats]).execute();
@@ -429,6 +434,7 @@ impl NetlinkDataplane {
         vxlans: &[u32],
     ) -> Result<(BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>)> {
         let mut fdb: BTreeMap<u32, BTreeSet<(Mac, IpAddr)>> = BTreeMap::new();
+        let _dump = self.dump.lock().await;
         let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
         while let Some(msg) = stream.try_next().await.map_err(nl("dump fdb", "vxlan devices"))? {
             if !vxlans.contains(&msg.header.ifindex) {
@@ -484,6 +490,7 @@ impl NetlinkDataplane {
 
     async fn routes(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
+        let _dump = self.dump.lock().await;
         let mut stream = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
         while let Some(r) = stream.try_next().await.map_err(nl("dump routes", "ipv4"))? {
             out.push(r);
@@ -596,18 +603,21 @@ impl Dataplane for NetlinkDataplane {
         let mut addrs: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
         // IPv4 only: the agent configures no IPv6 yet, and every veth has
         // an IPv6 link-local address that would double the dump.
-        let mut request = self.handle.address().get();
-        request.message_mut().header.family = AddressFamily::Inet;
-        let mut stream = request.execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "all"))? {
-            if !owned.contains_key(&msg.header.index) {
-                continue;
-            }
-            for a in &msg.attributes {
-                if let AddressAttribute::Address(ip) = a {
-                    let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
-                    if !link_local && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
-                        addrs.entry(msg.header.index).or_default().push(net);
+        {
+            let _dump = self.dump.lock().await;
+            let mut request = self.handle.address().get();
+            request.message_mut().header.family = AddressFamily::Inet;
+            let mut stream = request.execute();
+            while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "all"))? {
+                if !owned.contains_key(&msg.header.index) {
+                    continue;
+                }
+                for a in &msg.attributes {
+                    if let AddressAttribute::Address(ip) = a {
+                        let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+                        if !link_local && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
+                            addrs.entry(msg.header.index).or_default().push(net);
+                        }
                     }
                 }
             }
@@ -686,6 +696,7 @@ impl Dataplane for NetlinkDataplane {
             }
             Action::DelAddress { link, addr } => {
                 let index = Self::require(&self.handle, link).await?;
+                let _dump = self.dump.lock().await;
                 let mut stream = self
                     .handle
                     .address()
@@ -792,6 +803,7 @@ impl Dataplane for NetlinkDataplane {
     async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
         let default_oif = self.default_oif().await?;
         let Some(oif) = default_oif else { return Ok(None) };
+        let _dump = self.dump.lock().await;
         let mut request = self.handle.address().get().set_link_index_filter(oif);
         request.message_mut().header.family = AddressFamily::Inet;
         let mut stream = request.execute();

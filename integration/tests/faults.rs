@@ -105,8 +105,9 @@ fn hand_tampering_is_repaired() {
     let h2ip = trellis_integration::underlay_ip(2);
     let tunnel_entry =
         || on_h1("bridge", &["fdb", "show", "dev", &vxlan]).lines().any(|l| l.starts_with(&bmac) && l.contains(&h2ip));
-    on_h1("bridge", &["fdb", "del", &bmac, "dev", &vxlan, "dst", &h2ip]);
-    assert!(!tunnel_entry(), "the entry was not deleted");
+    // (A successful delete proves the entry was there; the next full pass
+    // may put it back before we look, so its absence is not asserted.)
+    run(&mut in_netns(&h1.ns.path(), "bridge", &["fdb", "del", &bmac, "dev", &vxlan, "dst", &h2ip])).unwrap();
     time_to("a deleted FDB entry", tunnel_entry);
     assert!(trellis_integration::ping(&an, &bip, 1));
 
@@ -121,7 +122,6 @@ fn hand_tampering_is_repaired() {
     run(Command::new("bpftool").args(&args)).expect("bpftool map delete");
     let mut lookup = vec!["map", "lookup", "pinned", map.as_str(), "key"];
     lookup.extend(key.iter().map(String::as_str));
-    assert!(run(Command::new("bpftool").args(&lookup)).is_err(), "the entry was not deleted");
     time_to("a deleted eBPF map entry", || run(Command::new("bpftool").args(&lookup)).is_ok());
 
     // A rule of the agent's nftables table.
@@ -147,7 +147,6 @@ fn hand_tampering_is_repaired() {
         })
         .unwrap();
     run(&mut in_netns(&h1.ns.path(), "nft", &["delete", "rule", "inet", "trellis", chain, "handle", &handle])).unwrap();
-    assert_eq!(rules(h1).len(), before.len() - 1);
     time_to("a deleted nftables rule", || rules(h1).len() == before.len());
     assert!(trellis_integration::ping(&an, &bip, 1));
 }
