@@ -144,6 +144,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let vtep_mac = crate::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
     let identity = Identity {
+        dns_intercept: cfg.dns && cfg.dns_port == 53,
         host: host.clone(),
         underlay,
         vtep_mac: model::parse_mac(&vtep_mac).expect("vtep_mac() returns a valid MAC"),

@@ -7,6 +7,11 @@
 //!   no network forwards into another Trellis network.
 //! * `input` (filter): an internal network's endpoints reach only their
 //!   gateway address on the host.
+//! * `prerouting` (nat), with the agent's DNS on: an endpoint's DNS query
+//!   to any other resolver is redirected to its gateway, where Trellis
+//!   answers (names resolve even where an engine wrote its own resolver;
+//!   Docker's embedded DNS forwards to the host's resolvers from inside the
+//!   container). Connection tracking puts the reply's source back.
 //!
 //! The whole table is replaced atomically when it differs. Every rule
 //! carries the fingerprint of the desired rules as its comment, so the
@@ -40,6 +45,8 @@ pub struct EgressNet {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EgressRules {
     pub nets: Vec<EgressNet>,
+    /// Redirect endpoints' DNS queries to their gateway.
+    pub dns_intercept: bool,
 }
 
 /// 64-bit FNV-1a: a stable fingerprint, not a security measure.
@@ -76,7 +83,7 @@ impl EgressRules {
     pub fn new(mut nets: Vec<EgressNet>) -> EgressRules {
         nets.sort();
         nets.dedup();
-        EgressRules { nets }
+        EgressRules { nets, dns_intercept: false }
     }
 
     /// The rules, as (chain, statements).
@@ -84,6 +91,25 @@ impl EgressRules {
         let mut out = Vec::new();
         for n in &self.nets {
             let fam = family_of(&n.subnet.network());
+            if let (true, Some(IpAddr::V4(gw))) = (self.dns_intercept, n.gateway) {
+                for proto in ["udp", "tcp"] {
+                    out.push((
+                        "prerouting",
+                        vec![
+                            m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
+                            m(payload("ip", "saddr"), Operator::EQ, prefix(&n.subnet)),
+                            m(payload("ip", "daddr"), Operator::NEQ, s(gw.to_string())),
+                            m(payload(proto, "dport"), Operator::EQ, Expression::Number(53)),
+                            Statement::DNAT(Some(nftables::stmt::NAT {
+                                addr: Some(s(gw.to_string())),
+                                family: Some(nftables::stmt::NATFamily::IP),
+                                port: None,
+                                flags: None,
+                            })),
+                        ],
+                    ));
+                }
+            }
             if n.internal {
                 out.push((
                     "forward",
@@ -150,6 +176,7 @@ impl EgressRules {
         b.delete(NfListObject::Table(table()));
         b.add(NfListObject::Table(table()));
         for (name, ty, hook, prio) in [
+            ("prerouting", NfChainType::NAT, NfHook::Prerouting, -100),
             ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
             ("forward", NfChainType::Filter, NfHook::Forward, 0),
             ("input", NfChainType::Filter, NfHook::Input, 0),
@@ -235,6 +262,20 @@ mod tests {
         assert!(json.contains("10.1.0.0"));
         assert!(!json.contains("\"10.2.0.0\""), "an internal network is never masqueraded: {json}");
         assert!(json.contains("trb-*"));
+    }
+
+    #[test]
+    fn dns_queries_to_other_resolvers_go_to_the_gateway() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", true)]);
+        let without = r.fingerprint();
+        r.dns_intercept = true;
+        let rules = r.rules();
+        let pre: Vec<_> = rules.iter().filter(|(c, _)| *c == "prerouting").collect();
+        assert_eq!(pre.len(), 4, "udp and tcp, for each network (internal ones too)");
+        assert_ne!(r.fingerprint(), without, "turning interception on changes the table");
+        let json = serde_json::to_string(&r.batch()).unwrap();
+        assert!(json.contains("\"dnat\"") && json.contains("\"prerouting\""), "{json}");
+        assert!(json.contains("\"dport\"") && json.contains("53"));
     }
 
     #[test]

@@ -27,12 +27,22 @@ pub struct Identity {
     pub vxlan_port: u16,
     /// The eBPF endpoint program could be loaded: attach it everywhere.
     pub ebpf: bool,
+    /// This host answers DNS on the gateways: endpoints' queries to any
+    /// other resolver are redirected there.
+    pub dns_intercept: bool,
 }
 
 impl Identity {
     /// An identity with no underlay (single host, tests).
     pub fn local(host: &str) -> Identity {
-        Identity { host: host.to_string(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 1], vxlan_port: 4789, ebpf: false }
+        Identity {
+            host: host.to_string(),
+            underlay: None,
+            vtep_mac: [2, 0, 0, 0, 0, 1],
+            vxlan_port: 4789,
+            ebpf: false,
+            dns_intercept: false,
+        }
     }
 }
 
@@ -88,6 +98,7 @@ pub fn desired(
         by_id.insert(n.id.as_str(), n);
     }
     d.egress = EgressRules::new(egress);
+    d.egress.dns_intercept = me.dns_intercept;
     for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
@@ -539,8 +550,7 @@ mod tests {
 
     #[test]
     fn bridges_keep_a_fixed_mac_derived_from_their_subnet() {
-        let me =
-            Identity { host: "h1".into(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 9], vxlan_port: 4789, ebpf: false };
+        let me = Identity { vtep_mac: [2, 0, 0, 0, 0, 9], ..Identity::local("h1") };
         let want = desired(&[network("n1", "10.9.0.0/24", false)], &[], &[], &me);
         let b = &want.bridges[&model::bridge_name("n1")];
         assert_eq!(b.mac, [0x02, 0x42, 10, 9, 0, 0]);
@@ -558,8 +568,7 @@ mod tests {
 
     #[test]
     fn an_engine_moves_docker_containers_ends_which_are_kept_until_then() {
-        let me =
-            Identity { host: "h1".into(), underlay: None, vtep_mac: [2, 0, 0, 0, 0, 9], vxlan_port: 4789, ebpf: false };
+        let me = Identity { vtep_mac: [2, 0, 0, 0, 0, 9], ..Identity::local("h1") };
         let mut docker = endpoint("d1", "n1", "10.9.0.2", "h1");
         docker.kind = EndpointKind::Docker;
         let adhoc = endpoint("a1", "n1", "10.9.0.3", "h1");

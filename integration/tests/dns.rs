@@ -54,6 +54,11 @@ fn names_services_tasks_ptr_and_scoping() {
     assert_eq!(dig_short(&c, gw, &["web2.app"]), vec![ip2.clone()], "qualified by network");
     assert_eq!(dig_short(&c, gw, &["+tcp", "web1"]), vec![ip1.clone()], "TCP too");
     assert_eq!(dig_short(&c, gw, &["-x", &ip1]), vec!["web1.app.".to_string()]);
+    // A query to any other resolver address is answered by Trellis too
+    // (redirected at the gateway), UDP and TCP, scoped the same way.
+    assert_eq!(dig_short(&c, "192.0.2.53", &["web1"]), vec![ip1.clone()], "intercepted query");
+    assert_eq!(dig_short(&c, "192.0.2.53", &["+tcp", "web2.app"]), vec![ip2.clone()]);
+    assert_eq!(status_of(&dig_full(&c, "198.51.100.7", &["pg"])), "NXDOMAIN");
     // AAAA: authoritative NODATA, not forwarded.
     let aaaa = dig_full(&c, gw, &["web1", "AAAA"]);
     assert_eq!(status_of(&aaaa), "NOERROR", "{aaaa}");

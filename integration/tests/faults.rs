@@ -138,7 +138,7 @@ fn hand_tampering_is_repaired() {
         .iter()
         .find_map(|l| l.rsplit_once("# handle ").map(|(_, h)| (l.clone(), h.trim().to_string())))
         .expect("a rule with a handle");
-    let chain = ["forward", "postrouting", "input"]
+    let chain = ["prerouting", "forward", "postrouting", "input"]
         .into_iter()
         .find(|c| {
             run(&mut in_netns(&h1.ns.path(), "nft", &["-a", "list", "chain", "inet", "trellis", c]))
