@@ -23,6 +23,8 @@ pub struct AgentService {
     pub netns_dir: PathBuf,
     pub hostname: String,
     pub capabilities: HashMap<String, bool>,
+    /// Flow and drop events of the eBPF program (`None` without it).
+    pub events: Option<tokio::sync::broadcast::Sender<trellis_ebpf::FlowEvent>>,
     /// The agent's DNS server (on every network's gateway), if it runs.
     pub dns: Option<Arc<trellis_dns::Core>>,
 }
@@ -221,6 +223,26 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl proto::agent_server::Agent for AgentService {
+    type MonitorStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::FlowEvent, Status>> + Send + 'static>>;
+
+    async fn monitor(&self, request: Request<proto::MonitorRequest>) -> Result<Response<Self::MonitorStream>, Status> {
+        let Some(events) = &self.events else {
+            return Err(Status::failed_precondition(
+                "no flow events on this host: the eBPF endpoint program is off (start trellisd with --ebpf)",
+            ));
+        };
+        let r = request.into_inner();
+        if !r.verdict.is_empty() && r.verdict != "dropped" && r.verdict != "passed" {
+            return Err(Status::invalid_argument(format!("verdict {:?}: expected dropped or passed", r.verdict)));
+        }
+        if !r.network.is_empty() {
+            self.cluster.network(&r.network).await?;
+        }
+        let s = crate::monitor::stream(self.cluster.clone(), events.subscribe(), r);
+        Ok(Response::new(Box::pin(s)))
+    }
+
     async fn create_network(
         &self,
         request: Request<proto::CreateNetworkRequest>,

@@ -135,6 +135,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+    // Flow and drop events of the eBPF program, for `trellisctl monitor`.
+    let (events, events_task) = match netlink.take_event_ring() {
+        Some(ring) => {
+            let (tx, _) = tokio::sync::broadcast::channel(4096);
+            (Some(tx.clone()), Some(tokio::spawn(crate::monitor::read_events(ring, tx))))
+        }
+        None => (None, None),
+    };
     let dataplane: Arc<dyn Dataplane> = Arc::new(netlink);
     let cluster = Arc::new(Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len));
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
@@ -204,6 +212,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         hostname,
         capabilities: caps,
         dns: dns_core.clone(),
+        events,
     });
     let docker = match &cfg.docker_plugin {
         None => None,
@@ -391,6 +400,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     registration.abort();
     reclaimer.abort();
     if let Some(task) = dns {
+        task.abort();
+    }
+    if let Some(task) = events_task {
         task.abort();
     }
     if let Some((a, b)) = metrics {

@@ -19,6 +19,7 @@ pub mod engine;
 pub mod hosts;
 pub mod metrics;
 pub mod model;
+pub mod monitor;
 pub mod netlink;
 pub mod netns;
 pub mod reconcile;

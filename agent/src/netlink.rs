@@ -82,6 +82,8 @@ pub struct NetlinkDataplane {
     /// concurrent dump on a netlink socket with EBUSY (an API call's route
     /// dump racing the periodic pass's link dump).
     dump: tokio::sync::Mutex<()>,
+    /// The monitor's ring buffer, until the daemon takes it.
+    events: std::sync::Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
 }
 
 struct LinkSummary {
@@ -153,7 +155,12 @@ impl NetlinkDataplane {
             source: e,
         })?;
         tokio::spawn(conn);
-        Ok(NetlinkDataplane { handle, bpf: None, dump: tokio::sync::Mutex::new(()) })
+        Ok(NetlinkDataplane { handle, bpf: None, dump: tokio::sync::Mutex::new(()), events: Default::default() })
+    }
+
+    /// The monitor's ring buffer (once; `None` without the eBPF program).
+    pub fn take_event_ring(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Load the endpoint program with maps and links pinned under `dir`
@@ -166,7 +173,11 @@ impl NetlinkDataplane {
         for d in [&maps, &links] {
             std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
         }
-        let dp = trellis_ebpf::Datapath::load_pinned(&maps).map_err(|e| e.to_string())?;
+        let mut dp = trellis_ebpf::Datapath::load_pinned(&maps).map_err(|e| e.to_string())?;
+        match dp.take_events() {
+            Ok(ring) => *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring),
+            Err(e) => tracing::warn!(error = %e, "no monitor events"),
+        }
         self.bpf = Some((std::sync::Mutex::new(dp), links));
         Ok(self)
     }

@@ -35,6 +35,23 @@ struct endpoint_counters {
 	__u64 drops[DROP_REASONS];
 };
 
+/* One event of the monitor ring buffer: a drop, or the start of a flow
+ * (a TCP SYN, an ICMP echo request) that passed. Addresses and ports in
+ * network byte order. */
+struct flow_event {
+	__u32 ifindex;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;    /* IP protocol; 0 when not IPv4 */
+	__u8 verdict;  /* 0 passed, 1 dropped */
+	__u8 reason;   /* enum drop_reason, when dropped */
+	__u8 pad;
+};
+
+_Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
+_Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
 _Static_assert(sizeof(struct endpoint_info) == 20, "endpoint_info layout");
 _Static_assert(__builtin_offsetof(struct endpoint_info, mac) == 4, "endpoint_info.mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, net_id) == 12, "endpoint_info.net_id");

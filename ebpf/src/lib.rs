@@ -71,6 +71,64 @@ pub struct EndpointCounters {
 // SAFETY: as above.
 unsafe impl Pod for EndpointCounters {}
 
+/// `struct flow_event` of `trellis.h`: one record of the `events` ring
+/// buffer (a drop, or a flow that started).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub ifindex: u32,
+    /// Network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// 0 passed, 1 dropped.
+    pub verdict: u8,
+    pub reason: u8,
+    pub pad: u8,
+}
+
+impl FlowEvent {
+    /// Read one record (`None` when it has the wrong size).
+    pub fn from_bytes(b: &[u8]) -> Option<FlowEvent> {
+        if b.len() < std::mem::size_of::<FlowEvent>() {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Some(FlowEvent {
+            ifindex: u32_at(0),
+            saddr: u32_at(4),
+            daddr: u32_at(8),
+            sport: u16::from_be_bytes([b[12], b[13]]),
+            dport: u16::from_be_bytes([b[14], b[15]]),
+            proto: b[16],
+            verdict: b[17],
+            reason: b[18],
+            pad: b[19],
+        })
+    }
+
+    pub fn src(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.saddr.to_ne_bytes())
+    }
+
+    pub fn dst(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.daddr.to_ne_bytes())
+    }
+
+    pub fn reason_name(&self) -> &'static str {
+        match self.reason {
+            0 => "spoofed_mac",
+            1 => "spoofed_ip",
+            2 => "spoofed_arp",
+            3 => "spoofed_ipv6",
+            4 => "malformed",
+            _ => "unknown",
+        }
+    }
+}
+
 impl EndpointCounters {
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize]
@@ -149,6 +207,13 @@ impl Datapath {
             .ok_or(DatapathError::Missing("endpoint program"))?
             .try_into()
             .map_err(|source| DatapathError::Program { call: "lookup", source })
+    }
+
+    /// The monitor's ring buffer, taken out of the loaded object (once).
+    pub fn take_events(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self.ebpf.take_map("events").ok_or(DatapathError::Missing("events map"))?;
+        aya::maps::RingBuf::try_from(map)
+            .map_err(|e| DatapathError::Pin { path: "events".into(), reason: e.to_string() })
     }
 
     /// Attach to the ingress of `ifname` (the host side of an endpoint's
@@ -295,6 +360,28 @@ mod tests {
         assert_eq!(size_of::<EndpointCounters>(), 96);
         assert_eq!(offset_of!(EndpointCounters, drops), 32);
         assert_eq!(DropReason::Malformed as usize, 4);
+        assert_eq!(size_of::<FlowEvent>(), 20);
+        assert_eq!(offset_of!(FlowEvent, proto), 16);
+    }
+
+    #[test]
+    fn flow_events_decode() {
+        let mut b = vec![0u8; 20];
+        b[0..4].copy_from_slice(&7u32.to_ne_bytes());
+        b[4..8].copy_from_slice(&[10, 1, 0, 99]);
+        b[8..12].copy_from_slice(&[10, 1, 0, 3]);
+        b[12..14].copy_from_slice(&40000u16.to_be_bytes());
+        b[14..16].copy_from_slice(&53u16.to_be_bytes());
+        b[16] = 17;
+        b[17] = 1;
+        b[18] = 1;
+        let e = FlowEvent::from_bytes(&b).unwrap();
+        assert_eq!(
+            (e.ifindex, e.src(), e.dst(), e.sport, e.dport),
+            (7, Ipv4Addr::new(10, 1, 0, 99), Ipv4Addr::new(10, 1, 0, 3), 40000, 53)
+        );
+        assert_eq!((e.proto, e.verdict, e.reason_name()), (17, 1, "spoofed_ip"));
+        assert!(FlowEvent::from_bytes(&b[..19]).is_none());
     }
 
     #[test]

@@ -64,3 +64,56 @@ fn metrics_pass_promtool_and_count_what_happens() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
+    use std::io::{BufRead, BufReader};
+    require_root();
+    let mut h = Host::bare().unwrap();
+    h.extra_args = vec!["--ebpf".into()];
+    h.start().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.59.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    let monitor = |args: &[&str]| {
+        Command::new(trellis_integration::bin("trellisctl"))
+            .arg("--socket")
+            .arg(h.socket())
+            .args(["monitor", "--json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut drops = monitor(&["--verdict", "dropped", "--network", "app", "--count", "1"]);
+    let mut passes = monitor(&["--verdict", "passed", "--endpoint", "a", "--count", "1"]);
+    std::thread::sleep(Duration::from_millis(500)); // subscribed
+    // A legitimate ping (a flow start that passed), then a spoofed one.
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1));
+    in_netns(&netns_of(&a), "ip", &["addr", "add", "10.59.0.99/24", "dev", "eth0"]).status().unwrap();
+    let _ = in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "10.59.0.99", &ip_of(&b)])
+        .stdout(Stdio::null())
+        .status();
+    let first_line = |child: &mut std::process::Child| {
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let d = first_line(&mut drops);
+    assert_eq!(d["verdict"], "dropped", "{d}");
+    assert_eq!(d["reason"], "spoofed_ip", "{d}");
+    assert_eq!(d["endpoint_name"], "a");
+    assert_eq!(d["network"], "app");
+    assert_eq!(d["protocol"], "icmp");
+    assert_eq!(d["src"], "10.59.0.99");
+    assert_eq!(d["dst"], ip_of(&b));
+    let p = first_line(&mut passes);
+    assert_eq!((p["verdict"].as_str(), p["src"].as_str()), (Some("passed"), Some(ip_of(&a).as_str())), "{p}");
+    assert!(drops.wait().unwrap().success() && passes.wait().unwrap().success(), "--count ends the stream");
+    // Without the eBPF program, the monitor says why it has nothing.
+    let plain = Host::new().unwrap();
+    let err = plain.ctl_err(&["monitor"]);
+    assert!(err.contains("--ebpf"), "{err}");
+}

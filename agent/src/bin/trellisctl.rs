@@ -69,6 +69,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Live flow and drop events of this host's endpoints (needs trellisd
+    /// --ebpf): every drop with its reason, every flow start that passed.
+    Monitor {
+        #[arg(long)]
+        network: Option<String>,
+        /// Endpoint id, id prefix or name.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// `dropped` or `passed`.
+        #[arg(long)]
+        verdict: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -429,6 +447,48 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {}",
                         id, h.hostname, h.underlay, h.endpoints, up, seen, h.tunnel
                     );
+                }
+            }
+        }
+        Cmd::Monitor { network, endpoint, verdict, json, count } => {
+            let req = proto::MonitorRequest {
+                network: network.unwrap_or_default(),
+                endpoint: endpoint.unwrap_or_default(),
+                verdict: verdict.unwrap_or_default(),
+            };
+            let mut events = c.monitor(req).await?.into_inner();
+            let mut seen = 0u64;
+            while let Some(e) = events.message().await? {
+                if json {
+                    println!(
+                        "{}",
+                        json!({
+                            "unix_ms": e.unix_ms, "endpoint": e.endpoint, "endpoint_name": e.endpoint_name,
+                            "network": e.network, "interface": e.interface, "verdict": e.verdict, "reason": e.reason,
+                            "protocol": e.protocol, "src": e.src, "dst": e.dst, "src_port": e.src_port,
+                            "dst_port": e.dst_port,
+                        })
+                    );
+                } else {
+                    let port = |p: u32| if p == 0 { String::new() } else { format!(":{p}") };
+                    println!(
+                        "{:<8} {:<12} {:<12} {:<5} {}{} -> {}{} {}",
+                        e.verdict,
+                        if e.endpoint_name.is_empty() { &e.interface } else { &e.endpoint_name },
+                        e.network,
+                        e.protocol,
+                        e.src,
+                        port(e.src_port),
+                        e.dst,
+                        port(e.dst_port),
+                        e.reason
+                    );
+                }
+                use std::io::Write as _;
+                let _ = std::io::stdout().flush();
+                seen += 1;
+                if count.is_some_and(|n| seen >= n) {
+                    break;
                 }
             }
         }
