@@ -90,6 +90,10 @@ pub struct Cluster {
     pub host: String,
     pub default_pool: IpNet,
     pub default_prefix_len: u8,
+    /// Endpoint records already decoded, by key and the revision they were
+    /// decoded at: every pass lists all endpoints, and decoding them all
+    /// again was most of an attach's pass on a host with many.
+    decoded: std::sync::Mutex<std::collections::HashMap<String, (trellis_store::Revision, EndpointRecord)>>,
 }
 
 const CREATE_ATTEMPTS: usize = 16;
@@ -110,6 +114,7 @@ impl Cluster {
             host: host.to_string(),
             default_pool,
             default_prefix_len,
+            decoded: Default::default(),
         }
     }
 
@@ -121,7 +126,19 @@ impl Cluster {
     /// Every endpoint record, including ones being deleted.
     pub async fn all_endpoints(&self) -> Result<Vec<EndpointRecord>> {
         let (items, _) = self.store.list(&model::endpoints_prefix()).await?;
-        items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+        let mut cache = self.decoded.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = std::collections::HashMap::with_capacity(items.len());
+        let mut out = Vec::with_capacity(items.len());
+        for kv in items {
+            let rec = match cache.remove(&kv.key) {
+                Some((rev, rec)) if rev == kv.mod_revision => rec,
+                _ => decode(&kv.key, &kv.value)?,
+            };
+            out.push(rec.clone());
+            fresh.insert(kv.key, (kv.mod_revision, rec));
+        }
+        *cache = fresh;
+        Ok(out)
     }
 
     /// The live endpoints (not being deleted).
@@ -581,5 +598,45 @@ impl DesiredSource for Cluster {
         let eps = self.all_endpoints().await.map_err(|e| e.to_string())?;
         let hosts = crate::hosts::live_hosts(self.store.as_ref()).await.map_err(|e| e.to_string())?;
         Ok((nets, eps, hosts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listed_endpoints_follow_every_change_through_the_decode_cache() {
+        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        let c = Cluster::new(store, "h1", "10.0.0.0/8".parse().unwrap(), 24);
+        let new = NewNetwork { name: "app".into(), attachable: true, mtu: 1450, ..NewNetwork::default() };
+        c.create_network(new, &[], 1500).await.unwrap();
+        let mk = |id: &str| NewEndpoint {
+            id: id.into(),
+            network: "app".into(),
+            name: Some(id.into()),
+            ip: None,
+            labels: BTreeMap::new(),
+            netns: "/run/netns/x".into(),
+            managed_netns: false,
+            ifname: "eth0".into(),
+            kind: EndpointKind::Adhoc,
+            container_id: String::new(),
+            reserved: false,
+        };
+        let a = c.create_endpoint(mk("a")).await.unwrap();
+        c.create_endpoint(mk("b")).await.unwrap();
+        assert_eq!(c.all_endpoints().await.unwrap().len(), 2);
+        // Changed: the cached copy is not served.
+        c.mark_deleting(&a).await.unwrap();
+        let now = c.all_endpoints().await.unwrap();
+        assert!(now.iter().find(|e| e.id == "a").unwrap().deleting);
+        c.set_identity("b", "cid", Some("bee"), vec!["al".into()], BTreeMap::new()).await.unwrap();
+        let now = c.all_endpoints().await.unwrap();
+        let b = now.iter().find(|e| e.id == "b").unwrap();
+        assert_eq!((b.name.as_str(), b.aliases.clone()), ("bee", vec!["al".to_string()]));
+        // Removed: gone from the list.
+        c.remove_endpoint(&now.iter().find(|e| e.id == "a").unwrap().clone()).await.unwrap();
+        assert_eq!(c.all_endpoints().await.unwrap().len(), 1);
     }
 }
