@@ -46,7 +46,9 @@ say "starting trellisd (embedded store in $STATE)"
 mkdir -p "$RUN"
 start_agent() {
   # In a subshell, so the shell does not report the agent's death as a job.
-  (nsenter --net=/run/netns/$HOST -- "$BIN/trellisd" --state-dir "$STATE" --run-dir "$RUN" >>"$RUN/trellisd.log" 2>&1 &
+  # The Docker driver's socket stays in the demo's run dir (not /run/docker).
+  (nsenter --net=/run/netns/$HOST -- "$BIN/trellisd" --state-dir "$STATE" --run-dir "$RUN" \
+     --docker-plugin "$RUN/docker-plugins/trellis.sock" >>"$RUN/trellisd.log" 2>&1 &
    echo $! >"$RUN/trellisd.pid")
 }
 start_agent
@@ -57,7 +59,7 @@ ctl host ls
 
 say "a network and two endpoints"
 ctl network create app --subnet 10.30.0.0/24 --attachable
-ctl attach app --name web
+ctl attach app --name web --label trellis.service=frontend
 ctl attach app --name client
 ctl endpoint ls
 WEB=$("$BIN/trellisctl" endpoint ls --json | python3 -c 'import json,sys; print([e for e in json.load(sys.stdin) if e["name"]=="web"][0]["address"].split("/")[0])')
@@ -68,6 +70,11 @@ in_ns "$CLIENT_NS" ping -c 3 -i 0.2 "$WEB"
 say "client -> the outside world (198.18.200.2), masqueraded by the host"
 in_ns "$CLIENT_NS" ping -c 2 -i 0.2 198.18.200.2
 
+say "names: every agent answers DNS on its networks' gateways"
+echo "web           -> $(in_ns "$CLIENT_NS" dig +short +time=2 @10.30.0.1 web)"
+echo "tasks.frontend -> $(in_ns "$CLIENT_NS" dig +short +time=2 @10.30.0.1 tasks.frontend)"
+echo "web.app (asked of 192.0.2.53, redirected to Trellis) -> $(in_ns "$CLIENT_NS" dig +short +time=2 @192.0.2.53 web.app)"
+
 say "an --internal network is cut off from everything outside it"
 ctl network create vault --internal --attachable
 ctl attach vault --name db
@@ -76,7 +83,7 @@ if in_ns "$DB_NS" ping -c 2 -W 1 198.18.200.2 >/dev/null 2>&1; then echo "UNEXPE
 if in_ns "$DB_NS" ping -c 1 -W 1 "$WEB" >/dev/null 2>&1; then echo "UNEXPECTED: vault reached app"; exit 1; else echo "db -> web ($WEB): no reply (other network)"; fi
 
 say "a debugging shell inside the network (trellisctl attach app -- CMD)"
-ctl attach app --name debug -- sh -c "ip -br addr show eth0; ping -c 2 -i 0.2 $WEB | tail -2"
+ctl attach app --name debug -- sh -c "ip -br addr show eth0; ping -c 2 -i 0.2 web | tail -2"
 
 say "the datapath outlives the agent: kill -9 under traffic"
 in_ns "$CLIENT_NS" ping -q -c 60 -i 0.05 "$WEB" > "$RUN/ping.txt" &

@@ -181,7 +181,8 @@ impl Drop for Dockerd {
             }
         }
         self.stop();
-        let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.exec_root).status();
-        let _ = Command::new("umount").arg("-R").arg("-l").arg(&self.data_root).status();
+        for dir in [&self.exec_root, &self.data_root] {
+            let _ = Command::new("umount").arg("-R").arg("-l").arg(dir).stderr(Stdio::null()).status();
+        }
     }
 }
