@@ -152,37 +152,44 @@ impl DockerDriver {
     /// (the engine gets a 404 and skips it).
     pub async fn handle(self: &Arc<Self>, method: &str, body: &[u8]) -> Option<(StatusCode, Value)> {
         let ipam = method.starts_with("IpamDriver.");
-        let answer: Answer = match method {
+        // A body that does not parse is the engine's error (HTTP 400); a
+        // refusal is ours (HTTP 200 with Err/Error).
+        let answer = match self.dispatch(method, body).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return None,
+            Err(e) => {
+                let v = if ipam { dp::ipam_error(&e) } else { dp::network_error(&e) };
+                return Some((StatusCode::BAD_REQUEST, v));
+            }
+        };
+        Some(match answer {
+            Ok(v) => (StatusCode::OK, v),
+            Err(msg) => {
+                tracing::warn!(method, error = %msg, "docker driver request refused");
+                (StatusCode::OK, if ipam { dp::ipam_error(&msg) } else { dp::network_error(&msg) })
+            }
+        })
+    }
+
+    /// Run one method; `Err` is a body that does not parse, `Ok(None)` a
+    /// method this driver does not implement.
+    async fn dispatch(self: &Arc<Self>, method: &str, body: &[u8]) -> Result<Option<Answer>, String> {
+        Ok(Some(match method {
             "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
             "NetworkDriver.GetCapabilities" => Ok(json!({ "Scope": "local", "ConnectivityScope": "global" })),
-            "NetworkDriver.CreateNetwork" => match dp::parse(body) {
-                Ok(r) => self.create_network(r).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
-            "NetworkDriver.DeleteNetwork" => match dp::parse::<dp::NetworkRequest>(body) {
-                Ok(r) => self.delete_network(&r.network_id).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
-            "NetworkDriver.CreateEndpoint" => match dp::parse(body) {
-                Ok(r) => self.create_endpoint(r).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
-            "NetworkDriver.DeleteEndpoint" => match dp::parse::<dp::EndpointRequest>(body) {
-                Ok(r) => self.delete_endpoint(&r.endpoint_id).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
-            "NetworkDriver.EndpointOperInfo" => match dp::parse::<dp::EndpointRequest>(body) {
-                Ok(r) => self.oper_info(&r.endpoint_id).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
-            "NetworkDriver.Join" => match dp::parse(body) {
-                Ok(r) => self.join(r).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
-            "NetworkDriver.Leave" => match dp::parse::<dp::EndpointRequest>(body) {
-                Ok(r) => self.leave(&r.endpoint_id).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::network_error(&e))),
-            },
+            "NetworkDriver.CreateNetwork" => self.create_network(dp::parse(body)?).await,
+            "NetworkDriver.DeleteNetwork" => {
+                self.delete_network(&dp::parse::<dp::NetworkRequest>(body)?.network_id).await
+            }
+            "NetworkDriver.CreateEndpoint" => self.create_endpoint(dp::parse(body)?).await,
+            "NetworkDriver.DeleteEndpoint" => {
+                self.delete_endpoint(&dp::parse::<dp::EndpointRequest>(body)?.endpoint_id).await
+            }
+            "NetworkDriver.EndpointOperInfo" => {
+                self.oper_info(&dp::parse::<dp::EndpointRequest>(body)?.endpoint_id).await
+            }
+            "NetworkDriver.Join" => self.join(dp::parse(body)?).await,
+            "NetworkDriver.Leave" => self.leave(&dp::parse::<dp::EndpointRequest>(body)?.endpoint_id).await,
             // Connectivity to the outside is the network's egress rule;
             // node discovery is the store's job.
             "NetworkDriver.ProgramExternalConnectivity"
@@ -194,31 +201,12 @@ impl DockerDriver {
                 "LocalDefaultAddressSpace": ADDRESS_SPACE,
                 "GlobalDefaultAddressSpace": ADDRESS_SPACE,
             })),
-            "IpamDriver.RequestPool" => match dp::parse(body) {
-                Ok(r) => self.request_pool(r).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
-            },
-            "IpamDriver.ReleasePool" => match dp::parse::<dp::ReleasePoolRequest>(body) {
-                Ok(r) => self.release_pool(&r.pool_id).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
-            },
-            "IpamDriver.RequestAddress" => match dp::parse(body) {
-                Ok(r) => self.request_address(r).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
-            },
-            "IpamDriver.ReleaseAddress" => match dp::parse(body) {
-                Ok(r) => self.release_address(r).await,
-                Err(e) => return Some((StatusCode::BAD_REQUEST, dp::ipam_error(&e))),
-            },
-            _ => return None,
-        };
-        Some(match answer {
-            Ok(v) => (StatusCode::OK, v),
-            Err(msg) => {
-                tracing::warn!(method, error = %msg, "docker driver request refused");
-                (StatusCode::OK, if ipam { dp::ipam_error(&msg) } else { dp::network_error(&msg) })
-            }
-        })
+            "IpamDriver.RequestPool" => self.request_pool(dp::parse(body)?).await,
+            "IpamDriver.ReleasePool" => self.release_pool(&dp::parse::<dp::ReleasePoolRequest>(body)?.pool_id).await,
+            "IpamDriver.RequestAddress" => self.request_address(dp::parse(body)?).await,
+            "IpamDriver.ReleaseAddress" => self.release_address(dp::parse(body)?).await,
+            _ => return Ok(None),
+        }))
     }
 
     // ---- IPAM ----

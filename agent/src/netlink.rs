@@ -319,17 +319,7 @@ impl NetlinkDataplane {
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .build();
         self.handle.link().add(pair).execute().await.map_err(nl("create veth", &s.host_if))?;
-        let plugged = async {
-            let bridge = Self::require(&self.handle, &s.bridge).await?;
-            let host = Self::require(&self.handle, &s.host_if).await?;
-            self.handle
-                .link()
-                .set(LinkUnspec::new_with_index(host).controller(bridge).mtu(s.mtu).up().build())
-                .execute()
-                .await
-                .map_err(attach_err(&s.host_if, &s.bridge))
-        }
-        .await;
+        let plugged = self.port_up(s).await;
         if plugged.is_err()
             && let Err(e) = self.delete_link(&s.host_if).await
         {
@@ -427,6 +417,11 @@ impl NetlinkDataplane {
             let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(inside).build();
             c.route().add(route).replace().execute().await.map_err(nl("add default route", object.clone()))?;
         }
+        self.port_up(s).await
+    }
+
+    /// The endpoint's host veth as a port of its bridge, sized and up.
+    async fn port_up(&self, s: &EndpointSpec) -> Result<()> {
         let bridge = Self::require(&self.handle, &s.bridge).await?;
         let host = Self::require(&self.handle, &s.host_if).await?;
         self.handle
