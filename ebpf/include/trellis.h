@@ -1,19 +1,23 @@
 /* Map layouts shared by the Trellis eBPF programs and the Rust loader
  * (ebpf/src/lib.rs mirrors every struct with #[repr(C)] and checks the same
- * sizes and offsets in its tests). */
+ * sizes and offsets in its tests). Addresses and ports are in network byte
+ * order everywhere. */
 #ifndef TRELLIS_H
 #define TRELLIS_H
 
 #include <linux/types.h>
 
+/* endpoint_info.flags */
+#define EP_INTERNAL 1 /* its network is --internal: nothing leaves it */
+
 /* What the datapath knows of an endpoint, keyed by the ifindex of its
  * host-side veth. */
 struct endpoint_info {
-	__u32 ip;      /* IPv4 address, network byte order */
+	__u32 ip;      /* IPv4 address */
 	__u8 mac[6];   /* the endpoint's MAC */
 	__u16 pad;
 	__u32 net_id;  /* the network's VNI */
-	__u32 flags;
+	__u32 flags;   /* EP_* */
 };
 
 /* Why a packet was dropped (index into endpoint_counters.drops). */
@@ -23,6 +27,9 @@ enum drop_reason {
 	DROP_SPOOF_ARP = 2,
 	DROP_SPOOF_IPV6 = 3,
 	DROP_MALFORMED = 4,
+	DROP_ISOLATION = 5,   /* aimed at another network (or out of an internal one) */
+	DROP_NO_SERVICE = 6,  /* a VIP port no service has */
+	DROP_NO_BACKEND = 7,  /* a service with no backend (or a flow whose backend left) */
 	DROP_REASONS = 8,
 };
 
@@ -36,8 +43,7 @@ struct endpoint_counters {
 };
 
 /* One event of the monitor ring buffer: a drop, or the start of a flow
- * (a TCP SYN, an ICMP echo request) that passed. Addresses and ports in
- * network byte order. */
+ * (a TCP SYN, an ICMP echo request) that passed. */
 struct flow_event {
 	__u32 ifindex;
 	__u32 saddr;
@@ -50,6 +56,100 @@ struct flow_event {
 	__u8 pad;
 };
 
+/* Key of the `nets` LPM trie: every Trellis subnet of the cluster. */
+struct net_key {
+	__u32 prefixlen;
+	__u32 ip;
+};
+
+struct net_info {
+	__u32 net_id;  /* VNI */
+	__u32 flags;
+};
+
+/* A service VIP (`vips`, keyed by the VIP): its network, and how many
+ * backends its services have (it answers ping while any exists). */
+struct vip_info {
+	__u32 net_id;
+	__u32 backends;
+};
+
+/* `services`: VIP, port and protocol → the service. */
+struct svc_key {
+	__u32 vip;
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc_info {
+	__u32 id;          /* key of `maglev` and of `backends` entries */
+	__u16 target_port; /* the backends' port */
+	__u16 pad;
+	__u32 count;       /* backends */
+	__u32 revision;    /* of its backend set (the agent's change check) */
+};
+
+/* Maglev lookup table size: a prime; each of N backends owns M/N slots
+ * (±1), so the spread is even well within 10 % up to ~50 backends. */
+#define MAGLEV_M 509
+
+/* `maglev`: service id → backend address per slot (0: none). */
+struct maglev_table {
+	__u32 ip[MAGLEV_M];
+};
+
+/* `backends`: the live backends of a service; a flow whose backend is no
+ * longer here is reset (TCP) or sent elsewhere (UDP). */
+struct backend_key {
+	__u32 svc_id;
+	__u32 ip;
+};
+
+struct backend_info {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+/* `ct`: client flow to a VIP → the backend chosen for it. */
+struct ct_key {
+	__u32 client;
+	__u32 vip;
+	__u16 cport;
+	__u16 vport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct ct_value {
+	__u32 backend;
+	__u16 bport;
+	__u8 mac[6];
+	__u32 svc_id;
+};
+
+/* `rnat`: the backend's replies → the VIP they must come from. */
+struct rnat_key {
+	__u32 client;
+	__u32 backend;
+	__u16 cport;
+	__u16 bport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct rnat_value {
+	__u32 vip;
+	__u16 vport;
+	__u16 pad;
+};
+
+/* `svc_stats` (per CPU): per service id. */
+struct svc_stats {
+	__u64 selections; /* new flows given a backend */
+	__u64 resets;     /* flows reset because their backend left */
+};
+
 _Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
 _Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
 _Static_assert(sizeof(struct endpoint_info) == 20, "endpoint_info layout");
@@ -57,5 +157,20 @@ _Static_assert(__builtin_offsetof(struct endpoint_info, mac) == 4, "endpoint_inf
 _Static_assert(__builtin_offsetof(struct endpoint_info, net_id) == 12, "endpoint_info.net_id");
 _Static_assert(sizeof(struct endpoint_counters) == 96, "endpoint_counters layout");
 _Static_assert(__builtin_offsetof(struct endpoint_counters, drops) == 32, "endpoint_counters.drops");
+_Static_assert(sizeof(struct net_key) == 8, "net_key layout");
+_Static_assert(sizeof(struct net_info) == 8, "net_info layout");
+_Static_assert(sizeof(struct vip_info) == 8, "vip_info layout");
+_Static_assert(sizeof(struct svc_key) == 8, "svc_key layout");
+_Static_assert(__builtin_offsetof(struct svc_key, proto) == 6, "svc_key.proto");
+_Static_assert(sizeof(struct svc_info) == 16, "svc_info layout");
+_Static_assert(sizeof(struct maglev_table) == 4 * MAGLEV_M, "maglev_table layout");
+_Static_assert(sizeof(struct backend_key) == 8, "backend_key layout");
+_Static_assert(sizeof(struct backend_info) == 8, "backend_info layout");
+_Static_assert(sizeof(struct ct_key) == 16, "ct_key layout");
+_Static_assert(sizeof(struct ct_value) == 16, "ct_value layout");
+_Static_assert(__builtin_offsetof(struct ct_value, mac) == 6, "ct_value.mac");
+_Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
+_Static_assert(sizeof(struct rnat_value) == 8, "rnat_value layout");
+_Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
 
 #endif

@@ -5,13 +5,16 @@
 //! by `#[repr(C)]` types whose sizes and offsets are checked on both sides
 //! (C `_Static_assert`s, Rust tests). [`Datapath`] loads them with aya.
 //!
-//! Built so far: the program on the host side of every endpoint veth that
-//! drops packets with a spoofed source MAC, IPv4 source or ARP sender and
-//! counts traffic and drops per endpoint. Not wired into the agent yet.
+//! Two programs run on the host side of every endpoint veth: on what the
+//! endpoint sends, anti-spoofing, tenant isolation and service VIPs (Maglev
+//! backend choice, conntrack, ARP/ping/reset answers); on what it
+//! receives, the reverse translation of backends' replies. Both count per
+//! endpoint. [`maglev`] builds the lookup tables the agent writes.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, PerCpuHashMap};
 use aya::programs::links::FdLink;
 use aya::programs::tc::{NlOptions, TcAttachOptions};
@@ -38,11 +41,145 @@ pub struct EndpointInfo {
 // uninitialised (checked by the layout test).
 unsafe impl Pod for EndpointInfo {}
 
+/// `EP_INTERNAL`: the endpoint's network is internal (nothing leaves it).
+pub const EP_INTERNAL: u32 = 1;
+
 impl EndpointInfo {
     pub fn new(ip: Ipv4Addr, mac: [u8; 6], net_id: u32) -> EndpointInfo {
-        EndpointInfo { ip: u32::from_ne_bytes(ip.octets()), mac, pad: 0, net_id, flags: 0 }
+        EndpointInfo { ip: be(ip), mac, pad: 0, net_id, flags: 0 }
+    }
+
+    pub fn with_flags(mut self, flags: u32) -> EndpointInfo {
+        self.flags = flags;
+        self
     }
 }
+
+/// An address as the maps hold it (network byte order in a `u32`).
+pub fn be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The address of a map's `u32`.
+pub fn ip_of(v: u32) -> Ipv4Addr {
+    Ipv4Addr::from(v.to_ne_bytes())
+}
+
+/// `struct net_info`: a Trellis subnet's network (value of the `nets` LPM
+/// trie, keyed by prefix).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NetInfo {
+    pub net_id: u32,
+    pub flags: u32,
+}
+
+/// `struct vip_info`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VipInfo {
+    pub net_id: u32,
+    pub backends: u32,
+}
+
+/// `struct svc_key`: VIP, port (network order) and IP protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SvcKey {
+    pub vip: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl SvcKey {
+    pub fn new(vip: Ipv4Addr, port: u16, proto: u8) -> SvcKey {
+        SvcKey { vip: be(vip), port: port.to_be(), proto, pad: 0 }
+    }
+}
+
+/// `struct svc_info`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SvcInfo {
+    pub id: u32,
+    /// Network order.
+    pub target_port: u16,
+    pub pad: u16,
+    pub count: u32,
+    /// A digest of the backend set its Maglev table was built from.
+    pub revision: u32,
+}
+
+/// `MAGLEV_M` of `trellis.h`.
+pub const MAGLEV_M: usize = 509;
+
+/// `struct maglev_table`: backend address per slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevTable {
+    pub ip: [u32; MAGLEV_M],
+}
+
+/// `struct backend_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendKey {
+    pub svc_id: u32,
+    pub ip: u32,
+}
+
+/// `struct backend_info`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendInfo {
+    pub mac: [u8; 6],
+    pub pad: u16,
+}
+
+/// `struct ct_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtKey {
+    pub client: u32,
+    pub vip: u32,
+    pub cport: u16,
+    pub vport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `struct ct_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub backend: u32,
+    pub bport: u16,
+    pub mac: [u8; 6],
+    pub svc_id: u32,
+}
+
+/// `struct svc_stats` (one per CPU in the map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    pub selections: u64,
+    pub resets: u64,
+}
+
+// SAFETY: plain old data without padding (checked by the layout test).
+unsafe impl Pod for NetInfo {}
+unsafe impl Pod for VipInfo {}
+unsafe impl Pod for SvcKey {}
+unsafe impl Pod for SvcInfo {}
+unsafe impl Pod for MaglevTable {}
+unsafe impl Pod for BackendKey {}
+unsafe impl Pod for BackendInfo {}
+unsafe impl Pod for CtKey {}
+unsafe impl Pod for CtValue {}
+unsafe impl Pod for SvcStats {}
+
+pub mod maglev;
 
 /// `enum drop_reason` of `trellis.h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +190,36 @@ pub enum DropReason {
     SpoofArp = 2,
     SpoofIpv6 = 3,
     Malformed = 4,
+    Isolation = 5,
+    NoService = 6,
+    NoBackend = 7,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 8] = [
+        DropReason::SpoofMac,
+        DropReason::SpoofIp,
+        DropReason::SpoofArp,
+        DropReason::SpoofIpv6,
+        DropReason::Malformed,
+        DropReason::Isolation,
+        DropReason::NoService,
+        DropReason::NoBackend,
+    ];
+
+    /// The name metrics and the monitor use.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::SpoofMac => "spoofed_mac",
+            DropReason::SpoofIp => "spoofed_ip",
+            DropReason::SpoofArp => "spoofed_arp",
+            DropReason::SpoofIpv6 => "spoofed_ipv6",
+            DropReason::Malformed => "malformed",
+            DropReason::Isolation => "isolation",
+            DropReason::NoService => "no_service",
+            DropReason::NoBackend => "no_backend",
+        }
+    }
 }
 
 pub const DROP_REASONS: usize = 8;
@@ -118,14 +285,7 @@ impl FlowEvent {
     }
 
     pub fn reason_name(&self) -> &'static str {
-        match self.reason {
-            0 => "spoofed_mac",
-            1 => "spoofed_ip",
-            2 => "spoofed_arp",
-            3 => "spoofed_ipv6",
-            4 => "malformed",
-            _ => "unknown",
-        }
+        DropReason::ALL.get(self.reason as usize).map(|r| r.name()).unwrap_or("unknown")
     }
 }
 
@@ -170,40 +330,52 @@ pub enum DatapathError {
 
 pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 
-const PROGRAM: &str = "trellis_from_endpoint";
+/// The program on what an endpoint sends (tc ingress of its host veth).
+const FROM_ENDPOINT: &str = "trellis_from_endpoint";
+/// The program on what it receives (tc egress).
+const TO_ENDPOINT: &str = "trellis_to_endpoint";
 
-/// The loaded endpoint program and its maps.
+/// The loaded endpoint programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
 }
 
-impl Datapath {
-    /// Load the endpoint program with its maps pinned in `pin_dir` (a bpffs
-    /// directory): maps already pinned there are reused, so endpoint entries
-    /// and counters outlive the process.
-    pub fn load_pinned(pin_dir: &Path) -> Result<Datapath> {
-        Datapath::load_with(Some(pin_dir))
-    }
+fn map_err(call: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { call, source }
+}
 
-    fn load_with(pin_dir: Option<&Path>) -> Result<Datapath> {
+/// A removal of something already gone is fine.
+fn removed(r: std::result::Result<(), aya::maps::MapError>, call: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(source) => Err(DatapathError::Map { call, source }),
+    }
+}
+
+impl Datapath {
+    /// Load the endpoint programs with their maps pinned in `pin_dir` (a
+    /// bpffs directory): maps already pinned there are reused, so endpoint
+    /// entries, service tables, connections and counters outlive the
+    /// process.
+    pub fn load_pinned(pin_dir: &Path) -> Result<Datapath> {
         let mut loader = EbpfLoader::new();
-        if let Some(dir) = pin_dir {
-            loader.default_map_pin_directory(dir);
-        }
+        loader.default_map_pin_directory(pin_dir);
         // (Its maps are declared pinned by name: loading needs a bpffs.)
         let mut ebpf = loader.load(ENDPOINT_OBJECT)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROGRAM)
-            .ok_or(DatapathError::Missing("endpoint program"))?
-            .try_into()
-            .map_err(|source| DatapathError::Program { call: "lookup", source })?;
-        prog.load().map_err(|source| DatapathError::Program { call: "load", source })?;
+        for name in [FROM_ENDPOINT, TO_ENDPOINT] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing("endpoint program"))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { call: "lookup", source })?;
+            prog.load().map_err(|source| DatapathError::Program { call: "load", source })?;
+        }
         Ok(Datapath { ebpf })
     }
 
-    fn program(&mut self) -> Result<&mut SchedClassifier> {
+    fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
         self.ebpf
-            .program_mut(PROGRAM)
+            .program_mut(name)
             .ok_or(DatapathError::Missing("endpoint program"))?
             .try_into()
             .map_err(|source| DatapathError::Program { call: "lookup", source })
@@ -216,83 +388,204 @@ impl Datapath {
             .map_err(|e| DatapathError::Pin { path: "events".into(), reason: e.to_string() })
     }
 
-    /// Attach to the ingress of `ifname` (the host side of an endpoint's
-    /// veth: what the endpoint sends), in the calling thread's namespace.
-    pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
-        let prog = self.program()?;
-        let attached = match mode {
-            AttachMode::Auto => prog.attach(ifname, TcAttachType::Ingress),
-            AttachMode::Clsact => {
-                add_clsact(ifname)?;
-                prog.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
-            }
-        };
-        attached.map(|_| ()).map_err(|source| DatapathError::Program { call: "attach", source })
+    fn attach_one(
+        &mut self,
+        name: &str,
+        ifname: &str,
+        at: TcAttachType,
+        mode: AttachMode,
+    ) -> Result<aya::programs::tc::SchedClassifierLinkId> {
+        let prog = self.program(name)?;
+        match mode {
+            AttachMode::Auto => prog.attach(ifname, at),
+            AttachMode::Clsact => prog.attach_with_options(ifname, at, TcAttachOptions::Netlink(NlOptions::default())),
+        }
+        .map_err(|source| DatapathError::Program { call: "attach", source })
     }
 
-    /// Attach to the ingress of `ifname` so that it stays attached after
-    /// this process exits, and leave a marker at `marker` (in a bpffs
-    /// directory) that says so. With tcx the link itself is pinned at
-    /// `marker`; with clsact the tc filter stays in the kernel by itself and
-    /// the marker is a directory.
+    /// Attach both programs to `ifname` (the host side of an endpoint's
+    /// veth), in the calling thread's namespace, for as long as this
+    /// [`Datapath`] lives.
+    pub fn attach(&mut self, ifname: &str, mode: AttachMode) -> Result<()> {
+        if mode == AttachMode::Clsact {
+            add_clsact(ifname)?;
+        }
+        self.attach_one(FROM_ENDPOINT, ifname, TcAttachType::Ingress, mode)?;
+        self.attach_one(TO_ENDPOINT, ifname, TcAttachType::Egress, mode)?;
+        Ok(())
+    }
+
+    /// Attach both programs to `ifname` so that they stay attached after
+    /// this process exits, and leave a marker directory `marker` (in a
+    /// bpffs) that says so. With tcx the links are pinned in it (`from`,
+    /// `to`); with clsact the tc filters stay in the kernel by themselves.
     pub fn attach_persistent(&mut self, ifname: &str, marker: &Path, mode: AttachMode) -> Result<()> {
         if mode == AttachMode::Clsact {
             add_clsact(ifname)?;
         }
-        let prog = self.program()?;
-        let id = match mode {
-            AttachMode::Auto => prog.attach(ifname, TcAttachType::Ingress),
-            AttachMode::Clsact => {
-                prog.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
-            }
-        }
-        .map_err(|source| DatapathError::Program { call: "attach", source })?;
-        let link = prog.take_link(id).map_err(|source| DatapathError::Program { call: "take link", source })?;
-        let _ = std::fs::remove_file(marker);
-        let _ = std::fs::remove_dir(marker);
-        match FdLink::try_from(link) {
-            Ok(fd_link) => {
-                fd_link
-                    .pin(marker)
-                    .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
-            }
-            Err(_) => {
-                // A netlink (clsact) filter: taking the link out of aya's
-                // list means dropping it does not detach the filter.
-                std::fs::create_dir(marker)
-                    .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
+        let _ = remove_marker(marker);
+        std::fs::create_dir(marker)
+            .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
+        for (name, at, pin) in
+            [(FROM_ENDPOINT, TcAttachType::Ingress, "from"), (TO_ENDPOINT, TcAttachType::Egress, "to")]
+        {
+            let id = self.attach_one(name, ifname, at, mode)?;
+            let prog = self.program(name)?;
+            let link = prog.take_link(id).map_err(|source| DatapathError::Program { call: "take link", source })?;
+            // A netlink (clsact) filter: taking the link out of aya's list
+            // means dropping it does not detach the filter.
+            if let Ok(fd_link) = FdLink::try_from(link) {
+                let path = marker.join(pin);
+                fd_link.pin(&path).map_err(|e| DatapathError::Pin { path, reason: e.to_string() })?;
             }
         }
         Ok(())
     }
 
+    fn hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<&aya::maps::MapData, K, V>> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+        HashMap::try_from(map).map_err(map_err("open"))
+    }
+
+    fn hash_mut<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<HashMap<&mut aya::maps::MapData, K, V>> {
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?;
+        HashMap::try_from(map).map_err(map_err("open"))
+    }
+
+    fn put<K: Pod, V: Pod>(&mut self, name: &'static str, key: K, value: V) -> Result<()> {
+        self.hash_mut::<K, V>(name)?.insert(key, value, 0).map_err(map_err("insert"))
+    }
+
+    fn delete<K: Pod, V: Pod>(&mut self, name: &'static str, key: K) -> Result<()> {
+        removed(self.hash_mut::<K, V>(name)?.remove(&key), "remove")
+    }
+
+    fn entries<K: Pod, V: Pod>(&self, name: &'static str) -> Result<Vec<(K, V)>> {
+        self.hash::<K, V>(name)?.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list"))
+    }
+
     /// Remove an endpoint's entry.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        let map = self.ebpf.map_mut("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
-        let mut eps: HashMap<_, u32, EndpointInfo> =
-            HashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open endpoints", source })?;
-        match eps.remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(source) => Err(DatapathError::Map { call: "remove endpoint", source }),
-        }
+        self.delete::<u32, EndpointInfo>("endpoints", ifindex)
     }
 
     /// The ifindexes that have endpoint entries.
     pub fn endpoint_ifindexes(&self) -> Result<Vec<u32>> {
-        let map = self.ebpf.map("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
-        let eps: HashMap<_, u32, EndpointInfo> =
-            HashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open endpoints", source })?;
-        eps.keys()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|source| DatapathError::Map { call: "list endpoints", source })
+        Ok(self.entries::<u32, EndpointInfo>("endpoints")?.into_iter().map(|(k, _)| k).collect())
     }
 
     /// Program (or update) an endpoint, keyed by its host-side ifindex.
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
-        let map = self.ebpf.map_mut("endpoints").ok_or(DatapathError::Missing("endpoints map"))?;
-        let mut eps: HashMap<_, u32, EndpointInfo> =
-            HashMap::try_from(map).map_err(|source| DatapathError::Map { call: "open endpoints", source })?;
-        eps.insert(ifindex, info, 0).map_err(|source| DatapathError::Map { call: "insert endpoint", source })
+        self.put("endpoints", ifindex, info)
+    }
+
+    fn nets_map(&self) -> Result<LpmTrie<&aya::maps::MapData, u32, NetInfo>> {
+        let map = self.ebpf.map("nets").ok_or(DatapathError::Missing("nets"))?;
+        LpmTrie::try_from(map).map_err(map_err("open"))
+    }
+
+    fn nets_map_mut(&mut self) -> Result<LpmTrie<&mut aya::maps::MapData, u32, NetInfo>> {
+        let map = self.ebpf.map_mut("nets").ok_or(DatapathError::Missing("nets"))?;
+        LpmTrie::try_from(map).map_err(map_err("open"))
+    }
+
+    /// Every Trellis subnet the isolation check knows, with its network.
+    pub fn nets(&self) -> Result<Vec<((Ipv4Addr, u8), NetInfo)>> {
+        let m = self.nets_map()?;
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err("list nets"))?;
+            out.push(((ip_of(k.data()), k.prefix_len() as u8), v));
+        }
+        Ok(out)
+    }
+
+    pub fn put_net(&mut self, (ip, len): (Ipv4Addr, u8), info: NetInfo) -> Result<()> {
+        self.nets_map_mut()?.insert(&LpmKey::new(len as u32, be(ip)), info, 0).map_err(map_err("insert net"))
+    }
+
+    pub fn remove_net(&mut self, (ip, len): (Ipv4Addr, u8)) -> Result<()> {
+        removed(self.nets_map_mut()?.remove(&LpmKey::new(len as u32, be(ip))), "remove net")
+    }
+
+    pub fn vips(&self) -> Result<Vec<(Ipv4Addr, VipInfo)>> {
+        Ok(self.entries::<u32, VipInfo>("vips")?.into_iter().map(|(k, v)| (ip_of(k), v)).collect())
+    }
+
+    pub fn put_vip(&mut self, vip: Ipv4Addr, info: VipInfo) -> Result<()> {
+        self.put("vips", be(vip), info)
+    }
+
+    pub fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<()> {
+        self.delete::<u32, VipInfo>("vips", be(vip))
+    }
+
+    pub fn services(&self) -> Result<Vec<(SvcKey, SvcInfo)>> {
+        self.entries("services")
+    }
+
+    pub fn put_service(&mut self, key: SvcKey, info: SvcInfo) -> Result<()> {
+        self.put("services", key, info)
+    }
+
+    pub fn remove_service(&mut self, key: SvcKey) -> Result<()> {
+        self.delete::<SvcKey, SvcInfo>("services", key)
+    }
+
+    /// The service ids that have a Maglev table.
+    pub fn maglev_ids(&self) -> Result<Vec<u32>> {
+        self.hash::<u32, MaglevTable>("maglev")?
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err("list maglev"))
+    }
+
+    pub fn maglev(&self, id: u32) -> Result<Option<MaglevTable>> {
+        match self.hash::<u32, MaglevTable>("maglev")?.get(&id, 0) {
+            Ok(t) => Ok(Some(t)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { call: "read maglev", source }),
+        }
+    }
+
+    pub fn put_maglev(&mut self, id: u32, table: &MaglevTable) -> Result<()> {
+        self.put("maglev", id, *table)
+    }
+
+    pub fn remove_maglev(&mut self, id: u32) -> Result<()> {
+        self.delete::<u32, MaglevTable>("maglev", id)
+    }
+
+    pub fn backends(&self) -> Result<Vec<(BackendKey, BackendInfo)>> {
+        self.entries("backends")
+    }
+
+    pub fn put_backend(&mut self, key: BackendKey, info: BackendInfo) -> Result<()> {
+        self.put("backends", key, info)
+    }
+
+    pub fn remove_backend(&mut self, key: BackendKey) -> Result<()> {
+        self.delete::<BackendKey, BackendInfo>("backends", key)
+    }
+
+    /// The tracked connections to VIPs (client flow → backend).
+    pub fn connections(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        self.entries("ct")
+    }
+
+    /// A service's counters, summed over CPUs.
+    pub fn svc_stats(&self, id: u32) -> Result<SvcStats> {
+        let map = self.ebpf.map("svc_stats").ok_or(DatapathError::Missing("svc_stats"))?;
+        let per_cpu: PerCpuHashMap<_, u32, SvcStats> = PerCpuHashMap::try_from(map).map_err(map_err("open"))?;
+        let values = match per_cpu.get(&id, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(SvcStats::default()),
+            Err(source) => return Err(DatapathError::Map { call: "read svc_stats", source }),
+        };
+        Ok(values.iter().fold(SvcStats::default(), |a, v| SvcStats {
+            selections: a.selections + v.selections,
+            resets: a.resets + v.resets,
+        }))
     }
 
     /// The counters of an endpoint, summed over CPUs (zero before its
@@ -317,6 +610,22 @@ impl Datapath {
             }
         }
         Ok(sum)
+    }
+}
+
+/// Remove an attachment marker (a directory, with the tcx links pinned in
+/// it: unpinning them detaches the programs).
+pub fn remove_marker(marker: &Path) -> std::io::Result<()> {
+    if marker.is_dir() {
+        for pin in ["from", "to"] {
+            match std::fs::remove_file(marker.join(pin)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        std::fs::remove_dir(marker)
+    } else {
+        std::fs::remove_file(marker)
     }
 }
 
@@ -362,6 +671,26 @@ mod tests {
         assert_eq!(DropReason::Malformed as usize, 4);
         assert_eq!(size_of::<FlowEvent>(), 20);
         assert_eq!(offset_of!(FlowEvent, proto), 16);
+        assert_eq!(size_of::<NetInfo>(), 8);
+        assert_eq!(size_of::<VipInfo>(), 8);
+        assert_eq!(size_of::<SvcKey>(), 8);
+        assert_eq!(offset_of!(SvcKey, proto), 6);
+        assert_eq!(size_of::<SvcInfo>(), 16);
+        assert_eq!(size_of::<MaglevTable>(), 4 * MAGLEV_M);
+        assert_eq!(size_of::<BackendKey>(), 8);
+        assert_eq!(size_of::<BackendInfo>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(offset_of!(CtValue, mac), 6);
+        assert_eq!(size_of::<SvcStats>(), 16);
+        assert_eq!(DropReason::NoBackend as usize, 7);
+    }
+
+    /// MAGLEV_M is the header's.
+    #[test]
+    fn maglev_size_matches_the_c_header() {
+        let h = include_str!("../include/trellis.h");
+        assert!(h.contains(&format!("#define MAGLEV_M {MAGLEV_M}")), "MAGLEV_M differs from trellis.h");
     }
 
     #[test]
