@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use trellis_plugin_api::proto;
 use trellis_plugin_api::validate;
 
-use crate::cluster::{AgentError, Cluster, NewEndpoint, NewNetwork};
+use crate::cluster::{AgentError, Cluster, NewEndpoint, NewNetwork, NewService};
 use crate::dataplane::Dataplane;
 use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
 use crate::netns;
@@ -95,6 +95,58 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         aliases: e.aliases.clone(),
         internal: net.is_some_and(|n| n.internal),
         dns: String::new(),
+    }
+}
+
+/// A service with its backends (every endpoint its selector matches) and
+/// this host's view of them.
+pub fn service_to_proto(
+    s: &model::ServiceRecord,
+    endpoints: &[EndpointRecord],
+    tables: &crate::dataplane::Tables,
+    dp: &dyn Dataplane,
+) -> proto::Service {
+    let id = s.datapath_id();
+    let backends = endpoints
+        .iter()
+        .filter(|e| s.selects(e))
+        .map(|e| proto::ServiceBackend {
+            endpoint: e.name.clone(),
+            endpoint_id: e.id.clone(),
+            ip: e.ip.to_string(),
+            host: e.host.clone(),
+            programmed: match (id, e.ip) {
+                (Some(id), std::net::IpAddr::V4(v4)) => tables
+                    .backends
+                    .contains_key(&trellis_ebpf::BackendKey { svc_id: id, ip: trellis_ebpf::be(v4) }),
+                _ => false,
+            },
+        })
+        .collect();
+    let stats = id.and_then(|id| dp.service_stats(id)).unwrap_or_default();
+    proto::Service {
+        name: s.name.clone(),
+        network: s.network.clone(),
+        network_id: s.network_id.clone(),
+        mode: match s.mode {
+            model::ServiceMode::Vip => "vip".into(),
+            model::ServiceMode::Dnsrr => "dnsrr".into(),
+        },
+        vip: s.vip.map(|v| v.to_string()).unwrap_or_default(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| proto::ServicePort {
+                port: p.port as u32,
+                protocol: p.proto.as_str().into(),
+                target: p.target as u32,
+            })
+            .collect(),
+        selector: s.selector.clone().into_iter().collect(),
+        backends,
+        created_unix: s.created_unix,
+        selections: stats.selections,
+        resets: stats.resets,
     }
 }
 
@@ -223,6 +275,76 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl proto::agent_server::Agent for AgentService {
+    async fn create_service(&self, request: Request<proto::CreateServiceRequest>) -> Result<Response<proto::Service>, Status> {
+        let r = request.into_inner();
+        validate::service_name(&r.name).map_err(bad)?;
+        if r.network.is_empty() {
+            return Err(Status::invalid_argument("a network is required (--network)"));
+        }
+        let mode = match r.mode.as_str() {
+            "" | "vip" => model::ServiceMode::Vip,
+            "dnsrr" => model::ServiceMode::Dnsrr,
+            other => return Err(Status::invalid_argument(format!("mode {other:?}: expected vip or dnsrr"))),
+        };
+        let mut ports = Vec::new();
+        for p in &r.ports {
+            let spec = format!("{}/{}:{}", p.port, if p.protocol.is_empty() { "tcp" } else { &p.protocol }, p.target);
+            let (port, proto, target) = validate::service_port(&spec).map_err(bad)?;
+            let proto = if proto == "udp" { model::Proto::Udp } else { model::Proto::Tcp };
+            let sp = model::ServicePort { port, proto, target };
+            if ports.iter().any(|q: &model::ServicePort| q.port == port && q.proto == proto) {
+                return Err(Status::invalid_argument(format!("port {port}/{} is given twice", proto.as_str())));
+            }
+            ports.push(sp);
+        }
+        if mode == model::ServiceMode::Vip && ports.is_empty() {
+            return Err(Status::invalid_argument("a vip service needs at least one --port PORT[/tcp|/udp][:TARGET]"));
+        }
+        let selector = labels(r.selector)?;
+        let rec = self
+            .cluster
+            .create_service(NewService { name: r.name, network: r.network, mode, ports, selector })
+            .await?;
+        self.converge().await?;
+        let endpoints = self.cluster.endpoints().await?;
+        let tables = self.reconciler.last_desired().tables.clone();
+        Ok(Response::new(service_to_proto(&rec, &endpoints, &tables, self.dataplane.as_ref())))
+    }
+
+    async fn list_services(&self, request: Request<proto::ListServicesRequest>) -> Result<Response<proto::ServiceList>, Status> {
+        let r = request.into_inner();
+        let net = if r.network.is_empty() { None } else { Some(self.cluster.network(&r.network).await?) };
+        let endpoints = self.cluster.endpoints().await?;
+        let tables = self.reconciler.last_desired().tables.clone();
+        let services = self
+            .cluster
+            .services()
+            .await?
+            .iter()
+            .filter(|s| net.as_ref().is_none_or(|n| n.id == s.network_id))
+            .map(|s| service_to_proto(s, &endpoints, &tables, self.dataplane.as_ref()))
+            .collect();
+        Ok(Response::new(proto::ServiceList { services }))
+    }
+
+    async fn inspect_service(&self, request: Request<proto::ServiceRef>) -> Result<Response<proto::Service>, Status> {
+        let r = request.into_inner();
+        let s = self.cluster.service(&r.name).await?;
+        let endpoints = self.cluster.endpoints().await?;
+        let tables = self.reconciler.last_desired().tables.clone();
+        Ok(Response::new(service_to_proto(&s, &endpoints, &tables, self.dataplane.as_ref())))
+    }
+
+    async fn remove_service(
+        &self,
+        request: Request<proto::ServiceRef>,
+    ) -> Result<Response<proto::RemoveServiceResponse>, Status> {
+        let r = request.into_inner();
+        self.cluster.remove_service(&r.name).await?;
+        self.converge().await?;
+        Ok(Response::new(proto::RemoveServiceResponse {}))
+    }
+
     type MonitorStream =
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::FlowEvent, Status>> + Send + 'static>>;
 

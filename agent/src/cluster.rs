@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use trellis_ipam::{AddrRequest, Ipam, IpamError, Pool, SubnetRequest};
 use trellis_store::{Compare, Op, Store, StoreError};
 
-use crate::model::{self, EndpointKind, EndpointRecord, HostRecord, NetworkRecord};
+use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
 use crate::reconcile::DesiredSource;
 
 /// Errors of the agent's operations, by what the caller can do about them.
@@ -81,6 +81,17 @@ pub struct NewEndpoint {
     pub container_id: String,
     /// `ip` is this host's reservation, to be claimed.
     pub reserved: bool,
+}
+
+/// A service to create, already validated at the edge.
+#[derive(Clone, Debug)]
+pub struct NewService {
+    pub name: String,
+    pub network: String,
+    pub mode: model::ServiceMode,
+    pub ports: Vec<model::ServicePort>,
+    /// Empty: `trellis.service=NAME`.
+    pub selector: BTreeMap<String, String>,
 }
 
 /// The cluster-wide state as one host reads and writes it.
@@ -207,6 +218,93 @@ impl Cluster {
         Err(AgentError::Unavailable("too many concurrent network changes; try again".into()))
     }
 
+    /// Every service.
+    pub async fn services(&self) -> Result<Vec<model::ServiceRecord>> {
+        let (items, _) = self.store.list(&model::services_prefix()).await?;
+        items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    pub async fn service(&self, name: &str) -> Result<model::ServiceRecord> {
+        match self.store.get(&model::service_key(name)).await? {
+            Some(kv) => decode(&kv.key, &kv.value),
+            None => Err(AgentError::NotFound(format!("service {name:?} not found"))),
+        }
+    }
+
+    /// Create a service and, in `vip` mode, its VIP (the highest free
+    /// address of its network, owned by the service cluster-wide), in one
+    /// transaction.
+    pub async fn create_service(&self, req: NewService) -> Result<model::ServiceRecord> {
+        let net = self.network(&req.network).await?;
+        let key = model::service_key(&req.name);
+        if self.store.get(&key).await?.is_some() {
+            return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
+        }
+        let selector = if req.selector.is_empty() { model::default_selector(&req.name) } else { req.selector };
+        let base = model::ServiceRecord {
+            name: req.name.clone(),
+            network_id: net.id.clone(),
+            network: net.name.clone(),
+            mode: req.mode,
+            vip: None,
+            ports: req.ports,
+            selector,
+            created_unix: model::now_unix(),
+        };
+        let with_vip = |vip: Option<IpAddr>| {
+            let mut rec = base.clone();
+            rec.vip = vip;
+            rec
+        };
+        let rec = match req.mode {
+            model::ServiceMode::Dnsrr => {
+                let rec = with_vip(None);
+                let done = self.store.txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, encode(&rec))]).await?;
+                if !done.succeeded {
+                    return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
+                }
+                rec
+            }
+            model::ServiceMode::Vip => {
+                let owner = model::vip_owner(&req.name);
+                let extra = |ip: IpAddr| {
+                    (vec![Compare::Absent(key.clone())], vec![Op::put(key.clone(), encode(&with_vip(Some(ip))))])
+                };
+                match self.ipam.allocate(&Self::pool(&net), AddrRequest::Top, &owner, extra).await {
+                    Ok(ip) => with_vip(Some(ip)),
+                    Err(IpamError::CallerConflict) => {
+                        return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
+                    }
+                    Err(IpamError::Exhausted { .. }) => {
+                        return Err(AgentError::FailedPrecondition(format!(
+                            "network {:?} ({}) has no free address left for the VIP of service {:?}",
+                            net.name, net.subnet, req.name
+                        )));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        };
+        tracing::info!(service = %rec.name, network = %net.name, vip = ?rec.vip, "service created");
+        Ok(rec)
+    }
+
+    /// Remove a service and release its VIP, in one transaction.
+    pub async fn remove_service(&self, name: &str) -> Result<model::ServiceRecord> {
+        let key = model::service_key(name);
+        let kv = self.store.get(&key).await?.ok_or_else(|| AgentError::NotFound(format!("service {name:?} not found")))?;
+        let rec: model::ServiceRecord = decode(&kv.key, &kv.value)?;
+        let mut ops = vec![Op::delete(key.clone())];
+        if let Some(vip) = rec.vip {
+            ops.push(self.ipam.release_op(&rec.network_id, vip));
+        }
+        if !self.store.txn(vec![Compare::ModRevision(key, kv.mod_revision)], ops).await?.succeeded {
+            return Err(AgentError::Unavailable(format!("service {name:?} changed while removing it; try again")));
+        }
+        tracing::info!(service = %name, "service removed");
+        Ok(rec)
+    }
+
     /// Remove a network; with `force` its endpoints go too. Returns the
     /// endpoints removed.
     pub async fn remove_network(&self, name_or_id: &str, force: bool) -> Result<(NetworkRecord, Vec<EndpointRecord>)> {
@@ -224,7 +322,20 @@ impl Cluster {
                 if eps.len() > 5 { ", …" } else { "" }
             )));
         }
+        let services: Vec<model::ServiceRecord> =
+            self.services().await?.into_iter().filter(|s| s.network_id == net.id).collect();
+        if !services.is_empty() && !force {
+            let names: Vec<_> = services.iter().take(5).map(|s| s.name.as_str()).collect();
+            return Err(AgentError::FailedPrecondition(format!(
+                "network {:?} has {} service(s) ({}{}); remove them first or use --force",
+                net.name,
+                services.len(),
+                names.join(", "),
+                if services.len() > 5 { ", …" } else { "" }
+            )));
+        }
         let (mut compares, mut ops) = self.ipam.plan_network_release(&net.id).await?;
+        ops.extend(services.iter().map(|s| Op::delete(model::service_key(&s.name))));
         let net_key = model::network_key(&net.name);
         let current = self
             .store
@@ -593,11 +704,12 @@ impl Cluster {
 
 #[async_trait::async_trait]
 impl DesiredSource for Cluster {
-    async fn load(&self) -> std::result::Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String> {
-        let nets = self.networks().await.map_err(|e| e.to_string())?;
-        let eps = self.all_endpoints().await.map_err(|e| e.to_string())?;
+    async fn load(&self) -> std::result::Result<crate::reconcile::Snapshot, String> {
+        let networks = self.networks().await.map_err(|e| e.to_string())?;
+        let endpoints = self.all_endpoints().await.map_err(|e| e.to_string())?;
         let hosts = crate::hosts::live_hosts(self.store.as_ref()).await.map_err(|e| e.to_string())?;
-        Ok((nets, eps, hosts))
+        let services = self.services().await.map_err(|e| e.to_string())?;
+        Ok(crate::reconcile::Snapshot { networks, endpoints, hosts, services })
     }
 }
 

@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub vxlan_port: Option<u16>,
     pub reclaim_grace_ms: Option<u64>,
     pub ebpf: Option<bool>,
+    pub ebpf_attach: Option<String>,
     pub docker_plugin: Option<PathBuf>,
     pub docker_host: Option<String>,
     pub dns: Option<bool>,
@@ -93,10 +94,16 @@ pub struct Overrides {
     /// reclaimed, in milliseconds.
     #[arg(long, env = "TRELLIS_RECLAIM_GRACE_MS")]
     pub reclaim_grace_ms: Option<u64>,
-    /// Attach the eBPF endpoint program (anti-spoofing, counters) to every
-    /// endpoint veth. Off by default until the eBPF datapath is complete.
+    /// The eBPF datapath on every endpoint veth: anti-spoofing, tenant
+    /// isolation, service VIPs, counters, the flow monitor. On by default;
+    /// `--ebpf=false` runs plain bridges (no VIPs, no isolation beyond the
+    /// nftables rules).
     #[arg(long, env = "TRELLIS_EBPF", num_args = 0..=1, default_missing_value = "true")]
     pub ebpf: Option<bool>,
+    /// How the eBPF programs attach: `auto` (tcx on kernels from 6.6, a
+    /// clsact qdisc below) or `clsact` (tc filters on any kernel).
+    #[arg(long, env = "TRELLIS_EBPF_ATTACH")]
+    pub ebpf_attach: Option<String>,
     /// Socket of the Docker network + IPAM driver `trellis`.
     #[arg(long, env = "TRELLIS_DOCKER_PLUGIN")]
     pub docker_plugin: Option<PathBuf>,
@@ -147,6 +154,7 @@ pub struct Config {
     pub vxlan_port: u16,
     pub reclaim_grace: Duration,
     pub ebpf: bool,
+    pub ebpf_attach: trellis_ebpf::AttachMode,
     /// `None`: the Docker driver is off.
     pub docker_plugin: Option<PathBuf>,
     /// The Docker engine's API socket.
@@ -180,6 +188,8 @@ pub enum ConfigError {
     MetricsAddr(String),
     #[error("invalid docker_host {0:?}: expected unix:///PATH")]
     DockerHost(String),
+    #[error("invalid ebpf_attach {0:?}: expected auto, tcx or clsact")]
+    EbpfAttach(String),
     #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
     PrefixLen { len: u8, pool: IpNet },
 }
@@ -246,7 +256,12 @@ impl Config {
             advertise_addr: o.advertise_addr.or(f.advertise_addr),
             vxlan_port: o.vxlan_port.or(f.vxlan_port).unwrap_or(4789),
             reclaim_grace: Duration::from_millis(o.reclaim_grace_ms.or(f.reclaim_grace_ms).unwrap_or(30_000)),
-            ebpf: o.ebpf.or(f.ebpf).unwrap_or(false),
+            ebpf: o.ebpf.or(f.ebpf).unwrap_or(true),
+            ebpf_attach: match o.ebpf_attach.clone().or(f.ebpf_attach).as_deref() {
+                None | Some("auto") | Some("tcx") => trellis_ebpf::AttachMode::Auto,
+                Some("clsact") => trellis_ebpf::AttachMode::Clsact,
+                Some(other) => return Err(ConfigError::EbpfAttach(other.to_string())),
+            },
             docker_plugin: {
                 let p = o.docker_plugin.clone().or(f.docker_plugin).unwrap_or_else(|| DEFAULT_DOCKER_PLUGIN.into());
                 (!p.as_os_str().is_empty() && !o.no_docker_plugin).then_some(p)
@@ -329,7 +344,8 @@ mod tests {
         let d = Config::merge(FileConfig::default(), &Overrides::default()).unwrap();
         assert_eq!(d.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(d.state_dir, PathBuf::from("/var/lib/trellis"));
-        assert!(!d.ebpf, "the eBPF program is opt-in for now");
+        assert!(d.ebpf, "the eBPF datapath is on by default");
+        assert_eq!(d.ebpf_attach, trellis_ebpf::AttachMode::Auto);
         assert_eq!(d.docker_plugin, Some(PathBuf::from(DEFAULT_DOCKER_PLUGIN)), "the Docker driver is on");
         assert_eq!(d.docker_host, PathBuf::from(DEFAULT_DOCKER_HOST));
         let off = Overrides {

@@ -127,7 +127,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (netlink, ebpf) = if !cfg.ebpf {
         (netlink, false)
     } else {
-        match netlink.with_ebpf(&cfg.run_dir.join("bpf")) {
+        match netlink.with_ebpf(&cfg.run_dir.join("bpf"), cfg.ebpf_attach) {
             Ok(n) => (n, true),
             Err(e) => {
                 tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");

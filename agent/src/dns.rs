@@ -9,7 +9,7 @@ use tokio::sync::Notify;
 use trellis_dns::{Core, Listeners, Zone};
 
 use crate::cluster::Cluster;
-use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL};
+use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL, ServiceMode, ServiceRecord};
 
 /// An endpoint as the zone has it.
 pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
@@ -28,12 +28,37 @@ pub fn zone_network(n: &NetworkRecord) -> trellis_dns::Network {
     trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet }
 }
 
-/// The zone of `networks` and the live endpoints of live `hosts`.
-pub fn zone_of(networks: &[NetworkRecord], endpoints: &[EndpointRecord], hosts: &[String]) -> Zone {
+/// The zone of `networks`, the live endpoints of live `hosts` and the
+/// services (backends: their live endpoints).
+pub fn zone_of(
+    networks: &[NetworkRecord],
+    endpoints: &[EndpointRecord],
+    hosts: &[String],
+    services: &[ServiceRecord],
+) -> Zone {
     let nets: Vec<trellis_dns::Network> = networks.iter().map(zone_network).collect();
-    let eps: Vec<trellis_dns::Endpoint> =
-        endpoints.iter().filter(|e| !e.deleting && hosts.contains(&e.host)).map(zone_endpoint).collect();
-    Zone::build(&nets, &eps)
+    let live: Vec<&EndpointRecord> = endpoints.iter().filter(|e| !e.deleting && hosts.contains(&e.host)).collect();
+    let eps: Vec<trellis_dns::Endpoint> = live.iter().map(|e| zone_endpoint(e)).collect();
+    let svcs: Vec<trellis_dns::Service> = services
+        .iter()
+        .map(|s| trellis_dns::Service {
+            name: s.name.clone(),
+            network_id: s.network_id.clone(),
+            vip: match (s.mode, s.vip) {
+                (ServiceMode::Vip, Some(IpAddr::V4(v4))) => Some(v4),
+                _ => None,
+            },
+            backends: live
+                .iter()
+                .filter(|e| s.selects(e))
+                .filter_map(|e| match e.ip {
+                    IpAddr::V4(v4) => Some(v4),
+                    _ => None,
+                })
+                .collect(),
+        })
+        .collect();
+    Zone::build_with_services(&nets, &eps, &svcs)
 }
 
 /// Keep the zone and the listeners current: rebuilt on every `changed`
@@ -60,7 +85,8 @@ async fn rebuild(cluster: &Cluster, core: &Core, listeners: &mut Listeners) -> R
         .into_iter()
         .map(|h| h.id)
         .collect();
-    core.set_zone(zone_of(&networks, &endpoints, &hosts));
+    let services = cluster.services().await.map_err(|e| e.to_string())?;
+    core.set_zone(zone_of(&networks, &endpoints, &hosts, &services));
     let gateways: Vec<IpAddr> = networks.iter().filter_map(|n| n.gateway).collect();
     for (ip, e) in listeners.set(&gateways) {
         tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");

@@ -137,6 +137,8 @@ pub struct Snapshot {
     /// this host.
     pub networks: Vec<(String, u64, u64, u64)>,
     pub peers: u64,
+    /// VIP services: name and datapath id.
+    pub services: Vec<(String, u32)>,
 }
 
 /// The scrape-time part.
@@ -265,15 +267,25 @@ impl Collector for AgentCollector {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             for (ifname, c) in &counters {
-                for (reason, r) in [
-                    ("spoofed_mac", trellis_ebpf::DropReason::SpoofMac),
-                    ("spoofed_ip", trellis_ebpf::DropReason::SpoofIp),
-                    ("spoofed_arp", trellis_ebpf::DropReason::SpoofArp),
-                    ("spoofed_ipv6", trellis_ebpf::DropReason::SpoofIpv6),
-                    ("malformed", trellis_ebpf::DropReason::Malformed),
-                ] {
+                for r in trellis_ebpf::DropReason::ALL {
                     ConstCounter::new(c.dropped(r))
-                        .encode(m.encode_family(&[("interface", ifname.as_str()), ("reason", reason)])?)?;
+                        .encode(m.encode_family(&[("interface", ifname.as_str()), ("reason", r.name())])?)?;
+                }
+            }
+            drop(m);
+            let services = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).services.clone();
+            let stats: Vec<(String, trellis_ebpf::SvcStats)> = services
+                .into_iter()
+                .filter_map(|(name, id)| Some((name, self.dataplane.service_stats(id)?)))
+                .collect();
+            for (name, help, pick) in [
+                ("trellis_service_backend_selections", "New flows given a backend by this host's datapath.", 0usize),
+                ("trellis_service_flow_resets", "Flows reset because their backend left.", 1),
+            ] {
+                let mut m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+                for (svc, st) in &stats {
+                    let v = [st.selections, st.resets][pick];
+                    ConstCounter::new(v).encode(m.encode_family(&[("service", svc.as_str())])?)?;
                 }
             }
         }
@@ -295,6 +307,13 @@ pub async fn refresh(cluster: Arc<Cluster>, snapshot: Arc<RwLock<Snapshot>>, eve
             let local = eps.iter().filter(|e| e.network_id == n.id && e.host == cluster.host).count() as u64;
             out.networks.push((n.name.clone(), taken, usable, local));
         }
+        out.services = cluster
+            .services()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.datapath_id()?)))
+            .collect();
         out.peers = crate::hosts::live_hosts(cluster.store.as_ref())
             .await
             .map(|h| h.iter().filter(|h| h.id != cluster.host).count() as u64)

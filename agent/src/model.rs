@@ -38,6 +38,17 @@ pub fn container_key(host: &str, container_id: &str, ifname: &str) -> String {
     format!("{ROOT}containers/{host}/{container_id}/{ifname}")
 }
 
+pub fn services_prefix() -> String {
+    format!("{ROOT}services/")
+}
+pub fn service_key(name: &str) -> String {
+    format!("{ROOT}services/{name}")
+}
+/// The IPAM owner of a service's VIP (never reclaimed with a host).
+pub fn vip_owner(service: &str) -> String {
+    format!("{}{service}", trellis_ipam::SERVICE_OWNER_PREFIX)
+}
+
 pub fn ipam_root() -> String {
     format!("{ROOT}ipam/")
 }
@@ -189,6 +200,86 @@ pub struct HostRecord {
     pub capabilities: BTreeMap<String, bool>,
     pub version: String,
     pub started_unix: i64,
+}
+
+/// How a service's name resolves and how its clients reach it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// One virtual IP, load-balanced by the eBPF datapath.
+    #[default]
+    Vip,
+    /// DNS round robin: the name resolves to every backend.
+    Dnsrr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// A published port: clients use `port`, backends listen on `target`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ServicePort {
+    pub port: u16,
+    pub proto: Proto,
+    pub target: u16,
+}
+
+/// A service: a name on one network, and the endpoints it balances over
+/// (those whose labels match its selector, on any host).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub network_id: String,
+    pub network: String,
+    pub mode: ServiceMode,
+    /// `vip` mode only.
+    pub vip: Option<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub selector: BTreeMap<String, String>,
+    pub created_unix: i64,
+}
+
+impl ServiceRecord {
+    /// Does `e` back this service?
+    pub fn selects(&self, e: &EndpointRecord) -> bool {
+        e.network_id == self.network_id
+            && !e.deleting
+            && self.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+    }
+
+    /// The datapath's id of the service: its VIP as a number (unique, as
+    /// subnets do not overlap).
+    pub fn datapath_id(&self) -> Option<u32> {
+        match self.vip {
+            Some(IpAddr::V4(v4)) => Some(u32::from(v4)),
+            _ => None,
+        }
+    }
+}
+
+/// The selector a service gets when none is given.
+pub fn default_selector(service: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([(SERVICE_LABEL.to_string(), service.to_string())])
 }
 
 pub fn now_unix() -> i64 {

@@ -78,6 +78,9 @@ pub struct NetlinkDataplane {
     /// The eBPF endpoint program, when it could be loaded, and the bpffs
     /// directory of its pinned links.
     bpf: Option<(std::sync::Mutex<trellis_ebpf::Datapath>, std::path::PathBuf)>,
+    /// How the programs are attached (tcx where the kernel has it, or
+    /// clsact).
+    attach_mode: trellis_ebpf::AttachMode,
     /// One dump at a time on the shared socket: the kernel answers a second
     /// concurrent dump on a netlink socket with EBUSY (an API call's route
     /// dump racing the periodic pass's link dump).
@@ -155,7 +158,13 @@ impl NetlinkDataplane {
             source: e,
         })?;
         tokio::spawn(conn);
-        Ok(NetlinkDataplane { handle, bpf: None, dump: tokio::sync::Mutex::new(()), events: Default::default() })
+        Ok(NetlinkDataplane {
+            handle,
+            bpf: None,
+            attach_mode: trellis_ebpf::AttachMode::Auto,
+            dump: tokio::sync::Mutex::new(()),
+            events: Default::default(),
+        })
     }
 
     /// The monitor's ring buffer (once; `None` without the eBPF program).
@@ -166,7 +175,12 @@ impl NetlinkDataplane {
     /// Load the endpoint program with maps and links pinned under `dir`
     /// (a bpffs mount of this agent's, made if absent), so that they
     /// outlive the agent and a restarted agent adopts them.
-    pub fn with_ebpf(mut self, dir: &std::path::Path) -> std::result::Result<NetlinkDataplane, String> {
+    pub fn with_ebpf(
+        mut self,
+        dir: &std::path::Path,
+        mode: trellis_ebpf::AttachMode,
+    ) -> std::result::Result<NetlinkDataplane, String> {
+        self.attach_mode = mode;
         trellis_ebpf::mount_bpffs(dir)?;
         let maps = dir.join("maps");
         let links = dir.join("links");
@@ -189,22 +203,76 @@ impl NetlinkDataplane {
             .unwrap_or_default()
     }
 
-    async fn attach_program(&self, ifname: &str, ip: IpAddr, mac: Mac, vni: u32) -> Result<()> {
+    async fn attach_program(&self, ifname: &str, ip: IpAddr, mac: Mac, vni: u32, internal: bool) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
         let IpAddr::V4(v4) = ip else { return Ok(()) };
         let index = Self::require(&self.handle, ifname).await?;
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
-        dp.set_endpoint(index, trellis_ebpf::EndpointInfo::new(v4, mac, vni)).map_err(ebpf)?;
-        if links.join(ifname).exists() {
+        let flags = if internal { trellis_ebpf::EP_INTERNAL } else { 0 };
+        dp.set_endpoint(index, trellis_ebpf::EndpointInfo::new(v4, mac, vni).with_flags(flags)).map_err(ebpf)?;
+        if links.join(ifname).is_dir() {
             // Attached already (its map entry was what was missing).
             return Ok(());
         }
-        // clsact, not tcx: attaching with tcx waits for an RCU grace period
-        // (about 10 ms here, per endpoint); a tc filter costs ~0.4 ms and
-        // stays in the kernel without the agent just the same.
-        dp.attach_persistent(ifname, &links.join(ifname), trellis_ebpf::AttachMode::Clsact).map_err(ebpf)
+        dp.attach_persistent(ifname, &links.join(ifname), self.attach_mode).map_err(ebpf)
     }
+
+    fn update_tables(&self, ops: &crate::dataplane::TableOps) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{what}: {err}"))
+        };
+        for (k, v) in &ops.put_backends {
+            dp.put_backend(*k, *v).map_err(e("backend"))?;
+        }
+        for (id, ips) in &ops.put_maglev {
+            dp.put_maglev(*id, &trellis_ebpf::maglev::table(ips)).map_err(e("maglev table"))?;
+        }
+        for (k, v) in &ops.put_nets {
+            dp.put_net(*k, *v).map_err(e("subnet"))?;
+        }
+        for (k, v) in &ops.put_services {
+            dp.put_service(*k, *v).map_err(e("service"))?;
+        }
+        for (k, v) in &ops.put_vips {
+            dp.put_vip(*k, *v).map_err(e("VIP"))?;
+        }
+        for k in &ops.del_services {
+            dp.remove_service(*k).map_err(e("service"))?;
+        }
+        for k in &ops.del_vips {
+            dp.remove_vip(*k).map_err(e("VIP"))?;
+        }
+        for k in &ops.del_maglev {
+            dp.remove_maglev(*k).map_err(e("maglev table"))?;
+        }
+        for k in &ops.del_backends {
+            dp.remove_backend(*k).map_err(e("backend"))?;
+        }
+        for k in &ops.del_nets {
+            dp.remove_net(*k).map_err(e("subnet"))?;
+        }
+        Ok(())
+    }
+
+    /// The tables as the kernel has them (Maglev tables by id).
+    fn observe_tables(&self) -> Result<crate::dataplane::Tables> {
+        let Some((dp, _)) = &self.bpf else { return Ok(Default::default()) };
+        let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let e = |err: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("reading the tables: {err}"));
+        Ok(crate::dataplane::Tables {
+            nets: dp.nets().map_err(e)?.into_iter().collect(),
+            vips: dp.vips().map_err(e)?.into_iter().collect(),
+            services: dp.services().map_err(e)?.into_iter().collect(),
+            maglev: dp.maglev_ids().map_err(e)?.into_iter().map(|id| (id, Vec::new())).collect(),
+            backends: dp.backends().map_err(e)?.into_iter().collect(),
+        })
+    }
+
+
 
     async fn detach_program(&self, ifname: &str) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
@@ -212,9 +280,7 @@ impl NetlinkDataplane {
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
             dp.remove_endpoint(index).map_err(|e| DataplaneError::Ebpf(format!("{ifname}: {e}")))?;
         }
-        let marker = links.join(ifname);
-        let removed = if marker.is_dir() { std::fs::remove_dir(&marker) } else { std::fs::remove_file(&marker) };
-        match removed {
+        match trellis_ebpf::remove_marker(&links.join(ifname)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(DataplaneError::Io { call: "unpin link", object: ifname.to_string(), source: e }),
@@ -548,6 +614,11 @@ const MAIN_TABLE: u32 = 254;
 
 #[async_trait::async_trait]
 impl Dataplane for NetlinkDataplane {
+    fn service_stats(&self, id: u32) -> Option<trellis_ebpf::SvcStats> {
+        let (dp, _) = self.bpf.as_ref()?;
+        dp.lock().unwrap_or_else(|p| p.into_inner()).svc_stats(id).ok()
+    }
+
     fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
         let Some((dp, _)) = &self.bpf else { return Vec::new() };
         let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
@@ -647,7 +718,8 @@ impl Dataplane for NetlinkDataplane {
             let index: HashMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
             programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains(i)));
         }
-        let mut observed = Observed { egress, programs, ..Observed::default() };
+        let tables = self.observe_tables()?;
+        let mut observed = Observed { egress, programs, tables, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),
@@ -720,7 +792,10 @@ impl Dataplane for NetlinkDataplane {
                 Ok(())
             }
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
-            Action::AttachProgram { ifname, ip, mac, vni } => self.attach_program(ifname, *ip, *mac, *vni).await,
+            Action::AttachProgram { ifname, ip, mac, vni, internal } => {
+                self.attach_program(ifname, *ip, *mac, *vni, *internal).await
+            }
+            Action::UpdateTables(ops) => self.update_tables(ops),
             Action::DetachProgram { ifname } => self.detach_program(ifname).await,
             Action::CreateVxlan(v) => self.create_vxlan(v).await,
             Action::AddFdb { link, mac, dst } => {

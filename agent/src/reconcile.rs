@@ -13,9 +13,9 @@ use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, VxlanSpec};
+use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, Tables, VxlanSpec};
 use crate::egress::{EgressNet, EgressRules};
-use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
 
 /// Who this host is, as the desired state needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,9 +70,12 @@ pub struct DesiredHost {
     pub endpoints: BTreeMap<String, EndpointSpec>,
     /// Keyed by device name.
     pub vxlans: BTreeMap<String, DesiredVxlan>,
-    /// Endpoint veths that carry the endpoint program (with the VNI).
-    pub programs: BTreeMap<String, u32>,
+    /// Endpoint veths that carry the endpoint program (with the VNI and
+    /// whether the network is internal).
+    pub programs: BTreeMap<String, (u32, bool)>,
     pub egress: EgressRules,
+    /// The eBPF datapath's isolation and service tables.
+    pub tables: Tables,
 }
 
 /// What `host` should have, from every network and endpoint of the cluster.
@@ -127,13 +130,13 @@ pub fn desired(
     }
     if me.ebpf {
         for (name, spec) in &d.endpoints {
-            let vni = endpoints
+            let net = endpoints
                 .iter()
                 .find(|e| e.id == spec.endpoint_id)
                 .and_then(|e| by_id.get(e.network_id.as_str()))
-                .map(|n| n.vni)
-                .unwrap_or(0);
-            d.programs.insert(name.clone(), vni);
+                .map(|n| (n.vni, n.internal))
+                .unwrap_or((0, false));
+            d.programs.insert(name.clone(), net);
         }
     }
     // Tunnels: on a host with endpoints on a network, a VXLAN device with a
@@ -175,6 +178,72 @@ pub fn desired(
         }
     }
     d
+}
+
+/// The eBPF tables of a host whose endpoints `d` holds: every Trellis
+/// subnet (isolation), and the VIP services of the networks it has
+/// endpoints on, with the backends its datapath can reach now — local ones
+/// whose veth exists, and remote ones on live hosts, whose tunnel entries
+/// the same pass programs first.
+pub fn tables(
+    networks: &[NetworkRecord],
+    endpoints: &[EndpointRecord],
+    hosts: &[HostRecord],
+    services: &[ServiceRecord],
+    me: &Identity,
+    d: &DesiredHost,
+) -> Tables {
+    use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, SvcInfo, SvcKey, VipInfo, maglev};
+    let mut t = Tables::default();
+    if !me.ebpf {
+        return t;
+    }
+    let mut vni_of = BTreeMap::new();
+    for n in networks {
+        vni_of.insert(n.id.as_str(), n.vni);
+        if let IpNet::V4(v4) = n.subnet {
+            t.nets.insert(
+                (v4.network(), v4.prefix_len()),
+                NetInfo { net_id: n.vni, flags: if n.internal { trellis_ebpf::EP_INTERNAL } else { 0 } },
+            );
+        }
+    }
+    let local_ids: BTreeSet<&str> = d.endpoints.values().map(|e| e.endpoint_id.as_str()).collect();
+    let local_nets: BTreeSet<&str> =
+        endpoints.iter().filter(|e| local_ids.contains(e.id.as_str())).map(|e| e.network_id.as_str()).collect();
+    let remote: BTreeSet<&str> = if me.underlay.is_some() {
+        hosts.iter().filter(|h| h.id != me.host).map(|h| h.id.as_str()).collect()
+    } else {
+        BTreeSet::new()
+    };
+    for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip && local_nets.contains(s.network_id.as_str())) {
+        let (Some(id), Some(IpAddr::V4(vip)), Some(vni)) =
+            (s.datapath_id(), s.vip, vni_of.get(s.network_id.as_str()).copied())
+        else {
+            continue;
+        };
+        let mut ips = Vec::new();
+        for e in endpoints.iter().filter(|e| s.selects(e)) {
+            let reachable = local_ids.contains(e.id.as_str()) || remote.contains(e.host.as_str());
+            let (IpAddr::V4(ip), Some(mac)) = (e.ip, model::parse_mac(&e.mac)) else { continue };
+            if reachable {
+                t.backends.insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, BackendInfo { mac, pad: 0 });
+                ips.push(ip);
+            }
+        }
+        ips.sort();
+        ips.dedup();
+        let revision = maglev::digest(&ips);
+        for p in &s.ports {
+            t.services.insert(
+                SvcKey::new(vip, p.port, p.proto.number()),
+                SvcInfo { id, target_port: p.target.to_be(), pad: 0, count: ips.len() as u32, revision },
+            );
+        }
+        t.vips.insert(vip, VipInfo { net_id: vni, backends: ips.len() as u32 });
+        t.maglev.insert(id, ips);
+    }
+    t
 }
 
 fn owned(name: &str) -> bool {
@@ -297,11 +366,23 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
             _ => None,
         })
         .collect();
-    for (name, vni) in &desired.programs {
+    for (name, (vni, internal)) in &desired.programs {
         if !observed.programs.contains(name) || created.contains(name) {
             let spec = &desired.endpoints[name];
-            acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, vni: *vni });
+            acts.push(Action::AttachProgram {
+                ifname: name.clone(),
+                ip: spec.addr.addr(),
+                mac: spec.mac,
+                vni: *vni,
+                internal: *internal,
+            });
         }
+    }
+    // The tables last: remote backends' tunnel entries and local backends'
+    // veths are in place by now.
+    let ops = observed.tables.ops_to(&desired.tables);
+    if !ops.is_empty() {
+        acts.push(Action::UpdateTables(Box::new(ops)));
     }
     for name in observed.programs.iter().filter(|n| !desired.programs.contains_key(*n)) {
         acts.push(Action::DetachProgram { ifname: name.clone() });
@@ -346,10 +427,19 @@ pub enum ReconcileError {
     Observe(#[from] DataplaneError),
 }
 
+/// The desired state of the whole cluster at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub networks: Vec<NetworkRecord>,
+    pub endpoints: Vec<EndpointRecord>,
+    pub hosts: Vec<HostRecord>,
+    pub services: Vec<ServiceRecord>,
+}
+
 /// Where the reconciler reads the desired state from.
 #[async_trait::async_trait]
 pub trait DesiredSource: Send + Sync + 'static {
-    async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String>;
+    async fn load(&self) -> Result<Snapshot, String>;
 }
 
 /// Runs passes, one at a time; concurrent callers share a pass that
@@ -423,8 +513,10 @@ impl Reconciler {
         }
         let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let t0 = Instant::now();
-        let (networks, endpoints, hosts) = self.source.load().await.map_err(ReconcileError::Desired)?;
-        let want = desired(&networks, &endpoints, &hosts, &self.me);
+        let Snapshot { networks, endpoints, hosts, services } =
+            self.source.load().await.map_err(ReconcileError::Desired)?;
+        let mut want = desired(&networks, &endpoints, &hosts, &self.me);
+        want.tables = tables(&networks, &endpoints, &hosts, &services, &self.me, &want);
         let t_load = t0.elapsed();
         let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
         let cached_was_none = cached.is_none();
@@ -591,9 +683,9 @@ mod tests {
     struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);
     #[async_trait::async_trait]
     impl DesiredSource for Fixed {
-        async fn load(&self) -> Result<(Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>), String> {
-            let (n, e) = self.0.lock().unwrap().clone();
-            Ok((n, e, vec![]))
+        async fn load(&self) -> Result<Snapshot, String> {
+            let (networks, endpoints) = self.0.lock().unwrap().clone();
+            Ok(Snapshot { networks, endpoints, ..Snapshot::default() })
         }
     }
 
@@ -688,6 +780,90 @@ mod tests {
                 },
             ]
         );
+    }
+
+    fn service(name: &str, net: &str, vip: &str) -> ServiceRecord {
+        ServiceRecord {
+            name: name.into(),
+            network_id: net.into(),
+            network: format!("net-{net}"),
+            mode: model::ServiceMode::Vip,
+            vip: Some(vip.parse().unwrap()),
+            ports: vec![model::ServicePort { port: 80, proto: model::Proto::Tcp, target: 8080 }],
+            selector: model::default_selector(name),
+            created_unix: 0,
+        }
+    }
+
+    #[test]
+    fn service_tables_hold_reachable_backends_and_change_in_a_safe_order() {
+        use trellis_ebpf::{BackendKey, SvcKey, be};
+        let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", true)];
+        let mut b1 = endpoint("b1", "aaaa", "10.1.0.2", "h1");
+        let mut b2 = endpoint("b2", "aaaa", "10.1.0.3", "h2");
+        let mut b3 = endpoint("b3", "aaaa", "10.1.0.4", "h3");
+        for b in [&mut b1, &mut b2, &mut b3] {
+            b.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+        }
+        let client = endpoint("c1", "aaaa", "10.1.0.9", "h1");
+        let eps = vec![b1, b2, b3, client];
+        let host = |id: &str, ip: &str| HostRecord {
+            id: id.into(),
+            hostname: id.into(),
+            underlay: ip.parse().unwrap(),
+            vtep_mac: "02:00:00:00:00:09".into(),
+            vxlan_port: 4789,
+            capabilities: Default::default(),
+            version: String::new(),
+            started_unix: 0,
+        };
+        // h3 is not live: its backend is not used.
+        let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+        let me = Identity { ebpf: true, underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+        let svcs = vec![service("web", "aaaa", "10.1.0.254")];
+        let d = desired(&nets, &eps, &hosts, &me);
+        let t = tables(&nets, &eps, &hosts, &svcs, &me, &d);
+        assert_eq!(t.nets.len(), 2, "every subnet, for isolation");
+        assert_eq!(t.nets[&("10.2.0.0".parse().unwrap(), 24)].flags, trellis_ebpf::EP_INTERNAL);
+        let vip: std::net::Ipv4Addr = "10.1.0.254".parse().unwrap();
+        let id = u32::from(vip);
+        assert_eq!(t.maglev[&id], vec!["10.1.0.2".parse::<std::net::Ipv4Addr>().unwrap(), "10.1.0.3".parse().unwrap()]);
+        let svc = t.services[&SvcKey::new(vip, 80, 6)];
+        assert_eq!((svc.id, u16::from_be(svc.target_port), svc.count), (id, 8080, 2));
+        assert_eq!(t.vips[&vip].backends, 2);
+        assert!(!t.backends.contains_key(&BackendKey { svc_id: id, ip: be("10.1.0.4".parse().unwrap()) }));
+        // Without eBPF, or without local endpoints on the network, no tables.
+        assert_eq!(tables(&nets, &eps, &hosts, &svcs, &Identity { ebpf: false, ..me.clone() }, &d), Tables::default());
+        let lonely = Identity { host: "h9".into(), ..me.clone() };
+        assert!(tables(&nets, &eps, &hosts, &svcs, &lonely, &desired(&nets, &eps, &hosts, &lonely)).services.is_empty());
+
+        // From nothing: one table update, after the tunnel entries.
+        let want = DesiredHost { tables: t.clone(), ..d.clone() };
+        let acts = diff(&want, &Observed::default());
+        let pos_tables = acts.iter().position(|a| matches!(a, Action::UpdateTables(_))).unwrap();
+        assert!(acts.iter().rposition(|a| matches!(a, Action::AddFdb { .. })).unwrap() < pos_tables);
+        let mut obs = Observed::default();
+        for a in &acts {
+            obs.record(a).unwrap();
+        }
+        assert!(diff(&want, &obs).is_empty(), "converged: {:?}", diff(&want, &obs));
+
+        // h3 comes alive: its backend joins, the table is rewritten, the
+        // service entry follows.
+        let hosts3 = vec![hosts[0].clone(), hosts[1].clone(), host("h3", "192.0.2.3")];
+        let d3 = desired(&nets, &eps, &hosts3, &me);
+        let t3 = tables(&nets, &eps, &hosts3, &svcs, &me, &d3);
+        let ops = obs.tables.ops_to(&t3);
+        assert_eq!(ops.put_backends.len(), 1);
+        assert_eq!(ops.put_maglev.iter().map(|(id, b)| (*id, b.len())).collect::<Vec<_>>(), vec![(id, 3)]);
+        assert_eq!(ops.put_services.len(), 1);
+        assert!(ops.del_backends.is_empty());
+        obs.tables.apply(&ops);
+        // The service goes: entries first, then what they pointed to.
+        let gone = tables(&nets, &eps, &hosts3, &[], &me, &d3);
+        let ops = obs.tables.ops_to(&gone);
+        assert_eq!((ops.del_services.len(), ops.del_vips.len(), ops.del_maglev.len(), ops.del_backends.len()), (1, 1, 1, 3));
+        assert!(ops.put_maglev.is_empty() && ops.del_nets.is_empty());
     }
 
     #[test]

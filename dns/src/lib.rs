@@ -9,4 +9,4 @@ pub mod server;
 pub mod zone;
 
 pub use server::{Core, Handler, Listeners, Stats, Upstreams};
-pub use zone::{Answer, Endpoint, Network, QType, Zone};
+pub use zone::{Answer, Endpoint, Network, QType, Service, Zone};

@@ -39,6 +39,16 @@ pub struct Endpoint {
     pub service: Option<String>,
 }
 
+/// A service record: in `vip` mode its name resolves to the VIP, in
+/// `dnsrr` mode to every backend; `tasks.NAME` is every backend either way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub network_id: String,
+    pub vip: Option<Ipv4Addr>,
+    pub backends: Vec<Ipv4Addr>,
+}
+
 /// The record types the zone distinguishes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QType {
@@ -71,6 +81,8 @@ struct NetNames {
     hosts: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// Service → its backends.
     services: HashMap<String, BTreeSet<Ipv4Addr>>,
+    /// `vip` services → their VIP.
+    vips: HashMap<String, Ipv4Addr>,
 }
 
 /// The scoped names of a cluster at one moment.
@@ -91,6 +103,12 @@ fn norm(name: &str) -> String {
 
 impl Zone {
     pub fn build(networks: &[Network], endpoints: &[Endpoint]) -> Zone {
+        Zone::build_with_services(networks, endpoints, &[])
+    }
+
+    /// The zone with service records too (they take precedence over the
+    /// implicit services of endpoints' `trellis.service` labels).
+    pub fn build_with_services(networks: &[Network], endpoints: &[Endpoint], services: &[Service]) -> Zone {
         let mut z = Zone::default();
         for n in networks {
             z.by_name.insert(norm(&n.name), n.id.clone());
@@ -107,6 +125,14 @@ impl Zone {
             }
             if let Some(s) = &e.service {
                 names.services.entry(norm(s)).or_default().insert(v4);
+            }
+        }
+        for s in services {
+            let Some(names) = z.names.get_mut(&s.network_id) else { continue };
+            names.services.insert(norm(&s.name), s.backends.iter().copied().collect());
+            if let Some(vip) = s.vip {
+                names.vips.insert(norm(&s.name), vip);
+                z.by_ip.entry(IpAddr::V4(vip)).or_default().push((s.network_id.clone(), s.name.clone(), String::new()));
             }
         }
         z
@@ -161,7 +187,13 @@ impl Zone {
         if tasks {
             return names.services.get(name).map(|s| s.iter().copied().collect());
         }
-        names.hosts.get(name).or_else(|| names.services.get(name)).map(|s| s.iter().copied().collect())
+        if let Some(h) = names.hosts.get(name) {
+            return Some(h.iter().copied().collect());
+        }
+        if let Some(vip) = names.vips.get(name) {
+            return Some(vec![*vip]);
+        }
+        names.services.get(name).map(|s| s.iter().copied().collect())
     }
 
     fn answer_addrs(found: Vec<Ipv4Addr>, qtype: QType) -> Answer {
@@ -300,6 +332,38 @@ mod tests {
         assert_eq!(z.resolve("a.b.app", QType::A, &s), Answer::NxDomain, "under a network name: ours");
         assert_eq!(z.resolve("example.com", QType::A, &s), Answer::Forward);
         assert_eq!(z.resolve(".", QType::A, &s), Answer::Forward);
+    }
+
+    #[test]
+    fn service_records_give_vips_backends_and_reverse_names() {
+        let nets = [net("n1", "app", "10.1.0.0/24"), net("n2", "db", "10.2.0.0/24")];
+        let eps = [
+            ep("a1", "n1", "10.1.0.2", "/c/a1", None, &[]),
+            ep("a2", "n1", "10.1.0.3", "/c/a2", None, &[]),
+            ep("client", "n1", "10.1.0.4", "/c/client", None, &[]),
+            ep("other", "n2", "10.2.0.4", "/c/other", None, &[]),
+        ];
+        let svcs = [
+            Service { name: "web".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.254")), backends: vec![v4("10.1.0.2"), v4("10.1.0.3")] },
+            Service { name: "rr".into(), network_id: "n1".into(), vip: None, backends: vec![v4("10.1.0.3")] },
+            Service { name: "empty".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.253")), backends: vec![] },
+        ];
+        let z = Zone::build_with_services(&nets, &eps, &svcs);
+        let s = scope_of(&z, "10.1.0.4");
+        assert_eq!(z.resolve("web", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.254")]), "vip mode: the VIP");
+        assert_eq!(z.resolve("web.app", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.254")]));
+        assert_eq!(z.resolve("tasks.web", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2"), v4("10.1.0.3")]));
+        assert_eq!(z.resolve("rr", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.3")]), "dnsrr: the backends");
+        assert_eq!(z.resolve("empty", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.253")]), "a VIP with no backend still resolves");
+        assert_eq!(z.resolve("tasks.empty", QType::A, &s), Answer::NoData);
+        assert_eq!(
+            z.resolve("254.0.1.10.in-addr.arpa", QType::Ptr, &s),
+            Answer::Names(vec!["web.app.".into()]),
+            "PTR of a VIP"
+        );
+        let other = scope_of(&z, "10.2.0.4");
+        assert_eq!(z.resolve("web", QType::A, &other), Answer::NxDomain, "another network's service");
+        assert_eq!(z.resolve("254.0.1.10.in-addr.arpa", QType::Ptr, &other), Answer::NxDomain);
     }
 
     #[test]

@@ -139,11 +139,18 @@ pub enum AddrRequest {
     /// An address this host reserved earlier (owner [`RESERVED`]), taken
     /// over in the same transaction that writes the caller's records.
     Claim(IpAddr),
+    /// The highest free address: for cluster-wide addresses (service VIPs),
+    /// kept away from the hosts' blocks, which fill from the bottom.
+    Top,
 }
 
 /// The owner of an address reserved ahead of its endpoint (an engine's
 /// IPAM asks for the address before it creates the endpoint).
 pub const RESERVED: &str = "reserved";
+
+/// Owners starting with this hold a cluster-wide address (a service's
+/// VIP): it is not the creating host's and is not reclaimed with it.
+pub const SERVICE_OWNER_PREFIX: &str = "service:";
 
 #[derive(Default)]
 struct OwnedBlock {
@@ -342,7 +349,7 @@ impl Ipam {
             }
         }
         for (ip, rec) in self.addresses(net_id).await? {
-            if rec.host == host && rec.owner != "gateway" {
+            if rec.host == host && rec.owner != "gateway" && !rec.owner.starts_with(SERVICE_OWNER_PREFIX) {
                 ops.push(Op::delete(self.addr_key(net_id, ip)));
             }
         }
@@ -397,7 +404,25 @@ impl Ipam {
             AddrRequest::Specific(ip) => self.allocate_specific(pool, ip, owner, &extra).await,
             AddrRequest::Claim(ip) => self.claim(pool, ip, owner, &extra).await,
             AddrRequest::Any => self.allocate_any(pool, owner, &extra).await,
+            AddrRequest::Top => self.allocate_top(pool, owner, &extra).await,
         }
+    }
+
+    async fn allocate_top<F>(&self, pool: &Pool, owner: &str, extra: &F) -> Result<IpAddr>
+    where
+        F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let used: BTreeSet<IpAddr> = self.addresses(&pool.net_id).await?.into_iter().map(|(ip, _)| ip).collect();
+            let Some(ip) = pure::last_free(&pool.subnet, &used, &pure::reserved(&pool.subnet, pool.gateway)) else {
+                return Err(IpamError::Exhausted { network: pool.net_id.clone(), subnet: pool.subnet });
+            };
+            match self.allocate_specific(pool, ip, owner, extra).await {
+                Err(IpamError::InUse { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(IpamError::Contention(MAX_ATTEMPTS))
     }
 
     fn record(&self, owner: &str) -> Vec<u8> {

@@ -88,6 +88,12 @@ pub fn first_free(block: &IpNet, used: &BTreeSet<IpAddr>, reserved: &[IpAddr]) -
     (0..n).map(|o| nth(block, o)).find(|ip| !used.contains(ip) && !reserved.contains(ip))
 }
 
+/// The highest address of `subnet` that is neither used nor reserved.
+pub fn last_free(subnet: &IpNet, used: &BTreeSet<IpAddr>, reserved: &[IpAddr]) -> Option<IpAddr> {
+    let n = size(subnet).min(1 << 20);
+    (0..n).rev().map(|o| nth(subnet, o)).find(|ip| !used.contains(ip) && !reserved.contains(ip))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +103,16 @@ mod tests {
     }
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn last_free_counts_down_past_broadcast_and_used() {
+        let used: BTreeSet<IpAddr> = [ip("10.0.0.254")].into();
+        let r = reserved(&net("10.0.0.0/24"), Some(ip("10.0.0.1")));
+        assert_eq!(last_free(&net("10.0.0.0/24"), &used, &r), Some(ip("10.0.0.253")));
+        let tiny = net("10.0.0.0/30");
+        let all: BTreeSet<IpAddr> = [ip("10.0.0.1"), ip("10.0.0.2")].into();
+        assert_eq!(last_free(&tiny, &all, &reserved(&tiny, None)), None);
     }
 
     #[test]

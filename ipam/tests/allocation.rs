@@ -363,3 +363,28 @@ impl ClaimForTest for Ipam {
         self.allocate(pool, AddrRequest::Claim(ip), "someone", none).await
     }
 }
+
+/// Service VIPs come from the top of the subnet, never collide with block
+/// allocations, and survive the release of the host that created them.
+#[tokio::test]
+async fn top_addresses_are_cluster_wide_and_outlive_their_host() {
+    let s = store();
+    let a = Ipam::new(s.clone(), "/t/ipam/", "a").with_block_len_v4(28);
+    let b = Ipam::new(s.clone(), "/t/ipam/", "b").with_block_len_v4(28);
+    let pool = create(&a, &s, "n", SubnetRequest::Specific(net("10.81.0.0/27"))).await;
+    let owner = format!("{}web", trellis_ipam::SERVICE_OWNER_PREFIX);
+    let v1 = a.allocate(&pool, AddrRequest::Top, &owner, none).await.unwrap();
+    let v2 = b.allocate(&pool, AddrRequest::Top, &format!("{owner}2"), none).await.unwrap();
+    assert_eq!((v1, v2), (ip("10.81.0.30"), ip("10.81.0.29")), "from the top, below broadcast");
+    // Every other address is still allocatable by the hosts, none twice.
+    let mut got = BTreeSet::new();
+    while let Ok(x) = b.allocate(&pool, AddrRequest::Any, "e", none).await {
+        assert!(got.insert(x) && x != v1 && x != v2, "{x} handed out twice");
+    }
+    assert_eq!(got.len(), 32 - 2 - 1 - 2, "all but network, broadcast, gateway and the two VIPs");
+    assert!(matches!(a.allocate(&pool, AddrRequest::Top, "x", none).await, Err(IpamError::Exhausted { .. })));
+    // Host a dies: its VIP stays.
+    let (c, o) = b.plan_host_release("n", "a").await.unwrap();
+    assert!(s.txn(c, o).await.unwrap().succeeded);
+    assert!(b.addresses("n").await.unwrap().iter().any(|(x, r)| *x == v1 && r.owner == owner));
+}

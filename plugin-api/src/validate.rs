@@ -42,6 +42,58 @@ pub fn name(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A service name: a name without dots (`NAME.NETWORK` is its qualified
+/// DNS name, `tasks.NAME` its backends').
+pub fn service_name(value: &str) -> Result<()> {
+    name("service name", value)?;
+    if value.contains('.') {
+        return Err(invalid("service name", value, "must not contain '.' (it is a DNS label)"));
+    }
+    if value.eq_ignore_ascii_case("tasks") {
+        return Err(invalid("service name", value, "\"tasks\" is reserved (tasks.NAME lists a service's backends)"));
+    }
+    Ok(())
+}
+
+/// A published port, `PORT[/tcp|/udp][:TARGET]`: the port clients use, the
+/// protocol (tcp by default) and the port the backends listen on (the same
+/// by default). Returns (port, protocol, target).
+pub fn service_port(value: &str) -> Result<(u16, &'static str, u16)> {
+    let (front, target) = match value.split_once(':') {
+        Some((f, t)) => (f, Some(t)),
+        None => (value, None),
+    };
+    let (port, proto) = match front.split_once('/') {
+        Some((p, proto)) => (p, proto),
+        None => (front, "tcp"),
+    };
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => "tcp",
+        "udp" => "udp",
+        other => return Err(invalid("port", value, format!("protocol {other:?}: expected tcp or udp"))),
+    };
+    let number = |s: &str| -> Result<u16> {
+        match s.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(invalid("port", value, format!("{s:?} is not a port (1-65535); expected PORT[/tcp|/udp][:TARGET]"))),
+        }
+    };
+    let port = number(port)?;
+    let target = match target {
+        Some(t) => number(t)?,
+        None => port,
+    };
+    Ok((port, proto, target))
+}
+
+/// A selector term `KEY=VALUE`.
+pub fn selector(value: &str) -> Result<(String, String)> {
+    match value.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(invalid("selector", value, "expected KEY=VALUE")),
+    }
+}
+
 /// A subnet in CIDR notation with no host bits set.
 pub fn subnet(value: &str) -> Result<IpNet> {
     let net: IpNet =
@@ -106,6 +158,23 @@ pub fn label_arg(arg: &str) -> Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn service_ports_parse_with_defaults_and_refuse_nonsense() {
+        assert_eq!(service_port("80"), Ok((80, "tcp", 80)));
+        assert_eq!(service_port("53/udp"), Ok((53, "udp", 53)));
+        assert_eq!(service_port("80:8080"), Ok((80, "tcp", 8080)));
+        assert_eq!(service_port("80/TCP:8080"), Ok((80, "tcp", 8080)));
+        for bad in ["", "0", "70000", "80/sctp", "80:", "x", "80/tcp:0", ":80"] {
+            let e = service_port(bad).unwrap_err().to_string();
+            assert!(e.contains("port"), "{bad}: {e}");
+        }
+        assert!(service_name("web").is_ok());
+        assert!(service_name("web.app").unwrap_err().to_string().contains("'.'"));
+        assert!(service_name("tasks").is_err());
+        assert_eq!(selector("app=web"), Ok(("app".into(), "web".into())));
+        assert!(selector("=x").is_err() && selector("novalue").is_err());
+    }
 
     #[test]
     fn names() {

@@ -61,6 +61,10 @@ enum Cmd {
     /// Endpoints.
     #[command(subcommand)]
     Endpoint(EndpointCmd),
+    /// Services: a name (and in vip mode a virtual IP, load-balanced in
+    /// the eBPF datapath) for the endpoints matching a selector.
+    #[command(subcommand)]
+    Service(ServiceCmd),
     /// Hosts of the cluster.
     #[command(subcommand)]
     Host(HostCmd),
@@ -133,6 +137,74 @@ enum NetworkCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Create a service.
+    Create {
+        name: String,
+        #[arg(long)]
+        network: String,
+        /// PORT[/tcp|/udp][:TARGET], repeatable: clients use PORT, backends
+        /// listen on TARGET (PORT by default).
+        #[arg(long = "port", value_name = "PORT[/PROTO][:TARGET]")]
+        ports: Vec<String>,
+        /// `vip` (a virtual IP, load-balanced) or `dnsrr` (the name
+        /// resolves to every backend).
+        #[arg(long, default_value = "vip")]
+        mode: String,
+        /// Backends are the endpoints with these labels (default:
+        /// trellis.service=NAME).
+        #[arg(long = "selector", value_name = "KEY=VALUE")]
+        selector: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List services.
+    #[command(alias = "list")]
+    Ls {
+        #[arg(long)]
+        network: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a service with its backends, as JSON.
+    Inspect {
+        name: String,
+        /// Accepted for symmetry: inspect always prints JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a service (its VIP is released).
+    #[command(alias = "remove")]
+    Rm { name: String },
+}
+
+fn service_json(s: &proto::Service) -> Value {
+    json!({
+        "name": s.name, "network": s.network, "network_id": s.network_id, "mode": s.mode, "vip": s.vip,
+        "ports": s.ports.iter().map(|p| json!({"port": p.port, "protocol": p.protocol, "target": p.target})).collect::<Vec<_>>(),
+        "selector": s.selector,
+        "backends": s.backends.iter().map(|b| json!({
+            "endpoint": b.endpoint, "endpoint_id": b.endpoint_id, "ip": b.ip, "host": b.host, "programmed": b.programmed,
+        })).collect::<Vec<_>>(),
+        "created_unix": s.created_unix, "selections": s.selections, "resets": s.resets,
+    })
+}
+
+fn ports_text(s: &proto::Service) -> String {
+    s.ports
+        .iter()
+        .map(|p| {
+            if p.port == p.target {
+                format!("{}/{}", p.port, p.protocol)
+            } else {
+                format!("{}/{}:{}", p.port, p.protocol, p.target)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[derive(Subcommand)]
@@ -287,6 +359,57 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 println!("{} {} subnet={} gateway={} vni={} mtu={}", n.name, n.id, n.subnet, n.gateway, n.vni, n.mtu);
             }
+        }
+        Cmd::Service(ServiceCmd::Create { name, network, ports, mode, selector, json }) => {
+            let mut req_ports = Vec::new();
+            for p in &ports {
+                let (port, protocol, target) = validate::service_port(p)?;
+                req_ports.push(proto::ServicePort { port: port as u32, protocol: protocol.into(), target: target as u32 });
+            }
+            let selector: HashMap<String, String> =
+                selector.iter().map(|s| validate::selector(s)).collect::<Result<_, _>>()?;
+            let s = c
+                .create_service(proto::CreateServiceRequest { name, network, ports: req_ports, mode, selector })
+                .await?
+                .into_inner();
+            if json {
+                print_json(&service_json(&s));
+            } else {
+                let vip = if s.vip.is_empty() { "-".to_string() } else { s.vip.clone() };
+                println!("{} network={} mode={} vip={} ports={} backends={}", s.name, s.network, s.mode, vip, ports_text(&s), s.backends.len());
+            }
+        }
+        Cmd::Service(ServiceCmd::Ls { network, json }) => {
+            let list = c
+                .list_services(proto::ListServicesRequest { network: network.unwrap_or_default() })
+                .await?
+                .into_inner()
+                .services;
+            if json {
+                print_json(&Value::Array(list.iter().map(service_json).collect()));
+            } else {
+                println!("{:<20} {:<16} {:<6} {:<16} {:<20} BACKENDS", "NAME", "NETWORK", "MODE", "VIP", "PORTS");
+                for s in list {
+                    let vip = if s.vip.is_empty() { "-".to_string() } else { s.vip.clone() };
+                    println!(
+                        "{:<20} {:<16} {:<6} {:<16} {:<20} {}",
+                        s.name,
+                        s.network,
+                        s.mode,
+                        vip,
+                        ports_text(&s),
+                        s.backends.len()
+                    );
+                }
+            }
+        }
+        Cmd::Service(ServiceCmd::Inspect { name, json: _ }) => {
+            let s = c.inspect_service(proto::ServiceRef { name }).await?.into_inner();
+            print_json(&service_json(&s));
+        }
+        Cmd::Service(ServiceCmd::Rm { name }) => {
+            c.remove_service(proto::ServiceRef { name: name.clone() }).await?;
+            println!("removed {name}");
         }
         Cmd::Network(NetworkCmd::Ls { json }) => {
             let list = c.list_networks(proto::ListNetworksRequest {}).await?.into_inner().networks;
