@@ -116,9 +116,9 @@ pub fn service_to_proto(
             ip: e.ip.to_string(),
             host: e.host.clone(),
             programmed: match (id, e.ip) {
-                (Some(id), std::net::IpAddr::V4(v4)) => tables
-                    .backends
-                    .contains_key(&trellis_ebpf::BackendKey { svc_id: id, ip: trellis_ebpf::be(v4) }),
+                (Some(id), std::net::IpAddr::V4(v4)) => {
+                    tables.backends.contains_key(&trellis_ebpf::BackendKey { svc_id: id, ip: trellis_ebpf::be(v4) })
+                }
                 _ => false,
             },
         })
@@ -275,7 +275,10 @@ impl AgentService {
 
 #[tonic::async_trait]
 impl proto::agent_server::Agent for AgentService {
-    async fn create_service(&self, request: Request<proto::CreateServiceRequest>) -> Result<Response<proto::Service>, Status> {
+    async fn create_service(
+        &self,
+        request: Request<proto::CreateServiceRequest>,
+    ) -> Result<Response<proto::Service>, Status> {
         let r = request.into_inner();
         validate::service_name(&r.name).map_err(bad)?;
         if r.network.is_empty() {
@@ -301,17 +304,18 @@ impl proto::agent_server::Agent for AgentService {
             return Err(Status::invalid_argument("a vip service needs at least one --port PORT[/tcp|/udp][:TARGET]"));
         }
         let selector = labels(r.selector)?;
-        let rec = self
-            .cluster
-            .create_service(NewService { name: r.name, network: r.network, mode, ports, selector })
-            .await?;
+        let rec =
+            self.cluster.create_service(NewService { name: r.name, network: r.network, mode, ports, selector }).await?;
         self.converge().await?;
         let endpoints = self.cluster.endpoints().await?;
         let tables = self.reconciler.last_desired().tables.clone();
         Ok(Response::new(service_to_proto(&rec, &endpoints, &tables, self.dataplane.as_ref())))
     }
 
-    async fn list_services(&self, request: Request<proto::ListServicesRequest>) -> Result<Response<proto::ServiceList>, Status> {
+    async fn list_services(
+        &self,
+        request: Request<proto::ListServicesRequest>,
+    ) -> Result<Response<proto::ServiceList>, Status> {
         let r = request.into_inner();
         let net = if r.network.is_empty() { None } else { Some(self.cluster.network(&r.network).await?) };
         let endpoints = self.cluster.endpoints().await?;
@@ -574,7 +578,11 @@ impl proto::agent_server::Agent for AgentService {
             items.iter().filter(|kv| kv.key[docker.len()..].starts_with(part)).count() as u32
         };
         let (docker_items, _) = self.cluster.store.list(&docker).await.unwrap_or_default();
+        let tables = self.reconciler.seen().tables;
         Ok(Response::new(proto::StatusResponse {
+            datapath_services: tables.services.len() as u32,
+            datapath_backends: tables.backends.len() as u32,
+            datapath_subnets: tables.nets.len() as u32,
             docker_networks: count(&docker_items, "nets/"),
             docker_endpoints: count(&docker_items, "eps/"),
             host_id: self.cluster.host.clone(),

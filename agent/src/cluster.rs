@@ -292,7 +292,8 @@ impl Cluster {
     /// Remove a service and release its VIP, in one transaction.
     pub async fn remove_service(&self, name: &str) -> Result<model::ServiceRecord> {
         let key = model::service_key(name);
-        let kv = self.store.get(&key).await?.ok_or_else(|| AgentError::NotFound(format!("service {name:?} not found")))?;
+        let kv =
+            self.store.get(&key).await?.ok_or_else(|| AgentError::NotFound(format!("service {name:?} not found")))?;
         let rec: model::ServiceRecord = decode(&kv.key, &kv.value)?;
         let mut ops = vec![Op::delete(key.clone())];
         if let Some(vip) = rec.vip {

@@ -274,10 +274,8 @@ impl Collector for AgentCollector {
             }
             drop(m);
             let services = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).services.clone();
-            let stats: Vec<(String, trellis_ebpf::SvcStats)> = services
-                .into_iter()
-                .filter_map(|(name, id)| Some((name, self.dataplane.service_stats(id)?)))
-                .collect();
+            let stats: Vec<(String, trellis_ebpf::SvcStats)> =
+                services.into_iter().filter_map(|(name, id)| Some((name, self.dataplane.service_stats(id)?))).collect();
             for (name, help, pick) in [
                 ("trellis_service_backend_selections", "New flows given a backend by this host's datapath.", 0usize),
                 ("trellis_service_flow_resets", "Flows reset because their backend left.", 1),

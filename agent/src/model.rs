@@ -262,9 +262,7 @@ pub struct ServiceRecord {
 impl ServiceRecord {
     /// Does `e` back this service?
     pub fn selects(&self, e: &EndpointRecord) -> bool {
-        e.network_id == self.network_id
-            && !e.deleting
-            && self.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+        e.network_id == self.network_id && !e.deleting && self.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
     }
 
     /// The datapath's id of the service: its VIP as a number (unique, as

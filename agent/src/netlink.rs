@@ -272,8 +272,6 @@ impl NetlinkDataplane {
         })
     }
 
-
-
     async fn detach_program(&self, ifname: &str) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
         if let Some(index) = Self::index_of(&self.handle, ifname).await? {

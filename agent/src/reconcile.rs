@@ -216,7 +216,8 @@ pub fn tables(
     } else {
         BTreeSet::new()
     };
-    for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip && local_nets.contains(s.network_id.as_str())) {
+    for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip && local_nets.contains(s.network_id.as_str()))
+    {
         let (Some(id), Some(IpAddr::V4(vip)), Some(vni)) =
             (s.datapath_id(), s.vip, vni_of.get(s.network_id.as_str()).copied())
         else {
@@ -835,7 +836,9 @@ mod tests {
         // Without eBPF, or without local endpoints on the network, no tables.
         assert_eq!(tables(&nets, &eps, &hosts, &svcs, &Identity { ebpf: false, ..me.clone() }, &d), Tables::default());
         let lonely = Identity { host: "h9".into(), ..me.clone() };
-        assert!(tables(&nets, &eps, &hosts, &svcs, &lonely, &desired(&nets, &eps, &hosts, &lonely)).services.is_empty());
+        assert!(
+            tables(&nets, &eps, &hosts, &svcs, &lonely, &desired(&nets, &eps, &hosts, &lonely)).services.is_empty()
+        );
 
         // From nothing: one table update, after the tunnel entries.
         let want = DesiredHost { tables: t.clone(), ..d.clone() };
@@ -862,7 +865,10 @@ mod tests {
         // The service goes: entries first, then what they pointed to.
         let gone = tables(&nets, &eps, &hosts3, &[], &me, &d3);
         let ops = obs.tables.ops_to(&gone);
-        assert_eq!((ops.del_services.len(), ops.del_vips.len(), ops.del_maglev.len(), ops.del_backends.len()), (1, 1, 1, 3));
+        assert_eq!(
+            (ops.del_services.len(), ops.del_vips.len(), ops.del_maglev.len(), ops.del_backends.len()),
+            (1, 1, 1, 3)
+        );
         assert!(ops.put_maglev.is_empty() && ops.del_nets.is_empty());
     }
 

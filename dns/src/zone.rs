@@ -344,7 +344,12 @@ mod tests {
             ep("other", "n2", "10.2.0.4", "/c/other", None, &[]),
         ];
         let svcs = [
-            Service { name: "web".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.254")), backends: vec![v4("10.1.0.2"), v4("10.1.0.3")] },
+            Service {
+                name: "web".into(),
+                network_id: "n1".into(),
+                vip: Some(v4("10.1.0.254")),
+                backends: vec![v4("10.1.0.2"), v4("10.1.0.3")],
+            },
             Service { name: "rr".into(), network_id: "n1".into(), vip: None, backends: vec![v4("10.1.0.3")] },
             Service { name: "empty".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.253")), backends: vec![] },
         ];
@@ -354,7 +359,11 @@ mod tests {
         assert_eq!(z.resolve("web.app", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.254")]));
         assert_eq!(z.resolve("tasks.web", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2"), v4("10.1.0.3")]));
         assert_eq!(z.resolve("rr", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.3")]), "dnsrr: the backends");
-        assert_eq!(z.resolve("empty", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.253")]), "a VIP with no backend still resolves");
+        assert_eq!(
+            z.resolve("empty", QType::A, &s),
+            Answer::Addrs(vec![v4("10.1.0.253")]),
+            "a VIP with no backend still resolves"
+        );
         assert_eq!(z.resolve("tasks.empty", QType::A, &s), Answer::NoData);
         assert_eq!(
             z.resolve("254.0.1.10.in-addr.arpa", QType::Ptr, &s),

@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod containerd;
 pub mod dockerd;
+pub mod sockets;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 

@@ -177,6 +177,10 @@ pub struct Ipam {
     block_v6: u8,
     cache: Mutex<HashMap<String, NetCache>>,
     grow_lock: tokio::sync::Mutex<()>,
+    /// Per network, where the next [`AddrRequest::Top`] allocation starts
+    /// looking (just below the last one): creating many services does not
+    /// list every address each time.
+    top_cursor: Mutex<HashMap<String, IpAddr>>,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(kv: &KeyValue) -> Result<T> {
@@ -217,6 +221,7 @@ impl Ipam {
             block_v4: DEFAULT_BLOCK_V4,
             block_v6: DEFAULT_BLOCK_V6,
             cache: Mutex::new(HashMap::new()),
+            top_cursor: Mutex::new(HashMap::new()),
             grow_lock: tokio::sync::Mutex::new(()),
         }
     }
@@ -412,13 +417,39 @@ impl Ipam {
     where
         F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
     {
+        let reserved = pure::reserved(&pool.subnet, pool.gateway);
+        let mut taken_in_a_row = 0;
+        let cursor = |ipam: &Ipam| ipam.top_cursor.lock().unwrap_or_else(|p| p.into_inner()).get(&pool.net_id).copied();
         for _ in 0..MAX_ATTEMPTS {
-            let used: BTreeSet<IpAddr> = self.addresses(&pool.net_id).await?.into_iter().map(|(ip, _)| ip).collect();
-            let Some(ip) = pure::last_free(&pool.subnet, &used, &pure::reserved(&pool.subnet, pool.gateway)) else {
-                return Err(IpamError::Exhausted { network: pool.net_id.clone(), subnet: pool.subnet });
+            // From the cursor down while candidates are free; from a fresh
+            // listing when there is no cursor or it ran out.
+            let ip = match cursor(self).filter(|ip| pool.subnet.contains(ip) && !reserved.contains(ip)) {
+                Some(ip) => ip,
+                None => {
+                    let used: BTreeSet<IpAddr> =
+                        self.addresses(&pool.net_id).await?.into_iter().map(|(ip, _)| ip).collect();
+                    pure::last_free(&pool.subnet, &used, &reserved)
+                        .ok_or_else(|| IpamError::Exhausted { network: pool.net_id.clone(), subnet: pool.subnet })?
+                }
             };
+            let below = pure::prev(&pool.subnet, ip);
+            {
+                let mut c = self.top_cursor.lock().unwrap_or_else(|p| p.into_inner());
+                match below {
+                    Some(b) => c.insert(pool.net_id.clone(), b),
+                    None => c.remove(&pool.net_id),
+                };
+            }
             match self.allocate_specific(pool, ip, owner, extra).await {
-                Err(IpamError::InUse { .. }) => continue,
+                Err(IpamError::InUse { .. }) | Err(IpamError::Reserved { .. }) => {
+                    // Taken by someone else: go on below (the cursor moved
+                    // already; concurrent callers never try the same one),
+                    // and after a run of taken ones list everything again.
+                    taken_in_a_row += 1;
+                    if taken_in_a_row % 8 == 0 {
+                        self.top_cursor.lock().unwrap_or_else(|p| p.into_inner()).remove(&pool.net_id);
+                    }
+                }
                 other => return other,
             }
         }

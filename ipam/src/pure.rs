@@ -88,6 +88,12 @@ pub fn first_free(block: &IpNet, used: &BTreeSet<IpAddr>, reserved: &[IpAddr]) -
     (0..n).map(|o| nth(block, o)).find(|ip| !used.contains(ip) && !reserved.contains(ip))
 }
 
+/// The address just below `ip` inside `subnet`, if any.
+pub fn prev(subnet: &IpNet, ip: IpAddr) -> Option<IpAddr> {
+    let off = to_u128(ip).checked_sub(to_u128(subnet.network()))?;
+    (off > 0 && subnet.contains(&ip)).then(|| nth(subnet, off - 1))
+}
+
 /// The highest address of `subnet` that is neither used nor reserved.
 pub fn last_free(subnet: &IpNet, used: &BTreeSet<IpAddr>, reserved: &[IpAddr]) -> Option<IpAddr> {
     let n = size(subnet).min(1 << 20);

@@ -75,7 +75,9 @@ pub fn service_port(value: &str) -> Result<(u16, &'static str, u16)> {
     let number = |s: &str| -> Result<u16> {
         match s.parse::<u16>() {
             Ok(n) if n > 0 => Ok(n),
-            _ => Err(invalid("port", value, format!("{s:?} is not a port (1-65535); expected PORT[/tcp|/udp][:TARGET]"))),
+            _ => {
+                Err(invalid("port", value, format!("{s:?} is not a port (1-65535); expected PORT[/tcp|/udp][:TARGET]")))
+            }
         }
     };
     let port = number(port)?;

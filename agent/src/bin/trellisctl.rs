@@ -364,7 +364,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut req_ports = Vec::new();
             for p in &ports {
                 let (port, protocol, target) = validate::service_port(p)?;
-                req_ports.push(proto::ServicePort { port: port as u32, protocol: protocol.into(), target: target as u32 });
+                req_ports.push(proto::ServicePort {
+                    port: port as u32,
+                    protocol: protocol.into(),
+                    target: target as u32,
+                });
             }
             let selector: HashMap<String, String> =
                 selector.iter().map(|s| validate::selector(s)).collect::<Result<_, _>>()?;
@@ -376,7 +380,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 print_json(&service_json(&s));
             } else {
                 let vip = if s.vip.is_empty() { "-".to_string() } else { s.vip.clone() };
-                println!("{} network={} mode={} vip={} ports={} backends={}", s.name, s.network, s.mode, vip, ports_text(&s), s.backends.len());
+                println!(
+                    "{} network={} mode={} vip={} ports={} backends={}",
+                    s.name,
+                    s.network,
+                    s.mode,
+                    vip,
+                    ports_text(&s),
+                    s.backends.len()
+                );
             }
         }
         Cmd::Service(ServiceCmd::Ls { network, json }) => {
@@ -628,6 +640,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                     "networks": s.networks, "local_endpoints": s.local_endpoints, "capabilities": s.capabilities,
                     "docker": {"networks": s.docker_networks, "endpoints": s.docker_endpoints},
+                    "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets},
                 }));
             } else {
                 println!("host        {} ({})", s.host_id, s.hostname);
@@ -650,6 +663,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("endpoints   {} on this host", s.local_endpoints);
                 if s.docker_networks > 0 || s.docker_endpoints > 0 {
                     println!("docker      {} networks, {} endpoints", s.docker_networks, s.docker_endpoints);
+                }
+                if s.capabilities.get("ebpf").copied().unwrap_or(false) {
+                    println!(
+                        "datapath    {} subnets, {} service ports, {} backends",
+                        s.datapath_subnets, s.datapath_services, s.datapath_backends
+                    );
                 }
                 let mut caps: Vec<_> =
                     s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();

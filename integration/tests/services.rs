@@ -1,0 +1,375 @@
+//! Services and tenant isolation in the eBPF datapath, on real agents:
+//! VIPs load-balanced by Maglev with conntrack, across hosts; backends
+//! coming and going; isolation between networks on one host and across
+//! hosts; thousands of services. Root tests (`--run-ignored all`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use trellis_integration::sockets::{Backend, Client, read_line};
+use trellis_integration::{Host, Lab, in_netns, ip_of, netns_of, ping, require_root, wait_for};
+
+fn vip_of(svc: &serde_json::Value) -> SocketAddr {
+    let vip = svc["vip"].as_str().expect("a VIP");
+    let port = svc["ports"][0]["port"].as_u64().unwrap();
+    format!("{vip}:{port}").parse().unwrap()
+}
+
+/// Requests `n` times; counts answers by backend name, and checks every
+/// backend saw the client's own address.
+fn spread(client: &Client, to: SocketAddr, n: usize, client_ip: &str) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for i in 0..n {
+        let line = client.request(to).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
+        let (name, saw) = line.split_once(' ').unwrap();
+        assert_eq!(saw, client_ip, "the backend must see the client's address");
+        *seen.entry(name.to_string()).or_default() += 1;
+    }
+    seen
+}
+
+/// Metric value `name{labels…}` from a host's /metrics (sum over series
+/// whose label text contains `filter`).
+fn metric(h: &Host, name: &str, filter: &str) -> u64 {
+    let out = h.ns.cmd("curl").args(["-s", "http://127.0.0.1:9473/metrics"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_vip_balances_over_backends_on_three_hosts_and_follows_them() {
+    require_root();
+    let lab = Lab::new(3, 3000).unwrap();
+    let h = &lab.hosts;
+    h[0].ctl(&["network", "create", "app", "--subnet", "10.71.0.0/24"]).unwrap();
+    // Backends: one per host, labelled as the service's tasks.
+    let mut backends = Vec::new();
+    let mut servers = Vec::new();
+    for (i, host) in h.iter().enumerate() {
+        let ep = host.attach("app", &format!("web{i}"), &["--label", "trellis.service=web"]).unwrap();
+        servers.push(Backend::start(&netns_of(&ep), 8080, &format!("web{i}")).unwrap());
+        backends.push(ep);
+    }
+    // Without --attachable only service tasks may join.
+    let refused = h[0].ctl_err(&["attach", "app", "--name", "stray"]);
+    assert!(refused.contains("attachable"), "{refused}");
+    h[0].ctl(&["network", "rm", "app"]).unwrap_err();
+    let svc = h[1].ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080"]).unwrap();
+    assert_eq!(svc["mode"], "vip");
+    assert_eq!(svc["vip"], "10.71.0.254", "the VIP is the highest free address");
+    let vip = vip_of(&svc);
+    // A client on host 0, in the network (it labels itself a task of another service).
+    let cep = h[0].attach("app", "client", &["--label", "trellis.service=client"]).unwrap();
+    let cip = ip_of(&cep);
+    let client = Client::new(&netns_of(&cep)).unwrap();
+    // Every host's datapath has the three backends once their tunnels are up.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let s = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+            s["backends"].as_array().unwrap().iter().filter(|b| b["programmed"] == true).count() == 3
+        }),
+        "host 0 never programmed all three backends: {}",
+        h[0].ctl(&["service", "inspect", "web"]).unwrap()
+    );
+
+    // 1,000 connections spread within ±10 % of even, each seeing the client's IP.
+    let seen = spread(&client, vip, 1000, &cip);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (name, n) in &seen {
+        assert!((300..=367).contains(n), "{name} got {n} of 1000 connections: {seen:?}");
+    }
+    // The selections are counted by the datapath.
+    let inspect = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+    assert!(inspect["selections"].as_u64().unwrap() >= 1000, "{inspect}");
+
+    // One connection stays on its backend for its whole life.
+    let mut conn = client.connect(vip).unwrap();
+    let first = read_line(&mut conn).unwrap();
+    for _ in 0..50 {
+        conn.write_all_line();
+        assert_eq!(read_line(&mut conn).unwrap(), first, "a connection changed backend");
+    }
+
+    // The VIP answers ping while it has backends; UDP is balanced too.
+    assert!(ping(&netns_of(&cep), &svc["vip"].as_str().unwrap().to_string(), 2), "VIP ping");
+    let udp_svc = h[0]
+        .ctl_json(&[
+            "service",
+            "create",
+            "dns-ish",
+            "--network",
+            "app",
+            "--port",
+            "53/udp:8080",
+            "--selector",
+            "trellis.service=web",
+        ])
+        .unwrap();
+    let udp_vip = vip_of(&udp_svc);
+    let sock = Client::udp(&netns_of(&cep)).unwrap();
+    let mut udp_seen = BTreeMap::new();
+    assert!(wait_for(Duration::from_secs(10), || {
+        let _ = sock.send_to(b"?", udp_vip);
+        let mut buf = [0u8; 128];
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            assert_eq!(from, udp_vip, "a UDP answer must come from the VIP");
+            let line = String::from_utf8_lossy(&buf[..n]).to_string();
+            let (name, saw) = line.trim().split_once(' ').unwrap();
+            assert_eq!(saw, cip);
+            udp_seen.insert(name.to_string(), ());
+        }
+        udp_seen.len() == 1
+    }));
+    // A port no service has is refused at once (a reset from the VIP).
+    let err = client.connect(SocketAddr::new(vip.ip(), 81)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+
+    // Backend removed mid-run: its established connection is reset (not
+    // black-holed), new connections never pick it.
+    let on_gone = loop {
+        let mut c = client.connect(vip).unwrap();
+        if read_line(&mut c).unwrap().starts_with("web2") {
+            break c;
+        }
+    };
+    h[2].ctl(&["detach", "web2"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let s = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+            s["backends"].as_array().unwrap().len() == 2
+        }),
+        "the removed backend stayed"
+    );
+    let mut on_gone = on_gone;
+    let t0 = Instant::now();
+    let outcome = on_gone.write_all_line_result().and_then(|_| read_line(&mut on_gone));
+    let err = outcome.expect_err("the connection to a removed backend kept working");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(2), "reset took {:?}", t0.elapsed());
+    // Give host 0's table a moment (the detach converged on host 2 first).
+    assert!(wait_for(Duration::from_secs(5), || !spread(&client, vip, 30, &cip).contains_key("web2")));
+    let after = spread(&client, vip, 200, &cip);
+    assert!(!after.contains_key("web2") && after.len() == 2, "{after:?}");
+
+    // Backend added mid-run: it gets its share of new connections.
+    let ep = h[1].attach("app", "web3", &["--label", "trellis.service=web"]).unwrap();
+    servers.push(Backend::start(&netns_of(&ep), 8080, "web3").unwrap());
+    assert!(
+        wait_for(Duration::from_secs(5), || spread(&client, vip, 60, &cip).contains_key("web3")),
+        "the new backend never got a connection"
+    );
+
+    // Removing the service: the VIP stops answering and its address is free.
+    h[0].ctl(&["service", "rm", "web"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || client.request(vip).is_err()));
+    let again = h[2].ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080"]).unwrap();
+    assert!(again["vip"].as_str().is_some());
+}
+
+/// A small extension for the tests: send one line.
+trait SendLine {
+    fn write_all_line(&mut self);
+    fn write_all_line_result(&mut self) -> std::io::Result<()>;
+}
+
+impl SendLine for std::net::TcpStream {
+    fn write_all_line(&mut self) {
+        self.write_all_line_result().unwrap()
+    }
+    fn write_all_line_result(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        self.write_all(b"again\n")
+    }
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn networks_are_isolated_on_one_host_and_across_hosts() {
+    require_root();
+    let lab = Lab::new(2, 3000).unwrap();
+    let h = &lab.hosts;
+    h[0].ctl(&["network", "create", "red", "--subnet", "10.72.0.0/24", "--attachable"]).unwrap();
+    h[0].ctl(&["network", "create", "blue", "--subnet", "10.73.0.0/24", "--attachable"]).unwrap();
+    h[0].ctl(&["network", "create", "sealed", "--subnet", "10.74.0.0/24", "--attachable", "--internal"]).unwrap();
+    let r0 = h[0].attach("red", "r0", &[]).unwrap();
+    let r1 = h[1].attach("red", "r1", &[]).unwrap();
+    let b0 = h[0].attach("blue", "b0", &[]).unwrap();
+    let b1 = h[1].attach("blue", "b1", &[]).unwrap();
+    let s0 = h[0].attach("sealed", "s0", &[]).unwrap();
+    // Inside a network: same host and across hosts.
+    assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&r0), &ip_of(&r1), 1)));
+    assert!(ping(&netns_of(&b0), &ip_of(&b1), 1));
+    let before = metric(&h[0], "trellis_endpoint_drops", "reason=\"isolation\"");
+    // Across networks: never, on one host or across hosts.
+    for (from, to) in [(&r0, &b0), (&r0, &b1), (&b0, &r1), (&b0, &s0), (&s0, &r0)] {
+        assert!(!ping(&netns_of(from), &ip_of(to), 1), "{} reached {}", from["name"], to["name"]);
+        let to_addr: SocketAddr = format!("{}:22", ip_of(to)).parse().unwrap();
+        let tcp = trellis_integration::sockets::connect(&netns_of(from), to_addr, Duration::from_millis(500));
+        assert!(tcp.is_err(), "{} reached {} over TCP", from["name"], to["name"]);
+    }
+    // The datapath dropped them (not just routing): counted by reason (a
+    // ping and a SYN for each pair but the internal one, which has no
+    // route out to send them by).
+    let after = metric(&h[0], "trellis_endpoint_drops", "reason=\"isolation\"");
+    assert!(after >= before + 8, "isolation drops {before} → {after}");
+    // Another network's gateway is another network too.
+    let blue_gw = h[0].ctl_json(&["network", "inspect", "blue"]).unwrap()["gateway"].as_str().unwrap().to_string();
+    assert!(!ping(&netns_of(&r0), &blue_gw, 1));
+    // An internal network reaches its gateway (and DNS) but not the outside.
+    let sealed_gw = h[0].ctl_json(&["network", "inspect", "sealed"]).unwrap()["gateway"].as_str().unwrap().to_string();
+    assert!(ping(&netns_of(&s0), &sealed_gw, 1));
+    assert!(!ping(&netns_of(&s0), trellis_integration::UNDERLAY_GATEWAY, 1));
+    // A non-internal network reaches the outside world.
+    assert!(ping(&netns_of(&r0), trellis_integration::UNDERLAY_GATEWAY, 1));
+    // A source address taken from another network gets nowhere either.
+    let spoof = in_netns(&netns_of(&r0), "ip", &["addr", "add", "10.73.0.200/24", "dev", "eth0"]).status().unwrap();
+    assert!(spoof.success());
+    // (On-link now, it ARPs with the false sender first: dropped as an ARP
+    // spoof; a packet that got further would be an IP spoof.)
+    let spoofed = || {
+        metric(&h[0], "trellis_endpoint_drops", "reason=\"spoofed_ip\"")
+            + metric(&h[0], "trellis_endpoint_drops", "reason=\"spoofed_arp\"")
+    };
+    let spoofed_before = spoofed();
+    let sent =
+        in_netns(&netns_of(&r0), "ping", &["-c", "2", "-W", "1", "-I", "10.73.0.200", &ip_of(&b1)]).status().unwrap();
+    assert!(!sent.success(), "a spoofed packet reached the other network");
+    assert!(spoofed() > spoofed_before);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn an_agent_restart_under_vip_traffic_fails_no_request() {
+    require_root();
+    let mut host = Host::new().unwrap();
+    host.ctl(&["network", "create", "app", "--subnet", "10.75.0.0/24", "--attachable"]).unwrap();
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let ep = host.attach("app", &format!("web{i}"), &["--label", "trellis.service=web"]).unwrap();
+        servers.push(Backend::start(&netns_of(&ep), 80, &format!("web{i}")).unwrap());
+    }
+    let svc = host.ctl_json(&["service", "create", "web", "--network", "app", "--port", "80"]).unwrap();
+    let vip = vip_of(&svc);
+    let cep = host.attach("app", "client", &[]).unwrap();
+    let cip = ip_of(&cep);
+    let client = Arc::new(Client::new(&netns_of(&cep)).unwrap());
+    assert_eq!(spread(&client, vip, 30, &cip).len(), 3);
+    // Traffic all through the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let worker = {
+        let (client, stop, ok, failed) = (client.clone(), stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.request(vip) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    host.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    host.start().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let errors = worker.join().unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 100, "only {} requests ran", ok.load(Ordering::Relaxed));
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed across the restart: {errors:?}");
+    // The restarted agent adopted everything: nothing reattached twice, the
+    // tables unchanged (no repairs beyond none).
+    assert_eq!(spread(&client, vip, 30, &cip).len(), 3);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn ten_thousand_services_load_and_still_answer() {
+    require_root();
+    let lab = Lab::new(1, 3000).unwrap();
+    let host = &lab.hosts[0];
+    host.ctl(&["network", "create", "big", "--subnet", "10.76.0.0/18", "--attachable"]).unwrap();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let ep = host.attach("big", &format!("web{i}"), &["--label", "tier=web"]).unwrap();
+        servers.push(Backend::start(&netns_of(&ep), 8080, &format!("web{i}")).unwrap());
+    }
+    let cep = host.attach("big", "client", &[]).unwrap();
+    let cip = ip_of(&cep);
+    // 10,000 services through the agent's own cluster code (record and VIP
+    // in one transaction each), written to the lab's etcd from its
+    // namespace, 32 at a time.
+    const N: usize = 10_000;
+    let url = lab.etcd.url();
+    let t0 = Instant::now();
+    let vips: Vec<String> = trellis_integration::sockets::in_ns(&lab.underlay.path(), move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let cfg = trellis_store::EtcdConfig::parse(&url).unwrap();
+            let store: Arc<dyn trellis_store::Store> = Arc::new(trellis_store::EtcdStore::connect(&cfg).await.unwrap());
+            let cluster =
+                Arc::new(trellis_agent::cluster::Cluster::new(store, "loader", "10.0.0.0/8".parse().unwrap(), 24));
+            let mut tasks = Vec::new();
+            for t in 0..32 {
+                let cluster = cluster.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut vips = Vec::new();
+                    for i in (t..N).step_by(32) {
+                        let s = cluster
+                            .create_service(trellis_agent::cluster::NewService {
+                                name: format!("s{i}"),
+                                network: "big".into(),
+                                mode: trellis_agent::model::ServiceMode::Vip,
+                                ports: vec![trellis_agent::model::ServicePort {
+                                    port: 80,
+                                    proto: trellis_agent::model::Proto::Tcp,
+                                    target: 8080,
+                                }],
+                                selector: [("tier".to_string(), "web".to_string())].into(),
+                            })
+                            .await
+                            .unwrap();
+                        vips.push((i, s.vip.unwrap().to_string()));
+                    }
+                    vips
+                }));
+            }
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all.sort();
+            all.into_iter().map(|(_, v)| v).collect()
+        })
+    })
+    .unwrap();
+    let written = t0.elapsed();
+    assert_eq!(vips.iter().collect::<std::collections::BTreeSet<_>>().len(), N, "VIPs are unique");
+    // The agent programs them all.
+    assert!(
+        wait_for(Duration::from_secs(120), || {
+            host.ctl_json(&["status"]).unwrap()["datapath"]["services"].as_u64() == Some(N as u64)
+        }),
+        "not all services reached the datapath: {}",
+        host.ctl(&["status", "--json"]).unwrap()
+    );
+    eprintln!("{N} services written in {written:?}, in the datapath after {:?}", t0.elapsed());
+    let client = Client::new(&netns_of(&cep)).unwrap();
+    for i in [0, 1, N / 2, N - 2, N - 1] {
+        let to: SocketAddr = format!("{}:80", vips[i]).parse().unwrap();
+        let seen = spread(&client, to, 20, &cip);
+        assert_eq!(seen.len(), 2, "service s{i} at {to}: {seen:?}");
+    }
+}
