@@ -308,7 +308,7 @@ impl proto::agent_server::Agent for AgentService {
             self.cluster.create_service(NewService { name: r.name, network: r.network, mode, ports, selector }).await?;
         self.converge().await?;
         let endpoints = self.cluster.endpoints().await?;
-        let tables = self.reconciler.last_desired().tables.clone();
+        let tables = self.reconciler.seen().tables;
         Ok(Response::new(service_to_proto(&rec, &endpoints, &tables, self.dataplane.as_ref())))
     }
 
@@ -319,7 +319,7 @@ impl proto::agent_server::Agent for AgentService {
         let r = request.into_inner();
         let net = if r.network.is_empty() { None } else { Some(self.cluster.network(&r.network).await?) };
         let endpoints = self.cluster.endpoints().await?;
-        let tables = self.reconciler.last_desired().tables.clone();
+        let tables = self.reconciler.seen().tables;
         let services = self
             .cluster
             .services()
@@ -335,7 +335,7 @@ impl proto::agent_server::Agent for AgentService {
         let r = request.into_inner();
         let s = self.cluster.service(&r.name).await?;
         let endpoints = self.cluster.endpoints().await?;
-        let tables = self.reconciler.last_desired().tables.clone();
+        let tables = self.reconciler.seen().tables;
         Ok(Response::new(service_to_proto(&s, &endpoints, &tables, self.dataplane.as_ref())))
     }
 
@@ -355,7 +355,7 @@ impl proto::agent_server::Agent for AgentService {
     async fn monitor(&self, request: Request<proto::MonitorRequest>) -> Result<Response<Self::MonitorStream>, Status> {
         let Some(events) = &self.events else {
             return Err(Status::failed_precondition(
-                "no flow events on this host: the eBPF endpoint program is off (start trellisd with --ebpf)",
+                "no flow events on this host: its eBPF datapath is off (trellisd runs with --ebpf=false, or the program could not load: see `trellisctl status`)",
             ));
         };
         let r = request.into_inner();

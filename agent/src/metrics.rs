@@ -272,7 +272,6 @@ impl Collector for AgentCollector {
                         .encode(m.encode_family(&[("interface", ifname.as_str()), ("reason", r.name())])?)?;
                 }
             }
-            drop(m);
             let services = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).services.clone();
             let stats: Vec<(String, trellis_ebpf::SvcStats)> =
                 services.into_iter().filter_map(|(name, id)| Some((name, self.dataplane.service_stats(id)?))).collect();

@@ -112,8 +112,10 @@ fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
     let p = first_line(&mut passes);
     assert_eq!((p["verdict"].as_str(), p["src"].as_str()), (Some("passed"), Some(ip_of(&a).as_str())), "{p}");
     assert!(drops.wait().unwrap().success() && passes.wait().unwrap().success(), "--count ends the stream");
-    // Without the eBPF program, the monitor says why it has nothing.
-    let plain = Host::new().unwrap();
+    // Without the eBPF datapath, the monitor says why it has nothing.
+    let mut plain = Host::bare().unwrap();
+    plain.extra_args = vec!["--ebpf=false".into()];
+    plain.start().unwrap();
     let err = plain.ctl_err(&["monitor"]);
     assert!(err.contains("--ebpf"), "{err}");
 }

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use trellis_integration::{Host, Netns, bin};
 
+#[path = "bench/services.rs"]
+mod services;
+
 const CNI_DIR: &str = "/usr/lib/cni";
 
 struct Args {
@@ -31,6 +34,7 @@ struct Args {
     allocations: usize,
     docker_runs: usize,
     dns_secs: u32,
+    vip_secs: f64,
     out: PathBuf,
 }
 
@@ -44,6 +48,7 @@ fn parse_args() -> Result<Args> {
         allocations: 20_000,
         docker_runs: 30,
         dns_secs: 5,
+        vip_secs: 2.0,
         out: PathBuf::from("BENCHMARKS.md"),
     };
     let mut it = std::env::args().skip(1);
@@ -58,9 +63,10 @@ fn parse_args() -> Result<Args> {
             "--allocations" => a.allocations = val()?.parse()?,
             "--docker-runs" => a.docker_runs = val()?.parse()?,
             "--dns-secs" => a.dns_secs = val()?.parse()?,
+            "--vip-secs" => a.vip_secs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,attach; --dns-secs N; --endpoints N; --allocations N; \
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,attach; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
                  --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
@@ -974,6 +980,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let vip = if on("vip") {
+        eprintln!("trellis-bench: service VIPs vs direct vs nftables DNAT; throughput with and without eBPF");
+        Some(services::bench(args.vip_secs)?)
+    } else {
+        None
+    };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
         Some(bench_attach(args.endpoints)?)
@@ -1000,6 +1012,9 @@ fn main() -> Result<()> {
     }
     if let Some(rows) = &dns {
         md_dns(&mut md, rows, args.dns_secs, 5000)?;
+    }
+    if let Some(v) = &vip {
+        services::md(&mut md, v, args.vip_secs)?;
     }
     if let Some(cl) = &cl {
         md_cluster(&mut md, cl)?;
