@@ -566,6 +566,13 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			struct vip_info vv = *v;
 			return to_vip(skb, c, &vv, &f);
 		}
+		/* A flow that is not to a VIP now owns its addresses and ports: a
+		 * reverse translation left by an earlier VIP flow with the same
+		 * client port must not rewrite its replies. */
+		if ((f.proto == PROTO_TCP && f.syn) || f.proto == PROTO_UDP) {
+			struct rnat_key stale = { .client = f.saddr, .backend = daddr, .cport = f.sport, .bport = f.dport, .proto = f.proto };
+			bpf_map_delete_elem(&rnat, &stale);
+		}
 		struct net_key nk = { .prefixlen = 32, .ip = daddr };
 		struct net_info *n = bpf_map_lookup_elem(&nets, &nk);
 		if (n) {

@@ -120,6 +120,21 @@ pub fn connect(netns: &Path, to: SocketAddr, timeout: Duration) -> Result<TcpStr
     Ok(conn)
 }
 
+/// A TCP connection from `netns` whose source port is `port` (reused even
+/// while an earlier connection from it lingers in TIME_WAIT).
+pub fn connect_from(netns: &Path, port: u16, to: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let conn = in_ns(netns, move || -> std::io::Result<TcpStream> {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+        s.connect_timeout(&to.into(), timeout)?;
+        Ok(s.into())
+    })??;
+    conn.set_read_timeout(Some(timeout))?;
+    Ok(conn)
+}
+
 /// One request: connect from `netns`, read the backend's line, close.
 pub fn request(netns: &Path, to: SocketAddr, timeout: Duration) -> Result<String> {
     let mut c = connect(netns, to, timeout)?;

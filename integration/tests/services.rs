@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use trellis_integration::sockets::{Backend, Client, read_line};
+use trellis_integration::sockets::{Backend, Client, connect_from, read_line};
 use trellis_integration::{Host, Lab, in_netns, ip_of, netns_of, ping, require_root, wait_for};
 
 fn vip_of(svc: &serde_json::Value) -> SocketAddr {
@@ -107,6 +107,24 @@ fn a_vip_balances_over_backends_on_three_hosts_and_follows_them() {
     // The selections are counted by the datapath.
     let inspect = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
     assert!(inspect["selections"].as_u64().unwrap() >= 1000, "{inspect}");
+
+    // A client port that talked to the VIP, then straight to a backend (its
+    // earlier connection in TIME_WAIT): the direct flow's replies are not
+    // taken for the VIP's.
+    for port in [40001u16, 40002, 40003] {
+        let mut c = connect_from(&netns_of(&cep), port, vip, Duration::from_secs(2)).unwrap();
+        let via_vip = read_line(&mut c).unwrap();
+        drop(c);
+        let backend_ip = backends
+            .iter()
+            .map(ip_of)
+            .find(|ip| via_vip.starts_with(&format!("web{}", backends.iter().position(|b| ip_of(b) == *ip).unwrap())))
+            .unwrap();
+        let direct: SocketAddr = format!("{backend_ip}:8080").parse().unwrap();
+        let mut d = connect_from(&netns_of(&cep), port, direct, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("direct connection from port {port} after a VIP one: {e}"));
+        assert_eq!(read_line(&mut d).unwrap(), via_vip);
+    }
 
     // One connection stays on its backend for its whole life.
     let mut conn = client.connect(vip).unwrap();
