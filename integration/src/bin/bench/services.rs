@@ -201,7 +201,6 @@ pub fn bench(secs: f64) -> Result<Result_> {
                     _ => (nft, &mut f),
                 };
                 out.push(measure(&netns_of(&cl), to, secs, 2000)?);
-                }
             }
         }
         eprintln!("  {n} services: measured");
