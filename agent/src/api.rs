@@ -365,7 +365,9 @@ impl proto::agent_server::Agent for AgentService {
         if !r.network.is_empty() {
             self.cluster.network(&r.network).await?;
         }
-        let s = crate::monitor::stream(self.cluster.clone(), events.subscribe(), r);
+        let rx = events.subscribe();
+        self.dataplane.set_events(true);
+        let s = crate::monitor::stream(self.cluster.clone(), rx, r);
         Ok(Response::new(Box::pin(s)))
     }
 

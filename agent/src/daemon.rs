@@ -144,6 +144,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => (None, None),
     };
     let dataplane: Arc<dyn Dataplane> = Arc::new(netlink);
+    // Monitor events cost the datapath a wakeup of this process each: on
+    // while a `trellisctl monitor` watches (the API turns them on), off
+    // within a second of the last one leaving.
+    if let Some(tx) = &events {
+        let (tx, dp) = (tx.clone(), dataplane.clone());
+        dp.set_events(false);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if tx.receiver_count() == 0 {
+                    dp.set_events(false);
+                }
+            }
+        });
+    }
     let cluster = Arc::new(Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len));
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {

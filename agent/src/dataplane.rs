@@ -414,6 +414,8 @@ pub trait Dataplane: Send + Sync + 'static {
     fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
         Vec::new()
     }
+    /// Turn the datapath's monitor events on (someone watches) or off.
+    fn set_events(&self, _on: bool) {}
     /// A service's datapath counters on this host (by datapath id).
     fn service_stats(&self, _id: u32) -> Option<trellis_ebpf::SvcStats> {
         None

@@ -612,6 +612,17 @@ const MAIN_TABLE: u32 = 254;
 
 #[async_trait::async_trait]
 impl Dataplane for NetlinkDataplane {
+    fn set_events(&self, on: bool) {
+        if let Some((dp, _)) = &self.bpf {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            if dp.events_on().ok() != Some(on)
+                && let Err(e) = dp.set_events(on)
+            {
+                tracing::warn!(error = %e, "switching monitor events");
+            }
+        }
+    }
+
     fn service_stats(&self, id: u32) -> Option<trellis_ebpf::SvcStats> {
         let (dp, _) = self.bpf.as_ref()?;
         dp.lock().unwrap_or_else(|p| p.into_inner()).svc_stats(id).ok()

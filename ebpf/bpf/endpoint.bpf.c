@@ -68,6 +68,14 @@ struct {
 } events SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 16384);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -251,6 +259,12 @@ static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, 
 
 static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdict, __u8 reason)
 {
+	/* Only while a monitor watches: every event wakes the agent, which
+	 * would cost each new connection tens of microseconds. */
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	if (!cfg || !(cfg->flags & CFG_EVENTS))
+		return;
 	struct flow_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev)
 		return; /* full: the monitor is behind, the packet is not */

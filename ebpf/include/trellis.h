@@ -56,6 +56,12 @@ struct flow_event {
 	__u8 pad;
 };
 
+/* `config` (an array of one): switches the agent sets. */
+#define CFG_EVENTS 1 /* someone watches: send monitor events */
+struct config {
+	__u32 flags;
+};
+
 /* Key of the `nets` LPM trie: every Trellis subnet of the cluster. */
 struct net_key {
 	__u32 prefixlen;
@@ -172,5 +178,6 @@ _Static_assert(__builtin_offsetof(struct ct_value, mac) == 6, "ct_value.mac");
 _Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
 _Static_assert(sizeof(struct rnat_value) == 8, "rnat_value layout");
 _Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
+_Static_assert(sizeof(struct config) == 4, "config layout");
 
 #endif

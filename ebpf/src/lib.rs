@@ -41,6 +41,9 @@ pub struct EndpointInfo {
 // uninitialised (checked by the layout test).
 unsafe impl Pod for EndpointInfo {}
 
+/// `CFG_EVENTS` of `struct config`: send monitor events.
+pub const CFG_EVENTS: u32 = 1;
+
 /// `EP_INTERNAL`: the endpoint's network is internal (nothing leaves it).
 pub const EP_INTERNAL: u32 = 1;
 
@@ -566,6 +569,20 @@ impl Datapath {
 
     pub fn remove_backend(&mut self, key: BackendKey) -> Result<()> {
         self.delete::<BackendKey, BackendInfo>("backends", key)
+    }
+
+    /// Send monitor events (while someone watches) or not.
+    pub fn set_events(&mut self, on: bool) -> Result<()> {
+        let map = self.ebpf.map_mut("config").ok_or(DatapathError::Missing("config"))?;
+        let mut cfg: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
+        cfg.set(0, if on { CFG_EVENTS } else { 0 }, 0).map_err(map_err("set config"))
+    }
+
+    /// Are monitor events on?
+    pub fn events_on(&self) -> Result<bool> {
+        let map = self.ebpf.map("config").ok_or(DatapathError::Missing("config"))?;
+        let cfg: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
+        Ok(cfg.get(&0, 0).map_err(map_err("read config"))? & CFG_EVENTS != 0)
     }
 
     /// The tracked connections to VIPs (client flow → backend).

@@ -109,9 +109,10 @@ fn a_vip_balances_over_backends_on_three_hosts_and_follows_them() {
     assert!(inspect["selections"].as_u64().unwrap() >= 1000, "{inspect}");
 
     // A client port that talked to the VIP, then straight to a backend (its
-    // earlier connection in TIME_WAIT): the direct flow's replies are not
+    // earlier connection in TIME_WAIT; ports above the ephemeral range, so
+    // no connection of the test took them before): the direct flow's replies are not
     // taken for the VIP's.
-    for port in [40001u16, 40002, 40003] {
+    for port in [61001u16, 61002, 61003] {
         let mut c = connect_from(&netns_of(&cep), port, vip, Duration::from_secs(2)).unwrap();
         let via_vip = read_line(&mut c).unwrap();
         drop(c);
