@@ -105,6 +105,9 @@ pub struct Cluster {
     /// decoded at: every pass lists all endpoints, and decoding them all
     /// again was most of an attach's pass on a host with many.
     decoded: std::sync::Mutex<std::collections::HashMap<String, (trellis_store::Revision, EndpointRecord)>>,
+    /// The same for service records (a cluster may have thousands).
+    decoded_services:
+        std::sync::Mutex<std::collections::HashMap<String, (trellis_store::Revision, model::ServiceRecord)>>,
 }
 
 const CREATE_ATTEMPTS: usize = 16;
@@ -126,6 +129,7 @@ impl Cluster {
             default_pool,
             default_prefix_len,
             decoded: Default::default(),
+            decoded_services: Default::default(),
         }
     }
 
@@ -218,10 +222,22 @@ impl Cluster {
         Err(AgentError::Unavailable("too many concurrent network changes; try again".into()))
     }
 
-    /// Every service.
+    /// Every service (records decoded once per revision).
     pub async fn services(&self) -> Result<Vec<model::ServiceRecord>> {
         let (items, _) = self.store.list(&model::services_prefix()).await?;
-        items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+        let mut cache = self.decoded_services.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fresh = std::collections::HashMap::with_capacity(items.len());
+        let mut out = Vec::with_capacity(items.len());
+        for kv in items {
+            let rec = match cache.remove(&kv.key) {
+                Some((rev, rec)) if rev == kv.mod_revision => rec,
+                _ => decode(&kv.key, &kv.value)?,
+            };
+            out.push(rec.clone());
+            fresh.insert(kv.key, (kv.mod_revision, rec));
+        }
+        *cache = fresh;
+        Ok(out)
     }
 
     pub async fn service(&self, name: &str) -> Result<model::ServiceRecord> {

@@ -39,6 +39,10 @@ pub fn zone_of(
     let nets: Vec<trellis_dns::Network> = networks.iter().map(zone_network).collect();
     let live: Vec<&EndpointRecord> = endpoints.iter().filter(|e| !e.deleting && hosts.contains(&e.host)).collect();
     let eps: Vec<trellis_dns::Endpoint> = live.iter().map(|e| zone_endpoint(e)).collect();
+    let mut by_net: std::collections::HashMap<&str, Vec<&EndpointRecord>> = std::collections::HashMap::new();
+    for e in &live {
+        by_net.entry(e.network_id.as_str()).or_default().push(e);
+    }
     let svcs: Vec<trellis_dns::Service> = services
         .iter()
         .map(|s| trellis_dns::Service {
@@ -48,8 +52,10 @@ pub fn zone_of(
                 (ServiceMode::Vip, Some(IpAddr::V4(v4))) => Some(v4),
                 _ => None,
             },
-            backends: live
-                .iter()
+            backends: by_net
+                .get(s.network_id.as_str())
+                .into_iter()
+                .flatten()
                 .filter(|e| s.selects(e))
                 .filter_map(|e| match e.ip {
                     IpAddr::V4(v4) => Some(v4),

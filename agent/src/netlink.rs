@@ -81,6 +81,12 @@ pub struct NetlinkDataplane {
     /// How the programs are attached (tcx where the kernel has it, or
     /// clsact).
     attach_mode: trellis_ebpf::AttachMode,
+    /// The eBPF tables as last read back, kept current with every change
+    /// applied since, and how many full observations used it: reading
+    /// tens of thousands of entries back (two syscalls each) on every
+    /// periodic pass cost a cluster with thousands of services a steady
+    /// share of a CPU, so they are read back on every tenth.
+    tables_seen: std::sync::Mutex<(Option<crate::dataplane::Tables>, u32)>,
     /// One dump at a time on the shared socket: the kernel answers a second
     /// concurrent dump on a netlink socket with EBUSY (an API call's route
     /// dump racing the periodic pass's link dump).
@@ -162,6 +168,7 @@ impl NetlinkDataplane {
             handle,
             bpf: None,
             attach_mode: trellis_ebpf::AttachMode::Auto,
+            tables_seen: Default::default(),
             dump: tokio::sync::Mutex::new(()),
             events: Default::default(),
         })
@@ -219,6 +226,17 @@ impl NetlinkDataplane {
     }
 
     fn update_tables(&self, ops: &crate::dataplane::TableOps) -> Result<()> {
+        let applied = self.apply_table_ops(ops);
+        let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match (&applied, seen.0.as_mut()) {
+            (Ok(()), Some(t)) => t.apply(ops),
+            // Partly applied: read everything back next time.
+            _ => seen.0 = None,
+        }
+        applied
+    }
+
+    fn apply_table_ops(&self, ops: &crate::dataplane::TableOps) -> Result<()> {
         let Some((dp, _)) = &self.bpf else { return Ok(()) };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let e = |what: &str| {
@@ -258,8 +276,28 @@ impl NetlinkDataplane {
         Ok(())
     }
 
+    /// The tables: read back from the kernel when asked for `fresh` ones
+    /// on every tenth call, else as last read and changed since.
+    fn observe_tables(&self, fresh: bool) -> Result<crate::dataplane::Tables> {
+        if self.bpf.is_none() {
+            return Ok(Default::default());
+        }
+        {
+            let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.1 = seen.1.wrapping_add(1);
+            if let Some(t) = &seen.0
+                && !(fresh && seen.1.is_multiple_of(10))
+            {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.read_tables()?;
+        self.tables_seen.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(t.clone());
+        Ok(t)
+    }
+
     /// The tables as the kernel has them (Maglev tables by id).
-    fn observe_tables(&self) -> Result<crate::dataplane::Tables> {
+    fn read_tables(&self) -> Result<crate::dataplane::Tables> {
         let Some((dp, _)) = &self.bpf else { return Ok(Default::default()) };
         let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let e = |err: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("reading the tables: {err}"));
@@ -727,7 +765,7 @@ impl Dataplane for NetlinkDataplane {
             let index: HashMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
             programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains(i)));
         }
-        let tables = self.observe_tables()?;
+        let tables = self.observe_tables(rules)?;
         let mut observed = Observed { egress, programs, tables, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(

@@ -216,6 +216,11 @@ pub fn tables(
     } else {
         BTreeSet::new()
     };
+    // Endpoints by network: a service looks at its own network's only.
+    let mut by_net: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
+    for e in endpoints {
+        by_net.entry(e.network_id.as_str()).or_default().push(e);
+    }
     for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip && local_nets.contains(s.network_id.as_str()))
     {
         let (Some(id), Some(IpAddr::V4(vip)), Some(vni)) =
@@ -224,7 +229,7 @@ pub fn tables(
             continue;
         };
         let mut ips = Vec::new();
-        for e in endpoints.iter().filter(|e| s.selects(e)) {
+        for e in by_net.get(s.network_id.as_str()).into_iter().flatten().filter(|e| s.selects(e)) {
             let reachable = local_ids.contains(e.id.as_str()) || remote.contains(e.host.as_str());
             let (IpAddr::V4(ip), Some(mac)) = (e.ip, model::parse_mac(&e.mac)) else { continue };
             if reachable {

@@ -356,6 +356,20 @@ fn restart_under_traffic(attach: &str) {
     let filters = String::from_utf8_lossy(&tc.stdout).matches("trellis_from_endpoint").count();
     let pins = host.run_dir().join("bpf/links").join(veth);
     let pinned = ["from", "to"].iter().filter(|p| pins.join(p).exists()).count();
+    // A service entry deleted by hand: the VIP refuses connections until
+    // the reconciler's read-back finds it missing and puts it back.
+    let v4: std::net::Ipv4Addr = svc["vip"].as_str().unwrap().parse().unwrap();
+    let mut key: Vec<String> = v4.octets().iter().map(|b| b.to_string()).collect();
+    key.extend(["0", "80", "6", "0"].map(String::from));
+    let map = host.run_dir().join("bpf/maps/services");
+    let mut args = vec!["map".to_string(), "delete".into(), "pinned".into(), map.display().to_string(), "key".into()];
+    args.extend(key);
+    let del = host.ns.cmd("bpftool").args(&args).output().unwrap();
+    assert!(del.status.success(), "bpftool: {}", String::from_utf8_lossy(&del.stderr));
+    assert!(client.request(vip).is_err(), "the VIP still answered without its service entry");
+    let t0 = Instant::now();
+    assert!(wait_for(Duration::from_secs(20), || client.request(vip).is_ok()), "the service entry was not repaired");
+    eprintln!("service entry repaired in {:?}", t0.elapsed());
     if attach == "clsact" {
         assert_eq!(filters, 1, "one tc filter on the client's veth after the restart");
         assert_eq!(pinned, 0, "clsact filters need no pinned link");
