@@ -203,8 +203,13 @@ impl Host {
             .arg(self.state_dir())
             .arg("--run-dir")
             .arg(self.run_dir())
-            .arg("--resync-interval-ms")
-            .arg("500")
+            // Tests resync often (repairs show fast); a lab that asks
+            // for another interval gets it.
+            .args(if self.extra_args.iter().any(|a| a == "--resync-interval-ms") {
+                vec![]
+            } else {
+                vec!["--resync-interval-ms", "500"]
+            })
             // The Docker driver listens where this host's dockerd (if a
             // test starts one) looks for plugins, never in /run/docker.
             .arg("--docker-plugin")
