@@ -429,18 +429,27 @@ impl Datapath {
         let _ = remove_marker(marker);
         std::fs::create_dir(marker)
             .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
-        for (name, at, pin) in
-            [(FROM_ENDPOINT, TcAttachType::Ingress, "from"), (TO_ENDPOINT, TcAttachType::Egress, "to")]
-        {
-            let id = self.attach_one(name, ifname, at, mode)?;
-            let prog = self.program(name)?;
-            let link = prog.take_link(id).map_err(|source| DatapathError::Program { call: "take link", source })?;
-            // A netlink (clsact) filter: taking the link out of aya's list
-            // means dropping it does not detach the filter.
-            if let Ok(fd_link) = FdLink::try_from(link) {
-                let path = marker.join(pin);
-                fd_link.pin(&path).map_err(|e| DatapathError::Pin { path, reason: e.to_string() })?;
+        // Both at once: a tcx attachment waits for an RCU grace period
+        // (~10 ms here), and two waits that overlap share one.
+        let mut from = None;
+        let mut to = None;
+        for (name, prog) in self.ebpf.programs_mut() {
+            let p: &mut SchedClassifier =
+                prog.try_into().map_err(|source| DatapathError::Program { call: "lookup", source })?;
+            match name {
+                FROM_ENDPOINT => from = Some(p),
+                TO_ENDPOINT => to = Some(p),
+                _ => {}
             }
+        }
+        let (Some(from), Some(to)) = (from, to) else { return Err(DatapathError::Missing("endpoint program")) };
+        let results = std::thread::scope(|scope| {
+            let jobs = [(from, TcAttachType::Ingress, "from"), (to, TcAttachType::Egress, "to")]
+                .map(|(prog, at, pin)| scope.spawn(move || attach_pinned(prog, ifname, at, mode, &marker.join(pin))));
+            jobs.map(|j| j.join().unwrap_or_else(|_| Err(DatapathError::Missing("attach thread"))))
+        });
+        for r in results {
+            r?;
         }
         Ok(())
     }
@@ -628,6 +637,28 @@ impl Datapath {
         }
         Ok(sum)
     }
+}
+
+/// Attach `prog` to `ifname` for good: a tcx link is pinned at `pin`; a
+/// netlink (clsact) filter is taken out of aya's list, so dropping it does
+/// not detach it.
+fn attach_pinned(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    at: TcAttachType,
+    mode: AttachMode,
+    pin: &Path,
+) -> Result<()> {
+    let id = match mode {
+        AttachMode::Auto => prog.attach(ifname, at),
+        AttachMode::Clsact => prog.attach_with_options(ifname, at, TcAttachOptions::Netlink(NlOptions::default())),
+    }
+    .map_err(|source| DatapathError::Program { call: "attach", source })?;
+    let link = prog.take_link(id).map_err(|source| DatapathError::Program { call: "take link", source })?;
+    if let Ok(fd_link) = FdLink::try_from(link) {
+        fd_link.pin(pin).map_err(|e| DatapathError::Pin { path: pin.to_path_buf(), reason: e.to_string() })?;
+    }
+    Ok(())
 }
 
 /// Remove an attachment marker (a directory, with the tcx links pinned in

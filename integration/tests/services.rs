@@ -294,7 +294,7 @@ fn networks_are_isolated_on_one_host_and_across_hosts() {
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn an_agent_restart_under_vip_traffic_fails_no_request_tcx() {
-    restart_under_traffic("auto");
+    restart_under_traffic("tcx");
 }
 
 #[test]
