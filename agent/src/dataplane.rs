@@ -338,9 +338,7 @@ pub enum Action {
         ifname: String,
         ip: IpAddr,
         mac: Mac,
-        vni: u32,
-        /// Its network is internal.
-        internal: bool,
+        program: crate::reconcile::ProgramSpec,
     },
     /// Change the isolation and service tables.
     UpdateTables(Box<TableOps>),

@@ -210,14 +210,24 @@ impl NetlinkDataplane {
             .unwrap_or_default()
     }
 
-    async fn attach_program(&self, ifname: &str, ip: IpAddr, mac: Mac, vni: u32, internal: bool) -> Result<()> {
+    async fn attach_program(
+        &self,
+        ifname: &str,
+        ip: IpAddr,
+        mac: Mac,
+        program: &crate::reconcile::ProgramSpec,
+    ) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
         let IpAddr::V4(v4) = ip else { return Ok(()) };
         let index = Self::require(&self.handle, ifname).await?;
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
-        let flags = if internal { trellis_ebpf::EP_INTERNAL } else { 0 };
-        dp.set_endpoint(index, trellis_ebpf::EndpointInfo::new(v4, mac, vni).with_flags(flags)).map_err(ebpf)?;
+        let flags = if program.internal { trellis_ebpf::EP_INTERNAL } else { 0 };
+        let mut info = trellis_ebpf::EndpointInfo::new(v4, mac, program.vni).with_flags(flags);
+        if let Some((gw, gw_mac)) = program.dns_at {
+            info = info.with_dns_at(gw, gw_mac);
+        }
+        dp.set_endpoint(index, info).map_err(ebpf)?;
         if links.join(ifname).is_dir() {
             // Attached already (its map entry was what was missing).
             return Ok(());
@@ -839,9 +849,7 @@ impl Dataplane for NetlinkDataplane {
                 Ok(())
             }
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
-            Action::AttachProgram { ifname, ip, mac, vni, internal } => {
-                self.attach_program(ifname, *ip, *mac, *vni, *internal).await
-            }
+            Action::AttachProgram { ifname, ip, mac, program } => self.attach_program(ifname, *ip, *mac, program).await,
             Action::UpdateTables(ops) => self.update_tables(ops),
             Action::DetachProgram { ifname } => self.detach_program(ifname).await,
             Action::CreateVxlan(v) => self.create_vxlan(v).await,

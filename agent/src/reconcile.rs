@@ -62,6 +62,15 @@ pub struct DesiredBridge {
     pub mac: Mac,
 }
 
+/// What an endpoint's programs know of its network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramSpec {
+    pub vni: u32,
+    pub internal: bool,
+    /// DNS to resolvers outside Trellis goes to this gateway (and MAC).
+    pub dns_at: Option<(std::net::Ipv4Addr, Mac)>,
+}
+
 /// The kernel state one host should have.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredHost {
@@ -70,9 +79,9 @@ pub struct DesiredHost {
     pub endpoints: BTreeMap<String, EndpointSpec>,
     /// Keyed by device name.
     pub vxlans: BTreeMap<String, DesiredVxlan>,
-    /// Endpoint veths that carry the endpoint program (with the VNI and
-    /// whether the network is internal).
-    pub programs: BTreeMap<String, (u32, bool)>,
+    /// Endpoint veths that carry the endpoint programs, with what the
+    /// programs need to know of the endpoint's network.
+    pub programs: BTreeMap<String, ProgramSpec>,
     pub egress: EgressRules,
     /// The eBPF datapath's isolation and service tables.
     pub tables: Tables,
@@ -101,7 +110,8 @@ pub fn desired(
         by_id.insert(n.id.as_str(), n);
     }
     d.egress = EgressRules::new(egress);
-    d.egress.dns_intercept = me.dns_intercept;
+    // The eBPF program redirects DNS itself; nftables does without it.
+    d.egress.dns_intercept = me.dns_intercept && !me.ebpf;
     for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
@@ -129,14 +139,14 @@ pub fn desired(
         );
     }
     if me.ebpf {
+        let net_of: BTreeMap<&str, &str> = endpoints.iter().map(|e| (e.id.as_str(), e.network_id.as_str())).collect();
         for (name, spec) in &d.endpoints {
-            let net = endpoints
-                .iter()
-                .find(|e| e.id == spec.endpoint_id)
-                .and_then(|e| by_id.get(e.network_id.as_str()))
-                .map(|n| (n.vni, n.internal))
-                .unwrap_or((0, false));
-            d.programs.insert(name.clone(), net);
+            let Some(n) = net_of.get(spec.endpoint_id.as_str()).and_then(|id| by_id.get(id)) else { continue };
+            let dns_at = match (me.dns_intercept, n.gateway) {
+                (true, Some(IpAddr::V4(gw))) => Some((gw, model::mac_for_ip(n.subnet.network()))),
+                _ => None,
+            };
+            d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at });
         }
     }
     // Tunnels: on a host with endpoints on a network, a VXLAN device with a
@@ -372,16 +382,10 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
             _ => None,
         })
         .collect();
-    for (name, (vni, internal)) in &desired.programs {
+    for (name, p) in &desired.programs {
         if !observed.programs.contains(name) || created.contains(name) {
             let spec = &desired.endpoints[name];
-            acts.push(Action::AttachProgram {
-                ifname: name.clone(),
-                ip: spec.addr.addr(),
-                mac: spec.mac,
-                vni: *vni,
-                internal: *internal,
-            });
+            acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, program: *p });
         }
     }
     // The tables last: remote backends' tunnel entries and local backends'
@@ -884,12 +888,23 @@ mod tests {
         let me = Identity { ebpf: true, ..Identity::local("h1") };
         let d = desired(&nets, &eps, &[], &me);
         assert_eq!(d.programs.keys().collect::<Vec<_>>(), ["trv-e1", "trv-e2"]);
+        // DNS redirection: in the program when it runs, in nftables when not.
+        let dns = Identity { dns_intercept: true, ..me.clone() };
+        let d2 = desired(&nets, &eps, &[], &dns);
+        assert_eq!(
+            d2.programs["trv-e1"].dns_at,
+            Some(("10.1.0.1".parse().unwrap(), model::mac_for_ip("10.1.0.0".parse().unwrap())))
+        );
+        assert!(!d2.egress.dns_intercept, "no nftables DNAT beside the program");
+        assert!(desired(&nets, &eps, &[], &Identity { ebpf: false, ..dns }).egress.dns_intercept);
         assert!(desired(&nets, &eps, &[], &Identity::local("h1")).programs.is_empty(), "none without eBPF");
         let acts = diff(&d, &Observed::default());
         let attach: Vec<_> = acts
             .iter()
             .filter_map(|a| match a {
-                Action::AttachProgram { ifname, ip, vni, .. } => Some((ifname.as_str(), ip.to_string(), *vni)),
+                Action::AttachProgram { ifname, ip, program, .. } => {
+                    Some((ifname.as_str(), ip.to_string(), program.vni))
+                }
                 _ => None,
             })
             .collect();

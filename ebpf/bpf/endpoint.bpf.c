@@ -540,6 +540,24 @@ no_backend:
 	return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
 }
 
+/* A DNS query to an outside resolver, sent to the gateway instead; the
+ * reverse translation gives the reply the resolver's address back. */
+static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint_counters *c,
+					  const struct endpoint_info *ep, const struct flow *f)
+{
+	struct rnat_key rk = { .client = f->saddr, .backend = ep->gateway, .cport = f->sport, .bport = f->dport, .proto = f->proto };
+	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	if (!rv || rv->vip != f->daddr) {
+		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport };
+		bpf_map_update_elem(&rnat, &rk, &nv, BPF_ANY);
+	}
+	if (rewrite(skb, f, 1, f->daddr, ep->gateway, f->dport, f->dport))
+		return drop(c, DROP_MALFORMED, skb->ifindex, f);
+	if (bpf_skb_store_bytes(skb, 0, ep->gw_mac, ETH_ALEN, 0))
+		return drop(c, DROP_MALFORMED, skb->ifindex, f);
+	return TC_ACT_OK;
+}
+
 SEC("classifier")
 int trellis_from_endpoint(struct __sk_buff *skb)
 {
@@ -592,9 +610,15 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		if (n) {
 			if (n->net_id != ep->net_id)
 				return drop(c, DROP_ISOLATION, ifindex, &f);
-		} else if ((ep->flags & EP_INTERNAL) && f.dport != bpf_htons(53)) {
-			/* Out of an internal network: only DNS, which the agent
-			 * answers (redirected to the gateway). */
+		} else if ((ep->flags & EP_DNS) && ep->gateway && f.dport == bpf_htons(53) && f.l4off &&
+			   (f.proto == PROTO_UDP || f.proto == PROTO_TCP)) {
+			/* DNS to a resolver outside Trellis (one an engine wrote
+			 * into the container): answered by the agent at the
+			 * gateway, the reply coming back from the address asked. */
+			struct endpoint_info e = *ep;
+			return to_gateway_dns(skb, c, &e, &f);
+		} else if (ep->flags & EP_INTERNAL) {
+			/* Nothing else leaves an internal network. */
 			return drop(c, DROP_ISOLATION, ifindex, &f);
 		}
 		if (f.start)

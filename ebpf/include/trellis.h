@@ -9,6 +9,8 @@
 
 /* endpoint_info.flags */
 #define EP_INTERNAL 1 /* its network is --internal: nothing leaves it */
+#define EP_DNS 2      /* the agent answers DNS on the gateway: queries to
+		       * resolvers outside Trellis are sent there */
 
 /* What the datapath knows of an endpoint, keyed by the ifindex of its
  * host-side veth. */
@@ -18,6 +20,9 @@ struct endpoint_info {
 	__u16 pad;
 	__u32 net_id;  /* the network's VNI */
 	__u32 flags;   /* EP_* */
+	__u32 gateway; /* the network's gateway (its DNS server), 0: none */
+	__u8 gw_mac[6];
+	__u16 pad2;
 };
 
 /* Why a packet was dropped (index into endpoint_counters.drops). */
@@ -158,7 +163,8 @@ struct svc_stats {
 
 _Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
 _Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
-_Static_assert(sizeof(struct endpoint_info) == 20, "endpoint_info layout");
+_Static_assert(sizeof(struct endpoint_info) == 32, "endpoint_info layout");
+_Static_assert(__builtin_offsetof(struct endpoint_info, gw_mac) == 24, "endpoint_info.gw_mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, mac) == 4, "endpoint_info.mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, net_id) == 12, "endpoint_info.net_id");
 _Static_assert(sizeof(struct endpoint_counters) == 96, "endpoint_counters layout");

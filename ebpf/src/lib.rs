@@ -35,6 +35,10 @@ pub struct EndpointInfo {
     /// The network's VNI.
     pub net_id: u32,
     pub flags: u32,
+    /// The gateway (the agent's DNS server), network byte order; 0: none.
+    pub gateway: u32,
+    pub gw_mac: [u8; 6],
+    pub pad2: u16,
 }
 
 // SAFETY: plain old data with no padding the compiler may leave
@@ -46,14 +50,25 @@ pub const CFG_EVENTS: u32 = 1;
 
 /// `EP_INTERNAL`: the endpoint's network is internal (nothing leaves it).
 pub const EP_INTERNAL: u32 = 1;
+/// `EP_DNS`: DNS to outside resolvers goes to the gateway.
+pub const EP_DNS: u32 = 2;
 
 impl EndpointInfo {
     pub fn new(ip: Ipv4Addr, mac: [u8; 6], net_id: u32) -> EndpointInfo {
-        EndpointInfo { ip: be(ip), mac, pad: 0, net_id, flags: 0 }
+        EndpointInfo { ip: be(ip), mac, pad: 0, net_id, flags: 0, gateway: 0, gw_mac: [0; 6], pad2: 0 }
     }
 
     pub fn with_flags(mut self, flags: u32) -> EndpointInfo {
         self.flags = flags;
+        self
+    }
+
+    /// DNS queries to resolvers outside Trellis go to `gateway` (whose
+    /// MAC is `mac`) instead.
+    pub fn with_dns_at(mut self, gateway: Ipv4Addr, mac: [u8; 6]) -> EndpointInfo {
+        self.flags |= EP_DNS;
+        self.gateway = be(gateway);
+        self.gw_mac = mac;
         self
     }
 }
@@ -711,7 +726,8 @@ mod tests {
     /// The same numbers as the `_Static_assert`s of `trellis.h`.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(size_of::<EndpointInfo>(), 20);
+        assert_eq!(size_of::<EndpointInfo>(), 32);
+        assert_eq!(offset_of!(EndpointInfo, gw_mac), 24);
         assert_eq!(offset_of!(EndpointInfo, mac), 4);
         assert_eq!(offset_of!(EndpointInfo, net_id), 12);
         assert_eq!(size_of::<EndpointCounters>(), 96);

@@ -59,6 +59,10 @@ fn names_services_tasks_ptr_and_scoping() {
     assert_eq!(dig_short(&c, "192.0.2.53", &["web1"]), vec![ip1.clone()], "intercepted query");
     assert_eq!(dig_short(&c, "192.0.2.53", &["+tcp", "web2.app"]), vec![ip2.clone()]);
     assert_eq!(status_of(&dig_full(&c, "198.51.100.7", &["pg"])), "NXDOMAIN");
+    // It is the eBPF program that redirects them: nftables has no DNS rule.
+    let rules = h.ns.cmd("nft").args(["list", "ruleset"]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("dport 53"), "an nftables DNS redirect beside the program:\n{rules}");
     // AAAA: authoritative NODATA, not forwarded.
     let aaaa = dig_full(&c, gw, &["web1", "AAAA"]);
     assert_eq!(status_of(&aaaa), "NOERROR", "{aaaa}");
