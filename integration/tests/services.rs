@@ -370,6 +370,16 @@ fn restart_under_traffic(attach: &str) {
     let t0 = Instant::now();
     assert!(wait_for(Duration::from_secs(20), || client.request(vip).is_ok()), "the service entry was not repaired");
     eprintln!("service entry repaired in {:?}", t0.elapsed());
+    // The VIP answers ping while it has a backend, and not once it has none.
+    let vip_ip = svc["vip"].as_str().unwrap();
+    assert!(ping(&netns_of(&cep), vip_ip, 1), "VIP ping with backends");
+    for i in 0..3 {
+        host.ctl(&["detach", &format!("web{i}")]).unwrap();
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || !ping(&netns_of(&cep), vip_ip, 1)),
+        "the VIP still answers ping with no backend"
+    );
     if attach == "clsact" {
         assert_eq!(filters, 1, "one tc filter on the client's veth after the restart");
         assert_eq!(pinned, 0, "clsact filters need no pinned link");
