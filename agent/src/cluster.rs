@@ -104,16 +104,38 @@ pub struct Cluster {
     /// Endpoint records already decoded, by key and the revision they were
     /// decoded at: every pass lists all endpoints, and decoding them all
     /// again was most of an attach's pass on a host with many.
-    decoded: std::sync::Mutex<std::collections::HashMap<String, (trellis_store::Revision, EndpointRecord)>>,
+    decoded: DecodeCache<EndpointRecord>,
     /// The same for service records (a cluster may have thousands).
-    decoded_services:
-        std::sync::Mutex<std::collections::HashMap<String, (trellis_store::Revision, model::ServiceRecord)>>,
+    decoded_services: DecodeCache<model::ServiceRecord>,
 }
 
 const CREATE_ATTEMPTS: usize = 16;
 
 fn decode<T: for<'de> serde::Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| AgentError::Internal(format!("corrupt record {key}: {e}")))
+}
+
+/// Records decoded, each once per revision: `cache` keeps what the last
+/// listing decoded, by key.
+type DecodeCache<T> = std::sync::Mutex<std::collections::HashMap<String, (trellis_store::Revision, T)>>;
+
+fn decode_cached<T: Clone + for<'de> serde::Deserialize<'de>>(
+    cache: &DecodeCache<T>,
+    items: Vec<trellis_store::KeyValue>,
+) -> Result<Vec<T>> {
+    let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+    let mut fresh = std::collections::HashMap::with_capacity(items.len());
+    let mut out = Vec::with_capacity(items.len());
+    for kv in items {
+        let rec = match cache.remove(&kv.key) {
+            Some((rev, rec)) if rev == kv.mod_revision => rec,
+            _ => decode(&kv.key, &kv.value)?,
+        };
+        out.push(rec.clone());
+        fresh.insert(kv.key, (kv.mod_revision, rec));
+    }
+    *cache = fresh;
+    Ok(out)
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -141,19 +163,7 @@ impl Cluster {
     /// Every endpoint record, including ones being deleted.
     pub async fn all_endpoints(&self) -> Result<Vec<EndpointRecord>> {
         let (items, _) = self.store.list(&model::endpoints_prefix()).await?;
-        let mut cache = self.decoded.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fresh = std::collections::HashMap::with_capacity(items.len());
-        let mut out = Vec::with_capacity(items.len());
-        for kv in items {
-            let rec = match cache.remove(&kv.key) {
-                Some((rev, rec)) if rev == kv.mod_revision => rec,
-                _ => decode(&kv.key, &kv.value)?,
-            };
-            out.push(rec.clone());
-            fresh.insert(kv.key, (kv.mod_revision, rec));
-        }
-        *cache = fresh;
-        Ok(out)
+        decode_cached(&self.decoded, items)
     }
 
     /// The live endpoints (not being deleted).
@@ -225,19 +235,7 @@ impl Cluster {
     /// Every service (records decoded once per revision).
     pub async fn services(&self) -> Result<Vec<model::ServiceRecord>> {
         let (items, _) = self.store.list(&model::services_prefix()).await?;
-        let mut cache = self.decoded_services.lock().unwrap_or_else(|p| p.into_inner());
-        let mut fresh = std::collections::HashMap::with_capacity(items.len());
-        let mut out = Vec::with_capacity(items.len());
-        for kv in items {
-            let rec = match cache.remove(&kv.key) {
-                Some((rev, rec)) if rev == kv.mod_revision => rec,
-                _ => decode(&kv.key, &kv.value)?,
-            };
-            out.push(rec.clone());
-            fresh.insert(kv.key, (kv.mod_revision, rec));
-        }
-        *cache = fresh;
-        Ok(out)
+        decode_cached(&self.decoded_services, items)
     }
 
     pub async fn service(&self, name: &str) -> Result<model::ServiceRecord> {
