@@ -27,6 +27,8 @@ pub struct AgentService {
     pub events: Option<tokio::sync::broadcast::Sender<trellis_ebpf::FlowEvent>>,
     /// The agent's DNS server (on every network's gateway), if it runs.
     pub dns: Option<Arc<trellis_dns::Core>>,
+    /// Probes of the peers' tunnel endpoints (`None`: not running).
+    pub prober: Option<Arc<crate::probe::Prober>>,
 }
 
 impl From<AgentError> for Status {
@@ -173,6 +175,22 @@ impl AgentService {
             return Err(Status::invalid_argument("an endpoint (id or name) or a container id is required"));
         }
         Ok(self.cluster.find_endpoint(endpoint, network).await?)
+    }
+
+    /// What the probes say of a host.
+    fn probe_text(&self, host: &str) -> String {
+        if host == self.cluster.host {
+            return "local".into();
+        }
+        match self.prober.as_ref().map(|p| p.health(host)) {
+            None => "not probed (no prober)".into(),
+            Some(None) => "not probed yet".into(),
+            Some(Some(h)) if h.unreachable(crate::probe::MISSED_FOR_DOWN) => {
+                format!("unreachable ({} probes unanswered)", h.missed)
+            }
+            Some(Some(h)) if h.sent == 0 || (h.answered == 0 && h.missed > 0) => "not answered yet".into(),
+            Some(Some(_)) => "ok".into(),
+        }
     }
 
     fn remove_managed(&self, e: &EndpointRecord) {
@@ -561,6 +579,14 @@ impl proto::agent_server::Agent for AgentService {
                     tunnel,
                     last_seen_ms: last_seen.map(|d| d.as_millis() as i64).unwrap_or(-1),
                     capabilities: h.capabilities.clone().into_iter().collect(),
+                    probe: self.probe_text(&h.id),
+                    probe_rtt_us: self
+                        .prober
+                        .as_ref()
+                        .and_then(|p| p.health(&h.id))
+                        .and_then(|x| x.rtt)
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0),
                 }
             })
             .collect();
@@ -581,7 +607,26 @@ impl proto::agent_server::Agent for AgentService {
         };
         let (docker_items, _) = self.cluster.store.list(&docker).await.unwrap_or_default();
         let tables = self.reconciler.seen().tables;
+        let peers: Vec<String> = crate::hosts::live_hosts(self.cluster.store.as_ref())
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|h| h.id)
+            .filter(|id| *id != self.cluster.host)
+            .collect();
+        let unreachable_peers: Vec<String> = peers
+            .iter()
+            .filter(|id| {
+                self.prober
+                    .as_ref()
+                    .and_then(|p| p.health(id))
+                    .is_some_and(|h| h.unreachable(crate::probe::MISSED_FOR_DOWN))
+            })
+            .cloned()
+            .collect();
         Ok(Response::new(proto::StatusResponse {
+            peers: peers.len() as u32,
+            unreachable_peers,
             datapath_services: tables.services.len() as u32,
             datapath_backends: tables.backends.len() as u32,
             datapath_subnets: tables.nets.len() as u32,

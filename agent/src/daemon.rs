@@ -220,6 +220,27 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .with_context(|| format!("restricting {}", cfg.socket.display()))?;
 
     let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
+    // Probes of every peer's tunnel endpoint, once a second.
+    let prober = Arc::new(crate::probe::Prober::default());
+    let prober = match prober.start(Duration::from_secs(1)) {
+        Ok(()) => {
+            let (p, store, me) = (prober.clone(), store.clone(), host.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    if let Ok(hosts) = crate::hosts::live_hosts(store.as_ref()).await {
+                        p.set_peers(hosts.into_iter().filter(|h| h.id != me).map(|h| (h.id, h.underlay)).collect());
+                    }
+                }
+            });
+            Some(prober)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "peer probes unavailable");
+            None
+        }
+    };
     let service = Arc::new(AgentService {
         cluster: cluster.clone(),
         reconciler: reconciler.clone(),
@@ -229,6 +250,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         capabilities: caps,
         dns: dns_core.clone(),
         events,
+        prober: prober.clone(),
     });
     let docker = match &cfg.docker_plugin {
         None => None,
@@ -270,6 +292,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 dns: dns_core.clone(),
                 dataplane: dataplane.clone(),
                 snapshot: snapshot.clone(),
+                prober: prober.clone(),
             }));
             let refresher = tokio::spawn(crate::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
             match crate::metrics::serve(Arc::new(registry), addr).await {

@@ -22,4 +22,5 @@ pub mod model;
 pub mod monitor;
 pub mod netlink;
 pub mod netns;
+pub mod probe;
 pub mod reconcile;

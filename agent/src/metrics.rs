@@ -147,6 +147,7 @@ pub struct AgentCollector {
     pub dns: Option<Arc<trellis_dns::Core>>,
     pub dataplane: Arc<dyn crate::dataplane::Dataplane>,
     pub snapshot: Arc<RwLock<Snapshot>>,
+    pub prober: Option<Arc<crate::probe::Prober>>,
 }
 
 impl std::fmt::Debug for AgentCollector {
@@ -196,6 +197,30 @@ impl Collector for AgentCollector {
 
         let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
         gauge(&mut enc, "trellis_peers", "Other live hosts of the cluster.", snap.peers as i64)?;
+        if let Some(p) = &self.prober {
+            let peers = p.all();
+            let mut m = enc.encode_descriptor(
+                "trellis_peer_reachable",
+                "1 while the peer's tunnel endpoint answers this host's probes.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (peer, h) in &peers {
+                let up = !h.unreachable(crate::probe::MISSED_FOR_DOWN) as i64;
+                ConstGauge::new(up).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "trellis_peer_probe_rtt_seconds",
+                "Round trip of the last answered probe of the peer's tunnel endpoint.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (peer, h) in &peers {
+                if let Some(rtt) = h.rtt {
+                    ConstGauge::new(rtt.as_secs_f64()).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
+                }
+            }
+        }
         for (name, help, idx) in [
             ("trellis_ipam_addresses_allocated", "Addresses taken in a network (cluster-wide).", 0),
             ("trellis_ipam_addresses_usable", "Addresses a network can hand out.", 1),

@@ -297,3 +297,57 @@ fn an_underlay_flap_recovers_without_restarts() {
     assert_eq!(pids, after, "no agent restarted");
     assert!(ping(&netns_of(&b), &ip_of(&a), 1), "both ways");
 }
+
+/// Every agent probes its peers' tunnel endpoints: `host ls` shows the
+/// round trip, and a peer that stops answering (its underlay link down,
+/// its lease still running) makes `status` unhealthy until it answers again.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn peers_are_probed_and_an_unreachable_one_is_reported() {
+    require_root();
+    let lab = Lab::new(2, 15000).unwrap();
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let probe_of = |id: &str| -> serde_json::Value {
+        let hosts = h1.ctl_json(&["host", "ls"]).unwrap();
+        hosts.as_array().unwrap().iter().find(|h| h["id"] == id).cloned().unwrap_or_default()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || probe_of("host2")["probe"] == "ok"),
+        "host 2 never answered: {}",
+        probe_of("host2")
+    );
+    assert!(probe_of("host2")["probe_rtt_us"].as_u64().unwrap() > 0);
+    assert_eq!(probe_of("host1")["probe"], "local");
+    assert!(h1.ctl_output(&["status"]).status.success(), "healthy with every peer answering");
+    let metrics = || {
+        let out = h1.ns.cmd("curl").args(["-s", "http://127.0.0.1:9473/metrics"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(metrics().contains("trellis_peer_reachable{peer=\"host2\"} 1"), "{}", metrics());
+    h2.ns.ip(&["link", "set", &lab.uplinks[1], "down"]).unwrap();
+    let t0 = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            // (An unhealthy status exits 1, its JSON printed all the same.)
+            let out = h1.ctl_output(&["status", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            v["peers"]["unreachable"] == serde_json::json!(["host2"])
+        }),
+        "host 2 never reported unreachable: {}",
+        String::from_utf8_lossy(&h1.ctl_output(&["status", "--json"]).stdout)
+    );
+    eprintln!("unreachable reported after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_secs(8), "reported before its lease ran out");
+    let out = h1.ctl_output(&["status"]);
+    assert_eq!(out.status.code(), Some(1), "an unreachable peer is unhealthy");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("UNREACHABLE: host2"));
+    assert!(probe_of("host2")["probe"].as_str().unwrap().starts_with("unreachable"));
+    assert!(metrics().contains("trellis_peer_reachable{peer=\"host2\"} 0"));
+    h2.ns.ip(&["link", "set", &lab.uplinks[1], "up"]).unwrap();
+    let _ = h2.ns.ip(&["route", "replace", "default", "via", trellis_integration::UNDERLAY_GATEWAY]);
+    assert!(
+        wait_for(Duration::from_secs(10), || h1.ctl_output(&["status"]).status.success()),
+        "never healthy again: {}",
+        String::from_utf8_lossy(&h1.ctl_output(&["status", "--json"]).stdout)
+    );
+}

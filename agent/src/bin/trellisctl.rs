@@ -556,15 +556,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 "vxlan_port": h.vxlan_port, "version": h.version, "started_unix": h.started_unix,
                                 "local": h.local, "endpoints": h.endpoints, "tunnel": h.tunnel,
                                 "last_seen_ms": h.last_seen_ms,
-                                "capabilities": h.capabilities,
+                                "capabilities": h.capabilities, "probe": h.probe, "probe_rtt_us": h.probe_rtt_us,
                             })
                         })
                         .collect(),
                 ));
             } else {
                 println!(
-                    "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} TUNNEL",
-                    "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP", "LAST SEEN"
+                    "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} TUNNEL",
+                    "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP", "LAST SEEN", "PROBE"
                 );
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -578,9 +578,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     } else {
                         format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3)
                     };
+                    let probe = if h.probe == "ok" {
+                        format!("ok {:.2} ms", h.probe_rtt_us as f64 / 1e3)
+                    } else {
+                        h.probe.clone()
+                    };
                     println!(
-                        "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {}",
-                        id, h.hostname, h.underlay, h.endpoints, up, seen, h.tunnel
+                        "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} {}",
+                        id, h.hostname, h.underlay, h.endpoints, up, seen, probe, h.tunnel
                     );
                 }
             }
@@ -629,7 +634,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Status { json } => {
             let s = c.status(proto::StatusRequest {}).await?.into_inner();
-            let healthy = s.store_ok && s.reconcile_errors.is_empty();
+            let healthy = s.store_ok && s.reconcile_errors.is_empty() && s.unreachable_peers.is_empty();
             if json {
                 print_json(&json!({
                     "healthy": healthy, "host_id": s.host_id, "hostname": s.hostname, "version": s.version,
@@ -640,6 +645,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                     "networks": s.networks, "local_endpoints": s.local_endpoints, "capabilities": s.capabilities,
                     "docker": {"networks": s.docker_networks, "endpoints": s.docker_endpoints},
+                    "peers": {"count": s.peers, "unreachable": s.unreachable_peers},
                     "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets},
                 }));
             } else {
@@ -658,6 +664,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 for e in &s.reconcile_errors {
                     println!("            {e}");
+                }
+                if s.unreachable_peers.is_empty() {
+                    println!("peers       {} (every tunnel endpoint answers probes)", s.peers);
+                } else {
+                    println!("peers       {}, UNREACHABLE: {}", s.peers, s.unreachable_peers.join(", "));
                 }
                 println!("networks    {}", s.networks);
                 println!("endpoints   {} on this host", s.local_endpoints);
