@@ -44,3 +44,10 @@ fi
 command -v cargo >/dev/null 2>&1 || { echo "setup.sh: cargo not found (install Rust 1.95 with rustup)" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q clippy || rustup component add clippy rustfmt >/dev/null 2>&1 || true
 echo "setup.sh: $(cargo --version)"
+# cargo-fuzz, for the fuzz targets under fuzz/ (stable Rust: built with
+# `--sanitizer none`).
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "setup.sh: installing cargo-fuzz"
+  cargo install cargo-fuzz --locked --version 0.13.2 >/dev/null
+fi
+echo "setup.sh: $(cargo fuzz --version)"

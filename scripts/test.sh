@@ -14,6 +14,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --bins --locked
 
+echo "== fuzz smoke runs (cargo-fuzz, 20,000 inputs per target; longer runs: README)"
+for target in $(cd fuzz && cargo fuzz list); do
+  (cd fuzz && cargo fuzz run --sanitizer none "$target" -- -runs=20000 -max_len=1024 2>&1 | grep -E '^(Done|==|SUMMARY|thread)' ) \
+    || { echo "fuzz target $target failed" >&2; exit 1; }
+done
+
 if [ "$(id -u)" -ne 0 ]; then
   echo "test.sh: not root: root tests will show as ignored" >&2
   ignored=()

@@ -1,0 +1,45 @@
+//! The DNS server's UDP query handler: any datagram a client sends gets a
+//! well-formed reply to its id, a forward, or nothing — never a panic.
+#![no_main]
+
+use std::net::IpAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use trellis_dns::{Core, Endpoint, Network, Service, Upstreams, Zone};
+
+fn core() -> &'static std::sync::Arc<Core> {
+    static CORE: OnceLock<std::sync::Arc<Core>> = OnceLock::new();
+    CORE.get_or_init(|| {
+        let core = Core::new(&Upstreams { servers: vec![], timeout: Duration::from_millis(10) });
+        core.set_zone(Zone::build_with_services(
+            &[Network { id: "n1".into(), name: "app".into(), subnet: "10.1.0.0/24".parse().unwrap() }],
+            &[Endpoint {
+                name: "web".into(),
+                aliases: vec!["www".into()],
+                network_id: "n1".into(),
+                ip: "10.1.0.2".parse().unwrap(),
+                sandbox: "s".into(),
+                service: Some("svc".into()),
+            }],
+            &[Service {
+                name: "api".into(),
+                network_id: "n1".into(),
+                vip: Some("10.1.0.254".parse().unwrap()),
+                backends: vec!["10.1.0.2".parse().unwrap()],
+            }],
+        ));
+        core
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let src: IpAddr = "10.1.0.2".parse().unwrap();
+    if let trellis_dns::server::UdpStep::Reply(bytes) = core().udp_step(data, src) {
+        assert!(bytes.len() >= 12, "a reply has a header");
+        if data.len() >= 2 {
+            assert_eq!(&bytes[..2], &data[..2], "the reply carries the query's id");
+        }
+    }
+});
