@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets everything up and shows Trellis doing its main job on this machine:
 # trellisd with its embedded store, a network, two endpoints talking, egress
-# through the host, an --internal network cut off, and a debugging shell.
+# through the host, names, a service VIP, an --internal network cut off, and
+# a debugging shell.
 #
 # The agent runs in a network namespace that plays the host, wired to a
 # second namespace that plays the outside world, so the demo never touches
@@ -74,6 +75,15 @@ say "names: every agent answers DNS on its networks' gateways"
 echo "web           -> $(in_ns "$CLIENT_NS" dig +short +time=2 @10.30.0.1 web)"
 echo "tasks.frontend -> $(in_ns "$CLIENT_NS" dig +short +time=2 @10.30.0.1 tasks.frontend)"
 echo "web.app (asked of 192.0.2.53, redirected to Trellis) -> $(in_ns "$CLIENT_NS" dig +short +time=2 @192.0.2.53 web.app)"
+
+say "a service: a virtual IP load-balanced by the eBPF datapath"
+ctl attach app --name web2 --label trellis.service=frontend
+ctl service create frontend --network app --port 80:8080
+ctl service ls
+VIP=$("$BIN/trellisctl" service inspect frontend | sed -n 's/.*"vip": "\([0-9.]*\)".*/\1/p')
+echo "frontend      -> $(in_ns "$CLIENT_NS" dig +short +time=2 @10.30.0.1 frontend)   (its VIP)"
+echo "tasks.frontend -> $(in_ns "$CLIENT_NS" dig +short +time=2 @10.30.0.1 tasks.frontend | tr '\n' ' ')  (its backends)"
+in_ns "$CLIENT_NS" ping -c 2 -i 0.2 "$VIP" | tail -2
 
 say "an --internal network is cut off from everything outside it"
 ctl network create vault --internal --attachable
