@@ -270,7 +270,7 @@ impl Collector for AgentCollector {
             }
         }
 
-        // Per-endpoint counters from the eBPF maps (with --ebpf).
+        // Per-endpoint counters from the eBPF maps (none with --ebpf=false).
         let counters = self.dataplane.endpoint_counters();
         if !counters.is_empty() {
             for (name, help, pick) in [

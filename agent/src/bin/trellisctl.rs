@@ -73,8 +73,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Live flow and drop events of this host's endpoints (needs trellisd
-    /// --ebpf): every drop with its reason, every flow start that passed.
+    /// Live flow and drop events of this host's endpoints (from the eBPF
+    /// datapath, on unless trellisd runs with --ebpf=false): every drop
+    /// with its reason, every flow start that passed.
     Monitor {
         #[arg(long)]
         network: Option<String>,
