@@ -137,6 +137,27 @@ pub fn ping(path: &Path, dst: &str, count: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Panics unless `promtool check metrics` (Debian `prometheus`) accepts
+/// the exposition `text`.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut p = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian prometheus)");
+    p.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("writing to promtool");
+    let out = p.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Poll `f` until it returns true or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;

@@ -325,21 +325,7 @@ fn peers_are_probed_and_an_unreachable_one_is_reported() {
     };
     assert!(metrics().contains("trellis_peer_reachable{peer=\"host2\"} 1"), "{}", metrics());
     // With peers in it, the exposition still passes promtool's linter.
-    let mut p = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian prometheus)");
-    std::io::Write::write_all(&mut p.stdin.take().unwrap(), metrics().as_bytes()).unwrap();
-    let out = p.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_integration::promtool_check(&metrics());
     h2.ns.ip(&["link", "set", &lab.uplinks[1], "down"]).unwrap();
     let t0 = Instant::now();
     assert!(

@@ -1,7 +1,6 @@
 //! The agent's Prometheus metrics: scraped from its namespace and checked
 //! with promtool (Debian `prometheus`).
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -48,21 +47,7 @@ fn metrics_pass_promtool_and_count_what_happens() {
     assert!(sent.unwrap_or(0.0) >= 3.0, "a sent pings: {text}");
 
     // promtool's linter accepts the whole exposition.
-    let mut p = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian prometheus)");
-    p.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = p.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    trellis_integration::promtool_check(&text);
 }
 
 #[test]
