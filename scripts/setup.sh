@@ -9,7 +9,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 PACKAGES=(
-  protobuf-compiler        # protoc: tonic and etcd-client compile .proto files
+  protobuf-compiler libprotobuf-dev  # protoc and its well-known .proto files: tonic and etcd-client compile .proto files
   clang-19 llvm-19 libbpf-dev  # the eBPF datapath (C programs)
   nftables iproute2 util-linux iputils-ping conntrack
   containernetworking-plugins  # the reference CNI bridge + host-local (benchmark peer)
@@ -19,6 +19,7 @@ PACKAGES=(
   dnsmasq-base dnsperf aardvark-dns  # a real upstream resolver for DNS tests; DNS benchmark tool and peer
   prometheus curl          # promtool checks the agent's metrics
   bpftool                  # tests tamper with the pinned maps as an operator would
+  qemu-system-x86 linux-image-amd64 cpio  # stock-kernel VMs: IPsec ESP tests (this kernel has no ESP)
   ca-certificates
 )
 

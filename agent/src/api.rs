@@ -68,7 +68,24 @@ pub fn network_to_proto(n: &NetworkRecord, endpoints: u32) -> proto::Network {
         created_unix: n.created_unix,
         bridge: model::bridge_name(&n.id),
         endpoints,
+        vxlan_port: n.vxlan_port.unwrap_or(0) as u32,
+        key: None,
     }
+}
+
+/// An encrypted network's key state as the API shows it.
+async fn key_state(cluster: &Cluster, n: &NetworkRecord) -> Result<Option<proto::KeyState>, Status> {
+    if !n.encrypted {
+        return Ok(None);
+    }
+    let ring = cluster.key_status(n).await?;
+    let acks = cluster.acks(&n.id).await?;
+    Ok(Some(proto::KeyState {
+        tx_epoch: ring.tx,
+        epochs: ring.keys.iter().map(|k| k.epoch).collect(),
+        rotation: ring.reason.map(|r| format!("{r:?}")).unwrap_or_default(),
+        acks: acks.iter().map(|(h, a)| format!("{h} rx={} tx={}", a.rx, a.tx)).collect(),
+    }))
 }
 
 pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> proto::Endpoint {
@@ -437,7 +454,17 @@ impl proto::agent_server::Agent for AgentService {
     async fn inspect_network(&self, request: Request<proto::NetworkRef>) -> Result<Response<proto::Network>, Status> {
         let n = self.cluster.network(&request.into_inner().name).await?;
         let count = self.cluster.endpoints().await?.iter().filter(|e| e.network_id == n.id).count();
-        Ok(Response::new(network_to_proto(&n, count as u32)))
+        let mut out = network_to_proto(&n, count as u32);
+        out.key = key_state(&self.cluster, &n).await?;
+        Ok(Response::new(out))
+    }
+
+    async fn rotate_key(&self, request: Request<proto::NetworkRef>) -> Result<Response<proto::Network>, Status> {
+        let (n, _) = self.cluster.rotate_key(&request.into_inner().name).await?;
+        let count = self.cluster.endpoints().await?.iter().filter(|e| e.network_id == n.id).count();
+        let mut out = network_to_proto(&n, count as u32);
+        out.key = key_state(&self.cluster, &n).await?;
+        Ok(Response::new(out))
     }
 
     async fn remove_network(
@@ -648,6 +675,7 @@ impl proto::agent_server::Agent for AgentService {
             networks,
             local_endpoints: eps.iter().filter(|e| e.host == self.cluster.host).count() as u32,
             capabilities: self.capabilities.clone(),
+            esp_unsupported: self.cluster.esp_unsupported.clone().unwrap_or_default(),
             last_full_reconcile_us: self.reconciler.last_full_us.load(std::sync::atomic::Ordering::Relaxed),
             last_reconcile_us: last.duration.as_micros() as u64,
         }))
@@ -658,6 +686,9 @@ impl proto::agent_server::Agent for AgentService {
 /// records, addresses and managed namespaces; endpoints whose namespace
 /// died are collected.
 pub async fn settle(cluster: &Cluster, report: &crate::reconcile::PassReport) {
+    if !report.acks.is_empty() {
+        cluster.publish_acks(&report.acks).await;
+    }
     for e in &report.finalizable {
         match cluster.finalize(e).await {
             Ok(()) => {

@@ -107,11 +107,16 @@ pub struct Cluster {
     decoded: DecodeCache<EndpointRecord>,
     /// The same for service records (a cluster may have thousands).
     decoded_services: DecodeCache<model::ServiceRecord>,
+    /// Why this host cannot carry encrypted networks (its kernel has no
+    /// ESP), if it cannot.
+    pub esp_unsupported: Option<String>,
+    /// The key acks this host last wrote, by network id.
+    pub(crate) acked: std::sync::Mutex<BTreeMap<String, trellis_ipsec::Ack>>,
 }
 
 const CREATE_ATTEMPTS: usize = 16;
 
-fn decode<T: for<'de> serde::Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
+pub(crate) fn decode<T: for<'de> serde::Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| AgentError::Internal(format!("corrupt record {key}: {e}")))
 }
 
@@ -138,7 +143,7 @@ fn decode_cached<T: Clone + for<'de> serde::Deserialize<'de>>(
     Ok(out)
 }
 
-fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).expect("records serialize")
 }
 
@@ -152,6 +157,8 @@ impl Cluster {
             default_prefix_len,
             decoded: Default::default(),
             decoded_services: Default::default(),
+            esp_unsupported: None,
+            acked: Default::default(),
         }
     }
 
@@ -190,15 +197,14 @@ impl Cluster {
         underlay_mtu: u32,
     ) -> Result<NetworkRecord> {
         if req.encrypted {
-            return Err(AgentError::FailedPrecondition(
-                "encrypted networks are not yet supported by this Trellis build (IPsec ESP support lands with the encryption work); nothing was created".into(),
-            ));
+            self.require_esp(&req.name)?;
         }
         let request = match req.subnet {
             Some(s) => SubnetRequest::Specific(s),
             None => SubnetRequest::FromPool { pool: self.default_pool, prefix_len: self.default_prefix_len },
         };
-        let mtu = if req.mtu == 0 { underlay_mtu.saturating_sub(50).max(576) } else { req.mtu };
+        let esp = if req.encrypted { trellis_ipsec::xfrm::ESP_OVERHEAD } else { 0 };
+        let mtu = if req.mtu == 0 { underlay_mtu.saturating_sub(50 + esp).max(576) } else { req.mtu };
         for _ in 0..CREATE_ATTEMPTS {
             let key = model::network_key(&req.name);
             if self.store.get(&key).await?.is_some() {
@@ -218,10 +224,23 @@ impl Cluster {
                 encrypted: req.encrypted,
                 labels: req.labels.clone(),
                 created_unix: model::now_unix(),
+                vxlan_port: None,
             };
             let mut compares = plan.compares;
             compares.push(Compare::Absent(key.clone()));
             let mut ops = plan.ops;
+            let mut record = record;
+            if req.encrypted {
+                // Its own VXLAN port and its first key, generated here once:
+                // the transaction holds only if nobody claimed either.
+                let port = self.free_esp_port().await?;
+                record.vxlan_port = Some(port);
+                compares.push(Compare::Absent(model::esp_port_key(port)));
+                ops.push(Op::put(model::esp_port_key(port), record.id.clone().into_bytes()));
+                let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::generate(), model::now_ms());
+                compares.push(Compare::Absent(model::netkey_key(&record.id)));
+                ops.push(Op::put(model::netkey_key(&record.id), encode(&ring)));
+            }
             ops.push(Op::put(key, encode(&record)));
             if self.store.txn(compares, ops).await?.succeeded {
                 tracing::info!(network = %record.name, id = %record.id, subnet = %record.subnet, vni = record.vni, "network created");
@@ -359,6 +378,14 @@ impl Cluster {
             .ok_or_else(|| AgentError::NotFound(format!("network {:?} not found", net.name)))?;
         compares.push(Compare::ModRevision(net_key.clone(), current.mod_revision));
         ops.push(Op::delete(net_key));
+        if let Some(port) = net.vxlan_port {
+            ops.push(Op::delete(model::esp_port_key(port)));
+        }
+        if net.encrypted {
+            ops.push(Op::delete(model::netkey_key(&net.id)));
+            let (acks, _) = self.store.list(&model::netkey_acks_prefix(&net.id)).await?;
+            ops.extend(acks.into_iter().map(|kv| Op::delete(kv.key)));
+        }
         for e in &all {
             ops.push(Op::delete(model::endpoint_key(&e.id)));
             if !e.deleting {
@@ -386,6 +413,9 @@ impl Cluster {
     /// Write an endpoint and its address in one transaction.
     pub async fn create_endpoint(&self, req: NewEndpoint) -> Result<EndpointRecord> {
         let net = self.network(&req.network).await?;
+        if net.encrypted {
+            self.require_esp(&net.name)?;
+        }
         if !net.attachable && !req.labels.contains_key(model::SERVICE_LABEL) {
             return Err(AgentError::FailedPrecondition(format!(
                 "network {:?} is not attachable: without --attachable a network accepts only service tasks (endpoints labelled {}=NAME); standalone containers, debugging shells and ad-hoc attaches need a network created with --attachable",
@@ -724,7 +754,12 @@ impl DesiredSource for Cluster {
         let endpoints = self.all_endpoints().await.map_err(|e| e.to_string())?;
         let hosts = crate::hosts::live_hosts(self.store.as_ref()).await.map_err(|e| e.to_string())?;
         let services = self.services().await.map_err(|e| e.to_string())?;
-        Ok(crate::reconcile::Snapshot { networks, endpoints, hosts, services })
+        let keys = if networks.iter().any(|n| n.encrypted) {
+            self.key_rings().await.map_err(|e| e.to_string())?
+        } else {
+            Default::default()
+        };
+        Ok(crate::reconcile::Snapshot { networks, endpoints, hosts, services, keys })
     }
 }
 

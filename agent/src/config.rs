@@ -36,6 +36,9 @@ pub struct FileConfig {
     pub dns_port: Option<u16>,
     pub dns_upstream: Option<String>,
     pub metrics_addr: Option<String>,
+    pub key_rotation_interval_ms: Option<u64>,
+    pub key_rotation_grace_ms: Option<u64>,
+    pub esp_seq_threshold: Option<u64>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -129,6 +132,18 @@ pub struct Overrides {
     /// Prometheus metrics on `ADDR:PORT/metrics` (`off` turns them off).
     #[arg(long, env = "TRELLIS_METRICS_ADDR")]
     pub metrics_addr: Option<String>,
+    /// Encrypted networks rotate their key this often, in milliseconds
+    /// (0: only on demand and on the sequence-number threshold). Default 12 h.
+    #[arg(long, env = "TRELLIS_KEY_ROTATION_INTERVAL_MS")]
+    pub key_rotation_interval_ms: Option<u64>,
+    /// After every host sends with a new key, the old one is still
+    /// accepted this long (packets in flight), in milliseconds.
+    #[arg(long, env = "TRELLIS_KEY_ROTATION_GRACE_MS")]
+    pub key_rotation_grace_ms: Option<u64>,
+    /// An encrypted network's key rotates once an outbound SA on any host
+    /// has sent this many packets (ESP sequence numbers). Default 2^40.
+    #[arg(long, env = "TRELLIS_ESP_SEQ_THRESHOLD")]
+    pub esp_seq_threshold: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +180,8 @@ pub struct Config {
     pub dns_port: u16,
     pub dns_upstream: trellis_dns::Upstreams,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    pub key_rotation: trellis_ipsec::Policy,
+    pub esp_seq_threshold: u64,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
@@ -259,6 +276,11 @@ impl Config {
             vxlan_port: o.vxlan_port.or(f.vxlan_port).unwrap_or(4789),
             reclaim_grace: Duration::from_millis(o.reclaim_grace_ms.or(f.reclaim_grace_ms).unwrap_or(30_000)),
             ebpf: o.ebpf.or(f.ebpf).unwrap_or(true),
+            key_rotation: trellis_ipsec::Policy {
+                interval_ms: o.key_rotation_interval_ms.or(f.key_rotation_interval_ms).unwrap_or(12 * 3600 * 1000),
+                grace_ms: o.key_rotation_grace_ms.or(f.key_rotation_grace_ms).unwrap_or(5000),
+            },
+            esp_seq_threshold: o.esp_seq_threshold.or(f.esp_seq_threshold).unwrap_or(1 << 40).max(1),
             ebpf_attach: match o.ebpf_attach.clone().or(f.ebpf_attach).as_deref() {
                 Some("auto") | Some("tcx") => trellis_ebpf::AttachMode::Auto,
                 None | Some("clsact") => trellis_ebpf::AttachMode::Clsact,

@@ -43,7 +43,7 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 fn capabilities() -> HashMap<String, bool> {
     let nft = std::process::Command::new("nft").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    HashMap::from([("nftables".to_string(), nft), ("esp".to_string(), false)])
+    HashMap::from([("nftables".to_string(), nft)])
 }
 
 /// Namespaces the agent created for attaches that died before their
@@ -160,7 +160,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let cluster = Arc::new(Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len));
+    let mut cluster = Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len);
+    // Encrypted networks need ESP: probed once, refused clearly without it.
+    cluster.esp_unsupported = match tokio::task::spawn_blocking(crate::xfrm::esp_support).await {
+        Ok(Ok(())) => None,
+        Ok(Err(why)) => Some(why),
+        Err(e) => Some(format!("the probe failed: {e}")),
+    };
+    match &cluster.esp_unsupported {
+        None => tracing::info!("IPsec ESP available: encrypted networks can be carried"),
+        Some(why) => tracing::warn!(reason = %why, "no IPsec ESP: encrypted networks will be refused on this host"),
+    }
+    let cluster = Arc::new(cluster);
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {
         Some(a) => Some(a),
@@ -177,6 +188,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let mut caps = capabilities();
     caps.insert("ebpf".to_string(), ebpf);
+    caps.insert("esp".to_string(), cluster.esp_unsupported.is_none());
     // Register this host (the lease renewal runs in the background; a
     // store that is down now is retried there).
     let record = HostRecord {
@@ -366,6 +378,38 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         })
     };
 
+    // Key rotation of encrypted networks: every agent takes due steps (the
+    // store's compare-and-swap makes one win); each host's acks come from
+    // its passes. The sequence-number trigger reads this host's SAs.
+    let rotator = {
+        let cluster = cluster.clone();
+        let policy = cfg.key_rotation;
+        let threshold = cfg.esp_seq_threshold;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Ok(nets) = cluster.networks().await else { continue };
+                if !nets.iter().any(|n| n.encrypted) {
+                    continue;
+                }
+                let exhausted = match tokio::task::spawn_blocking(|| crate::xfrm::XfrmSocket::open()?.observe()).await {
+                    Ok(Ok(x)) => crate::encryption::exhausted_networks(&nets, &x, threshold),
+                    _ => Default::default(),
+                };
+                match cluster.drive_rotations(&policy, &exhausted).await {
+                    Ok(steps) => {
+                        for (net, step) in steps {
+                            tracing::info!(network = %net, ?step, "key rotation step");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "driving key rotations"),
+                }
+            }
+        })
+    };
+
     // Store changes (from this host or any other) trigger a pass.
     let watcher = {
         let reconciler = reconciler.clone();
@@ -438,6 +482,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     watcher.abort();
     registration.abort();
     reclaimer.abort();
+    rotator.abort();
     if let Some(task) = dns {
         task.abort();
     }

@@ -178,6 +178,8 @@ pub struct Observed {
     pub egress: Option<String>,
     /// The eBPF tables (empty without the program).
     pub tables: Tables,
+    /// Trellis's IPsec SAs and policies.
+    pub xfrm: trellis_ipsec::ObservedXfrm,
 }
 
 impl Observed {
@@ -253,6 +255,25 @@ impl Observed {
                 self.programs.remove(ifname);
             }
             Action::UpdateTables(ops) => self.tables.apply(ops),
+            Action::Xfrm { op, .. } => match op {
+                trellis_ipsec::XfrmOp::AddSa(sa) => {
+                    let seen = trellis_ipsec::xfrm::ObservedSa {
+                        src: sa.src,
+                        reqid: trellis_ipsec::xfrm::reqid(sa.port),
+                        oseq: 0,
+                    };
+                    self.xfrm.sas.insert(sa.id(), seen);
+                }
+                trellis_ipsec::XfrmOp::DelSa(id) => {
+                    self.xfrm.sas.remove(id);
+                }
+                trellis_ipsec::XfrmOp::AddPolicy(p) => {
+                    self.xfrm.policies.insert(*p);
+                }
+                trellis_ipsec::XfrmOp::DelPolicy(p) => {
+                    self.xfrm.policies.remove(p);
+                }
+            },
         }
         Ok(())
     }
@@ -349,6 +370,12 @@ pub enum Action {
         name: String,
     },
     ApplyEgress(EgressRules),
+    /// Change an IPsec SA or policy of an encrypted network (whose VXLAN
+    /// device is `vxlan`, when the change is for one).
+    Xfrm {
+        op: trellis_ipsec::XfrmOp,
+        vxlan: Option<String>,
+    },
 }
 
 impl Action {
@@ -437,6 +464,8 @@ pub struct FakeDataplane {
     pub log: Mutex<Vec<Action>>,
     /// Endpoint ids whose creation fails (their netns "is gone").
     pub failing: Mutex<Vec<String>>,
+    /// Every xfrm change fails (a kernel without ESP or xfrm).
+    pub failing_xfrm: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDataplane {
@@ -466,6 +495,13 @@ impl Dataplane for FakeDataplane {
             && self.failing.lock().unwrap().contains(&spec.endpoint_id)
         {
             return Err(DataplaneError::NetnsGone(spec.netns.clone()));
+        }
+        if matches!(action, Action::Xfrm { .. }) && self.failing_xfrm.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DataplaneError::Io {
+                call: "add xfrm state",
+                object: "fake".into(),
+                source: std::io::Error::from_raw_os_error(2),
+            });
         }
         self.state.lock().unwrap().record(action)
     }

@@ -49,6 +49,27 @@ pub fn vip_owner(service: &str) -> String {
     format!("{}{service}", trellis_ipam::SERVICE_OWNER_PREFIX)
 }
 
+/// Encrypted networks: the key ring of a network (by id), the acks of the
+/// hosts carrying it, and the claim on its VXLAN port.
+pub fn netkeys_prefix() -> String {
+    format!("{ROOT}netkeys/")
+}
+pub fn netkey_key(network_id: &str) -> String {
+    format!("{ROOT}netkeys/{network_id}")
+}
+pub fn netkey_acks_prefix(network_id: &str) -> String {
+    format!("{ROOT}netkey-acks/{network_id}/")
+}
+pub fn netkey_ack_key(network_id: &str, host: &str) -> String {
+    format!("{ROOT}netkey-acks/{network_id}/{host}")
+}
+pub fn esp_port_key(port: u16) -> String {
+    format!("{ROOT}esp-ports/{port}")
+}
+/// The UDP ports encrypted networks' VXLAN devices use, one each: xfrm
+/// policies select a network's packets by it.
+pub const ESP_PORTS: std::ops::RangeInclusive<u16> = 4790..=4889;
+
 pub fn ipam_root() -> String {
     format!("{ROOT}ipam/")
 }
@@ -139,6 +160,10 @@ pub struct NetworkRecord {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     pub created_unix: i64,
+    /// The network's own VXLAN UDP port (encrypted networks); others use
+    /// the hosts' port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan_port: Option<u16>,
 }
 
 impl NetworkRecord {
@@ -278,6 +303,10 @@ impl ServiceRecord {
 /// The selector a service gets when none is given.
 pub fn default_selector(service: &str) -> BTreeMap<String, String> {
     BTreeMap::from([(SERVICE_LABEL.to_string(), service.to_string())])
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 pub fn now_unix() -> i64 {

@@ -776,7 +776,23 @@ impl Dataplane for NetlinkDataplane {
             programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains(i)));
         }
         let tables = self.observe_tables(rules)?;
-        let mut observed = Observed { egress, programs, tables, ..Observed::default() };
+        // A kernel without xfrm netlink has no SAs to report; an encrypted
+        // network's policies then fail to go in, and its tunnels stay shut.
+        let xfrm = match tokio::task::spawn_blocking(|| crate::xfrm::XfrmSocket::open()?.observe()).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "reading xfrm state");
+                Default::default()
+            }
+            Err(e) => {
+                return Err(DataplaneError::Io {
+                    call: "xfrm",
+                    object: "observe".into(),
+                    source: std::io::Error::other(e),
+                });
+            }
+        };
+        let mut observed = Observed { egress, programs, tables, xfrm, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),
@@ -902,6 +918,12 @@ impl Dataplane for NetlinkDataplane {
             }
             Action::DeleteLink { name } => self.delete_link(name).await,
             Action::ApplyEgress(rules) => self.apply_egress(rules).await,
+            Action::Xfrm { op, .. } => {
+                let op = op.clone();
+                tokio::task::spawn_blocking(move || crate::xfrm::XfrmSocket::open()?.apply(&op)).await.map_err(|e| {
+                    DataplaneError::Io { call: "xfrm", object: "executor".into(), source: std::io::Error::other(e) }
+                })?
+            }
         }
     }
 

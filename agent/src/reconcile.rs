@@ -85,6 +85,14 @@ pub struct DesiredHost {
     pub egress: EgressRules,
     /// The eBPF datapath's isolation and service tables.
     pub tables: Tables,
+    /// IPsec SAs and policies of the encrypted networks' tunnels.
+    pub xfrm: trellis_ipsec::XfrmState,
+    /// The VXLAN device of each encrypted network's port (to hold its
+    /// tunnel entries back while its policies fail).
+    pub esp_vxlans: BTreeMap<u16, String>,
+    /// What this host acks for each encrypted network it carries once a
+    /// pass installed all of `xfrm`.
+    pub acks: BTreeMap<String, trellis_ipsec::Ack>,
 }
 
 /// What `host` should have, from every network and endpoint of the cluster.
@@ -168,7 +176,7 @@ pub fn desired(
                 spec: VxlanSpec {
                     name: name.clone(),
                     vni: n.vni,
-                    port: me.vxlan_port,
+                    port: n.vxlan_port.unwrap_or(me.vxlan_port),
                     local,
                     mtu: n.mtu,
                     mac: me.vtep_mac,
@@ -188,6 +196,35 @@ pub fn desired(
         }
     }
     d
+}
+
+/// The IPsec state of a host whose tunnels `d` holds: for every encrypted
+/// network with a VXLAN device here, SAs and policies towards each host its
+/// tunnel entries point at, and the acks this host gives once they are in.
+/// A network whose key ring is missing still gets its policies: its
+/// traffic stops rather than leave in the clear.
+pub fn encryption(
+    networks: &[NetworkRecord],
+    keys: &BTreeMap<String, trellis_ipsec::KeyRing>,
+    d: &mut DesiredHost,
+    me: &Identity,
+) {
+    let none = trellis_ipsec::KeyRing { keys: vec![], tx: 0, switched_ms: 0, reason: None };
+    let local_nets: BTreeSet<&str> = d.endpoints.values().map(|e| e.bridge.as_str()).collect();
+    let mut nets = Vec::new();
+    for n in networks.iter().filter(|n| n.encrypted) {
+        let ring = keys.get(&n.id).unwrap_or(&none);
+        if local_nets.contains(model::bridge_name(&n.id).as_str()) {
+            d.acks.insert(n.id.clone(), trellis_ipsec::Ack { rx: ring.newest(), tx: ring.tx });
+        }
+        let Some(v) = d.vxlans.get(&model::vxlan_name(&n.id)) else { continue };
+        d.esp_vxlans.insert(v.spec.port, v.spec.name.clone());
+        let peers = v.fdb.iter().map(|(_, ip)| *ip).collect();
+        nets.push(trellis_ipsec::EncryptedNet { port: v.spec.port, ring, peers });
+    }
+    if let Some(local) = me.underlay {
+        d.xfrm = trellis_ipsec::xfrm::plan(local, &nets);
+    }
 }
 
 /// The eBPF tables of a host whose endpoints `d` holds: every Trellis
@@ -273,6 +310,18 @@ fn owned(name: &str) -> bool {
 /// the rules.
 pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     let mut acts = Vec::new();
+    // Encryption first: an encrypted network's SAs and policies are in
+    // before any tunnel entry could send its traffic.
+    let xfrm = trellis_ipsec::xfrm::diff(&desired.xfrm, &observed.xfrm);
+    let xfrm_action = |op: &trellis_ipsec::XfrmOp| {
+        let port = match op {
+            trellis_ipsec::XfrmOp::AddSa(sa) => Some(sa.port),
+            trellis_ipsec::XfrmOp::AddPolicy(p) | trellis_ipsec::XfrmOp::DelPolicy(p) => Some(p.port),
+            trellis_ipsec::XfrmOp::DelSa(_) => None,
+        };
+        Action::Xfrm { op: op.clone(), vxlan: port.and_then(|p| desired.esp_vxlans.get(&p).cloned()) }
+    };
+    acts.extend(xfrm.first.iter().map(xfrm_action));
     // Stale links the agent owns: ports and leftovers first, bridges after.
     let mut stale_bridges = Vec::new();
     for name in observed.links.keys().filter(|n| owned(n)) {
@@ -401,6 +450,8 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     if observed.egress.as_deref() != Some(desired.egress.fingerprint().as_str()) {
         acts.push(Action::ApplyEgress(desired.egress.clone()));
     }
+    // Stale policies and SAs last: the tunnel entries that used them are gone.
+    acts.extend(xfrm.last.iter().map(xfrm_action));
     acts
 }
 
@@ -420,6 +471,9 @@ pub struct PassReport {
     pub duration: Duration,
     /// The pass read the whole kernel state back.
     pub full: bool,
+    /// Encrypted networks whose keys this host's kernel now has, with the
+    /// epochs (empty when any SA or policy failed).
+    pub acks: BTreeMap<String, trellis_ipsec::Ack>,
 }
 
 impl PassReport {
@@ -444,6 +498,8 @@ pub struct Snapshot {
     pub endpoints: Vec<EndpointRecord>,
     pub hosts: Vec<HostRecord>,
     pub services: Vec<ServiceRecord>,
+    /// Encrypted networks' key rings, by network id.
+    pub keys: BTreeMap<String, trellis_ipsec::KeyRing>,
 }
 
 /// Where the reconciler reads the desired state from.
@@ -523,10 +579,11 @@ impl Reconciler {
         }
         let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let t0 = Instant::now();
-        let Snapshot { networks, endpoints, hosts, services } =
+        let Snapshot { networks, endpoints, hosts, services, keys } =
             self.source.load().await.map_err(ReconcileError::Desired)?;
         let mut want = desired(&networks, &endpoints, &hosts, &self.me);
         want.tables = tables(&networks, &endpoints, &hosts, &services, &self.me, &want);
+        encryption(&networks, &keys, &mut want, &self.me);
         let t_load = t0.elapsed();
         let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
         let cached_was_none = cached.is_none();
@@ -540,12 +597,16 @@ impl Reconciler {
         // A failed endpoint creation must not stop the others, but the
         // remaining steps of a failed bridge are skipped.
         let mut failed_links: Vec<String> = Vec::new();
+        let mut xfrm_failed = false;
         let mut trust_cache = true;
         for a in &actions {
             let link = match a {
                 Action::SetLink { name, .. }
                 | Action::AddAddress { link: name, .. }
-                | Action::DelAddress { link: name, .. } => Some(name),
+                | Action::DelAddress { link: name, .. }
+                | Action::AddFdb { link: name, .. }
+                | Action::AddNeigh { link: name, .. } => Some(name),
+                Action::CreateVxlan(v) => Some(&v.name),
                 _ => None,
             };
             if link.is_some_and(|l| failed_links.contains(l)) {
@@ -564,6 +625,15 @@ impl Reconciler {
                 }
                 if let Action::CreateVxlan(v) = a {
                     failed_links.push(v.name.clone());
+                }
+                // Fail closed: an encrypted network whose SAs or policies
+                // did not go in gets no new tunnel entries this pass.
+                if let Action::Xfrm { vxlan: Some(v), .. } = a {
+                    failed_links.push(v.clone());
+                    xfrm_failed = true;
+                }
+                if let Action::Xfrm { vxlan: None, .. } = a {
+                    xfrm_failed = true;
                 }
                 if let (Some(id), DataplaneError::NetnsGone(_)) = (a.endpoint(), &e) {
                     report.gone.push(id.to_string());
@@ -585,6 +655,9 @@ impl Reconciler {
         }
         if trust_cache {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
+        }
+        if !xfrm_failed {
+            report.acks = want.acks.clone();
         }
         *self.last_desired.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(want);
         report.finalizable = endpoints
@@ -626,6 +699,7 @@ mod tests {
             encrypted: false,
             labels: Default::default(),
             created_unix: 0,
+            vxlan_port: None,
         }
     }
 
@@ -1018,6 +1092,96 @@ mod tests {
                 Action::SetLink { name: "trv-e1".into(), mtu: 1450, master: Some("trb-aaaa".into()) },
             ]
         );
+    }
+
+    fn encrypted_lab() -> (Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>, Identity) {
+        let mut n = network("aaaa", "10.1.0.0/24", false);
+        n.encrypted = true;
+        n.vxlan_port = Some(4790);
+        let mut eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1"), endpoint("r1", "aaaa", "10.1.0.3", "h2")];
+        eps[1].mac = "02:00:00:00:00:03".into();
+        let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+        let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+        (vec![n], eps, hosts, me)
+    }
+
+    #[test]
+    fn encrypted_networks_get_their_port_sas_and_policies_before_any_tunnel_entry() {
+        let (nets, eps, hosts, me) = encrypted_lab();
+        let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+        let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+        let mut d = desired(&nets, &eps, &hosts, &me);
+        encryption(&nets, &keys, &mut d, &me);
+        assert_eq!(d.vxlans["trx-aaaa"].spec.port, 4790, "an encrypted network's VXLAN uses its own port");
+        assert_eq!((d.xfrm.sas.len(), d.xfrm.policies.len()), (2, 2));
+        assert_eq!(d.acks["aaaa"], trellis_ipsec::Ack { rx: 1, tx: 1 });
+        let acts = diff(&d, &Observed::default());
+        let first_tunnel =
+            acts.iter().position(|a| matches!(a, Action::CreateVxlan(_) | Action::AddFdb { .. })).unwrap();
+        let last_xfrm = acts.iter().rposition(|a| matches!(a, Action::Xfrm { .. })).unwrap();
+        assert!(last_xfrm < first_tunnel, "SAs and policies go in first: {acts:?}");
+        assert!(acts.iter().all(|a| !matches!(a, Action::Xfrm { vxlan, .. } if vxlan.as_deref() != Some("trx-aaaa"))));
+
+        // The peer leaves: its tunnel entries go before its policies and SAs.
+        let mut obs = Observed::default();
+        for a in &acts {
+            obs.record(a).unwrap();
+        }
+        let mut gone = desired(&nets, &eps[..1], &hosts, &me);
+        encryption(&nets, &keys, &mut gone, &me);
+        let acts = diff(&gone, &obs);
+        let del_fdb = acts.iter().position(|a| matches!(a, Action::DelFdb { .. })).unwrap();
+        let first_xfrm = acts.iter().position(|a| matches!(a, Action::Xfrm { .. })).unwrap();
+        assert!(del_fdb < first_xfrm, "{acts:?}");
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::Xfrm { .. })).count(), 4);
+
+        // No key ring: the policies still go in, so traffic stops rather
+        // than leave in the clear.
+        let mut bare = desired(&nets, &eps, &hosts, &me);
+        encryption(&nets, &BTreeMap::new(), &mut bare, &me);
+        assert_eq!((bare.xfrm.sas.len(), bare.xfrm.policies.len()), (0, 2));
+        // Plain networks get none of it.
+        let mut plain = nets.clone();
+        plain[0].encrypted = false;
+        plain[0].vxlan_port = None;
+        let mut p = desired(&plain, &eps, &hosts, &me);
+        encryption(&plain, &keys, &mut p, &me);
+        assert!(p.xfrm.sas.is_empty() && p.xfrm.policies.is_empty() && p.acks.is_empty());
+        assert_eq!(p.vxlans["trx-aaaa"].spec.port, 4789);
+    }
+
+    struct WithKeys(Snapshot);
+    #[async_trait::async_trait]
+    impl DesiredSource for WithKeys {
+        async fn load(&self) -> Result<Snapshot, String> {
+            Ok(self.0.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
+        let (networks, endpoints, hosts, me) = encrypted_lab();
+        let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+        let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+        let src = Arc::new(WithKeys(Snapshot { networks, endpoints, hosts, keys, ..Snapshot::default() }));
+        let dp = Arc::new(FakeDataplane::default());
+        dp.failing_xfrm.store(true, Ordering::Relaxed);
+        let r = Reconciler::new(dp.clone(), src, me);
+        let report = r.pass().await.unwrap();
+        assert!(!report.errors.is_empty());
+        assert!(report.acks.is_empty(), "nothing acked while SAs are missing");
+        let log = dp.take_log();
+        assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(_))), "local endpoints still come up");
+        assert!(
+            !log.iter().any(|a| matches!(a, Action::CreateVxlan(_) | Action::AddFdb { .. } | Action::AddNeigh { .. })),
+            "no tunnel to a peer without its policy: {log:?}"
+        );
+        // Once xfrm works the tunnel comes up and the host acks its keys.
+        dp.failing_xfrm.store(false, Ordering::Relaxed);
+        let report = r.full_pass().await.unwrap();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(report.acks["aaaa"], trellis_ipsec::Ack { rx: 1, tx: 1 });
+        assert!(dp.with_state(|s| s.links["trx-aaaa"].fdb.len()) == 1);
     }
 
     #[tokio::test]

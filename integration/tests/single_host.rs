@@ -312,7 +312,6 @@ fn bad_input_is_refused_cleanly() {
         (vec!["network", "create", "bad name"], "network name"),
         (vec!["network", "create", "x", "--subnet", "10.43.0.0/24", "--gateway", "10.44.0.1"], "not inside"),
         (vec!["network", "create", "x", "--subnet", "10.43.0.0/24", "--mtu", "100"], "mtu"),
-        (vec!["network", "create", "x", "--encrypted"], "not yet supported"),
         (vec!["network", "rm", "nope"], "not found"),
         (vec!["attach", "nope", "--name", "x"], "not found"),
         (vec!["attach", "app", "--name", "x", "--ip", "10.39.0"], "IP address"),

@@ -9,4 +9,4 @@ pub mod xfrm;
 
 pub use keys::{SaMaterial, Secret};
 pub use rotation::{Ack, KeyRing, Policy, Reason, Step, Triggers};
-pub use xfrm::{Dir, EncryptedNet, ObservedXfrm, PolicyId, SaId, SaSpec, XfrmOp, XfrmState};
+pub use xfrm::{Dir, EncryptedNet, ObservedXfrm, PolicyId, SaId, SaSpec, XfrmDiff, XfrmOp, XfrmState};

@@ -153,26 +153,45 @@ pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
     s
 }
 
-/// The changes that take `have` to `want`, in a safe order: SAs before the
-/// policies that use them (inbound first, so a peer's first packet finds
-/// its SA), then stale policies, then stale SAs — so a rotation adds the new
-/// outbound SA before the old one goes and no packet meets neither.
-pub fn diff(want: &XfrmState, have: &ObservedXfrm) -> Vec<XfrmOp> {
-    let mut ops = Vec::new();
+/// The changes that take `have` to `want`, in two parts: `first` (SAs,
+/// inbound before outbound so a peer's first packet finds its SA, then the
+/// policies that use them) goes before any tunnel entry is added; `last`
+/// (stale policies, then stale SAs) goes after stale tunnel entries are
+/// removed — so no packet to a peer ever leaves without its policy, and a
+/// rotation adds the new outbound SA before the old one goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct XfrmDiff {
+    pub first: Vec<XfrmOp>,
+    pub last: Vec<XfrmOp>,
+}
+
+pub fn diff(want: &XfrmState, have: &ObservedXfrm) -> XfrmDiff {
+    let mut d = XfrmDiff::default();
     let missing = |sa: &&SaSpec| have.sas.get(&sa.id()).is_none_or(|o| o.src != sa.src || !is_ours(o.reqid));
     let (inbound, outbound): (Vec<&SaSpec>, Vec<&SaSpec>) =
         want.sas.values().filter(missing).partition(|sa| sa.dir == Dir::In);
     // An SA under the same id that is not the one wanted goes first.
     for sa in inbound.iter().chain(outbound.iter()) {
         if have.sas.contains_key(&sa.id()) {
-            ops.push(XfrmOp::DelSa(sa.id()));
+            d.first.push(XfrmOp::DelSa(sa.id()));
         }
-        ops.push(XfrmOp::AddSa(Box::new((*sa).clone())));
+        d.first.push(XfrmOp::AddSa(Box::new((*sa).clone())));
     }
-    ops.extend(want.policies.difference(&have.policies).map(|p| XfrmOp::AddPolicy(*p)));
-    ops.extend(have.policies.difference(&want.policies).map(|p| XfrmOp::DelPolicy(*p)));
-    ops.extend(have.sas.keys().filter(|id| !want.sas.contains_key(id)).map(|id| XfrmOp::DelSa(*id)));
-    ops
+    d.first.extend(want.policies.difference(&have.policies).map(|p| XfrmOp::AddPolicy(*p)));
+    d.last.extend(have.policies.difference(&want.policies).map(|p| XfrmOp::DelPolicy(*p)));
+    d.last.extend(have.sas.keys().filter(|id| !want.sas.contains_key(id)).map(|id| XfrmOp::DelSa(*id)));
+    d
+}
+
+impl XfrmDiff {
+    pub fn is_empty(&self) -> bool {
+        self.first.is_empty() && self.last.is_empty()
+    }
+
+    /// Both parts in order (what a host with no tunnels would do).
+    pub fn all(&self) -> Vec<XfrmOp> {
+        self.first.iter().chain(self.last.iter()).cloned().collect()
+    }
 }
 
 fn family(ip: IpAddr) -> u16 {
@@ -398,16 +417,18 @@ mod tests {
         let at = |r: &KeyRing| plan(ip(1), &[EncryptedNet { port: 4790, ring: r, peers: [ip(2)].into() }]);
         let (s1, s2, s3, s4) = (at(&r1), at(&r2), at(&r3), at(&r4));
         // Rotate: only a new inbound SA.
-        let ops = diff(&s2, &observe(&s1));
+        let ops = diff(&s2, &observe(&s1)).all();
         assert!(matches!(&ops[..], [XfrmOp::AddSa(sa)] if sa.dir == Dir::In && sa.epoch == 2), "{ops:?}");
         // Switch: the new outbound SA is added before the old one goes.
         let ops = diff(&s3, &observe(&s2));
+        assert!(matches!(&ops.last[..], [XfrmOp::DelSa(_)]), "the old outbound SA goes last: {ops:?}");
+        let ops = ops.all();
         assert!(
             matches!(&ops[..], [XfrmOp::AddSa(sa), XfrmOp::DelSa(old)] if sa.dir == Dir::Out && sa.epoch == 2 && old.dst == ip(2)),
             "{ops:?}"
         );
         // Retire: the old inbound SA goes; policies never change.
-        let ops = diff(&s4, &observe(&s3));
+        let ops = diff(&s4, &observe(&s3)).all();
         assert!(matches!(&ops[..], [XfrmOp::DelSa(old)] if old.dst == ip(1)), "{ops:?}");
         assert_eq!(s1.policies, s4.policies);
     }
@@ -423,7 +444,9 @@ mod tests {
         let stale = PolicyId { dir: Dir::Out, src: ip(1), dst: ip(9), port: 4790 };
         have.policies.insert(stale);
         have.sas.insert(SaId { dst: ip(9), spi: 0x8000_1234 }, ObservedSa { src: ip(1), reqid: reqid(4790), oseq: 5 });
-        let ops = diff(&want, &have);
+        let d = diff(&want, &have);
+        assert_eq!((d.first.len(), d.last.len()), (1, 2));
+        let ops = d.all();
         assert_eq!(ops.len(), 3, "{ops:?}");
         assert!(matches!(&ops[0], XfrmOp::AddSa(sa) if sa.id() == gone));
         assert_eq!(ops[1], XfrmOp::DelPolicy(stale));
@@ -431,7 +454,10 @@ mod tests {
         // An SA under a wanted id but from another source is replaced.
         let mut have = observe(&want);
         have.sas.get_mut(&gone).unwrap().src = ip(7);
-        assert_eq!(diff(&want, &have), vec![XfrmOp::DelSa(gone), XfrmOp::AddSa(Box::new(want.sas[&gone].clone()))]);
+        assert_eq!(
+            diff(&want, &have).first,
+            vec![XfrmOp::DelSa(gone), XfrmOp::AddSa(Box::new(want.sas[&gone].clone()))]
+        );
     }
 
     #[test]

@@ -109,6 +109,8 @@ enum NetworkCmd {
         /// No traffic in or out of the network.
         #[arg(long)]
         internal: bool,
+        /// IPsec ESP between hosts for this network's traffic (needs ESP in
+        /// every carrying host's kernel; the MTU is lowered to fit it).
         #[arg(long)]
         encrypted: bool,
         #[arg(long)]
@@ -137,6 +139,16 @@ enum NetworkCmd {
         name: String,
         #[arg(long)]
         force: bool,
+    },
+    /// Rotate an encrypted network's key now, make-before-break on every
+    /// host; waits until the old key is retired (unless --no-wait).
+    RotateKey {
+        name: String,
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
     },
 }
 
@@ -239,6 +251,10 @@ fn network_json(n: &proto::Network) -> Value {
         "id": n.id, "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "vni": n.vni,
         "mtu": n.mtu, "attachable": n.attachable, "internal": n.internal, "encrypted": n.encrypted,
         "labels": n.labels, "created_unix": n.created_unix, "bridge": n.bridge, "endpoints": n.endpoints,
+        "vxlan_port": (n.vxlan_port != 0).then_some(n.vxlan_port),
+        "key": n.key.as_ref().map(|k| json!({
+            "tx_epoch": k.tx_epoch, "epochs": k.epochs, "rotation": k.rotation, "acks": k.acks,
+        })),
     })
 }
 
@@ -457,6 +473,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let n = c.inspect_network(proto::NetworkRef { name }).await?.into_inner();
             print_json(&network_json(&n));
         }
+        Cmd::Network(NetworkCmd::RotateKey { name, no_wait, timeout }) => {
+            let n = c.rotate_key(proto::NetworkRef { name: name.clone() }).await?.into_inner();
+            let k = n.key.unwrap_or_default();
+            let new = k.epochs.iter().copied().max().unwrap_or(k.tx_epoch);
+            println!("{name}: rotating from epoch {} to {new}: every host installs the new inbound keys", k.tx_epoch);
+            if no_wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
+            let mut said = (false, false);
+            loop {
+                let n = c.inspect_network(proto::NetworkRef { name: name.clone() }).await?.into_inner();
+                let k = n.key.unwrap_or_default();
+                if k.tx_epoch >= new && !said.0 {
+                    println!("{name}: every host installed epoch {new}; senders switched to it");
+                    said.0 = true;
+                }
+                if k.tx_epoch >= new && k.epochs.iter().all(|e| *e >= new) {
+                    println!("{name}: epoch {} retired; rotation done", new - 1);
+                    break;
+                }
+                if !said.1 && std::time::Instant::now() + std::time::Duration::from_secs(timeout / 2) > deadline {
+                    println!("{name}: still waiting; hosts report: {}", k.acks.join(", "));
+                    said.1 = true;
+                }
+                if std::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "{name}: the rotation to epoch {new} did not finish within {timeout} s (hosts report: {}); it goes on in the background",
+                        k.acks.join(", ")
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
         Cmd::Network(NetworkCmd::Rm { name, force }) => {
             let r = c.remove_network(proto::RemoveNetworkRequest { name: name.clone(), force }).await?.into_inner();
             if r.endpoints_removed > 0 {
@@ -645,6 +695,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "last_us": s.last_reconcile_us, "last_full_us": s.last_full_reconcile_us,
                     },
                     "networks": s.networks, "local_endpoints": s.local_endpoints, "capabilities": s.capabilities,
+                    "esp_unsupported": (!s.esp_unsupported.is_empty()).then_some(&s.esp_unsupported),
                     "docker": {"networks": s.docker_networks, "endpoints": s.docker_endpoints},
                     "peers": {"count": s.peers, "unreachable": s.unreachable_peers},
                     "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets},
@@ -686,6 +737,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();
                 caps.sort();
                 println!("kernel      {}", caps.join(" "));
+                if !s.esp_unsupported.is_empty() {
+                    println!("            esp: {} (encrypted networks are refused here)", s.esp_unsupported);
+                }
             }
             if !healthy {
                 return Ok(ExitCode::from(1));
