@@ -305,6 +305,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 dataplane: dataplane.clone(),
                 snapshot: snapshot.clone(),
                 prober: prober.clone(),
+                esp_seq_threshold: cfg.esp_seq_threshold,
             }));
             let refresher = tokio::spawn(crate::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
             match crate::metrics::serve(Arc::new(registry), addr).await {

@@ -402,6 +402,10 @@ impl DockerDriver {
             name,
             network_id: None,
         };
+        if dn.encrypted {
+            // Refused now, not when the first container joins.
+            self.svc.cluster.require_esp(dn.name.as_deref().unwrap_or(&r.network_id)).map_err(err)?;
+        }
         self.save(&self.net_key(&r.network_id), &dn).await?;
         // Bind as soon as the engine knows the network's name (right after
         // this call returns); endpoints bind on demand anyway.

@@ -139,6 +139,8 @@ pub struct Snapshot {
     pub peers: u64,
     /// VIP services: name and datapath id.
     pub services: Vec<(String, u32)>,
+    /// Encrypted networks: name, VXLAN port, the epoch senders use.
+    pub keys: Vec<(String, u16, u32)>,
 }
 
 /// The scrape-time part.
@@ -148,6 +150,8 @@ pub struct AgentCollector {
     pub dataplane: Arc<dyn crate::dataplane::Dataplane>,
     pub snapshot: Arc<RwLock<Snapshot>>,
     pub prober: Option<Arc<crate::probe::Prober>>,
+    /// Packets an outbound SA may send before its network's key rotates.
+    pub esp_seq_threshold: u64,
 }
 
 impl std::fmt::Debug for AgentCollector {
@@ -257,6 +261,47 @@ impl Collector for AgentCollector {
             ConstGauge::new(pending).encode(m.encode_family(&[("state", "pending")])?)?;
         }
 
+        // Encryption: the key epoch in use, SAs, and how many packets the
+        // busiest outbound SA may still send before the key rotates.
+        if !snap.keys.is_empty() {
+            let mut m = enc.encode_descriptor(
+                "trellis_esp_key_epoch",
+                "The key epoch senders of an encrypted network use.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (net, _, epoch) in &snap.keys {
+                ConstGauge::new(*epoch as i64).encode(m.encode_family(&[("network", net.as_str())])?)?;
+            }
+            let me = want.xfrm.sas.values().find(|sa| sa.dir == trellis_ipsec::Dir::Out).map(|sa| sa.src);
+            let mut m = enc.encode_descriptor(
+                "trellis_esp_sas",
+                "IPsec SAs of an encrypted network on this host, by direction.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (net, port, _) in &snap.keys {
+                let reqid = trellis_ipsec::xfrm::reqid(*port);
+                let ours: Vec<_> = seen.xfrm.sas.values().filter(|sa| sa.reqid == reqid).collect();
+                let out = ours.iter().filter(|sa| Some(sa.src) == me).count() as i64;
+                ConstGauge::new(out).encode(m.encode_family(&[("network", net.as_str()), ("direction", "out")])?)?;
+                let inb = ours.len() as i64 - out;
+                ConstGauge::new(inb).encode(m.encode_family(&[("network", net.as_str()), ("direction", "in")])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "trellis_esp_seq_headroom",
+                "Packets the busiest outbound SA of a network may send before its key rotates.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (net, port, _) in &snap.keys {
+                let reqid = trellis_ipsec::xfrm::reqid(*port);
+                let used = seen.xfrm.sas.values().filter(|sa| sa.reqid == reqid).map(|sa| sa.oseq).max().unwrap_or(0);
+                let left = self.esp_seq_threshold.saturating_sub(used).min(i64::MAX as u64) as i64;
+                ConstGauge::new(left).encode(m.encode_family(&[("network", net.as_str())])?)?;
+            }
+        }
+
         if let Some(dns) = &self.dns {
             let mut m = enc.encode_descriptor(
                 "trellis_dns_queries",
@@ -336,6 +381,12 @@ pub async fn refresh(cluster: Arc<Cluster>, snapshot: Arc<RwLock<Snapshot>>, eve
             .iter()
             .filter_map(|s| Some((s.name.clone(), s.datapath_id()?)))
             .collect();
+        if nets.iter().any(|n| n.encrypted)
+            && let Ok(rings) = cluster.key_rings().await
+        {
+            out.keys =
+                nets.iter().filter_map(|n| Some((n.name.clone(), n.vxlan_port?, rings.get(&n.id)?.tx))).collect();
+        }
         out.peers = crate::hosts::live_hosts(cluster.store.as_ref())
             .await
             .map(|h| h.iter().filter(|h| h.id != cluster.host).count() as u64)

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 pub mod containerd;
 pub mod dockerd;
 pub mod sockets;
+pub mod vm;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 

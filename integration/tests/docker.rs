@@ -70,6 +70,27 @@ fn docker_network_lifecycle_through_the_trellis_driver() {
     assert_eq!(net["attachable"], true);
     assert_eq!(net["labels"]["team"], "a");
 
+    // An encrypted network on a host whose kernel has no ESP is refused at
+    // `docker network create`, naming what is missing (and nothing remains).
+    if h.ctl_json(&["status"]).unwrap()["capabilities"]["esp"] == false {
+        let args = [
+            "network",
+            "create",
+            "-d",
+            "trellis",
+            "--ipam-driver",
+            "trellis",
+            "--subnet",
+            "10.52.0.0/24",
+            "-o",
+            "trellis.encrypted=true",
+            "sec",
+        ];
+        let err = d.fails(&args);
+        assert!(err.contains("cannot do IPsec ESP"), "{err}");
+        assert!(!h.ctl_output(&["network", "inspect", "sec"]).status.success());
+    }
+
     d.ok(&["run", "-d", "--name", "web1", "--network", "app", IMAGE, "sleep", "600"]).unwrap();
     d.ok(&[
         "run",

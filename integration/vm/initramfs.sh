@@ -33,13 +33,17 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 while read -r ko; do insmod "$ko" 2>/dev/null; done < /modules.list
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 host /host || { echo "TRELLIS-VM: no host share"; poweroff -f; }
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose host /host || { echo "TRELLIS-VM: no host share"; poweroff -f; }
 echo /bin/host-modprobe > /proc/sys/kernel/modprobe
 for d in run tmp var/tmp; do mount -t tmpfs tmpfs /host/$d 2>/dev/null; done
 mount -t proc proc /host/proc
 mount -t sysfs sys /host/sys
 mount -t devtmpfs dev /host/dev
 mkdir -p /host/dev/pts /host/dev/shm && mount -t devpts devpts /host/dev/pts && mount -t tmpfs tmpfs /host/dev/shm
+ln -sf /proc/self/fd /host/dev/fd
+ln -sf /proc/self/fd/0 /host/dev/stdin
+ln -sf /proc/self/fd/1 /host/dev/stdout
+ln -sf /proc/self/fd/2 /host/dev/stderr
 mount -t bpf bpf /host/sys/fs/bpf
 mkdir -p /host/run/out && mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /host/run/out
 run=$(sed -n 's/.*trellis\.run=\([^ ]*\).*/\1/p' /proc/cmdline)

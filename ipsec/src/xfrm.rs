@@ -129,12 +129,14 @@ pub struct EncryptedNet<'a> {
     pub peers: BTreeSet<IpAddr>,
 }
 
-/// What host `me` should have: per network and peer, an inbound SA for
-/// every epoch in the ring, an outbound SA for the epoch senders use, and
-/// an in and an out policy.
+/// What host `me` should have: per network, one "in" policy for its port
+/// from anywhere (cleartext from any source is refused, not only from
+/// peers); per network and peer, an inbound SA for every epoch in the ring,
+/// an outbound SA for the epoch senders use, and an "out" policy.
 pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
     let mut s = XfrmState::default();
     for n in nets {
+        s.policies.insert(PolicyId { dir: Dir::In, src: unspecified(me), dst: me, port: n.port });
         for &peer in n.peers.iter().filter(|p| **p != me) {
             for k in &n.ring.keys {
                 let m = keys::derive(&k.secret, k.epoch, peer, me, n.port);
@@ -146,7 +148,6 @@ pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
                 let sa = SaSpec { src: me, dst: peer, port: n.port, epoch: n.ring.tx, dir: Dir::Out, material: m };
                 s.sas.insert(sa.id(), sa);
             }
-            s.policies.insert(PolicyId { dir: Dir::In, src: peer, dst: me, port: n.port });
             s.policies.insert(PolicyId { dir: Dir::Out, src: me, dst: peer, port: n.port });
         }
     }
@@ -198,8 +199,18 @@ fn family(ip: IpAddr) -> u16 {
     if ip.is_ipv4() { AF_INET } else { AF_INET6 }
 }
 
+/// The "any" address of `ip`'s family.
+fn unspecified(ip: IpAddr) -> IpAddr {
+    if ip.is_ipv4() { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u8; 16]) }
+}
+
+/// A host's prefix length, or 0 for the "any" address.
 fn host_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
+    match ip {
+        _ if ip.is_unspecified() => 0,
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    }
 }
 
 fn selector(src: IpAddr, dst: IpAddr, port: u16) -> Selector {
@@ -395,9 +406,10 @@ mod tests {
         let r = ring();
         let nets = [EncryptedNet { port: 4790, ring: &r, peers: [ip(1), ip(2), ip(3)].into() }];
         let s = plan(ip(1), &nets);
-        // Two peers: one inbound and one outbound SA each, two policies each.
+        // Two peers: one inbound and one outbound SA each and an out
+        // policy each; one in policy for the port, from anywhere.
         assert_eq!(s.sas.len(), 4);
-        assert_eq!(s.policies.len(), 4);
+        assert_eq!(s.policies.len(), 3);
         let out: Vec<_> = s.sas.values().filter(|sa| sa.dir == Dir::Out).collect();
         assert!(out.iter().all(|sa| sa.src == ip(1) && sa.epoch == 1 && sa.port == 4790));
         // What host 2 sends to host 1 is what host 1 receives from host 2.
@@ -405,7 +417,20 @@ mod tests {
         let sent = other.sas.values().find(|sa| sa.dir == Dir::Out && sa.dst == ip(1)).unwrap();
         let got = s.sas.values().find(|sa| sa.dir == Dir::In && sa.src == ip(2)).unwrap();
         assert_eq!(sent.material, got.material);
-        assert!(s.policies.contains(&PolicyId { dir: Dir::In, src: ip(3), dst: ip(1), port: 4790 }));
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        assert!(s.policies.contains(&PolicyId { dir: Dir::In, src: any, dst: ip(1), port: 4790 }));
+        assert!(s.policies.contains(&PolicyId { dir: Dir::Out, src: ip(1), dst: ip(3), port: 4790 }));
+        // With no peer yet, the port is already closed to cleartext.
+        let alone = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [].into() }]);
+        assert!(alone.sas.is_empty());
+        assert_eq!(
+            alone.policies.iter().collect::<Vec<_>>(),
+            [&PolicyId { dir: Dir::In, src: any, dst: ip(1), port: 4790 }]
+        );
+        let XfrmMessage::AddPolicy(m) = add_policy(&PolicyId { dir: Dir::In, src: any, dst: ip(1), port: 4790 }) else {
+            panic!()
+        };
+        assert_eq!((m.user_policy_info.selector.prefixlen_s, m.user_policy_info.selector.prefixlen_d), (0, 32));
     }
 
     #[test]
