@@ -43,7 +43,17 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
 
 fn capabilities() -> HashMap<String, bool> {
     let nft = std::process::Command::new("nft").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    HashMap::from([("nftables".to_string(), nft)])
+    HashMap::from([("nftables".to_string(), nft), ("tcx".to_string(), tcx_kernel(&kernel_release()))])
+}
+
+fn kernel_release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// tcx links (BPF_LINK_TYPE_TCX) came with Linux 6.6.
+fn tcx_kernel(release: &str) -> bool {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    matches!((parts.next(), parts.next()), (Some(major), Some(minor)) if (major, minor) >= (6, 6))
 }
 
 /// Namespaces the agent created for attaches that died before their
@@ -502,4 +512,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tcx_comes_with_linux_6_6() {
+        for (release, tcx) in
+            [("6.18.44-fc-v657", true), ("6.6.0", true), ("6.1.0-48-amd64", false), ("5.15.0", false), ("", false)]
+        {
+            assert_eq!(super::tcx_kernel(release), tcx, "{release}");
+        }
+    }
 }

@@ -57,6 +57,11 @@ impl Pair {
     }
 
     pub fn start(script: &Path, memory_mb: u32) -> Result<Pair> {
+        Pair::start_with(script, memory_mb, "")
+    }
+
+    /// `extra`: more `trellis.KEY=VALUE` words for the guests' command line.
+    pub fn start_with(script: &Path, memory_mb: u32, extra: &str) -> Result<Pair> {
         let vm = available()?;
         let dir = tempfile::Builder::new().prefix("trellis-vm").tempdir()?.keep();
         let out = dir.join("out");
@@ -77,7 +82,7 @@ impl Pair {
                 format!("socket,id=n0,connect=127.0.0.1:{port}")
             };
             let append = format!(
-                "console=ttyS0 quiet panic=-1 trellis.idx={idx} trellis.run={} trellis.bin={}",
+                "console=ttyS0 quiet panic=-1 trellis.idx={idx} trellis.run={} trellis.bin={} {extra}",
                 script.display(),
                 GUEST_BIN
             );

@@ -109,6 +109,17 @@ result plain_tcp_rc $?
 sleep 1
 kill $CAP; wait $CAP 2>/dev/null
 
+# The benchmark: throughput only, the networks interleaved in rounds.
+if [ "$(arg mode)" = bench ]; then
+  for i in $(seq 1 "$(arg rounds)"); do
+    in_ns s2 iperf3 -c 10.70.0.10 -t "$(arg secs)" -J > "$OUT/iperf-sec-$i.json" 2>&1
+    in_ns p2 iperf3 -c 10.71.0.10 -t "$(arg secs)" -J > "$OUT/iperf-plain-$i.json" 2>&1
+  done
+  touch "$OUT/done"
+  sleep 3
+  exit 0
+fi
+
 # 2. Rotation under a continuous ping: no packet lost.
 ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-before
 in_ns s2 ping -i 0.05 -c 300 -W 2 10.70.0.10 > /tmp/ping-rotate.txt 2>&1 &

@@ -8,7 +8,11 @@
 //!   process exec per operation, interleaved one by one;
 //! * `docker run --rm` on a Trellis network vs Docker's own bridge network;
 //! * DNS: dnsperf against Trellis, aardvark-dns and Docker's embedded DNS;
-//! * IPAM allocations per second on the embedded (redb) store.
+//! * IPAM allocations per second on the embedded (redb) store;
+//! * encrypted vs plain throughput between two stock-kernel VMs.
+//!
+//! With `--only`, the sections not run are kept from the existing file,
+//! each marked with the run it comes from.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -22,6 +26,9 @@ use trellis_integration::{Host, Netns, bin};
 
 #[path = "bench/services.rs"]
 mod services;
+
+#[path = "bench/ipsec.rs"]
+mod ipsec;
 
 const CNI_DIR: &str = "/usr/lib/cni";
 
@@ -66,7 +73,7 @@ fn parse_args() -> Result<Args> {
             "--vip-secs" => a.vip_secs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,attach; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,attach,ipsec; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
                  --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
@@ -986,6 +993,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let esp = if on("ipsec") {
+        eprintln!("trellis-bench: encrypted vs plain throughput in two stock-kernel VMs (TCG; a few minutes)");
+        Some(ipsec::bench(3, 5)?)
+    } else {
+        None
+    };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
         Some(bench_attach(args.endpoints)?)
@@ -1025,9 +1038,84 @@ fn main() -> Result<()> {
     if let Some(ipam) = &ipam {
         md_ipam(&mut md, ipam, args.allocations)?;
     }
+    if let Some(esp) = &esp {
+        ipsec::md(&mut md, esp)?;
+    }
+    let run = String::from_utf8_lossy(&date.stdout).trim().to_string();
+    let md = if args.only.is_some() {
+        let old = std::fs::read_to_string(&args.out).unwrap_or_default();
+        merge_sections(&old, &md, &run)
+    } else {
+        stamp_sections(&md, &run)
+    };
     std::fs::write(&args.out, md).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("trellis-bench: wrote {}", args.out.display());
     Ok(())
+}
+
+/// Mark every `## ` section with the run it was measured in.
+fn stamp_sections(md: &str, run: &str) -> String {
+    let mut out = String::with_capacity(md.len() + 256);
+    for line in md.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if line.starts_with("## ") {
+            out.push_str(&format!("\n_Run of {run}._\n"));
+        }
+    }
+    out
+}
+
+/// `(heading, body)` of each `## ` section, and what precedes the first.
+fn sections(md: &str) -> (String, Vec<(String, String)>) {
+    let mut head = String::new();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for line in md.lines() {
+        if line.starts_with("## ") {
+            out.push((line.to_string(), String::new()));
+        } else if let Some((_, body)) = out.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        } else {
+            head.push_str(line);
+            head.push('\n');
+        }
+    }
+    (head, out)
+}
+
+/// A partial run (`--only`): its sections replace the old ones of the same
+/// heading, new ones are appended, the rest are kept as they were (each
+/// carries the date of its own run).
+fn merge_sections(old: &str, new: &str, run: &str) -> String {
+    let (old_head, old_secs) = sections(old);
+    // Sections of a file written before runs were stamped carry its date.
+    let old_run = old_head
+        .split_once(") on ")
+        .and_then(|(_, rest)| rest.split_once(" ("))
+        .map(|(d, _)| d.to_string())
+        .unwrap_or_else(|| "an earlier run".into());
+    let old_secs: Vec<(String, String)> = old_secs
+        .into_iter()
+        .map(|(h, b)| if b.contains("\n_Run of ") { (h, b) } else { (h, format!("\n_Run of {old_run}._\n{b}")) })
+        .collect();
+    let (head, new_secs) = sections(&stamp_sections(new, run));
+    let mut out = head.replace(
+        "Do not edit by hand.",
+        "Do not edit by hand. This run re-measured some sections (`--only`); every section says which run it comes from.",
+    );
+    for (h, body) in &old_secs {
+        let (h, body) = new_secs.iter().find(|(n, _)| n == h).map(|(n, b)| (n, b)).unwrap_or((h, body));
+        out.push_str(h);
+        out.push('\n');
+        out.push_str(body);
+    }
+    for (h, body) in new_secs.iter().filter(|(n, _)| !old_secs.iter().any(|(o, _)| o == n)) {
+        out.push_str(h);
+        out.push('\n');
+        out.push_str(body);
+    }
+    out
 }
 
 fn md_attach(md: &mut String, at: &AttachResult) -> Result<()> {
@@ -1229,4 +1317,29 @@ fn md_ipam(md: &mut String, ipam: &IpamResult, allocations: usize) -> Result<()>
     )?;
     writeln!(md, "| memory | {} | {:.0} | | |", ipam.concurrency, ipam.memory_concurrent)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_run_replaces_its_sections_and_keeps_the_others_dated() {
+        let old = "# T\n\nWritten by `trellis-bench` (`x`) on 2026-01-01 00:00 UTC (m). Do not edit by hand.\n\n## A\n\nold a\n\n## B\n\nold b\n";
+        let new = "# T\n\nWritten by `trellis-bench` (`x`) on 2026-02-02 00:00 UTC (m). Do not edit by hand.\n\n## B\n\nnew b\n\n## C\n\nnew c\n";
+        let m = merge_sections(old, new, "2026-02-02 00:00 UTC");
+        assert!(m.contains("on 2026-02-02") && m.contains("re-measured some sections"), "{m}");
+        let a = m.find("## A").unwrap();
+        let b = m.find("## B").unwrap();
+        let c = m.find("## C").unwrap();
+        assert!(a < b && b < c, "old order kept, new sections last:\n{m}");
+        assert!(m[a..b].contains("_Run of 2026-01-01 00:00 UTC._") && m[a..b].contains("old a"), "{m}");
+        assert!(
+            m[b..c].contains("_Run of 2026-02-02 00:00 UTC._") && m[b..c].contains("new b") && !m.contains("old b")
+        );
+        assert!(m[c..].contains("new c"));
+        // Merging again keeps one stamp per section.
+        let again = merge_sections(&m, new, "2026-02-02 00:00 UTC");
+        assert_eq!(again.matches("_Run of").count(), 3, "{again}");
+    }
 }
