@@ -202,9 +202,13 @@ impl AgentService {
         match self.prober.as_ref().map(|p| p.health(host)) {
             None => "not probed (no prober)".into(),
             Some(None) => "not probed yet".into(),
-            Some(Some(h)) if h.unreachable(crate::probe::MISSED_FOR_DOWN) => {
+            Some(Some(h)) if h.underlay_down(crate::probe::MISSED_FOR_DOWN) => {
                 format!("unreachable ({} probes unanswered)", h.missed)
             }
+            Some(Some(h)) if h.tunnel_down(crate::probe::MISSED_FOR_DOWN) => format!(
+                "unreachable through the VXLAN tunnel ({} probes unanswered; its underlay address answers: is the VXLAN port blocked?)",
+                h.tunnel.missed
+            ),
             Some(Some(h)) if h.sent == 0 || (h.answered == 0 && h.missed > 0) => "not answered yet".into(),
             Some(Some(_)) => "ok".into(),
         }
@@ -612,6 +616,13 @@ impl proto::agent_server::Agent for AgentService {
                         .as_ref()
                         .and_then(|p| p.health(&h.id))
                         .and_then(|x| x.rtt)
+                        .map(|d| d.as_micros() as u64)
+                        .unwrap_or(0),
+                    tunnel_probe_rtt_us: self
+                        .prober
+                        .as_ref()
+                        .and_then(|p| p.health(&h.id))
+                        .and_then(|x| x.tunnel.rtt)
                         .map(|d| d.as_micros() as u64)
                         .unwrap_or(0),
                 }

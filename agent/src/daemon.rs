@@ -252,7 +252,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 loop {
                     tick.tick().await;
                     if let Ok(hosts) = crate::hosts::live_hosts(store.as_ref()).await {
-                        p.set_peers(hosts.into_iter().filter(|h| h.id != me).map(|h| (h.id, h.underlay)).collect());
+                        p.set_peers(
+                            hosts
+                                .into_iter()
+                                .filter(|h| h.id != me)
+                                .map(|h| {
+                                    let mac = model::parse_mac(&h.vtep_mac);
+                                    (h.id, h.underlay, mac)
+                                })
+                                .collect(),
+                        );
                     }
                 }
             });

@@ -205,12 +205,12 @@ impl Collector for AgentCollector {
             let peers = p.all();
             let mut m = enc.encode_descriptor(
                 "trellis_peer_reachable",
-                "1 while the peer's tunnel endpoint answers this host's probes.",
+                "1 while the peer's underlay address (its tunnel endpoint) answers this host's ICMP probes.",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             for (peer, h) in &peers {
-                let up = !h.unreachable(crate::probe::MISSED_FOR_DOWN) as i64;
+                let up = !h.underlay_down(crate::probe::MISSED_FOR_DOWN) as i64;
                 ConstGauge::new(up).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
             }
             let mut m = enc.encode_descriptor(
@@ -221,6 +221,27 @@ impl Collector for AgentCollector {
             )?;
             for (peer, h) in &peers {
                 if let Some(rtt) = h.rtt {
+                    ConstGauge::new(rtt.as_secs_f64()).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
+                }
+            }
+            let mut m = enc.encode_descriptor(
+                "trellis_peer_tunnel_reachable",
+                "1 while the peer answers probes sent through the VXLAN tunnel (the probe device).",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (peer, h) in peers.iter().filter(|(_, h)| h.tunnel.sent > 0) {
+                let up = !h.tunnel_down(crate::probe::MISSED_FOR_DOWN) as i64;
+                ConstGauge::new(up).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "trellis_peer_tunnel_rtt_seconds",
+                "Round trip of the last answered probe through the VXLAN tunnel.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (peer, h) in &peers {
+                if let Some(rtt) = h.tunnel.rtt {
                     ConstGauge::new(rtt.as_secs_f64()).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
                 }
             }

@@ -87,6 +87,26 @@ pub const VETH_PREFIX: &str = "trv-";
 /// Temporary name of a container-side veth before it moves.
 pub const PEER_PREFIX: &str = "trp-";
 pub const VXLAN_PREFIX: &str = "trx-";
+/// The probe tunnel: a VXLAN device on the hosts' own port with no bridge,
+/// whose IPv6 link-local address (EUI-64 of the VTEP MAC) answers the
+/// peers' probes — so a probe crosses the same VXLAN port and path as the
+/// networks' traffic. Its VNI is above every network's.
+pub const PROBE_VXLAN: &str = "trx-probe";
+pub const PROBE_VNI: u32 = 0xff_fffe;
+
+/// The IPv6 link-local address a device with `mac` takes (EUI-64).
+pub fn link_local(mac: &[u8; 6]) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(
+        0xfe80,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([mac[0] ^ 0x02, mac[1]]),
+        u16::from_be_bytes([mac[2], 0xff]),
+        u16::from_be_bytes([0xfe, mac[3]]),
+        u16::from_be_bytes([mac[4], mac[5]]),
+    )
+}
 
 pub use crate::dataplane::Mac;
 
@@ -316,6 +336,18 @@ pub fn now_unix() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_local_addresses_are_eui64_of_the_mac() {
+        assert_eq!(
+            link_local(&[0x02, 0x42, 0xac, 0x11, 0x00, 0x02]),
+            "fe80::42:acff:fe11:2".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            link_local(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+            "fe80::5054:ff:fe12:3456".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+    }
 
     #[test]
     fn names_fit_linux_interface_names() {

@@ -564,14 +564,17 @@ impl NetlinkDataplane {
             }
         }
         let mut neigh: BTreeMap<u32, BTreeSet<(IpAddr, Mac)>> = BTreeMap::new();
-        let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Inet).execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("dump neighbours", "vxlan devices"))? {
-            if !vxlans.contains(&msg.header.ifindex) || msg.header.state != NeighbourState::Permanent {
-                continue;
-            }
-            let (mac, dst) = neighbour_parts(&msg.attributes);
-            if let (Some(mac), Some(ip)) = (mac, dst) {
-                neigh.entry(msg.header.ifindex).or_default().insert((ip, mac));
+        // IPv4 for the networks, IPv6 for the probe device.
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut stream = self.handle.neighbours().get().set_address_family(family).execute();
+            while let Some(msg) = stream.try_next().await.map_err(nl("dump neighbours", "vxlan devices"))? {
+                if !vxlans.contains(&msg.header.ifindex) || msg.header.state != NeighbourState::Permanent {
+                    continue;
+                }
+                let (mac, dst) = neighbour_parts(&msg.attributes);
+                if let (Some(mac), Some(ip)) = (mac, dst) {
+                    neigh.entry(msg.header.ifindex).or_default().insert((ip, mac));
+                }
             }
         }
         Ok((fdb, neigh))
@@ -593,7 +596,18 @@ impl NetlinkDataplane {
             .mtu(v.mtu)
             .address(v.mac.to_vec())
             .build();
-        self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))
+        self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))?;
+        if v.name == model::PROBE_VXLAN {
+            // Its link-local address answers probes from the moment it is
+            // up: IPv6 on (a host may have it off by default), no DAD wait.
+            for (knob, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
+                let path = format!("/proc/sys/net/ipv6/conf/{}/{knob}", v.name);
+                if let Err(e) = std::fs::write(&path, value) {
+                    tracing::debug!(%path, error = %e, "probe device sysctl");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The interface of the main table's default route, if any.

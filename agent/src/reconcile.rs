@@ -50,6 +50,7 @@ impl Identity {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredVxlan {
     pub spec: VxlanSpec,
+    /// The bridge it is a port of (empty: none, the probe device).
     pub bridge: String,
     pub fdb: BTreeSet<(Mac, IpAddr)>,
     pub neigh: BTreeSet<(IpAddr, Mac)>,
@@ -163,6 +164,27 @@ pub fn desired(
     if let Some(local) = me.underlay {
         let live: BTreeMap<&str, &HostRecord> =
             hosts.iter().filter(|h| h.id != host).map(|h| (h.id.as_str(), h)).collect();
+        // The probe tunnel to every peer (see [`model::PROBE_VXLAN`]).
+        let mut probe = DesiredVxlan {
+            spec: VxlanSpec {
+                name: model::PROBE_VXLAN.into(),
+                vni: model::PROBE_VNI,
+                port: me.vxlan_port,
+                local,
+                mtu: 1280,
+                mac: me.vtep_mac,
+            },
+            bridge: String::new(),
+            fdb: BTreeSet::new(),
+            neigh: BTreeSet::new(),
+        };
+        for h in live.values() {
+            if let Some(mac) = model::parse_mac(&h.vtep_mac) {
+                probe.fdb.insert((mac, h.underlay));
+                probe.neigh.insert((IpAddr::V6(model::link_local(&mac)), mac));
+            }
+        }
+        d.vxlans.insert(model::PROBE_VXLAN.into(), probe);
         let local_nets: BTreeSet<&str> = d
             .endpoints
             .values()
@@ -387,10 +409,12 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     }
 
     for (name, v) in &desired.vxlans {
-        let set_link = Action::SetLink { name: name.clone(), mtu: v.spec.mtu, master: Some(v.bridge.clone()) };
+        // A network's device is its bridge's port; the probe device is alone.
+        let master = (!v.bridge.is_empty()).then(|| v.bridge.clone());
+        let set_link = Action::SetLink { name: name.clone(), mtu: v.spec.mtu, master: master.clone() };
         match observed.links.get(name) {
             Some(l) if l.kind == LinkKind::Vxlan && l.vni == Some(v.spec.vni) => {
-                if l.master.as_deref() != Some(v.bridge.as_str()) || !l.up || l.mtu != v.spec.mtu {
+                if l.master != master || !l.up || l.mtu != v.spec.mtu {
                     acts.push(set_link);
                 }
                 for (mac, dst) in l.fdb.difference(&v.fdb) {
@@ -797,7 +821,7 @@ mod tests {
             id: id.into(),
             hostname: id.into(),
             underlay: underlay.parse().unwrap(),
-            vtep_mac: "02:00:00:00:aa:01".into(),
+            vtep_mac: format!("02:00:00:00:aa:{:02x}", underlay.rsplit('.').next().unwrap().parse::<u8>().unwrap()),
             vxlan_port: 4789,
             capabilities: Default::default(),
             version: "test".into(),
@@ -820,7 +844,24 @@ mod tests {
         let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2"), host("h3", "192.0.2.3")];
         let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
         let d = desired(&nets, &eps, &hosts, &me);
-        assert_eq!(d.vxlans.keys().collect::<Vec<_>>(), ["trx-aaaa"], "only networks with local endpoints");
+        assert_eq!(
+            d.vxlans.keys().collect::<Vec<_>>(),
+            ["trx-aaaa", "trx-probe"],
+            "only networks with local endpoints, and the probe tunnel"
+        );
+        let probe = &d.vxlans["trx-probe"];
+        assert_eq!((probe.spec.vni, probe.bridge.as_str(), probe.spec.port), (model::PROBE_VNI, "", 4789));
+        let peers: Vec<_> = probe.fdb.iter().map(|(m, ip)| (model::format_mac(m), ip.to_string())).collect();
+        assert_eq!(
+            peers,
+            [
+                ("02:00:00:00:aa:02".to_string(), "192.0.2.2".to_string()),
+                ("02:00:00:00:aa:03".into(), "192.0.2.3".into())
+            ],
+            "one entry per live peer: its VTEP MAC at its underlay address"
+        );
+        let mac2 = model::parse_mac("02:00:00:00:aa:02").unwrap();
+        assert!(probe.neigh.contains(&(IpAddr::V6(model::link_local(&mac2)), mac2)));
         let v = &d.vxlans["trx-aaaa"];
         assert_eq!(v.spec.vni, 4096);
         assert_eq!(v.bridge, "trb-aaaa");
@@ -841,14 +882,22 @@ mod tests {
         // takes its entries with it.
         let acts = diff(&d, &Observed::default());
         assert!(acts.iter().any(|a| matches!(a, Action::CreateVxlan(s) if s.name == "trx-aaaa")));
-        assert_eq!(acts.iter().filter(|a| matches!(a, Action::AddFdb { .. })).count(), 2);
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::AddFdb { link, .. } if link == "trx-aaaa")).count(), 2);
+        assert!(acts.contains(&Action::SetLink { name: "trx-probe".into(), mtu: 1280, master: None }));
         let mut obs = Observed::default();
         for a in &acts {
             obs.record(a).unwrap();
         }
         assert!(diff(&d, &obs).is_empty(), "{:?}", diff(&d, &obs));
         let fewer = desired(&nets, &eps, &hosts[..2], &me);
-        let acts = diff(&fewer, &obs);
+        let all = diff(&fewer, &obs);
+        let mac3 = model::parse_mac("02:00:00:00:aa:03").unwrap();
+        let dst3: IpAddr = "192.0.2.3".parse().unwrap();
+        assert!(all.contains(&Action::DelFdb { link: "trx-probe".into(), mac: mac3, dst: dst3 }), "{all:?}");
+        let acts: Vec<Action> = all
+            .into_iter()
+            .filter(|a| matches!(a, Action::DelFdb { link, .. } | Action::DelNeigh { link, .. } if link == "trx-aaaa"))
+            .collect();
         assert_eq!(
             acts,
             vec![
@@ -1174,10 +1223,12 @@ mod tests {
         assert!(report.acks.is_empty(), "nothing acked while SAs are missing");
         let log = dp.take_log();
         assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(_))), "local endpoints still come up");
-        assert!(
-            !log.iter().any(|a| matches!(a, Action::CreateVxlan(_) | Action::AddFdb { .. } | Action::AddNeigh { .. })),
-            "no tunnel to a peer without its policy: {log:?}"
-        );
+        let net_tunnel = |a: &Action| match a {
+            Action::CreateVxlan(v) => v.name == "trx-aaaa",
+            Action::AddFdb { link, .. } | Action::AddNeigh { link, .. } => link == "trx-aaaa",
+            _ => false,
+        };
+        assert!(!log.iter().any(net_tunnel), "no tunnel to a peer without its policy: {log:?}");
         // Once xfrm works the tunnel comes up and the host acks its keys.
         dp.failing_xfrm.store(false, Ordering::Relaxed);
         let report = r.full_pass().await.unwrap();

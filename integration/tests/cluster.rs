@@ -317,6 +317,12 @@ fn peers_are_probed_and_an_unreachable_one_is_reported() {
         probe_of("host2")
     );
     assert!(probe_of("host2")["probe_rtt_us"].as_u64().unwrap() > 0);
+    // The tunnel probe (through the VXLAN port) answers too.
+    assert!(
+        wait_for(Duration::from_secs(10), || probe_of("host2")["tunnel_probe_rtt_us"].as_u64().unwrap_or(0) > 0),
+        "no probe through the tunnel answered: {}",
+        probe_of("host2")
+    );
     assert_eq!(probe_of("host1")["probe"], "local");
     assert!(h1.ctl_output(&["status"]).status.success(), "healthy with every peer answering");
     let metrics = || {
@@ -326,6 +332,37 @@ fn peers_are_probed_and_an_unreachable_one_is_reported() {
     assert!(metrics().contains("trellis_peer_reachable{peer=\"host2\"} 1"), "{}", metrics());
     // With peers in it, the exposition still passes promtool's linter.
     trellis_integration::promtool_check(&metrics());
+    assert!(metrics().contains("trellis_peer_tunnel_reachable{peer=\"host2\"} 1"), "{}", metrics());
+
+    // Host 2 drops VXLAN (its UDP port) but still answers ICMP: only the
+    // tunnel probe can tell, and it does.
+    let nft = |rules: &str| {
+        let mut c = h2.ns.cmd("nft");
+        c.arg("-f").arg("-").stdin(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "nft {rules}");
+    };
+    nft(
+        "table inet probe_test {\n chain vxlan_in {\n type filter hook input priority -10;\n udp dport 4789 drop\n }\n}\n",
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || probe_of("host2")["probe"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("unreachable through the VXLAN tunnel"))),
+        "a blocked VXLAN port went unnoticed: {}",
+        probe_of("host2")
+    );
+    assert_eq!(h1.ctl_output(&["status"]).status.code(), Some(1), "a peer unreachable through its tunnel is unhealthy");
+    assert!(metrics().contains("trellis_peer_tunnel_reachable{peer=\"host2\"} 0"), "{}", metrics());
+    assert!(metrics().contains("trellis_peer_reachable{peer=\"host2\"} 1"), "the underlay still answers");
+    nft("delete table inet probe_test");
+    assert!(
+        wait_for(Duration::from_secs(10), || h1.ctl_output(&["status"]).status.success()),
+        "never healthy again after the port opened: {}",
+        probe_of("host2")
+    );
+
     h2.ns.ip(&["link", "set", &lab.uplinks[1], "down"]).unwrap();
     let t0 = Instant::now();
     assert!(

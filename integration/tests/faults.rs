@@ -94,7 +94,13 @@ fn hand_tampering_is_repaired() {
     let (an, bip) = (trellis_integration::netns_of(&a), trellis_integration::ip_of(&b));
     assert!(wait_for(Duration::from_secs(5), || trellis_integration::ping(&an, &bip, 1)));
     let on_h1 = |program: &str, args: &[&str]| run(&mut in_netns(&h1.ns.path(), program, args)).unwrap_or_default();
-    let vxlan = h1.ns.links().unwrap().into_iter().find(|l| l.starts_with("trx-")).expect("a VXLAN device");
+    let vxlan = h1
+        .ns
+        .links()
+        .unwrap()
+        .into_iter()
+        .find(|l| l.starts_with("trx-") && l != "trx-probe")
+        .expect("the network's VXLAN device");
 
     // The VXLAN device.
     h1.ns.ip(&["link", "del", &vxlan]).unwrap();

@@ -2,7 +2,8 @@
 //! ESP): each runs `trellisd` (etcd in the first), with endpoints on an
 //! encrypted and on a plain network. The guests run
 //! `vm/ipsec-guest.sh`; this test asserts on what they recorded and on
-//! what their captures hold.
+//! what their captures hold. About 4 minutes under TCG; nextest runs it
+//! alone (`.config/nextest.toml`).
 
 use std::time::Duration;
 
@@ -56,6 +57,11 @@ fn encrypted_networks_carry_only_esp_rotate_without_loss_and_fail_closed() {
     assert_eq!(get("tx_epoch"), "2");
     assert_eq!(get("epochs"), "[2]");
     assert_eq!(get("spis_kept"), "0", "every SA was replaced");
+
+    // A restarted agent (kill -9) adopts the SAs: no packet lost, none replaced.
+    assert_eq!(get("restart_status_rc"), "0");
+    assert_eq!(get("restart_ping"), "200/200", "packets lost across an agent restart\n{logs}");
+    assert_eq!(get("restart_spis_changed"), "0", "the restarted agent replaced SAs");
 
     // An SA deleted by hand stops traffic rather than leaking it...
     assert_ne!(get("sadel_ping_rc"), "0", "traffic went on without its SA");

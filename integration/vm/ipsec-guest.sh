@@ -136,6 +136,28 @@ ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-after
 result spis_kept "$(comm -12 /tmp/spis-before /tmp/spis-after | wc -l)"
 result spis_after "$(wc -l < /tmp/spis-after)"
 
+# 2b. A restarted agent (kill -9) adopts the SAs: no gap, nothing replaced.
+start_agent() {
+  TRELLIS_LOG=info,trellis_agent=debug "$BIN/trellisd" --store "etcd://$ETCD:2379" --host-id "g$IDX" \
+    --state-dir /run/trellis/state --run-dir /run/trellis --advertise-addr "$ME" --no-docker-plugin \
+    --metrics-addr off --resync-interval-ms 1000 --lease-ttl-ms 10000 >> "$OUT/trellisd-g$IDX.log" 2>&1 &
+  AGENT=$!
+}
+ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-before
+in_ns s2 ping -i 0.05 -c 200 -W 2 10.70.0.10 > /tmp/ping-restart.txt 2>&1 &
+PING=$!
+sleep 1
+kill -9 $AGENT
+wait $AGENT 2>/dev/null
+start_agent
+wait_until 120 ctl status
+result restart_status_rc $?
+wait $PING
+result restart_ping "$(grep -o '[0-9]* packets transmitted, [0-9]* received' /tmp/ping-restart.txt | tr -d ',' | awk '{print $1"/"$4}')"
+sleep 3
+ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-after
+result restart_spis_changed "$(comm -3 /tmp/spis-before /tmp/spis-after | wc -l)"
+
 # 3. An SA deleted by hand (the agent stopped, so nothing repairs it yet):
 #    traffic stops, and nothing leaves in the clear.
 kill -STOP $AGENT

@@ -608,6 +608,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                 "local": h.local, "endpoints": h.endpoints, "tunnel": h.tunnel,
                                 "last_seen_ms": h.last_seen_ms,
                                 "capabilities": h.capabilities, "probe": h.probe, "probe_rtt_us": h.probe_rtt_us,
+                                "tunnel_probe_rtt_us": h.tunnel_probe_rtt_us,
                             })
                         })
                         .collect(),
@@ -629,7 +630,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     } else {
                         format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3)
                     };
-                    let probe = if h.probe == "ok" {
+                    let probe = if h.probe == "ok" && h.tunnel_probe_rtt_us > 0 {
+                        format!("ok {:.2}/{:.2} ms", h.probe_rtt_us as f64 / 1e3, h.tunnel_probe_rtt_us as f64 / 1e3)
+                    } else if h.probe == "ok" {
                         format!("ok {:.2} ms", h.probe_rtt_us as f64 / 1e3)
                     } else {
                         h.probe.clone()
