@@ -1104,17 +1104,21 @@ fn merge_sections(old: &str, new: &str, run: &str) -> String {
         "Do not edit by hand.",
         "Do not edit by hand. This run re-measured some sections (`--only`); every section says which run it comes from.",
     );
+    let mut push = |h: &str, body: &str| {
+        out.push_str(h);
+        out.push('\n');
+        out.push_str(body.trim_end());
+        out.push_str("\n\n");
+    };
     for (h, body) in &old_secs {
         let (h, body) = new_secs.iter().find(|(n, _)| n == h).map(|(n, b)| (n, b)).unwrap_or((h, body));
-        out.push_str(h);
-        out.push('\n');
-        out.push_str(body);
+        push(h, body);
     }
     for (h, body) in new_secs.iter().filter(|(n, _)| !old_secs.iter().any(|(o, _)| o == n)) {
-        out.push_str(h);
-        out.push('\n');
-        out.push_str(body);
+        push(h, body);
     }
+    out.truncate(out.trim_end().len());
+    out.push('\n');
     out
 }
 
@@ -1338,6 +1342,7 @@ mod tests {
             m[b..c].contains("_Run of 2026-02-02 00:00 UTC._") && m[b..c].contains("new b") && !m.contains("old b")
         );
         assert!(m[c..].contains("new c"));
+        assert!(m.contains("old a\n\n## B"), "sections are apart: {m}");
         // Merging again keeps one stamp per section.
         let again = merge_sections(&m, new, "2026-02-02 00:00 UTC");
         assert_eq!(again.matches("_Run of").count(), 3, "{again}");
