@@ -39,6 +39,7 @@ pub struct FileConfig {
     pub key_rotation_interval_ms: Option<u64>,
     pub key_rotation_grace_ms: Option<u64>,
     pub esp_seq_threshold: Option<u64>,
+    pub dns_kernel: Option<bool>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -125,6 +126,11 @@ pub struct Overrides {
     /// Port of the DNS server.
     #[arg(long, env = "TRELLIS_DNS_PORT")]
     pub dns_port: Option<u16>,
+    /// Answer plain A queries for names with one address in the eBPF
+    /// program at the endpoint's veth (the in-kernel DNS path; needs the
+    /// datapath and DNS on port 53). On by default.
+    #[arg(long, env = "TRELLIS_DNS_KERNEL", num_args = 0..=1, default_missing_value = "true")]
+    pub dns_kernel: Option<bool>,
     /// Upstream resolvers for names that are not Trellis's: `IP[:PORT],…`
     /// (default: the nameservers of /etc/resolv.conf).
     #[arg(long, env = "TRELLIS_DNS_UPSTREAM")]
@@ -182,6 +188,7 @@ pub struct Config {
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub key_rotation: trellis_ipsec::Policy,
     pub esp_seq_threshold: u64,
+    pub dns_kernel: bool,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
@@ -281,6 +288,7 @@ impl Config {
                 grace_ms: o.key_rotation_grace_ms.or(f.key_rotation_grace_ms).unwrap_or(5000),
             },
             esp_seq_threshold: o.esp_seq_threshold.or(f.esp_seq_threshold).unwrap_or(1 << 40).max(1),
+            dns_kernel: o.dns_kernel.or(f.dns_kernel).unwrap_or(true),
             ebpf_attach: match o.ebpf_attach.clone().or(f.ebpf_attach).as_deref() {
                 Some("auto") | Some("tcx") => trellis_ebpf::AttachMode::Auto,
                 None | Some("clsact") => trellis_ebpf::AttachMode::Clsact,

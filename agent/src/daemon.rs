@@ -190,6 +190,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let vtep_mac = crate::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
     let identity = Identity {
         dns_intercept: cfg.dns && cfg.dns_port == 53,
+        dns_kernel: ebpf && cfg.dns && cfg.dns_port == 53 && cfg.dns_kernel,
         host: host.clone(),
         underlay,
         vtep_mac: model::parse_mac(&vtep_mac).expect("vtep_mac() returns a valid MAC"),
@@ -220,6 +221,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let registration = tokio::spawn(crate::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
     tracing::info!(host = %host, underlay = ?underlay, "host identity");
+    let dns_kernel = identity.dns_kernel;
     let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), identity));
 
     // Adopt what the kernel has before serving anything.
@@ -303,12 +305,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
 
+    // The in-kernel DNS path answers as the server does, RA included; off
+    // (and emptied: its pinned table outlives the agent) when not wanted.
+    let forwards = dns_core.as_ref().is_some_and(|c| c.forwards());
+    if let Err(e) = dataplane.dns_config(dns_kernel, forwards) {
+        tracing::warn!(error = %e, "the in-kernel DNS path could not be configured");
+    }
+    if !dns_kernel && let Err(e) = dataplane.sync_dns(&Default::default()) {
+        tracing::warn!(error = %e, "emptying the in-kernel DNS table");
+    }
+
     // Service discovery: the zone follows the store (every change notifies).
     let dns_changed = Arc::new(tokio::sync::Notify::new());
     let dns = dns_core.as_ref().map(|core| {
         let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
         tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");
-        tokio::spawn(crate::dns::run(cluster.clone(), core.clone(), listeners, dns_changed.clone()))
+        let kernel = dns_kernel.then(|| dataplane.clone());
+        tokio::spawn(crate::dns::run(cluster.clone(), core.clone(), listeners, dns_changed.clone(), kernel))
     });
 
     // Metrics.

@@ -174,6 +174,8 @@ pub struct Observed {
     pub links: BTreeMap<String, ObservedLink>,
     /// Interfaces with the endpoint program attached (pinned links).
     pub programs: BTreeSet<String>,
+    /// Their `endpoint_info.flags` as the program sees them.
+    pub program_flags: BTreeMap<String, u32>,
     /// The fingerprint of the installed egress rules, if any are.
     pub egress: Option<String>,
     /// The eBPF tables (empty without the program).
@@ -248,11 +250,13 @@ impl Observed {
                 self.links.remove(name).ok_or_else(|| missing(name))?;
             }
             Action::ApplyEgress(rules) => self.egress = Some(rules.fingerprint()),
-            Action::AttachProgram { ifname, .. } => {
+            Action::AttachProgram { ifname, program, .. } => {
                 self.programs.insert(ifname.clone());
+                self.program_flags.insert(ifname.clone(), program.flags());
             }
             Action::DetachProgram { ifname } => {
                 self.programs.remove(ifname);
+                self.program_flags.remove(ifname);
             }
             Action::UpdateTables(ops) => self.tables.apply(ops),
             Action::Xfrm { op, .. } => match op {
@@ -442,6 +446,22 @@ pub trait Dataplane: Send + Sync + 'static {
     /// Turn the datapath's monitor events on (someone watches) or off.
     fn set_events(&self, _on: bool) {}
     /// A service's datapath counters on this host (by datapath id).
+    /// Make the in-kernel DNS table hold exactly `want`.
+    fn sync_dns(&self, _want: &BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer>) -> Result<()> {
+        Ok(())
+    }
+
+    /// The in-kernel DNS path on or off, and whether its answers say
+    /// recursion is available (as the server's do when it forwards).
+    fn dns_config(&self, _kernel: bool, _ra: bool) -> Result<()> {
+        Ok(())
+    }
+
+    /// What the in-kernel DNS path did (none without the datapath).
+    fn dns_stats(&self) -> Option<trellis_ebpf::DnsStats> {
+        None
+    }
+
     fn service_stats(&self, _id: u32) -> Option<trellis_ebpf::SvcStats> {
         None
     }

@@ -69,9 +69,15 @@ pub fn zone_of(
 
 /// Keep the zone and the listeners current: rebuilt on every `changed`
 /// notification (the store watcher and the periodic resync send them).
-pub async fn run(cluster: Arc<Cluster>, core: Arc<Core>, mut listeners: Listeners, changed: Arc<Notify>) {
+pub async fn run(
+    cluster: Arc<Cluster>,
+    core: Arc<Core>,
+    mut listeners: Listeners,
+    changed: Arc<Notify>,
+    kernel: Option<Arc<dyn crate::dataplane::Dataplane>>,
+) {
     loop {
-        match rebuild(&cluster, &core, &mut listeners).await {
+        match rebuild(&cluster, &core, &mut listeners, kernel.as_deref()).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "DNS zone not updated"),
         }
@@ -82,7 +88,28 @@ pub async fn run(cluster: Arc<Cluster>, core: Arc<Core>, mut listeners: Listener
     }
 }
 
-async fn rebuild(cluster: &Cluster, core: &Core, listeners: &mut Listeners) -> Result<(), String> {
+/// The in-kernel DNS table of `zone`: every name a one-network client gets
+/// exactly one address for, keyed by its network's VNI.
+pub fn kernel_table(
+    zone: &Zone,
+    networks: &[NetworkRecord],
+) -> std::collections::BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer> {
+    let vni: std::collections::HashMap<&str, u32> = networks.iter().map(|n| (n.id.as_str(), n.vni)).collect();
+    zone.single_answers()
+        .into_iter()
+        .filter_map(|(net, name, ip)| {
+            let key = trellis_ebpf::DnsKey::new(*vni.get(net.as_str())?, &name)?;
+            Some((key, trellis_ebpf::DnsAnswer::new(ip, trellis_dns::LOCAL_TTL)))
+        })
+        .collect()
+}
+
+async fn rebuild(
+    cluster: &Cluster,
+    core: &Core,
+    listeners: &mut Listeners,
+    kernel: Option<&dyn crate::dataplane::Dataplane>,
+) -> Result<(), String> {
     let networks = cluster.networks().await.map_err(|e| e.to_string())?;
     let endpoints = cluster.endpoints().await.map_err(|e| e.to_string())?;
     let hosts: Vec<String> = crate::hosts::live_hosts(cluster.store.as_ref())
@@ -92,7 +119,13 @@ async fn rebuild(cluster: &Cluster, core: &Core, listeners: &mut Listeners) -> R
         .map(|h| h.id)
         .collect();
     let services = cluster.services().await.map_err(|e| e.to_string())?;
-    core.set_zone(zone_of(&networks, &endpoints, &hosts, &services));
+    let zone = zone_of(&networks, &endpoints, &hosts, &services);
+    // The kernel's table before the server's zone: a name leaving both is
+    // gone from the kernel first, so the two never disagree on it.
+    if let Some(dp) = kernel {
+        dp.sync_dns(&kernel_table(&zone, &networks)).map_err(|e| e.to_string())?;
+    }
+    core.set_zone(zone);
     let gateways: Vec<IpAddr> = networks.iter().filter_map(|n| n.gateway).collect();
     for (ip, e) in listeners.set(&gateways) {
         tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");

@@ -334,6 +334,12 @@ impl Collector for AgentCollector {
                 let path = if outcome.starts_with("forward") { "forwarded" } else { "userspace" };
                 ConstCounter::new(v).encode(m.encode_family(&[("path", path), ("outcome", outcome)])?)?;
             }
+            // Answered in the eBPF program (the rest of what it saw went on
+            // to the server and is counted there).
+            if let Some(k) = self.dataplane.dns_stats() {
+                ConstCounter::new(k.answered)
+                    .encode(m.encode_family(&[("path", "kernel"), ("outcome", "local_answered")])?)?;
+            }
         }
 
         // Per-endpoint counters from the eBPF maps (none with --ebpf=false).

@@ -222,11 +222,11 @@ impl NetlinkDataplane {
         let index = Self::require(&self.handle, ifname).await?;
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
-        let flags = if program.internal { trellis_ebpf::EP_INTERNAL } else { 0 };
-        let mut info = trellis_ebpf::EndpointInfo::new(v4, mac, program.vni).with_flags(flags);
+        let mut info = trellis_ebpf::EndpointInfo::new(v4, mac, program.vni);
         if let Some((gw, gw_mac)) = program.dns_at {
             info = info.with_dns_at(gw, gw_mac);
         }
+        let info = info.with_flags(program.flags());
         dp.set_endpoint(index, info).map_err(ebpf)?;
         if links.join(ifname).is_dir() {
             // Attached already (its map entry was what was missing).
@@ -690,6 +690,36 @@ impl Dataplane for NetlinkDataplane {
         dp.lock().unwrap_or_else(|p| p.into_inner()).svc_stats(id).ok()
     }
 
+    fn sync_dns(&self, want: &BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer>) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("dns table: {e}"));
+        let have: BTreeMap<_, _> = dp.dns_entries().map_err(ebpf)?.into_iter().collect();
+        // New and changed names first, then the ones that went.
+        for (k, v) in want {
+            if have.get(k) != Some(v) {
+                dp.put_dns(*k, *v).map_err(ebpf)?;
+            }
+        }
+        for k in have.keys().filter(|k| !want.contains_key(k)) {
+            dp.remove_dns(*k).map_err(ebpf)?;
+        }
+        Ok(())
+    }
+
+    fn dns_config(&self, kernel: bool, ra: bool) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("dns config: {e}"));
+        dp.set_config(trellis_ebpf::CFG_DNS_KERNEL, kernel).map_err(ebpf)?;
+        dp.set_config(trellis_ebpf::CFG_DNS_RA, ra).map_err(ebpf)
+    }
+
+    fn dns_stats(&self) -> Option<trellis_ebpf::DnsStats> {
+        let (dp, _) = self.bpf.as_ref()?;
+        dp.lock().unwrap_or_else(|p| p.into_inner()).dns_stats().ok()
+    }
+
     fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
         let Some((dp, _)) = &self.bpf else { return Vec::new() };
         let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
@@ -779,15 +809,21 @@ impl Dataplane for NetlinkDataplane {
         // An endpoint has its program when it is attached (its marker) and
         // its entry is in the map (an entry deleted by hand is repaired).
         let mut programs = self.pinned_programs();
+        let mut program_flags = BTreeMap::new();
         if let Some((dp, _)) = &self.bpf {
-            let in_map: BTreeSet<u32> = dp
+            let in_map: BTreeMap<u32, u32> = dp
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .endpoint_ifindexes()
-                .map(|v| v.into_iter().collect())
+                .endpoint_entries()
+                .map(|v| v.into_iter().map(|(i, info)| (i, info.flags)).collect())
                 .unwrap_or_default();
             let index: HashMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
-            programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains(i)));
+            programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains_key(i)));
+            for name in &programs {
+                if let Some(f) = index.get(name.as_str()).and_then(|i| in_map.get(i)) {
+                    program_flags.insert(name.clone(), *f);
+                }
+            }
         }
         let tables = self.observe_tables(rules)?;
         // A kernel without xfrm netlink has no SAs to report; an encrypted
@@ -806,7 +842,7 @@ impl Dataplane for NetlinkDataplane {
                 });
             }
         };
-        let mut observed = Observed { egress, programs, tables, xfrm, ..Observed::default() };
+        let mut observed = Observed { egress, programs, program_flags, tables, xfrm, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),

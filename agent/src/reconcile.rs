@@ -30,6 +30,8 @@ pub struct Identity {
     /// This host answers DNS on the gateways: endpoints' queries to any
     /// other resolver are redirected there.
     pub dns_intercept: bool,
+    /// The datapath answers plain A queries itself (the in-kernel DNS path).
+    pub dns_kernel: bool,
 }
 
 impl Identity {
@@ -42,6 +44,7 @@ impl Identity {
             vxlan_port: 4789,
             ebpf: false,
             dns_intercept: false,
+            dns_kernel: false,
         }
     }
 }
@@ -70,6 +73,26 @@ pub struct ProgramSpec {
     pub internal: bool,
     /// DNS to resolvers outside Trellis goes to this gateway (and MAC).
     pub dns_at: Option<(std::net::Ipv4Addr, Mac)>,
+    /// Its container is on this network only: plain A queries for names
+    /// with one address may be answered in the kernel.
+    pub dns_fast: bool,
+}
+
+impl ProgramSpec {
+    /// `endpoint_info.flags` as the program has them.
+    pub fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.internal {
+            f |= trellis_ebpf::EP_INTERNAL;
+        }
+        if self.dns_at.is_some() {
+            f |= trellis_ebpf::EP_DNS;
+        }
+        if self.dns_fast {
+            f |= trellis_ebpf::EP_DNS_FAST;
+        }
+        f
+    }
 }
 
 /// The kernel state one host should have.
@@ -149,13 +172,21 @@ pub fn desired(
     }
     if me.ebpf {
         let net_of: BTreeMap<&str, &str> = endpoints.iter().map(|e| (e.id.as_str(), e.network_id.as_str())).collect();
+        // Containers (namespaces) of this host on more than one network see
+        // the names of all of them: their queries go to the server.
+        let mut nets_of_sandbox: BTreeMap<&std::path::Path, BTreeSet<&str>> = BTreeMap::new();
+        for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
+            nets_of_sandbox.entry(e.netns.as_path()).or_default().insert(e.network_id.as_str());
+        }
         for (name, spec) in &d.endpoints {
             let Some(n) = net_of.get(spec.endpoint_id.as_str()).and_then(|id| by_id.get(id)) else { continue };
             let dns_at = match (me.dns_intercept, n.gateway) {
                 (true, Some(IpAddr::V4(gw))) => Some((gw, model::mac_for_ip(n.subnet.network()))),
                 _ => None,
             };
-            d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at });
+            let alone = nets_of_sandbox.get(spec.netns.as_path()).is_none_or(|s| s.len() <= 1);
+            let dns_fast = me.dns_kernel && dns_at.is_some() && alone;
+            d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns_fast });
         }
     }
     // Tunnels: on a host with endpoints on a network, a VXLAN device with a
@@ -456,7 +487,8 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
         })
         .collect();
     for (name, p) in &desired.programs {
-        if !observed.programs.contains(name) || created.contains(name) {
+        let changed = observed.program_flags.get(name).is_some_and(|f| *f != p.flags());
+        if !observed.programs.contains(name) || created.contains(name) || changed {
             let spec = &desired.endpoints[name];
             acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, program: *p });
         }

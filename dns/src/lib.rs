@@ -8,5 +8,5 @@
 pub mod server;
 pub mod zone;
 
-pub use server::{Core, Handler, Listeners, Stats, Upstreams};
+pub use server::{Core, Handler, LOCAL_TTL, Listeners, Stats, Upstreams};
 pub use zone::{Answer, Endpoint, Network, QType, Service, Zone};

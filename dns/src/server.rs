@@ -130,6 +130,12 @@ pub struct Core {
 }
 
 impl Core {
+    /// Whether names outside Trellis are forwarded (answers then say
+    /// recursion is available).
+    pub fn forwards(&self) -> bool {
+        self.upstream.is_some()
+    }
+
     pub fn new(upstreams: &Upstreams) -> Arc<Core> {
         Arc::new(Core {
             zone: RwLock::new(Arc::new(Zone::default())),

@@ -196,6 +196,36 @@ impl Zone {
         names.services.get(name).map(|s| s.iter().copied().collect())
     }
 
+    /// The names a client attached to one network only gets exactly one
+    /// address for (an A query): per network id, the single-label name and
+    /// the name qualified by the network's name. What the in-kernel fast
+    /// path may answer; every other query goes to the server.
+    pub fn single_answers(&self) -> Vec<(String, String, Ipv4Addr)> {
+        let mut out = Vec::new();
+        for (net, names) in &self.names {
+            let Some(n) = self.nets.get(net) else { continue };
+            let candidates: BTreeSet<&String> =
+                names.hosts.keys().chain(names.vips.keys()).chain(names.services.keys()).collect();
+            for name in candidates {
+                if name.contains('.') || name.is_empty() {
+                    continue;
+                }
+                let scope = BTreeSet::from([net.clone()]);
+                if let Answer::Addrs(a) = self.resolve(name, QType::A, &scope)
+                    && let [ip] = a[..]
+                {
+                    out.push((net.clone(), name.clone(), ip));
+                    let qualified = format!("{name}.{}", norm(&n.name));
+                    if self.resolve(&qualified, QType::A, &scope) == Answer::Addrs(vec![ip]) {
+                        out.push((net.clone(), qualified, ip));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     fn answer_addrs(found: Vec<Ipv4Addr>, qtype: QType) -> Answer {
         match qtype {
             QType::A | QType::Any if !found.is_empty() => Answer::Addrs(found),
@@ -311,6 +341,26 @@ mod tests {
 
     fn scope_of(z: &Zone, ip: &str) -> BTreeSet<String> {
         z.scope(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn single_answers_are_what_a_one_network_client_resolves_to_one_address() {
+        let z = zone();
+        let all = z.single_answers();
+        let names: Vec<(&str, &str)> = all.iter().map(|(n, name, _)| (n.as_str(), name.as_str())).collect();
+        // web has two backends: never; web1, its alias, client, api (one
+        // address per network) and pg: with and without the network name.
+        for want in
+            [("n1", "web1"), ("n1", "www"), ("n1", "web1.app"), ("n1", "client"), ("n1", "api"), ("n2", "pg.db")]
+        {
+            assert!(names.contains(&want), "{want:?} missing from {names:?}");
+        }
+        assert!(!names.iter().any(|(_, n)| *n == "web" || *n == "web.app"), "a two-address name: {names:?}");
+        // Each agrees with what the resolver answers a client of that network.
+        for (net, name, ip) in &all {
+            let scope = BTreeSet::from([net.clone()]);
+            assert_eq!(z.resolve(name, QType::A, &scope), Answer::Addrs(vec![*ip]), "{net} {name}");
+        }
     }
 
     #[test]

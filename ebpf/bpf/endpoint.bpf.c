@@ -76,6 +76,22 @@ struct {
 } config SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 17);
+	__type(key, struct dns_key);
+	__type(value, struct dns_answer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dns_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} dns_stats SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 16384);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -540,6 +556,143 @@ no_backend:
 	return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
 }
 
+static __always_inline __u32 config_flags(void)
+{
+	__u32 zero = 0;
+	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
+	return cfg ? cfg->flags : 0;
+}
+
+static __always_inline void dns_count(int answered)
+{
+	__u32 zero = 0;
+	struct dns_stats *st = bpf_map_lookup_elem(&dns_stats, &zero);
+	if (!st)
+		return;
+	if (answered)
+		st->answered += 1;
+	else
+		st->passed += 1;
+}
+
+/* The in-kernel DNS fast path: a plain query (one question, no EDNS or
+ * other records) for the A record of a name in `dns` (the client's
+ * network's names with exactly one address) is answered here, the reply
+ * sent straight back to the endpoint as the agent's server would write
+ * it. Anything else returns -1 and goes on to the server. */
+/* A global (not inlined) function: the verifier checks it once, on its
+ * own, rather than at every path that reaches it. */
+__attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_id, __u32 off)
+{
+	if (!skb || off != ETH_HLEN_ + sizeof(struct iphdr))
+		return -1; /* IP options: leave it to the server */
+	struct udphdr udp;
+	if (bpf_skb_load_bytes(skb, off, &udp, sizeof(udp)))
+		return -1;
+	__u32 ulen = bpf_ntohs(udp.len);
+	if (ulen < 8 + 12 + 1 + 4 || ulen > 8 + 12 + DNS_NAME_MAX + 4 || off + ulen != skb->len)
+		return -1;
+	__u8 h[12];
+	if (bpf_skb_load_bytes(skb, off + 8, h, sizeof(h)))
+		return -1;
+	/* QR=0, opcode QUERY, not truncated; one question, nothing else. */
+	if ((h[2] & 0xfa) != 0 || h[4] != 0 || h[5] != 1 || h[6] || h[7] || h[8] || h[9] || h[10] || h[11])
+		goto pass;
+	struct dns_key k = {};
+	k.net_id = net_id;
+	__u32 qlen = ulen - 8 - 12 - 4;
+	if (qlen < 1 || qlen > DNS_NAME_MAX)
+		goto pass;
+	if (bpf_skb_load_bytes(skb, off + 20, k.name, qlen))
+		goto pass;
+	/* Labels of at most 63 bytes (no compression in a question), ending
+	 * with the root exactly at the end: walked label by label (a name of
+	 * 64 bytes has at most 32 labels). */
+	__u32 pos = 0;
+	int ended = 0;
+	for (int l = 0; l < DNS_NAME_MAX / 2; l++) {
+		if (pos >= qlen)
+			break;
+		__u8 len = k.name[pos & (DNS_NAME_MAX - 1)];
+		if (len == 0) {
+			ended = pos == qlen - 1;
+			break;
+		}
+		if (len > 63)
+			break;
+		pos += len + 1;
+	}
+	if (!ended)
+		goto pass;
+	/* Lower case for the lookup (length bytes are below 64: untouched). */
+	for (int i = 0; i < DNS_NAME_MAX; i++) {
+		__u8 b = k.name[i];
+		if (b >= 'A' && b <= 'Z')
+			k.name[i] = b + ('a' - 'A');
+	}
+	__u8 q[4];
+	if (bpf_skb_load_bytes(skb, off + 20 + qlen, q, sizeof(q)))
+		goto pass;
+	if (q[0] != 0 || q[1] != 1 || q[2] != 0 || q[3] != 1)
+		goto pass; /* not A / IN */
+	struct dns_answer *a = bpf_map_lookup_elem(&dns, &k);
+	if (!a)
+		goto pass;
+	struct dns_answer ans = *a;
+
+	/* The reply: the query with QR, AA (and RA as the server says), one
+	 * answer (a pointer to the question's name, A, IN, TTL, the address). */
+	__u8 rr[16] = { 0xc0, 0x0c, 0, 1, 0, 1 };
+	__u32 ttl = bpf_htonl(ans.ttl);
+	__builtin_memcpy(&rr[6], &ttl, 4);
+	rr[11] = 4;
+	__builtin_memcpy(&rr[12], &ans.ip, 4);
+	__u8 ra = (config_flags() & CFG_DNS_RA) ? 0x80 : 0;
+	h[2] = 0x80 | 0x04 | (h[2] & 0x01);
+	h[3] = ra;
+	h[7] = 1;
+	struct ethhdr eth;
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) || bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)))
+		goto pass;
+	if (bpf_skb_change_tail(skb, skb->len + sizeof(rr), 0))
+		goto pass;
+	__u8 mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth.h_source, ETH_ALEN);
+	__builtin_memcpy(eth.h_source, eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(eth.h_dest, mac, ETH_ALEN);
+	__u32 a4 = ip.saddr;
+	ip.saddr = ip.daddr;
+	ip.daddr = a4;
+	ip.tot_len = bpf_htons(bpf_ntohs(ip.tot_len) + sizeof(rr));
+	ip.ttl = 64;
+	ip.check = 0;
+	__u32 sum = 0;
+	__u16 *w = (__u16 *)&ip;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip.check = ~sum & 0xffff;
+	__u16 port = udp.source;
+	udp.source = udp.dest;
+	udp.dest = port;
+	udp.len = bpf_htons(ulen + sizeof(rr));
+	udp.check = 0; /* optional over IPv4 */
+	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN_, &ip, sizeof(ip), 0) ||
+	    bpf_skb_store_bytes(skb, off, &udp, sizeof(udp), 0) ||
+	    bpf_skb_store_bytes(skb, off + 8, h, sizeof(h), 0) ||
+	    bpf_skb_store_bytes(skb, off + ulen, rr, sizeof(rr), 0))
+		return TC_ACT_SHOT;
+	dns_count(1);
+	return bpf_redirect(skb->ifindex, 0);
+pass:
+	dns_count(0);
+	return -1;
+}
+
 /* A DNS query to an outside resolver, sent to the gateway instead; the
  * reverse translation gives the reply the resolver's address back. */
 static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint_counters *c,
@@ -607,15 +760,28 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		}
 		struct net_key nk = { .prefixlen = 32, .ip = daddr };
 		struct net_info *n = bpf_map_lookup_elem(&nets, &nk);
+		int dns_query = f.proto == PROTO_UDP && f.dport == bpf_htons(53) && f.l4off &&
+				(ep->flags & EP_DNS_FAST) && (config_flags() & CFG_DNS_KERNEL);
 		if (n) {
 			if (n->net_id != ep->net_id)
 				return drop(c, DROP_ISOLATION, ifindex, &f);
+			if (dns_query && daddr == ep->gateway) {
+				int r = trellis_dns_fast(skb, ep->net_id, f.l4off);
+				if (r >= 0)
+					return r;
+			}
 		} else if ((ep->flags & EP_DNS) && ep->gateway && f.dport == bpf_htons(53) && f.l4off &&
 			   (f.proto == PROTO_UDP || f.proto == PROTO_TCP)) {
 			/* DNS to a resolver outside Trellis (one an engine wrote
-			 * into the container): answered by the agent at the
-			 * gateway, the reply coming back from the address asked. */
+			 * into the container): answered here when it can be,
+			 * else by the agent at the gateway, the reply coming back
+			 * from the address asked. */
 			struct endpoint_info e = *ep;
+			if (dns_query) {
+				int r = trellis_dns_fast(skb, e.net_id, f.l4off);
+				if (r >= 0)
+					return r;
+			}
 			return to_gateway_dns(skb, c, &e, &f);
 		} else if (ep->flags & EP_INTERNAL) {
 			/* Nothing else leaves an internal network. */

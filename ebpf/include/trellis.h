@@ -11,6 +11,8 @@
 #define EP_INTERNAL 1 /* its network is --internal: nothing leaves it */
 #define EP_DNS 2      /* the agent answers DNS on the gateway: queries to
 		       * resolvers outside Trellis are sent there */
+#define EP_DNS_FAST 4 /* its container is on this network only: its plain
+		       * A queries may be answered from the `dns` map */
 
 /* What the datapath knows of an endpoint, keyed by the ifindex of its
  * host-side veth. */
@@ -63,6 +65,8 @@ struct flow_event {
 
 /* `config` (an array of one): switches the agent sets. */
 #define CFG_EVENTS 1 /* someone watches: send monitor events */
+#define CFG_DNS_KERNEL 2 /* answer A queries found in `dns` in the program */
+#define CFG_DNS_RA 4     /* the agent's server forwards: answers say so (RA) */
 struct config {
 	__u32 flags;
 };
@@ -185,5 +189,29 @@ _Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
 _Static_assert(sizeof(struct rnat_value) == 8, "rnat_value layout");
 _Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
 _Static_assert(sizeof(struct config) == 4, "config layout");
+
+/* The in-kernel DNS fast path: names with exactly one A record, per
+ * network. `name` is the query name in wire format (length-prefixed labels
+ * and the root's 0), lower case, zero-padded. */
+#define DNS_NAME_MAX 64
+struct dns_key {
+	__u32 net_id;
+	__u8 name[DNS_NAME_MAX];
+};
+
+struct dns_answer {
+	__u32 ip;  /* network byte order */
+	__u32 ttl; /* host byte order */
+};
+
+/* `dns_stats` (an array of one, per CPU). */
+struct dns_stats {
+	__u64 answered; /* queries answered by the program */
+	__u64 passed;   /* queries it looked at and left to the agent */
+};
+
+_Static_assert(sizeof(struct dns_key) == 68, "dns_key layout");
+_Static_assert(sizeof(struct dns_answer) == 8, "dns_answer layout");
+_Static_assert(sizeof(struct dns_stats) == 16, "dns_stats layout");
 
 #endif

@@ -47,6 +47,12 @@ unsafe impl Pod for EndpointInfo {}
 
 /// `CFG_EVENTS` of `struct config`: send monitor events.
 pub const CFG_EVENTS: u32 = 1;
+/// `CFG_DNS_KERNEL`: answer A queries found in the `dns` map in the program.
+pub const CFG_DNS_KERNEL: u32 = 2;
+/// `CFG_DNS_RA`: the agent's DNS server forwards (its answers set RA).
+pub const CFG_DNS_RA: u32 = 4;
+/// `EP_DNS_FAST` of `endpoint_info.flags`.
+pub const EP_DNS_FAST: u32 = 4;
 
 /// `EP_INTERNAL`: the endpoint's network is internal (nothing leaves it).
 pub const EP_INTERNAL: u32 = 1;
@@ -196,6 +202,65 @@ unsafe impl Pod for BackendInfo {}
 unsafe impl Pod for CtKey {}
 unsafe impl Pod for CtValue {}
 unsafe impl Pod for SvcStats {}
+unsafe impl Pod for DnsKey {}
+unsafe impl Pod for DnsAnswer {}
+unsafe impl Pod for DnsStats {}
+
+/// Longest query name (wire format) the in-kernel DNS path answers.
+pub const DNS_NAME_MAX: usize = 64;
+
+/// A name of the in-kernel DNS table: its network and the name in wire
+/// format (length-prefixed labels, the root's 0), lower case, zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DnsKey {
+    pub net_id: u32,
+    pub name: [u8; DNS_NAME_MAX],
+}
+
+impl DnsKey {
+    /// The key of `name` (dotted, case-insensitive) in network `net_id`;
+    /// `None` when its wire form does not fit or it is not a valid name.
+    pub fn new(net_id: u32, name: &str) -> Option<DnsKey> {
+        let mut k = DnsKey { net_id, name: [0; DNS_NAME_MAX] };
+        let mut at = 0;
+        for label in name.trim_end_matches('.').split('.') {
+            let b = label.as_bytes();
+            if b.is_empty() || b.len() > 63 || at + 1 + b.len() + 1 > DNS_NAME_MAX {
+                return None;
+            }
+            k.name[at] = b.len() as u8;
+            for (i, c) in b.iter().enumerate() {
+                k.name[at + 1 + i] = c.to_ascii_lowercase();
+            }
+            at += 1 + b.len();
+        }
+        Some(k)
+    }
+}
+
+/// The one address a name of the in-kernel DNS table has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsAnswer {
+    /// Network byte order.
+    pub ip: u32,
+    pub ttl: u32,
+}
+
+impl DnsAnswer {
+    pub fn new(ip: Ipv4Addr, ttl: u32) -> DnsAnswer {
+        DnsAnswer { ip: be(ip), ttl }
+    }
+}
+
+/// What the in-kernel DNS path did, summed over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    pub answered: u64,
+    pub passed: u64,
+}
 
 pub mod maglev;
 
@@ -496,6 +561,11 @@ impl Datapath {
         self.delete::<u32, EndpointInfo>("endpoints", ifindex)
     }
 
+    /// Every endpoint entry, by ifindex.
+    pub fn endpoint_entries(&self) -> Result<Vec<(u32, EndpointInfo)>> {
+        self.entries("endpoints")
+    }
+
     /// The ifindexes that have endpoint entries.
     pub fn endpoint_ifindexes(&self) -> Result<Vec<u32>> {
         Ok(self.entries::<u32, EndpointInfo>("endpoints")?.into_iter().map(|(k, _)| k).collect())
@@ -595,18 +665,54 @@ impl Datapath {
         self.delete::<BackendKey, BackendInfo>("backends", key)
     }
 
-    /// Send monitor events (while someone watches) or not.
-    pub fn set_events(&mut self, on: bool) -> Result<()> {
+    /// Turn the `config` switches in `mask` on or off (the others kept).
+    pub fn set_config(&mut self, mask: u32, on: bool) -> Result<()> {
+        let now = self.config()?;
         let map = self.ebpf.map_mut("config").ok_or(DatapathError::Missing("config"))?;
         let mut cfg: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
-        cfg.set(0, if on { CFG_EVENTS } else { 0 }, 0).map_err(map_err("set config"))
+        cfg.set(0, if on { now | mask } else { now & !mask }, 0).map_err(map_err("set config"))
+    }
+
+    /// The `config` switches.
+    pub fn config(&self) -> Result<u32> {
+        let map = self.ebpf.map("config").ok_or(DatapathError::Missing("config"))?;
+        let cfg: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
+        cfg.get(&0, 0).map_err(map_err("read config"))
+    }
+
+    /// Send monitor events (while someone watches) or not.
+    pub fn set_events(&mut self, on: bool) -> Result<()> {
+        self.set_config(CFG_EVENTS, on)
     }
 
     /// Are monitor events on?
     pub fn events_on(&self) -> Result<bool> {
-        let map = self.ebpf.map("config").ok_or(DatapathError::Missing("config"))?;
-        let cfg: aya::maps::Array<_, u32> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
-        Ok(cfg.get(&0, 0).map_err(map_err("read config"))? & CFG_EVENTS != 0)
+        Ok(self.config()? & CFG_EVENTS != 0)
+    }
+
+    /// The in-kernel DNS table.
+    pub fn dns_entries(&self) -> Result<Vec<(DnsKey, DnsAnswer)>> {
+        self.entries("dns")
+    }
+
+    pub fn put_dns(&mut self, key: DnsKey, answer: DnsAnswer) -> Result<()> {
+        self.put("dns", key, answer)
+    }
+
+    pub fn remove_dns(&mut self, key: DnsKey) -> Result<()> {
+        self.delete::<DnsKey, DnsAnswer>("dns", key)
+    }
+
+    /// What the in-kernel DNS path did, summed over CPUs.
+    pub fn dns_stats(&self) -> Result<DnsStats> {
+        let map = self.ebpf.map("dns_stats").ok_or(DatapathError::Missing("dns_stats"))?;
+        let per_cpu: aya::maps::PerCpuArray<_, DnsStats> =
+            aya::maps::PerCpuArray::try_from(map).map_err(map_err("open"))?;
+        let values = per_cpu.get(&0, 0).map_err(map_err("read dns_stats"))?;
+        Ok(values.iter().fold(DnsStats::default(), |a, v| DnsStats {
+            answered: a.answered + v.answered,
+            passed: a.passed + v.passed,
+        }))
     }
 
     /// The tracked connections to VIPs (client flow → backend).
@@ -723,6 +829,21 @@ mod tests {
     use super::*;
     use std::mem::{offset_of, size_of};
 
+    #[test]
+    fn dns_keys_are_lowercase_wire_names() {
+        let k = DnsKey::new(7, "Web.App.").unwrap();
+        assert_eq!(k.net_id, 7);
+        assert_eq!(&k.name[..9], b"\x03web\x03app\x00");
+        assert!(k.name[9..].iter().all(|b| *b == 0));
+        assert_eq!(DnsKey::new(7, "web.app"), Some(k));
+        assert_eq!(DnsKey::new(7, ""), None);
+        assert_eq!(DnsKey::new(7, "a..b"), None);
+        assert_eq!(DnsKey::new(7, &"x".repeat(64)), None, "a label over 63 bytes");
+        assert!(DnsKey::new(7, &"x".repeat(62)).is_some(), "62 + 2 bytes fit");
+        assert_eq!(DnsKey::new(7, &"x".repeat(63)), None, "63 + 2 bytes do not");
+        assert_eq!(DnsAnswer::new(Ipv4Addr::new(10, 0, 0, 1), 5).ip.to_ne_bytes(), [10, 0, 0, 1]);
+    }
+
     /// The same numbers as the `_Static_assert`s of `trellis.h`.
     #[test]
     fn layouts_match_the_c_header() {
@@ -747,6 +868,10 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(offset_of!(CtValue, mac), 6);
         assert_eq!(size_of::<SvcStats>(), 16);
+        assert_eq!(size_of::<DnsKey>(), 68);
+        assert_eq!(std::mem::offset_of!(DnsKey, name), 4);
+        assert_eq!(size_of::<DnsAnswer>(), 8);
+        assert_eq!(size_of::<DnsStats>(), 16);
         assert_eq!(DropReason::NoBackend as usize, 7);
     }
 
