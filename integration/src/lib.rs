@@ -570,6 +570,29 @@ impl Drop for Etcd {
 }
 
 /// A program on PATH (or in /usr/sbin, /usr/bin).
+/// Turn the datapath's in-kernel DNS path (bit 2 of the pinned `config`
+/// map of the agent whose run directory is `run_dir`) on or off, the
+/// other switches kept.
+pub fn set_dns_kernel(run_dir: &Path, on: bool) -> Result<()> {
+    let map = run_dir.join("bpf/maps/config");
+    let map = map.to_str().context("map path")?;
+    let out = run(Command::new("bpftool").args(["-j", "map", "lookup", "pinned", map, "key", "0", "0", "0", "0"]))?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let bytes: Vec<u8> = v["value"]
+        .as_array()
+        .context("bpftool: no value")?
+        .iter()
+        .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect();
+    let flags = u32::from_le_bytes(bytes.get(..4).context("bpftool: a short value")?.try_into()?);
+    let flags = if on { flags | 2 } else { flags & !2 };
+    let value: Vec<String> = flags.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let mut args = vec!["map", "update", "pinned", map, "key", "0", "0", "0", "0", "value"];
+    args.extend(value.iter().map(String::as_str));
+    run(Command::new("bpftool").args(&args))?;
+    Ok(())
+}
+
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')

@@ -236,25 +236,8 @@ fn names_resolve_across_hosts_and_leave_with_a_dead_host() {
     eprintln!("dead host's names gone after {took:?} (lease TTL 3 s)");
 }
 
-/// The program's switches (`config`): the in-kernel DNS path is bit 2.
 fn dns_kernel(h: &Host, on: bool) {
-    let map = h.run_dir().join("bpf/maps/config");
-    let map = map.to_str().unwrap();
-    let out =
-        run(Command::new("bpftool").args(["-j", "map", "lookup", "pinned", map, "key", "0", "0", "0", "0"])).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let bytes: Vec<u8> = v["value"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
-        .collect();
-    let flags = u32::from_le_bytes(bytes[..4].try_into().unwrap());
-    let flags = if on { flags | 2 } else { flags & !2 };
-    let value: Vec<String> = flags.to_le_bytes().iter().map(|b| b.to_string()).collect();
-    let mut args = vec!["map", "update", "pinned", map, "key", "0", "0", "0", "0", "value"];
-    args.extend(value.iter().map(String::as_str));
-    run(Command::new("bpftool").args(&args)).unwrap();
+    trellis_integration::set_dns_kernel(&h.run_dir(), on).unwrap();
 }
 
 /// What a client sees of an answer: status, flags and the answer section
