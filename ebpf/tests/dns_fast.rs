@@ -5,13 +5,10 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use trellis_ebpf::{AttachMode, CFG_DNS_KERNEL, Datapath, DnsAnswer, DnsKey, EP_DNS_FAST, EndpointInfo};
-use trellis_integration::{Netns, ping, require_root, unique};
+use trellis_ebpf::{AttachMode, CFG_DNS_KERNEL, DnsAnswer, DnsKey, EP_DNS_FAST, EndpointInfo};
+use trellis_integration::{Netns, require_root};
 
-fn ifindex(ns: &Netns, ifname: &str) -> u32 {
-    let out = ns.ip(&["-o", "link", "show", ifname]).unwrap();
-    out.split(':').next().unwrap().trim().parse().unwrap()
-}
+mod common;
 
 /// `dig +noedns` (a plain query, as libc resolvers send) from `ns`.
 fn dig(ns: &Netns, name: &str, extra: &[&str]) -> (bool, String) {
@@ -28,61 +25,26 @@ fn dig(ns: &Netns, name: &str, extra: &[&str]) -> (bool, String) {
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn a_queries_for_known_names_are_answered_by_the_program() {
     require_root();
-    let host = Netns::new("tdh").unwrap();
-    let ctr = Netns::new("tdc").unwrap();
-    let hv = unique("dv");
-    trellis_integration::ip(&[
-        "link", "add", &hv, "netns", &host.name, "type", "veth", "peer", "name", "eth0", "netns", &ctr.name,
-    ])
-    .unwrap();
-    host.ip(&["addr", "add", "10.202.0.1/24", "dev", &hv]).unwrap();
-    host.ip(&["link", "set", &hv, "up"]).unwrap();
-    ctr.ip(&["link", "set", "eth0", "address", "02:00:00:00:00:02", "up"]).unwrap();
-    ctr.ip(&["addr", "add", "10.202.0.2/24", "dev", "eth0"]).unwrap();
-    assert!(ping(&ctr.path(), "10.202.0.1", 1), "the plain veth works");
-
-    let bpf = tempfile::tempdir().unwrap();
-    trellis_ebpf::mount_bpffs(bpf.path()).unwrap();
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(bpf.path().to_path_buf());
-    let (host_path, ifname, pins) = (host.path(), hv.clone(), bpf.path().to_path_buf());
-    let mut dp = std::thread::spawn(move || {
-        let ns = std::fs::File::open(host_path).unwrap();
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let mut dp = Datapath::load_pinned(&pins).expect("loading the endpoint program");
-        dp.attach(&ifname, AttachMode::Clsact).expect("attaching");
-        dp
-    })
-    .join()
-    .unwrap();
-    let gw_mac: [u8; 6] = {
-        let out = host.ip(&["-o", "link", "show", &hv]).unwrap();
-        let mac = out.split("link/ether ").nth(1).unwrap().split(' ').next().unwrap().to_string();
-        let v: Vec<u8> = mac.split(':').map(|h| u8::from_str_radix(h, 16).unwrap()).collect();
-        v.try_into().unwrap()
-    };
+    let mut lab = common::Lab::new([10, 202, 0], AttachMode::Clsact);
     let info = EndpointInfo::new(Ipv4Addr::new(10, 202, 0, 2), [2, 0, 0, 0, 0, 2], 4096)
-        .with_dns_at(Ipv4Addr::new(10, 202, 0, 1), gw_mac);
+        .with_dns_at(Ipv4Addr::new(10, 202, 0, 1), lab.host_mac());
     let fast = info.with_flags(info.flags | EP_DNS_FAST);
-    dp.set_endpoint(ifindex(&host, &hv), fast).unwrap();
+    let idx = lab.ifindex();
+    let (ctr, dp) = (&lab.ctr, &mut lab.dp);
+    dp.set_endpoint(idx, fast).unwrap();
     dp.put_dns(DnsKey::new(4096, "web").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 202, 0, 7), 5)).unwrap();
     dp.put_dns(DnsKey::new(4096, "web.app").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 202, 0, 7), 5)).unwrap();
     // Another network's name: never answered for this endpoint.
     dp.put_dns(DnsKey::new(4097, "db").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 203, 0, 9), 5)).unwrap();
 
     // Off: nobody answers (nothing listens on the gateway).
-    let (ok, out) = dig(&ctr, "web", &["+noedns"]);
+    let (ok, out) = dig(ctr, "web", &["+noedns"]);
     assert!(!ok, "an answer with the fast path off: {out}");
     dp.set_config(CFG_DNS_KERNEL, true).unwrap();
 
     // On: the program answers, as the agent's server would.
     for name in ["web", "WeB", "web.app", "web.app."] {
-        let (ok, out) = dig(&ctr, name, &["+noedns"]);
+        let (ok, out) = dig(ctr, name, &["+noedns"]);
         assert!(ok, "{name}: {out}");
         assert!(out.contains("status: NOERROR") && out.contains("flags: qr aa rd;"), "{name}: {out}");
         assert!(out.contains("ANSWER: 1,") && out.contains("\tIN\tA\t10.202.0.7"), "{name}: {out}");
@@ -103,7 +65,7 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
         ("web", vec![]),
         ("web", vec!["+noedns", "+tcp"]),
     ] {
-        let (ok, out) = dig(&ctr, name, &extra);
+        let (ok, out) = dig(ctr, name, &extra);
         assert!(!ok, "{name} {extra:?} was answered: {out}");
     }
     let st = dp.dns_stats().unwrap();
@@ -116,6 +78,6 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
         .status()
         .unwrap();
     assert!(junk.success());
-    let (ok, out) = dig(&ctr, "web", &["+noedns"]);
+    let (ok, out) = dig(ctr, "web", &["+noedns"]);
     assert!(ok, "{out}");
 }

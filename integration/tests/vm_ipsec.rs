@@ -58,6 +58,19 @@ fn encrypted_networks_carry_only_esp_rotate_without_loss_and_fail_closed() {
     assert_eq!(get("epochs"), "[2]");
     assert_eq!(get("spis_kept"), "0", "every SA was replaced");
 
+    // The metrics show the key epoch in use, the SAs and the headroom left
+    // before the sequence-number trigger (default 2^40 packets).
+    let metrics = std::fs::read_to_string(out.join("metrics-g2.txt")).unwrap_or_default();
+    let value = |line: &str| -> Option<f64> {
+        metrics.lines().find(|l| l.starts_with(line)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+    };
+    assert_eq!(value("trellis_esp_key_epoch{network=\"sec\"}"), Some(2.0), "{metrics}");
+    assert_eq!(value("trellis_esp_sas{network=\"sec\",direction=\"out\"}"), Some(1.0), "{metrics}");
+    assert_eq!(value("trellis_esp_sas{network=\"sec\",direction=\"in\"}"), Some(1.0), "{metrics}");
+    let headroom = value("trellis_esp_seq_headroom{network=\"sec\"}").expect("headroom");
+    assert!(headroom > 0.0 && headroom < (1u64 << 40) as f64, "some packets were sent on the new SA: {headroom}");
+    trellis_integration::promtool_check(&metrics);
+
     // A restarted agent (kill -9) adopts the SAs: no packet lost, none replaced.
     assert_eq!(get("restart_status_rc"), "0");
     assert_eq!(get("restart_ping"), "200/200", "packets lost across an agent restart\n{logs}");
