@@ -21,7 +21,8 @@ pub fn available() -> Result<PathBuf> {
 }
 
 /// Where the guests find this build's binaries: stripped copies in the
-/// shared directory (a debug `trellisctl` is ~240 MB with its debug
+/// shared directory (this machine's /tmp is hidden in a guest, which has
+/// its own) (a debug `trellisctl` is ~240 MB with its debug
 /// information, read over 9p at every start otherwise).
 const GUEST_BIN: &str = "/run/out/bin";
 
@@ -72,6 +73,9 @@ impl Pair {
             .trim()
             .to_string();
         stage_binaries(&out)?;
+        // The script too: the guest mounts its own /tmp (and a checkout
+        // may live there).
+        std::fs::copy(script, out.join("guest.sh")).with_context(|| format!("copying {}", script.display()))?;
         let port = crate::free_port();
         let mut guests = Vec::new();
         for idx in 1..=2u8 {
@@ -82,9 +86,7 @@ impl Pair {
                 format!("socket,id=n0,connect=127.0.0.1:{port}")
             };
             let append = format!(
-                "console=ttyS0 quiet panic=-1 trellis.idx={idx} trellis.run={} trellis.bin={} {extra}",
-                script.display(),
-                GUEST_BIN
+                "console=ttyS0 quiet panic=-1 trellis.idx={idx} trellis.run=/run/out/guest.sh trellis.bin={GUEST_BIN} {extra}"
             );
             let child = Command::new("qemu-system-x86_64")
                 .args(["-m", &memory_mb.to_string(), "-smp", "1", "-nographic", "-no-reboot"])
