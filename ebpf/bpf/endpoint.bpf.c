@@ -577,9 +577,9 @@ static __always_inline void dns_count(int answered)
 
 /* The in-kernel DNS fast path: a plain query (one question, no EDNS or
  * other records) for the A record of a name in `dns` (the client's
- * network's names with exactly one address) is answered here, the reply
- * sent straight back to the endpoint as the agent's server would write
- * it. Anything else returns -1 and goes on to the server. */
+ * network's names with exactly one address) is turned into the reply the
+ * agent's server would write, and 1 returned: the caller sends it back
+ * (answer_dns). Anything else returns -1 and goes on to the server. */
 /* A global (not inlined) function: the verifier checks it once, on its
  * own, rather than at every path that reaches it. */
 __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_id, __u32 off)
@@ -624,11 +624,17 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	}
 	if (!ended)
 		goto pass;
-	/* Lower case for the lookup (length bytes are below 64: untouched). */
-	for (int i = 0; i < DNS_NAME_MAX; i++) {
-		__u8 b = k.name[i];
-		if (b >= 'A' && b <= 'Z')
-			k.name[i] = b + ('a' - 'A');
+	/* Lower case for the lookup (length bytes are below 64: untouched),
+	 * four bytes at a time (the name is 4-aligned in the key): a byte's
+	 * top bit marks it as 'A'..'Z'. */
+	__u32 *words = (__u32 *)k.name;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < DNS_NAME_MAX / 4; i++) {
+		__u32 x = words[i];
+		__u32 low7 = x & 0x7f7f7f7f;
+		__u32 ge_a = low7 + 0x3f3f3f3f; /* top bit: low7 >= 'A' */
+		__u32 gt_z = low7 + 0x25252525; /* top bit: low7 > 'Z' */
+		words[i] = x | ((ge_a & ~gt_z & ~x & 0x80808080) >> 2); /* 0x80 >> 2 = 0x20 */
 	}
 	__u8 q[4];
 	if (bpf_skb_load_bytes(skb, off + 20 + qlen, q, sizeof(q)))
@@ -687,10 +693,23 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	    bpf_skb_store_bytes(skb, off + ulen, rr, sizeof(rr), 0))
 		return TC_ACT_SHOT;
 	dns_count(1);
-	return bpf_redirect(skb->ifindex, 0);
+	return 1;
 pass:
 	dns_count(0);
 	return -1;
+}
+
+/* A query answered by trellis_dns_fast goes straight back into the
+ * endpoint's namespace: delivered at the ingress of the veth's other end,
+ * it skips the transmit path, this veth's egress program and a second
+ * softirq round (the answer is counted as sent to the endpoint here). */
+static __always_inline int answer_dns(struct __sk_buff *skb, struct endpoint_counters *c)
+{
+	if (c) {
+		c->to_packets += 1;
+		c->to_bytes += skb->len;
+	}
+	return bpf_redirect_peer(skb->ifindex, 0);
 }
 
 /* A DNS query to an outside resolver, sent to the gateway instead; the
@@ -744,6 +763,12 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		if (ip->saddr != ep->ip)
 			return drop(c, DROP_SPOOF_IP, ifindex, &f);
 		__u32 daddr = ip->daddr;
+		int dns_query = f.proto == PROTO_UDP && f.dport == bpf_htons(53) && f.l4off &&
+				(ep->flags & EP_DNS_FAST) && (config_flags() & CFG_DNS_KERNEL);
+		/* A query to the network's resolver first: answered here, it
+		 * needs none of the lookups below. */
+		if (dns_query && daddr == ep->gateway && trellis_dns_fast(skb, ep->net_id, f.l4off) > 0)
+			return answer_dns(skb, c);
 		struct vip_info *v = bpf_map_lookup_elem(&vips, &daddr);
 		if (v) {
 			if (v->net_id != ep->net_id)
@@ -756,20 +781,15 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		 * client port must not rewrite its replies. */
 		if ((f.proto == PROTO_TCP && f.syn) || f.proto == PROTO_UDP) {
 			struct rnat_key stale = { .client = f.saddr, .backend = daddr, .cport = f.sport, .bport = f.dport, .proto = f.proto };
-			bpf_map_delete_elem(&rnat, &stale);
+			/* Looked up first: the lookup takes no lock, a delete does. */
+			if (bpf_map_lookup_elem(&rnat, &stale))
+				bpf_map_delete_elem(&rnat, &stale);
 		}
 		struct net_key nk = { .prefixlen = 32, .ip = daddr };
 		struct net_info *n = bpf_map_lookup_elem(&nets, &nk);
-		int dns_query = f.proto == PROTO_UDP && f.dport == bpf_htons(53) && f.l4off &&
-				(ep->flags & EP_DNS_FAST) && (config_flags() & CFG_DNS_KERNEL);
 		if (n) {
 			if (n->net_id != ep->net_id)
 				return drop(c, DROP_ISOLATION, ifindex, &f);
-			if (dns_query && daddr == ep->gateway) {
-				int r = trellis_dns_fast(skb, ep->net_id, f.l4off);
-				if (r >= 0)
-					return r;
-			}
 		} else if ((ep->flags & EP_DNS) && ep->gateway && f.dport == bpf_htons(53) && f.l4off &&
 			   (f.proto == PROTO_UDP || f.proto == PROTO_TCP)) {
 			/* DNS to a resolver outside Trellis (one an engine wrote
@@ -777,11 +797,8 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			 * else by the agent at the gateway, the reply coming back
 			 * from the address asked. */
 			struct endpoint_info e = *ep;
-			if (dns_query) {
-				int r = trellis_dns_fast(skb, e.net_id, f.l4off);
-				if (r >= 0)
-					return r;
-			}
+			if (dns_query && trellis_dns_fast(skb, e.net_id, f.l4off) > 0)
+				return answer_dns(skb, c);
 			return to_gateway_dns(skb, c, &e, &f);
 		} else if (ep->flags & EP_INTERNAL) {
 			/* Nothing else leaves an internal network. */

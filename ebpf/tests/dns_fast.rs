@@ -34,6 +34,9 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
     dp.set_endpoint(idx, fast).unwrap();
     dp.put_dns(DnsKey::new(4096, "web").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 202, 0, 7), 5)).unwrap();
     dp.put_dns(DnsKey::new(4096, "web.app").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 202, 0, 7), 5)).unwrap();
+    // The characters next to 'A'..'Z' and 'a'..'z' are not letters: only
+    // letters are folded ('@' is not '`', '[' is not '{').
+    dp.put_dns(DnsKey::new(4096, "q@r[s`t{z").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 202, 0, 8), 5)).unwrap();
     // Another network's name: never answered for this endpoint.
     dp.put_dns(DnsKey::new(4097, "db").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 203, 0, 9), 5)).unwrap();
 
@@ -54,8 +57,20 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
             "the answer names the query as asked, TTL 5: {out}"
         );
     }
+    for name in ["q@r[s`t{z", "Q@R[S`T{Z"] {
+        let (ok, out) = dig(ctr, name, &["+noedns"]);
+        assert!(ok && out.contains("\tIN\tA\t10.202.0.8"), "{name}: {out}");
+    }
+    for name in ["q`r{s@t[z", "Q`R{S@T[Z"] {
+        let (ok, out) = dig(ctr, name, &["+noedns"]);
+        assert!(!ok, "{name} is another name: {out}");
+    }
     let answered = dp.dns_stats().unwrap().answered;
-    assert!(answered >= 4, "{answered}");
+    assert!(answered >= 6, "{answered}");
+    // The answers are counted as sent to the endpoint (they go straight
+    // into its namespace, past this veth's egress program).
+    let sent = dp.counters(idx).unwrap().to_packets;
+    assert!(sent >= answered, "{sent} packets to the endpoint, {answered} answers");
     // Not for the program: another network's name, an unknown name, AAAA,
     // EDNS queries, TCP — all left to the server (which is not there).
     for (name, extra) in [
