@@ -6,6 +6,7 @@
 //!   client's scope from its source address, forwarding upstream.
 
 pub mod server;
+mod udp;
 pub mod zone;
 
 pub use server::{Core, Handler, LOCAL_TTL, Listeners, Stats, Upstreams};

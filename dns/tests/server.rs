@@ -158,3 +158,70 @@ async fn bad_packets_never_stop_the_server() {
     let m = tcp(addr, &good).await;
     assert_eq!(addrs(&m), vec!["127.0.1.0"]);
 }
+
+/// Threads of this process whose name starts with `prefix`.
+fn threads(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|c| c.starts_with(prefix))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_answered_each_to_its_sender_and_a_removed_address_stops() {
+    let (addr, mut l) = server(3).await;
+    assert_eq!(threads("trellis-dns-udp"), 1, "one UDP thread for the one address");
+    // 40 clients each send 5 queries at once (ids per client and query):
+    // the server takes them in batches and must answer each to its sender
+    // with its own id.
+    let mut tasks = Vec::new();
+    for c in 0..40u16 {
+        tasks.push(tokio::spawn(async move {
+            let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let names = ["b0", "b1", "b2", "client", "nope"];
+            for (q, name) in names.iter().enumerate() {
+                let mut m = Message::new(c * 16 + q as u16, MessageType::Query, OpCode::Query);
+                m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+                s.send_to(&m.to_vec().unwrap(), addr).await.unwrap();
+            }
+            let mut seen = Vec::new();
+            let mut buf = vec![0u8; 4096];
+            while seen.len() < names.len() {
+                let n = tokio::time::timeout(Duration::from_secs(3), s.recv(&mut buf))
+                    .await
+                    .expect("every query answered")
+                    .unwrap();
+                let m = Message::from_vec(&buf[..n]).unwrap();
+                let id = m.metadata.id;
+                assert_eq!(id / 16, c, "an answer for another client");
+                let q = (id % 16) as usize;
+                let asked = m.queries[0].name().to_ascii();
+                assert!(asked.starts_with(names[q]), "answer {id} is for {asked}, asked {}", names[q]);
+                if names[q] == "nope" {
+                    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+                } else {
+                    assert_eq!(addrs(&m).len(), 1, "{m:?}");
+                }
+                seen.push(q);
+            }
+            seen.sort();
+            assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // The address removed: its thread ends and nothing answers there.
+    assert!(l.set(&[]).is_empty());
+    let t0 = std::time::Instant::now();
+    while threads("trellis-dns-udp") > 0 {
+        assert!(t0.elapsed() < Duration::from_millis(500), "the UDP thread did not stop on removal");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(udp(addr, &query("client", RecordType::A, None)).await.is_none());
+    // And back: answered again.
+    assert!(l.set(&["127.0.0.1".parse().unwrap()]).is_empty());
+    let m = udp(addr, &query("client", RecordType::A, None)).await.expect("answered again");
+    assert_eq!(addrs(&m), vec!["127.0.0.1"]);
+}
