@@ -575,6 +575,12 @@ static __always_inline void dns_count(int answered)
 		st->passed += 1;
 }
 
+/* Where a query's parts are (IPv4 without options). */
+#define DNS_UDP_OFF (ETH_HLEN_ + 20)
+#define DNS_HDR_END (DNS_UDP_OFF + 8 + 12)
+/* The answer record appended: name pointer, type, class, TTL, length, address. */
+#define DNS_RR_LEN 16
+
 /* The in-kernel DNS fast path: a plain query (one question, no EDNS or
  * other records) for the A record of a name in `dns` (the client's
  * network's names with exactly one address) is turned into the reply the
@@ -584,26 +590,32 @@ static __always_inline void dns_count(int answered)
  * own, rather than at every path that reaches it. */
 __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_id, __u32 off)
 {
-	if (!skb || off != ETH_HLEN_ + sizeof(struct iphdr))
+	if (!skb || off != DNS_UDP_OFF)
 		return -1; /* IP options: leave it to the server */
-	struct udphdr udp;
-	if (bpf_skb_load_bytes(skb, off, &udp, sizeof(udp)))
+	/* Read and written in place (one helper call to copy the name for the
+	 * lookup, one to grow the packet): each bpf_skb_load_bytes or
+	 * bpf_skb_store_bytes call cost about as much as the rest together. */
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	if (data + DNS_HDR_END > end)
 		return -1;
-	__u32 ulen = bpf_ntohs(udp.len);
-	if (ulen < 8 + 12 + 1 + 4 || ulen > 8 + 12 + DNS_NAME_MAX + 4 || off + ulen != skb->len)
-		return -1;
-	__u8 h[12];
-	if (bpf_skb_load_bytes(skb, off + 8, h, sizeof(h)))
+	struct udphdr *udp = data + DNS_UDP_OFF;
+	__u8 *h = data + DNS_UDP_OFF + 8;
+	__u32 ulen = bpf_ntohs(udp->len);
+	/* The whole query in the linear part (so is its reply after growing). */
+	if (ulen < 8 + 12 + 1 + 4 || ulen > 8 + 12 + DNS_NAME_MAX + 4 || DNS_UDP_OFF + ulen != skb->len ||
+	    data + DNS_UDP_OFF + ulen != end)
 		return -1;
 	/* QR=0, opcode QUERY, not truncated; one question, nothing else. */
 	if ((h[2] & 0xfa) != 0 || h[4] != 0 || h[5] != 1 || h[6] || h[7] || h[8] || h[9] || h[10] || h[11])
 		goto pass;
+	__u8 rd = h[2] & 0x01;
 	struct dns_key k = {};
 	k.net_id = net_id;
 	__u32 qlen = ulen - 8 - 12 - 4;
 	if (qlen < 1 || qlen > DNS_NAME_MAX)
 		goto pass;
-	if (bpf_skb_load_bytes(skb, off + 20, k.name, qlen))
+	if (bpf_skb_load_bytes(skb, DNS_HDR_END, k.name, qlen))
 		goto pass;
 	/* Labels of at most 63 bytes (no compression in a question), ending
 	 * with the root exactly at the end: walked label by label (a name of
@@ -636,8 +648,9 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 		__u32 gt_z = low7 + 0x25252525; /* top bit: low7 > 'Z' */
 		words[i] = x | ((ge_a & ~gt_z & ~x & 0x80808080) >> 2); /* 0x80 >> 2 = 0x20 */
 	}
-	__u8 q[4];
-	if (bpf_skb_load_bytes(skb, off + 20 + qlen, q, sizeof(q)))
+	/* Type and class, after the name (qlen is at most 64 here). */
+	__u8 *q = data + DNS_HDR_END + (qlen & (DNS_NAME_MAX * 2 - 1));
+	if ((void *)(q + 4) > end)
 		goto pass;
 	if (q[0] != 0 || q[1] != 1 || q[2] != 0 || q[3] != 1)
 		goto pass; /* not A / IN */
@@ -645,53 +658,61 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	if (!a)
 		goto pass;
 	struct dns_answer ans = *a;
+	__u8 ra = (config_flags() & CFG_DNS_RA) ? 0x80 : 0;
 
 	/* The reply: the query with QR, AA (and RA as the server says), one
 	 * answer (a pointer to the question's name, A, IN, TTL, the address). */
-	__u8 rr[16] = { 0xc0, 0x0c, 0, 1, 0, 1 };
-	__u32 ttl = bpf_htonl(ans.ttl);
-	__builtin_memcpy(&rr[6], &ttl, 4);
-	rr[11] = 4;
-	__builtin_memcpy(&rr[12], &ans.ip, 4);
-	__u8 ra = (config_flags() & CFG_DNS_RA) ? 0x80 : 0;
-	h[2] = 0x80 | 0x04 | (h[2] & 0x01);
-	h[3] = ra;
-	h[7] = 1;
-	struct ethhdr eth;
-	struct iphdr ip;
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) || bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)))
+	if (bpf_skb_change_tail(skb, skb->len + DNS_RR_LEN, 0))
 		goto pass;
-	if (bpf_skb_change_tail(skb, skb->len + sizeof(rr), 0))
-		goto pass;
+	data = skb_data(skb);
+	end = skb_end(skb);
+	if (data + DNS_HDR_END > end)
+		return TC_ACT_SHOT;
+	__u8 *rr = data + DNS_UDP_OFF + (ulen & 0x7f);
+	if ((void *)(rr + DNS_RR_LEN) > end)
+		return TC_ACT_SHOT;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN_;
+	udp = data + DNS_UDP_OFF;
+	h = data + DNS_UDP_OFF + 8;
+
 	__u8 mac[ETH_ALEN];
-	__builtin_memcpy(mac, eth.h_source, ETH_ALEN);
-	__builtin_memcpy(eth.h_source, eth.h_dest, ETH_ALEN);
-	__builtin_memcpy(eth.h_dest, mac, ETH_ALEN);
-	__u32 a4 = ip.saddr;
-	ip.saddr = ip.daddr;
-	ip.daddr = a4;
-	ip.tot_len = bpf_htons(bpf_ntohs(ip.tot_len) + sizeof(rr));
-	ip.ttl = 64;
-	ip.check = 0;
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	__u32 a4 = ip->saddr;
+	ip->saddr = ip->daddr;
+	ip->daddr = a4;
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DNS_RR_LEN);
+	ip->ttl = 64;
+	ip->check = 0;
 	__u32 sum = 0;
-	__u16 *w = (__u16 *)&ip;
+	__u16 *w = (__u16 *)ip;
 #pragma unroll
 	for (int i = 0; i < 10; i++)
 		sum += w[i];
 	sum = (sum & 0xffff) + (sum >> 16);
 	sum = (sum & 0xffff) + (sum >> 16);
-	ip.check = ~sum & 0xffff;
-	__u16 port = udp.source;
-	udp.source = udp.dest;
-	udp.dest = port;
-	udp.len = bpf_htons(ulen + sizeof(rr));
-	udp.check = 0; /* optional over IPv4 */
-	if (bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN_, &ip, sizeof(ip), 0) ||
-	    bpf_skb_store_bytes(skb, off, &udp, sizeof(udp), 0) ||
-	    bpf_skb_store_bytes(skb, off + 8, h, sizeof(h), 0) ||
-	    bpf_skb_store_bytes(skb, off + ulen, rr, sizeof(rr), 0))
-		return TC_ACT_SHOT;
+	ip->check = ~sum & 0xffff;
+	__u16 port = udp->source;
+	udp->source = udp->dest;
+	udp->dest = port;
+	udp->len = bpf_htons(ulen + DNS_RR_LEN);
+	udp->check = 0; /* optional over IPv4 */
+	h[2] = 0x80 | 0x04 | rd;
+	h[3] = ra;
+	h[7] = 1;
+	rr[0] = 0xc0;
+	rr[1] = 0x0c;
+	rr[2] = 0;
+	rr[3] = 1;
+	rr[4] = 0;
+	rr[5] = 1;
+	__u32 ttl = bpf_htonl(ans.ttl);
+	__builtin_memcpy(&rr[6], &ttl, 4);
+	rr[10] = 0;
+	rr[11] = 4;
+	__builtin_memcpy(&rr[12], &ans.ip, 4);
 	dns_count(1);
 	return 1;
 pass:
