@@ -11,7 +11,7 @@ fi
 PACKAGES=(
   protobuf-compiler libprotobuf-dev  # protoc and its well-known .proto files: tonic and etcd-client compile .proto files
   clang-19 llvm-19 libbpf-dev  # the eBPF datapath (C programs)
-  nftables iproute2 util-linux iputils-ping conntrack
+  nftables iptables iproute2 util-linux iputils-ping conntrack  # iptables-legacy: the kube-proxy benchmark peer
   containernetworking-plugins  # the reference CNI bridge + host-local (benchmark peer)
   iperf3 tcpdump bind9-dnsutils busybox-static
   etcd-server              # the cluster store
