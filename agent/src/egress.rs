@@ -12,6 +12,12 @@
 //!   answers (names resolve even where an engine wrote its own resolver;
 //!   Docker's embedded DNS forwards to the host's resolvers from inside the
 //!   container). Connection tracking puts the reply's source back.
+//! * `raw_prerouting` / `raw_output` (filter, before connection tracking),
+//!   when the eBPF program does that redirect instead (nothing to undo): DNS
+//!   over UDP to and from each gateway is not tracked. A tracked query costs
+//!   a conntrack entry per client port, and parallel A/AAAA queries from one
+//!   socket race to insert theirs — the lost insert is the 5 s DNS delay of
+//!   kubernetes#56903.
 //!
 //! The whole table is replaced atomically when it differs. Every rule
 //! carries the fingerprint of the desired rules as its comment, so the
@@ -47,6 +53,9 @@ pub struct EgressRules {
     pub nets: Vec<EgressNet>,
     /// Redirect endpoints' DNS queries to their gateway.
     pub dns_intercept: bool,
+    /// Keep DNS over UDP to and from the gateways out of connection
+    /// tracking (never with `dns_intercept`, whose NAT needs it).
+    pub dns_notrack: bool,
 }
 
 /// 64-bit FNV-1a: a stable fingerprint, not a security measure.
@@ -83,7 +92,7 @@ impl EgressRules {
     pub fn new(mut nets: Vec<EgressNet>) -> EgressRules {
         nets.sort();
         nets.dedup();
-        EgressRules { nets, dns_intercept: false }
+        EgressRules { nets, dns_intercept: false, dns_notrack: false }
     }
 
     /// The rules, as (chain, statements).
@@ -109,6 +118,26 @@ impl EgressRules {
                         ],
                     ));
                 }
+            }
+            if let (true, false, Some(IpAddr::V4(gw))) = (self.dns_notrack, self.dns_intercept, n.gateway) {
+                out.push((
+                    "raw_prerouting",
+                    vec![
+                        m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
+                        m(payload("ip", "daddr"), Operator::EQ, s(gw.to_string())),
+                        m(payload("udp", "dport"), Operator::EQ, Expression::Number(53)),
+                        Statement::Notrack,
+                    ],
+                ));
+                out.push((
+                    "raw_output",
+                    vec![
+                        m(meta(MetaKey::Oifname), Operator::EQ, s(&n.bridge)),
+                        m(payload("ip", "saddr"), Operator::EQ, s(gw.to_string())),
+                        m(payload("udp", "sport"), Operator::EQ, Expression::Number(53)),
+                        Statement::Notrack,
+                    ],
+                ));
             }
             if n.internal {
                 out.push((
@@ -180,6 +209,9 @@ impl EgressRules {
             ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
             ("forward", NfChainType::Filter, NfHook::Forward, 0),
             ("input", NfChainType::Filter, NfHook::Input, 0),
+            // Before connection tracking (its priority is -200).
+            ("raw_prerouting", NfChainType::Filter, NfHook::Prerouting, -300),
+            ("raw_output", NfChainType::Filter, NfHook::Output, -300),
         ] {
             b.add(NfListObject::Chain(Chain {
                 family: NfFamily::INet,
@@ -204,6 +236,35 @@ impl EgressRules {
             }));
         }
         b.to_nftables()
+    }
+}
+
+/// The batch as `nft -j` reads it. The nftables crate (0.6) writes the
+/// `notrack` statement as the bare string `"notrack"`, which nft refuses
+/// ("expected object"): nft's form, `{"notrack": null}`, is put in (the
+/// crate reads that form back).
+pub fn to_nft_json(batch: &Nftables) -> Result<String, serde_json::Error> {
+    let mut v = serde_json::to_value(batch)?;
+    fix_statements(&mut v, &|st| {
+        if st.as_str() == Some("notrack") {
+            *st = serde_json::json!({ "notrack": null });
+        }
+    });
+    serde_json::to_string(&v)
+}
+
+/// Applies `fix` to every statement of every rule in an nft JSON document.
+fn fix_statements(v: &mut serde_json::Value, fix: &dyn Fn(&mut serde_json::Value)) {
+    let Some(objects) = v.get_mut("nftables").and_then(|o| o.as_array_mut()) else { return };
+    for obj in objects {
+        // Rules appear bare (a listing) or under a command (a batch).
+        let rule = match obj.get_mut("rule") {
+            Some(r) => Some(r),
+            None => obj.as_object_mut().and_then(|o| o.values_mut().next()).and_then(|cmd| cmd.get_mut("rule")),
+        };
+        if let Some(exprs) = rule.and_then(|r| r.get_mut("expr")).and_then(|e| e.as_array_mut()) {
+            exprs.iter_mut().for_each(fix);
+        }
     }
 }
 
@@ -276,6 +337,47 @@ mod tests {
         let json = serde_json::to_string(&r.batch()).unwrap();
         assert!(json.contains("\"dnat\"") && json.contains("\"prerouting\""), "{json}");
         assert!(json.contains("\"dport\"") && json.contains("53"));
+    }
+
+    #[test]
+    fn dns_to_the_gateways_is_untracked_unless_nat_needs_it() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", true)]);
+        let without = r.fingerprint();
+        r.dns_notrack = true;
+        let rules = r.rules();
+        let raw: Vec<_> = rules.iter().filter(|(c, _)| c.starts_with("raw_")).collect();
+        // Both directions for each network, the internal one included.
+        assert_eq!(raw.len(), 4, "{raw:?}");
+        let json = serde_json::to_string(&r.batch()).unwrap();
+        assert!(json.contains("\"notrack\""), "{json}");
+        for gw in ["10.1.0.1", "10.2.0.1"] {
+            assert!(json.contains(&format!("\"{gw}\"")), "{gw}: {json}");
+        }
+        assert!(json.contains("\"sport\"") && json.contains("\"dport\""), "{json}");
+        assert!(json.contains("\"prio\":-300"), "the raw chains run before conntrack: {json}");
+        assert_ne!(r.fingerprint(), without);
+        // With the nftables DNAT of queries to other resolvers, replies need
+        // their conntrack entry to get the resolver's address back.
+        r.dns_intercept = true;
+        assert!(r.rules().iter().all(|(c, _)| !c.starts_with("raw_")));
+    }
+
+    #[test]
+    fn notrack_is_written_and_read_as_nft_does() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        r.dns_notrack = true;
+        let text = to_nft_json(&r.batch()).unwrap();
+        assert!(text.contains("{\"notrack\":null}") && !text.contains("\"notrack\"]"), "{text}");
+        // A listing as nft 1.0 prints it (two rules, one with notrack).
+        let listed = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+            {"table": {"family": "inet", "name": "trellis", "handle": 1}},
+            {"chain": {"family": "inet", "table": "trellis", "name": "raw_output", "handle": 1, "type": "filter", "hook": "output", "prio": -300, "policy": "accept"}},
+            {"rule": {"family": "inet", "table": "trellis", "chain": "raw_output", "handle": 2, "comment": "trellis:abc",
+              "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}}, "right": 53}}, {"notrack": null}]}},
+            {"rule": {"family": "inet", "table": "trellis", "chain": "raw_output", "handle": 3, "comment": "trellis:abc",
+              "expr": [{"drop": null}]}}]}"#;
+        let set: Nftables = serde_json::from_str(listed).unwrap();
+        assert_eq!(observed_fingerprint(&set).as_deref(), Some("abc/2"));
     }
 
     #[test]

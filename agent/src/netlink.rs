@@ -388,9 +388,11 @@ impl NetlinkDataplane {
     }
 
     async fn apply_egress(&self, rules: &EgressRules) -> Result<()> {
-        let batch = rules.batch();
+        let batch = egress::to_nft_json(&rules.batch())
+            .map_err(|e| DataplaneError::Nftables(format!("encoding table inet {}: {e}", egress::TABLE)))?;
         tokio::task::spawn_blocking(move || {
-            nftables::helper::apply_ruleset(&batch)
+            nftables::helper::apply_ruleset_raw(&batch, nftables::helper::DEFAULT_NFT, std::iter::empty::<&str>())
+                .map(drop)
                 .map_err(|e| DataplaneError::Nftables(format!("applying table inet {}: {e}", egress::TABLE)))
         })
         .await

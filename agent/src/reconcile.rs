@@ -144,6 +144,9 @@ pub fn desired(
     d.egress = EgressRules::new(egress);
     // The eBPF program redirects DNS itself; nftables does without it.
     d.egress.dns_intercept = me.dns_intercept && !me.ebpf;
+    // With the program's redirect (no NAT to undo), DNS over UDP to the
+    // gateway is kept out of connection tracking.
+    d.egress.dns_notrack = me.dns_intercept && me.ebpf;
     for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
@@ -1051,7 +1054,9 @@ mod tests {
             Some(("10.1.0.1".parse().unwrap(), model::mac_for_ip("10.1.0.0".parse().unwrap())))
         );
         assert!(!d2.egress.dns_intercept, "no nftables DNAT beside the program");
-        assert!(desired(&nets, &eps, &[], &Identity { ebpf: false, ..dns }).egress.dns_intercept);
+        assert!(d2.egress.dns_notrack, "DNS to the gateway untracked beside the program");
+        let no_ebpf = desired(&nets, &eps, &[], &Identity { ebpf: false, ..dns });
+        assert!(no_ebpf.egress.dns_intercept && !no_ebpf.egress.dns_notrack);
         assert!(desired(&nets, &eps, &[], &Identity::local("h1")).programs.is_empty(), "none without eBPF");
         let acts = diff(&d, &Observed::default());
         let attach: Vec<_> = acts

@@ -62,7 +62,10 @@ fn names_services_tasks_ptr_and_scoping() {
     // It is the eBPF program that redirects them: nftables has no DNS rule.
     let rules = h.ns.cmd("nft").args(["list", "ruleset"]).output().unwrap();
     let rules = String::from_utf8_lossy(&rules.stdout);
-    assert!(!rules.contains("dport 53"), "an nftables DNS redirect beside the program:\n{rules}");
+    assert!(
+        !rules.lines().any(|l| l.contains("dport 53") && l.contains("dnat")),
+        "an nftables DNS redirect beside the program:\n{rules}"
+    );
     // AAAA: authoritative NODATA, not forwarded.
     let aaaa = dig_full(&c, gw, &["web1", "AAAA"]);
     assert_eq!(status_of(&aaaa), "NOERROR", "{aaaa}");
@@ -349,4 +352,30 @@ fn kernel_and_userspace_paths_give_identical_answers() {
     assert!(answered >= 18, "the kernel path answered {answered} queries");
     assert!(userspace.iter().any(|a| a.contains("status=NXDOMAIN")), "the set has misses too");
     assert!(userspace.iter().filter(|a| a.contains(r"\tin\ta\t")).count() >= 20, "and hits: {userspace:#?}");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn dns_to_the_gateway_is_not_connection_tracked() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "ct", "--subnet", "10.57.0.0/24", "--attachable"]).unwrap();
+    let client = h.attach("ct", "client", &[]).unwrap();
+    let c = netns_of(&client);
+    // dig's queries carry EDNS: the server answers them, not the kernel path.
+    assert!(wait_for(Duration::from_secs(5), || dig_short(&c, "10.57.0.1", &["client"]).len() == 1));
+    for _ in 0..5 {
+        assert_eq!(dig_short(&c, "10.57.0.1", &["client"]), vec![ip_of(&client)]);
+    }
+    assert_eq!(kernel_answered(&h), 0, "the server answered them all");
+    let tracked = |proto: &str| run(h.ns.cmd("conntrack").args(["-L", "-p", proto])).unwrap_or_default();
+    // Connection tracking is on in the host (the agent's NAT table): a ping
+    // to the gateway is tracked...
+    assert!(trellis_integration::ping(&c, "10.57.0.1", 1));
+    let icmp = tracked("icmp");
+    assert!(icmp.contains("dst=10.57.0.1"), "conntrack is on here: {icmp}");
+    // ...and the queries are not (no entry per client port, no insert race).
+    let udp = tracked("udp");
+    let table = run(h.ns.cmd("nft").args(["list", "table", "inet", "trellis"])).unwrap_or_default();
+    assert!(!udp.contains("dport=53"), "DNS to the gateway was tracked: {udp}\n{table}");
 }
