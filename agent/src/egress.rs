@@ -120,24 +120,21 @@ impl EgressRules {
                 }
             }
             if let (true, false, Some(IpAddr::V4(gw))) = (self.dns_notrack, self.dns_intercept, n.gateway) {
-                out.push((
-                    "raw_prerouting",
-                    vec![
-                        m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
-                        m(payload("ip", "daddr"), Operator::EQ, s(gw.to_string())),
-                        m(payload("udp", "dport"), Operator::EQ, Expression::Number(53)),
-                        Statement::Notrack,
-                    ],
-                ));
-                out.push((
-                    "raw_output",
-                    vec![
-                        m(meta(MetaKey::Oifname), Operator::EQ, s(&n.bridge)),
-                        m(payload("ip", "saddr"), Operator::EQ, s(gw.to_string())),
-                        m(payload("udp", "sport"), Operator::EQ, Expression::Number(53)),
-                        Statement::Notrack,
-                    ],
-                ));
+                // Queries in from the bridge, answers out to it.
+                for (chain, dev, addr, port) in [
+                    ("raw_prerouting", MetaKey::Iifname, "daddr", "dport"),
+                    ("raw_output", MetaKey::Oifname, "saddr", "sport"),
+                ] {
+                    out.push((
+                        chain,
+                        vec![
+                            m(meta(dev), Operator::EQ, s(&n.bridge)),
+                            m(payload("ip", addr), Operator::EQ, s(gw.to_string())),
+                            m(payload("udp", port), Operator::EQ, Expression::Number(53)),
+                            Statement::Notrack,
+                        ],
+                    ));
+                }
             }
             if n.internal {
                 out.push((
