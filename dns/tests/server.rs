@@ -171,6 +171,11 @@ fn threads(prefix: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_is_answered_each_to_its_sender_and_a_removed_address_stops() {
     let (addr, mut l) = server(3).await;
+    // A thread names itself once it runs.
+    let t0 = std::time::Instant::now();
+    while threads("trellis-dns-udp") == 0 && t0.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(threads("trellis-dns-udp"), 1, "one UDP thread for the one address");
     // 40 clients each send 5 queries at once (ids per client and query):
     // the server takes them in batches and must answer each to its sender
