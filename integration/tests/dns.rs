@@ -379,3 +379,31 @@ fn dns_to_the_gateway_is_not_connection_tracked() {
     let table = run(h.ns.cmd("nft").args(["list", "table", "inet", "trellis"])).unwrap_or_default();
     assert!(!udp.contains("dport=53"), "DNS to the gateway was tracked: {udp}\n{table}");
 }
+
+/// The agent keeps what it wrote to the in-kernel DNS table and reads the
+/// table back only now and then: a name removed from it by hand comes back.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_name_removed_from_the_kernel_table_comes_back() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "kt", "--subnet", "10.58.0.0/24", "--attachable"]).unwrap();
+    h.attach("kt", "web", &[]).unwrap();
+    h.attach("kt", "client", &[]).unwrap();
+    let map = h.run_dir().join("bpf/maps/dns");
+    let map = map.to_str().unwrap().to_string();
+    let dump = || -> Vec<serde_json::Value> {
+        let out = run(Command::new("bpftool").args(["-j", "map", "dump", "pinned", &map])).unwrap_or_default();
+        serde_json::from_str(&out).unwrap_or_default()
+    };
+    // "web" and "web.kt" (and the client's names): 4 entries.
+    assert!(wait_for(Duration::from_secs(5), || dump().len() == 4), "{:?}", dump());
+    let key: Vec<String> =
+        dump()[0]["key"].as_array().unwrap().iter().map(|b| b.as_str().unwrap().to_string()).collect();
+    let mut args = vec!["map", "delete", "pinned", map.as_str(), "key", "hex"];
+    let hex: Vec<String> = key.iter().map(|b| b.trim_start_matches("0x").to_string()).collect();
+    args.extend(hex.iter().map(String::as_str));
+    run(Command::new("bpftool").args(&args)).unwrap();
+    assert_eq!(dump().len(), 3, "deleted by hand");
+    assert!(wait_for(Duration::from_secs(15), || dump().len() == 4), "the name never came back: {:?}", dump());
+}
