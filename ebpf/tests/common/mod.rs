@@ -25,6 +25,15 @@ impl Drop for Lab {
     }
 }
 
+/// A bpffs mount, undone when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 impl Lab {
     /// `net` is the /24's first three octets: the host side is .1, the
     /// container .2 (MAC 02:00:00:00:00:02).
@@ -44,6 +53,8 @@ impl Lab {
         assert!(ping(&ctr.path(), &format!("{a}.{b}.{c}.1"), 1), "the plain veth works");
         let bpf = tempfile::tempdir().unwrap();
         trellis_ebpf::mount_bpffs(bpf.path()).unwrap();
+        // Unmounted even if loading below panics (no Lab to drop then).
+        let mounted = Mounted(bpf.path().to_path_buf());
         // Load and attach from a thread inside the host namespace.
         let (host_path, ifname, pins) = (host.path(), hv.clone(), bpf.path().to_path_buf());
         let dp = std::thread::spawn(move || {
@@ -55,6 +66,7 @@ impl Lab {
         })
         .join()
         .unwrap();
+        std::mem::forget(mounted);
         Lab { host, ctr, hv, dp, bpf }
     }
 
