@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use trellis_dns::{Core, Listeners, Zone};
 
-use crate::cluster::Cluster;
 use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL, ServiceMode, ServiceRecord};
+use crate::state::Cluster;
 
 /// An endpoint as the zone has it.
 pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
@@ -112,7 +112,7 @@ async fn rebuild(
 ) -> Result<(), String> {
     let networks = cluster.networks().await.map_err(|e| e.to_string())?;
     let endpoints = cluster.endpoints().await.map_err(|e| e.to_string())?;
-    let hosts: Vec<String> = crate::hosts::live_hosts(cluster.store.as_ref())
+    let hosts: Vec<String> = crate::state::hosts::live_hosts(cluster.store.as_ref())
         .await
         .map_err(|e| e.to_string())?
         .into_iter()

@@ -1,28 +1,33 @@
 //! The Trellis agent: `trellisd` (the daemon) and `trellisctl` (its CLI).
 //!
-//! * [`cluster`]: desired state in the store (networks, endpoints).
-//! * [`reconcile`]: desired vs observed → diff → apply, pure diff.
-//! * [`dataplane`]: the one kernel boundary; [`netlink`] implements it.
-//! * [`egress`]: nftables rules as values.
-//! * [`api`]: the gRPC service; [`daemon`]: wiring and lifecycle.
+//! The modules, in the order data flows through them:
+//!
+//! * [`model`]: the records kept in the store, their keys, the names of the
+//!   kernel objects derived from them. Pure.
+//! * [`state`]: the desired state in the store — networks, endpoints,
+//!   services, hosts, encryption keys — written in single transactions.
+//! * [`reconcile`]: desired state → the kernel state a host should have →
+//!   the diff against what it has → actions. Pure but the runner.
+//! * [`dataplane`]: the one kernel boundary: the [`dataplane::Dataplane`]
+//!   trait, its actions and observations as values, a fake, and the Linux
+//!   implementation in [`dataplane::linux`].
+//! * [`api`]: the gRPC service ([`api::grpc`]) and the Docker network and
+//!   IPAM drivers ([`api::docker`]).
+//! * [`dns`]: the agent's side of service discovery (zone, server).
+//! * [`telemetry`]: metrics, the flow monitor, the peer probes.
+//! * [`daemon`]: configuration, wiring and lifecycle of `trellisd`.
+//!
+//! The dependency rule (checked by `scripts/check-layers.sh`): `model` and
+//! the pure parts of `reconcile` and `dataplane` import no `tokio`,
+//! `rtnetlink`, `netlink_*`, `aya`, `nftables` or `trellis_store`; only
+//! `dataplane::linux` touches the kernel.
 
 pub mod api;
 pub use trellis_plugin_api::client;
-pub mod cluster;
-pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod dns;
-pub mod docker;
-pub mod egress;
-pub mod encryption;
-pub mod engine;
-pub mod hosts;
-pub mod metrics;
 pub mod model;
-pub mod monitor;
-pub mod netlink;
-pub mod netns;
-pub mod probe;
 pub mod reconcile;
-pub mod xfrm;
+pub mod state;
+pub mod telemetry;

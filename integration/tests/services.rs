@@ -415,7 +415,7 @@ fn ten_thousand_services_load_and_still_answer() {
             let cfg = trellis_store::EtcdConfig::parse(&url).unwrap();
             let store: Arc<dyn trellis_store::Store> = Arc::new(trellis_store::EtcdStore::connect(&cfg).await.unwrap());
             let cluster =
-                Arc::new(trellis_agent::cluster::Cluster::new(store, "loader", "10.0.0.0/8".parse().unwrap(), 24));
+                Arc::new(trellis_agent::state::Cluster::new(store, "loader", "10.0.0.0/8".parse().unwrap(), 24));
             let mut tasks = Vec::new();
             for t in 0..32 {
                 let cluster = cluster.clone();
@@ -423,7 +423,7 @@ fn ten_thousand_services_load_and_still_answer() {
                     let mut vips = Vec::new();
                     for i in (t..N).step_by(32) {
                         let s = cluster
-                            .create_service(trellis_agent::cluster::NewService {
+                            .create_service(trellis_agent::state::NewService {
                                 name: format!("s{i}"),
                                 network: "big".into(),
                                 mode: trellis_agent::model::ServiceMode::Vip,

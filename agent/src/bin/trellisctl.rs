@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use trellis_agent::client;
-use trellis_agent::config::DEFAULT_SOCKET;
+use trellis_agent::daemon::config::DEFAULT_SOCKET;
 use trellis_plugin_api::proto;
 use trellis_plugin_api::validate;
 

@@ -1,7 +1,7 @@
 //! trellisd: the Trellis agent.
 
 use clap::Parser;
-use trellis_agent::config::{Config, Overrides};
+use trellis_agent::daemon::config::{Config, Overrides};
 
 /// The Trellis agent: attaches containers to overlay networks on this host.
 #[derive(Parser)]

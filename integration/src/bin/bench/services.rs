@@ -231,14 +231,14 @@ fn load_services(lab: &Lab, from: usize, to: usize) -> Result<()> {
             let cfg = trellis_store::EtcdConfig::parse(&url)?;
             let store: Arc<dyn trellis_store::Store> = Arc::new(trellis_store::EtcdStore::connect(&cfg).await?);
             let cluster =
-                Arc::new(trellis_agent::cluster::Cluster::new(store, "bench-loader", "10.0.0.0/8".parse()?, 24));
+                Arc::new(trellis_agent::state::Cluster::new(store, "bench-loader", "10.0.0.0/8".parse()?, 24));
             let mut tasks = Vec::new();
             for t in 0..32 {
                 let cluster = cluster.clone();
                 tasks.push(tokio::spawn(async move {
                     for i in (from + t..to).step_by(32) {
                         cluster
-                            .create_service(trellis_agent::cluster::NewService {
+                            .create_service(trellis_agent::state::NewService {
                                 name: format!("s{i}"),
                                 network: "vipb".into(),
                                 mode: trellis_agent::model::ServiceMode::Vip,

@@ -10,11 +10,11 @@ use tonic::{Request, Response, Status};
 use trellis_plugin_api::proto;
 use trellis_plugin_api::validate;
 
-use crate::cluster::{AgentError, Cluster, NewEndpoint, NewNetwork, NewService};
 use crate::dataplane::Dataplane;
+use crate::dataplane::linux::netns;
 use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
-use crate::netns;
 use crate::reconcile::Reconciler;
+use crate::state::{AgentError, Cluster, NewEndpoint, NewNetwork, NewService};
 
 pub struct AgentService {
     pub cluster: Arc<Cluster>,
@@ -28,7 +28,7 @@ pub struct AgentService {
     /// The agent's DNS server (on every network's gateway), if it runs.
     pub dns: Option<Arc<trellis_dns::Core>>,
     /// Probes of the peers' tunnel endpoints (`None`: not running).
-    pub prober: Option<Arc<crate::probe::Prober>>,
+    pub prober: Option<Arc<crate::telemetry::probe::Prober>>,
 }
 
 impl From<AgentError> for Status {
@@ -202,10 +202,10 @@ impl AgentService {
         match self.prober.as_ref().map(|p| p.health(host)) {
             None => "not probed (no prober)".into(),
             Some(None) => "not probed yet".into(),
-            Some(Some(h)) if h.underlay_down(crate::probe::MISSED_FOR_DOWN) => {
+            Some(Some(h)) if h.underlay_down(crate::telemetry::probe::MISSED_FOR_DOWN) => {
                 format!("unreachable ({} probes unanswered)", h.missed)
             }
-            Some(Some(h)) if h.tunnel_down(crate::probe::MISSED_FOR_DOWN) => format!(
+            Some(Some(h)) if h.tunnel_down(crate::telemetry::probe::MISSED_FOR_DOWN) => format!(
                 "unreachable through the VXLAN tunnel ({} probes unanswered; its underlay address answers: is the VXLAN port blocked?)",
                 h.tunnel.missed
             ),
@@ -406,7 +406,7 @@ impl proto::agent_server::Agent for AgentService {
         }
         let rx = events.subscribe();
         self.dataplane.set_events(true);
-        let s = crate::monitor::stream(self.cluster.clone(), rx, r);
+        let s = crate::telemetry::monitor::stream(self.cluster.clone(), rx, r);
         Ok(Response::new(Box::pin(s)))
     }
 
@@ -571,7 +571,8 @@ impl proto::agent_server::Agent for AgentService {
     }
 
     async fn list_hosts(&self, _: Request<proto::ListHostsRequest>) -> Result<Response<proto::HostList>, Status> {
-        let hosts = crate::hosts::live_hosts_seen(self.cluster.store.as_ref()).await.map_err(AgentError::from)?;
+        let hosts =
+            crate::state::hosts::live_hosts_seen(self.cluster.store.as_ref()).await.map_err(AgentError::from)?;
         let eps = self.cluster.endpoints().await?;
         let want = self.reconciler.last_desired();
         let seen = self.reconciler.seen();
@@ -645,7 +646,7 @@ impl proto::agent_server::Agent for AgentService {
         };
         let (docker_items, _) = self.cluster.store.list(&docker).await.unwrap_or_default();
         let tables = self.reconciler.seen().tables;
-        let peers: Vec<String> = crate::hosts::live_hosts(self.cluster.store.as_ref())
+        let peers: Vec<String> = crate::state::hosts::live_hosts(self.cluster.store.as_ref())
             .await
             .unwrap_or_default()
             .into_iter()
@@ -658,7 +659,7 @@ impl proto::agent_server::Agent for AgentService {
                 self.prober
                     .as_ref()
                     .and_then(|p| p.health(id))
-                    .is_some_and(|h| h.unreachable(crate::probe::MISSED_FOR_DOWN))
+                    .is_some_and(|h| h.unreachable(crate::telemetry::probe::MISSED_FOR_DOWN))
             })
             .cloned()
             .collect();

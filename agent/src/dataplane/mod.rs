@@ -1,6 +1,9 @@
 //! The kernel boundary: one trait through which the agent observes and
 //! changes host networking. The netlink/nftables implementation lives in
-//! [`crate::netlink`]; [`FakeDataplane`] records operations for unit tests.
+//! [`crate::dataplane::linux`]; [`FakeDataplane`] records operations for unit tests.
+
+pub mod egress;
+pub mod linux;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -11,7 +14,7 @@ use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, SvcInfo, SvcKey, VipInfo};
 
 use ipnet::IpNet;
 
-use crate::egress::EgressRules;
+use crate::dataplane::egress::EgressRules;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LinkKind {

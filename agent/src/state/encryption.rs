@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use trellis_ipsec::{Ack, KeyRing, Policy, Step, Triggers};
 use trellis_store::{Compare, Op};
 
-use crate::cluster::{AgentError, Cluster, Result, decode, encode};
 use crate::model::{self, EndpointRecord, NetworkRecord};
+use crate::state::{AgentError, Cluster, Result, decode, encode};
 
 impl Cluster {
     /// Refuse an encrypted network on a host whose kernel cannot do ESP.
@@ -156,7 +156,7 @@ impl Cluster {
             return Ok(vec![]);
         }
         let live: BTreeSet<String> =
-            crate::hosts::live_hosts(self.store.as_ref()).await?.into_iter().map(|h| h.id).collect();
+            crate::state::hosts::live_hosts(self.store.as_ref()).await?.into_iter().map(|h| h.id).collect();
         let endpoints: Vec<EndpointRecord> = self.endpoints().await?;
         let mut done = Vec::new();
         for net in nets {
@@ -200,7 +200,7 @@ pub fn exhausted_networks(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::{NewEndpoint, NewNetwork};
+    use crate::state::{NewEndpoint, NewNetwork};
     use std::sync::Arc;
     use trellis_ipsec::Reason;
     use trellis_store::Store;
@@ -262,7 +262,7 @@ mod tests {
             version: "t".into(),
             started_unix: 0,
         };
-        crate::hosts::register(c.store.as_ref(), &rec, std::time::Duration::from_secs(30)).await.unwrap();
+        crate::state::hosts::register(c.store.as_ref(), &rec, std::time::Duration::from_secs(30)).await.unwrap();
         c.create_endpoint(NewEndpoint {
             id: "e1e1e1e1e1e1".into(),
             network: "sec".into(),

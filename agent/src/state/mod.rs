@@ -1,6 +1,9 @@
 //! The desired state in the store: networks and endpoints, created and
 //! removed in single transactions so that a failure leaves nothing behind.
 
+pub mod encryption;
+pub mod hosts;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -736,7 +739,7 @@ impl Cluster {
     /// Hosts that hold blocks or endpoints but have no live registration.
     pub async fn absent_owners(&self) -> Result<std::collections::BTreeSet<String>> {
         let live: std::collections::BTreeSet<String> =
-            crate::hosts::live_hosts(self.store.as_ref()).await?.into_iter().map(|h| h.id).collect();
+            crate::state::hosts::live_hosts(self.store.as_ref()).await?.into_iter().map(|h| h.id).collect();
         let mut owners: std::collections::BTreeSet<String> =
             self.all_endpoints().await?.into_iter().map(|e| e.host).collect();
         for net in self.networks().await? {
@@ -752,7 +755,7 @@ impl DesiredSource for Cluster {
     async fn load(&self) -> std::result::Result<crate::reconcile::Snapshot, String> {
         let networks = self.networks().await.map_err(|e| e.to_string())?;
         let endpoints = self.all_endpoints().await.map_err(|e| e.to_string())?;
-        let hosts = crate::hosts::live_hosts(self.store.as_ref()).await.map_err(|e| e.to_string())?;
+        let hosts = crate::state::hosts::live_hosts(self.store.as_ref()).await.map_err(|e| e.to_string())?;
         let services = self.services().await.map_err(|e| e.to_string())?;
         let keys = if networks.iter().any(|n| n.encrypted) {
             self.key_rings().await.map_err(|e| e.to_string())?

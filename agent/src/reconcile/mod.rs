@@ -13,8 +13,8 @@ use ipnet::IpNet;
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
+use crate::dataplane::egress::{EgressNet, EgressRules};
 use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, Tables, VxlanSpec};
-use crate::egress::{EgressNet, EgressRules};
 use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
 
 /// Who this host is, as the desired state needs it.

@@ -14,6 +14,8 @@
 //! in the cluster network and Join's attach claims the reservation in the
 //! same transaction that writes the endpoint.
 
+pub mod engine;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
@@ -35,10 +37,10 @@ use trellis_plugin_api::proto::{self, agent_server::Agent};
 use trellis_plugin_api::validate;
 use trellis_store::{Compare, Op};
 
-use crate::api::AgentService;
-use crate::cluster::AgentError;
-use crate::engine::Engine;
+use crate::api::docker::engine::Engine;
+use crate::api::grpc::AgentService;
 use crate::model::{self, NetworkRecord};
+use crate::state::AgentError;
 
 /// Options `docker network create -o` understands.
 pub const OPT_ATTACHABLE: &str = "trellis.attachable";
@@ -312,7 +314,7 @@ impl DockerDriver {
         let c = &self.svc.cluster;
         let ip = c
             .ipam
-            .allocate(&crate::cluster::Cluster::pool(&net), request, RESERVED, |_| (vec![], vec![]))
+            .allocate(&crate::state::Cluster::pool(&net), request, RESERVED, |_| (vec![], vec![]))
             .await
             .map_err(|e| AgentError::from(e).to_string())?;
         Ok(json!({ "Address": format!("{ip}/{}", net.subnet.prefix_len()), "Data": {} }))
@@ -339,7 +341,7 @@ impl DockerDriver {
         }
         // Still a reservation (the endpoint never joined): released here;
         // an endpoint's address goes with the endpoint.
-        self.svc.cluster.ipam.release_reservation(&crate::cluster::Cluster::pool(&net), ip).await.map_err(err)?;
+        self.svc.cluster.ipam.release_reservation(&crate::state::Cluster::pool(&net), ip).await.map_err(err)?;
         Ok(json!({}))
     }
 

@@ -3,6 +3,9 @@
 //! socket in the agent's namespace, and one per container namespace while
 //! an endpoint is plugged in.
 
+pub mod netns;
+pub mod xfrm;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
@@ -20,13 +23,12 @@ use netlink_packet_route::neighbour::{
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
+use crate::dataplane::egress::{self, EgressRules};
 use crate::dataplane::{
     Action, ContainerLink, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, ObservedLink, Result,
     VxlanSpec,
 };
-use crate::egress::{self, EgressRules};
 use crate::model;
-use crate::netns;
 
 /// How long after its Join an engine's endpoint gets its pair created.
 const ENGINE_JOIN_GRACE_S: i64 = 10;
@@ -844,20 +846,21 @@ impl Dataplane for NetlinkDataplane {
         let tables = self.observe_tables(rules)?;
         // A kernel without xfrm netlink has no SAs to report; an encrypted
         // network's policies then fail to go in, and its tunnels stay shut.
-        let xfrm = match tokio::task::spawn_blocking(|| crate::xfrm::XfrmSocket::open()?.observe()).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "reading xfrm state");
-                Default::default()
-            }
-            Err(e) => {
-                return Err(DataplaneError::Io {
-                    call: "xfrm",
-                    object: "observe".into(),
-                    source: std::io::Error::other(e),
-                });
-            }
-        };
+        let xfrm =
+            match tokio::task::spawn_blocking(|| crate::dataplane::linux::xfrm::XfrmSocket::open()?.observe()).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "reading xfrm state");
+                    Default::default()
+                }
+                Err(e) => {
+                    return Err(DataplaneError::Io {
+                        call: "xfrm",
+                        object: "observe".into(),
+                        source: std::io::Error::other(e),
+                    });
+                }
+            };
         let mut observed = Observed { egress, programs, program_flags, tables, xfrm, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
@@ -986,9 +989,13 @@ impl Dataplane for NetlinkDataplane {
             Action::ApplyEgress(rules) => self.apply_egress(rules).await,
             Action::Xfrm { op, .. } => {
                 let op = op.clone();
-                tokio::task::spawn_blocking(move || crate::xfrm::XfrmSocket::open()?.apply(&op)).await.map_err(|e| {
-                    DataplaneError::Io { call: "xfrm", object: "executor".into(), source: std::io::Error::other(e) }
-                })?
+                tokio::task::spawn_blocking(move || crate::dataplane::linux::xfrm::XfrmSocket::open()?.apply(&op))
+                    .await
+                    .map_err(|e| DataplaneError::Io {
+                        call: "xfrm",
+                        object: "executor".into(),
+                        source: std::io::Error::other(e),
+                    })?
             }
         }
     }

@@ -2,6 +2,8 @@
 //! memory: it starts, reconciles (adopting whatever is there), serves, and
 //! on SIGTERM stops serving and leaves the datapath exactly as it is.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -15,14 +17,14 @@ use tokio_stream::wrappers::UnixListenerStream;
 use trellis_plugin_api::proto::agent_server::AgentServer;
 use trellis_store::{EtcdConfig, EtcdStore, LocalStore, Store};
 
-use crate::api::{AgentService, settle};
-use crate::cluster::Cluster;
-use crate::config::{Config, StoreSpec};
+use crate::api::grpc::{AgentService, settle};
+use crate::daemon::config::{Config, StoreSpec};
 use crate::dataplane::Dataplane;
+use crate::dataplane::linux::NetlinkDataplane;
 use crate::model;
 use crate::model::HostRecord;
-use crate::netlink::NetlinkDataplane;
 use crate::reconcile::{Identity, Reconciler};
+use crate::state::Cluster;
 
 async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(match &cfg.store {
@@ -72,7 +74,7 @@ async fn remove_orphan_namespaces(cluster: &Cluster, dir: &std::path::Path) {
     for e in entries.flatten() {
         let path = e.path();
         if !owned.contains(&path) {
-            match crate::netns::remove(&path) {
+            match crate::dataplane::linux::netns::remove(&path) {
                 Ok(()) => tracing::info!(netns = %path.display(), "removed a namespace no endpoint owns"),
                 Err(err) => tracing::warn!(netns = %path.display(), error = %err, "removing an orphan namespace"),
             }
@@ -126,11 +128,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_host_limits();
     let host = match &cfg.host_id {
         Some(h) => h.clone(),
-        None => crate::config::host_id(&cfg.state_dir).context("reading the host id")?,
+        None => crate::daemon::config::host_id(&cfg.state_dir).context("reading the host id")?,
     };
-    let store_metrics = crate::metrics::StoreMetrics::default();
+    let store_metrics = crate::telemetry::metrics::StoreMetrics::default();
     let store: Arc<dyn Store> =
-        Arc::new(crate::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
+        Arc::new(crate::telemetry::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
     let netlink = NetlinkDataplane::new().context("opening netlink")?;
     // The eBPF endpoint program, with maps and links pinned in a bpffs of
     // this agent's own (under its run dir): they outlive the agent.
@@ -149,7 +151,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (events, events_task) = match netlink.take_event_ring() {
         Some(ring) => {
             let (tx, _) = tokio::sync::broadcast::channel(4096);
-            (Some(tx.clone()), Some(tokio::spawn(crate::monitor::read_events(ring, tx))))
+            (Some(tx.clone()), Some(tokio::spawn(crate::telemetry::monitor::read_events(ring, tx))))
         }
         None => (None, None),
     };
@@ -172,7 +174,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let mut cluster = Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len);
     // Encrypted networks need ESP: probed once, refused clearly without it.
-    cluster.esp_unsupported = match tokio::task::spawn_blocking(crate::xfrm::esp_support).await {
+    cluster.esp_unsupported = match tokio::task::spawn_blocking(crate::dataplane::linux::xfrm::esp_support).await {
         Ok(Ok(())) => None,
         Ok(Err(why)) => Some(why),
         Err(e) => Some(format!("the probe failed: {e}")),
@@ -187,7 +189,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(a) => Some(a),
         None => dataplane.underlay_addr().await.context("finding the underlay address")?,
     };
-    let vtep_mac = crate::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
+    let vtep_mac = crate::state::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
     let identity = Identity {
         dns_intercept: cfg.dns && cfg.dns_port == 53,
         dns_kernel: ebpf && cfg.dns && cfg.dns_port == 53 && cfg.dns_kernel,
@@ -212,14 +214,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_unix: model::now_unix(),
     };
-    let lease = match crate::hosts::register(store.as_ref(), &record, cfg.lease_ttl).await {
+    let lease = match crate::state::hosts::register(store.as_ref(), &record, cfg.lease_ttl).await {
         Ok(l) => Some(l),
         Err(e) => {
             tracing::warn!(error = %e, "registering this host failed; retrying in the background");
             None
         }
     };
-    let registration = tokio::spawn(crate::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
+    let registration = tokio::spawn(crate::state::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
     tracing::info!(host = %host, underlay = ?underlay, "host identity");
     let dns_kernel = identity.dns_kernel;
     let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), identity));
@@ -245,7 +247,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
     // Probes of every peer's tunnel endpoint, once a second.
-    let prober = Arc::new(crate::probe::Prober::default());
+    let prober = Arc::new(crate::telemetry::probe::Prober::default());
     let prober = match prober.start(Duration::from_secs(1)) {
         Ok(()) => {
             let (p, store, me) = (prober.clone(), store.clone(), host.clone());
@@ -253,7 +255,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
                 loop {
                     tick.tick().await;
-                    if let Ok(hosts) = crate::hosts::live_hosts(store.as_ref()).await {
+                    if let Ok(hosts) = crate::state::hosts::live_hosts(store.as_ref()).await {
                         p.set_peers(
                             hosts
                                 .into_iter()
@@ -288,11 +290,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let docker = match &cfg.docker_plugin {
         None => None,
         Some(path) => {
-            let driver = crate::docker::DockerDriver::new(
+            let driver = crate::api::docker::DockerDriver::new(
                 service.clone(),
-                crate::engine::Engine { socket: cfg.docker_host.clone() },
+                crate::api::docker::engine::Engine { socket: cfg.docker_host.clone() },
             );
-            match crate::docker::serve(driver, path).await {
+            match crate::api::docker::serve(driver, path).await {
                 Ok(task) => {
                     tracing::info!(socket = %path.display(), "Docker network and IPAM driver \"trellis\" serving");
                     Some(task)
@@ -330,8 +332,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(addr) => {
             let mut registry = prometheus_client::registry::Registry::default();
             store_metrics.register(&mut registry);
-            let snapshot = Arc::new(std::sync::RwLock::new(crate::metrics::Snapshot::default()));
-            registry.register_collector(Box::new(crate::metrics::AgentCollector {
+            let snapshot = Arc::new(std::sync::RwLock::new(crate::telemetry::metrics::Snapshot::default()));
+            registry.register_collector(Box::new(crate::telemetry::metrics::AgentCollector {
                 reconciler: reconciler.clone(),
                 dns: dns_core.clone(),
                 dataplane: dataplane.clone(),
@@ -339,8 +341,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 prober: prober.clone(),
                 esp_seq_threshold: cfg.esp_seq_threshold,
             }));
-            let refresher = tokio::spawn(crate::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
-            match crate::metrics::serve(Arc::new(registry), addr).await {
+            let refresher =
+                tokio::spawn(crate::telemetry::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
+            match crate::telemetry::metrics::serve(Arc::new(registry), addr).await {
                 Ok(task) => {
                     tracing::info!(%addr, "metrics on /metrics");
                     Some((task, refresher))
@@ -427,10 +430,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 if !nets.iter().any(|n| n.encrypted) {
                     continue;
                 }
-                let exhausted = match tokio::task::spawn_blocking(|| crate::xfrm::XfrmSocket::open()?.observe()).await {
-                    Ok(Ok(x)) => crate::encryption::exhausted_networks(&nets, &x, threshold),
-                    _ => Default::default(),
-                };
+                let exhausted =
+                    match tokio::task::spawn_blocking(|| crate::dataplane::linux::xfrm::XfrmSocket::open()?.observe())
+                        .await
+                    {
+                        Ok(Ok(x)) => crate::state::encryption::exhausted_networks(&nets, &x, threshold),
+                        _ => Default::default(),
+                    };
                 match cluster.drive_rotations(&policy, &exhausted).await {
                     Ok(steps) => {
                         for (net, step) in steps {

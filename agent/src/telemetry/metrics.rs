@@ -21,8 +21,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use trellis_store::{Compare, KeyValue, LeaseId, Op, Revision, Store, StoreError, TxnOutcome, WatchStream};
 
-use crate::cluster::Cluster;
 use crate::reconcile::Reconciler;
+use crate::state::Cluster;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
@@ -149,7 +149,7 @@ pub struct AgentCollector {
     pub dns: Option<Arc<trellis_dns::Core>>,
     pub dataplane: Arc<dyn crate::dataplane::Dataplane>,
     pub snapshot: Arc<RwLock<Snapshot>>,
-    pub prober: Option<Arc<crate::probe::Prober>>,
+    pub prober: Option<Arc<crate::telemetry::probe::Prober>>,
     /// Packets an outbound SA may send before its network's key rotates.
     pub esp_seq_threshold: u64,
 }
@@ -210,7 +210,7 @@ impl Collector for AgentCollector {
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             for (peer, h) in &peers {
-                let up = !h.underlay_down(crate::probe::MISSED_FOR_DOWN) as i64;
+                let up = !h.underlay_down(crate::telemetry::probe::MISSED_FOR_DOWN) as i64;
                 ConstGauge::new(up).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
             }
             let mut m = enc.encode_descriptor(
@@ -231,7 +231,7 @@ impl Collector for AgentCollector {
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             for (peer, h) in peers.iter().filter(|(_, h)| h.tunnel.sent > 0) {
-                let up = !h.tunnel_down(crate::probe::MISSED_FOR_DOWN) as i64;
+                let up = !h.tunnel_down(crate::telemetry::probe::MISSED_FOR_DOWN) as i64;
                 ConstGauge::new(up).encode(m.encode_family(&[("peer", peer.as_str())])?)?;
             }
             let mut m = enc.encode_descriptor(
@@ -414,7 +414,7 @@ pub async fn refresh(cluster: Arc<Cluster>, snapshot: Arc<RwLock<Snapshot>>, eve
             out.keys =
                 nets.iter().filter_map(|n| Some((n.name.clone(), n.vxlan_port?, rings.get(&n.id)?.tx))).collect();
         }
-        out.peers = crate::hosts::live_hosts(cluster.store.as_ref())
+        out.peers = crate::state::hosts::live_hosts(cluster.store.as_ref())
             .await
             .map(|h| h.iter().filter(|h| h.id != cluster.host).count() as u64)
             .unwrap_or(0);

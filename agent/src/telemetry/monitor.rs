@@ -9,8 +9,8 @@ use tokio::sync::broadcast;
 use trellis_ebpf::FlowEvent;
 use trellis_plugin_api::proto;
 
-use crate::cluster::Cluster;
 use crate::model;
+use crate::state::Cluster;
 
 /// Read the ring buffer until the agent stops; every event goes to the
 /// subscribers of `tx` (none: it is dropped, the datapath never waits).
