@@ -98,7 +98,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         host: e.host.clone(),
         address: format!("{}/{prefix}", e.ip),
         gateway: net.and_then(|n| n.gateway).map(|g| g.to_string()).unwrap_or_default(),
-        mac: e.mac.clone(),
+        mac: e.mac.to_string(),
         mtu: net.map(|n| n.mtu).unwrap_or(0),
         netns: e.netns.display().to_string(),
         ifname: e.ifname.clone(),
@@ -536,13 +536,8 @@ impl proto::agent_server::Agent for AgentService {
                     if !l.addrs.contains(&want) {
                         problems.push(format!("interface {} lacks address {want}", e.ifname));
                     }
-                    if model::format_mac(&l.mac) != e.mac {
-                        problems.push(format!(
-                            "interface {} has MAC {}, not {}",
-                            e.ifname,
-                            model::format_mac(&l.mac),
-                            e.mac
-                        ));
+                    if l.mac != e.mac {
+                        problems.push(format!("interface {} has MAC {}, not {}", e.ifname, l.mac.to_string(), e.mac));
                     }
                 }
             }
@@ -602,7 +597,7 @@ impl proto::agent_server::Agent for AgentService {
                     id: h.id.clone(),
                     hostname: h.hostname.clone(),
                     underlay: h.underlay.to_string(),
-                    vtep_mac: h.vtep_mac.clone(),
+                    vtep_mac: h.vtep_mac.to_string(),
                     vxlan_port: h.vxlan_port as u32,
                     version: h.version.clone(),
                     started_unix: h.started_unix,

@@ -195,7 +195,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns_kernel: ebpf && cfg.dns && cfg.dns_port == 53 && cfg.dns_kernel,
         host: host.clone(),
         underlay,
-        vtep_mac: model::parse_mac(&vtep_mac).expect("vtep_mac() returns a valid MAC"),
+        vtep_mac,
         vxlan_port: cfg.vxlan_port,
         ebpf,
     };
@@ -261,7 +261,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                                 .into_iter()
                                 .filter(|h| h.id != me)
                                 .map(|h| {
-                                    let mac = model::parse_mac(&h.vtep_mac);
+                                    let mac = Some(h.vtep_mac);
                                     (h.id, h.underlay, mac)
                                 })
                                 .collect(),

@@ -14,7 +14,9 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::dataplane::egress::{EgressNet, EgressRules};
-use crate::dataplane::{Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, Tables, VxlanSpec};
+use crate::dataplane::{
+    Action, Dataplane, DataplaneError, EndpointSpec, LinkKind, Mac, Observed, ProgramSpec, Tables, VxlanSpec,
+};
 use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
 
 /// Who this host is, as the desired state needs it.
@@ -40,7 +42,7 @@ impl Identity {
         Identity {
             host: host.to_string(),
             underlay: None,
-            vtep_mac: [2, 0, 0, 0, 0, 1],
+            vtep_mac: Mac([2, 0, 0, 0, 0, 1]),
             vxlan_port: 4789,
             ebpf: false,
             dns_intercept: false,
@@ -64,35 +66,6 @@ pub struct DesiredBridge {
     pub mtu: u32,
     pub addr: Option<IpNet>,
     pub mac: Mac,
-}
-
-/// What an endpoint's programs know of its network.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProgramSpec {
-    pub vni: u32,
-    pub internal: bool,
-    /// DNS to resolvers outside Trellis goes to this gateway (and MAC).
-    pub dns_at: Option<(std::net::Ipv4Addr, Mac)>,
-    /// Its container is on this network only: plain A queries for names
-    /// with one address may be answered in the kernel.
-    pub dns_fast: bool,
-}
-
-impl ProgramSpec {
-    /// `endpoint_info.flags` as the program has them.
-    pub fn flags(&self) -> u32 {
-        let mut f = 0;
-        if self.internal {
-            f |= trellis_ebpf::EP_INTERNAL;
-        }
-        if self.dns_at.is_some() {
-            f |= trellis_ebpf::EP_DNS;
-        }
-        if self.dns_fast {
-            f |= trellis_ebpf::EP_DNS_FAST;
-        }
-        f
-    }
 }
 
 /// The kernel state one host should have.
@@ -136,7 +109,7 @@ pub fn desired(
         let bridge = model::bridge_name(&n.id);
         // The same on every host (the gateway is anycast), never an
         // endpoint's (no endpoint has the subnet's network address).
-        let mac = model::mac_for_ip(n.subnet.network());
+        let mac = model::Mac::for_ip(n.subnet.network());
         d.bridges.insert(bridge.clone(), DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), mac });
         egress.push(EgressNet { bridge, subnet: n.subnet, gateway: n.gateway, internal: n.internal });
         by_id.insert(n.id.as_str(), n);
@@ -151,7 +124,7 @@ pub fn desired(
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
         };
-        let Some(mac) = model::parse_mac(&e.mac) else {
+        let Some(mac) = Some(e.mac) else {
             continue;
         };
         let host_if = model::host_ifname(&e.id);
@@ -184,7 +157,7 @@ pub fn desired(
         for (name, spec) in &d.endpoints {
             let Some(n) = net_of.get(spec.endpoint_id.as_str()).and_then(|id| by_id.get(id)) else { continue };
             let dns_at = match (me.dns_intercept, n.gateway) {
-                (true, Some(IpAddr::V4(gw))) => Some((gw, model::mac_for_ip(n.subnet.network()))),
+                (true, Some(IpAddr::V4(gw))) => Some((gw, model::Mac::for_ip(n.subnet.network()))),
                 _ => None,
             };
             let alone = nets_of_sandbox.get(spec.netns.as_path()).is_none_or(|s| s.len() <= 1);
@@ -213,9 +186,9 @@ pub fn desired(
             neigh: BTreeSet::new(),
         };
         for h in live.values() {
-            if let Some(mac) = model::parse_mac(&h.vtep_mac) {
+            if let Some(mac) = Some(h.vtep_mac) {
                 probe.fdb.insert((mac, h.underlay));
-                probe.neigh.insert((IpAddr::V6(model::link_local(&mac)), mac));
+                probe.neigh.insert((IpAddr::V6(mac.link_local()), mac));
             }
         }
         d.vxlans.insert(model::PROBE_VXLAN.into(), probe);
@@ -242,7 +215,7 @@ pub fn desired(
                 neigh: BTreeSet::new(),
             };
             for e in endpoints.iter().filter(|e| e.network_id == n.id && !e.deleting) {
-                let (Some(h), Some(mac)) = (live.get(e.host.as_str()), model::parse_mac(&e.mac)) else {
+                let (Some(h), Some(mac)) = (live.get(e.host.as_str()), Some(e.mac)) else {
                     continue;
                 };
                 v.fdb.insert((mac, h.underlay));
@@ -334,9 +307,10 @@ pub fn tables(
         let mut ips = Vec::new();
         for e in by_net.get(s.network_id.as_str()).into_iter().flatten().filter(|e| s.selects(e)) {
             let reachable = local_ids.contains(e.id.as_str()) || remote.contains(e.host.as_str());
-            let (IpAddr::V4(ip), Some(mac)) = (e.ip, model::parse_mac(&e.mac)) else { continue };
+            let (IpAddr::V4(ip), Some(mac)) = (e.ip, Some(e.mac)) else { continue };
             if reachable {
-                t.backends.insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, BackendInfo { mac, pad: 0 });
+                t.backends
+                    .insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, BackendInfo { mac: mac.0, pad: 0 });
                 ips.push(ip);
             }
         }
@@ -770,7 +744,7 @@ mod tests {
             network: format!("net-{net}"),
             host: host.into(),
             ip: ip.parse().unwrap(),
-            mac: "02:00:00:00:00:01".into(),
+            mac: "02:00:00:00:00:01".parse().unwrap(),
             netns: format!("/run/netns/{id}").into(),
             ifname: "eth0".into(),
             labels: Default::default(),
@@ -785,10 +759,10 @@ mod tests {
 
     #[test]
     fn bridges_keep_a_fixed_mac_derived_from_their_subnet() {
-        let me = Identity { vtep_mac: [2, 0, 0, 0, 0, 9], ..Identity::local("h1") };
+        let me = Identity { vtep_mac: Mac([2, 0, 0, 0, 0, 9]), ..Identity::local("h1") };
         let want = desired(&[network("n1", "10.9.0.0/24", false)], &[], &[], &me);
         let b = &want.bridges[&model::bridge_name("n1")];
-        assert_eq!(b.mac, [0x02, 0x42, 10, 9, 0, 0]);
+        assert_eq!(b.mac, Mac([0x02, 0x42, 10, 9, 0, 0]));
         let acts = diff(&want, &Observed::default());
         assert!(acts.contains(&Action::CreateBridge { name: model::bridge_name("n1"), mtu: b.mtu, mac: b.mac }));
         // A bridge whose MAC followed its ports (or was changed by hand) gets it back.
@@ -797,13 +771,13 @@ mod tests {
             obs.record(a).unwrap();
         }
         assert!(diff(&want, &obs).is_empty());
-        obs.links.get_mut(&model::bridge_name("n1")).unwrap().mac = Some([0x0e, 1, 2, 3, 4, 5]);
+        obs.links.get_mut(&model::bridge_name("n1")).unwrap().mac = Some(Mac([0x0e, 1, 2, 3, 4, 5]));
         assert_eq!(diff(&want, &obs), vec![Action::SetMac { link: model::bridge_name("n1"), mac: b.mac }]);
     }
 
     #[test]
     fn an_engine_moves_docker_containers_ends_which_are_kept_until_then() {
-        let me = Identity { vtep_mac: [2, 0, 0, 0, 0, 9], ..Identity::local("h1") };
+        let me = Identity { vtep_mac: Mac([2, 0, 0, 0, 0, 9]), ..Identity::local("h1") };
         let mut docker = endpoint("d1", "n1", "10.9.0.2", "h1");
         docker.kind = EndpointKind::Docker;
         let adhoc = endpoint("a1", "n1", "10.9.0.3", "h1");
@@ -856,7 +830,7 @@ mod tests {
             id: id.into(),
             hostname: id.into(),
             underlay: underlay.parse().unwrap(),
-            vtep_mac: format!("02:00:00:00:aa:{:02x}", underlay.rsplit('.').next().unwrap().parse::<u8>().unwrap()),
+            vtep_mac: Mac([2, 0, 0, 0, 0xaa, underlay.rsplit('.').next().unwrap().parse::<u8>().unwrap()]),
             vxlan_port: 4789,
             capabilities: Default::default(),
             version: "test".into(),
@@ -874,8 +848,8 @@ mod tests {
             endpoint("dead", "aaaa", "10.1.0.5", "h4"),
             endpoint("other", "bbbb", "10.2.0.2", "h2"),
         ];
-        eps[1].mac = "02:00:00:00:00:03".into();
-        eps[2].mac = "02:00:00:00:00:04".into();
+        eps[1].mac = "02:00:00:00:00:03".parse().unwrap();
+        eps[2].mac = "02:00:00:00:00:04".parse().unwrap();
         let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2"), host("h3", "192.0.2.3")];
         let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
         let d = desired(&nets, &eps, &hosts, &me);
@@ -886,7 +860,7 @@ mod tests {
         );
         let probe = &d.vxlans["trx-probe"];
         assert_eq!((probe.spec.vni, probe.bridge.as_str(), probe.spec.port), (model::PROBE_VNI, "", 4789));
-        let peers: Vec<_> = probe.fdb.iter().map(|(m, ip)| (model::format_mac(m), ip.to_string())).collect();
+        let peers: Vec<_> = probe.fdb.iter().map(|(m, ip)| (m.to_string(), ip.to_string())).collect();
         assert_eq!(
             peers,
             [
@@ -895,12 +869,12 @@ mod tests {
             ],
             "one entry per live peer: its VTEP MAC at its underlay address"
         );
-        let mac2 = model::parse_mac("02:00:00:00:aa:02").unwrap();
-        assert!(probe.neigh.contains(&(IpAddr::V6(model::link_local(&mac2)), mac2)));
+        let mac2 = "02:00:00:00:aa:02".parse::<Mac>().unwrap();
+        assert!(probe.neigh.contains(&(IpAddr::V6(mac2.link_local()), mac2)));
         let v = &d.vxlans["trx-aaaa"];
         assert_eq!(v.spec.vni, 4096);
         assert_eq!(v.bridge, "trb-aaaa");
-        let fdb: Vec<_> = v.fdb.iter().map(|(m, ip)| (model::format_mac(m), ip.to_string())).collect();
+        let fdb: Vec<_> = v.fdb.iter().map(|(m, ip)| (m.to_string(), ip.to_string())).collect();
         assert_eq!(
             fdb,
             [
@@ -926,7 +900,7 @@ mod tests {
         assert!(diff(&d, &obs).is_empty(), "{:?}", diff(&d, &obs));
         let fewer = desired(&nets, &eps, &hosts[..2], &me);
         let all = diff(&fewer, &obs);
-        let mac3 = model::parse_mac("02:00:00:00:aa:03").unwrap();
+        let mac3 = "02:00:00:00:aa:03".parse::<Mac>().unwrap();
         let dst3: IpAddr = "192.0.2.3".parse().unwrap();
         assert!(all.contains(&Action::DelFdb { link: "trx-probe".into(), mac: mac3, dst: dst3 }), "{all:?}");
         let acts: Vec<Action> = all
@@ -938,13 +912,13 @@ mod tests {
             vec![
                 Action::DelFdb {
                     link: "trx-aaaa".into(),
-                    mac: model::parse_mac("02:00:00:00:00:04").unwrap(),
+                    mac: "02:00:00:00:00:04".parse::<Mac>().unwrap(),
                     dst: "192.0.2.3".parse().unwrap()
                 },
                 Action::DelNeigh {
                     link: "trx-aaaa".into(),
                     ip: "10.1.0.4".parse().unwrap(),
-                    mac: model::parse_mac("02:00:00:00:00:04").unwrap()
+                    mac: "02:00:00:00:00:04".parse::<Mac>().unwrap()
                 },
             ]
         );
@@ -979,7 +953,7 @@ mod tests {
             id: id.into(),
             hostname: id.into(),
             underlay: ip.parse().unwrap(),
-            vtep_mac: "02:00:00:00:00:09".into(),
+            vtep_mac: "02:00:00:00:00:09".parse().unwrap(),
             vxlan_port: 4789,
             capabilities: Default::default(),
             version: String::new(),
@@ -1051,7 +1025,7 @@ mod tests {
         let d2 = desired(&nets, &eps, &[], &dns);
         assert_eq!(
             d2.programs["trv-e1"].dns_at,
-            Some(("10.1.0.1".parse().unwrap(), model::mac_for_ip("10.1.0.0".parse().unwrap())))
+            Some(("10.1.0.1".parse().unwrap(), model::Mac::for_ip("10.1.0.0".parse().unwrap())))
         );
         assert!(!d2.egress.dns_intercept, "no nftables DNAT beside the program");
         assert!(d2.egress.dns_notrack, "DNS to the gateway untracked beside the program");
@@ -1185,7 +1159,7 @@ mod tests {
         n.encrypted = true;
         n.vxlan_port = Some(4790);
         let mut eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1"), endpoint("r1", "aaaa", "10.1.0.3", "h2")];
-        eps[1].mac = "02:00:00:00:00:03".into();
+        eps[1].mac = "02:00:00:00:00:03".parse().unwrap();
         let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
         let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
         (vec![n], eps, hosts, me)

@@ -256,7 +256,7 @@ mod tests {
             id: "h1".into(),
             hostname: "h1".into(),
             underlay: "192.0.2.1".parse().unwrap(),
-            vtep_mac: "02:00:00:00:00:01".into(),
+            vtep_mac: "02:00:00:00:00:01".parse().unwrap(),
             vxlan_port: 4789,
             capabilities: Default::default(),
             version: "t".into(),

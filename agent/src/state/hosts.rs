@@ -11,12 +11,12 @@ use trellis_store::{LeaseId, Op, Store, StoreError};
 use crate::model::{self, HostRecord};
 
 /// The VTEP MAC kept in the state dir, created on first start.
-pub fn vtep_mac(state_dir: &Path) -> std::io::Result<String> {
+pub fn vtep_mac(state_dir: &Path) -> std::io::Result<model::Mac> {
     let path = state_dir.join("vtep-mac");
     match std::fs::read_to_string(&path) {
-        Ok(s) if model::parse_mac(s.trim()).is_some() => Ok(s.trim().to_string()),
+        Ok(s) if s.trim().parse::<model::Mac>().is_ok() => Ok(s.trim().parse().expect("checked")),
         Ok(_) | Err(_) => {
-            let mac = model::format_mac(&model::new_mac());
+            let mac = model::Mac::random_local();
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, format!("{mac}\n"))?;
             std::fs::rename(&tmp, &path)?;

@@ -435,7 +435,7 @@ impl Cluster {
             network: net.name.clone(),
             host: self.host.clone(),
             ip: IpAddr::from([0, 0, 0, 0]),
-            mac: String::new(),
+            mac: model::Mac::default(),
             netns: req.netns.clone(),
             ifname: req.ifname.clone(),
             labels: req.labels.clone(),
@@ -456,7 +456,7 @@ impl Cluster {
         let build = |ip: IpAddr| {
             let mut rec = template.clone();
             rec.ip = ip;
-            rec.mac = model::format_mac(&model::mac_for_ip(ip));
+            rec.mac = model::Mac::for_ip(ip);
             let mut compares = vec![Compare::Absent(name_key.clone()), Compare::Absent(model::endpoint_key(&rec.id))];
             let mut ops = vec![
                 Op::put(name_key.clone(), rec.id.clone().into_bytes()),
@@ -496,13 +496,13 @@ impl Cluster {
         if self.store.get(&net_key).await?.is_none() {
             let mut rec = template.clone();
             rec.ip = ip;
-            rec.mac = model::format_mac(&model::mac_for_ip(ip));
+            rec.mac = model::Mac::for_ip(ip);
             self.delete_endpoint_records(&net, &rec).await?;
             return Err(AgentError::NotFound(format!("network {:?} was removed", net.name)));
         }
         let mut rec = template;
         rec.ip = ip;
-        rec.mac = model::format_mac(&model::mac_for_ip(ip));
+        rec.mac = model::Mac::for_ip(ip);
         Ok(rec)
     }
 

@@ -103,11 +103,11 @@ pub fn parse_reply(datagram: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
 impl Prober {
     /// The peers to probe (the live hosts but this one): id, underlay
     /// address, VTEP MAC (its probe-tunnel address derives from it).
-    pub fn set_peers(&self, peers: Vec<(String, IpAddr, Option<[u8; 6]>)>) {
+    pub fn set_peers(&self, peers: Vec<(String, IpAddr, Option<crate::model::Mac>)>) {
         let v4: Vec<Peer> = peers
             .into_iter()
             .filter_map(|(id, ip, mac)| match ip {
-                IpAddr::V4(v4) => Some((id, v4, mac.map(|m| crate::model::link_local(&m)))),
+                IpAddr::V4(v4) => Some((id, v4, mac.map(|m| m.link_local()))),
                 _ => None,
             })
             .collect();

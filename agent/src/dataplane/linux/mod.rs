@@ -131,7 +131,7 @@ fn summarize(msg: &LinkMessage) -> LinkSummary {
             LinkAttribute::Address(a) if a.len() == 6 => {
                 let mut m = [0u8; 6];
                 m.copy_from_slice(a);
-                s.mac = Some(m);
+                s.mac = Some(Mac(m));
             }
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
@@ -222,16 +222,16 @@ impl NetlinkDataplane {
         ifname: &str,
         ip: IpAddr,
         mac: Mac,
-        program: &crate::reconcile::ProgramSpec,
+        program: &crate::dataplane::ProgramSpec,
     ) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
         let IpAddr::V4(v4) = ip else { return Ok(()) };
         let index = Self::require(&self.handle, ifname).await?;
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
-        let mut info = trellis_ebpf::EndpointInfo::new(v4, mac, program.vni);
+        let mut info = trellis_ebpf::EndpointInfo::new(v4, mac.0, program.vni);
         if let Some((gw, gw_mac)) = program.dns_at {
-            info = info.with_dns_at(gw, gw_mac);
+            info = info.with_dns_at(gw, gw_mac.0);
         }
         let info = info.with_flags(program.flags());
         dp.set_endpoint(index, info).map_err(ebpf)?;
@@ -433,7 +433,7 @@ impl NetlinkDataplane {
             });
         }
         self.delete_link(&s.peer_if).await?;
-        let peer = LinkUnspec::new_with_name(&s.peer_if).address(s.mac.to_vec()).mtu(s.mtu).build();
+        let peer = LinkUnspec::new_with_name(&s.peer_if).address(s.mac.0.to_vec()).mtu(s.mtu).build();
         let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(s.host_if.clone())
             .mtu(s.mtu)
@@ -460,8 +460,11 @@ impl NetlinkDataplane {
         // The container end is created directly inside the container's
         // namespace, already named, addressed and sized: moving a device
         // between namespaces costs an RCU grace period (tens of ms).
-        let peer =
-            LinkUnspec::new_with_name(&s.ifname).address(s.mac.to_vec()).mtu(s.mtu).setns_by_fd(ns.as_raw_fd()).build();
+        let peer = LinkUnspec::new_with_name(&s.ifname)
+            .address(s.mac.0.to_vec())
+            .mtu(s.mtu)
+            .setns_by_fd(ns.as_raw_fd())
+            .build();
         let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
             .name(s.host_if.clone())
             .mtu(s.mtu)
@@ -603,7 +606,7 @@ impl NetlinkDataplane {
             .learning(false)
             .proxy(true)
             .mtu(v.mtu)
-            .address(v.mac.to_vec())
+            .address(v.mac.0.to_vec())
             .build();
         self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))?;
         if v.name == model::PROBE_VXLAN {
@@ -653,7 +656,7 @@ fn neighbour_parts(attrs: &[NeighbourAttribute]) -> (Option<Mac>, Option<IpAddr>
     let mut dst = None;
     for a in attrs {
         match a {
-            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(Mac),
             NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
             _ => {}
@@ -765,7 +768,7 @@ impl Dataplane for NetlinkDataplane {
         for a in &msg.attributes {
             match a {
                 LinkAttribute::Mtu(m) => link.mtu = *m,
-                LinkAttribute::Address(mac) if mac.len() == 6 => link.mac.copy_from_slice(mac),
+                LinkAttribute::Address(mac) if mac.len() == 6 => link.mac.0.copy_from_slice(mac),
                 _ => {}
             }
         }
@@ -886,7 +889,7 @@ impl Dataplane for NetlinkDataplane {
             Action::CreateBridge { name, mtu, mac } => self
                 .handle
                 .link()
-                .add(LinkBridge::new(name).mtu(*mtu).address(mac.to_vec()).build())
+                .add(LinkBridge::new(name).mtu(*mtu).address(mac.0.to_vec()).build())
                 .execute()
                 .await
                 .map_err(nl("create bridge", name)),
@@ -894,7 +897,7 @@ impl Dataplane for NetlinkDataplane {
                 let index = Self::require(&self.handle, link).await?;
                 self.handle
                     .link()
-                    .set(LinkUnspec::new_with_index(index).address(mac.to_vec()).build())
+                    .set(LinkUnspec::new_with_index(index).address(mac.0.to_vec()).build())
                     .execute()
                     .await
                     .map_err(nl("set MAC", link))
@@ -942,13 +945,13 @@ impl Dataplane for NetlinkDataplane {
                 let index = Self::require(&self.handle, link).await?;
                 self.handle
                     .neighbours()
-                    .add_bridge(index, mac)
+                    .add_bridge(index, &mac.0)
                     .destination(*dst)
                     .flags(NeighbourFlags::Own)
                     .replace()
                     .execute()
                     .await
-                    .map_err(nl("add fdb entry", format!("{} via {dst} on {link}", model::format_mac(mac))))
+                    .map_err(nl("add fdb entry", format!("{} via {dst} on {link}", mac.to_string())))
             }
             Action::DelFdb { link, mac, dst } => {
                 let index = Self::require(&self.handle, link).await?;
@@ -956,11 +959,11 @@ impl Dataplane for NetlinkDataplane {
                 msg.header.family = AddressFamily::Bridge;
                 msg.header.ifindex = index;
                 msg.header.flags = NeighbourFlags::Own;
-                msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+                msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
                 msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(*dst)));
                 match self.handle.neighbours().del(msg).execute().await {
                     Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
-                    r => r.map_err(nl("delete fdb entry", format!("{} on {link}", model::format_mac(mac)))),
+                    r => r.map_err(nl("delete fdb entry", format!("{} on {link}", mac.to_string()))),
                 }
             }
             Action::AddNeigh { link, ip, mac } => {
@@ -968,7 +971,7 @@ impl Dataplane for NetlinkDataplane {
                 self.handle
                     .neighbours()
                     .add(index, *ip)
-                    .link_layer_address(mac)
+                    .link_layer_address(&mac.0)
                     .replace()
                     .execute()
                     .await

@@ -1,0 +1,160 @@
+//! The changes the reconciler asks of the kernel, as values: what to
+//! create, set and delete, and what the endpoint programs are told.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+use super::egress::EgressRules;
+use super::tables::TableOps;
+use crate::model::Mac;
+
+/// A network's VXLAN device on a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: IpAddr,
+    pub mtu: u32,
+    pub mac: Mac,
+}
+
+/// Everything needed to plug an endpoint in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub endpoint_id: String,
+    pub host_if: String,
+    pub peer_if: String,
+    pub bridge: String,
+    pub mtu: u32,
+    pub netns: PathBuf,
+    pub ifname: String,
+    pub mac: Mac,
+    pub addr: IpNet,
+    /// Default route via this address (none on internal networks).
+    pub default_via: Option<IpAddr>,
+    /// The engine moves the container end into its sandbox and configures
+    /// it (Docker): both ends are created in the host's namespace, the
+    /// container end named `peer_if`.
+    pub engine_moves: bool,
+    /// When the endpoint was created (Unix seconds): an engine's sandbox
+    /// namespace appears only after its Join.
+    pub created_unix: i64,
+}
+
+/// One change to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// A bridge with a fixed MAC: a bridge without one takes the lowest
+    /// of its ports' MACs, and changes it as ports come and go — leaving
+    /// every container's neighbour entry for the gateway stale.
+    CreateBridge {
+        name: String,
+        mtu: u32,
+        mac: Mac,
+    },
+    SetMac {
+        link: String,
+        mac: Mac,
+    },
+    /// Make an existing link match: MTU, up, and (for ports) its bridge.
+    SetLink {
+        name: String,
+        mtu: u32,
+        master: Option<String>,
+    },
+    AddAddress {
+        link: String,
+        addr: IpNet,
+    },
+    DelAddress {
+        link: String,
+        addr: IpNet,
+    },
+    CreateEndpoint(Box<EndpointSpec>),
+    CreateVxlan(Box<VxlanSpec>),
+    AddFdb {
+        link: String,
+        mac: Mac,
+        dst: IpAddr,
+    },
+    DelFdb {
+        link: String,
+        mac: Mac,
+        dst: IpAddr,
+    },
+    AddNeigh {
+        link: String,
+        ip: IpAddr,
+        mac: Mac,
+    },
+    DelNeigh {
+        link: String,
+        ip: IpAddr,
+        mac: Mac,
+    },
+    /// Attach the endpoint program to an endpoint's host-side veth and
+    /// program its entry (replacing any earlier attachment).
+    AttachProgram {
+        ifname: String,
+        ip: IpAddr,
+        mac: Mac,
+        program: crate::dataplane::ProgramSpec,
+    },
+    /// Change the isolation and service tables.
+    UpdateTables(Box<TableOps>),
+    DetachProgram {
+        ifname: String,
+    },
+    DeleteLink {
+        name: String,
+    },
+    ApplyEgress(EgressRules),
+    /// Change an IPsec SA or policy of an encrypted network (whose VXLAN
+    /// device is `vxlan`, when the change is for one).
+    Xfrm {
+        op: trellis_ipsec::XfrmOp,
+        vxlan: Option<String>,
+    },
+}
+
+impl Action {
+    /// The endpoint this action is for, if any (to report errors per endpoint).
+    pub fn endpoint(&self) -> Option<&str> {
+        match self {
+            Action::CreateEndpoint(spec) => Some(&spec.endpoint_id),
+            _ => None,
+        }
+    }
+}
+
+/// What an endpoint's programs know of its network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramSpec {
+    pub vni: u32,
+    pub internal: bool,
+    /// DNS to resolvers outside Trellis goes to this gateway (and MAC).
+    pub dns_at: Option<(std::net::Ipv4Addr, Mac)>,
+    /// Its container is on this network only: plain A queries for names
+    /// with one address may be answered in the kernel.
+    pub dns_fast: bool,
+}
+
+impl ProgramSpec {
+    /// `endpoint_info.flags` as the program has them.
+    pub fn flags(&self) -> u32 {
+        let mut f = 0;
+        if self.internal {
+            f |= trellis_ebpf::EP_INTERNAL;
+        }
+        if self.dns_at.is_some() {
+            f |= trellis_ebpf::EP_DNS;
+        }
+        if self.dns_fast {
+            f |= trellis_ebpf::EP_DNS_FAST;
+        }
+        f
+    }
+}

@@ -1,0 +1,89 @@
+//! A kernel in memory for unit tests: applies actions to its own
+//! [`Observed`] (with [`Observed::record`], as the reconciler's cache does)
+//! and logs them; failures can be injected.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use ipnet::IpNet;
+
+use super::{Action, ContainerLink, Dataplane, DataplaneError, Observed, Result};
+
+/// A dataplane in memory that applies actions to its own [`Observed`] and
+/// records them: the reconciler's unit tests run against it.
+#[derive(Default)]
+pub struct FakeDataplane {
+    pub state: Mutex<Observed>,
+    pub log: Mutex<Vec<Action>>,
+    /// Endpoint ids whose creation fails (their netns "is gone").
+    pub failing: Mutex<Vec<String>>,
+    /// Every xfrm change fails (a kernel without ESP or xfrm).
+    pub failing_xfrm: std::sync::atomic::AtomicBool,
+}
+
+impl FakeDataplane {
+    pub fn take_log(&self) -> Vec<Action> {
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+    pub fn with_state<R>(&self, f: impl FnOnce(&mut Observed) -> R) -> R {
+        f(&mut self.state.lock().unwrap())
+    }
+}
+
+#[async_trait::async_trait]
+impl Dataplane for FakeDataplane {
+    async fn observe(&self, rules: bool) -> Result<Observed> {
+        // Yield like a real netlink dump would, so concurrency shows in tests.
+        tokio::task::yield_now().await;
+        let mut o = self.state.lock().unwrap().clone();
+        if !rules {
+            o.egress = None;
+        }
+        Ok(o)
+    }
+
+    async fn apply(&self, action: &Action) -> Result<()> {
+        self.log.lock().unwrap().push(action.clone());
+        if let Action::CreateEndpoint(spec) = action
+            && self.failing.lock().unwrap().contains(&spec.endpoint_id)
+        {
+            return Err(DataplaneError::NetnsGone(spec.netns.clone()));
+        }
+        if matches!(action, Action::Xfrm { .. }) && self.failing_xfrm.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DataplaneError::Io {
+                call: "add xfrm state",
+                object: "fake".into(),
+                source: std::io::Error::from_raw_os_error(2),
+            });
+        }
+        self.state.lock().unwrap().record(action)
+    }
+
+    async fn host_routes(&self) -> Result<Vec<IpNet>> {
+        Ok(vec![])
+    }
+
+    async fn underlay_mtu(&self) -> Result<u32> {
+        Ok(1500)
+    }
+
+    async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
+        Ok(None)
+    }
+
+    async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>> {
+        // The fake kernel plugs containers perfectly: the container side is
+        // what the endpoint's creation asked for, while its host side exists.
+        let state = self.state.lock().unwrap();
+        let created = self.log.lock().unwrap().iter().rev().find_map(|a| match a {
+            Action::CreateEndpoint(s) if s.netns == netns && s.ifname == ifname => Some((**s).clone()),
+            _ => None,
+        });
+        Ok(created.filter(|s| state.links.contains_key(&s.host_if)).map(|s| ContainerLink {
+            mac: s.mac,
+            mtu: s.mtu,
+            up: true,
+            addrs: vec![s.addr],
+        }))
+    }
+}
