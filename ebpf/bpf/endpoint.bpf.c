@@ -19,7 +19,8 @@
  *   events.h    monitor events, drop()
  *   nat.h       address/port rewriting with checksums
  *   arp.h       ARP headers, the VIP MAC, ARP answers for VIPs
- *   lb.h        service VIPs: ping/reset answers, Maglev, conntrack, DNAT
+ *   lb.h        service VIPs: ping/reset answers, Maglev, conntrack, DNAT,
+ *               reverse NAT
  *   dns.h       the in-kernel DNS fast path, DNS redirected to the gateway */
 #include "lib/parse.h"
 #include "lib/maps.h"
@@ -169,14 +170,7 @@ int trellis_to_endpoint(struct __sk_buff *skb)
 	parse_flow(ip, data, end, &f);
 	if ((f.proto != PROTO_TCP && f.proto != PROTO_UDP) || !f.l4off)
 		return TC_ACT_OK;
-	struct rnat_key rk = { .client = f.daddr, .backend = f.saddr, .cport = f.dport, .bport = f.sport, .proto = f.proto };
-	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
-	if (!rv)
-		return TC_ACT_OK;
-	struct rnat_value v = *rv;
-	if (rewrite(skb, &f, 0, f.saddr, v.vip, f.sport, v.vport))
-		return TC_ACT_SHOT;
-	return TC_ACT_OK;
+	return reverse_nat(skb, &f);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

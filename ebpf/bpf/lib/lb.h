@@ -3,7 +3,8 @@
  * network is answered here (ping; a TCP reset when no service or backend
  * takes it) or DNATed to a backend chosen by Maglev and remembered in the
  * `ct` LRU, with the `rnat` entry its replies are translated back by. A
- * flow whose backend left is reset (TCP) or moved (UDP). */
+ * flow whose backend left is reset (TCP) or moved (UDP). On the way back,
+ * the replies of backends are translated back to the VIP (reverse_nat). */
 #ifndef TRELLIS_LIB_LB_H
 #define TRELLIS_LIB_LB_H
 
@@ -206,6 +207,21 @@ no_backend:
 		c->drops[DROP_NO_BACKEND] += 1;
 	emit(ifindex, f, 1, DROP_NO_BACKEND);
 	return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
+}
+
+/* A TCP/UDP packet to the endpoint (`f` parsed, with an L4 header): a
+ * backend's reply to one of its VIP flows gets the VIP and port back as
+ * its source. */
+static __always_inline int reverse_nat(struct __sk_buff *skb, const struct flow *f)
+{
+	struct rnat_key rk = { .client = f->daddr, .backend = f->saddr, .cport = f->dport, .bport = f->sport, .proto = f->proto };
+	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	if (!rv)
+		return TC_ACT_OK;
+	struct rnat_value v = *rv;
+	if (rewrite(skb, f, 0, f->saddr, v.vip, f->sport, v.vport))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
 }
 
 #endif
