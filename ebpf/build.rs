@@ -1,4 +1,5 @@
-//! Compiles the datapath programs (`bpf/*.bpf.c`) with clang-19.
+//! Compiles the datapath programs (`bpf/*.bpf.c`, with their headers in
+//! `bpf/lib/` and `include/`) with clang-19.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -8,7 +9,10 @@ const PROGRAMS: &[&str] = &["endpoint"];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    // The programs include one header per feature from bpf/lib (a change
+    // to any of them must rebuild the object).
     println!("cargo:rerun-if-changed=bpf");
+    println!("cargo:rerun-if-changed=bpf/lib");
     println!("cargo:rerun-if-changed=include");
     let clang = std::env::var("TRELLIS_CLANG").unwrap_or_else(|_| "clang-19".into());
     for prog in PROGRAMS {

@@ -1,9 +1,10 @@
 //! The Trellis eBPF datapath.
 //!
-//! The programs are C (`bpf/*.bpf.c`, compiled by `build.rs` with clang-19);
-//! their map layouts live in one header (`include/trellis.h`) mirrored here
-//! by `#[repr(C)]` types whose sizes and offsets are checked on both sides
-//! (C `_Static_assert`s, Rust tests). [`Datapath`] loads them with aya.
+//! The programs are C (`bpf/*.bpf.c`, one header per feature in
+//! `bpf/lib/`, compiled by `build.rs` with clang-19); their map layouts
+//! live in one header (`include/trellis.h`) mirrored here by `#[repr(C)]`
+//! types whose sizes and offsets are checked on both sides (C
+//! `_Static_assert`s, Rust tests). [`Datapath`] loads them with aya.
 //!
 //! Two programs run on the host side of every endpoint veth: on what the
 //! endpoint sends, anti-spoofing, tenant isolation and service VIPs (Maglev

@@ -1,14 +1,19 @@
-//! The lab of the crate's root tests: a "host" and a "container"
+//! The labs of the crate's root tests: [`Lab`], a "host" and a "container"
 //! namespace joined by a veth, the endpoint program loaded (maps pinned in
-//! a bpffs of the test's own) and attached to the host side.
+//! a bpffs of the test's own) and attached to the host side; [`RunLab`],
+//! the program attached nowhere and run on hand-built frames ([`frames`])
+//! through the bpf(2) command `BPF_PROG_TEST_RUN`.
 
 // Each test binary uses its share of the helpers.
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 
-use trellis_ebpf::{AttachMode, Datapath};
+use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use trellis_ebpf::{AttachMode, Datapath, ENDPOINT_OBJECT};
 use trellis_integration::{Netns, ping, unique};
+
+pub mod frames;
 
 pub struct Lab {
     pub host: Netns,
@@ -85,5 +90,111 @@ impl Lab {
 
     pub fn ip(net: [u8; 3], last: u8) -> Ipv4Addr {
         Ipv4Addr::new(net[0], net[1], net[2], last)
+    }
+}
+
+/// The tc verdicts (linux/pkt_cls.h) a test run returns.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+/// `bpf_redirect` and `bpf_redirect_peer` (a test run sends nothing).
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// One of the two endpoint programs.
+#[derive(Clone, Copy, Debug)]
+pub enum Prog {
+    /// `trellis_from_endpoint` (tc ingress of the host veth).
+    FromEndpoint,
+    /// `trellis_to_endpoint` (tc egress).
+    ToEndpoint,
+}
+
+/// What one run of a program on a frame gave.
+#[derive(Debug)]
+pub struct Run {
+    /// The program's return value (`TC_ACT_*`).
+    pub verdict: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+}
+
+/// The endpoint programs loaded but attached nowhere, run on frames a test
+/// builds with `BPF_PROG_TEST_RUN` (aya's [`TestRun`]): no veth, no
+/// traffic. The maps are pinned in a bpffs of the lab's own and filled
+/// through [`RunLab::dp`] as the agent fills them; the programs that run
+/// are a second load of the same object ([`ENDPOINT_OBJECT`]) that reuses
+/// those pinned maps (the `Datapath` keeps its programs to itself).
+///
+/// The runs happen in a network namespace of the lab's own. Without a
+/// context the kernel runs a tc program on an skb of that namespace's
+/// loopback device: `skb->ifindex` is [`RunLab::IFINDEX`], the key of the
+/// endpoint the programs see. Redirects are not carried out by a test run:
+/// the verdict says one was asked for.
+pub struct RunLab {
+    pub dp: Datapath,
+    progs: aya::Ebpf,
+    ns: Netns,
+    // Unmounted before the directory is removed (fields drop in order).
+    _mounted: Mounted,
+    _dir: tempfile::TempDir,
+}
+
+impl RunLab {
+    /// The ifindex of every run's skb: the lab namespace's loopback.
+    pub const IFINDEX: u32 = 1;
+
+    pub fn new() -> RunLab {
+        let ns = Netns::new("tbr").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        trellis_ebpf::mount_bpffs(dir.path()).unwrap();
+        // Unmounted even if loading below panics.
+        let mounted = Mounted(dir.path().to_path_buf());
+        let dp = Datapath::load_pinned(dir.path()).expect("loading the endpoint program");
+        let mut loader = aya::EbpfLoader::new();
+        loader.default_map_pin_directory(dir.path());
+        let mut progs = loader.load(ENDPOINT_OBJECT).expect("loading the object again (pinned maps reused)");
+        for name in ["trellis_from_endpoint", "trellis_to_endpoint"] {
+            let p: &mut SchedClassifier = progs.program_mut(name).unwrap().try_into().unwrap();
+            p.load().unwrap_or_else(|e| panic!("loading {name}: {e}"));
+        }
+        RunLab { dp, progs, ns, _mounted: mounted, _dir: dir }
+    }
+
+    /// Run `prog` once on `frame` (in the lab's namespace, from a thread
+    /// of its own: setns changes only the calling thread).
+    pub fn run(&self, prog: Prog, frame: &[u8]) -> Run {
+        let name = match prog {
+            Prog::FromEndpoint => "trellis_from_endpoint",
+            Prog::ToEndpoint => "trellis_to_endpoint",
+        };
+        let p: &SchedClassifier = self.progs.program(name).unwrap().try_into().unwrap();
+        let ns = std::fs::File::open(self.ns.path()).unwrap();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                    let mut out = vec![0u8; 4096];
+                    let r = p
+                        .test_run(TestRunOptions {
+                            data_in: Some(frame),
+                            data_out: Some(&mut out),
+                            ..Default::default()
+                        })
+                        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {e}"));
+                    out.truncate(r.data_size_out as usize);
+                    Run { verdict: r.return_value, frame: out }
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    /// Run `trellis_from_endpoint` on a frame the endpoint sends.
+    pub fn send(&self, frame: &[u8]) -> Run {
+        self.run(Prog::FromEndpoint, frame)
+    }
+
+    /// Run `trellis_to_endpoint` on a frame delivered to the endpoint.
+    pub fn deliver(&self, frame: &[u8]) -> Run {
+        self.run(Prog::ToEndpoint, frame)
     }
 }

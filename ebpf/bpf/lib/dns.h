@@ -1,0 +1,191 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* DNS: the in-kernel fast path (a plain A query for a name of the `dns`
+ * map answered in place and sent straight back into the endpoint's
+ * namespace), and queries to resolvers outside Trellis redirected to the
+ * gateway, where the agent answers them. */
+#ifndef TRELLIS_LIB_DNS_H
+#define TRELLIS_LIB_DNS_H
+
+#include "counters.h"
+#include "events.h"
+#include "maps.h"
+#include "nat.h"
+#include "parse.h"
+
+/* Where a query's parts are (IPv4 without options). */
+#define DNS_UDP_OFF (ETH_HLEN_ + 20)
+#define DNS_HDR_END (DNS_UDP_OFF + 8 + 12)
+/* The answer record appended: name pointer, type, class, TTL, length, address. */
+#define DNS_RR_LEN 16
+
+/* The in-kernel DNS fast path: a plain query (one question, no EDNS or
+ * other records) for the A record of a name in `dns` (the client's
+ * network's names with exactly one address) is turned into the reply the
+ * agent's server would write, and 1 returned: the caller sends it back
+ * (answer_dns). Anything else returns -1 and goes on to the server. */
+/* A global (not inlined) function: the verifier checks it once, on its
+ * own, rather than at every path that reaches it. */
+__attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_id, __u32 off)
+{
+	if (!skb || off != DNS_UDP_OFF)
+		return -1; /* IP options: leave it to the server */
+	/* Read and written in place (one helper call to copy the name for the
+	 * lookup, one to grow the packet): each bpf_skb_load_bytes or
+	 * bpf_skb_store_bytes call cost about as much as the rest together. */
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	if (data + DNS_HDR_END > end)
+		return -1;
+	struct udphdr *udp = data + DNS_UDP_OFF;
+	__u8 *h = data + DNS_UDP_OFF + 8;
+	__u32 ulen = bpf_ntohs(udp->len);
+	/* The whole query in the linear part (so is its reply after growing). */
+	if (ulen < 8 + 12 + 1 + 4 || ulen > 8 + 12 + DNS_NAME_MAX + 4 || DNS_UDP_OFF + ulen != skb->len ||
+	    data + DNS_UDP_OFF + ulen != end)
+		return -1;
+	/* QR=0, opcode QUERY, not truncated; one question, nothing else. */
+	if ((h[2] & 0xfa) != 0 || h[4] != 0 || h[5] != 1 || h[6] || h[7] || h[8] || h[9] || h[10] || h[11])
+		goto pass;
+	__u8 rd = h[2] & 0x01;
+	struct dns_key k = {};
+	k.net_id = net_id;
+	__u32 qlen = ulen - 8 - 12 - 4;
+	if (qlen < 1 || qlen > DNS_NAME_MAX)
+		goto pass;
+	if (bpf_skb_load_bytes(skb, DNS_HDR_END, k.name, qlen))
+		goto pass;
+	/* Labels of at most 63 bytes (no compression in a question), ending
+	 * with the root exactly at the end: walked label by label (a name of
+	 * 64 bytes has at most 32 labels). */
+	__u32 pos = 0;
+	int ended = 0;
+	for (int l = 0; l < DNS_NAME_MAX / 2; l++) {
+		if (pos >= qlen)
+			break;
+		__u8 len = k.name[pos & (DNS_NAME_MAX - 1)];
+		if (len == 0) {
+			ended = pos == qlen - 1;
+			break;
+		}
+		if (len > 63)
+			break;
+		pos += len + 1;
+	}
+	if (!ended)
+		goto pass;
+	/* Lower case for the lookup (length bytes are below 64: untouched),
+	 * four bytes at a time (the name is 4-aligned in the key): a byte's
+	 * top bit marks it as 'A'..'Z'. */
+	__u32 *words = (__u32 *)k.name;
+#pragma clang loop unroll(disable)
+	for (int i = 0; i < DNS_NAME_MAX / 4; i++) {
+		__u32 x = words[i];
+		__u32 low7 = x & 0x7f7f7f7f;
+		__u32 ge_a = low7 + 0x3f3f3f3f; /* top bit: low7 >= 'A' */
+		__u32 gt_z = low7 + 0x25252525; /* top bit: low7 > 'Z' */
+		words[i] = x | ((ge_a & ~gt_z & ~x & 0x80808080) >> 2); /* 0x80 >> 2 = 0x20 */
+	}
+	/* Type and class, after the name (qlen is at most 64 here). */
+	__u8 *q = data + DNS_HDR_END + (qlen & (DNS_NAME_MAX * 2 - 1));
+	if ((void *)(q + 4) > end)
+		goto pass;
+	if (q[0] != 0 || q[1] != 1 || q[2] != 0 || q[3] != 1)
+		goto pass; /* not A / IN */
+	struct dns_answer *a = bpf_map_lookup_elem(&dns, &k);
+	if (!a)
+		goto pass;
+	struct dns_answer ans = *a;
+	__u8 ra = (config_flags() & CFG_DNS_RA) ? 0x80 : 0;
+
+	/* The reply: the query with QR, AA (and RA as the server says), one
+	 * answer (a pointer to the question's name, A, IN, TTL, the address). */
+	if (bpf_skb_change_tail(skb, skb->len + DNS_RR_LEN, 0))
+		goto pass;
+	data = skb_data(skb);
+	end = skb_end(skb);
+	if (data + DNS_HDR_END > end)
+		return TC_ACT_SHOT;
+	__u8 *rr = data + DNS_UDP_OFF + (ulen & 0x7f);
+	if ((void *)(rr + DNS_RR_LEN) > end)
+		return TC_ACT_SHOT;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + ETH_HLEN_;
+	udp = data + DNS_UDP_OFF;
+	h = data + DNS_UDP_OFF + 8;
+
+	__u8 mac[ETH_ALEN];
+	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	__u32 a4 = ip->saddr;
+	ip->saddr = ip->daddr;
+	ip->daddr = a4;
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DNS_RR_LEN);
+	ip->ttl = 64;
+	ip->check = 0;
+	__u32 sum = 0;
+	__u16 *w = (__u16 *)ip;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += w[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip->check = ~sum & 0xffff;
+	__u16 port = udp->source;
+	udp->source = udp->dest;
+	udp->dest = port;
+	udp->len = bpf_htons(ulen + DNS_RR_LEN);
+	udp->check = 0; /* optional over IPv4 */
+	h[2] = 0x80 | 0x04 | rd;
+	h[3] = ra;
+	h[7] = 1;
+	rr[0] = 0xc0;
+	rr[1] = 0x0c;
+	rr[2] = 0;
+	rr[3] = 1;
+	rr[4] = 0;
+	rr[5] = 1;
+	__u32 ttl = bpf_htonl(ans.ttl);
+	__builtin_memcpy(&rr[6], &ttl, 4);
+	rr[10] = 0;
+	rr[11] = 4;
+	__builtin_memcpy(&rr[12], &ans.ip, 4);
+	dns_count(1);
+	return 1;
+pass:
+	dns_count(0);
+	return -1;
+}
+
+/* A query answered by trellis_dns_fast goes straight back into the
+ * endpoint's namespace: delivered at the ingress of the veth's other end,
+ * it skips the transmit path, this veth's egress program and a second
+ * softirq round (the answer is counted as sent to the endpoint here). */
+static __always_inline int answer_dns(struct __sk_buff *skb, struct endpoint_counters *c)
+{
+	if (c) {
+		c->to_packets += 1;
+		c->to_bytes += skb->len;
+	}
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+/* A DNS query to an outside resolver, sent to the gateway instead; the
+ * reverse translation gives the reply the resolver's address back. */
+static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint_counters *c,
+					  const struct endpoint_info *ep, const struct flow *f)
+{
+	struct rnat_key rk = { .client = f->saddr, .backend = ep->gateway, .cport = f->sport, .bport = f->dport, .proto = f->proto };
+	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	if (!rv || rv->vip != f->daddr) {
+		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport };
+		bpf_map_update_elem(&rnat, &rk, &nv, BPF_ANY);
+	}
+	if (rewrite(skb, f, 1, f->daddr, ep->gateway, f->dport, f->dport))
+		return drop(c, DROP_MALFORMED, skb->ifindex, f);
+	if (bpf_skb_store_bytes(skb, 0, ep->gw_mac, ETH_ALEN, 0))
+		return drop(c, DROP_MALFORMED, skb->ifindex, f);
+	return TC_ACT_OK;
+}
+
+#endif

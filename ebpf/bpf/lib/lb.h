@@ -1,0 +1,227 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Service VIPs (load balancing): a packet to a VIP of the endpoint's
+ * network is answered here (ping; a TCP reset when no service or backend
+ * takes it) or DNATed to a backend chosen by Maglev and remembered in the
+ * `ct` LRU, with the `rnat` entry its replies are translated back by. A
+ * flow whose backend left is reset (TCP) or moved (UDP). On the way back,
+ * the replies of backends are translated back to the VIP (reverse_nat). */
+#ifndef TRELLIS_LIB_LB_H
+#define TRELLIS_LIB_LB_H
+
+#include "arp.h"
+#include "counters.h"
+#include "events.h"
+#include "maps.h"
+#include "nat.h"
+#include "parse.h"
+
+/* Answer a ping to a VIP in place. */
+static __always_inline int echo_reply(struct __sk_buff *skb, const struct flow *f)
+{
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	struct ethhdr *eth = data;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || f->l4off > 128)
+		return TC_ACT_SHOT;
+	struct icmp_hdr *icmp = data + f->l4off;
+	if ((void *)(icmp + 1) > end)
+		return TC_ACT_SHOT;
+	__u8 mac[ETH_ALEN];
+	vip_mac(f->daddr, mac);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	/* Swapping the addresses leaves the IP checksum as it is. */
+	ip->saddr = f->daddr;
+	ip->daddr = f->saddr;
+	icmp->type = ICMP_ECHO_REPLY;
+	/* The type is the high byte of the first 16-bit word: 8 → 0. */
+	__u32 sum = (__u16)~icmp->checksum;
+	sum += (__u16)~bpf_htons(ICMP_ECHO_REQUEST << 8);
+	sum += bpf_htons(ICMP_ECHO_REPLY << 8);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	icmp->checksum = ~sum;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* Answer a TCP segment to a VIP with a reset from the VIP (no such port,
+ * no backend, or the flow's backend left). The frame is cut down to the
+ * headers and turned around. */
+static __always_inline int tcp_reset(struct __sk_buff *skb, const struct flow *f)
+{
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	struct iphdr *ip = data + ETH_HLEN_;
+	if ((void *)(ip + 1) > end || ip->ihl != 5)
+		return TC_ACT_SHOT;
+	struct tcphdr *t = (void *)(ip + 1);
+	if ((void *)(t + 1) > end)
+		return TC_ACT_SHOT;
+	if (t->rst)
+		return TC_ACT_SHOT;
+	__u32 payload = bpf_ntohs(ip->tot_len) - 20 - t->doff * 4;
+	__u32 seq = 0, ack_seq = 0;
+	int has_ack = t->ack;
+	if (has_ack)
+		seq = t->ack_seq;
+	else
+		ack_seq = bpf_htonl(bpf_ntohl(t->seq) + payload + t->syn + t->fin);
+	__u8 client_mac[ETH_ALEN];
+	struct ethhdr *eth = data;
+	__builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + 40, 0))
+		return TC_ACT_SHOT;
+	data = skb_data(skb);
+	end = skb_end(skb);
+	eth = data;
+	ip = data + ETH_HLEN_;
+	t = (void *)(ip + 1);
+	if ((void *)(t + 1) > end)
+		return TC_ACT_SHOT;
+	vip_mac(f->daddr, eth->h_source);
+	__builtin_memcpy(eth->h_dest, client_mac, ETH_ALEN);
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = 0;
+	ip->tot_len = bpf_htons(40);
+	ip->id = 0;
+	ip->frag_off = bpf_htons(0x4000); /* DF */
+	ip->ttl = 64;
+	ip->protocol = PROTO_TCP;
+	ip->saddr = f->daddr;
+	ip->daddr = f->saddr;
+	ip->check = 0;
+	ip->check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, 20, 0));
+
+	__builtin_memset(t, 0, sizeof(*t));
+	t->source = f->dport;
+	t->dest = f->sport;
+	t->seq = seq;
+	t->ack_seq = ack_seq;
+	t->doff = 5;
+	t->rst = 1;
+	t->ack = !has_ack;
+	struct {
+		__u32 saddr, daddr;
+		__u8 zero, proto;
+		__be16 len;
+	} pseudo = { f->daddr, f->saddr, 0, PROTO_TCP, bpf_htons(20) };
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&pseudo, sizeof(pseudo), 0);
+	if (sum < 0)
+		return TC_ACT_SHOT;
+	sum = bpf_csum_diff(0, 0, (__be32 *)t, 20, sum);
+	if (sum < 0)
+		return TC_ACT_SHOT;
+	t->check = csum_fold(sum);
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A packet the endpoint sends to a VIP of its network. */
+static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counters *c, const struct vip_info *v,
+				  const struct flow *f)
+{
+	__u32 ifindex = skb->ifindex;
+	if (f->proto == PROTO_ICMP) {
+		if (f->echo && v->backends > 0)
+			return echo_reply(skb, f);
+		return drop(c, v->backends ? DROP_NO_SERVICE : DROP_NO_BACKEND, ifindex, f);
+	}
+	if ((f->proto != PROTO_TCP && f->proto != PROTO_UDP) || !f->l4off)
+		return drop(c, DROP_NO_SERVICE, ifindex, f);
+	struct svc_key sk = { .vip = f->daddr, .port = f->dport, .proto = f->proto };
+	struct svc_info *svc = bpf_map_lookup_elem(&services, &sk);
+	if (!svc) {
+		if (c)
+			c->drops[DROP_NO_SERVICE] += 1;
+		emit(ifindex, f, 1, DROP_NO_SERVICE);
+		return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
+	}
+	__u32 svc_id = svc->id;
+	__u16 target_port = svc->target_port;
+
+	struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
+	struct ct_value cv = {};
+	struct ct_value *known = bpf_map_lookup_elem(&ct, &ck);
+	int chosen = 0;
+	if (known) {
+		struct backend_key bk = { .svc_id = known->svc_id, .ip = known->backend };
+		if (known->svc_id == svc_id && bpf_map_lookup_elem(&backends, &bk)) {
+			cv = *known;
+			chosen = 1;
+		} else {
+			/* Its backend left: TCP is told at once; UDP moves on. */
+			bpf_map_delete_elem(&ct, &ck);
+			if (f->proto == PROTO_TCP && !f->syn) {
+				struct svc_stats *st = stats_of(svc_id);
+				if (st)
+					st->resets += 1;
+				if (c)
+					c->drops[DROP_NO_BACKEND] += 1;
+				emit(ifindex, f, 1, DROP_NO_BACKEND);
+				return tcp_reset(skb, f);
+			}
+		}
+	}
+	if (!chosen) {
+		struct maglev_table *table = bpf_map_lookup_elem(&maglev, &svc_id);
+		if (!table || svc->count == 0)
+			goto no_backend;
+		__u32 slot = bpf_get_hash_recalc(skb) % MAGLEV_M;
+		/* Keep the bound check the compiler would prove redundant: the
+		 * verifier needs it. */
+		asm volatile("" : "+r"(slot));
+		if (slot >= MAGLEV_M)
+			goto no_backend;
+		__u32 ip = table->ip[slot];
+		struct backend_key bk = { .svc_id = svc_id, .ip = ip };
+		struct backend_info *b = ip ? bpf_map_lookup_elem(&backends, &bk) : 0;
+		if (!b)
+			goto no_backend;
+		cv.backend = ip;
+		cv.bport = target_port;
+		__builtin_memcpy(cv.mac, b->mac, ETH_ALEN);
+		cv.svc_id = svc_id;
+		bpf_map_update_elem(&ct, &ck, &cv, BPF_ANY);
+		struct svc_stats *st = stats_of(svc_id);
+		if (st)
+			st->selections += 1;
+	}
+	struct rnat_key rk = { .client = f->saddr, .backend = cv.backend, .cport = f->sport, .bport = cv.bport, .proto = f->proto };
+	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	if (!rv || rv->vip != f->daddr || rv->vport != f->dport) {
+		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport };
+		bpf_map_update_elem(&rnat, &rk, &nv, BPF_ANY);
+	}
+	if (rewrite(skb, f, 1, f->daddr, cv.backend, f->dport, cv.bport))
+		return drop(c, DROP_MALFORMED, ifindex, f);
+	if (bpf_skb_store_bytes(skb, 0, cv.mac, ETH_ALEN, 0))
+		return drop(c, DROP_MALFORMED, ifindex, f);
+	if (f->start)
+		emit(ifindex, f, 0, 0);
+	return TC_ACT_OK;
+
+no_backend:
+	if (c)
+		c->drops[DROP_NO_BACKEND] += 1;
+	emit(ifindex, f, 1, DROP_NO_BACKEND);
+	return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
+}
+
+/* A TCP/UDP packet to the endpoint (`f` parsed, with an L4 header): a
+ * backend's reply to one of its VIP flows gets the VIP and port back as
+ * its source. */
+static __always_inline int reverse_nat(struct __sk_buff *skb, const struct flow *f)
+{
+	struct rnat_key rk = { .client = f->daddr, .backend = f->saddr, .cport = f->dport, .bport = f->sport, .proto = f->proto };
+	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	if (!rv)
+		return TC_ACT_OK;
+	struct rnat_value v = *rv;
+	if (rewrite(skb, f, 0, f->saddr, v.vip, f->sport, v.vport))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+#endif

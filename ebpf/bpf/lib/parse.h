@@ -1,0 +1,110 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Packet parsing: the kernel headers the programs build on, the protocol
+ * headers and numbers the uapi headers cannot give without libc (ICMP
+ * echo, IP protocols), fixed offsets into an IPv4 frame, skb->data and
+ * data_end loaded so that the verifier accepts them, and `struct flow`:
+ * the addresses, ports and kind of an IPv4 packet (parse_flow). */
+#ifndef TRELLIS_LIB_PARSE_H
+#define TRELLIS_LIB_PARSE_H
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "trellis.h"
+
+/* The ICMP echo header (linux/icmp.h pulls in libc headers). */
+struct icmp_hdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	__be16 id;
+	__be16 seq;
+};
+#define ICMP_ECHO_REPLY 0
+#define ICMP_ECHO_REQUEST 8
+
+/* IP protocol numbers (linux/in.h pulls in libc headers). */
+#define PROTO_ICMP 1
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+
+#define ETH_HLEN_ 14
+#define IP_CSUM_OFF (ETH_HLEN_ + __builtin_offsetof(struct iphdr, check))
+#define IP_DST_OFF (ETH_HLEN_ + __builtin_offsetof(struct iphdr, daddr))
+#define IP_SRC_OFF (ETH_HLEN_ + __builtin_offsetof(struct iphdr, saddr))
+
+/* skb->data and skb->data_end, loaded straight from the context register
+ * (left to itself the compiler may keep `skb + offset` in a register and
+ * load through it later, which the verifier refuses). */
+static __always_inline void *skb_data(struct __sk_buff *skb)
+{
+	void *p;
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(p) : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data)));
+	return p;
+}
+
+static __always_inline void *skb_end(struct __sk_buff *skb)
+{
+	void *p;
+	asm volatile("%0 = *(u32 *)(%1 + %2)" : "=r"(p) : "r"(skb), "i"(__builtin_offsetof(struct __sk_buff, data_end)));
+	return p;
+}
+
+static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] && a[5] == b[5];
+}
+
+/* The addresses and ports of an IPv4 packet, for events and services. */
+struct flow {
+	__u32 saddr, daddr;
+	__u16 sport, dport;
+	__u8 proto;
+	__u8 start; /* a TCP SYN or an ICMP echo request */
+	__u8 syn;
+	__u8 echo;
+	__u32 l4off; /* from the start of the frame; 0 if no L4 header */
+};
+
+static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, struct flow *f)
+{
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->proto = ip->protocol;
+	if (ip->ihl < 5)
+		return;
+	void *l4 = (void *)ip + ip->ihl * 4;
+	if (ip->protocol == PROTO_TCP) {
+		struct tcphdr *t = l4;
+		if ((void *)(t + 1) <= end) {
+			f->sport = t->source;
+			f->dport = t->dest;
+			f->syn = t->syn && !t->ack;
+			f->start = f->syn;
+			f->l4off = l4 - data;
+		}
+	} else if (ip->protocol == PROTO_UDP) {
+		struct udphdr *u = l4;
+		if ((void *)(u + 1) <= end) {
+			f->sport = u->source;
+			f->dport = u->dest;
+			f->l4off = l4 - data;
+		}
+	} else if (ip->protocol == PROTO_ICMP) {
+		struct icmp_hdr *i = l4;
+		if ((void *)(i + 1) <= end) {
+			f->echo = i->type == ICMP_ECHO_REQUEST && i->code == 0;
+			f->start = f->echo;
+			f->l4off = l4 - data;
+		}
+	}
+}
+
+#endif

@@ -1,0 +1,403 @@
+//! The endpoint programs on hand-built frames through `BPF_PROG_TEST_RUN`
+//! (no veth, no traffic: see `common::RunLab`): the verdict and the frame
+//! as the program leaves it, for anti-spoofing, isolation, ARP and ping
+//! answers for VIPs, the DNAT to a service's backend and the reverse
+//! translation of its replies, TCP resets, and the in-kernel DNS fast path.
+//! Expected frames are built from scratch (checksums computed, not
+//! patched). Root tests (`--run-ignored all`).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use trellis_ebpf::{
+    BackendInfo, BackendKey, CFG_DNS_KERNEL, CFG_DNS_RA, CtKey, CtValue, DnsAnswer, DnsKey, DropReason, EP_DNS_FAST,
+    EP_INTERNAL, EndpointInfo, MAGLEV_M, MaglevTable, NetInfo, SvcInfo, SvcKey, VipInfo, be,
+};
+use trellis_integration::require_root;
+
+mod common;
+use common::frames::*;
+use common::{RunLab, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+
+const NET: u32 = 4096;
+const OTHER_NET: u32 = 4097;
+const EP_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 2);
+const EP_MAC: Mac = [2, 0, 0, 0, 0, 2];
+const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
+const GW_MAC: Mac = [2, 0, 0, 0, 0, 1];
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 100);
+/// The MAC the program answers for VIP with: 02:42 and the address.
+const VIP_MAC: Mac = [2, 0x42, 10, 210, 0, 100];
+const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 9);
+const BACKEND_MAC: Mac = [2, 0, 0, 0, 0, 9];
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(10, 211, 0, 100);
+
+fn endpoint() -> EndpointInfo {
+    EndpointInfo::new(EP_IP, EP_MAC, NET)
+}
+
+/// A lab whose endpoint (on the runs' ifindex) is EP_IP/EP_MAC in NET
+/// (10.210.0.0/24); 10.211.0.0/24 is another network.
+fn lab() -> RunLab {
+    require_root();
+    let mut lab = RunLab::new();
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint()).unwrap();
+    lab.dp.put_net((Ipv4Addr::new(10, 210, 0, 0), 24), NetInfo { net_id: NET, flags: 0 }).unwrap();
+    lab.dp.put_net((Ipv4Addr::new(10, 211, 0, 0), 24), NetInfo { net_id: OTHER_NET, flags: 0 }).unwrap();
+    lab
+}
+
+/// A UDP frame from `src_mac` and `src` (port 40000) to `dst`, through
+/// the gateway's MAC.
+fn udp_frame(src_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    eth(GW_MAC, src_mac, ETH_P_IP, &ipv4(src, dst, PROTO_UDP, &udp(src, dst, 40000, dport, b"hello")))
+}
+
+fn drops(lab: &RunLab, reason: DropReason) -> u64 {
+    lab.dp.counters(RunLab::IFINDEX).unwrap().dropped(reason)
+}
+
+#[test]
+fn frame_builders_compute_textbook_checksums() {
+    // RFC 1071 § 3's example sum, and an IPv4 header with a known checksum.
+    assert_eq!(sum16(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7], 0), 0xddf2);
+    let h = [
+        0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8,
+        0x00, 0xc7,
+    ];
+    assert_eq!(checksum(&h), 0xb861);
+    let f = udp_frame(EP_MAC, EP_IP, GW_IP, 7);
+    assert!(ip_checksum_ok(&f) && l4_checksum_ok(&f));
+    let mut bad = f.clone();
+    bad[L4 + 8] ^= 1;
+    assert!(!l4_checksum_ok(&bad), "a flipped payload bit is seen");
+    bad[IP + 8] ^= 1;
+    assert!(!ip_checksum_ok(&bad), "a flipped TTL bit is seen");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn spoofed_sources_are_dropped_and_the_endpoints_own_pass() {
+    let mut lab = lab();
+    // The endpoint's own frames pass, untouched.
+    let own = udp_frame(EP_MAC, EP_IP, GW_IP, 7);
+    let r = lab.send(&own);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &own));
+    let arp_own = eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(1, EP_MAC, EP_IP, [0; 6], GW_IP));
+    let r = lab.send(&arp_own);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &arp_own), "an ARP request for the gateway");
+    for src in [Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2), Ipv6Addr::UNSPECIFIED] {
+        let f =
+            eth([0x33, 0x33, 0, 0, 0, 2], EP_MAC, ETH_P_IPV6, &ipv6(src, "ff02::2".parse().unwrap(), &[133, 0, 0, 0]));
+        let r = lab.send(&f);
+        assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f), "IPv6 from {src}");
+    }
+    assert_eq!(lab.dp.counters(RunLab::IFINDEX).unwrap().drops, [0; 8]);
+
+    // Another source MAC (with the endpoint's IP, or anything).
+    let r = lab.send(&udp_frame([2, 0, 0, 0, 0, 0x66], EP_IP, GW_IP, 7));
+    assert_eq!(r.verdict, TC_ACT_SHOT, "a foreign source MAC");
+    assert_eq!(drops(&lab, DropReason::SpoofMac), 1);
+    // Another source IP from the endpoint's MAC.
+    let r = lab.send(&udp_frame(EP_MAC, Ipv4Addr::new(10, 210, 0, 99), GW_IP, 7));
+    assert_eq!(r.verdict, TC_ACT_SHOT, "a foreign source IP");
+    assert_eq!(drops(&lab, DropReason::SpoofIp), 1);
+    // ARP claiming another address, or another MAC in its body.
+    let arp_ip = eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(1, EP_MAC, Ipv4Addr::new(10, 210, 0, 99), [0; 6], GW_IP));
+    assert_eq!(lab.send(&arp_ip).verdict, TC_ACT_SHOT, "ARP from a foreign sender IP");
+    let arp_mac = eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(2, [2, 0, 0, 0, 0, 0x66], EP_IP, GW_MAC, GW_IP));
+    assert_eq!(lab.send(&arp_mac).verdict, TC_ACT_SHOT, "ARP from a foreign sender MAC");
+    assert_eq!(drops(&lab, DropReason::SpoofArp), 2);
+    // IPv6 from an address it was not given (it has none but link-local).
+    let v6 = eth(
+        [0x33, 0x33, 0, 0, 0, 1],
+        EP_MAC,
+        ETH_P_IPV6,
+        &ipv6("2001:db8::2".parse().unwrap(), "ff02::1".parse().unwrap(), &[128, 0, 0, 0]),
+    );
+    assert_eq!(lab.send(&v6).verdict, TC_ACT_SHOT, "IPv6 from a global address");
+    assert_eq!(drops(&lab, DropReason::SpoofIpv6), 1);
+    let c = lab.dp.counters(RunLab::IFINDEX).unwrap();
+    assert_eq!((c.from_packets, c.drops.iter().sum::<u64>()), (9, 5), "{c:?}");
+
+    // An interface the agent did not program: not the program's business.
+    lab.dp.remove_endpoint(RunLab::IFINDEX).unwrap();
+    let foreign = udp_frame([2, 0, 0, 0, 0, 0x66], Ipv4Addr::new(10, 210, 0, 99), GW_IP, 7);
+    let r = lab.send(&foreign);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &foreign));
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn nothing_reaches_another_network_or_leaves_an_internal_one() {
+    let mut lab = lab();
+    lab.dp.put_vip(OTHER_VIP, VipInfo { net_id: OTHER_NET, backends: 1 }).unwrap();
+    let outside = Ipv4Addr::new(192, 0, 2, 1);
+    assert_eq!(lab.send(&udp_frame(EP_MAC, EP_IP, GW_IP, 7)).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&udp_frame(EP_MAC, EP_IP, outside, 7)).verdict, TC_ACT_OK);
+    for dst in [Ipv4Addr::new(10, 211, 0, 5), OTHER_VIP] {
+        assert_eq!(lab.send(&udp_frame(EP_MAC, EP_IP, dst, 7)).verdict, TC_ACT_SHOT, "to {dst}");
+    }
+    assert_eq!(drops(&lab, DropReason::Isolation), 2);
+    // An internal network: its own addresses only.
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint().with_flags(EP_INTERNAL)).unwrap();
+    assert_eq!(lab.send(&udp_frame(EP_MAC, EP_IP, GW_IP, 7)).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&udp_frame(EP_MAC, EP_IP, outside, 7)).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&lab, DropReason::Isolation), 3);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn arp_requests_for_vips_of_the_network_are_answered() {
+    let mut lab = lab();
+    lab.dp.put_vip(VIP, VipInfo { net_id: NET, backends: 1 }).unwrap();
+    lab.dp.put_vip(OTHER_VIP, VipInfo { net_id: OTHER_NET, backends: 1 }).unwrap();
+    let request = eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(1, EP_MAC, EP_IP, [0; 6], VIP));
+    let r = lab.send(&request);
+    // Turned into the reply, sent back out of the veth to the endpoint.
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert_eq!(r.frame, eth(EP_MAC, VIP_MAC, ETH_P_ARP, &arp(2, VIP_MAC, VIP, EP_MAC, EP_IP)));
+    // A request for another network's VIP, a reply to a VIP, a request
+    // for an address that is no VIP: left to the kernel, untouched.
+    for f in [
+        eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(1, EP_MAC, EP_IP, [0; 6], OTHER_VIP)),
+        eth(VIP_MAC, EP_MAC, ETH_P_ARP, &arp(2, EP_MAC, EP_IP, VIP_MAC, VIP)),
+        eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(1, EP_MAC, EP_IP, [0; 6], GW_IP)),
+    ] {
+        let r = lab.send(&f);
+        assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f));
+    }
+}
+
+/// A service of VIP: `port` → `target` on BACKEND_IP alone (every Maglev
+/// slot), service id `id`.
+fn service(lab: &mut RunLab, id: u32, proto: u8, port: u16, target: u16) {
+    lab.dp.put_vip(VIP, VipInfo { net_id: NET, backends: 1 }).unwrap();
+    let info = SvcInfo { id, target_port: target.to_be(), pad: 0, count: 1, revision: 1 };
+    lab.dp.put_service(SvcKey::new(VIP, port, proto), info).unwrap();
+    lab.dp.put_maglev(id, &MaglevTable { ip: [be(BACKEND_IP); MAGLEV_M] }).unwrap();
+    lab.dp
+        .put_backend(BackendKey { svc_id: id, ip: be(BACKEND_IP) }, BackendInfo { mac: BACKEND_MAC, pad: 0 })
+        .unwrap();
+}
+
+/// A TCP frame between MACs and addresses.
+#[allow(clippy::too_many_arguments)]
+fn tcp_frame(
+    (dmac, smac): (Mac, Mac),
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    eth(dmac, smac, ETH_P_IP, &ipv4(src, dst, PROTO_TCP, &tcp(src, dst, sport, dport, seq, ack, flags, payload)))
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn tcp_to_a_vip_is_dnated_to_its_backend_and_the_replies_come_from_the_vip() {
+    let mut lab = lab();
+    service(&mut lab, 7, PROTO_TCP, 80, 8080);
+    let to_vip = |seq, ack, flags, payload: &[u8]| {
+        tcp_frame((GW_MAC, EP_MAC), (EP_IP, 40000), (VIP, 80), seq, ack, flags, payload)
+    };
+    let at_backend = |seq, ack, flags, payload: &[u8]| {
+        tcp_frame((BACKEND_MAC, EP_MAC), (EP_IP, 40000), (BACKEND_IP, 8080), seq, ack, flags, payload)
+    };
+    let r = lab.send(&to_vip(1000, 0, SYN, b""));
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!((ip_dst(&r.frame), ports(&r.frame)), (BACKEND_IP, (40000, 8080)));
+    assert!(ip_checksum_ok(&r.frame) && l4_checksum_ok(&r.frame), "checksums of {:02x?}", r.frame);
+    assert_eq!(r.frame, at_backend(1000, 0, SYN, b""), "the backend's MAC, address and port, nothing else changed");
+    // Remembered: the connection, the choice counted once.
+    let key = CtKey {
+        client: be(EP_IP),
+        vip: be(VIP),
+        cport: 40000u16.to_be(),
+        vport: 80u16.to_be(),
+        proto: PROTO_TCP,
+        pad: [0; 3],
+    };
+    let want = CtValue { backend: be(BACKEND_IP), bport: 8080u16.to_be(), mac: BACKEND_MAC, svc_id: 7 };
+    assert_eq!(lab.dp.connections().unwrap(), vec![(key, want)]);
+    assert_eq!(lab.dp.svc_stats(7).unwrap().selections, 1);
+
+    // The backend's answer leaves as the VIP's.
+    let reply = tcp_frame((EP_MAC, BACKEND_MAC), (BACKEND_IP, 8080), (EP_IP, 40000), 5000, 1001, SYN | ACK, b"");
+    let r = lab.deliver(&reply);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert!(ip_checksum_ok(&r.frame) && l4_checksum_ok(&r.frame), "checksums of {:02x?}", r.frame);
+    assert_eq!(r.frame, tcp_frame((EP_MAC, BACKEND_MAC), (VIP, 80), (EP_IP, 40000), 5000, 1001, SYN | ACK, b""));
+
+    // The rest of the flow (with data) follows its connection entry.
+    let r = lab.send(&to_vip(1001, 5001, ACK, b"GET / HTTP/1.0\r\n\r\n"));
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &at_backend(1001, 5001, ACK, b"GET / HTTP/1.0\r\n\r\n")));
+    assert_eq!(lab.dp.svc_stats(7).unwrap().selections, 1);
+    // Traffic not from a backend's flow is not rewritten.
+    let other = tcp_frame((EP_MAC, GW_MAC), (GW_IP, 8080), (EP_IP, 40000), 1, 1, ACK, b"");
+    let r = lab.deliver(&other);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &other));
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn udp_to_a_vip_is_dnated_with_its_checksum_and_translated_back() {
+    let mut lab = lab();
+    service(&mut lab, 8, PROTO_UDP, 53, 5353);
+    let query = eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, VIP, PROTO_UDP, &udp(EP_IP, VIP, 40000, 53, b"ask")));
+    let r = lab.send(&query);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert!(ip_checksum_ok(&r.frame) && l4_checksum_ok(&r.frame), "checksums of {:02x?}", r.frame);
+    let at_backend = eth(
+        BACKEND_MAC,
+        EP_MAC,
+        ETH_P_IP,
+        &ipv4(EP_IP, BACKEND_IP, PROTO_UDP, &udp(EP_IP, BACKEND_IP, 40000, 5353, b"ask")),
+    );
+    assert_eq!(r.frame, at_backend);
+    let reply = eth(
+        EP_MAC,
+        BACKEND_MAC,
+        ETH_P_IP,
+        &ipv4(BACKEND_IP, EP_IP, PROTO_UDP, &udp(BACKEND_IP, EP_IP, 5353, 40000, b"tell")),
+    );
+    let r = lab.deliver(&reply);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert!(ip_checksum_ok(&r.frame) && l4_checksum_ok(&r.frame));
+    assert_eq!(
+        r.frame,
+        eth(EP_MAC, BACKEND_MAC, ETH_P_IP, &ipv4(VIP, EP_IP, PROTO_UDP, &udp(VIP, EP_IP, 53, 40000, b"tell")))
+    );
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn vips_answer_ping_and_reset_tcp_to_ports_without_a_service() {
+    let mut lab = lab();
+    service(&mut lab, 7, PROTO_TCP, 80, 8080);
+    // Ping: answered in place, from the VIP.
+    let ping = eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, VIP, PROTO_ICMP, &icmp_echo(8, 0x77, 3, b"abcdefgh")));
+    let r = lab.send(&ping);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert!(ip_checksum_ok(&r.frame) && icmp_checksum_ok(&r.frame), "checksums of {:02x?}", r.frame);
+    assert_eq!(
+        r.frame,
+        eth(EP_MAC, VIP_MAC, ETH_P_IP, &ipv4(VIP, EP_IP, PROTO_ICMP, &icmp_echo(0, 0x77, 3, b"abcdefgh")))
+    );
+
+    // A SYN with data to a port no service has: a reset from the VIP, the
+    // frame cut down to the headers.
+    let syn = tcp_frame((GW_MAC, EP_MAC), (EP_IP, 40001), (VIP, 81), 1000, 0, SYN, b"xyz");
+    let r = lab.send(&syn);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let f = &r.frame;
+    assert_eq!(f.len(), 14 + 20 + 20, "{f:02x?}");
+    assert_eq!((&f[0..6], &f[6..12]), (&EP_MAC[..], &VIP_MAC[..]));
+    assert_eq!((ip_src(f), ip_dst(f), ports(f)), (VIP, EP_IP, (81, 40001)));
+    assert_eq!((f[IP + 8], f[IP + 9]), (64, PROTO_TCP), "TTL, protocol");
+    assert_eq!(u32::from_be_bytes(f[L4 + 4..L4 + 8].try_into().unwrap()), 0, "seq");
+    assert_eq!(u32::from_be_bytes(f[L4 + 8..L4 + 12].try_into().unwrap()), 1000 + 3 + 1, "ack: data and SYN");
+    assert_eq!(f[L4 + 13], RST | ACK);
+    assert!(ip_checksum_ok(f) && l4_checksum_ok(f), "checksums of {f:02x?}");
+    assert_eq!(drops(&lab, DropReason::NoService), 1);
+    // A reset to an established flow's segment: seq is the segment's ack.
+    let r = lab.send(&tcp_frame((GW_MAC, EP_MAC), (EP_IP, 40001), (VIP, 81), 1004, 777, ACK, b""));
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert_eq!((u32::from_be_bytes(r.frame[L4 + 4..L4 + 8].try_into().unwrap()), r.frame[L4 + 13]), (777, RST));
+    assert!(l4_checksum_ok(&r.frame));
+    // UDP there is dropped; a VIP whose services have no backend does not
+    // answer ping.
+    let r = lab.send(&eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, VIP, PROTO_UDP, &udp(EP_IP, VIP, 1, 81, b""))));
+    assert_eq!(r.verdict, TC_ACT_SHOT);
+    lab.dp.put_vip(VIP, VipInfo { net_id: NET, backends: 0 }).unwrap();
+    assert_eq!(lab.send(&ping).verdict, TC_ACT_SHOT);
+    assert_eq!((drops(&lab, DropReason::NoService), drops(&lab, DropReason::NoBackend)), (3, 1));
+}
+
+/// The reply the agent's DNS server would send to `query` (a plain A
+/// query the frame `query` carries): addresses and ports swapped, QR AA
+/// (RA when `ra`) and RD as asked, the question as asked, one answer
+/// pointing at it.
+fn dns_reply(question_frame: &[u8], ip: Ipv4Addr, ttl: u32, ra: bool) -> Vec<u8> {
+    let q = &question_frame[L4 + 8..];
+    let mut d = q.to_vec();
+    d[2] = 0x80 | 0x04 | (q[2] & 0x01);
+    d[3] = if ra { 0x80 } else { 0 };
+    d[7] = 1; // ANCOUNT
+    d.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+    d.extend_from_slice(&ttl.to_be_bytes());
+    d.extend_from_slice(&[0, 4]);
+    d.extend_from_slice(&ip.octets());
+    let mut u = Vec::new();
+    u.extend_from_slice(&53u16.to_be_bytes());
+    u.extend_from_slice(&question_frame[L4..L4 + 2]);
+    u.extend_from_slice(&((8 + d.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]); // no checksum (optional over IPv4)
+    u.extend_from_slice(&d);
+    let src_mac: Mac = question_frame[0..6].try_into().unwrap();
+    let dst_mac: Mac = question_frame[6..12].try_into().unwrap();
+    eth(dst_mac, src_mac, ETH_P_IP, &ipv4(ip_dst(question_frame), ip_src(question_frame), PROTO_UDP, &u))
+}
+
+fn query_frame(id: u16, flags: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let d = dns_query(id, flags, name, qtype);
+    eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, GW_IP, PROTO_UDP, &udp(EP_IP, GW_IP, 40000, 53, &d)))
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn plain_a_queries_are_answered_in_place_by_the_dns_fast_path() {
+    let mut lab = lab();
+    let ep = endpoint().with_dns_at(GW_IP, GW_MAC);
+    lab.dp.set_endpoint(RunLab::IFINDEX, ep.with_flags(ep.flags | EP_DNS_FAST)).unwrap();
+    lab.dp.put_dns(DnsKey::new(NET, "web.app").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 210, 0, 7), 5)).unwrap();
+    lab.dp.put_dns(DnsKey::new(OTHER_NET, "db").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 211, 0, 9), 5)).unwrap();
+    let query = query_frame(0x1234, 0x0100, "WeB.app", 1);
+
+    // Off (the agent has not turned it on): left to the agent's server.
+    let r = lab.send(&query);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &query));
+    lab.dp.set_config(CFG_DNS_KERNEL, true).unwrap();
+
+    // On: the reply, sent straight back into the endpoint's namespace
+    // (bpf_redirect_peer), counted as sent to the endpoint.
+    let r = lab.send(&query);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let want = dns_reply(&query, Ipv4Addr::new(10, 210, 0, 7), 5, false);
+    assert_eq!(r.frame, want, "\n got {:02x?}\nwant {want:02x?}", r.frame);
+    assert!(ip_checksum_ok(&r.frame));
+    // The bytes, spelled out once: header, question as asked, answer.
+    assert_eq!(
+        &r.frame[L4 + 8..],
+        b"\x12\x34\x85\x00\x00\x01\x00\x01\x00\x00\x00\x00\x03WeB\x03app\x00\x00\x01\x00\x01\
+          \xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x05\x00\x04\x0a\xd2\x00\x07"
+    );
+    assert_eq!(lab.dp.dns_stats().unwrap().answered, 1);
+    assert_eq!(lab.dp.counters(RunLab::IFINDEX).unwrap().to_packets, 1);
+    // RA as the agent's server says; RD as the query asked.
+    lab.dp.set_config(CFG_DNS_RA, true).unwrap();
+    let no_rd = query_frame(0x4321, 0x0000, "web.app.", 1);
+    let r = lab.send(&no_rd);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert_eq!(r.frame, dns_reply(&no_rd, Ipv4Addr::new(10, 210, 0, 7), 5, true));
+    assert_eq!(&r.frame[L4 + 10..L4 + 12], b"\x84\x80");
+
+    // Not for the fast path: left to the server, untouched.
+    let mut edns = dns_query(0x1111, 0x0100, "web.app", 1);
+    edns[11] = 1; // ARCOUNT: an OPT record follows
+    edns.extend_from_slice(&[0, 0, 41, 4, 0xd0, 0, 0, 0, 0, 0, 0]);
+    let edns = eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, GW_IP, PROTO_UDP, &udp(EP_IP, GW_IP, 40000, 53, &edns)));
+    for (what, f) in [
+        ("an unknown name", query_frame(1, 0x0100, "nope.app", 1)),
+        ("another network's name", query_frame(2, 0x0100, "db", 1)),
+        ("AAAA", query_frame(3, 0x0100, "web.app", 28)),
+        ("a response", query_frame(4, 0x8100, "web.app", 1)),
+        ("EDNS", edns),
+    ] {
+        let r = lab.send(&f);
+        assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f), "{what}");
+    }
+    let st = lab.dp.dns_stats().unwrap();
+    assert_eq!((st.answered, st.passed), (2, 5), "{st:?}");
+}
