@@ -11,6 +11,8 @@
 //! * [`dataplane`]: the one kernel boundary: the [`dataplane::Dataplane`]
 //!   trait, its actions and observations as values, a fake, and the Linux
 //!   implementation in [`dataplane::linux`].
+//! * [`app`]: the use cases (attach with rollback, detach, networks,
+//!   services, status), typed; every front door comes in here.
 //! * [`api`]: the gRPC service ([`api::grpc`]) and the Docker network and
 //!   IPAM drivers ([`api::docker`]).
 //! * [`dns`]: the agent's side of service discovery (zone, server).
@@ -23,6 +25,7 @@
 //! `dataplane::linux` touches the kernel.
 
 pub mod api;
+pub mod app;
 pub use trellis_plugin_api::client;
 pub mod daemon;
 pub mod dataplane;

@@ -630,9 +630,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     } else {
                         format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3)
                     };
-                    let probe = if h.probe == "ok" && h.tunnel_probe_rtt_us > 0 {
+                    let ok = h.probe_state() == proto::ProbeState::ProbeOk;
+                    let probe = if ok && h.tunnel_probe_rtt_us > 0 {
                         format!("ok {:.2}/{:.2} ms", h.probe_rtt_us as f64 / 1e3, h.tunnel_probe_rtt_us as f64 / 1e3)
-                    } else if h.probe == "ok" {
+                    } else if ok {
                         format!("ok {:.2} ms", h.probe_rtt_us as f64 / 1e3)
                     } else {
                         h.probe.clone()

@@ -1,119 +1,37 @@
 //! `trellisd`: wiring and lifecycle. The agent owns no kernel state in
 //! memory: it starts, reconciles (adopting whatever is there), serves, and
 //! on SIGTERM stops serving and leaves the datapath exactly as it is.
+//!
+//! [`run`] builds the parts, spawns every background loop of [`tasks`]
+//! into one `JoinSet`, serves the API until a signal, then aborts them all.
 
 pub mod config;
+pub mod host;
+pub mod tasks;
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use trellis_plugin_api::proto::agent_server::AgentServer;
-use trellis_store::{EtcdConfig, EtcdStore, LocalStore, Store};
+use trellis_store::Store;
 
-use crate::api::grpc::{AgentService, settle};
-use crate::daemon::config::{Config, StoreSpec};
+use crate::api::grpc::AgentService;
+use crate::app::App;
+use crate::daemon::config::Config;
+use crate::daemon::host::{capabilities, open_store, remove_orphan_namespaces};
 use crate::dataplane::Dataplane;
 use crate::dataplane::linux::NetlinkDataplane;
+pub use crate::dataplane::linux::sysctl::HOST_LIMITS;
 use crate::model;
 use crate::model::HostRecord;
 use crate::reconcile::{Identity, Reconciler};
 use crate::state::Cluster;
-
-async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(match &cfg.store {
-        StoreSpec::Memory => Arc::new(LocalStore::memory()),
-        StoreSpec::Embedded => Arc::new(
-            LocalStore::open_redb(&cfg.store_path())
-                .with_context(|| format!("opening the embedded store {}", cfg.store_path().display()))?,
-        ),
-        StoreSpec::Etcd(spec) => {
-            let mut ecfg = EtcdConfig::parse(spec)?;
-            if let Some(tls) = &cfg.etcd_tls {
-                ecfg.tls = Some(tls.clone());
-            }
-            Arc::new(EtcdStore::connect(&ecfg).await.with_context(|| format!("connecting to {spec}"))?)
-        }
-    })
-}
-
-fn capabilities() -> HashMap<String, bool> {
-    let nft = std::process::Command::new("nft").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    HashMap::from([("nftables".to_string(), nft), ("tcx".to_string(), tcx_kernel(&kernel_release()))])
-}
-
-fn kernel_release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// tcx links (BPF_LINK_TYPE_TCX) came with Linux 6.6.
-fn tcx_kernel(release: &str) -> bool {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
-    matches!((parts.next(), parts.next()), (Some(major), Some(minor)) if (major, minor) >= (6, 6))
-}
-
-/// Namespaces the agent created for attaches that died before their
-/// endpoint was written (the agent was killed in between) belong to no
-/// endpoint: removed before serving. A store that cannot be read leaves
-/// them for the next start.
-async fn remove_orphan_namespaces(cluster: &Cluster, dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let owned: std::collections::HashSet<std::path::PathBuf> = match cluster.all_endpoints().await {
-        Ok(eps) => eps.into_iter().filter(|e| e.managed_netns).map(|e| e.netns).collect(),
-        Err(e) => {
-            tracing::debug!(error = %e, "not collecting orphan namespaces: the store is unavailable");
-            return;
-        }
-    };
-    for e in entries.flatten() {
-        let path = e.path();
-        if !owned.contains(&path) {
-            match crate::dataplane::linux::netns::remove(&path) {
-                Ok(()) => tracing::info!(netns = %path.display(), "removed a namespace no endpoint owns"),
-                Err(err) => tracing::warn!(netns = %path.display(), error = %err, "removing an orphan namespace"),
-            }
-        }
-    }
-}
-
-/// Kernel limits that are one for the whole host and too small for a
-/// thousand endpoints per host, raised (never lowered) when the agent runs
-/// in the initial network namespace (elsewhere the files are not writable
-/// and the host's settings stand):
-/// * the neighbour table (1,024 entries by default, shared by every
-///   namespace: each container holds entries for its gateway and peers and
-///   the host one per container) — past it ARP fails ("neighbour table
-///   overflow");
-/// * the per-CPU receive backlog (1,000 packets by default): a broadcast on
-///   a bridge is cloned to every port at once, and on a network of a
-///   thousand endpoints the clones past the backlog are dropped — ARP to
-///   the oldest ports (flooded last) never arrives.
-pub const HOST_LIMITS: [(&str, u64); 4] = [
-    ("/proc/sys/net/ipv4/neigh/default/gc_thresh1", 1024),
-    ("/proc/sys/net/ipv4/neigh/default/gc_thresh2", 8192),
-    ("/proc/sys/net/ipv4/neigh/default/gc_thresh3", 16384),
-    ("/proc/sys/net/core/netdev_max_backlog", 4096),
-];
-
-fn raise_host_limits() {
-    for (path, want) in HOST_LIMITS {
-        let Ok(now) = std::fs::read_to_string(path) else { continue };
-        let now: u64 = now.trim().parse().unwrap_or(0);
-        if now >= want {
-            continue;
-        }
-        match std::fs::write(path, want.to_string()) {
-            Ok(()) => tracing::info!(sysctl = path, from = now, to = want, "raised a host limit"),
-            Err(e) => tracing::debug!(sysctl = path, error = %e, "cannot raise a host limit here"),
-        }
-    }
-}
 
 /// Run the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -125,7 +43,6 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
             .with_context(|| format!("restricting {}", dir.display()))?;
     }
-    raise_host_limits();
     let host = match &cfg.host_id {
         Some(h) => h.clone(),
         None => crate::daemon::config::host_id(&cfg.state_dir).context("reading the host id")?,
@@ -147,34 +64,21 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+    let mut tasks = JoinSet::new();
     // Flow and drop events of the eBPF program, for `trellisctl monitor`.
-    let (events, events_task) = match netlink.take_event_ring() {
-        Some(ring) => {
-            let (tx, _) = tokio::sync::broadcast::channel(4096);
-            (Some(tx.clone()), Some(tokio::spawn(crate::telemetry::monitor::read_events(ring, tx))))
-        }
-        None => (None, None),
-    };
+    let ring = netlink.take_event_ring();
     let dataplane: Arc<dyn Dataplane> = Arc::new(netlink);
-    // Monitor events cost the datapath a wakeup of this process each: on
-    // while a `trellisctl monitor` watches (the API turns them on), off
-    // within a second of the last one leaving.
-    if let Some(tx) = &events {
-        let (tx, dp) = (tx.clone(), dataplane.clone());
-        dp.set_events(false);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                if tx.receiver_count() == 0 {
-                    dp.set_events(false);
-                }
-            }
-        });
-    }
+    dataplane.prepare_host();
+    let events = ring.map(|ring| {
+        let (tx, _) = tokio::sync::broadcast::channel(4096);
+        tasks.spawn(crate::telemetry::monitor::read_events(ring, tx.clone()));
+        tasks.spawn(tasks::events_off_when_unwatched(tx.clone(), dataplane.clone()));
+        tx
+    });
     let mut cluster = Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len);
     // Encrypted networks need ESP: probed once, refused clearly without it.
-    cluster.esp_unsupported = match tokio::task::spawn_blocking(crate::dataplane::linux::xfrm::esp_support).await {
+    let probe_dp = dataplane.clone();
+    cluster.esp_unsupported = match tokio::task::spawn_blocking(move || probe_dp.esp_support()).await {
         Ok(Ok(())) => None,
         Ok(Err(why)) => Some(why),
         Err(e) => Some(format!("the probe failed: {e}")),
@@ -221,7 +125,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let registration = tokio::spawn(crate::state::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
+    tasks.spawn(crate::state::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
     tracing::info!(host = %host, underlay = ?underlay, "host identity");
     let dns_kernel = identity.dns_kernel;
     let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), identity));
@@ -231,7 +135,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Ok(r) => tracing::info!(actions = r.actions, errors = r.errors.len(), "initial reconcile"),
         Err(e) => tracing::warn!(error = %e, "initial reconcile failed; retrying in the background"),
     }
-    remove_orphan_namespaces(&cluster, &cfg.netns_dir()).await;
+    remove_orphan_namespaces(&cluster, dataplane.as_ref(), &cfg.netns_dir()).await;
 
     if let Some(parent) = cfg.socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
@@ -250,25 +154,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let prober = Arc::new(crate::telemetry::probe::Prober::default());
     let prober = match prober.start(Duration::from_secs(1)) {
         Ok(()) => {
-            let (p, store, me) = (prober.clone(), store.clone(), host.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tick.tick().await;
-                    if let Ok(hosts) = crate::state::hosts::live_hosts(store.as_ref()).await {
-                        p.set_peers(
-                            hosts
-                                .into_iter()
-                                .filter(|h| h.id != me)
-                                .map(|h| {
-                                    let mac = Some(h.vtep_mac);
-                                    (h.id, h.underlay, mac)
-                                })
-                                .collect(),
-                        );
-                    }
-                }
-            });
+            tasks.spawn(tasks::probe_peers(prober.clone(), store.clone(), host.clone()));
             Some(prober)
         }
         Err(e) => {
@@ -276,7 +162,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let service = Arc::new(AgentService {
+    let app = Arc::new(App {
         cluster: cluster.clone(),
         reconciler: reconciler.clone(),
         dataplane: dataplane.clone(),
@@ -287,25 +173,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         events,
         prober: prober.clone(),
     });
-    let docker = match &cfg.docker_plugin {
-        None => None,
-        Some(path) => {
-            let driver = crate::api::docker::DockerDriver::new(
-                service.clone(),
-                crate::api::docker::engine::Engine { socket: cfg.docker_host.clone() },
-            );
-            match crate::api::docker::serve(driver, path).await {
-                Ok(task) => {
-                    tracing::info!(socket = %path.display(), "Docker network and IPAM driver \"trellis\" serving");
-                    Some(task)
-                }
-                Err(e) => {
-                    tracing::warn!(socket = %path.display(), error = %e, "the Docker driver could not start; Docker cannot use Trellis networks on this host");
-                    None
-                }
+    let service = Arc::new(AgentService { app: app.clone() });
+    let mut docker_socket = None;
+    if let Some(path) = &cfg.docker_plugin {
+        let driver = crate::api::docker::DockerDriver::new(
+            app.clone(),
+            crate::api::docker::engine::Engine { socket: cfg.docker_host.clone() },
+        );
+        match crate::api::docker::serve(driver, path).await {
+            Ok(serving) => {
+                tracing::info!(socket = %path.display(), "Docker network and IPAM driver \"trellis\" serving");
+                tasks.spawn(serving);
+                docker_socket = Some(path.clone());
+            }
+            Err(e) => {
+                tracing::warn!(socket = %path.display(), error = %e, "the Docker driver could not start; Docker cannot use Trellis networks on this host");
             }
         }
-    };
+    }
 
     // The in-kernel DNS path answers as the server does, RA included; off
     // (and emptied: its pinned table outlives the agent) when not wanted.
@@ -319,189 +204,40 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     // Service discovery: the zone follows the store (every change notifies).
     let dns_changed = Arc::new(tokio::sync::Notify::new());
-    let dns = dns_core.as_ref().map(|core| {
+    if let Some(core) = &dns_core {
         let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
         tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");
         let kernel = dns_kernel.then(|| dataplane.clone());
-        tokio::spawn(crate::dns::run(cluster.clone(), core.clone(), listeners, dns_changed.clone(), kernel))
-    });
+        tasks.spawn(crate::dns::run(cluster.clone(), core.clone(), listeners, dns_changed.clone(), kernel));
+    }
 
-    // Metrics.
-    let metrics = match cfg.metrics_addr {
-        None => None,
-        Some(addr) => {
-            let mut registry = prometheus_client::registry::Registry::default();
-            store_metrics.register(&mut registry);
-            let snapshot = Arc::new(std::sync::RwLock::new(crate::telemetry::metrics::Snapshot::default()));
-            registry.register_collector(Box::new(crate::telemetry::metrics::AgentCollector {
-                reconciler: reconciler.clone(),
-                dns: dns_core.clone(),
-                dataplane: dataplane.clone(),
-                snapshot: snapshot.clone(),
-                prober: prober.clone(),
-                esp_seq_threshold: cfg.esp_seq_threshold,
-            }));
-            let refresher =
-                tokio::spawn(crate::telemetry::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
-            match crate::telemetry::metrics::serve(Arc::new(registry), addr).await {
-                Ok(task) => {
-                    tracing::info!(%addr, "metrics on /metrics");
-                    Some((task, refresher))
-                }
-                Err(e) => {
-                    tracing::warn!(%addr, error = %e, "the metrics server could not start");
-                    refresher.abort();
-                    None
-                }
+    if let Some(addr) = cfg.metrics_addr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        store_metrics.register(&mut registry);
+        let snapshot = Arc::new(std::sync::RwLock::new(crate::telemetry::metrics::Snapshot::default()));
+        registry.register_collector(Box::new(crate::telemetry::metrics::AgentCollector {
+            reconciler: reconciler.clone(),
+            dns: dns_core.clone(),
+            dataplane: dataplane.clone(),
+            snapshot: snapshot.clone(),
+            prober: prober.clone(),
+            esp_seq_threshold: cfg.esp_seq_threshold,
+        }));
+        match crate::telemetry::metrics::serve(Arc::new(registry), addr).await {
+            Ok(serving) => {
+                tracing::info!(%addr, "metrics on /metrics");
+                tasks.spawn(serving);
+                tasks.spawn(crate::telemetry::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
             }
+            Err(e) => tracing::warn!(%addr, error = %e, "the metrics server could not start"),
         }
-    };
+    }
 
-    // Periodic full resync; it also collects endpoints whose netns died.
-    let resync = {
-        let reconciler = reconciler.clone();
-        let cluster = cluster.clone();
-        let every = cfg.resync_interval;
-        let dns_changed = dns_changed.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                dns_changed.notify_one();
-                match reconciler.full_pass().await {
-                    Ok(r) => settle(&cluster, &r).await,
-                    Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
-                }
-            }
-        })
-    };
-
-    // Dead hosts' addresses, blocks and endpoints are reclaimed once their
-    // lease has expired and a grace period passed (any agent may do it; the
-    // transaction holds only while the host is still absent).
-    let reclaimer = {
-        let cluster = cluster.clone();
-        let grace = cfg.reclaim_grace;
-        let every = cfg.resync_interval;
-        tokio::spawn(async move {
-            let mut dead_since: HashMap<String, std::time::Instant> = HashMap::new();
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                let absent = match cluster.absent_owners().await {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "checking for dead hosts");
-                        continue;
-                    }
-                };
-                let now = std::time::Instant::now();
-                dead_since.retain(|h, _| absent.contains(h));
-                for h in absent {
-                    let since = *dead_since.entry(h.clone()).or_insert(now);
-                    if now.duration_since(since) >= grace {
-                        match cluster.reclaim_host(&h).await {
-                            Ok(n) => {
-                                tracing::info!(host = %h, endpoints = n, "reclaimed a dead host's addresses");
-                                dead_since.remove(&h);
-                            }
-                            Err(e) => tracing::warn!(host = %h, error = %e, "reclaiming a dead host"),
-                        }
-                    }
-                }
-            }
-        })
-    };
-
-    // Key rotation of encrypted networks: every agent takes due steps (the
-    // store's compare-and-swap makes one win); each host's acks come from
-    // its passes. The sequence-number trigger reads this host's SAs.
-    let rotator = {
-        let cluster = cluster.clone();
-        let policy = cfg.key_rotation;
-        let threshold = cfg.esp_seq_threshold;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Ok(nets) = cluster.networks().await else { continue };
-                if !nets.iter().any(|n| n.encrypted) {
-                    continue;
-                }
-                let exhausted =
-                    match tokio::task::spawn_blocking(|| crate::dataplane::linux::xfrm::XfrmSocket::open()?.observe())
-                        .await
-                    {
-                        Ok(Ok(x)) => crate::state::encryption::exhausted_networks(&nets, &x, threshold),
-                        _ => Default::default(),
-                    };
-                match cluster.drive_rotations(&policy, &exhausted).await {
-                    Ok(steps) => {
-                        for (net, step) in steps {
-                            tracing::info!(network = %net, ?step, "key rotation step");
-                        }
-                    }
-                    Err(e) => tracing::debug!(error = %e, "driving key rotations"),
-                }
-            }
-        })
-    };
-
-    // Store changes (from this host or any other) trigger a pass.
-    let watcher = {
-        let reconciler = reconciler.clone();
-        let store = store.clone();
-        let cluster = cluster.clone();
-        let dns_changed = dns_changed.clone();
-        tokio::spawn(async move {
-            // Resume after the last event seen, so a broken watch (an etcd
-            // restart) misses nothing; if that revision is compacted away,
-            // start afresh and reconcile at once.
-            let mut next: trellis_store::Revision = 0;
-            loop {
-                let mut w = match store.watch(model::ROOT, next).await {
-                    Ok(w) => w,
-                    Err(trellis_store::StoreError::Compacted { .. }) => {
-                        next = 0;
-                        if let Ok(r) = reconciler.pass().await {
-                            settle(&cluster, &r).await;
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "watching the store failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                };
-                loop {
-                    let ev = match w.next().await {
-                        Some(Ok(ev)) => ev,
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "store watch broke; resubscribing");
-                            break;
-                        }
-                        None => {
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            break;
-                        }
-                    };
-                    next = next.max(ev.kv.mod_revision + 1);
-                    // Fold a burst of events into one pass.
-                    while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {
-                        next = next.max(ev.kv.mod_revision + 1);
-                    }
-                    dns_changed.notify_one();
-                    match reconciler.pass().await {
-                        Ok(r) => settle(&cluster, &r).await,
-                        Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
-                    }
-                }
-            }
-        })
-    };
+    let every = cfg.resync_interval;
+    tasks.spawn(tasks::resync(reconciler.clone(), cluster.clone(), dataplane.clone(), every, dns_changed.clone()));
+    tasks.spawn(tasks::reclaim_dead_hosts(cluster.clone(), cfg.reclaim_grace, every));
+    tasks.spawn(tasks::rotate_keys(cluster.clone(), dataplane.clone(), cfg.key_rotation, cfg.esp_seq_threshold));
+    tasks.spawn(tasks::watch_store(reconciler, store.clone(), cluster, dataplane, dns_changed));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -512,44 +248,17 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     tracing::info!(host = %host, socket = %cfg.socket.display(), store = store.backend(), "trellisd serving");
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(AgentServer::from_arc(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
-        .context("serving the agent API")?;
-    resync.abort();
-    watcher.abort();
-    registration.abort();
-    reclaimer.abort();
-    rotator.abort();
-    if let Some(task) = dns {
-        task.abort();
-    }
-    if let Some(task) = events_task {
-        task.abort();
-    }
-    if let Some((a, b)) = metrics {
-        a.abort();
-        b.abort();
-    }
-    if let Some(task) = docker {
-        task.abort();
-        if let Some(path) = &cfg.docker_plugin {
-            let _ = std::fs::remove_file(path);
-        }
+        .context("serving the agent API");
+    // The one shutdown path: every loop stops, the sockets go; the
+    // datapath stays.
+    tasks.shutdown().await;
+    if let Some(path) = docker_socket {
+        let _ = std::fs::remove_file(path);
     }
     let _ = std::fs::remove_file(&cfg.socket);
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn tcx_comes_with_linux_6_6() {
-        for (release, tcx) in
-            [("6.18.44-fc-v657", true), ("6.6.0", true), ("6.1.0-48-amd64", false), ("5.15.0", false), ("", false)]
-        {
-            assert_eq!(super::tcx_kernel(release), tcx, "{release}");
-        }
-    }
+    served
 }

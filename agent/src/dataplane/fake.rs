@@ -2,7 +2,9 @@
 //! [`Observed`] (with [`Observed::record`], as the reconciler's cache does)
 //! and logs them; failures can be injected.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ipnet::IpNet;
@@ -17,8 +19,14 @@ pub struct FakeDataplane {
     pub log: Mutex<Vec<Action>>,
     /// Endpoint ids whose creation fails (their netns "is gone").
     pub failing: Mutex<Vec<String>>,
+    /// Every endpoint's creation fails.
+    pub fail_every_endpoint: std::sync::atomic::AtomicBool,
     /// Every xfrm change fails (a kernel without ESP or xfrm).
     pub failing_xfrm: std::sync::atomic::AtomicBool,
+    /// The namespaces the agent created and has not removed.
+    pub namespaces: Mutex<BTreeSet<PathBuf>>,
+    /// Creating a namespace fails.
+    pub failing_netns: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDataplane {
@@ -45,7 +53,8 @@ impl Dataplane for FakeDataplane {
     async fn apply(&self, action: &Action) -> Result<()> {
         self.log.lock().unwrap().push(action.clone());
         if let Action::CreateEndpoint(spec) = action
-            && self.failing.lock().unwrap().contains(&spec.endpoint_id)
+            && (self.failing.lock().unwrap().contains(&spec.endpoint_id)
+                || self.fail_every_endpoint.load(std::sync::atomic::Ordering::Relaxed))
         {
             return Err(DataplaneError::NetnsGone(spec.netns.clone()));
         }
@@ -57,6 +66,33 @@ impl Dataplane for FakeDataplane {
             });
         }
         self.state.lock().unwrap().record(action)
+    }
+
+    fn prepare_host(&self) {}
+
+    fn esp_support(&self) -> std::result::Result<(), String> {
+        Err("the fake kernel has no ESP".into())
+    }
+
+    fn observe_xfrm(&self) -> Result<trellis_ipsec::ObservedXfrm> {
+        Ok(self.state.lock().unwrap().xfrm.clone())
+    }
+
+    fn create_netns(&self, path: &Path) -> Result<()> {
+        if self.failing_netns.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(DataplaneError::Io {
+                call: "create netns file",
+                object: path.display().to_string(),
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        self.namespaces.lock().unwrap().insert(path.to_path_buf());
+        Ok(())
+    }
+
+    fn remove_netns(&self, path: &Path) -> Result<()> {
+        self.namespaces.lock().unwrap().remove(path);
+        Ok(())
     }
 
     async fn host_routes(&self) -> Result<Vec<IpNet>> {

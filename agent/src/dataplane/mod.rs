@@ -65,6 +65,20 @@ pub trait Dataplane: Send + Sync + 'static {
     async fn underlay_mtu(&self) -> Result<u32>;
     /// The first IPv4 address of the default route's interface.
     async fn underlay_addr(&self) -> Result<Option<IpAddr>>;
+    /// Host-wide settings the agent needs (kernel limits sized for a
+    /// thousand endpoints), raised, never lowered, where the agent may.
+    fn prepare_host(&self);
+    /// Can this kernel carry encrypted networks (ESP with the AEAD)? The
+    /// reason when not. Blocking: call it off the runtime.
+    fn esp_support(&self) -> std::result::Result<(), String>;
+    /// The IPsec SAs and policies the kernel has. Blocking.
+    fn observe_xfrm(&self) -> Result<trellis_ipsec::ObservedXfrm>;
+    /// Create an empty network namespace pinned at `path` (as `ip netns
+    /// add` does), for an endpoint whose namespace the agent manages.
+    fn create_netns(&self, path: &std::path::Path) -> Result<()>;
+    /// Remove a namespace made by [`Dataplane::create_netns`]; a missing one
+    /// is no error.
+    fn remove_netns(&self, path: &std::path::Path) -> Result<()>;
     /// An interface inside a container's namespace, as the kernel has it
     /// (`None`: no such interface; an error if the namespace is gone).
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>>;

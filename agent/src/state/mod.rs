@@ -29,6 +29,9 @@ pub enum AgentError {
     FailedPrecondition(String),
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A reconcile pass could not run (the store or the kernel could not be read).
+    #[error("reconcile failed: {0}")]
+    Reconcile(String),
     #[error("{0}")]
     Internal(String),
 }

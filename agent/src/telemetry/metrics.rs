@@ -456,7 +456,12 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 
 /// Serve `/metrics` on `addr`: OpenMetrics when the client asks for it,
 /// the Prometheus text format otherwise.
-pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// Binds at once (an error is the caller's to report); the returned future
+/// serves until dropped.
+pub async fn serve(
+    registry: Arc<Registry>,
+    addr: SocketAddr,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let app = axum::Router::new().route(
         "/metrics",
@@ -494,11 +499,11 @@ pub async fn serve(registry: Arc<Registry>, addr: SocketAddr) -> std::io::Result
             }
         }),
     );
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics server stopped");
         }
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -30,17 +30,15 @@ use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tonic::Request;
 use trellis_ipam::{AddrRequest, RESERVED, pure};
 use trellis_plugin_api::docker as dp;
-use trellis_plugin_api::proto::{self, agent_server::Agent};
 use trellis_plugin_api::validate;
 use trellis_store::{Compare, Op};
 
 use crate::api::docker::engine::Engine;
-use crate::api::grpc::AgentService;
-use crate::model::{self, NetworkRecord};
-use crate::state::AgentError;
+use crate::app::{App, AttachRequest};
+use crate::model::{self, EndpointKind, NetworkRecord};
+use crate::state::{AgentError, NewNetwork};
 
 /// Options `docker network create -o` understands.
 pub const OPT_ATTACHABLE: &str = "trellis.attachable";
@@ -85,10 +83,6 @@ struct DockerEp {
     endpoint_id: Option<String>,
 }
 
-fn subnet_key(n: &IpNet) -> String {
-    n.to_string().replace('/', "_")
-}
-
 fn pool_id(n: &IpNet) -> String {
     format!("trellis-{n}")
 }
@@ -98,7 +92,7 @@ fn parse_pool_id(id: &str) -> Result<IpNet, String> {
 }
 
 pub struct DockerDriver {
-    svc: Arc<AgentService>,
+    app: Arc<App>,
     engine: Engine,
     host: String,
     bind_lock: tokio::sync::Mutex<()>,
@@ -111,29 +105,29 @@ fn err(e: impl std::fmt::Display) -> String {
 type Answer = Result<Value, String>;
 
 impl DockerDriver {
-    pub fn new(svc: Arc<AgentService>, engine: Engine) -> Arc<DockerDriver> {
-        let host = svc.cluster.host.clone();
-        Arc::new(DockerDriver { svc, engine, host, bind_lock: tokio::sync::Mutex::new(()) })
+    pub fn new(app: Arc<App>, engine: Engine) -> Arc<DockerDriver> {
+        let host = app.cluster.host.clone();
+        Arc::new(DockerDriver { app, engine, host, bind_lock: tokio::sync::Mutex::new(()) })
     }
 
     fn prefix(&self) -> String {
-        format!("{}docker/hosts/{}/", model::ROOT, self.host)
+        model::docker_host_prefix(&self.host)
     }
     fn net_key(&self, id: &str) -> String {
-        format!("{}nets/{id}", self.prefix())
+        model::docker_net_key(&self.host, id)
     }
     fn pool_key(&self, n: &IpNet) -> String {
-        format!("{}pools/{}", self.prefix(), subnet_key(n))
+        model::docker_pool_key(&self.host, n)
     }
     fn ep_key(&self, id: &str) -> String {
-        format!("{}eps/{id}", self.prefix())
+        model::docker_ep_key(&self.host, id)
     }
     fn reserved_key(n: &IpNet) -> String {
-        format!("{}docker/reserved/{}", model::ROOT, subnet_key(n))
+        model::docker_reserved_key(n)
     }
 
     async fn load<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, String> {
-        match self.svc.cluster.store.get(key).await.map_err(err)? {
+        match self.app.cluster.store.get(key).await.map_err(err)? {
             Some(kv) => serde_json::from_slice(&kv.value).map(Some).map_err(|e| format!("corrupt record {key}: {e}")),
             None => Ok(None),
         }
@@ -141,12 +135,12 @@ impl DockerDriver {
 
     async fn save<T: Serialize>(&self, key: &str, v: &T) -> Result<(), String> {
         let bytes = serde_json::to_vec(v).expect("records serialize");
-        self.svc.cluster.store.txn(vec![], vec![Op::put(key.to_string(), bytes)]).await.map_err(err)?;
+        self.app.cluster.store.txn(vec![], vec![Op::put(key.to_string(), bytes)]).await.map_err(err)?;
         Ok(())
     }
 
     async fn delete(&self, key: &str) -> Result<(), String> {
-        self.svc.cluster.store.txn(vec![], vec![Op::delete(key.to_string())]).await.map_err(err)?;
+        self.app.cluster.store.txn(vec![], vec![Op::delete(key.to_string())]).await.map_err(err)?;
         Ok(())
     }
 
@@ -224,7 +218,7 @@ impl DockerDriver {
             (self.reserve_subnet().await?, false)
         } else {
             let subnet = validate::subnet(&r.pool).map_err(err)?;
-            for n in self.svc.cluster.networks().await.map_err(err)? {
+            for n in self.app.cluster.networks().await.map_err(err)? {
                 if n.subnet != subnet && pure::overlaps(&n.subnet, &subnet) {
                     return Err(format!("subnet {subnet} overlaps {} of Trellis network {:?}", n.subnet, n.name));
                 }
@@ -238,11 +232,11 @@ impl DockerDriver {
     /// A subnet from the default pool, reserved cluster-wide until a
     /// network takes it (or the pool is released).
     async fn reserve_subnet(&self) -> Result<IpNet, String> {
-        let c = &self.svc.cluster;
-        let avoid = self.svc.dataplane.host_routes().await.map_err(err)?;
+        let c = &self.app.cluster;
+        let avoid = self.app.dataplane.host_routes().await.map_err(err)?;
         for _ in 0..16 {
             let mut taken: Vec<IpNet> = c.networks().await.map_err(err)?.iter().map(|n| n.subnet).collect();
-            let (reserved, _) = c.store.list(&format!("{}docker/reserved/", model::ROOT)).await.map_err(err)?;
+            let (reserved, _) = c.store.list(&model::docker_reserved_prefix()).await.map_err(err)?;
             taken.extend(
                 reserved.iter().filter_map(|kv| kv.key.rsplit('/').next()?.replace('_', "/").parse::<IpNet>().ok()),
             );
@@ -264,7 +258,7 @@ impl DockerDriver {
 
     async fn drop_reservation(&self, subnet: &IpNet) -> Result<(), String> {
         let key = Self::reserved_key(subnet);
-        self.svc
+        self.app
             .cluster
             .store
             .txn(vec![Compare::Value(key.clone(), self.host.clone().into_bytes())], vec![Op::delete(key)])
@@ -282,7 +276,7 @@ impl DockerDriver {
 
     /// The Docker network whose pool is `subnet`.
     async fn net_by_pool(&self, subnet: &IpNet) -> Result<Option<DockerNet>, String> {
-        let (items, _) = self.svc.cluster.store.list(&format!("{}nets/", self.prefix())).await.map_err(err)?;
+        let (items, _) = self.app.cluster.store.list(&format!("{}nets/", self.prefix())).await.map_err(err)?;
         Ok(items
             .iter()
             .filter_map(|kv| serde_json::from_slice::<DockerNet>(&kv.value).ok())
@@ -294,7 +288,7 @@ impl DockerDriver {
         if r.is_gateway() {
             // The network's gateway: the cluster network's if it exists,
             // else the one asked for, else the subnet's first address.
-            let existing = self.svc.cluster.networks().await.map_err(err)?.into_iter().find(|n| n.subnet == subnet);
+            let existing = self.app.cluster.networks().await.map_err(err)?.into_iter().find(|n| n.subnet == subnet);
             let gw = match (existing.and_then(|n| n.gateway), r.address.is_empty()) {
                 (Some(g), _) => g,
                 (None, false) => validate::ip("gateway", &r.address).map_err(err)?,
@@ -311,7 +305,7 @@ impl DockerDriver {
         } else {
             AddrRequest::Specific(validate::ip("address", &r.address).map_err(err)?)
         };
-        let c = &self.svc.cluster;
+        let c = &self.app.cluster;
         let ip = c
             .ipam
             .allocate(&crate::state::Cluster::pool(&net), request, RESERVED, |_| (vec![], vec![]))
@@ -331,7 +325,7 @@ impl DockerDriver {
             .map_err(|_| format!("invalid address {:?}", r.address))?;
         let Some(dn) = self.net_by_pool(&subnet).await? else { return Ok(json!({})) };
         let Some(net_id) = dn.network_id else { return Ok(json!({})) };
-        let net = match self.svc.cluster.network(&net_id).await {
+        let net = match self.app.cluster.network(&net_id).await {
             Ok(n) => n,
             Err(AgentError::NotFound(_)) => return Ok(json!({})),
             Err(e) => return Err(e.to_string()),
@@ -341,7 +335,7 @@ impl DockerDriver {
         }
         // Still a reservation (the endpoint never joined): released here;
         // an endpoint's address goes with the endpoint.
-        self.svc.cluster.ipam.release_reservation(&crate::state::Cluster::pool(&net), ip).await.map_err(err)?;
+        self.app.cluster.ipam.release_reservation(&crate::state::Cluster::pool(&net), ip).await.map_err(err)?;
         Ok(json!({}))
     }
 
@@ -406,7 +400,7 @@ impl DockerDriver {
         };
         if dn.encrypted {
             // Refused now, not when the first container joins.
-            self.svc.cluster.require_esp(dn.name.as_deref().unwrap_or(&r.network_id)).map_err(err)?;
+            self.app.cluster.require_esp(dn.name.as_deref().unwrap_or(&r.network_id)).map_err(err)?;
         }
         self.save(&self.net_key(&r.network_id), &dn).await?;
         // Bind as soon as the engine knows the network's name (right after
@@ -433,7 +427,7 @@ impl DockerDriver {
         let Some(mut dn) = self.load::<DockerNet>(&key).await? else {
             return Err(format!("Docker network {docker_id} is unknown to the trellis driver"));
         };
-        let c = &self.svc.cluster;
+        let c = &self.app.cluster;
         if let Some(id) = &dn.network_id {
             return match c.network(id).await {
                 Ok(n) => Ok(n),
@@ -470,20 +464,20 @@ impl DockerDriver {
                 Err(AgentError::NotFound(_)) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            let req = proto::CreateNetworkRequest {
+            let new = NewNetwork {
                 name: name.clone(),
-                subnet: dn.pool.to_string(),
-                gateway: dn.gateway.map(|g| g.to_string()).unwrap_or_default(),
+                subnet: Some(dn.pool),
+                gateway: dn.gateway,
                 attachable: dn.attachable,
                 internal: dn.internal,
                 encrypted: dn.encrypted,
                 mtu: dn.mtu,
-                labels: labels.clone().into_iter().collect(),
+                labels: labels.clone(),
             };
-            match self.svc.create_network(Request::new(req)).await {
+            match self.app.create_network(new).await {
                 Ok(_) => {}
-                Err(s) if s.code() == tonic::Code::AlreadyExists => continue,
-                Err(s) => return Err(s.message().to_string()),
+                Err(AgentError::AlreadyExists(_)) => continue,
+                Err(e) => return Err(e.to_string()),
             }
         };
         // The subnet is the network's now (or another one is): the
@@ -502,7 +496,7 @@ impl DockerDriver {
         let Some(dn) = self.load::<DockerNet>(&self.net_key(docker_id)).await? else { return Ok(json!({})) };
         // Endpoint records of this Docker network (left by a dockerd that
         // died) go with it.
-        let (eps, _) = self.svc.cluster.store.list(&format!("{}eps/", self.prefix())).await.map_err(err)?;
+        let (eps, _) = self.app.cluster.store.list(&format!("{}eps/", self.prefix())).await.map_err(err)?;
         for kv in eps {
             if serde_json::from_slice::<DockerEp>(&kv.value).is_ok_and(|e| e.docker_net == docker_id) {
                 self.delete(&kv.key).await?;
@@ -515,7 +509,7 @@ impl DockerDriver {
         let Some(net_id) = dn.network_id else { return Ok(json!({})) };
         // The cluster network goes with the last Docker network bound to it
         // on any host, if the driver created it and nothing is attached.
-        let (all, _) = self.svc.cluster.store.list(&format!("{}docker/hosts/", model::ROOT)).await.map_err(err)?;
+        let (all, _) = self.app.cluster.store.list(&model::docker_hosts_prefix()).await.map_err(err)?;
         let still_bound = all.iter().any(|kv| {
             kv.key.contains("/nets/")
                 && serde_json::from_slice::<DockerNet>(&kv.value)
@@ -524,13 +518,11 @@ impl DockerDriver {
         if still_bound {
             return Ok(json!({}));
         }
-        if let Ok(net) = self.svc.cluster.network(&net_id).await
+        if let Ok(net) = self.app.cluster.network(&net_id).await
             && net.labels.get(CREATED_BY).map(String::as_str) == Some("docker")
+            && let Err(e) = self.app.remove_network(&net.id, false).await
         {
-            let req = proto::RemoveNetworkRequest { name: net.id.clone(), force: false };
-            if let Err(s) = self.svc.remove_network(Request::new(req)).await {
-                tracing::info!(network = %net.name, reason = %s.message(), "keeping the cluster network");
-            }
+            tracing::info!(network = %net.name, reason = %e, "keeping the cluster network");
         }
         Ok(json!({}))
     }
@@ -567,16 +559,12 @@ impl DockerDriver {
             return Err("Join without a SandboxKey".into());
         }
         let net = self.bind(&de.docker_net).await?;
-        let req = proto::AttachRequest {
-            network: net.id.clone(),
-            ip: de.ip.to_string(),
-            netns: r.sandbox_key.clone(),
-            ifname: DST_PREFIX.to_string(),
-            kind: proto::EndpointKind::Docker as i32,
-            reserved: true,
-            ..Default::default()
-        };
-        let ep = self.svc.attach(Request::new(req)).await.map_err(|s| s.message().to_string())?.into_inner();
+        let mut req = AttachRequest::new(&net.id, EndpointKind::Docker);
+        req.ip = Some(de.ip);
+        req.reserved = true;
+        req.netns = Some(r.sandbox_key.clone().into());
+        req.ifname = DST_PREFIX.to_string();
+        let ep = self.app.attach(req).await.map_err(err)?.endpoint;
         de.endpoint_id = Some(ep.id.clone());
         self.save(&key, &de).await?;
         let me = self.clone();
@@ -625,7 +613,7 @@ impl DockerDriver {
                 c.aliases(&info.name).into_iter().filter(|a| validate::name("alias", a).is_ok()).collect();
             let mut labels = c.labels();
             labels.retain(|k, v| validate::labels(&BTreeMap::from([(k.clone(), v.clone())])).is_ok());
-            match self.svc.cluster.set_identity(endpoint, &cid, name, aliases, labels).await {
+            match self.app.cluster.set_identity(endpoint, &cid, name, aliases, labels).await {
                 Ok(rec) => {
                     tracing::info!(endpoint = %endpoint, name = %rec.name, network, container = %cid, "learned the container's identity")
                 }
@@ -639,17 +627,9 @@ impl DockerDriver {
     async fn leave(&self, docker_ep: &str) -> Answer {
         let Some(de) = self.load::<DockerEp>(&self.ep_key(docker_ep)).await? else { return Ok(json!({})) };
         if let Some(id) = &de.endpoint_id {
-            self.detach(id).await?;
+            self.app.detach_id(id).await.map_err(err)?;
         }
         Ok(json!({}))
-    }
-
-    async fn detach(&self, id: &str) -> Result<(), String> {
-        match self.svc.cluster.find_endpoint(id, None).await {
-            Ok(e) if e.id == id => self.svc.cluster.mark_deleting(&e).await.map_err(err),
-            Ok(_) | Err(AgentError::NotFound(_)) => Ok(()),
-            Err(e) => Err(e.to_string()),
-        }
     }
 
     async fn delete_endpoint(&self, docker_ep: &str) -> Answer {
@@ -657,7 +637,7 @@ impl DockerDriver {
         if let Some(de) = self.load::<DockerEp>(&key).await?
             && let Some(id) = &de.endpoint_id
         {
-            self.detach(id).await?;
+            self.app.detach_id(id).await.map_err(err)?;
         }
         self.delete(&key).await?;
         Ok(json!({}))
@@ -677,8 +657,12 @@ async fn route(State(driver): State<Arc<DockerDriver>>, UrlPath(method): UrlPath
     }
 }
 
-/// Serve the driver on `socket` until the task is dropped.
-pub async fn serve(driver: Arc<DockerDriver>, socket: &Path) -> std::io::Result<tokio::task::JoinHandle<()>> {
+/// Bind the driver's socket (an error is the caller's to report); the
+/// returned future serves until dropped.
+pub async fn serve(
+    driver: Arc<DockerDriver>,
+    socket: &Path,
+) -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -689,11 +673,11 @@ pub async fn serve(driver: Arc<DockerDriver>, socket: &Path) -> std::io::Result<
     }
     let listener = tokio::net::UnixListener::bind(socket)?;
     let app = Router::new().route("/{method}", axum::routing::post(route)).with_state(driver);
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the Docker driver stopped");
         }
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -705,6 +689,5 @@ mod tests {
         let n: IpNet = "10.7.0.0/24".parse().unwrap();
         assert_eq!(parse_pool_id(&pool_id(&n)).unwrap(), n);
         assert!(parse_pool_id("bogus").is_err());
-        assert_eq!(subnet_key(&n), "10.7.0.0_24");
     }
 }

@@ -4,6 +4,7 @@
 //! an endpoint is plugged in.
 
 pub mod netns;
+pub mod sysctl;
 pub mod xfrm;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -686,6 +687,26 @@ const MAIN_TABLE: u32 = 254;
 
 #[async_trait::async_trait]
 impl Dataplane for NetlinkDataplane {
+    fn prepare_host(&self) {
+        sysctl::raise_host_limits();
+    }
+
+    fn esp_support(&self) -> std::result::Result<(), String> {
+        xfrm::esp_support()
+    }
+
+    fn observe_xfrm(&self) -> Result<trellis_ipsec::ObservedXfrm> {
+        xfrm::XfrmSocket::open()?.observe()
+    }
+
+    fn create_netns(&self, path: &std::path::Path) -> Result<()> {
+        netns::create(path)
+    }
+
+    fn remove_netns(&self, path: &std::path::Path) -> Result<()> {
+        netns::remove(path)
+    }
+
     fn set_events(&self, on: bool) {
         if let Some((dp, _)) = &self.bpf {
             let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
@@ -951,7 +972,7 @@ impl Dataplane for NetlinkDataplane {
                     .replace()
                     .execute()
                     .await
-                    .map_err(nl("add fdb entry", format!("{} via {dst} on {link}", mac.to_string())))
+                    .map_err(nl("add fdb entry", format!("{mac} via {dst} on {link}")))
             }
             Action::DelFdb { link, mac, dst } => {
                 let index = Self::require(&self.handle, link).await?;
@@ -963,7 +984,7 @@ impl Dataplane for NetlinkDataplane {
                 msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(*dst)));
                 match self.handle.neighbours().del(msg).execute().await {
                     Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
-                    r => r.map_err(nl("delete fdb entry", format!("{} on {link}", mac.to_string()))),
+                    r => r.map_err(nl("delete fdb entry", format!("{mac} on {link}"))),
                 }
             }
             Action::AddNeigh { link, ip, mac } => {

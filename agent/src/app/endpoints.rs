@@ -1,0 +1,390 @@
+//! Endpoints: attach (with rollback at every step), detach (the one path,
+//! for the CLI, CNI and Docker alike), check, find and list.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use trellis_plugin_api::validate;
+
+use super::{AgentError, App, Result};
+use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
+use crate::state::NewEndpoint;
+
+/// An endpoint to attach, as a front door parsed it.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    pub network: String,
+    pub name: Option<String>,
+    pub ip: Option<IpAddr>,
+    /// `ip` is this host's reservation (Docker's IPAM), to be claimed.
+    pub reserved: bool,
+    /// The interface inside the namespace (`eth0` when empty).
+    pub ifname: String,
+    pub labels: BTreeMap<String, String>,
+    pub kind: EndpointKind,
+    /// An existing namespace; `None`: a new one the agent manages.
+    pub netns: Option<PathBuf>,
+    pub container_id: String,
+}
+
+impl AttachRequest {
+    pub fn new(network: &str, kind: EndpointKind) -> AttachRequest {
+        AttachRequest {
+            network: network.to_string(),
+            name: None,
+            ip: None,
+            reserved: false,
+            ifname: String::new(),
+            labels: BTreeMap::new(),
+            kind,
+            netns: None,
+            container_id: String::new(),
+        }
+    }
+}
+
+/// An attached endpoint, with its network and the resolver it should use.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub endpoint: EndpointRecord,
+    pub network: Option<NetworkRecord>,
+    /// The gateway, where this host answers DNS (none without DNS).
+    pub dns: Option<IpAddr>,
+}
+
+/// How a caller names an endpoint.
+#[derive(Clone, Copy, Debug)]
+pub enum EndpointRef<'a> {
+    /// By id or name (names are unique within a network).
+    Name { endpoint: &'a str, network: Option<&'a str> },
+    /// By an engine's container and interface.
+    Container { container_id: &'a str, ifname: &'a str, network: Option<&'a str> },
+}
+
+impl App {
+    /// Attach an endpoint and converge: on any failure nothing is left
+    /// behind (no record, no address, no namespace, no device).
+    pub async fn attach(&self, req: AttachRequest) -> Result<Attached> {
+        if req.network.is_empty() {
+            return Err(AgentError::InvalidArgument("a network is required".into()));
+        }
+        if let Some(name) = &req.name {
+            validate::name("endpoint name", name)?;
+        }
+        if req.reserved && req.ip.is_none() {
+            return Err(AgentError::InvalidArgument("a reserved address must be named (ip)".into()));
+        }
+        let ifname = if req.ifname.is_empty() { "eth0".to_string() } else { req.ifname.clone() };
+        validate::ifname(&ifname)?;
+        validate::labels(&req.labels)?;
+        let id = model::new_id();
+        let (netns_path, managed) = match &req.netns {
+            None => (self.netns_dir.join(&id), true),
+            Some(p) => {
+                // An engine's sandbox appears after its Join (Docker).
+                if !p.exists() && req.kind != EndpointKind::Docker {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "network namespace {:?} does not exist",
+                        p.display().to_string()
+                    )));
+                }
+                (p.clone(), false)
+            }
+        };
+        // Check the network before creating anything in the kernel.
+        self.cluster.network(&req.network).await?;
+        if managed {
+            self.dataplane
+                .create_netns(&netns_path)
+                .map_err(|e| AgentError::Internal(format!("creating a network namespace: {e}")))?;
+        }
+        let new = NewEndpoint {
+            id: id.clone(),
+            network: req.network.clone(),
+            name: req.name.clone(),
+            ip: req.ip,
+            labels: req.labels.clone(),
+            netns: netns_path.clone(),
+            managed_netns: managed,
+            ifname,
+            kind: req.kind,
+            container_id: req.container_id.clone(),
+            reserved: req.reserved,
+        };
+        let rec = match self.cluster.create_endpoint(new).await {
+            Ok(r) => r,
+            Err(e) => {
+                if managed {
+                    let _ = self.dataplane.remove_netns(&netns_path);
+                }
+                return Err(e);
+            }
+        };
+        let report = self.converge().await;
+        let failure = match &report {
+            Ok(r) => r.endpoint_error(&id).map(str::to_string),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(msg) = failure {
+            // Undo: records and address, then the kernel side.
+            if let Err(e) = self.cluster.remove_endpoint(&rec).await {
+                tracing::error!(endpoint = %id, error = %e, "rolling back a failed attach");
+            }
+            let _ = self.reconciler.pass().await;
+            self.remove_managed(&rec);
+            return Err(AgentError::FailedPrecondition(format!(
+                "attaching to network {:?} failed: {msg}; nothing was left behind",
+                rec.network
+            )));
+        }
+        tracing::info!(endpoint = %rec.id, name = %rec.name, network = %rec.network, ip = %rec.ip, "attached");
+        let network = self.cluster.network(&rec.network_id).await.ok();
+        let mut dns = None;
+        if let (Some(core), Some(n)) = (&self.dns, &network) {
+            // Resolvable, and resolving, before the container's first query.
+            core.add_endpoint(&crate::dns::zone_network(n), &crate::dns::zone_endpoint(&rec));
+            dns = n.gateway;
+        }
+        Ok(Attached { endpoint: rec, network, dns })
+    }
+
+    /// An endpoint by id or name, or by an engine's container id + ifname.
+    pub async fn find(&self, r: EndpointRef<'_>) -> Result<EndpointRecord> {
+        match r {
+            EndpointRef::Container { container_id, ifname, network } if !container_id.is_empty() => {
+                self.cluster.find_by_container(container_id, ifname, network).await
+            }
+            EndpointRef::Name { endpoint, network } if !endpoint.is_empty() => {
+                self.cluster.find_endpoint(endpoint, network).await
+            }
+            _ => Err(AgentError::InvalidArgument("an endpoint (id or name) or a container id is required".into())),
+        }
+    }
+
+    /// Detach: the endpoint is gone for every user at once; its devices go
+    /// in the next pass (triggered by this write), and only then its
+    /// address and record ([`super::settle`]).
+    pub async fn detach(&self, e: &EndpointRecord) -> Result<()> {
+        self.cluster.mark_deleting(e).await?;
+        tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "detached");
+        Ok(())
+    }
+
+    /// Detach the endpoint with this id if it still exists (an engine's
+    /// retried or late calls find nothing, which is no error).
+    pub async fn detach_id(&self, id: &str) -> Result<()> {
+        match self.cluster.find_endpoint(id, None).await {
+            Ok(e) if e.id == id => self.detach(&e).await,
+            Ok(_) | Err(AgentError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What is wrong with an endpoint's devices on this host (empty: all
+    /// is as it should be).
+    pub async fn check(&self, e: &EndpointRecord) -> Result<(NetworkRecord, Vec<String>)> {
+        let net = self.cluster.network(&e.network_id).await?;
+        let mut problems = Vec::new();
+        if e.host != self.cluster.host {
+            problems.push(format!("endpoint {} is on host {}, not this one", e.id, e.host));
+            return Ok((net, problems));
+        }
+        let host_if = model::host_ifname(&e.id);
+        let bridge = model::bridge_name(&net.id);
+        let observed = self.dataplane.observe(false).await.map_err(|e| AgentError::Internal(e.to_string()))?;
+        match observed.links.get(&host_if) {
+            None => problems.push(format!("host interface {host_if} is missing")),
+            Some(l) if !l.up => problems.push(format!("host interface {host_if} is down")),
+            Some(l) if l.master.as_deref() != Some(bridge.as_str()) => {
+                problems.push(format!("host interface {host_if} is not a port of bridge {bridge}"))
+            }
+            Some(_) => {}
+        }
+        let want = ipnet::IpNet::new(e.ip, net.subnet.prefix_len()).map_err(|e| AgentError::Internal(e.to_string()))?;
+        match self.dataplane.container_link(&e.netns, &e.ifname).await {
+            Err(err) => problems.push(err.to_string()),
+            Ok(None) => problems.push(format!("interface {} is missing in {}", e.ifname, e.netns.display())),
+            Ok(Some(l)) => {
+                if !l.up {
+                    problems.push(format!("interface {} is down", e.ifname));
+                }
+                if !l.addrs.contains(&want) {
+                    problems.push(format!("interface {} lacks address {want}", e.ifname));
+                }
+                if l.mac != e.mac {
+                    problems.push(format!("interface {} has MAC {}, not {}", e.ifname, l.mac, e.mac));
+                }
+            }
+        }
+        Ok((net, problems))
+    }
+
+    /// Every endpoint (of one network), each with its network.
+    pub async fn endpoints(&self, network: Option<&str>) -> Result<Vec<(EndpointRecord, Option<NetworkRecord>)>> {
+        let nets = self.cluster.networks().await?;
+        let filter = match network {
+            None => None,
+            Some(n) => Some(self.cluster.network(n).await?.id),
+        };
+        Ok(self
+            .cluster
+            .endpoints()
+            .await?
+            .into_iter()
+            .filter(|e| filter.as_ref().is_none_or(|f| &e.network_id == f))
+            .map(|e| {
+                let n = nets.iter().find(|n| n.id == e.network_id).cloned();
+                (e, n)
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::app::testing::lab;
+    use crate::dataplane::Action;
+    use crate::state::NewNetwork;
+
+    async fn network(app: &App, name: &str, subnet: &str) -> NetworkRecord {
+        app.create_network(NewNetwork {
+            name: name.into(),
+            subnet: Some(subnet.parse().unwrap()),
+            gateway: None,
+            attachable: true,
+            internal: false,
+            encrypted: false,
+            mtu: 0,
+            labels: Default::default(),
+        })
+        .await
+        .unwrap()
+    }
+
+    /// Nothing of an endpoint is left: no record, no address, no
+    /// namespace, no device.
+    async fn nothing_left(l: &crate::app::testing::Lab, subnet: &str) {
+        assert!(l.app.cluster.all_endpoints().await.unwrap().is_empty(), "an endpoint record is left");
+        assert!(l.dp.namespaces.lock().unwrap().is_empty(), "a namespace is left");
+        let links = l.dp.with_state(|s| s.links.keys().filter(|n| n.starts_with(model::VETH_PREFIX)).count());
+        assert_eq!(links, 0, "a veth is left");
+        // The first address is free again: a new attach gets it.
+        let again = l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.unwrap();
+        let first: ipnet::IpNet = subnet.parse().unwrap();
+        assert_eq!(again.endpoint.ip, first.hosts().nth(1).unwrap(), "the address was not released");
+    }
+
+    #[tokio::test]
+    async fn attach_creates_a_managed_namespace_and_the_endpoint() {
+        let l = lab();
+        network(&l.app, "n", "10.7.0.0/24").await;
+        let mut req = AttachRequest::new("n", EndpointKind::Adhoc);
+        req.name = Some("web".into());
+        let a = l.app.attach(req).await.unwrap();
+        assert_eq!(a.endpoint.name, "web");
+        assert_eq!(a.endpoint.ip.to_string(), "10.7.0.2");
+        assert!(a.endpoint.managed_netns);
+        assert!(l.dp.namespaces.lock().unwrap().contains(&a.endpoint.netns));
+        assert!(
+            l.dp.take_log().iter().any(|x| matches!(x, Action::CreateEndpoint(s) if s.endpoint_id == a.endpoint.id))
+        );
+    }
+
+    #[tokio::test]
+    async fn attach_to_a_missing_network_creates_nothing() {
+        let l = lab();
+        let err = l.app.attach(AttachRequest::new("nope", EndpointKind::Adhoc)).await.unwrap_err();
+        assert!(matches!(err, AgentError::NotFound(_)), "{err:?}");
+        assert!(l.dp.namespaces.lock().unwrap().is_empty());
+        assert!(l.dp.take_log().is_empty(), "the kernel was touched");
+    }
+
+    #[tokio::test]
+    async fn attach_rolls_back_when_the_namespace_cannot_be_made() {
+        let l = lab();
+        network(&l.app, "n", "10.7.1.0/24").await;
+        l.dp.failing_netns.store(true, Ordering::Relaxed);
+        let err = l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.unwrap_err();
+        assert!(err.to_string().contains("creating a network namespace"), "{err}");
+        l.dp.failing_netns.store(false, Ordering::Relaxed);
+        nothing_left(&l, "10.7.1.0/24").await;
+    }
+
+    #[tokio::test]
+    async fn attach_rolls_back_when_the_store_refuses_the_endpoint() {
+        let l = lab();
+        network(&l.app, "n", "10.7.2.0/24").await;
+        let mut req = AttachRequest::new("n", EndpointKind::Adhoc);
+        req.name = Some("web".into());
+        let first = l.app.attach(req.clone()).await.unwrap();
+        let err = l.app.attach(req).await.unwrap_err();
+        assert!(matches!(err, AgentError::AlreadyExists(_)), "{err:?}");
+        assert_eq!(l.dp.namespaces.lock().unwrap().len(), 1, "the second attach's namespace is left");
+        assert!(l.dp.namespaces.lock().unwrap().contains(&first.endpoint.netns));
+    }
+
+    #[tokio::test]
+    async fn attach_rolls_back_when_the_kernel_fails_the_endpoint() {
+        let l = lab();
+        network(&l.app, "n", "10.7.3.0/24").await;
+        // Every endpoint creation fails in the kernel.
+        l.dp.fail_every_endpoint.store(true, Ordering::Relaxed);
+        let err = l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.unwrap_err();
+        assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
+        assert!(err.to_string().contains("nothing was left behind"), "{err}");
+        l.dp.fail_every_endpoint.store(false, Ordering::Relaxed);
+        nothing_left(&l, "10.7.3.0/24").await;
+    }
+
+    #[tokio::test]
+    async fn attach_validates_before_touching_anything() {
+        let l = lab();
+        network(&l.app, "n", "10.7.4.0/24").await;
+        let mut bad_name = AttachRequest::new("n", EndpointKind::Adhoc);
+        bad_name.name = Some("no spaces".into());
+        let mut reserved = AttachRequest::new("n", EndpointKind::Adhoc);
+        reserved.reserved = true;
+        let mut ifname = AttachRequest::new("n", EndpointKind::Adhoc);
+        ifname.ifname = "an-interface-name-too-long".into();
+        let mut netns = AttachRequest::new("n", EndpointKind::Adhoc);
+        netns.netns = Some("/nonexistent/trellis-netns".into());
+        for r in [bad_name, reserved, ifname, netns] {
+            let err = l.app.attach(r.clone()).await.unwrap_err();
+            assert!(matches!(err, AgentError::InvalidArgument(_)), "{r:?}: {err:?}");
+        }
+        assert!(l.dp.namespaces.lock().unwrap().is_empty());
+        assert!(l.app.cluster.all_endpoints().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn detach_removes_devices_then_record_address_and_namespace() {
+        let l = lab();
+        network(&l.app, "n", "10.7.5.0/24").await;
+        let a = l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.unwrap();
+        let e = l.app.find(EndpointRef::Name { endpoint: &a.endpoint.id, network: None }).await.unwrap();
+        l.app.detach(&e).await.unwrap();
+        // Gone for users at once.
+        assert!(l.app.endpoints(None).await.unwrap().is_empty());
+        // The next pass removes the devices and settles the rest.
+        l.app.converge().await.unwrap();
+        nothing_left(&l, "10.7.5.0/24").await;
+        // A second detach of the same id is no error (an engine retrying).
+        l.app.detach_id(&a.endpoint.id).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn find_needs_a_name_or_a_container() {
+        let l = lab();
+        let err = l.app.find(EndpointRef::Name { endpoint: "", network: None }).await.unwrap_err();
+        assert!(matches!(err, AgentError::InvalidArgument(_)));
+        let err =
+            l.app.find(EndpointRef::Container { container_id: "", ifname: "eth0", network: None }).await.unwrap_err();
+        assert!(matches!(err, AgentError::InvalidArgument(_)));
+        let err = l.app.find(EndpointRef::Name { endpoint: "ghost", network: None }).await.unwrap_err();
+        assert!(matches!(err, AgentError::NotFound(_)));
+    }
+}

@@ -1,0 +1,189 @@
+//! The agent's use cases, typed: attach (with rollback) and detach,
+//! networks, services, status and host listings, and what follows a
+//! reconcile pass ([`App::settle`]). The gRPC service, the Docker driver and
+//! through the gRPC service the CNI plugin all come in here; none of them
+//! writes to the store or the kernel themselves.
+//!
+//! Every request is validated here (the front doors only turn their wire
+//! format into these types), written to the store, and converged by a
+//! reconcile pass before the answer goes back; a failure undoes what the
+//! request wrote. Errors are [`AgentError`]s: each front door maps the kind
+//! to its own protocol (gRPC codes, Docker's `Err` field), keeping the text.
+
+pub mod endpoints;
+pub mod networks;
+pub mod services;
+pub mod status;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::dataplane::Dataplane;
+use crate::model::EndpointRecord;
+use crate::reconcile::{PassReport, Reconciler};
+pub use crate::state::AgentError;
+use crate::state::Cluster;
+use crate::telemetry::probe::Prober;
+
+pub use endpoints::{AttachRequest, Attached, EndpointRef};
+pub use networks::NetworkView;
+pub use services::ServiceView;
+pub use status::{HostView, ProbeState, StatusView, TunnelState};
+
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+/// Everything a use case needs: the store, the reconciler, the kernel, and
+/// what this host runs (DNS, probes, events).
+pub struct App {
+    pub cluster: Arc<Cluster>,
+    pub reconciler: Arc<Reconciler>,
+    pub dataplane: Arc<dyn Dataplane>,
+    /// Where namespaces the agent manages are created.
+    pub netns_dir: PathBuf,
+    pub hostname: String,
+    pub capabilities: HashMap<String, bool>,
+    /// Flow and drop events of the eBPF program (`None` without it).
+    pub events: Option<tokio::sync::broadcast::Sender<trellis_ebpf::FlowEvent>>,
+    /// The agent's DNS server (on every network's gateway), if it runs.
+    pub dns: Option<Arc<trellis_dns::Core>>,
+    /// Probes of the peers' tunnel endpoints (`None`: not running).
+    pub prober: Option<Arc<Prober>>,
+}
+
+impl App {
+    /// Converge now; a failing pass is an error of the request.
+    pub async fn converge(&self) -> Result<Arc<PassReport>> {
+        let report = self.reconciler.pass().await.map_err(|e| AgentError::Reconcile(e.to_string()))?;
+        settle(&self.cluster, self.dataplane.as_ref(), &report).await;
+        Ok(report)
+    }
+
+    /// Subscribe to the datapath's flow and drop events (turned on while
+    /// someone watches), after checking the filters.
+    pub async fn watch_events(
+        &self,
+        network: Option<&str>,
+        verdict: Option<&str>,
+    ) -> Result<tokio::sync::broadcast::Receiver<trellis_ebpf::FlowEvent>> {
+        let Some(events) = &self.events else {
+            return Err(AgentError::FailedPrecondition(
+                "no flow events on this host: its eBPF datapath is off (trellisd runs with --ebpf=false, or the program could not load: see `trellisctl status`)".into(),
+            ));
+        };
+        if let Some(v) = verdict
+            && v != "dropped"
+            && v != "passed"
+        {
+            return Err(AgentError::InvalidArgument(format!("verdict {v:?}: expected dropped or passed")));
+        }
+        if let Some(n) = network {
+            self.cluster.network(n).await?;
+        }
+        let rx = events.subscribe();
+        self.dataplane.set_events(true);
+        Ok(rx)
+    }
+
+    /// Remove a namespace the agent made for `e`, if it did.
+    fn remove_managed(&self, e: &EndpointRecord) {
+        remove_managed(self.dataplane.as_ref(), e);
+    }
+}
+
+fn remove_managed(dp: &dyn Dataplane, e: &EndpointRecord) {
+    if e.managed_netns
+        && let Err(err) = dp.remove_netns(&e.netns)
+    {
+        tracing::warn!(netns = %e.netns.display(), error = %err, "removing a managed netns");
+    }
+}
+
+/// After a pass: this host's encryption acks are published; endpoints being
+/// deleted whose devices are gone lose their records, addresses and managed
+/// namespaces; endpoints whose namespace died are collected.
+pub async fn settle(cluster: &Cluster, dp: &dyn Dataplane, report: &PassReport) {
+    if !report.acks.is_empty() {
+        cluster.publish_acks(&report.acks).await;
+    }
+    for e in &report.finalizable {
+        match cluster.finalize(e).await {
+            Ok(()) => {
+                remove_managed(dp, e);
+                tracing::debug!(endpoint = %e.id, "endpoint removed");
+            }
+            Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "finalizing a detached endpoint"),
+        }
+    }
+    if !report.gone.is_empty() {
+        collect_gone(cluster, &report.gone).await;
+    }
+}
+
+/// Remove the records of endpoints whose namespace is gone (the container
+/// died without a detach).
+async fn collect_gone(cluster: &Cluster, gone: &[String]) {
+    for id in gone {
+        match cluster.find_endpoint(id, None).await {
+            Ok(e) => {
+                if e.netns.exists() {
+                    continue;
+                }
+                match cluster.remove_endpoint(&e).await {
+                    Ok(()) => {
+                        tracing::info!(endpoint = %e.id, name = %e.name, netns = %e.netns.display(), "namespace gone: endpoint removed")
+                    }
+                    Err(err) => {
+                        tracing::warn!(endpoint = %e.id, error = %err, "removing an endpoint whose namespace is gone")
+                    }
+                }
+            }
+            Err(err) => tracing::debug!(endpoint = %id, error = %err, "gone endpoint already removed"),
+        }
+    }
+}
+
+/// A validation error of a front door's input, as the agent reports it.
+impl From<trellis_plugin_api::validate::ValidationError> for AgentError {
+    fn from(e: trellis_plugin_api::validate::ValidationError) -> AgentError {
+        AgentError::InvalidArgument(e.to_string())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! An [`App`] over the memory store and the fake kernel.
+
+    use std::sync::Arc;
+
+    use trellis_store::{LocalStore, Store};
+
+    use super::App;
+    use crate::dataplane::FakeDataplane;
+    use crate::reconcile::{Identity, Reconciler};
+    use crate::state::Cluster;
+
+    pub struct Lab {
+        pub app: Arc<App>,
+        pub dp: Arc<FakeDataplane>,
+    }
+
+    pub fn lab() -> Lab {
+        let store: Arc<dyn Store> = Arc::new(LocalStore::memory());
+        let cluster = Arc::new(Cluster::new(store.clone(), "h1", "10.0.0.0/8".parse().unwrap(), 24));
+        let dp = Arc::new(FakeDataplane::default());
+        let reconciler = Arc::new(Reconciler::new(dp.clone(), cluster.clone(), Identity::local("h1")));
+        let app = Arc::new(App {
+            cluster,
+            reconciler,
+            dataplane: dp.clone(),
+            netns_dir: "/run/trellis-test/netns".into(),
+            hostname: "h1".into(),
+            capabilities: Default::default(),
+            events: None,
+            dns: None,
+            prober: None,
+        });
+        Lab { app, dp }
+    }
+}
