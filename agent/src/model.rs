@@ -94,6 +94,16 @@ pub const VXLAN_PREFIX: &str = "trx-";
 pub const PROBE_VXLAN: &str = "trx-probe";
 pub const PROBE_VNI: u32 = 0xff_fffe;
 
+/// Every interface-name prefix the agent owns: the reconciler deletes what
+/// carries one and is not desired, and the observer reports exactly these
+/// (one list, so no kind of device is made and then never removed).
+pub const OWNED_PREFIXES: [&str; 4] = [BRIDGE_PREFIX, VETH_PREFIX, PEER_PREFIX, VXLAN_PREFIX];
+
+/// Is `name` one of the agent's interfaces?
+pub fn owned_link(name: &str) -> bool {
+    OWNED_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
 /// The IPv6 link-local address a device with `mac` takes (EUI-64).
 pub fn link_local(mac: &[u8; 6]) -> std::net::Ipv6Addr {
     std::net::Ipv6Addr::new(
@@ -356,6 +366,15 @@ mod tests {
             assert!(n.len() <= 15, "{n} is longer than IFNAMSIZ-1");
         }
         assert!(bridge_name(&id).starts_with(BRIDGE_PREFIX));
+    }
+
+    #[test]
+    fn every_interface_the_agent_names_is_owned() {
+        let id = new_id();
+        for n in [bridge_name(&id), host_ifname(&id), peer_ifname(&id), vxlan_name(&id), PROBE_VXLAN.to_string()] {
+            assert!(owned_link(&n), "{n} would never be removed");
+        }
+        assert!(!owned_link("eth0") && !owned_link("tr-other"));
     }
 
     #[test]

@@ -355,12 +355,6 @@ pub fn tables(
     t
 }
 
-fn owned(name: &str) -> bool {
-    name.starts_with(model::BRIDGE_PREFIX)
-        || name.starts_with(model::VETH_PREFIX)
-        || name.starts_with(model::PEER_PREFIX)
-}
-
 /// The actions that turn `observed` into `desired`, in an order that works:
 /// stale ports go first, then bridges are made right, then endpoints, then
 /// the rules.
@@ -380,7 +374,7 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     acts.extend(xfrm.first.iter().map(xfrm_action));
     // Stale links the agent owns: ports and leftovers first, bridges after.
     let mut stale_bridges = Vec::new();
-    for name in observed.links.keys().filter(|n| owned(n)) {
+    for name in observed.links.keys().filter(|n| model::owned_link(n)) {
         if name.starts_with(model::BRIDGE_PREFIX) {
             if !desired.bridges.contains_key(name) {
                 stale_bridges.push(name.clone());
@@ -1111,6 +1105,38 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["bridge", "set", "addr", "endpoint", "egress"]);
+    }
+
+    #[test]
+    fn vxlan_devices_no_longer_wanted_are_deleted() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+        let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+        let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+        let eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1")];
+        let mut obs = Observed::default();
+        for a in diff(&desired(&nets, &eps, &hosts, &me), &Observed::default()) {
+            obs.record(&a).unwrap();
+        }
+        assert!(obs.links.contains_key("trx-aaaa"));
+        // The network's last local endpoint goes: its VXLAN device goes too
+        // (the probe device stays), and nothing else is touched.
+        let acts = diff(&desired(&nets, &[], &hosts, &me), &obs);
+        let deleted: Vec<_> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::DeleteLink { name } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted, ["trv-l1", "trx-aaaa"], "{acts:?}");
+        // The network goes: its bridge and its VXLAN device.
+        let acts = diff(&desired(&[], &[], &hosts, &me), &obs);
+        assert!(acts.contains(&Action::DeleteLink { name: "trx-aaaa".into() }), "{acts:?}");
+        assert!(acts.contains(&Action::DeleteLink { name: "trb-aaaa".into() }), "{acts:?}");
+        assert!(!acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+        // A host without an underlay has no tunnels: the probe device goes.
+        let acts = diff(&desired(&nets, &[], &hosts, &Identity::local("h1")), &obs);
+        assert!(acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
     }
 
     #[test]

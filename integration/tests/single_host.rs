@@ -459,3 +459,45 @@ fn endpoints_cannot_spoof_and_the_program_outlives_the_agent() {
     h.ctl(&["detach", "b"]).unwrap();
     assert!(wait_for(Duration::from_secs(5), || pinned().len() == 1), "{:?}", pinned());
 }
+
+/// A host with an underlay builds a VXLAN device for each network it has
+/// endpoints on: the device goes with the network's last local endpoint,
+/// and with the network (the probe device stays).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_vxlan_device_goes_with_its_last_local_endpoint_and_with_its_network() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    // A default route: the host has an underlay address, so it builds tunnels.
+    let _up = Uplink::new(&h.ns, 9).unwrap();
+    h.start().unwrap();
+    let net = h.ctl_json(&["network", "create", "app", "--subnet", "10.90.0.0/24", "--attachable"]).unwrap();
+    let id = net["id"].as_str().expect("id in the network's JSON");
+    let dev = format!("trx-{}", &id[..10]);
+    let has = |name: &str| h.ns.links().unwrap().iter().any(|l| l == name);
+    assert!(has("trx-probe"), "the host has an underlay: {:?}", h.ns.links().unwrap());
+    assert!(!has(&dev), "no VXLAN device before a local endpoint");
+
+    h.attach("app", "a", &[]).unwrap();
+    h.attach("app", "b", &[]).unwrap();
+    assert!(has(&dev), "the network's VXLAN device: {:?}", h.ns.links().unwrap());
+    h.ctl(&["detach", "a"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || links_with_prefix(&h, "trv-").len() == 1), "a's veth is not gone");
+    assert!(has(&dev), "b is still on the network here");
+    h.ctl(&["detach", "b"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || !has(&dev)),
+        "the VXLAN device outlived the network's last local endpoint: {:?}",
+        h.ns.links().unwrap()
+    );
+    assert!(has("trx-probe"));
+
+    // The network removed with an endpoint on it: the device goes with it
+    // (`network rm` converges before it answers).
+    h.attach("app", "c", &[]).unwrap();
+    assert!(has(&dev));
+    h.ctl(&["network", "rm", "app", "--force"]).unwrap();
+    assert!(!has(&dev), "the VXLAN device outlived its network: {:?}", h.ns.links().unwrap());
+    assert!(links_with_prefix(&h, "trv-").is_empty() && links_with_prefix(&h, "trb-").is_empty());
+    assert_eq!(links_with_prefix(&h, "trx-"), ["trx-probe"]);
+}
