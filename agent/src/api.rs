@@ -257,9 +257,20 @@ impl AgentService {
             (self.netns_dir.join(&id), true)
         } else {
             let p = PathBuf::from(&req.netns);
-            // An engine's sandbox appears after its Join (Docker).
-            if !p.exists() && kind != EndpointKind::Docker {
-                return Err(Status::invalid_argument(format!("network namespace {:?} does not exist", req.netns)));
+            // An engine's sandbox appears after its Join, and the engine
+            // moves the interface in itself (Docker): the agent never enters
+            // it. Any other must be a network namespace the agent sees now.
+            if kind != EndpointKind::Docker {
+                match netns::open(&p) {
+                    Ok(_) => {}
+                    Err(crate::dataplane::DataplaneError::NetnsGone(_)) => {
+                        return Err(Status::invalid_argument(format!(
+                            "network namespace {:?} does not exist",
+                            req.netns
+                        )));
+                    }
+                    Err(e) => return Err(Status::invalid_argument(e.to_string())),
+                }
             }
             (p, false)
         };

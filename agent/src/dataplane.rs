@@ -410,6 +410,9 @@ pub enum DataplaneError {
     },
     #[error("network namespace {0} does not exist (the container is gone?)")]
     NetnsGone(PathBuf),
+    /// A netns path that is something else: what it is, and what to do.
+    #[error("{} is not a network namespace ({what}): {hint}", path.display())]
+    NotNetns { path: PathBuf, what: String, hint: String },
     #[error("link {0} not found")]
     LinkNotFound(String),
     #[error("nftables: {0}")]
