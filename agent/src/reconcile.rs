@@ -1362,21 +1362,61 @@ mod tests {
         assert!(dp.with_state(|s| s.links.contains_key("trv-e2")));
     }
 
+    /// A source whose first load waits until the test lets it go, and
+    /// that counts its loads (one per pass).
+    struct Gated {
+        inner: Fixed,
+        loads: AtomicU64,
+        gate: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    }
+    #[async_trait::async_trait]
+    impl DesiredSource for Gated {
+        async fn load(&self) -> Result<Snapshot, String> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            let gate = self.gate.lock().await.take();
+            if let Some(gate) = gate {
+                gate.await.map_err(|e| e.to_string())?;
+            }
+            self.inner.load().await
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_callers_share_passes() {
         let dp = Arc::new(FakeDataplane::default());
-        let src = Arc::new(Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))));
-        let r = Arc::new(Reconciler::new(dp, src, Identity::local("h1")));
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let src = Arc::new(Gated {
+            inner: Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))),
+            loads: AtomicU64::new(0),
+            gate: tokio::sync::Mutex::new(Some(gate)),
+        });
+        let r = Arc::new(Reconciler::new(dp, src.clone(), Identity::local("h1")));
+        // The first caller's pass starts, and is held in its load.
+        let first = {
+            let r = r.clone();
+            tokio::spawn(async move { r.pass().await.unwrap().generation })
+        };
+        while src.loads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Nineteen callers ask while it runs: it started before they asked,
+        // so it cannot answer them; one more pass answers them all.
         let mut tasks = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..19 {
             let r = r.clone();
             tasks.push(tokio::spawn(async move { r.pass().await.unwrap().generation }));
         }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        open.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), 1);
         let mut gens = Vec::new();
         for t in tasks {
             gens.push(t.await.unwrap());
         }
-        assert!(r.last().generation < 20, "20 callers ran {} passes", r.last().generation);
-        assert!(gens.iter().all(|g| *g >= 1));
+        assert_eq!(gens, [2; 19], "every later caller gets the one pass that started after it asked");
+        assert_eq!(r.last().generation, 2, "20 callers, 2 passes");
+        assert_eq!(src.loads.load(Ordering::SeqCst), 2, "one load of the desired state per pass");
     }
 }
