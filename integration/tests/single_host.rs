@@ -65,7 +65,7 @@ fn default_pool_skips_host_routes() {
     let b = h.ctl_json(&["network", "create", "two"]).unwrap();
     assert_eq!(a["subnet"], "10.0.2.0/24");
     assert_eq!(b["subnet"], "10.0.3.0/24");
-    assert_ne!(a["vni"], b["vni"]);
+    assert_ne!(a["vni"].as_u64().expect("vni"), b["vni"].as_u64().expect("vni"));
 }
 
 #[test]
