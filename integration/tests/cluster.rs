@@ -36,8 +36,8 @@ fn three_hosts_reach_each_other_by_ping_and_tcp() {
         });
         assert!(seen.is_ok());
         let v: serde_json::Value = serde_json::from_str(&h.ctl(&["network", "inspect", "app"]).unwrap()).unwrap();
-        assert_eq!(v["vni"], net["vni"]);
-        assert_eq!(v["id"], net["id"]);
+        assert_eq!(v["vni"].as_u64().expect("vni"), net["vni"].as_u64().expect("vni"), "{v}");
+        assert_eq!(v["id"].as_str().expect("id"), net["id"].as_str().expect("id"), "{v}");
     }
     let eps: Vec<serde_json::Value> =
         lab.hosts.iter().enumerate().map(|(i, h)| h.attach("app", &format!("e{i}"), &[]).unwrap()).collect();
@@ -46,7 +46,7 @@ fn three_hosts_reach_each_other_by_ping_and_tcp() {
     // Every endpoint reaches every other, across hosts.
     for a in &eps {
         for b in &eps {
-            if a["id"] != b["id"] {
+            if a["id"].as_str().expect("id") != b["id"].as_str().expect("id") {
                 assert!(
                     wait_for(Duration::from_secs(5), || ping(&netns_of(a), &ip_of(b), 1)),
                     "{} ({}) cannot reach {} ({})",
@@ -86,7 +86,9 @@ fn three_hosts_reach_each_other_by_ping_and_tcp() {
     let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
     let hosts = hosts.as_array().unwrap();
     assert_eq!(hosts.len(), 3);
-    for h in hosts.iter().filter(|h| h["local"] == false) {
+    let remote: Vec<_> = hosts.iter().filter(|h| !h["local"].as_bool().expect("local in host JSON")).collect();
+    assert_eq!(remote.len(), 2, "{hosts:?}");
+    for h in remote {
         assert!(h["tunnel"].as_str().unwrap().starts_with("programmed"), "{h}");
     }
     for h in hosts {

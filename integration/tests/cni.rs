@@ -155,6 +155,16 @@ fn add_refusals_and_error_codes() {
     want["runtimeConfig"] = json!({"ips": ["10.99.0.7/24"]});
     let (code, err) = trellis_cni("ADD", &want, "x3", Some(&c4.path()), "eth0");
     assert_eq!((code, err["code"].as_u64()), (1, Some(7)), "{err}");
+    // A CNI_NETNS the agent does not see as a network namespace (a plain
+    // file: a runtime's namespace mount that did not propagate to it).
+    let plain = h.dir.path().join("not-a-netns");
+    std::fs::write(&plain, b"").unwrap();
+    let (code, err) = trellis_cni("ADD", &conf, "x6", Some(&plain), "eth0");
+    assert_eq!((code, err["code"].as_u64()), (1, Some(7)), "{err}");
+    let msg = err["msg"].as_str().expect("msg");
+    assert!(msg.contains(&format!("{} is not a network namespace (a plain file)", plain.display())), "{err}");
+    assert!(msg.contains("share /run/netns"), "{err}");
+    assert!(cni_endpoints(&h, "app").iter().all(|c| c != "x6"), "no endpoint for x6");
 
     // Environment and configuration errors.
     let (code, err) = trellis_cni("ADD", &conf, "", Some(&c4.path()), "eth0");

@@ -65,7 +65,7 @@ fn default_pool_skips_host_routes() {
     let b = h.ctl_json(&["network", "create", "two"]).unwrap();
     assert_eq!(a["subnet"], "10.0.2.0/24");
     assert_eq!(b["subnet"], "10.0.3.0/24");
-    assert_ne!(a["vni"], b["vni"]);
+    assert_ne!(a["vni"].as_u64().expect("vni"), b["vni"].as_u64().expect("vni"));
 }
 
 #[test]
@@ -458,4 +458,105 @@ fn endpoints_cannot_spoof_and_the_program_outlives_the_agent() {
     // Detached endpoints lose their program.
     h.ctl(&["detach", "b"]).unwrap();
     assert!(wait_for(Duration::from_secs(5), || pinned().len() == 1), "{:?}", pinned());
+}
+
+/// A host with an underlay builds a VXLAN device for each network it has
+/// endpoints on: the device goes with the network's last local endpoint,
+/// and with the network (the probe device stays).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_vxlan_device_goes_with_its_last_local_endpoint_and_with_its_network() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    // A default route: the host has an underlay address, so it builds tunnels.
+    let _up = Uplink::new(&h.ns, 9).unwrap();
+    h.start().unwrap();
+    let net = h.ctl_json(&["network", "create", "app", "--subnet", "10.90.0.0/24", "--attachable"]).unwrap();
+    let id = net["id"].as_str().expect("id in the network's JSON");
+    let dev = format!("trx-{}", &id[..10]);
+    let has = |name: &str| h.ns.links().unwrap().iter().any(|l| l == name);
+    assert!(has("trx-probe"), "the host has an underlay: {:?}", h.ns.links().unwrap());
+    assert!(!has(&dev), "no VXLAN device before a local endpoint");
+
+    h.attach("app", "a", &[]).unwrap();
+    h.attach("app", "b", &[]).unwrap();
+    assert!(has(&dev), "the network's VXLAN device: {:?}", h.ns.links().unwrap());
+    h.ctl(&["detach", "a"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || links_with_prefix(&h, "trv-").len() == 1), "a's veth is not gone");
+    assert!(has(&dev), "b is still on the network here");
+    h.ctl(&["detach", "b"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || !has(&dev)),
+        "the VXLAN device outlived the network's last local endpoint: {:?}",
+        h.ns.links().unwrap()
+    );
+    assert!(has("trx-probe"));
+
+    // The network removed with an endpoint on it: the device goes with it
+    // (`network rm` converges before it answers).
+    h.attach("app", "c", &[]).unwrap();
+    assert!(has(&dev));
+    h.ctl(&["network", "rm", "app", "--force"]).unwrap();
+    assert!(!has(&dev), "the VXLAN device outlived its network: {:?}", h.ns.links().unwrap());
+    assert!(links_with_prefix(&h, "trv-").is_empty() && links_with_prefix(&h, "trb-").is_empty());
+    assert_eq!(links_with_prefix(&h, "trx-"), ["trx-probe"]);
+}
+
+/// A `--netns` that is no network namespace is refused before anything is
+/// made, saying what it is and what to do: a plain file (what a namespace
+/// pinned in another mount namespace looks like from the agent's), a
+/// directory, a namespace of another kind.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_netns_path_that_is_no_network_namespace_is_refused_up_front() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.91.0.0/24", "--attachable"]).unwrap();
+    let links = h.ns.links().unwrap();
+    let plain = h.dir.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    let dir = h.dir.path().join("a-dir");
+    std::fs::create_dir(&dir).unwrap();
+    let mnt = std::path::PathBuf::from("/proc/self/ns/mnt");
+    let share = "if trellisd runs in a container, share /run/netns with it (bind mount with rshared propagation";
+    let cases =
+        [(&plain, "a plain file", share), (&dir, "a directory", "/proc/PID/ns/net"), (&mnt, "a mnt namespace", "")];
+    for (path, what, hint) in cases {
+        let err = h.ctl_err(&["attach", "app", "--name", "x", "--netns", path.to_str().unwrap()]);
+        assert!(err.contains(&format!("{} is not a network namespace ({what})", path.display())), "{err}");
+        assert!(err.contains(hint), "{err}");
+        assert!(!err.contains("Invalid argument"), "{err}");
+    }
+    // A namespace pinned in a mount namespace the agent does not see (as
+    // when trellisd runs in a container without /run/netns shared): the
+    // caller sees a namespace, the agent an empty file.
+    let name = trellis_integration::unique("trhid");
+    let hidden = std::path::PathBuf::from(format!("/run/netns/{name}"));
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(hidden.clone());
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "ip netns add {name} && exec {} --socket {} attach app --name y --netns {}",
+            trellis_integration::bin("trellisctl").display(),
+            h.socket().display(),
+            hidden.display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains(&format!("{} is not a network namespace (a plain file)", hidden.display())), "{err}");
+    assert!(err.contains(share), "{err}");
+
+    // Nothing half-created: no endpoint, no device, no address kept.
+    assert!(h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().is_empty());
+    assert_eq!(h.ns.links().unwrap(), links, "no stray devices");
+    let next = h.attach("app", "next", &[]).unwrap();
+    assert_eq!(ip_of(&next), "10.91.0.2", "every refused attach released its address (or never took one)");
 }

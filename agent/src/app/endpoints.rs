@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use trellis_plugin_api::validate;
 
 use super::{AgentError, App, Result};
+use crate::dataplane::DataplaneError;
 use crate::model::{self, EndpointKind, EndpointRecord, NetworkRecord};
 use crate::state::NewEndpoint;
 
@@ -82,12 +83,21 @@ impl App {
         let (netns_path, managed) = match &req.netns {
             None => (self.netns_dir.join(&id), true),
             Some(p) => {
-                // An engine's sandbox appears after its Join (Docker).
-                if !p.exists() && req.kind != EndpointKind::Docker {
-                    return Err(AgentError::InvalidArgument(format!(
-                        "network namespace {:?} does not exist",
-                        p.display().to_string()
-                    )));
+                // An engine's sandbox appears after its Join, and the engine
+                // moves the interface in itself (Docker): the agent never
+                // enters it. Any other must be a network namespace the agent
+                // sees now.
+                if req.kind != EndpointKind::Docker {
+                    match self.dataplane.check_netns(p) {
+                        Ok(()) => {}
+                        Err(DataplaneError::NetnsGone(_)) => {
+                            return Err(AgentError::InvalidArgument(format!(
+                                "network namespace {:?} does not exist",
+                                p.display().to_string()
+                            )));
+                        }
+                        Err(e) => return Err(AgentError::InvalidArgument(e.to_string())),
+                    }
                 }
                 (p.clone(), false)
             }

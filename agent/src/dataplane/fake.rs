@@ -78,6 +78,20 @@ impl Dataplane for FakeDataplane {
         Ok(self.state.lock().unwrap().xfrm.clone())
     }
 
+    fn check_netns(&self, path: &Path) -> Result<()> {
+        if self.namespaces.lock().unwrap().contains(path) {
+            Ok(())
+        } else if !path.exists() {
+            Err(DataplaneError::NetnsGone(path.to_path_buf()))
+        } else {
+            Err(DataplaneError::NotNetns {
+                path: path.to_path_buf(),
+                what: "not one of the fake kernel's".into(),
+                hint: "create it with create_netns".into(),
+            })
+        }
+    }
+
     fn create_netns(&self, path: &Path) -> Result<()> {
         if self.failing_netns.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(DataplaneError::Io {

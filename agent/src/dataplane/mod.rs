@@ -40,6 +40,9 @@ pub enum DataplaneError {
     },
     #[error("network namespace {0} does not exist (the container is gone?)")]
     NetnsGone(PathBuf),
+    /// A netns path that is something else: what it is, and what to do.
+    #[error("{} is not a network namespace ({what}): {hint}", path.display())]
+    NotNetns { path: PathBuf, what: String, hint: String },
     #[error("link {0} not found")]
     LinkNotFound(String),
     #[error("nftables: {0}")]
@@ -73,6 +76,10 @@ pub trait Dataplane: Send + Sync + 'static {
     fn esp_support(&self) -> std::result::Result<(), String>;
     /// The IPsec SAs and policies the kernel has. Blocking.
     fn observe_xfrm(&self) -> Result<trellis_ipsec::ObservedXfrm>;
+    /// Is `path` a network namespace the agent can enter? `NetnsGone` if
+    /// nothing is there, `NotNetns` (saying what it is) if it is something
+    /// else.
+    fn check_netns(&self, path: &std::path::Path) -> Result<()>;
     /// Create an empty network namespace pinned at `path` (as `ip netns
     /// add` does), for an endpoint whose namespace the agent manages.
     fn create_netns(&self, path: &std::path::Path) -> Result<()>;

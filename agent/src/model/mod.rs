@@ -205,4 +205,13 @@ mod tests {
         }
         assert!(bridge_name(&id).starts_with(BRIDGE_PREFIX));
     }
+
+    #[test]
+    fn every_interface_the_agent_names_is_owned() {
+        let id = new_id();
+        for n in [bridge_name(&id), host_ifname(&id), peer_ifname(&id), vxlan_name(&id), PROBE_VXLAN.to_string()] {
+            assert!(owned_link(&n), "{n} would never be removed");
+        }
+        assert!(!owned_link("eth0") && !owned_link("tr-other"));
+    }
 }

@@ -14,8 +14,10 @@ pub const VXLAN_PREFIX: &str = "trx-";
 /// [`VXLAN_PREFIX`]: what the agent observes, and removes when not desired.
 pub const OWNED_PREFIXES: [&str; 4] = [BRIDGE_PREFIX, VETH_PREFIX, PEER_PREFIX, VXLAN_PREFIX];
 
-/// Is `name` an interface the agent owns?
-pub fn owned(name: &str) -> bool {
+/// Is `name` an interface the agent owns? The reconciler deletes what
+/// carries one and is not desired, and the observer reports exactly these
+/// (one list, so no kind of device is made and then never removed).
+pub fn owned_link(name: &str) -> bool {
     OWNED_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 /// The probe tunnel: a VXLAN device on the hosts' own port with no bridge,

@@ -329,12 +329,6 @@ pub fn tables(
     t
 }
 
-fn owned(name: &str) -> bool {
-    name.starts_with(model::BRIDGE_PREFIX)
-        || name.starts_with(model::VETH_PREFIX)
-        || name.starts_with(model::PEER_PREFIX)
-}
-
 /// The actions that turn `observed` into `desired`, in an order that works:
 /// stale ports go first, then bridges are made right, then endpoints, then
 /// the rules.
@@ -354,7 +348,7 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     acts.extend(xfrm.first.iter().map(xfrm_action));
     // Stale links the agent owns: ports and leftovers first, bridges after.
     let mut stale_bridges = Vec::new();
-    for name in observed.links.keys().filter(|n| owned(n)) {
+    for name in observed.links.keys().filter(|n| model::owned_link(n)) {
         if name.starts_with(model::BRIDGE_PREFIX) {
             if !desired.bridges.contains_key(name) {
                 stale_bridges.push(name.clone());
@@ -1088,6 +1082,38 @@ mod tests {
     }
 
     #[test]
+    fn vxlan_devices_no_longer_wanted_are_deleted() {
+        let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+        let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+        let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+        let eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1")];
+        let mut obs = Observed::default();
+        for a in diff(&desired(&nets, &eps, &hosts, &me), &Observed::default()) {
+            obs.record(&a).unwrap();
+        }
+        assert!(obs.links.contains_key("trx-aaaa"));
+        // The network's last local endpoint goes: its VXLAN device goes too
+        // (the probe device stays), and nothing else is touched.
+        let acts = diff(&desired(&nets, &[], &hosts, &me), &obs);
+        let deleted: Vec<_> = acts
+            .iter()
+            .filter_map(|a| match a {
+                Action::DeleteLink { name } => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted, ["trv-l1", "trx-aaaa"], "{acts:?}");
+        // The network goes: its bridge and its VXLAN device.
+        let acts = diff(&desired(&[], &[], &hosts, &me), &obs);
+        assert!(acts.contains(&Action::DeleteLink { name: "trx-aaaa".into() }), "{acts:?}");
+        assert!(acts.contains(&Action::DeleteLink { name: "trb-aaaa".into() }), "{acts:?}");
+        assert!(!acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+        // A host without an underlay has no tunnels: the probe device goes.
+        let acts = diff(&desired(&nets, &[], &hosts, &Identity::local("h1")), &obs);
+        assert!(acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+    }
+
+    #[test]
     fn diff_repairs_and_removes() {
         let nets = vec![network("aaaa", "10.1.0.0/24", false)];
         let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
@@ -1310,21 +1336,61 @@ mod tests {
         assert!(dp.with_state(|s| s.links.contains_key("trv-e2")));
     }
 
+    /// A source whose first load waits until the test lets it go, and
+    /// that counts its loads (one per pass).
+    struct Gated {
+        inner: Fixed,
+        loads: AtomicU64,
+        gate: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    }
+    #[async_trait::async_trait]
+    impl DesiredSource for Gated {
+        async fn load(&self) -> Result<Snapshot, String> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            let gate = self.gate.lock().await.take();
+            if let Some(gate) = gate {
+                gate.await.map_err(|e| e.to_string())?;
+            }
+            self.inner.load().await
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_callers_share_passes() {
         let dp = Arc::new(FakeDataplane::default());
-        let src = Arc::new(Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))));
-        let r = Arc::new(Reconciler::new(dp, src, Identity::local("h1")));
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let src = Arc::new(Gated {
+            inner: Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))),
+            loads: AtomicU64::new(0),
+            gate: tokio::sync::Mutex::new(Some(gate)),
+        });
+        let r = Arc::new(Reconciler::new(dp, src.clone(), Identity::local("h1")));
+        // The first caller's pass starts, and is held in its load.
+        let first = {
+            let r = r.clone();
+            tokio::spawn(async move { r.pass().await.unwrap().generation })
+        };
+        while src.loads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // Nineteen callers ask while it runs: it started before they asked,
+        // so it cannot answer them; one more pass answers them all.
         let mut tasks = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..19 {
             let r = r.clone();
             tasks.push(tokio::spawn(async move { r.pass().await.unwrap().generation }));
         }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        open.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), 1);
         let mut gens = Vec::new();
         for t in tasks {
             gens.push(t.await.unwrap());
         }
-        assert!(r.last().generation < 20, "20 callers ran {} passes", r.last().generation);
-        assert!(gens.iter().all(|g| *g >= 1));
+        assert_eq!(gens, [2; 19], "every later caller gets the one pass that started after it asked");
+        assert_eq!(r.last().generation, 2, "20 callers, 2 passes");
+        assert_eq!(src.loads.load(Ordering::SeqCst), 2, "one load of the desired state per pass");
     }
 }

@@ -699,6 +699,10 @@ impl Dataplane for NetlinkDataplane {
         xfrm::XfrmSocket::open()?.observe()
     }
 
+    fn check_netns(&self, path: &std::path::Path) -> Result<()> {
+        netns::open(path).map(drop)
+    }
+
     fn create_netns(&self, path: &std::path::Path) -> Result<()> {
         netns::create(path)
     }
@@ -811,15 +815,8 @@ impl Dataplane for NetlinkDataplane {
     async fn observe(&self, rules: bool) -> Result<Observed> {
         let links = self.links().await?;
         let names: HashMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
-        let owned: HashMap<u32, &LinkSummary> = links
-            .iter()
-            .filter(|l| {
-                [model::BRIDGE_PREFIX, model::VETH_PREFIX, model::PEER_PREFIX, model::VXLAN_PREFIX]
-                    .iter()
-                    .any(|p| l.name.starts_with(p))
-            })
-            .map(|l| (l.index, l))
-            .collect();
+        let owned: HashMap<u32, &LinkSummary> =
+            links.iter().filter(|l| model::owned_link(&l.name)).map(|l| (l.index, l)).collect();
         let mut addrs: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
         // IPv4 only: the agent configures no IPv6 yet, and every veth has
         // an IPv6 link-local address that would double the dump.

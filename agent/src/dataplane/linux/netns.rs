@@ -15,15 +15,55 @@ fn io_err(call: &'static str, object: &Path, e: impl Into<io::Error>) -> Datapla
     DataplaneError::Io { call, object: object.display().to_string(), source: e.into() }
 }
 
-/// Open a netns file, telling a missing one apart.
+/// Open a netns file, telling a missing one apart, and refusing anything
+/// that is not a network namespace.
 pub fn open(path: &Path) -> Result<File, DataplaneError> {
-    File::open(path).map_err(|e| {
+    let f = File::open(path).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             DataplaneError::NetnsGone(path.to_path_buf())
         } else {
             io_err("open netns", path, e)
         }
-    })
+    })?;
+    check(path, &f)?;
+    Ok(f)
+}
+
+/// Is the open file `f` (at `path`) a network namespace? A namespace file
+/// is on nsfs; anything else (a plain file, a directory) would only fail
+/// later, deep in the kernel, with "Invalid argument".
+fn check(path: &Path, f: &File) -> Result<(), DataplaneError> {
+    use std::os::fd::AsRawFd;
+    let not = |what: &str, hint: &str| {
+        Err(DataplaneError::NotNetns { path: path.to_path_buf(), what: what.into(), hint: hint.into() })
+    };
+    let name_one = "give a network namespace's file: /run/netns/NAME (ip netns add) or /proc/PID/ns/net";
+    let fs = nix::sys::statfs::fstatfs(f).map_err(|e| io_err("statfs netns", path, e))?;
+    if fs.filesystem_type() == nix::sys::statfs::NSFS_MAGIC {
+        // A namespace: its kind shows in the link of its descriptor
+        // ("net:[4026531840]"); if that cannot be read, setns will tell.
+        let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd())) else { return Ok(()) };
+        let link = link.to_string_lossy().into_owned();
+        return match link.split_once(':') {
+            None | Some(("net", _)) => Ok(()),
+            Some((kind, _)) => not(&format!("a {kind} namespace"), name_one),
+        };
+    }
+    let meta = f.metadata().map_err(|e| io_err("stat netns", path, e))?;
+    if meta.is_dir() {
+        not("a directory", name_one)
+    } else if meta.is_file() {
+        // What a namespace pinned by a bind mount (ip netns add) looks like
+        // from a mount namespace the mount did not propagate to.
+        not(
+            "a plain file",
+            "a namespace pinned with `ip netns add` is a bind mount, seen only where the mount propagates; \
+             if trellisd runs in a container, share /run/netns with it (bind mount with rshared propagation, \
+             e.g. -v /run/netns:/run/netns:rshared)",
+        )
+    } else {
+        not("a special file", name_one)
+    }
 }
 
 /// Run `f` on a new thread inside the netns at `path`.
@@ -93,5 +133,30 @@ pub fn remove(path: &Path) -> Result<(), DataplaneError> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(io_err("remove netns file", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_network_namespaces_open() {
+        assert!(open(Path::new("/proc/self/ns/net")).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let cases = [
+            (plain.as_path(), "a plain file", "share /run/netns with it (bind mount with rshared propagation"),
+            (dir.path(), "a directory", "/proc/PID/ns/net"),
+            (Path::new("/proc/self/ns/mnt"), "a mnt namespace", "/run/netns/NAME"),
+            (Path::new("/dev/null"), "a special file", "/run/netns/NAME"),
+        ];
+        for (path, what, hint) in cases {
+            let err = open(path).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("{} is not a network namespace ({what}): ", path.display())), "{err}");
+            assert!(err.contains(hint), "{err}");
+        }
+        assert!(matches!(open(&dir.path().join("none")), Err(DataplaneError::NetnsGone(_))));
     }
 }
