@@ -1,0 +1,65 @@
+//! What a host should have of bridges (every network's, on every host),
+//! endpoint veths (its own endpoints') and egress rules.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+
+use super::{DesiredBridge, DesiredHost};
+use crate::dataplane::EndpointSpec;
+use crate::dataplane::egress::{EgressNet, EgressRules};
+use crate::model::{self, EndpointRecord, NetworkRecord};
+use crate::reconcile::Identity;
+
+/// Every network's bridge (cheap, and a network is usable on a host before
+/// its first endpoint lands there) and the egress rules of them all.
+pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
+    let mut egress = Vec::new();
+    for n in networks {
+        let bridge = model::bridge_name(&n.id);
+        // The same on every host (the gateway is anycast), never an
+        // endpoint's (no endpoint has the subnet's network address).
+        let mac = model::Mac::for_ip(n.subnet.network());
+        d.bridges.insert(bridge.clone(), DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), mac });
+        egress.push(EgressNet { bridge, subnet: n.subnet, gateway: n.gateway, internal: n.internal });
+    }
+    d.egress = EgressRules::new(egress);
+    // The eBPF program redirects DNS itself; nftables does without it.
+    d.egress.dns_intercept = me.dns_intercept && !me.ebpf;
+    // With the program's redirect (no NAT to undo), DNS over UDP to the
+    // gateway is kept out of connection tracking.
+    d.egress.dns_notrack = me.dns_intercept && me.ebpf;
+}
+
+/// The veths of this host's endpoints (not those being deleted).
+pub fn endpoints(
+    endpoints: &[EndpointRecord],
+    by_id: &BTreeMap<&str, &NetworkRecord>,
+    me: &Identity,
+    d: &mut DesiredHost,
+) {
+    let host = me.host.as_str();
+    for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
+        let Some(n) = by_id.get(e.network_id.as_str()) else {
+            continue;
+        };
+        let host_if = model::host_ifname(&e.id);
+        d.endpoints.insert(
+            host_if.clone(),
+            EndpointSpec {
+                endpoint_id: e.id.clone(),
+                host_if,
+                peer_if: model::peer_ifname(&e.id),
+                bridge: model::bridge_name(&n.id),
+                mtu: n.mtu,
+                netns: e.netns.clone(),
+                ifname: e.ifname.clone(),
+                mac: e.mac,
+                addr: IpNet::new(e.ip, n.subnet.prefix_len()).expect("prefix of the subnet"),
+                default_via: if n.internal { None } else { n.gateway },
+                engine_moves: e.kind == model::EndpointKind::Docker,
+                created_unix: e.created_unix,
+            },
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! The kernel state one host should have, computed from the whole desired
+//! state of the cluster, one object kind per file: [`links`] (bridges,
+//! veths, egress rules), [`programs`], [`tunnels`], [`tables`],
+//! [`encryption`]. Pure.
+
+pub mod encryption;
+pub mod links;
+pub mod programs;
+pub mod tables;
+pub mod tunnels;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::{Identity, Snapshot};
+use crate::dataplane::egress::EgressRules;
+use crate::dataplane::{EndpointSpec, Mac, ProgramSpec, Tables, VxlanSpec};
+use crate::model::{EndpointRecord, HostRecord, NetworkRecord};
+
+/// A network's VXLAN device with its static entries for remote endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVxlan {
+    pub spec: VxlanSpec,
+    /// The bridge it is a port of (empty: none, the probe device).
+    pub bridge: String,
+    pub fdb: BTreeSet<(Mac, IpAddr)>,
+    pub neigh: BTreeSet<(IpAddr, Mac)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBridge {
+    pub mtu: u32,
+    pub addr: Option<IpNet>,
+    pub mac: Mac,
+}
+
+/// The kernel state one host should have.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredHost {
+    pub bridges: BTreeMap<String, DesiredBridge>,
+    /// Keyed by host-side interface name.
+    pub endpoints: BTreeMap<String, EndpointSpec>,
+    /// Keyed by device name.
+    pub vxlans: BTreeMap<String, DesiredVxlan>,
+    /// Endpoint veths that carry the endpoint programs, with what the
+    /// programs need to know of the endpoint's network.
+    pub programs: BTreeMap<String, ProgramSpec>,
+    pub egress: EgressRules,
+    /// The eBPF datapath's isolation and service tables.
+    pub tables: Tables,
+    /// IPsec SAs and policies of the encrypted networks' tunnels.
+    pub xfrm: trellis_ipsec::XfrmState,
+    /// The VXLAN device of each encrypted network's port (to hold its
+    /// tunnel entries back while its policies fail).
+    pub esp_vxlans: BTreeMap<u16, String>,
+    /// What this host acks for each encrypted network it carries once a
+    /// pass installed all of `xfrm`.
+    pub acks: BTreeMap<String, trellis_ipsec::Ack>,
+}
+
+/// What `host` should have, from every network and endpoint of the cluster.
+/// Every network gets its bridge on every host (cheap, and a network is
+/// usable on a host before its first endpoint lands there).
+pub fn desired(
+    networks: &[NetworkRecord],
+    endpoints: &[EndpointRecord],
+    hosts: &[HostRecord],
+    me: &Identity,
+) -> DesiredHost {
+    let mut d = DesiredHost::default();
+    let by_id: BTreeMap<&str, &NetworkRecord> = networks.iter().map(|n| (n.id.as_str(), n)).collect();
+    links::bridges(networks, me, &mut d);
+    links::endpoints(endpoints, &by_id, me, &mut d);
+    if me.ebpf {
+        programs::programs(endpoints, &by_id, me, &mut d);
+    }
+    if let Some(local) = me.underlay {
+        tunnels::tunnels(endpoints, hosts, &by_id, me, local, &mut d);
+    }
+    d
+}
+
+/// Everything a host should have from one snapshot of the store: links,
+/// programs and tunnels, then the tables (which look at the endpoints and
+/// tunnels `d` holds) and the IPsec state (which looks at its tunnels).
+pub fn desired_host(s: &Snapshot, me: &Identity) -> DesiredHost {
+    let mut d = desired(&s.networks, &s.endpoints, &s.hosts, me);
+    d.tables = tables::tables(&s.networks, &s.endpoints, &s.hosts, &s.services, me, &d);
+    encryption::encryption(&s.networks, &s.keys, &mut d, me);
+    d
+}

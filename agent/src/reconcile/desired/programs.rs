@@ -1,0 +1,37 @@
+//! The endpoint programs: on every endpoint veth of this host, with what
+//! they need to know of the endpoint's network (isolation, DNS).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::DesiredHost;
+use crate::dataplane::ProgramSpec;
+use crate::model::{self, EndpointRecord, NetworkRecord};
+use crate::reconcile::Identity;
+
+/// The programs of the endpoints `d` holds (call after [`super::links`]).
+pub fn programs(
+    endpoints: &[EndpointRecord],
+    by_id: &BTreeMap<&str, &NetworkRecord>,
+    me: &Identity,
+    d: &mut DesiredHost,
+) {
+    let host = me.host.as_str();
+    let net_of: BTreeMap<&str, &str> = endpoints.iter().map(|e| (e.id.as_str(), e.network_id.as_str())).collect();
+    // Containers (namespaces) of this host on more than one network see
+    // the names of all of them: their queries go to the server.
+    let mut nets_of_sandbox: BTreeMap<&std::path::Path, BTreeSet<&str>> = BTreeMap::new();
+    for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
+        nets_of_sandbox.entry(e.netns.as_path()).or_default().insert(e.network_id.as_str());
+    }
+    for (name, spec) in &d.endpoints {
+        let Some(n) = net_of.get(spec.endpoint_id.as_str()).and_then(|id| by_id.get(id)) else { continue };
+        let dns_at = match (me.dns_intercept, n.gateway) {
+            (true, Some(IpAddr::V4(gw))) => Some((gw, model::Mac::for_ip(n.subnet.network()))),
+            _ => None,
+        };
+        let alone = nets_of_sandbox.get(spec.netns.as_path()).is_none_or(|s| s.len() <= 1);
+        let dns_fast = me.dns_kernel && dns_at.is_some() && alone;
+        d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns_fast });
+    }
+}

@@ -1,0 +1,85 @@
+//! The eBPF datapath's tables: every Trellis subnet (isolation) and the
+//! VIP services of the networks this host has endpoints on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::DesiredHost;
+use crate::dataplane::Tables;
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
+use crate::reconcile::Identity;
+
+/// The eBPF tables of a host whose endpoints `d` holds: every Trellis
+/// subnet (isolation), and the VIP services of the networks it has
+/// endpoints on, with the backends its datapath can reach now — local ones
+/// whose veth exists, and remote ones on live hosts, whose tunnel entries
+/// the same pass programs first.
+pub fn tables(
+    networks: &[NetworkRecord],
+    endpoints: &[EndpointRecord],
+    hosts: &[HostRecord],
+    services: &[ServiceRecord],
+    me: &Identity,
+    d: &DesiredHost,
+) -> Tables {
+    use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, SvcInfo, SvcKey, VipInfo, maglev};
+    let mut t = Tables::default();
+    if !me.ebpf {
+        return t;
+    }
+    let mut vni_of = BTreeMap::new();
+    for n in networks {
+        vni_of.insert(n.id.as_str(), n.vni);
+        if let IpNet::V4(v4) = n.subnet {
+            t.nets.insert(
+                (v4.network(), v4.prefix_len()),
+                NetInfo { net_id: n.vni, flags: if n.internal { trellis_ebpf::EP_INTERNAL } else { 0 } },
+            );
+        }
+    }
+    let local_ids: BTreeSet<&str> = d.endpoints.values().map(|e| e.endpoint_id.as_str()).collect();
+    let local_nets: BTreeSet<&str> =
+        endpoints.iter().filter(|e| local_ids.contains(e.id.as_str())).map(|e| e.network_id.as_str()).collect();
+    let remote: BTreeSet<&str> = if me.underlay.is_some() {
+        hosts.iter().filter(|h| h.id != me.host).map(|h| h.id.as_str()).collect()
+    } else {
+        BTreeSet::new()
+    };
+    // Endpoints by network: a service looks at its own network's only.
+    let mut by_net: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
+    for e in endpoints {
+        by_net.entry(e.network_id.as_str()).or_default().push(e);
+    }
+    for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip && local_nets.contains(s.network_id.as_str()))
+    {
+        let (Some(id), Some(IpAddr::V4(vip)), Some(vni)) =
+            (s.datapath_id(), s.vip, vni_of.get(s.network_id.as_str()).copied())
+        else {
+            continue;
+        };
+        let mut ips = Vec::new();
+        for e in by_net.get(s.network_id.as_str()).into_iter().flatten().filter(|e| s.selects(e)) {
+            let reachable = local_ids.contains(e.id.as_str()) || remote.contains(e.host.as_str());
+            let (IpAddr::V4(ip), Some(mac)) = (e.ip, Some(e.mac)) else { continue };
+            if reachable {
+                t.backends
+                    .insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, BackendInfo { mac: mac.0, pad: 0 });
+                ips.push(ip);
+            }
+        }
+        ips.sort();
+        ips.dedup();
+        let revision = maglev::digest(&ips);
+        for p in &s.ports {
+            t.services.insert(
+                SvcKey::new(vip, p.port, p.proto.number()),
+                SvcInfo { id, target_port: p.target.to_be(), pad: 0, count: ips.len() as u32, revision },
+            );
+        }
+        t.vips.insert(vip, VipInfo { net_id: vni, backends: ips.len() as u32 });
+        t.maglev.insert(id, ips);
+    }
+    t
+}

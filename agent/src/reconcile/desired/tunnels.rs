@@ -1,0 +1,74 @@
+//! Tunnels: on a host with endpoints on a network, a VXLAN device with a
+//! static FDB entry (MAC → VTEP) and neighbour entry (IP → MAC) for every
+//! endpoint of that network on every other live host; and the probe device
+//! towards every peer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use super::{DesiredHost, DesiredVxlan};
+use crate::dataplane::VxlanSpec;
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord};
+use crate::reconcile::Identity;
+
+/// The VXLAN devices of a host whose underlay address is `local` (call
+/// after [`super::links`]: a network gets a device where `d` has endpoints).
+pub fn tunnels(
+    endpoints: &[EndpointRecord],
+    hosts: &[HostRecord],
+    by_id: &BTreeMap<&str, &NetworkRecord>,
+    me: &Identity,
+    local: IpAddr,
+    d: &mut DesiredHost,
+) {
+    let host = me.host.as_str();
+    let live: BTreeMap<&str, &HostRecord> = hosts.iter().filter(|h| h.id != host).map(|h| (h.id.as_str(), h)).collect();
+    // The probe tunnel to every peer (see [`model::PROBE_VXLAN`]).
+    let mut probe = DesiredVxlan {
+        spec: VxlanSpec {
+            name: model::PROBE_VXLAN.into(),
+            vni: model::PROBE_VNI,
+            port: me.vxlan_port,
+            local,
+            mtu: 1280,
+            mac: me.vtep_mac,
+        },
+        bridge: String::new(),
+        fdb: BTreeSet::new(),
+        neigh: BTreeSet::new(),
+    };
+    for h in live.values() {
+        probe.fdb.insert((h.vtep_mac, h.underlay));
+        probe.neigh.insert((IpAddr::V6(h.vtep_mac.link_local()), h.vtep_mac));
+    }
+    d.vxlans.insert(model::PROBE_VXLAN.into(), probe);
+    let local_nets: BTreeSet<&str> = d
+        .endpoints
+        .values()
+        .map(|e| e.endpoint_id.as_str())
+        .filter_map(|id| endpoints.iter().find(|e| e.id == id).map(|e| e.network_id.as_str()))
+        .collect();
+    for net_id in local_nets {
+        let Some(n) = by_id.get(net_id) else { continue };
+        let name = model::vxlan_name(&n.id);
+        let mut v = DesiredVxlan {
+            spec: VxlanSpec {
+                name: name.clone(),
+                vni: n.vni,
+                port: n.vxlan_port.unwrap_or(me.vxlan_port),
+                local,
+                mtu: n.mtu,
+                mac: me.vtep_mac,
+            },
+            bridge: model::bridge_name(&n.id),
+            fdb: BTreeSet::new(),
+            neigh: BTreeSet::new(),
+        };
+        for e in endpoints.iter().filter(|e| e.network_id == n.id && !e.deleting) {
+            let Some(h) = live.get(e.host.as_str()) else { continue };
+            v.fdb.insert((e.mac, h.underlay));
+            v.neigh.insert((e.ip, e.mac));
+        }
+        d.vxlans.insert(name, v);
+    }
+}

@@ -1,0 +1,235 @@
+//! Runs reconcile passes, one at a time, against a [`Dataplane`]:
+//! the desired state loaded, the kernel observed (or taken from the
+//! picture kept since the last full pass), the diff applied, the outcome
+//! reported.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{DesiredHost, Identity, desired_host, diff};
+use crate::dataplane::{Action, Dataplane, DataplaneError, Observed};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
+
+/// The outcome of one reconcile pass.
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    pub generation: u64,
+    pub actions: usize,
+    /// Errors, with the endpoint they concern when there is one.
+    pub errors: Vec<(Option<String>, String)>,
+    /// Endpoints whose network namespace no longer exists.
+    pub gone: Vec<String>,
+    /// Endpoints being deleted whose devices are gone now: their records
+    /// and addresses can go.
+    pub finalizable: Vec<EndpointRecord>,
+    pub finished: Option<SystemTime>,
+    pub duration: Duration,
+    /// The pass read the whole kernel state back.
+    pub full: bool,
+    /// Encrypted networks whose keys this host's kernel now has, with the
+    /// epochs (empty when any SA or policy failed).
+    pub acks: BTreeMap<String, trellis_ipsec::Ack>,
+}
+
+impl PassReport {
+    /// The error of an endpoint's creation in this pass, if it failed.
+    pub fn endpoint_error(&self, id: &str) -> Option<&str> {
+        self.errors.iter().find(|(e, _)| e.as_deref() == Some(id)).map(|(_, m)| m.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("reading the desired state: {0}")]
+    Desired(String),
+    #[error("observing the kernel: {0}")]
+    Observe(#[from] DataplaneError),
+}
+
+/// The desired state of the whole cluster at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub networks: Vec<NetworkRecord>,
+    pub endpoints: Vec<EndpointRecord>,
+    pub hosts: Vec<HostRecord>,
+    pub services: Vec<ServiceRecord>,
+    /// Encrypted networks' key rings, by network id.
+    pub keys: BTreeMap<String, trellis_ipsec::KeyRing>,
+}
+
+/// Where the reconciler reads the desired state from.
+#[async_trait::async_trait]
+pub trait DesiredSource: Send + Sync + 'static {
+    async fn load(&self) -> Result<Snapshot, String>;
+}
+
+/// Runs passes, one at a time; concurrent callers share a pass that
+/// started after they asked.
+pub struct Reconciler {
+    dp: Arc<dyn Dataplane>,
+    source: Arc<dyn DesiredSource>,
+    me: Identity,
+    running: tokio::sync::Mutex<()>,
+    started: AtomicU64,
+    last: Mutex<Arc<PassReport>>,
+    /// The kernel state as last observed, kept current with every action
+    /// applied since: passes between full ones use it instead of reading
+    /// the kernel back (a full pass, periodically, catches outside changes).
+    seen: Mutex<Option<Observed>>,
+    /// The desired state of the last pass (for status and host listings).
+    last_desired: Mutex<Arc<DesiredHost>>,
+    pub repairs: AtomicU64,
+    /// Duration of the last full pass, in microseconds.
+    pub last_full_us: AtomicU64,
+}
+
+impl Reconciler {
+    pub fn new(dp: Arc<dyn Dataplane>, source: Arc<dyn DesiredSource>, me: Identity) -> Reconciler {
+        Reconciler {
+            dp,
+            source,
+            me,
+            running: tokio::sync::Mutex::new(()),
+            started: AtomicU64::new(0),
+            last: Mutex::new(Arc::new(PassReport::default())),
+            seen: Mutex::new(None),
+            last_desired: Mutex::new(Arc::new(DesiredHost::default())),
+            repairs: AtomicU64::new(0),
+            last_full_us: AtomicU64::new(0),
+        }
+    }
+
+    /// The report of the last finished pass.
+    pub fn last(&self) -> Arc<PassReport> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The desired state the last pass worked towards.
+    pub fn last_desired(&self) -> Arc<DesiredHost> {
+        self.last_desired.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The kernel state as the reconciler last knew it.
+    pub fn seen(&self) -> Observed {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+    }
+
+    /// Run a pass that starts after this call (or share one that did).
+    /// It reads back the egress rules only if it is the first pass.
+    pub async fn pass(&self) -> Result<Arc<PassReport>, ReconcileError> {
+        self.run(false).await
+    }
+
+    /// A pass that also reads back every rule (the periodic resync).
+    pub async fn full_pass(&self) -> Result<Arc<PassReport>, ReconcileError> {
+        self.run(true).await
+    }
+
+    async fn run(&self, full: bool) -> Result<Arc<PassReport>, ReconcileError> {
+        let wanted = self.started.load(Ordering::SeqCst) + 1;
+        let _guard = self.running.lock().await;
+        let last = self.last();
+        if !full && last.generation >= wanted {
+            return Ok(last);
+        }
+        let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let t0 = Instant::now();
+        let snapshot = self.source.load().await.map_err(ReconcileError::Desired)?;
+        let want = desired_host(&snapshot, &self.me);
+        let t_load = t0.elapsed();
+        let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
+        let cached_was_none = cached.is_none();
+        let mut observed = match cached {
+            Some(o) => o,
+            None => self.dp.observe(true).await?,
+        };
+        let t_observe = t0.elapsed();
+        let actions = diff(&want, &observed);
+        let mut report = PassReport { generation, actions: actions.len(), ..PassReport::default() };
+        // A failed endpoint creation must not stop the others, but the
+        // remaining steps of a failed bridge are skipped.
+        let mut failed_links: Vec<String> = Vec::new();
+        let mut xfrm_failed = false;
+        let mut trust_cache = true;
+        for a in &actions {
+            let link = match a {
+                Action::SetLink { name, .. }
+                | Action::AddAddress { link: name, .. }
+                | Action::DelAddress { link: name, .. }
+                | Action::AddFdb { link: name, .. }
+                | Action::AddNeigh { link: name, .. } => Some(name),
+                Action::CreateVxlan(v) => Some(&v.name),
+                _ => None,
+            };
+            if link.is_some_and(|l| failed_links.contains(l)) {
+                continue;
+            }
+            let applied = self.dp.apply(a).await;
+            let recorded = match &applied {
+                Ok(()) => observed.record(a).is_ok(),
+                // A failed endpoint creation cleans up after itself.
+                Err(_) => matches!(a, Action::CreateEndpoint(_)),
+            };
+            trust_cache &= recorded;
+            if let Err(e) = applied {
+                if let Action::CreateBridge { name, .. } | Action::DeleteLink { name } = a {
+                    failed_links.push(name.clone());
+                }
+                if let Action::CreateVxlan(v) = a {
+                    failed_links.push(v.name.clone());
+                }
+                // Fail closed: an encrypted network whose SAs or policies
+                // did not go in gets no new tunnel entries this pass.
+                if let Action::Xfrm { vxlan: Some(v), .. } = a {
+                    failed_links.push(v.clone());
+                    xfrm_failed = true;
+                }
+                if let Action::Xfrm { vxlan: None, .. } = a {
+                    xfrm_failed = true;
+                }
+                if let (Some(id), DataplaneError::NetnsGone(_)) = (a.endpoint(), &e) {
+                    report.gone.push(id.to_string());
+                }
+                tracing::warn!(action = ?a, error = %e, "reconcile action failed");
+                report.errors.push((a.endpoint().map(str::to_string), e.to_string()));
+            }
+        }
+        if !actions.is_empty() {
+            tracing::debug!(
+                actions = actions.len(),
+                errors = report.errors.len(),
+                full,
+                load_us = t_load.as_micros() as u64,
+                observe_us = (t_observe - t_load).as_micros() as u64,
+                total_us = t0.elapsed().as_micros() as u64,
+                "reconciled"
+            );
+        }
+        if trust_cache {
+            *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
+        }
+        if !xfrm_failed {
+            report.acks = want.acks.clone();
+        }
+        *self.last_desired.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(want);
+        report.finalizable = snapshot
+            .endpoints
+            .iter()
+            .filter(|e| e.host == self.me.host && e.deleting)
+            .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
+            .cloned()
+            .collect();
+        self.repairs.fetch_add(actions.len() as u64, Ordering::Relaxed);
+        report.duration = t0.elapsed();
+        report.full = cached_was_none;
+        if cached_was_none {
+            self.last_full_us.store(report.duration.as_micros() as u64, Ordering::Relaxed);
+        }
+        report.finished = Some(SystemTime::now());
+        let report = Arc::new(report);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = report.clone();
+        Ok(report)
+    }
+}

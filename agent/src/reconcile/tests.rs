@@ -1,0 +1,667 @@
+//! Tests of the desired state, the diff and the runner, on the fake kernel.
+
+use super::*;
+use crate::dataplane::{Action, LinkKind, Observed, Tables};
+use crate::dataplane::{FakeDataplane, ObservedLink};
+use crate::model::EndpointKind;
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
+use crate::reconcile::desired::encryption::encryption;
+use ipnet::IpNet;
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+fn network(id: &str, subnet: &str, internal: bool) -> NetworkRecord {
+    let subnet: IpNet = subnet.parse().unwrap();
+    NetworkRecord {
+        id: id.into(),
+        name: format!("net-{id}"),
+        subnet,
+        gateway: subnet.hosts().next(),
+        vni: 4096,
+        mtu: 1450,
+        attachable: true,
+        internal,
+        encrypted: false,
+        labels: Default::default(),
+        created_unix: 0,
+        vxlan_port: None,
+    }
+}
+
+fn endpoint(id: &str, net: &str, ip: &str, host: &str) -> EndpointRecord {
+    EndpointRecord {
+        id: id.into(),
+        name: id.into(),
+        network_id: net.into(),
+        network: format!("net-{net}"),
+        host: host.into(),
+        ip: ip.parse().unwrap(),
+        mac: "02:00:00:00:00:01".parse().unwrap(),
+        netns: format!("/run/netns/{id}").into(),
+        ifname: "eth0".into(),
+        labels: Default::default(),
+        kind: EndpointKind::Adhoc,
+        managed_netns: false,
+        container_id: String::new(),
+        created_unix: 0,
+        deleting: false,
+        aliases: vec![],
+    }
+}
+
+#[test]
+fn bridges_keep_a_fixed_mac_derived_from_their_subnet() {
+    let me = Identity { vtep_mac: Mac([2, 0, 0, 0, 0, 9]), ..Identity::local("h1") };
+    let want = desired(&[network("n1", "10.9.0.0/24", false)], &[], &[], &me);
+    let b = &want.bridges[&model::bridge_name("n1")];
+    assert_eq!(b.mac, Mac([0x02, 0x42, 10, 9, 0, 0]));
+    let acts = diff(&want, &Observed::default());
+    assert!(acts.contains(&Action::CreateBridge { name: model::bridge_name("n1"), mtu: b.mtu, mac: b.mac }));
+    // A bridge whose MAC followed its ports (or was changed by hand) gets it back.
+    let mut obs = Observed::default();
+    for a in &acts {
+        obs.record(a).unwrap();
+    }
+    assert!(diff(&want, &obs).is_empty());
+    obs.links.get_mut(&model::bridge_name("n1")).unwrap().mac = Some(Mac([0x0e, 1, 2, 3, 4, 5]));
+    assert_eq!(diff(&want, &obs), vec![Action::SetMac { link: model::bridge_name("n1"), mac: b.mac }]);
+}
+
+#[test]
+fn an_engine_moves_docker_containers_ends_which_are_kept_until_then() {
+    let me = Identity { vtep_mac: Mac([2, 0, 0, 0, 0, 9]), ..Identity::local("h1") };
+    let mut docker = endpoint("d1", "n1", "10.9.0.2", "h1");
+    docker.kind = EndpointKind::Docker;
+    let adhoc = endpoint("a1", "n1", "10.9.0.3", "h1");
+    let want = desired(&[network("n1", "10.9.0.0/24", false)], &[docker.clone(), adhoc], &[], &me);
+    let spec = &want.endpoints[&model::host_ifname("d1")];
+    assert!(spec.engine_moves, "Docker's endpoints are moved in by the engine");
+    assert!(!want.endpoints[&model::host_ifname("a1")].engine_moves);
+    // Between Join and the engine's move, the container end sits in the
+    // host namespace: it is not a leftover. A stray one is.
+    let mut obs = Observed::default();
+    for name in [model::peer_ifname("d1"), model::peer_ifname("a1"), model::peer_ifname("x1")] {
+        obs.links.insert(name, ObservedLink { kind: LinkKind::Veth, up: true, ..Default::default() });
+    }
+    let acts = diff(&want, &obs);
+    assert!(!acts.contains(&Action::DeleteLink { name: model::peer_ifname("d1") }), "{acts:?}");
+    assert!(acts.contains(&Action::DeleteLink { name: model::peer_ifname("a1") }), "{acts:?}");
+    assert!(acts.contains(&Action::DeleteLink { name: model::peer_ifname("x1") }), "{acts:?}");
+}
+
+struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);
+#[async_trait::async_trait]
+impl DesiredSource for Fixed {
+    async fn load(&self) -> Result<Snapshot, String> {
+        let (networks, endpoints) = self.0.lock().unwrap().clone();
+        Ok(Snapshot { networks, endpoints, ..Snapshot::default() })
+    }
+}
+
+#[test]
+fn desired_state_of_a_host() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", true)];
+    let eps = vec![
+        endpoint("e1", "aaaa", "10.1.0.2", "h1"),
+        endpoint("e2", "bbbb", "10.2.0.2", "h1"),
+        endpoint("e3", "aaaa", "10.1.0.3", "h2"),
+        endpoint("e4", "gone", "10.9.0.3", "h1"),
+    ];
+    let d = desired(&nets, &eps, &[], &Identity::local("h1"));
+    assert_eq!(d.bridges.len(), 2);
+    assert_eq!(d.bridges["trb-aaaa"].addr, Some("10.1.0.1/24".parse().unwrap()));
+    let names: Vec<_> = d.endpoints.keys().cloned().collect();
+    assert_eq!(names, ["trv-e1", "trv-e2"], "only this host's endpoints of existing networks");
+    assert_eq!(d.endpoints["trv-e1"].default_via, Some("10.1.0.1".parse().unwrap()));
+    assert_eq!(d.endpoints["trv-e2"].default_via, None, "internal networks get no default route");
+    assert_eq!(d.endpoints["trv-e2"].addr, "10.2.0.2/24".parse().unwrap());
+}
+
+fn host(id: &str, underlay: &str) -> HostRecord {
+    HostRecord {
+        id: id.into(),
+        hostname: id.into(),
+        underlay: underlay.parse().unwrap(),
+        vtep_mac: Mac([2, 0, 0, 0, 0xaa, underlay.rsplit('.').next().unwrap().parse::<u8>().unwrap()]),
+        vxlan_port: 4789,
+        capabilities: Default::default(),
+        version: "test".into(),
+        started_unix: 0,
+    }
+}
+
+#[test]
+fn tunnels_reach_every_remote_endpoint_of_local_networks() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", false)];
+    let mut eps = vec![
+        endpoint("l1", "aaaa", "10.1.0.2", "h1"),
+        endpoint("r1", "aaaa", "10.1.0.3", "h2"),
+        endpoint("r2", "aaaa", "10.1.0.4", "h3"),
+        endpoint("dead", "aaaa", "10.1.0.5", "h4"),
+        endpoint("other", "bbbb", "10.2.0.2", "h2"),
+    ];
+    eps[1].mac = "02:00:00:00:00:03".parse().unwrap();
+    eps[2].mac = "02:00:00:00:00:04".parse().unwrap();
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2"), host("h3", "192.0.2.3")];
+    let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    let d = desired(&nets, &eps, &hosts, &me);
+    assert_eq!(
+        d.vxlans.keys().collect::<Vec<_>>(),
+        ["trx-aaaa", "trx-probe"],
+        "only networks with local endpoints, and the probe tunnel"
+    );
+    let probe = &d.vxlans["trx-probe"];
+    assert_eq!((probe.spec.vni, probe.bridge.as_str(), probe.spec.port), (model::PROBE_VNI, "", 4789));
+    let peers: Vec<_> = probe.fdb.iter().map(|(m, ip)| (m.to_string(), ip.to_string())).collect();
+    assert_eq!(
+        peers,
+        [("02:00:00:00:aa:02".to_string(), "192.0.2.2".to_string()), ("02:00:00:00:aa:03".into(), "192.0.2.3".into())],
+        "one entry per live peer: its VTEP MAC at its underlay address"
+    );
+    let mac2 = "02:00:00:00:aa:02".parse::<Mac>().unwrap();
+    assert!(probe.neigh.contains(&(IpAddr::V6(mac2.link_local()), mac2)));
+    let v = &d.vxlans["trx-aaaa"];
+    assert_eq!(v.spec.vni, 4096);
+    assert_eq!(v.bridge, "trb-aaaa");
+    let fdb: Vec<_> = v.fdb.iter().map(|(m, ip)| (m.to_string(), ip.to_string())).collect();
+    assert_eq!(
+        fdb,
+        [("02:00:00:00:00:03".to_string(), "192.0.2.2".to_string()), ("02:00:00:00:00:04".into(), "192.0.2.3".into())],
+        "one entry per remote endpoint of a live host; the dead host's endpoint has none"
+    );
+    assert_eq!(v.neigh.len(), 2);
+    // Without an underlay there are no tunnels at all.
+    assert!(desired(&nets, &eps, &hosts, &Identity::local("h1")).vxlans.is_empty());
+
+    // The diff programs the device, then the entries; a host that dies
+    // takes its entries with it.
+    let acts = diff(&d, &Observed::default());
+    assert!(acts.iter().any(|a| matches!(a, Action::CreateVxlan(s) if s.name == "trx-aaaa")));
+    assert_eq!(acts.iter().filter(|a| matches!(a, Action::AddFdb { link, .. } if link == "trx-aaaa")).count(), 2);
+    assert!(acts.contains(&Action::SetLink { name: "trx-probe".into(), mtu: 1280, master: None }));
+    let mut obs = Observed::default();
+    for a in &acts {
+        obs.record(a).unwrap();
+    }
+    assert!(diff(&d, &obs).is_empty(), "{:?}", diff(&d, &obs));
+    let fewer = desired(&nets, &eps, &hosts[..2], &me);
+    let all = diff(&fewer, &obs);
+    let mac3 = "02:00:00:00:aa:03".parse::<Mac>().unwrap();
+    let dst3: IpAddr = "192.0.2.3".parse().unwrap();
+    assert!(all.contains(&Action::DelFdb { link: "trx-probe".into(), mac: mac3, dst: dst3 }), "{all:?}");
+    let acts: Vec<Action> = all
+        .into_iter()
+        .filter(|a| matches!(a, Action::DelFdb { link, .. } | Action::DelNeigh { link, .. } if link == "trx-aaaa"))
+        .collect();
+    assert_eq!(
+        acts,
+        vec![
+            Action::DelFdb {
+                link: "trx-aaaa".into(),
+                mac: "02:00:00:00:00:04".parse::<Mac>().unwrap(),
+                dst: "192.0.2.3".parse().unwrap()
+            },
+            Action::DelNeigh {
+                link: "trx-aaaa".into(),
+                ip: "10.1.0.4".parse().unwrap(),
+                mac: "02:00:00:00:00:04".parse::<Mac>().unwrap()
+            },
+        ]
+    );
+}
+
+fn service(name: &str, net: &str, vip: &str) -> ServiceRecord {
+    ServiceRecord {
+        name: name.into(),
+        network_id: net.into(),
+        network: format!("net-{net}"),
+        mode: model::ServiceMode::Vip,
+        vip: Some(vip.parse().unwrap()),
+        ports: vec![model::ServicePort { port: 80, proto: model::Proto::Tcp, target: 8080 }],
+        selector: model::default_selector(name),
+        created_unix: 0,
+    }
+}
+
+#[test]
+fn service_tables_hold_reachable_backends_and_change_in_a_safe_order() {
+    use trellis_ebpf::{BackendKey, SvcKey, be};
+    let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", true)];
+    let mut b1 = endpoint("b1", "aaaa", "10.1.0.2", "h1");
+    let mut b2 = endpoint("b2", "aaaa", "10.1.0.3", "h2");
+    let mut b3 = endpoint("b3", "aaaa", "10.1.0.4", "h3");
+    for b in [&mut b1, &mut b2, &mut b3] {
+        b.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+    }
+    let client = endpoint("c1", "aaaa", "10.1.0.9", "h1");
+    let eps = vec![b1, b2, b3, client];
+    let host = |id: &str, ip: &str| HostRecord {
+        id: id.into(),
+        hostname: id.into(),
+        underlay: ip.parse().unwrap(),
+        vtep_mac: "02:00:00:00:00:09".parse().unwrap(),
+        vxlan_port: 4789,
+        capabilities: Default::default(),
+        version: String::new(),
+        started_unix: 0,
+    };
+    // h3 is not live: its backend is not used.
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+    let me = Identity { ebpf: true, underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    let svcs = vec![service("web", "aaaa", "10.1.0.254")];
+    let d = desired(&nets, &eps, &hosts, &me);
+    let t = tables(&nets, &eps, &hosts, &svcs, &me, &d);
+    assert_eq!(t.nets.len(), 2, "every subnet, for isolation");
+    assert_eq!(t.nets[&("10.2.0.0".parse().unwrap(), 24)].flags, trellis_ebpf::EP_INTERNAL);
+    let vip: std::net::Ipv4Addr = "10.1.0.254".parse().unwrap();
+    let id = u32::from(vip);
+    assert_eq!(t.maglev[&id], vec!["10.1.0.2".parse::<std::net::Ipv4Addr>().unwrap(), "10.1.0.3".parse().unwrap()]);
+    let svc = t.services[&SvcKey::new(vip, 80, 6)];
+    assert_eq!((svc.id, u16::from_be(svc.target_port), svc.count), (id, 8080, 2));
+    assert_eq!(t.vips[&vip].backends, 2);
+    assert!(!t.backends.contains_key(&BackendKey { svc_id: id, ip: be("10.1.0.4".parse().unwrap()) }));
+    // Without eBPF, or without local endpoints on the network, no tables.
+    assert_eq!(tables(&nets, &eps, &hosts, &svcs, &Identity { ebpf: false, ..me.clone() }, &d), Tables::default());
+    let lonely = Identity { host: "h9".into(), ..me.clone() };
+    assert!(tables(&nets, &eps, &hosts, &svcs, &lonely, &desired(&nets, &eps, &hosts, &lonely)).services.is_empty());
+
+    // From nothing: one table update, after the tunnel entries.
+    let want = DesiredHost { tables: t.clone(), ..d.clone() };
+    let acts = diff(&want, &Observed::default());
+    let pos_tables = acts.iter().position(|a| matches!(a, Action::UpdateTables(_))).unwrap();
+    assert!(acts.iter().rposition(|a| matches!(a, Action::AddFdb { .. })).unwrap() < pos_tables);
+    let mut obs = Observed::default();
+    for a in &acts {
+        obs.record(a).unwrap();
+    }
+    assert!(diff(&want, &obs).is_empty(), "converged: {:?}", diff(&want, &obs));
+
+    // h3 comes alive: its backend joins, the table is rewritten, the
+    // service entry follows.
+    let hosts3 = vec![hosts[0].clone(), hosts[1].clone(), host("h3", "192.0.2.3")];
+    let d3 = desired(&nets, &eps, &hosts3, &me);
+    let t3 = tables(&nets, &eps, &hosts3, &svcs, &me, &d3);
+    let ops = obs.tables.ops_to(&t3);
+    assert_eq!(ops.put_backends.len(), 1);
+    assert_eq!(ops.put_maglev.iter().map(|(id, b)| (*id, b.len())).collect::<Vec<_>>(), vec![(id, 3)]);
+    assert_eq!(ops.put_services.len(), 1);
+    assert!(ops.del_backends.is_empty());
+    obs.tables.apply(&ops);
+    // The service goes: entries first, then what they pointed to.
+    let gone = tables(&nets, &eps, &hosts3, &[], &me, &d3);
+    let ops = obs.tables.ops_to(&gone);
+    assert_eq!(
+        (ops.del_services.len(), ops.del_vips.len(), ops.del_maglev.len(), ops.del_backends.len()),
+        (1, 1, 1, 3)
+    );
+    assert!(ops.put_maglev.is_empty() && ops.del_nets.is_empty());
+}
+
+#[test]
+fn the_endpoint_program_follows_the_veths() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")];
+    let me = Identity { ebpf: true, ..Identity::local("h1") };
+    let d = desired(&nets, &eps, &[], &me);
+    assert_eq!(d.programs.keys().collect::<Vec<_>>(), ["trv-e1", "trv-e2"]);
+    // DNS redirection: in the program when it runs, in nftables when not.
+    let dns = Identity { dns_intercept: true, ..me.clone() };
+    let d2 = desired(&nets, &eps, &[], &dns);
+    assert_eq!(
+        d2.programs["trv-e1"].dns_at,
+        Some(("10.1.0.1".parse().unwrap(), model::Mac::for_ip("10.1.0.0".parse().unwrap())))
+    );
+    assert!(!d2.egress.dns_intercept, "no nftables DNAT beside the program");
+    assert!(d2.egress.dns_notrack, "DNS to the gateway untracked beside the program");
+    let no_ebpf = desired(&nets, &eps, &[], &Identity { ebpf: false, ..dns });
+    assert!(no_ebpf.egress.dns_intercept && !no_ebpf.egress.dns_notrack);
+    assert!(desired(&nets, &eps, &[], &Identity::local("h1")).programs.is_empty(), "none without eBPF");
+    let acts = diff(&d, &Observed::default());
+    let attach: Vec<_> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::AttachProgram { ifname, ip, program, .. } => Some((ifname.as_str(), ip.to_string(), program.vni)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attach, [("trv-e1", "10.1.0.2".to_string(), 4096), ("trv-e2", "10.1.0.3".to_string(), 4096)]);
+    let pos = |f: &dyn Fn(&Action) -> bool| acts.iter().position(f).unwrap();
+    assert!(
+        pos(&|a| matches!(a, Action::CreateEndpoint(s) if s.host_if == "trv-e1"))
+            < pos(&|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1")),
+        "the veth exists before the program is attached"
+    );
+    let mut obs = Observed::default();
+    for a in &acts {
+        obs.record(a).unwrap();
+    }
+    assert!(diff(&d, &obs).is_empty());
+    // A veth recreated by a repair gets the program again; a stale
+    // attachment goes.
+    obs.links.remove("trv-e1");
+    obs.programs.insert("trv-gone".into());
+    let acts = diff(&d, &obs);
+    assert!(acts.iter().any(|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1")), "{acts:?}");
+    assert!(acts.contains(&Action::DetachProgram { ifname: "trv-gone".into() }), "{acts:?}");
+}
+
+#[test]
+fn diff_from_scratch_creates_in_order() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
+    let acts = diff(&desired(&nets, &eps, &[], &Identity::local("h1")), &Observed::default());
+    let kinds: Vec<_> = acts
+        .iter()
+        .map(|a| match a {
+            Action::CreateBridge { .. } => "bridge",
+            Action::SetLink { .. } => "set",
+            Action::AddAddress { .. } => "addr",
+            Action::CreateEndpoint(_) => "endpoint",
+            Action::ApplyEgress(_) => "egress",
+            Action::DeleteLink { .. } => "delete",
+            Action::DelAddress { .. } => "deladdr",
+            _ => "tunnel",
+        })
+        .collect();
+    assert_eq!(kinds, ["bridge", "set", "addr", "endpoint", "egress"]);
+}
+
+#[test]
+fn vxlan_devices_no_longer_wanted_are_deleted() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+    let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    let eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1")];
+    let mut obs = Observed::default();
+    for a in diff(&desired(&nets, &eps, &hosts, &me), &Observed::default()) {
+        obs.record(&a).unwrap();
+    }
+    assert!(obs.links.contains_key("trx-aaaa"));
+    // The network's last local endpoint goes: its VXLAN device goes too
+    // (the probe device stays), and nothing else is touched.
+    let acts = diff(&desired(&nets, &[], &hosts, &me), &obs);
+    let deleted: Vec<_> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::DeleteLink { name } => Some(name.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, ["trv-l1", "trx-aaaa"], "{acts:?}");
+    // The network goes: its bridge and its VXLAN device.
+    let acts = diff(&desired(&[], &[], &hosts, &me), &obs);
+    assert!(acts.contains(&Action::DeleteLink { name: "trx-aaaa".into() }), "{acts:?}");
+    assert!(acts.contains(&Action::DeleteLink { name: "trb-aaaa".into() }), "{acts:?}");
+    assert!(!acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+    // A host without an underlay has no tunnels: the probe device goes.
+    let acts = diff(&desired(&nets, &[], &hosts, &Identity::local("h1")), &obs);
+    assert!(acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+}
+
+#[test]
+fn diff_repairs_and_removes() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let eps = vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")];
+    let want = desired(&nets, &eps, &[], &Identity::local("h1"));
+    let mut obs = Observed { egress: Some(want.egress.fingerprint()), ..Observed::default() };
+    obs.links.insert(
+        "trb-aaaa".into(),
+        ObservedLink {
+            kind: LinkKind::Bridge,
+            master: None,
+            mtu: 1450,
+            up: true,
+            addrs: vec!["10.1.0.99/24".parse().unwrap()],
+            ..Default::default()
+        },
+    );
+    obs.links.insert(
+        "trv-e1".into(),
+        ObservedLink { kind: LinkKind::Veth, master: None, mtu: 1450, up: true, addrs: vec![], ..Default::default() },
+    );
+    for stale in ["trv-old", "trb-old", "trp-e9"] {
+        obs.links.insert(
+            stale.into(),
+            ObservedLink {
+                kind: LinkKind::Veth,
+                master: None,
+                mtu: 1500,
+                up: true,
+                addrs: vec![],
+                ..Default::default()
+            },
+        );
+    }
+    // Someone else's link is never touched.
+    obs.links.insert(
+        "eth0".into(),
+        ObservedLink { kind: LinkKind::Other, master: None, mtu: 1500, up: true, addrs: vec![], ..Default::default() },
+    );
+    let acts = diff(&want, &obs);
+    assert_eq!(
+        acts,
+        vec![
+            Action::DeleteLink { name: "trp-e9".into() },
+            Action::DeleteLink { name: "trv-old".into() },
+            Action::DeleteLink { name: "trb-old".into() },
+            Action::DelAddress { link: "trb-aaaa".into(), addr: "10.1.0.99/24".parse().unwrap() },
+            Action::AddAddress { link: "trb-aaaa".into(), addr: "10.1.0.1/24".parse().unwrap() },
+            Action::SetLink { name: "trv-e1".into(), mtu: 1450, master: Some("trb-aaaa".into()) },
+        ]
+    );
+}
+
+fn encrypted_lab() -> (Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>, Identity) {
+    let mut n = network("aaaa", "10.1.0.0/24", false);
+    n.encrypted = true;
+    n.vxlan_port = Some(4790);
+    let mut eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1"), endpoint("r1", "aaaa", "10.1.0.3", "h2")];
+    eps[1].mac = "02:00:00:00:00:03".parse().unwrap();
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+    let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    (vec![n], eps, hosts, me)
+}
+
+#[test]
+fn encrypted_networks_get_their_port_sas_and_policies_before_any_tunnel_entry() {
+    let (nets, eps, hosts, me) = encrypted_lab();
+    let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+    let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+    let mut d = desired(&nets, &eps, &hosts, &me);
+    encryption(&nets, &keys, &mut d, &me);
+    assert_eq!(d.vxlans["trx-aaaa"].spec.port, 4790, "an encrypted network's VXLAN uses its own port");
+    assert_eq!((d.xfrm.sas.len(), d.xfrm.policies.len()), (2, 2), "in (from anywhere) and out to the peer");
+    assert_eq!(d.acks["aaaa"], trellis_ipsec::Ack { rx: 1, tx: 1 });
+    let acts = diff(&d, &Observed::default());
+    let first_tunnel = acts.iter().position(|a| matches!(a, Action::CreateVxlan(_) | Action::AddFdb { .. })).unwrap();
+    let last_xfrm = acts.iter().rposition(|a| matches!(a, Action::Xfrm { .. })).unwrap();
+    assert!(last_xfrm < first_tunnel, "SAs and policies go in first: {acts:?}");
+    assert!(acts.iter().all(|a| !matches!(a, Action::Xfrm { vxlan, .. } if vxlan.as_deref() != Some("trx-aaaa"))));
+
+    // The peer leaves: its tunnel entries go before its policies and SAs.
+    let mut obs = Observed::default();
+    for a in &acts {
+        obs.record(a).unwrap();
+    }
+    let mut gone = desired(&nets, &eps[..1], &hosts, &me);
+    encryption(&nets, &keys, &mut gone, &me);
+    let acts = diff(&gone, &obs);
+    let del_fdb = acts.iter().position(|a| matches!(a, Action::DelFdb { .. })).unwrap();
+    let first_xfrm = acts.iter().position(|a| matches!(a, Action::Xfrm { .. })).unwrap();
+    assert!(del_fdb < first_xfrm, "{acts:?}");
+    // The out policy and both SAs go; the in policy stays while the
+    // network's VXLAN device does.
+    assert_eq!(acts.iter().filter(|a| matches!(a, Action::Xfrm { .. })).count(), 3, "{acts:?}");
+
+    // No key ring: the policies still go in, so traffic stops rather
+    // than leave in the clear.
+    let mut bare = desired(&nets, &eps, &hosts, &me);
+    encryption(&nets, &BTreeMap::new(), &mut bare, &me);
+    assert_eq!((bare.xfrm.sas.len(), bare.xfrm.policies.len()), (0, 2));
+    // Plain networks get none of it.
+    let mut plain = nets.clone();
+    plain[0].encrypted = false;
+    plain[0].vxlan_port = None;
+    let mut p = desired(&plain, &eps, &hosts, &me);
+    encryption(&plain, &keys, &mut p, &me);
+    assert!(p.xfrm.sas.is_empty() && p.xfrm.policies.is_empty() && p.acks.is_empty());
+    assert_eq!(p.vxlans["trx-aaaa"].spec.port, 4789);
+}
+
+struct WithKeys(Snapshot);
+#[async_trait::async_trait]
+impl DesiredSource for WithKeys {
+    async fn load(&self) -> Result<Snapshot, String> {
+        Ok(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
+    let (networks, endpoints, hosts, me) = encrypted_lab();
+    let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+    let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+    let src = Arc::new(WithKeys(Snapshot { networks, endpoints, hosts, keys, ..Snapshot::default() }));
+    let dp = Arc::new(FakeDataplane::default());
+    dp.failing_xfrm.store(true, Ordering::Relaxed);
+    let r = Reconciler::new(dp.clone(), src, me);
+    let report = r.pass().await.unwrap();
+    assert!(!report.errors.is_empty());
+    assert!(report.acks.is_empty(), "nothing acked while SAs are missing");
+    let log = dp.take_log();
+    assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(_))), "local endpoints still come up");
+    let net_tunnel = |a: &Action| match a {
+        Action::CreateVxlan(v) => v.name == "trx-aaaa",
+        Action::AddFdb { link, .. } | Action::AddNeigh { link, .. } => link == "trx-aaaa",
+        _ => false,
+    };
+    assert!(!log.iter().any(net_tunnel), "no tunnel to a peer without its policy: {log:?}");
+    // Once xfrm works the tunnel comes up and the host acks its keys.
+    dp.failing_xfrm.store(false, Ordering::Relaxed);
+    let report = r.full_pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.acks["aaaa"], trellis_ipsec::Ack { rx: 1, tx: 1 });
+    assert!(dp.with_state(|s| s.links["trx-aaaa"].fdb.len()) == 1);
+}
+
+#[tokio::test]
+async fn passes_converge_and_then_do_nothing() {
+    let dp = Arc::new(FakeDataplane::default());
+    let src = Arc::new(Fixed(Mutex::new((
+        vec![network("aaaa", "10.1.0.0/24", false)],
+        vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
+    ))));
+    let r = Reconciler::new(dp.clone(), src.clone(), Identity::local("h1"));
+    let first = r.pass().await.unwrap();
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(first.actions, 6);
+    let second = r.pass().await.unwrap();
+    assert_eq!(second.actions, 0, "a converged host needs nothing: {:?}", dp.take_log());
+    assert!(second.generation > first.generation);
+
+    // A veth deleted by hand: a fast pass trusts its picture of the
+    // kernel and does not see it; the full pass repairs it.
+    dp.with_state(|s| s.links.remove("trv-e1"));
+    assert_eq!(r.pass().await.unwrap().actions, 0);
+    // A removed endpoint goes with the same full pass.
+    src.0.lock().unwrap().1.retain(|e| e.id != "e2");
+    dp.take_log();
+    r.full_pass().await.unwrap();
+    let log = dp.take_log();
+    assert!(log.iter().any(|a| matches!(a, Action::CreateEndpoint(s) if s.endpoint_id == "e1")), "{log:?}");
+    assert!(log.contains(&Action::DeleteLink { name: "trv-e2".into() }), "{log:?}");
+    assert_eq!(r.pass().await.unwrap().actions, 0);
+}
+
+#[tokio::test]
+async fn deleting_endpoints_lose_their_devices_then_become_final() {
+    let dp = Arc::new(FakeDataplane::default());
+    let src = Arc::new(Fixed(Mutex::new((
+        vec![network("aaaa", "10.1.0.0/24", false)],
+        vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
+    ))));
+    let r = Reconciler::new(dp.clone(), src.clone(), Identity::local("h1"));
+    assert!(r.pass().await.unwrap().finalizable.is_empty());
+    src.0.lock().unwrap().1[0].deleting = true;
+    let rep = r.pass().await.unwrap();
+    assert!(!dp.with_state(|s| s.links.contains_key("trv-e1")), "the device goes first");
+    let ids: Vec<_> = rep.finalizable.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["e1"], "then the record may go");
+    assert!(dp.with_state(|s| s.links.contains_key("trv-e2")));
+}
+
+#[tokio::test]
+async fn a_gone_netns_is_reported_and_others_proceed() {
+    let dp = Arc::new(FakeDataplane::default());
+    dp.failing.lock().unwrap().push("e1".into());
+    let src = Arc::new(Fixed(Mutex::new((
+        vec![network("aaaa", "10.1.0.0/24", false)],
+        vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h1")],
+    ))));
+    let r = Reconciler::new(dp.clone(), src, Identity::local("h1"));
+    let rep = r.pass().await.unwrap();
+    assert_eq!(rep.gone, ["e1"]);
+    assert!(rep.endpoint_error("e1").unwrap().contains("does not exist"));
+    assert!(rep.endpoint_error("e2").is_none());
+    assert!(dp.with_state(|s| s.links.contains_key("trv-e2")));
+}
+
+/// A source whose first load waits until the test lets it go, and
+/// that counts its loads (one per pass).
+struct Gated {
+    inner: Fixed,
+    loads: AtomicU64,
+    gate: tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+#[async_trait::async_trait]
+impl DesiredSource for Gated {
+    async fn load(&self) -> Result<Snapshot, String> {
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        let gate = self.gate.lock().await.take();
+        if let Some(gate) = gate {
+            gate.await.map_err(|e| e.to_string())?;
+        }
+        self.inner.load().await
+    }
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_passes() {
+    let dp = Arc::new(FakeDataplane::default());
+    let (open, gate) = tokio::sync::oneshot::channel();
+    let src = Arc::new(Gated {
+        inner: Fixed(Mutex::new((vec![network("aaaa", "10.1.0.0/24", false)], vec![]))),
+        loads: AtomicU64::new(0),
+        gate: tokio::sync::Mutex::new(Some(gate)),
+    });
+    let r = Arc::new(Reconciler::new(dp, src.clone(), Identity::local("h1")));
+    // The first caller's pass starts, and is held in its load.
+    let first = {
+        let r = r.clone();
+        tokio::spawn(async move { r.pass().await.unwrap().generation })
+    };
+    while src.loads.load(Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // Nineteen callers ask while it runs: it started before they asked,
+    // so it cannot answer them; one more pass answers them all.
+    let mut tasks = Vec::new();
+    for _ in 0..19 {
+        let r = r.clone();
+        tasks.push(tokio::spawn(async move { r.pass().await.unwrap().generation }));
+    }
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    open.send(()).unwrap();
+    assert_eq!(first.await.unwrap(), 1);
+    let mut gens = Vec::new();
+    for t in tasks {
+        gens.push(t.await.unwrap());
+    }
+    assert_eq!(gens, [2; 19], "every later caller gets the one pass that started after it asked");
+    assert_eq!(r.last().generation, 2, "20 callers, 2 passes");
+    assert_eq!(src.loads.load(Ordering::SeqCst), 2, "one load of the desired state per pass");
+}
