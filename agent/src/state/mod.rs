@@ -1,6 +1,7 @@
 //! The desired state in the store: networks and endpoints, created and
 //! removed in single transactions so that a failure leaves nothing behind.
 
+pub mod docker;
 pub mod encryption;
 pub mod hosts;
 

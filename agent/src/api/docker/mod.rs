@@ -28,16 +28,15 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use trellis_ipam::{AddrRequest, RESERVED, pure};
+use trellis_ipam::{AddrRequest, pure};
 use trellis_plugin_api::docker as dp;
 use trellis_plugin_api::validate;
-use trellis_store::{Compare, Op};
 
 use crate::api::docker::engine::Engine;
 use crate::app::{App, AttachRequest};
 use crate::model::{self, EndpointKind, NetworkRecord};
+use crate::state::docker::{DockerEp, DockerNet, DockerPool, DockerRecords};
 use crate::state::{AgentError, NewNetwork};
 
 /// Options `docker network create -o` understands.
@@ -52,37 +51,6 @@ pub const CREATED_BY: &str = "trellis.created-by";
 const ADDRESS_SPACE: &str = "trellis";
 const DST_PREFIX: &str = "eth";
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct DockerNet {
-    docker_id: String,
-    pool: IpNet,
-    gateway: Option<IpAddr>,
-    /// The user gave --subnet (else the pool was chosen by the driver).
-    user_subnet: bool,
-    attachable: bool,
-    internal: bool,
-    encrypted: bool,
-    mtu: u32,
-    /// Name given with `-o trellis.network=`, else learned from the engine.
-    name: Option<String>,
-    /// The cluster network, once bound.
-    network_id: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct DockerPool {
-    subnet: IpNet,
-    user_subnet: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct DockerEp {
-    docker_id: String,
-    docker_net: String,
-    ip: IpAddr,
-    endpoint_id: Option<String>,
-}
-
 fn pool_id(n: &IpNet) -> String {
     format!("trellis-{n}")
 }
@@ -93,8 +61,8 @@ fn parse_pool_id(id: &str) -> Result<IpNet, String> {
 
 pub struct DockerDriver {
     app: Arc<App>,
+    records: DockerRecords,
     engine: Engine,
-    host: String,
     bind_lock: tokio::sync::Mutex<()>,
 }
 
@@ -107,41 +75,8 @@ type Answer = Result<Value, String>;
 impl DockerDriver {
     pub fn new(app: Arc<App>, engine: Engine) -> Arc<DockerDriver> {
         let host = app.cluster.host.clone();
-        Arc::new(DockerDriver { app, engine, host, bind_lock: tokio::sync::Mutex::new(()) })
-    }
-
-    fn prefix(&self) -> String {
-        model::docker_host_prefix(&self.host)
-    }
-    fn net_key(&self, id: &str) -> String {
-        model::docker_net_key(&self.host, id)
-    }
-    fn pool_key(&self, n: &IpNet) -> String {
-        model::docker_pool_key(&self.host, n)
-    }
-    fn ep_key(&self, id: &str) -> String {
-        model::docker_ep_key(&self.host, id)
-    }
-    fn reserved_key(n: &IpNet) -> String {
-        model::docker_reserved_key(n)
-    }
-
-    async fn load<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, String> {
-        match self.app.cluster.store.get(key).await.map_err(err)? {
-            Some(kv) => serde_json::from_slice(&kv.value).map(Some).map_err(|e| format!("corrupt record {key}: {e}")),
-            None => Ok(None),
-        }
-    }
-
-    async fn save<T: Serialize>(&self, key: &str, v: &T) -> Result<(), String> {
-        let bytes = serde_json::to_vec(v).expect("records serialize");
-        self.app.cluster.store.txn(vec![], vec![Op::put(key.to_string(), bytes)]).await.map_err(err)?;
-        Ok(())
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), String> {
-        self.app.cluster.store.txn(vec![], vec![Op::delete(key.to_string())]).await.map_err(err)?;
-        Ok(())
+        let records = DockerRecords::new(app.cluster.store.clone(), &host);
+        Arc::new(DockerDriver { app, records, engine, bind_lock: tokio::sync::Mutex::new(()) })
     }
 
     /// One request: `None` for a method this driver does not implement
@@ -225,7 +160,7 @@ impl DockerDriver {
             }
             (subnet, true)
         };
-        self.save(&self.pool_key(&subnet), &DockerPool { subnet, user_subnet }).await?;
+        self.records.save_pool(&DockerPool { subnet, user_subnet }).await.map_err(err)?;
         Ok(json!({ "PoolID": pool_id(&subnet), "Pool": subnet.to_string(), "Data": {} }))
     }
 
@@ -236,20 +171,11 @@ impl DockerDriver {
         let avoid = self.app.dataplane.host_routes().await.map_err(err)?;
         for _ in 0..16 {
             let mut taken: Vec<IpNet> = c.networks().await.map_err(err)?.iter().map(|n| n.subnet).collect();
-            let (reserved, _) = c.store.list(&model::docker_reserved_prefix()).await.map_err(err)?;
-            taken.extend(
-                reserved.iter().filter_map(|kv| kv.key.rsplit('/').next()?.replace('_', "/").parse::<IpNet>().ok()),
-            );
+            taken.extend(self.records.reserved_subnets().await.map_err(err)?);
             let Some(subnet) = pure::choose_subnet(&c.default_pool, c.default_prefix_len, &taken, &avoid) else {
                 return Err(format!("the default pool {} has no free /{} left", c.default_pool, c.default_prefix_len));
             };
-            let key = Self::reserved_key(&subnet);
-            let done = c
-                .store
-                .txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, self.host.clone().into_bytes())])
-                .await
-                .map_err(err)?;
-            if done.succeeded {
+            if self.records.reserve_subnet(&subnet).await.map_err(err)? {
                 return Ok(subnet);
             }
         }
@@ -257,30 +183,19 @@ impl DockerDriver {
     }
 
     async fn drop_reservation(&self, subnet: &IpNet) -> Result<(), String> {
-        let key = Self::reserved_key(subnet);
-        self.app
-            .cluster
-            .store
-            .txn(vec![Compare::Value(key.clone(), self.host.clone().into_bytes())], vec![Op::delete(key)])
-            .await
-            .map_err(err)?;
-        Ok(())
+        self.records.drop_reservation(subnet).await.map_err(err)
     }
 
     async fn release_pool(&self, id: &str) -> Answer {
         let subnet = parse_pool_id(id)?;
-        self.delete(&self.pool_key(&subnet)).await?;
+        self.records.delete_pool(&subnet).await.map_err(err)?;
         self.drop_reservation(&subnet).await?;
         Ok(json!({}))
     }
 
     /// The Docker network whose pool is `subnet`.
     async fn net_by_pool(&self, subnet: &IpNet) -> Result<Option<DockerNet>, String> {
-        let (items, _) = self.app.cluster.store.list(&format!("{}nets/", self.prefix())).await.map_err(err)?;
-        Ok(items
-            .iter()
-            .filter_map(|kv| serde_json::from_slice::<DockerNet>(&kv.value).ok())
-            .find(|n| &n.pool == subnet))
+        self.records.net_by_pool(subnet).await.map_err(err)
     }
 
     async fn request_address(self: &Arc<Self>, r: dp::RequestAddressRequest) -> Answer {
@@ -305,12 +220,7 @@ impl DockerDriver {
         } else {
             AddrRequest::Specific(validate::ip("address", &r.address).map_err(err)?)
         };
-        let c = &self.app.cluster;
-        let ip = c
-            .ipam
-            .allocate(&crate::state::Cluster::pool(&net), request, RESERVED, |_| (vec![], vec![]))
-            .await
-            .map_err(|e| AgentError::from(e).to_string())?;
+        let ip = self.app.cluster.reserve_address(&net, request).await.map_err(err)?;
         Ok(json!({ "Address": format!("{ip}/{}", net.subnet.prefix_len()), "Data": {} }))
     }
 
@@ -335,7 +245,7 @@ impl DockerDriver {
         }
         // Still a reservation (the endpoint never joined): released here;
         // an endpoint's address goes with the endpoint.
-        self.app.cluster.ipam.release_reservation(&crate::state::Cluster::pool(&net), ip).await.map_err(err)?;
+        self.app.cluster.release_reservation(&net, ip).await.map_err(err)?;
         Ok(json!({}))
     }
 
@@ -350,7 +260,7 @@ impl DockerDriver {
             return Err("the trellis network driver needs the trellis IPAM driver: add --ipam-driver trellis".into());
         }
         let pool = validate::subnet(&v4.pool).map_err(err)?;
-        let Some(p) = self.load::<DockerPool>(&self.pool_key(&pool)).await? else {
+        let Some(p) = self.records.pool(&pool).await.map_err(err)? else {
             return Err(format!("pool {pool} was not allocated by the trellis IPAM driver: add --ipam-driver trellis"));
         };
         let generic = r.generic();
@@ -402,7 +312,7 @@ impl DockerDriver {
             // Refused now, not when the first container joins.
             self.app.cluster.require_esp(dn.name.as_deref().unwrap_or(&r.network_id)).map_err(err)?;
         }
-        self.save(&self.net_key(&r.network_id), &dn).await?;
+        self.records.save_net(&dn).await.map_err(err)?;
         // Bind as soon as the engine knows the network's name (right after
         // this call returns); endpoints bind on demand anyway.
         let me = self.clone();
@@ -423,8 +333,7 @@ impl DockerDriver {
     /// no host has created it yet.
     async fn bind(&self, docker_id: &str) -> Result<NetworkRecord, String> {
         let _guard = self.bind_lock.lock().await;
-        let key = self.net_key(docker_id);
-        let Some(mut dn) = self.load::<DockerNet>(&key).await? else {
+        let Some(mut dn) = self.records.net(docker_id).await.map_err(err)? else {
             return Err(format!("Docker network {docker_id} is unknown to the trellis driver"));
         };
         let c = &self.app.cluster;
@@ -487,35 +396,26 @@ impl DockerDriver {
         }
         dn.name = Some(net.name.clone());
         dn.network_id = Some(net.id.clone());
-        self.save(&key, &dn).await?;
+        self.records.save_net(&dn).await.map_err(err)?;
         tracing::info!(docker = %docker_id, network = %net.name, subnet = %net.subnet, "Docker network bound");
         Ok(net)
     }
 
     async fn delete_network(&self, docker_id: &str) -> Answer {
-        let Some(dn) = self.load::<DockerNet>(&self.net_key(docker_id)).await? else { return Ok(json!({})) };
+        let Some(dn) = self.records.net(docker_id).await.map_err(err)? else { return Ok(json!({})) };
         // Endpoint records of this Docker network (left by a dockerd that
         // died) go with it.
-        let (eps, _) = self.app.cluster.store.list(&format!("{}eps/", self.prefix())).await.map_err(err)?;
-        for kv in eps {
-            if serde_json::from_slice::<DockerEp>(&kv.value).is_ok_and(|e| e.docker_net == docker_id) {
-                self.delete(&kv.key).await?;
-            }
+        for e in self.records.eps_of(docker_id).await.map_err(err)? {
+            self.records.delete_ep(&e.docker_id).await.map_err(err)?;
         }
-        self.delete(&self.net_key(docker_id)).await?;
+        self.records.delete_net(docker_id).await.map_err(err)?;
         if !dn.user_subnet {
             self.drop_reservation(&dn.pool).await?;
         }
         let Some(net_id) = dn.network_id else { return Ok(json!({})) };
         // The cluster network goes with the last Docker network bound to it
         // on any host, if the driver created it and nothing is attached.
-        let (all, _) = self.app.cluster.store.list(&model::docker_hosts_prefix()).await.map_err(err)?;
-        let still_bound = all.iter().any(|kv| {
-            kv.key.contains("/nets/")
-                && serde_json::from_slice::<DockerNet>(&kv.value)
-                    .is_ok_and(|n| n.network_id.as_deref() == Some(&net_id))
-        });
-        if still_bound {
+        if self.records.bound_anywhere(&net_id).await.map_err(err)? {
             return Ok(json!({}));
         }
         if let Ok(net) = self.app.cluster.network(&net_id).await
@@ -542,17 +442,16 @@ impl DockerDriver {
             .unwrap_or_default()
             .parse()
             .map_err(|_| format!("invalid address {:?}", iface.address))?;
-        if self.load::<DockerNet>(&self.net_key(&r.network_id)).await?.is_none() {
+        if self.records.net(&r.network_id).await.map_err(err)?.is_none() {
             return Err(format!("Docker network {} is unknown to the trellis driver", r.network_id));
         }
         let de = DockerEp { docker_id: r.endpoint_id.clone(), docker_net: r.network_id, ip, endpoint_id: None };
-        self.save(&self.ep_key(&r.endpoint_id), &de).await?;
+        self.records.save_ep(&de).await.map_err(err)?;
         Ok(json!({}))
     }
 
     async fn join(self: &Arc<Self>, r: dp::JoinRequest) -> Answer {
-        let key = self.ep_key(&r.endpoint_id);
-        let Some(mut de) = self.load::<DockerEp>(&key).await? else {
+        let Some(mut de) = self.records.ep(&r.endpoint_id).await.map_err(err)? else {
             return Err(format!("endpoint {} is unknown to the trellis driver", r.endpoint_id));
         };
         if r.sandbox_key.is_empty() {
@@ -566,7 +465,7 @@ impl DockerDriver {
         req.ifname = DST_PREFIX.to_string();
         let ep = self.app.attach(req).await.map_err(err)?.endpoint;
         de.endpoint_id = Some(ep.id.clone());
-        self.save(&key, &de).await?;
+        self.records.save_ep(&de).await.map_err(err)?;
         let me = self.clone();
         let (docker_ep, docker_net, name) = (r.endpoint_id.clone(), de.docker_net.clone(), net.name.clone());
         let endpoint = ep.id.clone();
@@ -625,7 +524,7 @@ impl DockerDriver {
     }
 
     async fn leave(&self, docker_ep: &str) -> Answer {
-        let Some(de) = self.load::<DockerEp>(&self.ep_key(docker_ep)).await? else { return Ok(json!({})) };
+        let Some(de) = self.records.ep(docker_ep).await.map_err(err)? else { return Ok(json!({})) };
         if let Some(id) = &de.endpoint_id {
             self.app.detach_id(id).await.map_err(err)?;
         }
@@ -633,18 +532,17 @@ impl DockerDriver {
     }
 
     async fn delete_endpoint(&self, docker_ep: &str) -> Answer {
-        let key = self.ep_key(docker_ep);
-        if let Some(de) = self.load::<DockerEp>(&key).await?
+        if let Some(de) = self.records.ep(docker_ep).await.map_err(err)?
             && let Some(id) = &de.endpoint_id
         {
             self.app.detach_id(id).await.map_err(err)?;
         }
-        self.delete(&key).await?;
+        self.records.delete_ep(docker_ep).await.map_err(err)?;
         Ok(json!({}))
     }
 
     async fn oper_info(&self, docker_ep: &str) -> Answer {
-        let de = self.load::<DockerEp>(&self.ep_key(docker_ep)).await?;
+        let de = self.records.ep(docker_ep).await.map_err(err)?;
         let id = de.and_then(|d| d.endpoint_id).unwrap_or_default();
         Ok(json!({ "Value": { "trellis.endpoint": id } }))
     }
