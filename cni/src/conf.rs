@@ -194,12 +194,17 @@ fn string_field(obj: &serde_json::Map<String, Value>, key: &str) -> Result<Optio
     }
 }
 
+/// An address, `IP` or `IP/PREFIX`, without its prefix.
+fn address(key: &str, s: &str) -> Result<String, CniError> {
+    trellis_plugin_api::validate::address("ip", s).map(|ip| ip.to_string()).map_err(|e| bad_conf(format!("{key}: {e}")))
+}
+
 /// The first address of a list of CIDRs or plain addresses, without its prefix.
 fn first_ip(key: &str, v: &Value) -> Result<Option<String>, CniError> {
     let Value::Array(items) = v else { return Err(bad_conf(format!("{key} must be a list of addresses"))) };
     match items.as_slice() {
         [] => Ok(None),
-        [Value::String(s)] => Ok(Some(s.split('/').next().unwrap_or_default().to_string())),
+        [Value::String(s)] => Ok(Some(address(key, s)?)),
         [_] => Err(bad_conf(format!("{key} must be a list of addresses"))),
         _ => Err(CniError::new(
             codes::UNSUPPORTED_FIELD,
@@ -275,7 +280,7 @@ impl NetConf {
             ip = first_ip("runtimeConfig.ips", ips)?.or(ip);
         }
         if let Some(a) = env.args.get("IP") {
-            ip = Some(a.split('/').next().unwrap_or_default().to_string());
+            ip = Some(address("CNI_ARGS IP", a)?);
         }
         let dns = match field(&obj, "dns") {
             Some(d) => serde_json::from_value(d.clone()).map_err(|e| bad_conf(format!("dns is malformed: {e}")))?,

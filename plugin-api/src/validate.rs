@@ -88,12 +88,9 @@ pub fn service_port(value: &str) -> Result<(u16, &'static str, u16)> {
     Ok((port, proto, target))
 }
 
-/// A selector term `KEY=VALUE`.
+/// A selector term `KEY=VALUE` (a label the service's endpoints carry).
 pub fn selector(value: &str) -> Result<(String, String)> {
-    match value.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(invalid("selector", value, "expected KEY=VALUE")),
-    }
+    key_value("selector", value)
 }
 
 /// A subnet in CIDR notation with no host bits set.
@@ -109,6 +106,19 @@ pub fn subnet(value: &str) -> Result<IpNet> {
 /// An IP address.
 pub fn ip(field: &'static str, value: &str) -> Result<IpAddr> {
     value.parse().map_err(|_| invalid(field, value, "expected an IP address such as 10.30.0.7"))
+}
+
+/// An interface address as engines write it, `IP` or `IP/PREFIX` (Docker's
+/// IPAM answers and endpoint interfaces, CNI's `ips`): the address, the
+/// prefix checked and dropped.
+pub fn address(field: &'static str, value: &str) -> Result<IpAddr> {
+    match value.split_once('/') {
+        None => ip(field, value),
+        Some(_) => value
+            .parse::<IpNet>()
+            .map(|n| n.addr())
+            .map_err(|_| invalid(field, value, "expected an address such as 10.30.0.7 or 10.30.0.7/24")),
+    }
 }
 
 /// A network MTU (0 means "derive from the underlay").
@@ -150,9 +160,14 @@ pub fn labels(map: &BTreeMap<String, String>) -> Result<()> {
 
 /// Parse a `key=value` label argument.
 pub fn label_arg(arg: &str) -> Result<(String, String)> {
-    let (k, v) = arg.split_once('=').ok_or_else(|| invalid("label", arg, "expected key=value"))?;
-    let mut m = BTreeMap::new();
-    m.insert(k.to_string(), v.to_string());
+    key_value("label", arg)
+}
+
+/// The one `KEY=VALUE` parser (labels, selectors): the key checked as a
+/// label key is, the value as a label value is.
+fn key_value(field: &'static str, arg: &str) -> Result<(String, String)> {
+    let (k, v) = arg.split_once('=').ok_or_else(|| invalid(field, arg, "expected KEY=VALUE"))?;
+    let m = BTreeMap::from([(k.to_string(), v.to_string())]);
     labels(&m)?;
     Ok((k.to_string(), v.to_string()))
 }
@@ -215,5 +230,12 @@ mod tests {
         assert_eq!(label_arg("a=b=c").unwrap(), ("a".into(), "b=c".into()));
         assert!(label_arg("novalue").is_err());
         assert!(label_arg("=v").is_err());
+        assert!(selector("a b=c").is_err(), "a selector key is a label key");
+        assert_eq!(address("ip", "10.1.2.3/24"), Ok("10.1.2.3".parse().unwrap()));
+        assert_eq!(address("ip", "10.1.2.3"), Ok("10.1.2.3".parse().unwrap()));
+        assert_eq!(address("ip", "fd00::5/64"), Ok("fd00::5".parse().unwrap()));
+        for bad in ["10.1.2.3/33", "10.1.2.3/", "/24", "nope/8", ""] {
+            assert!(address("ip", bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -17,7 +17,6 @@
 pub mod engine;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,13 +225,7 @@ impl DockerDriver {
 
     async fn release_address(&self, r: dp::ReleaseAddressRequest) -> Answer {
         let subnet = parse_pool_id(&r.pool_id)?;
-        let ip: IpAddr = r
-            .address
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|_| format!("invalid address {:?}", r.address))?;
+        let ip = validate::address("address", &r.address).map_err(err)?;
         let Some(dn) = self.net_by_pool(&subnet).await? else { return Ok(json!({})) };
         let Some(net_id) = dn.network_id else { return Ok(json!({})) };
         let net = match self.app.cluster.network(&net_id).await {
@@ -284,18 +277,8 @@ impl DockerDriver {
         if let Some(n) = &name {
             validate::name("network name", n).map_err(err)?;
         }
-        let gateway = if v4.gateway.is_empty() {
-            None
-        } else {
-            Some(
-                v4.gateway
-                    .split('/')
-                    .next()
-                    .unwrap_or_default()
-                    .parse()
-                    .map_err(|_| format!("invalid gateway {:?}", v4.gateway))?,
-            )
-        };
+        let gateway =
+            if v4.gateway.is_empty() { None } else { Some(validate::address("gateway", &v4.gateway).map_err(err)?) };
         let dn = DockerNet {
             docker_id: r.network_id.clone(),
             pool,
@@ -435,13 +418,7 @@ impl DockerDriver {
         if iface.address.is_empty() {
             return Err("the endpoint has no address: the trellis network driver needs --ipam-driver trellis".into());
         }
-        let ip: IpAddr = iface
-            .address
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|_| format!("invalid address {:?}", iface.address))?;
+        let ip = validate::address("address", &iface.address).map_err(err)?;
         if self.records.net(&r.network_id).await.map_err(err)?.is_none() {
             return Err(format!("Docker network {} is unknown to the trellis driver", r.network_id));
         }
