@@ -9,6 +9,8 @@ for d in "$HOME/.cargo/bin" /root/.cargo/bin; do [ -d "$d" ] && export PATH="$d:
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== the agent's dependency rule (scripts/check-layers.sh)"
+bash scripts/check-layers.sh
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"

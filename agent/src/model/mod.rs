@@ -1,5 +1,7 @@
-//! The records Trellis keeps in the cluster store, their keys, and the
-//! names of the kernel objects derived from them.
+//! The records Trellis keeps in the cluster store and their enums; their
+//! keys ([`keys`]), the names of the kernel objects derived from them
+//! ([`names`]), MAC addresses ([`mac`]). Pure: everything imports it, it
+//! imports nothing of the agent.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -1,5 +1,9 @@
-//! The desired state in the store: networks and endpoints, created and
-//! removed in single transactions so that a failure leaves nothing behind.
+//! The desired state in the store ([`Cluster`]): networks, endpoints and
+//! services, created and removed in single transactions so that a failure
+//! leaves nothing behind; hosts under their leases ([`hosts`]); encrypted
+//! networks' key rings ([`encryption`]); the Docker driver's records
+//! ([`docker`]). The reconciler reads it ([`crate::reconcile::DesiredSource`]),
+//! the use cases in [`crate::app`] write it.
 
 pub mod docker;
 pub mod encryption;
