@@ -192,20 +192,33 @@ pub struct SvcStats {
     pub resets: u64,
 }
 
-// SAFETY: plain old data without padding (checked by the layout test).
-unsafe impl Pod for NetInfo {}
-unsafe impl Pod for VipInfo {}
-unsafe impl Pod for SvcKey {}
-unsafe impl Pod for SvcInfo {}
-unsafe impl Pod for MaglevTable {}
-unsafe impl Pod for BackendKey {}
-unsafe impl Pod for BackendInfo {}
-unsafe impl Pod for CtKey {}
-unsafe impl Pod for CtValue {}
-unsafe impl Pod for SvcStats {}
-unsafe impl Pod for DnsKey {}
-unsafe impl Pod for DnsAnswer {}
-unsafe impl Pod for DnsStats {}
+/// The map values and keys shared with the C programs are plain old data.
+macro_rules! pod {
+    ($($t:ty),* $(,)?) => {
+        $(
+            // SAFETY: a `#[repr(C)]` struct of integers and byte arrays with
+            // no padding (each one's size and offsets are checked against
+            // the C layout by the layout tests), so every bit pattern is valid.
+            unsafe impl Pod for $t {}
+        )*
+    };
+}
+
+pod!(
+    NetInfo,
+    VipInfo,
+    SvcKey,
+    SvcInfo,
+    MaglevTable,
+    BackendKey,
+    BackendInfo,
+    CtKey,
+    CtValue,
+    SvcStats,
+    DnsKey,
+    DnsAnswer,
+    DnsStats
+);
 
 /// Longest query name (wire format) the in-kernel DNS path answers.
 pub const DNS_NAME_MAX: usize = 64;

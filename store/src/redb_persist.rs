@@ -11,9 +11,9 @@ use tokio::sync::oneshot;
 use crate::local::Entry;
 use crate::{LeaseId, Result, Revision, StoreError};
 
-const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
-const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
-const LEASES: TableDefinition<i64, u64> = TableDefinition::new("leases");
+const KV: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<'_, &str, i64> = TableDefinition::new("meta");
+const LEASES: TableDefinition<'_, i64, u64> = TableDefinition::new("leases");
 /// Most mutations folded into one redb transaction.
 const MAX_BATCH: usize = 4096;
 

@@ -550,6 +550,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             eprintln!("attached {} ({}) to {}; running {:?}", e.name, e.address, e.network, cmd.join(" "));
             // Let Ctrl-C reach the command, not us: we must detach after it.
+            // SAFETY: SigIgn installs no handler of ours (nothing can run in
+            // signal context); the only other signal code is tokio's, which
+            // does not handle SIGINT in this process.
             let _ = unsafe {
                 nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, nix::sys::signal::SigHandler::SigIgn)
             };

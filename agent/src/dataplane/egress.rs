@@ -240,7 +240,7 @@ impl EgressRules {
 /// `notrack` statement as the bare string `"notrack"`, which nft refuses
 /// ("expected object"): nft's form, `{"notrack": null}`, is put in (the
 /// crate reads that form back).
-pub fn to_nft_json(batch: &Nftables) -> Result<String, serde_json::Error> {
+pub fn to_nft_json(batch: &Nftables<'_>) -> Result<String, serde_json::Error> {
     let mut v = serde_json::to_value(batch)?;
     fix_statements(&mut v, &|st| {
         if st.as_str() == Some("notrack") {
@@ -268,7 +268,7 @@ fn fix_statements(v: &mut serde_json::Value, fix: &dyn Fn(&mut serde_json::Value
 /// The fingerprint of an installed table (`None` when it is absent): the
 /// common comment hash of its rules and their number, or `mixed/N` when the
 /// rules do not all carry the same one.
-pub fn observed_fingerprint(table: &Nftables) -> Option<String> {
+pub fn observed_fingerprint(table: &Nftables<'_>) -> Option<String> {
     let mut table_seen = false;
     let mut hashes = std::collections::BTreeSet::new();
     let mut count = 0usize;
@@ -373,7 +373,7 @@ mod tests {
               "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "sport"}}, "right": 53}}, {"notrack": null}]}},
             {"rule": {"family": "inet", "table": "trellis", "chain": "raw_output", "handle": 3, "comment": "trellis:abc",
               "expr": [{"drop": null}]}}]}"#;
-        let set: Nftables = serde_json::from_str(listed).unwrap();
+        let set: Nftables<'_> = serde_json::from_str(listed).unwrap();
         assert_eq!(observed_fingerprint(&set).as_deref(), Some("abc/2"));
     }
 
@@ -392,20 +392,20 @@ mod tests {
     fn observed_fingerprint_reads_back_the_batch() {
         let r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
         // The batch as nft would list it back: table, chains, rules.
-        let listed: Nftables = serde_json::from_value(serde_json::json!({"nftables": [
+        let listed: Nftables<'_> = serde_json::from_value(serde_json::json!({"nftables": [
             {"table": {"family": "inet", "name": "trellis", "handle": 1}},
             {"rule": {"family": "inet", "table": "trellis", "chain": "forward", "handle": 4, "expr": [], "comment": format!("trellis:{}", r.fingerprint().split('/').next().unwrap())}},
             {"rule": {"family": "inet", "table": "trellis", "chain": "postrouting", "handle": 5, "expr": [], "comment": format!("trellis:{}", r.fingerprint().split('/').next().unwrap())}},
         ]}))
         .unwrap();
         assert_eq!(observed_fingerprint(&listed), Some(r.fingerprint()));
-        let missing_rule: Nftables = serde_json::from_value(serde_json::json!({"nftables": [
+        let missing_rule: Nftables<'_> = serde_json::from_value(serde_json::json!({"nftables": [
             {"table": {"family": "inet", "name": "trellis", "handle": 1}},
             {"rule": {"family": "inet", "table": "trellis", "chain": "forward", "handle": 4, "expr": [], "comment": format!("trellis:{}", r.fingerprint().split('/').next().unwrap())}},
         ]}))
         .unwrap();
         assert_ne!(observed_fingerprint(&missing_rule), Some(r.fingerprint()));
-        let empty: Nftables = serde_json::from_value(serde_json::json!({"nftables": []})).unwrap();
+        let empty: Nftables<'_> = serde_json::from_value(serde_json::json!({"nftables": []})).unwrap();
         assert_eq!(observed_fingerprint(&empty), None);
     }
 }

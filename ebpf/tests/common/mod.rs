@@ -71,7 +71,8 @@ impl Lab {
         })
         .join()
         .unwrap();
-        std::mem::forget(mounted);
+        // From here on the Lab unmounts it (its Drop).
+        let _ = std::mem::ManuallyDrop::new(mounted);
         Lab { host, ctr, hv, dp, bpf }
     }
 
