@@ -309,6 +309,7 @@ impl NetlinkDataplane {
         }
         for k in &ops.del_maglev {
             dp.remove_maglev(*k).map_err(e("maglev table"))?;
+            dp.remove_svc_stats(*k).map_err(e("service counters"))?;
         }
         for k in &ops.del_backends {
             dp.remove_backend(*k).map_err(e("backend"))?;

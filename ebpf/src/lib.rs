@@ -735,6 +735,14 @@ impl Datapath {
         self.entries("ct")
     }
 
+    /// Remove a service's counters (the program makes them; a service
+    /// made later with the same VIP starts from zero).
+    pub fn remove_svc_stats(&mut self, id: u32) -> Result<()> {
+        let map = self.ebpf.map_mut("svc_stats").ok_or(DatapathError::Missing("svc_stats"))?;
+        let mut per_cpu: PerCpuHashMap<_, u32, SvcStats> = PerCpuHashMap::try_from(map).map_err(map_err("open"))?;
+        removed(per_cpu.remove(&id), "remove svc_stats")
+    }
+
     /// A service's counters, summed over CPUs.
     pub fn svc_stats(&self, id: u32) -> Result<SvcStats> {
         let map = self.ebpf.map("svc_stats").ok_or(DatapathError::Missing("svc_stats"))?;
