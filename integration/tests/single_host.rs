@@ -693,3 +693,78 @@ fn sorted_names(names: &[String]) -> Vec<String> {
     v.sort();
     v
 }
+
+/// How many entries one of the datapath's pinned maps holds.
+fn map_len(h: &Host, map: &str) -> usize {
+    let path = h.run_dir().join("bpf/maps").join(map);
+    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "bpftool {map}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().expect("a list of entries").len()
+}
+
+/// Everything the agent makes in the kernel for networks, endpoints and
+/// services goes when they do: devices, the datapath's entries, tables,
+/// counters and markers, nftables rules, routes, managed namespaces; and a
+/// host that lost its underlay loses its probe device.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn nothing_the_agent_made_stays_once_it_is_no_longer_wanted() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    let _up = Uplink::new(&h.ns, 10).unwrap();
+    h.extra_args = vec!["--ebpf".into()];
+    h.start().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.93.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &["--label", "trellis.service=web"]).unwrap();
+    h.ctl(&["service", "create", "web", "--network", "app", "--port", "80"]).unwrap();
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1));
+    let tables = ["nets", "vips", "services", "maglev", "backends"];
+    for m in tables.iter().chain(&["endpoints", "counters"]) {
+        assert!(map_len(&h, m) > 0, "{m} is empty to begin with");
+    }
+    let nft = || {
+        String::from_utf8_lossy(&h.ns.cmd("nft").args(["list", "table", "inet", "trellis"]).output().unwrap().stdout)
+            .into_owned()
+    };
+    assert!(nft().contains("10.93.0.0/24"), "{}", nft());
+    let routes = || h.ns.ip(&["route", "show", "table", "all"]).unwrap();
+    assert!(routes().contains("10.93.0.0/24"), "{}", routes());
+    let managed = || std::fs::read_dir(h.run_dir().join("netns")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(managed(), 2);
+
+    // A detached endpoint's managed namespace goes (file and mount).
+    h.ctl(&["detach", "a"]).unwrap();
+    let mounted = |p: &std::path::Path| {
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&format!(" {} ", p.display()))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_of(&a).exists() && !mounted(&netns_of(&a))),
+        "a's managed namespace outlived its detach"
+    );
+    h.ctl(&["service", "rm", "web"]).unwrap();
+    h.ctl(&["network", "rm", "app", "--force"]).unwrap();
+    assert!(!netns_of(&b).exists() && !mounted(&netns_of(&b)), "b's managed namespace outlived its network");
+    assert_eq!(managed(), 0);
+    for prefix in ["trb-", "trv-", "trp-"] {
+        assert!(links_with_prefix(&h, prefix).is_empty(), "{prefix}: {:?}", h.ns.links().unwrap());
+    }
+    assert_eq!(links_with_prefix(&h, "trx-"), ["trx-probe"]);
+    for m in tables.iter().chain(&["endpoints", "counters", "svc_stats"]) {
+        assert_eq!(map_len(&h, m), 0, "{m} keeps entries");
+    }
+    assert!(wait_for(Duration::from_secs(5), || map_len(&h, "dns") == 0), "the dns table keeps names");
+    assert!(std::fs::read_dir(h.run_dir().join("bpf/links")).unwrap().next().is_none(), "attachment markers stay");
+    assert!(!nft().contains("10.93."), "nftables rules of the removed network: {}", nft());
+    assert!(!routes().contains("10.93."), "routes of the removed network: {}", routes());
+    assert_eq!(h.ns.ip(&["xfrm", "state"]).unwrap().trim(), "");
+    assert_eq!(h.ns.ip(&["xfrm", "policy"]).unwrap().trim(), "");
+
+    // The host loses its underlay (no default route): no tunnels, so the
+    // probe device goes too.
+    h.kill9();
+    h.ns.ip(&["route", "del", "default"]).unwrap();
+    h.start().unwrap();
+    assert!(links_with_prefix(&h, "trx-").is_empty(), "{:?}", h.ns.links().unwrap());
+}
