@@ -445,6 +445,8 @@ fn map_err(call: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathEr
 fn removed(r: std::result::Result<(), aya::maps::MapError>, call: &'static str) -> Result<()> {
     match r {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        // (aya's hash map removal reports a missing key as the syscall's ENOENT.)
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(DatapathError::Map { call, source }),
     }
 }
@@ -570,9 +572,22 @@ impl Datapath {
         self.hash::<K, V>(name)?.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list"))
     }
 
-    /// Remove an endpoint's entry.
+    /// Remove an endpoint's entry and its counters (both keyed by the
+    /// ifindex of its veth: nothing else removes them when it goes).
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        self.delete::<u32, EndpointInfo>("endpoints", ifindex)
+        self.delete::<u32, EndpointInfo>("endpoints", ifindex)?;
+        let map = self.ebpf.map_mut("counters").ok_or(DatapathError::Missing("counters map"))?;
+        let mut per_cpu: PerCpuHashMap<_, u32, EndpointCounters> =
+            PerCpuHashMap::try_from(map).map_err(map_err("open counters"))?;
+        removed(per_cpu.remove(&ifindex), "remove counters")
+    }
+
+    /// The ifindexes that have counters (the program makes them).
+    pub fn counter_ifindexes(&self) -> Result<Vec<u32>> {
+        let map = self.ebpf.map("counters").ok_or(DatapathError::Missing("counters map"))?;
+        let per_cpu: PerCpuHashMap<_, u32, EndpointCounters> =
+            PerCpuHashMap::try_from(map).map_err(map_err("open counters"))?;
+        per_cpu.keys().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list counters"))
     }
 
     /// Every endpoint entry, by ifindex.
@@ -732,6 +747,14 @@ impl Datapath {
     /// The tracked connections to VIPs (client flow → backend).
     pub fn connections(&self) -> Result<Vec<(CtKey, CtValue)>> {
         self.entries("ct")
+    }
+
+    /// Remove a service's counters (the program makes them; a service
+    /// made later with the same VIP starts from zero).
+    pub fn remove_svc_stats(&mut self, id: u32) -> Result<()> {
+        let map = self.ebpf.map_mut("svc_stats").ok_or(DatapathError::Missing("svc_stats"))?;
+        let mut per_cpu: PerCpuHashMap<_, u32, SvcStats> = PerCpuHashMap::try_from(map).map_err(map_err("open"))?;
+        removed(per_cpu.remove(&id), "remove svc_stats")
     }
 
     /// A service's counters, summed over CPUs.

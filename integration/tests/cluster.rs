@@ -165,6 +165,45 @@ fn a_dead_host_leaves_its_peers_and_returns() {
     assert!(wait_for(Duration::from_secs(5), || ping(&netns_of(&eps[0]), &ip_of(&eps[2]), 1)));
 }
 
+/// A remote endpoint that detaches takes its tunnel entries (FDB and
+/// neighbour) off its peers; its host, left with no endpoint on the
+/// network, loses the network's VXLAN device.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_detached_remote_endpoint_takes_its_tunnel_entries_and_device_along() {
+    require_root();
+    let lab = Lab::new(2, 3000).unwrap();
+    let net = lab.hosts[0].ctl_json(&["network", "create", "app", "--subnet", "10.65.0.0/24", "--attachable"]).unwrap();
+    let id = net["id"].as_str().expect("id").to_string();
+    let dev = format!("trx-{}", &id[..10]);
+    let e0 = lab.hosts[0].attach("app", "e0", &[]).unwrap();
+    let e1 = lab.hosts[1].attach("app", "e1", &[]).unwrap();
+    let mac = e1["mac"].as_str().expect("mac").to_string();
+    let neigh = || lab.hosts[0].ns.ip(&["neigh", "show", "dev", &dev, "nud", "permanent"]).unwrap_or_default();
+    // The VXLAN device's own entry (to the peer's VTEP), not what the
+    // bridge learned from traffic (that ages out by itself).
+    let tunnel = || fdb(&lab.hosts[0], &id).lines().any(|l| l.contains(&mac) && l.contains(" dst "));
+    assert!(
+        wait_for(Duration::from_secs(5), || tunnel() && neigh().contains(&ip_of(&e1))),
+        "e1 never programmed on host 1: fdb {} neigh {}",
+        fdb(&lab.hosts[0], &id),
+        neigh()
+    );
+    assert!(ping(&netns_of(&e0), &ip_of(&e1), 2));
+    lab.hosts[1].ctl(&["detach", "e1"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(5), || !tunnel() && !neigh().contains(&ip_of(&e1))),
+        "e1's tunnel entries stayed on host 1: fdb {} neigh {}",
+        fdb(&lab.hosts[0], &id),
+        neigh()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || !lab.hosts[1].ns.links().unwrap().contains(&dev)),
+        "host 2 has no endpoint on the network but keeps its VXLAN device"
+    );
+    assert!(lab.hosts[0].ns.links().unwrap().contains(&dev), "host 1 still has e0 on the network");
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn agent_restart_and_etcd_outage_lose_no_packets() {

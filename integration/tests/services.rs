@@ -218,6 +218,11 @@ fn a_vip_balances_over_backends_on_three_hosts_and_follows_them() {
     assert!(wait_for(Duration::from_secs(5), || client.request(vip).is_err()));
     let again = h[2].ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080"]).unwrap();
     assert!(again["vip"].as_str().is_some());
+    // The same VIP again, so the same datapath id: the datapath's counters
+    // of the removed service went with it, the new one starts from zero.
+    assert_eq!(again["vip"].as_str(), Some(vip.ip().to_string().as_str()), "{again}");
+    let fresh = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+    assert_eq!((fresh["selections"].as_u64(), fresh["resets"].as_u64()), (Some(0), Some(0)), "{fresh}");
 }
 
 /// A small extension for the tests: send one line.

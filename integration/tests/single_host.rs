@@ -560,3 +560,211 @@ fn a_netns_path_that_is_no_network_namespace_is_refused_up_front() {
     let next = h.attach("app", "next", &[]).unwrap();
     assert_eq!(ip_of(&next), "10.91.0.2", "every refused attach released its address (or never took one)");
 }
+
+/// The u32 keys of one of the datapath's pinned hash maps.
+fn map_keys(h: &Host, map: &str) -> Vec<u32> {
+    let path = h.run_dir().join("bpf/maps").join(map);
+    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut keys: Vec<u32> = v
+        .as_array()
+        .expect("a list of entries")
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .expect("key bytes")
+                .iter()
+                .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+                .collect();
+            u32::from_le_bytes(bytes[..4].try_into().unwrap())
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// The ifindex of a link in the host's namespace.
+fn ifindex(h: &Host, link: &str) -> u32 {
+    let out = h.ns.ip(&["-o", "link", "show", "dev", link]).unwrap();
+    out.split(':').next().unwrap().trim().parse().unwrap()
+}
+
+/// What the datapath holds for an endpoint (its entry and counters, keyed
+/// by its veth's ifindex, and its attachment marker) goes with the veth:
+/// when it is detached, when its container dies without a detach, and when
+/// its veth is deleted by hand (the repaired veth gets the program again).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn an_endpoints_datapath_state_goes_with_its_veth() {
+    require_root();
+    for mode in ["clsact", "tcx"] {
+        let mut h = Host::bare().unwrap();
+        h.extra_args = vec!["--ebpf".into(), "--ebpf-attach".into(), mode.into()];
+        h.start().unwrap();
+        h.ctl(&["network", "create", "app", "--subnet", "10.92.0.0/24", "--attachable"]).unwrap();
+        let a = h.attach("app", "a", &[]).unwrap();
+        let b = h.attach("app", "b", &[]).unwrap();
+        let own = Netns::new("trc").unwrap();
+        let c = h.attach("app", "c", &["--netns", own.path().to_str().unwrap()]).unwrap();
+        let d = h.attach("app", "d", &[]).unwrap();
+        let veth = |e: &serde_json::Value| e["host_ifname"].as_str().expect("host_ifname").to_string();
+        let pins = h.run_dir().join("bpf/links");
+        let pinned = || {
+            let mut v: Vec<String> =
+                std::fs::read_dir(&pins).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).collect();
+            v.sort();
+            v
+        };
+        for to in [&b, &c, &d] {
+            assert!(ping(&netns_of(&a), &ip_of(to), 1), "{mode}: a cannot reach {}", to["name"]);
+        }
+        let idx = |e: &serde_json::Value| ifindex(&h, &veth(e));
+        let sorted = |mut v: Vec<u32>| {
+            v.sort();
+            v
+        };
+        let all = sorted(vec![idx(&a), idx(&b), idx(&c), idx(&d)]);
+        assert_eq!(map_keys(&h, "endpoints"), all, "{mode}");
+        assert_eq!(map_keys(&h, "counters"), all, "{mode}: every endpoint has passed traffic");
+        assert_eq!(pinned().len(), 4, "{mode}");
+
+        // Detached.
+        let (ia, ib, ic, id) = (idx(&a), idx(&b), idx(&c), idx(&d));
+        h.ctl(&["detach", "b"]).unwrap();
+        let left = sorted(vec![ia, ic, id]);
+        assert!(
+            wait_for(Duration::from_secs(5), || pinned().len() == 3
+                && map_keys(&h, "endpoints") == left
+                && map_keys(&h, "counters") == left),
+            "{mode}: b's datapath state outlived its detach: pins {:?}, endpoints {:?}, counters {:?} (b was {ib})",
+            pinned(),
+            map_keys(&h, "endpoints"),
+            map_keys(&h, "counters")
+        );
+
+        // The container dies without a detach: its veth goes with its
+        // namespace, the endpoint is collected, and its state goes.
+        drop(own);
+        let left = sorted(vec![ia, id]);
+        assert!(
+            wait_for(Duration::from_secs(10), || h.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().len()
+                == 2
+                && pinned() == sorted_names(&[veth(&a), veth(&d)])
+                && map_keys(&h, "endpoints") == left
+                && map_keys(&h, "counters") == left),
+            "{mode}: a dead container's datapath state stayed: pins {:?}, endpoints {:?}, counters {:?} (c was {ic})",
+            pinned(),
+            map_keys(&h, "endpoints"),
+            map_keys(&h, "counters")
+        );
+
+        // a's veth deleted by hand: the repaired veth has the program (a
+        // spoofed source is dropped again), the old one's state is gone.
+        h.ns.ip(&["link", "del", &veth(&a)]).unwrap();
+        assert!(
+            wait_for(Duration::from_secs(5), || h.ns.links().unwrap().contains(&veth(&a))
+                && ping(&netns_of(&a), &ip_of(&d), 1)),
+            "{mode}: a's veth not repaired"
+        );
+        let ia2 = idx(&a);
+        assert_ne!(ia2, ia);
+        in_netns(&netns_of(&a), "ip", &["addr", "add", "10.92.0.99/24", "dev", "eth0"]).status().unwrap();
+        let spoofed = in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "10.92.0.99", &ip_of(&d)])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(!spoofed, "{mode}: the repaired veth has no program: a spoofed source got through");
+        let left = sorted(vec![ia2, id]);
+        assert!(
+            wait_for(Duration::from_secs(5), || map_keys(&h, "endpoints") == left && map_keys(&h, "counters") == left),
+            "{mode}: the deleted veth's state stayed: endpoints {:?}, counters {:?} (a was {ia}, is {ia2})",
+            map_keys(&h, "endpoints"),
+            map_keys(&h, "counters")
+        );
+        assert_eq!(pinned(), sorted_names(&[veth(&a), veth(&d)]), "{mode}");
+    }
+}
+
+fn sorted_names(names: &[String]) -> Vec<String> {
+    let mut v = names.to_vec();
+    v.sort();
+    v
+}
+
+/// How many entries one of the datapath's pinned maps holds.
+fn map_len(h: &Host, map: &str) -> usize {
+    let path = h.run_dir().join("bpf/maps").join(map);
+    let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "bpftool {map}: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().expect("a list of entries").len()
+}
+
+/// Everything the agent makes in the kernel for networks, endpoints and
+/// services goes when they do: devices, the datapath's entries, tables,
+/// counters and markers, nftables rules, routes, managed namespaces; and a
+/// host that lost its underlay loses its probe device.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn nothing_the_agent_made_stays_once_it_is_no_longer_wanted() {
+    require_root();
+    let mut h = Host::bare().unwrap();
+    let _up = Uplink::new(&h.ns, 10).unwrap();
+    h.extra_args = vec!["--ebpf".into()];
+    h.start().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.93.0.0/24", "--attachable"]).unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &["--label", "trellis.service=web"]).unwrap();
+    h.ctl(&["service", "create", "web", "--network", "app", "--port", "80"]).unwrap();
+    assert!(ping(&netns_of(&a), &ip_of(&b), 1));
+    let tables = ["nets", "vips", "services", "maglev", "backends"];
+    for m in tables.iter().chain(&["endpoints", "counters"]) {
+        assert!(map_len(&h, m) > 0, "{m} is empty to begin with");
+    }
+    let nft = || {
+        String::from_utf8_lossy(&h.ns.cmd("nft").args(["list", "table", "inet", "trellis"]).output().unwrap().stdout)
+            .into_owned()
+    };
+    assert!(nft().contains("10.93.0.0/24"), "{}", nft());
+    let routes = || h.ns.ip(&["route", "show", "table", "all"]).unwrap();
+    assert!(routes().contains("10.93.0.0/24"), "{}", routes());
+    let managed = || std::fs::read_dir(h.run_dir().join("netns")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(managed(), 2);
+
+    // A detached endpoint's managed namespace goes (file and mount).
+    h.ctl(&["detach", "a"]).unwrap();
+    let mounted = |p: &std::path::Path| {
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap().contains(&format!(" {} ", p.display()))
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || !netns_of(&a).exists() && !mounted(&netns_of(&a))),
+        "a's managed namespace outlived its detach"
+    );
+    h.ctl(&["service", "rm", "web"]).unwrap();
+    h.ctl(&["network", "rm", "app", "--force"]).unwrap();
+    assert!(!netns_of(&b).exists() && !mounted(&netns_of(&b)), "b's managed namespace outlived its network");
+    assert_eq!(managed(), 0);
+    for prefix in ["trb-", "trv-", "trp-"] {
+        assert!(links_with_prefix(&h, prefix).is_empty(), "{prefix}: {:?}", h.ns.links().unwrap());
+    }
+    assert_eq!(links_with_prefix(&h, "trx-"), ["trx-probe"]);
+    for m in tables.iter().chain(&["endpoints", "counters", "svc_stats"]) {
+        assert_eq!(map_len(&h, m), 0, "{m} keeps entries");
+    }
+    assert!(wait_for(Duration::from_secs(5), || map_len(&h, "dns") == 0), "the dns table keeps names");
+    assert!(std::fs::read_dir(h.run_dir().join("bpf/links")).unwrap().next().is_none(), "attachment markers stay");
+    assert!(!nft().contains("10.93."), "nftables rules of the removed network: {}", nft());
+    assert!(!routes().contains("10.93."), "routes of the removed network: {}", routes());
+    assert_eq!(h.ns.ip(&["xfrm", "state"]).unwrap().trim(), "");
+    assert_eq!(h.ns.ip(&["xfrm", "policy"]).unwrap().trim(), "");
+
+    // The host loses its underlay (no default route): no tunnels, so the
+    // probe device goes too.
+    h.kill9();
+    h.ns.ip(&["route", "del", "default"]).unwrap();
+    h.start().unwrap();
+    assert!(links_with_prefix(&h, "trx-").is_empty(), "{:?}", h.ns.links().unwrap());
+}

@@ -510,6 +510,42 @@ fn encrypted_networks_get_their_port_sas_and_policies_before_any_tunnel_entry() 
     assert_eq!(p.vxlans["trx-aaaa"].spec.port, 4789);
 }
 
+#[test]
+fn an_encrypted_networks_ipsec_state_goes_after_its_device() {
+    let (nets, eps, hosts, me) = encrypted_lab();
+    let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+    let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+    let mut d = desired(&nets, &eps, &hosts, &me);
+    encryption(&nets, &keys, &mut d, &me);
+    let mut obs = Observed::default();
+    for a in diff(&d, &Observed::default()) {
+        obs.record(&a).unwrap();
+    }
+    assert_eq!((obs.xfrm.sas.len(), obs.xfrm.policies.len()), (2, 2));
+    // The network goes: every SA and policy of it goes, after its
+    // VXLAN device (no packet of it leaves without its policy).
+    let mut gone = desired(&[], &[], &hosts, &me);
+    encryption(&[], &keys, &mut gone, &me);
+    let acts = diff(&gone, &obs);
+    let ops: Vec<_> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Xfrm { op, .. } => Some(op),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ops.iter().filter(|o| matches!(o, trellis_ipsec::XfrmOp::DelPolicy(_))).count(), 2, "{acts:?}");
+    assert_eq!(ops.iter().filter(|o| matches!(o, trellis_ipsec::XfrmOp::DelSa(_))).count(), 2, "{acts:?}");
+    assert_eq!(ops.len(), 4, "{acts:?}");
+    let dev = acts.iter().position(|a| *a == Action::DeleteLink { name: "trx-aaaa".into() }).expect("device deleted");
+    let first_xfrm = acts.iter().position(|a| matches!(a, Action::Xfrm { .. })).unwrap();
+    assert!(dev < first_xfrm, "{acts:?}");
+    for a in &acts {
+        obs.record(a).unwrap();
+    }
+    assert!(obs.xfrm.sas.is_empty() && obs.xfrm.policies.is_empty());
+}
+
 struct WithKeys(Snapshot);
 #[async_trait::async_trait]
 impl DesiredSource for WithKeys {

@@ -211,6 +211,34 @@ impl NetlinkDataplane {
         Ok(self)
     }
 
+    /// Drop what the datapath keeps for interfaces that are gone (a
+    /// container's veth dies with its namespace, a veth deleted by hand):
+    /// attachment markers of names no interface has, and entries and
+    /// counters of ifindexes no interface has. `links` (a dump) picks the
+    /// candidates; each is checked again now, under the datapath's lock
+    /// that attachments take too, so one made since the dump stays.
+    fn sweep_gone_interfaces(&self, links: &HashMap<u32, String>) {
+        let Some((dp, markers)) = &self.bpf else { return };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let names: BTreeSet<&str> = links.values().map(String::as_str).collect();
+        for name in self.pinned_programs().into_iter().filter(|n| !names.contains(n.as_str())) {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err()
+                && let Err(e) = trellis_ebpf::remove_marker(&markers.join(&name))
+            {
+                tracing::warn!(link = %name, error = %e, "removing the attachment marker of a gone interface");
+            }
+        }
+        let mut indexes: BTreeSet<u32> = dp.endpoint_ifindexes().unwrap_or_default().into_iter().collect();
+        indexes.extend(dp.counter_ifindexes().unwrap_or_default());
+        for index in indexes.into_iter().filter(|i| !links.contains_key(i)) {
+            if !index_exists(index)
+                && let Err(e) = dp.remove_endpoint(index)
+            {
+                tracing::warn!(ifindex = index, error = %e, "removing the datapath entries of a gone interface");
+            }
+        }
+    }
+
     fn pinned_programs(&self) -> BTreeSet<String> {
         let Some((_, links)) = &self.bpf else { return BTreeSet::new() };
         std::fs::read_dir(links)
@@ -284,6 +312,7 @@ impl NetlinkDataplane {
         }
         for k in &ops.del_maglev {
             dp.remove_maglev(*k).map_err(e("maglev table"))?;
+            dp.remove_svc_stats(*k).map_err(e("service counters"))?;
         }
         for k in &ops.del_backends {
             dp.remove_backend(*k).map_err(e("backend"))?;
@@ -371,6 +400,19 @@ impl NetlinkDataplane {
         let Some(index) = Self::index_of(&self.handle, name).await? else {
             return Ok(());
         };
+        // What the datapath keeps for the link goes with it: its entry and
+        // counters (keyed by this ifindex, unknown once it is gone) and its
+        // attachment marker (a veth made again under the name needs the
+        // program attached again).
+        if let Some((dp, links)) = &self.bpf {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            dp.remove_endpoint(index).map_err(|e| DataplaneError::Ebpf(format!("{name}: {e}")))?;
+            match trellis_ebpf::remove_marker(&links.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DataplaneError::Io { call: "unpin link", object: name.to_string(), source: e }),
+            }
+        }
         match self.handle.link().del(index).execute().await {
             Ok(()) => Ok(()),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(()),
@@ -644,6 +686,12 @@ impl NetlinkDataplane {
     }
 }
 
+/// Does this namespace have an interface of ifindex `index`? (nix's
+/// if_indextoname does not fail for a gone one: it names it "".)
+fn index_exists(index: u32) -> bool {
+    nix::net::if_::if_indextoname(index).is_ok_and(|n| !n.as_bytes().is_empty())
+}
+
 fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
     match ip {
         IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
@@ -774,6 +822,9 @@ impl Dataplane for NetlinkDataplane {
             .into_iter()
             .filter_map(|i| {
                 let name = nix::net::if_::if_indextoname(i).ok()?.to_string_lossy().into_owned();
+                if name.is_empty() {
+                    return None; // gone (nix names a gone index "")
+                }
                 Some((name, dp.counters(i).ok()?))
             })
             .collect()
@@ -845,6 +896,7 @@ impl Dataplane for NetlinkDataplane {
             (fdb, neigh) = self.tunnel_entries(&vxlans).await?;
         }
         let egress = if rules { self.egress_fingerprint().await? } else { None };
+        self.sweep_gone_interfaces(&names);
         // An endpoint has its program when it is attached (its marker) and
         // its entry is in the map (an entry deleted by hand is repaired).
         let mut programs = self.pinned_programs();
