@@ -256,23 +256,11 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::app::testing::lab;
+    use crate::app::testing::{attachable, lab};
     use crate::dataplane::Action;
-    use crate::state::NewNetwork;
 
     async fn network(app: &App, name: &str, subnet: &str) -> NetworkRecord {
-        app.create_network(NewNetwork {
-            name: name.into(),
-            subnet: Some(subnet.parse().unwrap()),
-            gateway: None,
-            attachable: true,
-            internal: false,
-            encrypted: false,
-            mtu: 0,
-            labels: Default::default(),
-        })
-        .await
-        .unwrap()
+        app.create_network(attachable(name, Some(subnet))).await.unwrap()
     }
 
     /// Nothing of an endpoint is left: no record, no address, no

@@ -168,6 +168,20 @@ pub(crate) mod testing {
         pub dp: Arc<FakeDataplane>,
     }
 
+    /// An attachable network to create (a subnet from the pool when none).
+    pub fn attachable(name: &str, subnet: Option<&str>) -> crate::state::NewNetwork {
+        crate::state::NewNetwork {
+            name: name.into(),
+            subnet: subnet.map(|s| s.parse().unwrap()),
+            gateway: None,
+            attachable: true,
+            internal: false,
+            encrypted: false,
+            mtu: 0,
+            labels: Default::default(),
+        }
+    }
+
     pub fn lab() -> Lab {
         let store: Arc<dyn Store> = Arc::new(LocalStore::memory());
         let cluster = Arc::new(Cluster::new(store.clone(), "h1", "10.0.0.0/8".parse().unwrap(), 24));

@@ -99,16 +99,7 @@ mod tests {
     use crate::model::{self, EndpointKind};
 
     fn new(name: &str) -> NewNetwork {
-        NewNetwork {
-            name: name.into(),
-            subnet: None,
-            gateway: None,
-            attachable: true,
-            internal: false,
-            encrypted: false,
-            mtu: 0,
-            labels: Default::default(),
-        }
+        crate::app::testing::attachable(name, None)
     }
 
     #[tokio::test]

@@ -95,9 +95,8 @@ impl App {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::testing::lab;
+    use crate::app::testing::{attachable, lab};
     use crate::model::{Proto, ServicePort};
-    use crate::state::NewNetwork;
 
     fn svc(name: &str, ports: Vec<ServicePort>) -> NewService {
         NewService {
@@ -112,19 +111,7 @@ mod tests {
     #[tokio::test]
     async fn services_are_validated_then_created_with_a_vip() {
         let l = lab();
-        l.app
-            .create_network(NewNetwork {
-                name: "n".into(),
-                subnet: Some("10.8.0.0/24".parse().unwrap()),
-                gateway: None,
-                attachable: true,
-                internal: false,
-                encrypted: false,
-                mtu: 0,
-                labels: Default::default(),
-            })
-            .await
-            .unwrap();
+        l.app.create_network(attachable("n", Some("10.8.0.0/24"))).await.unwrap();
         let p80 = ServicePort { port: 80, proto: Proto::Tcp, target: 80 };
         for (bad, why) in [
             (svc("web", vec![]), "at least one --port"),
