@@ -152,7 +152,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
     // Probes of every peer's tunnel endpoint, once a second.
     let prober = Arc::new(crate::telemetry::probe::Prober::default());
-    let prober = match prober.start(Duration::from_secs(1)) {
+    let started = dataplane.probe_sockets().and_then(|sockets| prober.start(sockets, Duration::from_secs(1)));
+    let prober = match started {
         Ok(()) => {
             tasks.spawn(tasks::probe_peers(prober.clone(), store.clone(), host.clone()));
             Some(prober)

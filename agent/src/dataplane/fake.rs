@@ -27,6 +27,48 @@ pub struct FakeDataplane {
     pub namespaces: Mutex<BTreeSet<PathBuf>>,
     /// Creating a namespace fails.
     pub failing_netns: std::sync::atomic::AtomicBool,
+    /// The peers that answer probes.
+    pub peers: std::sync::Arc<Mutex<FakePeers>>,
+}
+
+/// Which addresses answer the fake kernel's probes.
+#[derive(Default)]
+pub struct FakePeers {
+    pub underlay: BTreeSet<std::net::Ipv4Addr>,
+    pub tunnel: BTreeSet<std::net::Ipv6Addr>,
+    /// There is a probe device to probe through.
+    pub probe_device: bool,
+}
+
+/// Probe sockets whose echoes the [`FakePeers`] answer at once.
+pub struct FakeProbeSockets {
+    peers: std::sync::Arc<Mutex<FakePeers>>,
+    replies: std::collections::VecDeque<(std::net::Ipv4Addr, u16, u16)>,
+    replies6: std::collections::VecDeque<(std::net::Ipv6Addr, u16, u16)>,
+}
+
+impl super::ProbeSockets for FakeProbeSockets {
+    fn refresh_tunnel(&mut self) -> bool {
+        self.peers.lock().unwrap().probe_device
+    }
+    fn send_underlay(&mut self, to: std::net::Ipv4Addr, id: u16, seq: u16) -> std::io::Result<()> {
+        if self.peers.lock().unwrap().underlay.contains(&to) {
+            self.replies.push_back((to, id, seq));
+        }
+        Ok(())
+    }
+    fn send_tunnel(&mut self, to: std::net::Ipv6Addr, id: u16, seq: u16) -> std::io::Result<()> {
+        if self.peers.lock().unwrap().tunnel.contains(&to) {
+            self.replies6.push_back((to, id, seq));
+        }
+        Ok(())
+    }
+    fn recv_underlay(&mut self) -> Option<(std::net::Ipv4Addr, u16, u16)> {
+        self.replies.pop_front()
+    }
+    fn recv_tunnel(&mut self) -> Option<(std::net::Ipv6Addr, u16, u16)> {
+        self.replies6.pop_front()
+    }
 }
 
 impl FakeDataplane {
@@ -69,6 +111,14 @@ impl Dataplane for FakeDataplane {
     }
 
     fn prepare_host(&self) {}
+
+    fn probe_sockets(&self) -> std::io::Result<Box<dyn super::ProbeSockets>> {
+        Ok(Box::new(FakeProbeSockets {
+            peers: self.peers.clone(),
+            replies: Default::default(),
+            replies6: Default::default(),
+        }))
+    }
 
     fn esp_support(&self) -> std::result::Result<(), String> {
         Err("the fake kernel has no ESP".into())

@@ -53,6 +53,20 @@ pub enum DataplaneError {
 
 pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
+/// The peer probes' packets: ICMP echoes to the peers' underlay addresses
+/// and ICMPv6 echoes through the probe tunnel. Blocking, used from the
+/// prober's own thread; every read waits a short while at most.
+pub trait ProbeSockets: Send {
+    /// Follow the probe device (the reconciler makes and may re-make it):
+    /// is there one to probe through now?
+    fn refresh_tunnel(&mut self) -> bool;
+    fn send_underlay(&mut self, to: std::net::Ipv4Addr, id: u16, seq: u16) -> std::io::Result<()>;
+    fn send_tunnel(&mut self, to: std::net::Ipv6Addr, id: u16, seq: u16) -> std::io::Result<()>;
+    /// An echo reply that arrived: (from, id, sequence).
+    fn recv_underlay(&mut self) -> Option<(std::net::Ipv4Addr, u16, u16)>;
+    fn recv_tunnel(&mut self) -> Option<(std::net::Ipv6Addr, u16, u16)>;
+}
+
 /// The kernel boundary.
 #[async_trait::async_trait]
 pub trait Dataplane: Send + Sync + 'static {
@@ -68,6 +82,8 @@ pub trait Dataplane: Send + Sync + 'static {
     async fn underlay_mtu(&self) -> Result<u32>;
     /// The first IPv4 address of the default route's interface.
     async fn underlay_addr(&self) -> Result<Option<IpAddr>>;
+    /// The sockets the peer probes use.
+    fn probe_sockets(&self) -> std::io::Result<Box<dyn ProbeSockets>>;
     /// Host-wide settings the agent needs (kernel limits sized for a
     /// thousand endpoints), raised, never lowered, where the agent may.
     fn prepare_host(&self);

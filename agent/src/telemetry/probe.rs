@@ -11,11 +11,11 @@
 //! round trips.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+pub use crate::dataplane::ProbeSockets;
 
 /// What is known of one peer.
 #[derive(Clone, Debug, Default)]
@@ -68,38 +68,6 @@ pub struct Prober {
     health: Mutex<HashMap<String, PeerHealth>>,
 }
 
-/// An ICMP echo request (RFC 792): type 8, code 0, checksum, id, sequence.
-pub fn echo_request(id: u16, seq: u16) -> [u8; 16] {
-    let mut p = [0u8; 16];
-    p[0] = 8;
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    p[6..8].copy_from_slice(&seq.to_be_bytes());
-    p[8..16].copy_from_slice(b"trellis!");
-    let sum = checksum(&p);
-    p[2..4].copy_from_slice(&sum.to_be_bytes());
-    p
-}
-
-/// The Internet checksum.
-pub fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data.chunks(2).map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32).sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An echo reply in a raw IPv4 datagram: (source, id, sequence).
-pub fn parse_reply(datagram: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
-    let ihl = (*datagram.first()? & 0x0f) as usize * 4;
-    let icmp = datagram.get(ihl..ihl + 8)?;
-    if icmp[0] != 0 || icmp[1] != 0 {
-        return None;
-    }
-    let src = Ipv4Addr::new(datagram[12], datagram[13], datagram[14], datagram[15]);
-    Some((src, u16::from_be_bytes([icmp[4], icmp[5]]), u16::from_be_bytes([icmp[6], icmp[7]])))
-}
-
 impl Prober {
     /// The peers to probe (the live hosts but this one): id, underlay
     /// address, VTEP MAC (its probe-tunnel address derives from it).
@@ -128,52 +96,43 @@ impl Prober {
         self.health.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
-    /// Probe every `every`, forever, on a thread of its own (raw sockets,
-    /// blocking reads with a deadline).
-    pub fn start(self: &Arc<Self>, every: Duration) -> std::io::Result<()> {
-        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
-        sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    /// Probe every `every`, forever, on a thread of its own (the sockets
+    /// block, with a short deadline on every read).
+    pub fn start(self: &Arc<Self>, sockets: Box<dyn ProbeSockets>, every: Duration) -> std::io::Result<()> {
         let me = self.clone();
-        std::thread::Builder::new().name("peer-probe".into()).spawn(move || me.run(sock, every))?;
+        std::thread::Builder::new().name("peer-probe".into()).spawn(move || {
+            let mut sockets = sockets;
+            let id = (std::process::id() & 0xffff) as u16;
+            let mut seq: u16 = 0;
+            loop {
+                seq = seq.wrapping_add(1);
+                let t0 = Instant::now();
+                me.round(sockets.as_mut(), id, seq, every);
+                std::thread::sleep(every.saturating_sub(t0.elapsed()));
+            }
+        })?;
         Ok(())
     }
 
-    /// A raw ICMPv6 socket on the probe device, once it exists.
-    fn tunnel_socket() -> Option<(Socket, u32)> {
-        let index = nix::net::if_::if_nametoindex(crate::model::PROBE_VXLAN).ok()?;
-        let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).ok()?;
-        sock.bind_device(Some(crate::model::PROBE_VXLAN.as_bytes())).ok()?;
-        sock.set_read_timeout(Some(Duration::from_millis(20))).ok()?;
-        Some((sock, index))
-    }
-
-    fn run(&self, sock: Socket, every: Duration) {
-        let id = (std::process::id() & 0xffff) as u16;
-        let mut seq: u16 = 0;
-        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
-        let mut tunnel: Option<(Socket, u32)> = None;
-        loop {
-            seq = seq.wrapping_add(1);
+    /// One round: every peer probed both ways, the answers within the
+    /// interval (at most a second) counted.
+    pub fn round(&self, sockets: &mut dyn ProbeSockets, id: u16, seq: u16, every: Duration) {
+        {
             let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner()).clone();
             // The probe device comes and goes with the reconciler (and may
-            // be re-created): look it up again when it changed.
-            let index = nix::net::if_::if_nametoindex(crate::model::PROBE_VXLAN).ok();
-            if tunnel.as_ref().map(|(_, i)| *i) != index {
-                tunnel = Self::tunnel_socket();
-            }
+            // be re-created): follow it.
+            let tunnel = sockets.refresh_tunnel();
             let t0 = Instant::now();
             let mut pending: HashMap<Ipv4Addr, String> = HashMap::new();
             let mut pending6: HashMap<Ipv6Addr, String> = HashMap::new();
             for (host, ip, ll) in &peers {
-                let addr: SocketAddr = (IpAddr::V4(*ip), 0).into();
-                if let Err(e) = sock.send_to(&echo_request(id, seq), &addr.into()) {
+                if let Err(e) = sockets.send_underlay(*ip, id, seq) {
                     tracing::debug!(peer = %host, error = %e, "probe not sent");
                 }
                 pending.insert(*ip, host.clone());
-                if let (Some((s6, index)), Some(ll)) = (&tunnel, ll) {
-                    let addr = SocketAddr::V6(SocketAddrV6::new(*ll, 0, 0, *index));
-                    match s6.send_to(&echo_request_v6(id, seq), &addr.into()) {
-                        Ok(_) => {
+                if let (true, Some(ll)) = (tunnel, ll) {
+                    match sockets.send_tunnel(*ll, id, seq) {
+                        Ok(()) => {
                             pending6.insert(*ll, host.clone());
                         }
                         Err(e) => tracing::debug!(peer = %host, error = %e, "tunnel probe not sent"),
@@ -187,32 +146,22 @@ impl Prober {
             let deadline = t0 + every.min(Duration::from_secs(1));
             while !(pending.is_empty() && pending6.is_empty()) && Instant::now() < deadline {
                 if !pending.is_empty()
-                    && let Ok(n) = sock.recv(&mut buf)
+                    && let Some((src, rid, rseq)) = sockets.recv_underlay()
+                    && rid == id
+                    && rseq == seq
+                    && let Some(host) = pending.remove(&src)
                 {
-                    // SAFETY: recv initialised the first n bytes.
-                    let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                    if let Some((src, rid, rseq)) = parse_reply(&data)
-                        && rid == id
-                        && rseq == seq
-                        && let Some(host) = pending.remove(&src)
-                    {
-                        answered.insert(host, t0.elapsed());
-                    }
+                    answered.insert(host, t0.elapsed());
                 }
                 if !pending6.is_empty()
-                    && let Some((s6, _)) = &tunnel
-                    && let Ok((n, from)) = s6.recv_from(&mut buf)
+                    && tunnel
+                    && let Some((from, rid, rseq)) = sockets.recv_tunnel()
+                    && (rid, rseq) == (id, seq)
+                    && let Some(host) = pending6.remove(&from)
                 {
-                    // SAFETY: recv_from initialised the first n bytes.
-                    let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
-                    if let Some(SocketAddr::V6(from)) = from.as_socket()
-                        && parse_reply_v6(&data) == Some((id, seq))
-                        && let Some(host) = pending6.remove(from.ip())
-                    {
-                        answered6.insert(host, t0.elapsed());
-                    }
+                    answered6.insert(host, t0.elapsed());
                 }
-                if pending.is_empty() && tunnel.is_none() {
+                if pending.is_empty() && !tunnel {
                     break;
                 }
             }
@@ -257,26 +206,8 @@ impl Prober {
                     }
                 }
             }
-            std::thread::sleep(every.saturating_sub(t0.elapsed()));
         }
     }
-}
-
-/// An ICMPv6 echo request (RFC 4443): type 128; the kernel fills in the
-/// checksum of a raw ICMPv6 socket's packets.
-pub fn echo_request_v6(id: u16, seq: u16) -> [u8; 16] {
-    let mut p = [0u8; 16];
-    p[0] = 128;
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    p[6..8].copy_from_slice(&seq.to_be_bytes());
-    p[8..16].copy_from_slice(b"trellis!");
-    p
-}
-
-/// An ICMPv6 echo reply as a raw ICMPv6 socket reads it: (id, sequence).
-pub fn parse_reply_v6(icmp: &[u8]) -> Option<(u16, u16)> {
-    let h = icmp.get(..8)?;
-    (h[0] == 129 && h[1] == 0).then(|| (u16::from_be_bytes([h[4], h[5]]), u16::from_be_bytes([h[6], h[7]])))
 }
 
 #[cfg(test)]
@@ -284,33 +215,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn echo_requests_carry_a_valid_checksum() {
-        let p = echo_request(0x1234, 7);
-        assert_eq!(checksum(&p), 0, "a packet with its checksum sums to zero");
-        assert_eq!((p[0], u16::from_be_bytes([p[4], p[5]]), u16::from_be_bytes([p[6], p[7]])), (8, 0x1234, 7));
-    }
-
-    #[test]
-    fn replies_are_read_from_raw_datagrams() {
-        let mut d = vec![0x45u8, 0, 0, 36, 0, 0, 0, 0, 64, 1, 0, 0, 198, 19, 0, 2, 198, 19, 0, 1];
-        let mut icmp = echo_request(9, 3);
-        icmp[0] = 0;
-        d.extend_from_slice(&icmp);
-        assert_eq!(parse_reply(&d), Some((Ipv4Addr::new(198, 19, 0, 2), 9, 3)));
-        d[20] = 8; // a request, not a reply
-        assert_eq!(parse_reply(&d), None);
-        assert_eq!(parse_reply(&d[..22]), None, "truncated");
-    }
-
-    #[test]
-    fn tunnel_probes_are_icmpv6_echoes_and_replies() {
-        let p = echo_request_v6(5, 6);
-        assert_eq!((p[0], p[1]), (128, 0));
-        let mut r = p;
-        r[0] = 129;
-        assert_eq!(parse_reply_v6(&r), Some((5, 6)));
-        assert_eq!(parse_reply_v6(&p), None, "a request is not a reply");
-        assert_eq!(parse_reply_v6(&r[..7]), None, "truncated");
+    fn a_round_counts_answers_per_peer_and_path() {
+        use crate::dataplane::{Dataplane, FakeDataplane};
+        let dp = FakeDataplane::default();
+        let mac: crate::model::Mac = "02:00:00:00:aa:02".parse().unwrap();
+        {
+            let mut p = dp.peers.lock().unwrap();
+            p.underlay.insert(Ipv4Addr::new(192, 0, 2, 2));
+            p.underlay.insert(Ipv4Addr::new(192, 0, 2, 3));
+            p.tunnel.insert(mac.link_local());
+            p.probe_device = true;
+        }
+        let prober = Prober::default();
+        prober.set_peers(vec![
+            ("h2".into(), "192.0.2.2".parse().unwrap(), Some(mac)),
+            // Its underlay answers, its tunnel does not (a blocked VXLAN port).
+            ("h3".into(), "192.0.2.3".parse().unwrap(), Some("02:00:00:00:aa:03".parse().unwrap())),
+            // Nothing answers.
+            ("h4".into(), "192.0.2.4".parse().unwrap(), None),
+        ]);
+        let mut sockets = dp.probe_sockets().unwrap();
+        for seq in 1..=MISSED_FOR_DOWN as u16 {
+            prober.round(sockets.as_mut(), 7, seq, Duration::from_millis(50));
+        }
+        let h = |id: &str| prober.health(id).unwrap();
+        assert!(h("h2").rtt.is_some() && h("h2").tunnel.rtt.is_some() && !h("h2").unreachable(MISSED_FOR_DOWN));
+        assert_eq!((h("h2").sent, h("h2").answered, h("h2").tunnel.answered), (2, 2, 2));
+        assert!(h("h3").tunnel_down(MISSED_FOR_DOWN) && !h("h3").underlay_down(MISSED_FOR_DOWN));
+        assert!(h("h4").underlay_down(MISSED_FOR_DOWN));
+        assert_eq!(h("h4").tunnel.sent, 0, "no probe-tunnel address: not probed through the tunnel");
+        // The tunnel device goes: only the underlay is probed.
+        dp.peers.lock().unwrap().probe_device = false;
+        prober.round(sockets.as_mut(), 7, 9, Duration::from_millis(50));
+        assert_eq!(h("h2").tunnel.sent, 2);
+        assert_eq!(h("h2").sent, 3);
+        // A peer that left is forgotten.
+        prober.set_peers(vec![("h2".into(), "192.0.2.2".parse().unwrap(), Some(mac))]);
+        assert!(prober.health("h3").is_none());
     }
 
     #[test]

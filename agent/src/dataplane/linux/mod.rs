@@ -4,6 +4,7 @@
 //! an endpoint is plugged in.
 
 pub mod netns;
+pub mod probe;
 pub mod sysctl;
 pub mod xfrm;
 
@@ -737,6 +738,10 @@ const MAIN_TABLE: u32 = 254;
 impl Dataplane for NetlinkDataplane {
     fn prepare_host(&self) {
         sysctl::raise_host_limits();
+    }
+
+    fn probe_sockets(&self) -> std::io::Result<Box<dyn crate::dataplane::ProbeSockets>> {
+        Ok(Box::new(probe::IcmpSockets::open()?))
     }
 
     fn esp_support(&self) -> std::result::Result<(), String> {
