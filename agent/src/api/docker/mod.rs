@@ -681,13 +681,4 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pool_ids_round_trip() {
-        let n: IpNet = "10.7.0.0/24".parse().unwrap();
-        assert_eq!(parse_pool_id(&pool_id(&n)).unwrap(), n);
-        assert!(parse_pool_id("bogus").is_err());
-    }
-}
+mod tests;
