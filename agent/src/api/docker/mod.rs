@@ -493,6 +493,10 @@ impl DockerDriver {
     }
 
     async fn delete_network(&self, docker_id: &str) -> Answer {
+        // Not while a bind of it is under way: one that created the cluster
+        // network but has not recorded it yet would leave that network and
+        // write this record back after its deletion.
+        let _guard = self.bind_lock.lock().await;
         let Some(dn) = self.load::<DockerNet>(&self.net_key(docker_id)).await? else { return Ok(json!({})) };
         // Endpoint records of this Docker network (left by a dockerd that
         // died) go with it.

@@ -884,3 +884,24 @@ async fn removals_of_what_is_unknown_or_already_gone_answer_empty() {
     h.nothing_left().await;
     assert!(h.lab.app.cluster.all_endpoints().await.unwrap().is_empty());
 }
+
+/// `docker network rm` right after `docker network create`, while the
+/// background bind is between creating the cluster network (its reconcile
+/// pass yields) and recording the binding: the cluster network must not
+/// outlive the Docker network, nor the Docker network's record come back.
+#[tokio::test]
+async fn a_network_removed_while_it_is_being_bound_leaves_nothing() {
+    let h = one_host();
+    let p = h.network("d1", "", named("app")).await;
+    // What the background task runs, and dockerd's DeleteNetwork, on one
+    // task: the bind runs first, up to its first yield.
+    let body = network_id("d1");
+    let (bound, deleted) = tokio::join!(h.driver.bind("d1"), h.call("NetworkDriver.DeleteNetwork", &body));
+    assert_eq!(deleted, (StatusCode::OK, json!({})));
+    // The bind finished first, and DeleteNetwork removed what it made.
+    assert_eq!(bound.map(|n| n.name), Ok("app".to_string()));
+    h.release(&p).await;
+    assert!(h.docker_net("d1").await.is_none(), "the Docker network's record came back");
+    assert!(h.network_names().await.is_empty(), "the cluster network outlived the Docker network");
+    h.nothing_left().await;
+}
