@@ -166,6 +166,8 @@ pub(crate) mod testing {
     pub struct Lab {
         pub app: Arc<App>,
         pub dp: Arc<FakeDataplane>,
+        /// The cluster's store (shared by the labs made over it by [`host`]).
+        pub store: Arc<dyn Store>,
     }
 
     /// An attachable network to create (a subnet from the pool when none).
@@ -183,21 +185,30 @@ pub(crate) mod testing {
     }
 
     pub fn lab() -> Lab {
-        let store: Arc<dyn Store> = Arc::new(LocalStore::memory());
-        let cluster = Arc::new(Cluster::new(store.clone(), "h1", "10.0.0.0/8".parse().unwrap(), 24));
+        host(Arc::new(LocalStore::memory()), "h1", |_| {})
+    }
+
+    /// Host `name` of the cluster kept in `store` (labs over one store are
+    /// hosts of one cluster, each with its own fake kernel); `configure`
+    /// sets the host's cluster view up before the app takes it (e.g. its
+    /// `esp_unsupported`).
+    pub fn host(store: Arc<dyn Store>, name: &str, configure: impl FnOnce(&mut Cluster)) -> Lab {
+        let mut cluster = Cluster::new(store.clone(), name, "10.0.0.0/8".parse().unwrap(), 24);
+        configure(&mut cluster);
+        let cluster = Arc::new(cluster);
         let dp = Arc::new(FakeDataplane::default());
-        let reconciler = Arc::new(Reconciler::new(dp.clone(), cluster.clone(), Identity::local("h1")));
+        let reconciler = Arc::new(Reconciler::new(dp.clone(), cluster.clone(), Identity::local(name)));
         let app = Arc::new(App {
             cluster,
             reconciler,
             dataplane: dp.clone(),
             netns_dir: "/run/trellis-test/netns".into(),
-            hostname: "h1".into(),
+            hostname: name.into(),
             capabilities: Default::default(),
             events: None,
             dns: None,
             prober: None,
         });
-        Lab { app, dp }
+        Lab { app, dp, store }
     }
 }
