@@ -26,8 +26,8 @@ use crate::app::App;
 use crate::daemon::config::Config;
 use crate::daemon::host::{capabilities, open_store, remove_orphan_namespaces};
 use crate::dataplane::Dataplane;
+pub use crate::dataplane::HOST_LIMITS;
 use crate::dataplane::linux::NetlinkDataplane;
-pub use crate::dataplane::linux::sysctl::HOST_LIMITS;
 use crate::model;
 use crate::model::HostRecord;
 use crate::reconcile::{Identity, Reconciler};
@@ -71,7 +71,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     dataplane.prepare_host();
     let events = ring.map(|ring| {
         let (tx, _) = tokio::sync::broadcast::channel(4096);
-        tasks.spawn(crate::telemetry::monitor::read_events(ring, tx.clone()));
+        tasks.spawn(crate::dataplane::linux::events::read_events(ring, tx.clone()));
         tasks.spawn(tasks::events_off_when_unwatched(tx.clone(), dataplane.clone()));
         tx
     });

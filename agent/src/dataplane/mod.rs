@@ -53,6 +53,25 @@ pub enum DataplaneError {
 
 pub type Result<T, E = DataplaneError> = std::result::Result<T, E>;
 
+/// Kernel limits that are one for the whole host and too small for a
+/// thousand endpoints per host, raised (never lowered) when the agent runs
+/// in the initial network namespace (elsewhere the files are not writable
+/// and the host's settings stand):
+/// * the neighbour table (1,024 entries by default, shared by every
+///   namespace: each container holds entries for its gateway and peers and
+///   the host one per container) — past it ARP fails ("neighbour table
+///   overflow");
+/// * the per-CPU receive backlog (1,000 packets by default): a broadcast on
+///   a bridge is cloned to every port at once, and on a network of a
+///   thousand endpoints the clones past the backlog are dropped — ARP to
+///   the oldest ports (flooded last) never arrives.
+pub const HOST_LIMITS: [(&str, u64); 4] = [
+    ("/proc/sys/net/ipv4/neigh/default/gc_thresh1", 1024),
+    ("/proc/sys/net/ipv4/neigh/default/gc_thresh2", 8192),
+    ("/proc/sys/net/ipv4/neigh/default/gc_thresh3", 16384),
+    ("/proc/sys/net/core/netdev_max_backlog", 4096),
+];
+
 /// The peer probes' packets: ICMP echoes to the peers' underlay addresses
 /// and ICMPv6 echoes through the probe tunnel. Blocking, used from the
 /// prober's own thread; every read waits a short while at most.

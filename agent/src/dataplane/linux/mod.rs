@@ -3,6 +3,7 @@
 //! socket in the agent's namespace, and one per container namespace while
 //! an endpoint is plugged in.
 
+pub mod events;
 pub mod netns;
 pub mod probe;
 pub mod sysctl;
