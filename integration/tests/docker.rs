@@ -261,3 +261,39 @@ fn two_hosts_two_dockerds_one_network() {
         "the last Docker network took the cluster network with it"
     );
 }
+
+/// What a Docker user types works as Docker means it: Docker's own
+/// `--attachable` (which the engine does not pass to its driver) makes the
+/// network attachable, and without it a standalone container is refused
+/// saying why.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn dockers_attachable_flag_is_honoured() {
+    require_root();
+    let h = Host::new().unwrap();
+    let d = Dockerd::start(&h).unwrap();
+    let create = |name: &str, subnet: &str, attachable: bool| {
+        let mut args = vec!["network", "create", "-d", "trellis", "--ipam-driver", "trellis", "--subnet", subnet];
+        if attachable {
+            args.push("--attachable");
+        }
+        args.push(name);
+        d.ok(&args).unwrap();
+    };
+    create("att", "10.57.0.0/24", true);
+    create("closed", "10.57.1.0/24", false);
+    d.ok(&["run", "-d", "--name", "c1", "--network", "att", IMAGE, "sleep", "600"]).unwrap();
+    d.ok(&["run", "-d", "--name", "c2", "--network", "att", IMAGE, "sleep", "600"]).unwrap();
+    let ip2 = container_ip(&d, "c2", "att");
+    assert!(ping(&d, "c1", &ip2), "containers on an --attachable network talk");
+    assert_eq!(h.ctl_json(&["network", "inspect", "att"]).unwrap()["attachable"], true);
+
+    let out = d.docker(&["run", "-d", "--name", "c3", "--network", "closed", IMAGE, "sleep", "600"]).output().unwrap();
+    assert!(!out.status.success(), "a standalone container joined a network created without --attachable");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not attachable"), "{err}");
+    assert_eq!(h.ctl_json(&["network", "inspect", "closed"]).unwrap()["attachable"], false);
+    for c in ["c1", "c2", "c3"] {
+        let _ = d.docker(&["rm", "-f", c]).output();
+    }
+}

@@ -35,6 +35,10 @@ pub struct NetworkInfo {
     pub name: String,
     #[serde(rename = "Labels", default)]
     pub labels: Option<BTreeMap<String, String>>,
+    /// `docker network create --attachable` (the engine does not pass it
+    /// to the driver).
+    #[serde(rename = "Attachable", default)]
+    pub attachable: bool,
     /// Container id → its endpoint on the network.
     #[serde(rename = "Containers", default)]
     pub containers: Option<BTreeMap<String, NetworkContainer>>,

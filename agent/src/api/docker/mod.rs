@@ -41,6 +41,8 @@ use crate::state::{AgentError, NewNetwork};
 /// Options `docker network create -o` understands.
 pub const OPT_ATTACHABLE: &str = "trellis.attachable";
 pub const OPT_ENCRYPTED: &str = "trellis.encrypted";
+/// Docker's overlay option for the same (`docker network create -o encrypted`).
+pub const OPT_DOCKER_ENCRYPTED: &str = "encrypted";
 pub const OPT_NETWORK: &str = "trellis.network";
 pub const OPT_MTU: &str = "com.docker.network.driver.mtu";
 /// The label on cluster networks the driver created (removed with the last
@@ -257,7 +259,7 @@ impl DockerDriver {
             return Err(format!("pool {pool} was not allocated by the trellis IPAM driver: add --ipam-driver trellis"));
         };
         let generic = r.generic();
-        let known = [OPT_ATTACHABLE, OPT_ENCRYPTED, OPT_NETWORK, OPT_MTU];
+        let known = [OPT_ATTACHABLE, OPT_ENCRYPTED, OPT_DOCKER_ENCRYPTED, OPT_NETWORK, OPT_MTU];
         if let Some(k) = generic.keys().find(|k| !known.contains(&k.as_str())) {
             return Err(format!("unknown option {k:?}: the trellis driver understands {}", known.join(", ")));
         }
@@ -286,7 +288,7 @@ impl DockerDriver {
             user_subnet: p.user_subnet,
             attachable: flag(OPT_ATTACHABLE)?,
             internal: r.flag("com.docker.network.internal"),
-            encrypted: flag(OPT_ENCRYPTED)?,
+            encrypted: flag(OPT_ENCRYPTED)? || flag(OPT_DOCKER_ENCRYPTED)?,
             mtu,
             name,
             network_id: None,
@@ -331,16 +333,27 @@ impl DockerDriver {
             };
         }
         let mut labels = BTreeMap::new();
+        // The engine's record of the network: its name (unless an option
+        // gave one), its labels, and Docker's own `--attachable`, none of
+        // which the engine passes to the driver.
+        let looked = self.engine.network(docker_id).await;
         let name = match &dn.name {
             Some(n) => n.clone(),
             None => {
-                let info = self.engine.network(docker_id).await.map_err(err)?;
-                labels = info.labels.unwrap_or_default();
+                let info = looked.as_ref().map_err(err)?;
+                labels = info.labels.clone().unwrap_or_default();
                 labels.retain(|k, v| validate::labels(&BTreeMap::from([(k.clone(), v.clone())])).is_ok());
                 validate::name("network name", &info.name).map_err(err)?;
-                info.name
+                info.name.clone()
             }
         };
+        match &looked {
+            Ok(info) if info.attachable => dn.attachable = true,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(network = %name, error = %e, "the engine's record of the network is unreadable: Docker's --attachable, if given, is not seen (-o trellis.attachable=true is)")
+            }
+        }
         labels.insert(CREATED_BY.to_string(), "docker".to_string());
         let net = loop {
             match c.network(&name).await {

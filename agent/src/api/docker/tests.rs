@@ -24,7 +24,8 @@ use crate::model::EndpointRecord;
 const NO_ENGINE: &str = "/nonexistent/trellis-test/docker.sock";
 /// A sandbox as dockerd names it; Docker endpoints skip the namespace check.
 const SANDBOX: &str = "/var/run/docker/netns/0123456789ab";
-const KNOWN_OPTIONS: &str = "trellis.attachable, trellis.encrypted, trellis.network, com.docker.network.driver.mtu";
+const KNOWN_OPTIONS: &str =
+    "trellis.attachable, trellis.encrypted, encrypted, trellis.network, com.docker.network.driver.mtu";
 
 struct Host {
     lab: Lab,
@@ -603,18 +604,70 @@ async fn an_encrypted_network_is_refused_at_create_on_a_host_without_esp() {
     // As the daemon does: the kernel's ESP probe says why not.
     let no_esp = crate::dataplane::FakeDataplane::default().esp_support().unwrap_err();
     let h = on(testing::host(store, "h1", |c| c.esp_unsupported = Some(no_esp)));
-    let p = h.pool("").await;
-    let generic = json!({ "trellis.network": "secret", "trellis.encrypted": "true" });
-    assert_eq!(
-        h.refused("NetworkDriver.CreateNetwork", create_network("d1", "10.0.0.0/24", &p.gateway, generic)).await,
-        "network \"secret\" is encrypted, but this host's kernel cannot do IPsec ESP (the fake kernel has no ESP); \
-         it needs CONFIG_INET_ESP and CONFIG_XFRM_USER with the rfc4106(gcm(aes)) AEAD. Nothing was created, and no \
-         cleartext was sent"
+    // Trellis's option, and Docker's overlay option (`-o encrypted`) alike.
+    for generic in [
+        json!({ "trellis.network": "secret", "trellis.encrypted": "true" }),
+        json!({ "trellis.network": "secret", "encrypted": "" }),
+    ] {
+        let p = h.pool("").await;
+        assert_eq!(
+            h.refused("NetworkDriver.CreateNetwork", create_network("d1", "10.0.0.0/24", &p.gateway, generic)).await,
+            "network \"secret\" is encrypted, but this host's kernel cannot do IPsec ESP (the fake kernel has no ESP); \
+             it needs CONFIG_INET_ESP and CONFIG_XFRM_USER with the rfc4106(gcm(aes)) AEAD. Nothing was created, and no \
+             cleartext was sent"
+        );
+        assert!(h.docker_net("d1").await.is_none());
+        assert!(h.network_names().await.is_empty());
+        h.release(&p).await;
+        h.nothing_left().await;
+    }
+}
+
+/// An engine's API on a unix socket that knows one network, as
+/// `GET /networks/{id}` answers it.
+async fn fake_engine(dir: &std::path::Path, network: Value) -> Engine {
+    let socket = dir.join("docker.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let app = axum::Router::new().route(
+        "/networks/{id}",
+        axum::routing::get(move || {
+            let network = network.clone();
+            async move { axum::Json(network) }
+        }),
     );
-    assert!(h.docker_net("d1").await.is_none());
-    assert!(h.network_names().await.is_empty());
-    h.release(&p).await;
-    h.nothing_left().await;
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Engine { socket }
+}
+
+#[tokio::test]
+async fn dockers_own_attachable_flag_makes_the_network_attachable() {
+    for (attachable, want) in [(true, true), (false, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let lab = testing::lab();
+        let engine =
+            fake_engine(dir.path(), json!({ "Name": "app", "Attachable": attachable, "Labels": {"team": "a"} })).await;
+        let h = Host { driver: DockerDriver::new(lab.app.clone(), engine), lab };
+        // `docker network create -d trellis --ipam-driver trellis
+        // [--attachable] app`: no option names the network or makes it
+        // attachable; the engine's record does.
+        let p = h.network("d1", "10.0.0.0/24", json!({})).await;
+        let (_, joined) = if want {
+            h.run("d1", &p, "e1").await
+        } else {
+            let a = h.ok("IpamDriver.RequestAddress", address_request(&p.id, "")).await;
+            let addr = a["Address"].as_str().unwrap().to_string();
+            h.ok("NetworkDriver.CreateEndpoint", create_endpoint("d1", "e1", &addr)).await;
+            let err = h.refused("NetworkDriver.Join", join("d1", "e1")).await;
+            assert!(err.contains("not attachable"), "{err}");
+            (addr, Value::Null)
+        };
+        let net = h.lab.app.cluster.network("app").await.unwrap();
+        assert_eq!(net.attachable, want);
+        assert_eq!(net.labels.get("team").map(String::as_str), Some("a"), "the engine's labels");
+        if want {
+            assert_eq!(joined["Gateway"], "10.0.0.1");
+        }
+    }
 }
 
 #[tokio::test]
