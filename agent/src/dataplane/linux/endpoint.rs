@@ -3,17 +3,16 @@
 //! its host end plugged into the network's bridge; and the container's
 //! interface as the kernel has it.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags};
-use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
-use super::{EEXIST, ENODEV, ENOENT, EXFULL, NetlinkDataplane, errno, netns, nl};
+use super::{EEXIST, ENODEV, ENOENT, EXFULL, NetlinkDataplane, errno, messages, netns, nl};
 use crate::dataplane::{ContainerLink, DataplaneError, EndpointSpec, Result};
 use crate::model;
 
@@ -55,16 +54,7 @@ impl NetlinkDataplane {
         // The container end is created directly inside the container's
         // namespace, already named, addressed and sized: moving a device
         // between namespaces costs an RCU grace period (tens of ms).
-        let peer = LinkUnspec::new_with_name(&s.ifname)
-            .address(s.mac.0.to_vec())
-            .mtu(s.mtu)
-            .setns_by_fd(ns.as_raw_fd())
-            .build();
-        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(s.host_if.clone())
-            .mtu(s.mtu)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
+        let pair = messages::veth(&s.host_if, &s.ifname, s.mac, s.mtu, Some(ns.as_raw_fd()));
         match self.handle.link().add(pair).execute().await {
             Ok(()) => {}
             Err(e) if errno(&e) == Some(EEXIST) => {
@@ -110,12 +100,7 @@ impl NetlinkDataplane {
             });
         }
         self.delete_link(&s.peer_if).await?;
-        let peer = LinkUnspec::new_with_name(&s.peer_if).address(s.mac.0.to_vec()).mtu(s.mtu).build();
-        let pair = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-            .name(s.host_if.clone())
-            .mtu(s.mtu)
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-            .build();
+        let pair = messages::veth(&s.host_if, &s.peer_if, s.mac, s.mtu, None);
         self.handle.link().add(pair).execute().await.map_err(nl("create veth", &s.host_if))?;
         let plugged = self.port_up(s).await;
         if plugged.is_err()
@@ -159,17 +144,9 @@ impl NetlinkDataplane {
         tokio::spawn(conn);
         let object = format!("{} in {}", s.ifname, s.netns.display());
         let inside = Self::require(&c, &s.ifname).await?;
-        c.link()
-            .set(LinkUnspec::new_with_index(inside).up().build())
-            .execute()
-            .await
-            .map_err(nl("set container interface up", object.clone()))?;
+        c.link().set(messages::up(inside)).execute().await.map_err(nl("set container interface up", object.clone()))?;
         if let Some(lo) = Self::index_of(&c, "lo").await? {
-            c.link()
-                .set(LinkUnspec::new_with_index(lo).up().build())
-                .execute()
-                .await
-                .map_err(nl("set lo up", object.clone()))?;
+            c.link().set(messages::up(lo)).execute().await.map_err(nl("set lo up", object.clone()))?;
         }
         c.address()
             .add(inside, s.addr.addr(), s.addr.prefix_len())
@@ -177,8 +154,12 @@ impl NetlinkDataplane {
             .await
             .map_err(nl("add container address", object.clone()))?;
         if let Some(IpAddr::V4(gw)) = s.default_via {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(inside).build();
-            c.route().add(route).replace().execute().await.map_err(nl("add default route", object.clone()))?;
+            c.route()
+                .add(messages::default_route(gw, inside))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("add default route", object.clone()))?;
         }
         self.port_up(s).await
     }
@@ -189,7 +170,7 @@ impl NetlinkDataplane {
         let host = Self::require(&self.handle, &s.host_if).await?;
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(host).controller(bridge).mtu(s.mtu).up().build())
+            .set(messages::set_link(host, s.mtu, Some(bridge)))
             .execute()
             .await
             .map_err(attach_err(&s.host_if, &s.bridge))

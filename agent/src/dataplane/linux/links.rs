@@ -11,9 +11,8 @@ use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
 };
-use rtnetlink::{LinkBridge, LinkUnspec};
 
-use super::{EADDRNOTAVAIL, EEXIST, ENODEV, ENOENT, ESRCH, NetlinkDataplane, errno, nl};
+use super::{EADDRNOTAVAIL, EEXIST, ENODEV, ENOENT, ESRCH, NetlinkDataplane, errno, messages, nl};
 use crate::dataplane::{DataplaneError, LinkKind, Mac, Result};
 
 /// What the agent reads of a link in the dump.
@@ -132,32 +131,22 @@ impl NetlinkDataplane {
     }
 
     pub(super) async fn create_bridge(&self, name: &str, mtu: u32, mac: Mac) -> Result<()> {
-        self.handle
-            .link()
-            .add(LinkBridge::new(name).mtu(mtu).address(mac.0.to_vec()).build())
-            .execute()
-            .await
-            .map_err(nl("create bridge", name))
+        self.handle.link().add(messages::bridge(name, mtu, mac)).execute().await.map_err(nl("create bridge", name))
     }
 
     pub(super) async fn set_mac(&self, link: &str, mac: Mac) -> Result<()> {
         let index = Self::require(&self.handle, link).await?;
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).address(mac.0.to_vec()).build())
-            .execute()
-            .await
-            .map_err(nl("set MAC", link))
+        self.handle.link().set(messages::set_mac(index, mac)).execute().await.map_err(nl("set MAC", link))
     }
 
     /// The link `name` with this MTU, up, and (for a port) in `master`.
     pub(super) async fn set_link(&self, name: &str, mtu: u32, master: Option<&str>) -> Result<()> {
         let index = Self::require(&self.handle, name).await?;
-        let mut msg = LinkUnspec::new_with_index(index).mtu(mtu).up();
-        if let Some(m) = master {
-            msg = msg.controller(Self::require(&self.handle, m).await?);
-        }
-        self.handle.link().set(msg.build()).execute().await.map_err(nl("set link", name))
+        let master = match master {
+            Some(m) => Some(Self::require(&self.handle, m).await?),
+            None => None,
+        };
+        self.handle.link().set(messages::set_link(index, mtu, master)).execute().await.map_err(nl("set link", name))
     }
 
     /// Delete the link `name`; a missing one is no error.

@@ -14,6 +14,9 @@
 //! * `routes`: the host's routes, the underlay's MTU and address;
 //! * `bpf`: the eBPF program's attachments, tables, DNS table, counters;
 //! * `nft`: the egress rules.
+//!
+//! The netlink messages they send are built by the pure functions of
+//! `messages` (unit-tested without a kernel).
 
 pub mod netns;
 pub mod sysctl;
@@ -22,6 +25,7 @@ pub mod xfrm;
 mod bpf;
 mod endpoint;
 mod links;
+mod messages;
 mod nft;
 mod routes;
 mod tunnels;

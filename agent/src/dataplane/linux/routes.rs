@@ -1,16 +1,15 @@
 //! Routes: the host's own routes (which new subnets must not overlap) and
 //! the default route's interface, whose MTU and address are the underlay's.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use rtnetlink::RouteMessageBuilder;
 
-use super::{NetlinkDataplane, nl};
+use super::{NetlinkDataplane, messages, nl};
 use crate::dataplane::Result;
 use crate::model;
 
@@ -82,7 +81,7 @@ impl NetlinkDataplane {
     async fn routes(&self) -> Result<Vec<RouteMessage>> {
         let mut out = Vec::new();
         let _dump = self.dump.lock().await;
-        let mut stream = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        let mut stream = self.handle.route().get(messages::ipv4_routes()).execute();
         while let Some(r) = stream.try_next().await.map_err(nl("dump routes", "ipv4"))? {
             out.push(r);
         }

@@ -6,12 +6,9 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
-};
-use rtnetlink::LinkVxlan;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
 
-use super::{ENODEV, ENOENT, NetlinkDataplane, errno, nl};
+use super::{ENODEV, ENOENT, NetlinkDataplane, errno, messages, nl};
 use crate::dataplane::{DataplaneError, Mac, Result, VxlanSpec};
 use crate::model;
 
@@ -27,14 +24,7 @@ impl NetlinkDataplane {
                 source: std::io::Error::other("an IPv6 underlay is not supported yet"),
             });
         };
-        let msg = LinkVxlan::new(&v.name, v.vni)
-            .port(v.port)
-            .local(local)
-            .learning(false)
-            .proxy(true)
-            .mtu(v.mtu)
-            .address(v.mac.0.to_vec())
-            .build();
+        let msg = messages::vxlan(v, local);
         self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))?;
         if v.name == model::PROBE_VXLAN {
             // Its link-local address answers probes from the moment it is
@@ -49,15 +39,18 @@ impl NetlinkDataplane {
         Ok(())
     }
 
+    /// Send `msg` as a new neighbour (or FDB) entry replacing any of the
+    /// same key (NLM_F_CREATE | NLM_F_REPLACE): rtnetlink's add request,
+    /// carrying the message built in [`messages`].
+    async fn replace_neighbour(&self, msg: NeighbourMessage) -> Result<(), rtnetlink::Error> {
+        let mut request = self.handle.neighbours().add_bridge(msg.header.ifindex, &[]);
+        *request.message_mut() = msg;
+        request.replace().execute().await
+    }
+
     pub(super) async fn add_fdb(&self, link: &str, mac: Mac, dst: IpAddr) -> Result<()> {
         let index = Self::require(&self.handle, link).await?;
-        self.handle
-            .neighbours()
-            .add_bridge(index, &mac.0)
-            .destination(dst)
-            .flags(NeighbourFlags::Own)
-            .replace()
-            .execute()
+        self.replace_neighbour(messages::fdb_entry(index, mac, dst))
             .await
             .map_err(nl("add fdb entry", format!("{mac} via {dst} on {link}")))
     }
@@ -65,13 +58,7 @@ impl NetlinkDataplane {
     /// Remove an FDB entry; one already gone is no error.
     pub(super) async fn del_fdb(&self, link: &str, mac: Mac, dst: IpAddr) -> Result<()> {
         let index = Self::require(&self.handle, link).await?;
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = index;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-        msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(dst)));
-        match self.handle.neighbours().del(msg).execute().await {
+        match self.handle.neighbours().del(messages::fdb_delete(index, mac, dst)).execute().await {
             Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
             r => r.map_err(nl("delete fdb entry", format!("{mac} on {link}"))),
         }
@@ -79,12 +66,7 @@ impl NetlinkDataplane {
 
     pub(super) async fn add_neigh(&self, link: &str, ip: IpAddr, mac: Mac) -> Result<()> {
         let index = Self::require(&self.handle, link).await?;
-        self.handle
-            .neighbours()
-            .add(index, ip)
-            .link_layer_address(&mac.0)
-            .replace()
-            .execute()
+        self.replace_neighbour(messages::neighbour(index, ip, mac))
             .await
             .map_err(nl("add neighbour", format!("{ip} on {link}")))
     }
@@ -92,11 +74,7 @@ impl NetlinkDataplane {
     /// Remove a neighbour entry; one already gone is no error.
     pub(super) async fn del_neigh(&self, link: &str, ip: IpAddr) -> Result<()> {
         let index = Self::require(&self.handle, link).await?;
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-        msg.header.ifindex = index;
-        msg.attributes.push(NeighbourAttribute::Destination(neighbour_address(ip)));
-        match self.handle.neighbours().del(msg).execute().await {
+        match self.handle.neighbours().del(messages::neighbour_delete(index, ip)).execute().await {
             Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
             r => r.map_err(nl("delete neighbour", format!("{ip} on {link}"))),
         }
@@ -132,13 +110,6 @@ impl NetlinkDataplane {
             }
         }
         Ok((fdb, neigh))
-    }
-}
-
-fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
-    match ip {
-        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     }
 }
 
