@@ -228,6 +228,7 @@ mod tests {
             local: "192.0.2.1".parse().unwrap(),
             mtu: 1450,
             mac: MAC,
+            sysctls: Vec::new(),
         };
         let msg = vxlan(&spec, Ipv4Addr::new(192, 0, 2, 1));
         assert!(has(&msg, &LinkAttribute::IfName("trx-aaaa".into())), "{msg:?}");

@@ -17,6 +17,15 @@
 //!
 //! The netlink messages they send are built by the pure functions of
 //! `messages` (unit-tested without a kernel).
+//!
+//! The sysctls written here, and who decides them: host limits
+//! ([`Dataplane::prepare_host`], [`sysctl`]); IPv4 forwarding with the
+//! egress rules when they ask for it
+//! ([`crate::dataplane::egress::EgressRules::forwarding`]); a VXLAN device's
+//! own settings right after its creation
+//! ([`crate::dataplane::VxlanSpec::sysctls`], the probe device's IPv6);
+//! and, as part of plugging an endpoint in, two of the container
+//! interface's inside its namespace (`endpoint`).
 
 pub mod netns;
 pub mod sysctl;

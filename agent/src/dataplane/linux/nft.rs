@@ -5,6 +5,9 @@ use super::NetlinkDataplane;
 use crate::dataplane::egress::{self, EgressRules};
 use crate::dataplane::{DataplaneError, Result};
 
+/// Written with the rules when they ask for it ([`EgressRules::forwarding`]).
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
 impl NetlinkDataplane {
     /// The fingerprint the installed table carries (`None` without one).
     pub(super) async fn egress_fingerprint(&self) -> Result<Option<String>> {
@@ -34,11 +37,13 @@ impl NetlinkDataplane {
         })
         .await
         .map_err(|e| DataplaneError::Nftables(e.to_string()))??;
-        // Routing between the networks' bridges and the uplink.
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(|e| DataplaneError::Io {
-            call: "enable ip_forward",
-            object: "/proc/sys/net/ipv4/ip_forward".into(),
-            source: e,
-        })
+        if rules.forwarding {
+            std::fs::write(IP_FORWARD, b"1").map_err(|e| DataplaneError::Io {
+                call: "enable ip_forward",
+                object: IP_FORWARD.into(),
+                source: e,
+            })?;
+        }
+        Ok(())
     }
 }

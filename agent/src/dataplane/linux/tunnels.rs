@@ -10,7 +10,6 @@ use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, Neig
 
 use super::{ENODEV, ENOENT, NetlinkDataplane, errno, messages, nl};
 use crate::dataplane::{DataplaneError, Mac, Result, VxlanSpec};
-use crate::model;
 
 /// FDB entries (MAC, VTEP) and neighbour entries (IP, MAC), by link index.
 type TunnelEntries = (BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>);
@@ -26,14 +25,11 @@ impl NetlinkDataplane {
         };
         let msg = messages::vxlan(v, local);
         self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))?;
-        if v.name == model::PROBE_VXLAN {
-            // Its link-local address answers probes from the moment it is
-            // up: IPv6 on (a host may have it off by default), no DAD wait.
-            for (knob, value) in [("disable_ipv6", "0"), ("accept_dad", "0")] {
-                let path = format!("/proc/sys/net/ipv6/conf/{}/{knob}", v.name);
-                if let Err(e) = std::fs::write(&path, value) {
-                    tracing::debug!(%path, error = %e, "probe device sysctl");
-                }
+        // The device's own settings, before anything sets it up (best
+        // effort, see `VxlanSpec::sysctls`).
+        for s in &v.sysctls {
+            if let Err(e) = std::fs::write(&s.path, &s.value) {
+                tracing::debug!(device = %v.name, path = %s.path, error = %e, "vxlan device sysctl");
             }
         }
         Ok(())
