@@ -10,6 +10,13 @@ use super::egress::EgressRules;
 use super::tables::TableOps;
 use crate::model::Mac;
 
+/// A kernel setting written under `/proc/sys`: a file and its new value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sysctl {
+    pub path: String,
+    pub value: String,
+}
+
 /// A network's VXLAN device on a host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VxlanSpec {
@@ -19,6 +26,12 @@ pub struct VxlanSpec {
     pub local: IpAddr,
     pub mtu: u32,
     pub mac: Mac,
+    /// Settings of the device itself, written right after it is created
+    /// and before it is set up (its per-device entries exist only once it
+    /// does, and some must be in place before it comes up), best effort:
+    /// a failure is logged, the device stays. Chosen by the desired state
+    /// (the probe device's IPv6 settings), not by the executor.
+    pub sysctls: Vec<Sysctl>,
 }
 
 /// Everything needed to plug an endpoint in.

@@ -56,6 +56,13 @@ pub struct EgressRules {
     /// Keep DNS over UDP to and from the gateways out of connection
     /// tracking (never with `dns_intercept`, whose NAT needs it).
     pub dns_notrack: bool,
+    /// Turn IPv4 forwarding on (`/proc/sys/net/ipv4/ip_forward = 1`) right
+    /// after the table is in: the host routes between the networks'
+    /// bridges and the uplink, which the masquerade rules assume. Never
+    /// turned off. It is a host-wide setting, not a rule: not in the
+    /// [`EgressRules::fingerprint`], written whenever the rules are
+    /// applied, and a failure to write it fails the apply.
+    pub forwarding: bool,
 }
 
 /// 64-bit FNV-1a: a stable fingerprint, not a security measure.
@@ -92,7 +99,7 @@ impl EgressRules {
     pub fn new(mut nets: Vec<EgressNet>) -> EgressRules {
         nets.sort();
         nets.dedup();
-        EgressRules { nets, dns_intercept: false, dns_notrack: false }
+        EgressRules { nets, dns_intercept: false, dns_notrack: false, forwarding: false }
     }
 
     /// The rules, as (chain, statements).
@@ -407,5 +414,17 @@ mod tests {
         assert_ne!(observed_fingerprint(&missing_rule), Some(r.fingerprint()));
         let empty: Nftables<'_> = serde_json::from_value(serde_json::json!({"nftables": []})).unwrap();
         assert_eq!(observed_fingerprint(&empty), None);
+    }
+
+    #[test]
+    fn forwarding_is_no_rule_and_leaves_the_table_as_it_is() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        assert!(!r.forwarding, "off unless the desired state asks");
+        let (fingerprint, batch) = (r.fingerprint(), to_nft_json(&r.batch()).unwrap());
+        r.forwarding = true;
+        // A table installed before the flag existed still matches: no
+        // reapply on upgrade, and no reapply when only the flag differs.
+        assert_eq!(r.fingerprint(), fingerprint);
+        assert_eq!(to_nft_json(&r.batch()).unwrap(), batch);
     }
 }

@@ -9,7 +9,7 @@ pub mod linux;
 pub mod observed;
 pub mod tables;
 
-pub use action::{Action, EndpointSpec, ProgramSpec, VxlanSpec};
+pub use action::{Action, EndpointSpec, ProgramSpec, Sysctl, VxlanSpec};
 pub use fake::FakeDataplane;
 pub use observed::{ContainerLink, LinkKind, Observed, ObservedLink};
 pub use tables::{TableOps, Tables};

@@ -1,7 +1,7 @@
 //! Tests of the desired state, the diff and the runner, on the fake kernel.
 
 use super::*;
-use crate::dataplane::{Action, LinkKind, Observed, Tables};
+use crate::dataplane::{Action, LinkKind, Observed, Sysctl, Tables};
 use crate::dataplane::{FakeDataplane, ObservedLink};
 use crate::model::EndpointKind;
 use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
@@ -398,6 +398,48 @@ fn vxlan_devices_no_longer_wanted_are_deleted() {
     // A host without an underlay has no tunnels: the probe device goes.
     let acts = diff(&desired(&nets, &[], &hosts, &Identity::local("h1")), &obs);
     assert!(acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+}
+
+#[test]
+fn the_probe_device_gets_its_ipv6_sysctls_before_it_is_up() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
+    let me = Identity { underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    let eps = vec![endpoint("l1", "aaaa", "10.1.0.2", "h1")];
+    let want = desired(&nets, &eps, &hosts, &me);
+    let sysctl = |path: &str| Sysctl { path: path.into(), value: "0".into() };
+    let probe = &want.vxlans[model::PROBE_VXLAN].spec;
+    assert_eq!(
+        probe.sysctls,
+        [
+            sysctl("/proc/sys/net/ipv6/conf/trx-probe/disable_ipv6"),
+            sysctl("/proc/sys/net/ipv6/conf/trx-probe/accept_dad")
+        ]
+    );
+    // A network's device carries IPv4 only.
+    assert_eq!(want.vxlans["trx-aaaa"].spec.sysctls, []);
+    // They go with the device's creation, which comes before the SetLink
+    // that sets it up.
+    let acts = diff(&want, &Observed::default());
+    let created = acts
+        .iter()
+        .position(|a| matches!(a, Action::CreateVxlan(v) if v.name == model::PROBE_VXLAN && v.sysctls == probe.sysctls))
+        .expect("the probe device is created with its sysctls");
+    let up = acts
+        .iter()
+        .position(|a| matches!(a, Action::SetLink { name, .. } if name == model::PROBE_VXLAN))
+        .expect("the probe device is set up");
+    assert!(created < up, "{acts:?}");
+}
+
+#[test]
+fn the_egress_rules_turn_forwarding_on() {
+    for nets in [vec![], vec![network("aaaa", "10.1.0.0/24", false)], vec![network("bbbb", "10.2.0.0/24", true)]] {
+        let want = desired(&nets, &[], &[], &Identity::local("h1"));
+        assert!(want.egress.forwarding, "{nets:?}");
+        let acts = diff(&want, &Observed::default());
+        assert!(acts.iter().any(|a| matches!(a, Action::ApplyEgress(r) if r.forwarding)), "{acts:?}");
+    }
 }
 
 #[test]

@@ -29,6 +29,9 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
     // With the program's redirect (no NAT to undo), DNS over UDP to the
     // gateway is kept out of connection tracking.
     d.egress.dns_notrack = me.dns_intercept && me.ebpf;
+    // The host routes between the bridges and the uplink: forwarding on
+    // with every apply of the rules (with no network too), never off.
+    d.egress.forwarding = true;
 }
 
 /// The veths of this host's endpoints (not those being deleted).

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use super::{DesiredHost, DesiredVxlan};
-use crate::dataplane::VxlanSpec;
+use crate::dataplane::{Sysctl, VxlanSpec};
 use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord};
 use crate::reconcile::Identity;
 
@@ -32,6 +32,14 @@ pub fn tunnels(
             local,
             mtu: 1280,
             mac: me.vtep_mac,
+            // Its link-local address answers probes from the moment it is
+            // up: IPv6 on (a host may have it off by default), no DAD wait.
+            sysctls: ["disable_ipv6", "accept_dad"]
+                .map(|knob| Sysctl {
+                    path: format!("/proc/sys/net/ipv6/conf/{}/{knob}", model::PROBE_VXLAN),
+                    value: "0".into(),
+                })
+                .into(),
         },
         bridge: String::new(),
         fdb: BTreeSet::new(),
@@ -59,6 +67,8 @@ pub fn tunnels(
                 local,
                 mtu: n.mtu,
                 mac: me.vtep_mac,
+                // A network's device carries IPv4 only: nothing to set.
+                sysctls: Vec::new(),
             },
             bridge: model::bridge_name(&n.id),
             fdb: BTreeSet::new(),

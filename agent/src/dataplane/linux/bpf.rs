@@ -1,0 +1,287 @@
+//! The eBPF endpoint program: attached to (and detached from) endpoints'
+//! host veths, its entries per endpoint, the isolation and service tables,
+//! the in-kernel DNS table, its counters and monitor events. Without the
+//! program loaded every one of these is a no-op.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use super::NetlinkDataplane;
+use super::links::LinkSummary;
+use crate::dataplane::{DataplaneError, Mac, ProgramSpec, Result, TableOps, Tables};
+
+/// Does this namespace have an interface of ifindex `index`? (nix's
+/// if_indextoname does not fail for a gone one: it names it "".)
+fn index_exists(index: u32) -> bool {
+    nix::net::if_::if_indextoname(index).is_ok_and(|n| !n.as_bytes().is_empty())
+}
+
+impl NetlinkDataplane {
+    /// Drop what the datapath keeps for interfaces that are gone (a
+    /// container's veth dies with its namespace, a veth deleted by hand):
+    /// attachment markers of names no interface has, and entries and
+    /// counters of ifindexes no interface has. `links` (a dump) picks the
+    /// candidates; each is checked again now, under the datapath's lock
+    /// that attachments take too, so one made since the dump stays.
+    pub(super) fn sweep_gone_interfaces(&self, links: &HashMap<u32, String>) {
+        let Some((dp, markers)) = &self.bpf else { return };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let names: BTreeSet<&str> = links.values().map(String::as_str).collect();
+        for name in self.pinned_programs().into_iter().filter(|n| !names.contains(n.as_str())) {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err()
+                && let Err(e) = trellis_ebpf::remove_marker(&markers.join(&name))
+            {
+                tracing::warn!(link = %name, error = %e, "removing the attachment marker of a gone interface");
+            }
+        }
+        let mut indexes: BTreeSet<u32> = dp.endpoint_ifindexes().unwrap_or_default().into_iter().collect();
+        indexes.extend(dp.counter_ifindexes().unwrap_or_default());
+        for index in indexes.into_iter().filter(|i| !links.contains_key(i)) {
+            if !index_exists(index)
+                && let Err(e) = dp.remove_endpoint(index)
+            {
+                tracing::warn!(ifindex = index, error = %e, "removing the datapath entries of a gone interface");
+            }
+        }
+    }
+
+    /// What the datapath keeps for the link of ifindex `index` named
+    /// `name`, before it is deleted: its entry and counters (keyed by this
+    /// ifindex, unknown once it is gone) and its attachment marker (a veth
+    /// made again under the name needs the program attached again).
+    pub(super) fn forget_link(&self, index: u32, name: &str) -> Result<()> {
+        let Some((dp, links)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        dp.remove_endpoint(index).map_err(|e| DataplaneError::Ebpf(format!("{name}: {e}")))?;
+        match trellis_ebpf::remove_marker(&links.join(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DataplaneError::Io { call: "unpin link", object: name.to_string(), source: e }),
+        }
+    }
+
+    fn pinned_programs(&self) -> BTreeSet<String> {
+        let Some((_, links)) = &self.bpf else { return BTreeSet::new() };
+        std::fs::read_dir(links)
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The interfaces that have the program, and the flags of their
+    /// entries. An endpoint has its program when it is attached (its
+    /// marker) and its entry is in the map (an entry deleted by hand is
+    /// repaired).
+    pub(super) fn observe_programs(&self, links: &[LinkSummary]) -> (BTreeSet<String>, BTreeMap<String, u32>) {
+        let mut programs = self.pinned_programs();
+        let mut program_flags = BTreeMap::new();
+        if let Some((dp, _)) = &self.bpf {
+            let in_map: BTreeMap<u32, u32> = dp
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .endpoint_entries()
+                .map(|v| v.into_iter().map(|(i, info)| (i, info.flags)).collect())
+                .unwrap_or_default();
+            let index: HashMap<&str, u32> = links.iter().map(|l| (l.name.as_str(), l.index)).collect();
+            programs.retain(|name| index.get(name.as_str()).is_some_and(|i| in_map.contains_key(i)));
+            for name in &programs {
+                if let Some(f) = index.get(name.as_str()).and_then(|i| in_map.get(i)) {
+                    program_flags.insert(name.clone(), *f);
+                }
+            }
+        }
+        (programs, program_flags)
+    }
+
+    pub(super) async fn attach_program(&self, ifname: &str, ip: IpAddr, mac: Mac, program: &ProgramSpec) -> Result<()> {
+        let Some((dp, links)) = &self.bpf else { return Ok(()) };
+        let IpAddr::V4(v4) = ip else { return Ok(()) };
+        let index = Self::require(&self.handle, ifname).await?;
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));
+        let mut info = trellis_ebpf::EndpointInfo::new(v4, mac.0, program.vni);
+        if let Some((gw, gw_mac)) = program.dns_at {
+            info = info.with_dns_at(gw, gw_mac.0);
+        }
+        let info = info.with_flags(program.flags());
+        dp.set_endpoint(index, info).map_err(ebpf)?;
+        if links.join(ifname).is_dir() {
+            // Attached already (its map entry was what was missing).
+            return Ok(());
+        }
+        dp.attach_persistent(ifname, &links.join(ifname), self.attach_mode).map_err(ebpf)
+    }
+
+    pub(super) async fn detach_program(&self, ifname: &str) -> Result<()> {
+        let Some((dp, links)) = &self.bpf else { return Ok(()) };
+        if let Some(index) = Self::index_of(&self.handle, ifname).await? {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            dp.remove_endpoint(index).map_err(|e| DataplaneError::Ebpf(format!("{ifname}: {e}")))?;
+        }
+        match trellis_ebpf::remove_marker(&links.join(ifname)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DataplaneError::Io { call: "unpin link", object: ifname.to_string(), source: e }),
+        }
+    }
+
+    pub(super) fn update_tables(&self, ops: &TableOps) -> Result<()> {
+        let applied = self.apply_table_ops(ops);
+        let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
+        match (&applied, seen.0.as_mut()) {
+            (Ok(()), Some(t)) => t.apply(ops),
+            // Partly applied: read everything back next time.
+            _ => seen.0 = None,
+        }
+        applied
+    }
+
+    fn apply_table_ops(&self, ops: &TableOps) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let e = |what: &str| {
+            let what = what.to_string();
+            move |err: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{what}: {err}"))
+        };
+        for (k, v) in &ops.put_backends {
+            dp.put_backend(*k, *v).map_err(e("backend"))?;
+        }
+        for (id, ips) in &ops.put_maglev {
+            dp.put_maglev(*id, &trellis_ebpf::maglev::table(ips)).map_err(e("maglev table"))?;
+        }
+        for (k, v) in &ops.put_nets {
+            dp.put_net(*k, *v).map_err(e("subnet"))?;
+        }
+        for (k, v) in &ops.put_services {
+            dp.put_service(*k, *v).map_err(e("service"))?;
+        }
+        for (k, v) in &ops.put_vips {
+            dp.put_vip(*k, *v).map_err(e("VIP"))?;
+        }
+        for k in &ops.del_services {
+            dp.remove_service(*k).map_err(e("service"))?;
+        }
+        for k in &ops.del_vips {
+            dp.remove_vip(*k).map_err(e("VIP"))?;
+        }
+        for k in &ops.del_maglev {
+            dp.remove_maglev(*k).map_err(e("maglev table"))?;
+            dp.remove_svc_stats(*k).map_err(e("service counters"))?;
+        }
+        for k in &ops.del_backends {
+            dp.remove_backend(*k).map_err(e("backend"))?;
+        }
+        for k in &ops.del_nets {
+            dp.remove_net(*k).map_err(e("subnet"))?;
+        }
+        Ok(())
+    }
+
+    /// The tables: read back from the kernel when asked for `fresh` ones
+    /// on every tenth call, else as last read and changed since.
+    pub(super) fn observe_tables(&self, fresh: bool) -> Result<Tables> {
+        if self.bpf.is_none() {
+            return Ok(Default::default());
+        }
+        {
+            let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.1 = seen.1.wrapping_add(1);
+            if let Some(t) = &seen.0
+                && !(fresh && seen.1.is_multiple_of(10))
+            {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.read_tables()?;
+        self.tables_seen.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(t.clone());
+        Ok(t)
+    }
+
+    /// The tables as the kernel has them (Maglev tables by id).
+    fn read_tables(&self) -> Result<Tables> {
+        let Some((dp, _)) = &self.bpf else { return Ok(Default::default()) };
+        let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let e = |err: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("reading the tables: {err}"));
+        Ok(Tables {
+            nets: dp.nets().map_err(e)?.into_iter().collect(),
+            vips: dp.vips().map_err(e)?.into_iter().collect(),
+            services: dp.services().map_err(e)?.into_iter().collect(),
+            maglev: dp.maglev_ids().map_err(e)?.into_iter().map(|id| (id, Vec::new())).collect(),
+            backends: dp.backends().map_err(e)?.into_iter().collect(),
+        })
+    }
+
+    /// The monitor's events on or off (left alone when already so).
+    pub(super) fn set_monitor_events(&self, on: bool) {
+        if let Some((dp, _)) = &self.bpf {
+            let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+            if dp.events_on().ok() != Some(on)
+                && let Err(e) = dp.set_events(on)
+            {
+                tracing::warn!(error = %e, "switching monitor events");
+            }
+        }
+    }
+
+    pub(super) fn read_service_stats(&self, id: u32) -> Option<trellis_ebpf::SvcStats> {
+        let (dp, _) = self.bpf.as_ref()?;
+        dp.lock().unwrap_or_else(|p| p.into_inner()).svc_stats(id).ok()
+    }
+
+    /// Make the in-kernel DNS table hold exactly `want`, from what was last
+    /// written (read back in full on every tenth sync and after a failure).
+    pub(super) fn sync_dns_table(&self, want: &BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer>) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("dns table: {e}"));
+        let mut seen = self.dns_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.1 = seen.1.wrapping_add(1);
+        let have = match seen.0.take() {
+            Some(h) if !seen.1.is_multiple_of(10) => h,
+            _ => dp.dns_entries().map_err(ebpf)?.into_iter().collect(),
+        };
+        // New and changed names first, then the ones that went.
+        let applied = (|| {
+            for (k, v) in want {
+                if have.get(k) != Some(v) {
+                    dp.put_dns(*k, *v)?;
+                }
+            }
+            for k in have.keys().filter(|k| !want.contains_key(k)) {
+                dp.remove_dns(*k)?;
+            }
+            Ok(())
+        })();
+        seen.0 = applied.is_ok().then(|| want.clone());
+        applied.map_err(ebpf)
+    }
+
+    pub(super) fn set_dns_config(&self, kernel: bool, ra: bool) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("dns config: {e}"));
+        dp.set_config(trellis_ebpf::CFG_DNS_KERNEL, kernel).map_err(ebpf)?;
+        dp.set_config(trellis_ebpf::CFG_DNS_RA, ra).map_err(ebpf)
+    }
+
+    pub(super) fn read_dns_stats(&self) -> Option<trellis_ebpf::DnsStats> {
+        let (dp, _) = self.bpf.as_ref()?;
+        dp.lock().unwrap_or_else(|p| p.into_inner()).dns_stats().ok()
+    }
+
+    /// Per-endpoint counters, by host interface name.
+    pub(super) fn read_endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
+        let Some((dp, _)) = &self.bpf else { return Vec::new() };
+        let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(indexes) = dp.endpoint_ifindexes() else { return Vec::new() };
+        indexes
+            .into_iter()
+            .filter_map(|i| {
+                let name = nix::net::if_::if_indextoname(i).ok()?.to_string_lossy().into_owned();
+                if name.is_empty() {
+                    return None; // gone (nix names a gone index "")
+                }
+                Some((name, dp.counters(i).ok()?))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,125 @@
+//! Tunnels: VXLAN devices, their static FDB entries (MAC → VTEP) and
+//! permanent neighbour entries (IP → MAC), and reading those back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
+
+use super::{ENODEV, ENOENT, NetlinkDataplane, errno, messages, nl};
+use crate::dataplane::{DataplaneError, Mac, Result, VxlanSpec};
+
+/// FDB entries (MAC, VTEP) and neighbour entries (IP, MAC), by link index.
+type TunnelEntries = (BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>);
+
+impl NetlinkDataplane {
+    pub(super) async fn create_vxlan(&self, v: &VxlanSpec) -> Result<()> {
+        let IpAddr::V4(local) = v.local else {
+            return Err(DataplaneError::Io {
+                call: "create vxlan",
+                object: v.name.clone(),
+                source: std::io::Error::other("an IPv6 underlay is not supported yet"),
+            });
+        };
+        let msg = messages::vxlan(v, local);
+        self.handle.link().add(msg).execute().await.map_err(nl("create vxlan", &v.name))?;
+        // The device's own settings, before anything sets it up (best
+        // effort, see `VxlanSpec::sysctls`).
+        for s in &v.sysctls {
+            if let Err(e) = std::fs::write(&s.path, &s.value) {
+                tracing::debug!(device = %v.name, path = %s.path, error = %e, "vxlan device sysctl");
+            }
+        }
+        Ok(())
+    }
+
+    /// Send `msg` as a new neighbour (or FDB) entry replacing any of the
+    /// same key (NLM_F_CREATE | NLM_F_REPLACE): rtnetlink's add request,
+    /// carrying the message built in [`messages`].
+    async fn replace_neighbour(&self, msg: NeighbourMessage) -> Result<(), rtnetlink::Error> {
+        let mut request = self.handle.neighbours().add_bridge(msg.header.ifindex, &[]);
+        *request.message_mut() = msg;
+        request.replace().execute().await
+    }
+
+    pub(super) async fn add_fdb(&self, link: &str, mac: Mac, dst: IpAddr) -> Result<()> {
+        let index = Self::require(&self.handle, link).await?;
+        self.replace_neighbour(messages::fdb_entry(index, mac, dst))
+            .await
+            .map_err(nl("add fdb entry", format!("{mac} via {dst} on {link}")))
+    }
+
+    /// Remove an FDB entry; one already gone is no error.
+    pub(super) async fn del_fdb(&self, link: &str, mac: Mac, dst: IpAddr) -> Result<()> {
+        let index = Self::require(&self.handle, link).await?;
+        match self.handle.neighbours().del(messages::fdb_delete(index, mac, dst)).execute().await {
+            Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
+            r => r.map_err(nl("delete fdb entry", format!("{mac} on {link}"))),
+        }
+    }
+
+    pub(super) async fn add_neigh(&self, link: &str, ip: IpAddr, mac: Mac) -> Result<()> {
+        let index = Self::require(&self.handle, link).await?;
+        self.replace_neighbour(messages::neighbour(index, ip, mac))
+            .await
+            .map_err(nl("add neighbour", format!("{ip} on {link}")))
+    }
+
+    /// Remove a neighbour entry; one already gone is no error.
+    pub(super) async fn del_neigh(&self, link: &str, ip: IpAddr) -> Result<()> {
+        let index = Self::require(&self.handle, link).await?;
+        match self.handle.neighbours().del(messages::neighbour_delete(index, ip)).execute().await {
+            Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ENODEV)) => Ok(()),
+            r => r.map_err(nl("delete neighbour", format!("{ip} on {link}"))),
+        }
+    }
+
+    /// The permanent FDB entries with a remote VTEP and the permanent
+    /// neighbour entries of the given VXLAN devices.
+    pub(super) async fn tunnel_entries(&self, vxlans: &[u32]) -> Result<TunnelEntries> {
+        let mut fdb: BTreeMap<u32, BTreeSet<(Mac, IpAddr)>> = BTreeMap::new();
+        let _dump = self.dump.lock().await;
+        let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("dump fdb", "vxlan devices"))? {
+            if !vxlans.contains(&msg.header.ifindex) {
+                continue;
+            }
+            let (mac, dst) = neighbour_parts(&msg.attributes);
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                fdb.entry(msg.header.ifindex).or_default().insert((mac, dst));
+            }
+        }
+        let mut neigh: BTreeMap<u32, BTreeSet<(IpAddr, Mac)>> = BTreeMap::new();
+        // IPv4 for the networks, IPv6 for the probe device.
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut stream = self.handle.neighbours().get().set_address_family(family).execute();
+            while let Some(msg) = stream.try_next().await.map_err(nl("dump neighbours", "vxlan devices"))? {
+                if !vxlans.contains(&msg.header.ifindex) || msg.header.state != NeighbourState::Permanent {
+                    continue;
+                }
+                let (mac, dst) = neighbour_parts(&msg.attributes);
+                if let (Some(mac), Some(ip)) = (mac, dst) {
+                    neigh.entry(msg.header.ifindex).or_default().insert((ip, mac));
+                }
+            }
+        }
+        Ok((fdb, neigh))
+    }
+}
+
+/// The link-layer address and destination of a neighbour message.
+fn neighbour_parts(attrs: &[NeighbourAttribute]) -> (Option<Mac>, Option<IpAddr>) {
+    let mut mac = None;
+    let mut dst = None;
+    for a in attrs {
+        match a {
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(Mac),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+            _ => {}
+        }
+    }
+    (mac, dst)
+}
