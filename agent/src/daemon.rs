@@ -145,6 +145,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+    if !ebpf {
+        crate::netlink::remove_leftover_datapath(&cfg.run_dir.join("bpf"));
+    }
     // Flow and drop events of the eBPF program, for `trellisctl monitor`.
     let (events, events_task) = match netlink.take_event_ring() {
         Some(ring) => {
