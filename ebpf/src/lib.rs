@@ -835,6 +835,25 @@ pub fn remove_marker(marker: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Undo [`Datapath::attach_persistent`] on `ifname` without the programs
+/// loaded (an agent whose datapath is off now): the clsact filters go
+/// (they outlive every process), then the marker (unpinning tcx links
+/// detaches them). A gone interface has no filter left.
+pub fn detach_persistent(ifname: &str, marker: &Path) -> std::io::Result<()> {
+    let mut failed = None;
+    if nix::net::if_::if_nametoindex(ifname).is_ok() {
+        for (at, name) in [(TcAttachType::Ingress, FROM_ENDPOINT), (TcAttachType::Egress, TO_ENDPOINT)] {
+            match aya::programs::tc::qdisc_detach_program(ifname, at, name) {
+                Ok(()) => {}
+                Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => failed = Some(std::io::Error::other(format!("detaching {name} from {ifname}: {e}"))),
+            }
+        }
+    }
+    remove_marker(marker)?;
+    failed.map_or(Ok(()), Err)
+}
+
 /// Mount a bpffs at `dir` unless one is there already.
 pub fn mount_bpffs(dir: &std::path::Path) -> std::result::Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

@@ -768,3 +768,51 @@ fn nothing_the_agent_made_stays_once_it_is_no_longer_wanted() {
     h.start().unwrap();
     assert!(links_with_prefix(&h, "trx-").is_empty(), "{:?}", h.ns.links().unwrap());
 }
+
+/// An agent restarted with its eBPF datapath off detaches the programs an
+/// earlier run left on the endpoints' veths (they would enforce tables no
+/// one updates any more) and unpins that run's maps and links.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_datapath_turned_off_leaves_no_program_or_pinned_map() {
+    require_root();
+    for mode in ["clsact", "tcx"] {
+        let mut h = Host::bare().unwrap();
+        h.extra_args = vec!["--ebpf".into(), "--ebpf-attach".into(), mode.into()];
+        h.start().unwrap();
+        h.ctl(&["network", "create", "app", "--subnet", "10.94.0.0/24", "--attachable"]).unwrap();
+        let a = h.attach("app", "a", &[]).unwrap();
+        let b = h.attach("app", "b", &[]).unwrap();
+        in_netns(&netns_of(&a), "ip", &["addr", "add", "10.94.0.99/24", "dev", "eth0"]).status().unwrap();
+        let spoof = || {
+            in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "10.94.0.99", &ip_of(&b)])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap()
+                .success()
+        };
+        assert!(!spoof(), "{mode}: the program drops a spoofed source");
+        let ns = h.ns.path();
+        let filters = |veth: &str| {
+            let out = in_netns(&ns, "tc", &["filter", "show", "dev", veth, "ingress"]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let veth = a["host_ifname"].as_str().expect("host_ifname").to_string();
+        if mode == "clsact" {
+            assert!(filters(&veth).contains("trellis_from_endpoint"), "{}", filters(&veth));
+        }
+        h.kill9();
+        h.extra_args = vec!["--ebpf=false".into()];
+        h.start().unwrap();
+        assert!(!filters(&veth).contains("trellis"), "{mode}: a filter stayed: {}\nlog:\n{}", filters(&veth), h.log());
+        assert!(spoof(), "{mode}: a program stayed on {veth} with the datapath off");
+        assert!(ping(&netns_of(&a), &ip_of(&b), 1), "{mode}: traffic without the datapath");
+        let pinned = |sub: &str| {
+            std::fs::read_dir(h.run_dir().join("bpf").join(sub))
+                .map(|d| d.flatten().map(|e| e.file_name().into_string().unwrap()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert!(pinned("links").is_empty(), "{mode}: {:?}", pinned("links"));
+        assert!(pinned("maps").is_empty(), "{mode}: {:?}", pinned("maps"));
+    }
+}

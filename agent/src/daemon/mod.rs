@@ -64,6 +64,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             }
         }
     };
+    if !ebpf {
+        crate::dataplane::linux::remove_leftover_datapath(&cfg.run_dir.join("bpf"));
+    }
     let mut tasks = JoinSet::new();
     // Flow and drop events of the eBPF program, for `trellisctl monitor`.
     let ring = netlink.take_event_ring();

@@ -10,6 +10,24 @@ use super::NetlinkDataplane;
 use super::links::LinkSummary;
 use crate::dataplane::{DataplaneError, Mac, ProgramSpec, Result, TableOps, Tables};
 
+/// With the eBPF datapath off: detach what an earlier run attached for good
+/// to the endpoints' veths under the bpffs `dir` (its programs would go on
+/// enforcing tables no one updates) and unpin that run's maps.
+pub fn remove_leftover_datapath(dir: &std::path::Path) {
+    for e in std::fs::read_dir(dir.join("links")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match trellis_ebpf::detach_persistent(&name, &e.path()) {
+            Ok(()) => tracing::info!(link = %name, "detached the program an earlier run left (the datapath is off)"),
+            Err(err) => tracing::warn!(link = %name, error = %err, "detaching a program an earlier run left"),
+        }
+    }
+    for e in std::fs::read_dir(dir.join("maps")).into_iter().flatten().flatten() {
+        if let Err(err) = std::fs::remove_file(e.path()) {
+            tracing::warn!(map = %e.path().display(), error = %err, "unpinning a map an earlier run left");
+        }
+    }
+}
+
 /// Does this namespace have an interface of ifindex `index`? (nix's
 /// if_indextoname does not fail for a gone one: it names it "".)
 fn index_exists(index: u32) -> bool {

@@ -34,6 +34,7 @@ pub mod sysctl;
 pub mod xfrm;
 
 mod bpf;
+pub use bpf::remove_leftover_datapath;
 mod endpoint;
 mod links;
 mod messages;
