@@ -29,7 +29,8 @@ pub enum DataplaneError {
         call: &'static str,
         object: String,
         #[source]
-        source: rtnetlink::Error,
+        /// The netlink library's error (its text names the errno).
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("{call} failed for {object}: {source}")]
     Io {

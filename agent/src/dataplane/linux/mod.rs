@@ -68,7 +68,7 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 
 fn nl(call: &'static str, object: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> DataplaneError {
     let object = object.into();
-    move |source| DataplaneError::Netlink { call, object, source }
+    move |source| DataplaneError::Netlink { call, object, source: Box::new(source) }
 }
 
 pub struct NetlinkDataplane {
