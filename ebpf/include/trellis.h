@@ -99,7 +99,7 @@ struct svc_key {
 
 struct svc_info {
 	__u32 id;          /* key of `maglev` and of `backends` entries */
-	__u16 target_port; /* the backends' port */
+	__u16 target_port; /* the backends' port (0: the port asked for) */
 	__u16 pad;
 	__u32 count;       /* backends */
 	__u32 revision;    /* of its backend set (the agent's change check) */

@@ -242,6 +242,33 @@ fn tcp_to_a_vip_is_dnated_to_its_backend_and_the_replies_come_from_the_vip() {
 
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_service_on_every_port_dnats_each_port_to_the_same_port_and_exact_ports_win() {
+    let mut lab = lab();
+    // Port 0, target 0: every port, to the port asked for.
+    service(&mut lab, 9, PROTO_TCP, 0, 0);
+    for port in [22u16, 8443, 65535] {
+        let r = lab.send(&tcp_frame((GW_MAC, EP_MAC), (EP_IP, 40001), (VIP, port), 1, 0, SYN, b""));
+        assert_eq!(r.verdict, TC_ACT_OK, "port {port}");
+        assert_eq!(r.frame, tcp_frame((BACKEND_MAC, EP_MAC), (EP_IP, 40001), (BACKEND_IP, port), 1, 0, SYN, b""));
+        assert!(ip_checksum_ok(&r.frame) && l4_checksum_ok(&r.frame), "checksums of {:02x?}", r.frame);
+        // The backend's answer leaves as the VIP's, from the same port.
+        let reply = tcp_frame((EP_MAC, BACKEND_MAC), (BACKEND_IP, port), (EP_IP, 40001), 7, 2, SYN | ACK, b"");
+        let r = lab.deliver(&reply);
+        assert_eq!(r.frame, tcp_frame((EP_MAC, BACKEND_MAC), (VIP, port), (EP_IP, 40001), 7, 2, SYN | ACK, b""));
+    }
+    assert_eq!(lab.dp.svc_stats(9).unwrap().selections, 3);
+    // An exact port's entry wins over the every-port one.
+    let info = SvcInfo { id: 9, target_port: 8080u16.to_be(), pad: 0, count: 1, revision: 1 };
+    lab.dp.put_service(SvcKey::new(VIP, 80, PROTO_TCP), info).unwrap();
+    let r = lab.send(&tcp_frame((GW_MAC, EP_MAC), (EP_IP, 40002), (VIP, 80), 1, 0, SYN, b""));
+    assert_eq!(ports(&r.frame), (40002, 8080));
+    // UDP has no every-port entry here: refused as before.
+    let q = eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, VIP, PROTO_UDP, &udp(EP_IP, VIP, 40000, 5000, b"x")));
+    assert_eq!(lab.send(&q).verdict, TC_ACT_SHOT);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn udp_to_a_vip_is_dnated_with_its_checksum_and_translated_back() {
     let mut lab = lab();
     service(&mut lab, 8, PROTO_UDP, 53, 5353);

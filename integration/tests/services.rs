@@ -241,6 +241,62 @@ impl SendLine for std::net::TcpStream {
     }
 }
 
+/// A VIP created without --port forwards every port, TCP and UDP, to the
+/// same port of a backend (Docker's VIPs do); --port still restricts.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_vip_without_ports_forwards_every_port() {
+    require_root();
+    let lab = Lab::new(2, 3000).unwrap();
+    let h = &lab.hosts;
+    h[0].ctl(&["network", "create", "any", "--subnet", "10.79.0.0/24"]).unwrap();
+    let be = h[1].attach("any", "be", &["--label", "trellis.service=all"]).unwrap();
+    let _servers: Vec<Backend> =
+        [2222u16, 8443].iter().map(|p| Backend::start(&netns_of(&be), *p, &format!("be{p}")).unwrap()).collect();
+    let svc = h[0].ctl_json(&["service", "create", "all", "--network", "any"]).unwrap();
+    assert_eq!(svc["ports"], serde_json::json!([]), "{svc}");
+    let vip = svc["vip"].as_str().unwrap().to_string();
+    let client = h[0].attach("any", "client", &["--label", "trellis.service=client"]).unwrap();
+    let cns = netns_of(&client);
+    for port in [2222u16, 8443] {
+        let to: SocketAddr = format!("{vip}:{port}").parse().unwrap();
+        let ok = wait_for(Duration::from_secs(5), || {
+            trellis_integration::sockets::request(&cns, to, Duration::from_millis(500))
+                .is_ok_and(|l| l.starts_with(&format!("be{port} {}", ip_of(&client))))
+        });
+        assert!(ok, "TCP to {to} did not reach the backend's port {port}");
+    }
+    // UDP too, to the same port.
+    let to: SocketAddr = format!("{vip}:2222").parse().unwrap();
+    let answer = trellis_integration::sockets::in_ns(&cns, move || -> std::io::Result<String> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(b"hi", to)?;
+        let mut buf = [0u8; 128];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .unwrap()
+    .unwrap();
+    assert!(answer.starts_with("be2222 "), "{answer}");
+    // A port nobody listens on: the backend's kernel resets, not the VIP's.
+    let closed: SocketAddr = format!("{vip}:9").parse().unwrap();
+    assert!(trellis_integration::sockets::connect(&cns, closed, Duration::from_secs(1)).is_err());
+    // With --port, only that port.
+    h[0].ctl(&["service", "rm", "all"]).unwrap();
+    let svc = h[0].ctl_json(&["service", "create", "all", "--network", "any", "--port", "2222"]).unwrap();
+    let vip = svc["vip"].as_str().unwrap().to_string();
+    let to: SocketAddr = format!("{vip}:2222").parse().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || trellis_integration::sockets::request(
+        &cns,
+        to,
+        Duration::from_millis(500)
+    )
+    .is_ok()));
+    let other: SocketAddr = format!("{vip}:8443").parse().unwrap();
+    assert!(trellis_integration::sockets::connect(&cns, other, Duration::from_secs(1)).is_err(), "--port restricts");
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn networks_are_isolated_on_one_host_and_across_hosts() {

@@ -2,7 +2,7 @@
 //! behind a VIP the eBPF datapath balances (or DNS round robin).
 
 use super::{AgentError, App, Result};
-use crate::model::{EndpointRecord, ServiceMode, ServiceRecord};
+use crate::model::{EndpointRecord, ServiceRecord};
 use crate::state::NewService;
 
 /// A service with its backends (every endpoint its selector matches) and
@@ -29,11 +29,6 @@ impl App {
                     p.proto.as_str()
                 )));
             }
-        }
-        if new.mode == ServiceMode::Vip && new.ports.is_empty() {
-            return Err(AgentError::InvalidArgument(
-                "a vip service needs at least one --port PORT[/tcp|/udp][:TARGET]".into(),
-            ));
         }
         trellis_plugin_api::validate::labels(&new.selector)?;
         let rec = self.cluster.create_service(new).await?;
@@ -96,7 +91,7 @@ impl App {
 mod tests {
     use super::*;
     use crate::app::testing::{attachable, lab};
-    use crate::model::{Proto, ServicePort};
+    use crate::model::{Proto, ServiceMode, ServicePort};
 
     fn svc(name: &str, ports: Vec<ServicePort>) -> NewService {
         NewService {
@@ -113,11 +108,7 @@ mod tests {
         let l = lab();
         l.app.create_network(attachable("n", Some("10.8.0.0/24"))).await.unwrap();
         let p80 = ServicePort { port: 80, proto: Proto::Tcp, target: 80 };
-        for (bad, why) in [
-            (svc("web", vec![]), "at least one --port"),
-            (svc("web", vec![p80, p80]), "given twice"),
-            (svc("-web", vec![p80]), "service name"),
-        ] {
+        for (bad, why) in [(svc("web", vec![p80, p80]), "given twice"), (svc("-web", vec![p80]), "service name")] {
             let err = l.app.create_service(bad).await.unwrap_err();
             assert!(matches!(err, AgentError::InvalidArgument(_)) && err.to_string().contains(why), "{err}");
         }
@@ -126,6 +117,9 @@ mod tests {
         assert!(v.backends.is_empty());
         assert_eq!(l.app.services(Some("n")).await.unwrap().len(), 1);
         l.app.remove_service("web").await.unwrap();
+        // Without --port: a VIP on every port.
+        let any = l.app.create_service(svc("any", vec![])).await.unwrap();
+        assert!(any.service.vip.is_some() && any.service.ports.is_empty());
         assert!(matches!(l.app.service("web").await.unwrap_err(), AgentError::NotFound(_)));
     }
 }

@@ -226,6 +226,31 @@ fn service(name: &str, net: &str, vip: &str) -> ServiceRecord {
 }
 
 #[test]
+fn a_vip_service_without_ports_takes_every_port_of_tcp_and_udp() {
+    use trellis_ebpf::SvcKey;
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let mut b1 = endpoint("b1", "aaaa", "10.1.0.2", "h1");
+    b1.labels.insert(model::SERVICE_LABEL.into(), "any".into());
+    let eps = vec![b1];
+    let me = Identity { ebpf: true, ..Identity::local("h1") };
+    let mut any = service("any", "aaaa", "10.1.0.250");
+    any.ports.clear();
+    let d = desired(&nets, &eps, &[], &me);
+    let t = tables(&nets, &eps, &[], &[any, service("web", "aaaa", "10.1.0.254")], &me, &d);
+    let vip: std::net::Ipv4Addr = "10.1.0.250".parse().unwrap();
+    let keys: Vec<&SvcKey> = t.services.keys().filter(|k| k.vip == trellis_ebpf::be(vip)).collect();
+    assert_eq!(keys, vec![&SvcKey::new(vip, 0, 6), &SvcKey::new(vip, 0, 17)]);
+    for k in keys {
+        let info = t.services[k];
+        assert_eq!((info.target_port, info.count, info.id), (0, 1, u32::from(vip)), "the port asked for, one backend");
+    }
+    // A service with ports keeps to them: no port-0 entry.
+    let web: std::net::Ipv4Addr = "10.1.0.254".parse().unwrap();
+    let web_keys: Vec<&SvcKey> = t.services.keys().filter(|k| k.vip == trellis_ebpf::be(web)).collect();
+    assert_eq!(web_keys, vec![&SvcKey::new(web, 80, 6)]);
+}
+
+#[test]
 fn service_tables_hold_reachable_backends_and_change_in_a_safe_order() {
     use trellis_ebpf::{BackendKey, SvcKey, be};
     let nets = vec![network("aaaa", "10.1.0.0/24", false), network("bbbb", "10.2.0.0/24", true)];

@@ -133,13 +133,20 @@ static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counter
 	struct svc_key sk = { .vip = f->daddr, .port = f->dport, .proto = f->proto };
 	struct svc_info *svc = bpf_map_lookup_elem(&services, &sk);
 	if (!svc) {
+		/* A service published on no port in particular takes every port
+		 * (as Docker's VIPs do): its entry is port 0, target 0 (the
+		 * port the client asked for). Looked up only on a miss. */
+		sk.port = 0;
+		svc = bpf_map_lookup_elem(&services, &sk);
+	}
+	if (!svc) {
 		if (c)
 			c->drops[DROP_NO_SERVICE] += 1;
 		emit(ifindex, f, 1, DROP_NO_SERVICE);
 		return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
 	}
 	__u32 svc_id = svc->id;
-	__u16 target_port = svc->target_port;
+	__u16 target_port = svc->target_port ? svc->target_port : f->dport;
 
 	struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
 	struct ct_value cv = {};

@@ -78,6 +78,17 @@ pub fn tables(
                 SvcInfo { id, target_port: p.target.to_be(), pad: 0, count: ips.len() as u32, revision },
             );
         }
+        // No port given: every port, TCP and UDP, to the same port of a
+        // backend (Docker's VIPs forward any port). The datapath looks the
+        // port-0 entry up when no port's matches.
+        if s.ports.is_empty() {
+            for proto in [model::Proto::Tcp, model::Proto::Udp] {
+                t.services.insert(
+                    SvcKey::new(vip, 0, proto.number()),
+                    SvcInfo { id, target_port: 0, pad: 0, count: ips.len() as u32, revision },
+                );
+            }
+        }
         t.vips.insert(vip, VipInfo { net_id: vni, backends: ips.len() as u32 });
         t.maglev.insert(id, ips);
     }
