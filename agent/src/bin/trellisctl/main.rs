@@ -1,6 +1,7 @@
 //! trellisctl: the Trellis command line.
 
 mod gate;
+mod network;
 mod output;
 
 use std::collections::HashMap;
@@ -219,39 +220,13 @@ fn labels(args: &[String]) -> anyhow::Result<HashMap<String, String>> {
     args.iter().map(|a| validate::label_arg(a).map_err(anyhow::Error::from)).collect()
 }
 
+/// The agent's gRPC client, over its unix socket.
+type Client = proto::agent_client::AgentClient<tonic::transport::Channel>;
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut c = client::connect(&cli.socket).await?;
     match cli.cmd {
-        Cmd::Network(NetworkCmd::Create {
-            name,
-            subnet,
-            gateway,
-            attachable,
-            internal,
-            encrypted,
-            mtu,
-            labels: l,
-            json,
-        }) => {
-            let n = c
-                .create_network(proto::CreateNetworkRequest {
-                    name,
-                    subnet: subnet.unwrap_or_default(),
-                    gateway: gateway.unwrap_or_default(),
-                    attachable,
-                    internal,
-                    encrypted,
-                    mtu: mtu.unwrap_or(0),
-                    labels: labels(&l)?,
-                })
-                .await?
-                .into_inner();
-            if json {
-                output::print_json(&output::network_json(&n));
-            } else {
-                println!("{} {} subnet={} gateway={} vni={} mtu={}", n.name, n.id, n.subnet, n.gateway, n.vni, n.mtu);
-            }
-        }
+        Cmd::Network(cmd) => return network::run(&mut c, cmd).await,
         Cmd::Service(ServiceCmd::Create { name, network, ports, mode, selector, json }) => {
             let mut req_ports = Vec::new();
             for p in &ports {
@@ -301,60 +276,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Service(ServiceCmd::Rm { name }) => {
             c.remove_service(proto::ServiceRef { name: name.clone() }).await?;
             println!("removed {name}");
-        }
-        Cmd::Network(NetworkCmd::Ls { json }) => {
-            let list = c.list_networks(proto::ListNetworksRequest {}).await?.into_inner().networks;
-            if json {
-                output::print_json(&Value::Array(list.iter().map(output::network_json).collect()));
-            } else {
-                output::network_table(&list);
-            }
-        }
-        Cmd::Network(NetworkCmd::Inspect { name, json: _ }) => {
-            let n = c.inspect_network(proto::NetworkRef { name }).await?.into_inner();
-            output::print_json(&output::network_json(&n));
-        }
-        Cmd::Network(NetworkCmd::RotateKey { name, no_wait, timeout }) => {
-            let n = c.rotate_key(proto::NetworkRef { name: name.clone() }).await?.into_inner();
-            let k = n.key.unwrap_or_default();
-            let new = k.epochs.iter().copied().max().unwrap_or(k.tx_epoch);
-            println!("{name}: rotating from epoch {} to {new}: every host installs the new inbound keys", k.tx_epoch);
-            if no_wait {
-                return Ok(ExitCode::SUCCESS);
-            }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout);
-            let mut said = (false, false);
-            loop {
-                let n = c.inspect_network(proto::NetworkRef { name: name.clone() }).await?.into_inner();
-                let k = n.key.unwrap_or_default();
-                if k.tx_epoch >= new && !said.0 {
-                    println!("{name}: every host installed epoch {new}; senders switched to it");
-                    said.0 = true;
-                }
-                if k.tx_epoch >= new && k.epochs.iter().all(|e| *e >= new) {
-                    println!("{name}: epoch {} retired; rotation done", new - 1);
-                    break;
-                }
-                if !said.1 && std::time::Instant::now() + std::time::Duration::from_secs(timeout / 2) > deadline {
-                    println!("{name}: still waiting; hosts report: {}", k.acks.join(", "));
-                    said.1 = true;
-                }
-                if std::time::Instant::now() > deadline {
-                    anyhow::bail!(
-                        "{name}: the rotation to epoch {new} did not finish within {timeout} s (hosts report: {}); it goes on in the background",
-                        k.acks.join(", ")
-                    );
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-            }
-        }
-        Cmd::Network(NetworkCmd::Rm { name, force }) => {
-            let r = c.remove_network(proto::RemoveNetworkRequest { name: name.clone(), force }).await?.into_inner();
-            if r.endpoints_removed > 0 {
-                println!("removed {name} and its {} endpoint(s)", r.endpoints_removed);
-            } else {
-                println!("removed {name}");
-            }
         }
         Cmd::Attach { network, name, ip, labels: l, netns, ifname, json, cmd } => {
             let mut req = proto::AttachRequest {
