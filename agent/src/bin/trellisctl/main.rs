@@ -3,6 +3,7 @@
 mod gate;
 mod network;
 mod output;
+mod service;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -227,56 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut c = client::connect(&cli.socket).await?;
     match cli.cmd {
         Cmd::Network(cmd) => return network::run(&mut c, cmd).await,
-        Cmd::Service(ServiceCmd::Create { name, network, ports, mode, selector, json }) => {
-            let mut req_ports = Vec::new();
-            for p in &ports {
-                let (port, protocol, target) = validate::service_port(p)?;
-                req_ports.push(proto::ServicePort {
-                    port: port as u32,
-                    protocol: protocol.into(),
-                    target: target as u32,
-                });
-            }
-            let selector: HashMap<String, String> =
-                selector.iter().map(|s| validate::selector(s)).collect::<Result<_, _>>()?;
-            let s = c
-                .create_service(proto::CreateServiceRequest { name, network, ports: req_ports, mode, selector })
-                .await?
-                .into_inner();
-            if json {
-                output::print_json(&output::service_json(&s));
-            } else {
-                println!(
-                    "{} network={} mode={} vip={} ports={} backends={}",
-                    s.name,
-                    s.network,
-                    s.mode,
-                    output::vip_text(&s),
-                    output::ports_text(&s),
-                    s.backends.len()
-                );
-            }
-        }
-        Cmd::Service(ServiceCmd::Ls { network, json }) => {
-            let list = c
-                .list_services(proto::ListServicesRequest { network: network.unwrap_or_default() })
-                .await?
-                .into_inner()
-                .services;
-            if json {
-                output::print_json(&Value::Array(list.iter().map(output::service_json).collect()));
-            } else {
-                output::service_table(&list);
-            }
-        }
-        Cmd::Service(ServiceCmd::Inspect { name, json: _ }) => {
-            let s = c.inspect_service(proto::ServiceRef { name }).await?.into_inner();
-            output::print_json(&output::service_json(&s));
-        }
-        Cmd::Service(ServiceCmd::Rm { name }) => {
-            c.remove_service(proto::ServiceRef { name: name.clone() }).await?;
-            println!("removed {name}");
-        }
+        Cmd::Service(cmd) => return service::run(&mut c, cmd).await,
         Cmd::Attach { network, name, ip, labels: l, netns, ifname, json, cmd } => {
             let mut req = proto::AttachRequest {
                 network,
