@@ -1,6 +1,8 @@
 //! trellisctl: the Trellis command line.
 
+mod endpoint;
 mod gate;
+mod hosts;
 mod network;
 mod output;
 mod service;
@@ -10,7 +12,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use serde_json::Value;
 use trellis_agent::client;
 use trellis_agent::daemon::config::DEFAULT_SOCKET;
 use trellis_plugin_api::proto;
@@ -229,6 +230,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Network(cmd) => return network::run(&mut c, cmd).await,
         Cmd::Service(cmd) => return service::run(&mut c, cmd).await,
+        Cmd::Endpoint(cmd) => return endpoint::run(&mut c, cmd).await,
+        Cmd::Host(cmd) => return hosts::host(&mut c, cmd).await,
+        Cmd::Status { json } => return hosts::status(&mut c, json).await,
         Cmd::Attach { network, name, ip, labels: l, netns, ifname, json, cmd } => {
             let mut req = proto::AttachRequest {
                 network,
@@ -283,26 +287,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             println!("detached {endpoint}");
         }
-        Cmd::Endpoint(EndpointCmd::Ls { network, json }) => {
-            let list = c
-                .list_endpoints(proto::ListEndpointsRequest { network: network.unwrap_or_default() })
-                .await?
-                .into_inner()
-                .endpoints;
-            if json {
-                output::print_json(&Value::Array(list.iter().map(output::endpoint_json).collect()));
-            } else {
-                output::endpoint_table(&list);
-            }
-        }
-        Cmd::Host(HostCmd::Ls { json }) => {
-            let list = c.list_hosts(proto::ListHostsRequest {}).await?.into_inner().hosts;
-            if json {
-                output::print_json(&Value::Array(list.iter().map(output::host_json).collect()));
-            } else {
-                output::host_table(&list);
-            }
-        }
         Cmd::Monitor { network, endpoint, verdict, json, count } => {
             let req = proto::MonitorRequest {
                 network: network.unwrap_or_default(),
@@ -323,18 +307,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if count.is_some_and(|n| seen >= n) {
                     break;
                 }
-            }
-        }
-        Cmd::Status { json } => {
-            let s = c.status(proto::StatusRequest {}).await?.into_inner();
-            let healthy = s.store_ok && s.reconcile_errors.is_empty() && s.unreachable_peers.is_empty();
-            if json {
-                output::print_json(&output::status_json(&s, healthy));
-            } else {
-                output::status_text(&s);
-            }
-            if !healthy {
-                return Ok(ExitCode::from(1));
             }
         }
     }
