@@ -1,8 +1,10 @@
 //! trellisctl: the Trellis command line.
 
+mod attach;
 mod endpoint;
 mod gate;
 mod hosts;
+mod monitor;
 mod network;
 mod output;
 mod service;
@@ -11,7 +13,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use trellis_agent::client;
 use trellis_agent::daemon::config::DEFAULT_SOCKET;
 use trellis_plugin_api::proto;
@@ -36,24 +38,7 @@ enum Cmd {
     /// Attach an endpoint to an attachable network: into --netns, into a new
     /// namespace kept until `detach`, or into a new namespace in which CMD runs
     /// (a debugging shell) and which goes when CMD exits.
-    Attach {
-        network: String,
-        #[arg(long)]
-        name: Option<String>,
-        #[arg(long)]
-        ip: Option<String>,
-        #[arg(long = "label", value_name = "KEY=VALUE")]
-        labels: Vec<String>,
-        #[arg(long)]
-        netns: Option<PathBuf>,
-        /// Interface name inside the namespace.
-        #[arg(long, default_value = "eth0")]
-        ifname: String,
-        #[arg(long)]
-        json: bool,
-        #[arg(last = true)]
-        cmd: Vec<String>,
-    },
+    Attach(AttachArgs),
     /// Detach an endpoint (by name or id).
     Detach {
         endpoint: String,
@@ -78,22 +63,48 @@ enum Cmd {
     /// Live flow and drop events of this host's endpoints (from the eBPF
     /// datapath, on unless trellisd runs with --ebpf=false): every drop
     /// with its reason, every flow start that passed.
-    Monitor {
-        #[arg(long)]
-        network: Option<String>,
-        /// Endpoint id, id prefix or name.
-        #[arg(long)]
-        endpoint: Option<String>,
-        /// `dropped` or `passed`.
-        #[arg(long)]
-        verdict: Option<String>,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        /// Stop after this many events.
-        #[arg(long)]
-        count: Option<u64>,
-    },
+    Monitor(MonitorArgs),
+}
+
+// `attach`'s arguments, in a struct to be handed on whole (its help text is
+// the doc of `Cmd::Attach`).
+#[derive(Args)]
+struct AttachArgs {
+    network: String,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    ip: Option<String>,
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// Interface name inside the namespace.
+    #[arg(long, default_value = "eth0")]
+    ifname: String,
+    #[arg(long)]
+    json: bool,
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+// `monitor`'s arguments (its help text is the doc of `Cmd::Monitor`).
+#[derive(Args)]
+struct MonitorArgs {
+    #[arg(long)]
+    network: Option<String>,
+    /// Endpoint id, id prefix or name.
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// `dropped` or `passed`.
+    #[arg(long)]
+    verdict: Option<String>,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many events.
+    #[arg(long)]
+    count: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +229,7 @@ enum EndpointCmd {
     },
 }
 
+/// The `--label KEY=VALUE` arguments (network create, attach).
 fn labels(args: &[String]) -> anyhow::Result<HashMap<String, String>> {
     args.iter().map(|a| validate::label_arg(a).map_err(anyhow::Error::from)).collect()
 }
@@ -225,92 +237,19 @@ fn labels(args: &[String]) -> anyhow::Result<HashMap<String, String>> {
 /// The agent's gRPC client, over its unix socket.
 type Client = proto::agent_client::AgentClient<tonic::transport::Channel>;
 
+/// Connect to the agent and hand the subcommand to its module.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let mut c = client::connect(&cli.socket).await?;
     match cli.cmd {
-        Cmd::Network(cmd) => return network::run(&mut c, cmd).await,
-        Cmd::Service(cmd) => return service::run(&mut c, cmd).await,
-        Cmd::Endpoint(cmd) => return endpoint::run(&mut c, cmd).await,
-        Cmd::Host(cmd) => return hosts::host(&mut c, cmd).await,
-        Cmd::Status { json } => return hosts::status(&mut c, json).await,
-        Cmd::Attach { network, name, ip, labels: l, netns, ifname, json, cmd } => {
-            let mut req = proto::AttachRequest {
-                network,
-                name: name.unwrap_or_default(),
-                ip: ip.unwrap_or_default(),
-                labels: labels(&l)?,
-                netns: netns.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
-                ifname,
-                kind: proto::EndpointKind::Adhoc as i32,
-                ..Default::default()
-            };
-            if cmd.is_empty() {
-                let e = c.attach(req).await?.into_inner();
-                if json {
-                    output::print_json(&output::endpoint_json(&e));
-                } else {
-                    println!("{} {} {} netns={}", e.name, e.id, e.address, e.netns);
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            if netns.is_some() {
-                anyhow::bail!("give either --netns or a command to run in a new namespace, not both");
-            }
-            let (mut child, gate) = gate::spawn_gated(&cmd)?;
-            req.netns = format!("/proc/{}/ns/net", child.id());
-            let e = match c.attach(req).await {
-                Ok(e) => e.into_inner(),
-                Err(status) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(status.into());
-                }
-            };
-            eprintln!("attached {} ({}) to {}; running {:?}", e.name, e.address, e.network, cmd.join(" "));
-            gate::open(gate, &e.dns)?;
-            let code = gate::wait(child).await?;
-            if let Err(s) = c.detach(proto::DetachRequest { endpoint: e.id.clone(), ..Default::default() }).await {
-                eprintln!(
-                    "trellisctl: detaching {} failed: {} (the agent removes it once its namespace is gone)",
-                    e.id,
-                    s.message()
-                );
-            }
-            return Ok(code);
-        }
-        Cmd::Detach { endpoint, network } => {
-            c.detach(proto::DetachRequest {
-                endpoint: endpoint.clone(),
-                network: network.unwrap_or_default(),
-                ..Default::default()
-            })
-            .await?;
-            println!("detached {endpoint}");
-        }
-        Cmd::Monitor { network, endpoint, verdict, json, count } => {
-            let req = proto::MonitorRequest {
-                network: network.unwrap_or_default(),
-                endpoint: endpoint.unwrap_or_default(),
-                verdict: verdict.unwrap_or_default(),
-            };
-            let mut events = c.monitor(req).await?.into_inner();
-            let mut seen = 0u64;
-            while let Some(e) = events.message().await? {
-                if json {
-                    println!("{}", output::event_json(&e));
-                } else {
-                    output::event_text(&e);
-                }
-                use std::io::Write as _;
-                let _ = std::io::stdout().flush();
-                seen += 1;
-                if count.is_some_and(|n| seen >= n) {
-                    break;
-                }
-            }
-        }
+        Cmd::Network(cmd) => network::run(&mut c, cmd).await,
+        Cmd::Attach(args) => attach::attach(&mut c, args).await,
+        Cmd::Detach { endpoint, network } => attach::detach(&mut c, endpoint, network).await,
+        Cmd::Endpoint(cmd) => endpoint::run(&mut c, cmd).await,
+        Cmd::Service(cmd) => service::run(&mut c, cmd).await,
+        Cmd::Host(cmd) => hosts::host(&mut c, cmd).await,
+        Cmd::Status { json } => hosts::status(&mut c, json).await,
+        Cmd::Monitor(args) => monitor::run(&mut c, args).await,
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
