@@ -166,7 +166,7 @@ pub fn label_arg(arg: &str) -> Result<(String, String)> {
 /// The one `KEY=VALUE` parser (labels, selectors): the key checked as a
 /// label key is, the value as a label value is.
 fn key_value(field: &'static str, arg: &str) -> Result<(String, String)> {
-    let (k, v) = arg.split_once('=').ok_or_else(|| invalid(field, arg, "expected KEY=VALUE"))?;
+    let (k, v) = arg.split_once('=').ok_or_else(|| invalid(field, arg, "expected key=value"))?;
     let m = BTreeMap::from([(k.to_string(), v.to_string())]);
     labels(&m)?;
     Ok((k.to_string(), v.to_string()))

@@ -173,7 +173,8 @@ enum ServiceCmd {
         #[arg(long)]
         network: String,
         /// PORT[/tcp|/udp][:TARGET], repeatable: clients use PORT, backends
-        /// listen on TARGET (PORT by default).
+        /// listen on TARGET (PORT by default). Without --port a vip service
+        /// forwards every port, TCP and UDP, to the same port of a backend.
         #[arg(long = "port", value_name = "PORT[/PROTO][:TARGET]")]
         ports: Vec<String>,
         /// `vip` (a virtual IP, load-balanced) or `dnsrr` (the name
