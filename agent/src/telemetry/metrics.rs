@@ -170,18 +170,19 @@ fn gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, v: i64) -> std
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
 }
 
-impl Collector for AgentCollector {
-    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+impl AgentCollector {
+    /// Reconcile passes: how many, their repairs, errors and durations.
+    fn encode_reconcile(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         let r = &self.reconciler;
         let last = r.last();
-        counter(&mut enc, "trellis_reconcile_passes", "Reconcile passes run.", last.generation)?;
+        counter(enc, "trellis_reconcile_passes", "Reconcile passes run.", last.generation)?;
         counter(
-            &mut enc,
+            enc,
             "trellis_reconcile_repairs",
             "Kernel changes made by reconcile passes.",
             r.repairs.load(Ordering::Relaxed),
         )?;
-        gauge(&mut enc, "trellis_reconcile_last_errors", "Errors of the last pass.", last.errors.len() as i64)?;
+        gauge(enc, "trellis_reconcile_last_errors", "Errors of the last pass.", last.errors.len() as i64)?;
         {
             let g = ConstGauge::new(last.duration.as_secs_f64());
             g.encode(enc.encode_descriptor(
@@ -199,8 +200,12 @@ impl Collector for AgentCollector {
             )?)?;
         }
 
-        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
-        gauge(&mut enc, "trellis_peers", "Other live hosts of the cluster.", snap.peers as i64)?;
+        Ok(())
+    }
+
+    /// Peers and what the probes say of each.
+    fn encode_peers(&self, enc: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
+        gauge(enc, "trellis_peers", "Other live hosts of the cluster.", snap.peers as i64)?;
         if let Some(p) = &self.prober {
             let peers = p.all();
             let mut m = enc.encode_descriptor(
@@ -246,6 +251,11 @@ impl Collector for AgentCollector {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Addresses per network, taken and usable, and local endpoints.
+    fn encode_ipam(&self, enc: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
         for (name, help, idx) in [
             ("trellis_ipam_addresses_allocated", "Addresses taken in a network (cluster-wide).", 0),
             ("trellis_ipam_addresses_usable", "Addresses a network can hand out.", 1),
@@ -258,6 +268,11 @@ impl Collector for AgentCollector {
             }
         }
 
+        Ok(())
+    }
+
+    fn encode_tunnels(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
+        let r = &self.reconciler;
         // Tunnel health: FDB entries that should exist vs those that do.
         let want = r.last_desired();
         let seen = r.seen();
@@ -282,6 +297,10 @@ impl Collector for AgentCollector {
             ConstGauge::new(pending).encode(m.encode_family(&[("state", "pending")])?)?;
         }
 
+        Ok(())
+    }
+
+    fn encode_encryption(&self, enc: &mut DescriptorEncoder<'_>, snap: &Snapshot) -> std::fmt::Result {
         // Encryption: the key epoch in use, SAs, and how many packets the
         // busiest outbound SA may still send before the key rotates.
         if !snap.keys.is_empty() {
@@ -294,6 +313,8 @@ impl Collector for AgentCollector {
             for (net, _, epoch) in &snap.keys {
                 ConstGauge::new(*epoch as i64).encode(m.encode_family(&[("network", net.as_str())])?)?;
             }
+            let want = self.reconciler.last_desired();
+            let seen = self.reconciler.seen();
             let me = want.xfrm.sas.values().find(|sa| sa.dir == trellis_ipsec::Dir::Out).map(|sa| sa.src);
             let mut m = enc.encode_descriptor(
                 "trellis_esp_sas",
@@ -323,6 +344,10 @@ impl Collector for AgentCollector {
             }
         }
 
+        Ok(())
+    }
+
+    fn encode_dns(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         if let Some(dns) = &self.dns {
             let mut m = enc.encode_descriptor(
                 "trellis_dns_queries",
@@ -342,6 +367,11 @@ impl Collector for AgentCollector {
             }
         }
 
+        Ok(())
+    }
+
+    /// Per-endpoint and per-service counters from the eBPF maps.
+    fn encode_datapath(&self, enc: &mut DescriptorEncoder<'_>) -> std::fmt::Result {
         // Per-endpoint counters from the eBPF maps (none with --ebpf=false).
         let counters = self.dataplane.endpoint_counters();
         if !counters.is_empty() {
@@ -384,6 +414,20 @@ impl Collector for AgentCollector {
             }
         }
         Ok(())
+    }
+}
+
+impl Collector for AgentCollector {
+    /// One function per family of metrics.
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+        self.encode_reconcile(&mut enc)?;
+        self.encode_peers(&mut enc, &snap)?;
+        self.encode_ipam(&mut enc, &snap)?;
+        self.encode_tunnels(&mut enc)?;
+        self.encode_encryption(&mut enc, &snap)?;
+        self.encode_dns(&mut enc)?;
+        self.encode_datapath(&mut enc)
     }
 }
 
