@@ -38,35 +38,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("trellisd must run as root: it creates network devices and namespaces");
     }
-    for dir in [&cfg.state_dir, &cfg.run_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("restricting {}", dir.display()))?;
-    }
-    let host = match &cfg.host_id {
-        Some(h) => h.clone(),
-        None => crate::daemon::config::host_id(&cfg.state_dir).context("reading the host id")?,
-    };
+    let host = prepare_dirs(&cfg)?;
     let store_metrics = crate::telemetry::metrics::StoreMetrics::default();
     let store: Arc<dyn Store> =
         Arc::new(crate::telemetry::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
-    let netlink = NetlinkDataplane::new().context("opening netlink")?;
-    // The eBPF endpoint program, with maps and links pinned in a bpffs of
-    // this agent's own (under its run dir): they outlive the agent.
-    let (netlink, ebpf) = if !cfg.ebpf {
-        (netlink, false)
-    } else {
-        match netlink.with_ebpf(&cfg.run_dir.join("bpf"), cfg.ebpf_attach) {
-            Ok(n) => (n, true),
-            Err(e) => {
-                tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");
-                (NetlinkDataplane::new().context("opening netlink")?, false)
-            }
-        }
-    };
-    if !ebpf {
-        crate::dataplane::linux::remove_leftover_datapath(&cfg.run_dir.join("bpf"));
-    }
+    let (netlink, ebpf) = open_datapath(&cfg)?;
     let mut tasks = JoinSet::new();
     // Flow and drop events of the eBPF program, for `trellisctl monitor`.
     let ring = netlink.take_event_ring();
@@ -79,17 +55,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tx
     });
     let mut cluster = Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len);
-    // Encrypted networks need ESP: probed once, refused clearly without it.
-    let probe_dp = dataplane.clone();
-    cluster.esp_unsupported = match tokio::task::spawn_blocking(move || probe_dp.esp_support()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(why)) => Some(why),
-        Err(e) => Some(format!("the probe failed: {e}")),
-    };
-    match &cluster.esp_unsupported {
-        None => tracing::info!("IPsec ESP available: encrypted networks can be carried"),
-        Some(why) => tracing::warn!(reason = %why, "no IPsec ESP: encrypted networks will be refused on this host"),
-    }
+    cluster.esp_unsupported = probe_esp(dataplane.clone()).await;
     let cluster = Arc::new(cluster);
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {
@@ -140,17 +106,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     remove_orphan_namespaces(&cluster, dataplane.as_ref(), &cfg.netns_dir()).await;
 
-    if let Some(parent) = cfg.socket.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    }
-    match std::fs::remove_file(&cfg.socket) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing a stale socket {}", cfg.socket.display())),
-    }
-    let listener = UnixListener::bind(&cfg.socket).with_context(|| format!("binding {}", cfg.socket.display()))?;
-    std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("restricting {}", cfg.socket.display()))?;
+    let listener = bind_api(&cfg.socket)?;
 
     let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
     // Probes of every peer's tunnel endpoint, once a second.
@@ -178,23 +134,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         prober: prober.clone(),
     });
     let service = Arc::new(AgentService { app: app.clone() });
-    let mut docker_socket = None;
-    if let Some(path) = &cfg.docker_plugin {
-        let driver = crate::api::docker::DockerDriver::new(
-            app.clone(),
-            crate::api::docker::engine::Engine { socket: cfg.docker_host.clone() },
-        );
-        match crate::api::docker::serve(driver, path).await {
-            Ok(serving) => {
-                tracing::info!(socket = %path.display(), "Docker network and IPAM driver \"trellis\" serving");
-                tasks.spawn(serving);
-                docker_socket = Some(path.clone());
-            }
-            Err(e) => {
-                tracing::warn!(socket = %path.display(), error = %e, "the Docker driver could not start; Docker cannot use Trellis networks on this host");
-            }
-        }
-    }
+    let docker_socket = match &cfg.docker_plugin {
+        Some(path) => start_docker_driver(app.clone(), path, &cfg.docker_host, &mut tasks).await,
+        None => None,
+    };
 
     // The in-kernel DNS path answers as the server does, RA included; off
     // (and emptied: its pinned table outlives the agent) when not wanted.
@@ -216,25 +159,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
 
     if let Some(addr) = cfg.metrics_addr {
-        let mut registry = prometheus_client::registry::Registry::default();
-        store_metrics.register(&mut registry);
-        let snapshot = Arc::new(std::sync::RwLock::new(crate::telemetry::metrics::Snapshot::default()));
-        registry.register_collector(Box::new(crate::telemetry::metrics::AgentCollector {
+        let collector = crate::telemetry::metrics::AgentCollector {
             reconciler: reconciler.clone(),
             dns: dns_core.clone(),
             dataplane: dataplane.clone(),
-            snapshot: snapshot.clone(),
+            snapshot: Default::default(),
             prober: prober.clone(),
             esp_seq_threshold: cfg.esp_seq_threshold,
-        }));
-        match crate::telemetry::metrics::serve(Arc::new(registry), addr).await {
-            Ok(serving) => {
-                tracing::info!(%addr, "metrics on /metrics");
-                tasks.spawn(serving);
-                tasks.spawn(crate::telemetry::metrics::refresh(cluster.clone(), snapshot, cfg.resync_interval));
-            }
-            Err(e) => tracing::warn!(%addr, error = %e, "the metrics server could not start"),
-        }
+        };
+        start_metrics(addr, store_metrics, collector, cluster.clone(), cfg.resync_interval, &mut tasks).await;
     }
 
     let every = cfg.resync_interval;
@@ -265,4 +198,120 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&cfg.socket);
     served
+}
+
+/// The state and run directories (root only), and this host's id.
+fn prepare_dirs(cfg: &Config) -> anyhow::Result<String> {
+    for dir in [&cfg.state_dir, &cfg.run_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {}", dir.display()))?;
+    }
+    match &cfg.host_id {
+        Some(h) => Ok(h.clone()),
+        None => crate::daemon::config::host_id(&cfg.state_dir).context("reading the host id"),
+    }
+}
+
+/// The kernel boundary, with the eBPF endpoint program if it is wanted and
+/// loads (maps and links pinned in a bpffs of this agent's own, under its
+/// run dir: they outlive the agent); without it, what an earlier run left
+/// of it goes.
+fn open_datapath(cfg: &Config) -> anyhow::Result<(NetlinkDataplane, bool)> {
+    let netlink = NetlinkDataplane::new().context("opening netlink")?;
+    let (netlink, ebpf) = if !cfg.ebpf {
+        (netlink, false)
+    } else {
+        match netlink.with_ebpf(&cfg.run_dir.join("bpf"), cfg.ebpf_attach) {
+            Ok(n) => (n, true),
+            Err(e) => {
+                tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");
+                (NetlinkDataplane::new().context("opening netlink")?, false)
+            }
+        }
+    };
+    if !ebpf {
+        crate::dataplane::linux::remove_leftover_datapath(&cfg.run_dir.join("bpf"));
+    }
+    Ok((netlink, ebpf))
+}
+
+/// The API's unix socket, root only (a stale one from a killed agent is
+/// replaced).
+fn bind_api(socket: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing a stale socket {}", socket.display())),
+    }
+    let listener = UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", socket.display()))?;
+    Ok(listener)
+}
+
+/// Metrics on `addr`, refreshed every `every`; a server that cannot start
+/// is logged, not fatal.
+async fn start_metrics(
+    addr: std::net::SocketAddr,
+    store_metrics: crate::telemetry::metrics::StoreMetrics,
+    collector: crate::telemetry::metrics::AgentCollector,
+    cluster: Arc<Cluster>,
+    every: Duration,
+    tasks: &mut JoinSet<()>,
+) {
+    let mut registry = prometheus_client::registry::Registry::default();
+    store_metrics.register(&mut registry);
+    let snapshot = collector.snapshot.clone();
+    registry.register_collector(Box::new(collector));
+    match crate::telemetry::metrics::serve(Arc::new(registry), addr).await {
+        Ok(serving) => {
+            tracing::info!(%addr, "metrics on /metrics");
+            tasks.spawn(serving);
+            tasks.spawn(crate::telemetry::metrics::refresh(cluster, snapshot, every));
+        }
+        Err(e) => tracing::warn!(%addr, error = %e, "the metrics server could not start"),
+    }
+}
+
+/// Can this host carry encrypted networks? Probed once at start (the
+/// reason when not): they are refused clearly without ESP.
+async fn probe_esp(dp: Arc<dyn Dataplane>) -> Option<String> {
+    let unsupported = match tokio::task::spawn_blocking(move || dp.esp_support()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(why)) => Some(why),
+        Err(e) => Some(format!("the probe failed: {e}")),
+    };
+    match &unsupported {
+        None => tracing::info!("IPsec ESP available: encrypted networks can be carried"),
+        Some(why) => tracing::warn!(reason = %why, "no IPsec ESP: encrypted networks will be refused on this host"),
+    }
+    unsupported
+}
+
+/// Docker's network and IPAM driver on `socket`; the socket it serves on
+/// (removed at shutdown), or none if it could not start (logged: Docker
+/// then cannot use Trellis networks on this host).
+async fn start_docker_driver(
+    app: Arc<App>,
+    socket: &std::path::Path,
+    docker_host: &std::path::Path,
+    tasks: &mut JoinSet<()>,
+) -> Option<std::path::PathBuf> {
+    let engine = crate::api::docker::engine::Engine { socket: docker_host.to_path_buf() };
+    let driver = crate::api::docker::DockerDriver::new(app, engine);
+    match crate::api::docker::serve(driver, socket).await {
+        Ok(serving) => {
+            tracing::info!(socket = %socket.display(), "Docker network and IPAM driver \"trellis\" serving");
+            tasks.spawn(serving);
+            Some(socket.to_path_buf())
+        }
+        Err(e) => {
+            tracing::warn!(socket = %socket.display(), error = %e, "the Docker driver could not start; Docker cannot use Trellis networks on this host");
+            None
+        }
+    }
 }
