@@ -27,7 +27,7 @@ impl Cluster {
 
     /// The lowest encrypted-network port no network holds.
     pub(crate) async fn free_esp_port(&self) -> Result<u16> {
-        let (taken, _) = self.store.list(&format!("{}esp-ports/", model::ROOT)).await?;
+        let (taken, _) = self.store.list(&model::esp_ports_prefix()).await?;
         let taken: BTreeSet<String> = taken.into_iter().map(|kv| kv.key).collect();
         model::ESP_PORTS.clone().find(|p| !taken.contains(&model::esp_port_key(*p))).ok_or_else(|| {
             AgentError::FailedPrecondition(format!(
