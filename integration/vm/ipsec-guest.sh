@@ -138,10 +138,12 @@ result epochs "$(ctl network inspect sec | jq -c .key.epochs)"
 ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-after
 result spis_kept "$(comm -12 /tmp/spis-before /tmp/spis-after | wc -l)"
 result spis_after "$(wc -l < /tmp/spis-after)"
-# The metrics after a full pass read the SAs back (key epoch, SAs, headroom):
-# the periodic full pass comes within a resync interval (2 s), later on a
-# loaded machine under TCG, so wait for the headroom to show the new SA's
-# packets, for at most 20 s (the test asserts the values either way).
+# The metrics after a full pass read the SAs back (key epoch, SAs, headroom).
+# Under TCG on a loaded machine the senders may switch to the new key only
+# after the ping above ended: send a few packets on it now, then wait (at
+# most 20 s) for a periodic full pass (every 2 s) to read its sequence
+# numbers back. The test asserts the values either way.
+in_ns s2 ping -c 3 -i 0.2 -W 2 10.70.0.10 > /dev/null 2>&1 || true
 for _ in $(seq 40); do
   curl -s http://127.0.0.1:9473/metrics > "$OUT/metrics-g2.txt"
   left=$(awk '/^trellis_esp_seq_headroom\{network="sec"\}/ {print $2}' "$OUT/metrics-g2.txt")
