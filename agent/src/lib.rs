@@ -19,10 +19,16 @@
 //! * [`telemetry`]: metrics, the flow monitor, the peer probes.
 //! * [`daemon`]: configuration, wiring and lifecycle of `trellisd`.
 //!
-//! The dependency rule (checked by `scripts/check-layers.sh`): `model` and
-//! the pure parts of `reconcile` and `dataplane` import no `tokio`,
-//! `rtnetlink`, `netlink_*`, `aya`, `nftables` or `trellis_store`; only
-//! `dataplane::linux` touches the kernel.
+//! The dependency rule (checked by `scripts/check-layers.sh`, which the
+//! test script runs):
+//! * `model`, `reconcile` but its runner, and `dataplane` but `linux/` and
+//!   the fake are pure: they import no `tokio`, netlink, `aya`, `nix`,
+//!   `socket2`, `trellis_store` or nftables executor, and do no file or
+//!   process I/O;
+//! * `api` translates only: it never writes the store or touches the kernel;
+//! * only `dataplane::linux` touches the kernel (netlink, `aya`, `socket2`);
+//!   everything else asks through a [`dataplane::Dataplane`] method or an
+//!   [`dataplane::Action`].
 
 pub mod api;
 pub mod app;

@@ -1,6 +1,6 @@
 //! The agent's use cases, typed: attach (with rollback) and detach,
 //! networks, services, status and host listings, and what follows a
-//! reconcile pass ([`App::settle`]). The gRPC service, the Docker driver and
+//! reconcile pass ([`settle`]). The gRPC service, the Docker driver and
 //! through the gRPC service the CNI plugin all come in here; none of them
 //! writes to the store or the kernel themselves.
 //!

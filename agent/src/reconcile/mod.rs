@@ -1,6 +1,6 @@
 //! Level-triggered reconciliation: the kernel state a host should have is
-//! computed from the whole desired state in the store ([`desired`]), compared
-//! with what the kernel has ([`diff`]), and the difference applied. Both
+//! computed from the whole desired state in the store ([`mod@desired`]), compared
+//! with what the kernel has ([`mod@diff`]), and the difference applied. Both
 //! steps are pure; the [`Reconciler`] ([`runner`]) runs them against a
 //! [`crate::dataplane::Dataplane`].
 
