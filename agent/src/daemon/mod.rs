@@ -176,6 +176,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns: dns_core.clone(),
         events,
         prober: prober.clone(),
+        ports_lock: Default::default(),
     });
     let service = Arc::new(AgentService { app: app.clone() });
     let mut docker_socket = None;
