@@ -309,3 +309,47 @@ mod tests {
         assert_eq!(serde_json::to_value(CreateEndpointResponse::default()).unwrap(), serde_json::json!({}));
     }
 }
+
+/// The endpoint option holding `docker run -p` (and `-P`, which dockerd
+/// expands into bindings with `HostPort` 0).
+pub const PORT_MAP: &str = "com.docker.network.portmap";
+
+/// One binding of [`PORT_MAP`], as libnetwork spells it: `Proto` the IP
+/// protocol number, `HostPort` 0 "choose one", `HostPortEnd` > `HostPort` a
+/// range.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PortBinding {
+    #[serde(rename = "Proto", default)]
+    pub proto: u8,
+    #[serde(rename = "IP", default)]
+    pub ip: String,
+    #[serde(rename = "Port", default)]
+    pub port: u16,
+    #[serde(rename = "HostIP", default)]
+    pub host_ip: String,
+    #[serde(rename = "HostPort", default)]
+    pub host_port: u16,
+    #[serde(rename = "HostPortEnd", default)]
+    pub host_port_end: u16,
+}
+
+/// ProgramExternalConnectivity (and Revoke, whose options are empty).
+#[derive(Debug, Default, Deserialize)]
+pub struct ExternalConnectivityRequest {
+    #[serde(rename = "NetworkID", default)]
+    pub network_id: String,
+    #[serde(rename = "EndpointID", default)]
+    pub endpoint_id: String,
+    #[serde(rename = "Options", default)]
+    pub options: BTreeMap<String, Value>,
+}
+
+impl ExternalConnectivityRequest {
+    /// The port bindings asked for (none without the option).
+    pub fn port_map(&self) -> Result<Vec<PortBinding>, String> {
+        match self.options.get(PORT_MAP) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| format!("malformed {PORT_MAP}: {e}")),
+        }
+    }
+}

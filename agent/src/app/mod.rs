@@ -12,6 +12,7 @@
 
 pub mod endpoints;
 pub mod networks;
+pub mod ports;
 pub mod services;
 pub mod status;
 
@@ -28,6 +29,7 @@ use crate::telemetry::probe::Prober;
 
 pub use endpoints::{AttachRequest, Attached, EndpointRef};
 pub use networks::NetworkView;
+pub use ports::PortRequest;
 pub use services::ServiceView;
 pub use status::{HostView, ProbeState, StatusView, TunnelState};
 
@@ -49,6 +51,9 @@ pub struct App {
     pub dns: Option<Arc<trellis_dns::Core>>,
     /// Probes of the peers' tunnel endpoints (`None`: not running).
     pub prober: Option<Arc<Prober>>,
+    /// One publication of ports at a time on this host (host ports are
+    /// this host's: its agent alone hands them out).
+    pub ports_lock: tokio::sync::Mutex<()>,
 }
 
 impl App {
@@ -208,6 +213,7 @@ pub(crate) mod testing {
             events: None,
             dns: None,
             prober: None,
+            ports_lock: Default::default(),
         });
         Lab { app, dp, store }
     }

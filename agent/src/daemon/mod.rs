@@ -132,6 +132,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns: dns_core.clone(),
         events,
         prober: prober.clone(),
+        ports_lock: Default::default(),
     });
     let service = Arc::new(AgentService { app: app.clone() });
     let docker_socket = match &cfg.docker_plugin {

@@ -19,22 +19,37 @@
 //!   socket race to insert theirs — the lost insert is the 5 s DNS delay of
 //!   kubernetes#56903.
 //!
+//! * Published ports (`docker run -p`), IPv4, as two maps whatever their
+//!   number (one lookup per packet): `published` keyed by `proto . port`
+//!   (every host address) and `published_addr` keyed by `address . proto .
+//!   port` (`-p IP:PORT:PORT`), both to `endpoint address . port`. They are
+//!   DNATed in `prerouting` (from outside, and from containers: hairpin)
+//!   and `output` (from the host itself, 127.0.0.1 included) when the
+//!   destination is a local address; `forward` accepts what was DNATed
+//!   (across networks too, but never out of an internal one);
+//!   `postrouting` masquerades only what needs it for the reply to come
+//!   back through the host: hairpin (a Trellis bridge in, a Trellis bridge
+//!   out) and 127.0.0.1 (which a container cannot answer). Traffic from
+//!   outside keeps its source address. The loopback case also needs
+//!   `route_localnet` on the bridges of the networks that publish
+//!   ([`EgressRules::localnet`]).
+//!
 //! The whole table is replaced atomically when it differs. Every rule
 //! carries the fingerprint of the desired rules as its comment, so the
 //! reconciler can tell a missing or altered rule from one glance at the
 //! installed table.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use nftables::batch::Batch;
 use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::schema::{Chain, NfListObject, Nftables, Rule, Table};
+use nftables::schema::{Chain, Map, NfListObject, Nftables, Rule, SetType, SetTypeValue, Table};
 use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use crate::model::BRIDGE_PREFIX;
+use crate::model::{BRIDGE_PREFIX, Proto};
 
 pub const TABLE: &str = "trellis";
 
@@ -47,10 +62,40 @@ pub struct EgressNet {
     pub internal: bool,
 }
 
+/// A host port published to an endpoint of this host (IPv4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PublishedRule {
+    pub proto: Proto,
+    /// `None`: every address of the host.
+    pub host_ip: Option<Ipv4Addr>,
+    pub host_port: u16,
+    /// The endpoint's address and port.
+    pub addr: Ipv4Addr,
+    pub port: u16,
+}
+
+/// The maps of published ports, as (to address, to port): nft 1.0.6's
+/// JSON parser takes no concatenated map data (`ipv4_addr .
+/// inet_service`), so the endpoint's address and port are two lookups of
+/// the same key.
+type Maps = (&'static str, &'static str);
+/// Keyed by `proto . port`: on every address of the host.
+pub const MAPS_ANY: Maps = ("published_addr", "published_port");
+/// Keyed by `address . proto . port`: on one address of the host.
+pub const MAPS_ADDR: Maps = ("published_ip_addr", "published_ip_port");
+
 /// The desired egress rules of a host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EgressRules {
     pub nets: Vec<EgressNet>,
+    /// Ports published to this host's endpoints (sorted).
+    pub published: Vec<PublishedRule>,
+    /// Bridges whose `route_localnet` is set (to 1) when the rules are
+    /// applied: those of networks with published ports, so that a
+    /// connection from the host to 127.0.0.1 can be DNATed out of them.
+    /// Written like [`EgressRules::forwarding`], never turned off; part of
+    /// the fingerprint.
+    pub localnet: Vec<String>,
     /// Redirect endpoints' DNS queries to their gateway.
     pub dns_intercept: bool,
     /// Keep DNS over UDP to and from the gateways out of connection
@@ -91,6 +136,18 @@ fn prefix(net: &IpNet) -> Expression<'static> {
 fn m(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
     Statement::Match(Match { left, right, op })
 }
+fn concat(v: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(v))
+}
+fn ct_status() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(nftables::expr::CT { key: Cow::Borrowed("status"), family: None, dir: None }))
+}
+fn fib_daddr_type() -> Expression<'static> {
+    Expression::Named(NamedExpression::Fib(nftables::expr::Fib {
+        result: nftables::expr::FibResult::Type,
+        flags: std::collections::HashSet::from([nftables::expr::FibFlag::Daddr]),
+    }))
+}
 fn family_of(ip: &IpAddr) -> &'static str {
     if ip.is_ipv4() { "ip" } else { "ip6" }
 }
@@ -99,7 +156,117 @@ impl EgressRules {
     pub fn new(mut nets: Vec<EgressNet>) -> EgressRules {
         nets.sort();
         nets.dedup();
-        EgressRules { nets, dns_intercept: false, dns_notrack: false, forwarding: false }
+        EgressRules {
+            nets,
+            published: Vec::new(),
+            localnet: Vec::new(),
+            dns_intercept: false,
+            dns_notrack: false,
+            forwarding: false,
+        }
+    }
+
+    /// Add the ports published to this host's endpoints on the network
+    /// bridged by `bridge` (sorted, duplicates dropped).
+    pub fn publish(&mut self, bridge: &str, rules: impl IntoIterator<Item = PublishedRule>) {
+        let before = self.published.len();
+        self.published.extend(rules);
+        if self.published.len() > before && !self.localnet.iter().any(|b| b == bridge) {
+            self.localnet.push(bridge.to_string());
+            self.localnet.sort();
+        }
+        self.published.sort();
+        self.published.dedup();
+    }
+
+    /// The elements of the maps: (maps, key, endpoint address, endpoint port).
+    fn elements(&self) -> Vec<(Maps, Expression<'static>, Expression<'static>, Expression<'static>)> {
+        self.published
+            .iter()
+            .map(|p| {
+                let proto = s(p.proto.as_str());
+                let port = Expression::Number(p.host_port as u32);
+                let (maps, key) = match p.host_ip {
+                    Some(ip) => (MAPS_ADDR, vec![s(ip.to_string()), proto, port]),
+                    None => (MAPS_ANY, vec![proto, port]),
+                };
+                (maps, concat(key), s(p.addr.to_string()), Expression::Number(p.port as u32))
+            })
+            .collect()
+    }
+
+    /// The rules of published ports, by chain.
+    fn published_rules(&self, out: &mut Vec<(&'static str, Vec<Statement<'static>>)>) {
+        if self.published.is_empty() {
+            return;
+        }
+        let l4 = || vec![meta(MetaKey::L4proto), payload("th", "dport")];
+        let lookup = |key: &Vec<Expression<'static>>, map: &str| {
+            Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
+                key: concat(key.clone()),
+                data: s(format!("@{map}")),
+            })))
+        };
+        for chain in ["prerouting", "output"] {
+            for (maps, key) in [(MAPS_ADDR, [vec![payload("ip", "daddr")], l4()].concat()), (MAPS_ANY, l4())] {
+                if self.elements().iter().all(|(m, ..)| *m != maps) {
+                    continue;
+                }
+                out.push((
+                    chain,
+                    vec![
+                        m(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4")),
+                        m(fib_daddr_type(), Operator::EQ, s("local")),
+                        Statement::DNAT(Some(nftables::stmt::NAT {
+                            addr: Some(lookup(&key, maps.0)),
+                            family: Some(nftables::stmt::NATFamily::IP),
+                            port: Some(lookup(&key, maps.1)),
+                            flags: None,
+                        })),
+                    ],
+                ));
+            }
+        }
+        // What was DNATed is forwarded (across networks too, before the
+        // drops between networks), but never out of an internal network.
+        let mut accept = vec![m(ct_status(), Operator::IN, s("dnat"))];
+        let internal: Vec<_> = self.nets.iter().filter(|n| n.internal).map(|n| n.bridge.clone()).collect();
+        if !internal.is_empty() {
+            accept.push(m(
+                meta(MetaKey::Iifname),
+                Operator::NEQ,
+                Expression::Named(NamedExpression::Set(
+                    internal.into_iter().map(|b| nftables::expr::SetItem::Element(s(b))).collect(),
+                )),
+            ));
+        }
+        accept.push(Statement::Accept(None));
+        out.insert(0, ("forward", accept));
+        let bridges = || s(format!("{BRIDGE_PREFIX}*"));
+        // Hairpin: a container to a host address, DNATed to another
+        // container; the reply must come back through the host.
+        out.push((
+            "postrouting",
+            vec![
+                m(ct_status(), Operator::IN, s("dnat")),
+                m(meta(MetaKey::Iifname), Operator::EQ, bridges()),
+                m(meta(MetaKey::Oifname), Operator::EQ, bridges()),
+                Statement::Masquerade(None),
+            ],
+        ));
+        // From the host's 127.0.0.1: a container cannot answer loopback.
+        out.push((
+            "postrouting",
+            vec![
+                m(meta(MetaKey::Oifname), Operator::EQ, bridges()),
+                m(
+                    payload("ip", "saddr"),
+                    Operator::EQ,
+                    prefix(&IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("a prefix")),
+                ),
+                Statement::Masquerade(None),
+            ],
+        ));
     }
 
     /// The rules, as (chain, statements).
@@ -186,6 +353,7 @@ impl EgressRules {
                 ));
             }
         }
+        self.published_rules(&mut out);
         out
     }
 
@@ -193,8 +361,13 @@ impl EgressRules {
     /// from a table holding exactly these rules.
     pub fn fingerprint(&self) -> String {
         let rules = self.rules();
-        let text =
+        let mut text =
             serde_json::to_string(&rules.iter().map(|(c, st)| (c, st)).collect::<Vec<_>>()).expect("rules serialize");
+        // The maps' elements and the loopback bridges count too (a table
+        // without published ports hashes as it did before they existed).
+        if !self.published.is_empty() || !self.localnet.is_empty() {
+            text.push_str(&serde_json::to_string(&(self.elements(), &self.localnet)).expect("elements serialize"));
+        }
         format!("{:016x}/{}", fnv1a(text.as_bytes()), rules.len())
     }
 
@@ -213,6 +386,7 @@ impl EgressRules {
             ("postrouting", NfChainType::NAT, NfHook::Postrouting, 100),
             ("forward", NfChainType::Filter, NfHook::Forward, 0),
             ("input", NfChainType::Filter, NfHook::Input, 0),
+            ("output", NfChainType::NAT, NfHook::Output, -100),
             // Before connection tracking (its priority is -200).
             ("raw_prerouting", NfChainType::Filter, NfHook::Prerouting, -300),
             ("raw_output", NfChainType::Filter, NfHook::Output, -300),
@@ -227,6 +401,30 @@ impl EgressRules {
                 policy: Some(NfChainPolicy::Accept),
                 ..Chain::default()
             }));
+        }
+        let elements = self.elements();
+        for (maps, key) in [
+            (MAPS_ANY, vec![SetType::InetProto, SetType::InetService]),
+            (MAPS_ADDR, vec![SetType::Ipv4Addr, SetType::InetProto, SetType::InetService]),
+        ] {
+            for (name, data) in [(maps.0, SetType::Ipv4Addr), (maps.1, SetType::InetService)] {
+                let elem: Vec<_> = elements
+                    .iter()
+                    .filter(|(m, ..)| *m == maps)
+                    .map(|(_, k, addr, port)| {
+                        Expression::List(vec![k.clone(), if name == maps.0 { addr.clone() } else { port.clone() }])
+                    })
+                    .collect();
+                b.add(NfListObject::Map(Box::new(Map {
+                    family: NfFamily::INet,
+                    table: Cow::Borrowed(TABLE),
+                    name: Cow::Borrowed(name),
+                    set_type: SetTypeValue::Concatenated(Cow::Owned(key.clone())),
+                    map: SetTypeValue::Single(data),
+                    elem: if elem.is_empty() { None } else { Some(Cow::Owned(elem)) },
+                    ..Map::default()
+                })));
+            }
         }
         for (chain, expr) in self.rules() {
             b.add(NfListObject::Rule(Rule {
@@ -426,5 +624,79 @@ mod tests {
         // reapply on upgrade, and no reapply when only the flag differs.
         assert_eq!(r.fingerprint(), fingerprint);
         assert_eq!(to_nft_json(&r.batch()).unwrap(), batch);
+    }
+
+    fn published(proto: Proto, host_ip: Option<&str>, host_port: u16, addr: &str, port: u16) -> PublishedRule {
+        PublishedRule {
+            proto,
+            host_ip: host_ip.map(|i| i.parse().unwrap()),
+            host_port,
+            addr: addr.parse().unwrap(),
+            port,
+        }
+    }
+
+    #[test]
+    fn published_ports_are_map_elements_not_rules() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-i", "10.2.0.0/24", true)]);
+        let without = r.fingerprint();
+        r.publish("trb-a", [published(Proto::Tcp, None, 8080, "10.1.0.2", 80)]);
+        let one = r.rules();
+        // prerouting + output for the every-address map, the forward
+        // accept, the two masquerades.
+        let chains: Vec<_> = one.iter().map(|(c, _)| *c).collect();
+        assert_eq!(chains[0], "forward", "the accept of DNATed traffic comes before the drops between networks");
+        let added: Vec<_> = chains.iter().skip(EgressRules::new(r.nets.clone()).rules().len() + 1).collect();
+        assert_eq!(added, [&"prerouting", &"output", &"postrouting", &"postrouting"]);
+        assert_ne!(r.fingerprint(), without);
+        let fp_one = r.fingerprint();
+        // A thousand more ports: the same rules, more elements.
+        r.publish("trb-a", (0..1000).map(|i| published(Proto::Udp, None, 20000 + i, "10.1.0.3", 53)));
+        assert_eq!(r.rules(), one, "per-packet work must not grow with the ports");
+        assert_ne!(r.fingerprint(), fp_one, "the elements are in the fingerprint");
+        assert!(r.fingerprint().ends_with(&format!("/{}", one.len())));
+        assert_eq!(r.localnet, ["trb-a"], "one bridge, once");
+        // An address-bound port adds the address map's rules.
+        r.publish("trb-a", [published(Proto::Udp, Some("127.0.0.1"), 5353, "10.1.0.3", 53)]);
+        let pre = r.rules().into_iter().filter(|(c, _)| *c == "prerouting").count();
+        assert_eq!(pre, 2);
+        let json = to_nft_json(&r.batch()).unwrap();
+        for map in ["published_addr", "published_port", "published_ip_addr", "published_ip_port"] {
+            assert!(json.contains(&format!("\"@{map}\"")), "{map}: {json}");
+        }
+        assert!(json.contains("[{\"concat\":[\"127.0.0.1\",\"udp\",5353]},\"10.1.0.3\"]"), "{json}");
+        assert!(json.contains("[{\"concat\":[\"tcp\",8080]},80]"), "{json}");
+        assert!(json.contains("\"trb-i\""), "the internal network's bridge is excluded from the accept: {json}");
+        if let Ok(path) = std::env::var("TRELLIS_DUMP_NFT") {
+            std::fs::write(path, &json).unwrap();
+        }
+    }
+
+    #[test]
+    fn outside_traffic_keeps_its_source_only_hairpin_and_loopback_are_masqueraded() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        r.publish("trb-a", [published(Proto::Tcp, None, 8080, "10.1.0.2", 80)]);
+        let masq: Vec<String> = r
+            .rules()
+            .into_iter()
+            .filter(|(c, st)| *c == "postrouting" && st.iter().any(|s| matches!(s, Statement::Masquerade(_))))
+            .map(|(_, st)| serde_json::to_string(&st).unwrap())
+            .collect();
+        assert_eq!(masq.len(), 3, "{masq:?}");
+        // The network's own (its subnet out of anything but its bridge),
+        // hairpin (bridge in and out, DNATed) and loopback; none matches a
+        // client from the uplink to the container.
+        assert!(masq[0].contains("10.1.0.0"));
+        assert!(masq[1].contains("\"iifname\"") && masq[1].contains("dnat"), "{}", masq[1]);
+        assert!(masq[2].contains("127.0.0.0"), "{}", masq[2]);
+    }
+
+    #[test]
+    fn no_published_ports_leave_the_table_as_before() {
+        let r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        let mut p = r.clone();
+        p.publish("trb-a", []);
+        assert_eq!(p.fingerprint(), r.fingerprint());
+        assert!(p.localnet.is_empty());
     }
 }

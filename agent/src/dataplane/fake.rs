@@ -27,6 +27,8 @@ pub struct FakeDataplane {
     pub namespaces: Mutex<BTreeSet<PathBuf>>,
     /// Creating a namespace fails.
     pub failing_netns: std::sync::atomic::AtomicBool,
+    /// Host ports held by a process: (protocol, port) → its description.
+    pub held_ports: Mutex<std::collections::BTreeMap<(crate::model::Proto, u16), String>>,
     /// The peers that answer probes.
     pub peers: std::sync::Arc<Mutex<FakePeers>>,
 }
@@ -126,6 +128,10 @@ impl Dataplane for FakeDataplane {
 
     fn observe_xfrm(&self) -> Result<trellis_ipsec::ObservedXfrm> {
         Ok(self.state.lock().unwrap().xfrm.clone())
+    }
+
+    fn port_holder(&self, proto: crate::model::Proto, port: u16, _ip: Option<IpAddr>) -> Result<Option<String>> {
+        Ok(self.held_ports.lock().unwrap().get(&(proto, port)).cloned())
     }
 
     fn check_netns(&self, path: &Path) -> Result<()> {

@@ -122,6 +122,11 @@ pub trait Dataplane: Send + Sync + 'static {
     /// Remove a namespace made by [`Dataplane::create_netns`]; a missing one
     /// is no error.
     fn remove_netns(&self, path: &std::path::Path) -> Result<()>;
+    /// Who holds `proto` port `port` on `ip` (`None`: any address) in the
+    /// agent's namespace: a listening TCP socket or a bound UDP socket,
+    /// described with its process for a person (`None`: free). Blocking
+    /// (reads `/proc`): call it off the runtime.
+    fn port_holder(&self, proto: crate::model::Proto, port: u16, ip: Option<IpAddr>) -> Result<Option<String>>;
     /// An interface inside a container's namespace, as the kernel has it
     /// (`None`: no such interface; an error if the namespace is gone).
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>>;

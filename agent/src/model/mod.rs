@@ -90,6 +90,42 @@ pub struct EndpointRecord {
     /// Other names on its network (Docker's network aliases).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<String>,
+    /// Ports of this host published to the endpoint (`docker run -p`):
+    /// they go with the record (detach, a vanished namespace's collection).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PublishedPort>,
+}
+
+/// A host port published to an endpoint's port, on the endpoint's host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub proto: Proto,
+    /// The host address it answers on; `None`: every address of the host
+    /// (127.0.0.1 included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_ip: Option<IpAddr>,
+    pub host_port: u16,
+    /// The endpoint's port.
+    pub port: u16,
+}
+
+impl PublishedPort {
+    /// Do `self` and `other` claim the same host socket? The same protocol
+    /// and port, and an address in common (`None` is every address).
+    pub fn clashes(&self, other: &PublishedPort) -> bool {
+        self.proto == other.proto
+            && self.host_port == other.host_port
+            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+    }
+}
+
+impl std::fmt::Display for PublishedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.host_ip {
+            Some(ip) => write!(f, "{ip}:{}/{}", self.host_port, self.proto.as_str()),
+            None => write!(f, "{}/{}", self.host_port, self.proto.as_str()),
+        }
+    }
 }
 
 /// A host of the cluster, registered under its lease: it disappears when
@@ -120,7 +156,7 @@ pub enum ServiceMode {
     Dnsrr,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,

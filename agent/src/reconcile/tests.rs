@@ -48,6 +48,7 @@ fn endpoint(id: &str, net: &str, ip: &str, host: &str) -> EndpointRecord {
         created_unix: 0,
         deleting: false,
         aliases: vec![],
+        ports: vec![],
     }
 }
 
@@ -465,6 +466,38 @@ fn the_egress_rules_turn_forwarding_on() {
         let acts = diff(&want, &Observed::default());
         assert!(acts.iter().any(|a| matches!(a, Action::ApplyEgress(r) if r.forwarding)), "{acts:?}");
     }
+}
+
+#[test]
+fn the_ports_published_to_this_host_s_endpoints_are_in_its_egress_rules() {
+    use crate::dataplane::egress::PublishedRule;
+    use crate::model::{Proto, PublishedPort};
+    let nets = vec![network("aaaa", "10.1.0.0/24", false), network("iiii", "10.2.0.0/24", true)];
+    let port = |host_port, port| PublishedPort { proto: Proto::Tcp, host_ip: None, host_port, port };
+    let mut mine = endpoint("e1", "aaaa", "10.1.0.2", "h1");
+    mine.ports = vec![port(8080, 80)];
+    let mut elsewhere = endpoint("e2", "aaaa", "10.1.0.3", "h2");
+    elsewhere.ports = vec![port(8081, 80)];
+    let mut leaving = endpoint("e3", "aaaa", "10.1.0.4", "h1");
+    leaving.ports = vec![port(8082, 80)];
+    leaving.deleting = true;
+    let mut internal = endpoint("e4", "iiii", "10.2.0.2", "h1");
+    internal.ports = vec![port(8083, 80)];
+    let want = desired(&nets, &[mine, elsewhere, leaving, internal], &[], &Identity::local("h1"));
+    assert_eq!(
+        want.egress.published,
+        [PublishedRule {
+            proto: Proto::Tcp,
+            host_ip: None,
+            host_port: 8080,
+            addr: "10.1.0.2".parse().unwrap(),
+            port: 80
+        }],
+        "only this host's, not being detached, not on an internal network"
+    );
+    assert_eq!(want.egress.localnet, ["trb-aaaa"]);
+    let without = desired(&nets, &[], &[], &Identity::local("h1"));
+    assert_ne!(want.egress.fingerprint(), without.egress.fingerprint());
 }
 
 #[test]

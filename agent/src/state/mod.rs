@@ -453,6 +453,7 @@ impl Cluster {
             created_unix: model::now_unix(),
             deleting: false,
             aliases: Vec::new(),
+            ports: Vec::new(),
         };
         let net_key = model::network_key(&net.name);
         let request = match req.ip {
@@ -661,6 +662,27 @@ impl Cluster {
             }
             ops.push(Op::put(key.clone(), encode(&rec)));
             if self.store.txn(compares, ops).await?.succeeded {
+                return Ok(rec);
+            }
+        }
+        Err(AgentError::Unavailable(format!("endpoint {id} kept changing; try again")))
+    }
+
+    /// Replace the ports published to endpoint `id` (not one being
+    /// deleted), in one transaction on its record.
+    pub async fn set_ports(&self, id: &str, ports: Vec<model::PublishedPort>) -> Result<EndpointRecord> {
+        let key = model::endpoint_key(id);
+        for _ in 0..CREATE_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Err(AgentError::NotFound(format!("endpoint {id} not found")));
+            };
+            let mut rec: EndpointRecord = decode(&kv.key, &kv.value)?;
+            if rec.deleting && !ports.is_empty() {
+                return Err(AgentError::FailedPrecondition(format!("endpoint {id} is being detached")));
+            }
+            rec.ports = ports.clone();
+            let compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
+            if self.store.txn(compares, vec![Op::put(key.clone(), encode(&rec))]).await?.succeeded {
                 return Ok(rec);
             }
         }

@@ -33,8 +33,8 @@ use trellis_plugin_api::docker as dp;
 use trellis_plugin_api::validate;
 
 use crate::api::docker::engine::Engine;
-use crate::app::{App, AttachRequest};
-use crate::model::{self, EndpointKind, NetworkRecord};
+use crate::app::{App, AttachRequest, PortRequest};
+use crate::model::{self, EndpointKind, NetworkRecord, Proto};
 use crate::state::docker::{DockerEp, DockerNet, DockerPool, DockerRecords};
 use crate::state::{AgentError, NewNetwork};
 
@@ -122,12 +122,14 @@ impl DockerDriver {
             }
             "NetworkDriver.Join" => self.join(dp::parse(body)?).await,
             "NetworkDriver.Leave" => self.leave(&dp::parse::<dp::EndpointRequest>(body)?.endpoint_id).await,
-            // Connectivity to the outside is the network's egress rule;
-            // node discovery is the store's job.
-            "NetworkDriver.ProgramExternalConnectivity"
-            | "NetworkDriver.RevokeExternalConnectivity"
-            | "NetworkDriver.DiscoverNew"
-            | "NetworkDriver.DiscoverDelete" => Ok(json!({})),
+            // Connectivity to the outside is the network's egress rule and
+            // the endpoint's published ports; node discovery is the
+            // store's job.
+            "NetworkDriver.ProgramExternalConnectivity" => self.program_external(dp::parse(body)?).await,
+            "NetworkDriver.RevokeExternalConnectivity" => {
+                self.revoke_external(&dp::parse::<dp::ExternalConnectivityRequest>(body)?.endpoint_id).await
+            }
+            "NetworkDriver.DiscoverNew" | "NetworkDriver.DiscoverDelete" => Ok(json!({})),
             "IpamDriver.GetCapabilities" => Ok(json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false })),
             "IpamDriver.GetDefaultAddressSpaces" => Ok(json!({
                 "LocalDefaultAddressSpace": ADDRESS_SPACE,
@@ -538,7 +540,80 @@ impl DockerDriver {
     async fn oper_info(&self, docker_ep: &str) -> Answer {
         let de = self.records.ep(docker_ep).await.map_err(err)?;
         let id = de.and_then(|d| d.endpoint_id).unwrap_or_default();
-        Ok(json!({ "Value": { "trellis.endpoint": id } }))
+        let mut value = serde_json::Map::new();
+        value.insert("trellis.endpoint".into(), json!(id));
+        // The host ports as bound (`docker port`, `docker ps`).
+        if !id.is_empty()
+            && let Ok(ep) = self.app.cluster.find_endpoint(&id, None).await
+            && !ep.ports.is_empty()
+        {
+            let map: Vec<dp::PortBinding> = ep
+                .ports
+                .iter()
+                .map(|p| dp::PortBinding {
+                    proto: p.proto.number(),
+                    ip: ep.ip.to_string(),
+                    port: p.port,
+                    host_ip: p.host_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into()),
+                    host_port: p.host_port,
+                    host_port_end: p.host_port,
+                })
+                .collect();
+            value.insert(dp::PORT_MAP.into(), serde_json::to_value(map).expect("serializes"));
+        }
+        Ok(json!({ "Value": value }))
+    }
+
+    /// `docker run -p` (and `-P`): the bindings of the portmap option,
+    /// all published or none.
+    async fn program_external(&self, r: dp::ExternalConnectivityRequest) -> Answer {
+        let bindings = r.port_map()?;
+        let mut ports = Vec::with_capacity(bindings.len());
+        for b in &bindings {
+            let proto = match b.proto {
+                6 => Proto::Tcp,
+                17 => Proto::Udp,
+                n => {
+                    return Err(format!(
+                        "published port {}: IP protocol {n} is not supported (tcp and udp are)",
+                        b.port
+                    ));
+                }
+            };
+            if b.host_port_end != 0 && b.host_port_end != b.host_port {
+                return Err(format!(
+                    "-p {}-{}:{}/{}: host port ranges are not supported by the trellis driver yet; publish each port on its own (-p HOSTPORT:PORT)",
+                    b.host_port,
+                    b.host_port_end,
+                    b.port,
+                    proto.as_str()
+                ));
+            }
+            let host_ip = match b.host_ip.as_str() {
+                "" | "0.0.0.0" => None,
+                ip => Some(validate::ip("host address", ip).map_err(err)?),
+            };
+            ports.push(PortRequest { proto, host_ip, host_port: b.host_port, port: b.port });
+        }
+        if ports.is_empty() {
+            return Ok(json!({}));
+        }
+        let Some(de) = self.records.ep(&r.endpoint_id).await.map_err(err)? else {
+            return Err(format!("endpoint {} is unknown to the trellis driver", r.endpoint_id));
+        };
+        let Some(id) = de.endpoint_id else {
+            return Err(format!("endpoint {} has not joined: no port can be published to it", r.endpoint_id));
+        };
+        self.app.publish(&id, &ports).await.map_err(err)?;
+        Ok(json!({}))
+    }
+
+    async fn revoke_external(&self, docker_ep: &str) -> Answer {
+        let Some(de) = self.records.ep(docker_ep).await.map_err(err)? else { return Ok(json!({})) };
+        if let Some(id) = &de.endpoint_id {
+            self.app.unpublish(id).await.map_err(err)?;
+        }
+        Ok(json!({}))
     }
 }
 

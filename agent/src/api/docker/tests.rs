@@ -960,3 +960,95 @@ async fn a_network_removed_while_it_is_being_bound_leaves_nothing() {
     assert!(h.network_names().await.is_empty(), "the cluster network outlived the Docker network");
     h.nothing_left().await;
 }
+
+// ---- Published ports ----
+
+/// ProgramExternalConnectivity's body as dockerd 20.10 sends it for `docker
+/// run -p 18080:8080 -p 127.0.0.1:5353:53/udp -p 9000` (see the reference).
+fn program(net: &str, ep: &str, portmap: Value) -> Value {
+    json!({
+        "NetworkID": net,
+        "EndpointID": ep,
+        "Options": {
+            "com.docker.network.endpoint.exposedports": [{"Proto":6,"Port":8080},{"Proto":17,"Port":53},{"Proto":6,"Port":9000}],
+            "com.docker.network.portmap": portmap,
+        },
+    })
+}
+
+fn reference_portmap() -> Value {
+    json!([
+        {"Proto":6,"IP":"","Port":8080,"HostIP":"","HostPort":18080,"HostPortEnd":18080},
+        {"Proto":17,"IP":"","Port":53,"HostIP":"127.0.0.1","HostPort":5353,"HostPortEnd":5353},
+        {"Proto":6,"IP":"","Port":9000,"HostIP":"","HostPort":0,"HostPortEnd":0}
+    ])
+}
+
+#[tokio::test]
+async fn published_ports_are_programmed_reported_revoked_and_go_with_the_container() {
+    let h = one_host();
+    let p = h.network("dn1", "10.60.0.0/24", named("app")).await;
+    let (addr, _) = h.run("dn1", &p, "ep1").await;
+    assert_eq!(
+        h.ok("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep1", reference_portmap())).await,
+        json!({})
+    );
+    let ports = h.only_endpoint().await.ports;
+    assert_eq!(ports.len(), 3, "{ports:?}");
+    let picked = ports.iter().find(|q| q.port == 9000).unwrap().host_port;
+    assert!(crate::app::ports::EPHEMERAL.contains(&picked));
+    // What `docker port` shows: the host ports actually bound.
+    let info = h.ok("NetworkDriver.EndpointOperInfo", endpoint_ids("dn1", "ep1")).await;
+    let map = info["Value"]["com.docker.network.portmap"].as_array().unwrap().clone();
+    let ip = addr.split('/').next().unwrap();
+    assert!(
+        map.contains(&json!({"Proto":6,"IP":ip,"Port":8080,"HostIP":"0.0.0.0","HostPort":18080,"HostPortEnd":18080})),
+        "{info}"
+    );
+    assert!(
+        map.contains(&json!({"Proto":17,"IP":ip,"Port":53,"HostIP":"127.0.0.1","HostPort":5353,"HostPortEnd":5353})),
+        "{info}"
+    );
+    assert!(
+        map.contains(&json!({"Proto":6,"IP":ip,"Port":9000,"HostIP":"0.0.0.0","HostPort":picked,"HostPortEnd":picked})),
+        "{info}"
+    );
+
+    // A second container asking for a taken port is refused, naming it,
+    // with none of its ports published.
+    let (addr2, _) = h.run("dn1", &p, "ep2").await;
+    let clash = json!([
+        {"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":18081,"HostPortEnd":18081},
+        {"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":18080,"HostPortEnd":18080}
+    ]);
+    let msg = h.refused("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep2", clash)).await;
+    assert!(msg.contains("18080/tcp") && msg.contains("taken by Trellis endpoint"), "{msg}");
+    let ep2 = h.driver.records.ep("ep2").await.unwrap().unwrap().endpoint_id.unwrap();
+    assert!(h.lab.app.cluster.find_endpoint(&ep2, None).await.unwrap().ports.is_empty());
+    // Ranges are refused naming the option.
+    let range = json!([{"Proto":6,"IP":"","Port":80,"HostIP":"","HostPort":8000,"HostPortEnd":8010}]);
+    let msg = h.refused("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep2", range)).await;
+    assert!(msg.contains("-p 8000-8010:80/tcp") && msg.contains("ranges are not supported"), "{msg}");
+    let sctp = json!([{"Proto":132,"IP":"","Port":80,"HostIP":"","HostPort":8000,"HostPortEnd":8000}]);
+    assert!(h.refused("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep2", sctp)).await.contains("132"));
+    h.stop("dn1", &p, "ep2", &addr2).await;
+
+    // Revoke (before Leave, on `docker stop`) carries only the ids.
+    assert_eq!(h.ok("NetworkDriver.RevokeExternalConnectivity", endpoint_ids("dn1", "ep1")).await, json!({}));
+    assert!(h.only_endpoint().await.ports.is_empty());
+    let info = h.ok("NetworkDriver.EndpointOperInfo", endpoint_ids("dn1", "ep1")).await;
+    assert!(info["Value"].get("com.docker.network.portmap").is_none(), "{info}");
+    // Programmed again, then the container goes without a Revoke (dockerd
+    // killed): the ports go with the endpoint.
+    h.ok("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep1", reference_portmap())).await;
+    h.stop("dn1", &p, "ep1", &addr).await;
+    let rules = h.lab.dp.take_log().into_iter().rev().find_map(|a| match a {
+        crate::dataplane::Action::ApplyEgress(r) => Some(r),
+        _ => None,
+    });
+    assert!(rules.is_some_and(|r| r.published.is_empty()), "the last rules applied publish nothing");
+    // Revoke of what is unknown or gone answers empty.
+    assert_eq!(h.ok("NetworkDriver.RevokeExternalConnectivity", endpoint_ids("dn1", "ep1")).await, json!({}));
+    h.remove("dn1", &p).await;
+    h.nothing_left().await;
+}

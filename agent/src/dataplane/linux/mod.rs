@@ -39,6 +39,7 @@ mod endpoint;
 mod links;
 mod messages;
 mod nft;
+mod ports;
 mod routes;
 mod tunnels;
 
@@ -188,6 +189,14 @@ impl Dataplane for NetlinkDataplane {
 
     fn observe_xfrm(&self) -> Result<trellis_ipsec::ObservedXfrm> {
         xfrm::XfrmSocket::open()?.observe()
+    }
+
+    fn port_holder(&self, proto: model::Proto, port: u16, ip: Option<IpAddr>) -> Result<Option<String>> {
+        ports::holder(proto, port, ip).map_err(|e| DataplaneError::Io {
+            call: "read the sockets of",
+            object: "/proc/self/net".into(),
+            source: e,
+        })
     }
 
     fn check_netns(&self, path: &std::path::Path) -> Result<()> {

@@ -44,6 +44,16 @@ impl NetlinkDataplane {
                 source: e,
             })?;
         }
+        for bridge in &rules.localnet {
+            // A bridge not made yet (its creation failed this pass) gets it
+            // with the next apply: the fingerprint stays wrong until then.
+            let path = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+            std::fs::write(&path, b"1").map_err(|e| DataplaneError::Io {
+                call: "enable route_localnet",
+                object: path.clone(),
+                source: e,
+            })?;
+        }
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! What a host should have of bridges (every network's, on every host),
-//! endpoint veths (its own endpoints') and egress rules.
+//! endpoint veths (its own endpoints') and egress rules (with the ports
+//! published to its own endpoints, but those of internal networks).
 
 use std::collections::BTreeMap;
 
@@ -7,7 +8,7 @@ use ipnet::IpNet;
 
 use super::{DesiredBridge, DesiredHost};
 use crate::dataplane::EndpointSpec;
-use crate::dataplane::egress::{EgressNet, EgressRules};
+use crate::dataplane::egress::{EgressNet, EgressRules, PublishedRule};
 use crate::model::{self, EndpointRecord, NetworkRecord};
 use crate::reconcile::Identity;
 
@@ -46,6 +47,20 @@ pub fn endpoints(
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
         };
+        if let (false, std::net::IpAddr::V4(addr)) = (n.internal, e.ip) {
+            d.egress.publish(
+                &model::bridge_name(&n.id),
+                e.ports.iter().filter_map(|p| {
+                    let host_ip = match p.host_ip {
+                        None => None,
+                        Some(std::net::IpAddr::V4(ip)) => Some(ip),
+                        // IPv6 host addresses are refused when published.
+                        Some(std::net::IpAddr::V6(_)) => return None,
+                    };
+                    Some(PublishedRule { proto: p.proto, host_ip, host_port: p.host_port, addr, port: p.port })
+                }),
+            );
+        }
         let host_if = model::host_ifname(&e.id);
         d.endpoints.insert(
             host_if.clone(),
