@@ -387,9 +387,10 @@ fn docker_run_p_publishes_on_the_host_keeping_the_client_s_address() {
         "hairpin failed: {hairpin:?}"
     );
 
-    // NOT YET PASSING, left out: `-p 127.0.0.1:5353:53/udp -p 80` on a
-    // second container published nothing in the host's maps, and dockerd
-    // 20.10's `docker port` showed no port of a remote driver.
+    // UDP, address-bound and picked ports: programmed as asked (next test);
+    // traffic over them is not tested yet. dockerd 20.10's `docker port`
+    // shows no port of this remote driver although EndpointOperInfo
+    // reports them (cause not found yet).
 
     // A port a process of the host holds is refused naming it, and the
     // container publishes nothing.
@@ -428,6 +429,72 @@ fn docker_run_p_publishes_on_the_host_keeping_the_client_s_address() {
     d.ok(&["rm", "-f", "client"]).unwrap();
     assert!(
         wait_for(Duration::from_secs(10), || published_elements(&h).is_empty() && endpoints(&h).is_empty()),
+        "left: {}",
+        published_elements(&h)
+    );
+}
+
+/// UDP, a host address and an ephemeral host port (`-p PORT`) reach the
+/// kernel's published-port maps as dockerd asked (traffic over them is not
+/// tested yet: see the TCP test above).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn docker_run_p_udp_bound_and_ephemeral_ports_are_programmed() {
+    require_root();
+    let h = Host::new().unwrap();
+    let d = Dockerd::start(&h).unwrap();
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "trellis",
+        "--ipam-driver",
+        "trellis",
+        "--subnet",
+        "10.62.0.0/24",
+        "-o",
+        "trellis.attachable=true",
+        "pub",
+    ])
+    .unwrap();
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "udp1",
+        "--network",
+        "pub",
+        "-p",
+        "127.0.0.1:5353:53/udp",
+        "-p",
+        "80",
+        IMAGE,
+        "sleep",
+        "600",
+    ])
+    .unwrap();
+    let ip = container_ip(&d, "udp1", "pub");
+    let mut elements = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            elements = published_elements(&h);
+            elements.contains(&format!("127.0.0.1 . udp . 5353 : {ip}"))
+                && elements.contains("127.0.0.1 . udp . 5353 : 53")
+        }),
+        "the address-bound UDP port is not programmed: {elements}"
+    );
+    // `-p 80`: a host port picked from 32768-60999, on every address, to 80.
+    let picked: Vec<u16> = elements
+        .lines()
+        .filter(|l| l.contains("tcp . ") && l.trim_end().ends_with(": 80 }"))
+        .filter_map(|l| l.split("tcp . ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(picked.len(), 1, "{elements}");
+    assert!((32768..=60999).contains(&picked[0]), "{elements}");
+    assert!(elements.contains(&format!("tcp . {} : {ip}", picked[0])), "{elements}");
+    d.ok(&["rm", "-f", "udp1"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || published_elements(&h).is_empty()),
         "left: {}",
         published_elements(&h)
     );
