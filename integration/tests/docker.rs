@@ -435,8 +435,9 @@ fn docker_run_p_publishes_on_the_host_keeping_the_client_s_address() {
 }
 
 /// UDP, a host address and an ephemeral host port (`-p PORT`) reach the
-/// kernel's published-port maps as dockerd asked (traffic over them is not
-/// tested yet: see the TCP test above).
+/// kernel's published-port maps as dockerd asked, and UDP to the
+/// address-bound port (127.0.0.1) is answered by the container, from the
+/// published address.
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn docker_run_p_udp_bound_and_ephemeral_ports_are_programmed() {
@@ -492,6 +493,27 @@ fn docker_run_p_udp_bound_and_ephemeral_ports_are_programmed() {
     assert_eq!(picked.len(), 1, "{elements}");
     assert!((32768..=60999).contains(&picked[0]), "{elements}");
     assert!(elements.contains(&format!("tcp . {} : {ip}", picked[0])), "{elements}");
+    // Traffic: a UDP server in the container's namespace on 53 answers
+    // with the peer it saw; the host asks 127.0.0.1:5353.
+    let netns = endpoint_named(&h, "udp1").expect("the container's endpoint")["netns"].as_str().unwrap().to_string();
+    let _server = trellis_integration::sockets::Backend::start(std::path::Path::new(&netns), 53, "udp1").unwrap();
+    let mut answer = String::new();
+    let answered = wait_for(Duration::from_secs(10), || {
+        answer = trellis_integration::sockets::in_ns(&h.ns.path(), || -> std::io::Result<String> {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.send_to(b"hi", "127.0.0.1:5353")?;
+            let mut buf = [0u8; 128];
+            let (n, from) = s.recv_from(&mut buf)?;
+            Ok(format!("{} from {from}", String::from_utf8_lossy(&buf[..n]).trim()))
+        })
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        answer.starts_with("udp1 ")
+    });
+    assert!(answered, "UDP to 127.0.0.1:5353 got no answer from the container: {answer:?}; {}", published_elements(&h));
+    assert!(answer.ends_with("from 127.0.0.1:5353"), "the answer came back from the published address: {answer}");
     d.ok(&["rm", "-f", "udp1"]).unwrap();
     assert!(
         wait_for(Duration::from_secs(10), || published_elements(&h).is_empty()),
