@@ -387,10 +387,9 @@ fn docker_run_p_publishes_on_the_host_keeping_the_client_s_address() {
         "hairpin failed: {hairpin:?}"
     );
 
-    // UDP, address-bound and picked ports: programmed as asked (next test);
-    // traffic over them is not tested yet. dockerd 20.10's `docker port`
-    // shows no port of this remote driver although EndpointOperInfo
-    // reports them (cause not found yet).
+    // UDP, address-bound and picked ports: the next test. dockerd 20.10's
+    // `docker port` shows no port of this remote driver although
+    // EndpointOperInfo reports them (cause not found yet).
 
     // A port a process of the host holds is refused naming it, and the
     // container publishes nothing.
