@@ -176,6 +176,22 @@ pub struct NetConf {
     pub dns: Dns,
     pub prev_result: Option<Value>,
     pub valid_attachments: Option<Vec<Attachment>>,
+    /// Host ports to publish (the `portMappings` capability, as containerd,
+    /// Podman and Kubernetes' hostPort send it).
+    pub port_mappings: Vec<PortMapping>,
+}
+
+/// One `runtimeConfig.portMappings` entry.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortMapping {
+    #[serde(default)]
+    pub host_port: u16,
+    pub container_port: u16,
+    #[serde(default)]
+    pub protocol: String,
+    #[serde(default, rename = "hostIP")]
+    pub host_ip: String,
 }
 
 fn field<'a>(obj: &'a serde_json::Map<String, Value>, key: &str) -> Option<&'a Value> {
@@ -282,6 +298,17 @@ impl NetConf {
         if let Some(a) = env.args.get("IP") {
             ip = Some(address("CNI_ARGS IP", a)?);
         }
+        let port_mappings: Vec<PortMapping> = match field(&obj, "runtimeConfig")
+            .and_then(|r| r.get("portMappings"))
+            .filter(|v| !v.is_null())
+        {
+            None => Vec::new(),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| {
+                bad_conf(format!(
+                    "runtimeConfig.portMappings must be a list of {{hostPort, containerPort, protocol, hostIP}}: {e}"
+                ))
+            })?,
+        };
         let dns = match field(&obj, "dns") {
             Some(d) => serde_json::from_value(d.clone()).map_err(|e| bad_conf(format!("dns is malformed: {e}")))?,
             None => Dns::default(),
@@ -299,7 +326,18 @@ impl NetConf {
         if env.command == Command::Gc && valid_attachments.is_none() {
             return Err(bad_conf("GC without cni.dev/valid-attachments"));
         }
-        Ok(NetConf { cni_version, name, network, socket, labels, ip, dns, prev_result, valid_attachments })
+        Ok(NetConf {
+            cni_version,
+            name,
+            network,
+            socket,
+            labels,
+            ip,
+            dns,
+            prev_result,
+            valid_attachments,
+            port_mappings,
+        })
     }
 }
 
@@ -420,6 +458,44 @@ mod tests {
         let v = version_result("1.0.0");
         assert_eq!(v["cniVersion"], "1.0.0");
         assert_eq!(v["supportedVersions"], serde_json::json!(["0.4.0", "1.0.0", "1.1.0"]));
+    }
+
+    #[test]
+    fn port_mappings_are_read_as_runtimes_send_them() {
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"app","type":"trellis","runtimeConfig":{"portMappings":[
+                {"hostPort":18080,"containerPort":80,"protocol":"tcp"},
+                {"hostPort":5353,"containerPort":53,"protocol":"udp","hostIP":"127.0.0.1"},
+                {"containerPort":9000}]}}"#,
+            &add_env(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.port_mappings,
+            vec![
+                PortMapping { host_port: 18080, container_port: 80, protocol: "tcp".into(), host_ip: String::new() },
+                PortMapping {
+                    host_port: 5353,
+                    container_port: 53,
+                    protocol: "udp".into(),
+                    host_ip: "127.0.0.1".into()
+                },
+                PortMapping { host_port: 0, container_port: 9000, protocol: String::new(), host_ip: String::new() },
+            ]
+        );
+        let none = NetConf::parse(br#"{"cniVersion":"1.1.0","name":"app","type":"trellis"}"#, &add_env()).unwrap();
+        assert!(none.port_mappings.is_empty());
+        for bad in [
+            r#"{"portMappings":[{"hostPort":70000,"containerPort":80}]}"#,
+            r#"{"portMappings":[{"hostPort":80}]}"#,
+            r#"{"portMappings":[{"hostPort":80,"containerPort":80,"hostPorts":1}]}"#,
+            r#"{"portMappings":{"hostPort":80}}"#,
+        ] {
+            let conf = format!(r#"{{"cniVersion":"1.1.0","name":"app","type":"trellis","runtimeConfig":{bad}}}"#);
+            let err = NetConf::parse(conf.as_bytes(), &add_env()).unwrap_err();
+            assert_eq!(err.code, codes::BAD_CONFIG, "{bad}");
+            assert!(err.msg.contains("runtimeConfig.portMappings"), "{bad}: {}", err.msg);
+        }
     }
 
     #[test]

@@ -54,6 +54,16 @@ async fn add(env: &Env, conf: &NetConf) -> Result<Value, CniError> {
             kind: proto::EndpointKind::Cni as i32,
             container_id: env.container_id.clone(),
             reserved: false,
+            publish: conf
+                .port_mappings
+                .iter()
+                .map(|p| proto::PortMapping {
+                    host_port: p.host_port as u32,
+                    container_port: p.container_port as u32,
+                    protocol: p.protocol.clone(),
+                    host_ip: p.host_ip.clone(),
+                })
+                .collect(),
         })
         .await
         .map_err(|s| {

@@ -336,3 +336,55 @@ fn store_outage_is_try_again_later() {
     assert_eq!(trellis_cni("STATUS", &conf, "", None, "").0, 0);
     assert_eq!(h2.ctl_json(&["endpoint", "ls"]).unwrap().as_array().unwrap().len(), 1);
 }
+
+/// The `portMappings` capability (`runtimeConfig.portMappings`, as
+/// containerd, Podman and Kubernetes' hostPort send it): the host port
+/// answers from outside the cluster with the client's own address kept,
+/// a taken one fails the ADD leaving nothing, and DEL releases it.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn port_mappings_are_published_and_released() {
+    require_root();
+    let h = Host::new().unwrap();
+    let up = trellis_integration::Uplink::new(&h.ns, 33).unwrap();
+    h.ctl(&["network", "create", "pm", "--subnet", "10.46.0.0/24", "--attachable"]).unwrap();
+    let c = Netns::new("trc").unwrap();
+    let _server = trellis_integration::sockets::Backend::start(&c.path(), 80, "c1").unwrap();
+    let mut conf = conf(&h, "1.1.0", "pm");
+    conf["runtimeConfig"] = json!({"portMappings": [{"hostPort": 18480, "containerPort": 80, "protocol": "tcp"}]});
+    let (code, res) = trellis_cni("ADD", &conf, "pm1", Some(&c.path()), "eth0");
+    assert_eq!(code, 0, "{res}");
+    let to: std::net::SocketAddr = format!("{}:18480", up.host_ip).parse().unwrap();
+    let mut line = String::new();
+    let reached = wait_for(Duration::from_secs(10), || {
+        line = trellis_integration::sockets::request(&up.outside.path(), to, Duration::from_millis(500))
+            .unwrap_or_default();
+        !line.is_empty()
+    });
+    assert!(reached, "the host port never answered from outside");
+    assert_eq!(line, format!("c1 {}", up.outside_ip), "the container must see the client's own address");
+
+    // The same host port for another container: the ADD fails, nothing left.
+    let c2 = Netns::new("trc").unwrap();
+    let (code, res) = trellis_cni("ADD", &conf, "pm2", Some(&c2.path()), "eth0");
+    assert_ne!(code, 0, "a taken host port was published twice: {res}");
+    assert!(res["msg"].as_str().unwrap_or_default().contains("18480"), "{res}");
+    assert_eq!(cni_endpoints(&h, "pm"), vec!["pm1".to_string()], "the refused container's endpoint is left");
+
+    // DEL releases the port: nothing answers, and it can be published again.
+    let (code, res) = trellis_cni("DEL", &conf, "pm1", Some(&c.path()), "eth0");
+    assert_eq!(code, 0, "{res}");
+    assert!(
+        wait_for(Duration::from_secs(10), || trellis_integration::sockets::request(
+            &up.outside.path(),
+            to,
+            Duration::from_millis(300)
+        )
+        .is_err()),
+        "the port still answers after DEL"
+    );
+    let (code, res) = trellis_cni("ADD", &conf, "pm2", Some(&c2.path()), "eth0");
+    assert_eq!(code, 0, "the released port could not be published again: {res}");
+    let (code, _) = trellis_cni("DEL", &conf, "pm2", Some(&c2.path()), "eth0");
+    assert_eq!(code, 0);
+}

@@ -211,6 +211,33 @@ fn attach_request(r: proto::AttachRequest) -> Result<AttachRequest, Status> {
         kind,
         netns: optional(&r.netns).map(PathBuf::from),
         container_id: r.container_id,
+        publish: r.publish.iter().map(port_request).collect::<Result<_, _>>()?,
+    })
+}
+
+/// A host port to publish, as the wire has it.
+fn port_request(p: &proto::PortMapping) -> Result<app::ports::PortRequest, Status> {
+    let proto = match p.protocol.to_ascii_lowercase().as_str() {
+        "" | "tcp" => model::Proto::Tcp,
+        "udp" => model::Proto::Udp,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "port mapping {}: protocol {other:?} is not supported (tcp or udp)",
+                p.container_port
+            )));
+        }
+    };
+    let port = |what: &str, v: u32, zero: bool| -> Result<u16, Status> {
+        match u16::try_from(v) {
+            Ok(n) if n > 0 || zero => Ok(n),
+            _ => Err(Status::invalid_argument(format!("port mapping: {what} {v} is not a port (1-65535)"))),
+        }
+    };
+    Ok(app::ports::PortRequest {
+        proto,
+        host_ip: optional(&p.host_ip).map(|ip| validate::ip("hostIP", ip)).transpose().map_err(bad)?,
+        host_port: port("hostPort", p.host_port, true)?,
+        port: port("containerPort", p.container_port, false)?,
     })
 }
 

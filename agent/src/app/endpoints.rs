@@ -27,6 +27,8 @@ pub struct AttachRequest {
     /// An existing namespace; `None`: a new one the agent manages.
     pub netns: Option<PathBuf>,
     pub container_id: String,
+    /// Host ports to publish to it: all or none, else the attach fails.
+    pub publish: Vec<super::ports::PortRequest>,
 }
 
 impl AttachRequest {
@@ -41,6 +43,7 @@ impl AttachRequest {
             kind,
             netns: None,
             container_id: String::new(),
+            publish: Vec::new(),
         }
     }
 }
@@ -145,6 +148,20 @@ impl App {
             self.remove_managed(&rec);
             return Err(AgentError::FailedPrecondition(format!(
                 "attaching to network {:?} failed: {msg}; nothing was left behind",
+                rec.network
+            )));
+        }
+        if !req.publish.is_empty()
+            && let Err(e) = self.publish(&rec.id, &req.publish).await
+        {
+            // All or nothing: the endpoint goes too.
+            if let Err(undo) = self.cluster.remove_endpoint(&rec).await {
+                tracing::error!(endpoint = %id, error = %undo, "rolling back an attach whose ports failed");
+            }
+            let _ = self.reconciler.pass().await;
+            self.remove_managed(&rec);
+            return Err(AgentError::FailedPrecondition(format!(
+                "attaching to network {:?} failed: {e}; nothing was left behind",
                 rec.network
             )));
         }
@@ -336,6 +353,34 @@ mod tests {
         assert!(err.to_string().contains("nothing was left behind"), "{err}");
         l.dp.fail_every_endpoint.store(false, Ordering::Relaxed);
         nothing_left(&l, "10.7.3.0/24").await;
+    }
+
+    #[tokio::test]
+    async fn an_attach_publishes_its_ports_or_leaves_nothing() {
+        use crate::app::ports::PortRequest;
+        use crate::model::Proto;
+        let l = lab();
+        network(&l.app, "n", "10.7.6.0/24").await;
+        let port = |host_port, port| PortRequest { proto: Proto::Tcp, host_ip: None, host_port, port };
+        let mut req = AttachRequest::new("n", EndpointKind::Cni);
+        req.publish = vec![port(18080, 80)];
+        let a = l.app.attach(req).await.unwrap();
+        let rec = l.app.cluster.find_endpoint(&a.endpoint.id, None).await.unwrap();
+        assert_eq!(rec.ports.iter().map(|p| (p.host_port, p.port)).collect::<Vec<_>>(), vec![(18080, 80)]);
+        // A second endpoint asking for a taken host port (and a free one):
+        // refused naming the holder, and nothing of it is left.
+        l.dp.held_ports.lock().unwrap().insert((Proto::Tcp, 18081), "process \"nginx\" (pid 42)".into());
+        for taken in [18080, 18081] {
+            let mut req = AttachRequest::new("n", EndpointKind::Cni);
+            req.publish = vec![port(18090, 90), port(taken, 80)];
+            let err = l.app.attach(req).await.unwrap_err();
+            assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err:?}");
+            let msg = err.to_string();
+            assert!(msg.contains(&taken.to_string()) && msg.contains("nothing was left behind"), "{msg}");
+            let all = l.app.cluster.all_endpoints().await.unwrap();
+            assert_eq!(all.len(), 1, "the refused endpoint is left: {all:?}");
+            assert!(all[0].ports.iter().all(|p| p.host_port != 18090), "half published");
+        }
     }
 
     #[tokio::test]
