@@ -27,6 +27,8 @@ pub struct Dockerd {
     pidfile: PathBuf,
     run_dir: PathBuf,
     log: PathBuf,
+    /// dockerd's own iptables rules on (`--iptables=true`).
+    iptables: bool,
 }
 
 fn docker_bin() -> &'static str {
@@ -39,6 +41,17 @@ impl Dockerd {
     /// the host's Docker directories, as [`Host::start`] does) and import
     /// the test image.
     pub fn start(host: &Host) -> Result<Dockerd> {
+        Self::start_with(host, false)
+    }
+
+    /// A dockerd with its own iptables rules on, as Docker runs by default
+    /// (in the host's namespace only: its FORWARD policy DROP, its DOCKER
+    /// and DOCKER-USER chains).
+    pub fn start_with_iptables(host: &Host) -> Result<Dockerd> {
+        Self::start_with(host, true)
+    }
+
+    fn start_with(host: &Host, iptables: bool) -> Result<Dockerd> {
         let dir = host.dir.path();
         let d = Dockerd {
             child: None,
@@ -49,6 +62,7 @@ impl Dockerd {
             pidfile: dir.join("docker.pid"),
             run_dir: host.docker_run_dir(),
             log: dir.join("dockerd.log"),
+            iptables,
         };
         std::fs::create_dir_all(&d.exec_root)?;
         std::fs::create_dir_all(d.run_dir.join("plugins"))?;
@@ -68,7 +82,8 @@ impl Dockerd {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let script = format!(
             "mount --bind {run} /run/docker && exec dockerd --data-root {data} --exec-root {exec} --pidfile {pid} \
-             -H unix://{sock} --bridge=none --iptables=false --ip-masq=false --userland-proxy=false --log-level=warn",
+             -H unix://{sock} --bridge=none --iptables={iptables} --ip-masq=false --userland-proxy=false --log-level=warn",
+            iptables = self.iptables,
             run = self.run_dir.display(),
             data = self.data_root.display(),
             exec = self.exec_root.display(),

@@ -520,3 +520,55 @@ fn docker_run_p_udp_bound_and_ephemeral_ports_are_programmed() {
         published_elements(&h)
     );
 }
+
+/// Docker's default settings: dockerd with its own iptables rules on (its
+/// FORWARD policy DROP). Containers on a Trellis network still reach the
+/// outside, and a published port still answers from outside.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn published_ports_and_egress_work_with_dockers_own_iptables_on() {
+    require_root();
+    let h = Host::new().unwrap();
+    let up = trellis_integration::Uplink::new(&h.ns, 34).unwrap();
+    let d = Dockerd::start_with_iptables(&h).unwrap();
+    // dockerd sets the FORWARD policy to DROP when it enables forwarding
+    // itself (a host booting with dockerd before trellisd); here trellisd
+    // enabled it first, so set it as dockerd would.
+    let forward = |args: &[&str]| {
+        let out = trellis_integration::in_netns(&h.ns.path(), "iptables", args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    forward(&["-P", "FORWARD", "DROP"]);
+    let policy = forward(&["-S", "FORWARD"]);
+    assert!(policy.contains("-P FORWARD DROP") && policy.contains("-j DOCKER-USER"), "{policy}");
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "trellis",
+        "--ipam-driver",
+        "trellis",
+        "--subnet",
+        "10.63.0.0/24",
+        "--attachable",
+        "ipt",
+    ])
+    .unwrap();
+    d.ok(&["run", "-d", "--name", "web", "--network", "ipt", "-p", "18280:80", IMAGE, "sh", "-c", WHO_AM_I_TALKING_TO])
+        .unwrap();
+    let mut seen = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            seen = wget(&up.outside.path(), (up.host_ip.as_str(), "18280"));
+            seen.is_some()
+        }),
+        "not reached from outside with Docker's iptables on; FORWARD:\n{}",
+        String::from_utf8_lossy(
+            &trellis_integration::in_netns(&h.ns.path(), "iptables", &["-S", "-v"]).output().unwrap().stdout
+        )
+    );
+    assert_eq!(seen.as_deref(), Some(up.outside_ip.as_str()));
+    // Egress: the container reaches the outside namespace.
+    assert!(ping(&d, "web", &up.outside_ip), "egress dropped by Docker's FORWARD policy");
+    let _ = d.docker(&["rm", "-f", "web"]).output();
+}

@@ -8,6 +8,64 @@ use crate::dataplane::{DataplaneError, Result};
 /// Written with the rules when they ask for it ([`EgressRules::forwarding`]).
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
+/// dockerd with its own iptables rules (its default) sets the FORWARD
+/// policy to DROP when it enables forwarding itself, and leaves the
+/// `DOCKER-USER` chain, jumped to first, to its users: what Trellis bridges
+/// forward is accepted there (isolation between Trellis networks stays in
+/// the `inet trellis` table, a base chain of its own that still sees every
+/// packet). Written with the `iptables` that dockerd uses, never into a
+/// chain dockerd did not make.
+const DOCKER_USER_RULES: [[&str; 8]; 2] = [
+    ["-i", "trb-+", "-m", "comment", "--comment", "trellis", "-j", "ACCEPT"],
+    ["-o", "trb-+", "-m", "comment", "--comment", "trellis", "-j", "ACCEPT"],
+];
+
+fn iptables(args: &[&str]) -> Option<std::process::Output> {
+    std::process::Command::new("iptables").arg("-w").args(args).output().ok()
+}
+
+/// Does dockerd's `DOCKER-USER` chain exist here, and does it lack one of
+/// the accepts?
+fn docker_user_missing() -> bool {
+    if !iptables(&["-S", "DOCKER-USER"]).is_some_and(|o| o.status.success()) {
+        return false;
+    }
+    DOCKER_USER_RULES.iter().any(|r| {
+        let mut check = vec!["-C", "DOCKER-USER"];
+        check.extend_from_slice(r);
+        !iptables(&check).is_some_and(|o| o.status.success())
+    })
+}
+
+/// Insert the accepts that are missing from an existing `DOCKER-USER`.
+fn ensure_docker_user() -> Result<()> {
+    if !iptables(&["-S", "DOCKER-USER"]).is_some_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    for r in DOCKER_USER_RULES {
+        let mut check = vec!["-C", "DOCKER-USER"];
+        check.extend_from_slice(&r);
+        if iptables(&check).is_some_and(|o| o.status.success()) {
+            continue;
+        }
+        let mut insert = vec!["-I", "DOCKER-USER", "1"];
+        insert.extend_from_slice(&r);
+        match iptables(&insert) {
+            Some(o) if o.status.success() => {
+                tracing::info!(rule = %r.join(" "), "accepting Trellis bridges' traffic in Docker's DOCKER-USER chain")
+            }
+            other => {
+                return Err(DataplaneError::Nftables(format!(
+                    "inserting into Docker's DOCKER-USER chain ({}): {}",
+                    r.join(" "),
+                    other.map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string()).unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl NetlinkDataplane {
     /// The fingerprint the installed table carries (`None` without one).
     pub(super) async fn egress_fingerprint(&self) -> Result<Option<String>> {
@@ -16,6 +74,8 @@ impl NetlinkDataplane {
                 nftables::helper::DEFAULT_NFT,
                 ["list", "table", "inet", egress::TABLE],
             ) {
+                // Docker's chain lacking the accepts counts as rules to apply.
+                Ok(_) if docker_user_missing() => Ok(None),
                 Ok(set) => Ok(egress::observed_fingerprint(&set)),
                 Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => {
                     Ok(None)
@@ -37,6 +97,9 @@ impl NetlinkDataplane {
         })
         .await
         .map_err(|e| DataplaneError::Nftables(e.to_string()))??;
+        tokio::task::spawn_blocking(ensure_docker_user)
+            .await
+            .map_err(|e| DataplaneError::Nftables(e.to_string()))??;
         if rules.forwarding {
             std::fs::write(IP_FORWARD, b"1").map_err(|e| DataplaneError::Io {
                 call: "enable ip_forward",
