@@ -98,11 +98,16 @@ fn a_vip_balances_over_backends_on_three_hosts_and_follows_them() {
         .unwrap();
     assert!(wait_for(Duration::from_secs(5), || dig("rr") == task_ips), "rr → {:?}", dig("rr"));
 
-    // 1,000 connections spread within ±10 % of even, each seeing the client's IP.
+    // 1,000 connections spread evenly, each seeing the client's IP. Each
+    // connection's source port picks its Maglev slot at random: a backend's
+    // count is binomial (n 1,000, p 1/3, σ ≈ 15), so ±10 % of even (±2.3 σ)
+    // failed about one run in twenty with nothing wrong (web1 got 374 in
+    // one); ±5 σ (258–408) fails a working spread about once in a million
+    // and still catches a skewed one.
     let seen = spread(&client, vip, 1000, &cip);
     assert_eq!(seen.len(), 3, "{seen:?}");
     for (name, n) in &seen {
-        assert!((300..=367).contains(n), "{name} got {n} of 1000 connections: {seen:?}");
+        assert!((258..=408).contains(n), "{name} got {n} of 1000 connections: {seen:?}");
     }
     // The selections are counted by the datapath.
     let inspect = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
