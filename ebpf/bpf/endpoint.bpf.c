@@ -9,6 +9,7 @@
  *   backend left are reset), counters and monitor events.
  * trellis_to_endpoint (egress: what the endpoint receives):
  *   reverse translation of backends' replies to the VIP, counters.
+ * trellis_from_uplink, trellis_from_tunnel: the routing mesh (mesh.h).
  *
  * This file holds the two entry points: the order of the checks above
  * (anti-spoofing and isolation are theirs, inline). The mechanics are in
@@ -21,7 +22,10 @@
  *   arp.h       ARP headers, the VIP MAC, ARP answers for VIPs
  *   lb.h        service VIPs: ping/reset answers, Maglev, conntrack, DNAT,
  *               reverse NAT
- *   dns.h       the in-kernel DNS fast path, DNS redirected to the gateway */
+ *   dns.h       the in-kernel DNS fast path, DNS redirected to the gateway
+ *   mesh.h      the routing mesh: published ports on every host (the
+ *               programs of uplinks and tunnels below, and the backends'
+ *               side in the two endpoint programs) */
 #include "lib/parse.h"
 #include "lib/maps.h"
 #include "lib/counters.h"
@@ -30,6 +34,7 @@
 #include "lib/arp.h"
 #include "lib/lb.h"
 #include "lib/dns.h"
+#include "lib/mesh.h"
 
 SEC("classifier")
 int trellis_from_endpoint(struct __sk_buff *skb)
@@ -64,6 +69,7 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		if (ip->saddr != ep->ip)
 			return drop(c, DROP_SPOOF_IP, ifindex, &f);
 		__u32 daddr = ip->daddr;
+		int verdict;
 		int dns_query = f.proto == PROTO_UDP && f.dport == bpf_htons(53) && f.l4off &&
 				(ep->flags & EP_DNS_FAST) && (config_flags() & CFG_DNS_KERNEL);
 		/* A query to the network's resolver first: answered here, it
@@ -91,6 +97,10 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		if (n) {
 			if (n->net_id != ep->net_id)
 				return drop(c, DROP_ISOLATION, ifindex, &f);
+		} else if ((f.proto == PROTO_TCP || f.proto == PROTO_UDP) && f.l4off &&
+			   (verdict = mesh_from_endpoint(skb, &f)) >= 0) {
+			/* A backend's reply to a connection the mesh brought. */
+			return verdict;
 		} else if ((ep->flags & EP_DNS) && ep->gateway && f.dport == bpf_htons(53) && f.l4off &&
 			   (f.proto == PROTO_UDP || f.proto == PROTO_TCP)) {
 			/* DNS to a resolver outside Trellis (one an engine wrote
@@ -170,7 +180,23 @@ int trellis_to_endpoint(struct __sk_buff *skb)
 	parse_flow(ip, data, end, &f);
 	if ((f.proto != PROTO_TCP && f.proto != PROTO_UDP) || !f.l4off)
 		return TC_ACT_OK;
+	mesh_to_endpoint(skb, &f);
 	return reverse_nat(skb, &f);
+}
+
+/* tc ingress of the host's uplink: the routing mesh's published ports. */
+SEC("classifier")
+int trellis_from_uplink(struct __sk_buff *skb)
+{
+	return mesh_from_uplink(skb);
+}
+
+/* tc ingress of a network's VXLAN device: replies coming back to this
+ * host's mesh MAC. */
+SEC("classifier")
+int trellis_from_tunnel(struct __sk_buff *skb)
+{
+	return mesh_from_tunnel(skb);
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";

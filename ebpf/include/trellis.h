@@ -67,6 +67,7 @@ struct flow_event {
 #define CFG_EVENTS 1 /* someone watches: send monitor events */
 #define CFG_DNS_KERNEL 2 /* answer A queries found in `dns` in the program */
 #define CFG_DNS_RA 4     /* the agent's server forwards: answers say so (RA) */
+#define CFG_MESH 8       /* some service is published on the mesh: look for its flows */
 struct config {
 	__u32 flags;
 };
@@ -189,6 +190,56 @@ _Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
 _Static_assert(sizeof(struct rnat_value) == 8, "rnat_value layout");
 _Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
 _Static_assert(sizeof(struct config) == 4, "config layout");
+
+/* The routing mesh: ports every host accepts for a service, from outside.
+ * `published`: port and protocol → the service behind it. */
+struct pub_key {
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct pub_info {
+	__u32 id;          /* the service: key of `maglev` and `backends` */
+	__u16 target_port; /* the backends' port */
+	__u16 pad;
+	__u32 count;       /* backends */
+	__u32 revision;    /* of its backend set (the agent's change check) */
+	__u32 bridge;      /* ifindex of the service network's bridge here */
+};
+
+/* `mesh_addrs`: this host's addresses the mesh answers on → 1. */
+
+/* `mesh_config` (an array of one): this host's mesh MAC, the source of
+ * what it sends into a network for the mesh and where replies come back
+ * to (06:7e and its underlay IPv4 address). */
+struct mesh_config {
+	__u8 mac[6];
+	__u16 pad;
+};
+
+/* `mesh`: one connection through the mesh, keyed as the backend's replies
+ * see it (an rnat_key: client, backend, their ports, protocol). On the
+ * host that took it (MESH_INGRESS): the address and port the client asked
+ * and the way back to it; on the backend's host when another host took it
+ * (MESH_RETURN): that host's mesh MAC. */
+#define MESH_INGRESS 1
+#define MESH_RETURN 2
+struct mesh_flow {
+	__u32 addr;       /* ingress: the host address the client asked */
+	__u16 port;       /* ingress: the published port */
+	__u8 kind;        /* MESH_* */
+	__u8 pad;
+	__u32 ifindex;    /* ingress: the interface it came in on */
+	__u8 peer_mac[6]; /* ingress: the client's (or its router's) MAC; return: the ingress host's mesh MAC */
+	__u8 own_mac[6];  /* ingress: this host's MAC on that interface */
+};
+
+_Static_assert(sizeof(struct pub_key) == 4, "pub_key layout");
+_Static_assert(sizeof(struct pub_info) == 20, "pub_info layout");
+_Static_assert(sizeof(struct mesh_config) == 8, "mesh_config layout");
+_Static_assert(sizeof(struct mesh_flow) == 24, "mesh_flow layout");
+_Static_assert(__builtin_offsetof(struct mesh_flow, peer_mac) == 12, "mesh_flow.peer_mac");
 
 /* The in-kernel DNS fast path: names with exactly one A record, per
  * network. `name` is the query name in wire format (length-prefixed labels

@@ -52,6 +52,8 @@ pub const CFG_EVENTS: u32 = 1;
 pub const CFG_DNS_KERNEL: u32 = 2;
 /// `CFG_DNS_RA`: the agent's DNS server forwards (its answers set RA).
 pub const CFG_DNS_RA: u32 = 4;
+/// `CFG_MESH`: some service is published on the mesh.
+pub const CFG_MESH: u32 = 8;
 /// `EP_DNS_FAST` of `endpoint_info.flags`.
 pub const EP_DNS_FAST: u32 = 4;
 
@@ -192,6 +194,83 @@ pub struct SvcStats {
     pub resets: u64,
 }
 
+/// `struct pub_key`: a port every host accepts for a service (the routing
+/// mesh), network order, and its IP protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PubKey {
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+impl PubKey {
+    pub fn new(port: u16, proto: u8) -> PubKey {
+        PubKey { port: port.to_be(), proto, pad: 0 }
+    }
+}
+
+/// `struct pub_info`: the service behind a published port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PubInfo {
+    /// The service's id (its `maglev` table and `backends`).
+    pub id: u32,
+    /// The backends' port, network order.
+    pub target_port: u16,
+    pub pad: u16,
+    pub count: u32,
+    pub revision: u32,
+    /// The ifindex of the service network's bridge on this host.
+    pub bridge: u32,
+}
+
+/// `struct mesh_config`: this host's mesh MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub mac: [u8; 6],
+    pub pad: u16,
+}
+
+/// `struct rnat_key`: a backend's reply as the datapath keys it (client,
+/// backend, their ports, protocol); the key of `mesh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RnatKey {
+    pub client: u32,
+    pub backend: u32,
+    pub cport: u16,
+    pub bport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+/// `MESH_INGRESS`: this host took the connection.
+pub const MESH_INGRESS: u8 = 1;
+/// `MESH_RETURN`: another host did; replies go back to its mesh MAC.
+pub const MESH_RETURN: u8 = 2;
+
+/// `struct mesh_flow`: one connection through the mesh.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MeshFlow {
+    pub addr: u32,
+    pub port: u16,
+    pub kind: u8,
+    pub pad: u8,
+    pub ifindex: u32,
+    pub peer_mac: [u8; 6],
+    pub own_mac: [u8; 6],
+}
+
+/// A host's mesh MAC: 06:7e and its underlay IPv4 address (unique in the
+/// cluster, and never an endpoint's, which start 02:42).
+pub fn mesh_mac(underlay: Ipv4Addr) -> [u8; 6] {
+    let o = underlay.octets();
+    [0x06, 0x7e, o[0], o[1], o[2], o[3]]
+}
+
 /// The map values and keys shared with the C programs are plain old data.
 macro_rules! pod {
     ($($t:ty),* $(,)?) => {
@@ -217,7 +296,12 @@ pod!(
     SvcStats,
     DnsKey,
     DnsAnswer,
-    DnsStats
+    DnsStats,
+    PubKey,
+    PubInfo,
+    MeshConfig,
+    RnatKey,
+    MeshFlow
 );
 
 /// Longest query name (wire format) the in-kernel DNS path answers.
@@ -431,6 +515,28 @@ pub type Result<T, E = DatapathError> = std::result::Result<T, E>;
 const FROM_ENDPOINT: &str = "trellis_from_endpoint";
 /// The program on what it receives (tc egress).
 const TO_ENDPOINT: &str = "trellis_to_endpoint";
+/// The routing mesh's program on an uplink (tc ingress).
+const FROM_UPLINK: &str = "trellis_from_uplink";
+/// The routing mesh's program on a network's VXLAN device (tc ingress).
+const FROM_TUNNEL: &str = "trellis_from_tunnel";
+
+/// Where a mesh program goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum MeshRole {
+    /// An interface outside clients reach the host on.
+    Uplink,
+    /// A network's VXLAN device (replies come back over it).
+    Tunnel,
+}
+
+impl MeshRole {
+    fn program(self) -> &'static str {
+        match self {
+            MeshRole::Uplink => FROM_UPLINK,
+            MeshRole::Tunnel => FROM_TUNNEL,
+        }
+    }
+}
 
 /// The loaded endpoint programs and their maps.
 pub struct Datapath {
@@ -461,7 +567,7 @@ impl Datapath {
         loader.default_map_pin_directory(pin_dir);
         // (Its maps are declared pinned by name: loading needs a bpffs.)
         let mut ebpf = loader.load(ENDPOINT_OBJECT)?;
-        for name in [FROM_ENDPOINT, TO_ENDPOINT] {
+        for name in [FROM_ENDPOINT, TO_ENDPOINT, FROM_UPLINK, FROM_TUNNEL] {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(DatapathError::Missing("endpoint program"))?
@@ -548,6 +654,70 @@ impl Datapath {
             r?;
         }
         Ok(())
+    }
+
+    /// Attach the mesh program of `role` to the tc ingress of `ifname` for
+    /// good, with a marker directory `marker` (the tcx link pinned in it
+    /// as `from`, as for endpoints; [`remove_marker`] undoes it).
+    pub fn attach_mesh_persistent(
+        &mut self,
+        ifname: &str,
+        role: MeshRole,
+        marker: &Path,
+        mode: AttachMode,
+    ) -> Result<()> {
+        if mode == AttachMode::Clsact {
+            add_clsact(ifname)?;
+        }
+        let _ = remove_marker(marker);
+        std::fs::create_dir(marker)
+            .map_err(|e| DatapathError::Pin { path: marker.to_path_buf(), reason: e.to_string() })?;
+        let prog = self.program(role.program())?;
+        attach_pinned(prog, ifname, TcAttachType::Ingress, mode, &marker.join("from"))
+    }
+
+    /// The published ports (the routing mesh).
+    pub fn published(&self) -> Result<Vec<(PubKey, PubInfo)>> {
+        self.entries("published")
+    }
+
+    pub fn put_published(&mut self, key: PubKey, info: PubInfo) -> Result<()> {
+        self.put("published", key, info)
+    }
+
+    pub fn remove_published(&mut self, key: PubKey) -> Result<()> {
+        self.delete::<PubKey, PubInfo>("published", key)
+    }
+
+    /// The host addresses the mesh answers on.
+    pub fn mesh_addrs(&self) -> Result<Vec<Ipv4Addr>> {
+        Ok(self.entries::<u32, u32>("mesh_addrs")?.into_iter().map(|(k, _)| ip_of(k)).collect())
+    }
+
+    pub fn put_mesh_addr(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.put("mesh_addrs", be(addr), 1u32)
+    }
+
+    pub fn remove_mesh_addr(&mut self, addr: Ipv4Addr) -> Result<()> {
+        self.delete::<u32, u32>("mesh_addrs", be(addr))
+    }
+
+    /// This host's mesh MAC (all zero: none set).
+    pub fn mesh_mac(&self) -> Result<[u8; 6]> {
+        let map = self.ebpf.map("mesh_config").ok_or(DatapathError::Missing("mesh_config"))?;
+        let a: aya::maps::Array<_, MeshConfig> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
+        Ok(a.get(&0, 0).map_err(map_err("read mesh_config"))?.mac)
+    }
+
+    pub fn set_mesh_mac(&mut self, mac: [u8; 6]) -> Result<()> {
+        let map = self.ebpf.map_mut("mesh_config").ok_or(DatapathError::Missing("mesh_config"))?;
+        let mut a: aya::maps::Array<_, MeshConfig> = aya::maps::Array::try_from(map).map_err(map_err("open"))?;
+        a.set(0, MeshConfig { mac, pad: 0 }, 0).map_err(map_err("write mesh_config"))
+    }
+
+    /// The connections through the mesh this host knows.
+    pub fn mesh_flows(&self) -> Result<Vec<(RnatKey, MeshFlow)>> {
+        self.entries("mesh")
     }
 
     fn hash<K: Pod, V: Pod>(&self, name: &'static str) -> Result<HashMap<&aya::maps::MapData, K, V>> {
@@ -929,6 +1099,25 @@ mod tests {
         assert_eq!(size_of::<DnsAnswer>(), 8);
         assert_eq!(size_of::<DnsStats>(), 16);
         assert_eq!(DropReason::NoBackend as usize, 7);
+        assert_eq!(size_of::<PubKey>(), 4);
+        assert_eq!(size_of::<PubInfo>(), 20);
+        assert_eq!(size_of::<MeshConfig>(), 8);
+        assert_eq!(size_of::<RnatKey>(), 16);
+        assert_eq!(size_of::<MeshFlow>(), 24);
+        assert_eq!(offset_of!(MeshFlow, peer_mac), 12);
+    }
+
+    #[test]
+    fn mesh_constants_match_the_c_header() {
+        let h = include_str!("../include/trellis.h");
+        assert!(h.contains(&format!("#define MESH_INGRESS {MESH_INGRESS}")));
+        assert!(h.contains(&format!("#define MESH_RETURN {MESH_RETURN}")));
+        assert!(h.contains(&format!("#define CFG_MESH {CFG_MESH}")));
+        let m = include_str!("../bpf/lib/mesh.h");
+        let mac = mesh_mac(Ipv4Addr::new(198, 19, 0, 1));
+        assert!(m.contains(&format!("#define MESH_MAC0 {:#04x}", mac[0])));
+        assert!(m.contains(&format!("#define MESH_MAC1 {:#04x}", mac[1])));
+        assert_eq!(&mac[2..], &[198, 19, 0, 1]);
     }
 
     /// MAGLEV_M is the header's.

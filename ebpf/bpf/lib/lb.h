@@ -118,6 +118,58 @@ static __always_inline int tcp_reset(struct __sk_buff *skb, const struct flow *f
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* What select_backend found. */
+#define SELECT_OK 0
+#define SELECT_NONE 1 /* the service has no backend */
+#define SELECT_LEFT 2 /* a TCP flow past its SYN whose backend left: reset it */
+
+/* The backend of flow `f` to service `svc_id` (`count` backends, on
+ * `target_port`, 0: the port asked for): the one its `ct` entry (keyed by
+ * the client and the address and port it asked) remembers while that
+ * backend stays, else a new choice by the Maglev table, remembered. Shared
+ * by VIPs and the routing mesh (the same table: a client gets the same
+ * backend either way). */
+static __always_inline int select_backend(struct __sk_buff *skb, const struct flow *f, __u32 svc_id, __u32 count,
+					  __u16 target_port, struct ct_value *out)
+{
+	struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
+	struct ct_value *known = bpf_map_lookup_elem(&ct, &ck);
+	if (known) {
+		struct backend_key bk = { .svc_id = known->svc_id, .ip = known->backend };
+		if (known->svc_id == svc_id && bpf_map_lookup_elem(&backends, &bk)) {
+			*out = *known;
+			return SELECT_OK;
+		}
+		/* Its backend left: TCP is told at once; UDP moves on. */
+		bpf_map_delete_elem(&ct, &ck);
+		if (f->proto == PROTO_TCP && !f->syn)
+			return SELECT_LEFT;
+	}
+	struct maglev_table *table = bpf_map_lookup_elem(&maglev, &svc_id);
+	if (!table || count == 0)
+		return SELECT_NONE;
+	__u32 slot = bpf_get_hash_recalc(skb) % MAGLEV_M;
+	/* Keep the bound check the compiler would prove redundant: the
+	 * verifier needs it. */
+	asm volatile("" : "+r"(slot));
+	if (slot >= MAGLEV_M)
+		return SELECT_NONE;
+	__u32 ip = table->ip[slot];
+	struct backend_key bk = { .svc_id = svc_id, .ip = ip };
+	struct backend_info *b = ip ? bpf_map_lookup_elem(&backends, &bk) : 0;
+	if (!b)
+		return SELECT_NONE;
+	out->backend = ip;
+	out->bport = target_port ? target_port : f->dport;
+	__builtin_memcpy(out->mac, b->mac, ETH_ALEN);
+	out->svc_id = svc_id;
+	bpf_map_update_elem(&ct, &ck, out, BPF_ANY);
+	struct svc_stats *st = stats_of(svc_id);
+	if (st)
+		st->selections += 1;
+	return SELECT_OK;
+}
+
 /* A packet the endpoint sends to a VIP of its network. */
 static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counters *c, const struct vip_info *v,
 				  const struct flow *f)
@@ -146,55 +198,21 @@ static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counter
 		return f->proto == PROTO_TCP ? tcp_reset(skb, f) : TC_ACT_SHOT;
 	}
 	__u32 svc_id = svc->id;
-	__u16 target_port = svc->target_port ? svc->target_port : f->dport;
+	__u16 target_port = svc->target_port;
 
-	struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
 	struct ct_value cv = {};
-	struct ct_value *known = bpf_map_lookup_elem(&ct, &ck);
-	int chosen = 0;
-	if (known) {
-		struct backend_key bk = { .svc_id = known->svc_id, .ip = known->backend };
-		if (known->svc_id == svc_id && bpf_map_lookup_elem(&backends, &bk)) {
-			cv = *known;
-			chosen = 1;
-		} else {
-			/* Its backend left: TCP is told at once; UDP moves on. */
-			bpf_map_delete_elem(&ct, &ck);
-			if (f->proto == PROTO_TCP && !f->syn) {
-				struct svc_stats *st = stats_of(svc_id);
-				if (st)
-					st->resets += 1;
-				if (c)
-					c->drops[DROP_NO_BACKEND] += 1;
-				emit(ifindex, f, 1, DROP_NO_BACKEND);
-				return tcp_reset(skb, f);
-			}
-		}
-	}
-	if (!chosen) {
-		struct maglev_table *table = bpf_map_lookup_elem(&maglev, &svc_id);
-		if (!table || svc->count == 0)
-			goto no_backend;
-		__u32 slot = bpf_get_hash_recalc(skb) % MAGLEV_M;
-		/* Keep the bound check the compiler would prove redundant: the
-		 * verifier needs it. */
-		asm volatile("" : "+r"(slot));
-		if (slot >= MAGLEV_M)
-			goto no_backend;
-		__u32 ip = table->ip[slot];
-		struct backend_key bk = { .svc_id = svc_id, .ip = ip };
-		struct backend_info *b = ip ? bpf_map_lookup_elem(&backends, &bk) : 0;
-		if (!b)
-			goto no_backend;
-		cv.backend = ip;
-		cv.bport = target_port;
-		__builtin_memcpy(cv.mac, b->mac, ETH_ALEN);
-		cv.svc_id = svc_id;
-		bpf_map_update_elem(&ct, &ck, &cv, BPF_ANY);
+	int chosen = select_backend(skb, f, svc_id, svc->count, target_port, &cv);
+	if (chosen == SELECT_LEFT) {
 		struct svc_stats *st = stats_of(svc_id);
 		if (st)
-			st->selections += 1;
+			st->resets += 1;
+		if (c)
+			c->drops[DROP_NO_BACKEND] += 1;
+		emit(ifindex, f, 1, DROP_NO_BACKEND);
+		return tcp_reset(skb, f);
 	}
+	if (chosen != SELECT_OK)
+		goto no_backend;
 	struct rnat_key rk = { .client = f->saddr, .backend = cv.backend, .cport = f->sport, .bport = cv.bport, .proto = f->proto };
 	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
 	if (!rv || rv->vip != f->daddr || rv->vport != f->dport) {

@@ -125,6 +125,39 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } svc_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct pub_key);
+	__type(value, struct pub_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} published SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mesh_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct rnat_key);
+	__type(value, struct mesh_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} mesh SEC(".maps");
+
 static __always_inline __u32 config_flags(void)
 {
 	__u32 zero = 0;

@@ -107,6 +107,10 @@ pub enum Prog {
     FromEndpoint,
     /// `trellis_to_endpoint` (tc egress).
     ToEndpoint,
+    /// `trellis_from_uplink` (tc ingress of an uplink: the routing mesh).
+    FromUplink,
+    /// `trellis_from_tunnel` (tc ingress of a network's VXLAN device).
+    FromTunnel,
 }
 
 /// What one run of a program on a frame gave.
@@ -153,7 +157,7 @@ impl RunLab {
         let mut loader = aya::EbpfLoader::new();
         loader.default_map_pin_directory(dir.path());
         let mut progs = loader.load(ENDPOINT_OBJECT).expect("loading the object again (pinned maps reused)");
-        for name in ["trellis_from_endpoint", "trellis_to_endpoint"] {
+        for name in ["trellis_from_endpoint", "trellis_to_endpoint", "trellis_from_uplink", "trellis_from_tunnel"] {
             let p: &mut SchedClassifier = progs.program_mut(name).unwrap().try_into().unwrap();
             p.load().unwrap_or_else(|e| panic!("loading {name}: {e}"));
         }
@@ -166,6 +170,8 @@ impl RunLab {
         let name = match prog {
             Prog::FromEndpoint => "trellis_from_endpoint",
             Prog::ToEndpoint => "trellis_to_endpoint",
+            Prog::FromUplink => "trellis_from_uplink",
+            Prog::FromTunnel => "trellis_from_tunnel",
         };
         let p: &SchedClassifier = self.progs.program(name).unwrap().try_into().unwrap();
         let ns = std::fs::File::open(self.ns.path()).unwrap();
