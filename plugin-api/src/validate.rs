@@ -88,6 +88,42 @@ pub fn service_port(value: &str) -> Result<(u16, &'static str, u16)> {
     Ok((port, proto, target))
 }
 
+/// A `--publish` value `HOSTPORT:PORT[/tcp|/udp]` or `PORT[/tcp|/udp]`
+/// (host port 0: the agent picks one): (host port, service port, protocol).
+pub fn mesh_publish(value: &str) -> Result<(u16, u16, &'static str)> {
+    let (ports, proto) = match value.split_once('/') {
+        Some((p, proto)) => (p, proto),
+        None => (value, "tcp"),
+    };
+    let proto = match proto.to_ascii_lowercase().as_str() {
+        "tcp" => "tcp",
+        "udp" => "udp",
+        other => return Err(invalid("publish", value, format!("protocol {other:?}: expected tcp or udp"))),
+    };
+    let number = |s: &str| -> Result<u16> {
+        match s.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(invalid(
+                "publish",
+                value,
+                format!("{s:?} is not a port (1-65535); expected HOSTPORT:PORT[/tcp|/udp] or PORT[/tcp|/udp]"),
+            )),
+        }
+    };
+    match ports.split_once(':') {
+        Some((host, port)) => Ok((number(host)?, number(port)?, proto)),
+        None => Ok((0, number(ports)?, proto)),
+    }
+}
+
+/// A `--publish-rm` value `HOSTPORT[/tcp|/udp]`: (host port, protocol).
+pub fn mesh_unpublish(value: &str) -> Result<(u16, &'static str)> {
+    match mesh_publish(value)? {
+        (0, port, proto) => Ok((port, proto)),
+        _ => Err(invalid("publish-rm", value, "expected the published host port: HOSTPORT[/tcp|/udp]")),
+    }
+}
+
 /// A selector term `KEY=VALUE` (a label the service's endpoints carry).
 pub fn selector(value: &str) -> Result<(String, String)> {
     key_value("selector", value)
@@ -175,6 +211,19 @@ fn key_value(field: &'static str, arg: &str) -> Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mesh_publish_values_parse_and_bad_ones_say_why() {
+        assert_eq!(mesh_publish("8080:80").unwrap(), (8080, 80, "tcp"));
+        assert_eq!(mesh_publish("5353:53/UDP").unwrap(), (5353, 53, "udp"));
+        assert_eq!(mesh_publish("80").unwrap(), (0, 80, "tcp"));
+        assert_eq!(mesh_unpublish("8080/udp").unwrap(), (8080, "udp"));
+        for (bad, why) in [("0:80", "not a port"), ("8080:80/sctp", "sctp"), ("x", "not a port"), ("70000:1", "not a port")] {
+            let e = mesh_publish(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(mesh_unpublish("8080:80").unwrap_err().to_string().contains("HOSTPORT"));
+    }
 
     #[test]
     fn service_ports_parse_with_defaults_and_refuse_nonsense() {

@@ -145,7 +145,49 @@ pub fn service_to_proto(v: &ServiceView) -> proto::Service {
         created_unix: s.created_unix,
         selections: v.stats.selections,
         resets: v.stats.resets,
+        publish: s
+            .publish
+            .iter()
+            .map(|p| proto::MeshPort {
+                host_port: p.host_port as u32,
+                port: p.port as u32,
+                protocol: p.proto.as_str().into(),
+                mode: p.mode.as_str().into(),
+            })
+            .collect(),
     }
+}
+
+fn proto_of(protocol: &str) -> Result<model::Proto, Status> {
+    match protocol {
+        "" | "tcp" => Ok(model::Proto::Tcp),
+        "udp" => Ok(model::Proto::Udp),
+        other => Err(Status::invalid_argument(format!("protocol {other:?}: expected tcp or udp"))),
+    }
+}
+
+fn port_of(what: &str, n: u32) -> Result<u16, Status> {
+    u16::try_from(n).map_err(|_| Status::invalid_argument(format!("{what} {n}: expected a port (1-65535)")))
+}
+
+/// The mesh ports of a request.
+fn mesh_requests(ports: &[proto::MeshPort]) -> Result<Vec<app::MeshPortRequest>, Status> {
+    ports
+        .iter()
+        .map(|p| {
+            let mode = match p.mode.as_str() {
+                "" | "ingress" => model::PublishMode::Ingress,
+                "host" => model::PublishMode::Host,
+                other => return Err(Status::invalid_argument(format!("publish mode {other:?}: expected ingress or host"))),
+            };
+            Ok(app::MeshPortRequest {
+                proto: proto_of(&p.protocol)?,
+                host_port: port_of("host port", p.host_port)?,
+                port: port_of("port", p.port)?,
+                mode,
+            })
+        })
+        .collect()
 }
 
 fn host_to_proto(v: &HostView) -> proto::Host {
@@ -269,8 +311,24 @@ impl proto::agent_server::Agent for AgentService {
             let proto = if proto == "udp" { model::Proto::Udp } else { model::Proto::Tcp };
             ports.push(model::ServicePort { port, proto, target });
         }
-        let new = NewService { name: r.name, network: r.network, mode, ports, selector: labels(r.selector) };
-        Ok(Response::new(service_to_proto(&self.app.create_service(new).await?)))
+        let publish = mesh_requests(&r.publish)?;
+        let service =
+            NewService { name: r.name, network: r.network, mode, ports, selector: labels(r.selector), publish: vec![] };
+        Ok(Response::new(service_to_proto(&self.app.create_service(app::CreateService { service, publish }).await?)))
+    }
+
+    async fn update_service(
+        &self,
+        request: Request<proto::UpdateServiceRequest>,
+    ) -> Result<Response<proto::Service>, Status> {
+        let r = request.into_inner();
+        let add = mesh_requests(&r.publish_add)?;
+        let rm = r
+            .publish_rm
+            .iter()
+            .map(|p| Ok((proto_of(&p.protocol)?, port_of("host port", p.host_port)?)))
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok(Response::new(service_to_proto(&self.app.update_service_publish(&r.name, &add, &rm).await?)))
     }
 
     async fn list_services(

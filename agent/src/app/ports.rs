@@ -32,6 +32,13 @@ pub struct PortRequest {
     pub port: u16,
 }
 
+/// What holds host ports already: this host's other endpoints' published
+/// ports, and the mesh's (cluster-wide).
+struct Others {
+    endpoints: Vec<(EndpointRecord, PublishedPort)>,
+    mesh: std::collections::BTreeMap<(Proto, u16), String>,
+}
+
 impl App {
     /// Publish `ports` to endpoint `id` (of this host), replacing what it
     /// had, and converge: the ports as bound (picked host ports filled in),
@@ -62,6 +69,8 @@ impl App {
             .filter(|e| e.host == self.cluster.host && e.id != ep.id && !e.deleting)
             .flat_map(|e| e.ports.clone().into_iter().map(move |p| (e.clone(), p)))
             .collect();
+        let mesh = self.cluster.mesh_claims().await?;
+        let others = Others { endpoints: others, mesh };
         let mut chosen: Vec<PublishedPort> = Vec::with_capacity(ports.len());
         for r in ports {
             if r.port == 0 {
@@ -133,13 +142,11 @@ impl App {
 
     /// Who has `p` already: another endpoint of this host, a port chosen
     /// earlier in the same request, or a process of the host.
-    async fn taken(
-        &self,
-        p: &PublishedPort,
-        others: &[(EndpointRecord, PublishedPort)],
-        chosen: &[PublishedPort],
-    ) -> Result<Option<String>> {
-        if let Some((e, q)) = others.iter().find(|(_, q)| q.clashes(p)) {
+    async fn taken(&self, p: &PublishedPort, others: &Others, chosen: &[PublishedPort]) -> Result<Option<String>> {
+        if let Some(service) = others.mesh.get(&(p.proto, p.host_port)) {
+            return Ok(Some(format!("service {service:?}, published on the routing mesh (every host)")));
+        }
+        if let Some((e, q)) = others.endpoints.iter().find(|(_, q)| q.clashes(p)) {
             let container = if e.container_id.is_empty() {
                 String::new()
             } else {
@@ -162,12 +169,7 @@ impl App {
     }
 
     /// A free host port for `r` from [`EPHEMERAL`], from a random start.
-    async fn pick(
-        &self,
-        r: &PortRequest,
-        others: &[(EndpointRecord, PublishedPort)],
-        chosen: &[PublishedPort],
-    ) -> Result<PublishedPort> {
+    async fn pick(&self, r: &PortRequest, others: &Others, chosen: &[PublishedPort]) -> Result<PublishedPort> {
         let (lo, hi) = (*EPHEMERAL.start() as u32, *EPHEMERAL.end() as u32);
         let span = hi - lo + 1;
         let start = rand::random::<u32>() % span;

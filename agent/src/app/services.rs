@@ -1,9 +1,33 @@
 //! Services: a name on a network and the endpoints its selector matches,
 //! behind a VIP the eBPF datapath balances (or DNS round robin).
 
+use std::collections::BTreeMap;
+
 use super::{AgentError, App, Result};
-use crate::model::{EndpointRecord, ServiceRecord};
+use crate::model::{EndpointRecord, MeshPort, Proto, PublishMode, ServiceMode, ServiceRecord};
 use crate::state::NewService;
+
+/// Where a mesh host port is picked when none is asked for (`--publish
+/// PORT`): Docker swarm's and Kubernetes' NodePort range.
+pub const MESH_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// One port to publish on the routing mesh, as a front door parsed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MeshPortRequest {
+    pub proto: Proto,
+    /// 0: pick one from [`MESH_PORTS`].
+    pub host_port: u16,
+    /// The service's port.
+    pub port: u16,
+    pub mode: PublishMode,
+}
+
+/// A service to create, with the ports to publish on the mesh.
+#[derive(Clone, Debug)]
+pub struct CreateService {
+    pub service: NewService,
+    pub publish: Vec<MeshPortRequest>,
+}
 
 /// A service with its backends (every endpoint its selector matches) and
 /// this host's view of them.
@@ -16,7 +40,8 @@ pub struct ServiceView {
 }
 
 impl App {
-    pub async fn create_service(&self, new: NewService) -> Result<ServiceView> {
+    pub async fn create_service(&self, req: CreateService) -> Result<ServiceView> {
+        let CreateService { service: mut new, publish } = req;
         trellis_plugin_api::validate::service_name(&new.name)?;
         if new.network.is_empty() {
             return Err(AgentError::InvalidArgument("a network is required (--network)".into()));
@@ -31,6 +56,27 @@ impl App {
             }
         }
         trellis_plugin_api::validate::labels(&new.selector)?;
+        if !publish.is_empty() {
+            let net = self.cluster.network(&new.network).await?;
+            let probe = ServiceRecord {
+                name: new.name.clone(),
+                network_id: net.id.clone(),
+                network: net.name.clone(),
+                mode: new.mode,
+                vip: None,
+                ports: new.ports.clone(),
+                selector: BTreeMap::new(),
+                created_unix: 0,
+                publish: Vec::new(),
+            };
+            let _one_at_a_time = self.ports_lock.lock().await;
+            new.publish = self.mesh_ports(&probe, net.internal, &[], &publish).await?;
+            let rec = self.cluster.create_service(new).await?;
+            drop(_one_at_a_time);
+            self.converge().await?;
+            let endpoints = self.cluster.endpoints().await?;
+            return Ok(self.service_view(rec, &endpoints));
+        }
         let rec = self.cluster.create_service(new).await?;
         self.converge().await?;
         let endpoints = self.cluster.endpoints().await?;
@@ -60,6 +106,142 @@ impl App {
         Ok(self.service_view(s, &endpoints))
     }
 
+    /// Publish `add` on the mesh and unpublish `rm` (host ports, with
+    /// their protocol) of service `name`, live.
+    pub async fn update_service_publish(
+        &self,
+        name: &str,
+        add: &[MeshPortRequest],
+        rm: &[(Proto, u16)],
+    ) -> Result<ServiceView> {
+        let _one_at_a_time = self.ports_lock.lock().await;
+        let s = self.cluster.service(name).await?;
+        for (proto, port) in rm {
+            if !s.publish.iter().any(|p| p.proto == *proto && p.host_port == *port) {
+                return Err(AgentError::InvalidArgument(format!(
+                    "service {name:?} is not published on {port}/{}; it is on: {}",
+                    proto.as_str(),
+                    published_text(&s.publish)
+                )));
+            }
+        }
+        let kept: Vec<MeshPort> =
+            s.publish.iter().filter(|p| !rm.contains(&(p.proto, p.host_port))).copied().collect();
+        let internal = self.cluster.network(&s.network_id).await?.internal;
+        let added = self.mesh_ports(&s, internal, &kept, add).await?;
+        let mut publish = kept;
+        publish.extend(added);
+        let rec = self.cluster.set_service_publish(name, publish).await?;
+        drop(_one_at_a_time);
+        self.converge().await?;
+        let endpoints = self.cluster.endpoints().await?;
+        Ok(self.service_view(rec, &endpoints))
+    }
+
+    /// The mesh ports for `requests` of service `s` (which keeps `kept`):
+    /// checked, and picked where no host port is given. A host port is
+    /// refused, naming its holder, when another service has it on the
+    /// mesh, an endpoint of any host has it published (`-p`), or a process
+    /// of this host holds it.
+    async fn mesh_ports(
+        &self,
+        s: &ServiceRecord,
+        internal: bool,
+        kept: &[MeshPort],
+        requests: &[MeshPortRequest],
+    ) -> Result<Vec<MeshPort>> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        if internal {
+            return Err(AgentError::InvalidArgument(format!(
+                "network {:?} is internal: nothing outside it reaches it, so service {:?} cannot be published",
+                s.network, s.name
+            )));
+        }
+        if s.mode == ServiceMode::Dnsrr {
+            return Err(AgentError::InvalidArgument(format!(
+                "service {:?} is in dnsrr mode: the mesh balances over a VIP's backends; create it in vip mode to publish it",
+                s.name
+            )));
+        }
+        let claims = self.cluster.mesh_claims().await?;
+        let endpoints = self.cluster.endpoints().await?;
+        let mut chosen: Vec<MeshPort> = Vec::new();
+        for r in requests {
+            if r.port == 0 {
+                return Err(AgentError::InvalidArgument("published port 0: the service's port is required".into()));
+            }
+            if !s.ports.is_empty() && !s.ports.iter().any(|p| p.port == r.port && p.proto == r.proto) {
+                let have: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.port, p.proto.as_str())).collect();
+                return Err(AgentError::InvalidArgument(format!(
+                    "service {:?} has no port {}/{} to publish (its ports: {})",
+                    s.name,
+                    r.port,
+                    r.proto.as_str(),
+                    have.join(", ")
+                )));
+            }
+            let taken = |host_port: u16, chosen: &[MeshPort]| -> Option<String> {
+                if let Some(other) = claims.get(&(r.proto, host_port)).filter(|o| **o != s.name) {
+                    return Some(format!("service {other:?} (on the mesh)"));
+                }
+                if kept.iter().chain(chosen).any(|p| p.proto == r.proto && p.host_port == host_port) {
+                    return Some(format!("service {:?} itself (given twice)", s.name));
+                }
+                endpoints.iter().filter(|e| !e.deleting).find_map(|e| {
+                    e.ports.iter().find(|p| p.proto == r.proto && p.host_port == host_port).map(|p| {
+                        format!("Trellis endpoint {:?} on host {} (network {:?}), published as {p}", e.name, e.host, e.network)
+                    })
+                })
+            };
+            let host_port = if r.host_port != 0 {
+                let why = match taken(r.host_port, &chosen) {
+                    Some(why) => Some(why),
+                    None => self.host_port_holder(r.proto, r.host_port).await?,
+                };
+                if let Some(why) = why {
+                    return Err(AgentError::AlreadyExists(format!(
+                        "port {}/{} cannot be published on the mesh: it is taken by {why}; nothing was published",
+                        r.host_port,
+                        r.proto.as_str()
+                    )));
+                }
+                r.host_port
+            } else {
+                let (lo, hi) = (*MESH_PORTS.start() as u32, *MESH_PORTS.end() as u32);
+                let span = hi - lo + 1;
+                let start = rand::random::<u32>() % span;
+                let mut found = None;
+                for i in 0..span {
+                    let p = (lo + (start + i) % span) as u16;
+                    if taken(p, &chosen).is_none() && self.host_port_holder(r.proto, p).await?.is_none() {
+                        found = Some(p);
+                        break;
+                    }
+                }
+                found.ok_or_else(|| {
+                    AgentError::Unavailable(format!(
+                        "no free mesh port for {}/{} in {lo}-{hi}",
+                        r.port,
+                        r.proto.as_str()
+                    ))
+                })?
+            };
+            chosen.push(MeshPort { proto: r.proto, host_port, port: r.port, mode: r.mode });
+        }
+        Ok(chosen)
+    }
+
+    /// The process of this host holding `port`, if any.
+    async fn host_port_holder(&self, proto: Proto, port: u16) -> Result<Option<String>> {
+        let dp = self.dataplane.clone();
+        tokio::task::spawn_blocking(move || dp.port_holder(proto, port, None))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))?
+            .map_err(|e| AgentError::Internal(format!("checking host port {port}: {e}")))
+    }
+
     pub async fn remove_service(&self, name: &str) -> Result<()> {
         self.cluster.remove_service(name).await?;
         self.converge().await?;
@@ -87,19 +269,35 @@ impl App {
     }
 }
 
+/// `8080:80/tcp, 8443:443/tcp` (or "nothing").
+pub fn published_text(ps: &[MeshPort]) -> String {
+    if ps.is_empty() {
+        return "nothing".into();
+    }
+    ps.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::app::testing::{attachable, lab};
-    use crate::model::{Proto, ServiceMode, ServicePort};
+    use crate::model::ServicePort;
 
-    fn svc(name: &str, ports: Vec<ServicePort>) -> NewService {
-        NewService {
-            name: name.into(),
-            network: "n".into(),
-            mode: ServiceMode::Vip,
-            ports,
-            selector: Default::default(),
+    fn svc(name: &str, ports: Vec<ServicePort>) -> CreateService {
+        published(name, ports, vec![])
+    }
+
+    fn published(name: &str, ports: Vec<ServicePort>, publish: Vec<MeshPortRequest>) -> CreateService {
+        CreateService {
+            service: NewService {
+                name: name.into(),
+                network: "n".into(),
+                mode: ServiceMode::Vip,
+                ports,
+                selector: Default::default(),
+                publish: vec![],
+            },
+            publish,
         }
     }
 

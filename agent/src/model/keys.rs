@@ -35,6 +35,14 @@ pub fn services_prefix() -> String {
 pub fn service_key(name: &str) -> String {
     format!("{ROOT}services/{name}")
 }
+/// The claim of a host port on the routing mesh (cluster-wide: every
+/// host accepts it); its value is the service's name.
+pub fn mesh_port_key(proto: super::Proto, port: u16) -> String {
+    format!("{ROOT}mesh-ports/{}/{port}", proto.as_str())
+}
+pub fn mesh_ports_prefix() -> String {
+    format!("{ROOT}mesh-ports/")
+}
 /// The IPAM owner of a service's VIP (never reclaimed with a host).
 pub fn vip_owner(service: &str) -> String {
     format!("{}{service}", trellis_ipam::SERVICE_OWNER_PREFIX)

@@ -200,9 +200,61 @@ pub struct ServiceRecord {
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
     pub created_unix: i64,
+    /// Ports published on the routing mesh (every host, or the hosts of
+    /// its backends in [`PublishMode::Host`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<MeshPort>,
+}
+
+/// Where a service's published port is accepted (Docker's `mode=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// On every live host of the cluster: the routing mesh.
+    #[default]
+    Ingress,
+    /// Only on the hosts that run a backend of the service.
+    Host,
+}
+
+impl PublishMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishMode::Ingress => "ingress",
+            PublishMode::Host => "host",
+        }
+    }
+}
+
+/// A port a service is published on: `host_port` on the hosts' addresses
+/// to the service's `port` (its backends' target for that port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct MeshPort {
+    pub proto: Proto,
+    pub host_port: u16,
+    pub port: u16,
+    #[serde(default)]
+    pub mode: PublishMode,
+}
+
+impl std::fmt::Display for MeshPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.host_port, self.port, self.proto.as_str())?;
+        if self.mode == PublishMode::Host {
+            write!(f, " (mode host)")?;
+        }
+        Ok(())
+    }
 }
 
 impl ServiceRecord {
+    /// The backends' port for clients of `port`/`proto`: its `--port`'s
+    /// target, else the same port (a service without `--port` forwards
+    /// every port).
+    pub fn target_of(&self, port: u16, proto: Proto) -> u16 {
+        self.ports.iter().find(|p| p.port == port && p.proto == proto).map_or(port, |p| p.target)
+    }
+
     /// Does `e` back this service?
     pub fn selects(&self, e: &EndpointRecord) -> bool {
         e.network_id == self.network_id && !e.deleting && self.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))

@@ -103,6 +103,9 @@ pub struct NewService {
     pub ports: Vec<model::ServicePort>,
     /// Empty: `trellis.service=NAME`.
     pub selector: BTreeMap<String, String>,
+    /// Ports on the routing mesh (host ports chosen already): each claimed
+    /// cluster-wide in the creating transaction.
+    pub publish: Vec<model::MeshPort>,
 }
 
 /// The cluster-wide state as one host reads and writes it.
@@ -294,7 +297,18 @@ impl Cluster {
             ports: req.ports,
             selector,
             created_unix: model::now_unix(),
+            publish: req.publish.clone(),
         };
+        let claims: Vec<(String, Compare, Op)> = req
+            .publish
+            .iter()
+            .map(|p| {
+                let k = model::mesh_port_key(p.proto, p.host_port);
+                (k.clone(), Compare::Absent(k.clone()), Op::put(k, req.name.as_bytes().to_vec()))
+            })
+            .collect();
+        let claim_compares: Vec<Compare> = claims.iter().map(|(_, c, _)| c.clone()).collect();
+        let claim_ops: Vec<Op> = claims.iter().map(|(_, _, o)| o.clone()).collect();
         let with_vip = |vip: Option<IpAddr>| {
             let mut rec = base.clone();
             rec.vip = vip;
@@ -303,8 +317,12 @@ impl Cluster {
         let rec = match req.mode {
             model::ServiceMode::Dnsrr => {
                 let rec = with_vip(None);
-                let done = self.store.txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, encode(&rec))]).await?;
-                if !done.succeeded {
+                let mut compares = vec![Compare::Absent(key.clone())];
+                compares.extend(claim_compares.iter().cloned());
+                let mut ops = vec![Op::put(key, encode(&rec))];
+                ops.extend(claim_ops.iter().cloned());
+                if !self.store.txn(compares, ops).await?.succeeded {
+                    self.mesh_claims_free(&req.publish).await?;
                     return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
                 }
                 rec
@@ -312,11 +330,16 @@ impl Cluster {
             model::ServiceMode::Vip => {
                 let owner = model::vip_owner(&req.name);
                 let extra = |ip: IpAddr| {
-                    (vec![Compare::Absent(key.clone())], vec![Op::put(key.clone(), encode(&with_vip(Some(ip))))])
+                    let mut compares = vec![Compare::Absent(key.clone())];
+                    compares.extend(claim_compares.iter().cloned());
+                    let mut ops = vec![Op::put(key.clone(), encode(&with_vip(Some(ip))))];
+                    ops.extend(claim_ops.iter().cloned());
+                    (compares, ops)
                 };
                 match self.ipam.allocate(&Self::pool(&net), AddrRequest::Top, &owner, extra).await {
                     Ok(ip) => with_vip(Some(ip)),
                     Err(IpamError::CallerConflict) => {
+                        self.mesh_claims_free(&req.publish).await?;
                         return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
                     }
                     Err(IpamError::Exhausted { .. }) => {
@@ -343,11 +366,81 @@ impl Cluster {
         if let Some(vip) = rec.vip {
             ops.push(self.ipam.release_op(&rec.network_id, vip));
         }
+        ops.extend(rec.publish.iter().map(|p| Op::delete(model::mesh_port_key(p.proto, p.host_port))));
         if !self.store.txn(vec![Compare::ModRevision(key, kv.mod_revision)], ops).await?.succeeded {
             return Err(AgentError::Unavailable(format!("service {name:?} changed while removing it; try again")));
         }
         tracing::info!(service = %name, "service removed");
         Ok(rec)
+    }
+
+    /// Replace the mesh ports of service `name` with `publish` (host ports
+    /// chosen already): new ones claimed, dropped ones released, in one
+    /// transaction against the record as read.
+    pub async fn set_service_publish(&self, name: &str, publish: Vec<model::MeshPort>) -> Result<model::ServiceRecord> {
+        let key = model::service_key(name);
+        let kv =
+            self.store.get(&key).await?.ok_or_else(|| AgentError::NotFound(format!("service {name:?} not found")))?;
+        let mut rec: model::ServiceRecord = decode(&kv.key, &kv.value)?;
+        let held = |ps: &[model::MeshPort]| -> std::collections::BTreeSet<(model::Proto, u16)> {
+            ps.iter().map(|p| (p.proto, p.host_port)).collect()
+        };
+        let (before, after) = (held(&rec.publish), held(&publish));
+        let added: Vec<model::MeshPort> =
+            publish.iter().filter(|p| !before.contains(&(p.proto, p.host_port))).copied().collect();
+        let mut compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
+        let mut ops = Vec::new();
+        for p in &added {
+            let k = model::mesh_port_key(p.proto, p.host_port);
+            compares.push(Compare::Absent(k.clone()));
+            ops.push(Op::put(k, name.as_bytes().to_vec()));
+        }
+        for (proto, port) in before.difference(&after) {
+            ops.push(Op::delete(model::mesh_port_key(*proto, *port)));
+        }
+        rec.publish = publish;
+        ops.push(Op::put(key, encode(&rec)));
+        if !self.store.txn(compares, ops).await?.succeeded {
+            self.mesh_claims_free(&added).await?;
+            return Err(AgentError::Unavailable(format!("service {name:?} changed while updating it; try again")));
+        }
+        tracing::info!(service = %name, publish = ?rec.publish.iter().map(|p| p.to_string()).collect::<Vec<_>>(), "service's published ports updated");
+        Ok(rec)
+    }
+
+    /// The service holding each mesh port claimed cluster-wide.
+    pub async fn mesh_claims(&self) -> Result<BTreeMap<(model::Proto, u16), String>> {
+        let (items, _) = self.store.list(&model::mesh_ports_prefix()).await?;
+        let mut out = BTreeMap::new();
+        for kv in items {
+            let rest = kv.key.trim_start_matches(&model::mesh_ports_prefix()).to_string();
+            let (proto, port) = rest.split_once('/').unwrap_or_default();
+            let proto = match proto {
+                "tcp" => model::Proto::Tcp,
+                "udp" => model::Proto::Udp,
+                _ => continue,
+            };
+            if let Ok(port) = port.parse() {
+                out.insert((proto, port), String::from_utf8_lossy(&kv.value).into_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// After a failed claim: a port another service claimed meanwhile is
+    /// named (else the failure was something else).
+    async fn mesh_claims_free(&self, ports: &[model::MeshPort]) -> Result<()> {
+        for p in ports {
+            if let Some(kv) = self.store.get(&model::mesh_port_key(p.proto, p.host_port)).await? {
+                return Err(AgentError::AlreadyExists(format!(
+                    "port {}/{} is published on the mesh by service {:?} already",
+                    p.host_port,
+                    p.proto.as_str(),
+                    String::from_utf8_lossy(&kv.value)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Remove a network; with `force` its endpoints go too. Returns the
@@ -381,6 +474,9 @@ impl Cluster {
         }
         let (mut compares, mut ops) = self.ipam.plan_network_release(&net.id).await?;
         ops.extend(services.iter().map(|s| Op::delete(model::service_key(&s.name))));
+        ops.extend(
+            services.iter().flat_map(|s| s.publish.iter().map(|p| Op::delete(model::mesh_port_key(p.proto, p.host_port)))),
+        );
         let net_key = model::network_key(&net.name);
         let current = self
             .store

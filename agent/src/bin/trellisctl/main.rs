@@ -185,6 +185,32 @@ enum ServiceCmd {
         /// trellis.service=NAME).
         #[arg(long = "selector", value_name = "KEY=VALUE")]
         selector: Vec<String>,
+        /// HOSTPORT:PORT[/tcp|/udp], repeatable: publish the service's PORT
+        /// on HOSTPORT of every host of the cluster (the routing mesh),
+        /// from outside, keeping the client's address. `--publish PORT`
+        /// picks a free host port from 30000-32767 (shown).
+        #[arg(long = "publish", value_name = "HOSTPORT:PORT[/PROTO]")]
+        publish: Vec<String>,
+        /// `ingress` (every host) or `host` (only the hosts that run a
+        /// backend, as Docker's mode=host).
+        #[arg(long = "publish-mode", default_value = "ingress")]
+        publish_mode: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a service's published ports, live.
+    Update {
+        name: String,
+        /// HOSTPORT:PORT[/tcp|/udp] or PORT[/tcp|/udp], repeatable, as
+        /// `create --publish`.
+        #[arg(long = "publish-add", value_name = "HOSTPORT:PORT[/PROTO]")]
+        publish_add: Vec<String>,
+        /// HOSTPORT[/tcp|/udp], repeatable: stop publishing that host port.
+        #[arg(long = "publish-rm", value_name = "HOSTPORT[/PROTO]")]
+        publish_rm: Vec<String>,
+        /// The mode of the ports added (`ingress` or `host`).
+        #[arg(long = "publish-mode", default_value = "ingress")]
+        publish_mode: String,
         #[arg(long)]
         json: bool,
     },

@@ -41,6 +41,9 @@ pub fn service_json(s: &proto::Service) -> Value {
             "endpoint": b.endpoint, "endpoint_id": b.endpoint_id, "ip": b.ip, "host": b.host, "programmed": b.programmed,
         })).collect::<Vec<_>>(),
         "created_unix": s.created_unix, "selections": s.selections, "resets": s.resets,
+        "publish": s.publish.iter().map(|p| json!({
+            "host_port": p.host_port, "port": p.port, "protocol": p.protocol, "mode": p.mode,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -95,6 +98,22 @@ pub fn ports_text(s: &proto::Service) -> String {
         .join(",")
 }
 
+/// A service's ports on the routing mesh: `8080:80/tcp,30001:53/udp(host)`,
+/// `-` for none.
+pub fn publish_text(s: &proto::Service) -> String {
+    if s.publish.is_empty() {
+        return "-".into();
+    }
+    s.publish
+        .iter()
+        .map(|p| {
+            let mode = if p.mode == "host" { "(host)" } else { "" };
+            format!("{}:{}/{}{mode}", p.host_port, p.port, p.protocol)
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A service's VIP, `-` for none (dnsrr mode).
 pub fn vip_text(s: &proto::Service) -> String {
     if s.vip.is_empty() { "-".to_string() } else { s.vip.clone() }
@@ -132,15 +151,19 @@ pub fn endpoint_table(list: &[proto::Endpoint]) {
 }
 
 pub fn service_table(list: &[proto::Service]) {
-    println!("{:<20} {:<16} {:<6} {:<16} {:<20} BACKENDS", "NAME", "NETWORK", "MODE", "VIP", "PORTS");
+    println!(
+        "{:<20} {:<16} {:<6} {:<16} {:<20} {:<20} BACKENDS",
+        "NAME", "NETWORK", "MODE", "VIP", "PORTS", "PUBLISHED"
+    );
     for s in list {
         println!(
-            "{:<20} {:<16} {:<6} {:<16} {:<20} {}",
+            "{:<20} {:<16} {:<6} {:<16} {:<20} {:<20} {}",
             s.name,
             s.network,
             s.mode,
             vip_text(s),
             ports_text(s),
+            publish_text(s),
             s.backends.len()
         );
     }
