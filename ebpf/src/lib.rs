@@ -1024,6 +1024,19 @@ pub fn detach_persistent(ifname: &str, marker: &Path) -> std::io::Result<()> {
     failed.map_or(Ok(()), Err)
 }
 
+/// Undo [`Datapath::attach_mesh_persistent`] on `ifname` (programs loaded
+/// or not): a clsact filter goes (it outlives every process), then the
+/// marker (unpinning a tcx link detaches it).
+pub fn detach_mesh_persistent(ifname: &str, marker: &Path) -> std::io::Result<()> {
+    if nix::net::if_::if_nametoindex(ifname).is_ok() {
+        for name in [FROM_UPLINK, FROM_TUNNEL] {
+            // Only a clsact attachment is a filter; a tcx one is not found.
+            let _ = aya::programs::tc::qdisc_detach_program(ifname, TcAttachType::Ingress, name);
+        }
+    }
+    remove_marker(marker)
+}
+
 /// Mount a bpffs at `dir` unless one is there already.
 pub fn mount_bpffs(dir: &std::path::Path) -> std::result::Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

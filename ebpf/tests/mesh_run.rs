@@ -58,9 +58,12 @@ fn lab() -> RunLab {
     lab.dp.put_mesh_addr(HOST).unwrap();
     lab.dp.set_config(CFG_MESH, true).unwrap();
     lab.dp.put_maglev(SVC, &MaglevTable { ip: [be(BACKEND_IP); MAGLEV_M] }).unwrap();
-    lab.dp.put_backend(BackendKey { svc_id: SVC, ip: be(BACKEND_IP) }, BackendInfo { mac: BACKEND_MAC, pad: 0 }).unwrap();
+    lab.dp
+        .put_backend(BackendKey { svc_id: SVC, ip: be(BACKEND_IP) }, BackendInfo { mac: BACKEND_MAC, pad: 0 })
+        .unwrap();
     for (port, proto, target) in [(8080, PROTO_TCP, 80u16), (5353, PROTO_UDP, 53)] {
-        let info = PubInfo { id: SVC, target_port: target.to_be(), pad: 0, count: 1, revision: 1, bridge: BRIDGE_IFINDEX };
+        let info =
+            PubInfo { id: SVC, target_port: target.to_be(), pad: 0, count: 1, revision: 1, bridge: BRIDGE_IFINDEX };
         lab.dp.put_published(PubKey::new(port, proto), info).unwrap();
     }
     lab
@@ -138,7 +141,10 @@ fn udp_is_published_too_and_what_is_not_published_is_the_hosts() {
     assert_eq!(r.frame, udp_frame((BACKEND_MAC, mesh_mac(HOST)), (CLIENT, 40000), (BACKEND_IP, 53)));
     let a = udp_frame((GW_MAC, BACKEND_MAC), (BACKEND_IP, 53), (CLIENT, 40000));
     let r = lab.send(&a);
-    assert_eq!((r.verdict, r.frame), (TC_ACT_REDIRECT, udp_frame((CLIENT_MAC, UPLINK_MAC), (HOST, 5353), (CLIENT, 40000))));
+    assert_eq!(
+        (r.verdict, r.frame),
+        (TC_ACT_REDIRECT, udp_frame((CLIENT_MAC, UPLINK_MAC), (HOST, 5353), (CLIENT, 40000)))
+    );
 
     // Left alone: a port not published, another protocol on the port, an
     // address that is not the host's.

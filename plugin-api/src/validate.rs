@@ -218,7 +218,9 @@ mod tests {
         assert_eq!(mesh_publish("5353:53/UDP").unwrap(), (5353, 53, "udp"));
         assert_eq!(mesh_publish("80").unwrap(), (0, 80, "tcp"));
         assert_eq!(mesh_unpublish("8080/udp").unwrap(), (8080, "udp"));
-        for (bad, why) in [("0:80", "not a port"), ("8080:80/sctp", "sctp"), ("x", "not a port"), ("70000:1", "not a port")] {
+        for (bad, why) in
+            [("0:80", "not a port"), ("8080:80/sctp", "sctp"), ("x", "not a port"), ("70000:1", "not a port")]
+        {
             let e = mesh_publish(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }

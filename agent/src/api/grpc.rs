@@ -178,7 +178,9 @@ fn mesh_requests(ports: &[proto::MeshPort]) -> Result<Vec<app::MeshPortRequest>,
             let mode = match p.mode.as_str() {
                 "" | "ingress" => model::PublishMode::Ingress,
                 "host" => model::PublishMode::Host,
-                other => return Err(Status::invalid_argument(format!("publish mode {other:?}: expected ingress or host"))),
+                other => {
+                    return Err(Status::invalid_argument(format!("publish mode {other:?}: expected ingress or host")));
+                }
             };
             Ok(app::MeshPortRequest {
                 proto: proto_of(&p.protocol)?,

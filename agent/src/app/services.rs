@@ -125,8 +125,7 @@ impl App {
                 )));
             }
         }
-        let kept: Vec<MeshPort> =
-            s.publish.iter().filter(|p| !rm.contains(&(p.proto, p.host_port))).copied().collect();
+        let kept: Vec<MeshPort> = s.publish.iter().filter(|p| !rm.contains(&(p.proto, p.host_port))).copied().collect();
         let internal = self.cluster.network(&s.network_id).await?.internal;
         let added = self.mesh_ports(&s, internal, &kept, add).await?;
         let mut publish = kept;
@@ -191,7 +190,10 @@ impl App {
                 }
                 endpoints.iter().filter(|e| !e.deleting).find_map(|e| {
                     e.ports.iter().find(|p| p.proto == r.proto && p.host_port == host_port).map(|p| {
-                        format!("Trellis endpoint {:?} on host {} (network {:?}), published as {p}", e.name, e.host, e.network)
+                        format!(
+                            "Trellis endpoint {:?} on host {} (network {:?}), published as {p}",
+                            e.name, e.host, e.network
+                        )
                     })
                 })
             };

@@ -63,7 +63,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => dataplane.underlay_addr().await.context("finding the underlay address")?,
     };
     let vtep_mac = crate::state::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
+    let uplink = match underlay {
+        Some(a) => dataplane.link_with_addr(a).await.context("finding the uplink interface")?,
+        None => None,
+    };
+    if underlay.is_some() && uplink.is_none() {
+        tracing::warn!(underlay = ?underlay, "no interface has the underlay address: the routing mesh takes no outside traffic");
+    }
     let identity = Identity {
+        uplink,
         dns_intercept: cfg.dns && cfg.dns_port == 53,
         dns_kernel: ebpf && cfg.dns && cfg.dns_port == 53 && cfg.dns_kernel,
         host: host.clone(),
@@ -95,7 +103,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     tasks.spawn(crate::state::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
-    tracing::info!(host = %host, underlay = ?underlay, "host identity");
+    tracing::info!(host = %host, underlay = ?underlay, uplink = ?identity.uplink, "host identity");
     let dns_kernel = identity.dns_kernel;
     let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), identity));
 

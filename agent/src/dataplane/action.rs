@@ -121,6 +121,15 @@ pub enum Action {
     DetachProgram {
         ifname: String,
     },
+    /// Attach a routing mesh program to an interface's tc ingress (the
+    /// uplink, a network's VXLAN device), replacing any earlier one.
+    AttachMesh {
+        ifname: String,
+        role: trellis_ebpf::MeshRole,
+    },
+    DetachMesh {
+        ifname: String,
+    },
     DeleteLink {
         name: String,
     },

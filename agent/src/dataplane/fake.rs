@@ -177,6 +177,10 @@ impl Dataplane for FakeDataplane {
         Ok(None)
     }
 
+    async fn link_with_addr(&self, _addr: IpAddr) -> Result<Option<String>> {
+        Ok(Some("uplink0".into()))
+    }
+
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>> {
         // The fake kernel plugs containers perfectly: the container side is
         // what the endpoint's creation asked for, while its host side exists.

@@ -102,6 +102,8 @@ pub trait Dataplane: Send + Sync + 'static {
     async fn underlay_mtu(&self) -> Result<u32>;
     /// The first IPv4 address of the default route's interface.
     async fn underlay_addr(&self) -> Result<Option<IpAddr>>;
+    /// The interface that has `addr` (the uplink of the underlay address).
+    async fn link_with_addr(&self, addr: IpAddr) -> Result<Option<String>>;
     /// The sockets the peer probes use.
     fn probe_sockets(&self) -> std::io::Result<Box<dyn ProbeSockets>>;
     /// Host-wide settings the agent needs (kernel limits sized for a

@@ -47,6 +47,8 @@ pub struct Observed {
     pub programs: BTreeSet<String>,
     /// Their `endpoint_info.flags` as the program sees them.
     pub program_flags: BTreeMap<String, u32>,
+    /// Interfaces with a routing mesh program attached.
+    pub mesh_links: BTreeSet<String>,
     /// The fingerprint of the installed egress rules, if any are.
     pub egress: Option<String>,
     /// The eBPF tables (empty without the program).
@@ -119,6 +121,13 @@ impl Observed {
             }
             Action::DeleteLink { name } => {
                 self.links.remove(name).ok_or_else(|| missing(name))?;
+                self.mesh_links.remove(name);
+            }
+            Action::AttachMesh { ifname, .. } => {
+                self.mesh_links.insert(ifname.clone());
+            }
+            Action::DetachMesh { ifname } => {
+                self.mesh_links.remove(ifname);
             }
             Action::ApplyEgress(rules) => self.egress = Some(rules.fingerprint()),
             Action::AttachProgram { ifname, program, .. } => {

@@ -4,7 +4,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, SvcInfo, SvcKey, VipInfo};
+use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, SvcInfo, SvcKey, VipInfo};
+
+/// A port published on the routing mesh: the service behind it (`info`,
+/// whose `bridge` is 0 here) and the bridge of its network, by name (the
+/// kernel layer writes the bridge's ifindex into the map).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Published {
+    pub info: PubInfo,
+    pub bridge: String,
+}
 
 /// The eBPF datapath's tables: what isolation and service load balancing
 /// look up. Desired and observed alike; observed Maglev tables are known by
@@ -19,6 +28,13 @@ pub struct Tables {
     /// Service id → its backends (observed: empty).
     pub maglev: BTreeMap<u32, Vec<Ipv4Addr>>,
     pub backends: BTreeMap<BackendKey, BackendInfo>,
+    /// The routing mesh: published ports of this host.
+    pub published: BTreeMap<PubKey, Published>,
+    /// The host's addresses the mesh answers on.
+    pub mesh_addrs: BTreeSet<Ipv4Addr>,
+    /// The host's mesh MAC while any port is published (the programs look
+    /// for mesh connections only then).
+    pub mesh_mac: Option<[u8; 6]>,
 }
 
 /// Changes to the tables, applied in this order: what a service will point
@@ -31,6 +47,12 @@ pub struct TableOps {
     pub put_nets: Vec<((Ipv4Addr, u8), NetInfo)>,
     pub put_services: Vec<(SvcKey, SvcInfo)>,
     pub put_vips: Vec<(Ipv4Addr, VipInfo)>,
+    pub put_mesh_addrs: Vec<Ipv4Addr>,
+    pub put_published: Vec<(PubKey, Published)>,
+    /// The mesh switched on (with the MAC) or off (`Some(None)`).
+    pub set_mesh: Option<Option<[u8; 6]>>,
+    pub del_published: Vec<PubKey>,
+    pub del_mesh_addrs: Vec<Ipv4Addr>,
     pub del_services: Vec<SvcKey>,
     pub del_vips: Vec<Ipv4Addr>,
     pub del_maglev: Vec<u32>,
@@ -50,6 +72,11 @@ impl TableOps {
             + self.put_nets.len()
             + self.put_services.len()
             + self.put_vips.len()
+            + self.put_mesh_addrs.len()
+            + self.put_published.len()
+            + usize::from(self.set_mesh.is_some())
+            + self.del_published.len()
+            + self.del_mesh_addrs.len()
             + self.del_services.len()
             + self.del_vips.len()
             + self.del_maglev.len()
@@ -68,13 +95,19 @@ impl Tables {
             have.keys().filter(|k| !want.contains_key(*k)).cloned().collect()
         }
         // A table is rewritten when it is missing or when any of its
-        // service's entries records another backend set.
-        let stale: BTreeSet<u32> = want
+        // service's entries (VIP or mesh) records another backend set.
+        let mut stale: BTreeSet<u32> = want
             .services
             .iter()
             .filter(|(k, v)| self.services.get(*k).is_none_or(|o| o.revision != v.revision))
             .map(|(_, v)| v.id)
             .collect();
+        stale.extend(
+            want.published
+                .iter()
+                .filter(|(k, v)| self.published.get(*k).is_none_or(|o| o.info.revision != v.info.revision))
+                .map(|(_, v)| v.info.id),
+        );
         let put_maglev = want
             .maglev
             .iter()
@@ -87,6 +120,11 @@ impl Tables {
             put_nets: changed(&self.nets, &want.nets),
             put_services: changed(&self.services, &want.services),
             put_vips: changed(&self.vips, &want.vips),
+            put_mesh_addrs: want.mesh_addrs.difference(&self.mesh_addrs).copied().collect(),
+            put_published: changed(&self.published, &want.published),
+            set_mesh: (self.mesh_mac != want.mesh_mac).then_some(want.mesh_mac),
+            del_published: gone(&self.published, &want.published),
+            del_mesh_addrs: self.mesh_addrs.difference(&want.mesh_addrs).copied().collect(),
             del_services: gone(&self.services, &want.services),
             del_vips: gone(&self.vips, &want.vips),
             del_maglev: gone(&self.maglev, &want.maglev),
@@ -102,6 +140,17 @@ impl Tables {
         self.nets.extend(ops.put_nets.iter().cloned());
         self.services.extend(ops.put_services.iter().cloned());
         self.vips.extend(ops.put_vips.iter().cloned());
+        self.mesh_addrs.extend(ops.put_mesh_addrs.iter().copied());
+        self.published.extend(ops.put_published.iter().cloned());
+        if let Some(m) = ops.set_mesh {
+            self.mesh_mac = m;
+        }
+        for k in &ops.del_published {
+            self.published.remove(k);
+        }
+        for a in &ops.del_mesh_addrs {
+            self.mesh_addrs.remove(a);
+        }
         for k in &ops.del_services {
             self.services.remove(k);
         }

@@ -25,6 +25,9 @@ pub struct Identity {
     pub host: String,
     /// Underlay address; without one the host builds no tunnels.
     pub underlay: Option<IpAddr>,
+    /// The interface that has the underlay address: outside clients reach
+    /// the routing mesh's ports there.
+    pub uplink: Option<String>,
     pub vtep_mac: Mac,
     pub vxlan_port: u16,
     /// The eBPF endpoint program could be loaded: attach it everywhere.
@@ -42,6 +45,7 @@ impl Identity {
         Identity {
             host: host.to_string(),
             underlay: None,
+            uplink: None,
             vtep_mac: Mac([2, 0, 0, 0, 0, 1]),
             vxlan_port: 4789,
             ebpf: false,

@@ -223,7 +223,106 @@ fn service(name: &str, net: &str, vip: &str) -> ServiceRecord {
         ports: vec![model::ServicePort { port: 80, proto: model::Proto::Tcp, target: 8080 }],
         selector: model::default_selector(name),
         created_unix: 0,
+        publish: vec![],
     }
+}
+
+/// A three-host cluster seen from h1 (eBPF on, uplink `uplink0`): network
+/// aaaa with a backend of `web` on h2, web published on 8080 → its port 80
+/// (target 8080) in `mode`.
+fn mesh_lab(mode: model::PublishMode) -> (Snapshot, Identity) {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let mut b2 = endpoint("b2", "aaaa", "10.1.0.3", "h2");
+    b2.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+    b2.mac = "02:42:0a:01:00:03".parse().unwrap();
+    let hosts = vec![host("h1", "198.19.0.1"), host("h2", "198.19.0.2"), host("h3", "198.19.0.3")];
+    let mut web = service("web", "aaaa", "10.1.0.254");
+    web.publish = vec![model::MeshPort { proto: model::Proto::Tcp, host_port: 30080, port: 80, mode }];
+    let me = Identity {
+        ebpf: true,
+        underlay: Some("198.19.0.1".parse().unwrap()),
+        uplink: Some("uplink0".into()),
+        ..Identity::local("h1")
+    };
+    let snap = Snapshot { networks: nets, endpoints: vec![b2], hosts, services: vec![web], keys: BTreeMap::new() };
+    (snap, me)
+}
+
+#[test]
+fn a_published_service_is_taken_on_a_host_without_its_backends_and_reached_over_the_tunnel() {
+    use trellis_ebpf::{BackendKey, MeshRole, PubKey, be};
+    let (snap, me) = mesh_lab(model::PublishMode::Ingress);
+    let d = desired::desired_host(&snap, &me);
+    // The network's device exists here (no endpoint of it is), with the
+    // backend's entries and every other host's mesh MAC.
+    let vx = &d.vxlans[&model::vxlan_name("aaaa")];
+    let b2_mac: Mac = "02:42:0a:01:00:03".parse().unwrap();
+    assert!(vx.fdb.contains(&(b2_mac, "198.19.0.2".parse().unwrap())));
+    for (ip, mac) in [("198.19.0.2", [6, 0x7e, 198, 19, 0, 2]), ("198.19.0.3", [6, 0x7e, 198, 19, 0, 3])] {
+        assert!(vx.fdb.contains(&(Mac(mac), ip.parse().unwrap())), "{ip}'s mesh MAC: {:?}", vx.fdb);
+    }
+    assert!(!vx.fdb.iter().any(|(m, _)| m.0 == [6, 0x7e, 198, 19, 0, 1]), "not its own");
+    assert_eq!(
+        d.mesh_links,
+        BTreeMap::from([("uplink0".to_string(), MeshRole::Uplink), (model::vxlan_name("aaaa"), MeshRole::Tunnel)])
+    );
+    // The tables: the published port to the service's target, its
+    // backends and Maglev table, the host's address and mesh MAC; no VIP
+    // (no endpoint here uses it).
+    let id = u32::from("10.1.0.254".parse::<std::net::Ipv4Addr>().unwrap());
+    let p = &d.tables.published[&PubKey::new(30080, 6)];
+    assert_eq!((p.info.id, u16::from_be(p.info.target_port), p.info.count), (id, 8080, 1));
+    assert_eq!(p.bridge, model::bridge_name("aaaa"));
+    assert!(d.tables.backends.contains_key(&BackendKey { svc_id: id, ip: be("10.1.0.3".parse().unwrap()) }));
+    assert_eq!(d.tables.maglev[&id].len(), 1);
+    assert!(d.tables.vips.is_empty() && d.tables.services.is_empty());
+    assert_eq!(d.tables.mesh_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), vec!["198.19.0.1"]);
+    assert_eq!(d.tables.mesh_mac, Some([6, 0x7e, 198, 19, 0, 1]));
+
+    // From nothing: the device, then its program, then the tables.
+    let acts = diff(&d, &Observed::default());
+    let pos = |f: &dyn Fn(&Action) -> bool| acts.iter().position(f).unwrap();
+    let vxlan = pos(&|a| matches!(a, Action::CreateVxlan(v) if v.name == model::vxlan_name("aaaa")));
+    let tunnel = pos(&|a| matches!(a, Action::AttachMesh { role: MeshRole::Tunnel, .. }));
+    let uplink = pos(&|a| matches!(a, Action::AttachMesh { ifname, role: MeshRole::Uplink } if ifname == "uplink0"));
+    let tables = pos(&|a| matches!(a, Action::UpdateTables(_)));
+    assert!(vxlan < tunnel && tunnel < tables && uplink < tables, "{acts:?}");
+
+    // Unpublished: the port and the mesh go, the programs come off; the
+    // device with them (no endpoint of the network is here).
+    let mut after = snap.clone();
+    after.services[0].publish.clear();
+    let d2 = desired::desired_host(&after, &me);
+    assert!(d2.tables.published.is_empty() && d2.tables.mesh_mac.is_none() && d2.tables.mesh_addrs.is_empty());
+    assert!(d2.mesh_links.is_empty() && !d2.vxlans.contains_key(&model::vxlan_name("aaaa")));
+    let mut seen = Observed::default();
+    for a in &acts {
+        seen.record(a).unwrap();
+    }
+    let acts = diff(&d2, &seen);
+    assert!(acts.contains(&Action::DetachMesh { ifname: "uplink0".into() }), "{acts:?}");
+    let ops = acts.iter().find_map(|a| if let Action::UpdateTables(o) = a { Some(o) } else { None }).unwrap();
+    assert_eq!(ops.del_published, vec![PubKey::new(30080, 6)]);
+    assert_eq!(ops.set_mesh, Some(None));
+}
+
+#[test]
+fn host_mode_publishes_only_where_a_backend_runs_and_nothing_without_ebpf() {
+    use trellis_ebpf::PubKey;
+    let (mut snap, me) = mesh_lab(model::PublishMode::Host);
+    let d = desired::desired_host(&snap, &me);
+    assert!(d.tables.published.is_empty(), "h1 runs no backend");
+    assert!(!d.mesh_links.contains_key("uplink0"));
+    // h2 runs one (its endpoint is local there).
+    let h2 = Identity { host: "h2".into(), underlay: Some("198.19.0.2".parse().unwrap()), ..me.clone() };
+    snap.endpoints[0].netns = "/run/netns/b2".into();
+    let d2 = desired::desired_host(&snap, &h2);
+    assert!(d2.tables.published.contains_key(&PubKey::new(30080, 6)), "{:?}", d2.tables.published);
+    assert_eq!(d2.tables.mesh_mac, Some([6, 0x7e, 198, 19, 0, 2]));
+    // Without the eBPF datapath: no mesh at all.
+    let (snap, me) = mesh_lab(model::PublishMode::Ingress);
+    let off = desired::desired_host(&snap, &Identity { ebpf: false, ..me });
+    assert!(off.tables.published.is_empty() && off.mesh_links.is_empty());
 }
 
 #[test]

@@ -475,7 +475,9 @@ impl Cluster {
         let (mut compares, mut ops) = self.ipam.plan_network_release(&net.id).await?;
         ops.extend(services.iter().map(|s| Op::delete(model::service_key(&s.name))));
         ops.extend(
-            services.iter().flat_map(|s| s.publish.iter().map(|p| Op::delete(model::mesh_port_key(p.proto, p.host_port)))),
+            services
+                .iter()
+                .flat_map(|s| s.publish.iter().map(|p| Op::delete(model::mesh_port_key(p.proto, p.host_port)))),
         );
         let net_key = model::network_key(&net.name);
         let current = self

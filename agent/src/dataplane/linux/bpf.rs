@@ -21,6 +21,15 @@ pub fn remove_leftover_datapath(dir: &std::path::Path) {
             Err(err) => tracing::warn!(link = %name, error = %err, "detaching a program an earlier run left"),
         }
     }
+    for e in std::fs::read_dir(dir.join("mesh")).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match trellis_ebpf::detach_mesh_persistent(&name, &e.path()) {
+            Ok(()) => {
+                tracing::info!(link = %name, "detached the mesh program an earlier run left (the datapath is off)")
+            }
+            Err(err) => tracing::warn!(link = %name, error = %err, "detaching a mesh program an earlier run left"),
+        }
+    }
     for e in std::fs::read_dir(dir.join("maps")).into_iter().flatten().flatten() {
         if let Err(err) = std::fs::remove_file(e.path()) {
             tracing::warn!(map = %e.path().display(), error = %err, "unpinning a map an earlier run left");
@@ -45,6 +54,13 @@ impl NetlinkDataplane {
         let Some((dp, markers)) = &self.bpf else { return };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let names: BTreeSet<&str> = links.values().map(String::as_str).collect();
+        for name in self.mesh_markers().into_iter().filter(|n| !names.contains(n.as_str())) {
+            if nix::net::if_::if_nametoindex(name.as_str()).is_err()
+                && let Err(e) = trellis_ebpf::remove_marker(&self.mesh_dir().join(&name))
+            {
+                tracing::warn!(link = %name, error = %e, "removing the mesh marker of a gone interface");
+            }
+        }
         for name in self.pinned_programs().into_iter().filter(|n| !names.contains(n.as_str())) {
             if nix::net::if_::if_nametoindex(name.as_str()).is_err()
                 && let Err(e) = trellis_ebpf::remove_marker(&markers.join(&name))
@@ -71,10 +87,57 @@ impl NetlinkDataplane {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         dp.remove_endpoint(index).map_err(|e| DataplaneError::Ebpf(format!("{name}: {e}")))?;
+        // A mesh program goes with its device.
+        match trellis_ebpf::remove_marker(&self.mesh_dir().join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DataplaneError::Io { call: "unpin mesh link", object: name.to_string(), source: e }),
+        }
         match trellis_ebpf::remove_marker(&links.join(name)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(DataplaneError::Io { call: "unpin link", object: name.to_string(), source: e }),
+        }
+    }
+
+    /// Where the mesh programs' attachment markers are (beside `links`).
+    fn mesh_dir(&self) -> std::path::PathBuf {
+        match &self.bpf {
+            Some((_, links)) => links.with_file_name("mesh"),
+            None => std::path::PathBuf::new(),
+        }
+    }
+
+    fn mesh_markers(&self) -> BTreeSet<String> {
+        if self.bpf.is_none() {
+            return BTreeSet::new();
+        }
+        std::fs::read_dir(self.mesh_dir())
+            .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The interfaces with a mesh program: a marker, and the interface.
+    pub(super) fn observe_mesh_links(&self, links: &[LinkSummary]) -> BTreeSet<String> {
+        let names: BTreeSet<&str> = links.iter().map(|l| l.name.as_str()).collect();
+        self.mesh_markers().into_iter().filter(|n| names.contains(n.as_str())).collect()
+    }
+
+    pub(super) fn attach_mesh(&self, ifname: &str, role: trellis_ebpf::MeshRole) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        dp.attach_mesh_persistent(ifname, role, &self.mesh_dir().join(ifname), self.attach_mode)
+            .map_err(|e| DataplaneError::Ebpf(format!("mesh program on {ifname}: {e}")))
+    }
+
+    pub(super) fn detach_mesh(&self, ifname: &str) -> Result<()> {
+        if self.bpf.is_none() {
+            return Ok(());
+        }
+        match trellis_ebpf::detach_mesh_persistent(ifname, &self.mesh_dir().join(ifname)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DataplaneError::Io { call: "detach mesh program", object: ifname.to_string(), source: e }),
         }
     }
 
@@ -175,6 +238,28 @@ impl NetlinkDataplane {
         for (k, v) in &ops.put_vips {
             dp.put_vip(*k, *v).map_err(e("VIP"))?;
         }
+        for a in &ops.put_mesh_addrs {
+            dp.put_mesh_addr(*a).map_err(e("mesh address"))?;
+        }
+        if let Some(Some(mac)) = ops.set_mesh {
+            dp.set_mesh_mac(mac).map_err(e("mesh MAC"))?;
+            dp.set_config(trellis_ebpf::CFG_MESH, true).map_err(e("mesh switch"))?;
+        }
+        for (k, v) in &ops.put_published {
+            let bridge = nix::net::if_::if_nametoindex(v.bridge.as_str())
+                .map_err(|err| DataplaneError::Ebpf(format!("published port: bridge {}: {err}", v.bridge)))?;
+            dp.put_published(*k, trellis_ebpf::PubInfo { bridge, ..v.info }).map_err(e("published port"))?;
+        }
+        for k in &ops.del_published {
+            dp.remove_published(*k).map_err(e("published port"))?;
+        }
+        if let Some(None) = ops.set_mesh {
+            dp.set_config(trellis_ebpf::CFG_MESH, false).map_err(e("mesh switch"))?;
+            dp.set_mesh_mac([0; 6]).map_err(e("mesh MAC"))?;
+        }
+        for a in &ops.del_mesh_addrs {
+            dp.remove_mesh_addr(*a).map_err(e("mesh address"))?;
+        }
         for k in &ops.del_services {
             dp.remove_service(*k).map_err(e("service"))?;
         }
@@ -225,6 +310,25 @@ impl NetlinkDataplane {
             services: dp.services().map_err(e)?.into_iter().collect(),
             maglev: dp.maglev_ids().map_err(e)?.into_iter().map(|id| (id, Vec::new())).collect(),
             backends: dp.backends().map_err(e)?.into_iter().collect(),
+            published: dp
+                .published()
+                .map_err(e)?
+                .into_iter()
+                .map(|(k, v)| {
+                    // A bridge gone (or made again) since reads as ""
+                    // (nix names a gone index so): rewritten.
+                    let bridge = nix::net::if_::if_indextoname(v.bridge)
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    (k, crate::dataplane::tables::Published { info: trellis_ebpf::PubInfo { bridge: 0, ..v }, bridge })
+                })
+                .collect(),
+            mesh_addrs: dp.mesh_addrs().map_err(e)?.into_iter().collect(),
+            mesh_mac: {
+                let on = dp.config().map_err(e)? & trellis_ebpf::CFG_MESH != 0;
+                let mac = dp.mesh_mac().map_err(e)?;
+                (on && mac != [0; 6]).then_some(mac)
+            },
         })
     }
 

@@ -136,7 +136,7 @@ impl NetlinkDataplane {
         trellis_ebpf::mount_bpffs(dir)?;
         let maps = dir.join("maps");
         let links = dir.join("links");
-        for d in [&maps, &links] {
+        for d in [&maps, &links, &dir.join("mesh")] {
             std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
         }
         let mut dp = trellis_ebpf::Datapath::load_pinned(&maps).map_err(|e| e.to_string())?;
@@ -253,9 +253,11 @@ impl Dataplane for NetlinkDataplane {
         let egress = if rules { self.egress_fingerprint().await? } else { None };
         self.sweep_gone_interfaces(&names);
         let (programs, program_flags) = self.observe_programs(&links);
+        let mesh_links = self.observe_mesh_links(&links);
         let tables = self.observe_tables(rules)?;
         let xfrm = self.observe_xfrm_async().await?;
-        let mut observed = Observed { egress, programs, program_flags, tables, xfrm, ..Observed::default() };
+        let mut observed =
+            Observed { egress, programs, program_flags, mesh_links, tables, xfrm, ..Observed::default() };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),
@@ -286,6 +288,8 @@ impl Dataplane for NetlinkDataplane {
             Action::AttachProgram { ifname, ip, mac, program } => self.attach_program(ifname, *ip, *mac, program).await,
             Action::UpdateTables(ops) => self.update_tables(ops),
             Action::DetachProgram { ifname } => self.detach_program(ifname).await,
+            Action::AttachMesh { ifname, role } => self.attach_mesh(ifname, *role),
+            Action::DetachMesh { ifname } => self.detach_mesh(ifname),
             Action::CreateVxlan(v) => self.create_vxlan(v).await,
             Action::AddFdb { link, mac, dst } => self.add_fdb(link, *mac, *dst).await,
             Action::DelFdb { link, mac, dst } => self.del_fdb(link, *mac, *dst).await,
@@ -307,5 +311,9 @@ impl Dataplane for NetlinkDataplane {
 
     async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
         self.default_route_addr().await
+    }
+
+    async fn link_with_addr(&self, addr: IpAddr) -> Result<Option<String>> {
+        self.link_with_addr(addr).await
     }
 }

@@ -68,6 +68,25 @@ impl NetlinkDataplane {
         Ok(None)
     }
 
+    /// The name of the interface that has `addr`, if any.
+    pub(super) async fn link_with_addr(&self, addr: IpAddr) -> Result<Option<String>> {
+        let mut index = None;
+        {
+            let _dump = self.dump.lock().await;
+            let mut stream = self.handle.address().get().execute();
+            while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "uplink"))? {
+                if msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == addr)) {
+                    index = Some(msg.header.index);
+                }
+            }
+        }
+        let Some(index) = index else { return Ok(None) };
+        Ok(nix::net::if_::if_indextoname(index)
+            .ok()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| !n.is_empty()))
+    }
+
     /// The interface of the main table's default route, if any.
     async fn default_oif(&self) -> Result<Option<u32>> {
         Ok(self

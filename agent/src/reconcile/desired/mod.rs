@@ -1,10 +1,12 @@
 //! The kernel state one host should have, computed from the whole desired
 //! state of the cluster, one object kind per file: [`links`] (bridges,
-//! veths, egress rules), [`programs`], [`tunnels`], [`tables`],
+//! veths, egress rules), [`programs`], [`tunnels`], [`mesh`] (the routing
+//! mesh's devices, entries and program attachments), [`tables`],
 //! [`encryption`]. Pure.
 
 pub mod encryption;
 pub mod links;
+pub mod mesh;
 pub mod programs;
 pub mod tables;
 pub mod tunnels;
@@ -47,6 +49,9 @@ pub struct DesiredHost {
     /// Endpoint veths that carry the endpoint programs, with what the
     /// programs need to know of the endpoint's network.
     pub programs: BTreeMap<String, ProgramSpec>,
+    /// Interfaces that carry a routing mesh program (the uplink, network
+    /// VXLAN devices).
+    pub mesh_links: BTreeMap<String, trellis_ebpf::MeshRole>,
     pub egress: EgressRules,
     /// The eBPF datapath's isolation and service tables.
     pub tables: Tables,
@@ -83,10 +88,11 @@ pub fn desired(
 }
 
 /// Everything a host should have from one snapshot of the store: links,
-/// programs and tunnels, then the tables (which look at the endpoints and
+/// programs and tunnels, what the routing mesh adds to them, then the tables (which look at the endpoints and
 /// tunnels `d` holds) and the IPsec state (which looks at its tunnels).
 pub fn desired_host(s: &Snapshot, me: &Identity) -> DesiredHost {
     let mut d = desired(&s.networks, &s.endpoints, &s.hosts, me);
+    mesh::mesh(&s.networks, &s.endpoints, &s.hosts, &s.services, me, &mut d);
     d.tables = tables::tables(&s.networks, &s.endpoints, &s.hosts, &s.services, me, &d);
     encryption::encryption(&s.networks, &s.keys, &mut d, me);
     d

@@ -1,5 +1,7 @@
-//! The eBPF datapath's tables: every Trellis subnet (isolation) and the
-//! VIP services of the networks this host has endpoints on.
+//! The eBPF datapath's tables: every Trellis subnet (isolation), the VIP
+//! services of the networks this host has endpoints on, and the ports it
+//! publishes on the routing mesh (with the backends and Maglev tables of
+//! their services).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -24,7 +26,8 @@ pub fn tables(
     me: &Identity,
     d: &DesiredHost,
 ) -> Tables {
-    use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, SvcInfo, SvcKey, VipInfo, maglev};
+    use crate::dataplane::tables::Published;
+    use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, SvcInfo, SvcKey, VipInfo, maglev};
     let mut t = Tables::default();
     if !me.ebpf {
         return t;
@@ -52,8 +55,14 @@ pub fn tables(
     for e in endpoints {
         by_net.entry(e.network_id.as_str()).or_default().push(e);
     }
-    for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip && local_nets.contains(s.network_id.as_str()))
-    {
+    for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip) {
+        // The VIP for endpoints of its network here; the published ports
+        // for outside clients. Either needs the backends and the table.
+        let vip_here = local_nets.contains(s.network_id.as_str());
+        let published = super::mesh::published_here(s, endpoints, &local_ids, me);
+        if !vip_here && published.is_empty() {
+            continue;
+        }
         let (Some(id), Some(IpAddr::V4(vip)), Some(vni)) =
             (s.datapath_id(), s.vip, vni_of.get(s.network_id.as_str()).copied())
         else {
@@ -72,6 +81,24 @@ pub fn tables(
         ips.sort();
         ips.dedup();
         let revision = maglev::digest(&ips);
+        for p in published {
+            let info = PubInfo {
+                id,
+                target_port: s.target_of(p.port, p.proto).to_be(),
+                pad: 0,
+                count: ips.len() as u32,
+                revision,
+                bridge: 0,
+            };
+            t.published.insert(
+                PubKey::new(p.host_port, p.proto.number()),
+                Published { info, bridge: model::bridge_name(&s.network_id) },
+            );
+        }
+        t.maglev.insert(id, ips.clone());
+        if !vip_here {
+            continue;
+        }
         for p in &s.ports {
             t.services.insert(
                 SvcKey::new(vip, p.port, p.proto.number()),
@@ -90,7 +117,12 @@ pub fn tables(
             }
         }
         t.vips.insert(vip, VipInfo { net_id: vni, backends: ips.len() as u32 });
-        t.maglev.insert(id, ips);
+    }
+    if !t.published.is_empty()
+        && let Some(IpAddr::V4(u)) = me.underlay
+    {
+        t.mesh_addrs.insert(u);
+        t.mesh_mac = Some(trellis_ebpf::mesh_mac(u));
     }
     t
 }

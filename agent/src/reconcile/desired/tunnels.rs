@@ -58,27 +58,38 @@ pub fn tunnels(
         .collect();
     for net_id in local_nets {
         let Some(n) = by_id.get(net_id) else { continue };
-        let name = model::vxlan_name(&n.id);
-        let mut v = DesiredVxlan {
-            spec: VxlanSpec {
-                name: name.clone(),
-                vni: n.vni,
-                port: n.vxlan_port.unwrap_or(me.vxlan_port),
-                local,
-                mtu: n.mtu,
-                mac: me.vtep_mac,
-                // A network's device carries IPv4 only: nothing to set.
-                sysctls: Vec::new(),
-            },
-            bridge: model::bridge_name(&n.id),
-            fdb: BTreeSet::new(),
-            neigh: BTreeSet::new(),
-        };
-        for e in endpoints.iter().filter(|e| e.network_id == n.id && !e.deleting) {
-            let Some(h) = live.get(e.host.as_str()) else { continue };
-            v.fdb.insert((e.mac, h.underlay));
-            v.neigh.insert((e.ip, e.mac));
-        }
-        d.vxlans.insert(name, v);
+        d.vxlans.insert(model::vxlan_name(&n.id), network_vxlan(n, endpoints, &live, me, local));
     }
+}
+
+/// A network's VXLAN device on this host, with an entry for every endpoint
+/// of the network on every other live host (`live`).
+pub fn network_vxlan(
+    n: &NetworkRecord,
+    endpoints: &[EndpointRecord],
+    live: &BTreeMap<&str, &HostRecord>,
+    me: &Identity,
+    local: IpAddr,
+) -> DesiredVxlan {
+    let mut v = DesiredVxlan {
+        spec: VxlanSpec {
+            name: model::vxlan_name(&n.id),
+            vni: n.vni,
+            port: n.vxlan_port.unwrap_or(me.vxlan_port),
+            local,
+            mtu: n.mtu,
+            mac: me.vtep_mac,
+            // A network's device carries IPv4 only: nothing to set.
+            sysctls: Vec::new(),
+        },
+        bridge: model::bridge_name(&n.id),
+        fdb: BTreeSet::new(),
+        neigh: BTreeSet::new(),
+    };
+    for e in endpoints.iter().filter(|e| e.network_id == n.id && !e.deleting) {
+        let Some(h) = live.get(e.host.as_str()) else { continue };
+        v.fdb.insert((e.mac, h.underlay));
+        v.neigh.insert((e.ip, e.mac));
+    }
+    v
 }

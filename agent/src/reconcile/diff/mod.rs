@@ -7,10 +7,13 @@
 //! 2. stale links ([`links::stale`]): ports and leftovers, then bridges;
 //! 3. bridges, then endpoint veths ([`links`]);
 //! 4. VXLAN devices and their entries ([`tunnels`]);
-//! 5. the endpoint programs on the veths ([`programs::attach`]);
+//! 5. the endpoint programs on the veths ([`programs::attach`]), the
+//!    routing mesh's on the uplink and network devices
+//!    ([`programs::attach_mesh`]);
 //! 6. the eBPF tables: remote backends' tunnel entries and local backends'
 //!    veths are in place by now;
-//! 7. programs off interfaces that are no endpoint's;
+//! 7. programs off interfaces that are no endpoint's, mesh programs off
+//!    interfaces that need none;
 //! 8. the egress rules;
 //! 9. stale IPsec policies and SAs: the tunnel entries that used them are
 //!    gone.
@@ -41,8 +44,10 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     links::endpoints(desired, observed, &mut acts);
     tunnels::vxlans(desired, observed, &mut acts);
     programs::attach(desired, observed, &mut acts);
+    programs::attach_mesh(desired, observed, &mut acts);
     tables(desired, observed, &mut acts);
     programs::detach(desired, observed, &mut acts);
+    programs::detach_mesh(desired, observed, &mut acts);
     egress(desired, observed, &mut acts);
     acts.extend(xfrm.last.iter().map(xfrm_action));
     acts

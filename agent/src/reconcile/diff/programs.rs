@@ -27,6 +27,32 @@ pub fn attach(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>
     }
 }
 
+/// The routing mesh's programs: on the uplink and the network devices that
+/// should have one (again on a device (re)created in this pass). Call after
+/// the tunnels' phase.
+pub fn attach_mesh(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>) {
+    let created: BTreeSet<String> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::CreateVxlan(v) => Some(v.name.clone()),
+            _ => None,
+        })
+        .collect();
+    for (name, role) in &desired.mesh_links {
+        if !observed.mesh_links.contains(name) || created.contains(name) {
+            acts.push(Action::AttachMesh { ifname: name.clone(), role: *role });
+        }
+    }
+}
+
+/// Mesh programs off interfaces that should have none (after the tables:
+/// no published port points at them any more).
+pub fn detach_mesh(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>) {
+    for name in observed.mesh_links.iter().filter(|n| !desired.mesh_links.contains_key(*n)) {
+        acts.push(Action::DetachMesh { ifname: name.clone() });
+    }
+}
+
 pub fn detach(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>) {
     for name in observed.programs.iter().filter(|n| !desired.programs.contains_key(*n)) {
         acts.push(Action::DetachProgram { ifname: name.clone() });
