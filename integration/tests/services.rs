@@ -499,6 +499,7 @@ fn ten_thousand_services_load_and_still_answer() {
                                     target: 8080,
                                 }],
                                 selector: [("tier".to_string(), "web".to_string())].into(),
+                                publish: vec![],
                             })
                             .await
                             .unwrap();

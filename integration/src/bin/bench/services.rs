@@ -255,6 +255,7 @@ fn load_services(lab: &Lab, from: usize, to: usize) -> Result<()> {
                                     },
                                 ],
                                 selector: [("tier".to_string(), "web".to_string())].into(),
+                                publish: vec![],
                             })
                             .await
                             .map_err(|e| anyhow::anyhow!("service s{i}: {e}"))?;
