@@ -260,3 +260,63 @@ fn an_agent_killed_under_published_traffic_fails_no_request() {
     assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed across the kill: {errors:?}");
     assert_eq!(spread(&client, to, 30).len(), 2, "both backends still reached after the restarts");
 }
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_host_reaches_the_mesh_on_its_own_addresses_and_127_0_0_1() {
+    // (Its replies come back into the loopback from a backend's packet:
+    // "other host" frames, martian sources and 127.0.0.1 destinations to
+    // the kernel unless the datapath and the loopback's settings see to
+    // it; each was a failure of this test first.)
+    require_root();
+    let (lab, _servers) = lab_with_backends();
+    let h = &lab.hosts;
+    h[0].ctl(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "edge",
+        "--port",
+        "80:8080",
+        "--port",
+        "80/udp:8080",
+        "--publish",
+        "30580:80",
+        "--publish",
+        "30581:80/udp",
+    ])
+    .unwrap();
+    // Host 2 runs no backend: its own clients cross the mesh too.
+    let me = h[2].ns.path();
+    let local = Client::new(&me).unwrap();
+    let own: SocketAddr = at(2, 30580);
+    let lo: SocketAddr = "127.0.0.1:30580".parse().unwrap();
+    for to in [own, lo] {
+        assert!(
+            wait_for(Duration::from_secs(20), || local.request(to).is_ok()),
+            "{to} from the host never answered; its log:\n{}",
+            h[2].log()
+        );
+        let mut names = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            let line = local.request(to).unwrap();
+            let (name, saw) = line.split_once(' ').unwrap();
+            // The host's own address (127.0.0.1 is NATed to it: a backend
+            // elsewhere cannot answer loopback).
+            assert_eq!(saw, underlay_ip(3), "{to}: the backend saw {saw}");
+            names.insert(name.to_string());
+        }
+        assert_eq!(names.len(), 2, "{to}: connections to both backends");
+    }
+    // UDP to 127.0.0.1, as a log shipper to udp://127.0.0.1:PORT.
+    let mut answer = None;
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            answer = udp_request(&me, "127.0.0.1:30581".parse().unwrap());
+            answer.is_some()
+        }),
+        "no UDP answer on 127.0.0.1:30581"
+    );
+    assert!(answer.unwrap().starts_with("web"));
+}

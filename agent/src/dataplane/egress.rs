@@ -34,6 +34,11 @@
 //!   `route_localnet` on the bridges of the networks that publish
 //!   ([`EgressRules::localnet`]).
 //!
+//! * The routing mesh from the host itself: 127.0.0.1 on a mesh port is an
+//!   element of `published_ip_*` to the host's mesh address (its underlay
+//!   address, where the mesh's program on `lo` takes it), with the source
+//!   NATed to that address in `postrouting` ([`EgressRules::mesh_loopback`]).
+//!
 //! The whole table is replaced atomically when it differs. Every rule
 //! carries the fingerprint of the desired rules as its comment, so the
 //! reconciler can tell a missing or altered rule from one glance at the
@@ -96,6 +101,12 @@ pub struct EgressRules {
     /// Written like [`EgressRules::forwarding`], never turned off; part of
     /// the fingerprint.
     pub localnet: Vec<String>,
+    /// The routing mesh's address on this host (its underlay address),
+    /// while it publishes ports: what the host sends to 127.0.0.1 on a mesh
+    /// port is DNATed to it (a `published_ip_*` element each) and its
+    /// source NATed to it, so that it takes the loopback to the mesh's
+    /// program and its replies come back to the host.
+    pub mesh_loopback: Option<Ipv4Addr>,
     /// Redirect endpoints' DNS queries to their gateway.
     pub dns_intercept: bool,
     /// Keep DNS over UDP to and from the gateways out of connection
@@ -160,6 +171,7 @@ impl EgressRules {
             nets,
             published: Vec::new(),
             localnet: Vec::new(),
+            mesh_loopback: None,
             dns_intercept: false,
             dns_notrack: false,
             forwarding: false,
@@ -175,6 +187,15 @@ impl EgressRules {
             self.localnet.push(bridge.to_string());
             self.localnet.sort();
         }
+        self.published.sort();
+        self.published.dedup();
+    }
+
+    /// Make 127.0.0.1:`port` reach the routing mesh on this host, whose
+    /// address is `addr` (the host itself is the client then).
+    pub fn publish_mesh_loopback(&mut self, addr: Ipv4Addr, proto: Proto, port: u16) {
+        self.mesh_loopback = Some(addr);
+        self.published.push(PublishedRule { proto, host_ip: Some(Ipv4Addr::LOCALHOST), host_port: port, addr, port });
         self.published.sort();
         self.published.dedup();
     }
@@ -254,6 +275,28 @@ impl EgressRules {
                 Statement::Masquerade(None),
             ],
         ));
+        // From the host's 127.0.0.1 to the mesh: from the mesh's address,
+        // which its replies come back to.
+        if let Some(addr) = self.mesh_loopback {
+            out.push((
+                "postrouting",
+                vec![
+                    m(ct_status(), Operator::IN, s("dnat")),
+                    m(meta(MetaKey::Oifname), Operator::EQ, s("lo")),
+                    m(
+                        payload("ip", "saddr"),
+                        Operator::EQ,
+                        prefix(&IpNet::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8).expect("a prefix")),
+                    ),
+                    Statement::SNAT(Some(nftables::stmt::NAT {
+                        addr: Some(s(addr.to_string())),
+                        family: Some(nftables::stmt::NATFamily::IP),
+                        port: None,
+                        flags: None,
+                    })),
+                ],
+            ));
+        }
         // From the host's 127.0.0.1: a container cannot answer loopback.
         out.push((
             "postrouting",

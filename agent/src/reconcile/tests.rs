@@ -264,7 +264,16 @@ fn a_published_service_is_taken_on_a_host_without_its_backends_and_reached_over_
     assert!(!vx.fdb.iter().any(|(m, _)| m.0 == [6, 0x7e, 198, 19, 0, 1]), "not its own");
     assert_eq!(
         d.mesh_links,
-        BTreeMap::from([("uplink0".to_string(), MeshRole::Uplink), (model::vxlan_name("aaaa"), MeshRole::Tunnel)])
+        BTreeMap::from([
+            ("uplink0".to_string(), MeshRole::Uplink),
+            ("lo".to_string(), MeshRole::Uplink),
+            (model::vxlan_name("aaaa"), MeshRole::Tunnel)
+        ])
+    );
+    // 127.0.0.1 on the port, to the host's mesh address.
+    assert_eq!(d.egress.mesh_loopback, Some("198.19.0.1".parse().unwrap()));
+    assert!(
+        d.egress.published.iter().any(|r| r.host_port == 30080 && r.host_ip == Some(std::net::Ipv4Addr::LOCALHOST))
     );
     // The tables: the published port to the service's target, its
     // backends and Maglev table, the host's address and mesh MAC; no VIP
@@ -295,6 +304,7 @@ fn a_published_service_is_taken_on_a_host_without_its_backends_and_reached_over_
     let d2 = desired::desired_host(&after, &me);
     assert!(d2.tables.published.is_empty() && d2.tables.mesh_mac.is_none() && d2.tables.mesh_addrs.is_empty());
     assert!(d2.mesh_links.is_empty() && !d2.vxlans.contains_key(&model::vxlan_name("aaaa")));
+    assert!(d2.egress.mesh_loopback.is_none() && d2.egress.published.is_empty());
     let mut seen = Observed::default();
     for a in &acts {
         seen.record(a).unwrap();

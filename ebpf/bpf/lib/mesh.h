@@ -4,11 +4,13 @@
  * the service's Maglev table (the VIP's), on this host or another one,
  * with the client's address kept.
  *
- *   uplink (tc ingress)  a packet to one of this host's addresses on a
- *                        published port: DNAT to the backend, remembered
- *                        in `ct` and `mesh`, sent into the network's bridge
- *                        from this host's mesh MAC (the bridge forwards it
- *                        to a local veth or over the tunnel).
+ *   uplink, loopback     a packet to one of this host's addresses on a
+ *   (tc ingress)         published port (from outside, or from the host
+ *                        itself over the loopback): DNAT to the backend,
+ *                        remembered in `ct` and `mesh`, sent into the
+ *                        network's bridge from this host's mesh MAC (the
+ *                        bridge forwards it to a local veth or over the
+ *                        tunnel).
  *   backend's veth       what arrives from another host's mesh MAC is
  *   (to the endpoint)    remembered (MESH_RETURN): the backend's replies
  *                        go back to that MAC, over the tunnel, not out of
@@ -52,6 +54,10 @@ static __always_inline int mesh_reply(struct __sk_buff *skb, const struct flow *
 	if (bpf_skb_store_bytes(skb, 0, m.peer_mac, ETH_ALEN, 0) ||
 	    bpf_skb_store_bytes(skb, ETH_ALEN, m.own_mac, ETH_ALEN, 0))
 		return TC_ACT_SHOT;
+	/* It came to a MAC not the receiving device's (the gateway's, this
+	 * host's mesh MAC): "other host" to the kernel, which the loopback
+	 * keeps and the host's stack then drops. It is for the host now. */
+	bpf_skb_change_type(skb, 0 /* PACKET_HOST */);
 	return bpf_redirect(m.ifindex, 0);
 }
 
@@ -84,6 +90,12 @@ static __always_inline int mesh_from_uplink(struct __sk_buff *skb)
 	struct pub_key pk = { .port = f.dport, .proto = f.proto };
 	struct pub_info *p = bpf_map_lookup_elem(&published, &pk);
 	if (!p)
+		return TC_ACT_OK;
+	/* On the loopback the replies to the host's own clients come by too
+	 * (from the published port to the client's): a source of this host on
+	 * a published port is one. */
+	struct pub_key from = { .port = f.sport, .proto = f.proto };
+	if (bpf_map_lookup_elem(&mesh_addrs, &f.saddr) && bpf_map_lookup_elem(&published, &from))
 		return TC_ACT_OK;
 	struct pub_info pub = *p;
 	struct mesh_config *mc = mesh_config_of();

@@ -125,6 +125,23 @@ impl NetlinkDataplane {
 
     pub(super) fn attach_mesh(&self, ifname: &str, role: trellis_ebpf::MeshRole) -> Result<()> {
         let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        if ifname == "lo" {
+            // The replies to the host's own clients are sent into the
+            // loopback from a backend's packet, with no route of the
+            // host's attached: the loopback routes them as input, which
+            // takes a local source only with accept_local and 127.0.0.1
+            // (after the reverse NAT of a client of 127.0.0.1) only with
+            // route_localnet; else they are martians. Only the loopback's
+            // own settings, never turned off (like ip_forward).
+            for knob in ["accept_local", "route_localnet"] {
+                let path = format!("/proc/sys/net/ipv4/conf/lo/{knob}");
+                std::fs::write(&path, "1").map_err(|e| DataplaneError::Io {
+                    call: "enable a loopback setting",
+                    object: path.clone(),
+                    source: e,
+                })?;
+            }
+        }
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         dp.attach_mesh_persistent(ifname, role, &self.mesh_dir().join(ifname), self.attach_mode)
             .map_err(|e| DataplaneError::Ebpf(format!("mesh program on {ifname}: {e}")))

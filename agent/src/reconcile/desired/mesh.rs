@@ -3,8 +3,10 @@
 //! services with a backend here), the VXLAN devices it needs to reach the
 //! backends of those services on other hosts, the FDB entries through
 //! which backends here send replies back to the host that took the
-//! connection (every other host's mesh MAC), and the interfaces the mesh
-//! programs go on (the uplink, and every network's VXLAN device).
+//! connection (every other host's mesh MAC), the interfaces the mesh
+//! programs go on (the uplink, the loopback for the host's own clients,
+//! and every network's VXLAN device), and 127.0.0.1 on the published
+//! ports (the egress rules).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -57,11 +59,17 @@ pub fn mesh(
     let live: BTreeMap<&str, &HostRecord> =
         hosts.iter().filter(|h| h.id != me.host).map(|h| (h.id.as_str(), h)).collect();
     let local_ids: BTreeSet<&str> = d.endpoints.values().map(|e| e.endpoint_id.as_str()).collect();
+    let IpAddr::V4(addr) = local else { return };
     let mut here = false;
     let mut published_nets = BTreeSet::new();
     for s in services.iter().filter(|s| s.mode == ServiceMode::Vip && !s.publish.is_empty()) {
         published_nets.insert(s.network_id.as_str());
-        if !published_here(s, endpoints, &local_ids, me).is_empty() {
+        let ports = published_here(s, endpoints, &local_ids, me);
+        for p in &ports {
+            // The host's own 127.0.0.1 on the port.
+            d.egress.publish_mesh_loopback(addr, p.proto, p.host_port);
+        }
+        if !ports.is_empty() {
             here = true;
             // Its backends on other hosts are reached over the network's
             // device, here too when no endpoint of the network is.
@@ -87,8 +95,13 @@ pub fn mesh(
     // The programs: on the uplink when this host accepts ports; on every
     // network device, where the replies to connections this host took come
     // back from backends on other hosts.
-    if here && let Some(uplink) = &me.uplink {
-        d.mesh_links.insert(uplink.clone(), trellis_ebpf::MeshRole::Uplink);
+    if here {
+        if let Some(uplink) = &me.uplink {
+            d.mesh_links.insert(uplink.clone(), trellis_ebpf::MeshRole::Uplink);
+        }
+        // What the host sends to its own addresses (and 127.0.0.1, NATed
+        // to the mesh address) crosses the loopback.
+        d.mesh_links.insert("lo".into(), trellis_ebpf::MeshRole::Uplink);
     }
     for name in d.vxlans.keys().filter(|n| n.as_str() != model::PROBE_VXLAN) {
         d.mesh_links.insert(name.clone(), trellis_ebpf::MeshRole::Tunnel);
