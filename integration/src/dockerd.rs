@@ -29,6 +29,8 @@ pub struct Dockerd {
     log: PathBuf,
     /// dockerd's own iptables rules on (`--iptables=true`).
     iptables: bool,
+    /// docker-proxy for published ports (`--userland-proxy=true`).
+    proxy: bool,
 }
 
 fn docker_bin() -> &'static str {
@@ -51,7 +53,17 @@ impl Dockerd {
         Self::start_with(host, true)
     }
 
+    /// A dockerd as Docker ships it for published ports: its iptables
+    /// rules and docker-proxy on (the benchmarks' peer).
+    pub fn start_as_shipped(host: &Host) -> Result<Dockerd> {
+        Self::start_full(host, true, true)
+    }
+
     fn start_with(host: &Host, iptables: bool) -> Result<Dockerd> {
+        Self::start_full(host, iptables, false)
+    }
+
+    fn start_full(host: &Host, iptables: bool, proxy: bool) -> Result<Dockerd> {
         let dir = host.dir.path();
         let d = Dockerd {
             child: None,
@@ -63,6 +75,7 @@ impl Dockerd {
             run_dir: host.docker_run_dir(),
             log: dir.join("dockerd.log"),
             iptables,
+            proxy,
         };
         std::fs::create_dir_all(&d.exec_root)?;
         std::fs::create_dir_all(d.run_dir.join("plugins"))?;
@@ -82,8 +95,9 @@ impl Dockerd {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let script = format!(
             "mount --bind {run} /run/docker && exec dockerd --data-root {data} --exec-root {exec} --pidfile {pid} \
-             -H unix://{sock} --bridge=none --iptables={iptables} --ip-masq=false --userland-proxy=false --log-level=warn",
+             -H unix://{sock} --bridge=none --iptables={iptables} --ip-masq=false --userland-proxy={proxy} --log-level=warn",
             iptables = self.iptables,
+            proxy = self.proxy,
             run = self.run_dir.display(),
             data = self.data_root.display(),
             exec = self.exec_root.display(),

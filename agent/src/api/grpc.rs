@@ -459,6 +459,7 @@ impl proto::agent_server::Agent for AgentService {
             datapath_services: s.datapath_services,
             datapath_backends: s.datapath_backends,
             datapath_subnets: s.datapath_subnets,
+            datapath_published: s.datapath_published,
             docker_networks: s.docker_networks,
             docker_endpoints: s.docker_endpoints,
             host_id: s.host_id,

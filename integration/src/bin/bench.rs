@@ -27,6 +27,9 @@ use trellis_integration::{Host, Netns, bin};
 #[path = "bench/services.rs"]
 mod services;
 
+#[path = "bench/mesh.rs"]
+mod mesh;
+
 #[path = "bench/ipsec.rs"]
 mod ipsec;
 
@@ -73,7 +76,7 @@ fn parse_args() -> Result<Args> {
             "--vip-secs" => a.vip_secs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,attach,ipsec; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,mesh,attach,ipsec; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
                  --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
@@ -1090,6 +1093,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let mesh = if on("mesh") {
+        eprintln!("trellis-bench: published ports and the routing mesh vs Docker -p vs straight, from outside");
+        Some(mesh::bench(args.vip_secs, 5)?)
+    } else {
+        None
+    };
     let esp = if on("ipsec") {
         eprintln!("trellis-bench: encrypted vs plain throughput in two stock-kernel VMs (TCG; a few minutes)");
         Some(ipsec::bench(3, 5)?)
@@ -1125,6 +1134,9 @@ fn main() -> Result<()> {
     }
     if let Some(v) = &vip {
         services::md(&mut md, v, args.vip_secs)?;
+    }
+    if let Some(m) = &mesh {
+        mesh::md(&mut md, m, args.vip_secs)?;
     }
     if let Some(cl) = &cl {
         md_cluster(&mut md, cl)?;

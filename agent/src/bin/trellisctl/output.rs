@@ -70,7 +70,7 @@ pub fn status_json(s: &proto::StatusResponse, healthy: bool) -> Value {
         "esp_unsupported": (!s.esp_unsupported.is_empty()).then_some(&s.esp_unsupported),
         "docker": {"networks": s.docker_networks, "endpoints": s.docker_endpoints},
         "peers": {"count": s.peers, "unreachable": s.unreachable_peers},
-        "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets},
+        "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets, "published": s.datapath_published},
     })
 }
 

@@ -18,6 +18,7 @@ use trellis_integration::{Host, Lab, ip_of, netns_of};
 use super::{Stats, cpu_us, iperf, median, stats, verdict};
 
 /// One contender at one size.
+#[derive(Clone, Copy)]
 pub struct Conn {
     /// One client, one connection after another.
     pub cps: f64,
@@ -29,7 +30,7 @@ pub struct Conn {
 
 /// Client threads of the loaded measurement: enough to keep both CPUs of
 /// this machine busy (each connection waits on the backend's accept).
-const LOADED_CLIENTS: usize = 8;
+pub(super) const LOADED_CLIENTS: usize = 8;
 
 /// One connection: connect, read the greeting, close with a reset.
 fn one_connection(to: &SocketAddr) -> Result<()> {
@@ -89,7 +90,7 @@ pub struct Result_ {
 /// A backend on `port` (connection rate) and `port + 1` (round trips):
 /// greets each connection with a line, then answers a line per byte
 /// received until the connection ends. Four threads accept on each.
-fn serve(netns: &Path, port: u16) -> Result<()> {
+pub(super) fn serve(netns: &Path, port: u16) -> Result<()> {
     for p in [port, port + 1] {
         let l = Arc::new(in_ns(netns, move || TcpListener::bind(("0.0.0.0", p)))??);
         for _ in 0..4 {
@@ -122,7 +123,7 @@ fn read_ok(c: &mut TcpStream) -> std::io::Result<()> {
 /// From inside `netns`: connections to `to` (connect, greeting, close) for
 /// `secs` from one client, then `rr` request/responses on one connection to
 /// `rr_to`, then connections for `secs` from `LOADED_CLIENTS` clients.
-fn measure(netns: &Path, to: SocketAddr, rr_to: SocketAddr, secs: f64, rr: usize) -> Result<Conn> {
+pub(super) fn measure(netns: &Path, to: SocketAddr, rr_to: SocketAddr, secs: f64, rr: usize) -> Result<Conn> {
     let conn = in_ns(netns, move || -> Result<Conn> {
         let mut lat = Vec::new();
         let end = Instant::now() + Duration::from_secs_f64(secs);
@@ -374,7 +375,7 @@ pub fn bench(secs: f64) -> Result<Result_> {
 
 /// The median round by one client's connection rate, with the median of
 /// the rounds' loaded rates.
-fn best(mut v: Vec<Conn>) -> Conn {
+pub(super) fn best(mut v: Vec<Conn>) -> Conn {
     let loaded = median(v.iter().map(|c| c.loaded_cps).collect());
     v.sort_by(|a, b| a.cps.total_cmp(&b.cps));
     let mut c = v.swap_remove(v.len() / 2);
@@ -382,7 +383,7 @@ fn best(mut v: Vec<Conn>) -> Conn {
     c
 }
 
-fn us(d: Duration) -> String {
+pub(super) fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
