@@ -147,8 +147,11 @@ fn udp_is_published_too_and_what_is_not_published_is_the_hosts() {
     );
 
     // Left alone: a port not published, another protocol on the port, an
-    // address that is not the host's.
+    // address that is not the host's, a TCP segment past the SYN of no
+    // connection of the mesh (a reply to one of the host's own).
     for f in [
+        tcp_frame((UPLINK_MAC, CLIENT_MAC), (CLIENT, 40009), (HOST, 8080), ACK, b"not ours"),
+        tcp_frame((UPLINK_MAC, CLIENT_MAC), (CLIENT, 40009), (HOST, 8080), SYN | ACK, b""),
         tcp_frame((UPLINK_MAC, CLIENT_MAC), (CLIENT, 40000), (HOST, 8081), SYN, b""),
         udp_frame((UPLINK_MAC, CLIENT_MAC), (CLIENT, 40000), (HOST, 8080)),
         tcp_frame((UPLINK_MAC, CLIENT_MAC), (CLIENT, 40000), (Ipv4Addr::new(198, 19, 0, 9), 8080), SYN, b""),

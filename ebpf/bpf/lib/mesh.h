@@ -91,13 +91,28 @@ static __always_inline int mesh_from_uplink(struct __sk_buff *skb)
 	struct pub_info *p = bpf_map_lookup_elem(&published, &pk);
 	if (!p)
 		return TC_ACT_OK;
-	/* On the loopback the replies to the host's own clients come by too
-	 * (from the published port to the client's): a source of this host on
-	 * a published port is one. */
-	struct pub_key from = { .port = f.sport, .proto = f.proto };
-	if (bpf_map_lookup_elem(&mesh_addrs, &f.saddr) && bpf_map_lookup_elem(&published, &from))
-		return TC_ACT_OK;
 	struct pub_info pub = *p;
+	/* Only what starts a connection here starts one: a TCP segment past
+	 * the SYN with no connection of the mesh belongs to the host (a reply
+	 * to one of its own connections whose local port is the published
+	 * one, or on the loopback a reply to a client of the host's own),
+	 * and so does a UDP datagram for a socket of the host. */
+	if (f.proto == PROTO_TCP && !f.syn) {
+		struct ct_key ck = { .client = f.saddr, .vip = f.daddr, .cport = f.sport, .vport = f.dport, .proto = f.proto };
+		if (!bpf_map_lookup_elem(&ct, &ck))
+			return TC_ACT_OK;
+	} else if (f.proto == PROTO_UDP) {
+		struct bpf_sock_tuple t = {};
+		t.ipv4.saddr = f.saddr;
+		t.ipv4.daddr = f.daddr;
+		t.ipv4.sport = f.sport;
+		t.ipv4.dport = f.dport;
+		struct bpf_sock *sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+		if (sk) {
+			bpf_sk_release(sk);
+			return TC_ACT_OK;
+		}
+	}
 	struct mesh_config *mc = mesh_config_of();
 	if (!mc)
 		return TC_ACT_OK;
