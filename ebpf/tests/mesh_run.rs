@@ -186,6 +186,21 @@ fn a_backend_sends_replies_back_to_the_host_that_took_the_connection() {
     let r = lab.send(&reply);
     assert_eq!(r.verdict, TC_ACT_OK);
     assert_eq!(r.frame, tcp_frame((there, BACKEND_MAC), (BACKEND_IP, 80), (CLIENT, 41000), SYN | ACK, b""));
+    // The same addresses and ports, now a connection straight to the
+    // backend (routed by the host, from the gateway's MAC): it owns them,
+    // its replies are not steered.
+    let straight = tcp_frame((BACKEND_MAC, GW_MAC), (CLIENT, 41000), (BACKEND_IP, 80), SYN, b"");
+    assert_eq!(lab.deliver(&straight).verdict, TC_ACT_OK);
+    assert!(lab.dp.mesh_flows().unwrap().is_empty(), "the stale mesh entry is gone");
+    let r = lab.send(&reply);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &reply), "a reply of the straight connection goes as it is");
+    // A connection another host takes with addresses this host took once:
+    // the newer host's.
+    lab.run(Prog::FromUplink, &tcp_frame((UPLINK_MAC, CLIENT_MAC), (CLIENT, 41000), (HOST, 8080), SYN, b""));
+    assert_eq!(lab.dp.mesh_flows().unwrap()[0].1.kind, MESH_INGRESS);
+    lab.deliver(&syn);
+    let flows = lab.dp.mesh_flows().unwrap();
+    assert_eq!((flows[0].1.kind, flows[0].1.peer_mac), (MESH_RETURN, there), "{flows:?}");
     // Traffic of the endpoint's own to the outside is not touched.
     let own = tcp_frame((GW_MAC, BACKEND_MAC), (BACKEND_IP, 80), (CLIENT, 41001), ACK, b"");
     let r = lab.send(&own);

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use trellis_integration::sockets::{Backend, Client, in_ns};
+use trellis_integration::sockets::{Backend, Client, connect_from, in_ns};
 use trellis_integration::{Host, Lab, UNDERLAY_GATEWAY, netns_of, require_root, underlay_ip, wait_for};
 
 fn at(host: usize, port: u16) -> SocketAddr {
@@ -55,6 +55,13 @@ fn map_entries(host: &Host, map: &str) -> usize {
     let out = host.ns.cmd("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "bpftool on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap().as_array().map_or(0, |a| a.len())
+}
+
+/// The address of host 0's backend `web0`.
+fn web0_ip(h: &Host) -> String {
+    let eps = h.ctl_json(&["endpoint", "ls"]).unwrap();
+    let e = eps.as_array().unwrap().iter().find(|e| e["name"] == "web0").expect("web0");
+    e["address"].as_str().unwrap().split('/').next().unwrap().to_string()
 }
 
 /// A lab of three hosts with network `edge` and a backend of `web` (TCP and
@@ -131,6 +138,33 @@ fn a_published_service_answers_on_every_host_keeping_the_client_s_address() {
         assert_eq!(trellis_integration::sockets::read_line(&mut conn).unwrap(), first);
     }
 
+    // The client's same address and port, first through the mesh, then
+    // straight to the backend (the client routes the subnet through host
+    // 0): the straight connection owns them, whatever the mesh remembers.
+    lab.underlay.ip(&["route", "add", "10.73.0.0/24", "via", &underlay_ip(1)]).unwrap();
+    let web0: SocketAddr = format!("{}:8080", web0_ip(&h[0])).parse().unwrap();
+    let mut tried = 0;
+    for sport in 41001u16..41100 {
+        let mut c = connect_from(&outside, sport, at(0, 30080), Duration::from_secs(2)).unwrap();
+        let line = trellis_integration::sockets::read_line(&mut c).unwrap();
+        // Closed with a reset: no TIME_WAIT holds the client's port.
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(c);
+        if !line.starts_with("web0") {
+            continue; // (a connection keeps its backend: another port)
+        }
+        // The same 4-tuple again, straight.
+        let mut c = connect_from(&outside, sport, web0, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("straight from port {sport} after the mesh: {e}"));
+        assert_eq!(trellis_integration::sockets::read_line(&mut c).unwrap(), format!("web0 {UNDERLAY_GATEWAY}"));
+        socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO)).unwrap();
+        tried += 1;
+        if tried == 3 {
+            break;
+        }
+    }
+    assert_eq!(tried, 3, "too few connections through the mesh landed on web0");
+
     // Live changes: a port added answers everywhere, one removed nowhere.
     let up = h[0].ctl(&["service", "update", "web", "--publish-add", "30090:80"]).unwrap();
     assert!(up.contains("30090:80/tcp"), "{up}");
@@ -166,12 +200,26 @@ fn a_published_service_answers_on_every_host_keeping_the_client_s_address() {
     ]);
     assert!(e.contains("30101") && e.contains("given twice"), "{e}");
     assert!(h[1].ctl_err(&["service", "inspect", "api"]).contains("not found"), "nothing half-created");
-    // A service with no backend: refused at once on every host.
-    let picked = h[1].ctl_json(&["service", "create", "api", "--network", "other", "--publish", "80"]).unwrap();
+    // A service with no backend: refused at once on every host (TCP: a
+    // reset; UDP: ICMP port unreachable).
+    let picked = h[1]
+        .ctl_json(&["service", "create", "api", "--network", "other", "--publish", "80", "--publish", "80/udp"])
+        .unwrap();
     let port = picked["publish"][0]["host_port"].as_u64().unwrap() as u16;
-    assert!((30000..=32767).contains(&port), "picked {port}");
+    let uport = picked["publish"][1]["host_port"].as_u64().unwrap() as u16;
+    assert!((30000..=32767).contains(&port) && (30000..=32767).contains(&uport), "picked {port}, {uport}");
     for i in 0..3 {
         assert!(wait_for(Duration::from_secs(10), || refused(&client, at(i, port))), "host {i}: {port} not refused");
+        let to = at(i, uport);
+        let s = in_ns(&outside, || UdpSocket::bind("0.0.0.0:0")).unwrap().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.connect(to).unwrap();
+        let mut buf = [0u8; 64];
+        let got = s.send(b"hi").and_then(|_| s.recv(&mut buf));
+        assert!(
+            matches!(&got, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "host {i}: UDP {to} with no backend gave {got:?}, not port unreachable"
+        );
     }
 
     // Removed: nothing answers, nothing is left in any host's datapath,

@@ -165,7 +165,10 @@ static __always_inline int mesh_from_endpoint(struct __sk_buff *skb, const struc
 }
 
 /* A TCP/UDP packet to an endpoint (`f`): one another host's mesh sent is
- * remembered, so that its replies go back there. */
+ * remembered, so that its replies go back there. A connection that starts
+ * otherwise (a TCP SYN, any UDP datagram not from a mesh MAC) owns its
+ * addresses and ports from then on: an entry an earlier mesh connection
+ * with the same ones left must not steer its replies. */
 static __always_inline void mesh_to_endpoint(struct __sk_buff *skb, const struct flow *f)
 {
 	if (!(config_flags() & CFG_MESH))
@@ -173,14 +176,26 @@ static __always_inline void mesh_to_endpoint(struct __sk_buff *skb, const struct
 	void *data = skb_data(skb);
 	void *end = skb_end(skb);
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_source[0] != MESH_MAC0 || eth->h_source[1] != MESH_MAC1)
+	if ((void *)(eth + 1) > end)
 		return;
+	int starts = f->proto == PROTO_UDP || (f->proto == PROTO_TCP && f->syn);
+	struct rnat_key k = { .client = f->saddr, .backend = f->daddr, .cport = f->sport, .bport = f->dport, .proto = f->proto };
+	if (eth->h_source[0] != MESH_MAC0 || eth->h_source[1] != MESH_MAC1) {
+		/* Looked up first: the lookup takes no lock, a delete does. */
+		if (starts && bpf_map_lookup_elem(&mesh, &k))
+			bpf_map_delete_elem(&mesh, &k);
+		return;
+	}
 	__u8 from[ETH_ALEN];
 	__builtin_memcpy(from, eth->h_source, ETH_ALEN);
-	struct rnat_key k = { .client = f->saddr, .backend = f->daddr, .cport = f->sport, .bport = f->dport, .proto = f->proto };
+	struct mesh_config *mc = mesh_config_of();
+	if (mc && mac_eq(from, mc->mac))
+		return; /* this host took it: its uplink program wrote the entry */
 	struct mesh_flow *had = bpf_map_lookup_elem(&mesh, &k);
-	if (had && (had->kind == MESH_INGRESS || mac_eq(had->peer_mac, from)))
-		return; /* this host took it, or known already */
+	if (had && had->kind == MESH_RETURN && mac_eq(had->peer_mac, from))
+		return; /* known already */
+	if (had && had->kind == MESH_INGRESS && !starts)
+		return;
 	struct mesh_flow mf = { .kind = MESH_RETURN };
 	__builtin_memcpy(mf.peer_mac, from, ETH_ALEN);
 	bpf_map_update_elem(&mesh, &k, &mf, BPF_ANY);
