@@ -572,3 +572,129 @@ fn published_ports_and_egress_work_with_dockers_own_iptables_on() {
     assert!(ping(&d, "web", &up.outside_ip), "egress dropped by Docker's FORWARD policy");
     let _ = d.docker(&["rm", "-f", "web"]).output();
 }
+
+/// A container removed while its host's agent is down (`kill -9`, then
+/// `docker rm -f`: dockerd's Revoke, Leave and DeleteEndpoint calls fail,
+/// dockerd forgets the endpoint anyway, and libnetwork moves the
+/// container's interface back to the host, so the veth pair survives and no
+/// missing device tells the agent): once the agent is back, its endpoint
+/// record, its published port, its address and its veth pair go, and the
+/// host port can be published again. Likewise a container disconnected
+/// from the network meanwhile (its sandbox lives on, its interface is back
+/// in the host).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_container_removed_while_the_agent_is_down_leaves_no_endpoint_and_no_published_port() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    let up = trellis_integration::Uplink::new(&h.ns, 35).unwrap();
+    let d = Dockerd::start(&h).unwrap();
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "trellis",
+        "--ipam-driver",
+        "trellis",
+        "--subnet",
+        "10.68.0.0/24",
+        "--attachable",
+        "gone",
+    ])
+    .unwrap();
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "gone",
+        "-p",
+        "18380:80",
+        IMAGE,
+        "sh",
+        "-c",
+        WHO_AM_I_TALKING_TO,
+    ])
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || endpoint_named(&h, "web").is_some()
+            && published_elements(&h).contains("18380")),
+        "web never got its endpoint and port: {:?}\n{}",
+        endpoints(&h),
+        published_elements(&h)
+    );
+    let id = endpoint_named(&h, "web").unwrap()["id"].as_str().unwrap().to_string();
+    d.ok(&["run", "-d", "--name", "db", "--network", "gone", "-p", "18381:80", IMAGE, "sleep", "600"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || endpoint_named(&h, "db").is_some()),
+        "db never got its endpoint: {:?}",
+        endpoints(&h)
+    );
+    let db = endpoint_named(&h, "db").unwrap()["id"].as_str().unwrap().to_string();
+
+    h.kill9();
+    // dockerd retries each call to the driver for about 15 s, then gives up
+    // and goes on: both at once, to halve the wait.
+    std::thread::scope(|s| {
+        s.spawn(|| d.ok(&["rm", "-f", "web"]).unwrap());
+        s.spawn(|| d.ok(&["network", "disconnect", "gone", "db"]).unwrap());
+    });
+    h.start().unwrap();
+
+    let gone = || {
+        !h.ctl_output(&["endpoint", "inspect", &id]).status.success()
+            && !h.ctl_output(&["endpoint", "inspect", &db]).status.success()
+            && endpoints(&h).is_empty()
+            && published_elements(&h).is_empty()
+            && veths(&h).is_empty()
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), gone),
+        "left behind after the agent restarted: endpoints {:?}\nports:\n{}\nveths {:?}\nagent log:\n{}",
+        endpoints(&h),
+        published_elements(&h),
+        veths(&h),
+        h.log()
+    );
+    assert_eq!(taken_addresses(&h, "gone"), 0, "the removed container's address is still taken");
+    assert_eq!(h.ctl_json(&["status"]).unwrap()["docker"]["endpoints"], 0, "the driver's records are left");
+    // The disconnected container runs on, and can connect again.
+    d.ok(&["network", "connect", "gone", "db"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || endpoint_named(&h, "db").is_some()),
+        "db did not reconnect: {:?}",
+        endpoints(&h)
+    );
+    d.ok(&["rm", "-f", "db"]).unwrap();
+
+    // The host port is free again: a new container publishes it and is
+    // reached from outside.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web2",
+        "--network",
+        "gone",
+        "-p",
+        "18380:80",
+        IMAGE,
+        "sh",
+        "-c",
+        WHO_AM_I_TALKING_TO,
+    ])
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || wget(&up.outside.path(), (up.host_ip.as_str(), "18380")).is_some()),
+        "the new container is not reached on 18380: {}",
+        published_elements(&h)
+    );
+    d.ok(&["rm", "-f", "web2"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || published_elements(&h).is_empty() && endpoints(&h).is_empty()),
+        "left: {} {:?}",
+        published_elements(&h),
+        endpoints(&h)
+    );
+}

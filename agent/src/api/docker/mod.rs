@@ -16,7 +16,7 @@
 
 pub mod engine;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +32,8 @@ use trellis_ipam::{AddrRequest, pure};
 use trellis_plugin_api::docker as dp;
 use trellis_plugin_api::validate;
 
-use crate::api::docker::engine::Engine;
-use crate::app::{App, AttachRequest, PortRequest};
+use crate::api::docker::engine::{Engine, EngineError};
+use crate::app::{App, AttachRequest, PortRequest, Unlisted};
 use crate::model::{self, EndpointKind, NetworkRecord, Proto};
 use crate::state::docker::{DockerEp, DockerNet, DockerPool, DockerRecords};
 use crate::state::{AgentError, NewNetwork};
@@ -535,6 +535,51 @@ impl DockerDriver {
         }
         self.records.delete_ep(docker_ep).await.map_err(err)?;
         Ok(json!({}))
+    }
+
+    /// Docker endpoints whose container went while this agent was down:
+    /// dockerd gave up on its Leave and DeleteEndpoint calls and forgot the
+    /// endpoint, so nothing will call again. Each joined endpoint that the
+    /// engine no longer lists on its network goes if the kernel agrees
+    /// ([`App::collect_unlisted`]), and its driver record with it. Run at
+    /// start and periodically; while the engine does not answer nothing is
+    /// decided (once back, dockerd calls DeleteEndpoint for the endpoints it
+    /// still has). Returns how many endpoints went.
+    pub async fn sweep(&self) -> Result<usize, String> {
+        let mut listed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut swept = 0;
+        for de in self.records.eps().await.map_err(|e| format!("listing the driver's endpoints: {e}"))? {
+            let Some(id) = &de.endpoint_id else { continue };
+            if !listed.contains_key(&de.docker_net) {
+                let ids = match self.engine.network(&de.docker_net).await {
+                    Ok(info) => info.containers.unwrap_or_default().into_values().map(|c| c.endpoint_id).collect(),
+                    // The engine no longer has the network, nor its endpoints.
+                    Err(EngineError::NotFound { .. }) => BTreeSet::new(),
+                    Err(e) => return Err(format!("asking the engine which endpoints it still has: {e}")),
+                };
+                listed.insert(de.docker_net.clone(), ids);
+            }
+            if listed[&de.docker_net].contains(&de.docker_id) {
+                continue;
+            }
+            match self.app.collect_unlisted(id).await {
+                Ok(Unlisted::Collected(_) | Unlisted::AlreadyGone) => {
+                    self.records
+                        .delete_ep(&de.docker_id)
+                        .await
+                        .map_err(|e| format!("removing the record of Docker endpoint {}: {e}", de.docker_id))?;
+                    tracing::info!(docker = %de.docker_id, endpoint = %id, "Docker endpoint the engine forgot: removed");
+                    swept += 1;
+                }
+                Ok(Unlisted::Kept(why)) => {
+                    tracing::debug!(docker = %de.docker_id, endpoint = %id, why = %why, "the engine does not list this endpoint; kept")
+                }
+                Err(e) => {
+                    tracing::warn!(docker = %de.docker_id, endpoint = %id, error = %e, "collecting an endpoint the engine forgot")
+                }
+            }
+        }
+        Ok(swept)
     }
 
     async fn oper_info(&self, docker_ep: &str) -> Answer {
