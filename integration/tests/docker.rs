@@ -632,6 +632,9 @@ fn a_container_removed_while_the_agent_is_down_leaves_no_endpoint_and_no_publish
         endpoints(&h)
     );
     let db = endpoint_named(&h, "db").unwrap()["id"].as_str().unwrap().to_string();
+    for e in [&id, &db] {
+        assert!(h.ctl_output(&["endpoint", "inspect", e]).status.success(), "endpoint inspect {e} fails");
+    }
 
     h.kill9();
     // dockerd retries each call to the driver for about 15 s, then gives up
