@@ -582,12 +582,24 @@ impl DockerDriver {
         Ok(swept)
     }
 
+    /// The endpoint's operational data: its Trellis endpoint, and its
+    /// published ports as bound (picked host ports filled in) under the
+    /// keys and in the shapes libnetwork's bridge driver answers with
+    /// ([`dp::PORT_MAP`], [`dp::EXPOSED_PORTS`]).
+    ///
+    /// dockerd cannot show them (`docker port`, `docker ps`, inspect's
+    /// `NetworkSettings.Ports`): it reads them with a Go type assertion,
+    /// `driverInfo["com.docker.network.portmap"].([]types.PortBinding)`
+    /// (moby `daemon/network.go`, `getEndpointPortMapInfo`: 20.10, 25, 28
+    /// and master alike), and the remote driver's answer is JSON decoded into a
+    /// `map[string]interface{}` (`api.EndpointInfoResponse.Value`), whose
+    /// arrays are `[]interface{}`: the assertion fails without an error
+    /// and the ports are dropped. `trellisctl endpoint inspect` shows them.
     async fn oper_info(&self, docker_ep: &str) -> Answer {
         let de = self.records.ep(docker_ep).await.map_err(err)?;
         let id = de.and_then(|d| d.endpoint_id).unwrap_or_default();
         let mut value = serde_json::Map::new();
         value.insert("trellis.endpoint".into(), json!(id));
-        // The host ports as bound (`docker port`, `docker ps`).
         if !id.is_empty()
             && let Ok(ep) = self.app.cluster.find_endpoint(&id, None).await
             && !ep.ports.is_empty()
@@ -604,7 +616,11 @@ impl DockerDriver {
                     host_port_end: p.host_port,
                 })
                 .collect();
+            let exposed: BTreeSet<dp::TransportPort> =
+                ep.ports.iter().map(|p| dp::TransportPort { proto: p.proto.number(), port: p.port }).collect();
+            tracing::debug!(docker = %docker_ep, endpoint = %id, bindings = map.len(), "EndpointOperInfo: the published ports");
             value.insert(dp::PORT_MAP.into(), serde_json::to_value(map).expect("serializes"));
+            value.insert(dp::EXPOSED_PORTS.into(), serde_json::to_value(exposed).expect("serializes"));
         }
         Ok(json!({ "Value": value }))
     }

@@ -1013,6 +1013,12 @@ async fn published_ports_are_programmed_reported_revoked_and_go_with_the_contain
         map.contains(&json!({"Proto":6,"IP":ip,"Port":9000,"HostIP":"0.0.0.0","HostPort":picked,"HostPortEnd":picked})),
         "{info}"
     );
+    assert_eq!(map.len(), 3, "{info}");
+    assert_eq!(
+        info["Value"]["com.docker.network.endpoint.exposedports"],
+        json!([{"Proto":6,"Port":8080},{"Proto":6,"Port":9000},{"Proto":17,"Port":53}]),
+        "{info}"
+    );
 
     // A second container asking for a taken port is refused, naming it,
     // with none of its ports published.
@@ -1038,6 +1044,7 @@ async fn published_ports_are_programmed_reported_revoked_and_go_with_the_contain
     assert!(h.only_endpoint().await.ports.is_empty());
     let info = h.ok("NetworkDriver.EndpointOperInfo", endpoint_ids("dn1", "ep1")).await;
     assert!(info["Value"].get("com.docker.network.portmap").is_none(), "{info}");
+    assert!(info["Value"].get("com.docker.network.endpoint.exposedports").is_none(), "{info}");
     // Programmed again, then the container goes without a Revoke (dockerd
     // killed): the ports go with the endpoint.
     h.ok("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep1", reference_portmap())).await;
