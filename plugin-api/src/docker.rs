@@ -333,6 +333,20 @@ pub struct PortBinding {
     pub host_port_end: u16,
 }
 
+/// The endpoint option (and EndpointOperInfo key) holding the container's
+/// exposed ports: `[{"Proto": 6, "Port": 80}]`.
+pub const EXPOSED_PORTS: &str = "com.docker.network.endpoint.exposedports";
+
+/// One entry of [`EXPOSED_PORTS`], as libnetwork spells it
+/// (`types.TransportPort`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TransportPort {
+    #[serde(rename = "Proto", default)]
+    pub proto: u8,
+    #[serde(rename = "Port", default)]
+    pub port: u16,
+}
+
 /// ProgramExternalConnectivity (and Revoke, whose options are empty).
 #[derive(Debug, Default, Deserialize)]
 pub struct ExternalConnectivityRequest {

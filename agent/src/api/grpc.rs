@@ -92,6 +92,16 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         aliases: e.aliases.clone(),
         internal: net.is_some_and(|n| n.internal),
         dns: String::new(),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| proto::PortMapping {
+                host_port: p.host_port.into(),
+                container_port: p.port.into(),
+                protocol: p.proto.as_str().to_string(),
+                host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            })
+            .collect(),
     }
 }
 

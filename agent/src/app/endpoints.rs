@@ -57,6 +57,22 @@ pub struct Attached {
     pub dns: Option<IpAddr>,
 }
 
+/// How long after its creation an engine's endpoint is left to its engine
+/// by [`App::collect_unlisted`] (between its Join and the container's
+/// start, the sandbox may not be a namespace yet).
+pub const ENGINE_GRACE_S: i64 = 10;
+
+/// What [`App::collect_unlisted`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Unlisted {
+    /// Detached, for the reason given.
+    Collected(String),
+    /// No such endpoint (any more).
+    AlreadyGone,
+    /// Kept, for the reason given.
+    Kept(String),
+}
+
 /// How a caller names an endpoint.
 #[derive(Clone, Copy, Debug)]
 pub enum EndpointRef<'a> {
@@ -206,6 +222,60 @@ impl App {
             Ok(_) | Err(AgentError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    /// An engine's endpoint that its engine no longer lists: detached and
+    /// converged (its ports, device and address go) if the kernel agrees
+    /// that no container has it any more, else kept, saying why.
+    ///
+    /// The engine forgets an endpoint whose container went while this
+    /// agent was down (its Leave and DeleteEndpoint never arrived), and it
+    /// moves the container's interface back to the host rather than
+    /// destroying it, so no missing device tells the reconciler either.
+    /// The kernel agrees when the endpoint's sandbox is no longer a network
+    /// namespace (Docker unmounts it at once and removes the file a minute
+    /// later), or when its interface is back in the host's namespace under
+    /// its pre-move name (the engine took it out of a sandbox that lives
+    /// on: `docker network disconnect`). Asking both keeps a live endpoint
+    /// from going on one wrong answer: an engine socket that points at
+    /// another engine, or an agent that does not see the engine's
+    /// namespace mounts. An endpoint younger than [`ENGINE_GRACE_S`] is
+    /// kept: its engine may still be setting it up.
+    pub async fn collect_unlisted(&self, id: &str) -> Result<Unlisted> {
+        let e = match self.cluster.find_endpoint(id, None).await {
+            Ok(e) if e.id == id => e,
+            Ok(_) | Err(AgentError::NotFound(_)) => return Ok(Unlisted::AlreadyGone),
+            Err(e) => return Err(e),
+        };
+        if e.host != self.cluster.host {
+            return Ok(Unlisted::Kept(format!("it is on host {}, not this one", e.host)));
+        }
+        let age = model::now_unix() - e.created_unix;
+        if age < ENGINE_GRACE_S {
+            return Ok(Unlisted::Kept(format!("it is {age} s old: its engine may still be setting it up")));
+        }
+        let reason = match self.dataplane.check_netns(&e.netns) {
+            Err(DataplaneError::NetnsGone(_)) => "its sandbox is gone".to_string(),
+            Err(DataplaneError::NotNetns { what, .. }) => format!("its sandbox is {what}, no network namespace"),
+            Err(err) => return Ok(Unlisted::Kept(format!("its sandbox cannot be checked: {err}"))),
+            Ok(()) => {
+                let peer = model::peer_ifname(&e.id);
+                let host = self.dataplane.observe(false).await.map_err(|err| {
+                    AgentError::Internal(format!("reading this host's links to check endpoint {}: {err}", e.id))
+                })?;
+                if !host.links.contains_key(&peer) {
+                    return Ok(Unlisted::Kept(format!(
+                        "its sandbox {} is a live network namespace and its interface is not back in the host",
+                        e.netns.display()
+                    )));
+                }
+                format!("its interface is back in the host as {peer}")
+            }
+        };
+        self.detach(&e).await?;
+        tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, container = %e.container_id, reason = %reason, ports = e.ports.len(), "its engine no longer lists the endpoint: collected");
+        self.converge().await?;
+        Ok(Unlisted::Collected(reason))
     }
 
     /// What is wrong with an endpoint's devices on this host (empty: all
@@ -417,6 +487,91 @@ mod tests {
         nothing_left(&l, "10.7.5.0/24").await;
         // A second detach of the same id is no error (an engine retrying).
         l.app.detach_id(&a.endpoint.id).await.unwrap();
+    }
+
+    /// Make `id`'s record `secs` older, as if it was attached back then.
+    async fn age(l: &crate::app::testing::Lab, id: &str, secs: i64) {
+        let key = model::endpoint_key(id);
+        let kv = l.store.get(&key).await.unwrap().unwrap();
+        let mut e: EndpointRecord = serde_json::from_slice(&kv.value).unwrap();
+        e.created_unix -= secs;
+        l.store.txn(vec![], vec![trellis_store::Op::put(key, serde_json::to_vec(&e).unwrap())]).await.unwrap();
+    }
+
+    /// A Docker endpoint with a published port, its sandbox at `sandbox`.
+    async fn docker_endpoint(
+        l: &crate::app::testing::Lab,
+        sandbox: &std::path::Path,
+        host_port: u16,
+    ) -> EndpointRecord {
+        use crate::app::ports::PortRequest;
+        use crate::model::Proto;
+        let mut req = AttachRequest::new("n", EndpointKind::Docker);
+        req.netns = Some(sandbox.to_path_buf());
+        let e = l.app.attach(req).await.unwrap().endpoint;
+        l.app.publish(&e.id, &[PortRequest { proto: Proto::Tcp, host_ip: None, host_port, port: 80 }]).await.unwrap();
+        e
+    }
+
+    /// The host ports the egress rules last applied publish.
+    fn published(l: &crate::app::testing::Lab) -> Vec<u16> {
+        let rules = l.dp.take_log().into_iter().rev().find_map(|a| match a {
+            Action::ApplyEgress(r) => Some(r),
+            _ => None,
+        });
+        rules.map(|r| r.published.iter().map(|p| p.host_port).collect()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_its_engine_forgot_goes_only_when_the_kernel_agrees() {
+        let l = lab();
+        network(&l.app, "n", "10.7.7.0/24").await;
+        let dir = tempfile::tempdir().unwrap();
+        // A sandbox that is still a namespace.
+        let live = dir.path().join("live");
+        l.dp.namespaces.lock().unwrap().insert(live.clone());
+        let e = docker_endpoint(&l, &live, 18080).await;
+        assert_eq!(published(&l), vec![18080]);
+
+        // Young: its engine may still be setting it up.
+        let kept = l.app.collect_unlisted(&e.id).await.unwrap();
+        assert!(matches!(&kept, Unlisted::Kept(why) if why.contains("old")), "{kept:?}");
+        age(&l, &e.id, ENGINE_GRACE_S + 1).await;
+        // Its sandbox is a namespace holding its interface: a live
+        // container (the engine's answer alone does not remove it).
+        let kept = l.app.collect_unlisted(&e.id).await.unwrap();
+        assert!(matches!(&kept, Unlisted::Kept(why) if why.contains("live network namespace")), "{kept:?}");
+        assert!(l.app.cluster.find_endpoint(&e.id, None).await.is_ok());
+
+        // The engine moved its interface back to the host (disconnected
+        // while the agent was down): collected, its port unpublished.
+        let peer = model::peer_ifname(&e.id);
+        l.dp.with_state(|s| s.links.insert(peer.clone(), Default::default()));
+        let done = l.app.collect_unlisted(&e.id).await.unwrap();
+        assert!(matches!(&done, Unlisted::Collected(why) if why.contains(&peer)), "{done:?}");
+        assert!(published(&l).is_empty(), "the port is still published");
+        assert!(matches!(l.app.cluster.find_endpoint(&e.id, None).await, Err(AgentError::NotFound(_))));
+        assert_eq!(l.app.collect_unlisted(&e.id).await.unwrap(), Unlisted::AlreadyGone);
+        assert_eq!(l.app.collect_unlisted("nosuchendpoint").await.unwrap(), Unlisted::AlreadyGone);
+
+        // Its sandbox is gone (`docker rm` while the agent was down), or is
+        // a file that is no namespace any more (unmounted, not yet removed).
+        let plain = dir.path().join("unmounted");
+        std::fs::write(&plain, b"").unwrap();
+        for (sandbox, why) in [(dir.path().join("removed"), "is gone"), (plain, "no network namespace")] {
+            let e = docker_endpoint(&l, &sandbox, 18081).await;
+            age(&l, &e.id, ENGINE_GRACE_S + 1).await;
+            let done = l.app.collect_unlisted(&e.id).await.unwrap();
+            assert!(matches!(&done, Unlisted::Collected(w) if w.contains(why)), "{sandbox:?}: {done:?}");
+            assert!(published(&l).is_empty(), "the port is still published");
+        }
+        // Records, addresses and devices (the interface moved back to the
+        // host included, seen by a full pass): nothing left once settled.
+        l.app.converge().await.unwrap();
+        l.app.reconciler.full_pass().await.unwrap();
+        assert!(!l.dp.with_state(|s| s.links.contains_key(&peer)), "the moved-back interface is left");
+        l.dp.namespaces.lock().unwrap().remove(&live);
+        nothing_left(&l, "10.7.7.0/24").await;
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ pub use crate::state::AgentError;
 use crate::state::Cluster;
 use crate::telemetry::probe::Prober;
 
-pub use endpoints::{AttachRequest, Attached, EndpointRef};
+pub use endpoints::{AttachRequest, Attached, EndpointRef, Unlisted};
 pub use networks::NetworkView;
 pub use ports::PortRequest;
 pub use services::{CreateService, MeshPortRequest, ServiceView};

@@ -144,7 +144,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let service = Arc::new(AgentService { app: app.clone() });
     let docker_socket = match &cfg.docker_plugin {
-        Some(path) => start_docker_driver(app.clone(), path, &cfg.docker_host, &mut tasks).await,
+        Some(path) => start_docker_driver(app.clone(), path, &cfg.docker_host, cfg.resync_interval, &mut tasks).await,
         None => None,
     };
 
@@ -308,14 +308,18 @@ async fn start_docker_driver(
     app: Arc<App>,
     socket: &std::path::Path,
     docker_host: &std::path::Path,
+    resync: std::time::Duration,
     tasks: &mut JoinSet<()>,
 ) -> Option<std::path::PathBuf> {
     let engine = crate::api::docker::engine::Engine { socket: docker_host.to_path_buf() };
     let driver = crate::api::docker::DockerDriver::new(app, engine);
-    match crate::api::docker::serve(driver, socket).await {
+    match crate::api::docker::serve(driver.clone(), socket).await {
         Ok(serving) => {
             tracing::info!(socket = %socket.display(), "Docker network and IPAM driver \"trellis\" serving");
             tasks.spawn(serving);
+            // One engine request per Docker network with endpoints: no
+            // more often than every 2 s.
+            tasks.spawn(tasks::sweep_docker(driver, resync.max(std::time::Duration::from_secs(2))));
             Some(socket.to_path_buf())
         }
         Err(e) => {

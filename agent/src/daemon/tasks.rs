@@ -64,6 +64,35 @@ pub async fn resync(
     }
 }
 
+/// The Docker driver's sweep of endpoints the engine forgot (their
+/// container went while this agent was down): at start, then every
+/// `every`.
+pub async fn sweep_docker(driver: Arc<crate::api::docker::DockerDriver>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quiet = false;
+    loop {
+        tick.tick().await;
+        match driver.sweep().await {
+            Ok(n) => {
+                quiet = false;
+                if n > 0 {
+                    tracing::info!(
+                        endpoints = n,
+                        "removed Docker endpoints whose containers went while the agent was down"
+                    );
+                }
+            }
+            // Said once until it works again (dockerd may simply not run).
+            Err(e) if !quiet => {
+                quiet = true;
+                tracing::info!(error = %e, "cannot check the Docker endpoints against the engine yet");
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot check the Docker endpoints against the engine"),
+        }
+    }
+}
+
 /// Dead hosts' addresses, blocks and endpoints are reclaimed once their
 /// lease has expired and a grace period passed (any agent may do it; the
 /// transaction holds only while the host is still absent).

@@ -129,10 +129,13 @@ impl DockerRecords {
     pub async fn delete_ep(&self, docker_id: &str) -> Result<()> {
         self.delete(model::docker_ep_key(&self.host, docker_id)).await
     }
+    /// This host's Docker endpoints.
+    pub async fn eps(&self) -> Result<Vec<DockerEp>> {
+        self.list::<DockerEp>(&format!("{}eps/", model::docker_host_prefix(&self.host))).await
+    }
     /// This host's Docker endpoints of the Docker network `docker_net`.
     pub async fn eps_of(&self, docker_net: &str) -> Result<Vec<DockerEp>> {
-        let prefix = format!("{}eps/", model::docker_host_prefix(&self.host));
-        Ok(self.list::<DockerEp>(&prefix).await?.into_iter().filter(|e| e.docker_net == docker_net).collect())
+        Ok(self.eps().await?.into_iter().filter(|e| e.docker_net == docker_net).collect())
     }
 
     /// Subnets reserved for pools not bound yet, by any host.

@@ -16,7 +16,7 @@
 
 pub mod engine;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,8 +32,8 @@ use trellis_ipam::{AddrRequest, pure};
 use trellis_plugin_api::docker as dp;
 use trellis_plugin_api::validate;
 
-use crate::api::docker::engine::Engine;
-use crate::app::{App, AttachRequest, PortRequest};
+use crate::api::docker::engine::{Engine, EngineError};
+use crate::app::{App, AttachRequest, PortRequest, Unlisted};
 use crate::model::{self, EndpointKind, NetworkRecord, Proto};
 use crate::state::docker::{DockerEp, DockerNet, DockerPool, DockerRecords};
 use crate::state::{AgentError, NewNetwork};
@@ -537,12 +537,69 @@ impl DockerDriver {
         Ok(json!({}))
     }
 
+    /// Docker endpoints whose container went while this agent was down:
+    /// dockerd gave up on its Leave and DeleteEndpoint calls and forgot the
+    /// endpoint, so nothing will call again. Each joined endpoint that the
+    /// engine no longer lists on its network goes if the kernel agrees
+    /// ([`App::collect_unlisted`]), and its driver record with it. Run at
+    /// start and periodically; while the engine does not answer nothing is
+    /// decided (once back, dockerd calls DeleteEndpoint for the endpoints it
+    /// still has). Returns how many endpoints went.
+    pub async fn sweep(&self) -> Result<usize, String> {
+        let mut listed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut swept = 0;
+        for de in self.records.eps().await.map_err(|e| format!("listing the driver's endpoints: {e}"))? {
+            let Some(id) = &de.endpoint_id else { continue };
+            if !listed.contains_key(&de.docker_net) {
+                let ids = match self.engine.network(&de.docker_net).await {
+                    Ok(info) => info.containers.unwrap_or_default().into_values().map(|c| c.endpoint_id).collect(),
+                    // The engine no longer has the network, nor its endpoints.
+                    Err(EngineError::NotFound { .. }) => BTreeSet::new(),
+                    Err(e) => return Err(format!("asking the engine which endpoints it still has: {e}")),
+                };
+                listed.insert(de.docker_net.clone(), ids);
+            }
+            if listed[&de.docker_net].contains(&de.docker_id) {
+                continue;
+            }
+            match self.app.collect_unlisted(id).await {
+                Ok(Unlisted::Collected(_) | Unlisted::AlreadyGone) => {
+                    self.records
+                        .delete_ep(&de.docker_id)
+                        .await
+                        .map_err(|e| format!("removing the record of Docker endpoint {}: {e}", de.docker_id))?;
+                    tracing::info!(docker = %de.docker_id, endpoint = %id, "Docker endpoint the engine forgot: removed");
+                    swept += 1;
+                }
+                Ok(Unlisted::Kept(why)) => {
+                    tracing::debug!(docker = %de.docker_id, endpoint = %id, why = %why, "the engine does not list this endpoint; kept")
+                }
+                Err(e) => {
+                    tracing::warn!(docker = %de.docker_id, endpoint = %id, error = %e, "collecting an endpoint the engine forgot")
+                }
+            }
+        }
+        Ok(swept)
+    }
+
+    /// The endpoint's operational data: its Trellis endpoint, and its
+    /// published ports as bound (picked host ports filled in) under the
+    /// keys and in the shapes libnetwork's bridge driver answers with
+    /// ([`dp::PORT_MAP`], [`dp::EXPOSED_PORTS`]).
+    ///
+    /// dockerd cannot show them (`docker port`, `docker ps`, inspect's
+    /// `NetworkSettings.Ports`): it reads them with a Go type assertion,
+    /// `driverInfo["com.docker.network.portmap"].([]types.PortBinding)`
+    /// (moby `daemon/network.go`, `getEndpointPortMapInfo`: 20.10, 25, 28
+    /// and master alike), and the remote driver's answer is JSON decoded into a
+    /// `map[string]interface{}` (`api.EndpointInfoResponse.Value`), whose
+    /// arrays are `[]interface{}`: the assertion fails without an error
+    /// and the ports are dropped. `trellisctl endpoint inspect` shows them.
     async fn oper_info(&self, docker_ep: &str) -> Answer {
         let de = self.records.ep(docker_ep).await.map_err(err)?;
         let id = de.and_then(|d| d.endpoint_id).unwrap_or_default();
         let mut value = serde_json::Map::new();
         value.insert("trellis.endpoint".into(), json!(id));
-        // The host ports as bound (`docker port`, `docker ps`).
         if !id.is_empty()
             && let Ok(ep) = self.app.cluster.find_endpoint(&id, None).await
             && !ep.ports.is_empty()
@@ -559,7 +616,11 @@ impl DockerDriver {
                     host_port_end: p.host_port,
                 })
                 .collect();
+            let exposed: BTreeSet<dp::TransportPort> =
+                ep.ports.iter().map(|p| dp::TransportPort { proto: p.proto.number(), port: p.port }).collect();
+            tracing::debug!(docker = %docker_ep, endpoint = %id, bindings = map.len(), "EndpointOperInfo: the published ports");
             value.insert(dp::PORT_MAP.into(), serde_json::to_value(map).expect("serializes"));
+            value.insert(dp::EXPOSED_PORTS.into(), serde_json::to_value(exposed).expect("serializes"));
         }
         Ok(json!({ "Value": value }))
     }

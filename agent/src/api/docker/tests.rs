@@ -1013,6 +1013,12 @@ async fn published_ports_are_programmed_reported_revoked_and_go_with_the_contain
         map.contains(&json!({"Proto":6,"IP":ip,"Port":9000,"HostIP":"0.0.0.0","HostPort":picked,"HostPortEnd":picked})),
         "{info}"
     );
+    assert_eq!(map.len(), 3, "{info}");
+    assert_eq!(
+        info["Value"]["com.docker.network.endpoint.exposedports"],
+        json!([{"Proto":6,"Port":8080},{"Proto":6,"Port":9000},{"Proto":17,"Port":53}]),
+        "{info}"
+    );
 
     // A second container asking for a taken port is refused, naming it,
     // with none of its ports published.
@@ -1038,6 +1044,7 @@ async fn published_ports_are_programmed_reported_revoked_and_go_with_the_contain
     assert!(h.only_endpoint().await.ports.is_empty());
     let info = h.ok("NetworkDriver.EndpointOperInfo", endpoint_ids("dn1", "ep1")).await;
     assert!(info["Value"].get("com.docker.network.portmap").is_none(), "{info}");
+    assert!(info["Value"].get("com.docker.network.endpoint.exposedports").is_none(), "{info}");
     // Programmed again, then the container goes without a Revoke (dockerd
     // killed): the ports go with the endpoint.
     h.ok("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep1", reference_portmap())).await;
@@ -1049,6 +1056,110 @@ async fn published_ports_are_programmed_reported_revoked_and_go_with_the_contain
     assert!(rules.is_some_and(|r| r.published.is_empty()), "the last rules applied publish nothing");
     // Revoke of what is unknown or gone answers empty.
     assert_eq!(h.ok("NetworkDriver.RevokeExternalConnectivity", endpoint_ids("dn1", "ep1")).await, json!({}));
+    h.remove("dn1", &p).await;
+    h.nothing_left().await;
+}
+
+// ---- Endpoints the engine forgot ----
+
+/// An engine's API whose answer to `GET /networks/{id}` the test sets
+/// (`None`: 404, a network the engine no longer has).
+async fn engine_answering(dir: &std::path::Path, answer: Arc<std::sync::Mutex<Option<Value>>>) -> Engine {
+    let socket = dir.join("docker.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let app = axum::Router::new().route(
+        "/networks/{id}",
+        axum::routing::get(move || {
+            let answer = answer.lock().unwrap().clone();
+            async move {
+                match answer {
+                    Some(v) => axum::Json(v).into_response(),
+                    None => (StatusCode::NOT_FOUND, "network not found").into_response(),
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Engine { socket }
+}
+
+/// Make the Trellis endpoint of Docker endpoint `docker_ep` `secs` older.
+async fn age(h: &Host, docker_ep: &str, secs: i64) -> String {
+    let id = h.driver.records.ep(docker_ep).await.unwrap().unwrap().endpoint_id.unwrap();
+    let key = model::endpoint_key(&id);
+    let kv = h.lab.store.get(&key).await.unwrap().unwrap();
+    let mut e: EndpointRecord = serde_json::from_slice(&kv.value).unwrap();
+    e.created_unix -= secs;
+    h.lab.store.txn(vec![], vec![trellis_store::Op::put(key, serde_json::to_vec(&e).unwrap())]).await.unwrap();
+    id
+}
+
+/// The network as `GET /networks/{id}` answers it, listing these endpoints.
+fn listing(endpoints: &[&str]) -> Option<Value> {
+    let containers: serde_json::Map<String, Value> =
+        endpoints.iter().map(|e| (format!("container-of-{e}"), json!({ "EndpointID": e }))).collect();
+    Some(json!({ "Name": "app", "Containers": containers }))
+}
+
+#[tokio::test]
+async fn endpoints_the_engine_forgot_while_the_agent_was_down_are_swept() {
+    let dir = tempfile::tempdir().unwrap();
+    let answer = Arc::new(std::sync::Mutex::new(listing(&[])));
+    let lab = testing::lab();
+    let engine = engine_answering(dir.path(), answer.clone()).await;
+    let h = Host { driver: DockerDriver::new(lab.app.clone(), engine), lab };
+    let p = h.network("dn1", "10.60.1.0/24", named("app")).await;
+    // ep1 publishes ports; ep2's sandbox is a namespace the kernel has.
+    h.run("dn1", &p, "ep1").await;
+    h.ok("NetworkDriver.ProgramExternalConnectivity", program("dn1", "ep1", reference_portmap())).await;
+    let live = dir.path().join("live-sandbox");
+    h.lab.dp.namespaces.lock().unwrap().insert(live.clone());
+    let a = h.ok("IpamDriver.RequestAddress", address_request(&p.id, "")).await;
+    let addr2 = a["Address"].as_str().unwrap().to_string();
+    h.ok("NetworkDriver.CreateEndpoint", create_endpoint("dn1", "ep2", &addr2)).await;
+    let join2 = json!({ "NetworkID": "dn1", "EndpointID": "ep2", "SandboxKey": live, "Options": endpoint_options() });
+    h.ok("NetworkDriver.Join", join2).await;
+
+    // Just joined, unlisted (the engine may not have stored them yet):
+    // nothing goes.
+    assert_eq!(h.driver.sweep().await, Ok(0));
+    let id1 = age(&h, "ep1", 60).await;
+    let id2 = age(&h, "ep2", 60).await;
+    // Listed: nothing goes, however old.
+    *answer.lock().unwrap() = listing(&["ep1", "ep2"]);
+    assert_eq!(h.driver.sweep().await, Ok(0));
+
+    // ep1's container was removed while the agent was down: the engine
+    // forgot it and its sandbox is gone. It goes, with its ports, its
+    // address and the driver's record.
+    *answer.lock().unwrap() = listing(&["ep2"]);
+    assert_eq!(h.driver.sweep().await, Ok(1));
+    assert!(matches!(h.lab.app.cluster.find_endpoint(&id1, None).await, Err(AgentError::NotFound(_))));
+    assert!(h.driver.records.ep("ep1").await.unwrap().is_none(), "the driver's record is left");
+    let rules = h.lab.dp.take_log().into_iter().rev().find_map(|a| match a {
+        crate::dataplane::Action::ApplyEgress(r) => Some(r),
+        _ => None,
+    });
+    assert!(rules.is_some_and(|r| r.published.is_empty()), "ep1's ports are still published");
+    let ep2 = h.lab.app.cluster.find_endpoint(&id2, None).await.unwrap();
+
+    // Unlisted, or its network unknown to the engine, but its sandbox
+    // lives with its interface inside: kept (an engine socket pointing at
+    // another engine removes nothing).
+    *answer.lock().unwrap() = listing(&[]);
+    assert_eq!(h.driver.sweep().await, Ok(0));
+    *answer.lock().unwrap() = None;
+    assert_eq!(h.driver.sweep().await, Ok(0));
+    assert!(h.lab.app.cluster.find_endpoint(&id2, None).await.is_ok());
+    // An engine that does not answer decides nothing.
+    let blind = DockerDriver::new(h.lab.app.clone(), Engine { socket: NO_ENGINE.into() });
+    let err = blind.sweep().await.unwrap_err();
+    assert!(err.contains("asking the engine") && err.contains(NO_ENGINE), "{err}");
+
+    // dockerd, once the agent is back, stops ep2 as usual; then the network goes.
+    h.lab.dp.namespaces.lock().unwrap().remove(&live);
+    h.stop("dn1", &p, "ep2", &ep2.ip.to_string()).await;
+    h.lab.app.converge().await.unwrap();
     h.remove("dn1", &p).await;
     h.nothing_left().await;
 }

@@ -254,6 +254,17 @@ enum EndpointCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show an endpoint (by id, id prefix or name) as JSON, with its
+    /// published ports as bound and what is wrong with its devices.
+    Inspect {
+        endpoint: String,
+        /// The endpoint's network, where names are ambiguous.
+        #[arg(long)]
+        network: Option<String>,
+        /// Accepted for symmetry: inspect always prints JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The `--label KEY=VALUE` arguments (network create, attach).

@@ -29,6 +29,9 @@ pub fn endpoint_json(e: &proto::Endpoint) -> Value {
         "address": e.address, "gateway": e.gateway, "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
         "ifname": e.ifname, "host_ifname": e.host_ifname, "labels": e.labels, "kind": kind,
         "managed_netns": e.managed_netns, "container_id": e.container_id, "aliases": e.aliases,
+        "ports": e.ports.iter().map(|p| json!({
+            "host_ip": p.host_ip, "host_port": p.host_port, "container_port": p.container_port, "protocol": p.protocol,
+        })).collect::<Vec<_>>(),
     })
 }
 
