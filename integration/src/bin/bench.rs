@@ -380,7 +380,7 @@ struct DnsRow {
 }
 
 /// CPU time of a process, in µs: (user + system, user).
-fn cpu_us(pid: u32) -> Result<(f64, f64)> {
+pub(crate) fn cpu_us(pid: u32) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat.rsplit_once(')').context("stat")?.1.split_whitespace().collect();
     let user: f64 = fields[11].parse()?;
@@ -394,7 +394,7 @@ fn cpu_us(pid: u32) -> Result<(f64, f64)> {
 /// fixed `rate` with per-query latencies (p50, p99, mean).
 /// Run time of the Trellis endpoint programs so far, in ns (kernel BPF
 /// statistics, which `bpf_stats` turns on).
-fn trellis_prog_ns() -> Result<u64> {
+pub(crate) fn trellis_prog_ns() -> Result<u64> {
     let out = trellis_integration::run(Command::new("bpftool").args(["-j", "prog", "show"]))?;
     let progs: serde_json::Value = serde_json::from_str(&out)?;
     Ok(progs
@@ -408,10 +408,10 @@ fn trellis_prog_ns() -> Result<u64> {
 
 /// Kernel BPF run-time statistics on while it lives (a global switch,
 /// put back as it was).
-struct BpfStats(String);
+pub(crate) struct BpfStats(String);
 
 impl BpfStats {
-    fn on() -> Result<BpfStats> {
+    pub(crate) fn on() -> Result<BpfStats> {
         let path = "/proc/sys/kernel/bpf_stats_enabled";
         let was = std::fs::read_to_string(path)?.trim().to_string();
         std::fs::write(path, "1")?;

@@ -16,8 +16,31 @@ use anyhow::{Context, Result, bail};
 use trellis_integration::sockets::in_ns;
 use trellis_integration::{Lab, ip_of, netns_of, underlay_ip};
 
-use super::median;
-use super::services::{Conn, LOADED_CLIENTS, best, measure, serve, us};
+use super::services::{Conn, LOADED_CLIENTS, best, loaded, measure, serve, us};
+use super::{BpfStats, cpu_us, median, trellis_prog_ns};
+
+/// What one loaded run cost, per connection: the eBPF programs' run time
+/// (kernel BPF statistics, every Trellis program on the machine) and the
+/// agents' CPU (both hosts).
+#[derive(Clone, Copy, Default)]
+pub struct Cost {
+    pub bpf_ns: f64,
+    pub agents_cpu: f64,
+}
+
+/// One loaded run from `netns` to `to`, its cost counted.
+fn costed(lab: &Lab, netns: &std::path::Path, to: SocketAddr, secs: f64) -> Result<Cost> {
+    let pids: Vec<u32> = lab.hosts.iter().filter_map(|h| h.agent_pid()).collect();
+    let cpu = |pids: &[u32]| -> Result<f64> { pids.iter().map(|p| cpu_us(*p).map(|c| c.0)).sum() };
+    let (prog0, cpu0, t0) = (trellis_prog_ns()?, cpu(&pids)?, std::time::Instant::now());
+    let cps = loaded(netns, to, secs, LOADED_CLIENTS)?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let conns = cps * elapsed;
+    Ok(Cost {
+        bpf_ns: (trellis_prog_ns()? - prog0) as f64 / conns,
+        agents_cpu: (cpu(&pids)? - cpu0) / 1e6 / elapsed,
+    })
+}
 
 /// The contenders, in the order of the table.
 const NAMES: [&str; 4] =
@@ -28,6 +51,9 @@ pub struct Result_ {
     pub rounds: Vec<Vec<Conn>>,
     /// (services published, rounds through the other host).
     pub sizes: Vec<(usize, Vec<Conn>)>,
+    /// Per contender, then per size: one costed loaded run.
+    pub costs: Vec<Cost>,
+    pub size_costs: Vec<Cost>,
 }
 
 /// A lab of two hosts, network `meshb` with one backend (on host 0) of
@@ -120,6 +146,7 @@ fn load_published(lab: &Lab, n: usize) -> Result<()> {
 
 pub fn bench(secs: f64, rounds: usize) -> Result<Result_> {
     use trellis_integration::dockerd::{Dockerd, IMAGE};
+    let _stats = BpfStats::on()?;
     let (lab, be) = mesh_lab()?;
     let h = &lab.hosts;
     let outside = lab.underlay.path();
@@ -169,6 +196,10 @@ pub fn bench(secs: f64, rounds: usize) -> Result<Result_> {
         }
         eprintln!("  mesh: round {}/{rounds}", round + 1);
     }
+    let mut costs = Vec::new();
+    for (to, _) in targets {
+        costs.push(costed(&lab, &outside, to, secs)?);
+    }
     drop(d);
     drop(lab);
 
@@ -176,6 +207,7 @@ pub fn bench(secs: f64, rounds: usize) -> Result<Result_> {
     // size in a lab of its own, through the host without the backend, at
     // the middle service's port.
     let mut sizes = Vec::new();
+    let mut size_costs = Vec::new();
     for &n in &[1usize, 1000, 10_000] {
         let (lab, _be) = mesh_lab()?;
         eprintln!("  mesh: {n} published services: loading");
@@ -196,8 +228,9 @@ pub fn bench(secs: f64, rounds: usize) -> Result<Result_> {
             v.push(measure(&lab.underlay.path(), addr(1, port), addr(1, 30081), secs, 2000)?);
         }
         sizes.push((n, v));
+        size_costs.push(costed(&lab, &lab.underlay.path(), addr(1, port), secs)?);
     }
-    Ok(Result_ { rounds: out, sizes })
+    Ok(Result_ { rounds: out, sizes, costs, size_costs })
 }
 
 /// min–max of the per-round ratios `f(a) / f(b)`, and their median.
@@ -225,20 +258,32 @@ pub fn md(md: &mut String, r: &Result_, secs: f64) -> Result<()> {
          connection. {n} rounds, the contenders interleaved (each round starts with another one); ratios are \
          computed per round and shown as median [min–max]; a target is met only when the minimum clears it.\n"
     )?;
-    writeln!(md, "| contender | one client, conn/s | loaded, conn/s | connect p50 | RR p50 | RR p99 |")?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| contender | one client, conn/s | loaded, conn/s | connect p50 | RR p50 | RR p99 | eBPF per conn | agents' CPU |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for (i, name) in NAMES.iter().enumerate() {
         let b = best(r.rounds[i].clone());
+        let c = r.costs[i];
         writeln!(
             md,
-            "| {name} | {:.0} | {:.0} | {} | {} | {} |",
+            "| {name} | {:.0} | {:.0} | {} | {} | {} | {:.0} ns | {:.1} % |",
             b.cps,
             b.loaded_cps,
             us(b.connect.p50),
             us(b.rr.p50),
-            us(b.rr.p99)
+            us(b.rr.p99),
+            c.bpf_ns,
+            c.agents_cpu * 100.0
         )?;
     }
+    writeln!(
+        md,
+        "\n*eBPF per conn*: the run time of every Trellis program on the machine (both hosts) during one more loaded run \
+         of each contender, divided by its connections (a connection is about 7 packets each way); *agents' CPU*: both \
+         agents' CPU over that run (share of one CPU)."
+    )?;
     writeln!(md)?;
     writeln!(md, "| ratio | one client, conn/s | loaded, conn/s | RR p50 (lower is better) | target | |")?;
     writeln!(md, "|---|---|---|---|---|---|")?;
@@ -272,21 +317,27 @@ pub fn md(md: &mut String, r: &Result_, secs: f64) -> Result<()> {
         "\nPublished services (through the host without the backend, at the middle service's port; the \
          per-connection cost must not grow with the table):\n"
     )?;
-    writeln!(md, "| published services | one client, conn/s | loaded, conn/s | connect p50 | ÷ 1 service (loaded) |")?;
-    writeln!(md, "|---|---|---|---|---|")?;
+    writeln!(
+        md,
+        "| published services | one client, conn/s | loaded, conn/s | connect p50 | ÷ 1 service (loaded) | eBPF per conn | agents' CPU |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
     let base = &r.sizes[0].1;
-    for (size, v) in &r.sizes {
+    for (i, (size, v)) in r.sizes.iter().enumerate() {
         let b = best(v.clone());
         let ratio = spread(v, base, &|c| c.loaded_cps);
+        let c = r.size_costs[i];
         writeln!(
             md,
-            "| {size} | {:.0} | {:.0} | {} | {:.2}× [{:.2}–{:.2}] |",
+            "| {size} | {:.0} | {:.0} | {} | {:.2}× [{:.2}–{:.2}] | {:.0} ns | {:.1} % |",
             b.cps,
             b.loaded_cps,
             us(b.connect.p50),
             ratio.0,
             ratio.1,
-            ratio.2
+            ratio.2,
+            c.bpf_ns,
+            c.agents_cpu * 100.0
         )?;
     }
     let last = spread(&r.sizes.last().expect("sizes").1, base, &|c| c.loaded_cps);

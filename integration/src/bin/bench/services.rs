@@ -46,7 +46,7 @@ fn one_connection(to: &SocketAddr) -> Result<()> {
 
 /// Connections per second from `clients` threads inside `netns`, each
 /// opening one connection after another for `secs`.
-fn loaded(netns: &Path, to: SocketAddr, secs: f64, clients: usize) -> Result<f64> {
+pub(super) fn loaded(netns: &Path, to: SocketAddr, secs: f64, clients: usize) -> Result<f64> {
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs_f64(secs);
     let threads: Vec<_> = (0..clients)
