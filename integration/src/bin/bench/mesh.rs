@@ -26,19 +26,34 @@ use super::{BpfStats, cpu_us, median, trellis_prog_ns};
 pub struct Cost {
     pub bpf_ns: f64,
     pub agents_cpu: f64,
+    /// The whole machine's busy CPU time per connection (/proc/stat: user,
+    /// system, softirq, …; both hosts, the client and the backend alike).
+    pub machine_us: f64,
+}
+
+/// The machine's busy CPU time so far, in µs (every CPU, all but idle and
+/// iowait, from /proc/stat).
+fn busy_us() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0.0)).collect();
+    let busy: f64 = v.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, x)| x).sum();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(busy * 1e6 / hz)
 }
 
 /// One loaded run from `netns` to `to`, its cost counted.
 fn costed(lab: &Lab, netns: &std::path::Path, to: SocketAddr, secs: f64) -> Result<Cost> {
     let pids: Vec<u32> = lab.hosts.iter().filter_map(|h| h.agent_pid()).collect();
     let cpu = |pids: &[u32]| -> Result<f64> { pids.iter().map(|p| cpu_us(*p).map(|c| c.0)).sum() };
-    let (prog0, cpu0, t0) = (trellis_prog_ns()?, cpu(&pids)?, std::time::Instant::now());
+    let (prog0, cpu0, busy0, t0) = (trellis_prog_ns()?, cpu(&pids)?, busy_us()?, std::time::Instant::now());
     let cps = loaded(netns, to, secs, LOADED_CLIENTS)?;
     let elapsed = t0.elapsed().as_secs_f64();
     let conns = cps * elapsed;
     Ok(Cost {
         bpf_ns: (trellis_prog_ns()? - prog0) as f64 / conns,
         agents_cpu: (cpu(&pids)? - cpu0) / 1e6 / elapsed,
+        machine_us: (busy_us()? - busy0) / conns,
     })
 }
 
@@ -260,29 +275,32 @@ pub fn md(md: &mut String, r: &Result_, secs: f64) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| contender | one client, conn/s | loaded, conn/s | connect p50 | RR p50 | RR p99 | eBPF per conn | agents' CPU |"
+        "| contender | one client, conn/s | loaded, conn/s | connect p50 | RR p50 | RR p99 | eBPF per conn | machine CPU per conn | agents' CPU |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for (i, name) in NAMES.iter().enumerate() {
         let b = best(r.rounds[i].clone());
         let c = r.costs[i];
         writeln!(
             md,
-            "| {name} | {:.0} | {:.0} | {} | {} | {} | {:.0} ns | {:.1} % |",
+            "| {name} | {:.0} | {:.0} | {} | {} | {} | {:.0} ns | {:.1} µs | {:.1} % |",
             b.cps,
             b.loaded_cps,
             us(b.connect.p50),
             us(b.rr.p50),
             us(b.rr.p99),
             c.bpf_ns,
+            c.machine_us,
             c.agents_cpu * 100.0
         )?;
     }
     writeln!(
         md,
         "\n*eBPF per conn*: the run time of every Trellis program on the machine (both hosts) during one more loaded run \
-         of each contender, divided by its connections (a connection is about 7 packets each way); *agents' CPU*: both \
-         agents' CPU over that run (share of one CPU)."
+         of each contender, divided by its connections (a connection is about 7 packets each way); *machine CPU per conn*: the \
+         whole machine's busy time over that run per connection (client, both hosts' kernels, backend: on this one \
+         machine the loaded rate is this cost's inverse times its CPUs); *agents' CPU*: both agents' CPU over that run \
+         (share of one CPU)."
     )?;
     writeln!(md)?;
     writeln!(md, "| ratio | one client, conn/s | loaded, conn/s | RR p50 (lower is better) | target | |")?;
@@ -319,9 +337,9 @@ pub fn md(md: &mut String, r: &Result_, secs: f64) -> Result<()> {
     )?;
     writeln!(
         md,
-        "| published services | one client, conn/s | loaded, conn/s | connect p50 | ÷ 1 service (loaded) | eBPF per conn | agents' CPU |"
+        "| published services | one client, conn/s | loaded, conn/s | connect p50 | ÷ 1 service (loaded) | eBPF per conn | machine CPU per conn | agents' CPU |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     let base = &r.sizes[0].1;
     for (i, (size, v)) in r.sizes.iter().enumerate() {
         let b = best(v.clone());
@@ -329,7 +347,7 @@ pub fn md(md: &mut String, r: &Result_, secs: f64) -> Result<()> {
         let c = r.size_costs[i];
         writeln!(
             md,
-            "| {size} | {:.0} | {:.0} | {} | {:.2}× [{:.2}–{:.2}] | {:.0} ns | {:.1} % |",
+            "| {size} | {:.0} | {:.0} | {} | {:.2}× [{:.2}–{:.2}] | {:.0} ns | {:.1} µs | {:.1} % |",
             b.cps,
             b.loaded_cps,
             us(b.connect.p50),
@@ -337,6 +355,7 @@ pub fn md(md: &mut String, r: &Result_, secs: f64) -> Result<()> {
             ratio.1,
             ratio.2,
             c.bpf_ns,
+            c.machine_us,
             c.agents_cpu * 100.0
         )?;
     }
