@@ -187,6 +187,26 @@ fn a_published_service_answers_on_every_host_keeping_the_client_s_address() {
     let e = h[1].ctl_err(&["service", "update", "web", "--publish-add", "30100:80"]);
     assert!(e.contains("30100") && e.contains("pid"), "the holder is named: {e}");
     drop(listener);
+    // A port a process of another host holds: published from host 0 (it
+    // holds nothing), left to the process on host 1, and said so there.
+    let listener = in_ns(&h[1].ns.path(), || std::net::TcpListener::bind("0.0.0.0:30110")).unwrap().unwrap();
+    h[0].ctl(&["service", "update", "web", "--publish-add", "30110:80"]).unwrap();
+    for i in [0, 2] {
+        assert!(wait_for(Duration::from_secs(10), || client.request(at(i, 30110)).is_ok()), "30110 on host {i}");
+    }
+    let status = h[1].ctl_json(&["status"]).unwrap();
+    assert!(
+        status["mesh_ports_held"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m.as_str().unwrap().contains("30110/tcp"))),
+        "host 1 must say why it does not publish 30110: {status}"
+    );
+    let _c = client.connect(at(1, 30110)).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let (_, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_string(), UNDERLAY_GATEWAY, "host 1's own process got the connection");
+    drop(listener);
+    h[0].ctl(&["service", "update", "web", "--publish-rm", "30110"]).unwrap();
     let e = h[1].ctl_err(&[
         "service",
         "create",

@@ -470,6 +470,7 @@ impl proto::agent_server::Agent for AgentService {
             datapath_backends: s.datapath_backends,
             datapath_subnets: s.datapath_subnets,
             datapath_published: s.datapath_published,
+            mesh_ports_held: s.mesh_ports_held.clone(),
             docker_networks: s.docker_networks,
             docker_endpoints: s.docker_endpoints,
             host_id: s.host_id,

@@ -105,6 +105,8 @@ pub struct StatusView {
     pub datapath_backends: u32,
     pub datapath_subnets: u32,
     pub datapath_published: u32,
+    /// Mesh ports this host leaves to a process of it that holds them.
+    pub mesh_ports_held: Vec<String>,
     pub docker_networks: u32,
     pub docker_endpoints: u32,
     pub last_reconcile_at: Option<std::time::SystemTime>,
@@ -219,6 +221,15 @@ impl App {
             datapath_backends: tables.backends.len() as u32,
             datapath_subnets: tables.nets.len() as u32,
             datapath_published: tables.published.len() as u32,
+            mesh_ports_held: self
+                .reconciler
+                .last_desired()
+                .mesh_held
+                .iter()
+                .map(|(service, p)| {
+                    format!("{}/{} (service {service}): held by a process of this host", p.host_port, p.proto.as_str())
+                })
+                .collect(),
             docker_networks: count("nets/"),
             docker_endpoints: count("eps/"),
             last_reconcile_at: last.finished,

@@ -130,6 +130,10 @@ impl Dataplane for FakeDataplane {
         Ok(self.state.lock().unwrap().xfrm.clone())
     }
 
+    fn held_ports(&self) -> Result<std::collections::BTreeSet<(crate::model::Proto, u16)>> {
+        Ok(self.held_ports.lock().unwrap().keys().copied().collect())
+    }
+
     fn port_holder(&self, proto: crate::model::Proto, port: u16, _ip: Option<IpAddr>) -> Result<Option<String>> {
         Ok(self.held_ports.lock().unwrap().get(&(proto, port)).cloned())
     }

@@ -129,6 +129,9 @@ pub trait Dataplane: Send + Sync + 'static {
     /// described with its process for a person (`None`: free). Blocking
     /// (reads `/proc`): call it off the runtime.
     fn port_holder(&self, proto: crate::model::Proto, port: u16, ip: Option<IpAddr>) -> Result<Option<String>>;
+    /// Every port a process of the host holds (TCP listeners, bound UDP
+    /// sockets, any address): the routing mesh leaves those to it.
+    fn held_ports(&self) -> Result<std::collections::BTreeSet<(crate::model::Proto, u16)>>;
     /// An interface inside a container's namespace, as the kernel has it
     /// (`None`: no such interface; an error if the namespace is gone).
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>>;

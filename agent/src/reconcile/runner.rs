@@ -57,6 +57,10 @@ pub struct Snapshot {
     pub services: Vec<ServiceRecord>,
     /// Encrypted networks' key rings, by network id.
     pub keys: BTreeMap<String, trellis_ipsec::KeyRing>,
+    /// Ports a process of this host holds (filled in by the runner, from
+    /// the host, when some service is published on the mesh): the mesh
+    /// does not take them here.
+    pub held_ports: std::collections::BTreeSet<(crate::model::Proto, u16)>,
 }
 
 /// Where the reconciler reads the desired state from.
@@ -136,8 +140,20 @@ impl Reconciler {
         }
         let generation = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         let t0 = Instant::now();
-        let snapshot = self.source.load().await.map_err(ReconcileError::Desired)?;
+        let mut snapshot = self.source.load().await.map_err(ReconcileError::Desired)?;
+        if snapshot.services.iter().any(|s| !s.publish.is_empty()) {
+            match self.dp.held_ports() {
+                Ok(held) => snapshot.held_ports = held,
+                Err(e) => tracing::warn!(error = %e, "reading the host's held ports for the routing mesh"),
+            }
+        }
         let want = desired_host(&snapshot, &self.me);
+        {
+            let last = self.last_desired.lock().unwrap_or_else(|p| p.into_inner());
+            for (service, p) in want.mesh_held.iter().filter(|h| !last.mesh_held.contains(h)) {
+                tracing::warn!(service = %service, port = %p, "a process of this host holds the port: the routing mesh does not publish it here");
+            }
+        }
         let t_load = t0.elapsed();
         let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
         let cached_was_none = cached.is_none();

@@ -244,7 +244,14 @@ fn mesh_lab(mode: model::PublishMode) -> (Snapshot, Identity) {
         uplink: Some("uplink0".into()),
         ..Identity::local("h1")
     };
-    let snap = Snapshot { networks: nets, endpoints: vec![b2], hosts, services: vec![web], keys: BTreeMap::new() };
+    let snap = Snapshot {
+        networks: nets,
+        endpoints: vec![b2],
+        hosts,
+        services: vec![web],
+        keys: BTreeMap::new(),
+        held_ports: Default::default(),
+    };
     (snap, me)
 }
 
@@ -314,6 +321,21 @@ fn a_published_service_is_taken_on_a_host_without_its_backends_and_reached_over_
     let ops = acts.iter().find_map(|a| if let Action::UpdateTables(o) = a { Some(o) } else { None }).unwrap();
     assert_eq!(ops.del_published, vec![PubKey::new(30080, 6)]);
     assert_eq!(ops.set_mesh, Some(None));
+}
+
+#[test]
+fn a_port_a_process_of_the_host_holds_is_left_to_it_and_reported() {
+    use trellis_ebpf::PubKey;
+    let (mut snap, me) = mesh_lab(model::PublishMode::Ingress);
+    snap.held_ports.insert((model::Proto::Tcp, 30080));
+    let d = desired::desired_host(&snap, &me);
+    assert!(!d.tables.published.contains_key(&PubKey::new(30080, 6)), "the mesh would cut the process off");
+    assert!(!d.egress.published.iter().any(|r| r.host_port == 30080), "127.0.0.1 too");
+    assert_eq!(d.mesh_held.len(), 1);
+    assert_eq!((d.mesh_held[0].0.as_str(), d.mesh_held[0].1.host_port), ("web", 30080));
+    // The same port over UDP is another port.
+    snap.held_ports = [(model::Proto::Udp, 30080)].into();
+    assert!(desired::desired_host(&snap, &me).tables.published.contains_key(&PubKey::new(30080, 6)));
 }
 
 #[test]

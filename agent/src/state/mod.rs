@@ -890,7 +890,7 @@ impl DesiredSource for Cluster {
         } else {
             Default::default()
         };
-        Ok(crate::reconcile::Snapshot { networks, endpoints, hosts, services, keys })
+        Ok(crate::reconcile::Snapshot { networks, endpoints, hosts, services, keys, held_ports: Default::default() })
     }
 }
 

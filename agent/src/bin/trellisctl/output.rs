@@ -74,6 +74,7 @@ pub fn status_json(s: &proto::StatusResponse, healthy: bool) -> Value {
         "docker": {"networks": s.docker_networks, "endpoints": s.docker_endpoints},
         "peers": {"count": s.peers, "unreachable": s.unreachable_peers},
         "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets, "published": s.datapath_published},
+        "mesh_ports_held": s.mesh_ports_held,
     })
 }
 
@@ -241,9 +242,12 @@ pub fn status_text(s: &proto::StatusResponse) {
     }
     if s.capabilities.get("ebpf").copied().unwrap_or(false) {
         println!(
-            "datapath    {} subnets, {} service ports, {} backends",
-            s.datapath_subnets, s.datapath_services, s.datapath_backends
+            "datapath    {} subnets, {} service ports, {} backends, {} published on the mesh",
+            s.datapath_subnets, s.datapath_services, s.datapath_backends, s.datapath_published
         );
+    }
+    for held in &s.mesh_ports_held {
+        println!("mesh        not published here: {held}");
     }
     let mut caps: Vec<_> =
         s.capabilities.iter().map(|(k, v)| format!("{k}={}", if *v { "yes" } else { "no" })).collect();

@@ -191,6 +191,14 @@ impl Dataplane for NetlinkDataplane {
         xfrm::XfrmSocket::open()?.observe()
     }
 
+    fn held_ports(&self) -> Result<std::collections::BTreeSet<(model::Proto, u16)>> {
+        ports::held().map_err(|e| DataplaneError::Io {
+            call: "read the sockets of",
+            object: "/proc/self/net".into(),
+            source: e,
+        })
+    }
+
     fn port_holder(&self, proto: model::Proto, port: u16, ip: Option<IpAddr>) -> Result<Option<String>> {
         ports::holder(proto, port, ip).map_err(|e| DataplaneError::Io {
             call: "read the sockets of",

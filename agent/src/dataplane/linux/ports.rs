@@ -92,6 +92,26 @@ pub(crate) fn holder(proto: Proto, port: u16, ip: Option<IpAddr>) -> std::io::Re
     }))
 }
 
+/// Every port a socket of the calling process's namespace holds: TCP
+/// listeners and bound UDP sockets, on any address.
+pub(crate) fn held() -> std::io::Result<std::collections::BTreeSet<(Proto, u16)>> {
+    let mut out = std::collections::BTreeSet::new();
+    for (t, proto) in [
+        ("/proc/self/net/tcp", Proto::Tcp),
+        ("/proc/self/net/tcp6", Proto::Tcp),
+        ("/proc/self/net/udp", Proto::Udp),
+        ("/proc/self/net/udp6", Proto::Udp),
+    ] {
+        let text = match std::fs::read_to_string(t) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        out.extend(parse_table(&text, proto == Proto::Tcp).into_iter().map(|s| (proto, s.port)));
+    }
+    Ok(out)
+}
+
 /// The process with an open file descriptor on socket `inode`.
 fn process_of(inode: u64) -> Option<(u32, String)> {
     let target = format!("socket:[{inode}]");

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 
 use super::{DesiredHost, tunnels};
 use crate::model::{
-    self, EndpointRecord, HostRecord, MeshPort, NetworkRecord, PublishMode, ServiceMode, ServiceRecord,
+    self, EndpointRecord, HostRecord, MeshPort, NetworkRecord, Proto, PublishMode, ServiceMode, ServiceRecord,
 };
 use crate::reconcile::Identity;
 
@@ -24,8 +24,31 @@ pub fn mesh_mac(underlay: std::net::Ipv4Addr) -> model::Mac {
 
 /// The ports of `s` this host accepts: with the eBPF datapath and an IPv4
 /// underlay, every `ingress` port, and the `host` ports when a backend of
-/// `s` is one of this host's endpoints (`local_ids`).
+/// `s` is one of this host's endpoints (`local_ids`); but those `held` by a
+/// process of the host ([`held_here`]).
 pub fn published_here<'a>(
+    s: &'a ServiceRecord,
+    endpoints: &[EndpointRecord],
+    local_ids: &BTreeSet<&str>,
+    held: &BTreeSet<(Proto, u16)>,
+    me: &Identity,
+) -> Vec<&'a MeshPort> {
+    candidates(s, endpoints, local_ids, me).into_iter().filter(|p| !held.contains(&(p.proto, p.host_port))).collect()
+}
+
+/// The ports of `s` this host would accept but a process of it holds: left
+/// to that process (a mesh that took them would cut it off), and reported.
+pub fn held_here<'a>(
+    s: &'a ServiceRecord,
+    endpoints: &[EndpointRecord],
+    local_ids: &BTreeSet<&str>,
+    held: &BTreeSet<(Proto, u16)>,
+    me: &Identity,
+) -> Vec<&'a MeshPort> {
+    candidates(s, endpoints, local_ids, me).into_iter().filter(|p| held.contains(&(p.proto, p.host_port))).collect()
+}
+
+fn candidates<'a>(
     s: &'a ServiceRecord,
     endpoints: &[EndpointRecord],
     local_ids: &BTreeSet<&str>,
@@ -48,6 +71,7 @@ pub fn mesh(
     endpoints: &[EndpointRecord],
     hosts: &[HostRecord],
     services: &[ServiceRecord],
+    held: &BTreeSet<(Proto, u16)>,
     me: &Identity,
     d: &mut DesiredHost,
 ) {
@@ -64,7 +88,8 @@ pub fn mesh(
     let mut published_nets = BTreeSet::new();
     for s in services.iter().filter(|s| s.mode == ServiceMode::Vip && !s.publish.is_empty()) {
         published_nets.insert(s.network_id.as_str());
-        let ports = published_here(s, endpoints, &local_ids, me);
+        d.mesh_held.extend(held_here(s, endpoints, &local_ids, held, me).into_iter().map(|p| (s.name.clone(), *p)));
+        let ports = published_here(s, endpoints, &local_ids, held, me);
         for p in &ports {
             // The host's own 127.0.0.1 on the port.
             d.egress.publish_mesh_loopback(addr, p.proto, p.host_port);

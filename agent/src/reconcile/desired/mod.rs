@@ -52,6 +52,9 @@ pub struct DesiredHost {
     /// Interfaces that carry a routing mesh program (the uplink, network
     /// VXLAN devices).
     pub mesh_links: BTreeMap<String, trellis_ebpf::MeshRole>,
+    /// Mesh ports this host does not publish because a process of it holds
+    /// them (service name, port).
+    pub mesh_held: Vec<(String, crate::model::MeshPort)>,
     pub egress: EgressRules,
     /// The eBPF datapath's isolation and service tables.
     pub tables: Tables,
@@ -92,8 +95,8 @@ pub fn desired(
 /// tunnels `d` holds) and the IPsec state (which looks at its tunnels).
 pub fn desired_host(s: &Snapshot, me: &Identity) -> DesiredHost {
     let mut d = desired(&s.networks, &s.endpoints, &s.hosts, me);
-    mesh::mesh(&s.networks, &s.endpoints, &s.hosts, &s.services, me, &mut d);
-    d.tables = tables::tables(&s.networks, &s.endpoints, &s.hosts, &s.services, me, &d);
+    mesh::mesh(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &mut d);
+    d.tables = tables::tables_holding(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &d);
     encryption::encryption(&s.networks, &s.keys, &mut d, me);
     d
 }

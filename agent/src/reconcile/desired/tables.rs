@@ -26,6 +26,19 @@ pub fn tables(
     me: &Identity,
     d: &DesiredHost,
 ) -> Tables {
+    tables_holding(networks, endpoints, hosts, services, &std::collections::BTreeSet::new(), me, d)
+}
+
+/// [`tables`], the ports a process of this host holds left out of the mesh.
+pub fn tables_holding(
+    networks: &[NetworkRecord],
+    endpoints: &[EndpointRecord],
+    hosts: &[HostRecord],
+    services: &[ServiceRecord],
+    held: &std::collections::BTreeSet<(model::Proto, u16)>,
+    me: &Identity,
+    d: &DesiredHost,
+) -> Tables {
     use crate::dataplane::tables::Published;
     use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, SvcInfo, SvcKey, VipInfo, maglev};
     let mut t = Tables::default();
@@ -59,7 +72,7 @@ pub fn tables(
         // The VIP for endpoints of its network here; the published ports
         // for outside clients. Either needs the backends and the table.
         let vip_here = local_nets.contains(s.network_id.as_str());
-        let published = super::mesh::published_here(s, endpoints, &local_ids, me);
+        let published = super::mesh::published_here(s, endpoints, &local_ids, held, me);
         if !vip_here && published.is_empty() {
             continue;
         }
