@@ -519,6 +519,50 @@ fn docker_run_p_udp_bound_and_ephemeral_ports_are_programmed() {
         "left: {}",
         published_elements(&h)
     );
+    // `-P`: every exposed port, TCP and UDP, on a host port picked each.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "all",
+        "--network",
+        "pub",
+        "--expose",
+        "8081",
+        "--expose",
+        "9000/udp",
+        "-P",
+        IMAGE,
+        "sleep",
+        "600",
+    ])
+    .unwrap();
+    let ip = container_ip(&d, "all", "pub");
+    let mut elements = String::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            elements = published_elements(&h);
+            elements.lines().filter(|l| l.contains(&ip)).count() == 2
+        }),
+        "-P did not publish both exposed ports: {elements}"
+    );
+    for (proto, port) in [("tcp", 8081), ("udp", 9000)] {
+        // Lines like `elements = { udp . 59053 : 9000,` or `tcp . 40119 : 8081 }`.
+        let picked: Vec<u16> = elements
+            .lines()
+            .map(|l| l.trim().trim_start_matches("elements = {").trim().trim_end_matches([',', '}', ' ']))
+            .filter(|l| l.starts_with(&format!("{proto} . ")) && l.ends_with(&format!(": {port}")))
+            .filter_map(|l| l.split(' ').nth(2)?.parse().ok())
+            .collect();
+        assert_eq!(picked.len(), 1, "{proto}/{port}: {elements}");
+        assert!((32768..=60999).contains(&picked[0]), "{elements}");
+    }
+    d.ok(&["rm", "-f", "all"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || published_elements(&h).is_empty()),
+        "left: {}",
+        published_elements(&h)
+    );
 }
 
 /// Docker's default settings: dockerd with its own iptables rules on (its
