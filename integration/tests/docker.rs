@@ -375,6 +375,36 @@ fn docker_run_p_publishes_on_the_host_keeping_the_client_s_address() {
         wget(&h.ns.path(), (up.host_ip.as_str(), "18080")).is_some(),
         "not reached on the host's address from the host"
     );
+    // UDP from outside: `-p 18053:53/udp`, the container's server sees the
+    // client's own address and answers from the published address.
+    d.ok(&["run", "-d", "--name", "dns", "--network", "pub", "-p", "18053:53/udp", IMAGE, "sleep", "600"]).unwrap();
+    let netns = wait_for(Duration::from_secs(10), || endpoint_named(&h, "dns").is_some())
+        .then(|| endpoint_named(&h, "dns").unwrap()["netns"].as_str().unwrap().to_string())
+        .expect("the container's endpoint");
+    let _udp = trellis_integration::sockets::Backend::start(std::path::Path::new(&netns), 53, "dns").unwrap();
+    let to: std::net::SocketAddr = format!("{}:18053", up.host_ip).parse().unwrap();
+    let mut answer = None;
+    let answered = wait_for(Duration::from_secs(10), || {
+        answer = trellis_integration::sockets::in_ns(
+            &up.outside.path(),
+            move || -> std::io::Result<(String, std::net::SocketAddr)> {
+                let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(Duration::from_millis(500)))?;
+                s.send_to(b"hi", to)?;
+                let mut buf = [0u8; 128];
+                let (n, from) = s.recv_from(&mut buf)?;
+                Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
+            },
+        )
+        .ok()
+        .and_then(|r| r.ok());
+        answer.is_some()
+    });
+    assert!(answered, "UDP from outside to {to} got no answer");
+    let (line, from) = answer.unwrap();
+    assert_eq!(line, format!("dns {}", up.outside_ip), "the container must see the outside client's address");
+    assert_eq!(from, to, "the answer comes from the published address");
+    d.ok(&["rm", "-f", "dns"]).unwrap();
     // From another container (hairpin), through the host's address.
     d.ok(&["run", "-d", "--name", "client", "--network", "pub", IMAGE, "sleep", "600"]).unwrap();
     let hairpin = body(d.docker(&["exec", "client", "sh", "-c", &ask("", &up.host_ip, "18080")]).output().unwrap());
