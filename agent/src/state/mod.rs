@@ -552,6 +552,8 @@ impl Cluster {
             deleting: false,
             aliases: Vec::new(),
             ports: Vec::new(),
+            ready: true,
+            drain_until_ms: None,
         };
         let net_key = model::network_key(&net.name);
         let request = match req.ip {
