@@ -507,6 +507,11 @@ mod tests {
         assert!(l.app.find(EndpointRef::Name { endpoint: "b1", network: None }).await.is_err());
         assert_eq!(tables_of(&l, &b1), (vec![b2.ip.to_string()], true));
         assert!(l.dp.with_state(|s| s.links.contains_key(&model::host_ifname(&b1.id))), "its veth went");
+        let view = l.app.service("web").await.unwrap();
+        let mut states: Vec<(&str, model::BackendState)> =
+            view.backends.iter().map(|b| (b.endpoint.name.as_str(), b.state)).collect();
+        states.sort_by_key(|(name, _)| *name);
+        assert_eq!(states, [("b1", model::BackendState::Draining), ("b2", model::BackendState::Serving)]);
         // Its name is free at once (a replacement may take it).
         let mut again = AttachRequest::new("n", EndpointKind::Adhoc);
         again.name = Some("b1".into());

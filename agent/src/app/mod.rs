@@ -30,7 +30,7 @@ use crate::telemetry::probe::Prober;
 pub use endpoints::{AttachRequest, Attached, EndpointRef};
 pub use networks::NetworkView;
 pub use ports::PortRequest;
-pub use services::{CreateService, MeshPortRequest, ServiceView};
+pub use services::{BackendView, CreateService, MeshPortRequest, ServiceView};
 pub use status::{HostView, ProbeState, StatusView, TunnelState};
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;

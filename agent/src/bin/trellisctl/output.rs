@@ -29,7 +29,24 @@ pub fn endpoint_json(e: &proto::Endpoint) -> Value {
         "address": e.address, "gateway": e.gateway, "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
         "ifname": e.ifname, "host_ifname": e.host_ifname, "labels": e.labels, "kind": kind,
         "managed_netns": e.managed_netns, "container_id": e.container_id, "aliases": e.aliases,
+        "ready": e.ready,
     })
+}
+
+/// `ready` (takes new connections), `draining` (detached, keeps the open
+/// ones for a while) or `unready` (its engine says it is not healthy).
+pub fn backend_state(b: &proto::ServiceBackend) -> &'static str {
+    match (b.ready, b.draining) {
+        (false, _) => "unready",
+        (true, true) => "draining",
+        (true, false) => "ready",
+    }
+}
+
+/// `2/3`: the backends taking new connections, of all.
+pub fn backends_text(s: &proto::Service) -> String {
+    let ready = s.backends.iter().filter(|b| backend_state(b) == "ready").count();
+    format!("{ready}/{}", s.backends.len())
 }
 
 pub fn service_json(s: &proto::Service) -> Value {
@@ -39,6 +56,7 @@ pub fn service_json(s: &proto::Service) -> Value {
         "selector": s.selector,
         "backends": s.backends.iter().map(|b| json!({
             "endpoint": b.endpoint, "endpoint_id": b.endpoint_id, "ip": b.ip, "host": b.host, "programmed": b.programmed,
+            "ready": b.ready, "draining": b.draining, "state": backend_state(b),
         })).collect::<Vec<_>>(),
         "created_unix": s.created_unix, "selections": s.selections, "resets": s.resets,
         "publish": s.publish.iter().map(|p| json!({
@@ -164,7 +182,7 @@ pub fn service_table(list: &[proto::Service]) {
             vip_text(s),
             ports_text(s),
             publish_text(s),
-            s.backends.len()
+            backends_text(s)
         );
     }
 }
