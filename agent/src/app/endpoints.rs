@@ -246,6 +246,30 @@ impl App {
         }
     }
 
+    /// What an engine says of a container's health: each of this host's
+    /// endpoints of `container_id` (of `kind`) becomes ready or not, and
+    /// the tables follow. How many endpoints changed.
+    pub async fn set_container_ready(&self, kind: EndpointKind, container_id: &str, ready: bool) -> Result<usize> {
+        if container_id.is_empty() {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        for e in self.cluster.endpoints().await?.iter().filter(|e| {
+            e.host == self.cluster.host && e.kind == kind && e.container_id == container_id && e.ready != ready
+        }) {
+            if self.cluster.set_ready(&e.id, ready).await? {
+                tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, container = %container_id, ready, "readiness changed");
+                changed += 1;
+            }
+        }
+        if changed > 0
+            && let Err(err) = self.converge().await
+        {
+            tracing::warn!(container = %container_id, error = %err, "converging after a readiness change (the next pass retries)");
+        }
+        Ok(changed)
+    }
+
     /// What is wrong with an endpoint's devices on this host (empty: all
     /// is as it should be).
     pub async fn check(&self, e: &EndpointRecord) -> Result<(NetworkRecord, Vec<String>)> {
@@ -559,6 +583,22 @@ mod tests {
         };
         l.app.create_service(crate::app::CreateService { service: rr, publish: vec![] }).await.unwrap();
         assert_eq!(l.app.detach(&b2).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_unready_backend_leaves_both_tables_and_comes_back_when_ready() {
+        let (l, b1, b2) = web(std::time::Duration::from_secs(30)).await;
+        // Readiness goes by container: b1 is the engine's container c0ffee.
+        l.app.cluster.set_identity(&b1.id, "c0ffee", None, vec![], b1.labels.clone(), true).await.unwrap();
+        l.app.converge().await.unwrap();
+        assert_eq!(l.app.set_container_ready(EndpointKind::Adhoc, "c0ffee", false).await.unwrap(), 1);
+        assert_eq!(tables_of(&l, &b1), (vec![b2.ip.to_string()], false), "no connection, new or old");
+        let view = l.app.service("web").await.unwrap();
+        assert_eq!(view.backends.iter().find(|b| b.endpoint.id == b1.id).unwrap().state, model::BackendState::Unready);
+        assert_eq!(l.app.set_container_ready(EndpointKind::Adhoc, "c0ffee", false).await.unwrap(), 0, "no change");
+        assert_eq!(l.app.set_container_ready(EndpointKind::Docker, "c0ffee", true).await.unwrap(), 0, "another kind");
+        assert_eq!(l.app.set_container_ready(EndpointKind::Adhoc, "c0ffee", true).await.unwrap(), 1);
+        assert_eq!(tables_of(&l, &b1), (vec![b1.ip.to_string(), b2.ip.to_string()], true));
     }
 
     #[tokio::test]

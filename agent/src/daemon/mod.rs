@@ -315,10 +315,12 @@ async fn start_docker_driver(
 ) -> Option<std::path::PathBuf> {
     let engine = crate::api::docker::engine::Engine { socket: docker_host.to_path_buf() };
     let driver = crate::api::docker::DockerDriver::new(app, engine);
-    match crate::api::docker::serve(driver, socket).await {
+    match crate::api::docker::serve(driver.clone(), socket).await {
         Ok(serving) => {
             tracing::info!(socket = %socket.display(), "Docker network and IPAM driver \"trellis\" serving");
             tasks.spawn(serving);
+            // Containers with a HEALTHCHECK back their services while healthy.
+            tasks.spawn(driver.follow_health());
             Some(socket.to_path_buf())
         }
         Err(e) => {

@@ -792,7 +792,9 @@ impl Cluster {
     }
 
     /// Give an endpoint the identity its engine knows it by: container id,
-    /// name (if free on its network), aliases and labels.
+    /// name (if free on its network), aliases, labels and readiness (in
+    /// one write: it never backs a service it matches before its engine
+    /// said whether it is ready).
     pub async fn set_identity(
         &self,
         id: &str,
@@ -800,6 +802,7 @@ impl Cluster {
         name: Option<&str>,
         aliases: Vec<String>,
         labels: BTreeMap<String, String>,
+        ready: bool,
     ) -> Result<EndpointRecord> {
         let key = model::endpoint_key(id);
         for _ in 0..CREATE_ATTEMPTS {
@@ -811,6 +814,7 @@ impl Cluster {
             rec.container_id = container_id.to_string();
             rec.aliases = aliases.clone();
             rec.labels = labels.clone();
+            rec.ready = ready;
             let mut compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
             let mut ops = Vec::new();
             if let Some(n) = name.filter(|n| *n != old.name) {
@@ -990,7 +994,7 @@ mod tests {
         c.mark_deleting(&a).await.unwrap();
         let now = c.all_endpoints().await.unwrap();
         assert!(now.iter().find(|e| e.id == "a").unwrap().deleting);
-        c.set_identity("b", "cid", Some("bee"), vec!["al".into()], BTreeMap::new()).await.unwrap();
+        c.set_identity("b", "cid", Some("bee"), vec!["al".into()], BTreeMap::new(), true).await.unwrap();
         let now = c.all_endpoints().await.unwrap();
         let b = now.iter().find(|e| e.id == "b").unwrap();
         assert_eq!((b.name.as_str(), b.aliases.clone()), ("bee", vec!["al".to_string()]));
