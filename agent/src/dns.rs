@@ -20,7 +20,8 @@ pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
         ip: e.ip,
         // Namespace paths are per host.
         sandbox: format!("{}:{}", e.host, e.netns.display()),
-        service: e.labels.get(SERVICE_LABEL).cloned(),
+        // A task of its service's name while ready.
+        service: e.labels.get(SERVICE_LABEL).filter(|_| e.ready).cloned(),
     }
 }
 
@@ -56,7 +57,8 @@ pub fn zone_of(
                 .get(s.network_id.as_str())
                 .into_iter()
                 .flatten()
-                .filter(|e| s.selects(e))
+                // Ready ones only: an unready backend takes no client.
+                .filter(|e| s.serves(e))
                 .filter_map(|e| match e.ip {
                     IpAddr::V4(v4) => Some(v4),
                     _ => None,
@@ -131,4 +133,63 @@ async fn rebuild(
         tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use trellis_dns::{Answer, QType};
+
+    use super::*;
+
+    fn endpoint(id: &str, ip: &str, service: &str) -> EndpointRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": id, "network_id": "n1", "network": "app", "host": "h1", "ip": ip,
+            "mac": "02:42:0a:01:00:02", "netns": format!("/run/netns/{id}"), "ifname": "eth0", "kind": "adhoc",
+            "created_unix": 0, "labels": {"trellis.service": service},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn unready_and_draining_backends_are_no_tasks_of_their_services() {
+        let net: NetworkRecord = serde_json::from_value(serde_json::json!({
+            "id": "n1", "name": "app", "subnet": "10.1.0.0/24", "gateway": "10.1.0.1", "vni": 4096, "mtu": 1450,
+            "attachable": true, "internal": false, "encrypted": false, "created_unix": 0,
+        }))
+        .unwrap();
+        let mut eps = vec![
+            endpoint("a", "10.1.0.2", "web"),
+            endpoint("b", "10.1.0.3", "web"),
+            endpoint("c", "10.1.0.4", "web"),
+            endpoint("d", "10.1.0.5", "api"),
+            endpoint("e", "10.1.0.6", "api"),
+        ];
+        eps[1].ready = false;
+        eps[2].deleting = true;
+        eps[2].drain_until_ms = Some(1);
+        eps[4].ready = false;
+        let web = ServiceRecord {
+            name: "web".into(),
+            network_id: "n1".into(),
+            network: "app".into(),
+            mode: ServiceMode::Dnsrr,
+            vip: None,
+            ports: vec![],
+            selector: crate::model::default_selector("web"),
+            created_unix: 0,
+            publish: vec![],
+        };
+        // `api` has no record: its tasks come from the label.
+        let zone = zone_of(&[net], &eps, &["h1".to_string()], &[web]);
+        let scope = BTreeSet::from(["n1".to_string()]);
+        let a = |name: &str| zone.resolve(name, QType::A, &scope);
+        assert_eq!(a("web"), Answer::Addrs(vec!["10.1.0.2".parse().unwrap()]));
+        assert_eq!(a("tasks.web"), Answer::Addrs(vec!["10.1.0.2".parse().unwrap()]));
+        assert_eq!(a("tasks.api"), Answer::Addrs(vec!["10.1.0.5".parse().unwrap()]));
+        // Its own name still resolves (it is attached), the draining one's not.
+        assert_eq!(a("b"), Answer::Addrs(vec!["10.1.0.3".parse().unwrap()]));
+        assert_eq!(a("c"), Answer::NxDomain);
+    }
 }

@@ -915,3 +915,133 @@ fn the_published_ports_are_reported_as_bound_with_the_picked_host_port() {
         published_elements(&h)
     );
 }
+
+/// Docker's health of a container (`starting`, `healthy`, `unhealthy`).
+fn health(d: &Dockerd, name: &str) -> String {
+    d.ok(&["inspect", "-f", "{{.State.Health.Status}}", name]).unwrap_or_default()
+}
+
+/// The backend `name` of `service` as a host's `service inspect` shows it.
+fn backend(h: &Host, service: &str, name: &str) -> Option<Value> {
+    let s = h.ctl_json(&["service", "inspect", service]).ok()?;
+    s["backends"].as_array()?.iter().find(|b| b["endpoint"] == name).cloned()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_container_with_a_healthcheck_is_a_backend_only_while_healthy() {
+    require_root();
+    let mut h = Host::new().unwrap();
+    let d = Dockerd::start(&h).unwrap();
+    d.ok(&[
+        "network",
+        "create",
+        "-d",
+        "trellis",
+        "--ipam-driver",
+        "trellis",
+        "--subnet",
+        "10.62.0.0/24",
+        "-o",
+        "trellis.attachable=true",
+        "hc",
+    ])
+    .unwrap();
+    // Its check fails until /tmp/ok exists: unhealthy at its first check.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web1",
+        "--network",
+        "hc",
+        "-l",
+        "trellis.service=web",
+        "--health-cmd",
+        "test -f /tmp/ok",
+        "--health-interval",
+        "500ms",
+        "--health-timeout",
+        "2s",
+        "--health-retries",
+        "1",
+        IMAGE,
+        "sh",
+        "-c",
+        WHO_AM_I_TALKING_TO,
+    ])
+    .unwrap();
+    let svc = h.ctl_json(&["service", "create", "web", "--network", "hc", "--port", "80"]).unwrap();
+    let vip = svc["vip"].as_str().unwrap().to_string();
+    let client = h.attach("hc", "client", &[]).unwrap();
+    let cns = trellis_integration::netns_of(&client);
+    let cip = trellis_integration::ip_of(&client);
+    let web1_ip = container_ip(&d, "web1", "hc");
+    let through_vip = || wget(&cns, (vip.as_str(), "80"));
+
+    // Not a backend while its check fails, though it serves.
+    assert!(wait_for(Duration::from_secs(10), || health(&d, "web1") == "unhealthy"), "health: {}", health(&d, "web1"));
+    assert!(
+        wait_for(Duration::from_secs(5), || backend(&h, "web", "web1").is_some()),
+        "web1 never matched: {}",
+        h.ctl(&["service", "inspect", "web"]).unwrap()
+    );
+    let b = backend(&h, "web", "web1").unwrap();
+    assert_eq!(
+        (b["ready"].clone(), b["state"].clone(), b["programmed"].clone()),
+        (false.into(), "unready".into(), false.into()),
+        "{b}"
+    );
+    assert_eq!(wget(&cns, (web1_ip.as_str(), "80")).as_deref(), Some(cip.as_str()), "web1 itself answers");
+    assert_eq!(through_vip(), None, "an unhealthy container got a connection");
+    let ls = h.ctl(&["service", "ls"]).unwrap();
+    assert!(ls.contains(" 0/1"), "backends ready/all: {ls}");
+
+    // Healthy: a backend.
+    d.ok(&["exec", "web1", "touch", "/tmp/ok"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || backend(&h, "web", "web1")
+            .is_some_and(|b| b["ready"] == true && b["programmed"] == true)),
+        "healthy ({}) but not a backend: {}",
+        health(&d, "web1"),
+        h.ctl(&["service", "inspect", "web"]).unwrap()
+    );
+    assert_eq!(through_vip().as_deref(), Some(cip.as_str()), "the VIP does not reach the healthy container");
+
+    // Unhealthy again: out of the tables.
+    d.ok(&["exec", "web1", "rm", "/tmp/ok"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || backend(&h, "web", "web1")
+            .is_some_and(|b| b["ready"] == false && b["programmed"] == false)),
+        "unhealthy ({}) but still a backend: {}",
+        health(&d, "web1"),
+        h.ctl(&["service", "inspect", "web"]).unwrap()
+    );
+    assert_eq!(through_vip(), None, "an unhealthy container still gets connections");
+
+    // Health that changes while the agent is down is read when it is back.
+    h.terminate();
+    d.ok(&["exec", "web1", "touch", "/tmp/ok"]).unwrap();
+    assert!(wait_for(Duration::from_secs(10), || health(&d, "web1") == "healthy"));
+    h.start().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || backend(&h, "web", "web1")
+            .is_some_and(|b| b["ready"] == true && b["programmed"] == true)),
+        "healthy while the agent was down, not a backend after its restart: {}",
+        h.ctl(&["service", "inspect", "web"]).unwrap()
+    );
+    assert_eq!(through_vip().as_deref(), Some(cip.as_str()));
+
+    // Removed: nothing left (a backend of a service drains first).
+    d.ok(&["rm", "-f", "web1"]).unwrap();
+    h.ctl(&["detach", "client"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || endpoints(&h).is_empty()
+            && veths(&h).is_empty()
+            && backend(&h, "web", "web1").is_none()),
+        "left behind: {:?} {:?}",
+        endpoints(&h),
+        veths(&h)
+    );
+    h.ctl(&["service", "rm", "web"]).unwrap();
+}

@@ -183,7 +183,8 @@ fn a_vip_balances_over_backends_on_three_hosts_and_follows_them() {
         }
     };
     h[2].ctl(&["detach", "web2"]).unwrap();
-    // Its devices go in host 2's next pass; every table drops it.
+    // Gone from the endpoints at once; its devices and backend entries go
+    // when its drain ends (3 s), then every table drops it.
     assert!(
         wait_for(Duration::from_secs(5), || {
             !h[2].ctl(&["endpoint", "ls"]).unwrap().contains("web2")
@@ -534,4 +535,168 @@ fn ten_thousand_services_load_and_still_answer() {
         let seen = spread(&client, to, 20, &cip);
         assert_eq!(seen.len(), 2, "service s{i} at {to}: {seen:?}");
     }
+}
+
+/// One request that lasts: connect through the VIP, read the backend's
+/// greeting, wait `hold` (the request "being served"), send a line, read
+/// the answer (the same backend). The backend that served it.
+fn long_request(client: &Client, vip: SocketAddr, hold: Duration) -> std::io::Result<String> {
+    let mut c = client.connect(vip)?;
+    let first = read_line(&mut c)?;
+    std::thread::sleep(hold);
+    c.write_all_line_result()?;
+    let second = read_line(&mut c)?;
+    if second != first {
+        return Err(std::io::Error::other(format!("the connection moved from {first:?} to {second:?}")));
+    }
+    Ok(first.split(' ').next().unwrap_or_default().to_string())
+}
+
+/// A backend of `web` in a namespace of its own: its server listens
+/// before the endpoint joins (ready from its first connection), and it
+/// outlives the endpoint (a draining backend's process keeps running).
+struct Task {
+    _server: Backend,
+    _ns: trellis_integration::Netns,
+    name: String,
+}
+
+fn task(host: &Host, name: &str) -> Task {
+    let ns = trellis_integration::Netns::new("trt").unwrap();
+    let server = Backend::start(&ns.path(), 8080, name).unwrap();
+    let netns = ns.path().display().to_string();
+    host.ctl_json(&["attach", "app", "--name", name, "--netns", &netns, "--label", "trellis.service=web"]).unwrap();
+    Task { _server: server, _ns: ns, name: name.to_string() }
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_rolling_update_of_every_backend_fails_no_request() {
+    require_root();
+    let lab = Lab::new(3, 3000).unwrap();
+    let h = &lab.hosts;
+    h[0].ctl(&["network", "create", "app", "--subnet", "10.78.0.0/24"]).unwrap();
+    let mut tasks: Vec<Task> = h.iter().enumerate().map(|(i, host)| task(host, &format!("v1-{i}"))).collect();
+    let svc = h[0].ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080"]).unwrap();
+    let vip = vip_of(&svc);
+    let cep = h[0].attach("app", "client", &["--label", "trellis.service=client"]).unwrap();
+    let ready_here = |names: &[String]| {
+        let s = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+        let serving: std::collections::BTreeSet<String> = s["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["state"] == "ready" && b["programmed"] == true)
+            .map(|b| b["endpoint"].as_str().unwrap().to_string())
+            .collect();
+        names.iter().all(|n| serving.contains(n))
+    };
+    let names = |tasks: &[Task]| tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+    assert!(wait_for(Duration::from_secs(10), || ready_here(&names(&tasks))), "the first version never served");
+
+    // A steady load: four clients, each request held 200 ms (so some are
+    // always under way on every backend), for the whole update.
+    let hold = Duration::from_millis(200);
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let client = Client::new(&netns_of(&cep)).unwrap();
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                let t0 = Instant::now();
+                // Bounded in time whatever happens.
+                while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(90) {
+                    match long_request(&client, vip, hold) {
+                        Ok(name) => {
+                            ok += 1;
+                            *served.lock().unwrap().entry(name).or_default() += 1;
+                        }
+                        Err(e) => errors.push(format!("{:?}: {e}", t0.elapsed())),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+
+    // One backend at a time, each host's in turn: the old one detached
+    // (it drains), its replacement attached, serving everywhere before the
+    // next step.
+    let t_update = Instant::now();
+    for i in 0..3 {
+        let old = tasks[i].name.clone();
+        let out = h[i].ctl(&["detach", &old]).unwrap();
+        assert!(out.contains("keep flowing for 3000 ms"), "detach of a backend: {out}");
+        let new = task(&h[i], &format!("v2-{i}"));
+        let want: Vec<String> =
+            tasks.iter().filter(|t| t.name != old).map(|t| t.name.clone()).chain([new.name.clone()]).collect();
+        assert!(wait_for(Duration::from_secs(10), || ready_here(&want)), "v2-{i} never served");
+        // The old one drains: no longer ready, its entry kept.
+        let s = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+        let draining = s["backends"].as_array().unwrap().iter().find(|b| b["endpoint"] == old.as_str()).cloned();
+        assert!(
+            draining.as_ref().is_none_or(|b| b["state"] == "draining"),
+            "{old} right after its detach: {draining:?}"
+        );
+        // Its process keeps running until the test drops it (after the drain).
+        let done = std::mem::replace(&mut tasks[i], new);
+        std::thread::sleep(Duration::from_millis(700));
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(5));
+            drop(done);
+        });
+    }
+    // Until every drain is over, and a little after.
+    std::thread::sleep(Duration::from_millis(4000));
+    stop.store(true, Ordering::Relaxed);
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for w in workers {
+        let (o, e) = w.join().unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    let served = served.lock().unwrap().clone();
+    eprintln!("rolling update in {:?}: {ok} requests, served by {served:?}", t_update.elapsed());
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed during the rolling update: {errors:?}",
+        errors.len(),
+        ok + errors.len() as u64
+    );
+    assert!(ok > 100, "only {ok} requests ran");
+    for name in ["v1-0", "v1-1", "v1-2", "v2-0", "v2-1", "v2-2"] {
+        assert!(served.get(name).is_some_and(|n| *n > 0), "{name} served nothing: {served:?}");
+    }
+
+    // The old ones are gone everywhere: records, tables, devices.
+    for host in h {
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                let s = host.ctl_json(&["service", "inspect", "web"]).unwrap();
+                let b = s["backends"].as_array().unwrap();
+                b.len() == 3
+                    && b.iter().all(|b| b["state"] == "ready" && b["endpoint"].as_str().unwrap().starts_with("v2-"))
+            }),
+            "{}",
+            host.ctl(&["service", "inspect", "web"]).unwrap()
+        );
+    }
+    for (i, host) in h.iter().enumerate() {
+        let eps = host.ctl_json(&["endpoint", "ls"]).unwrap();
+        assert!(!eps.to_string().contains("v1-"), "host {i}: {eps}");
+        let links = host.ns.links().unwrap();
+        assert_eq!(
+            links.iter().filter(|l| l.starts_with("trv-")).count(),
+            if i == 0 { 2 } else { 1 },
+            "host {i}: {links:?}"
+        );
+    }
+    // New connections spread over the new version.
+    let client = Client::new(&netns_of(&cep)).unwrap();
+    assert_eq!(spread(&client, vip, 60, &ip_of(&cep)).len(), 3);
+    drop(tasks);
 }

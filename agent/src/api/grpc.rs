@@ -102,6 +102,7 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
                 host_ip: p.host_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             })
             .collect(),
+        ready: e.ready,
     }
 }
 
@@ -144,12 +145,14 @@ pub fn service_to_proto(v: &ServiceView) -> proto::Service {
         backends: v
             .backends
             .iter()
-            .map(|(e, programmed)| proto::ServiceBackend {
-                endpoint: e.name.clone(),
-                endpoint_id: e.id.clone(),
-                ip: e.ip.to_string(),
-                host: e.host.clone(),
-                programmed: *programmed,
+            .map(|b| proto::ServiceBackend {
+                endpoint: b.endpoint.name.clone(),
+                endpoint_id: b.endpoint.id.clone(),
+                ip: b.endpoint.ip.to_string(),
+                host: b.endpoint.host.clone(),
+                programmed: b.programmed,
+                ready: b.endpoint.ready,
+                draining: b.state == model::BackendState::Draining,
             })
             .collect(),
         created_unix: s.created_unix,
@@ -427,8 +430,8 @@ impl proto::agent_server::Agent for AgentService {
     async fn detach(&self, request: Request<proto::DetachRequest>) -> Result<Response<proto::DetachResponse>, Status> {
         let r = request.into_inner();
         let e = self.app.find(endpoint_ref(&r.endpoint, &r.network, &r.container_id, &r.ifname)).await?;
-        self.app.detach(&e).await?;
-        Ok(Response::new(proto::DetachResponse {}))
+        let drain = self.app.detach(&e).await?;
+        Ok(Response::new(proto::DetachResponse { drain_ms: drain.map_or(0, |d| d.as_millis() as u64) }))
     }
 
     async fn check_endpoint(

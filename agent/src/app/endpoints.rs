@@ -205,20 +205,58 @@ impl App {
         }
     }
 
-    /// Detach: the endpoint is gone for every user at once; its devices go
-    /// in the next pass (triggered by this write), and only then its
-    /// address and record ([`super::settle`]).
-    pub async fn detach(&self, e: &EndpointRecord) -> Result<()> {
-        self.cluster.mark_deleting(e).await?;
-        tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "detached");
-        Ok(())
+    /// Detach: the endpoint is gone for every user at once (its name is
+    /// free, it is listed nowhere, DNS forgets it). A ready backend of a
+    /// VIP service drains first: it takes no new connection from now on
+    /// (this host's tables are converged before the answer; the other
+    /// hosts follow their store watch) while the connections it has keep
+    /// flowing for [`App::drain`], then its devices go and only then its
+    /// address and record ([`super::settle`]). Any other endpoint's devices
+    /// go in the next pass (triggered by this write). Returns the drain
+    /// started, if any.
+    ///
+    /// The caller is never kept waiting for the drain: engines call detach
+    /// inline in a container's teardown (Docker's Leave and DeleteEndpoint
+    /// inside `docker stop`/`rm`/`network disconnect`, which wait for them;
+    /// a CNI runtime's DEL inside its sandbox teardown, under its own
+    /// timeouts, the namespace deleted right after), and a waiting call
+    /// would not survive an agent restart either. The drain is a state in the store
+    /// instead, which this host's agent ends on time, after a restart too
+    /// ([`crate::daemon::tasks::finish_drains`]).
+    pub async fn detach(&self, e: &EndpointRecord) -> Result<Option<std::time::Duration>> {
+        let drain = self.drain_of(e).await?;
+        let until = drain.map(|d| model::now_ms() + d.as_millis() as u64);
+        self.cluster.mark_detached(e, until).await?;
+        let Some(d) = drain else {
+            tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "detached");
+            return Ok(None);
+        };
+        tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, drain_ms = d.as_millis() as u64, "detached: draining its connections");
+        self.drains.notify_one();
+        // Out of this host's Maglev tables before the answer.
+        if let Err(err) = self.converge().await {
+            tracing::warn!(endpoint = %e.id, error = %err, "converging after a detach (the next pass retries)");
+        }
+        Ok(Some(d))
+    }
+
+    /// How long `e` drains when detached: [`App::drain`] for a ready
+    /// endpoint that backs a VIP service (it may have connections through
+    /// it); none for any other (nothing to keep: no delay at all).
+    async fn drain_of(&self, e: &EndpointRecord) -> Result<Option<std::time::Duration>> {
+        if self.drain.is_zero() || !e.ready || e.deleting {
+            return Ok(None);
+        }
+        let services = self.cluster.services().await?;
+        let backs = services.iter().any(|s| s.mode == model::ServiceMode::Vip && s.serves(e));
+        Ok(backs.then_some(self.drain))
     }
 
     /// Detach the endpoint with this id if it still exists (an engine's
     /// retried or late calls find nothing, which is no error).
     pub async fn detach_id(&self, id: &str) -> Result<()> {
         match self.cluster.find_endpoint(id, None).await {
-            Ok(e) if e.id == id => self.detach(&e).await,
+            Ok(e) if e.id == id => self.detach(&e).await.map(|_| ()),
             Ok(_) | Err(AgentError::NotFound(_)) => Ok(()),
             Err(e) => Err(e),
         }
@@ -276,6 +314,28 @@ impl App {
         tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, container = %e.container_id, reason = %reason, ports = e.ports.len(), "its engine no longer lists the endpoint: collected");
         self.converge().await?;
         Ok(Unlisted::Collected(reason))
+    /// What an engine says of a container's health: each of this host's
+    /// endpoints of `container_id` (of `kind`) becomes ready or not, and
+    /// the tables follow. How many endpoints changed.
+    pub async fn set_container_ready(&self, kind: EndpointKind, container_id: &str, ready: bool) -> Result<usize> {
+        if container_id.is_empty() {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        for e in self.cluster.endpoints().await?.iter().filter(|e| {
+            e.host == self.cluster.host && e.kind == kind && e.container_id == container_id && e.ready != ready
+        }) {
+            if self.cluster.set_ready(&e.id, ready).await? {
+                tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, container = %container_id, ready, "readiness changed");
+                changed += 1;
+            }
+        }
+        if changed > 0
+            && let Err(err) = self.converge().await
+        {
+            tracing::warn!(container = %container_id, error = %err, "converging after a readiness change (the next pass retries)");
+        }
+        Ok(changed)
     }
 
     /// What is wrong with an endpoint's devices on this host (empty: all
@@ -572,6 +632,140 @@ mod tests {
         assert!(!l.dp.with_state(|s| s.links.contains_key(&peer)), "the moved-back interface is left");
         l.dp.namespaces.lock().unwrap().remove(&live);
         nothing_left(&l, "10.7.7.0/24").await;
+    /// An eBPF host with network `n` (10.7.9.0/24), VIP service `web` and
+    /// backends `b1`, `b2`; detached backends drain `drain`.
+    async fn web(drain: std::time::Duration) -> (crate::app::testing::Lab, EndpointRecord, EndpointRecord) {
+        let l = crate::app::testing::ebpf_lab(drain);
+        network(&l.app, "n", "10.7.9.0/24").await;
+        let mut bs = Vec::new();
+        for name in ["b1", "b2"] {
+            let mut req = AttachRequest::new("n", EndpointKind::Adhoc);
+            req.name = Some(name.into());
+            req.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+            bs.push(l.app.attach(req).await.unwrap().endpoint);
+        }
+        let svc = crate::state::NewService {
+            name: "web".into(),
+            network: "n".into(),
+            mode: model::ServiceMode::Vip,
+            ports: vec![model::ServicePort { port: 80, proto: model::Proto::Tcp, target: 8080 }],
+            selector: Default::default(),
+            publish: vec![],
+        };
+        l.app.create_service(crate::app::CreateService { service: svc, publish: vec![] }).await.unwrap();
+        let b2 = bs.pop().unwrap();
+        (l, bs.pop().unwrap(), b2)
+    }
+
+    /// This host's tables now: the Maglev backends of `web` and whether
+    /// its backend entry for `e` is in the (fake) kernel.
+    fn tables_of(l: &crate::app::testing::Lab, e: &EndpointRecord) -> (Vec<String>, bool) {
+        let t = l.app.reconciler.last_desired().tables.clone();
+        let id = t.maglev.keys().next().copied().expect("web's table");
+        let std::net::IpAddr::V4(v4) = e.ip else { unreachable!() };
+        let key = trellis_ebpf::BackendKey { svc_id: id, ip: trellis_ebpf::be(v4) };
+        let in_kernel = l.dp.with_state(|s| s.tables.backends.contains_key(&key));
+        (t.maglev[&id].iter().map(|ip| ip.to_string()).collect(), in_kernel)
+    }
+
+    #[tokio::test]
+    async fn a_detached_backend_drains_then_goes() {
+        let drain = std::time::Duration::from_secs(30);
+        let (l, b1, b2) = web(drain).await;
+        assert_eq!(tables_of(&l, &b1), (vec![b1.ip.to_string(), b2.ip.to_string()], true));
+        // Detached: gone for users at once, out of the Maglev table when the
+        // call returns (no new connection), its backend entry and veth kept
+        // (its connections flow), and the call did not wait.
+        let t0 = std::time::Instant::now();
+        assert_eq!(l.app.detach(&b1).await.unwrap(), Some(drain));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "the detach waited for the drain");
+        assert!(l.app.find(EndpointRef::Name { endpoint: "b1", network: None }).await.is_err());
+        assert_eq!(tables_of(&l, &b1), (vec![b2.ip.to_string()], true));
+        assert!(l.dp.with_state(|s| s.links.contains_key(&model::host_ifname(&b1.id))), "its veth went");
+        let view = l.app.service("web").await.unwrap();
+        let mut states: Vec<(&str, model::BackendState)> =
+            view.backends.iter().map(|b| (b.endpoint.name.as_str(), b.state)).collect();
+        states.sort_by_key(|(name, _)| *name);
+        assert_eq!(states, [("b1", model::BackendState::Draining), ("b2", model::BackendState::Serving)]);
+        // Its name is free at once (a replacement may take it).
+        let mut again = AttachRequest::new("n", EndpointKind::Adhoc);
+        again.name = Some("b1".into());
+        let b1b = l.app.attach(again).await.unwrap().endpoint;
+        assert_ne!(b1b.ip, b1.ip, "the draining endpoint keeps its address");
+        // More passes change nothing until the drain ends.
+        l.app.converge().await.unwrap();
+        assert!(l.app.cluster.endpoint_record(&b1.id).await.unwrap().is_some_and(|e| e.draining()));
+        // The drain ends: devices, entry, record and address go.
+        l.app.cluster.end_drain(&b1.id).await.unwrap();
+        l.app.converge().await.unwrap();
+        assert_eq!(tables_of(&l, &b1), (vec![b2.ip.to_string()], false));
+        assert!(!l.dp.with_state(|s| s.links.contains_key(&model::host_ifname(&b1.id))));
+        assert!(l.app.cluster.endpoint_record(&b1.id).await.unwrap().is_none());
+        assert!(!l.dp.namespaces.lock().unwrap().contains(&b1.netns), "its namespace is left");
+    }
+
+    #[tokio::test]
+    async fn only_ready_backends_of_vip_services_drain() {
+        let drain = std::time::Duration::from_secs(30);
+        let (l, b1, b2) = web(drain).await;
+        // No service: removed at once, no delay at all.
+        let plain = l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.unwrap().endpoint;
+        assert_eq!(l.app.detach(&plain).await.unwrap(), None);
+        l.app.converge().await.unwrap();
+        assert!(l.app.cluster.endpoint_record(&plain.id).await.unwrap().is_none());
+        // An unready backend has no connection to keep.
+        assert!(l.app.cluster.set_ready(&b1.id, false).await.unwrap());
+        let b1 = l.app.cluster.endpoint_record(&b1.id).await.unwrap().unwrap();
+        assert_eq!(l.app.detach(&b1).await.unwrap(), None);
+        // --drain-ms 0: none.
+        let (l0, _, b0) = web(std::time::Duration::ZERO).await;
+        assert_eq!(l0.app.detach(&b0).await.unwrap(), None);
+        l0.app.converge().await.unwrap();
+        assert!(l0.app.cluster.endpoint_record(&b0.id).await.unwrap().is_none());
+        // A dnsrr service has no flows in the datapath to keep.
+        l.app.remove_service("web").await.unwrap();
+        let rr = crate::state::NewService {
+            name: "web".into(),
+            network: "n".into(),
+            mode: model::ServiceMode::Dnsrr,
+            ports: vec![],
+            selector: Default::default(),
+            publish: vec![],
+        };
+        l.app.create_service(crate::app::CreateService { service: rr, publish: vec![] }).await.unwrap();
+        assert_eq!(l.app.detach(&b2).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_unready_backend_leaves_both_tables_and_comes_back_when_ready() {
+        let (l, b1, b2) = web(std::time::Duration::from_secs(30)).await;
+        // Readiness goes by container: b1 is the engine's container c0ffee.
+        l.app.cluster.set_identity(&b1.id, "c0ffee", None, vec![], b1.labels.clone(), true).await.unwrap();
+        l.app.converge().await.unwrap();
+        assert_eq!(l.app.set_container_ready(EndpointKind::Adhoc, "c0ffee", false).await.unwrap(), 1);
+        assert_eq!(tables_of(&l, &b1), (vec![b2.ip.to_string()], false), "no connection, new or old");
+        let view = l.app.service("web").await.unwrap();
+        assert_eq!(view.backends.iter().find(|b| b.endpoint.id == b1.id).unwrap().state, model::BackendState::Unready);
+        assert_eq!(l.app.set_container_ready(EndpointKind::Adhoc, "c0ffee", false).await.unwrap(), 0, "no change");
+        assert_eq!(l.app.set_container_ready(EndpointKind::Docker, "c0ffee", true).await.unwrap(), 0, "another kind");
+        assert_eq!(l.app.set_container_ready(EndpointKind::Adhoc, "c0ffee", true).await.unwrap(), 1);
+        assert_eq!(tables_of(&l, &b1), (vec![b1.ip.to_string(), b2.ip.to_string()], true));
+    }
+
+    #[tokio::test]
+    async fn a_drain_whose_namespace_died_ends_at_once() {
+        let (l, b1, _) = web(std::time::Duration::from_secs(30)).await;
+        l.app.detach(&b1).await.unwrap();
+        // The namespace goes (its veth with it): the next full pass finds it
+        // gone, and nothing is left to keep.
+        l.dp.failing.lock().unwrap().push(b1.id.clone());
+        l.dp.with_state(|s| s.links.remove(&model::host_ifname(&b1.id)));
+        let r = l.app.reconciler.full_pass().await.unwrap();
+        crate::app::settle(&l.app.cluster, l.dp.as_ref(), &r).await;
+        let e = l.app.cluster.endpoint_record(&b1.id).await.unwrap().unwrap();
+        assert!(e.deleting && !e.draining(), "{e:?}");
+        l.app.converge().await.unwrap();
+        assert!(l.app.cluster.endpoint_record(&b1.id).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -30,7 +30,7 @@ use crate::telemetry::probe::Prober;
 pub use endpoints::{AttachRequest, Attached, EndpointRef, Unlisted};
 pub use networks::NetworkView;
 pub use ports::PortRequest;
-pub use services::{CreateService, MeshPortRequest, ServiceView};
+pub use services::{BackendView, CreateService, MeshPortRequest, ServiceView};
 pub use status::{HostView, ProbeState, StatusView, TunnelState};
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
@@ -54,6 +54,11 @@ pub struct App {
     /// One publication of ports at a time on this host (host ports are
     /// this host's: its agent alone hands them out).
     pub ports_lock: tokio::sync::Mutex<()>,
+    /// How long a detached backend of a VIP service keeps its connections
+    /// (`--drain-ms`; zero: none, removed at once).
+    pub drain: std::time::Duration,
+    /// Told when a drain starts (the loop that ends drains looks again).
+    pub drains: Arc<tokio::sync::Notify>,
 }
 
 impl App {
@@ -126,9 +131,23 @@ pub async fn settle(cluster: &Cluster, dp: &dyn Dataplane, report: &PassReport) 
 }
 
 /// Remove the records of endpoints whose namespace is gone (the container
-/// died without a detach).
+/// died without a detach); a draining endpoint's drain ends (no connection
+/// is left to keep).
 async fn collect_gone(cluster: &Cluster, gone: &[String]) {
     for id in gone {
+        if let Ok(Some(e)) = cluster.endpoint_record(id).await
+            && e.draining()
+        {
+            if !e.netns.exists() {
+                match cluster.end_drain(id).await {
+                    Ok(()) => {
+                        tracing::info!(endpoint = %e.id, netns = %e.netns.display(), "namespace gone: its drain ends")
+                    }
+                    Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "ending the drain of a gone namespace"),
+                }
+            }
+            continue;
+        }
         match cluster.find_endpoint(id, None).await {
             Ok(e) => {
                 if e.netns.exists() {
@@ -193,16 +212,38 @@ pub(crate) mod testing {
         host(Arc::new(LocalStore::memory()), "h1", |_| {})
     }
 
+    /// A lone host with the eBPF datapath (its tables are computed) and
+    /// detached backends draining for `drain`.
+    pub fn ebpf_lab(drain: std::time::Duration) -> Lab {
+        ebpf_host(Arc::new(LocalStore::memory()), "h1", drain)
+    }
+
+    /// Host `name` of the cluster in `store`, with the eBPF datapath and
+    /// detached backends draining for `drain`.
+    pub fn ebpf_host(store: Arc<dyn Store>, name: &str, drain: std::time::Duration) -> Lab {
+        build(store, name, |_| {}, Identity { ebpf: true, ..Identity::local(name) }, drain)
+    }
+
     /// Host `name` of the cluster kept in `store` (labs over one store are
     /// hosts of one cluster, each with its own fake kernel); `configure`
     /// sets the host's cluster view up before the app takes it (e.g. its
     /// `esp_unsupported`).
     pub fn host(store: Arc<dyn Store>, name: &str, configure: impl FnOnce(&mut Cluster)) -> Lab {
+        build(store, name, configure, Identity::local(name), std::time::Duration::ZERO)
+    }
+
+    fn build(
+        store: Arc<dyn Store>,
+        name: &str,
+        configure: impl FnOnce(&mut Cluster),
+        me: Identity,
+        drain: std::time::Duration,
+    ) -> Lab {
         let mut cluster = Cluster::new(store.clone(), name, "10.0.0.0/8".parse().unwrap(), 24);
         configure(&mut cluster);
         let cluster = Arc::new(cluster);
         let dp = Arc::new(FakeDataplane::default());
-        let reconciler = Arc::new(Reconciler::new(dp.clone(), cluster.clone(), Identity::local(name)));
+        let reconciler = Arc::new(Reconciler::new(dp.clone(), cluster.clone(), me));
         let app = Arc::new(App {
             cluster,
             reconciler,
@@ -214,6 +255,8 @@ pub(crate) mod testing {
             dns: None,
             prober: None,
             ports_lock: Default::default(),
+            drain,
+            drains: Default::default(),
         });
         Lab { app, dp, store }
     }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::{AgentError, App, Result};
-use crate::model::{EndpointRecord, MeshPort, Proto, PublishMode, ServiceMode, ServiceRecord};
+use crate::model::{BackendState, EndpointRecord, MeshPort, Proto, PublishMode, ServiceMode, ServiceRecord};
 use crate::state::NewService;
 
 /// Where a mesh host port is picked when none is asked for (`--publish
@@ -29,14 +29,23 @@ pub struct CreateService {
     pub publish: Vec<MeshPortRequest>,
 }
 
-/// A service with its backends (every endpoint its selector matches) and
-/// this host's view of them.
+/// A service with its backends (every endpoint its selector matches,
+/// draining ones too) and this host's view of them.
 #[derive(Clone, Debug)]
 pub struct ServiceView {
     pub service: ServiceRecord,
-    /// Each backend, and whether this host's datapath has it programmed.
-    pub backends: Vec<(EndpointRecord, bool)>,
+    pub backends: Vec<BackendView>,
     pub stats: trellis_ebpf::SvcStats,
+}
+
+/// One backend of a service.
+#[derive(Clone, Debug)]
+pub struct BackendView {
+    pub endpoint: EndpointRecord,
+    /// Ready (taking new connections), draining or unready.
+    pub state: BackendState,
+    /// This host's datapath has its backend entry.
+    pub programmed: bool,
 }
 
 impl App {
@@ -74,12 +83,12 @@ impl App {
             let rec = self.cluster.create_service(new).await?;
             drop(_one_at_a_time);
             self.converge().await?;
-            let endpoints = self.cluster.endpoints().await?;
+            let endpoints = self.cluster.all_endpoints().await?;
             return Ok(self.service_view(rec, &endpoints));
         }
         let rec = self.cluster.create_service(new).await?;
         self.converge().await?;
-        let endpoints = self.cluster.endpoints().await?;
+        let endpoints = self.cluster.all_endpoints().await?;
         Ok(self.service_view(rec, &endpoints))
     }
 
@@ -89,7 +98,7 @@ impl App {
             None => None,
             Some(n) => Some(self.cluster.network(n).await?),
         };
-        let endpoints = self.cluster.endpoints().await?;
+        let endpoints = self.cluster.all_endpoints().await?;
         Ok(self
             .cluster
             .services()
@@ -102,7 +111,7 @@ impl App {
 
     pub async fn service(&self, name: &str) -> Result<ServiceView> {
         let s = self.cluster.service(name).await?;
-        let endpoints = self.cluster.endpoints().await?;
+        let endpoints = self.cluster.all_endpoints().await?;
         Ok(self.service_view(s, &endpoints))
     }
 
@@ -133,7 +142,7 @@ impl App {
         let rec = self.cluster.set_service_publish(name, publish).await?;
         drop(_one_at_a_time);
         self.converge().await?;
-        let endpoints = self.cluster.endpoints().await?;
+        let endpoints = self.cluster.all_endpoints().await?;
         Ok(self.service_view(rec, &endpoints))
     }
 
@@ -255,15 +264,15 @@ impl App {
         let id = s.datapath_id();
         let backends = endpoints
             .iter()
-            .filter(|e| s.selects(e))
-            .map(|e| {
+            .filter_map(|e| Some((e, s.backend_state(e)?)))
+            .map(|(e, state)| {
                 let programmed = match (id, e.ip) {
                     (Some(id), std::net::IpAddr::V4(v4)) => {
                         tables.backends.contains_key(&trellis_ebpf::BackendKey { svc_id: id, ip: trellis_ebpf::be(v4) })
                     }
                     _ => false,
                 };
-                (e.clone(), programmed)
+                BackendView { endpoint: e.clone(), state, programmed }
             })
             .collect();
         let stats = id.and_then(|id| self.dataplane.service_stats(id)).unwrap_or_default();

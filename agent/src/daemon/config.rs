@@ -40,6 +40,7 @@ pub struct FileConfig {
     pub key_rotation_grace_ms: Option<u64>,
     pub esp_seq_threshold: Option<u64>,
     pub dns_kernel: Option<bool>,
+    pub drain_ms: Option<u64>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -150,6 +151,12 @@ pub struct Overrides {
     /// has sent this many packets (ESP sequence numbers). Default 2^40.
     #[arg(long, env = "TRELLIS_ESP_SEQ_THRESHOLD")]
     pub esp_seq_threshold: Option<u64>,
+    /// A detached backend of a VIP service (trellisctl detach, CNI DEL,
+    /// Docker's Leave) takes no new connection at once but keeps its open
+    /// ones this long before it is removed, in milliseconds (0: removed at
+    /// once). The detach itself does not wait. Default 3000.
+    #[arg(long, env = "TRELLIS_DRAIN_MS")]
+    pub drain_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -189,9 +196,15 @@ pub struct Config {
     pub key_rotation: trellis_ipsec::Policy,
     pub esp_seq_threshold: u64,
     pub dns_kernel: bool,
+    /// How long a detached backend drains (zero: none).
+    pub drain: Duration,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
+/// A detached backend's drain: long enough for every host's tables to
+/// drop it from new connections and for short requests under way to end,
+/// short enough for a rolling update.
+pub const DEFAULT_DRAIN_MS: u64 = 3000;
 pub const DEFAULT_DOCKER_PLUGIN: &str = "/run/docker/plugins/trellis.sock";
 pub const DEFAULT_DOCKER_HOST: &str = "/run/docker.sock";
 
@@ -289,6 +302,7 @@ impl Config {
             },
             esp_seq_threshold: o.esp_seq_threshold.or(f.esp_seq_threshold).unwrap_or(1 << 40).max(1),
             dns_kernel: o.dns_kernel.or(f.dns_kernel).unwrap_or(true),
+            drain: Duration::from_millis(o.drain_ms.or(f.drain_ms).unwrap_or(DEFAULT_DRAIN_MS)),
             ebpf_attach: match o.ebpf_attach.clone().or(f.ebpf_attach).as_deref() {
                 Some("auto") | Some("tcx") => trellis_ebpf::AttachMode::Auto,
                 None | Some("clsact") => trellis_ebpf::AttachMode::Clsact,
@@ -390,6 +404,11 @@ mod tests {
         let bad = Overrides { docker_host: Some("tcp://1.2.3.4:2375".into()), ..Overrides::default() };
         assert!(Config::merge(FileConfig::default(), &bad).unwrap_err().to_string().contains("docker_host"));
         assert!(d.dns && d.dns_port == 53, "DNS is on, on port 53");
+        assert_eq!(d.drain, Duration::from_secs(3), "detached backends drain 3 s");
+        let file: FileConfig = toml::from_str("drain_ms = 500").unwrap();
+        assert_eq!(Config::merge(file, &Overrides::default()).unwrap().drain, Duration::from_millis(500));
+        let none = Overrides { drain_ms: Some(0), ..Overrides::default() };
+        assert!(Config::merge(FileConfig::default(), &none).unwrap().drain.is_zero());
         assert_eq!(d.metrics_addr, Some("127.0.0.1:9473".parse().unwrap()));
         let m = Overrides { metrics_addr: Some("off".into()), ..Overrides::default() };
         assert_eq!(Config::merge(FileConfig::default(), &m).unwrap().metrics_addr, None);

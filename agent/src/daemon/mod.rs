@@ -141,6 +141,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         events,
         prober: prober.clone(),
         ports_lock: Default::default(),
+        drain: cfg.drain,
+        drains: Default::default(),
     });
     let service = Arc::new(AgentService { app: app.clone() });
     let docker_socket = match &cfg.docker_plugin {
@@ -183,6 +185,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tasks.spawn(tasks::resync(reconciler.clone(), cluster.clone(), dataplane.clone(), every, dns_changed.clone()));
     tasks.spawn(tasks::reclaim_dead_hosts(cluster.clone(), cfg.reclaim_grace, every));
     tasks.spawn(tasks::rotate_keys(cluster.clone(), dataplane.clone(), cfg.key_rotation, cfg.esp_seq_threshold));
+    tasks.spawn(tasks::finish_drains(cluster.clone(), app.drains.clone(), every));
     tasks.spawn(tasks::watch_store(reconciler, store.clone(), cluster, dataplane, dns_changed));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -320,6 +323,8 @@ async fn start_docker_driver(
             // One engine request per Docker network with endpoints: no
             // more often than every 2 s.
             tasks.spawn(tasks::sweep_docker(driver, resync.max(std::time::Duration::from_secs(2))));
+            // Containers with a HEALTHCHECK back their services while healthy.
+            tasks.spawn(driver.follow_health());
             Some(socket.to_path_buf())
         }
         Err(e) => {

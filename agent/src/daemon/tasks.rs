@@ -125,6 +125,41 @@ pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, grace: Duration, every: D
     }
 }
 
+/// The drains of this host's detached endpoints end on time: each one's
+/// record becomes a plain detached endpoint at its deadline (then the pass
+/// its write triggers removes the devices, and settling the record and
+/// address). Drains are records in the store, so a drain under way when
+/// the agent stopped ends when it is back (at once if it is overdue). The
+/// loop sleeps until the next deadline, wakes when a drain starts
+/// (`started`), and looks again every `every` anyway.
+pub async fn finish_drains(cluster: Arc<Cluster>, started: Arc<Notify>, every: Duration) {
+    loop {
+        let mut wait = every;
+        match cluster.all_endpoints().await {
+            Ok(eps) => {
+                let now = model::now_ms();
+                let (due, next) = model::drains_of(&eps, &cluster.host, now);
+                for e in due {
+                    match cluster.end_drain(&e.id).await {
+                        Ok(()) => {
+                            tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "drained: removing it")
+                        }
+                        Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "ending a drain"),
+                    }
+                }
+                if let Some(next) = next {
+                    wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "reading the drains under way"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = started.notified() => {}
+        }
+    }
+}
+
 /// Key rotation of encrypted networks: every agent takes due steps (the
 /// store's compare-and-swap makes one win); each host's acks come from its
 /// passes. The sequence-number trigger reads this host's SAs.
@@ -205,5 +240,93 @@ pub async fn watch_store(
                 Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::app::testing::ebpf_host;
+    use crate::app::{AttachRequest, CreateService};
+    use crate::model::EndpointKind;
+
+    #[tokio::test]
+    async fn a_drain_under_way_when_the_agent_stopped_ends_after_its_restart() {
+        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        let drain = Duration::from_millis(300);
+        let before = ebpf_host(store.clone(), "h1", drain);
+        before.app.create_network(crate::app::testing::attachable("n", Some("10.7.10.0/24"))).await.unwrap();
+        let mut req = AttachRequest::new("n", EndpointKind::Adhoc);
+        req.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+        let b = before.app.attach(req).await.unwrap().endpoint;
+        let svc = crate::state::NewService {
+            name: "web".into(),
+            network: "n".into(),
+            mode: model::ServiceMode::Vip,
+            ports: vec![],
+            selector: Default::default(),
+            publish: vec![],
+        };
+        before.app.create_service(CreateService { service: svc, publish: vec![] }).await.unwrap();
+        assert_eq!(before.app.detach(&b).await.unwrap(), Some(drain));
+        // The agent stops mid-drain (nothing runs its drains) and comes back
+        // after the deadline: the drain ends at once, then everything goes.
+        drop(before);
+        tokio::time::sleep(drain + Duration::from_millis(100)).await;
+        let after = ebpf_host(store, "h1", drain);
+        let e = after.app.cluster.endpoint_record(&b.id).await.unwrap().unwrap();
+        assert!(e.draining() && e.drain_due(model::now_ms()), "{e:?}");
+        let looping =
+            tokio::spawn(finish_drains(after.app.cluster.clone(), after.app.drains.clone(), Duration::from_secs(60)));
+        let mut ended = false;
+        for _ in 0..100 {
+            if after.app.cluster.endpoint_record(&b.id).await.unwrap().is_some_and(|e| !e.draining()) {
+                ended = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(ended, "the overdue drain was not ended");
+        after.app.converge().await.unwrap();
+        assert!(after.app.cluster.endpoint_record(&b.id).await.unwrap().is_none(), "the record is left");
+        assert!(after.app.cluster.all_endpoints().await.unwrap().is_empty());
+        looping.abort();
+    }
+
+    #[tokio::test]
+    async fn drains_end_on_time_woken_when_one_starts() {
+        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        let drain = Duration::from_millis(400);
+        let l = ebpf_host(store, "h1", drain);
+        l.app.create_network(crate::app::testing::attachable("n", Some("10.7.11.0/24"))).await.unwrap();
+        let mut req = AttachRequest::new("n", EndpointKind::Adhoc);
+        req.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+        let b = l.app.attach(req).await.unwrap().endpoint;
+        let svc = crate::state::NewService {
+            name: "web".into(),
+            network: "n".into(),
+            mode: model::ServiceMode::Vip,
+            ports: vec![],
+            selector: Default::default(),
+            publish: vec![],
+        };
+        l.app.create_service(CreateService { service: svc, publish: vec![] }).await.unwrap();
+        // The loop is idle (its fallback look is a minute away) when the
+        // drain starts: the detach wakes it, and it ends the drain on time.
+        let looping = tokio::spawn(finish_drains(l.app.cluster.clone(), l.app.drains.clone(), Duration::from_secs(60)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let t0 = std::time::Instant::now();
+        l.app.detach(&b).await.unwrap();
+        let draining = || async { l.app.cluster.endpoint_record(&b.id).await.unwrap().is_some_and(|e| e.draining()) };
+        tokio::time::sleep(drain / 2).await;
+        assert!(draining().await, "ended early");
+        while draining().await {
+            assert!(t0.elapsed() < drain * 3, "not ended on time");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(t0.elapsed() >= drain, "ended after {:?}", t0.elapsed());
+        looping.abort();
     }
 }

@@ -94,6 +94,80 @@ pub struct EndpointRecord {
     /// they go with the record (detach, a vanished namespace's collection).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PublishedPort>,
+    /// It may take new connections of the services that select it: its
+    /// engine says it is (Docker: healthy, or no HEALTHCHECK). An unready
+    /// endpoint backs no service, in the datapath nor in DNS. Records
+    /// written before readiness existed are ready.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub ready: bool,
+    /// Detached (`deleting`) but draining until then (unix ms, its own
+    /// host's clock: only that host ends the drain): it takes no new
+    /// connection of its services, the ones it has keep flowing (its
+    /// devices, tunnel entries and datapath backend entries stay). `None`
+    /// once the drain is over, or if there was none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_until_ms: Option<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl EndpointRecord {
+    /// Detached, its open connections still flowing for a while.
+    pub fn draining(&self) -> bool {
+        self.deleting && self.drain_until_ms.is_some()
+    }
+
+    /// Its devices, programs and tunnel entries belong in the kernel: it is
+    /// live, or detached but draining.
+    pub fn in_datapath(&self) -> bool {
+        !self.deleting || self.draining()
+    }
+
+    /// Its drain is over at `now_ms`.
+    pub fn drain_due(&self, now_ms: u64) -> bool {
+        self.deleting && self.drain_until_ms.is_some_and(|t| t <= now_ms)
+    }
+}
+
+/// The drains of `host`'s endpoints at `now_ms`: those that are over, and
+/// when the next one ends (none: no drain under way).
+pub fn drains_of<'a>(
+    endpoints: &'a [EndpointRecord],
+    host: &str,
+    now_ms: u64,
+) -> (Vec<&'a EndpointRecord>, Option<u64>) {
+    let mine = endpoints.iter().filter(|e| e.host == host && e.draining());
+    let (due, pending): (Vec<&EndpointRecord>, Vec<&EndpointRecord>) = mine.partition(|e| e.drain_due(now_ms));
+    (due, pending.iter().filter_map(|e| e.drain_until_ms).min())
+}
+
+/// What an endpoint a service's selector matches is to the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    /// It takes new connections: in the Maglev table (and DNS), with its
+    /// backend entry.
+    Serving,
+    /// Detached and draining: only the connections it has (its backend
+    /// entry stays, the Maglev table and DNS leave it out).
+    Draining,
+    /// Not ready: nothing (its connections are reset).
+    Unready,
+}
+
+impl BackendState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendState::Serving => "ready",
+            BackendState::Draining => "draining",
+            BackendState::Unready => "unready",
+        }
+    }
 }
 
 /// A host port published to an endpoint's port, on the endpoint's host.
@@ -255,9 +329,35 @@ impl ServiceRecord {
         self.ports.iter().find(|p| p.port == port && p.proto == proto).map_or(port, |p| p.target)
     }
 
-    /// Does `e` back this service?
+    /// Does the selector match `e` (on the service's network), whatever
+    /// its state?
+    pub fn matches(&self, e: &EndpointRecord) -> bool {
+        e.network_id == self.network_id && self.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+    }
+
+    /// Is `e` a live (not detached) endpoint of this service, ready or not?
     pub fn selects(&self, e: &EndpointRecord) -> bool {
-        e.network_id == self.network_id && !e.deleting && self.selector.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+        !e.deleting && self.matches(e)
+    }
+
+    /// What `e` is to this service: `None` when it is none of its backends
+    /// (not matched, or detached and not draining).
+    pub fn backend_state(&self, e: &EndpointRecord) -> Option<BackendState> {
+        if !self.matches(e) || !e.in_datapath() {
+            return None;
+        }
+        Some(if !e.ready {
+            BackendState::Unready
+        } else if e.draining() {
+            BackendState::Draining
+        } else {
+            BackendState::Serving
+        })
+    }
+
+    /// Does `e` take new connections of this service?
+    pub fn serves(&self, e: &EndpointRecord) -> bool {
+        self.backend_state(e) == Some(BackendState::Serving)
     }
 
     /// The datapath's id of the service: its VIP as a number (unique, as
@@ -294,6 +394,77 @@ mod tests {
             assert!(n.len() <= 15, "{n} is longer than IFNAMSIZ-1");
         }
         assert!(bridge_name(&id).starts_with(BRIDGE_PREFIX));
+    }
+
+    fn endpoint(id: &str, host: &str) -> EndpointRecord {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "name": id, "network_id": "n1", "network": "app", "host": host, "ip": "10.1.0.2",
+            "mac": "02:42:0a:01:00:02", "netns": "/run/netns/x", "ifname": "eth0", "kind": "adhoc",
+            "created_unix": 0, "labels": {"trellis.service": "web"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn records_written_before_readiness_are_ready_and_not_draining() {
+        let e = endpoint("e1", "h1");
+        assert!(e.ready && e.drain_until_ms.is_none() && !e.draining() && e.in_datapath());
+        // Written back, a ready record is the same bytes as before.
+        let v = serde_json::to_value(&e).unwrap();
+        assert!(v.get("ready").is_none() && v.get("drain_until_ms").is_none(), "{v}");
+        let mut unready = e.clone();
+        unready.ready = false;
+        let back: EndpointRecord = serde_json::from_value(serde_json::to_value(&unready).unwrap()).unwrap();
+        assert!(!back.ready);
+    }
+
+    #[test]
+    fn a_service_backend_is_serving_draining_or_unready() {
+        let s = ServiceRecord {
+            name: "web".into(),
+            network_id: "n1".into(),
+            network: "app".into(),
+            mode: ServiceMode::Vip,
+            vip: Some("10.1.0.254".parse().unwrap()),
+            ports: vec![],
+            selector: default_selector("web"),
+            created_unix: 0,
+            publish: vec![],
+        };
+        let mut e = endpoint("e1", "h1");
+        assert_eq!(s.backend_state(&e), Some(BackendState::Serving));
+        assert!(s.serves(&e) && s.selects(&e));
+        e.ready = false;
+        assert_eq!(s.backend_state(&e), Some(BackendState::Unready));
+        assert!(!s.serves(&e) && s.selects(&e), "still its task, not taking clients");
+        e.ready = true;
+        e.deleting = true;
+        assert_eq!(s.backend_state(&e), None, "detached without a drain: gone");
+        e.drain_until_ms = Some(5);
+        assert_eq!(s.backend_state(&e), Some(BackendState::Draining));
+        assert!(!s.serves(&e) && !s.selects(&e), "gone for users");
+        e.labels.clear();
+        assert_eq!(s.backend_state(&e), None, "not matched");
+    }
+
+    #[test]
+    fn drains_end_on_their_hosts_deadline() {
+        let mut eps: Vec<EndpointRecord> = ["a", "b", "c", "d"].iter().map(|id| endpoint(id, "h1")).collect();
+        for (e, until) in eps.iter_mut().zip([Some(100), Some(200), Some(50), None]) {
+            e.deleting = true;
+            e.drain_until_ms = until;
+        }
+        eps[2].host = "h2".into();
+        let (due, next) = drains_of(&eps, "h1", 100);
+        assert_eq!(due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a"], "h2's is h2's to end");
+        assert_eq!(next, Some(200));
+        let (due, next) = drains_of(&eps, "h1", 99);
+        assert!(due.is_empty() && next == Some(100));
+        let (due, next) = drains_of(&eps, "h1", 1000);
+        assert_eq!((due.len(), next), (2, None));
+        // A live endpoint with a stale deadline (it cannot have one) never drains.
+        eps[0].deleting = false;
+        assert!(!eps[0].drain_due(1000) && !eps[0].draining());
     }
 
     #[test]

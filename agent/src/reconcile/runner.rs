@@ -21,8 +21,8 @@ pub struct PassReport {
     pub errors: Vec<(Option<String>, String)>,
     /// Endpoints whose network namespace no longer exists.
     pub gone: Vec<String>,
-    /// Endpoints being deleted whose devices are gone now: their records
-    /// and addresses can go.
+    /// Endpoints being deleted (and not draining) whose devices are gone
+    /// now: their records and addresses can go.
     pub finalizable: Vec<EndpointRecord>,
     pub finished: Option<SystemTime>,
     pub duration: Duration,
@@ -233,7 +233,7 @@ impl Reconciler {
         report.finalizable = snapshot
             .endpoints
             .iter()
-            .filter(|e| e.host == self.me.host && e.deleting)
+            .filter(|e| e.host == self.me.host && e.deleting && !e.draining())
             .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
             .cloned()
             .collect();

@@ -49,6 +49,8 @@ fn endpoint(id: &str, net: &str, ip: &str, host: &str) -> EndpointRecord {
         deleting: false,
         aliases: vec![],
         ports: vec![],
+        ready: true,
+        drain_until_ms: None,
     }
 }
 
@@ -931,4 +933,129 @@ async fn concurrent_callers_share_passes() {
     assert_eq!(gens, [2; 19], "every later caller gets the one pass that started after it asked");
     assert_eq!(r.last().generation, 2, "20 callers, 2 passes");
     assert_eq!(src.loads.load(Ordering::SeqCst), 2, "one load of the desired state per pass");
+}
+
+/// A three-host view from h1 (eBPF on) of service `web` (VIP 10.1.0.254)
+/// with backends b1 (h1), b2 (h2), b3 (h3) and a client c1 on h1.
+fn readiness_lab() -> (Vec<NetworkRecord>, Vec<EndpointRecord>, Vec<HostRecord>, Vec<ServiceRecord>, Identity) {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let mut eps = Vec::new();
+    for (i, h) in ["h1", "h2", "h3"].iter().enumerate() {
+        let mut b = endpoint(&format!("b{}", i + 1), "aaaa", &format!("10.1.0.{}", i + 2), h);
+        b.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+        eps.push(b);
+    }
+    eps.push(endpoint("c1", "aaaa", "10.1.0.9", "h1"));
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2"), host("h3", "192.0.2.3")];
+    let me = Identity { ebpf: true, underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    (nets, eps, hosts, vec![service("web", "aaaa", "10.1.0.254")], me)
+}
+
+fn backend_key(ip: &str) -> trellis_ebpf::BackendKey {
+    trellis_ebpf::BackendKey {
+        svc_id: u32::from("10.1.0.254".parse::<std::net::Ipv4Addr>().unwrap()),
+        ip: trellis_ebpf::be(ip.parse().unwrap()),
+    }
+}
+
+#[test]
+fn unready_backends_get_no_connection_and_draining_ones_keep_theirs() {
+    use trellis_ebpf::SvcKey;
+    let (nets, mut eps, hosts, svcs, me) = readiness_lab();
+    let vip: std::net::Ipv4Addr = "10.1.0.254".parse().unwrap();
+    let id = u32::from(vip);
+    let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
+    let snap = |eps: &[EndpointRecord]| Snapshot {
+        networks: nets.clone(),
+        endpoints: eps.to_vec(),
+        hosts: hosts.clone(),
+        services: svcs.clone(),
+        keys: BTreeMap::new(),
+    };
+    let all = desired_host(&snap(&eps), &me);
+    assert_eq!(all.tables.maglev[&id], vec![ip("10.1.0.2"), ip("10.1.0.3"), ip("10.1.0.4")]);
+    assert_eq!(all.tables.backends.len(), 3);
+
+    // b2 (on h2) is not ready, b3 (on h3) drains, b1 (here) drains too.
+    eps[1].ready = false;
+    eps[2].deleting = true;
+    eps[2].drain_until_ms = Some(1);
+    eps[0].deleting = true;
+    eps[0].drain_until_ms = Some(1);
+    let d = desired_host(&snap(&eps), &me);
+    let t = &d.tables;
+    assert_eq!(t.maglev[&id], Vec::<std::net::Ipv4Addr>::new(), "no new connection to any of them");
+    assert_eq!(t.services[&SvcKey::new(vip, 80, 6)].count, 0);
+    assert_eq!(t.vips[&vip].backends, 0);
+    assert!(!t.backends.contains_key(&backend_key("10.1.0.3")), "the unready one loses its connections too");
+    assert!(t.backends.contains_key(&backend_key("10.1.0.4")), "a draining one keeps its backend entry");
+    assert!(t.backends.contains_key(&backend_key("10.1.0.2")), "here too");
+    // ... and what its connections flow through: its veth and program
+    // here, the tunnel entries towards it on the others.
+    assert!(d.endpoints.contains_key(&model::host_ifname("b1")) && d.programs.contains_key(&model::host_ifname("b1")));
+    let vx = &d.vxlans[&model::vxlan_name("aaaa")];
+    assert!(vx.neigh.contains(&("10.1.0.4".parse().unwrap(), eps[2].mac)), "{:?}", vx.neigh);
+    assert!(vx.neigh.contains(&("10.1.0.3".parse().unwrap(), eps[1].mac)), "an unready endpoint is still reachable");
+
+    // From the converged tables of `all`: the Maglev table is rewritten
+    // (its revision changed), the draining entries are not deleted.
+    let mut obs = Observed::default();
+    for a in diff(&all, &Observed::default()) {
+        obs.record(&a).unwrap();
+    }
+    let ops = obs.tables.ops_to(t);
+    assert_eq!(ops.put_maglev, vec![(id, vec![])]);
+    assert_eq!(ops.del_backends, vec![backend_key("10.1.0.3")]);
+
+    // The drains end: the entries go; a detached endpoint that did not
+    // drain has none.
+    eps[0].drain_until_ms = None;
+    eps[2].drain_until_ms = None;
+    let d = desired_host(&snap(&eps), &me);
+    assert!(d.tables.backends.is_empty(), "{:?}", d.tables.backends);
+    assert!(!d.endpoints.contains_key(&model::host_ifname("b1")));
+    assert!(!d.vxlans[&model::vxlan_name("aaaa")].neigh.iter().any(|(a, _)| a.to_string() == "10.1.0.4"));
+    // Ready again: b2 is back in both.
+    eps[1].ready = true;
+    let d = desired_host(&snap(&eps), &me);
+    assert_eq!(d.tables.maglev[&id], vec![ip("10.1.0.3")]);
+    assert!(d.tables.backends.contains_key(&backend_key("10.1.0.3")));
+}
+
+#[test]
+fn a_draining_endpoint_keeps_its_veth_but_not_its_published_ports() {
+    let nets = vec![network("aaaa", "10.1.0.0/24", false)];
+    let mut e = endpoint("e1", "aaaa", "10.1.0.2", "h1");
+    e.ports = vec![model::PublishedPort { proto: model::Proto::Tcp, host_ip: None, host_port: 18080, port: 80 }];
+    let me = Identity::local("h1");
+    let d = desired(&nets, std::slice::from_ref(&e), &[], &me);
+    assert!(d.egress.published.iter().any(|p| p.host_port == 18080));
+    e.deleting = true;
+    e.drain_until_ms = Some(10);
+    let d = desired(&nets, std::slice::from_ref(&e), &[], &me);
+    assert!(d.endpoints.contains_key(&model::host_ifname("e1")));
+    assert!(d.egress.published.is_empty(), "its host ports went with the detach");
+}
+
+#[tokio::test]
+async fn a_draining_endpoint_is_not_final_until_its_drain_ends() {
+    let dp = Arc::new(FakeDataplane::default());
+    let src = Arc::new(Fixed(Mutex::new((
+        vec![network("aaaa", "10.1.0.0/24", false)],
+        vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")],
+    ))));
+    let r = Reconciler::new(dp.clone(), src.clone(), Identity::local("h1"));
+    r.pass().await.unwrap();
+    {
+        let mut s = src.0.lock().unwrap();
+        s.1[0].deleting = true;
+        s.1[0].drain_until_ms = Some(model::now_ms() + 60_000);
+    }
+    let rep = r.pass().await.unwrap();
+    assert!(rep.finalizable.is_empty(), "its record stays while it drains");
+    assert!(dp.with_state(|s| s.links.contains_key("trv-e1")), "so does its device");
+    src.0.lock().unwrap().1[0].drain_until_ms = None;
+    let rep = r.pass().await.unwrap();
+    assert!(!dp.with_state(|s| s.links.contains_key("trv-e1")));
+    assert_eq!(rep.finalizable.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e1"]);
 }

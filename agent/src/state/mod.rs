@@ -552,6 +552,8 @@ impl Cluster {
             deleting: false,
             aliases: Vec::new(),
             ports: Vec::new(),
+            ready: true,
+            drain_until_ms: None,
         };
         let net_key = model::network_key(&net.name);
         let request = match req.ip {
@@ -643,6 +645,14 @@ impl Cluster {
     /// name freed; its devices go in the next reconcile pass and only then
     /// its record and address ([`Cluster::finalize`]).
     pub async fn mark_deleting(&self, e: &EndpointRecord) -> Result<()> {
+        self.mark_detached(e, None).await
+    }
+
+    /// Detach, first phase, with a drain: as [`Cluster::mark_deleting`]
+    /// (gone for users at once, its name freed), but with `drain_until_ms`
+    /// its devices and datapath backend entries stay until this host ends
+    /// the drain ([`Cluster::end_drain`]).
+    pub async fn mark_detached(&self, e: &EndpointRecord, drain_until_ms: Option<u64>) -> Result<()> {
         let key = model::endpoint_key(&e.id);
         for _ in 0..CREATE_ATTEMPTS {
             let Some(kv) = self.store.get(&key).await? else { return Ok(()) };
@@ -651,6 +661,7 @@ impl Cluster {
                 return Ok(());
             }
             rec.deleting = true;
+            rec.drain_until_ms = drain_until_ms;
             let name_key = model::endpoint_name_key(&rec.network_id, &rec.name);
             // One transaction: marked, and its name freed (the name key
             // points at this endpoint as long as it is live).
@@ -690,6 +701,61 @@ impl Cluster {
         Err(AgentError::Unavailable(format!("endpoint {} kept changing; try again", e.id)))
     }
 
+    /// The end of an endpoint's drain: a plain detached endpoint now, whose
+    /// devices go in the next pass. Nothing to do if it is not draining (or
+    /// gone).
+    pub async fn end_drain(&self, id: &str) -> Result<()> {
+        self.update_endpoint(id, |rec| {
+            if !rec.draining() {
+                return false;
+            }
+            rec.drain_until_ms = None;
+            true
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Mark endpoint `id` ready or not (its engine's health). `Ok(false)`
+    /// when nothing changed (already so, detached, or gone).
+    pub async fn set_ready(&self, id: &str, ready: bool) -> Result<bool> {
+        self.update_endpoint(id, |rec| {
+            if rec.ready == ready || rec.deleting {
+                return false;
+            }
+            rec.ready = ready;
+            true
+        })
+        .await
+    }
+
+    /// Change endpoint `id`'s record with `f` (which says whether it
+    /// changed anything) in a transaction against the record as read;
+    /// whether it was written.
+    async fn update_endpoint(&self, id: &str, f: impl Fn(&mut EndpointRecord) -> bool) -> Result<bool> {
+        let key = model::endpoint_key(id);
+        for _ in 0..CREATE_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else { return Ok(false) };
+            let mut rec: EndpointRecord = decode(&kv.key, &kv.value)?;
+            if !f(&mut rec) {
+                return Ok(false);
+            }
+            let compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
+            if self.store.txn(compares, vec![Op::put(key.clone(), encode(&rec))]).await?.succeeded {
+                return Ok(true);
+            }
+        }
+        Err(AgentError::Unavailable(format!("endpoint {id} kept changing; try again")))
+    }
+
+    /// An endpoint's record by id, detached ones included.
+    pub async fn endpoint_record(&self, id: &str) -> Result<Option<EndpointRecord>> {
+        match self.store.get(&model::endpoint_key(id)).await? {
+            Some(kv) => Ok(Some(decode(&kv.key, &kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
     /// Detach, second phase: the devices are gone; drop the record and
     /// release the address.
     pub async fn finalize(&self, e: &EndpointRecord) -> Result<()> {
@@ -726,7 +792,9 @@ impl Cluster {
     }
 
     /// Give an endpoint the identity its engine knows it by: container id,
-    /// name (if free on its network), aliases and labels.
+    /// name (if free on its network), aliases, labels and readiness (in
+    /// one write: it never backs a service it matches before its engine
+    /// said whether it is ready).
     pub async fn set_identity(
         &self,
         id: &str,
@@ -734,6 +802,7 @@ impl Cluster {
         name: Option<&str>,
         aliases: Vec<String>,
         labels: BTreeMap<String, String>,
+        ready: bool,
     ) -> Result<EndpointRecord> {
         let key = model::endpoint_key(id);
         for _ in 0..CREATE_ATTEMPTS {
@@ -745,6 +814,7 @@ impl Cluster {
             rec.container_id = container_id.to_string();
             rec.aliases = aliases.clone();
             rec.labels = labels.clone();
+            rec.ready = ready;
             let mut compares = vec![Compare::ModRevision(key.clone(), kv.mod_revision)];
             let mut ops = Vec::new();
             if let Some(n) = name.filter(|n| *n != old.name) {
@@ -924,7 +994,7 @@ mod tests {
         c.mark_deleting(&a).await.unwrap();
         let now = c.all_endpoints().await.unwrap();
         assert!(now.iter().find(|e| e.id == "a").unwrap().deleting);
-        c.set_identity("b", "cid", Some("bee"), vec!["al".into()], BTreeMap::new()).await.unwrap();
+        c.set_identity("b", "cid", Some("bee"), vec!["al".into()], BTreeMap::new(), true).await.unwrap();
         let now = c.all_endpoints().await.unwrap();
         let b = now.iter().find(|e| e.id == "b").unwrap();
         assert_eq!((b.name.as_str(), b.aliases.clone()), ("bee", vec!["al".to_string()]));

@@ -65,6 +65,9 @@ pub struct DockerDriver {
     records: DockerRecords,
     engine: Engine,
     bind_lock: tokio::sync::Mutex<()>,
+    /// One reading of a container's health (inspect, then the write) at a
+    /// time: the last write is from the latest reading.
+    health_lock: tokio::sync::Mutex<()>,
 }
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -77,7 +80,13 @@ impl DockerDriver {
     pub fn new(app: Arc<App>, engine: Engine) -> Arc<DockerDriver> {
         let host = app.cluster.host.clone();
         let records = DockerRecords::new(app.cluster.store.clone(), &host);
-        Arc::new(DockerDriver { app, records, engine, bind_lock: tokio::sync::Mutex::new(()) })
+        Arc::new(DockerDriver {
+            app,
+            records,
+            engine,
+            bind_lock: tokio::sync::Mutex::new(()),
+            health_lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// One request: `None` for a method this driver does not implement
@@ -476,7 +485,9 @@ impl DockerDriver {
     }
 
     /// Learn the container behind a Docker endpoint (the engine lists it on
-    /// the network once Join returned): its name, aliases and labels.
+    /// the network once Join returned): its name, aliases, labels and
+    /// health, written at once (a container with a HEALTHCHECK backs its
+    /// services only once healthy).
     async fn learn(&self, docker_net: &str, docker_ep: &str, endpoint: &str, network: &str) {
         for attempt in 0..200u32 {
             tokio::time::sleep(Duration::from_millis(if attempt < 20 { 25 } else { 100 })).await;
@@ -496,6 +507,11 @@ impl DockerDriver {
             else {
                 continue;
             };
+            // The health read and written under the lock the health events
+            // take too: an event of this container before the write (which
+            // finds no endpoint of it yet) is not lost, the reading after it
+            // sees its effect.
+            let _health = self.health_lock.lock().await;
             let c = match self.engine.container(&cid).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -508,15 +524,103 @@ impl DockerDriver {
                 c.aliases(&info.name).into_iter().filter(|a| validate::name("alias", a).is_ok()).collect();
             let mut labels = c.labels();
             labels.retain(|k, v| validate::labels(&BTreeMap::from([(k.clone(), v.clone())])).is_ok());
-            match self.app.cluster.set_identity(endpoint, &cid, name, aliases, labels).await {
+            match self.app.cluster.set_identity(endpoint, &cid, name, aliases, labels, c.ready()).await {
                 Ok(rec) => {
-                    tracing::info!(endpoint = %endpoint, name = %rec.name, network, container = %cid, "learned the container's identity")
+                    tracing::info!(endpoint = %endpoint, name = %rec.name, network, container = %cid, ready = rec.ready, "learned the container's identity")
                 }
                 Err(e) => tracing::warn!(endpoint = %endpoint, error = %e, "recording a container's identity"),
             }
             return;
         }
         tracing::warn!(endpoint = %endpoint, "the engine never listed the container of this endpoint");
+    }
+
+    /// Follow the engine's health reports for as long as the agent runs:
+    /// the event stream of containers' health changes, and on every
+    /// (re)connection a reading of every container of this host's Docker
+    /// endpoints (what changed while the stream was down). An engine that
+    /// is not there is tried again, every few seconds.
+    pub async fn follow_health(self: Arc<Self>) {
+        let mut retry = Duration::from_secs(1);
+        loop {
+            match self.engine.events(engine::HEALTH_EVENTS).await {
+                Ok(mut events) => {
+                    retry = Duration::from_secs(1);
+                    tracing::debug!("following the engine's health events");
+                    self.resync_health().await;
+                    loop {
+                        match events.next().await {
+                            Ok(Some(ev)) => {
+                                if let Some((cid, status)) = ev.health() {
+                                    tracing::debug!(container = %cid, status, "health event");
+                                    self.refresh_health(cid).await;
+                                }
+                            }
+                            Ok(None) => {
+                                tracing::debug!("the engine closed its event stream");
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "the engine's event stream broke");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "the engine's event stream is not available"),
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Read the health of every container of this host's Docker endpoints.
+    async fn resync_health(&self) {
+        let containers: std::collections::BTreeSet<String> = match self.app.cluster.endpoints().await {
+            Ok(eps) => eps
+                .into_iter()
+                .filter(|e| e.host == self.app.cluster.host && e.kind == EndpointKind::Docker)
+                .map(|e| e.container_id)
+                .filter(|c| !c.is_empty())
+                .collect(),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing endpoints to read their health");
+                return;
+            }
+        };
+        for cid in containers {
+            self.refresh_health(&cid).await;
+        }
+    }
+
+    /// Read container `cid`'s health from the engine and make its endpoints
+    /// here ready or not (nothing to read when it has none).
+    async fn refresh_health(&self, cid: &str) {
+        let _one = self.health_lock.lock().await;
+        let mine = match self.app.cluster.endpoints().await {
+            Ok(eps) => eps
+                .iter()
+                .any(|e| e.host == self.app.cluster.host && e.kind == EndpointKind::Docker && e.container_id == cid),
+            Err(e) => {
+                tracing::debug!(error = %e, "listing endpoints for a health change");
+                return;
+            }
+        };
+        if !mine {
+            return;
+        }
+        let ready = match self.engine.container(cid).await {
+            Ok(c) => c.ready(),
+            // Removed: its Leave comes.
+            Err(engine::EngineError::NotFound { .. }) => return,
+            Err(e) => {
+                tracing::warn!(container = %cid, error = %e, "reading a container's health");
+                return;
+            }
+        };
+        if let Err(e) = self.app.set_container_ready(EndpointKind::Docker, cid, ready).await {
+            tracing::warn!(container = %cid, error = %e, "recording a container's health");
+        }
     }
 
     async fn leave(&self, docker_ep: &str) -> Answer {

@@ -1162,4 +1162,187 @@ async fn endpoints_the_engine_forgot_while_the_agent_was_down_are_swept() {
     h.lab.app.converge().await.unwrap();
     h.remove("dn1", &p).await;
     h.nothing_left().await;
+// ---- Health (a fake engine API on a unix socket) ----
+
+/// An engine API that knows one container (`CID`, endpoint `dep1` on
+/// Docker network `dnet`) whose health the test sets, and streams the
+/// events the test sends.
+#[derive(Default)]
+struct FakeEngine {
+    health: Option<String>,
+    events: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    /// Event streams opened so far.
+    subscriptions: usize,
+}
+
+const CID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+type Shared = Arc<std::sync::Mutex<FakeEngine>>;
+
+async fn health_engine(socket: &std::path::Path) -> Shared {
+    use axum::extract::State as St;
+    let shared: Shared = Default::default();
+    async fn network(UrlPath(_id): UrlPath<String>) -> axum::Json<Value> {
+        axum::Json(json!({ "Name": "app", "Containers": { CID: { "EndpointID": "dep1" } } }))
+    }
+    async fn container(St(s): St<Shared>, UrlPath(id): UrlPath<String>) -> Response {
+        if id != CID {
+            return (StatusCode::NOT_FOUND, "no such container").into_response();
+        }
+        let health = s.lock().unwrap().health.clone();
+        let mut state = json!({ "Status": "running", "Running": true });
+        if let Some(h) = health {
+            state["Health"] = json!({ "Status": h, "FailingStreak": 0 });
+        }
+        axum::Json(json!({
+            "Id": CID, "Name": "/web1", "Config": { "Labels": { "trellis.service": "web" } },
+            "NetworkSettings": { "Networks": { "app": { "Aliases": [], "EndpointID": "dep1" } } },
+            "State": state,
+        }))
+        .into_response()
+    }
+    async fn events(St(s): St<Shared>) -> Response {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        {
+            let mut s = s.lock().unwrap();
+            s.events = Some(tx);
+            s.subscriptions += 1;
+        }
+        let body = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(|line| Ok::<_, std::convert::Infallible>(Bytes::from(line)));
+        axum::body::Body::from_stream(body).into_response()
+    }
+    let app = axum::Router::new()
+        .route("/networks/{id}", axum::routing::get(network))
+        .route("/containers/{id}/json", axum::routing::get(container))
+        .route("/events", axum::routing::get(events))
+        .with_state(shared.clone());
+    let listener = tokio::net::UnixListener::bind(socket).unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    shared
+}
+
+/// A health event as dockerd 20.10 writes it, split in two writes.
+fn send_health(e: &Shared, status: &str) {
+    e.lock().unwrap().health = Some(status.into());
+    let line = format!(
+        r#"{{"status":"health_status: {status}","id":"{CID}","from":"trellis-busybox","Type":"container","Action":"health_status: {status}","Actor":{{"ID":"{CID}","Attributes":{{"name":"web1"}}}},"scope":"local","time":1,"timeNano":1}}"#
+    );
+    let (a, b) = line.split_at(40);
+    let s = e.lock().unwrap();
+    let tx = s.events.as_ref().expect("the driver follows the events");
+    tx.send(a.to_string()).unwrap();
+    tx.send(format!("{b}\n")).unwrap();
+}
+
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("never: {what}");
+}
+
+#[tokio::test]
+async fn a_container_with_a_healthcheck_backs_its_service_only_while_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    let engine = health_engine(&socket).await;
+    engine.lock().unwrap().health = Some("starting".into());
+    let lab = testing::ebpf_lab(std::time::Duration::ZERO);
+    let h = Host { driver: DockerDriver::new(lab.app.clone(), Engine { socket: socket.clone() }), lab };
+    tokio::spawn(h.driver.clone().follow_health());
+    let p = h.network("dnet", "10.7.20.0/24", named("app")).await;
+    eventually("the driver follows the engine's events", async || engine.lock().unwrap().events.is_some()).await;
+    // The first Join binds the cluster network.
+    let (addr, _) = h.run("dnet", &p, "dep1").await;
+    let svc = crate::state::NewService {
+        name: "web".into(),
+        network: "app".into(),
+        mode: model::ServiceMode::Vip,
+        ports: vec![],
+        selector: Default::default(),
+        publish: vec![],
+    };
+    h.lab.app.create_service(crate::app::CreateService { service: svc, publish: vec![] }).await.unwrap();
+    let ip: std::net::Ipv4Addr = addr.split('/').next().unwrap().parse().unwrap();
+    // Learned with its labels, but starting: no backend yet.
+    eventually("the container's identity is learned", async || h.only_endpoint().await.container_id == CID).await;
+    let e = h.only_endpoint().await;
+    assert!(!e.ready, "a starting container is not ready");
+    let maglev = || async {
+        h.lab.app.converge().await.unwrap();
+        h.lab.app.reconciler.last_desired().tables.maglev.values().next().cloned().unwrap_or_default()
+    };
+    assert!(maglev().await.is_empty());
+    let view = h.lab.app.service("web").await.unwrap();
+    assert_eq!(view.backends.len(), 1);
+    assert_eq!(view.backends[0].state, model::BackendState::Unready);
+    // Healthy: a backend.
+    send_health(&engine, "healthy");
+    eventually("healthy makes it ready", async || h.only_endpoint().await.ready).await;
+    assert_eq!(maglev().await, vec![ip]);
+    // Unhealthy: out again.
+    send_health(&engine, "unhealthy");
+    eventually("unhealthy makes it unready", async || !h.only_endpoint().await.ready).await;
+    assert!(maglev().await.is_empty());
+    // The stream breaks and the health changes meanwhile: on reconnecting
+    // the driver reads it.
+    {
+        let mut s = engine.lock().unwrap();
+        s.events = None;
+        s.health = Some("healthy".into());
+    }
+    eventually("the driver reconnects", async || engine.lock().unwrap().subscriptions >= 2).await;
+    eventually("what changed meanwhile is read", async || h.only_endpoint().await.ready).await;
+    assert_eq!(maglev().await, vec![ip]);
+    h.stop("dnet", &p, "dep1", &addr).await;
+}
+
+#[tokio::test]
+async fn a_leaving_backend_drains_without_keeping_docker_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("docker.sock");
+    // No HEALTHCHECK: ready once its labels are known.
+    let _engine = health_engine(&socket).await;
+    let lab = testing::ebpf_lab(std::time::Duration::from_secs(30));
+    let h = Host { driver: DockerDriver::new(lab.app.clone(), Engine { socket: socket.clone() }), lab };
+    let p = h.network("dnet", "10.7.21.0/24", named("app")).await;
+    let (addr, _) = h.run("dnet", &p, "dep1").await;
+    let svc = crate::state::NewService {
+        name: "web".into(),
+        network: "app".into(),
+        mode: model::ServiceMode::Vip,
+        ports: vec![],
+        selector: Default::default(),
+        publish: vec![],
+    };
+    h.lab.app.create_service(crate::app::CreateService { service: svc, publish: vec![] }).await.unwrap();
+    eventually("the container's identity is learned", async || h.only_endpoint().await.container_id == CID).await;
+    let e = h.only_endpoint().await;
+    assert!(e.ready, "no HEALTHCHECK: ready");
+    let net_id = e.network_id.clone();
+    // `docker stop`: Leave, DeleteEndpoint, ReleaseAddress, each answered
+    // at once; the endpoint drains behind them.
+    let t0 = std::time::Instant::now();
+    assert_eq!(h.ok("NetworkDriver.Leave", endpoint_ids("dnet", "dep1")).await, json!({}));
+    assert_eq!(h.ok("NetworkDriver.DeleteEndpoint", endpoint_ids("dnet", "dep1")).await, json!({}));
+    let ip = addr.split('/').next().unwrap();
+    assert_eq!(h.ok("IpamDriver.ReleaseAddress", release_address(&p.id, ip)).await, json!({}));
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "Docker was kept waiting {:?}", t0.elapsed());
+    let e = h.only_endpoint().await;
+    assert!(e.draining(), "{e:?}");
+    assert!(h.links().contains(&model::host_ifname(&e.id)), "its veth is kept while it drains");
+    let holds = |addrs: Vec<(String, String, String)>| addrs.iter().any(|(a, owner, _)| a == ip && *owner == e.id);
+    assert!(holds(h.addresses(&net_id).await), "its address is not reused while it drains");
+    assert!(h.lab.app.reconciler.last_desired().tables.maglev.values().all(|ips| ips.is_empty()));
+    // The drain ends: nothing is left.
+    h.lab.app.cluster.end_drain(&e.id).await.unwrap();
+    h.lab.app.converge().await.unwrap();
+    assert!(h.lab.app.cluster.all_endpoints().await.unwrap().is_empty());
+    assert!(!holds(h.addresses(&net_id).await), "its address is kept");
+    assert!(!h.links().iter().any(|l| l.starts_with(model::VETH_PREFIX)), "{:?}", h.links());
 }

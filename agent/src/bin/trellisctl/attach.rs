@@ -61,12 +61,21 @@ async fn shell(c: &mut Client, mut req: proto::AttachRequest, cmd: &[String]) ->
 }
 
 pub async fn detach(c: &mut Client, endpoint: String, network: Option<String>) -> anyhow::Result<ExitCode> {
-    c.detach(proto::DetachRequest {
-        endpoint: endpoint.clone(),
-        network: network.unwrap_or_default(),
-        ..Default::default()
-    })
-    .await?;
-    println!("detached {endpoint}");
+    let r = c
+        .detach(proto::DetachRequest {
+            endpoint: endpoint.clone(),
+            network: network.unwrap_or_default(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    if r.drain_ms > 0 {
+        println!(
+            "detached {endpoint}: it takes no new connection; its open ones keep flowing for {} ms, then it is removed",
+            r.drain_ms
+        );
+    } else {
+        println!("detached {endpoint}");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -32,7 +32,24 @@ pub fn endpoint_json(e: &proto::Endpoint) -> Value {
         "ports": e.ports.iter().map(|p| json!({
             "host_ip": p.host_ip, "host_port": p.host_port, "container_port": p.container_port, "protocol": p.protocol,
         })).collect::<Vec<_>>(),
+        "ready": e.ready,
     })
+}
+
+/// `ready` (takes new connections), `draining` (detached, keeps the open
+/// ones for a while) or `unready` (its engine says it is not healthy).
+pub fn backend_state(b: &proto::ServiceBackend) -> &'static str {
+    match (b.ready, b.draining) {
+        (false, _) => "unready",
+        (true, true) => "draining",
+        (true, false) => "ready",
+    }
+}
+
+/// `2/3`: the backends taking new connections, of all.
+pub fn backends_text(s: &proto::Service) -> String {
+    let ready = s.backends.iter().filter(|b| backend_state(b) == "ready").count();
+    format!("{ready}/{}", s.backends.len())
 }
 
 pub fn service_json(s: &proto::Service) -> Value {
@@ -42,6 +59,7 @@ pub fn service_json(s: &proto::Service) -> Value {
         "selector": s.selector,
         "backends": s.backends.iter().map(|b| json!({
             "endpoint": b.endpoint, "endpoint_id": b.endpoint_id, "ip": b.ip, "host": b.host, "programmed": b.programmed,
+            "ready": b.ready, "draining": b.draining, "state": backend_state(b),
         })).collect::<Vec<_>>(),
         "created_unix": s.created_unix, "selections": s.selections, "resets": s.resets,
         "publish": s.publish.iter().map(|p| json!({
@@ -168,7 +186,7 @@ pub fn service_table(list: &[proto::Service]) {
             vip_text(s),
             ports_text(s),
             publish_text(s),
-            s.backends.len()
+            backends_text(s)
         );
     }
 }

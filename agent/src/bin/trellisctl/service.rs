@@ -101,7 +101,7 @@ async fn create(c: &mut Client, req: proto::CreateServiceRequest, json: bool) ->
             output::vip_text(&s),
             output::ports_text(&s),
             output::publish_text(&s),
-            s.backends.len()
+            output::backends_text(&s)
         );
     }
     Ok(())

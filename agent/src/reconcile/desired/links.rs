@@ -35,7 +35,9 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
     d.egress.forwarding = true;
 }
 
-/// The veths of this host's endpoints (not those being deleted).
+/// The veths of this host's endpoints (not those being deleted, but those
+/// draining: their connections keep flowing; their published ports went
+/// with the detach).
 pub fn endpoints(
     endpoints: &[EndpointRecord],
     by_id: &BTreeMap<&str, &NetworkRecord>,
@@ -43,11 +45,11 @@ pub fn endpoints(
     d: &mut DesiredHost,
 ) {
     let host = me.host.as_str();
-    for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
+    for e in endpoints.iter().filter(|e| e.host == host && e.in_datapath()) {
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
         };
-        if let (false, std::net::IpAddr::V4(addr)) = (n.internal, e.ip) {
+        if let (false, false, std::net::IpAddr::V4(addr)) = (n.internal, e.deleting, e.ip) {
             d.egress.publish(
                 &model::bridge_name(&n.id),
                 e.ports.iter().filter_map(|p| {

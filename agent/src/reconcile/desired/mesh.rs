@@ -24,8 +24,9 @@ pub fn mesh_mac(underlay: std::net::Ipv4Addr) -> model::Mac {
 
 /// The ports of `s` this host accepts: with the eBPF datapath and an IPv4
 /// underlay, every `ingress` port, and the `host` ports when a backend of
-/// `s` is one of this host's endpoints (`local_ids`); but those `held` by a
-/// process of the host ([`held_here`]).
+/// `s` (serving, or draining: its connections through this host keep
+/// flowing) is one of this host's endpoints (`local_ids`); but those `held`
+/// by a process of the host ([`held_here`]).
 pub fn published_here<'a>(
     s: &'a ServiceRecord,
     endpoints: &[EndpointRecord],
@@ -57,7 +58,12 @@ fn candidates<'a>(
     if !me.ebpf || !matches!(me.underlay, Some(IpAddr::V4(_))) || s.mode != ServiceMode::Vip || s.publish.is_empty() {
         return Vec::new();
     }
-    let backend_here = || endpoints.iter().any(|e| local_ids.contains(e.id.as_str()) && s.selects(e));
+    let backend_here = || {
+        endpoints.iter().any(|e| {
+            local_ids.contains(e.id.as_str())
+                && matches!(s.backend_state(e), Some(model::BackendState::Serving | model::BackendState::Draining))
+        })
+    };
     let host_mode = s.publish.iter().any(|p| p.mode == PublishMode::Host) && backend_here();
     s.publish.iter().filter(|p| p.mode == PublishMode::Ingress || host_mode).collect()
 }

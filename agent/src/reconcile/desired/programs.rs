@@ -21,7 +21,7 @@ pub fn programs(
     // Containers (namespaces) of this host on more than one network see
     // the names of all of them: their queries go to the server.
     let mut nets_of_sandbox: BTreeMap<&std::path::Path, BTreeSet<&str>> = BTreeMap::new();
-    for e in endpoints.iter().filter(|e| e.host == host && !e.deleting) {
+    for e in endpoints.iter().filter(|e| e.host == host && e.in_datapath()) {
         nets_of_sandbox.entry(e.netns.as_path()).or_default().insert(e.network_id.as_str());
     }
     for (name, spec) in &d.endpoints {

@@ -17,7 +17,8 @@ use crate::reconcile::Identity;
 /// subnet (isolation), and the VIP services of the networks it has
 /// endpoints on, with the backends its datapath can reach now — local ones
 /// whose veth exists, and remote ones on live hosts, whose tunnel entries
-/// the same pass programs first.
+/// the same pass programs first. Only ready backends are in the Maglev
+/// tables; draining ones keep only their backend entries.
 pub fn tables(
     networks: &[NetworkRecord],
     endpoints: &[EndpointRecord],
@@ -81,14 +82,24 @@ pub fn tables_holding(
         else {
             continue;
         };
+        // New connections go to the serving backends (the Maglev table);
+        // the draining ones keep their backend entries, so the connections
+        // they have keep flowing; unready ones get neither.
         let mut ips = Vec::new();
-        for e in by_net.get(s.network_id.as_str()).into_iter().flatten().filter(|e| s.selects(e)) {
+        for e in by_net.get(s.network_id.as_str()).into_iter().flatten() {
+            let serving = match s.backend_state(e) {
+                Some(model::BackendState::Serving) => true,
+                Some(model::BackendState::Draining) => false,
+                Some(model::BackendState::Unready) | None => continue,
+            };
             let reachable = local_ids.contains(e.id.as_str()) || remote.contains(e.host.as_str());
             let (IpAddr::V4(ip), Some(mac)) = (e.ip, Some(e.mac)) else { continue };
             if reachable {
                 t.backends
                     .insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, BackendInfo { mac: mac.0, pad: 0 });
-                ips.push(ip);
+                if serving {
+                    ips.push(ip);
+                }
             }
         }
         ips.sort();

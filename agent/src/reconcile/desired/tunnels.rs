@@ -63,7 +63,8 @@ pub fn tunnels(
 }
 
 /// A network's VXLAN device on this host, with an entry for every endpoint
-/// of the network on every other live host (`live`).
+/// of the network on every other live host (`live`), draining ones too
+/// (their connections keep flowing).
 pub fn network_vxlan(
     n: &NetworkRecord,
     endpoints: &[EndpointRecord],
@@ -86,7 +87,7 @@ pub fn network_vxlan(
         fdb: BTreeSet::new(),
         neigh: BTreeSet::new(),
     };
-    for e in endpoints.iter().filter(|e| e.network_id == n.id && !e.deleting) {
+    for e in endpoints.iter().filter(|e| e.network_id == n.id && e.in_datapath()) {
         let Some(h) = live.get(e.host.as_str()) else { continue };
         v.fdb.insert((e.mac, h.underlay));
         v.neigh.insert((e.ip, e.mac));
