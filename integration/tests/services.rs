@@ -572,14 +572,33 @@ fn task(host: &Host, name: &str) -> Task {
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn a_rolling_update_of_every_backend_fails_no_request() {
+    rolling_update(false);
+}
+
+/// The same through the routing mesh: the clients outside the cluster (the
+/// underlay's namespace) on a published port of host 2.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_rolling_update_through_the_mesh_fails_no_request() {
+    rolling_update(true);
+}
+
+fn rolling_update(via_mesh: bool) {
     require_root();
     let lab = Lab::new(3, 3000).unwrap();
     let h = &lab.hosts;
     h[0].ctl(&["network", "create", "app", "--subnet", "10.78.0.0/24"]).unwrap();
     let mut tasks: Vec<Task> = h.iter().enumerate().map(|(i, host)| task(host, &format!("v1-{i}"))).collect();
-    let svc = h[0].ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080"]).unwrap();
-    let vip = vip_of(&svc);
+    let svc = h[0]
+        .ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080", "--publish", "30780:80"])
+        .unwrap();
     let cep = h[0].attach("app", "client", &["--label", "trellis.service=client"]).unwrap();
+    // Where the clients are, and what they ask.
+    let (clients_ns, vip) = if via_mesh {
+        (lab.underlay.path(), format!("{}:30780", trellis_integration::underlay_ip(3)).parse().unwrap())
+    } else {
+        (netns_of(&cep), vip_of(&svc))
+    };
     let ready_here = |names: &[String]| {
         let s = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
         let serving: std::collections::BTreeSet<String> = s["backends"]
@@ -601,7 +620,7 @@ fn a_rolling_update_of_every_backend_fails_no_request() {
     let served = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
     let workers: Vec<_> = (0..4)
         .map(|_| {
-            let client = Client::new(&netns_of(&cep)).unwrap();
+            let client = Client::new(&clients_ns).unwrap();
             let (stop, served) = (stop.clone(), served.clone());
             std::thread::spawn(move || {
                 let (mut ok, mut errors) = (0u64, Vec::new());
@@ -695,8 +714,10 @@ fn a_rolling_update_of_every_backend_fails_no_request() {
             "host {i}: {links:?}"
         );
     }
-    // New connections spread over the new version.
-    let client = Client::new(&netns_of(&cep)).unwrap();
-    assert_eq!(spread(&client, vip, 60, &ip_of(&cep)).len(), 3);
+    // New connections spread over the new version (the client's own
+    // address seen).
+    let client = Client::new(&clients_ns).unwrap();
+    let client_ip = if via_mesh { trellis_integration::UNDERLAY_GATEWAY.to_string() } else { ip_of(&cep) };
+    assert_eq!(spread(&client, vip, 60, &client_ip).len(), 3);
     drop(tasks);
 }

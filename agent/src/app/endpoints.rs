@@ -314,6 +314,8 @@ impl App {
         tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, container = %e.container_id, reason = %reason, ports = e.ports.len(), "its engine no longer lists the endpoint: collected");
         self.converge().await?;
         Ok(Unlisted::Collected(reason))
+    }
+
     /// What an engine says of a container's health: each of this host's
     /// endpoints of `container_id` (of `kind`) becomes ready or not, and
     /// the tables follow. How many endpoints changed.
@@ -632,6 +634,8 @@ mod tests {
         assert!(!l.dp.with_state(|s| s.links.contains_key(&peer)), "the moved-back interface is left");
         l.dp.namespaces.lock().unwrap().remove(&live);
         nothing_left(&l, "10.7.7.0/24").await;
+    }
+
     /// An eBPF host with network `n` (10.7.9.0/24), VIP service `web` and
     /// backends `b1`, `b2`; detached backends drain `drain`.
     async fn web(drain: std::time::Duration) -> (crate::app::testing::Lab, EndpointRecord, EndpointRecord) {

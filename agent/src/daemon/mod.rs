@@ -322,7 +322,7 @@ async fn start_docker_driver(
             tasks.spawn(serving);
             // One engine request per Docker network with endpoints: no
             // more often than every 2 s.
-            tasks.spawn(tasks::sweep_docker(driver, resync.max(std::time::Duration::from_secs(2))));
+            tasks.spawn(tasks::sweep_docker(driver.clone(), resync.max(std::time::Duration::from_secs(2))));
             // Containers with a HEALTHCHECK back their services while healthy.
             tasks.spawn(driver.follow_health());
             Some(socket.to_path_buf())

@@ -971,6 +971,7 @@ fn unready_backends_get_no_connection_and_draining_ones_keep_theirs() {
         hosts: hosts.clone(),
         services: svcs.clone(),
         keys: BTreeMap::new(),
+        held_ports: Default::default(),
     };
     let all = desired_host(&snap(&eps), &me);
     assert_eq!(all.tables.maglev[&id], vec![ip("10.1.0.2"), ip("10.1.0.3"), ip("10.1.0.4")]);

@@ -1162,6 +1162,8 @@ async fn endpoints_the_engine_forgot_while_the_agent_was_down_are_swept() {
     h.lab.app.converge().await.unwrap();
     h.remove("dn1", &p).await;
     h.nothing_left().await;
+}
+
 // ---- Health (a fake engine API on a unix socket) ----
 
 /// An engine API that knows one container (`CID`, endpoint `dep1` on
