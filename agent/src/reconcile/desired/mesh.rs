@@ -92,14 +92,13 @@ pub fn mesh(
     let IpAddr::V4(addr) = local else { return };
     let mut here = false;
     let mut published_nets = BTreeSet::new();
+    let mut loopback = Vec::new();
     for s in services.iter().filter(|s| s.mode == ServiceMode::Vip && !s.publish.is_empty()) {
         published_nets.insert(s.network_id.as_str());
         d.mesh_held.extend(held_here(s, endpoints, &local_ids, held, me).into_iter().map(|p| (s.name.clone(), *p)));
         let ports = published_here(s, endpoints, &local_ids, held, me);
-        for p in &ports {
-            // The host's own 127.0.0.1 on the port.
-            d.egress.publish_mesh_loopback(addr, p.proto, p.host_port);
-        }
+        // The host's own 127.0.0.1 on the ports (sorted once, below).
+        loopback.extend(ports.iter().map(|p| (p.proto, p.host_port)));
         if !ports.is_empty() {
             here = true;
             // Its backends on other hosts are reached over the network's
@@ -111,6 +110,7 @@ pub fn mesh(
             }
         }
     }
+    d.egress.publish_mesh_loopback(addr, loopback);
     for net_id in &published_nets {
         if let Some(v) = d.vxlans.get_mut(&model::vxlan_name(net_id)) {
             for h in live.values() {
