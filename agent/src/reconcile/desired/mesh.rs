@@ -34,7 +34,7 @@ pub fn published_here<'a>(
     held: &BTreeSet<(Proto, u16)>,
     me: &Identity,
 ) -> Vec<&'a MeshPort> {
-    candidates(s, endpoints, local_ids, me).into_iter().filter(|p| !held.contains(&(p.proto, p.host_port))).collect()
+    split_held(s, endpoints, local_ids, held, me).0
 }
 
 /// The ports of `s` this host would accept but a process of it holds: left
@@ -46,7 +46,18 @@ pub fn held_here<'a>(
     held: &BTreeSet<(Proto, u16)>,
     me: &Identity,
 ) -> Vec<&'a MeshPort> {
-    candidates(s, endpoints, local_ids, me).into_iter().filter(|p| held.contains(&(p.proto, p.host_port))).collect()
+    split_held(s, endpoints, local_ids, held, me).1
+}
+
+/// The ports of `s` this host would accept: (free here, held here).
+fn split_held<'a>(
+    s: &'a ServiceRecord,
+    endpoints: &[EndpointRecord],
+    local_ids: &BTreeSet<&str>,
+    held: &BTreeSet<(Proto, u16)>,
+    me: &Identity,
+) -> (Vec<&'a MeshPort>, Vec<&'a MeshPort>) {
+    candidates(s, endpoints, local_ids, me).into_iter().partition(|p| !held.contains(&(p.proto, p.host_port)))
 }
 
 fn candidates<'a>(

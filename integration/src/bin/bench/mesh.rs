@@ -9,14 +9,13 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use trellis_integration::sockets::in_ns;
 use trellis_integration::{Lab, ip_of, netns_of, underlay_ip};
 
-use super::services::{Conn, LOADED_CLIENTS, best, loaded, measure, serve, us};
+use super::services::{Conn, LOADED_CLIENTS, best, create_services, loaded, measure, serve, us};
 use super::{BpfStats, cpu_us, median, trellis_prog_ns};
 
 /// What one loaded run cost, per connection: the eBPF programs' run time
@@ -114,49 +113,23 @@ fn answers(lab: &Lab, to: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// Services `s0..s{n}` of one port each, published on 20000 + i, selecting
-/// the backend, written with the agent's own cluster code.
+/// Services `p0..p{n}` of one port each, published on 20000 + i, selecting
+/// the backend.
 fn load_published(lab: &Lab, n: usize) -> Result<()> {
-    let url = lab.etcd.url();
-    in_ns(&lab.underlay.path(), move || -> Result<()> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        rt.block_on(async move {
-            let cfg = trellis_store::EtcdConfig::parse(&url)?;
-            let store: Arc<dyn trellis_store::Store> = Arc::new(trellis_store::EtcdStore::connect(&cfg).await?);
-            let cluster =
-                Arc::new(trellis_agent::state::Cluster::new(store, "bench-loader", "10.0.0.0/8".parse()?, 24));
-            let mut tasks = Vec::new();
-            for t in 0..32 {
-                let cluster = cluster.clone();
-                tasks.push(tokio::spawn(async move {
-                    use trellis_agent::model::{MeshPort, Proto, PublishMode, ServiceMode, ServicePort};
-                    for i in (t..n).step_by(32) {
-                        cluster
-                            .create_service(trellis_agent::state::NewService {
-                                name: format!("p{i}"),
-                                network: "meshb".into(),
-                                mode: ServiceMode::Vip,
-                                ports: vec![ServicePort { port: 80, proto: Proto::Tcp, target: 8080 }],
-                                selector: [("trellis.service".to_string(), "web".to_string())].into(),
-                                publish: vec![MeshPort {
-                                    proto: Proto::Tcp,
-                                    host_port: 20000 + i as u16,
-                                    port: 80,
-                                    mode: PublishMode::Ingress,
-                                }],
-                            })
-                            .await
-                            .map_err(|e| anyhow::anyhow!("service p{i}: {e}"))?;
-                    }
-                    anyhow::Ok(())
-                }));
-            }
-            for t in tasks {
-                t.await??;
-            }
-            Ok(())
-        })
-    })?
+    use trellis_agent::model::{MeshPort, Proto, PublishMode, ServiceMode, ServicePort};
+    create_services(lab, 0..n, |i| trellis_agent::state::NewService {
+        name: format!("p{i}"),
+        network: "meshb".into(),
+        mode: ServiceMode::Vip,
+        ports: vec![ServicePort { port: 80, proto: Proto::Tcp, target: 8080 }],
+        selector: [("trellis.service".to_string(), "web".to_string())].into(),
+        publish: vec![MeshPort {
+            proto: Proto::Tcp,
+            host_port: 20000 + i as u16,
+            port: 80,
+            mode: PublishMode::Ingress,
+        }],
+    })
 }
 
 pub fn bench(secs: f64, rounds: usize) -> Result<Result_> {

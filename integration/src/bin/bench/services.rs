@@ -222,10 +222,15 @@ fn nft_vip(i: usize) -> String {
     format!("100.64.{}.{}", i / 250, 1 + i % 250)
 }
 
-/// Write services `from..to` (vip mode, port 80 → 8080, selector
-/// tier=web) with the agent's own cluster code, into the lab's etcd.
-fn load_services(lab: &Lab, from: usize, to: usize) -> Result<()> {
+/// Create the services `make(i)` for each `i` of `range` with the agent's
+/// own cluster code, into the lab's etcd, 32 at a time.
+pub(super) fn create_services(
+    lab: &Lab,
+    range: std::ops::Range<usize>,
+    make: impl Fn(usize) -> trellis_agent::state::NewService + Send + Sync + 'static,
+) -> Result<()> {
     let url = lab.etcd.url();
+    let make = Arc::new(make);
     in_ns(&lab.underlay.path(), move || -> Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(async move {
@@ -235,31 +240,12 @@ fn load_services(lab: &Lab, from: usize, to: usize) -> Result<()> {
                 Arc::new(trellis_agent::state::Cluster::new(store, "bench-loader", "10.0.0.0/8".parse()?, 24));
             let mut tasks = Vec::new();
             for t in 0..32 {
-                let cluster = cluster.clone();
+                let (cluster, make, range) = (cluster.clone(), make.clone(), range.clone());
                 tasks.push(tokio::spawn(async move {
-                    for i in (from + t..to).step_by(32) {
-                        cluster
-                            .create_service(trellis_agent::state::NewService {
-                                name: format!("s{i}"),
-                                network: "vipb".into(),
-                                mode: trellis_agent::model::ServiceMode::Vip,
-                                ports: vec![
-                                    trellis_agent::model::ServicePort {
-                                        port: 80,
-                                        proto: trellis_agent::model::Proto::Tcp,
-                                        target: 8080,
-                                    },
-                                    trellis_agent::model::ServicePort {
-                                        port: 81,
-                                        proto: trellis_agent::model::Proto::Tcp,
-                                        target: 8081,
-                                    },
-                                ],
-                                selector: [("tier".to_string(), "web".to_string())].into(),
-                                publish: vec![],
-                            })
-                            .await
-                            .map_err(|e| anyhow::anyhow!("service s{i}: {e}"))?;
+                    for i in (range.start + t..range.end).step_by(32) {
+                        let new = make(i);
+                        let name = new.name.clone();
+                        cluster.create_service(new).await.map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
                     }
                     anyhow::Ok(())
                 }));
@@ -270,6 +256,23 @@ fn load_services(lab: &Lab, from: usize, to: usize) -> Result<()> {
             Ok(())
         })
     })?
+}
+
+/// Write services `from..to` (vip mode, port 80 → 8080 and 81 → 8081,
+/// selector tier=web).
+fn load_services(lab: &Lab, from: usize, to: usize) -> Result<()> {
+    use trellis_agent::model::{Proto, ServiceMode, ServicePort};
+    create_services(lab, from..to, |i| trellis_agent::state::NewService {
+        name: format!("s{i}"),
+        network: "vipb".into(),
+        mode: ServiceMode::Vip,
+        ports: vec![
+            ServicePort { port: 80, proto: Proto::Tcp, target: 8080 },
+            ServicePort { port: 81, proto: Proto::Tcp, target: 8081 },
+        ],
+        selector: [("tier".to_string(), "web".to_string())].into(),
+        publish: vec![],
+    })
 }
 
 /// A fresh 1-host lab (the agent's default resync interval; tests use
