@@ -144,7 +144,9 @@ fn a_published_service_answers_on_every_host_keeping_the_client_s_address() {
     lab.underlay.ip(&["route", "add", "10.73.0.0/24", "via", &underlay_ip(1)]).unwrap();
     let web0: SocketAddr = format!("{}:8080", web0_ip(&h[0])).parse().unwrap();
     let mut tried = 0;
-    for sport in 41001u16..41100 {
+    // Below the ephemeral range: no socket of the namespace (etcd's own
+    // loopback clients live there) can hold one already.
+    for sport in 20001u16..20100 {
         let mut c = connect_from(&outside, sport, at(0, 30080), Duration::from_secs(2)).unwrap();
         let line = trellis_integration::sockets::read_line(&mut c).unwrap();
         // Closed with a reset: no TIME_WAIT holds the client's port.
