@@ -1,15 +1,14 @@
 //! The agent's side of service discovery: the DNS zone rebuilt from the
-//! store's records whenever they change, and a server listening on every
+//! informer's records whenever they change, and a server listening on every
 //! network's gateway address.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use tokio::sync::Notify;
 use trellis_dns::{Core, Listeners, Zone};
 
 use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL, ServiceMode, ServiceRecord};
-use crate::state::Cluster;
+use crate::state::informer::{Informer, View};
 
 /// An endpoint as the zone has it.
 pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
@@ -69,26 +68,40 @@ pub fn zone_of(
     Zone::build_with_services(&nets, &eps, &svcs)
 }
 
-/// Keep the zone and the listeners current: rebuilt on every `changed`
-/// notification (the store watcher and the periodic resync send them).
+/// Keep the zone and the listeners current: rebuilt from every informer
+/// view whose records changed (a burst folded into one rebuild, freshness
+/// well under the 100 ms target), after a failed rebuild within a second,
+/// and every [`REFRESH`] anyway (the in-kernel table written again).
 pub async fn run(
-    cluster: Arc<Cluster>,
+    informer: Arc<Informer>,
     core: Arc<Core>,
     mut listeners: Listeners,
-    changed: Arc<Notify>,
     kernel: Option<Arc<dyn crate::dataplane::Dataplane>>,
 ) {
+    let mut views = informer.subscribe();
+    // Wait for the first listing: an empty zone is no answer.
+    let mut v = informer.listed().await;
+    let mut built: Option<Arc<View>> = None;
     loop {
-        match rebuild(&cluster, &core, &mut listeners, kernel.as_deref()).await {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "DNS zone not updated"),
+        if !built.as_ref().is_some_and(|b| b.same_records(&v)) {
+            match rebuild(&v, &core, &mut listeners, kernel.as_deref()) {
+                Ok(()) => built = Some(v.clone()),
+                Err(e) => tracing::warn!(error = %e, "DNS zone not updated"),
+            }
         }
-        changed.notified().await;
-        // Fold a burst of changes into one rebuild (freshness stays well
-        // under the 100 ms target).
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        let wait = if built.is_some() { REFRESH } else { std::time::Duration::from_secs(1) };
+        match tokio::time::timeout(wait, views.changed()).await {
+            Ok(Err(_)) => return,
+            Ok(Ok(())) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            // Time for the periodic rebuild.
+            Err(_) => built = None,
+        }
+        v = views.borrow_and_update().clone();
     }
 }
+
+/// The zone is rebuilt at least this often, changes or not.
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The in-kernel DNS table of `zone`: every name a one-network client gets
 /// exactly one address for, keyed by its network's VNI.
@@ -106,29 +119,21 @@ pub fn kernel_table(
         .collect()
 }
 
-async fn rebuild(
-    cluster: &Cluster,
+fn rebuild(
+    v: &View,
     core: &Core,
     listeners: &mut Listeners,
     kernel: Option<&dyn crate::dataplane::Dataplane>,
 ) -> Result<(), String> {
-    let networks = cluster.networks().await.map_err(|e| e.to_string())?;
-    let endpoints = cluster.endpoints().await.map_err(|e| e.to_string())?;
-    let hosts: Vec<String> = crate::state::hosts::live_hosts(cluster.store.as_ref())
-        .await
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .map(|h| h.id)
-        .collect();
-    let services = cluster.services().await.map_err(|e| e.to_string())?;
-    let zone = zone_of(&networks, &endpoints, &hosts, &services);
+    let hosts: Vec<String> = v.hosts.iter().map(|h| h.id.clone()).collect();
+    let zone = zone_of(&v.networks, &v.endpoints, &hosts, &v.services);
     // The kernel's table before the server's zone: a name leaving both is
     // gone from the kernel first, so the two never disagree on it.
     if let Some(dp) = kernel {
-        dp.sync_dns(&kernel_table(&zone, &networks)).map_err(|e| e.to_string())?;
+        dp.sync_dns(&kernel_table(&zone, &v.networks)).map_err(|e| e.to_string())?;
     }
     core.set_zone(zone);
-    let gateways: Vec<IpAddr> = networks.iter().filter_map(|n| n.gateway).collect();
+    let gateways: Vec<IpAddr> = v.networks.iter().filter_map(|n| n.gateway).collect();
     for (ip, e) in listeners.set(&gateways) {
         tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");
     }

@@ -192,6 +192,15 @@ pub(crate) mod testing {
         pub dp: Arc<FakeDataplane>,
         /// The cluster's store (shared by the labs made over it by [`host`]).
         pub store: Arc<dyn Store>,
+        /// The host's informer (its loop stops with the lab).
+        pub informer: Arc<crate::state::informer::Informer>,
+        following: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            self.following.abort();
+        }
     }
 
     /// An attachable network to create (a subnet from the pool when none).
@@ -239,11 +248,19 @@ pub(crate) mod testing {
         me: Identity,
         drain: std::time::Duration,
     ) -> Lab {
-        let mut cluster = Cluster::new(store.clone(), name, "10.0.0.0/8".parse().unwrap(), 24);
+        // As the daemon wires it: writes tracked, the reconciler reading an
+        // informer (linearizable: labs over one store are hosts of one
+        // cluster, and a test's next step expects one host's pass to see
+        // what another wrote).
+        let (tracked, written) = crate::state::informer::TrackWrites::new(store.clone());
+        let tracked: Arc<dyn Store> = tracked;
+        let mut cluster = Cluster::new(tracked.clone(), name, "10.0.0.0/8".parse().unwrap(), 24);
         configure(&mut cluster);
         let cluster = Arc::new(cluster);
+        let informer = crate::state::informer::Informer::linearizable(tracked, written);
+        let following = tokio::spawn(informer.clone().run());
         let dp = Arc::new(FakeDataplane::default());
-        let reconciler = Arc::new(Reconciler::new(dp.clone(), cluster.clone(), me));
+        let reconciler = Arc::new(Reconciler::new(dp.clone(), informer.clone(), me));
         let app = Arc::new(App {
             cluster,
             reconciler,
@@ -258,6 +275,6 @@ pub(crate) mod testing {
             drain,
             drains: Default::default(),
         });
-        Lab { app, dp, store }
+        Lab { app, dp, store, informer, following }
     }
 }

@@ -40,10 +40,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let host = prepare_dirs(&cfg)?;
     let store_metrics = crate::telemetry::metrics::StoreMetrics::default();
-    let store: Arc<dyn Store> =
+    let metered: Arc<dyn Store> =
         Arc::new(crate::telemetry::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
+    let (tracked, written) = crate::state::informer::TrackWrites::new(metered);
+    let store: Arc<dyn Store> = tracked;
     let (netlink, ebpf) = open_datapath(&cfg)?;
     let mut tasks = JoinSet::new();
+    // The one reader of the cluster's records on hot paths and timers.
+    let informer = crate::state::informer::Informer::new(store.clone(), written);
+    tasks.spawn(informer.clone().run());
     // Flow and drop events of the eBPF program, for `trellisctl monitor`.
     let ring = netlink.take_event_ring();
     let dataplane: Arc<dyn Dataplane> = Arc::new(netlink);
@@ -105,7 +110,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     tasks.spawn(crate::state::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
     tracing::info!(host = %host, underlay = ?underlay, uplink = ?identity.uplink, "host identity");
     let dns_kernel = identity.dns_kernel;
-    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), cluster.clone(), identity));
+    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), informer.clone(), identity));
 
     // Adopt what the kernel has before serving anything.
     match reconciler.pass().await {
@@ -122,7 +127,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let started = dataplane.probe_sockets().and_then(|sockets| prober.start(sockets, Duration::from_secs(1)));
     let prober = match started {
         Ok(()) => {
-            tasks.spawn(tasks::probe_peers(prober.clone(), store.clone(), host.clone()));
+            tasks.spawn(tasks::probe_peers(prober.clone(), informer.clone(), host.clone()));
             Some(prober)
         }
         Err(e) => {
@@ -160,13 +165,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         tracing::warn!(error = %e, "emptying the in-kernel DNS table");
     }
 
-    // Service discovery: the zone follows the store (every change notifies).
-    let dns_changed = Arc::new(tokio::sync::Notify::new());
+    // Service discovery: the zone follows the informer's views.
     if let Some(core) = &dns_core {
         let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
         tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");
         let kernel = dns_kernel.then(|| dataplane.clone());
-        tasks.spawn(crate::dns::run(cluster.clone(), core.clone(), listeners, dns_changed.clone(), kernel));
+        tasks.spawn(crate::dns::run(informer.clone(), core.clone(), listeners, kernel));
     }
 
     if let Some(addr) = cfg.metrics_addr {
@@ -178,15 +182,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             prober: prober.clone(),
             esp_seq_threshold: cfg.esp_seq_threshold,
         };
-        start_metrics(addr, store_metrics, collector, cluster.clone(), cfg.resync_interval, &mut tasks).await;
+        start_metrics(
+            addr,
+            store_metrics,
+            collector,
+            cluster.clone(),
+            informer.clone(),
+            cfg.resync_interval,
+            &mut tasks,
+        )
+        .await;
     }
 
     let every = cfg.resync_interval;
-    tasks.spawn(tasks::resync(reconciler.clone(), cluster.clone(), dataplane.clone(), every, dns_changed.clone()));
-    tasks.spawn(tasks::reclaim_dead_hosts(cluster.clone(), cfg.reclaim_grace, every));
-    tasks.spawn(tasks::rotate_keys(cluster.clone(), dataplane.clone(), cfg.key_rotation, cfg.esp_seq_threshold));
-    tasks.spawn(tasks::finish_drains(cluster.clone(), app.drains.clone(), every));
-    tasks.spawn(tasks::watch_store(reconciler, store.clone(), cluster, dataplane, dns_changed));
+    tasks.spawn(tasks::resync(reconciler.clone(), cluster.clone(), dataplane.clone(), every));
+    tasks.spawn(tasks::reclaim_dead_hosts(cluster.clone(), informer.clone(), cfg.reclaim_grace, every));
+    tasks.spawn(tasks::rotate_keys(
+        cluster.clone(),
+        informer.clone(),
+        dataplane.clone(),
+        cfg.key_rotation,
+        cfg.esp_seq_threshold,
+    ));
+    tasks.spawn(tasks::finish_drains(cluster.clone(), informer.clone(), app.drains.clone(), every));
+    tasks.spawn(tasks::follow_store(reconciler, informer, cluster, dataplane));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -272,6 +291,7 @@ async fn start_metrics(
     store_metrics: crate::telemetry::metrics::StoreMetrics,
     collector: crate::telemetry::metrics::AgentCollector,
     cluster: Arc<Cluster>,
+    informer: Arc<crate::state::informer::Informer>,
     every: Duration,
     tasks: &mut JoinSet<()>,
 ) {
@@ -283,7 +303,7 @@ async fn start_metrics(
         Ok(serving) => {
             tracing::info!(%addr, "metrics on /metrics");
             tasks.spawn(serving);
-            tasks.spawn(crate::telemetry::metrics::refresh(cluster, snapshot, every));
+            tasks.spawn(crate::telemetry::metrics::refresh(cluster, informer, snapshot, every));
         }
         Err(e) => tracing::warn!(%addr, error = %e, "the metrics server could not start"),
     }

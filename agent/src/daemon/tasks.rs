@@ -5,15 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use tokio::sync::{Notify, broadcast};
-use trellis_store::Store;
 
 use crate::app::settle;
 use crate::dataplane::Dataplane;
 use crate::model;
 use crate::reconcile::Reconciler;
 use crate::state::Cluster;
+use crate::state::informer::Informer;
 use crate::telemetry::probe::Prober;
 
 /// Monitor events cost the datapath a wakeup of this process each: on
@@ -31,32 +30,24 @@ pub async fn events_off_when_unwatched(tx: broadcast::Sender<trellis_ebpf::FlowE
 }
 
 /// The prober follows the live hosts (every peer but this one).
-pub async fn probe_peers(prober: Arc<Prober>, store: Arc<dyn Store>, me: String) {
+pub async fn probe_peers(prober: Arc<Prober>, informer: Arc<Informer>, me: String) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if let Ok(hosts) = crate::state::hosts::live_hosts(store.as_ref()).await {
-            prober.set_peers(
-                hosts.into_iter().filter(|h| h.id != me).map(|h| (h.id, h.underlay, Some(h.vtep_mac))).collect(),
-            );
-        }
+        let v = informer.view();
+        prober.set_peers(
+            v.hosts.iter().filter(|h| h.id != me).map(|h| (h.id.clone(), h.underlay, Some(h.vtep_mac))).collect(),
+        );
     }
 }
 
 /// Periodic full resync (the kernel read back whole); it also collects
 /// endpoints whose namespace died.
-pub async fn resync(
-    reconciler: Arc<Reconciler>,
-    cluster: Arc<Cluster>,
-    dp: Arc<dyn Dataplane>,
-    every: Duration,
-    dns_changed: Arc<Notify>,
-) {
+pub async fn resync(reconciler: Arc<Reconciler>, cluster: Arc<Cluster>, dp: Arc<dyn Dataplane>, every: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        dns_changed.notify_one();
         match reconciler.full_pass().await {
             Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
@@ -93,21 +84,33 @@ pub async fn sweep_docker(driver: Arc<crate::api::docker::DockerDriver>, every: 
     }
 }
 
+/// How often [`reclaim_dead_hosts`] lists the IPAM's blocks.
+pub const BLOCKS_EVERY: Duration = Duration::from_secs(30);
+
 /// Dead hosts' addresses, blocks and endpoints are reclaimed once their
 /// lease has expired and a grace period passed (any agent may do it; the
 /// transaction holds only while the host is still absent).
-pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, grace: Duration, every: Duration) {
+pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, informer: Arc<Informer>, grace: Duration, every: Duration) {
     let mut dead_since: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(every);
+    // Endpoints' owners come from the informer on every tick; the IPAM's
+    // blocks (a dead host's that held no endpoint) are listed from the
+    // store only every BLOCKS_EVERY.
+    let mut block_owners = std::collections::BTreeSet::new();
+    let mut blocks_listed: Option<Instant> = None;
     loop {
         tick.tick().await;
-        let absent = match cluster.absent_owners().await {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::debug!(error = %e, "checking for dead hosts");
-                continue;
+        let view = informer.view();
+        if blocks_listed.is_none_or(|t| t.elapsed() >= BLOCKS_EVERY) {
+            match cluster.block_owners(&view.networks).await {
+                Ok(b) => {
+                    block_owners = b;
+                    blocks_listed = Some(Instant::now());
+                }
+                Err(e) => tracing::debug!(error = %e, "listing the IPAM's blocks"),
             }
-        };
+        }
+        let absent = crate::state::absent_owners(&view, &block_owners, &cluster.host);
         let now = Instant::now();
         dead_since.retain(|h, _| absent.contains(h));
         for h in absent {
@@ -117,6 +120,7 @@ pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, grace: Duration, every: D
                     Ok(n) => {
                         tracing::info!(host = %h, endpoints = n, "reclaimed a dead host's addresses");
                         dead_since.remove(&h);
+                        block_owners.remove(&h);
                     }
                     Err(e) => tracing::warn!(host = %h, error = %e, "reclaiming a dead host"),
                 }
@@ -132,30 +136,29 @@ pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, grace: Duration, every: D
 /// the agent stopped ends when it is back (at once if it is overdue). The
 /// loop sleeps until the next deadline, wakes when a drain starts
 /// (`started`), and looks again every `every` anyway.
-pub async fn finish_drains(cluster: Arc<Cluster>, started: Arc<Notify>, every: Duration) {
+pub async fn finish_drains(cluster: Arc<Cluster>, informer: Arc<Informer>, started: Arc<Notify>, every: Duration) {
+    let mut views = informer.subscribe();
     loop {
         let mut wait = every;
-        match cluster.all_endpoints().await {
-            Ok(eps) => {
-                let now = model::now_ms();
-                let (due, next) = model::drains_of(&eps, &cluster.host, now);
-                for e in due {
-                    match cluster.end_drain(&e.id).await {
-                        Ok(()) => {
-                            tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "drained: removing it")
-                        }
-                        Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "ending a drain"),
-                    }
+        let eps = views.borrow_and_update().endpoints.clone();
+        let now = model::now_ms();
+        let (due, next) = model::drains_of(&eps, &cluster.host, now);
+        for e in due {
+            match cluster.end_drain(&e.id).await {
+                Ok(()) => {
+                    tracing::info!(endpoint = %e.id, name = %e.name, network = %e.network, "drained: removing it")
                 }
-                if let Some(next) = next {
-                    wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
-                }
+                Err(err) => tracing::warn!(endpoint = %e.id, error = %err, "ending a drain"),
             }
-            Err(e) => tracing::debug!(error = %e, "reading the drains under way"),
+        }
+        if let Some(next) = next {
+            wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = started.notified() => {}
+            // The endpoints changed (a drain may have begun on this host).
+            _ = views.wait_for(|v| !Arc::ptr_eq(&v.endpoints, &eps)) => {}
         }
     }
 }
@@ -163,12 +166,18 @@ pub async fn finish_drains(cluster: Arc<Cluster>, started: Arc<Notify>, every: D
 /// Key rotation of encrypted networks: every agent takes due steps (the
 /// store's compare-and-swap makes one win); each host's acks come from its
 /// passes. The sequence-number trigger reads this host's SAs.
-pub async fn rotate_keys(cluster: Arc<Cluster>, dp: Arc<dyn Dataplane>, policy: trellis_ipsec::Policy, threshold: u64) {
+pub async fn rotate_keys(
+    cluster: Arc<Cluster>,
+    informer: Arc<Informer>,
+    dp: Arc<dyn Dataplane>,
+    policy: trellis_ipsec::Policy,
+    threshold: u64,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let Ok(nets) = cluster.networks().await else { continue };
+        let nets = informer.view().networks.clone();
         if !nets.iter().any(|n| n.encrypted) {
             continue;
         }
@@ -188,57 +197,32 @@ pub async fn rotate_keys(cluster: Arc<Cluster>, dp: Arc<dyn Dataplane>, policy: 
     }
 }
 
-/// Store changes (from this host or any other) trigger a pass, and a
-/// rebuild of the DNS zone.
-pub async fn watch_store(
+/// Changes of the records the reconciler reads (from this host or any
+/// other, as the informer's views bring them) trigger a pass; a view that
+/// only moved the revision (a write to a key no pass reads) does not.
+pub async fn follow_store(
     reconciler: Arc<Reconciler>,
-    store: Arc<dyn Store>,
+    informer: Arc<crate::state::informer::Informer>,
     cluster: Arc<Cluster>,
     dp: Arc<dyn Dataplane>,
-    dns_changed: Arc<Notify>,
 ) {
-    // Resume after the last event seen, so a broken watch (an etcd restart)
-    // misses nothing; if that revision is compacted away, start afresh and
-    // reconcile at once.
-    let mut next: trellis_store::Revision = 0;
+    let mut views = informer.subscribe();
+    let mut last = views.borrow_and_update().clone();
     loop {
-        let mut w = match store.watch(model::ROOT, next).await {
-            Ok(w) => w,
-            Err(trellis_store::StoreError::Compacted { .. }) => {
-                next = 0;
-                if let Ok(r) = reconciler.pass().await {
-                    settle(&cluster, dp.as_ref(), &r).await;
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "watching the store failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        loop {
-            let ev = match w.next().await {
-                Some(Ok(ev)) => ev,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "store watch broke; resubscribing");
-                    break;
-                }
-                None => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    break;
-                }
-            };
-            next = next.max(ev.kv.mod_revision + 1);
-            // Fold a burst of events into one pass.
-            while let Ok(Some(Ok(ev))) = tokio::time::timeout(Duration::from_millis(1), w.next()).await {
-                next = next.max(ev.kv.mod_revision + 1);
-            }
-            dns_changed.notify_one();
-            match reconciler.pass().await {
-                Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
-                Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
-            }
+        if views.changed().await.is_err() {
+            return;
+        }
+        // Fold a burst of views into one pass.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let v = views.borrow_and_update().clone();
+        let same = last.same_records(&v);
+        last = v;
+        if same {
+            continue;
+        }
+        match reconciler.pass().await {
+            Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
+            Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
         }
     }
 }
@@ -254,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_drain_under_way_when_the_agent_stopped_ends_after_its_restart() {
-        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        let store: Arc<dyn trellis_store::Store> = Arc::new(trellis_store::LocalStore::memory());
         let drain = Duration::from_millis(300);
         let before = ebpf_host(store.clone(), "h1", drain);
         before.app.create_network(crate::app::testing::attachable("n", Some("10.7.10.0/24"))).await.unwrap();
@@ -278,8 +262,12 @@ mod tests {
         let after = ebpf_host(store, "h1", drain);
         let e = after.app.cluster.endpoint_record(&b.id).await.unwrap().unwrap();
         assert!(e.draining() && e.drain_due(model::now_ms()), "{e:?}");
-        let looping =
-            tokio::spawn(finish_drains(after.app.cluster.clone(), after.app.drains.clone(), Duration::from_secs(60)));
+        let looping = tokio::spawn(finish_drains(
+            after.app.cluster.clone(),
+            after.informer.clone(),
+            after.app.drains.clone(),
+            Duration::from_secs(60),
+        ));
         let mut ended = false;
         for _ in 0..100 {
             if after.app.cluster.endpoint_record(&b.id).await.unwrap().is_some_and(|e| !e.draining()) {
@@ -297,7 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn drains_end_on_time_woken_when_one_starts() {
-        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        let store: Arc<dyn trellis_store::Store> = Arc::new(trellis_store::LocalStore::memory());
         let drain = Duration::from_millis(400);
         let l = ebpf_host(store, "h1", drain);
         l.app.create_network(crate::app::testing::attachable("n", Some("10.7.11.0/24"))).await.unwrap();
@@ -315,7 +303,12 @@ mod tests {
         l.app.create_service(CreateService { service: svc, publish: vec![] }).await.unwrap();
         // The loop is idle (its fallback look is a minute away) when the
         // drain starts: the detach wakes it, and it ends the drain on time.
-        let looping = tokio::spawn(finish_drains(l.app.cluster.clone(), l.app.drains.clone(), Duration::from_secs(60)));
+        let looping = tokio::spawn(finish_drains(
+            l.app.cluster.clone(),
+            l.informer.clone(),
+            l.app.drains.clone(),
+            Duration::from_secs(60),
+        ));
         tokio::time::sleep(Duration::from_millis(50)).await;
         let t0 = std::time::Instant::now();
         l.app.detach(&b).await.unwrap();

@@ -51,16 +51,32 @@ pub enum ReconcileError {
 /// The desired state of the whole cluster at one moment.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
-    pub networks: Vec<NetworkRecord>,
-    pub endpoints: Vec<EndpointRecord>,
-    pub hosts: Vec<HostRecord>,
-    pub services: Vec<ServiceRecord>,
+    /// The store revision it reflects (0: not known).
+    pub revision: i64,
+    pub networks: Arc<Vec<NetworkRecord>>,
+    pub endpoints: Arc<Vec<EndpointRecord>>,
+    pub hosts: Arc<Vec<HostRecord>>,
+    pub services: Arc<Vec<ServiceRecord>>,
     /// Encrypted networks' key rings, by network id.
-    pub keys: BTreeMap<String, trellis_ipsec::KeyRing>,
+    pub keys: Arc<BTreeMap<String, trellis_ipsec::KeyRing>>,
     /// Ports a process of this host holds (filled in by the runner, from
     /// the host, when some service is published on the mesh): the mesh
     /// does not take them here.
     pub held_ports: std::collections::BTreeSet<(crate::model::Proto, u16)>,
+}
+
+impl Snapshot {
+    /// The same records as `other` (each part the same allocation: what an
+    /// informer hands out for a view that did not change) and the same
+    /// held ports.
+    pub fn same(&self, other: &Snapshot) -> bool {
+        Arc::ptr_eq(&self.networks, &other.networks)
+            && Arc::ptr_eq(&self.endpoints, &other.endpoints)
+            && Arc::ptr_eq(&self.hosts, &other.hosts)
+            && Arc::ptr_eq(&self.services, &other.services)
+            && Arc::ptr_eq(&self.keys, &other.keys)
+            && self.held_ports == other.held_ports
+    }
 }
 
 /// Where the reconciler reads the desired state from.
@@ -84,6 +100,13 @@ pub struct Reconciler {
     seen: Mutex<Option<Observed>>,
     /// The desired state of the last pass (for status and host listings).
     last_desired: Mutex<Arc<DesiredHost>>,
+    /// What that desired state was computed from: a pass whose snapshot
+    /// shares every part with it (an informer's view that did not change)
+    /// reuses it instead of computing it again.
+    last_input: Mutex<Option<Snapshot>>,
+    /// Passes that computed the desired state, and those that reused it.
+    pub computed: AtomicU64,
+    pub reused: AtomicU64,
     pub repairs: AtomicU64,
     /// Duration of the last full pass, in microseconds.
     pub last_full_us: AtomicU64,
@@ -100,6 +123,9 @@ impl Reconciler {
             last: Mutex::new(Arc::new(PassReport::default())),
             seen: Mutex::new(None),
             last_desired: Mutex::new(Arc::new(DesiredHost::default())),
+            last_input: Mutex::new(None),
+            computed: AtomicU64::new(0),
+            reused: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             last_full_us: AtomicU64::new(0),
         }
@@ -147,13 +173,20 @@ impl Reconciler {
                 Err(e) => tracing::warn!(error = %e, "reading the host's held ports for the routing mesh"),
             }
         }
-        let want = desired_host(&snapshot, &self.me);
-        {
-            let last = self.last_desired.lock().unwrap_or_else(|p| p.into_inner());
+        let reuse =
+            self.last_input.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|l| l.same(&snapshot));
+        let want = if reuse {
+            self.reused.fetch_add(1, Ordering::Relaxed);
+            self.last_desired()
+        } else {
+            self.computed.fetch_add(1, Ordering::Relaxed);
+            let want = Arc::new(desired_host(&snapshot, &self.me));
+            let last = self.last_desired();
             for (service, p) in want.mesh_held.iter().filter(|h| !last.mesh_held.contains(h)) {
                 tracing::warn!(service = %service, port = %p, "a process of this host holds the port: the routing mesh does not publish it here");
             }
-        }
+            want
+        };
         let t_load = t0.elapsed();
         let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
         let cached_was_none = cached.is_none();
@@ -229,14 +262,16 @@ impl Reconciler {
         if !xfrm_failed {
             report.acks = want.acks.clone();
         }
-        *self.last_desired.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(want);
-        report.finalizable = snapshot
+        *self.last_desired.lock().unwrap_or_else(|p| p.into_inner()) = want;
+        let finalizable = snapshot
             .endpoints
             .iter()
             .filter(|e| e.host == self.me.host && e.deleting && !e.draining())
             .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
             .cloned()
             .collect();
+        report.finalizable = finalizable;
+        *self.last_input.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
         self.repairs.fetch_add(actions.len() as u64, Ordering::Relaxed);
         report.duration = t0.elapsed();
         report.full = cached_was_none;

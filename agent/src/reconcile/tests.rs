@@ -99,7 +99,7 @@ struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);
 impl DesiredSource for Fixed {
     async fn load(&self) -> Result<Snapshot, String> {
         let (networks, endpoints) = self.0.lock().unwrap().clone();
-        Ok(Snapshot { networks, endpoints, ..Snapshot::default() })
+        Ok(Snapshot { networks: Arc::new(networks), endpoints: Arc::new(endpoints), ..Snapshot::default() })
     }
 }
 
@@ -247,12 +247,11 @@ fn mesh_lab(mode: model::PublishMode) -> (Snapshot, Identity) {
         ..Identity::local("h1")
     };
     let snap = Snapshot {
-        networks: nets,
-        endpoints: vec![b2],
-        hosts,
-        services: vec![web],
-        keys: BTreeMap::new(),
-        held_ports: Default::default(),
+        networks: Arc::new(nets),
+        endpoints: Arc::new(vec![b2]),
+        hosts: Arc::new(hosts),
+        services: Arc::new(vec![web]),
+        ..Snapshot::default()
     };
     (snap, me)
 }
@@ -309,7 +308,7 @@ fn a_published_service_is_taken_on_a_host_without_its_backends_and_reached_over_
     // Unpublished: the port and the mesh go, the programs come off; the
     // device with them (no endpoint of the network is here).
     let mut after = snap.clone();
-    after.services[0].publish.clear();
+    Arc::make_mut(&mut after.services)[0].publish.clear();
     let d2 = desired::desired_host(&after, &me);
     assert!(d2.tables.published.is_empty() && d2.tables.mesh_mac.is_none() && d2.tables.mesh_addrs.is_empty());
     assert!(d2.mesh_links.is_empty() && !d2.vxlans.contains_key(&model::vxlan_name("aaaa")));
@@ -349,7 +348,7 @@ fn host_mode_publishes_only_where_a_backend_runs_and_nothing_without_ebpf() {
     assert!(!d.mesh_links.contains_key("uplink0"));
     // h2 runs one (its endpoint is local there).
     let h2 = Identity { host: "h2".into(), underlay: Some("198.19.0.2".parse().unwrap()), ..me.clone() };
-    snap.endpoints[0].netns = "/run/netns/b2".into();
+    Arc::make_mut(&mut snap.endpoints)[0].netns = "/run/netns/b2".into();
     let d2 = desired::desired_host(&snap, &h2);
     assert!(d2.tables.published.contains_key(&PubKey::new(30080, 6)), "{:?}", d2.tables.published);
     assert_eq!(d2.tables.mesh_mac, Some([6, 0x7e, 198, 19, 0, 2]));
@@ -792,7 +791,13 @@ async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
     let (networks, endpoints, hosts, me) = encrypted_lab();
     let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
     let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
-    let src = Arc::new(WithKeys(Snapshot { networks, endpoints, hosts, keys, ..Snapshot::default() }));
+    let src = Arc::new(WithKeys(Snapshot {
+        networks: Arc::new(networks),
+        endpoints: Arc::new(endpoints),
+        hosts: Arc::new(hosts),
+        keys: Arc::new(keys),
+        ..Snapshot::default()
+    }));
     let dp = Arc::new(FakeDataplane::default());
     dp.failing_xfrm.store(true, Ordering::Relaxed);
     let r = Reconciler::new(dp.clone(), src, me);
@@ -966,12 +971,11 @@ fn unready_backends_get_no_connection_and_draining_ones_keep_theirs() {
     let id = u32::from(vip);
     let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
     let snap = |eps: &[EndpointRecord]| Snapshot {
-        networks: nets.clone(),
-        endpoints: eps.to_vec(),
-        hosts: hosts.clone(),
-        services: svcs.clone(),
-        keys: BTreeMap::new(),
-        held_ports: Default::default(),
+        networks: Arc::new(nets.clone()),
+        endpoints: Arc::new(eps.to_vec()),
+        hosts: Arc::new(hosts.clone()),
+        services: Arc::new(svcs.clone()),
+        ..Snapshot::default()
     };
     let all = desired_host(&snap(&eps), &me);
     assert_eq!(all.tables.maglev[&id], vec![ip("10.1.0.2"), ip("10.1.0.3"), ip("10.1.0.4")]);

@@ -8,6 +8,7 @@
 pub mod docker;
 pub mod encryption;
 pub mod hosts;
+pub mod informer;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -934,18 +935,31 @@ impl Cluster {
         Ok(removed)
     }
 
-    /// Hosts that hold blocks or endpoints but have no live registration.
-    pub async fn absent_owners(&self) -> Result<std::collections::BTreeSet<String>> {
-        let live: std::collections::BTreeSet<String> =
-            crate::state::hosts::live_hosts(self.store.as_ref()).await?.into_iter().map(|h| h.id).collect();
-        let mut owners: std::collections::BTreeSet<String> =
-            self.all_endpoints().await?.into_iter().map(|e| e.host).collect();
-        for net in self.networks().await? {
+    /// The hosts that hold IPAM blocks in `networks` (listed from the store).
+    pub async fn block_owners(&self, networks: &[NetworkRecord]) -> Result<std::collections::BTreeSet<String>> {
+        let mut owners = std::collections::BTreeSet::new();
+        for net in networks {
             owners.extend(self.ipam.blocks(&net.id).await?.into_iter().map(|(_, r, _)| r.host));
         }
-        owners.remove(&self.host);
-        Ok(owners.difference(&live).cloned().collect())
+        Ok(owners)
     }
+}
+
+/// Hosts other than `me` that hold endpoints in `view` or are among
+/// `block_owners`, with no live registration in `view`.
+pub fn absent_owners(
+    view: &crate::state::informer::View,
+    block_owners: &std::collections::BTreeSet<String>,
+    me: &str,
+) -> std::collections::BTreeSet<String> {
+    let live: std::collections::BTreeSet<&str> = view.hosts.iter().map(|h| h.id.as_str()).collect();
+    view.endpoints
+        .iter()
+        .map(|e| e.host.as_str())
+        .chain(block_owners.iter().map(String::as_str))
+        .filter(|h| *h != me && !live.contains(h))
+        .map(str::to_string)
+        .collect()
 }
 
 #[async_trait::async_trait]
@@ -960,7 +974,15 @@ impl DesiredSource for Cluster {
         } else {
             Default::default()
         };
-        Ok(crate::reconcile::Snapshot { networks, endpoints, hosts, services, keys, held_ports: Default::default() })
+        Ok(crate::reconcile::Snapshot {
+            revision: 0,
+            networks: Arc::new(networks),
+            endpoints: Arc::new(endpoints),
+            hosts: Arc::new(hosts),
+            services: Arc::new(services),
+            keys: Arc::new(keys),
+            held_ports: Default::default(),
+        })
     }
 }
 

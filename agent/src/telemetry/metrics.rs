@@ -431,40 +431,47 @@ impl Collector for AgentCollector {
     }
 }
 
-/// Keep the snapshot current (every `every`).
-pub async fn refresh(cluster: Arc<Cluster>, snapshot: Arc<RwLock<Snapshot>>, every: Duration) {
+/// Keep the snapshot current: from the informer's view, looked at every
+/// `every`, recomputed when its records changed and at least every
+/// [`IPAM_EVERY`] (the IPAM's address counts are listed from the store then).
+pub async fn refresh(
+    cluster: Arc<Cluster>,
+    informer: Arc<crate::state::informer::Informer>,
+    snapshot: Arc<RwLock<Snapshot>>,
+    every: Duration,
+) {
     let mut tick = tokio::time::interval(every);
+    let mut last: Option<(Arc<crate::state::informer::View>, std::time::Instant)> = None;
     loop {
         tick.tick().await;
-        let Ok(nets) = cluster.networks().await else { continue };
-        let Ok(eps) = cluster.endpoints().await else { continue };
+        let v = informer.view();
+        if last.as_ref().is_some_and(|(l, at)| l.same_records(&v) && at.elapsed() < IPAM_EVERY) {
+            continue;
+        }
         let mut out = Snapshot::default();
-        for n in &nets {
+        for n in v.networks.iter() {
             let taken = cluster.ipam.addresses(&n.id).await.map(|a| a.len() as u64).unwrap_or(0);
             let usable = trellis_ipam::pure::size(&n.subnet).saturating_sub(2) as u64;
-            let local = eps.iter().filter(|e| e.network_id == n.id && e.host == cluster.host).count() as u64;
+            let local =
+                v.endpoints.iter().filter(|e| !e.deleting && e.network_id == n.id && e.host == cluster.host).count()
+                    as u64;
             out.networks.push((n.name.clone(), taken, usable, local));
         }
-        out.services = cluster
-            .services()
-            .await
-            .unwrap_or_default()
+        out.services = v.services.iter().filter_map(|s| Some((s.name.clone(), s.datapath_id()?))).collect();
+        out.keys = v
+            .networks
             .iter()
-            .filter_map(|s| Some((s.name.clone(), s.datapath_id()?)))
+            .filter(|n| n.encrypted)
+            .filter_map(|n| Some((n.name.clone(), n.vxlan_port?, v.keys.get(&n.id)?.tx)))
             .collect();
-        if nets.iter().any(|n| n.encrypted)
-            && let Ok(rings) = cluster.key_rings().await
-        {
-            out.keys =
-                nets.iter().filter_map(|n| Some((n.name.clone(), n.vxlan_port?, rings.get(&n.id)?.tx))).collect();
-        }
-        out.peers = crate::state::hosts::live_hosts(cluster.store.as_ref())
-            .await
-            .map(|h| h.iter().filter(|h| h.id != cluster.host).count() as u64)
-            .unwrap_or(0);
+        out.peers = v.hosts.iter().filter(|h| h.id != cluster.host).count() as u64;
         *snapshot.write().unwrap_or_else(|p| p.into_inner()) = out;
+        last = Some((v, std::time::Instant::now()));
     }
 }
+
+/// The metrics' IPAM counts are listed at least this often.
+pub const IPAM_EVERY: Duration = Duration::from_secs(30);
 
 /// OpenMetrics text (what prometheus-client writes) as the Prometheus text
 /// format 0.0.4, for clients that do not ask for OpenMetrics (and for

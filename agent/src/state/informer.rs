@@ -1,0 +1,572 @@
+//! The informer: the cluster's records as this agent last saw them.
+//!
+//! It lists the store once, then follows one watch from that revision,
+//! and keeps the records decoded (networks, endpoints, services, live
+//! hosts, encrypted networks' key rings). Each revision it has applied in
+//! full becomes an immutable [`View`], shared by everything that reads the
+//! cluster on a hot path or a timer (the reconciler, the DNS zone, the
+//! metrics): none of them lists the store. A kind that did not change keeps
+//! its `Arc` from one view to the next, so a reader can tell "unchanged" by
+//! pointer.
+//!
+//! A watch that breaks resumes from the next revision; one whose revision
+//! was compacted away (or that fell behind) relists and carries on. Retries
+//! wait with jittered, growing backoff, so a thousand agents that lost the
+//! same etcd do not come back in step.
+//!
+//! Reading one's own writes: [`Informer::at_least`] waits until a revision
+//! is in the view. [`TrackWrites`] wraps the agent's store and remembers
+//! the revision of the last transaction it committed, so a pass started
+//! after a write sees it ([`Informer::written`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use trellis_store::{EventKind, KeyValue, Revision, Store, StoreError, WatchEvent};
+
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
+
+/// The records at one store revision. Every list is sorted by store key.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// Every change up to this revision is in the view.
+    pub revision: Revision,
+    pub networks: Arc<Vec<NetworkRecord>>,
+    pub endpoints: Arc<Vec<EndpointRecord>>,
+    pub hosts: Arc<Vec<HostRecord>>,
+    pub services: Arc<Vec<ServiceRecord>>,
+    /// Encrypted networks' key rings, by network id.
+    pub keys: Arc<BTreeMap<String, trellis_ipsec::KeyRing>>,
+}
+
+impl View {
+    /// The same records as `other` (each kind the same allocation), whatever
+    /// the revisions.
+    pub fn same_records(&self, other: &View) -> bool {
+        Arc::ptr_eq(&self.networks, &other.networks)
+            && Arc::ptr_eq(&self.endpoints, &other.endpoints)
+            && Arc::ptr_eq(&self.hosts, &other.hosts)
+            && Arc::ptr_eq(&self.services, &other.services)
+            && Arc::ptr_eq(&self.keys, &other.keys)
+    }
+}
+
+/// The kinds of record the informer keeps, by key prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Network,
+    Endpoint,
+    Host,
+    Service,
+    Key,
+}
+
+impl Kind {
+    fn of(key: &str) -> Option<(Kind, &str)> {
+        let rest = key.strip_prefix(model::ROOT)?;
+        for (prefix, kind) in [
+            ("networks/", Kind::Network),
+            ("endpoints/", Kind::Endpoint),
+            ("hosts/", Kind::Host),
+            ("services/", Kind::Service),
+            ("netkeys/", Kind::Key),
+        ] {
+            if let Some(id) = rest.strip_prefix(prefix) {
+                return Some((kind, id));
+            }
+        }
+        None
+    }
+}
+
+/// One decoded record and the revision it was written at.
+#[derive(Clone, Debug)]
+enum Record {
+    Network(NetworkRecord),
+    Endpoint(EndpointRecord),
+    Host(HostRecord),
+    Service(ServiceRecord),
+    Key(trellis_ipsec::KeyRing),
+}
+
+fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
+    Ok(match kind {
+        Kind::Network => Record::Network(serde_json::from_slice(&kv.value)?),
+        Kind::Endpoint => Record::Endpoint(serde_json::from_slice(&kv.value)?),
+        Kind::Host => Record::Host(serde_json::from_slice(&kv.value)?),
+        Kind::Service => Record::Service(serde_json::from_slice(&kv.value)?),
+        Kind::Key => Record::Key(serde_json::from_slice(&kv.value)?),
+    })
+}
+
+/// The informer's records (pure: events in, views out).
+#[derive(Debug, Default)]
+pub struct Records {
+    /// By store key: (mod revision, record).
+    by_key: BTreeMap<String, (Revision, Record)>,
+    /// The kinds changed since the last view.
+    dirty: std::collections::BTreeSet<Kind>,
+    /// The last view built.
+    view: View,
+    /// Records that did not decode (kept out of the view, counted).
+    pub corrupt: u64,
+}
+
+impl Records {
+    /// The records of a full listing at `revision`.
+    pub fn listed(items: Vec<KeyValue>, revision: Revision) -> Records {
+        let mut r = Records::default();
+        for kv in items {
+            r.put(kv);
+        }
+        r.dirty = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key].into();
+        r.view.revision = revision;
+        r
+    }
+
+    fn put(&mut self, kv: KeyValue) -> bool {
+        let Some((kind, _)) = Kind::of(&kv.key) else { return false };
+        if self.by_key.get(&kv.key).is_some_and(|(rev, _)| *rev >= kv.mod_revision) {
+            return false;
+        }
+        match decode(kind, &kv) {
+            Ok(rec) => {
+                self.by_key.insert(kv.key, (kv.mod_revision, rec));
+            }
+            Err(e) => {
+                tracing::warn!(key = %kv.key, error = %e, "a record in the store does not decode: left out");
+                self.corrupt += 1;
+                if self.by_key.remove(&kv.key).is_none() {
+                    return false;
+                }
+            }
+        }
+        self.dirty.insert(kind);
+        true
+    }
+
+    /// Apply one watch event; true when it changed a record the view has.
+    pub fn apply(&mut self, ev: WatchEvent) -> bool {
+        match ev.kind {
+            EventKind::Put => self.put(ev.kv),
+            EventKind::Delete => {
+                let Some((kind, _)) = Kind::of(&ev.kv.key) else { return false };
+                // A delete older than what is held (a listing that already
+                // saw the key recreated) changes nothing.
+                match self.by_key.get(&ev.kv.key) {
+                    Some((rev, _)) if *rev <= ev.kv.mod_revision || ev.kv.mod_revision == 0 => {
+                        self.by_key.remove(&ev.kv.key);
+                        self.dirty.insert(kind);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    /// The view at `revision`: the kinds that changed rebuilt, the others
+    /// shared with the previous view.
+    pub fn view(&mut self, revision: Revision) -> View {
+        let mut v = self.view.clone();
+        v.revision = v.revision.max(revision);
+        let dirty = std::mem::take(&mut self.dirty);
+        let of = |kind: Kind| self.by_key.iter().filter(move |(k, _)| Kind::of(k).is_some_and(|(x, _)| x == kind));
+        for kind in dirty {
+            match kind {
+                Kind::Network => {
+                    v.networks = Arc::new(
+                        of(kind)
+                            .filter_map(|(_, (_, r))| match r {
+                                Record::Network(n) => Some(n.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                }
+                Kind::Endpoint => {
+                    v.endpoints = Arc::new(
+                        of(kind)
+                            .filter_map(|(_, (_, r))| match r {
+                                Record::Endpoint(e) => Some(e.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                }
+                Kind::Host => {
+                    v.hosts = Arc::new(
+                        of(kind)
+                            .filter_map(|(_, (_, r))| match r {
+                                Record::Host(h) => Some(h.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                }
+                Kind::Service => {
+                    v.services = Arc::new(
+                        of(kind)
+                            .filter_map(|(_, (_, r))| match r {
+                                Record::Service(s) => Some(s.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                }
+                Kind::Key => {
+                    v.keys = Arc::new(
+                        of(kind)
+                            .filter_map(|(k, (_, r))| match r {
+                                Record::Key(ring) => Some((Kind::of(k)?.1.to_string(), ring.clone())),
+                                _ => None,
+                            })
+                            .collect(),
+                    )
+                }
+            }
+        }
+        self.view = v.clone();
+        v
+    }
+}
+
+/// What the informer has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct InformerStats {
+    /// Full listings (the first one included).
+    pub lists: AtomicU64,
+    /// Watches opened (the first one included).
+    pub watches: AtomicU64,
+    /// Watch events received.
+    pub events: AtomicU64,
+    /// Views published.
+    pub views: AtomicU64,
+}
+
+/// One per agent: see the module's documentation.
+pub struct Informer {
+    store: Arc<dyn Store>,
+    tx: tokio::sync::watch::Sender<Arc<View>>,
+    /// Set once the first listing is in.
+    ready: tokio::sync::watch::Sender<bool>,
+    written: Arc<AtomicI64>,
+    /// Every load asks the store for its revision first (see
+    /// [`Informer::linearizable`]).
+    linearizable: bool,
+    pub stats: InformerStats,
+}
+
+/// A prefix no key has: listing it reads the store's revision.
+const NO_KEY: &str = "/trellis/v1/\u{0}revision";
+
+/// How long [`Informer::at_least`] waits before it says the informer is
+/// behind.
+pub const CATCH_UP: Duration = Duration::from_secs(10);
+
+impl Informer {
+    /// An informer over `store`, whose writes `written` tracks (see
+    /// [`TrackWrites`]). Nothing is read before [`Informer::run`].
+    pub fn new(store: Arc<dyn Store>, written: Arc<AtomicI64>) -> Arc<Informer> {
+        Arc::new(Informer {
+            store,
+            tx: tokio::sync::watch::channel(Arc::new(View::default())).0,
+            ready: tokio::sync::watch::channel(false).0,
+            written,
+            linearizable: false,
+            stats: InformerStats::default(),
+        })
+    }
+
+    /// An informer whose loads see every write committed anywhere before
+    /// they started, at the cost of one store request each (the store's
+    /// revision, read by listing a prefix no key has). For tests where
+    /// several hosts share a store and one host's pass must see another's
+    /// write; an agent reads its own writes with [`Informer::new`] and
+    /// learns of the others' through the watch.
+    pub fn linearizable(store: Arc<dyn Store>, written: Arc<AtomicI64>) -> Arc<Informer> {
+        let mut i = Arc::into_inner(Informer::new(store, written)).expect("just made");
+        i.linearizable = true;
+        Arc::new(i)
+    }
+
+    /// The newest view (empty before the first listing).
+    pub fn view(&self) -> Arc<View> {
+        self.tx.borrow().clone()
+    }
+
+    /// Follow the views as they come.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Arc<View>> {
+        self.tx.subscribe()
+    }
+
+    /// The first view with the store's records in it (waits as long as
+    /// the store takes to answer).
+    pub async fn listed(&self) -> Arc<View> {
+        let mut ready = self.ready.subscribe();
+        // The sender lives in `self`: the wait ends only with a listing.
+        let _ = ready.wait_for(|r| *r).await;
+        self.view()
+    }
+
+    /// The revision of this agent's last committed write.
+    pub fn written(&self) -> Revision {
+        self.written.load(Ordering::SeqCst)
+    }
+
+    /// A view holding every change up to `revision` (and the first
+    /// listing), waiting at most [`CATCH_UP`] for it.
+    pub async fn at_least(&self, revision: Revision) -> Result<Arc<View>, String> {
+        let mut ready = self.ready.subscribe();
+        let mut rx = self.tx.subscribe();
+        let wait = async {
+            ready.wait_for(|r| *r).await.map_err(|_| "the informer stopped".to_string())?;
+            let v = rx.wait_for(|v| v.revision >= revision).await.map_err(|_| "the informer stopped".to_string())?;
+            Ok::<_, String>(v.clone())
+        };
+        match tokio::time::timeout(CATCH_UP, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the store's changes are not coming in: at revision {} after {}s, waiting for {revision}",
+                self.view().revision,
+                CATCH_UP.as_secs()
+            )),
+        }
+    }
+
+    /// A view with this agent's own writes in it (and, linearizable, every
+    /// write committed before the call).
+    pub async fn current(&self) -> Result<Arc<View>, String> {
+        let revision = if self.linearizable {
+            self.store.list(NO_KEY).await.map_err(|e| e.to_string())?.1
+        } else {
+            self.written()
+        };
+        self.at_least(revision).await
+    }
+
+    fn publish(&self, records: &mut Records, revision: Revision) {
+        let v = Arc::new(records.view(revision));
+        self.stats.views.fetch_add(1, Ordering::Relaxed);
+        self.tx.send_replace(v);
+        self.ready.send_replace(true);
+    }
+
+    /// List, then watch, forever.
+    pub async fn run(self: Arc<Self>) {
+        let mut backoff = Backoff::default();
+        'list: loop {
+            let (items, revision) = match self.store.list(model::ROOT).await {
+                Ok(l) => l,
+                Err(e) => {
+                    let wait = backoff.wait();
+                    tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "listing the store failed");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            };
+            self.stats.lists.fetch_add(1, Ordering::Relaxed);
+            let mut records = Records::listed(items, revision);
+            // Keep the views' kinds that did not change shared with the
+            // old records (a relist after compaction changes little).
+            let old = self.view();
+            let mut next = records.view(revision);
+            share_unchanged(&old, &mut next);
+            records.view = next.clone();
+            self.stats.views.fetch_add(1, Ordering::Relaxed);
+            self.tx.send_replace(Arc::new(next));
+            self.ready.send_replace(true);
+            let mut seen = revision;
+            loop {
+                let mut w = match self.store.watch(model::ROOT, seen + 1).await {
+                    Ok(w) => w,
+                    Err(StoreError::Compacted { .. }) => {
+                        tracing::info!(
+                            revision = seen,
+                            "the store compacted past this agent's revision: listing again"
+                        );
+                        continue 'list;
+                    }
+                    Err(e) => {
+                        let wait = backoff.wait();
+                        tracing::warn!(error = %e, retry_ms = wait.as_millis() as u64, "watching the store failed");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                };
+                self.stats.watches.fetch_add(1, Ordering::Relaxed);
+                loop {
+                    let ev = match w.next().await {
+                        Some(Ok(ev)) => ev,
+                        Some(Err(StoreError::Compacted { .. } | StoreError::WatchLagged(_))) => {
+                            tracing::info!(revision = seen, "the store's watch fell behind: listing again");
+                            continue 'list;
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "the store's watch broke: resuming");
+                            break;
+                        }
+                        None => break,
+                    };
+                    backoff = Backoff::default();
+                    // Apply what is ready with it (the rest of its
+                    // revision comes in the same response), then publish.
+                    let mut changed = false;
+                    let mut apply = |ev: WatchEvent, seen: &mut Revision| {
+                        self.stats.events.fetch_add(1, Ordering::Relaxed);
+                        *seen = (*seen).max(ev.kv.mod_revision);
+                        changed |= records.apply(ev);
+                    };
+                    apply(ev, &mut seen);
+                    let mut broke = false;
+                    while let Some(more) = w.next().now_or_never() {
+                        match more {
+                            Some(Ok(ev)) => apply(ev, &mut seen),
+                            Some(Err(StoreError::Compacted { .. } | StoreError::WatchLagged(_))) => continue 'list,
+                            _ => {
+                                broke = true;
+                                break;
+                            }
+                        }
+                    }
+                    if changed {
+                        self.publish(&mut records, seen);
+                    } else if self.view().revision < seen {
+                        // Nothing the view keeps changed, but the revision
+                        // moves on (a reader may wait for its own write to
+                        // a key the view does not keep). The kinds' `Arc`s
+                        // stay: followers see nothing changed.
+                        self.publish(&mut records, seen);
+                    }
+                    if broke {
+                        break;
+                    }
+                }
+                // A broken watch: wait a little (jittered) and resume.
+                tokio::time::sleep(backoff.wait()).await;
+            }
+        }
+    }
+}
+
+/// Keep `old`'s `Arc` of every kind equal in `next` (pointer equality then
+/// means "unchanged" across a relist too).
+fn share_unchanged(old: &View, next: &mut View) {
+    if old.networks == next.networks {
+        next.networks = old.networks.clone();
+    }
+    if old.endpoints == next.endpoints {
+        next.endpoints = old.endpoints.clone();
+    }
+    if old.hosts == next.hosts {
+        next.hosts = old.hosts.clone();
+    }
+    if old.services == next.services {
+        next.services = old.services.clone();
+    }
+    if old.keys == next.keys {
+        next.keys = old.keys.clone();
+    }
+}
+
+/// Jittered exponential backoff: 100 ms doubling to 5 s, each wait drawn
+/// from [half, full] of the step so that agents spread out.
+#[derive(Debug)]
+pub struct Backoff {
+    step: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff { step: Duration::from_millis(100) }
+    }
+}
+
+impl Backoff {
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    pub fn wait(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (self.step * 2).min(Backoff::MAX);
+        let half = step / 2;
+        half + Duration::from_micros(rand::random::<u64>() % (half.as_micros() as u64 + 1))
+    }
+}
+
+/// The reconciler reads the informer: a pass sees every write this agent
+/// made before it started, and no store request is made.
+#[async_trait::async_trait]
+impl crate::reconcile::DesiredSource for Informer {
+    async fn load(&self) -> Result<crate::reconcile::Snapshot, String> {
+        let v = self.current().await?;
+        Ok(crate::reconcile::Snapshot {
+            revision: v.revision,
+            networks: v.networks.clone(),
+            endpoints: v.endpoints.clone(),
+            hosts: v.hosts.clone(),
+            services: v.services.clone(),
+            keys: v.keys.clone(),
+            held_ports: Default::default(),
+        })
+    }
+}
+
+/// A store that remembers the revision of its last committed transaction
+/// (see [`Informer::at_least`]); everything else passes through.
+pub struct TrackWrites {
+    inner: Arc<dyn Store>,
+    written: Arc<AtomicI64>,
+}
+
+impl TrackWrites {
+    pub fn new(inner: Arc<dyn Store>) -> (Arc<TrackWrites>, Arc<AtomicI64>) {
+        let written = Arc::new(AtomicI64::new(0));
+        (Arc::new(TrackWrites { inner, written: written.clone() }), written)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for TrackWrites {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn get(&self, key: &str) -> trellis_store::Result<Option<KeyValue>> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> trellis_store::Result<(Vec<KeyValue>, Revision)> {
+        self.inner.list(prefix).await
+    }
+    async fn txn(
+        &self,
+        compares: Vec<trellis_store::Compare>,
+        ops: Vec<trellis_store::Op>,
+    ) -> trellis_store::Result<trellis_store::TxnOutcome> {
+        let writes = !ops.is_empty();
+        let out = self.inner.txn(compares, ops).await?;
+        if out.succeeded && writes {
+            self.written.fetch_max(out.revision, Ordering::SeqCst);
+        }
+        Ok(out)
+    }
+    async fn watch(&self, prefix: &str, start: Revision) -> trellis_store::Result<trellis_store::WatchStream> {
+        self.inner.watch(prefix, start).await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> trellis_store::Result<trellis_store::LeaseId> {
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keep_alive(&self, lease: trellis_store::LeaseId) -> trellis_store::Result<()> {
+        self.inner.lease_keep_alive(lease).await
+    }
+    async fn lease_revoke(&self, lease: trellis_store::LeaseId) -> trellis_store::Result<()> {
+        self.inner.lease_revoke(lease).await
+    }
+    async fn lease_time_to_live(
+        &self,
+        lease: trellis_store::LeaseId,
+    ) -> trellis_store::Result<Option<(Duration, Duration)>> {
+        self.inner.lease_time_to_live(lease).await
+    }
+}
