@@ -71,7 +71,9 @@ pub fn zone_of(
 /// Keep the zone and the listeners current: rebuilt from every informer
 /// view whose records changed (a burst folded into one rebuild, freshness
 /// well under the 100 ms target), after a failed rebuild within a second,
-/// and every [`REFRESH`] anyway (the in-kernel table written again).
+/// and every [`REFRESH`] anyway. Between rebuilds the in-kernel table is
+/// synced again every [`KERNEL_SYNC`] (the dataplane reads it back every
+/// tenth time: a name removed from it by hand comes back).
 pub async fn run(
     informer: Arc<Informer>,
     core: Arc<Core>,
@@ -81,20 +83,30 @@ pub async fn run(
     let mut views = informer.subscribe();
     // Wait for the first listing: an empty zone is no answer.
     let mut v = informer.listed().await;
-    let mut built: Option<Arc<View>> = None;
+    let mut built: Option<(Arc<View>, std::time::Instant)> = None;
+    let mut table = None;
     loop {
-        if !built.as_ref().is_some_and(|b| b.same_records(&v)) {
+        let due = built.as_ref().is_none_or(|(b, at)| !b.same_records(&v) || at.elapsed() >= REFRESH);
+        if due {
             match rebuild(&v, &core, &mut listeners, kernel.as_deref()) {
-                Ok(()) => built = Some(v.clone()),
-                Err(e) => tracing::warn!(error = %e, "DNS zone not updated"),
+                Ok(t) => {
+                    built = Some((v.clone(), std::time::Instant::now()));
+                    table = Some(t);
+                }
+                Err(e) => {
+                    built = None;
+                    tracing::warn!(error = %e, "DNS zone not updated");
+                }
             }
+        } else if let (Some(dp), Some(t)) = (&kernel, &table)
+            && let Err(e) = dp.sync_dns(t)
+        {
+            tracing::warn!(error = %e, "the in-kernel DNS table could not be synced");
         }
-        let wait = if built.is_some() { REFRESH } else { std::time::Duration::from_secs(1) };
-        match tokio::time::timeout(wait, views.changed()).await {
+        match tokio::time::timeout(KERNEL_SYNC, views.changed()).await {
             Ok(Err(_)) => return,
             Ok(Ok(())) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-            // Time for the periodic rebuild.
-            Err(_) => built = None,
+            Err(_) => {}
         }
         v = views.borrow_and_update().clone();
     }
@@ -102,6 +114,8 @@ pub async fn run(
 
 /// The zone is rebuilt at least this often, changes or not.
 pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
+/// The in-kernel table is synced (and now and then read back) this often.
+pub const KERNEL_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The in-kernel DNS table of `zone`: every name a one-network client gets
 /// exactly one address for, keyed by its network's VNI.
@@ -124,20 +138,21 @@ fn rebuild(
     core: &Core,
     listeners: &mut Listeners,
     kernel: Option<&dyn crate::dataplane::Dataplane>,
-) -> Result<(), String> {
+) -> Result<std::collections::BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer>, String> {
     let hosts: Vec<String> = v.hosts.iter().map(|h| h.id.clone()).collect();
     let zone = zone_of(&v.networks, &v.endpoints, &hosts, &v.services);
     // The kernel's table before the server's zone: a name leaving both is
     // gone from the kernel first, so the two never disagree on it.
+    let table = if kernel.is_some() { kernel_table(&zone, &v.networks) } else { Default::default() };
     if let Some(dp) = kernel {
-        dp.sync_dns(&kernel_table(&zone, &v.networks)).map_err(|e| e.to_string())?;
+        dp.sync_dns(&table).map_err(|e| e.to_string())?;
     }
     core.set_zone(zone);
     let gateways: Vec<IpAddr> = v.networks.iter().filter_map(|n| n.gateway).collect();
     for (ip, e) in listeners.set(&gateways) {
         tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");
     }
-    Ok(())
+    Ok(table)
 }
 
 #[cfg(test)]
