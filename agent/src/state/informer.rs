@@ -570,3 +570,212 @@ impl Store for TrackWrites {
         self.inner.lease_time_to_live(lease).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use trellis_store::{LocalStore, Op};
+
+    use super::*;
+
+    fn kv(key: &str, value: serde_json::Value, rev: Revision) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: serde_json::to_vec(&value).unwrap(),
+            create_revision: rev,
+            mod_revision: rev,
+            version: 1,
+            lease: None,
+        }
+    }
+
+    fn host(id: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id, "hostname": id, "underlay": "192.0.2.1", "vtep_mac": "02:00:00:00:00:01",
+            "vxlan_port": 4789, "version": "0", "started_unix": 0,
+        })
+    }
+
+    fn service(name: &str) -> serde_json::Value {
+        serde_json::json!({
+            "name": name, "network_id": "n1", "network": "app", "mode": "vip", "vip": "10.1.0.200",
+            "ports": [], "selector": {}, "created_unix": 0,
+        })
+    }
+
+    fn put(kv: KeyValue) -> WatchEvent {
+        WatchEvent { kind: EventKind::Put, kv }
+    }
+    fn del(key: &str, rev: Revision) -> WatchEvent {
+        WatchEvent { kind: EventKind::Delete, kv: KeyValue { value: vec![], ..kv(key, serde_json::json!(null), rev) } }
+    }
+
+    #[test]
+    fn a_view_shares_what_did_not_change_and_ignores_other_keys() {
+        let mut r = Records::listed(
+            vec![kv(&model::host_key("h1"), host("h1"), 3), kv(&model::service_key("web"), service("web"), 4)],
+            5,
+        );
+        let v1 = r.view(5);
+        assert_eq!((v1.hosts.len(), v1.services.len(), v1.revision), (1, 1, 5));
+        // A key no view holds changes nothing but the revision.
+        assert!(!r.apply(put(kv(&format!("{}ipam/x", model::ROOT), serde_json::json!({}), 6))));
+        let v2 = r.view(6);
+        assert!(v1.same_records(&v2) && v2.revision == 6);
+        // A new service: the services are new, the hosts the same allocation.
+        assert!(r.apply(put(kv(&model::service_key("api"), service("api"), 7))));
+        let v3 = r.view(7);
+        assert!(!v2.same_records(&v3));
+        assert!(Arc::ptr_eq(&v2.hosts, &v3.hosts) && !Arc::ptr_eq(&v2.services, &v3.services));
+        assert_eq!(v3.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["api", "web"]);
+        // The earlier view is untouched (views are immutable).
+        assert_eq!(v2.services.len(), 1);
+        assert!(r.apply(del(&model::host_key("h1"), 8)));
+        assert!(r.view(8).hosts.is_empty());
+    }
+
+    #[test]
+    fn events_older_than_what_is_held_change_nothing() {
+        // The listing at 10 already has web rewritten at 9.
+        let mut r = Records::listed(vec![kv(&model::service_key("web"), service("web"), 9)], 10);
+        let v = r.view(10);
+        // A put from before it (a watch resumed from an older revision) and
+        // a delete from before it are stale.
+        assert!(!r.apply(put(kv(&model::service_key("web"), service("web"), 8))));
+        assert!(!r.apply(del(&model::service_key("web"), 7)));
+        assert!(r.view(10).same_records(&v));
+        assert_eq!(r.view(10).services.len(), 1);
+        // A later delete holds.
+        assert!(r.apply(del(&model::service_key("web"), 11)));
+        assert!(r.view(11).services.is_empty());
+    }
+
+    #[test]
+    fn a_record_that_does_not_decode_is_left_out_and_counted() {
+        let mut r = Records::listed(vec![kv(&model::host_key("h1"), host("h1"), 2)], 2);
+        assert_eq!(r.view(2).hosts.len(), 1);
+        assert!(r.apply(put(kv(&model::host_key("h1"), serde_json::json!({"id": 1}), 3))));
+        assert!(r.view(3).hosts.is_empty(), "a corrupt rewrite replaces the old record");
+        assert_eq!(r.corrupt, 1);
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_the_agents_own_writes_and_follow_the_others() {
+        let raw: Arc<dyn Store> = Arc::new(LocalStore::memory());
+        let (tracked, written) = TrackWrites::new(raw.clone());
+        let inf = Informer::new(tracked.clone(), written);
+        let task = tokio::spawn(inf.clone().run());
+        tracked
+            .txn(vec![], vec![Op::put(model::service_key("web"), serde_json::to_vec(&service("web")).unwrap())])
+            .await
+            .unwrap();
+        // Right after the write, a load sees it (it waits for its revision).
+        let v = inf.current().await.unwrap();
+        assert_eq!(v.services.len(), 1);
+        assert!(v.revision >= inf.written() && inf.written() > 0);
+        // Another host's write arrives through the watch.
+        let mut views = inf.subscribe();
+        raw.txn(vec![], vec![Op::put(model::host_key("h2"), serde_json::to_vec(&host("h2")).unwrap())]).await.unwrap();
+        let v = tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.hosts.len() == 1))
+            .await
+            .unwrap()
+            .unwrap()
+            .clone();
+        assert!(Arc::ptr_eq(&v.services, &inf.view().services), "services unchanged: the same allocation");
+        assert_eq!((inf.stats.lists.load(Ordering::Relaxed), inf.stats.watches.load(Ordering::Relaxed)), (1, 1));
+        task.abort();
+    }
+
+    /// A store whose watches can be made to fail as etcd's do.
+    struct Failing {
+        inner: Arc<dyn Store>,
+        /// The next watch call answers this.
+        next_watch: Mutex<Option<StoreError>>,
+        /// Listings made.
+        lists: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Failing {
+        fn backend(&self) -> &'static str {
+            "failing"
+        }
+        async fn get(&self, key: &str) -> trellis_store::Result<Option<KeyValue>> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> trellis_store::Result<(Vec<KeyValue>, Revision)> {
+            self.lists.fetch_add(1, Ordering::SeqCst);
+            self.inner.list(prefix).await
+        }
+        async fn txn(
+            &self,
+            c: Vec<trellis_store::Compare>,
+            o: Vec<Op>,
+        ) -> trellis_store::Result<trellis_store::TxnOutcome> {
+            self.inner.txn(c, o).await
+        }
+        async fn watch(&self, prefix: &str, start: Revision) -> trellis_store::Result<trellis_store::WatchStream> {
+            if let Some(e) = self.next_watch.lock().unwrap().take() {
+                return Err(e);
+            }
+            self.inner.watch(prefix, start).await
+        }
+        async fn lease_grant(&self, ttl: Duration) -> trellis_store::Result<trellis_store::LeaseId> {
+            self.inner.lease_grant(ttl).await
+        }
+        async fn lease_keep_alive(&self, l: trellis_store::LeaseId) -> trellis_store::Result<()> {
+            self.inner.lease_keep_alive(l).await
+        }
+        async fn lease_revoke(&self, l: trellis_store::LeaseId) -> trellis_store::Result<()> {
+            self.inner.lease_revoke(l).await
+        }
+        async fn lease_time_to_live(
+            &self,
+            l: trellis_store::LeaseId,
+        ) -> trellis_store::Result<Option<(Duration, Duration)>> {
+            self.inner.lease_time_to_live(l).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_compacted_watch_relists_and_an_unavailable_one_resumes() {
+        let raw: Arc<dyn Store> = Arc::new(LocalStore::memory());
+        let store = Arc::new(Failing { inner: raw.clone(), next_watch: Mutex::new(None), lists: AtomicU64::new(0) });
+        // The first watch finds its revision compacted away: list again.
+        *store.next_watch.lock().unwrap() = Some(StoreError::Compacted { requested: 1, oldest: 5 });
+        let inf = Informer::new(store.clone(), Arc::new(AtomicI64::new(0)));
+        let task = tokio::spawn(inf.clone().run());
+        raw.txn(vec![], vec![Op::put(model::host_key("h1"), serde_json::to_vec(&host("h1")).unwrap())]).await.unwrap();
+        let mut views = inf.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.hosts.len() == 1)).await.unwrap().unwrap();
+        assert_eq!(store.lists.load(Ordering::SeqCst), 2, "listed again after the compaction");
+        assert_eq!(inf.stats.watches.load(Ordering::Relaxed), 1);
+        task.abort();
+
+        // A store that is down when the watch opens: retried (backoff), no
+        // second listing, and nothing missed in between.
+        let store = Arc::new(Failing { inner: raw.clone(), next_watch: Mutex::new(None), lists: AtomicU64::new(0) });
+        *store.next_watch.lock().unwrap() = Some(StoreError::Unavailable { backend: "test", reason: "down".into() });
+        let inf = Informer::new(store.clone(), Arc::new(AtomicI64::new(0)));
+        let task = tokio::spawn(inf.clone().run());
+        let mut views = inf.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.hosts.len() == 1)).await.unwrap().unwrap();
+        raw.txn(vec![], vec![Op::put(model::host_key("h2"), serde_json::to_vec(&host("h2")).unwrap())]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), views.wait_for(|v| v.hosts.len() == 2)).await.unwrap().unwrap();
+        assert_eq!(store.lists.load(Ordering::SeqCst), 1, "resumed, not listed again");
+        task.abort();
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_spreads() {
+        let mut b = Backoff::default();
+        let waits: Vec<Duration> = (0..10).map(|_| b.wait()).collect();
+        assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= Backoff::MAX), "{waits:?}");
+        assert!(waits[9] >= Backoff::MAX / 2, "{waits:?}");
+        // Jittered: a hundred agents starting together do not all wait alike.
+        let firsts: std::collections::BTreeSet<Duration> = (0..100).map(|_| Backoff::default().wait()).collect();
+        assert!(firsts.len() > 50, "{} distinct first waits", firsts.len());
+    }
+}
