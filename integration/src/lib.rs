@@ -468,8 +468,26 @@ impl Etcd {
             make_certs(&certs, ip)?;
             e.tls = Some(certs);
         }
-        e.spawn(&etcd)?;
-        Ok(e)
+        // The ports were free when picked; another test (or etcd's own
+        // clients in the root namespace) may take one before etcd binds:
+        // pick again then.
+        for _ in 0..5 {
+            match e.spawn(&etcd) {
+                Ok(()) => return Ok(e),
+                Err(err) if format!("{err:#}").contains("address already in use") => {
+                    if let Some(mut c) = e.child.take() {
+                        let _ = c.kill();
+                        let _ = c.wait();
+                    }
+                    let _ = std::fs::remove_dir_all(e.dir.path().join("data"));
+                    let _ = std::fs::remove_file(e.dir.path().join("etcd.log"));
+                    e.client_port = free_port();
+                    e.peer_port = free_port();
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        bail!("etcd found its ports taken five times in a row")
     }
 
     fn spawn(&mut self, etcd: &Path) -> Result<()> {
@@ -518,7 +536,13 @@ impl Etcd {
             .stdout(log.try_clone()?)
             .stderr(log);
         self.child = Some(cmd.spawn().context("starting etcd")?);
+        let log_path = self.dir.path().join("etcd.log");
+        let taken = || std::fs::read_to_string(&log_path).is_ok_and(|l| l.contains("address already in use"));
         let ok = wait_for(Duration::from_secs(20), || {
+            if taken() {
+                // Given up at once: the caller picks other ports.
+                return true;
+            }
             let probe = match &self.netns {
                 Some(ns) => {
                     in_netns(ns, "bash", &["-c", &format!("exec 3<>/dev/tcp/{}/{}", self.ip, self.client_port)])
@@ -533,7 +557,7 @@ impl Etcd {
                 && std::fs::read_to_string(self.dir.path().join("etcd.log"))
                     .is_ok_and(|l| l.contains("ready to serve client requests"))
         });
-        if !ok {
+        if !ok || taken() {
             bail!(
                 "etcd did not come up; log:\n{}",
                 std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default()
