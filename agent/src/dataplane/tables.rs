@@ -85,51 +85,88 @@ impl TableOps {
     }
 }
 
+/// The entries of `want` that `have` lacks or holds otherwise, and the
+/// keys of `have` that `want` lacks: one walk of both (they are sorted),
+/// not a lookup per entry (a full pass diffs tens of thousands). `each`
+/// sees every wanted entry with what `have` holds for its key.
+fn delta<K: Ord + Clone, V: PartialEq + Clone>(
+    have: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    mut each: impl FnMut(Option<&V>, &V),
+) -> (Vec<(K, V)>, Vec<K>) {
+    use std::cmp::Ordering::{Equal, Greater, Less};
+    let (mut put, mut del) = (Vec::new(), Vec::new());
+    let (mut h, mut w) = (have.iter().peekable(), want.iter().peekable());
+    loop {
+        let order = match (h.peek(), w.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Less,
+            (None, Some(_)) => Greater,
+            (Some((hk, _)), Some((wk, _))) => hk.cmp(wk),
+        };
+        match order {
+            Less => del.push(h.next().expect("peeked").0.clone()),
+            Greater => {
+                let (k, v) = w.next().expect("peeked");
+                each(None, v);
+                put.push((k.clone(), v.clone()));
+            }
+            Equal => {
+                let ((_, hv), (k, v)) = (h.next().expect("peeked"), w.next().expect("peeked"));
+                each(Some(hv), v);
+                if hv != v {
+                    put.push((k.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    (put, del)
+}
+
 impl Tables {
     /// The operations that turn `self` (observed) into `want`.
     pub fn ops_to(&self, want: &Tables) -> TableOps {
-        fn changed<K: Ord + Clone, V: PartialEq + Clone>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<(K, V)> {
-            want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect()
-        }
-        fn gone<K: Ord + Clone, V>(have: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Vec<K> {
-            have.keys().filter(|k| !want.contains_key(*k)).cloned().collect()
-        }
         // A table is rewritten when it is missing or when any of its
         // service's entries (VIP or mesh) records another backend set.
-        let mut stale: BTreeSet<u32> = want
-            .services
-            .iter()
-            .filter(|(k, v)| self.services.get(*k).is_none_or(|o| o.revision != v.revision))
-            .map(|(_, v)| v.id)
-            .collect();
-        stale.extend(
-            want.published
-                .iter()
-                .filter(|(k, v)| self.published.get(*k).is_none_or(|o| o.info.revision != v.info.revision))
-                .map(|(_, v)| v.info.id),
-        );
-        let put_maglev = want
-            .maglev
-            .iter()
-            .filter(|(id, _)| !self.maglev.contains_key(*id) || stale.contains(*id))
-            .map(|(id, b)| (*id, b.clone()))
-            .collect();
+        let mut stale: BTreeSet<u32> = BTreeSet::new();
+        let (put_services, del_services) = delta(&self.services, &want.services, |have, v| {
+            if have.is_none_or(|o| o.revision != v.revision) {
+                stale.insert(v.id);
+            }
+        });
+        let (put_published, del_published) = delta(&self.published, &want.published, |have, v| {
+            if have.is_none_or(|o| o.info.revision != v.info.revision) {
+                stale.insert(v.info.id);
+            }
+        });
+        let mut put_maglev = Vec::new();
+        let (_, del_maglev) = delta(&self.maglev, &want.maglev, |_, _| {});
+        let mut have_ids = self.maglev.keys().peekable();
+        for (id, b) in &want.maglev {
+            while have_ids.next_if(|h| *h < id).is_some() {}
+            if have_ids.peek() != Some(&id) || stale.contains(id) {
+                put_maglev.push((*id, b.clone()));
+            }
+        }
+        let (put_backends, del_backends) = delta(&self.backends, &want.backends, |_, _| {});
+        let (put_nets, del_nets) = delta(&self.nets, &want.nets, |_, _| {});
+        let (put_vips, del_vips) = delta(&self.vips, &want.vips, |_, _| {});
         TableOps {
-            put_backends: changed(&self.backends, &want.backends),
+            put_backends,
             put_maglev,
-            put_nets: changed(&self.nets, &want.nets),
-            put_services: changed(&self.services, &want.services),
-            put_vips: changed(&self.vips, &want.vips),
+            put_nets,
+            put_services,
+            put_vips,
             put_mesh_addrs: want.mesh_addrs.difference(&self.mesh_addrs).copied().collect(),
-            put_published: changed(&self.published, &want.published),
+            put_published,
             set_mesh: (self.mesh_mac != want.mesh_mac).then_some(want.mesh_mac),
-            del_published: gone(&self.published, &want.published),
+            del_published,
             del_mesh_addrs: self.mesh_addrs.difference(&want.mesh_addrs).copied().collect(),
-            del_services: gone(&self.services, &want.services),
-            del_vips: gone(&self.vips, &want.vips),
-            del_maglev: gone(&self.maglev, &want.maglev),
-            del_backends: gone(&self.backends, &want.backends),
-            del_nets: gone(&self.nets, &want.nets),
+            del_services,
+            del_vips,
+            del_maglev,
+            del_backends,
+            del_nets,
         }
     }
 
@@ -166,5 +203,64 @@ impl Tables {
         for k in &ops.del_nets {
             self.nets.remove(k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::Rng;
+
+    use super::*;
+
+    /// What `delta` replaced: a lookup per entry.
+    fn naive<K: Ord + Clone, V: PartialEq + Clone>(
+        have: &BTreeMap<K, V>,
+        want: &BTreeMap<K, V>,
+    ) -> (Vec<(K, V)>, Vec<K>) {
+        let put = want.iter().filter(|(k, v)| have.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let del = have.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+        (put, del)
+    }
+
+    #[test]
+    fn one_walk_finds_what_a_lookup_per_entry_finds() {
+        let mut rng = rand::rng();
+        for _ in 0..500 {
+            let mut map = || -> BTreeMap<u16, u8> {
+                (0..rng.random_range(0..60)).map(|_| (rng.random_range(0..80), rng.random_range(0..3))).collect()
+            };
+            let (have, want) = (map(), map());
+            let mut seen = Vec::new();
+            let got = delta(&have, &want, |h, v| seen.push((h.copied(), *v)));
+            assert_eq!(got, naive(&have, &want), "have {have:?} want {want:?}");
+            // Every wanted entry is shown once, with what `have` holds.
+            let expect: Vec<(Option<u8>, u8)> = want.iter().map(|(k, v)| (have.get(k).copied(), *v)).collect();
+            assert_eq!(seen, expect);
+        }
+    }
+
+    #[test]
+    fn maglev_tables_are_rewritten_when_missing_or_stale_only() {
+        let svc = |id: u32, revision: u32| SvcInfo { id, target_port: 0, pad: 0, count: 1, revision };
+        let key = |port: u16| SvcKey::new(Ipv4Addr::new(10, 0, 0, 1), port, 6);
+        let mut want = Tables::default();
+        for id in 1..=4 {
+            want.services.insert(key(id as u16), svc(id, 7));
+            want.maglev.insert(id, vec![Ipv4Addr::new(10, 0, 1, id as u8)]);
+        }
+        let mut have = want.clone();
+        // 1: missing; 2: its service records another backend set; 5: gone.
+        have.maglev.remove(&1);
+        have.services.insert(key(2), svc(2, 6));
+        have.maglev.insert(5, vec![]);
+        for v in have.maglev.values_mut() {
+            v.clear();
+        }
+        let ops = have.ops_to(&want);
+        assert_eq!(ops.put_maglev.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(ops.del_maglev, [5]);
+        assert_eq!(ops.put_services, [(key(2), svc(2, 7))]);
+        have.apply(&ops);
+        assert!(have.ops_to(&want).is_empty());
     }
 }
