@@ -31,6 +31,11 @@ pub struct FakeDataplane {
     pub held_ports: Mutex<std::collections::BTreeMap<(crate::model::Proto, u16), String>>,
     /// The peers that answer probes.
     pub peers: std::sync::Arc<Mutex<FakePeers>>,
+    /// Its tables' generation, as the real dataplane keeps one for its
+    /// picture of them: bumped by every table change it applies and by
+    /// every change a test makes with [`FakeDataplane::with_state`] (which
+    /// stands for a change made outside and read back).
+    pub tables_generation: std::sync::atomic::AtomicU64,
 }
 
 /// Which addresses answer the fake kernel's probes.
@@ -78,6 +83,7 @@ impl FakeDataplane {
         std::mem::take(&mut *self.log.lock().unwrap())
     }
     pub fn with_state<R>(&self, f: impl FnOnce(&mut Observed) -> R) -> R {
+        self.tables_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         f(&mut self.state.lock().unwrap())
     }
 }
@@ -91,6 +97,8 @@ impl Dataplane for FakeDataplane {
         if !rules {
             o.egress = None;
         }
+        o.tables_cached = true;
+        o.tables_generation = self.tables_generation.load(std::sync::atomic::Ordering::SeqCst);
         Ok(o)
     }
 
@@ -108,6 +116,9 @@ impl Dataplane for FakeDataplane {
                 object: "fake".into(),
                 source: std::io::Error::from_raw_os_error(2),
             });
+        }
+        if matches!(action, Action::UpdateTables(_)) {
+            self.tables_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         self.state.lock().unwrap().record(action)
     }

@@ -51,8 +51,16 @@ pub struct Observed {
     pub mesh_links: BTreeSet<String>,
     /// The fingerprint of the installed egress rules, if any are.
     pub egress: Option<String>,
-    /// The eBPF tables (empty without the program).
-    pub tables: Tables,
+    /// The eBPF tables (empty without the program), shared with the
+    /// dataplane's own picture of them.
+    pub tables: std::sync::Arc<Tables>,
+    /// `tables` is the dataplane's picture at [`Observed::tables_generation`],
+    /// not read back from the kernel this time: a pass that found these
+    /// same tables clean for the same desired state needs not diff them.
+    pub tables_cached: bool,
+    /// The dataplane's picture of the tables changes generation with every
+    /// read-back and every change it applies.
+    pub tables_generation: u64,
     /// Trellis's IPsec SAs and policies.
     pub xfrm: trellis_ipsec::ObservedXfrm,
 }
@@ -138,7 +146,11 @@ impl Observed {
                 self.programs.remove(ifname);
                 self.program_flags.remove(ifname);
             }
-            Action::UpdateTables(ops) => self.tables.apply(ops),
+            Action::UpdateTables(ops) => {
+                std::sync::Arc::make_mut(&mut self.tables).apply(ops);
+                // No longer the dataplane's picture at that generation.
+                self.tables_cached = false;
+            }
             Action::Xfrm { op, .. } => match op {
                 trellis_ipsec::XfrmOp::AddSa(sa) => {
                     let seen = trellis_ipsec::xfrm::ObservedSa {

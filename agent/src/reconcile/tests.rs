@@ -446,7 +446,7 @@ fn service_tables_hold_reachable_backends_and_change_in_a_safe_order() {
     assert_eq!(ops.put_maglev.iter().map(|(id, b)| (*id, b.len())).collect::<Vec<_>>(), vec![(id, 3)]);
     assert_eq!(ops.put_services.len(), 1);
     assert!(ops.del_backends.is_empty());
-    obs.tables.apply(&ops);
+    Arc::make_mut(&mut obs.tables).apply(&ops);
     // The service goes: entries first, then what they pointed to.
     let gone = tables(&nets, &eps, &hosts3, &[], &me, &d3);
     let ops = obs.tables.ops_to(&gone);
@@ -1063,4 +1063,43 @@ async fn a_draining_endpoint_is_not_final_until_its_drain_ends() {
     let rep = r.pass().await.unwrap();
     assert!(!dp.with_state(|s| s.links.contains_key("trv-e1")));
     assert_eq!(rep.finalizable.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e1"]);
+}
+
+/// A source handing out the same records every time, as an informer does
+/// while nothing changes.
+struct Unchanged(Snapshot);
+#[async_trait::async_trait]
+impl DesiredSource for Unchanged {
+    async fn load(&self) -> Result<Snapshot, String> {
+        Ok(self.0.clone())
+    }
+}
+
+#[tokio::test]
+async fn an_unchanged_view_reuses_its_desired_state_and_skips_clean_tables_until_they_change() {
+    let (snap, me) = mesh_lab(model::PublishMode::Ingress);
+    let dp = Arc::new(FakeDataplane::default());
+    let r = Reconciler::new(dp.clone(), Arc::new(Unchanged(snap)), me);
+    let first = r.pass().await.unwrap();
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert!(dp.take_log().iter().any(|a| matches!(a, Action::UpdateTables(_))), "the tables went in");
+    // The full passes that follow: computed once, then reused; the tables
+    // compared once more (they changed in the first pass), then skipped.
+    for _ in 0..3 {
+        assert_eq!(r.full_pass().await.unwrap().actions, 0, "{:?}", dp.take_log());
+    }
+    assert_eq!((r.computed.load(Ordering::Relaxed), r.reused.load(Ordering::Relaxed)), (1, 3));
+    assert_eq!(r.tables_skipped.load(Ordering::Relaxed), 2);
+    // A published port's entry gone from the kernel (read back: a new
+    // generation): the next full pass compares again and puts it back.
+    let key = dp.with_state(|s| s.tables.published.keys().next().copied()).expect("a published entry");
+    dp.with_state(|s| Arc::make_mut(&mut s.tables).published.remove(&key));
+    let repaired = r.full_pass().await.unwrap();
+    assert_eq!(repaired.actions, 1);
+    let log = dp.take_log();
+    assert!(
+        log.iter().any(|a| matches!(a, Action::UpdateTables(ops) if ops.put_published.iter().any(|(k, _)| *k == key))),
+        "{log:?}"
+    );
+    assert_eq!(r.tables_skipped.load(Ordering::Relaxed), 2, "not skipped with a new generation");
 }

@@ -471,7 +471,7 @@ pub async fn refresh(
 }
 
 /// The metrics' IPAM counts are listed at least this often.
-pub const IPAM_EVERY: Duration = Duration::from_secs(30);
+pub const IPAM_EVERY: Duration = Duration::from_secs(300);
 
 /// OpenMetrics text (what prometheus-client writes) as the Prometheus text
 /// format 0.0.4, for clients that do not ask for OpenMetrics (and for

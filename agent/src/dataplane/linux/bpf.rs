@@ -225,10 +225,11 @@ impl NetlinkDataplane {
     pub(super) fn update_tables(&self, ops: &TableOps) -> Result<()> {
         let applied = self.apply_table_ops(ops);
         let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
-        match (&applied, seen.0.as_mut()) {
-            (Ok(()), Some(t)) => t.apply(ops),
+        seen.generation += 1;
+        match (&applied, seen.tables.as_mut()) {
+            (Ok(()), Some(t)) => std::sync::Arc::make_mut(t).apply(ops),
             // Partly applied: read everything back next time.
-            _ => seen.0 = None,
+            _ => seen.tables = None,
         }
         applied
     }
@@ -297,23 +298,27 @@ impl NetlinkDataplane {
     }
 
     /// The tables: read back from the kernel when asked for `fresh` ones
-    /// on every tenth call, else as last read and changed since.
-    pub(super) fn observe_tables(&self, fresh: bool) -> Result<Tables> {
+    /// on every tenth call, else as last read and changed since (shared,
+    /// not copied); whether they are that cache, and its generation.
+    pub(super) fn observe_tables(&self, fresh: bool) -> Result<(std::sync::Arc<Tables>, bool, u64)> {
         if self.bpf.is_none() {
             return Ok(Default::default());
         }
         {
             let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
-            seen.1 = seen.1.wrapping_add(1);
-            if let Some(t) = &seen.0
-                && !(fresh && seen.1.is_multiple_of(10))
+            seen.uses = seen.uses.wrapping_add(1);
+            let read_back = fresh && seen.uses.is_multiple_of(10);
+            if let Some(t) = &seen.tables
+                && !read_back
             {
-                return Ok(t.clone());
+                return Ok((t.clone(), true, seen.generation));
             }
         }
-        let t = self.read_tables()?;
-        self.tables_seen.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(t.clone());
-        Ok(t)
+        let t = std::sync::Arc::new(self.read_tables()?);
+        let mut seen = self.tables_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.generation += 1;
+        seen.tables = Some(t.clone());
+        Ok((t, false, seen.generation))
     }
 
     /// The tables as the kernel has them (Maglev tables by id).

@@ -85,7 +85,8 @@ pub struct NetlinkDataplane {
     /// tens of thousands of entries back (two syscalls each) on every
     /// periodic pass cost a cluster with thousands of services a steady
     /// share of a CPU, so they are read back on every tenth.
-    tables_seen: std::sync::Mutex<(Option<crate::dataplane::Tables>, u32)>,
+    /// With a generation, bumped on every read-back and change.
+    tables_seen: std::sync::Mutex<TablesSeen>,
     /// The in-kernel DNS table as last written, and a count of syncs: read
     /// back in full on every tenth and after a failure (reading 20,000
     /// names back took two system calls each on every zone rebuild).
@@ -171,6 +172,15 @@ impl NetlinkDataplane {
             DataplaneError::Io { call: "xfrm", object: "executor".into(), source: std::io::Error::other(e) }
         })?
     }
+}
+
+/// The tables as last read back and changed since, how many full
+/// observations used them, and their generation.
+#[derive(Default)]
+pub(super) struct TablesSeen {
+    pub tables: Option<std::sync::Arc<crate::dataplane::Tables>>,
+    pub uses: u32,
+    pub generation: u64,
 }
 
 #[async_trait::async_trait]
@@ -262,10 +272,19 @@ impl Dataplane for NetlinkDataplane {
         self.sweep_gone_interfaces(&names);
         let (programs, program_flags) = self.observe_programs(&links);
         let mesh_links = self.observe_mesh_links(&links);
-        let tables = self.observe_tables(rules)?;
+        let (tables, tables_cached, tables_generation) = self.observe_tables(rules)?;
         let xfrm = self.observe_xfrm_async().await?;
-        let mut observed =
-            Observed { egress, programs, program_flags, mesh_links, tables, xfrm, ..Observed::default() };
+        let mut observed = Observed {
+            egress,
+            programs,
+            program_flags,
+            mesh_links,
+            tables,
+            tables_cached,
+            tables_generation,
+            xfrm,
+            ..Observed::default()
+        };
         for (index, l) in owned {
             observed.links.insert(
                 l.name.clone(),

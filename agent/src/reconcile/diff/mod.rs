@@ -28,6 +28,18 @@ use crate::dataplane::{Action, Observed};
 use crate::reconcile::DesiredHost;
 
 pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
+    diff_with(desired, observed, true)
+}
+
+/// [`diff`] but the eBPF tables, which the caller knows to match (the same
+/// desired tables and the same picture of the kernel's as a pass that found
+/// them equal): comparing tens of thousands of entries on every periodic
+/// pass is what an idle agent would spend its time on.
+pub fn diff_but_tables(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
+    diff_with(desired, observed, false)
+}
+
+fn diff_with(desired: &DesiredHost, observed: &Observed, with_tables: bool) -> Vec<Action> {
     let mut acts = Vec::new();
     let xfrm = trellis_ipsec::xfrm::diff(&desired.xfrm, &observed.xfrm);
     let xfrm_action = |op: &trellis_ipsec::XfrmOp| {
@@ -45,7 +57,9 @@ pub fn diff(desired: &DesiredHost, observed: &Observed) -> Vec<Action> {
     tunnels::vxlans(desired, observed, &mut acts);
     programs::attach(desired, observed, &mut acts);
     programs::attach_mesh(desired, observed, &mut acts);
-    tables(desired, observed, &mut acts);
+    if with_tables {
+        tables(desired, observed, &mut acts);
+    }
     programs::detach(desired, observed, &mut acts);
     programs::detach_mesh(desired, observed, &mut acts);
     egress(desired, observed, &mut acts);
