@@ -58,7 +58,9 @@ pub async fn resync(
         tick.tick().await;
         dns_changed.notify_one();
         match reconciler.full_pass().await {
-            Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
+            Ok(r) => {
+                settle(&cluster, dp.as_ref(), &r).await;
+            }
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }
     }
@@ -236,7 +238,9 @@ pub async fn watch_store(
             }
             dns_changed.notify_one();
             match reconciler.pass().await {
-                Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
+                Ok(r) => {
+                settle(&cluster, dp.as_ref(), &r).await;
+            }
                 Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
             }
         }

@@ -253,6 +253,7 @@ fn mesh_lab(mode: model::PublishMode) -> (Snapshot, Identity) {
         services: vec![web],
         keys: BTreeMap::new(),
         held_ports: Default::default(),
+        mesh_addrs: Vec::new(),
     };
     (snap, me)
 }
@@ -972,6 +973,7 @@ fn unready_backends_get_no_connection_and_draining_ones_keep_theirs() {
         services: svcs.clone(),
         keys: BTreeMap::new(),
         held_ports: Default::default(),
+        mesh_addrs: Vec::new(),
     };
     let all = desired_host(&snap(&eps), &me);
     assert_eq!(all.tables.maglev[&id], vec![ip("10.1.0.2"), ip("10.1.0.3"), ip("10.1.0.4")]);
