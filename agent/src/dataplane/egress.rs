@@ -134,6 +134,10 @@ impl MeshRule {
 pub struct MeshSnat {
     pub bridge: String,
     pub vxlan: String,
+    /// The bridge's own MAC (the gateway's): what the host's frames leave
+    /// with, and only those get the mesh MAC (the eBPF mesh's frames,
+    /// redirected into the bridge, keep theirs).
+    pub gateway_mac: Mac,
     pub addr: Ipv4Addr,
     pub mac: Mac,
 }
@@ -143,7 +147,8 @@ pub struct MeshSnat {
 const MESH_PORT_SETS: [(Proto, &str); 2] = [(Proto::Tcp, "mesh_tcp"), (Proto::Udp, "mesh_udp")];
 /// Output bridge → the host's mesh address on it.
 const MESH_SNAT_MAP: &str = "mesh_snat";
-/// VXLAN device → the host's mesh MAC on its network (`bridge trellis`).
+/// VXLAN device . the bridge's MAC → the host's mesh MAC on its network
+/// (`bridge trellis`).
 const MESH_SRC_MAP: &str = "mesh_src";
 
 /// The maps of published ports, as (to address, to port): nft 1.0.6's
@@ -436,7 +441,9 @@ impl EgressRules {
     }
 
     /// The rules of `bridge trellis`: what the host sends into a VXLAN
-    /// device leaves from its mesh MAC on that network.
+    /// device from the bridge's MAC leaves from its mesh MAC on that
+    /// network (the frames the eBPF mesh redirects into the bridge pass
+    /// this hook too, from their own MAC: untouched).
     fn bridge_rules(&self) -> Vec<Vec<Statement<'static>>> {
         if !self.mesh_on() {
             return Vec::new();
@@ -446,7 +453,7 @@ impl EgressRules {
             Statement::Mangle(nftables::stmt::Mangle {
                 key: payload("ether", "saddr"),
                 value: Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
-                    key: meta(MetaKey::Oifname),
+                    key: concat(vec![meta(MetaKey::Oifname), payload("ether", "saddr")]),
                     data: s(format!("@{MESH_SRC_MAP}")),
                 }))),
             }),
@@ -456,7 +463,7 @@ impl EgressRules {
     /// The elements of the mesh's named sets and maps: ports by protocol,
     /// SNAT addresses by bridge, MACs by VXLAN device.
     #[allow(clippy::type_complexity)]
-    fn mesh_elements(&self) -> (Vec<(Proto, Vec<u16>)>, Vec<(String, Ipv4Addr)>, Vec<(String, Mac)>) {
+    fn mesh_elements(&self) -> (Vec<(Proto, Vec<u16>)>, Vec<(String, Ipv4Addr)>, Vec<(String, Mac, Mac)>) {
         if !self.mesh_on() {
             return (Vec::new(), Vec::new(), Vec::new());
         }
@@ -471,7 +478,7 @@ impl EgressRules {
             .filter(|(_, p)| !p.is_empty())
             .collect();
         let snat = self.mesh_snat.iter().map(|m| (m.bridge.clone(), m.addr)).collect();
-        let src = self.mesh_snat.iter().map(|m| (m.vxlan.clone(), m.mac)).collect();
+        let src = self.mesh_snat.iter().map(|m| (m.vxlan.clone(), m.gateway_mac, m.mac)).collect();
         (ports, snat, src)
     }
 
@@ -699,7 +706,8 @@ impl EgressRules {
         let bridge = self.bridge_rules();
         if self.mesh_on() {
             let (ports, snat, src) = self.mesh_elements();
-            let src: Vec<(String, String)> = src.into_iter().map(|(d, m)| (d, m.to_string())).collect();
+            let src: Vec<(String, String, String)> =
+                src.into_iter().map(|(d, g, m)| (d, g.to_string(), m.to_string())).collect();
             text.push_str(&serde_json::to_string(&(ports, snat, src, &bridge)).expect("mesh serializes"));
         }
         format!("{:016x}/{}", fnv1a(text.as_bytes()), rules.len() + bridge.len())
@@ -831,10 +839,15 @@ impl EgressRules {
                 family: NfFamily::Bridge,
                 table: Cow::Borrowed(TABLE),
                 name: Cow::Borrowed(MESH_SRC_MAP),
-                set_type: SetTypeValue::Single(SetType::Ifname),
+                set_type: SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ifname, SetType::EtherAddr])),
                 map: SetTypeValue::Single(SetType::EtherAddr),
                 elem: Some(Cow::Owned(
-                    mesh_src.iter().map(|(d, mac)| Expression::List(vec![s(d.clone()), s(mac.to_string())])).collect(),
+                    mesh_src
+                        .iter()
+                        .map(|(d, gw, mac)| {
+                            Expression::List(vec![concat(vec![s(d.clone()), s(gw.to_string())]), s(mac.to_string())])
+                        })
+                        .collect(),
                 )),
                 ..Map::default()
             })));
@@ -1102,6 +1115,130 @@ mod tests {
         assert!(masq[0].contains("10.1.0.0"));
         assert!(masq[1].contains("\"iifname\"") && masq[1].contains("dnat"), "{}", masq[1]);
         assert!(masq[2].contains("127.0.0.0"), "{}", masq[2]);
+    }
+
+    fn mesh(service: &str, proto: Proto, host_port: u16, target: u16, backends: &[&str], hairpin: bool) -> MeshRule {
+        MeshRule {
+            proto,
+            host_port,
+            service: service.into(),
+            target,
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            hairpin_only: hairpin,
+        }
+    }
+
+    fn snat(net: &str, addr: &str) -> MeshSnat {
+        MeshSnat {
+            bridge: format!("trb-{net}"),
+            vxlan: format!("trx-{net}"),
+            gateway_mac: Mac([2, 0x42, 10, 1, 0, 0]),
+            addr: addr.parse().unwrap(),
+            mac: Mac::for_ip(addr.parse().unwrap()),
+        }
+    }
+
+    /// The rules of `r` as (chain, JSON of the statements).
+    fn json_rules(r: &EgressRules) -> Vec<(String, String)> {
+        r.rules().into_iter().map(|(c, st)| (c, serde_json::to_string(&st).unwrap())).collect()
+    }
+
+    #[test]
+    fn mesh_ports_are_map_elements_and_services_chains_not_rules_per_packet() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2", "10.1.0.3"], false)]);
+        let one = json_rules(&r);
+        let chains: Vec<&str> = one.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            chains,
+            ["forward", "postrouting", "forward", "postrouting", "prerouting", "output", "mesh_web_tcp_8080"],
+            "the accept of DNATed traffic first of forward; SNAT first of postrouting; one lookup per hook; the service's chain"
+        );
+        let fp_one = r.fingerprint();
+        // A thousand more ports of the service: the same rules (the
+        // lookups hold more elements), the same chain.
+        r.publish_mesh((0..1000).map(|i| mesh("web", Proto::Tcp, 31000 + i, 8080, &["10.1.0.2", "10.1.0.3"], false)));
+        let many = json_rules(&r);
+        assert_eq!(many.len(), one.len(), "per-packet work must not grow with the ports");
+        assert!(many[4].1.contains("31999") && many[5].1.contains("31999"), "{}", many[4].1);
+        assert_ne!(r.fingerprint(), fp_one);
+        // A thousand services: a chain each, jumped to from the same one
+        // lookup per hook (a packet sees one lookup and one rule).
+        let mut s = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        s.mesh_address(snat("a", "10.1.0.5"));
+        s.publish_mesh((0..1000).map(|i| mesh(&format!("s{i}"), Proto::Udp, 20000 + i, 53, &["10.1.0.9"], false)));
+        let rules = json_rules(&s);
+        let base: Vec<_> = rules.iter().filter(|(c, _)| !c.starts_with("mesh_")).collect();
+        assert_eq!(base.len(), one.len() - 1, "{base:?}");
+        assert_eq!(rules.iter().filter(|(c, _)| c.starts_with("mesh_s")).count(), 1000);
+        let json = to_nft_json(&s.batch()).unwrap();
+        assert!(json.contains("\"numgen\""), "{json}");
+        if let Ok(path) = std::env::var("TRELLIS_DUMP_NFT_MESH") {
+            std::fs::write(path, to_nft_json(&r.batch()).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_mesh_connection_is_snated_to_the_host_s_address_on_the_backend_s_network() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", false)]);
+        r.publish("trb-b", [published(Proto::Tcp, None, 18080, "10.2.0.7", 80)]);
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([
+            mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2"], false),
+            mesh("dns", Proto::Udp, 30053, 53, &["10.1.0.3", "10.1.0.4", "10.1.0.6"], false),
+        ]);
+        let rules = json_rules(&r);
+        let post: Vec<&String> = rules.iter().filter(|(c, _)| c == "postrouting").map(|(_, j)| j).collect();
+        // Before every masquerade (a container of another network would be
+        // masqueraded to the gateway, which answers on every host).
+        assert!(post[0].contains("\"snat\"") && post[0].contains("@mesh_tcp"), "{}", post[0]);
+        assert!(post[1].contains("\"snat\"") && post[1].contains("@mesh_udp"), "{}", post[1]);
+        assert!(post[2..].iter().all(|j| !j.contains("\"snat\"")), "{post:?}");
+        assert!(post[0].contains("\"proto-dst\"") && post[0].contains("\"original\""), "{}", post[0]);
+        let json = to_nft_json(&r.batch()).unwrap();
+        // The sets hold the mesh's ports, not the -p one (which keeps the
+        // outside client's address).
+        assert!(json.contains("\"name\":\"mesh_tcp\"") && json.contains("[30080]"), "{json}");
+        assert!(json.contains("[30053]") && !json.contains("[18080]"), "{json}");
+        assert!(json.contains("[\"trb-a\",\"10.1.0.5\"]"), "{json}");
+        // What the host sends into the VXLAN device leaves from its mesh MAC.
+        assert!(json.contains("\"family\":\"bridge\""), "{json}");
+        assert!(
+            json.contains("[{\"concat\":[\"trx-a\",\"02:42:0a:01:00:00\"]},\"02:42:0a:01:00:05\"]"),
+            "only from the bridge's own MAC: {json}"
+        );
+        // A backend at random of the three, to the target port.
+        let chain = rules.iter().find(|(c, _)| c == "mesh_dns_udp_53").unwrap();
+        assert!(chain.1.contains("\"mod\":3") && chain.1.contains("\"port\":53"), "{}", chain.1);
+        assert!(chain.1.contains("[2,\"10.1.0.6\"]"), "{}", chain.1);
+    }
+
+    #[test]
+    fn hairpin_only_ports_are_looked_up_for_containers_only() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2"], true)]);
+        let rules = json_rules(&r);
+        let lookups: Vec<_> = rules.iter().filter(|(_, j)| j.contains("\"vmap\"")).collect();
+        assert_eq!(lookups.len(), 1, "{lookups:?}");
+        assert_eq!(lookups[0].0, "prerouting", "not output: the host's own clients take the eBPF path");
+        assert!(lookups[0].1.contains("\"iifname\"") && lookups[0].1.contains("trb-*"), "{}", lookups[0].1);
+    }
+
+    #[test]
+    fn no_mesh_address_or_no_backend_leaves_the_table_as_before() {
+        let plain = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        let mut r = plain.clone();
+        // Without an address to SNAT to, nothing can be published yet.
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2"], false)]);
+        assert_eq!(r.fingerprint(), plain.fingerprint());
+        // Without a backend: the port is the host's (it refuses).
+        let mut r = plain.clone();
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &[], false)]);
+        assert_eq!(r.fingerprint(), plain.fingerprint());
+        assert!(!to_nft_json(&r.batch()).unwrap().contains("mesh_"));
     }
 
     #[test]

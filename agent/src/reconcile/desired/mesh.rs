@@ -301,6 +301,7 @@ pub fn mesh(
         d.egress.mesh_address(MeshSnat {
             bridge: veth.bridge.clone(),
             vxlan: model::vxlan_name(&n.id),
+            gateway_mac: model::Mac::for_ip(n.subnet.network()),
             addr: veth.addr,
             mac: veth.mac,
         });
