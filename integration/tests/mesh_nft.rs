@@ -320,7 +320,10 @@ fn a_mixed_cluster_publishes_on_every_host_through_the_datapath_each_can() {
         "host 0 says web goes through nftables: {s0}"
     );
     let text = h[0].ctl(&["status"]).unwrap();
-    assert!(text.contains("through nftables instead (SNAT: a backend runs on a host without eBPF): 30780/tcp"), "{text}");
+    assert!(
+        text.contains("through nftables instead (SNAT: a backend runs on a host without eBPF): 30780/tcp"),
+        "{text}"
+    );
     assert_eq!(h[1].ctl_json(&["status"]).unwrap()["mesh"]["datapath"], "nftables");
 
     // api's backends all run on eBPF hosts (host 0): hosts 0 and 2 keep
@@ -353,8 +356,18 @@ fn hairpin(flags: impl Fn(usize) -> Vec<String>, subnet: &str, port: u16, ebpf: 
     let (lab, _servers) = lab_with_backends(flags, subnet);
     let h = &lab.hosts;
     h[0].ctl(&["network", "create", "clients", "--attachable"]).unwrap();
-    h[0].ctl(&["service", "create", "web", "--network", "edge", "--port", "80:8080", "--publish", &format!("{port}:80")])
-        .unwrap();
+    h[0].ctl(&[
+        "service",
+        "create",
+        "web",
+        "--network",
+        "edge",
+        "--port",
+        "80:8080",
+        "--publish",
+        &format!("{port}:80"),
+    ])
+    .unwrap();
     let addrs: Vec<String> = h.iter().map(|host| mesh_addr(host, "edge")).collect();
     for from in [2usize, 0] {
         let c = h[from].attach("clients", &format!("c{from}"), &[]).unwrap();
@@ -364,10 +377,9 @@ fn hairpin(flags: impl Fn(usize) -> Vec<String>, subnet: &str, port: u16, ebpf: 
                 .map_err(|e| format!("connect {to}: {e}"))?;
             read_line(&mut conn).map_err(|e| format!("read {to}: {e}"))
         };
-        for (to_host, seen) in [
-            (from, addrs[from].clone()),
-            (1, if ebpf { underlay_ip(from + 1) } else { addrs[1].clone() }),
-        ] {
+        for (to_host, seen) in
+            [(from, addrs[from].clone()), (1, if ebpf { underlay_ip(from + 1) } else { addrs[1].clone() })]
+        {
             let to = at(to_host, port);
             assert!(
                 wait_for(Duration::from_secs(20), || ask(to).is_ok()),
@@ -397,4 +409,70 @@ fn containers_reach_a_mesh_port_through_their_own_host_and_another_with_ebpf() {
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn containers_reach_a_mesh_port_through_their_own_host_and_another_without_ebpf() {
     hairpin(no_ebpf, "10.79.0.0/24", 30980, false);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn an_agent_killed_under_traffic_through_nftables_fails_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    require_root();
+    let (mut lab, _servers) = lab_with_backends(no_ebpf, "10.80.0.0/24");
+    lab.hosts[0]
+        .ctl(&["service", "create", "web", "--network", "edge", "--port", "80:8080", "--publish", "31080:80"])
+        .unwrap();
+    let addr = mesh_addr(&lab.hosts[2], "edge");
+    let veth_index = |h: &Host| {
+        h.ns.ip(&["-o", "link", "show"])
+            .unwrap()
+            .lines()
+            .find(|l| l.contains(": trm-"))
+            .map(|l| l.split(':').next().unwrap().to_string())
+    };
+    let client = Arc::new(Client::new(&lab.underlay.path()).unwrap());
+    // Through host 2: every connection crosses to another host.
+    let to = at(2, 31080);
+    assert!(wait_for(Duration::from_secs(20), || client.request(to).is_ok()), "host 2 never answered");
+    let before = veth_index(&lab.hosts[2]);
+    assert!(before.is_some(), "host 2 has a mesh veth");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let worker = {
+        let (client, stop, ok, failed) = (client.clone(), stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match client.request(to) {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        errors.push(e.to_string());
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+            errors
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // The host that takes the connections, and a backend's host: the
+    // rules, the mesh veth and the connections are the kernel's.
+    lab.hosts[2].kill9();
+    lab.hosts[1].kill9();
+    std::thread::sleep(Duration::from_millis(700));
+    lab.hosts[2].start().unwrap();
+    lab.hosts[1].start().unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    let errors = worker.join().unwrap();
+    assert!(ok.load(Ordering::Relaxed) > 50, "only {} requests ran", ok.load(Ordering::Relaxed));
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed across the kill: {errors:?}");
+    assert_eq!(spread(&client, to, 30, &addr).len(), 2, "both backends still reached after the restarts");
+    assert_eq!(veth_index(&lab.hosts[2]), before, "the restarted agent adopted its mesh veth");
+    let log = lab.hosts[2].log();
+    // (The log is coloured: the escapes go first.)
+    let mut parts = log.split('\x1b');
+    let mut plain = parts.next().unwrap_or_default().to_string();
+    plain.extend(parts.map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)));
+    let last = plain.lines().filter(|l| l.contains("initial reconcile")).last().unwrap_or_default();
+    assert!(last.contains("actions=0"), "the restarted agent changed what it found: {last}");
 }

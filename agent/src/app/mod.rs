@@ -125,14 +125,13 @@ pub async fn settle(cluster: &Cluster, dp: &dyn Dataplane, report: &PassReport) 
     if !report.acks.is_empty() {
         cluster.publish_acks(&report.acks).await;
     }
-    let mesh_changed =
-        match cluster.sync_mesh_addrs(&report.mesh_addrs_missing, &report.mesh_addrs_releasable).await {
-            Ok(changed) => changed,
-            Err(err) => {
-                tracing::warn!(error = %err, "allocating or releasing this host's mesh addresses");
-                false
-            }
-        };
+    let mesh_changed = match cluster.sync_mesh_addrs(&report.mesh_addrs_missing, &report.mesh_addrs_releasable).await {
+        Ok(changed) => changed,
+        Err(err) => {
+            tracing::warn!(error = %err, "allocating or releasing this host's mesh addresses");
+            false
+        }
+    };
     for e in &report.finalizable {
         match cluster.finalize(e).await {
             Ok(()) => {

@@ -239,8 +239,8 @@ pub async fn watch_store(
             dns_changed.notify_one();
             match reconciler.pass().await {
                 Ok(r) => {
-                settle(&cluster, dp.as_ref(), &r).await;
-            }
+                    settle(&cluster, dp.as_ref(), &r).await;
+                }
                 Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
             }
         }

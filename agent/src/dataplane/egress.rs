@@ -384,9 +384,8 @@ impl EgressRules {
                 })
             })
         };
-        let local = || {
-            vec![m(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4")), m(fib_daddr_type(), Operator::EQ, s("local"))]
-        };
+        let local =
+            || vec![m(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4")), m(fib_daddr_type(), Operator::EQ, s("local"))];
         if let Some(v) = vmap(false) {
             // From anywhere (outside, containers), and from the host itself.
             for chain in ["prerouting", "output"] {
@@ -417,9 +416,7 @@ impl EgressRules {
                     r.backends
                         .iter()
                         .enumerate()
-                        .map(|(i, b)| {
-                            nftables::expr::SetItem::Mapping(Expression::Number(i as u32), s(b.to_string()))
-                        })
+                        .map(|(i, b)| nftables::expr::SetItem::Mapping(Expression::Number(i as u32), s(b.to_string())))
                         .collect(),
                 )),
             })));

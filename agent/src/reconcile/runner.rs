@@ -232,12 +232,8 @@ impl Reconciler {
                 "reconciled"
             );
         }
-        let have: std::collections::BTreeSet<&str> = snapshot
-            .mesh_addrs
-            .iter()
-            .filter(|m| m.host == self.me.host)
-            .map(|m| m.network_id.as_str())
-            .collect();
+        let have: std::collections::BTreeSet<&str> =
+            snapshot.mesh_addrs.iter().filter(|m| m.host == self.me.host).map(|m| m.network_id.as_str()).collect();
         report.mesh_addrs_missing =
             want.mesh_addrs_wanted.iter().filter(|n| !have.contains(n.as_str())).cloned().collect();
         // Released only once the kernel no longer has them (never reused

@@ -72,19 +72,15 @@ impl NetlinkDataplane {
     /// `inet trellis`): its rules and those of `bridge trellis`.
     pub(super) async fn egress_fingerprint(&self) -> Result<Option<String>> {
         tokio::task::spawn_blocking(|| {
-            let list = |family: &str| {
-                match nftables::helper::get_current_ruleset_with_args(
-                    nftables::helper::DEFAULT_NFT,
-                    ["list", "table", family, egress::TABLE],
-                ) {
-                    Ok(set) => Ok(Some(set)),
-                    Err(nftables::helper::NftablesError::NftFailed { stderr, .. })
-                        if stderr.contains("No such file") =>
-                    {
-                        Ok(None)
-                    }
-                    Err(e) => Err(DataplaneError::Nftables(format!("listing table {family} {}: {e}", egress::TABLE))),
+            let list = |family: &str| match nftables::helper::get_current_ruleset_with_args(
+                nftables::helper::DEFAULT_NFT,
+                ["list", "table", family, egress::TABLE],
+            ) {
+                Ok(set) => Ok(Some(set)),
+                Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => {
+                    Ok(None)
                 }
+                Err(e) => Err(DataplaneError::Nftables(format!("listing table {family} {}: {e}", egress::TABLE))),
             };
             let Some(mut set) = list("inet")? else { return Ok(None) };
             // Docker's chain lacking the accepts counts as rules to apply.

@@ -259,7 +259,9 @@ pub fn mesh(
         }
         // Its backends on other hosts are reached over the network's
         // device, here too when no endpoint of the network is.
-        d.vxlans.entry(model::vxlan_name(&n.id)).or_insert_with(|| tunnels::network_vxlan(n, endpoints, &live, me, local));
+        d.vxlans
+            .entry(model::vxlan_name(&n.id))
+            .or_insert_with(|| tunnels::network_vxlan(n, endpoints, &live, me, local));
         // An address of the network for what nftables takes (the eBPF
         // mesh's hairpin too).
         d.mesh_addrs_wanted.insert(n.id.clone());
