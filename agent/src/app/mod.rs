@@ -241,6 +241,18 @@ pub(crate) mod testing {
         build(store, name, |_| {}, Identity { ebpf: true, ..Identity::local(name) }, drain)
     }
 
+    /// Host `name` of the cluster in `store` with an underlay address (so
+    /// it takes part in the routing mesh), eBPF on or off.
+    pub fn mesh_host(store: Arc<dyn Store>, name: &str, underlay: &str, ebpf: bool) -> Lab {
+        let me = Identity {
+            ebpf,
+            underlay: Some(underlay.parse().unwrap()),
+            uplink: Some("uplink0".into()),
+            ..Identity::local(name)
+        };
+        build(store, name, |_| {}, me, std::time::Duration::ZERO)
+    }
+
     /// Host `name` of the cluster kept in `store` (labs over one store are
     /// hosts of one cluster, each with its own fake kernel); `configure`
     /// sets the host's cluster view up before the app takes it (e.g. its
