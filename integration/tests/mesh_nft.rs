@@ -473,6 +473,6 @@ fn an_agent_killed_under_traffic_through_nftables_fails_no_request() {
     let mut parts = log.split('\x1b');
     let mut plain = parts.next().unwrap_or_default().to_string();
     plain.extend(parts.map(|part| part.split_once('m').map_or(part, |(_, rest)| rest)));
-    let last = plain.lines().filter(|l| l.contains("initial reconcile")).last().unwrap_or_default();
+    let last = plain.lines().rfind(|l| l.contains("initial reconcile")).unwrap_or_default();
     assert!(last.contains("actions=0"), "the restarted agent changed what it found: {last}");
 }

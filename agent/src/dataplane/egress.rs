@@ -142,6 +142,9 @@ pub struct MeshSnat {
     pub mac: Mac,
 }
 
+/// A rule as (chain, statements).
+type ChainRule = (String, Vec<Statement<'static>>);
+
 /// The sets of mesh ports the SNAT looks the original destination port up
 /// in, by protocol (nft cannot concatenate `ct original proto-dst`).
 const MESH_PORT_SETS: [(Proto, &str); 2] = [(Proto::Tcp, "mesh_tcp"), (Proto::Udp, "mesh_udp")];
@@ -328,7 +331,7 @@ impl EgressRules {
 
     /// The mesh's rules, by chain: the SNAT (first of `postrouting`, before
     /// any masquerade), the DNAT lookups, the per-service chains.
-    fn mesh_rules(&self) -> (Vec<(String, Vec<Statement<'static>>)>, Vec<(String, Vec<Statement<'static>>)>) {
+    fn mesh_rules(&self) -> (Vec<ChainRule>, Vec<ChainRule>) {
         let (mut first, mut rest) = (Vec::new(), Vec::new());
         if !self.mesh_on() {
             return (first, rest);

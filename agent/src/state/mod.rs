@@ -976,7 +976,7 @@ impl Cluster {
                 )
             };
             let owner = model::mesh_addr_owner(&self.host);
-            match self.ipam.allocate(&Self::pool(&net), AddrRequest::Any, &owner, build).await {
+            match self.ipam.allocate(&Self::pool(net), AddrRequest::Any, &owner, build).await {
                 Ok(ip) => {
                     changed = true;
                     tracing::info!(network = %net.name, address = %ip, "mesh address allocated");

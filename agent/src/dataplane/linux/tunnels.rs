@@ -132,8 +132,8 @@ fn neighbour_parts(attrs: &[NeighbourAttribute]) -> (Option<Mac>, Option<IpAddr>
             // netlink-packet-route parses NDA_DST by the message's family.
             NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
                 dst = match raw.len() {
-                    4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(|o| IpAddr::from(o)),
-                    16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(|o| IpAddr::from(o)),
+                    4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
                     _ => None,
                 }
             }
