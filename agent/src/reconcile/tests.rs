@@ -396,6 +396,11 @@ fn without_ebpf_a_published_service_goes_through_nftables_from_the_host_s_mesh_a
     );
     // None of the eBPF mesh.
     assert!(d.tables.published.is_empty() && d.mesh_links.is_empty() && d.egress.mesh_loopback.is_none());
+    // A port a process of the host holds stays the process's here too.
+    let mut held = snap.clone();
+    held.held_ports.insert((model::Proto::Tcp, 30080));
+    let dh = desired::desired_host(&held, &me);
+    assert!(dh.egress.mesh.is_empty() && dh.mesh_nft.is_empty() && dh.mesh_held.len() == 1, "{:?}", dh.egress.mesh);
     assert!(!vx.fdb.iter().any(|(m, _)| m.0[0] == 6 && m.0[1] == 0x7e), "no mesh MACs: {:?}", vx.fdb);
     // From nothing: the veth after the bridge, the rules after both.
     let acts = diff(&d, &Observed::default());

@@ -1,7 +1,8 @@
 //! The desired state in the store ([`Cluster`]): networks, endpoints and
 //! services, created and removed in single transactions so that a failure
 //! leaves nothing behind; hosts under their leases ([`hosts`]); encrypted
-//! networks' key rings ([`encryption`]); the Docker driver's records
+//! networks' key rings ([`encryption`]); the hosts' mesh addresses
+//! ([`Cluster::sync_mesh_addrs`]); the Docker driver's records
 //! ([`docker`]). The reconciler reads it ([`crate::reconcile::DesiredSource`]),
 //! the use cases in [`crate::app`] write it.
 
