@@ -1228,7 +1228,9 @@ mod tests {
         // last what is left.
         let chain: Vec<&String> = rules.iter().filter(|(c, _)| c == "mesh_dns_udp_53").map(|(_, j)| j).collect();
         assert_eq!(chain.len(), 3);
-        for (j, (backend, modulus)) in chain.iter().zip([("10.1.0.3", Some(3)), ("10.1.0.4", Some(2)), ("10.1.0.6", None)]) {
+        for (j, (backend, modulus)) in
+            chain.iter().zip([("10.1.0.3", Some(3)), ("10.1.0.4", Some(2)), ("10.1.0.6", None)])
+        {
             assert!(j.contains(&format!("\"addr\":\"{backend}\"")) && j.contains("\"port\":53"), "{j}");
             match modulus {
                 Some(n) => assert!(j.contains(&format!("\"mod\":{n}")) && j.contains("\"right\":0"), "{j}"),
