@@ -215,6 +215,17 @@ fn without_ebpf_a_published_service_answers_on_every_host_through_nftables() {
     let outside = lab.underlay.path();
     let client = Client::new(&outside).unwrap();
 
+    // Taken away by hand (the mesh veth, the bridge table): put back.
+    let veth = h[2].ns.links().unwrap().into_iter().find(|l| l.starts_with("trn-")).expect("host 2's mesh veth");
+    h[2].ns.ip(&["link", "del", &veth]).unwrap();
+    assert!(h[2].ns.cmd("nft").args(["delete", "table", "bridge", "trellis"]).status().unwrap().success());
+    assert!(
+        wait_for(Duration::from_secs(10), || h[2].ns.links().unwrap().contains(&veth)
+            && nft_table(&h[2], "bridge").is_some()),
+        "host 2 did not repair its mesh veth and bridge table"
+    );
+    assert_eq!(spread(&client, at(2, 30680), 20, &addrs[2]).len(), 2, "host 2 after the repair");
+
     // Host mode: only the hosts of a backend publish.
     h[0].ctl(&[
         "service",
