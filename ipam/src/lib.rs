@@ -96,8 +96,7 @@ pub struct BlockRecord {
 /// Who holds an address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddrRecord {
-    /// An endpoint id, `gateway`, `service:NAME` (a VIP) or `mesh:HOST` (a
-    /// host's mesh address).
+    /// An endpoint id, or `gateway`.
     pub owner: String,
     /// The host that allocated it.
     pub host: String,

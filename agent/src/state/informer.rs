@@ -40,8 +40,6 @@ pub struct View {
     pub services: Arc<Vec<ServiceRecord>>,
     /// Encrypted networks' key rings, by network id.
     pub keys: Arc<BTreeMap<String, trellis_ipsec::KeyRing>>,
-    /// The hosts' addresses on networks they publish through nftables.
-    pub mesh_addrs: Arc<Vec<model::MeshAddrRecord>>,
 }
 
 impl View {
@@ -53,7 +51,6 @@ impl View {
             && Arc::ptr_eq(&self.hosts, &other.hosts)
             && Arc::ptr_eq(&self.services, &other.services)
             && Arc::ptr_eq(&self.keys, &other.keys)
-            && Arc::ptr_eq(&self.mesh_addrs, &other.mesh_addrs)
     }
 }
 
@@ -65,7 +62,6 @@ enum Kind {
     Host,
     Service,
     Key,
-    MeshAddr,
 }
 
 impl Kind {
@@ -77,7 +73,6 @@ impl Kind {
             ("hosts/", Kind::Host),
             ("services/", Kind::Service),
             ("netkeys/", Kind::Key),
-            ("mesh-addrs/", Kind::MeshAddr),
         ] {
             if let Some(id) = rest.strip_prefix(prefix) {
                 return Some((kind, id));
@@ -95,7 +90,6 @@ enum Record {
     Host(HostRecord),
     Service(ServiceRecord),
     Key(trellis_ipsec::KeyRing),
-    MeshAddr(model::MeshAddrRecord),
 }
 
 fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
@@ -105,7 +99,6 @@ fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
         Kind::Host => Record::Host(serde_json::from_slice(&kv.value)?),
         Kind::Service => Record::Service(serde_json::from_slice(&kv.value)?),
         Kind::Key => Record::Key(serde_json::from_slice(&kv.value)?),
-        Kind::MeshAddr => Record::MeshAddr(serde_json::from_slice(&kv.value)?),
     })
 }
 
@@ -129,7 +122,7 @@ impl Records {
         for kv in items {
             r.put(kv);
         }
-        r.dirty = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key, Kind::MeshAddr].into();
+        r.dirty = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key].into();
         r.view.revision = revision;
         r
     }
@@ -219,16 +212,6 @@ impl Records {
                         of(kind)
                             .filter_map(|(_, (_, r))| match r {
                                 Record::Service(s) => Some(s.clone()),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                }
-                Kind::MeshAddr => {
-                    v.mesh_addrs = Arc::new(
-                        of(kind)
-                            .filter_map(|(_, (_, r))| match r {
-                                Record::MeshAddr(m) => Some(m.clone()),
                                 _ => None,
                             })
                             .collect(),
@@ -487,9 +470,6 @@ fn share_unchanged(old: &View, next: &mut View) {
     if old.keys == next.keys {
         next.keys = old.keys.clone();
     }
-    if old.mesh_addrs == next.mesh_addrs {
-        next.mesh_addrs = old.mesh_addrs.clone();
-    }
 }
 
 /// Jittered exponential backoff: 100 ms doubling to 5 s, each wait drawn
@@ -530,7 +510,6 @@ impl crate::reconcile::DesiredSource for Informer {
             services: v.services.clone(),
             keys: v.keys.clone(),
             held_ports: Default::default(),
-            mesh_addrs: v.mesh_addrs.clone(),
         })
     }
 }

@@ -1,6 +1,5 @@
-//! The egress rules: the `inet trellis` table (and `bridge trellis`, the
-//! mesh's source MACs) replaced atomically through `nft`, and their
-//! fingerprint read back.
+//! The egress rules: the `inet trellis` table replaced atomically through
+//! `nft`, and its fingerprint read back.
 
 use super::NetlinkDataplane;
 use crate::dataplane::egress::{self, EgressRules};
@@ -68,29 +67,21 @@ fn ensure_docker_user() -> Result<()> {
 }
 
 impl NetlinkDataplane {
-    /// The fingerprint the installed tables carry (`None` without
-    /// `inet trellis`): its rules and those of `bridge trellis`.
+    /// The fingerprint the installed table carries (`None` without one).
     pub(super) async fn egress_fingerprint(&self) -> Result<Option<String>> {
         tokio::task::spawn_blocking(|| {
-            let list = |family: &str| match nftables::helper::get_current_ruleset_with_args(
+            match nftables::helper::get_current_ruleset_with_args(
                 nftables::helper::DEFAULT_NFT,
-                ["list", "table", family, egress::TABLE],
+                ["list", "table", "inet", egress::TABLE],
             ) {
-                Ok(set) => Ok(Some(set)),
+                // Docker's chain lacking the accepts counts as rules to apply.
+                Ok(_) if docker_user_missing() => Ok(None),
+                Ok(set) => Ok(egress::observed_fingerprint(&set)),
                 Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => {
                     Ok(None)
                 }
-                Err(e) => Err(DataplaneError::Nftables(format!("listing table {family} {}: {e}", egress::TABLE))),
-            };
-            let Some(mut set) = list("inet")? else { return Ok(None) };
-            // Docker's chain lacking the accepts counts as rules to apply.
-            if docker_user_missing() {
-                return Ok(None);
+                Err(e) => Err(DataplaneError::Nftables(format!("listing table inet {}: {e}", egress::TABLE))),
             }
-            if let Some(bridge) = list("bridge")? {
-                set.objects.to_mut().extend(bridge.objects.iter().cloned());
-            }
-            Ok(egress::observed_fingerprint(&set))
         })
         .await
         .map_err(|e| DataplaneError::Nftables(e.to_string()))?

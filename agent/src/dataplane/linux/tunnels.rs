@@ -11,10 +11,8 @@ use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, Neig
 use super::{ENODEV, ENOENT, NetlinkDataplane, errno, messages, nl};
 use crate::dataplane::{DataplaneError, Mac, Result, VxlanSpec};
 
-/// FDB entries (MAC, VTEP) and neighbour entries (IP, MAC) of VXLAN
-/// devices, and static FDB entries of bridge ports (MAC), by link index.
-type TunnelEntries =
-    (BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>, BTreeMap<u32, BTreeSet<Mac>>);
+/// FDB entries (MAC, VTEP) and neighbour entries (IP, MAC), by link index.
+type TunnelEntries = (BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>);
 
 impl NetlinkDataplane {
     pub(super) async fn create_vxlan(&self, v: &VxlanSpec) -> Result<()> {
@@ -79,20 +77,12 @@ impl NetlinkDataplane {
     }
 
     /// The permanent FDB entries with a remote VTEP and the permanent
-    /// neighbour entries of the given VXLAN devices, and the static FDB
-    /// entries on the given bridge ports.
-    pub(super) async fn tunnel_entries(&self, vxlans: &[u32], ports: &[u32]) -> Result<TunnelEntries> {
+    /// neighbour entries of the given VXLAN devices.
+    pub(super) async fn tunnel_entries(&self, vxlans: &[u32]) -> Result<TunnelEntries> {
         let mut fdb: BTreeMap<u32, BTreeSet<(Mac, IpAddr)>> = BTreeMap::new();
-        let mut statics: BTreeMap<u32, BTreeSet<Mac>> = BTreeMap::new();
         let _dump = self.dump.lock().await;
         let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
         while let Some(msg) = stream.try_next().await.map_err(nl("dump fdb", "vxlan devices"))? {
-            if ports.contains(&msg.header.ifindex) && msg.header.state == NeighbourState::Noarp {
-                if let (Some(mac), _) = neighbour_parts(&msg.attributes) {
-                    statics.entry(msg.header.ifindex).or_default().insert(mac);
-                }
-                continue;
-            }
             if !vxlans.contains(&msg.header.ifindex) {
                 continue;
             }
@@ -115,7 +105,7 @@ impl NetlinkDataplane {
                 }
             }
         }
-        Ok((fdb, neigh, statics))
+        Ok((fdb, neigh))
     }
 }
 
@@ -128,32 +118,8 @@ fn neighbour_parts(attrs: &[NeighbourAttribute]) -> (Option<Mac>, Option<IpAddr>
             NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(Mac),
             NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
-            // An FDB entry (family AF_BRIDGE) carries its VTEP as raw bytes:
-            // netlink-packet-route parses NDA_DST by the message's family.
-            NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
-                dst = match raw.len() {
-                    4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
-                    16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
-                    _ => None,
-                }
-            }
             _ => {}
         }
     }
     (mac, dst)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_fdb_entry_s_vtep_is_read_whatever_the_message_s_family() {
-        let mac = NeighbourAttribute::LinkLayerAddress(vec![2, 0x42, 10, 1, 0, 2]);
-        // As netlink-packet-route parses an AF_BRIDGE dump: raw bytes.
-        let fdb = [mac.clone(), NeighbourAttribute::Destination(NeighbourAddress::Other(vec![198, 19, 0, 2]))];
-        assert_eq!(neighbour_parts(&fdb), (Some(Mac([2, 0x42, 10, 1, 0, 2])), Some("198.19.0.2".parse().unwrap())));
-        let neigh = [NeighbourAttribute::Destination(NeighbourAddress::Inet("10.1.0.2".parse().unwrap())), mac];
-        assert_eq!(neighbour_parts(&neigh).1, Some("10.1.0.2".parse().unwrap()));
-    }
 }
