@@ -65,21 +65,33 @@ enum Kind {
 }
 
 impl Kind {
+    const ALL: [Kind; 5] = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key];
+
+    /// Its keys' prefix under [`model::ROOT`].
+    fn prefix(self) -> &'static str {
+        match self {
+            Kind::Network => "networks/",
+            Kind::Endpoint => "endpoints/",
+            Kind::Host => "hosts/",
+            Kind::Service => "services/",
+            Kind::Key => "netkeys/",
+        }
+    }
+
     fn of(key: &str) -> Option<(Kind, &str)> {
         let rest = key.strip_prefix(model::ROOT)?;
-        for (prefix, kind) in [
-            ("networks/", Kind::Network),
-            ("endpoints/", Kind::Endpoint),
-            ("hosts/", Kind::Host),
-            ("services/", Kind::Service),
-            ("netkeys/", Kind::Key),
-        ] {
-            if let Some(id) = rest.strip_prefix(prefix) {
-                return Some((kind, id));
-            }
-        }
-        None
+        Kind::ALL.into_iter().find_map(|kind| Some((kind, rest.strip_prefix(kind.prefix())?)))
     }
+}
+
+/// The record inside `r` if it is of `variant`, cloned.
+macro_rules! as_variant {
+    ($r:expr, $variant:ident) => {
+        match $r {
+            Record::$variant(x) => Some(x.clone()),
+            _ => None,
+        }
+    };
 }
 
 /// One decoded record and the revision it was written at.
@@ -122,7 +134,7 @@ impl Records {
         for kv in items {
             r.put(kv);
         }
-        r.dirty = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key].into();
+        r.dirty = Kind::ALL.into();
         r.view.revision = revision;
         r
     }
@@ -173,64 +185,30 @@ impl Records {
     pub fn view(&mut self, revision: Revision) -> View {
         let mut v = self.view.clone();
         v.revision = v.revision.max(revision);
-        let dirty = std::mem::take(&mut self.dirty);
-        let of = |kind: Kind| self.by_key.iter().filter(move |(k, _)| Kind::of(k).is_some_and(|(x, _)| x == kind));
-        for kind in dirty {
+        for kind in std::mem::take(&mut self.dirty) {
             match kind {
-                Kind::Network => {
-                    v.networks = Arc::new(
-                        of(kind)
-                            .filter_map(|(_, (_, r))| match r {
-                                Record::Network(n) => Some(n.clone()),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                }
-                Kind::Endpoint => {
-                    v.endpoints = Arc::new(
-                        of(kind)
-                            .filter_map(|(_, (_, r))| match r {
-                                Record::Endpoint(e) => Some(e.clone()),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                }
-                Kind::Host => {
-                    v.hosts = Arc::new(
-                        of(kind)
-                            .filter_map(|(_, (_, r))| match r {
-                                Record::Host(h) => Some(h.clone()),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                }
-                Kind::Service => {
-                    v.services = Arc::new(
-                        of(kind)
-                            .filter_map(|(_, (_, r))| match r {
-                                Record::Service(s) => Some(s.clone()),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                }
-                Kind::Key => {
-                    v.keys = Arc::new(
-                        of(kind)
-                            .filter_map(|(k, (_, r))| match r {
-                                Record::Key(ring) => Some((Kind::of(k)?.1.to_string(), ring.clone())),
-                                _ => None,
-                            })
-                            .collect(),
-                    )
-                }
+                Kind::Network => v.networks = self.collect(kind, |_, r| as_variant!(r, Network)),
+                Kind::Endpoint => v.endpoints = self.collect(kind, |_, r| as_variant!(r, Endpoint)),
+                Kind::Host => v.hosts = self.collect(kind, |_, r| as_variant!(r, Host)),
+                Kind::Service => v.services = self.collect(kind, |_, r| as_variant!(r, Service)),
+                Kind::Key => v.keys = self.collect(kind, |id, r| Some((id.to_string(), as_variant!(r, Key)?))),
             }
         }
         self.view = v.clone();
         v
+    }
+
+    /// The records of `kind` (its keys are one range of the sorted map),
+    /// each as `pick` makes it from its id and record.
+    fn collect<T, C: FromIterator<T>>(&self, kind: Kind, pick: impl Fn(&str, &Record) -> Option<T>) -> Arc<C> {
+        let prefix = format!("{}{}", model::ROOT, kind.prefix());
+        Arc::new(
+            self.by_key
+                .range(prefix.clone()..)
+                .take_while(|(k, _)| k.starts_with(&prefix))
+                .filter_map(|(k, (_, r))| pick(&k[prefix.len()..], r))
+                .collect(),
+        )
     }
 }
 
