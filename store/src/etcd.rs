@@ -209,6 +209,12 @@ impl Store for EtcdStore {
                 };
                 match resp {
                     Ok(Some(r)) => {
+                        // etcd confirms the watch first and says the start
+                        // revision was compacted away in the next message.
+                        if r.compact_revision() > 0 {
+                            let e = StoreError::Compacted { requested: start_revision, oldest: r.compact_revision() };
+                            return Some((vec![Err(e)], (stream, None)));
+                        }
                         if r.canceled() {
                             let e = StoreError::Unavailable {
                                 backend: "etcd",

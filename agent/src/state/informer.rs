@@ -359,6 +359,7 @@ impl Informer {
             self.ready.send_replace(true);
             let mut seen = revision;
             loop {
+                tracing::debug!(from = seen + 1, "watching the store");
                 let mut w = match self.store.watch(model::ROOT, seen + 1).await {
                     Ok(w) => w,
                     Err(StoreError::Compacted { .. }) => {
