@@ -232,6 +232,11 @@ impl Reconciler {
             if link.is_some_and(|l| failed_links.contains(l)) {
                 continue;
             }
+            match a {
+                Action::UpdateTables(ops) => tracing::debug!(changes = ops.len(), "changing the datapath's tables"),
+                Action::ApplyEgress(_) => tracing::debug!("applying the egress rules"),
+                a => tracing::debug!(action = ?a, "applying"),
+            }
             let applied = self.dp.apply(a).await;
             let recorded = match &applied {
                 Ok(()) => observed.record(a).is_ok(),

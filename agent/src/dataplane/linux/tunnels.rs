@@ -118,8 +118,32 @@ fn neighbour_parts(attrs: &[NeighbourAttribute]) -> (Option<Mac>, Option<IpAddr>
             NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok().map(Mac),
             NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => dst = Some(IpAddr::V4(*v4)),
             NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => dst = Some(IpAddr::V6(*v6)),
+            // An FDB entry (family AF_BRIDGE) carries its VTEP as raw bytes:
+            // netlink-packet-route parses NDA_DST by the message's family.
+            NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => {
+                dst = match raw.len() {
+                    4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                    16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+                    _ => None,
+                }
+            }
             _ => {}
         }
     }
     (mac, dst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_fdb_entry_s_vtep_is_read_whatever_the_message_s_family() {
+        let mac = NeighbourAttribute::LinkLayerAddress(vec![2, 0x42, 10, 1, 0, 2]);
+        // As netlink-packet-route parses an AF_BRIDGE dump: raw bytes.
+        let fdb = [mac.clone(), NeighbourAttribute::Destination(NeighbourAddress::Other(vec![198, 19, 0, 2]))];
+        assert_eq!(neighbour_parts(&fdb), (Some(Mac([2, 0x42, 10, 1, 0, 2])), Some("198.19.0.2".parse().unwrap())));
+        let neigh = [NeighbourAttribute::Destination(NeighbourAddress::Inet("10.1.0.2".parse().unwrap())), mac];
+        assert_eq!(neighbour_parts(&neigh).1, Some("10.1.0.2".parse().unwrap()));
+    }
 }
