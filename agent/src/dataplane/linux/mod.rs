@@ -39,6 +39,7 @@ mod endpoint;
 mod links;
 mod messages;
 mod nft;
+mod nft_generation;
 mod ports;
 mod routes;
 mod tunnels;
@@ -91,6 +92,9 @@ pub struct NetlinkDataplane {
     /// back in full on every tenth and after a failure (reading 20,000
     /// names back took two system calls each on every zone rebuild).
     dns_seen: std::sync::Mutex<(Option<BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer>>, u32)>,
+    /// The egress table's fingerprint as last listed, and the ruleset
+    /// generation it was listed at (see [`nft::EgressSeen`]).
+    egress_seen: std::sync::Mutex<nft::EgressSeen>,
     /// One dump at a time on the shared socket: the kernel answers a second
     /// concurrent dump on a netlink socket with EBUSY (an API call's route
     /// dump racing the periodic pass's link dump).
@@ -115,6 +119,7 @@ impl NetlinkDataplane {
             attach_mode: trellis_ebpf::AttachMode::Auto,
             tables_seen: Default::default(),
             dns_seen: Default::default(),
+            egress_seen: Default::default(),
             dump: tokio::sync::Mutex::new(()),
             events: Default::default(),
         })

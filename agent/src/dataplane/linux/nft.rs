@@ -66,25 +66,62 @@ fn ensure_docker_user() -> Result<()> {
     Ok(())
 }
 
+/// What the periodic pass last listed of the egress table: listing it
+/// spawns `nft` (and `iptables` for dockerd's chain), a steady share of an
+/// idle agent's CPU at one pass every two seconds and most of a full pass
+/// on a slow host. It is listed again when the ruleset generation moved
+/// (any table's change, ours included), and on every tenth pass anyway
+/// (dockerd's chain may live in iptables-legacy, which the generation does
+/// not see).
+#[derive(Default)]
+pub(super) struct EgressSeen {
+    generation: Option<u32>,
+    fingerprint: Option<String>,
+    uses: u32,
+}
+
+impl EgressSeen {
+    /// The fingerprint still valid at generation `now` (`None`: list).
+    fn still(&mut self, now: Option<u32>) -> Option<Option<String>> {
+        self.uses = self.uses.wrapping_add(1);
+        let fresh = now.is_some() && now == self.generation && !self.uses.is_multiple_of(10);
+        fresh.then(|| self.fingerprint.clone())
+    }
+}
+
+/// Listing the table (blocking: spawns `nft`).
+fn list_egress() -> Result<Option<String>> {
+    match nftables::helper::get_current_ruleset_with_args(
+        nftables::helper::DEFAULT_NFT,
+        ["list", "table", "inet", egress::TABLE],
+    ) {
+        // Docker's chain lacking the accepts counts as rules to apply.
+        Ok(_) if docker_user_missing() => Ok(None),
+        Ok(set) => Ok(egress::observed_fingerprint(&set)),
+        Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+        Err(e) => Err(DataplaneError::Nftables(format!("listing table inet {}: {e}", egress::TABLE))),
+    }
+}
+
 impl NetlinkDataplane {
-    /// The fingerprint the installed table carries (`None` without one).
+    /// The fingerprint the installed table carries (`None` without one),
+    /// listed only when the ruleset changed since (see [`EgressSeen`]).
     pub(super) async fn egress_fingerprint(&self) -> Result<Option<String>> {
-        tokio::task::spawn_blocking(|| {
-            match nftables::helper::get_current_ruleset_with_args(
-                nftables::helper::DEFAULT_NFT,
-                ["list", "table", "inet", egress::TABLE],
-            ) {
-                // Docker's chain lacking the accepts counts as rules to apply.
-                Ok(_) if docker_user_missing() => Ok(None),
-                Ok(set) => Ok(egress::observed_fingerprint(&set)),
-                Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => {
-                    Ok(None)
-                }
-                Err(e) => Err(DataplaneError::Nftables(format!("listing table inet {}: {e}", egress::TABLE))),
-            }
-        })
-        .await
-        .map_err(|e| DataplaneError::Nftables(e.to_string()))?
+        // Read before listing: a change in between moves it again.
+        let now = tokio::task::spawn_blocking(super::nft_generation::current)
+            .await
+            .map_err(|e| DataplaneError::Nftables(e.to_string()))?
+            .inspect_err(|e| tracing::debug!(error = %e, "reading the nf_tables generation"))
+            .ok();
+        if let Some(f) = self.egress_seen.lock().unwrap_or_else(|p| p.into_inner()).still(now) {
+            return Ok(f);
+        }
+        let listed =
+            tokio::task::spawn_blocking(list_egress).await.map_err(|e| DataplaneError::Nftables(e.to_string()))??;
+        let mut seen = self.egress_seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.generation = now;
+        seen.fingerprint = listed.clone();
+        Ok(listed)
     }
 
     pub(super) async fn apply_egress(&self, rules: &EgressRules) -> Result<()> {
@@ -118,5 +155,23 @@ impl NetlinkDataplane {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EgressSeen;
+
+    #[test]
+    fn the_egress_table_is_listed_again_when_the_ruleset_moved_and_every_tenth_pass() {
+        let mut seen = EgressSeen::default();
+        assert_eq!(seen.still(Some(5)), None, "never listed");
+        seen.generation = Some(5);
+        seen.fingerprint = Some("f".into());
+        assert_eq!(seen.still(Some(5)), Some(Some("f".into())));
+        assert_eq!(seen.still(Some(6)), None, "a table changed");
+        assert_eq!(seen.still(None), None, "the generation unknown");
+        let listed = (0..20).filter(|_| seen.still(Some(5)).is_none()).count();
+        assert_eq!(listed, 2, "every tenth use lists anyway");
     }
 }
