@@ -5,7 +5,8 @@
 //! * [`model`]: the records kept in the store, their keys, the names of the
 //!   kernel objects derived from them. Pure.
 //! * [`state`]: the desired state in the store — networks, endpoints,
-//!   services, hosts, encryption keys — written in single transactions.
+//!   services, hosts, encryption keys, the hosts' mesh addresses — written
+//!   in single transactions.
 //! * [`reconcile`]: desired state → the kernel state a host should have →
 //!   the diff against what it has → actions. Pure but the runner.
 //! * [`dataplane`]: the one kernel boundary: the [`dataplane::Dataplane`]

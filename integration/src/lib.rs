@@ -651,6 +651,12 @@ impl Lab {
 
     /// A lab whose agents get `extra` flags too.
     pub fn with_args(n: usize, lease_ms: u64, extra: &[&str]) -> Result<Lab> {
+        Lab::with_host_args(n, lease_ms, |_| extra.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// A lab whose agent `i` (0-based) gets the flags `extra(i)` too (a
+    /// mixed cluster: some hosts with `--ebpf=false`).
+    pub fn with_host_args(n: usize, lease_ms: u64, extra: impl Fn(usize) -> Vec<String>) -> Result<Lab> {
         let underlay = Netns::new("tru")?;
         underlay.ip(&["link", "add", "ul0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", &format!("{UNDERLAY_GATEWAY}/24"), "dev", "ul0"])?;
@@ -675,7 +681,7 @@ impl Lab {
                 "--host-id".into(),
                 format!("host{i}"),
             ];
-            h.extra_args.extend(extra.iter().map(|s| s.to_string()));
+            h.extra_args.extend(extra(i - 1));
             hosts.push(h);
             uplinks.push(a);
         }

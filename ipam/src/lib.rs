@@ -96,7 +96,8 @@ pub struct BlockRecord {
 /// Who holds an address.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddrRecord {
-    /// An endpoint id, or `gateway`.
+    /// An endpoint id, `gateway`, `service:NAME` (a VIP) or `mesh:HOST` (a
+    /// host's mesh address).
     pub owner: String,
     /// The host that allocated it.
     pub host: String,

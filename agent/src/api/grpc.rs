@@ -474,6 +474,18 @@ impl proto::agent_server::Agent for AgentService {
             datapath_subnets: s.datapath_subnets,
             datapath_published: s.datapath_published,
             mesh_ports_held: s.mesh_ports_held.clone(),
+            mesh_datapath: s.mesh_datapath.to_string(),
+            mesh_ports_nft: s.mesh_ports_nft.clone(),
+            mesh_addresses: s
+                .mesh_addresses
+                .iter()
+                .map(|(network, address, interface)| proto::MeshAddress {
+                    network: network.clone(),
+                    address: address.clone(),
+                    interface: interface.clone(),
+                })
+                .collect(),
+            mesh_warnings: s.mesh_warnings.clone(),
             docker_networks: s.docker_networks,
             docker_endpoints: s.docker_endpoints,
             host_id: s.host_id,

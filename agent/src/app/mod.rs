@@ -62,10 +62,17 @@ pub struct App {
 }
 
 impl App {
-    /// Converge now; a failing pass is an error of the request.
+    /// Converge now; a failing pass is an error of the request. A pass
+    /// after which this host's mesh addresses changed (a service it now
+    /// publishes needed one) is followed by another, which programs them.
     pub async fn converge(&self) -> Result<Arc<PassReport>> {
-        let report = self.reconciler.pass().await.map_err(|e| AgentError::Reconcile(e.to_string()))?;
-        settle(&self.cluster, self.dataplane.as_ref(), &report).await;
+        let mut report = self.reconciler.pass().await.map_err(|e| AgentError::Reconcile(e.to_string()))?;
+        for _ in 0..2 {
+            if !settle(&self.cluster, self.dataplane.as_ref(), &report).await {
+                break;
+            }
+            report = self.reconciler.pass().await.map_err(|e| AgentError::Reconcile(e.to_string()))?;
+        }
         Ok(report)
     }
 
@@ -111,11 +118,20 @@ fn remove_managed(dp: &dyn Dataplane, e: &EndpointRecord) {
 
 /// After a pass: this host's encryption acks are published; endpoints being
 /// deleted whose devices are gone lose their records, addresses and managed
-/// namespaces; endpoints whose namespace died are collected.
-pub async fn settle(cluster: &Cluster, dp: &dyn Dataplane, report: &PassReport) {
+/// namespaces; endpoints whose namespace died are collected; this host's
+/// mesh addresses are allocated where it needs one and released where it
+/// no longer does (whether any were: the next pass programs them).
+pub async fn settle(cluster: &Cluster, dp: &dyn Dataplane, report: &PassReport) -> bool {
     if !report.acks.is_empty() {
         cluster.publish_acks(&report.acks).await;
     }
+    let mesh_changed = match cluster.sync_mesh_addrs(&report.mesh_addrs_missing, &report.mesh_addrs_releasable).await {
+        Ok(changed) => changed,
+        Err(err) => {
+            tracing::warn!(error = %err, "allocating or releasing this host's mesh addresses");
+            false
+        }
+    };
     for e in &report.finalizable {
         match cluster.finalize(e).await {
             Ok(()) => {
@@ -128,6 +144,7 @@ pub async fn settle(cluster: &Cluster, dp: &dyn Dataplane, report: &PassReport) 
     if !report.gone.is_empty() {
         collect_gone(cluster, &report.gone).await;
     }
+    mesh_changed
 }
 
 /// Remove the records of endpoints whose namespace is gone (the container
@@ -231,6 +248,18 @@ pub(crate) mod testing {
     /// detached backends draining for `drain`.
     pub fn ebpf_host(store: Arc<dyn Store>, name: &str, drain: std::time::Duration) -> Lab {
         build(store, name, |_| {}, Identity { ebpf: true, ..Identity::local(name) }, drain)
+    }
+
+    /// Host `name` of the cluster in `store` with an underlay address (so
+    /// it takes part in the routing mesh), eBPF on or off.
+    pub fn mesh_host(store: Arc<dyn Store>, name: &str, underlay: &str, ebpf: bool) -> Lab {
+        let me = Identity {
+            ebpf,
+            underlay: Some(underlay.parse().unwrap()),
+            uplink: Some("uplink0".into()),
+            ..Identity::local(name)
+        };
+        build(store, name, |_| {}, me, std::time::Duration::ZERO)
     }
 
     /// Host `name` of the cluster kept in `store` (labs over one store are

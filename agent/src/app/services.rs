@@ -331,4 +331,127 @@ mod tests {
         assert!(any.service.vip.is_some() && any.service.ports.is_empty());
         assert!(matches!(l.app.service("web").await.unwrap_err(), AgentError::NotFound(_)));
     }
+
+    /// Register host `id` (underlay `ip`, eBPF or not) in `store`, as its
+    /// agent would.
+    async fn register(store: &std::sync::Arc<dyn trellis_store::Store>, id: &str, ip: &str, ebpf: bool) {
+        let rec = crate::model::HostRecord {
+            id: id.into(),
+            hostname: id.into(),
+            underlay: ip.parse().unwrap(),
+            vtep_mac: crate::model::Mac([2, 0, 0, 0, 0, 1]),
+            vxlan_port: 4789,
+            capabilities: [("ebpf".to_string(), ebpf)].into(),
+            version: "test".into(),
+            started_unix: 0,
+        };
+        let value = serde_json::to_vec(&rec).unwrap();
+        store.txn(vec![], vec![trellis_store::Op::put(crate::model::host_key(id), value)]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn publishing_gives_each_host_a_mesh_address_released_after_its_veth() {
+        use crate::app::testing::mesh_host;
+        let store: std::sync::Arc<dyn trellis_store::Store> = std::sync::Arc::new(trellis_store::LocalStore::memory());
+        register(&store, "h1", "198.19.0.1", false).await;
+        register(&store, "h2", "198.19.0.2", false).await;
+        let h1 = mesh_host(store.clone(), "h1", "198.19.0.1", false);
+        let h2 = mesh_host(store.clone(), "h2", "198.19.0.2", false);
+        h1.app.create_network(attachable("n", Some("10.8.1.0/24"))).await.unwrap();
+        let mut req = crate::app::AttachRequest::new("n", crate::model::EndpointKind::Adhoc);
+        req.labels.insert(crate::model::SERVICE_LABEL.into(), "web".into());
+        h2.app.attach(req).await.unwrap();
+        let publish =
+            vec![MeshPortRequest { proto: Proto::Tcp, host_port: 30080, port: 80, mode: PublishMode::Ingress }];
+        let p80 = ServicePort { port: 80, proto: Proto::Tcp, target: 8080 };
+        h1.app.create_service(published("web", vec![p80], publish)).await.unwrap();
+        // The request's own converge allocated h1's address and programmed
+        // it: the record, the IPAM's address, the veth, the rules.
+        let mine = h1.app.cluster.mesh_addrs_of("h1").await.unwrap();
+        assert_eq!(mine.len(), 1, "{mine:?}");
+        let net = h1.app.cluster.network("n").await.unwrap();
+        let ipam = h1.app.cluster.ipam.addresses(&net.id).await.unwrap();
+        let owner = ipam.iter().find(|(ip, _)| *ip == mine[0].ip).map(|(_, r)| r.clone()).unwrap();
+        assert_eq!((owner.owner.as_str(), owner.host.as_str()), ("mesh:h1", "h1"));
+        let port = crate::model::mesh_port_name(&net.id);
+        assert!(h1.dp.with_state(|o| o.links.contains_key(&port) && o.egress.is_some()));
+        let status = h1.app.status().await;
+        assert_eq!(status.mesh_datapath, "nftables");
+        assert_eq!(
+            status.mesh_addresses,
+            vec![("n".to_string(), mine[0].ip.to_string(), crate::model::mesh_ifname(&net.id))]
+        );
+        // h2 gets its own, and h1's entries in its device.
+        h2.app.converge().await.unwrap();
+        let theirs = h2.app.cluster.mesh_addrs_of("h2").await.unwrap();
+        assert_eq!(theirs.len(), 1);
+        assert_ne!(theirs[0].ip, mine[0].ip);
+        h2.app.converge().await.unwrap();
+        let vx = crate::model::vxlan_name(&net.id);
+        assert!(h2.dp.with_state(|o| o.links[&vx].neigh.contains(&(mine[0].ip, mine[0].mac))));
+        // Unpublished: the veth goes in the pass, the address after it.
+        h1.app.update_service_publish("web", &[], &[(Proto::Tcp, 30080)]).await.unwrap();
+        assert!(h1.app.cluster.mesh_addrs_of("h1").await.unwrap().is_empty());
+        assert!(!h1.app.cluster.ipam.addresses(&net.id).await.unwrap().iter().any(|(ip, _)| *ip == mine[0].ip));
+        assert!(h1.dp.with_state(|o| !o.links.contains_key(&port)));
+        let deleted = h1
+            .dp
+            .take_log()
+            .iter()
+            .position(|a| matches!(a, crate::dataplane::Action::DeleteLink { name } if *name == port));
+        assert!(deleted.is_some(), "the veth was deleted by a pass");
+    }
+
+    #[tokio::test]
+    async fn a_dead_host_s_mesh_address_is_reclaimed_with_it() {
+        use crate::app::testing::mesh_host;
+        let store: std::sync::Arc<dyn trellis_store::Store> = std::sync::Arc::new(trellis_store::LocalStore::memory());
+        register(&store, "h1", "198.19.0.1", false).await;
+        let h1 = mesh_host(store.clone(), "h1", "198.19.0.1", false);
+        h1.app.create_network(attachable("n", Some("10.8.2.0/24"))).await.unwrap();
+        let net = h1.app.cluster.network("n").await.unwrap();
+        // h2 took an address and died (no host record: its lease expired).
+        let h2 = crate::state::Cluster::new(store.clone(), "h2", "10.0.0.0/8".parse().unwrap(), 24);
+        assert!(h2.sync_mesh_addrs(&[net.id.clone()].into(), &[]).await.unwrap());
+        let theirs = h2.mesh_addrs_of("h2").await.unwrap();
+        assert_eq!(theirs.len(), 1);
+        assert!(
+            crate::state::absent_owners(&h1.informer.current().await.unwrap(), &Default::default(), "h1")
+                .contains("h2")
+        );
+        h1.app.cluster.reclaim_host("h2").await.unwrap();
+        assert!(h1.app.cluster.mesh_addrs().await.unwrap().is_empty());
+        assert!(!h1.app.cluster.ipam.addresses(&net.id).await.unwrap().iter().any(|(ip, _)| *ip == theirs[0].ip));
+        assert!(
+            !crate::state::absent_owners(&h1.informer.current().await.unwrap(), &Default::default(), "h1")
+                .contains("h2")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_network_says_why_the_host_has_no_mesh_address() {
+        use crate::app::testing::mesh_host;
+        let store: std::sync::Arc<dyn trellis_store::Store> = std::sync::Arc::new(trellis_store::LocalStore::memory());
+        register(&store, "h1", "198.19.0.1", false).await;
+        let h1 = mesh_host(store.clone(), "h1", "198.19.0.1", false);
+        // A /30: the gateway and one address, which the VIP takes.
+        h1.app.create_network(attachable("tiny", Some("10.8.3.0/30"))).await.unwrap();
+        let mut req = published(
+            "web",
+            vec![],
+            vec![MeshPortRequest { proto: Proto::Tcp, host_port: 30081, port: 80, mode: PublishMode::Ingress }],
+        );
+        req.service.network = "tiny".into();
+        h1.app.create_service(req).await.unwrap();
+        let status = h1.app.status().await;
+        assert!(status.mesh_addresses.is_empty());
+        assert!(
+            status.mesh_warnings.iter().any(|w| w.contains("\"tiny\"") && w.contains("no free address")),
+            "{:?}",
+            status.mesh_warnings
+        );
+        // Removed: nothing to warn of any more.
+        h1.app.remove_service("web").await.unwrap();
+        assert!(h1.app.status().await.mesh_warnings.is_empty());
+    }
 }

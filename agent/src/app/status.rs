@@ -107,6 +107,14 @@ pub struct StatusView {
     pub datapath_published: u32,
     /// Mesh ports this host leaves to a process of it that holds them.
     pub mesh_ports_held: Vec<String>,
+    /// How this host publishes mesh ports: `ebpf` or `nftables`.
+    pub mesh_datapath: &'static str,
+    /// The mesh ports it publishes through nftables.
+    pub mesh_ports_nft: Vec<String>,
+    /// Its mesh addresses: (network name, address, interface).
+    pub mesh_addresses: Vec<(String, String, String)>,
+    /// What keeps the mesh from working here.
+    pub mesh_warnings: Vec<String>,
     pub docker_networks: u32,
     pub docker_endpoints: u32,
     pub last_reconcile_at: Option<std::time::SystemTime>,
@@ -185,10 +193,28 @@ impl App {
         let last = self.reconciler.last();
         let store = self.cluster.networks().await;
         let eps = self.cluster.endpoints().await.unwrap_or_default();
-        let (store, networks) = match store {
-            Ok(n) => (Ok(()), n.len() as u32),
-            Err(e) => (Err(e.to_string()), 0),
+        let (store, nets) = match store {
+            Ok(n) => (Ok(()), n),
+            Err(e) => (Err(e.to_string()), Vec::new()),
         };
+        let networks = nets.len() as u32;
+        let net_name = |id: &str| nets.iter().find(|n| n.id == id).map_or_else(|| id.to_string(), |n| n.name.clone());
+        let mesh_addresses: Vec<(String, String, String)> = self
+            .cluster
+            .mesh_addrs_of(&self.cluster.host)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|m| (net_name(&m.network_id), m.ip.to_string(), crate::model::mesh_ifname(&m.network_id)))
+            .collect();
+        let desired = self.reconciler.last_desired();
+        let mut mesh_warnings: Vec<String> =
+            self.cluster.mesh_addr_errors.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        if !desired.mesh_veths.is_empty() && self.dataplane.strict_rp_filter() {
+            mesh_warnings.push(
+                "net.ipv4.conf.all.rp_filter is 1 (strict): the backends' replies to this host's mesh addresses arrive on its mesh veths and are dropped; set it to 2 (loose) or 0".into(),
+            );
+        }
         let docker = crate::model::docker_host_prefix(&self.cluster.host);
         let (docker_items, _) = self.cluster.store.list(&docker).await.unwrap_or_default();
         let count =
@@ -221,9 +247,15 @@ impl App {
             datapath_backends: tables.backends.len() as u32,
             datapath_subnets: tables.nets.len() as u32,
             datapath_published: tables.published.len() as u32,
-            mesh_ports_held: self
-                .reconciler
-                .last_desired()
+            mesh_datapath: if self.capabilities.get("ebpf").copied().unwrap_or(false) { "ebpf" } else { "nftables" },
+            mesh_ports_nft: desired
+                .mesh_nft
+                .iter()
+                .map(|(service, p)| format!("{}/{} (service {service})", p.host_port, p.proto.as_str()))
+                .collect(),
+            mesh_addresses,
+            mesh_warnings,
+            mesh_ports_held: desired
                 .mesh_held
                 .iter()
                 .map(|(service, p)| {

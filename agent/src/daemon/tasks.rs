@@ -49,7 +49,9 @@ pub async fn resync(reconciler: Arc<Reconciler>, cluster: Arc<Cluster>, dp: Arc<
     loop {
         tick.tick().await;
         match reconciler.full_pass().await {
-            Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
+            Ok(r) => {
+                settle(&cluster, dp.as_ref(), &r).await;
+            }
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }
     }
@@ -221,7 +223,9 @@ pub async fn follow_store(
             continue;
         }
         match reconciler.pass().await {
-            Ok(r) => settle(&cluster, dp.as_ref(), &r).await,
+            Ok(r) => {
+                settle(&cluster, dp.as_ref(), &r).await;
+            }
             Err(e) => tracing::warn!(error = %e, "reconcile after a store change failed"),
         }
     }

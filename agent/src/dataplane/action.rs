@@ -34,6 +34,32 @@ pub struct VxlanSpec {
     pub sysctls: Vec<Sysctl>,
 }
 
+/// The veth that holds this host's mesh address on a network (see
+/// [`crate::model::MeshAddrRecord`]): `port` is a port of the network's
+/// bridge, `ifname` stays in the host's namespace with the address as a
+/// /32 (the subnet's route stays the bridge's, through the gateway) and the
+/// address's MAC; a static FDB entry of the bridge sends frames to that MAC
+/// to `port` (the host's end sends too little for the bridge to learn it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshVethSpec {
+    pub ifname: String,
+    pub port: String,
+    pub bridge: String,
+    pub mtu: u32,
+    pub mac: Mac,
+    pub addr: std::net::Ipv4Addr,
+    /// Settings of the two ends, written right after they are created and
+    /// before they come up (best effort, as [`VxlanSpec::sysctls`]).
+    pub sysctls: Vec<Sysctl>,
+}
+
+impl MeshVethSpec {
+    /// The host end's address, as the kernel reports it.
+    pub fn cidr(&self) -> IpNet {
+        IpNet::new(IpAddr::V4(self.addr), 32).expect("a /32")
+    }
+}
+
 /// Everything needed to plug an endpoint in.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointSpec {
@@ -87,6 +113,9 @@ pub enum Action {
         addr: IpNet,
     },
     CreateEndpoint(Box<EndpointSpec>),
+    /// A mesh veth, whole: both ends, the host end's MAC and address, the
+    /// bridge's FDB entry, both up (cleaned up if any step fails).
+    CreateMeshVeth(Box<MeshVethSpec>),
     CreateVxlan(Box<VxlanSpec>),
     AddFdb {
         link: String,

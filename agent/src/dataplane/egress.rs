@@ -39,6 +39,29 @@
 //!   address, where the mesh's program on `lo` takes it), with the source
 //!   NATed to that address in `postrouting` ([`EgressRules::mesh_loopback`]).
 //!
+//! * The routing mesh through nftables (hosts without the eBPF datapath,
+//!   services with a backend on such a host, and on every host what its
+//!   containers send to its own addresses: hairpin) ([`MeshRule`]): one
+//!   rule per hook whatever the number of ports, an anonymous verdict map
+//!   keyed `meta l4proto . th dport` jumping to one chain per (service,
+//!   protocol, target port), whose rules DNAT to one of the service's N
+//!   ready backends at random (rule i with `numgen random mod N-i == 0`:
+//!   each backend with probability 1/N; only a connection's first packet
+//!   crosses them, and no set per service: sets are slow to make). In `prerouting` for local
+//!   destinations (from outside, and from containers; only from the
+//!   containers, `iifname trb-*`, for ports the eBPF mesh publishes) and
+//!   `output` (the host itself, 127.0.0.1 included); `forward` accepts what
+//!   was DNATed; `postrouting` SNATs to the host's own address on the
+//!   backend's network ([`MeshSnat`], by output bridge: a map), first of
+//!   its rules, for connections to a mesh port (`ct original proto-dst` in
+//!   `mesh_tcp` / `mesh_udp`), so that a backend on any host replies to
+//!   this one over the network's VXLAN. A second table, `bridge trellis`,
+//!   gives what the host sends into a network's VXLAN device the host's
+//!   mesh MAC as its source (the bridge's own MAC, the gateway's, is every
+//!   host's: the bridges at the other end would warn of "own address as
+//!   source address" on every packet). Rules from the same values, and
+//!   part of the same fingerprint.
+//!
 //! The whole table is replaced atomically when it differs. Every rule
 //! carries the fingerprint of the desired rules as its comment, so the
 //! reconciler can tell a missing or altered rule from one glance at the
@@ -54,7 +77,7 @@ use nftables::schema::{Chain, Map, NfListObject, Nftables, Rule, SetType, SetTyp
 use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
-use crate::model::{BRIDGE_PREFIX, Proto};
+use crate::model::{BRIDGE_PREFIX, Mac, Proto, VXLAN_PREFIX};
 
 pub const TABLE: &str = "trellis";
 
@@ -78,6 +101,60 @@ pub struct PublishedRule {
     pub addr: Ipv4Addr,
     pub port: u16,
 }
+
+/// A port of a service published on the routing mesh through nftables on
+/// this host.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MeshRule {
+    pub proto: Proto,
+    pub host_port: u16,
+    /// The service it goes to: the ports of one service with one target
+    /// share a chain.
+    pub service: String,
+    /// The backends' port.
+    pub target: u16,
+    /// The service's ready backends (sorted): each new connection goes to
+    /// one of them at random. None: the port is left to the host, where
+    /// nothing listens (TCP reset, ICMP port unreachable).
+    pub backends: Vec<Ipv4Addr>,
+    /// Only what this host's containers send to its addresses (hairpin):
+    /// the eBPF mesh takes the rest of the port.
+    pub hairpin_only: bool,
+}
+
+impl MeshRule {
+    /// The chain of its service and target port.
+    pub fn chain(&self) -> String {
+        format!("mesh_{}_{}_{}", self.service, self.proto.as_str(), self.target)
+    }
+}
+
+/// This host's mesh address on a network: what connections through the
+/// network's bridge are SNATed to, and the MAC of what the host sends into
+/// the network's VXLAN device.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MeshSnat {
+    pub bridge: String,
+    pub vxlan: String,
+    /// The bridge's own MAC (the gateway's): what the host's frames leave
+    /// with, and only those get the mesh MAC (the eBPF mesh's frames,
+    /// redirected into the bridge, keep theirs).
+    pub gateway_mac: Mac,
+    pub addr: Ipv4Addr,
+    pub mac: Mac,
+}
+
+/// A rule as (chain, statements).
+type ChainRule = (String, Vec<Statement<'static>>);
+
+/// The sets of mesh ports the SNAT looks the original destination port up
+/// in, by protocol (nft cannot concatenate `ct original proto-dst`).
+const MESH_PORT_SETS: [(Proto, &str); 2] = [(Proto::Tcp, "mesh_tcp"), (Proto::Udp, "mesh_udp")];
+/// Output bridge → the host's mesh address on it.
+const MESH_SNAT_MAP: &str = "mesh_snat";
+/// VXLAN device . the bridge's MAC → the host's mesh MAC on its network
+/// (`bridge trellis`).
+const MESH_SRC_MAP: &str = "mesh_src";
 
 /// The maps of published ports, as (to address, to port): nft 1.0.6's
 /// JSON parser takes no concatenated map data (`ipv4_addr .
@@ -107,6 +184,10 @@ pub struct EgressRules {
     /// source NATed to it, so that it takes the loopback to the mesh's
     /// program and its replies come back to the host.
     pub mesh_loopback: Option<Ipv4Addr>,
+    /// Mesh ports published through nftables (sorted).
+    pub mesh: Vec<MeshRule>,
+    /// This host's mesh addresses, by network (sorted).
+    pub mesh_snat: Vec<MeshSnat>,
     /// Redirect endpoints' DNS queries to their gateway.
     pub dns_intercept: bool,
     /// Keep DNS over UDP to and from the gateways out of connection
@@ -172,6 +253,8 @@ impl EgressRules {
             published: Vec::new(),
             localnet: Vec::new(),
             mesh_loopback: None,
+            mesh: Vec::new(),
+            mesh_snat: Vec::new(),
             dns_intercept: false,
             dns_notrack: false,
             forwarding: false,
@@ -211,6 +294,199 @@ impl EgressRules {
         }
     }
 
+    /// Publish `rules` on the mesh through nftables (sorted once).
+    pub fn publish_mesh(&mut self, rules: impl IntoIterator<Item = MeshRule>) {
+        let before = self.mesh.len();
+        self.mesh.extend(rules);
+        if self.mesh.len() > before {
+            self.mesh.sort();
+            self.mesh.dedup();
+        }
+    }
+
+    /// This host's mesh address on the network bridged by `snat.bridge`.
+    pub fn mesh_address(&mut self, snat: MeshSnat) {
+        self.mesh_snat.push(snat);
+        self.mesh_snat.sort();
+        self.mesh_snat.dedup();
+    }
+
+    /// Set `route_localnet` on `bridge` with the rules (127.0.0.1 DNATed
+    /// out of it).
+    pub fn need_localnet(&mut self, bridge: &str) {
+        if !self.localnet.iter().any(|b| b == bridge) {
+            self.localnet.push(bridge.to_string());
+            self.localnet.sort();
+        }
+    }
+
+    /// The mesh rules that DNAT (those with a backend).
+    fn mesh_live(&self) -> impl Iterator<Item = &MeshRule> {
+        self.mesh.iter().filter(|r| !r.backends.is_empty())
+    }
+
+    /// Does the mesh need its rules (a port with a backend, and an address
+    /// to SNAT to)?
+    fn mesh_on(&self) -> bool {
+        self.mesh_live().next().is_some() && !self.mesh_snat.is_empty()
+    }
+
+    /// The mesh's rules, by chain: the SNAT (first of `postrouting`, before
+    /// any masquerade), the DNAT lookups, the per-service chains.
+    fn mesh_rules(&self) -> (Vec<ChainRule>, Vec<ChainRule>) {
+        let (mut first, mut rest) = (Vec::new(), Vec::new());
+        if !self.mesh_on() {
+            return (first, rest);
+        }
+        for (proto, set) in MESH_PORT_SETS {
+            if !self.mesh_live().any(|r| r.proto == proto) {
+                continue;
+            }
+            first.push((
+                "postrouting".to_string(),
+                vec![
+                    m(ct_status(), Operator::IN, s("dnat")),
+                    m(meta(MetaKey::Oifname), Operator::EQ, s(format!("{BRIDGE_PREFIX}*"))),
+                    m(meta(MetaKey::L4proto), Operator::EQ, s(proto.as_str())),
+                    m(
+                        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+                            key: Cow::Borrowed("proto-dst"),
+                            family: None,
+                            dir: Some(nftables::expr::CTDir::Original),
+                        })),
+                        Operator::EQ,
+                        s(format!("@{set}")),
+                    ),
+                    Statement::SNAT(Some(nftables::stmt::NAT {
+                        addr: Some(Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
+                            key: meta(MetaKey::Oifname),
+                            data: s(format!("@{MESH_SNAT_MAP}")),
+                        })))),
+                        family: Some(nftables::stmt::NATFamily::IP),
+                        port: None,
+                        flags: None,
+                    })),
+                ],
+            ));
+        }
+        let vmap = |hairpin: bool| {
+            let items: Vec<nftables::expr::SetItem<'static>> = self
+                .mesh_live()
+                .filter(|r| r.hairpin_only == hairpin)
+                .map(|r| {
+                    nftables::expr::SetItem::Mapping(
+                        concat(vec![s(r.proto.as_str()), Expression::Number(r.host_port as u32)]),
+                        Expression::Verdict(nftables::expr::Verdict::Jump(nftables::stmt::JumpTarget {
+                            target: Cow::Owned(r.chain()),
+                        })),
+                    )
+                })
+                .collect();
+            (!items.is_empty()).then(|| {
+                Statement::VerdictMap(nftables::stmt::VerdictMap {
+                    key: concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
+                    data: Expression::Named(NamedExpression::Set(items)),
+                })
+            })
+        };
+        let local =
+            || vec![m(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4")), m(fib_daddr_type(), Operator::EQ, s("local"))];
+        if let Some(v) = vmap(false) {
+            // From anywhere (outside, containers), and from the host itself.
+            for chain in ["prerouting", "output"] {
+                let mut st = local();
+                st.push(v.clone());
+                rest.push((chain.to_string(), st));
+            }
+        }
+        if let Some(v) = vmap(true) {
+            // From the host's containers only: the eBPF mesh has the rest.
+            let mut st = vec![m(meta(MetaKey::Iifname), Operator::EQ, s(format!("{BRIDGE_PREFIX}*")))];
+            st.extend(local());
+            st.push(v);
+            rest.push(("prerouting".to_string(), st));
+        }
+        // One chain per service and target: a backend at random, each
+        // with probability 1/N (rule i takes it with 1/(N-i), the last one
+        // takes what is left). Rules, not a map of the backends: every set
+        // costs the kernel about a millisecond to make (measured here:
+        // 10,000 services' two-element maps, anonymous or named, took
+        // 6-13 s of kernel time per load of the table; these rules 0.6 s),
+        // and nft 1.0.6's JSON cannot type a map keyed by numgen in a
+        // concatenation. Only a connection's first packet crosses them.
+        let mut chains: Vec<(String, &MeshRule)> = self.mesh_live().map(|r| (r.chain(), r)).collect();
+        chains.sort_by(|a, b| a.0.cmp(&b.0));
+        chains.dedup_by(|a, b| a.0 == b.0);
+        for (chain, r) in chains {
+            let n = r.backends.len();
+            for (i, b) in r.backends.iter().enumerate() {
+                // (a port mapping needs the protocol matched)
+                let mut st = vec![m(meta(MetaKey::L4proto), Operator::EQ, s(r.proto.as_str()))];
+                if i + 1 < n {
+                    st.push(m(
+                        Expression::Named(NamedExpression::Numgen(nftables::expr::Numgen {
+                            mode: nftables::expr::NgMode::Random,
+                            ng_mod: (n - i) as u32,
+                            offset: None,
+                        })),
+                        Operator::EQ,
+                        Expression::Number(0),
+                    ));
+                }
+                st.push(Statement::DNAT(Some(nftables::stmt::NAT {
+                    addr: Some(s(b.to_string())),
+                    family: Some(nftables::stmt::NATFamily::IP),
+                    port: Some(Expression::Number(r.target as u32)),
+                    flags: None,
+                })));
+                rest.push((chain.clone(), st));
+            }
+        }
+        (first, rest)
+    }
+
+    /// The rules of `bridge trellis`: what the host sends into a VXLAN
+    /// device from the bridge's MAC leaves from its mesh MAC on that
+    /// network (the frames the eBPF mesh redirects into the bridge pass
+    /// this hook too, from their own MAC: untouched).
+    fn bridge_rules(&self) -> Vec<Vec<Statement<'static>>> {
+        if !self.mesh_on() {
+            return Vec::new();
+        }
+        vec![vec![
+            m(meta(MetaKey::Oifname), Operator::EQ, s(format!("{VXLAN_PREFIX}*"))),
+            Statement::Mangle(nftables::stmt::Mangle {
+                key: payload("ether", "saddr"),
+                value: Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
+                    key: concat(vec![meta(MetaKey::Oifname), payload("ether", "saddr")]),
+                    data: s(format!("@{MESH_SRC_MAP}")),
+                }))),
+            }),
+        ]]
+    }
+
+    /// The elements of the mesh's named sets and maps: ports by protocol,
+    /// SNAT addresses by bridge, MACs by VXLAN device.
+    #[allow(clippy::type_complexity)]
+    fn mesh_elements(&self) -> (Vec<(Proto, Vec<u16>)>, Vec<(String, Ipv4Addr)>, Vec<(String, Mac, Mac)>) {
+        if !self.mesh_on() {
+            return (Vec::new(), Vec::new(), Vec::new());
+        }
+        let ports = MESH_PORT_SETS
+            .iter()
+            .map(|(proto, _)| {
+                let mut p: Vec<u16> = self.mesh_live().filter(|r| r.proto == *proto).map(|r| r.host_port).collect();
+                p.sort();
+                p.dedup();
+                (*proto, p)
+            })
+            .filter(|(_, p)| !p.is_empty())
+            .collect();
+        let snat = self.mesh_snat.iter().map(|m| (m.bridge.clone(), m.addr)).collect();
+        let src = self.mesh_snat.iter().map(|m| (m.vxlan.clone(), m.gateway_mac, m.mac)).collect();
+        (ports, snat, src)
+    }
+
     /// The elements of the maps: (maps, key, endpoint address, endpoint port).
     fn elements(&self) -> Vec<(Maps, Expression<'static>, Expression<'static>, Expression<'static>)> {
         self.published
@@ -228,8 +504,11 @@ impl EgressRules {
     }
 
     /// The rules of published ports, by chain.
-    fn published_rules(&self, out: &mut Vec<(&'static str, Vec<Statement<'static>>)>) {
+    fn published_rules(&self, out: &mut Vec<(String, Vec<Statement<'static>>)>) {
         if self.published.is_empty() {
+            if self.mesh_on() {
+                out.insert(0, ("forward".to_string(), self.forward_dnat()));
+            }
             return;
         }
         let l4 = || vec![meta(MetaKey::L4proto), payload("th", "dport")];
@@ -245,7 +524,7 @@ impl EgressRules {
                     continue;
                 }
                 out.push((
-                    chain,
+                    chain.to_string(),
                     vec![
                         m(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4")),
                         m(fib_daddr_type(), Operator::EQ, s("local")),
@@ -259,26 +538,12 @@ impl EgressRules {
                 ));
             }
         }
-        // What was DNATed is forwarded (across networks too, before the
-        // drops between networks), but never out of an internal network.
-        let mut accept = vec![m(ct_status(), Operator::IN, s("dnat"))];
-        let internal: Vec<_> = self.nets.iter().filter(|n| n.internal).map(|n| n.bridge.clone()).collect();
-        if !internal.is_empty() {
-            accept.push(m(
-                meta(MetaKey::Iifname),
-                Operator::NEQ,
-                Expression::Named(NamedExpression::Set(
-                    internal.into_iter().map(|b| nftables::expr::SetItem::Element(s(b))).collect(),
-                )),
-            ));
-        }
-        accept.push(Statement::Accept(None));
-        out.insert(0, ("forward", accept));
+        out.insert(0, ("forward".to_string(), self.forward_dnat()));
         let bridges = || s(format!("{BRIDGE_PREFIX}*"));
         // Hairpin: a container to a host address, DNATed to another
         // container; the reply must come back through the host.
         out.push((
-            "postrouting",
+            "postrouting".to_string(),
             vec![
                 m(ct_status(), Operator::IN, s("dnat")),
                 m(meta(MetaKey::Iifname), Operator::EQ, bridges()),
@@ -290,7 +555,7 @@ impl EgressRules {
         // which its replies come back to.
         if let Some(addr) = self.mesh_loopback {
             out.push((
-                "postrouting",
+                "postrouting".to_string(),
                 vec![
                     m(ct_status(), Operator::IN, s("dnat")),
                     m(meta(MetaKey::Oifname), Operator::EQ, s("lo")),
@@ -310,7 +575,7 @@ impl EgressRules {
         }
         // From the host's 127.0.0.1: a container cannot answer loopback.
         out.push((
-            "postrouting",
+            "postrouting".to_string(),
             vec![
                 m(meta(MetaKey::Oifname), Operator::EQ, bridges()),
                 m(
@@ -323,15 +588,34 @@ impl EgressRules {
         ));
     }
 
+    /// What was DNATed is forwarded (across networks too, before the drops
+    /// between networks), but never out of an internal network.
+    fn forward_dnat(&self) -> Vec<Statement<'static>> {
+        let mut accept = vec![m(ct_status(), Operator::IN, s("dnat"))];
+        let internal: Vec<_> = self.nets.iter().filter(|n| n.internal).map(|n| n.bridge.clone()).collect();
+        if !internal.is_empty() {
+            accept.push(m(
+                meta(MetaKey::Iifname),
+                Operator::NEQ,
+                Expression::Named(NamedExpression::Set(
+                    internal.into_iter().map(|b| nftables::expr::SetItem::Element(s(b))).collect(),
+                )),
+            ));
+        }
+        accept.push(Statement::Accept(None));
+        accept
+    }
+
     /// The rules, as (chain, statements).
-    fn rules(&self) -> Vec<(&'static str, Vec<Statement<'static>>)> {
-        let mut out = Vec::new();
+    fn rules(&self) -> Vec<(String, Vec<Statement<'static>>)> {
+        let (mesh_first, mesh_rest) = self.mesh_rules();
+        let mut out = mesh_first;
         for n in &self.nets {
             let fam = family_of(&n.subnet.network());
             if let (true, Some(IpAddr::V4(gw))) = (self.dns_intercept, n.gateway) {
                 for proto in ["udp", "tcp"] {
                     out.push((
-                        "prerouting",
+                        "prerouting".to_string(),
                         vec![
                             m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
                             m(payload("ip", "saddr"), Operator::EQ, prefix(&n.subnet)),
@@ -354,7 +638,7 @@ impl EgressRules {
                     ("raw_output", MetaKey::Oifname, "saddr", "sport"),
                 ] {
                     out.push((
-                        chain,
+                        chain.to_string(),
                         vec![
                             m(meta(dev), Operator::EQ, s(&n.bridge)),
                             m(payload("ip", addr), Operator::EQ, s(gw.to_string())),
@@ -366,7 +650,7 @@ impl EgressRules {
             }
             if n.internal {
                 out.push((
-                    "forward",
+                    "forward".to_string(),
                     vec![
                         m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
                         m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
@@ -374,7 +658,7 @@ impl EgressRules {
                     ],
                 ));
                 out.push((
-                    "forward",
+                    "forward".to_string(),
                     vec![
                         m(meta(MetaKey::Oifname), Operator::EQ, s(&n.bridge)),
                         m(meta(MetaKey::Iifname), Operator::NEQ, s(&n.bridge)),
@@ -386,10 +670,10 @@ impl EgressRules {
                     input.push(m(payload(family_of(&gw), "daddr"), Operator::NEQ, s(gw.to_string())));
                 }
                 input.push(Statement::Drop(None));
-                out.push(("input", input));
+                out.push(("input".to_string(), input));
             } else {
                 out.push((
-                    "forward",
+                    "forward".to_string(),
                     vec![
                         m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
                         m(meta(MetaKey::Oifname), Operator::EQ, s(format!("{BRIDGE_PREFIX}*"))),
@@ -398,7 +682,7 @@ impl EgressRules {
                     ],
                 ));
                 out.push((
-                    "postrouting",
+                    "postrouting".to_string(),
                     vec![
                         m(payload(fam, "saddr"), Operator::EQ, prefix(&n.subnet)),
                         m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
@@ -408,6 +692,7 @@ impl EgressRules {
             }
         }
         self.published_rules(&mut out);
+        out.extend(mesh_rest);
         out
     }
 
@@ -422,7 +707,15 @@ impl EgressRules {
         if !self.published.is_empty() || !self.localnet.is_empty() {
             text.push_str(&serde_json::to_string(&(self.elements(), &self.localnet)).expect("elements serialize"));
         }
-        format!("{:016x}/{}", fnv1a(text.as_bytes()), rules.len())
+        // And the mesh's sets and its bridge table (none: as before it).
+        let bridge = self.bridge_rules();
+        if self.mesh_on() {
+            let (ports, snat, src) = self.mesh_elements();
+            let src: Vec<(String, String, String)> =
+                src.into_iter().map(|(d, g, m)| (d, g.to_string(), m.to_string())).collect();
+            text.push_str(&serde_json::to_string(&(ports, snat, src, &bridge)).expect("mesh serializes"));
+        }
+        format!("{:016x}/{}", fnv1a(text.as_bytes()), rules.len() + bridge.len())
     }
 
     /// The nft batch that replaces the table with these rules atomically.
@@ -456,6 +749,45 @@ impl EgressRules {
                 ..Chain::default()
             }));
         }
+        // The mesh's chains (no hook: jumped to), sets and maps.
+        let mut mesh_chains: Vec<String> = self.mesh_live().map(|r| r.chain()).collect();
+        mesh_chains.sort();
+        mesh_chains.dedup();
+        if self.mesh_on() {
+            for name in mesh_chains {
+                b.add(NfListObject::Chain(Chain {
+                    family: NfFamily::INet,
+                    table: Cow::Borrowed(TABLE),
+                    name: Cow::Owned(name),
+                    ..Chain::default()
+                }));
+            }
+        }
+        let (mesh_ports, mesh_snat, mesh_src) = self.mesh_elements();
+        for (proto, ports) in &mesh_ports {
+            let name = MESH_PORT_SETS.iter().find(|(p, _)| p == proto).map(|(_, n)| *n).expect("a set per protocol");
+            b.add(NfListObject::Set(Box::new(nftables::schema::Set {
+                family: NfFamily::INet,
+                table: Cow::Borrowed(TABLE),
+                name: Cow::Borrowed(name),
+                set_type: SetTypeValue::Single(SetType::InetService),
+                elem: Some(Cow::Owned(ports.iter().map(|p| Expression::Number(*p as u32)).collect())),
+                ..nftables::schema::Set::default()
+            })));
+        }
+        if !mesh_snat.is_empty() {
+            b.add(NfListObject::Map(Box::new(Map {
+                family: NfFamily::INet,
+                table: Cow::Borrowed(TABLE),
+                name: Cow::Borrowed(MESH_SNAT_MAP),
+                set_type: SetTypeValue::Single(SetType::Ifname),
+                map: SetTypeValue::Single(SetType::Ipv4Addr),
+                elem: Some(Cow::Owned(
+                    mesh_snat.iter().map(|(b, a)| Expression::List(vec![s(b.clone()), s(a.to_string())])).collect(),
+                )),
+                ..Map::default()
+            })));
+        }
         let elements = self.elements();
         for (maps, key) in [
             (MAPS_ANY, vec![SetType::InetProto, SetType::InetService]),
@@ -484,12 +816,57 @@ impl EgressRules {
             b.add(NfListObject::Rule(Rule {
                 family: NfFamily::INet,
                 table: Cow::Borrowed(TABLE),
-                chain: Cow::Borrowed(chain),
+                chain: Cow::Owned(chain),
                 expr: Cow::Owned(expr),
                 handle: None,
                 index: None,
                 comment: Some(Cow::Owned(format!("trellis:{hash}"))),
             }));
+        }
+        // `bridge trellis`: replaced too, and made only when it has rules.
+        let bridge_table = || Table { family: NfFamily::Bridge, name: Cow::Borrowed(TABLE), handle: None };
+        b.add(NfListObject::Table(bridge_table()));
+        b.delete(NfListObject::Table(bridge_table()));
+        let bridge_rules = self.bridge_rules();
+        if !bridge_rules.is_empty() {
+            b.add(NfListObject::Table(bridge_table()));
+            b.add(NfListObject::Chain(Chain {
+                family: NfFamily::Bridge,
+                table: Cow::Borrowed(TABLE),
+                name: Cow::Borrowed("output"),
+                _type: Some(NfChainType::Filter),
+                hook: Some(NfHook::Output),
+                prio: Some(0),
+                policy: Some(NfChainPolicy::Accept),
+                ..Chain::default()
+            }));
+            b.add(NfListObject::Map(Box::new(Map {
+                family: NfFamily::Bridge,
+                table: Cow::Borrowed(TABLE),
+                name: Cow::Borrowed(MESH_SRC_MAP),
+                set_type: SetTypeValue::Concatenated(Cow::Owned(vec![SetType::Ifname, SetType::EtherAddr])),
+                map: SetTypeValue::Single(SetType::EtherAddr),
+                elem: Some(Cow::Owned(
+                    mesh_src
+                        .iter()
+                        .map(|(d, gw, mac)| {
+                            Expression::List(vec![concat(vec![s(d.clone()), s(gw.to_string())]), s(mac.to_string())])
+                        })
+                        .collect(),
+                )),
+                ..Map::default()
+            })));
+            for expr in bridge_rules {
+                b.add(NfListObject::Rule(Rule {
+                    family: NfFamily::Bridge,
+                    table: Cow::Borrowed(TABLE),
+                    chain: Cow::Borrowed("output"),
+                    expr: Cow::Owned(expr),
+                    handle: None,
+                    index: None,
+                    comment: Some(Cow::Owned(format!("trellis:{hash}"))),
+                }));
+            }
         }
         b.to_nftables()
     }
@@ -571,7 +948,7 @@ mod tests {
     fn rules_per_network_kind() {
         let r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", true)]);
         let rules = r.rules();
-        let chains: Vec<_> = rules.iter().map(|(c, _)| *c).collect();
+        let chains: Vec<_> = rules.iter().map(|(c, _)| c.as_str()).collect();
         // The internal network sorts after the open one (by bridge name).
         assert_eq!(chains, ["forward", "postrouting", "forward", "forward", "input"]);
         let json = serde_json::to_string(&r.batch()).unwrap();
@@ -698,7 +1075,7 @@ mod tests {
         let one = r.rules();
         // prerouting + output for the every-address map, the forward
         // accept, the two masquerades.
-        let chains: Vec<_> = one.iter().map(|(c, _)| *c).collect();
+        let chains: Vec<_> = one.iter().map(|(c, _)| c.as_str()).collect();
         assert_eq!(chains[0], "forward", "the accept of DNATed traffic comes before the drops between networks");
         let added: Vec<_> = chains.iter().skip(EgressRules::new(r.nets.clone()).rules().len() + 1).collect();
         assert_eq!(added, [&"prerouting", &"output", &"postrouting", &"postrouting"]);
@@ -743,6 +1120,150 @@ mod tests {
         assert!(masq[0].contains("10.1.0.0"));
         assert!(masq[1].contains("\"iifname\"") && masq[1].contains("dnat"), "{}", masq[1]);
         assert!(masq[2].contains("127.0.0.0"), "{}", masq[2]);
+    }
+
+    fn mesh(service: &str, proto: Proto, host_port: u16, target: u16, backends: &[&str], hairpin: bool) -> MeshRule {
+        MeshRule {
+            proto,
+            host_port,
+            service: service.into(),
+            target,
+            backends: backends.iter().map(|b| b.parse().unwrap()).collect(),
+            hairpin_only: hairpin,
+        }
+    }
+
+    fn snat(net: &str, addr: &str) -> MeshSnat {
+        MeshSnat {
+            bridge: format!("trb-{net}"),
+            vxlan: format!("trx-{net}"),
+            gateway_mac: Mac([2, 0x42, 10, 1, 0, 0]),
+            addr: addr.parse().unwrap(),
+            mac: Mac::for_ip(addr.parse().unwrap()),
+        }
+    }
+
+    /// The rules of `r` as (chain, JSON of the statements).
+    fn json_rules(r: &EgressRules) -> Vec<(String, String)> {
+        r.rules().into_iter().map(|(c, st)| (c, serde_json::to_string(&st).unwrap())).collect()
+    }
+
+    #[test]
+    fn mesh_ports_are_map_elements_and_services_chains_not_rules_per_packet() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2", "10.1.0.3"], false)]);
+        let one = json_rules(&r);
+        let chains: Vec<&str> = one.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(
+            chains,
+            [
+                "forward",
+                "postrouting",
+                "forward",
+                "postrouting",
+                "prerouting",
+                "output",
+                "mesh_web_tcp_8080",
+                "mesh_web_tcp_8080"
+            ],
+            "the accept of DNATed traffic first of forward; SNAT first of postrouting; one lookup per hook; the service's chain, a rule per backend"
+        );
+        let fp_one = r.fingerprint();
+        // A thousand more ports of the service: the same rules (the
+        // lookups hold more elements), the same chain.
+        r.publish_mesh((0..1000).map(|i| mesh("web", Proto::Tcp, 31000 + i, 8080, &["10.1.0.2", "10.1.0.3"], false)));
+        let many = json_rules(&r);
+        assert_eq!(many.len(), one.len(), "per-packet work must not grow with the ports");
+        assert!(many[4].1.contains("31999") && many[5].1.contains("31999"), "{}", many[4].1);
+        assert_ne!(r.fingerprint(), fp_one);
+        // A thousand services: a chain each, jumped to from the same one
+        // lookup per hook (a packet sees one lookup and one rule).
+        let mut s = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        s.mesh_address(snat("a", "10.1.0.5"));
+        s.publish_mesh((0..1000).map(|i| mesh(&format!("s{i}"), Proto::Udp, 20000 + i, 53, &["10.1.0.9"], false)));
+        let rules = json_rules(&s);
+        let base: Vec<_> = rules.iter().filter(|(c, _)| !c.starts_with("mesh_")).collect();
+        assert_eq!(base.len(), one.len() - 2, "{base:?}");
+        assert_eq!(rules.iter().filter(|(c, _)| c.starts_with("mesh_s")).count(), 1000);
+        let json = to_nft_json(&s.batch()).unwrap();
+        assert!(!json.contains("\"numgen\""), "one backend: no choice to make");
+        assert!(!json.contains("\"set\":[[0,"), "no set per service (they are slow to make)");
+        if let Ok(path) = std::env::var("TRELLIS_DUMP_NFT_MESH") {
+            std::fs::write(path, to_nft_json(&r.batch()).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_mesh_connection_is_snated_to_the_host_s_address_on_the_backend_s_network() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false), net("trb-b", "10.2.0.0/24", false)]);
+        r.publish("trb-b", [published(Proto::Tcp, None, 18080, "10.2.0.7", 80)]);
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([
+            mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2"], false),
+            mesh("dns", Proto::Udp, 30053, 53, &["10.1.0.3", "10.1.0.4", "10.1.0.6"], false),
+        ]);
+        let rules = json_rules(&r);
+        let post: Vec<&String> = rules.iter().filter(|(c, _)| c == "postrouting").map(|(_, j)| j).collect();
+        // Before every masquerade (a container of another network would be
+        // masqueraded to the gateway, which answers on every host).
+        assert!(post[0].contains("\"snat\"") && post[0].contains("@mesh_tcp"), "{}", post[0]);
+        assert!(post[1].contains("\"snat\"") && post[1].contains("@mesh_udp"), "{}", post[1]);
+        assert!(post[2..].iter().all(|j| !j.contains("\"snat\"")), "{post:?}");
+        assert!(post[0].contains("\"proto-dst\"") && post[0].contains("\"original\""), "{}", post[0]);
+        let json = to_nft_json(&r.batch()).unwrap();
+        // The sets hold the mesh's ports, not the -p one (which keeps the
+        // outside client's address).
+        assert!(json.contains("\"name\":\"mesh_tcp\"") && json.contains("[30080]"), "{json}");
+        assert!(json.contains("[30053]") && !json.contains("[18080]"), "{json}");
+        assert!(json.contains("[\"trb-a\",\"10.1.0.5\"]"), "{json}");
+        // What the host sends into the VXLAN device leaves from its mesh MAC.
+        assert!(json.contains("\"family\":\"bridge\""), "{json}");
+        assert!(
+            json.contains("[{\"concat\":[\"trx-a\",\"02:42:0a:01:00:00\"]},\"02:42:0a:01:00:05\"]"),
+            "only from the bridge's own MAC: {json}"
+        );
+        // A backend at random of the three, each with 1/3, to the target
+        // port: the first with 1/3, the second with 1/2 of the rest, the
+        // last what is left.
+        let chain: Vec<&String> = rules.iter().filter(|(c, _)| c == "mesh_dns_udp_53").map(|(_, j)| j).collect();
+        assert_eq!(chain.len(), 3);
+        for (j, (backend, modulus)) in
+            chain.iter().zip([("10.1.0.3", Some(3)), ("10.1.0.4", Some(2)), ("10.1.0.6", None)])
+        {
+            assert!(j.contains(&format!("\"addr\":\"{backend}\"")) && j.contains("\"port\":53"), "{j}");
+            match modulus {
+                Some(n) => assert!(j.contains(&format!("\"mod\":{n}")) && j.contains("\"right\":0"), "{j}"),
+                None => assert!(!j.contains("numgen"), "{j}"),
+            }
+        }
+    }
+
+    #[test]
+    fn hairpin_only_ports_are_looked_up_for_containers_only() {
+        let mut r = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2"], true)]);
+        let rules = json_rules(&r);
+        let lookups: Vec<_> = rules.iter().filter(|(_, j)| j.contains("\"vmap\"")).collect();
+        assert_eq!(lookups.len(), 1, "{lookups:?}");
+        assert_eq!(lookups[0].0, "prerouting", "not output: the host's own clients take the eBPF path");
+        assert!(lookups[0].1.contains("\"iifname\"") && lookups[0].1.contains("trb-*"), "{}", lookups[0].1);
+    }
+
+    #[test]
+    fn no_mesh_address_or_no_backend_leaves_the_table_as_before() {
+        let plain = EgressRules::new(vec![net("trb-a", "10.1.0.0/24", false)]);
+        let mut r = plain.clone();
+        // Without an address to SNAT to, nothing can be published yet.
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &["10.1.0.2"], false)]);
+        assert_eq!(r.fingerprint(), plain.fingerprint());
+        // Without a backend: the port is the host's (it refuses).
+        let mut r = plain.clone();
+        r.mesh_address(snat("a", "10.1.0.5"));
+        r.publish_mesh([mesh("web", Proto::Tcp, 30080, 8080, &[], false)]);
+        assert_eq!(r.fingerprint(), plain.fingerprint());
+        assert!(!to_nft_json(&r.batch()).unwrap().contains("mesh_"));
     }
 
     #[test]

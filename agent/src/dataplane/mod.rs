@@ -9,7 +9,7 @@ pub mod linux;
 pub mod observed;
 pub mod tables;
 
-pub use action::{Action, EndpointSpec, ProgramSpec, Sysctl, VxlanSpec};
+pub use action::{Action, EndpointSpec, MeshVethSpec, ProgramSpec, Sysctl, VxlanSpec};
 pub use fake::FakeDataplane;
 pub use observed::{ContainerLink, LinkKind, Observed, ObservedLink};
 pub use tables::{TableOps, Tables};
@@ -161,5 +161,11 @@ pub trait Dataplane: Send + Sync + 'static {
 
     fn service_stats(&self, _id: u32) -> Option<trellis_ebpf::SvcStats> {
         None
+    }
+
+    /// Is the host's reverse-path filter strict for every interface
+    /// (`net.ipv4.conf.all.rp_filter = 1`)? The mesh veths cannot lower it.
+    fn strict_rp_filter(&self) -> bool {
+        false
     }
 }

@@ -33,10 +33,14 @@ pub struct ObservedLink {
     /// VXLAN devices: the VNI, the static FDB entries (MAC → remote VTEP)
     /// and the permanent neighbour entries (IP → MAC).
     pub vni: Option<u32>,
-    /// Bridges: the MAC (fixed by the agent, so it never follows its ports).
+    /// Bridges: the MAC (fixed by the agent, so it never follows its
+    /// ports); the host end of a mesh veth: its MAC.
     pub mac: Option<Mac>,
     pub fdb: BTreeSet<(Mac, IpAddr)>,
     pub neigh: BTreeSet<(IpAddr, Mac)>,
+    /// The bridge end of a mesh veth: the static FDB entries of the bridge
+    /// on it (`bridge fdb … master static`).
+    pub static_macs: BTreeSet<Mac>,
 }
 
 /// What the agent sees of its host's kernel state.
@@ -130,6 +134,34 @@ impl Observed {
             Action::DeleteLink { name } => {
                 self.links.remove(name).ok_or_else(|| missing(name))?;
                 self.mesh_links.remove(name);
+                // A veth goes whole: the host end of a mesh veth with its port.
+                if let Some(net) = name.strip_prefix(crate::model::MESH_PORT_PREFIX) {
+                    self.links.remove(&format!("{}{net}", crate::model::MESH_PREFIX));
+                }
+            }
+            Action::CreateMeshVeth(v) => {
+                self.links.insert(
+                    v.port.clone(),
+                    ObservedLink {
+                        kind: LinkKind::Veth,
+                        master: Some(v.bridge.clone()),
+                        mtu: v.mtu,
+                        up: true,
+                        static_macs: [v.mac].into(),
+                        ..Default::default()
+                    },
+                );
+                self.links.insert(
+                    v.ifname.clone(),
+                    ObservedLink {
+                        kind: LinkKind::Veth,
+                        mtu: v.mtu,
+                        up: true,
+                        mac: Some(v.mac),
+                        addrs: vec![v.cidr()],
+                        ..Default::default()
+                    },
+                );
             }
             Action::AttachMesh { ifname, .. } => {
                 self.mesh_links.insert(ifname.clone());

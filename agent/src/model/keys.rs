@@ -43,6 +43,17 @@ pub fn mesh_port_key(proto: super::Proto, port: u16) -> String {
 pub fn mesh_ports_prefix() -> String {
     format!("{ROOT}mesh-ports/")
 }
+/// A host's mesh address on a network (see [`super::MeshAddrRecord`]).
+pub fn mesh_addr_key(network_id: &str, host: &str) -> String {
+    format!("{ROOT}mesh-addrs/{network_id}/{host}")
+}
+pub fn mesh_addrs_prefix() -> String {
+    format!("{ROOT}mesh-addrs/")
+}
+/// Every host's mesh address on one network.
+pub fn mesh_addrs_of_network(network_id: &str) -> String {
+    format!("{ROOT}mesh-addrs/{network_id}/")
+}
 /// The IPAM owner of a service's VIP (never reclaimed with a host).
 pub fn vip_owner(service: &str) -> String {
     format!("{}{service}", trellis_ipam::SERVICE_OWNER_PREFIX)
@@ -132,5 +143,8 @@ mod tests {
         assert_eq!(esp_port_key(4790), "/trellis/v1/esp-ports/4790");
         assert!(esp_port_key(4790).starts_with(&esp_ports_prefix()));
         assert!(docker_ep_key("h", "e").starts_with(&docker_host_prefix("h")));
+        assert_eq!(mesh_addr_key("n1", "h1"), "/trellis/v1/mesh-addrs/n1/h1");
+        assert!(mesh_addr_key("n1", "h1").starts_with(&mesh_addrs_of_network("n1")));
+        assert!(mesh_addrs_of_network("n1").starts_with(&mesh_addrs_prefix()));
     }
 }

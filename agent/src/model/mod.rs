@@ -219,6 +219,30 @@ pub struct HostRecord {
     pub started_unix: i64,
 }
 
+/// A host's own address on a network, for the routing mesh's nftables
+/// path (`--ebpf=false` hosts, and every host's hairpin): connections it
+/// takes on a published port are SNATed to it, so that the backends'
+/// replies, on any host, come back to it over the network's VXLAN (the
+/// gateway is anycast, and the host's underlay address is routed out of
+/// the backend's host). Allocated from the cluster IPAM (owned
+/// [`mesh_addr_owner`], from the host's blocks: reclaimed with the host),
+/// one per (host, network) while the host publishes a service of that
+/// network; its own record kind, so it is no endpoint (not in DNS,
+/// `endpoint ls` or any service's backends).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MeshAddrRecord {
+    pub host: String,
+    pub network_id: String,
+    pub ip: IpAddr,
+    /// Derived from the address, as endpoints' MACs are ([`Mac::for_ip`]).
+    pub mac: Mac,
+}
+
+/// The IPAM owner of `host`'s mesh addresses.
+pub fn mesh_addr_owner(host: &str) -> String {
+    format!("mesh:{host}")
+}
+
 /// How a service's name resolves and how its clients reach it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -390,7 +414,7 @@ mod tests {
     #[test]
     fn names_fit_linux_interface_names() {
         let id = new_id();
-        for n in [bridge_name(&id), host_ifname(&id), peer_ifname(&id)] {
+        for n in [bridge_name(&id), host_ifname(&id), peer_ifname(&id), mesh_ifname(&id), mesh_port_name(&id)] {
             assert!(n.len() <= 15, "{n} is longer than IFNAMSIZ-1");
         }
         assert!(bridge_name(&id).starts_with(BRIDGE_PREFIX));
@@ -470,7 +494,15 @@ mod tests {
     #[test]
     fn every_interface_the_agent_names_is_owned() {
         let id = new_id();
-        for n in [bridge_name(&id), host_ifname(&id), peer_ifname(&id), vxlan_name(&id), PROBE_VXLAN.to_string()] {
+        for n in [
+            bridge_name(&id),
+            host_ifname(&id),
+            peer_ifname(&id),
+            vxlan_name(&id),
+            PROBE_VXLAN.to_string(),
+            mesh_ifname(&id),
+            mesh_port_name(&id),
+        ] {
             assert!(owned_link(&n), "{n} would never be removed");
         }
         assert!(!owned_link("eth0") && !owned_link("tr-other"));

@@ -10,9 +10,15 @@ pub const VETH_PREFIX: &str = "trv-";
 /// Temporary name of a container-side veth before it moves.
 pub const PEER_PREFIX: &str = "trp-";
 pub const VXLAN_PREFIX: &str = "trx-";
-/// Every prefix of [`BRIDGE_PREFIX`], [`VETH_PREFIX`], [`PEER_PREFIX`] and
-/// [`VXLAN_PREFIX`]: what the agent observes, and removes when not desired.
-pub const OWNED_PREFIXES: [&str; 4] = [BRIDGE_PREFIX, VETH_PREFIX, PEER_PREFIX, VXLAN_PREFIX];
+/// The host's end of a mesh veth (see [`mesh_ifname`]).
+pub const MESH_PREFIX: &str = "trm-";
+/// The bridge's end of a mesh veth (see [`mesh_port_name`]).
+pub const MESH_PORT_PREFIX: &str = "trn-";
+/// Every prefix of [`BRIDGE_PREFIX`], [`VETH_PREFIX`], [`PEER_PREFIX`],
+/// [`VXLAN_PREFIX`], [`MESH_PREFIX`] and [`MESH_PORT_PREFIX`]: what the
+/// agent observes, and removes when not desired.
+pub const OWNED_PREFIXES: [&str; 6] =
+    [BRIDGE_PREFIX, VETH_PREFIX, PEER_PREFIX, VXLAN_PREFIX, MESH_PREFIX, MESH_PORT_PREFIX];
 
 /// Is `name` an interface the agent owns? The reconciler deletes what
 /// carries one and is not desired, and the observer reports exactly these
@@ -42,4 +48,16 @@ pub fn host_ifname(endpoint_id: &str) -> String {
 }
 pub fn peer_ifname(endpoint_id: &str) -> String {
     format!("{PEER_PREFIX}{}", &endpoint_id[..endpoint_id.len().min(10)])
+}
+
+/// The host's end of the mesh veth of a network: it holds the host's mesh
+/// address of the network (a /32) and its MAC (see
+/// [`super::MeshAddrRecord`]); its peer, [`mesh_port_name`], is a port of
+/// the network's bridge.
+pub fn mesh_ifname(network_id: &str) -> String {
+    format!("{MESH_PREFIX}{}", &network_id[..network_id.len().min(10)])
+}
+/// The bridge's end of the mesh veth of a network.
+pub fn mesh_port_name(network_id: &str) -> String {
+    format!("{MESH_PORT_PREFIX}{}", &network_id[..network_id.len().min(10)])
 }

@@ -31,6 +31,12 @@ pub struct PassReport {
     /// Encrypted networks whose keys this host's kernel now has, with the
     /// epochs (empty when any SA or policy failed).
     pub acks: BTreeMap<String, trellis_ipsec::Ack>,
+    /// Networks this host needs a mesh address on and has none (ids): to
+    /// allocate.
+    pub mesh_addrs_missing: std::collections::BTreeSet<String>,
+    /// This host's mesh addresses it no longer needs whose veths are gone:
+    /// to release.
+    pub mesh_addrs_releasable: Vec<model::MeshAddrRecord>,
 }
 
 impl PassReport {
@@ -63,6 +69,9 @@ pub struct Snapshot {
     /// the host, when some service is published on the mesh): the mesh
     /// does not take them here.
     pub held_ports: std::collections::BTreeSet<(crate::model::Proto, u16)>,
+    /// The hosts' mesh addresses (every host's while a service is
+    /// published, else this host's own).
+    pub mesh_addrs: Arc<Vec<crate::model::MeshAddrRecord>>,
 }
 
 impl Snapshot {
@@ -75,6 +84,7 @@ impl Snapshot {
             && Arc::ptr_eq(&self.hosts, &other.hosts)
             && Arc::ptr_eq(&self.services, &other.services)
             && Arc::ptr_eq(&self.keys, &other.keys)
+            && Arc::ptr_eq(&self.mesh_addrs, &other.mesh_addrs)
             && self.held_ports == other.held_ports
     }
 }
@@ -278,6 +288,22 @@ impl Reconciler {
                 "reconciled"
             );
         }
+        let have: std::collections::BTreeSet<&str> =
+            snapshot.mesh_addrs.iter().filter(|m| m.host == self.me.host).map(|m| m.network_id.as_str()).collect();
+        report.mesh_addrs_missing =
+            want.mesh_addrs_wanted.iter().filter(|n| !have.contains(n.as_str())).cloned().collect();
+        // Released only once the kernel no longer has them (never reused
+        // while this host still answers on them).
+        report.mesh_addrs_releasable = snapshot
+            .mesh_addrs
+            .iter()
+            .filter(|m| m.host == self.me.host && !want.mesh_addrs_wanted.contains(&m.network_id))
+            .filter(|m| {
+                let (port, ifname) = (model::mesh_port_name(&m.network_id), model::mesh_ifname(&m.network_id));
+                trust_cache && !observed.links.contains_key(&port) && !observed.links.contains_key(&ifname)
+            })
+            .cloned()
+            .collect();
         if trust_cache {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
         }

@@ -339,6 +339,151 @@ fn a_port_a_process_of_the_host_holds_is_left_to_it_and_reported() {
     assert!(desired::desired_host(&snap, &me).tables.published.contains_key(&PubKey::new(30080, 6)));
 }
 
+/// A mesh address of `host` on network aaaa.
+fn mesh_addr(host: &str, ip: &str) -> model::MeshAddrRecord {
+    model::MeshAddrRecord {
+        host: host.into(),
+        network_id: "aaaa".into(),
+        ip: ip.parse().unwrap(),
+        mac: Mac::for_ip(ip.parse().unwrap()),
+    }
+}
+
+#[test]
+fn without_ebpf_a_published_service_goes_through_nftables_from_the_host_s_mesh_address() {
+    let (mut snap, me) = mesh_lab(model::PublishMode::Ingress);
+    let me = Identity { ebpf: false, ..me };
+    // Before its address is allocated: wanted, nothing published yet.
+    let d = desired::desired_host(&snap, &me);
+    assert_eq!(d.mesh_addrs_wanted, ["aaaa".to_string()].into());
+    assert!(d.mesh_veths.is_empty() && d.egress.mesh.is_empty() && d.egress.mesh_snat.is_empty());
+    assert_eq!(d.mesh_nft.len(), 1, "said so all the same");
+    assert!(d.vxlans.contains_key(&model::vxlan_name("aaaa")), "the backend's host is reached over the device");
+    // With it (and h2's): the veth, the rule to the backend, the SNAT.
+    snap.mesh_addrs =
+        Arc::new(vec![mesh_addr("h1", "10.1.0.40"), mesh_addr("h2", "10.1.0.41"), mesh_addr("h9", "10.1.0.49")]);
+    let d = desired::desired_host(&snap, &me);
+    let v = &d.mesh_veths[&model::mesh_port_name("aaaa")];
+    assert_eq!((v.ifname.as_str(), v.bridge.as_str()), ("trm-aaaa", "trb-aaaa"));
+    assert_eq!((v.addr.to_string(), v.mac), ("10.1.0.40".to_string(), Mac::for_ip("10.1.0.40".parse().unwrap())));
+    assert!(v.sysctls.iter().any(|s| s.path.ends_with("/trm-aaaa/rp_filter") && s.value == "0"), "{:?}", v.sysctls);
+    assert_eq!(
+        d.egress.mesh,
+        vec![crate::dataplane::egress::MeshRule {
+            proto: model::Proto::Tcp,
+            host_port: 30080,
+            service: "web".into(),
+            target: 8080,
+            backends: vec!["10.1.0.3".parse().unwrap()],
+            hairpin_only: false,
+        }]
+    );
+    assert_eq!(d.egress.mesh_snat.len(), 1);
+    assert_eq!(d.egress.mesh_snat[0].addr.to_string(), "10.1.0.40");
+    assert_eq!(d.egress.localnet, ["trb-aaaa"], "127.0.0.1 is DNATed out of the bridge");
+    // h2's address, as for a remote endpoint; not its own, not a dead host's.
+    let vx = &d.vxlans[&model::vxlan_name("aaaa")];
+    let h2_mac = Mac::for_ip("10.1.0.41".parse().unwrap());
+    assert!(
+        vx.fdb.contains(&(h2_mac, "198.19.0.2".parse().unwrap()))
+            && vx.neigh.contains(&("10.1.0.41".parse().unwrap(), h2_mac))
+    );
+    assert!(
+        !vx.fdb.iter().any(|(m, _)| *m == v.mac || *m == Mac::for_ip("10.1.0.49".parse().unwrap())),
+        "{:?}",
+        vx.fdb
+    );
+    // None of the eBPF mesh.
+    assert!(d.tables.published.is_empty() && d.mesh_links.is_empty() && d.egress.mesh_loopback.is_none());
+    // A port a process of the host holds stays the process's here too.
+    let mut held = snap.clone();
+    held.held_ports.insert((model::Proto::Tcp, 30080));
+    let dh = desired::desired_host(&held, &me);
+    assert!(dh.egress.mesh.is_empty() && dh.mesh_nft.is_empty() && dh.mesh_held.len() == 1, "{:?}", dh.egress.mesh);
+    assert!(!vx.fdb.iter().any(|(m, _)| m.0[0] == 6 && m.0[1] == 0x7e), "no mesh MACs: {:?}", vx.fdb);
+    // From nothing: the veth after the bridge, the rules after both.
+    let acts = diff(&d, &Observed::default());
+    let pos = |f: &dyn Fn(&Action) -> bool| acts.iter().position(f).unwrap();
+    let bridge = pos(&|a| matches!(a, Action::CreateBridge { name, .. } if name == "trb-aaaa"));
+    let veth = pos(&|a| matches!(a, Action::CreateMeshVeth(_)));
+    let egress = pos(&|a| matches!(a, Action::ApplyEgress(_)));
+    assert!(bridge < veth && veth < egress, "{acts:?}");
+    // Unpublished: the veth goes (with its peer), the address is no longer
+    // wanted (released after the pass).
+    let mut seen = Observed::default();
+    for a in &acts {
+        seen.record(a).unwrap();
+    }
+    assert!(diff(&d, &seen).is_empty(), "as desired: nothing to do");
+    Arc::make_mut(&mut snap.services)[0].publish.clear();
+    let d2 = desired::desired_host(&snap, &me);
+    assert!(d2.mesh_addrs_wanted.is_empty() && d2.mesh_veths.is_empty() && d2.egress.mesh.is_empty());
+    let acts = diff(&d2, &seen);
+    assert!(acts.contains(&Action::DeleteLink { name: "trn-aaaa".into() }), "{acts:?}");
+    assert!(!acts.contains(&Action::DeleteLink { name: "trm-aaaa".into() }), "one delete takes both ends: {acts:?}");
+    for a in &acts {
+        seen.record(a).unwrap();
+    }
+    assert!(!seen.links.contains_key("trm-aaaa") && !seen.links.contains_key("trn-aaaa"));
+}
+
+#[test]
+fn a_mesh_veth_not_as_desired_is_made_again() {
+    let (mut snap, me) = mesh_lab(model::PublishMode::Ingress);
+    snap.mesh_addrs = Arc::new(vec![mesh_addr("h1", "10.1.0.40")]);
+    let d = desired::desired_host(&snap, &Identity { ebpf: false, ..me });
+    let mut seen = Observed::default();
+    for a in diff(&d, &Observed::default()) {
+        seen.record(&a).unwrap();
+    }
+    let v = d.mesh_veths["trn-aaaa"].clone();
+    let remade = vec![Action::DeleteLink { name: "trn-aaaa".into() }, Action::CreateMeshVeth(Box::new(v))];
+    for (what, change) in [
+        ("address", &(|o: &mut Observed| o.links.get_mut("trm-aaaa").unwrap().addrs.clear()) as &dyn Fn(&mut Observed)),
+        ("MAC", &|o: &mut Observed| o.links.get_mut("trm-aaaa").unwrap().mac = Some(Mac([2, 0, 0, 0, 0, 1]))),
+        ("FDB entry", &|o: &mut Observed| o.links.get_mut("trn-aaaa").unwrap().static_macs.clear()),
+        ("bridge", &|o: &mut Observed| o.links.get_mut("trn-aaaa").unwrap().master = None),
+    ] {
+        let mut o = seen.clone();
+        change(&mut o);
+        assert_eq!(diff(&d, &o), remade, "{what}");
+    }
+    // The host end alone (its port deleted by hand): it goes, both come back.
+    let mut o = seen.clone();
+    o.links.remove("trn-aaaa");
+    let acts = diff(&d, &o);
+    assert_eq!(acts[0], Action::DeleteLink { name: "trm-aaaa".into() }, "{acts:?}");
+    assert!(matches!(acts[1], Action::CreateMeshVeth(_)), "{acts:?}");
+}
+
+#[test]
+fn an_ebpf_host_keeps_the_client_s_address_unless_a_backend_runs_without_ebpf() {
+    use trellis_ebpf::PubKey;
+    let (mut snap, me) = mesh_lab(model::PublishMode::Ingress);
+    snap.mesh_addrs = Arc::new(vec![mesh_addr("h1", "10.1.0.40")]);
+    // Every backend on an eBPF host: the eBPF mesh, and nftables for the
+    // host's containers only (hairpin), from its mesh address.
+    let d = desired::desired_host(&snap, &me);
+    assert!(d.tables.published.contains_key(&PubKey::new(30080, 6)));
+    assert!(d.mesh_nft.is_empty());
+    assert_eq!(d.egress.mesh.len(), 1);
+    assert!(d.egress.mesh[0].hairpin_only);
+    assert!(d.mesh_veths.contains_key("trn-aaaa") && d.egress.mesh_loopback.is_some());
+    assert!(d.egress.localnet.is_empty(), "127.0.0.1 takes the eBPF path");
+    // The backend's host runs without eBPF: nothing would steer its
+    // replies back, so this host publishes the service through nftables.
+    Arc::make_mut(&mut snap.hosts)[1].capabilities.insert("ebpf".into(), false);
+    let d = desired::desired_host(&snap, &me);
+    assert!(!d.tables.published.contains_key(&PubKey::new(30080, 6)), "{:?}", d.tables.published);
+    assert_eq!(d.mesh_nft.iter().map(|(s, p)| (s.as_str(), p.host_port)).collect::<Vec<_>>(), [("web", 30080)]);
+    assert!(!d.egress.mesh[0].hairpin_only);
+    assert!(d.egress.mesh_loopback.is_none() && !d.mesh_links.contains_key("uplink0"));
+    // A dead host's capability does not count (its backends are not reached).
+    Arc::make_mut(&mut snap.hosts).remove(1);
+    let d = desired::desired_host(&snap, &me);
+    assert!(d.mesh_nft.is_empty(), "{:?}", d.mesh_nft);
+}
+
 #[test]
 fn host_mode_publishes_only_where_a_backend_runs_and_nothing_without_ebpf() {
     use trellis_ebpf::PubKey;

@@ -40,6 +40,8 @@ pub struct View {
     pub services: Arc<Vec<ServiceRecord>>,
     /// Encrypted networks' key rings, by network id.
     pub keys: Arc<BTreeMap<String, trellis_ipsec::KeyRing>>,
+    /// The hosts' addresses on networks they publish through nftables.
+    pub mesh_addrs: Arc<Vec<model::MeshAddrRecord>>,
 }
 
 impl View {
@@ -51,6 +53,7 @@ impl View {
             && Arc::ptr_eq(&self.hosts, &other.hosts)
             && Arc::ptr_eq(&self.services, &other.services)
             && Arc::ptr_eq(&self.keys, &other.keys)
+            && Arc::ptr_eq(&self.mesh_addrs, &other.mesh_addrs)
     }
 }
 
@@ -62,10 +65,11 @@ enum Kind {
     Host,
     Service,
     Key,
+    MeshAddr,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key];
+    const ALL: [Kind; 6] = [Kind::Network, Kind::Endpoint, Kind::Host, Kind::Service, Kind::Key, Kind::MeshAddr];
 
     /// Its keys' prefix under [`model::ROOT`].
     fn prefix(self) -> &'static str {
@@ -75,6 +79,7 @@ impl Kind {
             Kind::Host => "hosts/",
             Kind::Service => "services/",
             Kind::Key => "netkeys/",
+            Kind::MeshAddr => "mesh-addrs/",
         }
     }
 
@@ -102,6 +107,7 @@ enum Record {
     Host(HostRecord),
     Service(ServiceRecord),
     Key(trellis_ipsec::KeyRing),
+    MeshAddr(model::MeshAddrRecord),
 }
 
 fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
@@ -111,6 +117,7 @@ fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
         Kind::Host => Record::Host(serde_json::from_slice(&kv.value)?),
         Kind::Service => Record::Service(serde_json::from_slice(&kv.value)?),
         Kind::Key => Record::Key(serde_json::from_slice(&kv.value)?),
+        Kind::MeshAddr => Record::MeshAddr(serde_json::from_slice(&kv.value)?),
     })
 }
 
@@ -191,6 +198,7 @@ impl Records {
                 Kind::Endpoint => v.endpoints = self.collect(kind, |_, r| as_variant!(r, Endpoint)),
                 Kind::Host => v.hosts = self.collect(kind, |_, r| as_variant!(r, Host)),
                 Kind::Service => v.services = self.collect(kind, |_, r| as_variant!(r, Service)),
+                Kind::MeshAddr => v.mesh_addrs = self.collect(kind, |_, r| as_variant!(r, MeshAddr)),
                 Kind::Key => v.keys = self.collect(kind, |id, r| Some((id.to_string(), as_variant!(r, Key)?))),
             }
         }
@@ -449,6 +457,9 @@ fn share_unchanged(old: &View, next: &mut View) {
     if old.keys == next.keys {
         next.keys = old.keys.clone();
     }
+    if old.mesh_addrs == next.mesh_addrs {
+        next.mesh_addrs = old.mesh_addrs.clone();
+    }
 }
 
 /// Jittered exponential backoff: 100 ms doubling to 5 s, each wait drawn
@@ -489,6 +500,7 @@ impl crate::reconcile::DesiredSource for Informer {
             services: v.services.clone(),
             keys: v.keys.clone(),
             held_ports: Default::default(),
+            mesh_addrs: v.mesh_addrs.clone(),
         })
     }
 }

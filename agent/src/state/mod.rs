@@ -1,7 +1,8 @@
 //! The desired state in the store ([`Cluster`]): networks, endpoints and
 //! services, created and removed in single transactions so that a failure
 //! leaves nothing behind; hosts under their leases ([`hosts`]); encrypted
-//! networks' key rings ([`encryption`]); the Docker driver's records
+//! networks' key rings ([`encryption`]); the hosts' mesh addresses
+//! ([`Cluster::sync_mesh_addrs`]); the Docker driver's records
 //! ([`docker`]). The reconciler reads it ([`crate::reconcile::DesiredSource`]),
 //! the use cases in [`crate::app`] write it.
 
@@ -127,6 +128,9 @@ pub struct Cluster {
     pub esp_unsupported: Option<String>,
     /// The key acks this host last wrote, by network id.
     pub(crate) acked: std::sync::Mutex<BTreeMap<String, trellis_ipsec::Ack>>,
+    /// Why this host has no mesh address on a network it needs one on
+    /// (by network name), as the last try said (`trellisctl status`).
+    pub mesh_addr_errors: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 const CREATE_ATTEMPTS: usize = 16;
@@ -174,6 +178,7 @@ impl Cluster {
             decoded_services: Default::default(),
             esp_unsupported: None,
             acked: Default::default(),
+            mesh_addr_errors: Default::default(),
         }
     }
 
@@ -496,6 +501,10 @@ impl Cluster {
             let (acks, _) = self.store.list(&model::netkey_acks_prefix(&net.id)).await?;
             ops.extend(acks.into_iter().map(|kv| Op::delete(kv.key)));
         }
+        // The hosts' mesh addresses on it (their addresses go with the
+        // network's IPAM records above).
+        let (mesh, _) = self.store.list(&model::mesh_addrs_of_network(&net.id)).await?;
+        ops.extend(mesh.into_iter().map(|kv| Op::delete(kv.key)));
         for e in &all {
             ops.push(Op::delete(model::endpoint_key(&e.id)));
             if !e.deleting {
@@ -903,15 +912,112 @@ impl Cluster {
 }
 
 impl Cluster {
+    /// Every host's mesh addresses (see [`model::MeshAddrRecord`]).
+    pub async fn mesh_addrs(&self) -> Result<Vec<model::MeshAddrRecord>> {
+        let (items, _) = self.store.list(&model::mesh_addrs_prefix()).await?;
+        items.iter().map(|kv| decode(&kv.key, &kv.value)).collect()
+    }
+
+    /// `host`'s mesh addresses.
+    pub async fn mesh_addrs_of(&self, host: &str) -> Result<Vec<model::MeshAddrRecord>> {
+        Ok(self.mesh_addrs().await?.into_iter().filter(|m| m.host == host).collect())
+    }
+
+    /// Give this host a mesh address on each network of `missing` (ids),
+    /// and release `releasable` (addresses it no longer needs whose kernel
+    /// objects are gone: never reused while still in use). Whether anything
+    /// changed. A network with no free address is remembered in
+    /// [`Cluster::mesh_addr_errors`] (and logged) until it has one; other
+    /// failures are returned.
+    pub async fn sync_mesh_addrs(
+        &self,
+        missing: &std::collections::BTreeSet<String>,
+        releasable: &[model::MeshAddrRecord],
+    ) -> Result<bool> {
+        if missing.is_empty() && releasable.is_empty() {
+            self.mesh_addr_errors.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            return Ok(false);
+        }
+        let mut changed = false;
+        for m in releasable.iter().filter(|m| m.host == self.host && !missing.contains(&m.network_id)) {
+            let key = model::mesh_addr_key(&m.network_id, &m.host);
+            let out = self
+                .store
+                .txn(
+                    vec![Compare::Value(key.clone(), encode(m))],
+                    vec![Op::delete(key), self.ipam.release_op(&m.network_id, m.ip)],
+                )
+                .await?;
+            if out.succeeded {
+                changed = true;
+                if let Ok(net) = self.network(&m.network_id).await {
+                    self.ipam.released(&Self::pool(&net), m.ip);
+                }
+                tracing::info!(network = %m.network_id, address = %m.ip, "mesh address released");
+            }
+        }
+        let mut errors = BTreeMap::new();
+        let networks = if missing.is_empty() { Vec::new() } else { self.networks().await? };
+        for net_id in missing {
+            let Some(net) = networks.iter().find(|n| &n.id == net_id) else { continue };
+            // The network as read: the allocation holds only while it exists.
+            let Some(net_kv) = self.store.get(&model::network_key(&net.name)).await? else { continue };
+            let key = model::mesh_addr_key(&net.id, &self.host);
+            let host = self.host.clone();
+            let network_id = net.id.clone();
+            let build = |ip: IpAddr| {
+                let rec = model::MeshAddrRecord {
+                    host: host.clone(),
+                    network_id: network_id.clone(),
+                    ip,
+                    mac: model::Mac::for_ip(ip),
+                };
+                (
+                    vec![Compare::Absent(key.clone()), Compare::ModRevision(net_kv.key.clone(), net_kv.mod_revision)],
+                    vec![Op::put(key.clone(), encode(&rec))],
+                )
+            };
+            let owner = model::mesh_addr_owner(&self.host);
+            match self.ipam.allocate(&Self::pool(net), AddrRequest::Any, &owner, build).await {
+                Ok(ip) => {
+                    changed = true;
+                    tracing::info!(network = %net.name, address = %ip, "mesh address allocated");
+                }
+                // Written meanwhile (another settle of this host), or the
+                // network changed: the next pass looks again.
+                Err(IpamError::CallerConflict) => {}
+                Err(IpamError::Exhausted { .. }) => {
+                    let why = format!(
+                        "network {:?} ({}) has no free address left for this host's mesh address: its services are not published here",
+                        net.name, net.subnet
+                    );
+                    tracing::warn!(network = %net.name, "{why}");
+                    errors.insert(net.name.clone(), why);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        *self.mesh_addr_errors.lock().unwrap_or_else(|p| p.into_inner()) = errors;
+        Ok(changed)
+    }
+}
+
+impl Cluster {
     /// Reclaim everything a dead host held: per network, in one
     /// transaction that holds only while the host is still absent, its
     /// blocks, addresses and endpoint records. Returns the endpoints removed.
     pub async fn reclaim_host(&self, host: &str) -> Result<usize> {
         let mut removed = 0;
         let eps = self.all_endpoints().await?;
+        let mesh = self.mesh_addrs().await?;
         for net in self.networks().await? {
             let (mut compares, mut ops) = self.ipam.plan_host_release(&net.id, host).await?;
             compares.push(Compare::Absent(model::host_key(host)));
+            // Its mesh address there (the address itself is one of the
+            // host's, released by the plan).
+            if mesh.iter().any(|m| m.host == host && m.network_id == net.id) {
+                ops.push(Op::delete(model::mesh_addr_key(&net.id, host)));
+            }
             let mine: Vec<&EndpointRecord> = eps.iter().filter(|e| e.host == host && e.network_id == net.id).collect();
             for e in &mine {
                 ops.push(Op::delete(model::endpoint_key(&e.id)));
@@ -945,7 +1051,7 @@ impl Cluster {
     }
 }
 
-/// Hosts other than `me` that hold endpoints in `view` or are among
+/// Hosts other than `me` that hold endpoints or mesh addresses in `view` or are among
 /// `block_owners`, with no live registration in `view`.
 pub fn absent_owners(
     view: &crate::state::informer::View,
@@ -956,6 +1062,7 @@ pub fn absent_owners(
     view.endpoints
         .iter()
         .map(|e| e.host.as_str())
+        .chain(view.mesh_addrs.iter().map(|m| m.host.as_str()))
         .chain(block_owners.iter().map(String::as_str))
         .filter(|h| *h != me && !live.contains(h))
         .map(str::to_string)
@@ -974,6 +1081,7 @@ impl DesiredSource for Cluster {
         } else {
             Default::default()
         };
+        let mesh_addrs = self.mesh_addrs().await.map_err(|e| e.to_string())?;
         Ok(crate::reconcile::Snapshot {
             revision: 0,
             networks: Arc::new(networks),
@@ -982,6 +1090,7 @@ impl DesiredSource for Cluster {
             services: Arc::new(services),
             keys: Arc::new(keys),
             held_ports: Default::default(),
+            mesh_addrs: Arc::new(mesh_addrs),
         })
     }
 }

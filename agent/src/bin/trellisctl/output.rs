@@ -93,6 +93,12 @@ pub fn status_json(s: &proto::StatusResponse, healthy: bool) -> Value {
         "peers": {"count": s.peers, "unreachable": s.unreachable_peers},
         "datapath": {"services": s.datapath_services, "backends": s.datapath_backends, "subnets": s.datapath_subnets, "published": s.datapath_published},
         "mesh_ports_held": s.mesh_ports_held,
+        "mesh": {
+            "datapath": s.mesh_datapath,
+            "nftables_ports": s.mesh_ports_nft,
+            "addresses": s.mesh_addresses.iter().map(|a| json!({"network": a.network, "address": a.address, "interface": a.interface})).collect::<Vec<_>>(),
+            "warnings": s.mesh_warnings,
+        },
     })
 }
 
@@ -263,6 +269,23 @@ pub fn status_text(s: &proto::StatusResponse) {
             "datapath    {} subnets, {} service ports, {} backends, {} published on the mesh",
             s.datapath_subnets, s.datapath_services, s.datapath_backends, s.datapath_published
         );
+    }
+    if s.mesh_datapath == "nftables" {
+        println!("mesh        nftables (SNAT: backends see the host's address, not the client's; eBPF is off here)");
+    } else {
+        println!("mesh        eBPF (backends see the client's own address)");
+        if !s.mesh_ports_nft.is_empty() {
+            println!(
+                "            through nftables instead (SNAT: a backend runs on a host without eBPF): {}",
+                s.mesh_ports_nft.join(", ")
+            );
+        }
+    }
+    for a in &s.mesh_addresses {
+        println!("            this host's address on network {}: {} ({})", a.network, a.address, a.interface);
+    }
+    for w in &s.mesh_warnings {
+        println!("            WARNING: {w}");
     }
     for held in &s.mesh_ports_held {
         println!("mesh        not published here: {held}");

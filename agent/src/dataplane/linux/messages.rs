@@ -97,6 +97,19 @@ pub fn fdb_entry(index: u32, mac: Mac, dst: IpAddr) -> NeighbourMessage {
     msg
 }
 
+/// A static FDB entry of the bridge whose port is `index`: frames to `mac`
+/// go out of that port (`bridge fdb replace MAC dev PORT master static`).
+pub fn port_fdb_static(index: u32, mac: Mac) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Noarp;
+    msg.header.kind = RouteType::Unspec;
+    msg.header.flags = NeighbourFlags::Controller;
+    msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+    msg
+}
+
 /// The FDB entry to delete (`bridge fdb del MAC dev DEV dst DST self`):
 /// rtnetlink has no builder for a bridge neighbour to delete.
 pub fn fdb_delete(index: u32, mac: Mac, dst: IpAddr) -> NeighbourMessage {
@@ -297,6 +310,16 @@ mod tests {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(Ipv4Addr::new(192, 0, 2, 2))),
             ]
         );
+    }
+
+    #[test]
+    fn a_mesh_port_s_fdb_entry_is_the_bridge_s_static_one_without_a_vtep() {
+        let msg = port_fdb_static(7, MAC);
+        assert_eq!(msg.header.family, AddressFamily::Bridge);
+        assert_eq!(msg.header.ifindex, 7);
+        assert_eq!(msg.header.state, NeighbourState::Noarp, "static: never aged out, never learned over");
+        assert_eq!(msg.header.flags, NeighbourFlags::Controller, "NTF_MASTER: the bridge's FDB, not the port's");
+        assert_eq!(msg.attributes, vec![NeighbourAttribute::LinkLayerAddress(MAC.0.to_vec())]);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! * `endpoint`: an endpoint's veth pair, plugged in (and the container's
 //!   view of it);
 //! * `tunnels`: VXLAN devices, their FDB and neighbour entries;
+//! * `mesh`: the mesh veths (this host's mesh addresses);
 //! * `routes`: the host's routes, the underlay's MTU and address;
 //! * `bpf`: the eBPF program's attachments, tables, DNS table, counters;
 //! * `nft`: the egress rules.
@@ -37,6 +38,7 @@ mod bpf;
 pub use bpf::remove_leftover_datapath;
 mod endpoint;
 mod links;
+mod mesh;
 mod messages;
 mod nft;
 mod nft_generation;
@@ -234,6 +236,10 @@ impl Dataplane for NetlinkDataplane {
         netns::remove(path)
     }
 
+    fn strict_rp_filter(&self) -> bool {
+        std::fs::read_to_string("/proc/sys/net/ipv4/conf/all/rp_filter").is_ok_and(|v| v.trim() == "1")
+    }
+
     fn set_events(&self, on: bool) {
         self.set_monitor_events(on)
     }
@@ -269,9 +275,11 @@ impl Dataplane for NetlinkDataplane {
             links.iter().filter(|l| model::owned_link(&l.name)).map(|l| (l.index, l)).collect();
         let mut addrs = self.addresses_of(&owned).await?;
         let vxlans: Vec<u32> = owned.values().filter(|l| l.kind == LinkKind::Vxlan).map(|l| l.index).collect();
-        let (mut fdb, mut neigh) = (BTreeMap::new(), BTreeMap::new());
-        if !vxlans.is_empty() {
-            (fdb, neigh) = self.tunnel_entries(&vxlans).await?;
+        let mesh_ports: Vec<u32> =
+            owned.values().filter(|l| l.name.starts_with(model::MESH_PORT_PREFIX)).map(|l| l.index).collect();
+        let (mut fdb, mut neigh, mut statics) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        if !vxlans.is_empty() || !mesh_ports.is_empty() {
+            (fdb, neigh, statics) = self.tunnel_entries(&vxlans, &mesh_ports).await?;
         }
         let egress = if rules { self.egress_fingerprint().await? } else { None };
         self.sweep_gone_interfaces(&names);
@@ -300,9 +308,14 @@ impl Dataplane for NetlinkDataplane {
                     up: l.up,
                     addrs: addrs.remove(&index).unwrap_or_default(),
                     vni: l.vni,
-                    mac: if l.kind == LinkKind::Bridge { l.mac } else { None },
+                    mac: if l.kind == LinkKind::Bridge || l.name.starts_with(model::MESH_PREFIX) {
+                        l.mac
+                    } else {
+                        None
+                    },
                     fdb: fdb.remove(&index).unwrap_or_default(),
                     neigh: neigh.remove(&index).unwrap_or_default(),
+                    static_macs: statics.remove(&index).unwrap_or_default(),
                 },
             );
         }
@@ -317,6 +330,7 @@ impl Dataplane for NetlinkDataplane {
             Action::AddAddress { link, addr } => self.add_address(link, addr).await,
             Action::DelAddress { link, addr } => self.del_address(link, addr).await,
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
+            Action::CreateMeshVeth(v) => self.create_mesh_veth(v).await,
             Action::AttachProgram { ifname, ip, mac, program } => self.attach_program(ifname, *ip, *mac, program).await,
             Action::UpdateTables(ops) => self.update_tables(ops),
             Action::DetachProgram { ifname } => self.detach_program(ifname).await,

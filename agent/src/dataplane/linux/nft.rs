@@ -1,5 +1,6 @@
-//! The egress rules: the `inet trellis` table replaced atomically through
-//! `nft`, and its fingerprint read back.
+//! The egress rules: the `inet trellis` table (and `bridge trellis`, the
+//! mesh's source MACs) replaced atomically through `nft`, and their
+//! fingerprint read back.
 
 use super::NetlinkDataplane;
 use crate::dataplane::egress::{self, EgressRules};
@@ -89,18 +90,27 @@ impl EgressSeen {
     }
 }
 
-/// Listing the table (blocking: spawns `nft`).
+/// Listing the tables (blocking: spawns `nft`): the fingerprint the
+/// installed tables carry (`None` without `inet trellis`), its rules and
+/// those of `bridge trellis`.
 fn list_egress() -> Result<Option<String>> {
-    match nftables::helper::get_current_ruleset_with_args(
+    let list = |family: &str| match nftables::helper::get_current_ruleset_with_args(
         nftables::helper::DEFAULT_NFT,
-        ["list", "table", "inet", egress::TABLE],
+        ["list", "table", family, egress::TABLE],
     ) {
-        // Docker's chain lacking the accepts counts as rules to apply.
-        Ok(_) if docker_user_missing() => Ok(None),
-        Ok(set) => Ok(egress::observed_fingerprint(&set)),
+        Ok(set) => Ok(Some(set)),
         Err(nftables::helper::NftablesError::NftFailed { stderr, .. }) if stderr.contains("No such file") => Ok(None),
-        Err(e) => Err(DataplaneError::Nftables(format!("listing table inet {}: {e}", egress::TABLE))),
+        Err(e) => Err(DataplaneError::Nftables(format!("listing table {family} {}: {e}", egress::TABLE))),
+    };
+    let Some(mut set) = list("inet")? else { return Ok(None) };
+    // Docker's chain lacking the accepts counts as rules to apply.
+    if docker_user_missing() {
+        return Ok(None);
     }
+    if let Some(bridge) = list("bridge")? {
+        set.objects.to_mut().extend(bridge.objects.iter().cloned());
+    }
+    Ok(egress::observed_fingerprint(&set))
 }
 
 impl NetlinkDataplane {

@@ -11,8 +11,10 @@ use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, Neig
 use super::{ENODEV, ENOENT, NetlinkDataplane, errno, messages, nl};
 use crate::dataplane::{DataplaneError, Mac, Result, VxlanSpec};
 
-/// FDB entries (MAC, VTEP) and neighbour entries (IP, MAC), by link index.
-type TunnelEntries = (BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>);
+/// FDB entries (MAC, VTEP) and neighbour entries (IP, MAC) of VXLAN
+/// devices, and static FDB entries of bridge ports (MAC), by link index.
+type TunnelEntries =
+    (BTreeMap<u32, BTreeSet<(Mac, IpAddr)>>, BTreeMap<u32, BTreeSet<(IpAddr, Mac)>>, BTreeMap<u32, BTreeSet<Mac>>);
 
 impl NetlinkDataplane {
     pub(super) async fn create_vxlan(&self, v: &VxlanSpec) -> Result<()> {
@@ -77,12 +79,20 @@ impl NetlinkDataplane {
     }
 
     /// The permanent FDB entries with a remote VTEP and the permanent
-    /// neighbour entries of the given VXLAN devices.
-    pub(super) async fn tunnel_entries(&self, vxlans: &[u32]) -> Result<TunnelEntries> {
+    /// neighbour entries of the given VXLAN devices, and the static FDB
+    /// entries on the given bridge ports.
+    pub(super) async fn tunnel_entries(&self, vxlans: &[u32], ports: &[u32]) -> Result<TunnelEntries> {
         let mut fdb: BTreeMap<u32, BTreeSet<(Mac, IpAddr)>> = BTreeMap::new();
+        let mut statics: BTreeMap<u32, BTreeSet<Mac>> = BTreeMap::new();
         let _dump = self.dump.lock().await;
         let mut stream = self.handle.neighbours().get().set_address_family(AddressFamily::Bridge).execute();
         while let Some(msg) = stream.try_next().await.map_err(nl("dump fdb", "vxlan devices"))? {
+            if ports.contains(&msg.header.ifindex) && msg.header.state == NeighbourState::Noarp {
+                if let (Some(mac), _) = neighbour_parts(&msg.attributes) {
+                    statics.entry(msg.header.ifindex).or_default().insert(mac);
+                }
+                continue;
+            }
             if !vxlans.contains(&msg.header.ifindex) {
                 continue;
             }
@@ -105,7 +115,7 @@ impl NetlinkDataplane {
                 }
             }
         }
-        Ok((fdb, neigh))
+        Ok((fdb, neigh, statics))
     }
 }
 

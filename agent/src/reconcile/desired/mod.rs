@@ -1,7 +1,8 @@
 //! The kernel state one host should have, computed from the whole desired
 //! state of the cluster, one object kind per file: [`links`] (bridges,
 //! veths, egress rules), [`programs`], [`tunnels`], [`mesh`] (the routing
-//! mesh's devices, entries and program attachments), [`tables`],
+//! mesh's devices, entries, program attachments, nftables rules and mesh
+//! veths), [`tables`],
 //! [`encryption`]. Pure.
 
 pub mod encryption;
@@ -55,6 +56,15 @@ pub struct DesiredHost {
     /// Mesh ports this host does not publish because a process of it holds
     /// them (service name, port).
     pub mesh_held: Vec<(String, crate::model::MeshPort)>,
+    /// Mesh ports this host publishes through nftables (service name,
+    /// port): the backends see its mesh address, not the client's.
+    pub mesh_nft: Vec<(String, crate::model::MeshPort)>,
+    /// The networks this host needs a mesh address on (ids): it publishes
+    /// a service of each (see [`mesh`]).
+    pub mesh_addrs_wanted: BTreeSet<String>,
+    /// The veths holding this host's mesh addresses, by the bridge end's
+    /// name.
+    pub mesh_veths: BTreeMap<String, crate::dataplane::MeshVethSpec>,
     pub egress: EgressRules,
     /// The eBPF datapath's isolation and service tables.
     pub tables: Tables,
@@ -95,7 +105,7 @@ pub fn desired(
 /// tunnels `d` holds) and the IPsec state (which looks at its tunnels).
 pub fn desired_host(s: &Snapshot, me: &Identity) -> DesiredHost {
     let mut d = desired(&s.networks, &s.endpoints, &s.hosts, me);
-    mesh::mesh(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &mut d);
+    mesh::mesh(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, &s.mesh_addrs, me, &mut d);
     d.tables = tables::tables_holding(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &d);
     encryption::encryption(&s.networks, &s.keys, &mut d, me);
     d

@@ -1,7 +1,7 @@
 //! The eBPF datapath's tables: every Trellis subnet (isolation), the VIP
-//! services of the networks this host has endpoints on, and the ports it
-//! publishes on the routing mesh (with the backends and Maglev tables of
-//! their services).
+//! services of the networks this host has endpoints on, and the ports its
+//! eBPF mesh publishes (with the backends and Maglev tables of their
+//! services; see [`super::mesh::MeshPath`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -65,15 +65,13 @@ pub fn tables_holding(
         BTreeSet::new()
     };
     // Endpoints by network: a service looks at its own network's only.
-    let mut by_net: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
-    for e in endpoints {
-        by_net.entry(e.network_id.as_str()).or_default().push(e);
-    }
+    let by_net = super::mesh::by_network(endpoints);
     for s in services.iter().filter(|s| s.mode == model::ServiceMode::Vip) {
         // The VIP for endpoints of its network here; the published ports
         // for outside clients. Either needs the backends and the table.
         let vip_here = local_nets.contains(s.network_id.as_str());
-        let published = super::mesh::published_here(s, endpoints, &local_ids, held, me);
+        let net_eps = by_net.get(s.network_id.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let published = super::mesh::ebpf_published_here(s, endpoints, net_eps, hosts, &local_ids, held, me);
         if !vip_here && published.is_empty() {
             continue;
         }

@@ -1,5 +1,5 @@
 //! Links: stale ones removed (ports and leftovers first, bridges after),
-//! bridges made right, endpoint veths created or repaired.
+//! bridges made right, endpoint veths and mesh veths created or repaired.
 
 use crate::dataplane::{Action, LinkKind, Observed};
 use crate::model;
@@ -16,7 +16,14 @@ pub fn stale(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>)
         } else if !desired.endpoints.contains_key(name)
             && !desired.vxlans.contains_key(name)
             && !desired.endpoints.values().any(|e| e.engine_moves && &e.peer_if == name)
+            && !desired.mesh_veths.contains_key(name)
+            && !desired.mesh_veths.values().any(|v| &v.ifname == name)
         {
+            // The host end of a stale mesh veth goes with its port.
+            let port = name.strip_prefix(model::MESH_PREFIX).map(|n| format!("{}{n}", model::MESH_PORT_PREFIX));
+            if port.is_some_and(|p| observed.links.contains_key(&p) && !desired.mesh_veths.contains_key(&p)) {
+                continue;
+            }
             acts.push(Action::DeleteLink { name: name.clone() });
         }
     }
@@ -72,5 +79,34 @@ pub fn endpoints(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Acti
                 acts.push(Action::CreateEndpoint(Box::new(spec.clone())));
             }
         }
+    }
+}
+
+/// The mesh veths: made whole where missing or not as desired (both ends,
+/// MAC, address, bridge, the bridge's FDB entry); a wrong one is made
+/// again (deleting its port deletes both ends).
+pub fn mesh_veths(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>) {
+    for (port, v) in &desired.mesh_veths {
+        let p = observed.links.get(port);
+        let h = observed.links.get(&v.ifname);
+        let port_ok = p.is_some_and(|l| {
+            l.kind == LinkKind::Veth
+                && l.master.as_deref() == Some(v.bridge.as_str())
+                && l.up
+                && l.mtu == v.mtu
+                && l.static_macs.contains(&v.mac)
+        });
+        let host_ok = h.is_some_and(|l| {
+            l.kind == LinkKind::Veth && l.up && l.mtu == v.mtu && l.mac == Some(v.mac) && l.addrs == [v.cidr()]
+        });
+        if port_ok && host_ok {
+            continue;
+        }
+        if p.is_some() {
+            acts.push(Action::DeleteLink { name: port.clone() });
+        } else if h.is_some() {
+            acts.push(Action::DeleteLink { name: v.ifname.clone() });
+        }
+        acts.push(Action::CreateMeshVeth(Box::new(v.clone())));
     }
 }

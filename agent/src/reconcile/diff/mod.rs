@@ -5,7 +5,7 @@
 //! 1. IPsec SAs and policies to add: an encrypted network's are in before
 //!    any tunnel entry could send its traffic;
 //! 2. stale links ([`links::stale`]): ports and leftovers, then bridges;
-//! 3. bridges, then endpoint veths ([`links`]);
+//! 3. bridges, then endpoint veths and mesh veths ([`links`]);
 //! 4. VXLAN devices and their entries ([`tunnels`]);
 //! 5. the endpoint programs on the veths ([`programs::attach`]), the
 //!    routing mesh's on the uplink and network devices
@@ -54,6 +54,7 @@ fn diff_with(desired: &DesiredHost, observed: &Observed, with_tables: bool) -> V
     links::stale(desired, observed, &mut acts);
     links::bridges(desired, observed, &mut acts);
     links::endpoints(desired, observed, &mut acts);
+    links::mesh_veths(desired, observed, &mut acts);
     tunnels::vxlans(desired, observed, &mut acts);
     programs::attach(desired, observed, &mut acts);
     programs::attach_mesh(desired, observed, &mut acts);
