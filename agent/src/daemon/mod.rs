@@ -44,6 +44,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Arc::new(crate::telemetry::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
     let (tracked, written) = crate::state::informer::TrackWrites::new(metered);
     let store: Arc<dyn Store> = tracked;
+    // Before anything slow: the record a previous run left stays alive.
+    let previous_lease = crate::state::hosts::renew_previous(store.as_ref(), &cfg.state_dir).await;
     let (netlink, ebpf) = open_datapath(&cfg)?;
     let mut tasks = JoinSet::new();
     // The one reader of the cluster's records on hot paths and timers.
@@ -100,14 +102,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_unix: model::now_unix(),
     };
-    let lease = match crate::state::hosts::register(store.as_ref(), &record, cfg.lease_ttl).await {
-        Ok(l) => Some(l),
+    let lease = match crate::state::hosts::register_under(store.as_ref(), &record, cfg.lease_ttl, previous_lease).await
+    {
+        Ok(l) => {
+            crate::state::hosts::save_lease(&cfg.state_dir, l);
+            Some(l)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "registering this host failed; retrying in the background");
             None
         }
     };
-    tasks.spawn(crate::state::hosts::keep_registered(store.clone(), record, cfg.lease_ttl, lease));
+    tasks.spawn(crate::state::hosts::keep_registered(
+        store.clone(),
+        record,
+        cfg.lease_ttl,
+        lease,
+        Some(cfg.state_dir.clone()),
+    ));
     tracing::info!(host = %host, underlay = ?underlay, uplink = ?identity.uplink, "host identity");
     let dns_kernel = identity.dns_kernel;
     let reconciler = Arc::new(Reconciler::new(dataplane.clone(), informer.clone(), identity));

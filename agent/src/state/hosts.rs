@@ -27,15 +27,75 @@ pub fn vtep_mac(state_dir: &Path) -> std::io::Result<model::Mac> {
 
 /// Register `rec` under a new lease of `ttl`.
 pub async fn register(store: &dyn Store, rec: &HostRecord, ttl: Duration) -> Result<LeaseId, StoreError> {
-    let lease = store.lease_grant(ttl).await?;
+    register_under(store, rec, ttl, None).await
+}
+
+/// Register `rec` under `previous` (a lease still alive, renewed by
+/// [`renew_previous`]) or else under a new lease of `ttl`.
+pub async fn register_under(
+    store: &dyn Store,
+    rec: &HostRecord,
+    ttl: Duration,
+    previous: Option<LeaseId>,
+) -> Result<LeaseId, StoreError> {
     let value = serde_json::to_vec(rec).expect("host record serializes");
+    if let Some(lease) = previous {
+        match store.txn(vec![], vec![Op::put_with_lease(model::host_key(&rec.id), value.clone(), lease)]).await {
+            Ok(_) => return Ok(lease),
+            Err(StoreError::LeaseNotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let lease = store.lease_grant(ttl).await?;
     store.txn(vec![], vec![Op::put_with_lease(model::host_key(&rec.id), value, lease)]).await?;
     Ok(lease)
 }
 
+fn lease_path(state_dir: &Path) -> std::path::PathBuf {
+    state_dir.join("lease")
+}
+
+/// The lease the last run of this agent registered under, if it said.
+pub fn saved_lease(state_dir: &Path) -> Option<LeaseId> {
+    std::fs::read_to_string(lease_path(state_dir)).ok()?.trim().parse().ok()
+}
+
+/// Remember `lease` for the next run (best effort: without it a restart
+/// registers under a new lease, as before).
+pub fn save_lease(state_dir: &Path, lease: LeaseId) {
+    let path = lease_path(state_dir);
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, format!("{lease}\n")).and_then(|()| std::fs::rename(&tmp, &path)) {
+        tracing::warn!(error = %e, path = %path.display(), "cannot keep the host's lease for the next start");
+    }
+}
+
+/// Renew, first thing at start, the lease the previous run of this agent
+/// held: this host's record lives under it, and a restart that takes
+/// longer than what was left of the lease (a slow or loaded host) would
+/// let the record lapse and every peer drop its tunnels to this host,
+/// with the traffic, until the new registration. The lease, if alive.
+pub async fn renew_previous(store: &dyn Store, state_dir: &Path) -> Option<LeaseId> {
+    let lease = saved_lease(state_dir)?;
+    match store.lease_keep_alive(lease).await {
+        Ok(()) => Some(lease),
+        Err(e) => {
+            tracing::debug!(lease, error = %e, "the previous run's lease is gone");
+            None
+        }
+    }
+}
+
 /// Keep this host registered: renew the lease every third of its TTL;
-/// register again if it lapsed (the store was unreachable too long).
-pub async fn keep_registered(store: Arc<dyn Store>, rec: HostRecord, ttl: Duration, mut lease: Option<LeaseId>) {
+/// register again if it lapsed (the store was unreachable too long). A new
+/// lease is remembered in `state_dir` (when given) for the next start.
+pub async fn keep_registered(
+    store: Arc<dyn Store>,
+    rec: HostRecord,
+    ttl: Duration,
+    mut lease: Option<LeaseId>,
+    state_dir: Option<std::path::PathBuf>,
+) {
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -50,6 +110,9 @@ pub async fn keep_registered(store: Arc<dyn Store>, rec: HostRecord, ttl: Durati
                 Ok(l) => {
                     tracing::info!(lease = l, "host registered");
                     lease = Some(l);
+                    if let Some(dir) = &state_dir {
+                        save_lease(dir, l);
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "registering this host failed; retrying"),
             },
