@@ -37,7 +37,10 @@ pub fn zone_of(
     services: &[ServiceRecord],
 ) -> Zone {
     let nets: Vec<trellis_dns::Network> = networks.iter().map(zone_network).collect();
-    let live: Vec<&EndpointRecord> = endpoints.iter().filter(|e| !e.deleting && hosts.contains(&e.host)).collect();
+    // A set: a list's `contains` per endpoint was hosts × endpoints.
+    let hosts: std::collections::HashSet<&str> = hosts.iter().map(String::as_str).collect();
+    let live: Vec<&EndpointRecord> =
+        endpoints.iter().filter(|e| !e.deleting && hosts.contains(e.host.as_str())).collect();
     let eps: Vec<trellis_dns::Endpoint> = live.iter().map(|e| zone_endpoint(e)).collect();
     let mut by_net: std::collections::HashMap<&str, Vec<&EndpointRecord>> = std::collections::HashMap::new();
     for e in &live {

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod host;
+pub mod simulated;
 pub mod tasks;
 
 use std::os::unix::fs::PermissionsExt;

@@ -82,6 +82,10 @@ impl FakeDataplane {
     pub fn take_log(&self) -> Vec<Action> {
         std::mem::take(&mut *self.log.lock().unwrap())
     }
+    /// Read the kernel state (unlike [`Self::with_state`], nothing moves).
+    pub fn inspect<R>(&self, f: impl FnOnce(&Observed) -> R) -> R {
+        f(&self.state.lock().unwrap())
+    }
     pub fn with_state<R>(&self, f: impl FnOnce(&mut Observed) -> R) -> R {
         self.tables_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         f(&mut self.state.lock().unwrap())

@@ -33,6 +33,9 @@ mod mesh;
 #[path = "bench/ipsec.rs"]
 mod ipsec;
 
+#[path = "bench/sim.rs"]
+mod sim;
+
 const CNI_DIR: &str = "/usr/lib/cni";
 
 struct Args {
@@ -76,7 +79,7 @@ fn parse_args() -> Result<Args> {
             "--vip-secs" => a.vip_secs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,mesh,attach,ipsec; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,mesh,attach,ipsec,sim; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
                  --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
@@ -1105,6 +1108,7 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let simulated = if on("sim") { Some(sim::bench(&[(100, 10), (300, 10), (1000, 10)], 50)?) } else { None };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
         Some(bench_attach(args.endpoints)?)
@@ -1149,6 +1153,9 @@ fn main() -> Result<()> {
     }
     if let Some(esp) = &esp {
         ipsec::md(&mut md, esp)?;
+    }
+    if let Some(rows) = &simulated {
+        sim::md(&mut md, rows)?;
     }
     let run = String::from_utf8_lossy(&date.stdout).trim().to_string();
     let md = if args.only.is_some() {
