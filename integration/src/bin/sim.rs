@@ -246,8 +246,17 @@ async fn main() -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let fill_s = t_fill.elapsed().as_secs_f64();
 
-    // The agents: each its own connection, its endpoints attached through
-    // the agent's own attach path.
+    // The agents' own endpoints are in the store before they start (each
+    // agent's first pass programs them, as after a restart): attaching them
+    // one by one would make every agent recompute once per attach of every
+    // other, which is setup, not the change measured.
+    for h in 0..a.agents {
+        let c = Cluster::new(admin_store.clone(), &format!("agent{h:04}"), "10.0.0.0/8".parse()?, 24);
+        for i in 0..a.endpoints_per_host {
+            c.create_endpoint(new_endpoint(&net.id, format!("a{h}-{i}"))).await.context("writing an endpoint")?;
+        }
+    }
+    // The agents: each its own connection.
     let rss0 = rss_bytes();
     let mut agents = Vec::new();
     let mut counts = Vec::new();
@@ -263,11 +272,6 @@ async fn main() -> Result<()> {
             Duration::from_millis(a.resync_ms),
         )
         .await?;
-        for i in 0..a.endpoints_per_host {
-            let mut req = trellis_agent::app::AttachRequest::new("sim", EndpointKind::Cni);
-            req.name = Some(format!("a{h}-{i}"));
-            host.app.attach(req).await.map_err(|e| anyhow::anyhow!("attach on {id}: {e}"))?;
-        }
         agents.push(host);
         counts.push(c);
     }
