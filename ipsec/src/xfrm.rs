@@ -72,6 +72,10 @@ pub struct SaSpec {
     pub epoch: u32,
     pub dir: Dir,
     pub material: SaMaterial,
+    /// The outbound sequence number it starts from: 0 for a new SA; one
+    /// re-created after it vanished continues past what the peer has seen
+    /// (the peer's anti-replay window would drop a restart from 0).
+    pub start_seq: u64,
 }
 
 impl SaSpec {
@@ -140,12 +144,28 @@ pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
         for &peer in n.peers.iter().filter(|p| **p != me) {
             for k in &n.ring.keys {
                 let m = keys::derive(&k.secret, k.epoch, peer, me, n.port);
-                let sa = SaSpec { src: peer, dst: me, port: n.port, epoch: k.epoch, dir: Dir::In, material: m };
+                let sa = SaSpec {
+                    src: peer,
+                    dst: me,
+                    port: n.port,
+                    epoch: k.epoch,
+                    dir: Dir::In,
+                    material: m,
+                    start_seq: 0,
+                };
                 s.sas.insert(sa.id(), sa);
             }
             if let Some(secret) = n.ring.key(n.ring.tx) {
                 let m = keys::derive(secret, n.ring.tx, me, peer, n.port);
-                let sa = SaSpec { src: me, dst: peer, port: n.port, epoch: n.ring.tx, dir: Dir::Out, material: m };
+                let sa = SaSpec {
+                    src: me,
+                    dst: peer,
+                    port: n.port,
+                    epoch: n.ring.tx,
+                    dir: Dir::Out,
+                    material: m,
+                    start_seq: 0,
+                };
                 s.sas.insert(sa.id(), sa);
             }
             s.policies.insert(PolicyId { dir: Dir::Out, src: me, dst: peer, port: n.port });
@@ -267,6 +287,8 @@ pub fn add_sa(sa: &SaSpec) -> XfrmMessage {
                 bmp_len: words,
                 replay_window: REPLAY_WINDOW,
                 bmp: vec![0; words as usize],
+                oseq: sa.start_seq as u32,
+                oseq_hi: (sa.start_seq >> 32) as u32,
                 ..Default::default()
             }),
         ],

@@ -121,6 +121,10 @@ pub struct Reconciler {
     /// dataplane's tables of the last pass that found the tables equal to
     /// it: the next pass with both the same skips comparing them.
     tables_clean: Mutex<Option<(usize, u64)>>,
+    /// The highest outbound sequence number read back for each SA: an SA
+    /// that vanished (deleted by hand, a flush) is re-created continuing
+    /// past it, or the peer's anti-replay window drops its packets.
+    sent_seq: Mutex<std::collections::BTreeMap<trellis_ipsec::xfrm::SaId, u64>>,
     /// Passes that skipped the tables' comparison so.
     pub tables_skipped: AtomicU64,
     pub repairs: AtomicU64,
@@ -143,6 +147,7 @@ impl Reconciler {
             computed: AtomicU64::new(0),
             reused: AtomicU64::new(0),
             tables_clean: Mutex::new(None),
+            sent_seq: Mutex::default(),
             tables_skipped: AtomicU64::new(0),
             repairs: AtomicU64::new(0),
             last_full_us: AtomicU64::new(0),
@@ -173,6 +178,23 @@ impl Reconciler {
     /// A pass that also reads back every rule (the periodic resync).
     pub async fn full_pass(&self) -> Result<Arc<PassReport>, ReconcileError> {
         self.run(true).await
+    }
+
+    /// An outbound SA re-created after it vanished: the same SA starting
+    /// past the sequence numbers it was seen to send (plus headroom for
+    /// what it sent after that read-back: 2^24 packets, 18 s at 10 Gbit/s
+    /// of full-size frames, while it is read back every pass).
+    fn resumed_sa(&self, a: &Action) -> Option<Action> {
+        let Action::Xfrm { op: trellis_ipsec::XfrmOp::AddSa(sa), vxlan } = a else { return None };
+        let sent = *self.sent_seq.lock().unwrap_or_else(|p| p.into_inner()).get(&sa.id())?;
+        let mut sa = sa.clone();
+        sa.start_seq = sent.saturating_add(1 << 24);
+        tracing::info!(
+            spi = format_args!("{:#010x}", sa.material.spi),
+            from = sa.start_seq,
+            "an SA that vanished is re-created past the sequence numbers it sent"
+        );
+        Some(Action::Xfrm { op: trellis_ipsec::XfrmOp::AddSa(sa), vxlan: vxlan.clone() })
     }
 
     async fn run(&self, full: bool) -> Result<Arc<PassReport>, ReconcileError> {
@@ -213,6 +235,13 @@ impl Reconciler {
             None => self.dp.observe(true).await?,
         };
         let t_observe = t0.elapsed();
+        {
+            let mut sent = self.sent_seq.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, sa) in observed.xfrm.sas.iter().filter(|(_, sa)| sa.oseq > 0) {
+                let e = sent.entry(*id).or_default();
+                *e = (*e).max(sa.oseq);
+            }
+        }
         let want_at = Arc::as_ptr(&want) as usize;
         let observed_at = (observed.tables_cached, observed.tables_generation);
         let clean = *self.tables_clean.lock().unwrap_or_else(|p| p.into_inner());
@@ -247,7 +276,8 @@ impl Reconciler {
                 Action::ApplyEgress(_) => tracing::debug!("applying the egress rules"),
                 a => tracing::debug!(action = ?a, "applying"),
             }
-            let applied = self.dp.apply(a).await;
+            let resumed = self.resumed_sa(a);
+            let applied = self.dp.apply(resumed.as_ref().unwrap_or(a)).await;
             let recorded = match &applied {
                 Ok(()) => observed.record(a).is_ok(),
                 // A failed endpoint creation cleans up after itself.

@@ -965,6 +965,49 @@ async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
     assert!(dp.with_state(|s| s.links["trx-aaaa"].fdb.len()) == 1);
 }
 
+/// An outbound SA deleted behind the agent's back is put back continuing
+/// past the sequence numbers it was seen to send: from 0 the peer's
+/// anti-replay window would drop every packet (the VM test saw traffic
+/// never come back after `ip xfrm state deleteall`).
+#[tokio::test]
+async fn a_vanished_outbound_sa_comes_back_past_what_it_sent() {
+    let (networks, endpoints, hosts, me) = encrypted_lab();
+    let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+    let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+    let src = Arc::new(WithKeys(Snapshot {
+        networks: Arc::new(networks),
+        endpoints: Arc::new(endpoints),
+        hosts: Arc::new(hosts),
+        keys: Arc::new(keys),
+        ..Snapshot::default()
+    }));
+    let dp = Arc::new(FakeDataplane::default());
+    let r = Reconciler::new(dp.clone(), src, me);
+    r.pass().await.unwrap();
+    let out_sa = |log: &[Action]| {
+        log.iter()
+            .find_map(|a| match a {
+                Action::Xfrm { op: trellis_ipsec::XfrmOp::AddSa(sa), .. }
+                    if sa.dir == trellis_ipsec::xfrm::Dir::Out =>
+                {
+                    Some(sa.clone())
+                }
+                _ => None,
+            })
+            .expect("an outbound SA added")
+    };
+    let first = out_sa(&dp.take_log());
+    assert_eq!(first.start_seq, 0, "a new SA starts from 0");
+    // It sent 500 packets, read back by a full pass; then it vanished.
+    dp.with_state(|s| s.xfrm.sas.get_mut(&first.id()).unwrap().oseq = 500);
+    r.full_pass().await.unwrap();
+    dp.with_state(|s| s.xfrm.sas.remove(&first.id()));
+    r.full_pass().await.unwrap();
+    let again = out_sa(&dp.take_log());
+    assert_eq!(again.id(), first.id());
+    assert_eq!(again.start_seq, 500 + (1 << 24));
+}
+
 #[tokio::test]
 async fn passes_converge_and_then_do_nothing() {
     let dp = Arc::new(FakeDataplane::default());

@@ -156,7 +156,7 @@ pub fn esp_support() -> Result<(), String> {
     let (src, dst) = (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 61)), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 62)));
     let mut material = keys::derive(&Secret::generate(), 1, src, dst, 1);
     material.spi = 0x7fff_f00d;
-    let sa = SaSpec { src, dst, port: 1, epoch: 1, dir: Dir::Out, material };
+    let sa = SaSpec { src, dst, port: 1, epoch: 1, dir: Dir::Out, material, start_seq: 0 };
     let mut msg = ipx::add_sa(&sa);
     if let XfrmMessage::AddSa(m) = &mut msg {
         m.user_sa_info.reqid = 0;
