@@ -931,18 +931,24 @@ impl DesiredSource for WithKeys {
     }
 }
 
-#[tokio::test]
-async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
+/// [`encrypted_lab`] with its network's key ring, as a desired-state source.
+fn encrypted_source() -> (Arc<WithKeys>, Identity) {
     let (networks, endpoints, hosts, me) = encrypted_lab();
     let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
     let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
-    let src = Arc::new(WithKeys(Snapshot {
+    let snapshot = Snapshot {
         networks: Arc::new(networks),
         endpoints: Arc::new(endpoints),
         hosts: Arc::new(hosts),
         keys: Arc::new(keys),
         ..Snapshot::default()
-    }));
+    };
+    (Arc::new(WithKeys(snapshot)), me)
+}
+
+#[tokio::test]
+async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
+    let (src, me) = encrypted_source();
     let dp = Arc::new(FakeDataplane::default());
     dp.failing_xfrm.store(true, Ordering::Relaxed);
     let r = Reconciler::new(dp.clone(), src, me);
@@ -971,16 +977,7 @@ async fn a_failed_policy_holds_an_encrypted_networks_tunnel_entries_back() {
 /// never come back after `ip xfrm state deleteall`).
 #[tokio::test]
 async fn a_vanished_outbound_sa_comes_back_past_what_it_sent() {
-    let (networks, endpoints, hosts, me) = encrypted_lab();
-    let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
-    let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
-    let src = Arc::new(WithKeys(Snapshot {
-        networks: Arc::new(networks),
-        endpoints: Arc::new(endpoints),
-        hosts: Arc::new(hosts),
-        keys: Arc::new(keys),
-        ..Snapshot::default()
-    }));
+    let (src, me) = encrypted_source();
     let dp = Arc::new(FakeDataplane::default());
     let r = Reconciler::new(dp.clone(), src, me);
     r.pass().await.unwrap();
