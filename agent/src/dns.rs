@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use trellis_dns::{Core, Listeners, Zone};
 
-use crate::model::{EndpointRecord, NetworkRecord, SERVICE_LABEL, ServiceMode, ServiceRecord};
+use crate::model::{EndpointRecord, NetworkRecord, Records, SERVICE_LABEL, ServiceMode, ServiceRecord};
 use crate::state::informer::{Informer, View};
 
 /// An endpoint as the zone has it.
@@ -32,7 +32,7 @@ pub fn zone_network(n: &NetworkRecord) -> trellis_dns::Network {
 /// services (backends: their live endpoints).
 pub fn zone_of(
     networks: &[NetworkRecord],
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     hosts: &[String],
     services: &[ServiceRecord],
 ) -> Zone {
@@ -40,7 +40,7 @@ pub fn zone_of(
     // A set: a list's `contains` per endpoint was hosts × endpoints.
     let hosts: std::collections::HashSet<&str> = hosts.iter().map(String::as_str).collect();
     let live: Vec<&EndpointRecord> =
-        endpoints.iter().filter(|e| !e.deleting && hosts.contains(e.host.as_str())).collect();
+        endpoints.each().filter(|e| !e.deleting && hosts.contains(e.host.as_str())).collect();
     let eps: Vec<trellis_dns::Endpoint> = live.iter().map(|e| zone_endpoint(e)).collect();
     let mut by_net: std::collections::HashMap<&str, Vec<&EndpointRecord>> = std::collections::HashMap::new();
     for e in &live {

@@ -140,9 +140,9 @@ pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, informer: Arc<Informer>, 
 /// (`started`), and looks again every `every` anyway.
 pub async fn finish_drains(cluster: Arc<Cluster>, informer: Arc<Informer>, started: Arc<Notify>, every: Duration) {
     let mut views = informer.subscribe();
+    let mut eps = views.borrow_and_update().endpoints.clone();
     loop {
         let mut wait = every;
-        let eps = views.borrow_and_update().endpoints.clone();
         let now = model::now_ms();
         let (due, next) = model::drains_of(&eps, &cluster.host, now);
         for e in due {
@@ -156,12 +156,20 @@ pub async fn finish_drains(cluster: Arc<Cluster>, informer: Arc<Informer>, start
         if let Some(next) = next {
             wait = wait.min(Duration::from_millis(next.saturating_sub(now)));
         }
+        // Wait for the time, a drain started here, or a change to one of
+        // this host's endpoints (a drain may have begun): the others'
+        // changes wake nothing (they are most of a large cluster's).
+        let here = |v: &crate::state::informer::View| {
+            v.endpoints
+                .changes(&eps)
+                .any(|(before, after)| [before, after].into_iter().flatten().any(|e| e.host == cluster.host))
+        };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = started.notified() => {}
-            // The endpoints changed (a drain may have begun on this host).
-            _ = views.wait_for(|v| !Arc::ptr_eq(&v.endpoints, &eps)) => {}
+            _ = views.wait_for(|v| !v.endpoints.ptr_eq(&eps) && here(v)) => {}
         }
+        eps = views.borrow_and_update().endpoints.clone();
     }
 }
 

@@ -13,10 +13,12 @@ use serde::{Deserialize, Serialize};
 pub mod keys;
 pub mod mac;
 pub mod names;
+pub mod table;
 
 pub use keys::*;
 pub use mac::Mac;
 pub use names::*;
+pub use table::{Keyed, Records, Table};
 
 /// A random identifier: 16 hex digits.
 pub fn new_id() -> String {
@@ -138,11 +140,11 @@ impl EndpointRecord {
 /// The drains of `host`'s endpoints at `now_ms`: those that are over, and
 /// when the next one ends (none: no drain under way).
 pub fn drains_of<'a>(
-    endpoints: &'a [EndpointRecord],
+    endpoints: &'a (impl Records<EndpointRecord> + ?Sized),
     host: &str,
     now_ms: u64,
 ) -> (Vec<&'a EndpointRecord>, Option<u64>) {
-    let mine = endpoints.iter().filter(|e| e.host == host && e.draining());
+    let mine = endpoints.each().filter(|e| e.host == host && e.draining());
     let (due, pending): (Vec<&EndpointRecord>, Vec<&EndpointRecord>) = mine.partition(|e| e.drain_due(now_ms));
     (due, pending.iter().filter_map(|e| e.drain_until_ms).min())
 }

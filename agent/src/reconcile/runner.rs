@@ -60,7 +60,7 @@ pub struct Snapshot {
     /// The store revision it reflects (0: not known).
     pub revision: i64,
     pub networks: Arc<Vec<NetworkRecord>>,
-    pub endpoints: Arc<Vec<EndpointRecord>>,
+    pub endpoints: model::Table<EndpointRecord>,
     pub hosts: Arc<Vec<HostRecord>>,
     pub services: Arc<Vec<ServiceRecord>>,
     /// Encrypted networks' key rings, by network id.
@@ -80,7 +80,7 @@ impl Snapshot {
     /// held ports.
     pub fn same(&self, other: &Snapshot) -> bool {
         Arc::ptr_eq(&self.networks, &other.networks)
-            && Arc::ptr_eq(&self.endpoints, &other.endpoints)
+            && self.endpoints.ptr_eq(&other.endpoints)
             && Arc::ptr_eq(&self.hosts, &other.hosts)
             && Arc::ptr_eq(&self.services, &other.services)
             && Arc::ptr_eq(&self.keys, &other.keys)

@@ -99,7 +99,7 @@ struct Fixed(Mutex<(Vec<NetworkRecord>, Vec<EndpointRecord>)>);
 impl DesiredSource for Fixed {
     async fn load(&self) -> Result<Snapshot, String> {
         let (networks, endpoints) = self.0.lock().unwrap().clone();
-        Ok(Snapshot { networks: Arc::new(networks), endpoints: Arc::new(endpoints), ..Snapshot::default() })
+        Ok(Snapshot { networks: Arc::new(networks), endpoints: endpoints.into(), ..Snapshot::default() })
     }
 }
 
@@ -248,7 +248,7 @@ fn mesh_lab(mode: model::PublishMode) -> (Snapshot, Identity) {
     };
     let snap = Snapshot {
         networks: Arc::new(nets),
-        endpoints: Arc::new(vec![b2]),
+        endpoints: vec![b2].into(),
         hosts: Arc::new(hosts),
         services: Arc::new(vec![web]),
         ..Snapshot::default()
@@ -493,7 +493,9 @@ fn host_mode_publishes_only_where_a_backend_runs_and_nothing_without_ebpf() {
     assert!(!d.mesh_links.contains_key("uplink0"));
     // h2 runs one (its endpoint is local there).
     let h2 = Identity { host: "h2".into(), underlay: Some("198.19.0.2".parse().unwrap()), ..me.clone() };
-    Arc::make_mut(&mut snap.endpoints)[0].netns = "/run/netns/b2".into();
+    let mut b2 = snap.endpoints.iter().next().unwrap().clone();
+    b2.netns = "/run/netns/b2".into();
+    snap.endpoints.insert(b2);
     let d2 = desired::desired_host(&snap, &h2);
     assert!(d2.tables.published.contains_key(&PubKey::new(30080, 6)), "{:?}", d2.tables.published);
     assert_eq!(d2.tables.mesh_mac, Some([6, 0x7e, 198, 19, 0, 2]));
@@ -938,7 +940,7 @@ fn encrypted_source() -> (Arc<WithKeys>, Identity) {
     let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
     let snapshot = Snapshot {
         networks: Arc::new(networks),
-        endpoints: Arc::new(endpoints),
+        endpoints: endpoints.into(),
         hosts: Arc::new(hosts),
         keys: Arc::new(keys),
         ..Snapshot::default()
@@ -1157,7 +1159,7 @@ fn unready_backends_get_no_connection_and_draining_ones_keep_theirs() {
     let ip = |s: &str| s.parse::<std::net::Ipv4Addr>().unwrap();
     let snap = |eps: &[EndpointRecord]| Snapshot {
         networks: Arc::new(nets.clone()),
-        endpoints: Arc::new(eps.to_vec()),
+        endpoints: eps.to_vec().into(),
         hosts: Arc::new(hosts.clone()),
         services: Arc::new(svcs.clone()),
         ..Snapshot::default()

@@ -35,7 +35,9 @@ pub struct View {
     /// Every change up to this revision is in the view.
     pub revision: Revision,
     pub networks: Arc<Vec<NetworkRecord>>,
-    pub endpoints: Arc<Vec<EndpointRecord>>,
+    /// By id: a persistent map, so a view after one change shares all
+    /// but O(log n) of it with the view before (see [`model::Table`]).
+    pub endpoints: model::Table<EndpointRecord>,
     pub hosts: Arc<Vec<HostRecord>>,
     pub services: Arc<Vec<ServiceRecord>>,
     /// Encrypted networks' key rings, by network id.
@@ -49,7 +51,7 @@ impl View {
     /// the revisions.
     pub fn same_records(&self, other: &View) -> bool {
         Arc::ptr_eq(&self.networks, &other.networks)
-            && Arc::ptr_eq(&self.endpoints, &other.endpoints)
+            && self.endpoints.ptr_eq(&other.endpoints)
             && Arc::ptr_eq(&self.hosts, &other.hosts)
             && Arc::ptr_eq(&self.services, &other.services)
             && Arc::ptr_eq(&self.keys, &other.keys)
@@ -99,26 +101,16 @@ macro_rules! as_variant {
     };
 }
 
-/// One decoded record and the revision it was written at.
+/// One decoded record and the revision it was written at (an endpoint is
+/// kept in [`Records::endpoints`] only).
 #[derive(Clone, Debug)]
 enum Record {
     Network(NetworkRecord),
-    Endpoint(EndpointRecord),
+    Endpoint,
     Host(HostRecord),
     Service(ServiceRecord),
     Key(trellis_ipsec::KeyRing),
     MeshAddr(model::MeshAddrRecord),
-}
-
-fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
-    Ok(match kind {
-        Kind::Network => Record::Network(serde_json::from_slice(&kv.value)?),
-        Kind::Endpoint => Record::Endpoint(serde_json::from_slice(&kv.value)?),
-        Kind::Host => Record::Host(serde_json::from_slice(&kv.value)?),
-        Kind::Service => Record::Service(serde_json::from_slice(&kv.value)?),
-        Kind::Key => Record::Key(serde_json::from_slice(&kv.value)?),
-        Kind::MeshAddr => Record::MeshAddr(serde_json::from_slice(&kv.value)?),
-    })
 }
 
 /// The informer's records (pure: events in, views out).
@@ -126,6 +118,8 @@ fn decode(kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
 pub struct Records {
     /// By store key: (mod revision, record).
     by_key: BTreeMap<String, (Revision, Record)>,
+    /// The endpoints, updated in place: a view takes them as they are.
+    endpoints: model::Table<EndpointRecord>,
     /// The kinds changed since the last view.
     dirty: std::collections::BTreeSet<Kind>,
     /// The last view built.
@@ -151,7 +145,7 @@ impl Records {
         if self.by_key.get(&kv.key).is_some_and(|(rev, _)| *rev >= kv.mod_revision) {
             return false;
         }
-        match decode(kind, &kv) {
+        match self.decode(kind, &kv) {
             Ok(rec) => {
                 self.by_key.insert(kv.key, (kv.mod_revision, rec));
             }
@@ -161,6 +155,7 @@ impl Records {
                 if self.by_key.remove(&kv.key).is_none() {
                     return false;
                 }
+                self.forget(kind, &kv.key);
             }
         }
         self.dirty.insert(kind);
@@ -178,6 +173,7 @@ impl Records {
                 match self.by_key.get(&ev.kv.key) {
                     Some((rev, _)) if *rev <= ev.kv.mod_revision || ev.kv.mod_revision == 0 => {
                         self.by_key.remove(&ev.kv.key);
+                        self.forget(kind, &ev.kv.key);
                         self.dirty.insert(kind);
                         true
                     }
@@ -187,15 +183,40 @@ impl Records {
         }
     }
 
-    /// The view at `revision`: the kinds that changed rebuilt, the others
-    /// shared with the previous view.
+    /// The record in `kv` (an endpoint goes into the table).
+    fn decode(&mut self, kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
+        Ok(match kind {
+            Kind::Network => Record::Network(serde_json::from_slice(&kv.value)?),
+            Kind::Endpoint => {
+                self.endpoints.insert(serde_json::from_slice(&kv.value)?);
+                Record::Endpoint
+            }
+            Kind::Host => Record::Host(serde_json::from_slice(&kv.value)?),
+            Kind::Service => Record::Service(serde_json::from_slice(&kv.value)?),
+            Kind::Key => Record::Key(serde_json::from_slice(&kv.value)?),
+            Kind::MeshAddr => Record::MeshAddr(serde_json::from_slice(&kv.value)?),
+        })
+    }
+
+    /// A record of `kind` under `key` is gone.
+    fn forget(&mut self, kind: Kind, key: &str) {
+        if kind == Kind::Endpoint
+            && let Some(id) = key.strip_prefix(model::ROOT).and_then(|k| k.strip_prefix(Kind::Endpoint.prefix()))
+        {
+            self.endpoints.remove(id);
+        }
+    }
+
+    /// The view at `revision`: the kinds that changed rebuilt (the
+    /// endpoints taken as they are, sharing what did not change), the
+    /// others shared with the previous view.
     pub fn view(&mut self, revision: Revision) -> View {
         let mut v = self.view.clone();
         v.revision = v.revision.max(revision);
         for kind in std::mem::take(&mut self.dirty) {
             match kind {
                 Kind::Network => v.networks = self.collect(kind, |_, r| as_variant!(r, Network)),
-                Kind::Endpoint => v.endpoints = self.collect(kind, |_, r| as_variant!(r, Endpoint)),
+                Kind::Endpoint => v.endpoints = self.endpoints.clone(),
                 Kind::Host => v.hosts = self.collect(kind, |_, r| as_variant!(r, Host)),
                 Kind::Service => v.services = self.collect(kind, |_, r| as_variant!(r, Service)),
                 Kind::MeshAddr => v.mesh_addrs = self.collect(kind, |_, r| as_variant!(r, MeshAddr)),
@@ -361,6 +382,7 @@ impl Informer {
             let old = self.view();
             let mut next = records.view(revision);
             share_unchanged(&old, &mut next);
+            records.endpoints = next.endpoints.clone();
             records.view = next.clone();
             self.stats.views.fetch_add(1, Ordering::Relaxed);
             self.tx.send_replace(Arc::new(next));
@@ -445,9 +467,19 @@ fn share_unchanged(old: &View, next: &mut View) {
     if old.networks == next.networks {
         next.networks = old.networks.clone();
     }
-    if old.endpoints == next.endpoints {
-        next.endpoints = old.endpoints.clone();
+    // The endpoints: the old table with what differs applied, so that it
+    // shares what did not change with the old one.
+    let mut endpoints = old.endpoints.clone();
+    for (before, after) in next.endpoints.changes(&old.endpoints) {
+        match (before, after) {
+            (_, Some(after)) => endpoints.insert_arc(after.clone()),
+            (Some(before), None) => {
+                endpoints.remove(&before.id);
+            }
+            (None, None) => {}
+        }
     }
+    next.endpoints = endpoints;
     if old.hosts == next.hosts {
         next.hosts = old.hosts.clone();
     }

@@ -1085,7 +1085,7 @@ impl DesiredSource for Cluster {
         Ok(crate::reconcile::Snapshot {
             revision: 0,
             networks: Arc::new(networks),
-            endpoints: Arc::new(endpoints),
+            endpoints: endpoints.into(),
             hosts: Arc::new(hosts),
             services: Arc::new(services),
             keys: Arc::new(keys),

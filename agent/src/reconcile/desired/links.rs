@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use super::{DesiredBridge, DesiredHost};
 use crate::dataplane::EndpointSpec;
 use crate::dataplane::egress::{EgressNet, EgressRules, PublishedRule};
-use crate::model::{self, EndpointRecord, NetworkRecord};
+use crate::model::{self, EndpointRecord, NetworkRecord, Records};
 use crate::reconcile::Identity;
 
 /// Every network's bridge (cheap, and a network is usable on a host before
@@ -39,13 +39,13 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
 /// draining: their connections keep flowing; their published ports went
 /// with the detach).
 pub fn endpoints(
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     by_id: &BTreeMap<&str, &NetworkRecord>,
     me: &Identity,
     d: &mut DesiredHost,
 ) {
     let host = me.host.as_str();
-    for e in endpoints.iter().filter(|e| e.host == host && e.in_datapath()) {
+    for e in endpoints.each().filter(|e| e.host == host && e.in_datapath()) {
         let Some(n) = by_id.get(e.network_id.as_str()) else {
             continue;
         };

@@ -29,8 +29,8 @@ use super::{DesiredHost, tunnels};
 use crate::dataplane::egress::{MeshRule, MeshSnat};
 use crate::dataplane::{MeshVethSpec, Sysctl};
 use crate::model::{
-    self, EndpointRecord, HostRecord, MeshAddrRecord, MeshPort, NetworkRecord, Proto, PublishMode, ServiceMode,
-    ServiceRecord,
+    self, EndpointRecord, HostRecord, MeshAddrRecord, MeshPort, NetworkRecord, Proto, PublishMode, Records,
+    ServiceMode, ServiceRecord,
 };
 use crate::reconcile::Identity;
 
@@ -81,9 +81,9 @@ pub fn path_of(s: &ServiceRecord, net_eps: &[&EndpointRecord], hosts: &[HostReco
 }
 
 /// The endpoints of each network.
-pub fn by_network(endpoints: &[EndpointRecord]) -> BTreeMap<&str, Vec<&EndpointRecord>> {
+pub fn by_network(endpoints: &(impl Records<EndpointRecord> + ?Sized)) -> BTreeMap<&str, Vec<&EndpointRecord>> {
     let mut by_net: BTreeMap<&str, Vec<&EndpointRecord>> = BTreeMap::new();
-    for e in endpoints {
+    for e in endpoints.each() {
         by_net.entry(e.network_id.as_str()).or_default().push(e);
     }
     by_net
@@ -96,7 +96,7 @@ pub fn by_network(endpoints: &[EndpointRecord]) -> BTreeMap<&str, Vec<&EndpointR
 /// the host ([`held_here`]). Whichever datapath publishes them.
 pub fn published_here<'a>(
     s: &'a ServiceRecord,
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     local_ids: &BTreeSet<&str>,
     held: &BTreeSet<(Proto, u16)>,
     me: &Identity,
@@ -108,7 +108,7 @@ pub fn published_here<'a>(
 /// [`path_of`] says eBPF; `net_eps` are the endpoints of its network).
 pub fn ebpf_published_here<'a>(
     s: &'a ServiceRecord,
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     net_eps: &[&EndpointRecord],
     hosts: &[HostRecord],
     local_ids: &BTreeSet<&str>,
@@ -126,7 +126,7 @@ pub fn ebpf_published_here<'a>(
 /// to that process (a mesh that took them would cut it off), and reported.
 pub fn held_here<'a>(
     s: &'a ServiceRecord,
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     local_ids: &BTreeSet<&str>,
     held: &BTreeSet<(Proto, u16)>,
     me: &Identity,
@@ -137,7 +137,7 @@ pub fn held_here<'a>(
 /// The ports of `s` this host would accept: (free here, held here).
 fn split_held<'a>(
     s: &'a ServiceRecord,
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     local_ids: &BTreeSet<&str>,
     held: &BTreeSet<(Proto, u16)>,
     me: &Identity,
@@ -147,7 +147,7 @@ fn split_held<'a>(
 
 fn candidates<'a>(
     s: &'a ServiceRecord,
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     local_ids: &BTreeSet<&str>,
     me: &Identity,
 ) -> Vec<&'a MeshPort> {
@@ -155,7 +155,7 @@ fn candidates<'a>(
         return Vec::new();
     }
     let backend_here = || {
-        endpoints.iter().any(|e| {
+        endpoints.each().any(|e| {
             local_ids.contains(e.id.as_str())
                 && matches!(s.backend_state(e), Some(model::BackendState::Serving | model::BackendState::Draining))
         })
@@ -227,7 +227,7 @@ pub fn mesh_veth(n: &NetworkRecord, addr: &MeshAddrRecord) -> Option<MeshVethSpe
 #[allow(clippy::too_many_arguments)]
 pub fn mesh(
     networks: &[NetworkRecord],
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     hosts: &[HostRecord],
     services: &[ServiceRecord],
     held: &BTreeSet<(Proto, u16)>,

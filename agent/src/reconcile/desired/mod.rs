@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use super::{Identity, Snapshot};
 use crate::dataplane::egress::EgressRules;
 use crate::dataplane::{EndpointSpec, Mac, ProgramSpec, Tables, VxlanSpec};
-use crate::model::{EndpointRecord, HostRecord, NetworkRecord};
+use crate::model::{EndpointRecord, HostRecord, NetworkRecord, Records};
 
 /// A network's VXLAN device with its static entries for remote endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub struct DesiredHost {
 /// usable on a host before its first endpoint lands there).
 pub fn desired(
     networks: &[NetworkRecord],
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     hosts: &[HostRecord],
     me: &Identity,
 ) -> DesiredHost {

@@ -6,22 +6,22 @@ use std::net::IpAddr;
 
 use super::DesiredHost;
 use crate::dataplane::ProgramSpec;
-use crate::model::{self, EndpointRecord, NetworkRecord};
+use crate::model::{self, EndpointRecord, NetworkRecord, Records};
 use crate::reconcile::Identity;
 
 /// The programs of the endpoints `d` holds (call after [`super::links`]).
 pub fn programs(
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     by_id: &BTreeMap<&str, &NetworkRecord>,
     me: &Identity,
     d: &mut DesiredHost,
 ) {
     let host = me.host.as_str();
-    let net_of: BTreeMap<&str, &str> = endpoints.iter().map(|e| (e.id.as_str(), e.network_id.as_str())).collect();
+    let net_of: BTreeMap<&str, &str> = endpoints.each().map(|e| (e.id.as_str(), e.network_id.as_str())).collect();
     // Containers (namespaces) of this host on more than one network see
     // the names of all of them: their queries go to the server.
     let mut nets_of_sandbox: BTreeMap<&std::path::Path, BTreeSet<&str>> = BTreeMap::new();
-    for e in endpoints.iter().filter(|e| e.host == host && e.in_datapath()) {
+    for e in endpoints.each().filter(|e| e.host == host && e.in_datapath()) {
         nets_of_sandbox.entry(e.netns.as_path()).or_default().insert(e.network_id.as_str());
     }
     for (name, spec) in &d.endpoints {

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use super::DesiredHost;
 use crate::dataplane::Tables;
-use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, Records, ServiceRecord};
 use crate::reconcile::Identity;
 
 /// The eBPF tables of a host whose endpoints `d` holds: every Trellis
@@ -21,7 +21,7 @@ use crate::reconcile::Identity;
 /// tables; draining ones keep only their backend entries.
 pub fn tables(
     networks: &[NetworkRecord],
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     hosts: &[HostRecord],
     services: &[ServiceRecord],
     me: &Identity,
@@ -33,7 +33,7 @@ pub fn tables(
 /// [`tables`], the ports a process of this host holds left out of the mesh.
 pub fn tables_holding(
     networks: &[NetworkRecord],
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     hosts: &[HostRecord],
     services: &[ServiceRecord],
     held: &std::collections::BTreeSet<(model::Proto, u16)>,
@@ -58,7 +58,7 @@ pub fn tables_holding(
     }
     let local_ids: BTreeSet<&str> = d.endpoints.values().map(|e| e.endpoint_id.as_str()).collect();
     let local_nets: BTreeSet<&str> =
-        endpoints.iter().filter(|e| local_ids.contains(e.id.as_str())).map(|e| e.network_id.as_str()).collect();
+        endpoints.each().filter(|e| local_ids.contains(e.id.as_str())).map(|e| e.network_id.as_str()).collect();
     let remote: BTreeSet<&str> = if me.underlay.is_some() {
         hosts.iter().filter(|h| h.id != me.host).map(|h| h.id.as_str()).collect()
     } else {

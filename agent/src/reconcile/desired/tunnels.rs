@@ -8,13 +8,13 @@ use std::net::IpAddr;
 
 use super::{DesiredHost, DesiredVxlan};
 use crate::dataplane::{Sysctl, VxlanSpec};
-use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, Records};
 use crate::reconcile::Identity;
 
 /// The VXLAN devices of a host whose underlay address is `local` (call
 /// after [`super::links`]: a network gets a device where `d` has endpoints).
 pub fn tunnels(
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     hosts: &[HostRecord],
     by_id: &BTreeMap<&str, &NetworkRecord>,
     me: &Identity,
@@ -54,7 +54,7 @@ pub fn tunnels(
         .endpoints
         .values()
         .map(|e| e.endpoint_id.as_str())
-        .filter_map(|id| endpoints.iter().find(|e| e.id == id).map(|e| e.network_id.as_str()))
+        .filter_map(|id| endpoints.each().find(|e| e.id == id).map(|e| e.network_id.as_str()))
         .collect();
     for net_id in local_nets {
         let Some(n) = by_id.get(net_id) else { continue };
@@ -67,7 +67,7 @@ pub fn tunnels(
 /// (their connections keep flowing).
 pub fn network_vxlan(
     n: &NetworkRecord,
-    endpoints: &[EndpointRecord],
+    endpoints: &(impl Records<EndpointRecord> + ?Sized),
     live: &BTreeMap<&str, &HostRecord>,
     me: &Identity,
     local: IpAddr,
@@ -87,7 +87,7 @@ pub fn network_vxlan(
         fdb: BTreeSet::new(),
         neigh: BTreeSet::new(),
     };
-    for e in endpoints.iter().filter(|e| e.network_id == n.id && e.in_datapath()) {
+    for e in endpoints.each().filter(|e| e.network_id == n.id && e.in_datapath()) {
         let Some(h) = live.get(e.host.as_str()) else { continue };
         v.fdb.insert((e.mac, h.underlay));
         v.neigh.insert((e.ip, e.mac));
