@@ -2,10 +2,13 @@
 //! computed from the whole desired state in the store ([`mod@desired`]), compared
 //! with what the kernel has ([`mod@diff`]), and the difference applied. Both
 //! steps are pure; the [`Reconciler`] ([`runner`]) runs them against a
-//! [`crate::dataplane::Dataplane`].
+//! [`crate::dataplane::Dataplane`]. Between full passes, the commonest
+//! change of a large cluster (another host's endpoint) patches the last
+//! desired state and applies only its own entries ([`incremental`]).
 
 pub mod desired;
 pub mod diff;
+pub mod incremental;
 pub mod runner;
 #[cfg(test)]
 mod tests;

@@ -127,6 +127,10 @@ pub struct Reconciler {
     sent_seq: Mutex<std::collections::BTreeMap<trellis_ipsec::xfrm::SaId, u64>>,
     /// Passes that skipped the tables' comparison so.
     pub tables_skipped: AtomicU64,
+    /// Passes that patched the last desired state with a change of other
+    /// hosts' endpoints instead of computing it ([`super::incremental`]).
+    pub incremental: AtomicU64,
+    index: Mutex<super::incremental::Index>,
     pub repairs: AtomicU64,
     /// Duration of the last full pass, in microseconds.
     pub last_full_us: AtomicU64,
@@ -149,6 +153,8 @@ impl Reconciler {
             tables_clean: Mutex::new(None),
             sent_seq: Mutex::default(),
             tables_skipped: AtomicU64::new(0),
+            incremental: AtomicU64::new(0),
+            index: Mutex::default(),
             repairs: AtomicU64::new(0),
             last_full_us: AtomicU64::new(0),
         }
@@ -197,6 +203,19 @@ impl Reconciler {
         Some(Action::Xfrm { op: trellis_ipsec::XfrmOp::AddSa(sa), vxlan: vxlan.clone() })
     }
 
+    /// The last desired state patched with `next`'s change of other hosts'
+    /// endpoints, and its actions against `seen` (see
+    /// [`super::incremental`]); `None` when the change is of another kind.
+    fn patch(&self, next: &Snapshot, seen: &Observed) -> Option<(Arc<DesiredHost>, Vec<Action>)> {
+        let prev = self.last_input.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        // Patched in place (held meanwhile: O(change)), unless a reader
+        // holds it.
+        let mut want = self.last_desired.lock().unwrap_or_else(|p| p.into_inner());
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        let actions = super::incremental::remote_endpoints(&prev, next, &mut want, seen, &self.me, &mut index)?;
+        Some((want.clone(), actions))
+    }
+
     async fn run(&self, full: bool) -> Result<Arc<PassReport>, ReconcileError> {
         let wanted = self.started.load(Ordering::SeqCst) + 1;
         let _guard = self.running.lock().await;
@@ -213,9 +232,21 @@ impl Reconciler {
                 Err(e) => tracing::warn!(error = %e, "reading the host's held ports for the routing mesh"),
             }
         }
-        let reuse =
-            self.last_input.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|l| l.same(&snapshot));
-        let want = if reuse {
+        let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
+        let cached_was_none = cached.is_none();
+        // Between full passes, after one that applied everything it meant
+        // to: a change of other hosts' endpoints patches the last desired
+        // state and yields only its own actions.
+        let patched = match (&cached, last.errors.is_empty()) {
+            (Some(seen), true) => self.patch(&snapshot, seen),
+            _ => None,
+        };
+        let reuse = patched.is_none()
+            && self.last_input.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|l| l.same(&snapshot));
+        let want = if let Some((want, _)) = &patched {
+            self.incremental.fetch_add(1, Ordering::Relaxed);
+            want.clone()
+        } else if reuse {
             self.reused.fetch_add(1, Ordering::Relaxed);
             self.last_desired()
         } else {
@@ -228,8 +259,6 @@ impl Reconciler {
             want
         };
         let t_load = t0.elapsed();
-        let cached = if full { None } else { self.seen.lock().unwrap_or_else(|p| p.into_inner()).take() };
-        let cached_was_none = cached.is_none();
         let mut observed = match cached {
             Some(o) => o,
             None => self.dp.observe(true).await?,
@@ -245,7 +274,10 @@ impl Reconciler {
         let want_at = Arc::as_ptr(&want) as usize;
         let observed_at = (observed.tables_cached, observed.tables_generation);
         let clean = *self.tables_clean.lock().unwrap_or_else(|p| p.into_inner());
-        let actions = if reuse && observed_at.0 && clean == Some((want_at, observed_at.1)) {
+        let patched_pass = patched.is_some();
+        let actions = if let Some((_, actions)) = patched {
+            actions
+        } else if reuse && observed_at.0 && clean == Some((want_at, observed_at.1)) {
             self.tables_skipped.fetch_add(1, Ordering::Relaxed);
             super::diff::diff_but_tables(&want, &observed)
         } else {
@@ -338,21 +370,28 @@ impl Reconciler {
             *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(observed);
         }
         // The tables matched the desired ones in this pass (nothing to
-        // change, nothing failed), as the dataplane pictured them then.
-        *self.tables_clean.lock().unwrap_or_else(|p| p.into_inner()) =
-            (!tables_changed && report.errors.is_empty()).then_some((want_at, observed_at.1));
+        // change, nothing failed), as the dataplane pictured them then. A
+        // patched pass did not compare them: what the last one found stands.
+        if !patched_pass {
+            *self.tables_clean.lock().unwrap_or_else(|p| p.into_inner()) =
+                (!tables_changed && report.errors.is_empty()).then_some((want_at, observed_at.1));
+        }
         if !xfrm_failed {
             report.acks = want.acks.clone();
         }
         *self.last_desired.lock().unwrap_or_else(|p| p.into_inner()) = want;
-        let finalizable = snapshot
-            .endpoints
-            .iter()
-            .filter(|e| e.host == self.me.host && e.deleting && !e.draining())
-            .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
-            .cloned()
-            .collect();
-        report.finalizable = finalizable;
+        // A patched pass changed nothing of this host's endpoints: what
+        // was finalizable was reported by the pass before (and is again by
+        // the next full one).
+        if !patched_pass {
+            report.finalizable = snapshot
+                .endpoints
+                .iter()
+                .filter(|e| e.host == self.me.host && e.deleting && !e.draining())
+                .filter(|e| !failed_links.contains(&model::host_ifname(&e.id)))
+                .cloned()
+                .collect();
+        }
         *self.last_input.lock().unwrap_or_else(|p| p.into_inner()) = Some(snapshot);
         self.repairs.fetch_add(actions.len() as u64, Ordering::Relaxed);
         report.duration = t0.elapsed();

@@ -1290,3 +1290,143 @@ async fn an_unchanged_view_reuses_its_desired_state_and_skips_clean_tables_until
     );
     assert_eq!(r.tables_skipped.load(Ordering::Relaxed), 2, "not skipped with a new generation");
 }
+
+/// The incremental path against the full one, over random event sequences
+/// from h1's point of view: three networks (h1 has endpoints on aaaa and
+/// cccc; cccc has a service, bbbb none here), three other hosts. Every
+/// step a random change: another host's endpoint added, removed, moved to
+/// another network, host or address, detached, drained or made unready
+/// (addresses from a small pool, so entries more than one endpoint gives
+/// come and go), or — now and then — a change of another kind (one of h1's
+/// endpoints, a host leaving or coming back). Whenever the incremental
+/// path takes a step, its desired state must equal the full computation's
+/// and its actions the full diff's against the kernel as it is; the
+/// kernel then takes the actions and must match the desired state.
+#[test]
+fn incremental_passes_equal_full_ones_over_random_events() {
+    use rand::{Rng, SeedableRng};
+    let me = Identity {
+        underlay: Some("198.19.0.1".parse().unwrap()),
+        ebpf: true,
+        dns_intercept: true,
+        ..Identity::local("h1")
+    };
+    let nets: Vec<NetworkRecord> = ["aaaa", "bbbb", "cccc"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| NetworkRecord { vni: 4096 + i as u32, ..network(id, &format!("10.{}.0.0/24", i + 1), false) })
+        .collect();
+    let all_hosts: Vec<HostRecord> = (1..=4).map(|i| host(&format!("h{i}"), &format!("198.19.0.{i}"))).collect();
+    let services = Arc::new(vec![service("web", "cccc", "10.3.0.250")]);
+    let labelled = |mut e: EndpointRecord| {
+        if e.network_id == "cccc" {
+            e.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+        }
+        e
+    };
+    let address = |rng: &mut rand::rngs::StdRng, net: usize| -> (std::net::IpAddr, Mac) {
+        let ip: std::net::IpAddr = format!("10.{}.0.{}", net + 1, rng.random_range(2..12)).parse().unwrap();
+        // Mostly the address's MAC; now and then one of a few others.
+        let mac = if rng.random_bool(0.8) { Mac::for_ip(ip) } else { Mac([2, 0, 0, 0, 1, rng.random_range(0..3)]) };
+        (ip, mac)
+    };
+    let (mut patched, mut computed) = (0, 0);
+    for seed in 0..6u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut next_id = 0;
+        let mut fresh = |rng: &mut rand::rngs::StdRng, net: usize, host: &str| {
+            next_id += 1;
+            let (ip, mac) = address(rng, net);
+            let mut e = endpoint(&format!("e{next_id:03}"), &nets[net].id, &ip.to_string(), host);
+            e.mac = mac;
+            labelled(e)
+        };
+        let mut eps: model::Table<EndpointRecord> = Default::default();
+        eps.insert(fresh(&mut rng, 0, "h1"));
+        eps.insert(fresh(&mut rng, 2, "h1"));
+        for _ in 0..12 {
+            let (net, h) = (rng.random_range(0..3), rng.random_range(2..=4));
+            eps.insert(fresh(&mut rng, net, &format!("h{h}")));
+        }
+        let mut snap = Snapshot {
+            networks: Arc::new(nets.clone()),
+            endpoints: eps,
+            hosts: Arc::new(all_hosts.clone()),
+            services: services.clone(),
+            ..Snapshot::default()
+        };
+        let mut want = Arc::new(desired::desired_host(&snap, &me));
+        let mut kernel = Observed::default();
+        for a in diff(&want, &kernel) {
+            kernel.record(&a).unwrap();
+        }
+        assert!(diff(&want, &kernel).is_empty(), "the fake kernel converges");
+        let mut index = super::incremental::Index::default();
+        for step in 0..300 {
+            let mut next = snap.clone();
+            let remote: Vec<EndpointRecord> = next.endpoints.iter().filter(|e| e.host != "h1").cloned().collect();
+            let pick = |rng: &mut rand::rngs::StdRng| remote[rng.random_range(0..remote.len())].clone();
+            match rng.random_range(0..100) {
+                0..30 => {
+                    let (net, h) = (rng.random_range(0..3), rng.random_range(2..=4));
+                    next.endpoints.insert(fresh(&mut rng, net, &format!("h{h}")));
+                }
+                30..50 if !remote.is_empty() => {
+                    next.endpoints.remove(&pick(&mut rng).id);
+                }
+                50..90 if !remote.is_empty() => {
+                    let mut e = pick(&mut rng);
+                    match rng.random_range(0..6) {
+                        0 => e.host = format!("h{}", rng.random_range(2..=4)),
+                        1 => {
+                            let net = rng.random_range(0..3);
+                            e.network_id = nets[net].id.clone();
+                            (e.ip, e.mac) = address(&mut rng, net);
+                            e = labelled(e);
+                        }
+                        2 => e.deleting = !e.deleting,
+                        3 => {
+                            e.deleting = true;
+                            e.drain_until_ms = Some(1);
+                        }
+                        4 => e.ready = !e.ready,
+                        _ => (e.ip, e.mac) = address(&mut rng, nets.iter().position(|n| n.id == e.network_id).unwrap()),
+                    }
+                    next.endpoints.insert(e);
+                }
+                90..94 => {
+                    let net = rng.random_range(0..3);
+                    next.endpoints.insert(fresh(&mut rng, net, "h1"));
+                }
+                94..97 => {
+                    let hosts: Vec<HostRecord> = all_hosts.iter().filter(|h| h.id != "h4").cloned().collect();
+                    next.hosts = Arc::new(hosts);
+                }
+                _ => next.hosts = Arc::new(all_hosts.clone()),
+            }
+            let full = desired::desired_host(&next, &me);
+            let mut mine = want.clone();
+            let acts = match super::incremental::remote_endpoints(&snap, &next, &mut mine, &kernel, &me, &mut index) {
+                Some(acts) => {
+                    patched += 1;
+                    assert_eq!(*mine, full, "seed {seed} step {step}: the patched desired state");
+                    assert_eq!(acts, diff(&full, &kernel), "seed {seed} step {step}: the actions");
+                    acts
+                }
+                None => {
+                    computed += 1;
+                    mine = Arc::new(full.clone());
+                    diff(&full, &kernel)
+                }
+            };
+            for a in &acts {
+                kernel.record(a).unwrap();
+            }
+            assert!(diff(&full, &kernel).is_empty(), "seed {seed} step {step}: converged");
+            (snap, want) = (next, mine);
+        }
+    }
+    // Both paths were taken, the incremental one most.
+    assert!(patched > 1000, "{patched} patched steps");
+    assert!(computed > 100, "{computed} computed steps");
+}

@@ -30,6 +30,11 @@ pub struct DesiredVxlan {
     pub bridge: String,
     pub fdb: BTreeSet<(Mac, IpAddr)>,
     pub neigh: BTreeSet<(IpAddr, Mac)>,
+    /// Entries more than one endpoint gives (a record replaced by one with
+    /// the same address, say), with how many more: removing one of them
+    /// keeps the entry ([`super::incremental`]).
+    pub dup_fdb: BTreeMap<(Mac, IpAddr), u32>,
+    pub dup_neigh: BTreeMap<(IpAddr, Mac), u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

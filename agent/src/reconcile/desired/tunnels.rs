@@ -44,17 +44,20 @@ pub fn tunnels(
         bridge: String::new(),
         fdb: BTreeSet::new(),
         neigh: BTreeSet::new(),
+        dup_fdb: BTreeMap::new(),
+        dup_neigh: BTreeMap::new(),
     };
     for h in live.values() {
         probe.fdb.insert((h.vtep_mac, h.underlay));
         probe.neigh.insert((IpAddr::V6(h.vtep_mac.link_local()), h.vtep_mac));
     }
     d.vxlans.insert(model::PROBE_VXLAN.into(), probe);
-    let local_nets: BTreeSet<&str> = d
-        .endpoints
-        .values()
-        .map(|e| e.endpoint_id.as_str())
-        .filter_map(|id| endpoints.each().find(|e| e.id == id).map(|e| e.network_id.as_str()))
+    // One look at every endpoint (a search per local one was local × all).
+    let local_ids: BTreeSet<&str> = d.endpoints.values().map(|e| e.endpoint_id.as_str()).collect();
+    let local_nets: BTreeSet<&str> = endpoints
+        .each()
+        .filter(|e| e.host == host && local_ids.contains(e.id.as_str()))
+        .map(|e| e.network_id.as_str())
         .collect();
     for net_id in local_nets {
         let Some(n) = by_id.get(net_id) else { continue };
@@ -86,11 +89,17 @@ pub fn network_vxlan(
         bridge: model::bridge_name(&n.id),
         fdb: BTreeSet::new(),
         neigh: BTreeSet::new(),
+        dup_fdb: BTreeMap::new(),
+        dup_neigh: BTreeMap::new(),
     };
     for e in endpoints.each().filter(|e| e.network_id == n.id && e.in_datapath()) {
         let Some(h) = live.get(e.host.as_str()) else { continue };
-        v.fdb.insert((e.mac, h.underlay));
-        v.neigh.insert((e.ip, e.mac));
+        if !v.fdb.insert((e.mac, h.underlay)) {
+            *v.dup_fdb.entry((e.mac, h.underlay)).or_default() += 1;
+        }
+        if !v.neigh.insert((e.ip, e.mac)) {
+            *v.dup_neigh.entry((e.ip, e.mac)).or_default() += 1;
+        }
     }
     v
 }
