@@ -152,6 +152,13 @@ impl Core {
         *self.zone.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(zone);
     }
 
+    /// Change the current zone in place (copied first only if a query
+    /// holds it).
+    pub fn update_zone<R>(&self, f: impl FnOnce(&mut Zone) -> R) -> R {
+        let mut guard = self.zone.write().unwrap_or_else(|p| p.into_inner());
+        f(Arc::make_mut(&mut guard))
+    }
+
     /// Add one endpoint to the current zone (copy on write).
     pub fn add_endpoint(&self, network: &crate::zone::Network, e: &crate::zone::Endpoint) {
         let mut guard = self.zone.write().unwrap_or_else(|p| p.into_inner());

@@ -13,7 +13,7 @@
 //! NXDOMAIN for it. Single-label names, names under a Trellis network and
 //! reverse names of Trellis subnets are never forwarded upstream.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
@@ -29,6 +29,9 @@ pub struct Network {
 /// An endpoint as DNS needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
+    /// What it is kept under: an endpoint added with the id of one the
+    /// zone has replaces it ([`Zone::add`], [`Zone::remove`]).
+    pub id: String,
     pub name: String,
     pub aliases: Vec<String>,
     pub network_id: String,
@@ -75,12 +78,34 @@ pub enum Answer {
     Forward,
 }
 
+/// Addresses with how many endpoints give each (so that removing one of
+/// two endpoints giving the same address keeps it).
+type Counted = BTreeMap<Ipv4Addr, u32>;
+
+fn count_in<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) {
+    *m.entry(k).or_default() += 1;
+}
+
+/// One fewer of `k`; true when none is left.
+fn count_out<K: Ord>(m: &mut BTreeMap<K, u32>, k: &K) -> bool {
+    match m.get_mut(k) {
+        Some(n) if *n > 1 => *n -= 1,
+        Some(_) => {
+            m.remove(k);
+        }
+        None => {}
+    }
+    m.is_empty()
+}
+
 #[derive(Default, Clone, Debug)]
 struct NetNames {
     /// Endpoint names and aliases → addresses.
-    hosts: HashMap<String, BTreeSet<Ipv4Addr>>,
-    /// Service → its backends.
-    services: HashMap<String, BTreeSet<Ipv4Addr>>,
+    hosts: HashMap<String, Counted>,
+    /// Services of endpoints' labels → their tasks.
+    services: HashMap<String, Counted>,
+    /// Service records → their backends (over the labels' of the name).
+    records: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// `vip` services → their VIP.
     vips: HashMap<String, Ipv4Addr>,
 }
@@ -91,10 +116,14 @@ pub struct Zone {
     nets: HashMap<String, Network>,
     by_name: HashMap<String, String>,
     names: HashMap<String, NetNames>,
-    /// Address → (network id, endpoint name, sandbox).
+    /// The endpoints in the zone, by id.
+    endpoints: HashMap<String, Endpoint>,
+    /// Address → (network id, endpoint name, sandbox), once per endpoint
+    /// (or VIP) with that address.
     by_ip: HashMap<IpAddr, Vec<(String, String, String)>>,
-    /// Sandbox → the networks it is attached to.
-    sandboxes: HashMap<String, BTreeSet<String>>,
+    /// Sandbox → the networks it is attached to (with how many of its
+    /// endpoints are on each).
+    sandboxes: HashMap<String, BTreeMap<String, u32>>,
 }
 
 fn norm(name: &str) -> String {
@@ -111,25 +140,14 @@ impl Zone {
     pub fn build_with_services(networks: &[Network], endpoints: &[Endpoint], services: &[Service]) -> Zone {
         let mut z = Zone::default();
         for n in networks {
-            z.by_name.insert(norm(&n.name), n.id.clone());
-            z.nets.insert(n.id.clone(), n.clone());
-            z.names.insert(n.id.clone(), NetNames::default());
+            z.add_network(n);
         }
         for e in endpoints {
-            let Some(names) = z.names.get_mut(&e.network_id) else { continue };
-            z.by_ip.entry(e.ip).or_default().push((e.network_id.clone(), e.name.clone(), e.sandbox.clone()));
-            z.sandboxes.entry(e.sandbox.clone()).or_default().insert(e.network_id.clone());
-            let IpAddr::V4(v4) = e.ip else { continue };
-            for n in std::iter::once(&e.name).chain(&e.aliases) {
-                names.hosts.entry(norm(n)).or_default().insert(v4);
-            }
-            if let Some(s) = &e.service {
-                names.services.entry(norm(s)).or_default().insert(v4);
-            }
+            z.put(e);
         }
         for s in services {
             let Some(names) = z.names.get_mut(&s.network_id) else { continue };
-            names.services.insert(norm(&s.name), s.backends.iter().copied().collect());
+            names.records.insert(norm(&s.name), s.backends.iter().copied().collect());
             if let Some(vip) = s.vip {
                 names.vips.insert(norm(&s.name), vip);
                 z.by_ip.entry(IpAddr::V4(vip)).or_default().push((s.network_id.clone(), s.name.clone(), String::new()));
@@ -138,29 +156,83 @@ impl Zone {
         z
     }
 
-    /// Add one endpoint (and its network, if new): how an attach makes its
-    /// endpoint resolvable, and able to resolve, before it returns; the
-    /// next full build from the store agrees.
+    fn add_network(&mut self, n: &Network) {
+        self.by_name.insert(norm(&n.name), n.id.clone());
+        self.nets.insert(n.id.clone(), n.clone());
+        self.names.insert(n.id.clone(), NetNames::default());
+    }
+
+    /// Add one endpoint (and its network, if new), replacing the one with
+    /// its id: how an attach makes its endpoint resolvable, and able to
+    /// resolve, before it returns, and how the agent follows one change;
+    /// the next full build from the store agrees.
     pub fn add(&mut self, network: &Network, e: &Endpoint) {
         if !self.nets.contains_key(&network.id) {
-            self.by_name.insert(norm(&network.name), network.id.clone());
-            self.nets.insert(network.id.clone(), network.clone());
-            self.names.insert(network.id.clone(), NetNames::default());
+            self.add_network(network);
         }
+        self.put(e);
+    }
+
+    /// Put `e` in (its network must be in the zone, or it is left out),
+    /// replacing the endpoint with its id.
+    pub fn put(&mut self, e: &Endpoint) {
+        if self.endpoints.get(&e.id) == Some(e) {
+            return;
+        }
+        self.remove(&e.id);
         let Some(names) = self.names.get_mut(&e.network_id) else { return };
-        let entry = (e.network_id.clone(), e.name.clone(), e.sandbox.clone());
-        let at_ip = self.by_ip.entry(e.ip).or_default();
-        if !at_ip.contains(&entry) {
-            at_ip.push(entry);
+        self.by_ip.entry(e.ip).or_default().push((e.network_id.clone(), e.name.clone(), e.sandbox.clone()));
+        count_in(self.sandboxes.entry(e.sandbox.clone()).or_default(), e.network_id.clone());
+        if let IpAddr::V4(v4) = e.ip {
+            for n in std::iter::once(&e.name).chain(&e.aliases) {
+                count_in(names.hosts.entry(norm(n)).or_default(), v4);
+            }
+            if let Some(s) = &e.service {
+                count_in(names.services.entry(norm(s)).or_default(), v4);
+            }
         }
-        self.sandboxes.entry(e.sandbox.clone()).or_default().insert(e.network_id.clone());
-        let IpAddr::V4(v4) = e.ip else { return };
+        self.endpoints.insert(e.id.clone(), e.clone());
+    }
+
+    /// Take the endpoint with `id` out (nothing if the zone has none).
+    pub fn remove(&mut self, id: &str) {
+        let Some(e) = self.endpoints.remove(id) else { return };
+        let entry = (e.network_id.clone(), e.name.clone(), e.sandbox.clone());
+        if let Some(at_ip) = self.by_ip.get_mut(&e.ip) {
+            if let Some(i) = at_ip.iter().position(|x| *x == entry) {
+                at_ip.remove(i);
+            }
+            if at_ip.is_empty() {
+                self.by_ip.remove(&e.ip);
+            }
+        }
+        if let Some(nets) = self.sandboxes.get_mut(&e.sandbox)
+            && count_out(nets, &e.network_id)
+        {
+            self.sandboxes.remove(&e.sandbox);
+        }
+        let (Some(names), IpAddr::V4(v4)) = (self.names.get_mut(&e.network_id), e.ip) else { return };
         for n in std::iter::once(&e.name).chain(&e.aliases) {
-            names.hosts.entry(norm(n)).or_default().insert(v4);
+            let n = norm(n);
+            if let Some(ips) = names.hosts.get_mut(&n)
+                && count_out(ips, &v4)
+            {
+                names.hosts.remove(&n);
+            }
         }
         if let Some(s) = &e.service {
-            names.services.entry(norm(s)).or_default().insert(v4);
+            let s = norm(s);
+            if let Some(ips) = names.services.get_mut(&s)
+                && count_out(ips, &v4)
+            {
+                names.services.remove(&s);
+            }
         }
+    }
+
+    /// How many endpoints the zone has.
+    pub fn endpoints(&self) -> usize {
+        self.endpoints.len()
     }
 
     /// The networks a client at `src` sees: those of every endpoint of
@@ -171,7 +243,7 @@ impl Zone {
             // The address must be the client's on that network (the same
             // address can exist in two networks' subnets).
             if self.nets.get(net).is_some_and(|n| n.subnet.contains(&src)) {
-                out.extend(self.sandboxes.get(sandbox).into_iter().flatten().cloned());
+                out.extend(self.sandboxes.get(sandbox).into_iter().flatten().map(|(net, _)| net.clone()));
             }
         }
         out
@@ -184,16 +256,23 @@ impl Zone {
 
     fn lookup_in(&self, net: &str, name: &str, tasks: bool) -> Option<Vec<Ipv4Addr>> {
         let names = self.names.get(net)?;
+        let tasks_of = |name: &str| {
+            names
+                .records
+                .get(name)
+                .map(|s| s.iter().copied().collect())
+                .or_else(|| names.services.get(name).map(|s| s.keys().copied().collect()))
+        };
         if tasks {
-            return names.services.get(name).map(|s| s.iter().copied().collect());
+            return tasks_of(name);
         }
         if let Some(h) = names.hosts.get(name) {
-            return Some(h.iter().copied().collect());
+            return Some(h.keys().copied().collect());
         }
         if let Some(vip) = names.vips.get(name) {
             return Some(vec![*vip]);
         }
-        names.services.get(name).map(|s| s.iter().copied().collect())
+        tasks_of(name)
     }
 
     /// The names a client attached to one network only gets exactly one
@@ -203,27 +282,43 @@ impl Zone {
     pub fn single_answers(&self) -> Vec<(String, String, Ipv4Addr)> {
         let mut out = Vec::new();
         for (net, names) in &self.names {
-            let Some(n) = self.nets.get(net) else { continue };
-            let candidates: BTreeSet<&String> =
-                names.hosts.keys().chain(names.vips.keys()).chain(names.services.keys()).collect();
+            let candidates: BTreeSet<&String> = names
+                .hosts
+                .keys()
+                .chain(names.vips.keys())
+                .chain(names.services.keys())
+                .chain(names.records.keys())
+                .collect();
             for name in candidates {
-                if name.contains('.') || name.is_empty() {
-                    continue;
-                }
-                let scope = BTreeSet::from([net.clone()]);
-                if let Answer::Addrs(a) = self.resolve(name, QType::A, &scope)
-                    && let [ip] = a[..]
-                {
-                    out.push((net.clone(), name.clone(), ip));
-                    let qualified = format!("{name}.{}", norm(&n.name));
-                    if self.resolve(&qualified, QType::A, &scope) == Answer::Addrs(vec![ip]) {
-                        out.push((net.clone(), qualified, ip));
+                for (form, ip) in self.single_answer_forms(net, name) {
+                    if let Some(ip) = ip {
+                        out.push((net.clone(), form, ip));
                     }
                 }
             }
         }
         out.sort();
         out
+    }
+
+    /// What [`Zone::single_answers`] has for one name of network `net`:
+    /// the name itself and qualified by the network's name (normalized),
+    /// each with its one address, or `None` where it has none (how a
+    /// change to the name is followed without going through them all).
+    pub fn single_answer_forms(&self, net: &str, name: &str) -> Vec<(String, Option<Ipv4Addr>)> {
+        let name = norm(name);
+        let Some(n) = self.nets.get(net) else { return Vec::new() };
+        if name.contains('.') || name.is_empty() {
+            return Vec::new();
+        }
+        let scope = BTreeSet::from([net.to_string()]);
+        let qualified = format!("{name}.{}", norm(&n.name));
+        let bare = match self.resolve(&name, QType::A, &scope) {
+            Answer::Addrs(a) if a.len() == 1 => Some(a[0]),
+            _ => None,
+        };
+        let full = bare.filter(|ip| self.resolve(&qualified, QType::A, &scope) == Answer::Addrs(vec![*ip]));
+        vec![(name, bare), (qualified, full)]
     }
 
     fn answer_addrs(found: Vec<Ipv4Addr>, qtype: QType) -> Answer {
@@ -311,6 +406,7 @@ mod tests {
 
     fn ep(name: &str, net: &str, ip: &str, sandbox: &str, service: Option<&str>, aliases: &[&str]) -> Endpoint {
         Endpoint {
+            id: format!("{net}/{name}"),
             name: name.into(),
             aliases: aliases.iter().map(|a| a.to_string()).collect(),
             network_id: net.into(),
@@ -481,6 +577,51 @@ mod tests {
         let mut empty = Zone::default();
         empty.add(&net("n2", "x", "10.2.0.0/24"), &ep("c", "n2", "10.2.0.2", "/c/c", None, &[]));
         assert_eq!(empty.resolve("c.x", QType::A, &scope_of(&empty, "10.2.0.2")), Answer::Addrs(vec![v4("10.2.0.2")]));
+    }
+
+    /// Every name, task list, reverse name and scope of `z` and `whole`
+    /// agree, for clients at every address of `clients`.
+    fn same_answers(z: &Zone, whole: &Zone, clients: &[&str], names: &[&str]) {
+        for c in clients {
+            let s = scope_of(whole, c);
+            assert_eq!(scope_of(z, c), s, "scope of {c}");
+            for q in names {
+                let t = if q.ends_with("arpa") { QType::Ptr } else { QType::A };
+                assert_eq!(z.resolve(q, t, &s), whole.resolve(q, t, &s), "{q} from {c}");
+            }
+        }
+        assert_eq!(z.single_answers(), whole.single_answers());
+        assert_eq!(z.endpoints(), whole.endpoints());
+    }
+
+    #[test]
+    fn removing_or_replacing_an_endpoint_equals_building_without_it() {
+        let n = net("n1", "app", "10.1.0.0/24");
+        let a = ep("a", "n1", "10.1.0.2", "/c/a", Some("svc"), &["al"]);
+        let b = ep("b", "n1", "10.1.0.3", "/c/b", Some("svc"), &["al"]);
+        // Another record with a's address and name (a stale one being
+        // replaced): removing it keeps a's names.
+        let a2 = Endpoint { id: "n1/a-again".into(), ..a.clone() };
+        let c = ep("c", "n1", "10.1.0.4", "/c/a", None, &[]);
+        let names =
+            ["a", "al", "b", "c", "svc", "tasks.svc", "a.app", "2.0.1.10.in-addr.arpa", "3.0.1.10.in-addr.arpa"];
+        let clients = ["10.1.0.2", "10.1.0.3", "10.1.0.4"];
+        let mut z = Zone::build(std::slice::from_ref(&n), &[a.clone(), b.clone(), a2.clone(), c.clone()]);
+        z.remove(&a2.id);
+        same_answers(&z, &Zone::build(std::slice::from_ref(&n), &[a.clone(), b.clone(), c.clone()]), &clients, &names);
+        z.remove(&b.id);
+        same_answers(&z, &Zone::build(std::slice::from_ref(&n), &[a.clone(), c.clone()]), &clients, &names);
+        // Replaced under its id: moved to another address, out of the service.
+        let b_moved = Endpoint { ip: "10.1.0.9".parse().unwrap(), service: None, ..b.clone() };
+        z.add(&n, &b);
+        z.add(&n, &b_moved);
+        same_answers(&z, &Zone::build(std::slice::from_ref(&n), &[a.clone(), c.clone(), b_moved]), &clients, &names);
+        // The sandbox /c/a keeps network n1 while one of its endpoints is left.
+        z.remove(&a.id);
+        assert_eq!(scope_of(&z, "10.1.0.4"), BTreeSet::from(["n1".to_string()]));
+        z.remove(&c.id);
+        assert!(scope_of(&z, "10.1.0.4").is_empty());
+        assert_eq!(z.resolve("a", QType::A, &BTreeSet::from(["n1".to_string()])), Answer::NxDomain);
     }
 
     #[test]

@@ -78,6 +78,7 @@ fn the_query_handler_survives_mutated_packets() {
     core.set_zone(Zone::build(
         &[Network { id: "n1".into(), name: "app".into(), subnet: "10.1.0.0/24".parse().unwrap() }],
         &[Endpoint {
+            id: "web".into(),
             name: "web".into(),
             aliases: vec!["www".into()],
             network_id: "n1".into(),

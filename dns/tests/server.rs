@@ -17,6 +17,7 @@ fn free_port() -> u16 {
 /// network `lo`, with a service `big` of `backends` tasks.
 fn zone(backends: u8) -> Zone {
     let mut eps = vec![Endpoint {
+        id: "client".into(),
         name: "client".into(),
         aliases: vec![],
         network_id: "n1".into(),
@@ -26,6 +27,7 @@ fn zone(backends: u8) -> Zone {
     }];
     for i in 0..backends {
         eps.push(Endpoint {
+            id: format!("b{i}"),
             name: format!("b{i}"),
             aliases: vec![],
             network_id: "n1".into(),

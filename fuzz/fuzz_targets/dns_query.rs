@@ -16,6 +16,7 @@ fn core() -> &'static std::sync::Arc<Core> {
         core.set_zone(Zone::build_with_services(
             &[Network { id: "n1".into(), name: "app".into(), subnet: "10.1.0.0/24".parse().unwrap() }],
             &[Endpoint {
+                id: "web".into(),
                 name: "web".into(),
                 aliases: vec!["www".into()],
                 network_id: "n1".into(),

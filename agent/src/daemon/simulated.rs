@@ -122,23 +122,30 @@ impl SimulatedHost {
     /// Has this host's kernel a tunnel entry for `mac` (programmed for a
     /// remote endpoint)?
     pub fn has_remote(&self, mac: Mac) -> bool {
-        self.dp.inspect(|o| o.links.values().any(|l| l.fdb.iter().any(|(m, _)| *m == mac)))
+        let first = (mac, std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        self.dp.inspect(|o| o.links.values().any(|l| l.fdb.range(first..).next().is_some_and(|(m, _)| *m == mac)))
     }
 }
 
 /// The DNS zone as the daemon keeps it (its server's zone, without the
-/// sockets): rebuilt from every view whose records changed.
+/// sockets or the in-kernel table): followed change by change where it can
+/// be, else rebuilt (see [`crate::dns::ZoneFollower`]).
 async fn zone(informer: Arc<Informer>, builds: Arc<AtomicU64>) {
     let core = trellis_dns::Core::new(&trellis_dns::Upstreams { servers: Vec::new(), timeout: Duration::from_secs(1) });
     let mut views = informer.subscribe();
-    let mut built: Option<Arc<crate::state::informer::View>> = None;
+    let mut follower = crate::dns::ZoneFollower::default();
     loop {
         let v = views.borrow_and_update().clone();
-        if built.as_ref().is_none_or(|b| !b.same_records(&v)) {
-            let hosts: Vec<String> = v.hosts.iter().map(|h| h.id.clone()).collect();
-            core.set_zone(crate::dns::zone_of(&v.networks, &v.endpoints, &hosts, &v.services));
+        if !follower.current(&v) {
+            match follower.changes(&v) {
+                Some(changes) => core.update_zone(|z| follower.apply(z, &v, &changes)),
+                None => {
+                    let hosts: Vec<String> = v.hosts.iter().map(|h| h.id.clone()).collect();
+                    core.set_zone(crate::dns::zone_of(&v.networks, &v.endpoints, &hosts, &v.services));
+                    follower.rebuilt(&v);
+                }
+            }
             builds.fetch_add(1, Ordering::Relaxed);
-            built = Some(v);
         }
         if views.changed().await.is_err() {
             return;

@@ -148,6 +148,12 @@ pub trait Dataplane: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Put (`Some`) or remove (`None`) these entries of the in-kernel DNS
+    /// table, and nothing else: how one change is followed.
+    fn patch_dns(&self, _entries: &[(trellis_ebpf::DnsKey, Option<trellis_ebpf::DnsAnswer>)]) -> Result<()> {
+        Ok(())
+    }
+
     /// The in-kernel DNS path on or off, and whether its answers say
     /// recursion is available (as the server's do when it forwards).
     fn dns_config(&self, _kernel: bool, _ra: bool) -> Result<()> {

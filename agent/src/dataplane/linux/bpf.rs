@@ -373,6 +373,33 @@ impl NetlinkDataplane {
 
     /// Make the in-kernel DNS table hold exactly `want`, from what was last
     /// written (read back in full on every tenth sync and after a failure).
+    /// Put or remove these entries of the DNS table (and of the picture
+    /// kept of it; a failure drops the picture: the next sync reads back).
+    pub(super) fn patch_dns_table(
+        &self,
+        entries: &[(trellis_ebpf::DnsKey, Option<trellis_ebpf::DnsAnswer>)],
+    ) -> Result<()> {
+        let Some((dp, _)) = &self.bpf else { return Ok(()) };
+        let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.dns_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = entries.iter().try_for_each(|(k, a)| match a {
+            Some(a) => dp.put_dns(*k, *a),
+            None => dp.remove_dns(*k),
+        });
+        match (&applied, seen.0.as_mut()) {
+            (Ok(()), Some(have)) => {
+                for (k, a) in entries {
+                    match a {
+                        Some(a) => have.insert(*k, *a),
+                        None => have.remove(k),
+                    };
+                }
+            }
+            _ => seen.0 = None,
+        }
+        applied.map_err(|e| DataplaneError::Ebpf(format!("dns table: {e}")))
+    }
+
     pub(super) fn sync_dns_table(&self, want: &BTreeMap<trellis_ebpf::DnsKey, trellis_ebpf::DnsAnswer>) -> Result<()> {
         let Some((dp, _)) = &self.bpf else { return Ok(()) };
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());

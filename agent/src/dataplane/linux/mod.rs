@@ -252,6 +252,10 @@ impl Dataplane for NetlinkDataplane {
         self.sync_dns_table(want)
     }
 
+    fn patch_dns(&self, entries: &[(trellis_ebpf::DnsKey, Option<trellis_ebpf::DnsAnswer>)]) -> Result<()> {
+        self.patch_dns_table(entries)
+    }
+
     fn dns_config(&self, kernel: bool, ra: bool) -> Result<()> {
         self.set_dns_config(kernel, ra)
     }
