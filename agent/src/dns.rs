@@ -127,7 +127,7 @@ impl ZoneFollower {
         let live = |e: &EndpointRecord| !e.deleting && self.live.contains(&e.host);
         for (before, after) in changes {
             if let Some(before) = before {
-                zone.remove(&before.id);
+                zone.remove(&zone_endpoint(before));
             }
             if let Some(after) = after.as_ref().filter(|e| live(e)) {
                 zone.put(&zone_endpoint(after));

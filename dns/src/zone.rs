@@ -13,7 +13,7 @@
 //! NXDOMAIN for it. Single-label names, names under a Trellis network and
 //! reverse names of Trellis subnets are never forwarded upstream.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
@@ -78,32 +78,58 @@ pub enum Answer {
     Forward,
 }
 
-/// Addresses with how many endpoints give each (so that removing one of
-/// two endpoints giving the same address keeps it).
-type Counted = BTreeMap<Ipv4Addr, u32>;
+/// Keys with how many endpoints give each (so that removing one of two
+/// endpoints giving the same address keeps it): a sorted vector, as most
+/// names have one address and most sandboxes one network.
+#[derive(Clone, Debug)]
+struct Counted<K>(Vec<(K, u32)>);
 
-fn count_in<K: Ord>(m: &mut BTreeMap<K, u32>, k: K) {
-    *m.entry(k).or_default() += 1;
+impl<K> Default for Counted<K> {
+    fn default() -> Self {
+        Counted(Vec::new())
+    }
 }
 
-/// One fewer of `k`; true when none is left.
-fn count_out<K: Ord>(m: &mut BTreeMap<K, u32>, k: &K) -> bool {
-    match m.get_mut(k) {
-        Some(n) if *n > 1 => *n -= 1,
-        Some(_) => {
-            m.remove(k);
+impl<K: Ord + Clone> Counted<K> {
+    fn add(&mut self, k: &K) {
+        match self.0.binary_search_by(|(x, _)| x.cmp(k)) {
+            Ok(i) => self.0[i].1 += 1,
+            Err(i) => self.0.insert(i, (k.clone(), 1)),
         }
-        None => {}
     }
-    m.is_empty()
+
+    /// One fewer of `k`; true when none of any key is left.
+    fn take(&mut self, k: &K) -> bool {
+        if let Ok(i) = self.0.binary_search_by(|(x, _)| x.cmp(k)) {
+            if self.0[i].1 > 1 {
+                self.0[i].1 -= 1;
+            } else {
+                self.0.remove(i);
+            }
+        }
+        self.0.is_empty()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &K> {
+        self.0.iter().map(|(k, _)| k)
+    }
+}
+
+/// One fewer of `k` under `key` of `m`, the entry gone with its last.
+fn take_from<Q: std::hash::Hash + Eq, K: Ord + Clone>(m: &mut HashMap<Q, Counted<K>>, key: Q, k: &K) {
+    if let Some(c) = m.get_mut(&key)
+        && c.take(k)
+    {
+        m.remove(&key);
+    }
 }
 
 #[derive(Default, Clone, Debug)]
 struct NetNames {
     /// Endpoint names and aliases → addresses.
-    hosts: HashMap<String, Counted>,
+    hosts: HashMap<String, Counted<Ipv4Addr>>,
     /// Services of endpoints' labels → their tasks.
-    services: HashMap<String, Counted>,
+    services: HashMap<String, Counted<Ipv4Addr>>,
     /// Service records → their backends (over the labels' of the name).
     records: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// `vip` services → their VIP.
@@ -116,14 +142,17 @@ pub struct Zone {
     nets: HashMap<String, Network>,
     by_name: HashMap<String, String>,
     names: HashMap<String, NetNames>,
-    /// The endpoints in the zone, by id.
-    endpoints: HashMap<String, Endpoint>,
+    /// The ids of the endpoints put in ([`Zone::put`]).
+    ids: HashSet<String>,
+    /// Endpoints an attach added ([`Zone::add`]) before the agent's view
+    /// of the store had them, by id: what the view's record replaces.
+    provisional: HashMap<String, Endpoint>,
     /// Address → (network id, endpoint name, sandbox), once per endpoint
     /// (or VIP) with that address.
     by_ip: HashMap<IpAddr, Vec<(String, String, String)>>,
     /// Sandbox → the networks it is attached to (with how many of its
     /// endpoints are on each).
-    sandboxes: HashMap<String, BTreeMap<String, u32>>,
+    sandboxes: HashMap<String, Counted<String>>,
 }
 
 fn norm(name: &str) -> String {
@@ -162,77 +191,90 @@ impl Zone {
         self.names.insert(n.id.clone(), NetNames::default());
     }
 
-    /// Add one endpoint (and its network, if new), replacing the one with
-    /// its id: how an attach makes its endpoint resolvable, and able to
-    /// resolve, before it returns, and how the agent follows one change;
-    /// the next full build from the store agrees.
+    /// Add one endpoint (and its network, if new) ahead of the store: how
+    /// an attach makes its endpoint resolvable, and able to resolve,
+    /// before it returns. Nothing if the zone has its id already; the
+    /// record [`Zone::put`] later with its id replaces it.
     pub fn add(&mut self, network: &Network, e: &Endpoint) {
         if !self.nets.contains_key(&network.id) {
             self.add_network(network);
         }
-        self.put(e);
-    }
-
-    /// Put `e` in (its network must be in the zone, or it is left out),
-    /// replacing the endpoint with its id.
-    pub fn put(&mut self, e: &Endpoint) {
-        if self.endpoints.get(&e.id) == Some(e) {
+        if self.ids.contains(&e.id) || self.provisional.get(&e.id) == Some(e) || !self.names.contains_key(&e.network_id)
+        {
             return;
         }
-        self.remove(&e.id);
-        let Some(names) = self.names.get_mut(&e.network_id) else { return };
-        self.by_ip.entry(e.ip).or_default().push((e.network_id.clone(), e.name.clone(), e.sandbox.clone()));
-        count_in(self.sandboxes.entry(e.sandbox.clone()).or_default(), e.network_id.clone());
-        if let IpAddr::V4(v4) = e.ip {
-            for n in std::iter::once(&e.name).chain(&e.aliases) {
-                count_in(names.hosts.entry(norm(n)).or_default(), v4);
-            }
-            if let Some(s) = &e.service {
-                count_in(names.services.entry(norm(s)).or_default(), v4);
-            }
+        if let Some(old) = self.provisional.remove(&e.id) {
+            self.entries_out(&old);
         }
-        self.endpoints.insert(e.id.clone(), e.clone());
+        self.entries_in(e);
+        self.provisional.insert(e.id.clone(), e.clone());
     }
 
-    /// Take the endpoint with `id` out (nothing if the zone has none).
-    pub fn remove(&mut self, id: &str) {
-        let Some(e) = self.endpoints.remove(id) else { return };
-        let entry = (e.network_id.clone(), e.name.clone(), e.sandbox.clone());
+    /// Put `e` in, as the store has it (its network must be in the zone,
+    /// or it is left out): it replaces what an attach added under its id;
+    /// an endpoint put already is left as it is (replace one with
+    /// [`Zone::remove`], then `put`).
+    pub fn put(&mut self, e: &Endpoint) {
+        if !self.names.contains_key(&e.network_id) {
+            return;
+        }
+        if let Some(old) = self.provisional.remove(&e.id) {
+            self.entries_out(&old);
+        } else if self.ids.contains(&e.id) {
+            return;
+        }
+        self.entries_in(e);
+        self.ids.insert(e.id.clone());
+    }
+
+    /// Take out `e`, as it was put (or what an attach added under its
+    /// id); nothing if the zone does not have it.
+    pub fn remove(&mut self, e: &Endpoint) {
+        if let Some(old) = self.provisional.remove(&e.id) {
+            self.entries_out(&old);
+        } else if self.ids.remove(&e.id) {
+            self.entries_out(e);
+        }
+    }
+
+    fn entries_in(&mut self, e: &Endpoint) {
+        let Some(names) = self.names.get_mut(&e.network_id) else { return };
+        self.by_ip.entry(e.ip).or_default().push((e.network_id.clone(), e.name.clone(), e.sandbox.clone()));
+        self.sandboxes.entry(e.sandbox.clone()).or_default().add(&e.network_id);
+        if let IpAddr::V4(v4) = e.ip {
+            for n in std::iter::once(&e.name).chain(&e.aliases) {
+                names.hosts.entry(norm(n)).or_default().add(&v4);
+            }
+            if let Some(s) = &e.service {
+                names.services.entry(norm(s)).or_default().add(&v4);
+            }
+        }
+    }
+
+    fn entries_out(&mut self, e: &Endpoint) {
         if let Some(at_ip) = self.by_ip.get_mut(&e.ip) {
-            if let Some(i) = at_ip.iter().position(|x| *x == entry) {
+            if let Some(i) =
+                at_ip.iter().position(|(n, name, sb)| *n == e.network_id && *name == e.name && *sb == e.sandbox)
+            {
                 at_ip.remove(i);
             }
             if at_ip.is_empty() {
                 self.by_ip.remove(&e.ip);
             }
         }
-        if let Some(nets) = self.sandboxes.get_mut(&e.sandbox)
-            && count_out(nets, &e.network_id)
-        {
-            self.sandboxes.remove(&e.sandbox);
-        }
+        take_from(&mut self.sandboxes, e.sandbox.clone(), &e.network_id);
         let (Some(names), IpAddr::V4(v4)) = (self.names.get_mut(&e.network_id), e.ip) else { return };
         for n in std::iter::once(&e.name).chain(&e.aliases) {
-            let n = norm(n);
-            if let Some(ips) = names.hosts.get_mut(&n)
-                && count_out(ips, &v4)
-            {
-                names.hosts.remove(&n);
-            }
+            take_from(&mut names.hosts, norm(n), &v4);
         }
         if let Some(s) = &e.service {
-            let s = norm(s);
-            if let Some(ips) = names.services.get_mut(&s)
-                && count_out(ips, &v4)
-            {
-                names.services.remove(&s);
-            }
+            take_from(&mut names.services, norm(s), &v4);
         }
     }
 
     /// How many endpoints the zone has.
     pub fn endpoints(&self) -> usize {
-        self.endpoints.len()
+        self.ids.len() + self.provisional.len()
     }
 
     /// The networks a client at `src` sees: those of every endpoint of
@@ -243,7 +285,7 @@ impl Zone {
             // The address must be the client's on that network (the same
             // address can exist in two networks' subnets).
             if self.nets.get(net).is_some_and(|n| n.subnet.contains(&src)) {
-                out.extend(self.sandboxes.get(sandbox).into_iter().flatten().map(|(net, _)| net.clone()));
+                out.extend(self.sandboxes.get(sandbox).into_iter().flat_map(Counted::keys).cloned());
             }
         }
         out
@@ -607,21 +649,46 @@ mod tests {
             ["a", "al", "b", "c", "svc", "tasks.svc", "a.app", "2.0.1.10.in-addr.arpa", "3.0.1.10.in-addr.arpa"];
         let clients = ["10.1.0.2", "10.1.0.3", "10.1.0.4"];
         let mut z = Zone::build(std::slice::from_ref(&n), &[a.clone(), b.clone(), a2.clone(), c.clone()]);
-        z.remove(&a2.id);
+        z.remove(&a2);
         same_answers(&z, &Zone::build(std::slice::from_ref(&n), &[a.clone(), b.clone(), c.clone()]), &clients, &names);
-        z.remove(&b.id);
+        z.remove(&b);
         same_answers(&z, &Zone::build(std::slice::from_ref(&n), &[a.clone(), c.clone()]), &clients, &names);
         // Replaced under its id: moved to another address, out of the service.
         let b_moved = Endpoint { ip: "10.1.0.9".parse().unwrap(), service: None, ..b.clone() };
-        z.add(&n, &b);
-        z.add(&n, &b_moved);
+        z.put(&b);
+        z.remove(&b);
+        z.put(&b_moved);
         same_answers(&z, &Zone::build(std::slice::from_ref(&n), &[a.clone(), c.clone(), b_moved]), &clients, &names);
         // The sandbox /c/a keeps network n1 while one of its endpoints is left.
-        z.remove(&a.id);
+        z.remove(&a);
         assert_eq!(scope_of(&z, "10.1.0.4"), BTreeSet::from(["n1".to_string()]));
-        z.remove(&c.id);
+        z.remove(&c);
         assert!(scope_of(&z, "10.1.0.4").is_empty());
         assert_eq!(z.resolve("a", QType::A, &BTreeSet::from(["n1".to_string()])), Answer::NxDomain);
+    }
+
+    #[test]
+    fn an_attach_s_early_add_and_the_store_s_record_count_once() {
+        let n = net("n1", "app", "10.1.0.2/24");
+        let a = ep("a", "n1", "10.1.0.2", "/c/a", Some("svc"), &[]);
+        let s = BTreeSet::from(["n1".to_string()]);
+        // The view had it first, the attach adds it after: once.
+        let mut z = Zone::build(std::slice::from_ref(&n), std::slice::from_ref(&a));
+        z.add(&n, &a);
+        assert_eq!(z.endpoints(), 1);
+        z.remove(&a);
+        assert_eq!(z.resolve("a", QType::A, &s), Answer::NxDomain, "gone with one removal");
+        // The attach first, then the store's record (changed since): the
+        // record replaces what the attach added.
+        let mut z = Zone::build(std::slice::from_ref(&n), &[]);
+        z.add(&n, &a);
+        let a_ready = Endpoint { service: None, ..a.clone() };
+        z.put(&a_ready);
+        assert_eq!(z.endpoints(), 1);
+        assert_eq!(z.resolve("tasks.svc", QType::A, &s), Answer::NxDomain);
+        z.remove(&a_ready);
+        assert_eq!(z.resolve("a", QType::A, &s), Answer::NxDomain);
+        assert_eq!(z.endpoints(), 0);
     }
 
     #[test]

@@ -95,22 +95,22 @@ impl Kind {
 macro_rules! as_variant {
     ($r:expr, $variant:ident) => {
         match $r {
-            Record::$variant(x) => Some(x.clone()),
+            Record::$variant(x) => Some((**x).clone()),
             _ => None,
         }
     };
 }
 
-/// One decoded record and the revision it was written at (an endpoint is
-/// kept in [`Records::endpoints`] only).
+/// One decoded record (an endpoint is kept in [`Records::endpoints`]
+/// only). Boxed: an endpoint's entry, most of them, is a word.
 #[derive(Clone, Debug)]
 enum Record {
-    Network(NetworkRecord),
+    Network(Box<NetworkRecord>),
     Endpoint,
-    Host(HostRecord),
-    Service(ServiceRecord),
-    Key(trellis_ipsec::KeyRing),
-    MeshAddr(model::MeshAddrRecord),
+    Host(Box<HostRecord>),
+    Service(Box<ServiceRecord>),
+    Key(Box<trellis_ipsec::KeyRing>),
+    MeshAddr(Box<model::MeshAddrRecord>),
 }
 
 /// The informer's records (pure: events in, views out).
@@ -186,15 +186,15 @@ impl Records {
     /// The record in `kv` (an endpoint goes into the table).
     fn decode(&mut self, kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
         Ok(match kind {
-            Kind::Network => Record::Network(serde_json::from_slice(&kv.value)?),
+            Kind::Network => Record::Network(Box::new(serde_json::from_slice(&kv.value)?)),
             Kind::Endpoint => {
                 self.endpoints.insert(serde_json::from_slice(&kv.value)?);
                 Record::Endpoint
             }
-            Kind::Host => Record::Host(serde_json::from_slice(&kv.value)?),
-            Kind::Service => Record::Service(serde_json::from_slice(&kv.value)?),
-            Kind::Key => Record::Key(serde_json::from_slice(&kv.value)?),
-            Kind::MeshAddr => Record::MeshAddr(serde_json::from_slice(&kv.value)?),
+            Kind::Host => Record::Host(Box::new(serde_json::from_slice(&kv.value)?)),
+            Kind::Service => Record::Service(Box::new(serde_json::from_slice(&kv.value)?)),
+            Kind::Key => Record::Key(Box::new(serde_json::from_slice(&kv.value)?)),
+            Kind::MeshAddr => Record::MeshAddr(Box::new(serde_json::from_slice(&kv.value)?)),
         })
     }
 

@@ -197,7 +197,10 @@ async fn main() -> Result<()> {
     eprintln!("trellis-sim: {} hosts ({} agents), {} endpoints each", a.hosts, a.agents, a.endpoints_per_host);
 
     // The watch-only hosts: registered, their endpoints written (32 at a
-    // time), each watching the endpoints.
+    // time); each watches the endpoints once the cluster is filled (as an
+    // agent lists, then watches: the fill's events are no change measured,
+    // and fanning every one out to a thousand watchers made the fill
+    // etcd-bound on a small machine).
     let lease = admin_store.lease_grant(Duration::from_secs(600)).await?;
     let watched = Arc::new(Counts::default());
     let mut watchers = Vec::new();
@@ -211,14 +214,6 @@ async fn main() -> Result<()> {
                 vec![Op::put_with_lease(trellis_agent::model::host_key(&id), serde_json::to_vec(&rec)?, lease)],
             )
             .await?;
-        let c = watched.clone();
-        let mut w = admin_store.watch(&format!("{}endpoints/", trellis_agent::model::ROOT), 0).await?;
-        watchers.push(tokio::spawn(async move {
-            while let Some(Ok(e)) = w.next().await {
-                c.events.fetch_add(1, Ordering::Relaxed);
-                c.bytes.fetch_add((e.kv.key.len() + e.kv.value.len()) as u64, Ordering::Relaxed);
-            }
-        }));
     }
     let fill: Vec<(u32, u32)> = (0..light).flat_map(|h| (0..a.endpoints_per_host).map(move |i| (h, i))).collect();
     let clusters: Vec<Arc<Cluster>> = (0..light)
@@ -245,6 +240,16 @@ async fn main() -> Result<()> {
         .into_iter()
         .collect::<Result<Vec<_>>>()?;
     let fill_s = t_fill.elapsed().as_secs_f64();
+    for _ in 0..light {
+        let c = watched.clone();
+        let mut w = admin_store.watch(&format!("{}endpoints/", trellis_agent::model::ROOT), 0).await?;
+        watchers.push(tokio::spawn(async move {
+            while let Some(Ok(e)) = w.next().await {
+                c.events.fetch_add(1, Ordering::Relaxed);
+                c.bytes.fetch_add((e.kv.key.len() + e.kv.value.len()) as u64, Ordering::Relaxed);
+            }
+        }));
+    }
 
     // The agents' own endpoints are in the store before they start (each
     // agent's first pass programs them, as after a restart): attaching them
