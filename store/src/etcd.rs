@@ -72,6 +72,22 @@ fn unavailable(target: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable { backend: "etcd", reason: format!("{target}: {e}") }
 }
 
+/// Keys per page of a listing: 1,000 endpoint records are about 0.6 MiB.
+pub const LIST_PAGE: i64 = 1000;
+
+/// The first key past every key starting with `prefix` (etcd's range end
+/// of a prefix; `\0` — every key — for an empty or all-0xff prefix).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 impl EtcdStore {
     /// Connect (lazily: an unreachable etcd fails the first call, not this).
     pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdStore> {
@@ -148,11 +164,34 @@ impl Store for EtcdStore {
         Ok(resp.kvs().first().map(kv_of))
     }
 
+    /// In pages of [`LIST_PAGE`] keys, every page at the first one's
+    /// revision: a response is at most 4 MiB (the client's limit), and a
+    /// large cluster's listing is past that.
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision)> {
         let mut c = self.client.clone();
-        let resp = self.deadline(c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
-        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok((resp.kvs().iter().map(kv_of).collect(), rev))
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = if prefix.is_empty() { vec![0] } else { prefix.as_bytes().to_vec() };
+        let mut out = Vec::new();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self.deadline(c.get(from.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            out.extend(resp.kvs().iter().map(kv_of));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just past the last key.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, revision)),
+            }
+        }
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome> {
@@ -301,6 +340,14 @@ impl Store for EtcdStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_prefix_s_range_ends_past_its_last_key() {
+        assert_eq!(super::prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(super::prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(super::prefix_end(b"\xff\xff"), vec![0]);
+        assert_eq!(super::prefix_end(b""), vec![0]);
+    }
+
     use super::*;
 
     #[test]
