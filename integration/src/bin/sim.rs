@@ -126,6 +126,47 @@ fn cpu_seconds() -> f64 {
     t(u.user_time()) + t(u.system_time())
 }
 
+/// An agent on a thread of its own (a current-thread runtime): what its
+/// control plane costs is that thread's CPU time, apart from the writer's,
+/// the watch-only hosts' and etcd's.
+struct AgentThread {
+    host: SimulatedHost,
+    cpu: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<f64>>,
+}
+
+impl AgentThread {
+    async fn start(url: String, id: String, n: u32, c: Arc<Counts>, resync: Duration) -> Result<AgentThread> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name(id.clone()).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            rt.block_on(async move {
+                let started = async {
+                    let store: Arc<dyn Store> = Arc::new(Counting { inner: connect(&url).await?, c });
+                    SimulatedHost::start(store, &id, n, Duration::from_secs(30), resync).await
+                };
+                let (cpu_tx, mut cpu_rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<f64>>();
+                let _ = tx.send(started.await.map(|host| AgentThread { host, cpu: cpu_tx }));
+                while let Some(reply) = cpu_rx.recv().await {
+                    let _ = reply.send(thread_cpu_seconds());
+                }
+            });
+        })?;
+        rx.await.context("the agent's thread ended")?
+    }
+
+    /// The CPU time its thread has used.
+    async fn cpu_seconds(&self) -> Result<f64> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cpu.send(tx).map_err(|_| anyhow::anyhow!("the agent's thread ended"))?;
+        Ok(rx.await?)
+    }
+}
+
+fn thread_cpu_seconds() -> f64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).expect("the thread's clock");
+    t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9
+}
+
 fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
@@ -156,7 +197,7 @@ fn new_endpoint(network: &str, name: String) -> NewEndpoint {
 }
 
 /// Wait until every agent has programmed `mac`; each agent's delay.
-async fn converged(agents: &[SimulatedHost], mac: Mac, t0: Instant, limit: Duration) -> Vec<Option<f64>> {
+async fn converged(agents: &[&SimulatedHost], mac: Mac, t0: Instant, limit: Duration) -> Vec<Option<f64>> {
     let mut seen: Vec<Option<f64>> = vec![None; agents.len()];
     while seen.iter().any(Option::is_none) && t0.elapsed() < limit {
         for (i, a) in agents.iter().enumerate() {
@@ -263,23 +304,17 @@ async fn main() -> Result<()> {
     }
     // The agents: each its own connection.
     let rss0 = rss_bytes();
-    let mut agents = Vec::new();
+    let mut threads = Vec::new();
     let mut counts = Vec::new();
     for h in 0..a.agents {
         let c = Arc::new(Counts::default());
-        let store: Arc<dyn Store> = Arc::new(Counting { inner: connect(&url).await?, c: c.clone() });
         let id = format!("agent{h:04}");
-        let host = SimulatedHost::start(
-            store,
-            &id,
-            light + h + 1,
-            Duration::from_secs(30),
-            Duration::from_millis(a.resync_ms),
-        )
-        .await?;
-        agents.push(host);
+        threads.push(
+            AgentThread::start(url.clone(), id, light + h + 1, c.clone(), Duration::from_millis(a.resync_ms)).await?,
+        );
         counts.push(c);
     }
+    let agents: Vec<&SimulatedHost> = threads.iter().map(|t| &t.host).collect();
     let total = a.hosts as u64 * a.endpoints_per_host as u64;
     // Everyone has everything: every other host's endpoints on each agent.
     let remote = total - a.endpoints_per_host as u64;
@@ -288,7 +323,7 @@ async fn main() -> Result<()> {
         anyhow::ensure!(
             t.elapsed() < Duration::from_secs(300),
             "the agents did not converge on the filled cluster: {:?} of {remote} remote endpoints",
-            agents.iter().map(SimulatedHost::remotes).collect::<Vec<_>>()
+            agents.iter().map(|h| h.remotes()).collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -308,6 +343,10 @@ async fn main() -> Result<()> {
     let by0: u64 = counts.iter().map(|c| c.bytes.load(Ordering::Relaxed)).sum();
     let wev0 = watched.events.load(Ordering::Relaxed);
     let cpu0 = cpu_seconds();
+    let mut agent_cpu0 = Vec::new();
+    for t in &threads {
+        agent_cpu0.push(t.cpu_seconds().await?);
+    }
     let t_changes = Instant::now();
     let (mut every, mut each) = (Vec::new(), Vec::new());
     for i in 0..a.changes {
@@ -332,6 +371,11 @@ async fn main() -> Result<()> {
     }
     let wall = t_changes.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    // Each agent's CPU per change, microseconds.
+    let mut agent_us = Vec::new();
+    for (t, c0) in threads.iter().zip(&agent_cpu0) {
+        agent_us.push((t.cpu_seconds().await? - c0) * 1e6 / a.changes as f64);
+    }
     let n = a.changes as f64;
     let k = a.agents as f64;
     let req = (counts.iter().map(|c| c.requests.load(Ordering::Relaxed)).sum::<u64>() - req0) as f64 / (n * k);
@@ -380,7 +424,10 @@ async fn main() -> Result<()> {
         "watch_events_per_change_per_agent": ev,
         "watch_bytes_per_change_per_agent": by,
         "watch_events_per_change_cluster": wev + ev * k,
-        "cpu_us_per_change_per_agent": cpu * 1e6 / (n * k),
+        "cpu_us_per_change_per_agent": agent_us.iter().sum::<f64>() / k,
+        "cpu_us_per_change_per_agent_min": agent_us.iter().copied().fold(f64::INFINITY, f64::min),
+        "cpu_us_per_change_per_agent_max": agent_us.iter().copied().fold(0.0, f64::max),
+        "process_cpu_us_per_change": cpu * 1e6 / n,
         "changes_wall_s": wall,
         "memory_bytes_per_remote_endpoint": mem_per_remote,
         "full_pass_s": full_pass_s,
@@ -391,11 +438,11 @@ async fn main() -> Result<()> {
     } else {
         let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| hosts (agents) | endpoints | new endpoint on every agent p50 / p99 | store requests / change / agent | watch events (bytes) / change / agent | CPU / change / agent | memory / remote endpoint | full pass | back after etcd restart |"
+            "| hosts (agents) | endpoints | new endpoint on every agent p50 / p99 | store requests / change / agent | watch events (bytes) / change / agent | CPU / change / agent (min–max) | memory / remote endpoint | full pass | back after etcd restart |"
         );
         println!("|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} ({}) | {} | {:.0} / {:.0} ms | {:.2} | {:.2} ({:.0} B) | {:.0} µs | {:.0} B | {:.0} ms | {:.1} s |",
+            "| {} ({}) | {} | {:.0} / {:.0} ms | {:.2} | {:.2} ({:.0} B) | {:.0} µs ({:.0}–{:.0}) | {:.0} B | {:.0} ms | {:.1} s |",
             a.hosts,
             a.agents,
             total,
@@ -405,6 +452,8 @@ async fn main() -> Result<()> {
             f("watch_events_per_change_per_agent"),
             f("watch_bytes_per_change_per_agent"),
             f("cpu_us_per_change_per_agent"),
+            f("cpu_us_per_change_per_agent_min"),
+            f("cpu_us_per_change_per_agent_max"),
             f("memory_bytes_per_remote_endpoint"),
             f("full_pass_s") * 1e3,
             f("etcd_restart_recovery_s"),

@@ -39,23 +39,25 @@ pub fn md(md: &mut String, rows: &[Row]) -> Result<()> {
          real control plane (store client, informer, reconciler and its full diff over the fake kernel, \
          IPAM, DNS zone, lease) and the rest of the cluster as registered hosts with their endpoints in \
          the store, each with its own watch (etcd sends every event to every host). Per-agent figures are \
-         measured on the sample; CPU is the whole process's (the sample, the watch-only hosts and the \
-         writer) divided by the sample's agents, so it is an upper bound. An endpoint change is a new \
+         measured on the sample; each sampled agent runs on a thread of its own, and its CPU is that \
+         thread's CPU time over the changes (mean, and min–max over the agents: the target holds only \
+         if the max clears it), the periodic full pass included; the whole process's CPU per change \
+         (the writer, the watch-only hosts, the agents) is beside it. An endpoint change is a new \
          endpoint on a watch-only host; it is programmed when every sampled agent's kernel has its \
          tunnel entry.\n"
     )?;
     writeln!(
         md,
         "| hosts (sampled agents) | endpoints | new endpoint on every agent p50 / p99 | store requests / change / agent | \
-         watch events (bytes) / change / agent | watch events / change, cluster | CPU / change / agent | \
-         memory / remote endpoint | full pass | back after an etcd restart |"
+         watch events (bytes) / change / agent | watch events / change, cluster | CPU / change / agent (min–max) | \
+         process CPU / change | memory / remote endpoint | full pass | back after an etcd restart |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     for r in rows {
         let f = |k: &str| r.report[k].as_f64().unwrap_or(f64::NAN);
         writeln!(
             md,
-            "| {} ({}) | {} | {:.0} / {:.0} ms | {:.2} | {:.1} ({:.0} B) | {:.0} | {:.0} µs | {:.0} B | {:.0} ms | {:.1} s |",
+            "| {} ({}) | {} | {:.0} / {:.0} ms | {:.2} | {:.1} ({:.0} B) | {:.0} | {:.0} µs ({:.0}–{:.0}) | {:.0} µs | {:.0} B | {:.0} ms | {:.1} s |",
             f("hosts"),
             f("agents"),
             f("endpoints"),
@@ -66,6 +68,9 @@ pub fn md(md: &mut String, rows: &[Row]) -> Result<()> {
             f("watch_bytes_per_change_per_agent"),
             f("watch_events_per_change_cluster"),
             f("cpu_us_per_change_per_agent"),
+            f("cpu_us_per_change_per_agent_min"),
+            f("cpu_us_per_change_per_agent_max"),
+            f("process_cpu_us_per_change"),
             f("memory_bytes_per_remote_endpoint"),
             f("full_pass_s") * 1e3,
             f("etcd_restart_recovery_s"),
@@ -88,8 +93,12 @@ pub fn md(md: &mut String, rows: &[Row]) -> Result<()> {
             ),
             (
                 "CPU per remote endpoint event ≤ 50 µs per agent",
-                format!("{:.0} µs", f("cpu_us_per_change_per_agent")),
-                f("cpu_us_per_change_per_agent") <= 50.0,
+                format!(
+                    "{:.0} µs (max of the agents {:.0} µs)",
+                    f("cpu_us_per_change_per_agent"),
+                    f("cpu_us_per_change_per_agent_max")
+                ),
+                f("cpu_us_per_change_per_agent_max") <= 50.0,
             ),
             (
                 "every agent back within 10 s of an etcd restart",
