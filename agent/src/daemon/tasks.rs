@@ -44,17 +44,26 @@ pub async fn probe_peers(prober: Arc<Prober>, informer: Arc<Informer>, me: Strin
 /// Periodic full resync (the kernel read back whole); it also collects
 /// endpoints whose namespace died.
 pub async fn resync(reconciler: Arc<Reconciler>, cluster: Arc<Cluster>, dp: Arc<dyn Dataplane>, every: Duration) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let t0 = Instant::now();
         match reconciler.full_pass().await {
             Ok(r) => {
                 settle(&cluster, dp.as_ref(), &r).await;
             }
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }
+        tokio::time::sleep(resync_wait(every, t0.elapsed())).await;
     }
+}
+
+/// A full pass costs a host at most 1 / `RESYNC_SHARE` of a CPU: passes
+/// that take longer than `every / RESYNC_SHARE` (a large cluster's: every
+/// remote endpoint's entries read back and compared) are spaced out.
+pub const RESYNC_SHARE: u32 = 200;
+
+/// The wait after a full pass that took `took`.
+pub fn resync_wait(every: Duration, took: Duration) -> Duration {
+    every.max(took * RESYNC_SHARE)
 }
 
 /// The Docker driver's sweep of endpoints the engine forgot (their
@@ -322,7 +331,7 @@ mod tests {
             Duration::from_secs(60),
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         l.app.detach(&b).await.unwrap();
         let draining = || async { l.app.cluster.endpoint_record(&b.id).await.unwrap().is_some_and(|e| e.draining()) };
         tokio::time::sleep(drain / 2).await;
@@ -333,5 +342,13 @@ mod tests {
         }
         assert!(t0.elapsed() >= drain, "ended after {:?}", t0.elapsed());
         looping.abort();
+    }
+
+    #[test]
+    fn full_passes_are_spaced_out_to_half_a_percent_of_a_cpu() {
+        let every = Duration::from_secs(2);
+        assert_eq!(resync_wait(every, Duration::from_millis(3)), every);
+        assert_eq!(resync_wait(every, Duration::from_millis(10)), every);
+        assert_eq!(resync_wait(every, Duration::from_millis(25)), Duration::from_secs(5));
     }
 }

@@ -47,6 +47,9 @@ struct Args {
     /// Each agent's full pass period, milliseconds.
     #[arg(long, default_value_t = 2000)]
     resync_ms: u64,
+    /// Seconds the agents are watched idle before the changes.
+    #[arg(long, default_value_t = 6)]
+    idle_s: u64,
     /// Print JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -336,6 +339,20 @@ async fn main() -> Result<()> {
     agents[0].app.reconciler.full_pass().await?;
     let full_pass_s = t.elapsed().as_secs_f64();
 
+    // The agents idle (their periodic full passes, lease renewals): what
+    // they spend with nothing changing, taken off what the changes cost.
+    let mut idle0 = Vec::new();
+    for t in &threads {
+        idle0.push(t.cpu_seconds().await?);
+    }
+    let t_idle = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.idle_s)).await;
+    let idle_wall = t_idle.elapsed().as_secs_f64();
+    let mut idle_share = Vec::new();
+    for (t, c0) in threads.iter().zip(&idle0) {
+        idle_share.push((t.cpu_seconds().await? - c0) / idle_wall);
+    }
+
     // Endpoint changes, one at a time, on watch-only hosts (or agents when
     // there are none).
     let req0: u64 = counts.iter().map(|c| c.requests.load(Ordering::Relaxed)).sum();
@@ -371,11 +388,17 @@ async fn main() -> Result<()> {
     }
     let wall = t_changes.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
-    // Each agent's CPU per change, microseconds.
-    let mut agent_us = Vec::new();
-    for (t, c0) in threads.iter().zip(&agent_cpu0) {
-        agent_us.push((t.cpu_seconds().await? - c0) * 1e6 / a.changes as f64);
+    // Each agent's CPU per change, microseconds: all of it, and what is
+    // left once its idle rate over the same time is taken off.
+    let (mut agent_us, mut event_us) = (Vec::new(), Vec::new());
+    for ((t, c0), idle) in threads.iter().zip(&agent_cpu0).zip(&idle_share) {
+        let used = t.cpu_seconds().await? - c0;
+        agent_us.push(used * 1e6 / a.changes as f64);
+        event_us.push((used - idle * wall).max(0.0) * 1e6 / a.changes as f64);
     }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let n = a.changes as f64;
     let k = a.agents as f64;
     let req = (counts.iter().map(|c| c.requests.load(Ordering::Relaxed)).sum::<u64>() - req0) as f64 / (n * k);
@@ -424,9 +447,14 @@ async fn main() -> Result<()> {
         "watch_events_per_change_per_agent": ev,
         "watch_bytes_per_change_per_agent": by,
         "watch_events_per_change_cluster": wev + ev * k,
-        "cpu_us_per_change_per_agent": agent_us.iter().sum::<f64>() / k,
-        "cpu_us_per_change_per_agent_min": agent_us.iter().copied().fold(f64::INFINITY, f64::min),
-        "cpu_us_per_change_per_agent_max": agent_us.iter().copied().fold(0.0, f64::max),
+        "cpu_us_per_change_per_agent": mean(&agent_us),
+        "cpu_us_per_change_per_agent_min": min(&agent_us),
+        "cpu_us_per_change_per_agent_max": max(&agent_us),
+        "event_cpu_us_per_change_per_agent": mean(&event_us),
+        "event_cpu_us_per_change_per_agent_min": min(&event_us),
+        "event_cpu_us_per_change_per_agent_max": max(&event_us),
+        "idle_cpu_percent_per_agent": mean(&idle_share) * 100.0,
+        "idle_cpu_percent_per_agent_max": max(&idle_share) * 100.0,
         "process_cpu_us_per_change": cpu * 1e6 / n,
         "changes_wall_s": wall,
         "memory_bytes_per_remote_endpoint": mem_per_remote,
@@ -438,11 +466,11 @@ async fn main() -> Result<()> {
     } else {
         let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "| hosts (agents) | endpoints | new endpoint on every agent p50 / p99 | store requests / change / agent | watch events (bytes) / change / agent | CPU / change / agent (min–max) | memory / remote endpoint | full pass | back after etcd restart |"
+            "| hosts (agents) | endpoints | new endpoint on every agent p50 / p99 | store requests / change / agent | watch events (bytes) / change / agent | CPU / change / agent (min–max) | of it the change's (min–max) | idle CPU / agent | memory / remote endpoint | full pass | back after etcd restart |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
         println!(
-            "| {} ({}) | {} | {:.0} / {:.0} ms | {:.2} | {:.2} ({:.0} B) | {:.0} µs ({:.0}–{:.0}) | {:.0} B | {:.0} ms | {:.1} s |",
+            "| {} ({}) | {} | {:.0} / {:.0} ms | {:.2} | {:.2} ({:.0} B) | {:.0} µs ({:.0}–{:.0}) | {:.0} µs ({:.0}–{:.0}) | {:.2} % | {:.0} B | {:.0} ms | {:.1} s |",
             a.hosts,
             a.agents,
             total,
@@ -454,6 +482,10 @@ async fn main() -> Result<()> {
             f("cpu_us_per_change_per_agent"),
             f("cpu_us_per_change_per_agent_min"),
             f("cpu_us_per_change_per_agent_max"),
+            f("event_cpu_us_per_change_per_agent"),
+            f("event_cpu_us_per_change_per_agent_min"),
+            f("event_cpu_us_per_change_per_agent_max"),
+            f("idle_cpu_percent_per_agent"),
             f("memory_bytes_per_remote_endpoint"),
             f("full_pass_s") * 1e3,
             f("etcd_restart_recovery_s"),
