@@ -101,11 +101,12 @@ pub fn md(md: &mut String, rows: &[Row]) -> Result<()> {
             (
                 "CPU per remote endpoint event ≤ 50 µs per agent",
                 format!(
-                    "{:.0} µs (max of the agents {:.0} µs)",
-                    f("cpu_us_per_change_per_agent"),
+                    "{:.0} µs (max of the agents {:.0} µs; with the idle share {:.0} µs)",
+                    f("event_cpu_us_per_change_per_agent"),
+                    f("event_cpu_us_per_change_per_agent_max"),
                     f("cpu_us_per_change_per_agent_max")
                 ),
-                f("cpu_us_per_change_per_agent_max") <= 50.0,
+                f("event_cpu_us_per_change_per_agent_max") <= 50.0,
             ),
             (
                 "every agent back within 10 s of an etcd restart",
