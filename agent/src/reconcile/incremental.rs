@@ -1,10 +1,11 @@
 //! Work proportional to the change: the commonest event of a large cluster
-//! — an endpoint of another host added, changed or removed on a network no
-//! service lives on — changes only that network's tunnel entries on this
+//! — an endpoint of another host added, changed or removed on a plain
+//! network no service lives on — changes only that network's tunnel entries on this
 //! host. [`remote_endpoints`] finds such a change between two snapshots,
 //! patches the last desired state with it and returns just the actions it
 //! needs, in the order a full [`super::diff()`] would give them; anything
-//! else (this host's endpoints, networks, hosts, services, keys, a kernel
+//! else (this host's endpoints, encrypted networks, whose tunnel entries'
+//! hosts are their IPsec peers, networks, hosts, services, keys, a kernel
 //! that does not match the last desired state) is left to the full
 //! computation. The property test in `tests.rs` holds the two equal over
 //! random event sequences. Pure.
@@ -15,7 +16,7 @@ use std::sync::Arc;
 
 use super::{DesiredHost, DesiredVxlan, Identity, Snapshot};
 use crate::dataplane::{Action, LinkKind, Mac, Observed};
-use crate::model::{self, EndpointRecord, HostRecord, ServiceRecord};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, ServiceRecord};
 
 /// What the check of a change looks up, kept while the hosts and services
 /// it was made from do not change (one allocation each in an informer's
@@ -28,6 +29,9 @@ pub struct Index {
     services: Option<Arc<Vec<ServiceRecord>>>,
     /// Networks some service lives on.
     service_nets: HashSet<String>,
+    networks: Option<Arc<Vec<NetworkRecord>>>,
+    /// Encrypted networks: an endpoint there may add or drop an IPsec peer.
+    encrypted: HashSet<String>,
 }
 
 impl Index {
@@ -40,6 +44,15 @@ impl Index {
             self.service_nets = s.services.iter().map(|v| v.network_id.clone()).collect();
             self.services = Some(s.services.clone());
         }
+        if !self.networks.as_ref().is_some_and(|n| Arc::ptr_eq(n, &s.networks)) {
+            self.encrypted = s.networks.iter().filter(|n| n.encrypted).map(|n| n.id.clone()).collect();
+            self.networks = Some(s.networks.clone());
+        }
+    }
+
+    /// A change of another host's endpoint on `network` is this module's.
+    fn patchable(&self, network: &str) -> bool {
+        !self.service_nets.contains(network) && !self.encrypted.contains(network)
     }
 }
 
@@ -80,7 +93,7 @@ struct Touched {
     neigh: BTreeSet<(IpAddr, Mac)>,
 }
 
-/// If `next` differs from `prev` only in endpoints of other hosts on
+/// If `next` differs from `prev` only in endpoints of other hosts on plain
 /// networks no service lives on, and the devices they touch are in
 /// `observed` as `desired` (the desired state of `prev`, which the caller
 /// knows the kernel to have: its last pass applied it without an error)
@@ -113,7 +126,7 @@ pub fn remote_endpoints(
         let any = before.or(after)?;
         let network = &any.network_id;
         let foreign = |e: Option<&EndpointRecord>| e.is_none_or(|e| e.host != me.host && &e.network_id == network);
-        if !foreign(before) || !foreign(after) || idx.service_nets.contains(network) {
+        if !foreign(before) || !foreign(after) || !idx.patchable(network) {
             return None;
         }
         let vxlan = model::vxlan_name(network);

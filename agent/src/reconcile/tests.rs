@@ -1311,11 +1311,21 @@ fn incremental_passes_equal_full_ones_over_random_events() {
         dns_intercept: true,
         ..Identity::local("h1")
     };
-    let nets: Vec<NetworkRecord> = ["aaaa", "bbbb", "cccc"]
+    // Two plain networks, one a service lives on, one encrypted (its
+    // tunnel entries' hosts are its IPsec peers).
+    let nets: Vec<NetworkRecord> = ["aaaa", "bbbb", "cccc", "dddd"]
         .iter()
         .enumerate()
-        .map(|(i, id)| NetworkRecord { vni: 4096 + i as u32, ..network(id, &format!("10.{}.0.0/24", i + 1), false) })
+        .map(|(i, id)| NetworkRecord {
+            vni: 4096 + i as u32,
+            encrypted: *id == "dddd",
+            ..network(id, &format!("10.{}.0.0/24", i + 1), false)
+        })
         .collect();
+    let keys = Arc::new(BTreeMap::from([(
+        "dddd".to_string(),
+        trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([7; 32]), 0),
+    )]));
     let all_hosts: Vec<HostRecord> = (1..=4).map(|i| host(&format!("h{i}"), &format!("198.19.0.{i}"))).collect();
     let services = Arc::new(vec![service("web", "cccc", "10.3.0.250")]);
     let labelled = |mut e: EndpointRecord| {
@@ -1331,7 +1341,7 @@ fn incremental_passes_equal_full_ones_over_random_events() {
         (ip, mac)
     };
     let (mut patched, mut computed) = (0, 0);
-    for seed in 0..6u64 {
+    for seed in 0..8u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut next_id = 0;
         let mut fresh = |rng: &mut rand::rngs::StdRng, net: usize, host: &str| {
@@ -1344,8 +1354,9 @@ fn incremental_passes_equal_full_ones_over_random_events() {
         let mut eps: model::Table<EndpointRecord> = Default::default();
         eps.insert(fresh(&mut rng, 0, "h1"));
         eps.insert(fresh(&mut rng, 2, "h1"));
+        eps.insert(fresh(&mut rng, 3, "h1"));
         for _ in 0..12 {
-            let (net, h) = (rng.random_range(0..3), rng.random_range(2..=4));
+            let (net, h) = (rng.random_range(0..nets.len()), rng.random_range(2..=4));
             eps.insert(fresh(&mut rng, net, &format!("h{h}")));
         }
         let mut snap = Snapshot {
@@ -1353,6 +1364,7 @@ fn incremental_passes_equal_full_ones_over_random_events() {
             endpoints: eps,
             hosts: Arc::new(all_hosts.clone()),
             services: services.clone(),
+            keys: keys.clone(),
             ..Snapshot::default()
         };
         let mut want = Arc::new(desired::desired_host(&snap, &me));
@@ -1368,7 +1380,7 @@ fn incremental_passes_equal_full_ones_over_random_events() {
             let pick = |rng: &mut rand::rngs::StdRng| remote[rng.random_range(0..remote.len())].clone();
             match rng.random_range(0..100) {
                 0..30 => {
-                    let (net, h) = (rng.random_range(0..3), rng.random_range(2..=4));
+                    let (net, h) = (rng.random_range(0..nets.len()), rng.random_range(2..=4));
                     next.endpoints.insert(fresh(&mut rng, net, &format!("h{h}")));
                 }
                 30..50 if !remote.is_empty() => {
@@ -1379,7 +1391,7 @@ fn incremental_passes_equal_full_ones_over_random_events() {
                     match rng.random_range(0..6) {
                         0 => e.host = format!("h{}", rng.random_range(2..=4)),
                         1 => {
-                            let net = rng.random_range(0..3);
+                            let net = rng.random_range(0..nets.len());
                             e.network_id = nets[net].id.clone();
                             (e.ip, e.mac) = address(&mut rng, net);
                             e = labelled(e);
@@ -1395,7 +1407,7 @@ fn incremental_passes_equal_full_ones_over_random_events() {
                     next.endpoints.insert(e);
                 }
                 90..94 => {
-                    let net = rng.random_range(0..3);
+                    let net = rng.random_range(0..nets.len());
                     next.endpoints.insert(fresh(&mut rng, net, "h1"));
                 }
                 94..97 => {
