@@ -177,15 +177,23 @@ pub fn kernel_entries(
 /// and every [`REFRESH`] anyway. Between rebuilds the in-kernel table is
 /// synced again every [`KERNEL_SYNC`] (the dataplane reads it back every
 /// tenth time: a name removed from it by hand comes back).
+///
+/// The hosts answered for are the present ones (`present`: those whose
+/// registration lives and those kept while their data path answers).
 pub async fn run(
     informer: Arc<Informer>,
+    present: Option<Arc<crate::state::liveness::Present>>,
     core: Arc<Core>,
     mut listeners: Listeners,
     kernel: Option<Arc<dyn crate::dataplane::Dataplane>>,
 ) {
     let mut views = informer.subscribe();
+    let present_in = |v: Arc<View>| match &present {
+        Some(p) => p.view(v),
+        None => v,
+    };
     // Wait for the first listing: an empty zone is no answer.
-    let mut v = informer.listed().await;
+    let mut v = present_in(informer.listed().await);
     let mut follower = ZoneFollower::default();
     let mut built_at: Option<std::time::Instant> = None;
     let mut table = None;
@@ -219,7 +227,7 @@ pub async fn run(
             Ok(Ok(())) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
             Err(_) => {}
         }
-        v = views.borrow_and_update().clone();
+        v = present_in(views.borrow_and_update().clone());
     }
 }
 

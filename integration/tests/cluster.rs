@@ -8,6 +8,12 @@ use std::time::{Duration, Instant};
 
 use trellis_integration::{Lab, in_netns, ip_of, netns_of, ping, require_root, wait_for};
 
+/// Does `fdb` (as [`fdb`] reads it) hold a tunnel entry for `mac` (not a
+/// MAC the bridge learned from a frame)?
+fn tunnels_to(fdb: &str, mac: &str) -> bool {
+    fdb.lines().any(|l| l.starts_with(mac) && l.contains(" dst "))
+}
+
 /// The FDB of a network's VXLAN device on a host, as `bridge fdb` shows it.
 fn fdb(h: &trellis_integration::Host, network_id: &str) -> String {
     let dev = format!("trx-{}", &network_id[..10]);
@@ -136,13 +142,24 @@ fn a_dead_host_leaves_its_peers_and_returns() {
     let eps: Vec<serde_json::Value> =
         lab.hosts.iter().enumerate().map(|(i, h)| h.attach("app", &format!("e{i}"), &[]).unwrap()).collect();
     let dead_mac = eps[2]["mac"].as_str().unwrap().to_string();
-    assert!(wait_for(Duration::from_secs(5), || fdb(&lab.hosts[0], &id).contains(&dead_mac)));
-    // Host 3 dies: its agent stops renewing its lease.
+    assert!(wait_for(Duration::from_secs(5), || tunnels_to(&fdb(&lab.hosts[0], &id), &dead_mac)));
+    // Host 3's agent dies: it stops renewing its lease, but its kernel
+    // forwards on. Its peers drop its registration, not its data path.
     lab.hosts[2].kill9();
+    assert!(
+        wait_for(Duration::from_secs(15), || lab.hosts[0].ctl_json(&["host", "ls"]).unwrap().as_array().unwrap().len()
+            == 2),
+        "host 3's lease never expired"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(tunnels_to(&fdb(&lab.hosts[0], &id), &dead_mac), "host 1 dropped a host whose data path answers");
+    assert!(ping(&netns_of(&eps[0]), &ip_of(&eps[2]), 1), "host 3's endpoint went dark with its agent");
+    // Now the host itself goes (its link down): both say it is gone.
+    lab.hosts[2].ns.ip(&["link", "set", &lab.uplinks[2], "down"]).unwrap();
     let t0 = Instant::now();
     assert!(
-        wait_for(Duration::from_secs(30), || !fdb(&lab.hosts[0], &id).contains(&dead_mac)
-            && !fdb(&lab.hosts[1], &id).contains(&dead_mac)),
+        wait_for(Duration::from_secs(30), || !tunnels_to(&fdb(&lab.hosts[0], &id), &dead_mac)
+            && !tunnels_to(&fdb(&lab.hosts[1], &id), &dead_mac)),
         "the dead host's endpoint is still in its peers' FDBs; host 1 fdb:\n{}\nhost 1 log:\n{}\nhost 2 log:\n{}",
         fdb(&lab.hosts[0], &id),
         tail(&lab.hosts[0].log(), 40),
@@ -150,15 +167,17 @@ fn a_dead_host_leaves_its_peers_and_returns() {
     );
     let gone_after = t0.elapsed();
     eprintln!("dead host entries gone after {gone_after:?}");
-    // Lease TTL 3 s, plus etcd's lease check, the watch and one pass; the
-    // margin is for a loaded CI machine (measured here: 2.7 to 2.9 s).
-    assert!(gone_after < Duration::from_millis(3000 + 5000), "took {gone_after:?} (TTL 3 s + resync)");
+    // Two probes missed (a second apart) and one pass; the margin is for
+    // a loaded CI machine.
+    assert!(gone_after < Duration::from_secs(8), "took {gone_after:?} (2 probes + a pass)");
     let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
     assert_eq!(hosts.as_array().unwrap().len(), 2);
     // Back: re-registered, its endpoint reachable again.
+    lab.hosts[2].ns.ip(&["link", "set", &lab.uplinks[2], "up"]).unwrap();
+    lab.hosts[2].ns.ip(&["route", "replace", "default", "via", trellis_integration::UNDERLAY_GATEWAY]).unwrap();
     lab.hosts[2].start().unwrap();
     assert!(
-        wait_for(Duration::from_secs(30), || fdb(&lab.hosts[0], &id).contains(&dead_mac)),
+        wait_for(Duration::from_secs(30), || tunnels_to(&fdb(&lab.hosts[0], &id), &dead_mac)),
         "the returning host's endpoint is not back in host 1's FDB; host 1 log:\n{}",
         tail(&lab.hosts[0].log(), 40)
     );
@@ -510,4 +529,92 @@ fn a_converged_cluster_changes_nothing_and_a_slow_restart_moves_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(repairs(&lab.hosts[0]), Some(before[0]), "the peer changed its kernel:\n{}", lab.hosts[0].log());
     assert_eq!(repairs(&lab.hosts[1]), Some(0.0), "the restarted agent changed its kernel:\n{}", lab.hosts[1].log());
+}
+
+/// One host loses etcd, not its data path: its TCP to etcd is dropped
+/// (nftables in its namespace) for longer than its lease plus the reclaim
+/// grace while VXLAN between the hosts flows. Its registration expires,
+/// but its peer keeps it while its probes answer: not a ping lost either
+/// way, nothing reclaimed, new attaches on it refused clearly meanwhile,
+/// and once back its endpoints are the same, devices and all.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_host_cut_off_from_etcd_alone_keeps_its_data_path() {
+    require_root();
+    let lab = Lab::with_args(2, 3000, &["--reclaim-grace-ms", "1000"]).unwrap();
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    h1.ctl(&["network", "create", "app", "--subnet", "10.66.0.0/24", "--attachable"]).unwrap();
+    let a = h1.attach("app", "a", &[]).unwrap();
+    let b = h2.attach("app", "b", &[]).unwrap();
+    assert!(wait_for(Duration::from_secs(10), || ping(&netns_of(&a), &ip_of(&b), 1)), "no path before the cut");
+    let endpoints = |h: &trellis_integration::Host| -> BTreeSet<(String, String, String)> {
+        h.ctl_json(&["endpoint", "ls"])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["id"].to_string(), e["name"].to_string(), e["ip"].to_string()))
+            .collect()
+    };
+    let before = endpoints(h1);
+    assert_eq!(before.len(), 2, "{before:?}");
+    // b's veth on host 2, by interface index: torn down and re-made would show.
+    let veth = |h: &trellis_integration::Host| {
+        let out = h.ns.ip(&["-o", "link", "show"]).unwrap();
+        out.lines()
+            .filter(|l| l.contains(": trv-"))
+            .map(|l| l.split(':').take(2).collect::<String>())
+            .collect::<Vec<_>>()
+    };
+    let veth_before = veth(h2);
+    assert_eq!(veth_before.len(), 1, "{veth_before:?}");
+
+    // 20 s of pings both ways, the cut inside them.
+    let pinger = |from: &serde_json::Value, to: &serde_json::Value| {
+        in_netns(&netns_of(from), "ping", &["-q", "-c", "400", "-i", "0.05", "-W", "1", &ip_of(to)])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (ab, ba) = (pinger(&a, &b), pinger(&b, &a));
+    std::thread::sleep(Duration::from_millis(500));
+    let port = lab.etcd.url().rsplit(':').next().unwrap().to_string();
+    let rules = format!(
+        "table inet cutoff {{\n chain out {{\n  type filter hook output priority 0;\n  ip daddr {} tcp dport {port} drop\n }}\n}}\n",
+        trellis_integration::UNDERLAY_GATEWAY
+    );
+    let mut nft = h2.ns.cmd("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success(), "blocking host 2's TCP to etcd");
+    let cut = Instant::now();
+    // Its lease (3 s) expires: host 1's store no longer lists it.
+    assert!(
+        wait_for(Duration::from_secs(10), || h1.ctl_json(&["host", "ls"]).unwrap().as_array().unwrap().len() == 1),
+        "host 2's registration never expired"
+    );
+    // A new attach on the cut-off host is refused, clearly and soon.
+    let t0 = Instant::now();
+    let err = h2.ctl_err(&["attach", "app", "--name", "late"]);
+    assert!(t0.elapsed() < Duration::from_secs(15), "the refusal took {:?}", t0.elapsed());
+    assert!(err.contains("cannot reach the cluster store") && err.contains("keep working"), "{err}");
+    // Past lease + grace + a reclaim round, several times over: host 1
+    // reaches host 2 and reclaims nothing.
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed()));
+    assert_eq!(endpoints(h1), before, "host 2's endpoints were reclaimed while its data path answered");
+    h2.ns.cmd("nft").args(["delete", "table", "inet", "cutoff"]).status().unwrap();
+    // It registers again and its peer lists it.
+    assert!(
+        wait_for(Duration::from_secs(20), || h1.ctl_json(&["host", "ls"]).unwrap().as_array().unwrap().len() == 2),
+        "host 2 never registered again:\n{}",
+        tail(&h2.log(), 30)
+    );
+    for (dir, p) in [("host 1 -> host 2", ab), ("host 2 -> host 1", ba)] {
+        let out = p.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(" 0% packet loss"), "{dir}: {text}\nhost 1:\n{}", tail(&h1.log(), 30));
+    }
+    assert_eq!(endpoints(h1), before);
+    assert_eq!(endpoints(h2), before, "host 2 lost or changed an endpoint on return");
+    assert_eq!(veth(h2), veth_before, "host 2 re-made its endpoint's device");
+    assert!(ping(&netns_of(&b), &ip_of(&a), 1) && ping(&netns_of(&a), &ip_of(&b), 1));
 }

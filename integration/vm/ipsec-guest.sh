@@ -144,11 +144,12 @@ result epochs "$(ctl network inspect sec | jq -c .key.epochs)"
 ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-after
 result spis_kept "$(comm -12 /tmp/spis-before /tmp/spis-after | wc -l)"
 result spis_after "$(wc -l < /tmp/spis-after)"
-# The metrics after a full pass read the SAs back (key epoch, SAs, headroom).
-# Under TCG on a loaded machine the senders may switch to the new key only
-# after the ping above ended: send a few packets on it now, then wait (at
-# most 20 s) for a periodic full pass (every 2 s) to read its sequence
-# numbers back. The test asserts the values either way.
+# The metrics read the SAs back (key epoch, SAs, headroom) as the key
+# rotation's loop last read them (twice a second; not the reconciler's full
+# passes, which a host as slow as TCG spaces out to tens of seconds). Under
+# TCG on a loaded machine the senders may switch to the new key only after
+# the ping above ended: send a few packets on it now, then wait (at most
+# 20 s) for them to show. The test asserts the values either way.
 in_ns s2 ping -c 3 -i 0.2 -W 2 10.70.0.10 > /dev/null 2>&1 || true
 for _ in $(seq 40); do
   curl -s http://127.0.0.1:9473/metrics > "$OUT/metrics-g2.txt"

@@ -341,9 +341,10 @@ impl Ipam {
     }
 
     /// Plan the release of everything `host` holds in a network: its blocks
-    /// (each compared at its current revision, so a block that changed
-    /// hands meanwhile stops the plan) and the addresses it allocated
-    /// anywhere. For reclaiming a dead host's share.
+    /// and the addresses it allocated anywhere, each compared at the
+    /// revision read (a block or an address that changed hands meanwhile
+    /// stops the plan: it is made again). For reclaiming a dead host's
+    /// share.
     pub async fn plan_host_release(&self, net_id: &str, host: &str) -> Result<(Vec<Compare>, Vec<Op>)> {
         let mut compares = Vec::new();
         let mut ops = Vec::new();
@@ -354,9 +355,14 @@ impl Ipam {
                 ops.push(Op::delete(key));
             }
         }
-        for (ip, rec) in self.addresses(net_id).await? {
+        let (items, _) = self.store.list(&self.addrs_prefix(net_id)).await?;
+        for kv in items {
+            let rec: AddrRecord = decode(&kv)?;
             if rec.host == host && rec.owner != "gateway" && !rec.owner.starts_with(SERVICE_OWNER_PREFIX) {
-                ops.push(Op::delete(self.addr_key(net_id, ip)));
+                // Each at the revision read: an address released and taken
+                // by another host since is not deleted under its new owner.
+                compares.push(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
+                ops.push(Op::delete(kv.key));
             }
         }
         Ok((compares, ops))

@@ -388,3 +388,33 @@ async fn top_addresses_are_cluster_wide_and_outlive_their_host() {
     assert!(s.txn(c, o).await.unwrap().succeeded);
     assert!(b.addresses("n").await.unwrap().iter().any(|(x, r)| *x == v1 && r.owner == owner));
 }
+
+/// Fencing, the interleaving a reclaim must survive: the reclaimer reads
+/// the dead host's share; the host (back, its lease not yet renewed)
+/// releases an address and another host takes it; the reclaim then
+/// commits. It must not delete the new owner's address (which the next
+/// allocation would hand out a second time): a plan that read an address
+/// which changed since does not commit.
+#[tokio::test]
+async fn a_reclaim_planned_before_an_address_changed_hands_does_not_commit() {
+    let s = store();
+    let a = Ipam::new(s.clone(), "/t/ipam/", "a").with_block_len_v4(28);
+    let b = Ipam::new(s.clone(), "/t/ipam/", "b").with_block_len_v4(28);
+    let c = Ipam::new(s.clone(), "/t/ipam/", "c").with_block_len_v4(28);
+    let pool = create(&a, &s, "n", SubnetRequest::Specific(net("10.81.0.0/28"))).await;
+    let x = b.allocate(&pool, AddrRequest::Any, "bx", none).await.unwrap();
+    // a plans the release of b's share (b looks dead).
+    let (compares, ops) = a.plan_host_release("n", "b").await.unwrap();
+    // b releases x; c takes it.
+    b.release(&pool, x).await.unwrap();
+    assert_eq!(c.allocate(&pool, AddrRequest::Specific(x), "cx", none).await.unwrap(), x);
+    // The stale plan fails, and c's address stays c's.
+    assert!(!s.txn(compares, ops).await.unwrap().succeeded, "a stale reclaim committed");
+    let owner = a.addresses("n").await.unwrap().into_iter().find(|(ip, _)| *ip == x).map(|(_, r)| r.host);
+    assert_eq!(owner.as_deref(), Some("c"));
+    assert!(matches!(a.allocate(&pool, AddrRequest::Specific(x), "again", none).await, Err(IpamError::InUse { .. })));
+    // Planned again, it releases b's block and nothing of c's.
+    let (compares, ops) = a.plan_host_release("n", "b").await.unwrap();
+    assert!(s.txn(compares, ops).await.unwrap().succeeded);
+    assert!(a.addresses("n").await.unwrap().iter().any(|(ip, r)| *ip == x && r.host == "c"));
+}

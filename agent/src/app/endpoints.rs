@@ -122,7 +122,7 @@ impl App {
             }
         };
         // Check the network before creating anything in the kernel.
-        self.cluster.network(&req.network).await?;
+        self.cluster.network(&req.network).await.map_err(store_down)?;
         if managed {
             self.dataplane
                 .create_netns(&netns_path)
@@ -147,7 +147,7 @@ impl App {
                 if managed {
                     let _ = self.dataplane.remove_netns(&netns_path);
                 }
-                return Err(e);
+                return Err(store_down(e));
             }
         };
         let report = self.converge().await;
@@ -397,6 +397,17 @@ impl App {
                 (e, n)
             })
             .collect())
+    }
+}
+
+/// An attach refused because the store cannot be reached says so, and
+/// what still works.
+fn store_down(e: AgentError) -> AgentError {
+    match e {
+        AgentError::Unavailable(why) => AgentError::Unavailable(format!(
+            "cannot attach while this host cannot reach the cluster store ({why}); endpoints already attached keep working: try again once the store is back"
+        )),
+        e => e,
     }
 }
 

@@ -123,7 +123,22 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     ));
     tracing::info!(host = %host, underlay = ?underlay, uplink = ?identity.uplink, "host identity");
     let dns_kernel = identity.dns_kernel;
-    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), informer.clone(), identity));
+    // Probes of every peer's tunnel endpoint, once a second: the data
+    // path's word on which hosts are present, beside the store's.
+    let prober = Arc::new(crate::telemetry::probe::Prober::default());
+    let prober = match dataplane.probe_sockets().and_then(|sockets| prober.start(sockets, Duration::from_secs(1))) {
+        Ok(()) => Some(prober),
+        Err(e) => {
+            tracing::warn!(error = %e, "peer probes unavailable: a peer is present while its registration lives");
+            None
+        }
+    };
+    let verdicts: crate::state::liveness::Verdicts = match prober.clone() {
+        Some(p) => Arc::new(move |id: &str| p.path(id)),
+        None => Arc::new(|_: &str| crate::model::liveness::Path::Unprobed),
+    };
+    let present = crate::state::liveness::Present::new(informer.clone(), &host, verdicts);
+    let reconciler = Arc::new(Reconciler::new(dataplane.clone(), present.clone(), identity));
 
     // Adopt what the kernel has before serving anything.
     match reconciler.pass().await {
@@ -135,19 +150,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = bind_api(&cfg.socket)?;
 
     let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
-    // Probes of every peer's tunnel endpoint, once a second.
-    let prober = Arc::new(crate::telemetry::probe::Prober::default());
-    let started = dataplane.probe_sockets().and_then(|sockets| prober.start(sockets, Duration::from_secs(1)));
-    let prober = match started {
-        Ok(()) => {
-            tasks.spawn(tasks::probe_peers(prober.clone(), informer.clone(), host.clone()));
-            Some(prober)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "peer probes unavailable");
-            None
-        }
-    };
+    if let Some(p) = &prober {
+        tasks.spawn(tasks::probe_peers(
+            p.clone(),
+            informer.clone(),
+            present.clone(),
+            reconciler.clone(),
+            cluster.clone(),
+            dataplane.clone(),
+        ));
+    }
     let app = Arc::new(App {
         cluster: cluster.clone(),
         reconciler: reconciler.clone(),
@@ -183,9 +195,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let listeners = trellis_dns::Listeners::new(core.clone(), cfg.dns_port);
         tracing::info!(port = cfg.dns_port, upstreams = ?cfg.dns_upstream.servers, "DNS on every network's gateway");
         let kernel = dns_kernel.then(|| dataplane.clone());
-        tasks.spawn(crate::dns::run(informer.clone(), core.clone(), listeners, kernel));
+        tasks.spawn(crate::dns::run(informer.clone(), Some(present.clone()), core.clone(), listeners, kernel));
     }
 
+    let xfrm_seen = crate::telemetry::metrics::XfrmSeen::default();
     if let Some(addr) = cfg.metrics_addr {
         let collector = crate::telemetry::metrics::AgentCollector {
             reconciler: reconciler.clone(),
@@ -194,6 +207,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             snapshot: Default::default(),
             prober: prober.clone(),
             esp_seq_threshold: cfg.esp_seq_threshold,
+            xfrm: xfrm_seen.clone(),
         };
         start_metrics(
             addr,
@@ -209,13 +223,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let every = cfg.resync_interval;
     tasks.spawn(tasks::resync(reconciler.clone(), cluster.clone(), dataplane.clone(), every));
-    tasks.spawn(tasks::reclaim_dead_hosts(cluster.clone(), informer.clone(), cfg.reclaim_grace, every));
+    tasks.spawn(tasks::reclaim_dead_hosts(cluster.clone(), informer.clone(), present, cfg.reclaim_grace, every));
     tasks.spawn(tasks::rotate_keys(
         cluster.clone(),
         informer.clone(),
         dataplane.clone(),
         cfg.key_rotation,
         cfg.esp_seq_threshold,
+        xfrm_seen,
     ));
     tasks.spawn(tasks::finish_drains(cluster.clone(), informer.clone(), app.drains.clone(), every));
     tasks.spawn(tasks::follow_store(reconciler, informer, cluster, dataplane));

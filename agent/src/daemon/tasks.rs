@@ -13,6 +13,7 @@ use crate::model;
 use crate::reconcile::Reconciler;
 use crate::state::Cluster;
 use crate::state::informer::Informer;
+use crate::state::liveness::Present;
 use crate::telemetry::probe::Prober;
 
 /// Monitor events cost the datapath a wakeup of this process each: on
@@ -29,15 +30,39 @@ pub async fn events_off_when_unwatched(tx: broadcast::Sender<trellis_ebpf::FlowE
     }
 }
 
-/// The prober follows the live hosts (every peer but this one).
-pub async fn probe_peers(prober: Arc<Prober>, informer: Arc<Informer>, me: String) {
+/// The prober follows the present hosts (every peer but this one: the
+/// live ones, and those kept while they answer), and a kept host whose
+/// probes stop answering (or that registers again) triggers a pass.
+pub async fn probe_peers(
+    prober: Arc<Prober>,
+    informer: Arc<Informer>,
+    present: Arc<Present>,
+    reconciler: Arc<Reconciler>,
+    cluster: Arc<Cluster>,
+    dp: Arc<dyn Dataplane>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
         let v = informer.view();
+        // The verdicts first, then the peers: a host that just lost its
+        // registration keeps its probe history.
+        let (hosts, changed) = present.hosts(&v.hosts);
         prober.set_peers(
-            v.hosts.iter().filter(|h| h.id != me).map(|h| (h.id.clone(), h.underlay, Some(h.vtep_mac))).collect(),
+            hosts
+                .iter()
+                .filter(|h| h.id != cluster.host)
+                .map(|h| (h.id.clone(), h.underlay, Some(h.vtep_mac)))
+                .collect(),
         );
+        if changed {
+            match reconciler.pass().await {
+                Ok(r) => {
+                    settle(&cluster, dp.as_ref(), &r).await;
+                }
+                Err(e) => tracing::warn!(error = %e, "reconcile after a peer's liveness changed failed"),
+            }
+        }
     }
 }
 
@@ -111,7 +136,16 @@ pub const BLOCKS_EVERY: Duration = Duration::from_secs(30);
 /// Dead hosts' addresses, blocks and endpoints are reclaimed once their
 /// lease has expired and a grace period passed (any agent may do it; the
 /// transaction holds only while the host is still absent).
-pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, informer: Arc<Informer>, grace: Duration, every: Duration) {
+///
+/// A host this agent still reaches ([`Present::is_kept`]: its lease went,
+/// its probes answer) is not dead: its grace starts when they stop.
+pub async fn reclaim_dead_hosts(
+    cluster: Arc<Cluster>,
+    informer: Arc<Informer>,
+    present: Arc<Present>,
+    grace: Duration,
+    every: Duration,
+) {
     let mut dead_since: HashMap<String, Instant> = HashMap::new();
     let mut tick = tokio::time::interval(every);
     // Endpoints' owners come from the informer on every tick; the IPAM's
@@ -131,7 +165,8 @@ pub async fn reclaim_dead_hosts(cluster: Arc<Cluster>, informer: Arc<Informer>, 
                 Err(e) => tracing::debug!(error = %e, "listing the IPAM's blocks"),
             }
         }
-        let absent = crate::state::absent_owners(&view, &block_owners, &cluster.host);
+        let mut absent = crate::state::absent_owners(&view, &block_owners, &cluster.host);
+        absent.retain(|h| !present.is_kept(h));
         let now = Instant::now();
         dead_since.retain(|h, _| absent.contains(h));
         for h in absent {
@@ -201,6 +236,7 @@ pub async fn rotate_keys(
     dp: Arc<dyn Dataplane>,
     policy: trellis_ipsec::Policy,
     threshold: u64,
+    xfrm_seen: crate::telemetry::metrics::XfrmSeen,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,7 +248,11 @@ pub async fn rotate_keys(
         }
         let dp = dp.clone();
         let exhausted = match tokio::task::spawn_blocking(move || dp.observe_xfrm()).await {
-            Ok(Ok(x)) => crate::state::encryption::exhausted_networks(&nets, &x, threshold),
+            Ok(Ok(x)) => {
+                let exhausted = crate::state::encryption::exhausted_networks(&nets, &x, threshold);
+                *xfrm_seen.write().unwrap_or_else(|p| p.into_inner()) = Some(x);
+                exhausted
+            }
             _ => Default::default(),
         };
         match cluster.drive_rotations(&policy, &exhausted).await {

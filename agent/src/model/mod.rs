@@ -11,6 +11,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub mod keys;
+pub mod liveness;
 pub mod mac;
 pub mod names;
 pub mod table;

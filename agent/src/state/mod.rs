@@ -10,6 +10,7 @@ pub mod docker;
 pub mod encryption;
 pub mod hosts;
 pub mod informer;
+pub mod liveness;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -1132,5 +1133,76 @@ mod tests {
         // Removed: gone from the list.
         c.remove_endpoint(&now.iter().find(|e| e.id == "a").unwrap().clone()).await.unwrap();
         assert_eq!(c.all_endpoints().await.unwrap().len(), 1);
+    }
+
+    fn endpoint(id: &str) -> NewEndpoint {
+        NewEndpoint {
+            id: id.into(),
+            network: "app".into(),
+            name: Some(id.into()),
+            ip: None,
+            labels: BTreeMap::new(),
+            netns: "/run/netns/x".into(),
+            managed_netns: false,
+            ifname: "eth0".into(),
+            kind: EndpointKind::Adhoc,
+            container_id: String::new(),
+            reserved: false,
+        }
+    }
+
+    async fn register(store: &Arc<dyn Store>, id: &str) {
+        let rec = model::HostRecord {
+            id: id.into(),
+            hostname: id.into(),
+            underlay: [10, 0, 0, 2].into(),
+            vtep_mac: model::Mac([2, 0, 0, 0, 0, 2]),
+            vxlan_port: 4789,
+            capabilities: Default::default(),
+            version: "t".into(),
+            started_unix: 0,
+        };
+        crate::state::hosts::register(store.as_ref(), &rec, std::time::Duration::from_secs(60)).await.unwrap();
+    }
+
+    /// Fencing, both orders of a returning host and a reclaim of it: back
+    /// first, the reclaim takes nothing; reclaimed first, the host's
+    /// endpoints and addresses are gone, and what it still caches of its
+    /// old block hands out no address another host took meanwhile.
+    #[tokio::test]
+    async fn a_returning_host_and_a_reclaim_of_it_never_share_an_address() {
+        let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
+        let h1 = Cluster::new(store.clone(), "h1", "10.0.0.0/8".parse().unwrap(), 24);
+        let h2 = Cluster::new(store.clone(), "h2", "10.0.0.0/8".parse().unwrap(), 24);
+        let new = NewNetwork {
+            name: "app".into(),
+            subnet: Some("10.9.0.0/24".parse().unwrap()),
+            attachable: true,
+            ..NewNetwork::default()
+        };
+        h1.create_network(new, &[], 1500).await.unwrap();
+        // h2 attached, then lost its lease (no host record).
+        let e = h2.create_endpoint(endpoint("e")).await.unwrap();
+        // Back before the reclaim: the reclaim takes nothing.
+        register(&store, "h2").await;
+        assert_eq!(h1.reclaim_host("h2").await.unwrap(), 0);
+        assert!(h1.endpoint_record(&e.id).await.unwrap().is_some());
+        let net = h1.network("app").await.unwrap();
+        assert!(h1.ipam.addresses(&net.id).await.unwrap().iter().any(|(ip, r)| *ip == e.ip && r.host == "h2"));
+        // Its lease goes again, and this time the reclaim is first.
+        store.delete(&model::host_key("h2")).await.unwrap();
+        assert_eq!(h1.reclaim_host("h2").await.unwrap(), 1);
+        assert!(h1.endpoint_record(&e.id).await.unwrap().is_none());
+        // h1 takes h2's old address; h2, back with its stale cache,
+        // attaches again and gets another one.
+        let mut taker = endpoint("taker");
+        taker.ip = Some(e.ip);
+        assert_eq!(h1.create_endpoint(taker).await.unwrap().ip, e.ip);
+        register(&store, "h2").await;
+        let again = h2.create_endpoint(endpoint("again")).await.unwrap();
+        assert_ne!(again.ip, e.ip);
+        let owners: Vec<_> = h1.ipam.addresses(&net.id).await.unwrap();
+        let of = |ip| owners.iter().filter(|(a, _)| *a == ip).count();
+        assert_eq!((of(e.ip), of(again.ip)), (1, 1));
     }
 }

@@ -152,7 +152,14 @@ pub struct AgentCollector {
     pub prober: Option<Arc<crate::telemetry::probe::Prober>>,
     /// Packets an outbound SA may send before its network's key rotates.
     pub esp_seq_threshold: u64,
+    /// The SAs as last read back from the kernel (by the key rotation's
+    /// loop, twice a second while an encrypted network exists): fresher
+    /// than the reconciler's full passes, which a slow host spaces out.
+    pub xfrm: XfrmSeen,
 }
+
+/// The kernel's SAs and policies as last read, shared.
+pub type XfrmSeen = Arc<RwLock<Option<trellis_ipsec::ObservedXfrm>>>;
 
 impl std::fmt::Debug for AgentCollector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -314,7 +321,8 @@ impl AgentCollector {
                 ConstGauge::new(*epoch as i64).encode(m.encode_family(&[("network", net.as_str())])?)?;
             }
             let want = self.reconciler.last_desired();
-            let seen = self.reconciler.seen();
+            let read = self.xfrm.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let xfrm = read.unwrap_or_else(|| self.reconciler.seen().xfrm);
             let me = want.xfrm.sas.values().find(|sa| sa.dir == trellis_ipsec::Dir::Out).map(|sa| sa.src);
             let mut m = enc.encode_descriptor(
                 "trellis_esp_sas",
@@ -324,7 +332,7 @@ impl AgentCollector {
             )?;
             for (net, port, _) in &snap.keys {
                 let reqid = trellis_ipsec::xfrm::reqid(*port);
-                let ours: Vec<_> = seen.xfrm.sas.values().filter(|sa| sa.reqid == reqid).collect();
+                let ours: Vec<_> = xfrm.sas.values().filter(|sa| sa.reqid == reqid).collect();
                 let out = ours.iter().filter(|sa| Some(sa.src) == me).count() as i64;
                 ConstGauge::new(out).encode(m.encode_family(&[("network", net.as_str()), ("direction", "out")])?)?;
                 let inb = ours.len() as i64 - out;
@@ -338,7 +346,7 @@ impl AgentCollector {
             )?;
             for (net, port, _) in &snap.keys {
                 let reqid = trellis_ipsec::xfrm::reqid(*port);
-                let used = seen.xfrm.sas.values().filter(|sa| sa.reqid == reqid).map(|sa| sa.oseq).max().unwrap_or(0);
+                let used = xfrm.sas.values().filter(|sa| sa.reqid == reqid).map(|sa| sa.oseq).max().unwrap_or(0);
                 let left = self.esp_seq_threshold.saturating_sub(used).min(i64::MAX as u64) as i64;
                 ConstGauge::new(left).encode(m.encode_family(&[("network", net.as_str())])?)?;
             }

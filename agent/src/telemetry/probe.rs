@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use crate::dataplane::ProbeSockets;
+use crate::model::liveness::Path;
 
 /// What is known of one peer.
 #[derive(Clone, Debug, Default)]
@@ -53,6 +54,18 @@ impl PeerHealth {
 
     pub fn tunnel_down(&self, n: u32) -> bool {
         self.tunnel.sent > 0 && self.tunnel.missed >= n
+    }
+
+    /// The verdict the data path's liveness takes
+    /// ([`crate::model::liveness`]).
+    pub fn path(&self) -> Path {
+        if self.sent == 0 {
+            Path::Unprobed
+        } else if self.unreachable(MISSED_FOR_DOWN) {
+            Path::Silent
+        } else {
+            Path::Answering
+        }
     }
 }
 
@@ -94,6 +107,11 @@ impl Prober {
 
     pub fn health(&self, id: &str) -> Option<PeerHealth> {
         self.health.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// What the probes say of `id` (unprobed if it is not a peer).
+    pub fn path(&self, id: &str) -> Path {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).get(id).map_or(Path::Unprobed, PeerHealth::path)
     }
 
     /// Probe every `every`, forever, on a thread of its own (the sockets
@@ -267,10 +285,16 @@ mod tests {
     fn a_peer_is_down_after_missed_probes_only() {
         let mut h = PeerHealth::default();
         assert!(!h.unreachable(MISSED_FOR_DOWN), "never probed is not down");
+        assert_eq!(h.path(), Path::Unprobed);
         h.sent = 2;
         h.missed = 1;
         assert!(!h.unreachable(MISSED_FOR_DOWN));
+        assert_eq!(h.path(), Path::Answering, "one missed probe is not silence");
         h.missed = 2;
         assert!(h.unreachable(MISSED_FOR_DOWN));
+        assert_eq!(h.path(), Path::Silent);
+        h.missed = 0;
+        h.tunnel = TunnelHealth { sent: 2, answered: 0, missed: 2, rtt: None };
+        assert_eq!(h.path(), Path::Silent, "the tunnel silent is silent");
     }
 }
