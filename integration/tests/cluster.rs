@@ -618,3 +618,47 @@ fn a_host_cut_off_from_etcd_alone_keeps_its_data_path() {
     assert_eq!(veth(h2), veth_before, "host 2 re-made its endpoint's device");
     assert!(ping(&netns_of(&b), &ip_of(&a), 1) && ping(&netns_of(&a), &ip_of(&b), 1));
 }
+
+/// The advertise address is never a guess: with several candidates and no
+/// `--advertise-addr` the agent refuses to start and lists them (and
+/// starts with the flag); a host advertising an address another live host
+/// already does (two hosts behind one NAT) is refused.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn the_advertise_address_is_never_a_guess() {
+    require_root();
+    let mut h = trellis_integration::Host::bare().unwrap();
+    let (a, b) = (trellis_integration::unique("tm"), trellis_integration::unique("tm"));
+    trellis_integration::ip(&[
+        "link", "add", &a, "netns", &h.ns.name, "type", "veth", "peer", "name", &b, "netns", &h.ns.name,
+    ])
+    .unwrap();
+    for addr in ["198.18.5.2/24", "198.18.5.3/24"] {
+        h.ns.ip(&["addr", "add", addr, "dev", &a]).unwrap();
+    }
+    h.ns.ip(&["link", "set", &a, "up"]).unwrap();
+    h.ns.ip(&["link", "set", &b, "up"]).unwrap();
+    h.ns.ip(&["route", "add", "default", "via", "198.18.5.1"]).unwrap();
+    let err = h.start().unwrap_err().to_string();
+    for part in [format!("198.18.5.2 on {a}"), format!("198.18.5.3 on {a}"), "--advertise-addr".to_string()] {
+        assert!(err.contains(&part), "{part:?} not in: {err}");
+    }
+    h.extra_args = vec!["--advertise-addr".into(), "198.18.5.3".into()];
+    h.start().unwrap();
+    let hosts = h.ctl_json(&["host", "ls"]).unwrap();
+    assert_eq!(hosts[0]["underlay"], "198.18.5.3", "{hosts}");
+
+    // Host 2 says it is host 1's address: refused, after waiting out one
+    // lease TTL (the record might have been its own).
+    let one = trellis_integration::underlay_ip(1);
+    let lab =
+        Lab::with_host_args(2, 3000, |i| if i == 1 { vec!["--advertise-addr".into(), one.clone()] } else { vec![] });
+    let err = match lab {
+        Ok(_) => panic!("a host advertising another live host's address started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("host \"host1\"") && err.contains(&format!("already advertises {one}")) && err.contains("NAT"),
+        "{err}"
+    );
+}

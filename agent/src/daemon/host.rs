@@ -2,6 +2,7 @@
 //! can do, and namespaces left by attaches that died half-way.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -9,6 +10,7 @@ use trellis_store::{EtcdConfig, EtcdStore, LocalStore, Store};
 
 use crate::daemon::config::{Config, StoreSpec};
 use crate::dataplane::Dataplane;
+use crate::model::HostRecord;
 use crate::state::Cluster;
 
 pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
@@ -67,8 +69,80 @@ pub async fn remove_orphan_namespaces(cluster: &Cluster, dp: &dyn Dataplane, dir
     }
 }
 
+/// The address to advertise to the peers when none was given: the one
+/// address of the preferred default route's interfaces (link-local ones do
+/// not count). None without a default route (a lone host); several is a
+/// guess this agent will not make (Docker's swarm refuses the same way).
+pub fn choose_advertise_addr(candidates: &[(String, IpAddr)]) -> Result<Option<IpAddr>, String> {
+    let usable: Vec<&(String, IpAddr)> = candidates
+        .iter()
+        .filter(|(_, ip)| match ip {
+            IpAddr::V4(v4) => !v4.is_link_local() && !v4.is_loopback() && !v4.is_unspecified(),
+            IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect();
+    match usable.as_slice() {
+        [] => Ok(None),
+        [(_, ip)] => Ok(Some(*ip)),
+        many => {
+            let listed: Vec<String> = many.iter().map(|(name, ip)| format!("{ip} on {name}")).collect();
+            Err(format!(
+                "this host has several addresses it could advertise to its peers ({}): choose one with --advertise-addr (or advertise_addr in the configuration file)",
+                listed.join(", ")
+            ))
+        }
+    }
+}
+
+/// A live host other than `me` that advertises `me`'s address: hosts
+/// behind one NAT address cannot be told apart by their peers (their
+/// tunnels would go to one of them).
+pub fn sharing_underlay<'a>(live: &'a [HostRecord], me: &HostRecord) -> Option<&'a HostRecord> {
+    if me.underlay.is_unspecified() {
+        return None;
+    }
+    live.iter().find(|h| h.id != me.id && h.underlay == me.underlay)
+}
+
+/// Refuse to start while another live host advertises this host's
+/// address. Its record is waited out for one lease TTL first (it may be
+/// this machine's own under an earlier host id: its state directory was
+/// wiped), progress said; a store that cannot be read is not waited for.
+pub async fn refuse_shared_underlay(
+    store: &dyn Store,
+    me: &HostRecord,
+    ttl: std::time::Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + ttl + std::time::Duration::from_secs(1);
+    let mut said = false;
+    loop {
+        let live = match tokio::time::timeout(std::time::Duration::from_secs(5), crate::state::hosts::live_hosts(store))
+            .await
+        {
+            Ok(Ok(l)) => l,
+            _ => return Ok(()),
+        };
+        let Some(other) = sharing_underlay(&live, me) else { return Ok(()) };
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "host {:?} ({}) already advertises {} to the cluster: hosts that share one address (behind one NAT) cannot be told apart by their peers; give each host an address its peers reach it at with --advertise-addr",
+                other.id,
+                other.hostname,
+                me.underlay
+            );
+        }
+        if !said {
+            tracing::warn!(other = %other.id, address = %me.underlay, wait_s = ttl.as_secs(), "another live host advertises this host's address; waiting one lease TTL in case it is this machine's earlier registration");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use crate::model::HostRecord;
+
     #[test]
     fn tcx_comes_with_linux_6_6() {
         for (release, tcx) in
@@ -76,5 +150,43 @@ mod tests {
         {
             assert_eq!(super::tcx_kernel(release), tcx, "{release}");
         }
+    }
+
+    #[test]
+    fn the_advertise_address_is_never_a_guess() {
+        use super::choose_advertise_addr as choose;
+        let c = |v: &[(&str, &str)]| -> Vec<(String, std::net::IpAddr)> {
+            v.iter().map(|(n, ip)| (n.to_string(), ip.parse().unwrap())).collect()
+        };
+        assert_eq!(choose(&[]), Ok(None), "no default route: a lone host");
+        assert_eq!(choose(&c(&[("eth0", "10.0.0.5")])), Ok(Some("10.0.0.5".parse().unwrap())));
+        assert_eq!(
+            choose(&c(&[("eth0", "10.0.0.5"), ("eth0", "169.254.3.4")])),
+            Ok(Some("10.0.0.5".parse().unwrap())),
+            "link-local addresses are no candidates"
+        );
+        let err = choose(&c(&[("eth0", "10.0.0.5"), ("eth0", "10.0.0.6"), ("eth1", "192.168.7.2")])).unwrap_err();
+        for part in ["10.0.0.5 on eth0", "10.0.0.6 on eth0", "192.168.7.2 on eth1", "--advertise-addr"] {
+            assert!(err.contains(part), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_live_host_with_this_hosts_address_is_found() {
+        let rec = |id: &str, ip: &str| HostRecord {
+            id: id.into(),
+            hostname: id.into(),
+            underlay: ip.parse().unwrap(),
+            vtep_mac: crate::model::Mac([2, 0, 0, 0, 0, 1]),
+            vxlan_port: 4789,
+            capabilities: Default::default(),
+            version: "t".into(),
+            started_unix: 0,
+        };
+        let live = vec![rec("a", "10.0.0.1"), rec("b", "10.0.0.2"), rec("z", "0.0.0.0")];
+        assert_eq!(super::sharing_underlay(&live, &rec("c", "10.0.0.2")).map(|h| h.id.as_str()), Some("b"));
+        assert!(super::sharing_underlay(&live, &rec("b", "10.0.0.2")).is_none(), "its own record is no other");
+        assert!(super::sharing_underlay(&live, &rec("c", "10.0.0.3")).is_none());
+        assert!(super::sharing_underlay(&live, &rec("y", "0.0.0.0")).is_none(), "no address: nothing to share");
     }
 }

@@ -25,7 +25,9 @@ use trellis_store::Store;
 use crate::api::grpc::AgentService;
 use crate::app::App;
 use crate::daemon::config::Config;
-use crate::daemon::host::{capabilities, open_store, remove_orphan_namespaces};
+use crate::daemon::host::{
+    capabilities, choose_advertise_addr, open_store, refuse_shared_underlay, remove_orphan_namespaces,
+};
 use crate::dataplane::Dataplane;
 pub use crate::dataplane::HOST_LIMITS;
 use crate::dataplane::linux::NetlinkDataplane;
@@ -68,7 +70,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {
         Some(a) => Some(a),
-        None => dataplane.underlay_addr().await.context("finding the underlay address")?,
+        None => {
+            let candidates = dataplane.underlay_candidates().await.context("finding the underlay address")?;
+            choose_advertise_addr(&candidates).map_err(anyhow::Error::msg)?
+        }
     };
     let vtep_mac = crate::state::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
     let uplink = match underlay {
@@ -103,6 +108,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_unix: model::now_unix(),
     };
+    refuse_shared_underlay(store.as_ref(), &record, cfg.lease_ttl).await?;
     let lease = match crate::state::hosts::register_under(store.as_ref(), &record, cfg.lease_ttl, previous_lease).await
     {
         Ok(l) => {

@@ -192,8 +192,8 @@ impl Dataplane for FakeDataplane {
         Ok(1500)
     }
 
-    async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
-        Ok(None)
+    async fn underlay_candidates(&self) -> Result<Vec<(String, IpAddr)>> {
+        Ok(Vec::new())
     }
 
     async fn link_with_addr(&self, _addr: IpAddr) -> Result<Option<String>> {

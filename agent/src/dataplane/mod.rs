@@ -100,8 +100,10 @@ pub trait Dataplane: Send + Sync + 'static {
     async fn host_routes(&self) -> Result<Vec<IpNet>>;
     /// MTU of the interface of the default route (1500 without one).
     async fn underlay_mtu(&self) -> Result<u32>;
-    /// The first IPv4 address of the default route's interface.
-    async fn underlay_addr(&self) -> Result<Option<IpAddr>>;
+    /// The addresses this host could advertise to its peers: every IPv4
+    /// address of the interfaces of its preferred default route, with the
+    /// interface's name.
+    async fn underlay_candidates(&self) -> Result<Vec<(String, IpAddr)>>;
     /// The interface that has `addr` (the uplink of the underlay address).
     async fn link_with_addr(&self, addr: IpAddr) -> Result<Option<String>>;
     /// The sockets the peer probes use.

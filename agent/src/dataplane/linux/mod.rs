@@ -359,8 +359,8 @@ impl Dataplane for NetlinkDataplane {
         self.default_route_mtu().await
     }
 
-    async fn underlay_addr(&self) -> Result<Option<IpAddr>> {
-        self.default_route_addr().await
+    async fn underlay_candidates(&self) -> Result<Vec<(String, IpAddr)>> {
+        self.default_route_addrs().await
     }
 
     async fn link_with_addr(&self, addr: IpAddr) -> Result<Option<String>> {

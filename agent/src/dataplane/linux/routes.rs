@@ -50,22 +50,66 @@ impl NetlinkDataplane {
         Ok(self.links().await?.iter().find(|l| l.index == oif).map(|l| l.mtu).unwrap_or(1500))
     }
 
-    /// The first IPv4 address of the default route's interface.
-    pub(super) async fn default_route_addr(&self) -> Result<Option<IpAddr>> {
-        let default_oif = self.default_oif().await?;
-        let Some(oif) = default_oif else { return Ok(None) };
+    /// Every IPv4 address of the interfaces the main table's preferred
+    /// default route leaves by (the lowest metric; every next hop of a
+    /// multipath one), with its interface's name: the addresses this host
+    /// could advertise to its peers.
+    pub(super) async fn default_route_addrs(&self) -> Result<Vec<(String, IpAddr)>> {
+        let defaults: Vec<(u32, Vec<u32>)> = self
+            .routes()
+            .await?
+            .iter()
+            .filter(|r| route_table(r) == MAIN_TABLE && r.header.destination_prefix_length == 0)
+            .map(|r| {
+                let metric = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Priority(p) => Some(*p),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                let mut oifs: Vec<u32> = route_oif(r).into_iter().collect();
+                for a in &r.attributes {
+                    if let RouteAttribute::MultiPath(hops) = a {
+                        oifs.extend(hops.iter().map(|h| h.interface_index));
+                    }
+                }
+                (metric, oifs)
+            })
+            .collect();
+        let Some(best) = defaults.iter().map(|(m, _)| *m).min() else { return Ok(Vec::new()) };
+        let mut oifs: Vec<u32> = defaults.into_iter().filter(|(m, _)| *m == best).flat_map(|(_, o)| o).collect();
+        oifs.sort_unstable();
+        oifs.dedup();
+        let mut out = Vec::new();
         let _dump = self.dump.lock().await;
-        let mut request = self.handle.address().get().set_link_index_filter(oif);
+        let mut request = self.handle.address().get();
         request.message_mut().header.family = AddressFamily::Inet;
         let mut stream = request.execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("get underlay address", "default route"))? {
-            for a in &msg.attributes {
-                if let AddressAttribute::Address(ip) = a {
-                    return Ok(Some(*ip));
-                }
+        while let Some(msg) = stream.try_next().await.map_err(nl("get underlay addresses", "default route"))? {
+            if !oifs.contains(&msg.header.index) {
+                continue;
+            }
+            // The local address (on a point-to-point link `Address` is the peer's).
+            let local = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = local.or_else(|| {
+                msg.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(ip) = addr {
+                let name = nix::net::if_::if_indextoname(msg.header.index)
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| format!("if{}", msg.header.index));
+                out.push((name, ip));
             }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// The name of the interface that has `addr`, if any.
