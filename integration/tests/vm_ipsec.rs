@@ -58,6 +58,24 @@ fn encrypted_networks_carry_only_esp_rotate_without_loss_and_fail_closed() {
     assert_eq!(get("epochs"), "[2]");
     assert_eq!(get("spis_kept"), "0", "every SA was replaced");
 
+    // etcd read directly holds no key: every ring is sealed (under the
+    // cluster key both hosts hold, named by its id only).
+    let rings = std::fs::read_to_string(out.join("etcd-netkeys.txt")).unwrap_or_default();
+    let rings: Vec<serde_json::Value> =
+        rings.lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rings.len(), 1, "one encrypted network, one ring: {rings:?}");
+    let hosts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("hosts.json")).unwrap_or_default()).unwrap();
+    for ring in &rings {
+        let mut fields: Vec<&str> = ring.as_object().unwrap().keys().map(String::as_str).collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["data", "nonce", "sealed"], "{ring}");
+        let id = ring["sealed"].as_str().unwrap();
+        for h in hosts.as_array().unwrap() {
+            assert_eq!(h["capabilities"][format!("cluster_key:{id}")], true, "{h}");
+        }
+    }
+
     // The metrics show the key epoch in use, the SAs and the headroom left
     // before the sequence-number trigger (default 2^40 packets).
     let metrics = std::fs::read_to_string(out.join("metrics-g2.txt")).unwrap_or_default();

@@ -55,9 +55,14 @@ wait_until 120 bash -c "echo > /dev/tcp/$ETCD/2379" || { say "etcd unreachable";
 # over 9p), longer than the default 10 s, and the peer dropped the host
 # (the lab test `a_converged_cluster_changes_nothing_and_a_slow_restart_moves_nothing`
 # covers the lease kept across a restart).
+# Both guests hold the same cluster key (root-only file): the rings in etcd
+# are sealed under it.
+printf '# the test cluster key\n%s\n' "trellis-vm-test-cluster-key-0123456789abcdef" > /run/trellis/cluster.key
+chmod 600 /run/trellis/cluster.key
 start_agent() {
   TRELLIS_LOG=info,trellis_agent=debug "$BIN/trellisd" --store "etcd://$ETCD:2379" --host-id "g$IDX" \
     --state-dir /run/trellis/state --run-dir /run/trellis --advertise-addr "$ME" --no-docker-plugin \
+    --cluster-key-file /run/trellis/cluster.key \
     --metrics-addr 127.0.0.1:9473 --resync-interval-ms 1000 --lease-ttl-ms 30000 >> "$OUT/trellisd-g$IDX.log" 2>&1 &
   AGENT=$!
 }
@@ -143,6 +148,12 @@ result tx_epoch "$(ctl network inspect sec | jq -r .key.tx_epoch)"
 result epochs "$(ctl network inspect sec | jq -c .key.epochs)"
 ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort -u > /tmp/spis-after
 result spis_kept "$(comm -12 /tmp/spis-before /tmp/spis-after | wc -l)"
+# What etcd holds of the key rings, read from etcd directly (its JSON
+# gateway): each value decoded, one per line.
+curl -s -X POST "http://$ETCD:2379/v3/kv/range" \
+  -d "{\"key\":\"$(printf /trellis/v1/netkeys/ | base64)\",\"range_end\":\"$(printf /trellis/v1/netkeys0 | base64)\"}" \
+  | jq -r '.kvs[]?.value' | while read -r v; do echo "$v" | base64 -d; echo; done > "$OUT/etcd-netkeys.txt"
+ctl host ls --json > "$OUT/hosts.json"
 result spis_after "$(wc -l < /tmp/spis-after)"
 # The metrics read the SAs back (key epoch, SAs, headroom) as the key
 # rotation's loop last read them (twice a second; not the reconciler's full

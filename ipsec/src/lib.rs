@@ -5,8 +5,10 @@
 
 pub mod keys;
 pub mod rotation;
+pub mod sealed;
 pub mod xfrm;
 
 pub use keys::{SaMaterial, Secret};
 pub use rotation::{Ack, KeyRing, Policy, Reason, Step, Triggers};
+pub use sealed::{ClusterKeys, SealError};
 pub use xfrm::{Dir, EncryptedNet, ObservedXfrm, PolicyId, SaId, SaSpec, XfrmDiff, XfrmOp, XfrmState};

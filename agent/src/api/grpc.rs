@@ -407,6 +407,19 @@ impl proto::agent_server::Agent for AgentService {
         Ok(Response::new(view_to_proto(&self.app.network(&request.into_inner().name).await?)))
     }
 
+    async fn rotate_cluster_key(
+        &self,
+        _: Request<proto::RotateClusterKeyRequest>,
+    ) -> Result<Response<proto::RotateClusterKeyResponse>, Status> {
+        let (resealed, already) = self.app.cluster.reseal_key_rings().await?;
+        let key_id = self.app.cluster.codec.keys().map(|k| k.current().to_string()).unwrap_or_default();
+        Ok(Response::new(proto::RotateClusterKeyResponse {
+            key_id,
+            resealed: resealed as u32,
+            already: already as u32,
+        }))
+    }
+
     async fn rotate_key(&self, request: Request<proto::NetworkRef>) -> Result<Response<proto::Network>, Status> {
         Ok(Response::new(view_to_proto(&self.app.rotate_key(&request.into_inner().name).await?)))
     }

@@ -41,6 +41,7 @@ pub struct FileConfig {
     pub esp_seq_threshold: Option<u64>,
     pub dns_kernel: Option<bool>,
     pub drain_ms: Option<u64>,
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -157,6 +158,13 @@ pub struct Overrides {
     /// once). The detach itself does not wait. Default 3000.
     #[arg(long, env = "TRELLIS_DRAIN_MS")]
     pub drain_ms: Option<u64>,
+    /// The cluster key file (root only, mode 0600 or stricter): one secret
+    /// per line, at least 32 characters (`openssl rand -hex 32`), the same
+    /// on every host; the first seals encrypted networks' key rings in the
+    /// store, every line opens them. Without it this host carries no
+    /// encrypted network.
+    #[arg(long, env = "TRELLIS_CLUSTER_KEY_FILE")]
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -198,6 +206,8 @@ pub struct Config {
     pub dns_kernel: bool,
     /// How long a detached backend drains (zero: none).
     pub drain: Duration,
+    /// Where the cluster keys are (none: no encrypted networks here).
+    pub cluster_key_file: Option<PathBuf>,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
@@ -303,6 +313,7 @@ impl Config {
             esp_seq_threshold: o.esp_seq_threshold.or(f.esp_seq_threshold).unwrap_or(1 << 40).max(1),
             dns_kernel: o.dns_kernel.or(f.dns_kernel).unwrap_or(true),
             drain: Duration::from_millis(o.drain_ms.or(f.drain_ms).unwrap_or(DEFAULT_DRAIN_MS)),
+            cluster_key_file: o.cluster_key_file.clone().or(f.cluster_key_file),
             ebpf_attach: match o.ebpf_attach.clone().or(f.ebpf_attach).as_deref() {
                 Some("auto") | Some("tcx") => trellis_ebpf::AttachMode::Auto,
                 None | Some("clsact") => trellis_ebpf::AttachMode::Clsact,

@@ -69,6 +69,31 @@ pub async fn remove_orphan_namespaces(cluster: &Cluster, dp: &dyn Dataplane, dir
     }
 }
 
+/// The cluster keys in `path`: a file root owns and only root may read
+/// (anything laxer is refused, saying so: the file is what keeps the
+/// store's key rings secret).
+pub fn read_cluster_keys(path: &std::path::Path) -> anyhow::Result<trellis_ipsec::ClusterKeys> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading the cluster key file {}", path.display()))?;
+    if meta.uid() != 0 {
+        anyhow::bail!(
+            "the cluster key file {} is owned by uid {}, not root: chown root it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "the cluster key file {} may be read by others than root (mode {:o}): chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        );
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading the cluster key file {}", path.display()))?;
+    trellis_ipsec::ClusterKeys::parse(&text).with_context(|| format!("the cluster key file {}", path.display()))
+}
+
 /// The address to advertise to the peers when none was given: the one
 /// address of the preferred default route's interfaces (link-local ones do
 /// not count). None without a default route (a lone host); several is a

@@ -26,7 +26,8 @@ use crate::api::grpc::AgentService;
 use crate::app::App;
 use crate::daemon::config::Config;
 use crate::daemon::host::{
-    capabilities, choose_advertise_addr, open_store, refuse_shared_underlay, remove_orphan_namespaces,
+    capabilities, choose_advertise_addr, open_store, read_cluster_keys, refuse_shared_underlay,
+    remove_orphan_namespaces,
 };
 use crate::dataplane::Dataplane;
 pub use crate::dataplane::HOST_LIMITS;
@@ -42,6 +43,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         bail!("trellisd must run as root: it creates network devices and namespaces");
     }
     let host = prepare_dirs(&cfg)?;
+    // Encrypted networks' key rings are sealed under the cluster keys.
+    let cluster_keys = match &cfg.cluster_key_file {
+        Some(path) => Some(read_cluster_keys(path)?),
+        None => {
+            tracing::info!("no --cluster-key-file: encrypted networks are refused on this host");
+            None
+        }
+    };
+    let codec = crate::state::encryption::RingCodec::new(cluster_keys.clone());
     let store_metrics = crate::telemetry::metrics::StoreMetrics::default();
     let metered: Arc<dyn Store> =
         Arc::new(crate::telemetry::metrics::MeteredStore::new(open_store(&cfg).await?, store_metrics.clone()));
@@ -53,6 +63,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     // The one reader of the cluster's records on hot paths and timers.
     let informer = crate::state::informer::Informer::new(store.clone(), written);
+    informer.set_codec(codec.clone());
     tasks.spawn(informer.clone().run());
     // Flow and drop events of the eBPF program, for `trellisctl monitor`.
     let ring = netlink.take_event_ring();
@@ -66,6 +77,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     });
     let mut cluster = Cluster::new(store.clone(), &host, cfg.default_pool, cfg.default_prefix_len);
     cluster.esp_unsupported = probe_esp(dataplane.clone()).await;
+    cluster.codec = codec.clone();
     let cluster = Arc::new(cluster);
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {
@@ -96,6 +108,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut caps = capabilities();
     caps.insert("ebpf".to_string(), ebpf);
     caps.insert("esp".to_string(), cluster.esp_unsupported.is_none());
+    for id in cluster_keys.iter().flat_map(|k| k.ids()) {
+        caps.insert(model::cluster_key_capability(&id), true);
+    }
     // Register this host (the lease renewal runs in the background; a
     // store that is down now is retried there).
     let record = HostRecord {

@@ -126,6 +126,13 @@ pub fn esp_ports_prefix() -> String {
     format!("{ROOT}esp-ports/")
 }
 
+/// The capability a host record holds for each cluster key its agent has
+/// (by id, never the key): `trellisctl cluster rotate-key` waits for every
+/// live host to hold the new one.
+pub fn cluster_key_capability(id: &str) -> String {
+    format!("cluster_key:{id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

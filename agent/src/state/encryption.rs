@@ -6,15 +6,63 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use trellis_ipsec::{Ack, KeyRing, Policy, Step, Triggers};
+use trellis_ipsec::{Ack, ClusterKeys, KeyRing, Policy, Step, Triggers};
 use trellis_store::{Compare, Op};
 
 use crate::model::{self, EndpointRecord, NetworkRecord};
 use crate::state::{AgentError, Cluster, Result, decode, encode};
 
+/// How key rings are kept in the store: sealed under the cluster keys
+/// ([`trellis_ipsec::sealed`]). A host without them can read no sealed
+/// ring and seals none.
+#[derive(Clone, Debug, Default)]
+pub struct RingCodec(Option<std::sync::Arc<ClusterKeys>>);
+
+impl RingCodec {
+    pub fn new(keys: Option<ClusterKeys>) -> RingCodec {
+        RingCodec(keys.map(std::sync::Arc::new))
+    }
+
+    pub fn keys(&self) -> Option<&ClusterKeys> {
+        self.0.as_deref()
+    }
+
+    /// The bytes the store keeps for `ring` of network `network_id`.
+    pub fn encode(&self, network_id: &str, ring: &KeyRing) -> Result<Vec<u8>> {
+        match self.keys() {
+            Some(k) => Ok(k.seal(network_id, ring)),
+            None => Err(AgentError::FailedPrecondition(
+                "this host has no cluster key (trellisd --cluster-key-file): it cannot seal a network's keys".into(),
+            )),
+        }
+    }
+
+    /// The ring of network `network_id` in `bytes`. A ring stored before
+    /// rings were sealed is read as it is (`trellisctl cluster rotate-key`
+    /// seals it).
+    pub fn decode(&self, network_id: &str, bytes: &[u8]) -> std::result::Result<KeyRing, String> {
+        match trellis_ipsec::sealed::sealed_by(bytes) {
+            Ok(id) => match self.keys() {
+                None => Err(format!(
+                    "it is sealed under cluster key {id}, and this host has no cluster key (trellisd --cluster-key-file)"
+                )),
+                Some(k) => k.open(network_id, bytes).map(|(r, _)| r).map_err(|e| e.to_string()),
+            },
+            Err(_) => serde_json::from_slice::<KeyRing>(bytes).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 impl Cluster {
     /// Refuse an encrypted network on a host whose kernel cannot do ESP.
+    /// And on a host without the cluster key, which could neither seal
+    /// nor read the network's keys.
     pub fn require_esp(&self, network: &str) -> Result<()> {
+        if self.esp_unsupported.is_none() && self.codec.keys().is_none() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "network {network:?} is encrypted, but this host has no cluster key (trellisd --cluster-key-file):                  network keys are kept in the store sealed under it, and without it this host can neither make                  nor read them. Nothing was created"
+            )));
+        }
         match &self.esp_unsupported {
             None => Ok(()),
             Some(why) => Err(AgentError::FailedPrecondition(format!(
@@ -46,7 +94,10 @@ impl Cluster {
             .iter()
             .map(|kv| {
                 let id = kv.key.trim_start_matches(&model::netkeys_prefix()).to_string();
-                decode(&kv.key, &kv.value).map(|r| (id, r))
+                let ring = self.codec.decode(&id, &kv.value).map_err(|e| {
+                    AgentError::FailedPrecondition(format!("the key ring of network {id} cannot be read: {e}"))
+                })?;
+                Ok((id, ring))
             })
             .collect()
     }
@@ -57,7 +108,61 @@ impl Cluster {
             self.store.get(&key).await?.ok_or_else(|| {
                 AgentError::Internal(format!("encrypted network {:?} has no key ring ({key})", net.name))
             })?;
-        Ok((decode(&key, &kv.value)?, kv.mod_revision))
+        let ring = self.codec.decode(&net.id, &kv.value).map_err(|e| {
+            AgentError::FailedPrecondition(format!("the key ring of network {:?} cannot be read: {e}", net.name))
+        })?;
+        Ok((ring, kv.mod_revision))
+    }
+
+    /// Seal every key ring again under this host's current cluster key
+    /// (`trellisctl cluster rotate-key`), once every live host holds that
+    /// key: (sealed again, already under it).
+    pub async fn reseal_key_rings(&self) -> Result<(usize, usize)> {
+        let Some(keys) = self.codec.keys() else {
+            return Err(AgentError::FailedPrecondition(
+                "this host has no cluster key (trellisd --cluster-key-file): it cannot seal key rings".into(),
+            ));
+        };
+        let current = keys.current().to_string();
+        let lacking: Vec<String> = crate::state::hosts::live_hosts(self.store.as_ref())
+            .await?
+            .into_iter()
+            .filter(|h| !h.capabilities.get(&model::cluster_key_capability(&current)).copied().unwrap_or(false))
+            .map(|h| h.id)
+            .collect();
+        if !lacking.is_empty() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "not every live host holds cluster key {current} yet ({}): add it as the first line of their \
+                 --cluster-key-file and restart their agents (a restart loses no packet), then try again; nothing \
+                 was changed",
+                lacking.join(", ")
+            )));
+        }
+        let (items, _) = self.store.list(&model::netkeys_prefix()).await?;
+        let (mut resealed, mut already) = (0, 0);
+        for kv in items {
+            let id = kv.key.trim_start_matches(&model::netkeys_prefix()).to_string();
+            if trellis_ipsec::sealed::sealed_by(&kv.value).is_ok_and(|by| by == current) {
+                already += 1;
+                continue;
+            }
+            let ring = self.codec.decode(&id, &kv.value).map_err(|e| {
+                AgentError::FailedPrecondition(format!("the key ring of network {id} cannot be read: {e}"))
+            })?;
+            let sealed = keys.seal(&id, &ring);
+            let done = self
+                .store
+                .txn(vec![Compare::ModRevision(kv.key.clone(), kv.mod_revision)], vec![Op::put(kv.key, sealed)])
+                .await?;
+            if !done.succeeded {
+                return Err(AgentError::Unavailable(format!(
+                    "the key ring of network {id} changed meanwhile (a key rotation step); try again"
+                )));
+            }
+            resealed += 1;
+        }
+        tracing::info!(key = %current, resealed, already, "key rings sealed under the current cluster key");
+        Ok((resealed, already))
     }
 
     pub async fn acks(&self, network_id: &str) -> Result<BTreeMap<String, Ack>> {
@@ -102,8 +207,8 @@ impl Cluster {
     ) -> Result<KeyRing> {
         let next = ring.apply(step, trellis_ipsec::Secret::generate, model::now_ms());
         let key = model::netkey_key(&net.id);
-        let done =
-            self.store.txn(vec![Compare::ModRevision(key.clone(), rev)], vec![Op::put(key, encode(&next))]).await?;
+        let sealed = self.codec.encode(&net.id, &next)?;
+        let done = self.store.txn(vec![Compare::ModRevision(key.clone(), rev)], vec![Op::put(key, sealed)]).await?;
         if !done.succeeded {
             return Err(AgentError::Unavailable(format!(
                 "the key ring of network {:?} changed meanwhile; try again",
@@ -205,13 +310,114 @@ mod tests {
     use trellis_ipsec::Reason;
     use trellis_store::Store;
 
+    const KEY_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const KEY_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
     fn cluster(esp: bool) -> Cluster {
         let store: Arc<dyn Store> = Arc::new(trellis_store::LocalStore::memory());
-        let mut c = Cluster::new(store, "h1", "10.0.0.0/8".parse().unwrap(), 24);
+        let mut c = host_of(store, "h1", Some(KEY_A));
         if !esp {
             c.esp_unsupported = Some("adding an ESP SA failed: Protocol not supported".into());
         }
         c
+    }
+
+    /// Host `id` of the cluster in `store`, with the cluster key file `keys`.
+    fn host_of(store: Arc<dyn Store>, id: &str, keys: Option<&str>) -> Cluster {
+        let mut c = Cluster::new(store, id, "10.0.0.0/8".parse().unwrap(), 24);
+        c.codec = RingCodec::new(keys.map(|k| ClusterKeys::parse(k).unwrap()));
+        c
+    }
+
+    async fn register(c: &Cluster, id: &str, keys: &[&str]) {
+        let rec = crate::model::HostRecord {
+            id: id.into(),
+            hostname: id.into(),
+            underlay: "192.0.2.1".parse().unwrap(),
+            vtep_mac: "02:00:00:00:00:01".parse().unwrap(),
+            vxlan_port: 4789,
+            capabilities: keys.iter().map(|k| (model::cluster_key_capability(k), true)).collect(),
+            version: "t".into(),
+            started_unix: 0,
+        };
+        crate::state::hosts::register(c.store.as_ref(), &rec, std::time::Duration::from_secs(30)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn key_rings_are_sealed_at_rest_and_a_host_without_the_cluster_key_refuses_encrypted_networks() {
+        let c = cluster(true);
+        let net = c.create_network(encrypted("sec"), &[], 1500).await.unwrap();
+        let ring = c.key_rings().await.unwrap().remove(&net.id).unwrap();
+        // What someone who reads the store sees: no secret of the ring.
+        let (items, _) = c.store.list(model::ROOT).await.unwrap();
+        let raw: String = items.iter().map(|kv| String::from_utf8_lossy(&kv.value).into_owned()).collect();
+        let secrets: Vec<String> =
+            serde_json::to_string(&ring).unwrap().split('"').filter(|s| s.len() == 64).map(str::to_string).collect();
+        assert!(!secrets.is_empty());
+        for secret in &secrets {
+            assert!(!raw.contains(&secret[..16]), "a network secret is in the store");
+        }
+        // The informer reads it with the key, and leaves it out without.
+        let listed = || items.iter().filter(|kv| kv.key.starts_with(&model::netkeys_prefix())).cloned().collect();
+        let mut with = crate::state::informer::Records::listed_with(listed(), 9, c.codec.clone());
+        assert_eq!(with.view(9).keys.get(&net.id), Some(&ring));
+        let mut without = crate::state::informer::Records::listed(listed(), 9);
+        assert!(without.view(9).keys.is_empty());
+        assert_eq!(without.corrupt, 1);
+        // A host without the cluster key neither creates nor joins one.
+        let other = host_of(c.store.clone(), "h2", None);
+        let err = other.create_network(encrypted("sec2"), &[], 1500).await.unwrap_err().to_string();
+        assert!(err.contains("no cluster key") && err.contains("--cluster-key-file"), "{err}");
+        let mut req = crate::state::NewEndpoint {
+            id: "e2e2e2e2e2e2".into(),
+            network: "sec".into(),
+            name: None,
+            ip: None,
+            labels: BTreeMap::new(),
+            netns: "/run/netns/x".into(),
+            managed_netns: false,
+            ifname: "eth0".into(),
+            kind: model::EndpointKind::Adhoc,
+            container_id: String::new(),
+            reserved: false,
+        };
+        let err = other.create_endpoint(req.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("no cluster key"), "{err}");
+        let err = other.key_rings().await.unwrap_err().to_string();
+        assert!(err.contains("sealed under cluster key") && err.contains("--cluster-key-file"), "{err}");
+        // A host with another cluster key cannot read it either.
+        let stranger = host_of(c.store.clone(), "h3", Some(KEY_B));
+        let err = stranger.key_rings().await.unwrap_err().to_string();
+        assert!(err.contains("does not have"), "{err}");
+        req.id = "e1e1e1e1e1e1".into();
+        c.create_endpoint(req).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_cluster_key_rotates_once_every_live_host_holds_the_new_one() {
+        let old = cluster(true);
+        let net = old.create_network(encrypted("sec"), &[], 1500).await.unwrap();
+        let ring = old.key_rings().await.unwrap().remove(&net.id).unwrap();
+        // The new key goes first in h1's file; h2 still has only the old one.
+        let new = host_of(old.store.clone(), "h1", Some(&format!("{KEY_B}\n{KEY_A}\n")));
+        let (a, b) = (old.codec.keys().unwrap().current().to_string(), new.codec.keys().unwrap().current().to_string());
+        register(&new, "h1", &[&b, &a]).await;
+        register(&new, "h2", &[&a]).await;
+        let err = new.reseal_key_rings().await.unwrap_err().to_string();
+        assert!(err.contains("h2") && err.contains(&b) && err.contains("nothing was changed"), "{err}");
+        let raw = || async { new.store.get(&model::netkey_key(&net.id)).await.unwrap().unwrap().value };
+        assert_eq!(trellis_ipsec::sealed::sealed_by(&raw().await).unwrap(), a);
+        // h2 restarted with the new file: the rings are sealed again.
+        register(&new, "h2", &[&b, &a]).await;
+        assert_eq!(new.reseal_key_rings().await.unwrap(), (1, 0));
+        assert_eq!(trellis_ipsec::sealed::sealed_by(&raw().await).unwrap(), b);
+        assert_eq!(new.reseal_key_rings().await.unwrap(), (0, 1), "already under it");
+        assert_eq!(new.key_rings().await.unwrap()[&net.id], ring, "the same ring, sealed anew");
+        // The old key alone no longer opens it: its line can go.
+        assert!(old.key_rings().await.unwrap_err().to_string().contains("does not have"));
+        // A host without any key cannot reseal.
+        let none = host_of(old.store.clone(), "h3", None);
+        assert!(none.reseal_key_rings().await.unwrap_err().to_string().contains("no cluster key"));
     }
 
     fn encrypted(name: &str) -> NewNetwork {

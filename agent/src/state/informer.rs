@@ -126,12 +126,23 @@ pub struct Records {
     view: View,
     /// Records that did not decode (kept out of the view, counted).
     pub corrupt: u64,
+    /// How key rings are read (sealed under the cluster keys).
+    codec: crate::state::encryption::RingCodec,
 }
 
 impl Records {
     /// The records of a full listing at `revision`.
     pub fn listed(items: Vec<KeyValue>, revision: Revision) -> Records {
-        let mut r = Records::default();
+        Records::listed_with(items, revision, Default::default())
+    }
+
+    /// The same, key rings read with `codec`.
+    pub fn listed_with(
+        items: Vec<KeyValue>,
+        revision: Revision,
+        codec: crate::state::encryption::RingCodec,
+    ) -> Records {
+        let mut r = Records { codec, ..Records::default() };
         for kv in items {
             r.put(kv);
         }
@@ -184,7 +195,11 @@ impl Records {
     }
 
     /// The record in `kv` (an endpoint goes into the table).
-    fn decode(&mut self, kind: Kind, kv: &KeyValue) -> Result<Record, serde_json::Error> {
+    fn decode(&mut self, kind: Kind, kv: &KeyValue) -> Result<Record, String> {
+        self.decode_json(kind, kv).map_err(|e| e.to_string())
+    }
+
+    fn decode_json(&mut self, kind: Kind, kv: &KeyValue) -> Result<Record, Box<dyn std::error::Error>> {
         Ok(match kind {
             Kind::Network => Record::Network(Box::new(serde_json::from_slice(&kv.value)?)),
             Kind::Endpoint => {
@@ -193,7 +208,10 @@ impl Records {
             }
             Kind::Host => Record::Host(Box::new(serde_json::from_slice(&kv.value)?)),
             Kind::Service => Record::Service(Box::new(serde_json::from_slice(&kv.value)?)),
-            Kind::Key => Record::Key(Box::new(serde_json::from_slice(&kv.value)?)),
+            Kind::Key => {
+                let network = Kind::of(&kv.key).map_or("", |(_, id)| id);
+                Record::Key(Box::new(self.codec.decode(network, &kv.value)?))
+            }
             Kind::MeshAddr => Record::MeshAddr(Box::new(serde_json::from_slice(&kv.value)?)),
         })
     }
@@ -265,6 +283,8 @@ pub struct Informer {
     /// [`Informer::linearizable`]).
     linearizable: bool,
     pub stats: InformerStats,
+    /// How key rings are read (set before [`Informer::run`]).
+    codec: std::sync::Mutex<crate::state::encryption::RingCodec>,
 }
 
 /// A prefix no key has: listing it reads the store's revision.
@@ -285,7 +305,13 @@ impl Informer {
             written,
             linearizable: false,
             stats: InformerStats::default(),
+            codec: Default::default(),
         })
+    }
+
+    /// Read key rings with `codec` (the cluster keys): before [`Informer::run`].
+    pub fn set_codec(&self, codec: crate::state::encryption::RingCodec) {
+        *self.codec.lock().unwrap_or_else(|p| p.into_inner()) = codec;
     }
 
     /// An informer whose loads see every write committed anywhere before
@@ -376,7 +402,8 @@ impl Informer {
                 }
             };
             self.stats.lists.fetch_add(1, Ordering::Relaxed);
-            let mut records = Records::listed(items, revision);
+            let codec = self.codec.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut records = Records::listed_with(items, revision, codec);
             // Keep the views' kinds that did not change shared with the
             // old records (a relist after compaction changes little).
             let old = self.view();

@@ -127,6 +127,9 @@ pub struct Cluster {
     /// Why this host cannot carry encrypted networks (its kernel has no
     /// ESP), if it cannot.
     pub esp_unsupported: Option<String>,
+    /// How key rings are sealed in the store (the cluster keys, if this
+    /// host has them: `--cluster-key-file`).
+    pub codec: encryption::RingCodec,
     /// The key acks this host last wrote, by network id.
     pub(crate) acked: std::sync::Mutex<BTreeMap<String, trellis_ipsec::Ack>>,
     /// Why this host has no mesh address on a network it needs one on
@@ -178,6 +181,7 @@ impl Cluster {
             decoded: Default::default(),
             decoded_services: Default::default(),
             esp_unsupported: None,
+            codec: Default::default(),
             acked: Default::default(),
             mesh_addr_errors: Default::default(),
         }
@@ -260,7 +264,7 @@ impl Cluster {
                 ops.push(Op::put(model::esp_port_key(port), record.id.clone().into_bytes()));
                 let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::generate(), model::now_ms());
                 compares.push(Compare::Absent(model::netkey_key(&record.id)));
-                ops.push(Op::put(model::netkey_key(&record.id), encode(&ring)));
+                ops.push(Op::put(model::netkey_key(&record.id), self.codec.encode(&record.id, &ring)?));
             }
             ops.push(Op::put(key, encode(&record)));
             if self.store.txn(compares, ops).await?.succeeded {

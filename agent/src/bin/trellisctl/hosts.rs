@@ -25,6 +25,21 @@ async fn ls(c: &mut Client, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `trellisctl cluster rotate-key`: the rings sealed again under the
+/// current cluster key.
+pub async fn rotate_cluster_key(c: &mut Client, json: bool) -> anyhow::Result<ExitCode> {
+    let r = c.rotate_cluster_key(proto::RotateClusterKeyRequest {}).await?.into_inner();
+    if json {
+        output::print_json(&serde_json::json!({"key_id": r.key_id, "resealed": r.resealed, "already": r.already}));
+    } else {
+        println!(
+            "key rings sealed under cluster key {}: {} sealed again, {} already were",
+            r.key_id, r.resealed, r.already
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The agent's status; exit code 1 when it is not healthy (the store down,
 /// reconcile errors, or unreachable peers).
 pub async fn status(c: &mut Client, json: bool) -> anyhow::Result<ExitCode> {

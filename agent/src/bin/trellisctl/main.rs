@@ -55,6 +55,9 @@ enum Cmd {
     /// Hosts of the cluster.
     #[command(subcommand)]
     Host(HostCmd),
+    /// The cluster as a whole.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// The agent's health.
     Status {
         #[arg(long)]
@@ -245,6 +248,19 @@ enum HostCmd {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// Seal every encrypted network's key ring again under this host's
+    /// current cluster key (the first line of its --cluster-key-file).
+    /// Refused until every live host holds that key: put it first in every
+    /// host's file and restart their agents, then run this; the old line
+    /// can go afterwards.
+    RotateKey {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum EndpointCmd {
     /// List endpoints.
     #[command(alias = "list")]
@@ -285,6 +301,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Endpoint(cmd) => endpoint::run(&mut c, cmd).await,
         Cmd::Service(cmd) => service::run(&mut c, cmd).await,
         Cmd::Host(cmd) => hosts::host(&mut c, cmd).await,
+        Cmd::Cluster(ClusterCmd::RotateKey { json }) => hosts::rotate_cluster_key(&mut c, json).await,
         Cmd::Status { json } => hosts::status(&mut c, json).await,
         Cmd::Monitor(args) => monitor::run(&mut c, args).await,
     }
