@@ -14,6 +14,13 @@ fn tunnels_to(fdb: &str, mac: &str) -> bool {
     fdb.lines().any(|l| l.starts_with(mac) && l.contains(" dst "))
 }
 
+/// Whether `h`'s `host ls` has `id` as kept (its registration gone, its
+/// data path answering), live (`false`), or not at all (`None`).
+fn kept(h: &trellis_integration::Host, id: &str) -> Option<bool> {
+    let hosts = h.ctl_json(&["host", "ls"]).unwrap();
+    hosts.as_array().unwrap().iter().find(|x| x["id"] == id).map(|x| x["kept"] == true)
+}
+
 /// The FDB of a network's VXLAN device on a host, as `bridge fdb` shows it.
 fn fdb(h: &trellis_integration::Host, network_id: &str) -> String {
     let dev = format!("trx-{}", &network_id[..10]);
@@ -147,8 +154,7 @@ fn a_dead_host_leaves_its_peers_and_returns() {
     // forwards on. Its peers drop its registration, not its data path.
     lab.hosts[2].kill9();
     assert!(
-        wait_for(Duration::from_secs(15), || lab.hosts[0].ctl_json(&["host", "ls"]).unwrap().as_array().unwrap().len()
-            == 2),
+        wait_for(Duration::from_secs(15), || kept(&lab.hosts[0], "host3") == Some(true)),
         "host 3's lease never expired"
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -587,9 +593,10 @@ fn a_host_cut_off_from_etcd_alone_keeps_its_data_path() {
     std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
     assert!(nft.wait().unwrap().success(), "blocking host 2's TCP to etcd");
     let cut = Instant::now();
-    // Its lease (3 s) expires: host 1's store no longer lists it.
+    // Its lease (3 s) expires: host 1 lists it as kept (no registration,
+    // its data path answering).
     assert!(
-        wait_for(Duration::from_secs(10), || h1.ctl_json(&["host", "ls"]).unwrap().as_array().unwrap().len() == 1),
+        wait_for(Duration::from_secs(10), || kept(h1, "host2") == Some(true)),
         "host 2's registration never expired"
     );
     // A new attach on the cut-off host is refused, clearly and soon.
@@ -602,9 +609,9 @@ fn a_host_cut_off_from_etcd_alone_keeps_its_data_path() {
     std::thread::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed()));
     assert_eq!(endpoints(h1), before, "host 2's endpoints were reclaimed while its data path answered");
     h2.ns.cmd("nft").args(["delete", "table", "inet", "cutoff"]).status().unwrap();
-    // It registers again and its peer lists it.
+    // It registers again and its peer lists it as live.
     assert!(
-        wait_for(Duration::from_secs(20), || h1.ctl_json(&["host", "ls"]).unwrap().as_array().unwrap().len() == 2),
+        wait_for(Duration::from_secs(20), || kept(h1, "host2") == Some(false)),
         "host 2 never registered again:\n{}",
         tail(&h2.log(), 30)
     );

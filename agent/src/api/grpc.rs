@@ -226,6 +226,7 @@ fn host_to_proto(v: &HostView) -> proto::Host {
         tunnel_probe_rtt_us: us(v.tunnel_probe_rtt),
         probe_state: probe_state(v.probe) as i32,
         tunnel_state: tunnel_state(v.tunnel) as i32,
+        kept: v.kept,
     }
 }
 

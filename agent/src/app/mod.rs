@@ -51,6 +51,9 @@ pub struct App {
     pub dns: Option<Arc<trellis_dns::Core>>,
     /// Probes of the peers' tunnel endpoints (`None`: not running).
     pub prober: Option<Arc<Prober>>,
+    /// The hosts the data path serves (the live ones, and those kept while
+    /// their probes answer): `None` without a prober.
+    pub present: Option<Arc<crate::state::liveness::Present>>,
     /// One publication of ports at a time on this host (host ports are
     /// this host's: its agent alone hands them out).
     pub ports_lock: tokio::sync::Mutex<()>,
@@ -300,6 +303,7 @@ pub(crate) mod testing {
             events: None,
             dns: None,
             prober: None,
+            present: None,
             ports_lock: Default::default(),
             drain,
             drains: Default::default(),

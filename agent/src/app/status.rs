@@ -87,6 +87,8 @@ pub struct HostView {
     pub probe: ProbeState,
     pub probe_rtt: Option<Duration>,
     pub tunnel_probe_rtt: Option<Duration>,
+    /// No registration, kept while this host's probes of it answer.
+    pub kept: bool,
 }
 
 /// This host's health.
@@ -145,10 +147,15 @@ impl App {
         }
     }
 
-    /// Every live host, with this host's tunnel and probe state for it.
+    /// Every live host, and every host kept while its data path answers,
+    /// with this host's tunnel and probe state for it.
     pub async fn hosts(&self) -> Result<Vec<HostView>> {
-        let hosts =
+        let mut hosts =
             crate::state::hosts::live_hosts_seen(self.cluster.store.as_ref()).await.map_err(AgentError::from)?;
+        let kept: Vec<HostRecord> = self.present.as_ref().map(|p| p.kept()).unwrap_or_default();
+        let kept: Vec<HostRecord> = kept.into_iter().filter(|k| !hosts.iter().any(|(h, _)| h.id == k.id)).collect();
+        let kept_ids: Vec<String> = kept.iter().map(|k| k.id.clone()).collect();
+        hosts.extend(kept.into_iter().map(|k| (k, None)));
         let eps = self.cluster.endpoints().await?;
         let want = self.reconciler.last_desired();
         let seen = self.reconciler.seen();
@@ -183,6 +190,7 @@ impl App {
                     probe: self.probe_state(&h.id),
                     probe_rtt: health.as_ref().and_then(|x| x.rtt),
                     tunnel_probe_rtt: health.as_ref().and_then(|x| x.tunnel.rtt),
+                    kept: kept_ids.contains(&h.id),
                     host: h,
                 }
             })

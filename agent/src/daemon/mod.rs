@@ -191,6 +191,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         dns: dns_core.clone(),
         events,
         prober: prober.clone(),
+        present: prober.is_some().then(|| present.clone()),
         ports_lock: Default::default(),
         drain: cfg.drain,
         drains: Default::default(),

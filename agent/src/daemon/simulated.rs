@@ -91,6 +91,7 @@ impl SimulatedHost {
             events: None,
             dns: None,
             prober: None,
+            present: None,
             ports_lock: Default::default(),
             drain: Duration::ZERO,
             drains: Default::default(),

@@ -96,9 +96,16 @@ fn process_cpu() -> Duration {
 /// spaced out.
 pub const RESYNC_SHARE: u32 = 200;
 
+/// Whatever a pass costs, the next full pass comes within this (or
+/// `every`, if longer): a repair is never further away. (A 1,000-host
+/// cluster's pass costs 16 ms, well under it; a host as slow as an
+/// emulated VM's, where the process's CPU over a pass counts everything
+/// else that ran meanwhile, would otherwise wait minutes.)
+pub const RESYNC_MAX: Duration = Duration::from_secs(30);
+
 /// The wait after a full pass that cost `cpu`.
 pub fn resync_wait(every: Duration, cpu: Duration) -> Duration {
-    every.max(cpu * RESYNC_SHARE)
+    every.max(cpu * RESYNC_SHARE).min(every.max(RESYNC_MAX))
 }
 
 /// The Docker driver's sweep of endpoints the engine forgot (their
@@ -400,5 +407,8 @@ mod tests {
         assert_eq!(resync_wait(every, Duration::from_millis(3)), every);
         assert_eq!(resync_wait(every, Duration::from_millis(10)), every);
         assert_eq!(resync_wait(every, Duration::from_millis(25)), Duration::from_secs(5));
+        // Never further away than RESYNC_MAX (unless the period is longer).
+        assert_eq!(resync_wait(every, Duration::from_millis(900)), RESYNC_MAX);
+        assert_eq!(resync_wait(Duration::from_secs(60), Duration::from_millis(900)), Duration::from_secs(60));
     }
 }

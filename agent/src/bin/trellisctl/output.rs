@@ -75,7 +75,7 @@ pub fn host_json(h: &proto::Host) -> Value {
         "local": h.local, "endpoints": h.endpoints, "tunnel": h.tunnel,
         "last_seen_ms": h.last_seen_ms,
         "capabilities": h.capabilities, "probe": h.probe, "probe_rtt_us": h.probe_rtt_us,
-        "tunnel_probe_rtt_us": h.tunnel_probe_rtt_us,
+        "tunnel_probe_rtt_us": h.tunnel_probe_rtt_us, "kept": h.kept,
     })
 }
 
@@ -207,8 +207,13 @@ pub fn host_table(list: &[proto::Host]) {
     for h in list {
         let id = if h.local { format!("{} *", h.id) } else { h.id.clone() };
         let up = format!("{}s", (now - h.started_unix).max(0));
-        let seen =
-            if h.last_seen_ms < 0 { "?".to_string() } else { format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3) };
+        let seen = if h.kept {
+            "lease gone, kept".to_string()
+        } else if h.last_seen_ms < 0 {
+            "?".to_string()
+        } else {
+            format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3)
+        };
         println!(
             "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} {}",
             id,
