@@ -368,19 +368,7 @@ mod tests {
         let other = host_of(c.store.clone(), "h2", None);
         let err = other.create_network(encrypted("sec2"), &[], 1500).await.unwrap_err().to_string();
         assert!(err.contains("no cluster key") && err.contains("--cluster-key-file"), "{err}");
-        let mut req = crate::state::NewEndpoint {
-            id: "e2e2e2e2e2e2".into(),
-            network: "sec".into(),
-            name: None,
-            ip: None,
-            labels: BTreeMap::new(),
-            netns: "/run/netns/x".into(),
-            managed_netns: false,
-            ifname: "eth0".into(),
-            kind: model::EndpointKind::Adhoc,
-            container_id: String::new(),
-            reserved: false,
-        };
+        let mut req = endpoint_on("sec", "e2e2e2e2e2e2");
         let err = other.create_endpoint(req.clone()).await.unwrap_err().to_string();
         assert!(err.contains("no cluster key"), "{err}");
         let err = other.key_rings().await.unwrap_err().to_string();
@@ -418,6 +406,22 @@ mod tests {
         // A host without any key cannot reseal.
         let none = host_of(old.store.clone(), "h3", None);
         assert!(none.reseal_key_rings().await.unwrap_err().to_string().contains("no cluster key"));
+    }
+
+    fn endpoint_on(network: &str, id: &str) -> NewEndpoint {
+        NewEndpoint {
+            id: id.into(),
+            network: network.into(),
+            name: None,
+            ip: None,
+            labels: BTreeMap::new(),
+            netns: "/run/netns/x".into(),
+            managed_netns: false,
+            ifname: "eth0".into(),
+            kind: model::EndpointKind::Adhoc,
+            container_id: String::new(),
+            reserved: false,
+        }
     }
 
     fn encrypted(name: &str) -> NewNetwork {
@@ -469,21 +473,7 @@ mod tests {
             started_unix: 0,
         };
         crate::state::hosts::register(c.store.as_ref(), &rec, std::time::Duration::from_secs(30)).await.unwrap();
-        c.create_endpoint(NewEndpoint {
-            id: "e1e1e1e1e1e1".into(),
-            network: "sec".into(),
-            name: None,
-            ip: None,
-            labels: BTreeMap::new(),
-            netns: "/run/netns/x".into(),
-            managed_netns: false,
-            ifname: "eth0".into(),
-            kind: model::EndpointKind::Adhoc,
-            container_id: String::new(),
-            reserved: false,
-        })
-        .await
-        .unwrap();
+        c.create_endpoint(endpoint_on("sec", "e1e1e1e1e1e1")).await.unwrap();
         assert!(c.rotate_key("plain-missing").await.is_err());
         let policy = Policy { interval_ms: 0, grace_ms: 0 };
         let (_, ring) = c.rotate_key("sec").await.unwrap();

@@ -1110,19 +1110,7 @@ mod tests {
         let c = Cluster::new(store, "h1", "10.0.0.0/8".parse().unwrap(), 24);
         let new = NewNetwork { name: "app".into(), attachable: true, mtu: 1450, ..NewNetwork::default() };
         c.create_network(new, &[], 1500).await.unwrap();
-        let mk = |id: &str| NewEndpoint {
-            id: id.into(),
-            network: "app".into(),
-            name: Some(id.into()),
-            ip: None,
-            labels: BTreeMap::new(),
-            netns: "/run/netns/x".into(),
-            managed_netns: false,
-            ifname: "eth0".into(),
-            kind: EndpointKind::Adhoc,
-            container_id: String::new(),
-            reserved: false,
-        };
+        let mk = endpoint;
         let a = c.create_endpoint(mk("a")).await.unwrap();
         c.create_endpoint(mk("b")).await.unwrap();
         assert_eq!(c.all_endpoints().await.unwrap().len(), 2);
