@@ -551,8 +551,18 @@ fn a_host_cut_off_from_etcd_alone_keeps_its_data_path() {
     let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
     h1.ctl(&["network", "create", "app", "--subnet", "10.66.0.0/24", "--attachable"]).unwrap();
     let a = h1.attach("app", "a", &[]).unwrap();
-    let b = h2.attach("app", "b", &[]).unwrap();
+    let b = h2.attach("app", "b", &["--label", "trellis.service=web"]).unwrap();
     assert!(wait_for(Duration::from_secs(10), || ping(&netns_of(&a), &ip_of(&b), 1)), "no path before the cut");
+    // A VIP whose one backend is b, on the host that will be cut off.
+    let _server = trellis_integration::sockets::Backend::start(&netns_of(&b), 8080, "b").unwrap();
+    let svc = h1.ctl_json(&["service", "create", "web", "--network", "app", "--port", "80:8080"]).unwrap();
+    let vip: std::net::SocketAddr = format!("{}:80", svc["vip"].as_str().unwrap()).parse().unwrap();
+    let client = trellis_integration::sockets::Client::new(&netns_of(&a)).unwrap();
+    let answered = |what: &str| {
+        let line = client.request(vip).unwrap_or_else(|e| panic!("{what}: a request to the VIP failed: {e}"));
+        assert_eq!(line, format!("b {}", ip_of(&a)), "{what}");
+    };
+    assert!(wait_for(Duration::from_secs(10), || client.request(vip).is_ok()), "the VIP never answered");
     let endpoints = |h: &trellis_integration::Host| -> BTreeSet<(String, String, String)> {
         h.ctl_json(&["endpoint", "ls"])
             .unwrap()
@@ -608,6 +618,10 @@ fn a_host_cut_off_from_etcd_alone_keeps_its_data_path() {
     // reaches host 2 and reclaims nothing.
     std::thread::sleep(Duration::from_secs(10).saturating_sub(cut.elapsed()));
     assert_eq!(endpoints(h1), before, "host 2's endpoints were reclaimed while its data path answered");
+    // New connections still go to the backend on the cut-off host.
+    for _ in 0..20 {
+        answered("through the VIP to the kept host's backend");
+    }
     h2.ns.cmd("nft").args(["delete", "table", "inet", "cutoff"]).status().unwrap();
     // It registers again and its peer lists it as live.
     assert!(
