@@ -17,7 +17,8 @@
  *   parse.h     protocol headers, skb data pointers, struct flow
  *   maps.h      every map (layouts: include/trellis.h), config switches
  *   counters.h  per-endpoint, per-service and DNS counters
- *   events.h    monitor events, drop()
+ *   events.h    monitor events (an endpoint's share of the ring), drop()
+ *   flows.h     an endpoint's own connection and reverse-NAT tables
  *   nat.h       address/port rewriting with checksums
  *   arp.h       ARP headers, the VIP MAC, ARP answers for VIPs
  *   lb.h        service VIPs: ping/reset answers, Maglev, conntrack, DNAT,
@@ -30,6 +31,7 @@
 #include "lib/maps.h"
 #include "lib/counters.h"
 #include "lib/events.h"
+#include "lib/flows.h"
 #include "lib/nat.h"
 #include "lib/arp.h"
 #include "lib/lb.h"
@@ -88,9 +90,10 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		 * client port must not rewrite its replies. */
 		if ((f.proto == PROTO_TCP && f.syn) || f.proto == PROTO_UDP) {
 			struct rnat_key stale = { .client = f.saddr, .backend = daddr, .cport = f.sport, .bport = f.dport, .proto = f.proto };
+			void *rnats = rnat_table_of(ifindex);
 			/* Looked up first: the lookup takes no lock, a delete does. */
-			if (bpf_map_lookup_elem(&rnat, &stale))
-				bpf_map_delete_elem(&rnat, &stale);
+			if (rnats && bpf_map_lookup_elem(rnats, &stale))
+				bpf_map_delete_elem(rnats, &stale);
 		}
 		struct net_key nk = { .prefixlen = 32, .ip = daddr };
 		struct net_info *n = bpf_map_lookup_elem(&nets, &nk);

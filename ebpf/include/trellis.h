@@ -37,7 +37,16 @@ enum drop_reason {
 	DROP_ISOLATION = 5,   /* aimed at another network (or out of an internal one) */
 	DROP_NO_SERVICE = 6,  /* a VIP port no service has */
 	DROP_NO_BACKEND = 7,  /* a service with no backend (or a flow whose backend left) */
-	DROP_REASONS = 8,
+	DROP_TABLE_FULL = 8,  /* a new flow while the endpoint's own flow table is full */
+	DROP_REASONS = 9,
+};
+
+/* The tables an endpoint has a share of (index into endpoint_counters.full). */
+enum table {
+	TABLE_CT = 0,     /* its connections to VIPs (ep_ct) */
+	TABLE_RNAT = 1,   /* their reverse translations (ep_rnat) */
+	TABLE_EVENTS = 2, /* the monitor's ring buffer */
+	TABLES = 3,
 };
 
 /* Per endpoint and per CPU. "from" is traffic the endpoint sends. */
@@ -47,6 +56,7 @@ struct endpoint_counters {
 	__u64 to_packets;
 	__u64 to_bytes;
 	__u64 drops[DROP_REASONS];
+	__u64 full[TABLES]; /* times its share of a table was spent (enum table) */
 };
 
 /* One event of the monitor ring buffer: a drop, or the start of a flow
@@ -61,6 +71,17 @@ struct flow_event {
 	__u8 verdict;  /* 0 passed, 1 dropped */
 	__u8 reason;   /* enum drop_reason, when dropped */
 	__u8 pad;
+};
+
+/* `event_budget`: an endpoint's share of the monitor's ring buffer. While
+ * the ring is more than half full, an endpoint may add EVENT_SHARE events,
+ * refilled at EVENT_SHARE a second; the rest of its events are counted
+ * (endpoint_counters.full[TABLE_EVENTS]) and not sent. */
+#define EVENT_SHARE 1024
+struct event_budget {
+	__u64 stamp;   /* ns of the last refill */
+	__u32 tokens;
+	__u32 pad;
 };
 
 /* `config` (an array of one): switches the agent sets. */
@@ -127,7 +148,13 @@ struct backend_info {
 	__u16 pad;
 };
 
-/* `ct`: client flow to a VIP → the backend chosen for it. */
+/* Connection tracking: client flow to a VIP → the backend chosen for it.
+ * Every endpoint has tables of its own (`ep_ct`, `ep_rnat`: its veth's
+ * ifindex → a hash map made by the agent with the endpoint's quota as its
+ * size), so a neighbour opening flows as fast as it can fills only its
+ * own; nothing in them is evicted by new flows, the agent removes what
+ * went idle (ebpf/src/conntrack.rs). The routing mesh's flows, from
+ * clients outside, are in the shared `ct` LRU. */
 struct ct_key {
 	__u32 client;
 	__u32 vip;
@@ -137,11 +164,17 @@ struct ct_key {
 	__u8 pad[3];
 };
 
+#define CT_OPEN 0        /* UDP, or TCP before the client's first plain ACK */
+#define CT_ESTABLISHED 1 /* TCP: the client acknowledged the handshake */
+#define CT_CLOSING 2     /* TCP: the client sent a FIN */
 struct ct_value {
 	__u32 backend;
 	__u16 bport;
 	__u8 mac[6];
 	__u32 svc_id;
+	__u8 state;    /* CT_* */
+	__u8 pad[3];
+	__u64 seen;    /* bpf_ktime_get_coarse_ns of its last packet, to a second */
 };
 
 /* `rnat`: the backend's replies → the VIP they must come from. */
@@ -154,11 +187,17 @@ struct rnat_key {
 	__u8 pad[3];
 };
 
+#define RNAT_CLOSING 1 /* a reply carried a FIN or a reset */
 struct rnat_value {
 	__u32 vip;
 	__u16 vport;
-	__u16 pad;
+	__u8 flags;   /* RNAT_* */
+	__u8 pad;
+	__u64 seen;   /* as ct_value.seen, from the replies */
 };
+
+/* A flow's `seen` is rewritten only when it is older than this (ns). */
+#define SEEN_STEP 1000000000ULL
 
 /* `svc_stats` (per CPU): per service id. */
 struct svc_stats {
@@ -172,7 +211,8 @@ _Static_assert(sizeof(struct endpoint_info) == 32, "endpoint_info layout");
 _Static_assert(__builtin_offsetof(struct endpoint_info, gw_mac) == 24, "endpoint_info.gw_mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, mac) == 4, "endpoint_info.mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, net_id) == 12, "endpoint_info.net_id");
-_Static_assert(sizeof(struct endpoint_counters) == 96, "endpoint_counters layout");
+_Static_assert(sizeof(struct endpoint_counters) == 128, "endpoint_counters layout");
+_Static_assert(__builtin_offsetof(struct endpoint_counters, full) == 104, "endpoint_counters.full");
 _Static_assert(__builtin_offsetof(struct endpoint_counters, drops) == 32, "endpoint_counters.drops");
 _Static_assert(sizeof(struct net_key) == 8, "net_key layout");
 _Static_assert(sizeof(struct net_info) == 8, "net_info layout");
@@ -184,12 +224,14 @@ _Static_assert(sizeof(struct maglev_table) == 4 * MAGLEV_M, "maglev_table layout
 _Static_assert(sizeof(struct backend_key) == 8, "backend_key layout");
 _Static_assert(sizeof(struct backend_info) == 8, "backend_info layout");
 _Static_assert(sizeof(struct ct_key) == 16, "ct_key layout");
-_Static_assert(sizeof(struct ct_value) == 16, "ct_value layout");
+_Static_assert(sizeof(struct ct_value) == 32, "ct_value layout");
+_Static_assert(__builtin_offsetof(struct ct_value, seen) == 24, "ct_value.seen");
 _Static_assert(__builtin_offsetof(struct ct_value, mac) == 6, "ct_value.mac");
 _Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
-_Static_assert(sizeof(struct rnat_value) == 8, "rnat_value layout");
+_Static_assert(sizeof(struct rnat_value) == 16, "rnat_value layout");
 _Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
 _Static_assert(sizeof(struct config) == 4, "config layout");
+_Static_assert(sizeof(struct event_budget) == 16, "event_budget layout");
 
 /* The routing mesh: ports every host accepts for a service, from outside.
  * `published`: port and protocol → the service behind it. */

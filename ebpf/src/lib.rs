@@ -184,6 +184,11 @@ pub struct CtValue {
     pub bport: u16,
     pub mac: [u8; 6],
     pub svc_id: u32,
+    /// `CT_*` ([`conntrack::State`]).
+    pub state: u8,
+    pub pad: [u8; 3],
+    /// `bpf_ktime_get_coarse_ns` of its last packet (to a second).
+    pub seen: u64,
 }
 
 /// `struct svc_stats` (one per CPU in the map).
@@ -246,6 +251,20 @@ pub struct RnatKey {
     pub pad: [u8; 3],
 }
 
+/// `struct rnat_value`: the VIP and port a backend's replies must come
+/// from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RnatValue {
+    pub vip: u32,
+    pub vport: u16,
+    /// `RNAT_CLOSING` ([`conntrack::RNAT_CLOSING`]).
+    pub flags: u8,
+    pub pad: u8,
+    /// As [`CtValue::seen`], from the replies.
+    pub seen: u64,
+}
+
 /// `MESH_INGRESS`: this host took the connection.
 pub const MESH_INGRESS: u8 = 1;
 /// `MESH_RETURN`: another host did; replies go back to its mesh MAC.
@@ -301,6 +320,7 @@ pod!(
     PubInfo,
     MeshConfig,
     RnatKey,
+    RnatValue,
     MeshFlow
 );
 
@@ -360,6 +380,7 @@ pub struct DnsStats {
     pub passed: u64,
 }
 
+pub mod conntrack;
 pub mod maglev;
 
 /// `enum drop_reason` of `trellis.h`.
@@ -374,10 +395,11 @@ pub enum DropReason {
     Isolation = 5,
     NoService = 6,
     NoBackend = 7,
+    TableFull = 8,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; DROP_REASONS] = [
         DropReason::SpoofMac,
         DropReason::SpoofIp,
         DropReason::SpoofArp,
@@ -386,6 +408,7 @@ impl DropReason {
         DropReason::Isolation,
         DropReason::NoService,
         DropReason::NoBackend,
+        DropReason::TableFull,
     ];
 
     /// The name metrics and the monitor use.
@@ -399,11 +422,39 @@ impl DropReason {
             DropReason::Isolation => "isolation",
             DropReason::NoService => "no_service",
             DropReason::NoBackend => "no_backend",
+            DropReason::TableFull => "table_full",
         }
     }
 }
 
-pub const DROP_REASONS: usize = 8;
+pub const DROP_REASONS: usize = 9;
+
+/// `enum table` of `trellis.h`: the tables an endpoint has a share of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Table {
+    /// Its connections to VIPs (`ep_ct`).
+    Ct = 0,
+    /// Their reverse translations (`ep_rnat`).
+    Rnat = 1,
+    /// The monitor's ring buffer.
+    Events = 2,
+}
+
+impl Table {
+    pub const ALL: [Table; TABLES] = [Table::Ct, Table::Rnat, Table::Events];
+
+    /// The name metrics use (`trellis_datapath_table_full_total{table}`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Ct => "conntrack",
+            Table::Rnat => "reverse_nat",
+            Table::Events => "monitor_events",
+        }
+    }
+}
+
+pub const TABLES: usize = 3;
 
 /// `struct endpoint_counters` of `trellis.h` (one per CPU in the map).
 #[repr(C)]
@@ -414,6 +465,8 @@ pub struct EndpointCounters {
     pub to_packets: u64,
     pub to_bytes: u64,
     pub drops: [u64; DROP_REASONS],
+    /// Times its share of a table was spent, by [`Table`].
+    pub full: [u64; TABLES],
 }
 
 // SAFETY: as above.
@@ -473,6 +526,11 @@ impl FlowEvent {
 impl EndpointCounters {
     pub fn dropped(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize]
+    }
+
+    /// Times the endpoint found its share of `table` spent.
+    pub fn full(&self, table: Table) -> u64 {
+        self.full[table as usize]
     }
 }
 
@@ -541,10 +599,52 @@ impl MeshRole {
 /// The loaded endpoint programs and their maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    /// The size of each endpoint's own flow tables made from now on.
+    flow_quota: u32,
+}
+
+/// How many flows an endpoint may track at once by default (its
+/// connections to VIPs; as many reverse translations). Its tables are not
+/// preallocated: a full one is about 10 MiB.
+pub const FLOWS_PER_ENDPOINT: u32 = 65536;
+
+/// `BPF_F_NO_PREALLOC`, the flag of the flow tables' template (an inner
+/// map must have the template's flags).
+const NO_PREALLOC: u32 = 1;
+/// `BPF_NOEXIST`.
+const NOEXIST: u64 = 1;
+
+/// What one sweep of the endpoints' flow tables did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowSweep {
+    /// Flows (connection entries) still tracked, over every endpoint.
+    pub live: usize,
+    /// Connection and reverse-translation entries removed.
+    pub removed_ct: usize,
+    pub removed_rnat: usize,
+}
+
+type CtTable = HashMap<aya::maps::MapData, CtKey, CtValue>;
+type RnatTable = HashMap<aya::maps::MapData, RnatKey, RnatValue>;
+
+/// The monotonic clock the programs stamp flows with, in ns.
+pub fn flow_clock() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(t) => t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64,
+        Err(_) => 0,
+    }
 }
 
 fn map_err(call: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
     move |source| DatapathError::Map { call, source }
+}
+
+/// An insertion of something already there is fine (a racing maker won).
+fn exists_ok(r: std::result::Result<(), aya::maps::MapError>, call: &'static str) -> Result<()> {
+    match r {
+        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        r => r.map_err(|source| DatapathError::Map { call, source }),
+    }
 }
 
 /// A removal of something already gone is fine.
@@ -575,7 +675,103 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { call: "lookup", source })?;
             prog.load().map_err(|source| DatapathError::Program { call: "load", source })?;
         }
-        Ok(Datapath { ebpf })
+        Ok(Datapath { ebpf, flow_quota: FLOWS_PER_ENDPOINT })
+    }
+
+    /// The size of the flow tables of endpoints programmed from now on
+    /// (an endpoint's tables, once made, keep theirs).
+    pub fn set_flow_quota(&mut self, quota: u32) {
+        self.flow_quota = quota.max(1);
+    }
+
+    fn outer<V: aya::maps::InnerMap>(&self, name: &'static str) -> Result<aya::maps::HashOfMaps<&aya::maps::MapData, u32, V>> {
+        let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
+        aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
+    }
+
+    fn outer_mut<V: aya::maps::InnerMap>(&mut self, name: &'static str) -> Result<aya::maps::HashOfMaps<&mut aya::maps::MapData, u32, V>> {
+        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?;
+        aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
+    }
+
+    /// Make the endpoint's own flow tables unless it has them (an agent
+    /// restarted finds them pinned, flows and all).
+    fn ensure_flow_tables(&mut self, ifindex: u32) -> Result<()> {
+        let quota = self.flow_quota;
+        if self.ct_table(ifindex)?.is_none() {
+            let table = CtTable::create(quota, NO_PREALLOC).map_err(map_err("create a flow table"))?;
+            exists_ok(self.outer_mut::<CtTable>("ep_ct")?.insert(ifindex, &table, NOEXIST), "add a flow table")?;
+        }
+        if self.rnat_table(ifindex)?.is_none() {
+            let table = RnatTable::create(quota, NO_PREALLOC).map_err(map_err("create a reverse-NAT table"))?;
+            exists_ok(
+                self.outer_mut::<RnatTable>("ep_rnat")?.insert(ifindex, &table, NOEXIST),
+                "add a reverse-NAT table",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The endpoints (ifindexes) that have flow tables.
+    pub fn flow_table_ifindexes(&self) -> Result<Vec<u32>> {
+        self.outer::<CtTable>("ep_ct")?.keys().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list flow tables"))
+    }
+
+    fn ct_table(&self, ifindex: u32) -> Result<Option<CtTable>> {
+        match self.outer::<CtTable>("ep_ct")?.get(&ifindex, 0) {
+            Ok(m) => Ok(Some(m)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { call: "open a flow table", source }),
+        }
+    }
+
+    fn rnat_table(&self, ifindex: u32) -> Result<Option<RnatTable>> {
+        match self.outer::<RnatTable>("ep_rnat")?.get(&ifindex, 0) {
+            Ok(m) => Ok(Some(m)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { call: "open a reverse-NAT table", source }),
+        }
+    }
+
+    /// The flows endpoint `ifindex` tracks (client flow → backend).
+    pub fn endpoint_connections(&self, ifindex: u32) -> Result<Vec<(CtKey, CtValue)>> {
+        match self.ct_table(ifindex)? {
+            Some(t) => t.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list flows")),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The reverse translations endpoint `ifindex` keeps.
+    pub fn endpoint_reverse_nat(&self, ifindex: u32) -> Result<Vec<(RnatKey, RnatValue)>> {
+        match self.rnat_table(ifindex)? {
+            Some(t) => t.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list reverse NAT")),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Remove the flows that are over ([`conntrack::expired`] at `now`,
+    /// the [`flow_clock`]) from every endpoint's tables.
+    pub fn sweep_flows(&self, now: u64, life: &conntrack::Lifetimes) -> Result<FlowSweep> {
+        let mut sweep = FlowSweep::default();
+        for ifindex in self.flow_table_ifindexes()? {
+            let (Some(mut ct), rnat) = (self.ct_table(ifindex)?, self.rnat_table(ifindex)?) else { continue };
+            let flows = ct.iter().filter_map(|r| r.ok()).collect::<Vec<_>>();
+            let mut rnat = rnat;
+            let replies = rnat.as_ref().map(|t| t.iter().filter_map(|r| r.ok()).collect::<Vec<_>>()).unwrap_or_default();
+            let gone = conntrack::expired(now, &flows, &replies, life);
+            for k in &gone.ct {
+                removed(ct.remove(k), "remove a flow")?;
+            }
+            if let Some(t) = rnat.as_mut() {
+                for k in &gone.rnat {
+                    removed(t.remove(k), "remove a reverse translation")?;
+                }
+            }
+            sweep.live += flows.len() - gone.ct.len();
+            sweep.removed_ct += gone.ct.len();
+            sweep.removed_rnat += gone.rnat.len();
+        }
+        Ok(sweep)
     }
 
     fn program(&mut self, name: &str) -> Result<&mut SchedClassifier> {
@@ -746,6 +942,11 @@ impl Datapath {
     /// ifindex of its veth: nothing else removes them when it goes).
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
         self.delete::<u32, EndpointInfo>("endpoints", ifindex)?;
+        // Its flow tables go with it (the kernel frees an inner map when
+        // the last reference goes), and its share of the monitor's ring.
+        removed(self.outer_mut::<CtTable>("ep_ct")?.remove(&ifindex), "remove a flow table")?;
+        removed(self.outer_mut::<RnatTable>("ep_rnat")?.remove(&ifindex), "remove a reverse-NAT table")?;
+        self.delete::<u32, [u8; 16]>("event_budget", ifindex)?;
         let map = self.ebpf.map_mut("counters").ok_or(DatapathError::Missing("counters map"))?;
         let mut per_cpu: PerCpuHashMap<_, u32, EndpointCounters> =
             PerCpuHashMap::try_from(map).map_err(map_err("open counters"))?;
@@ -772,6 +973,9 @@ impl Datapath {
 
     /// Program (or update) an endpoint, keyed by its host-side ifindex.
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        // Its tables first: a VIP flow of an endpoint without them is
+        // refused.
+        self.ensure_flow_tables(ifindex)?;
         self.put("endpoints", ifindex, info)
     }
 
@@ -914,8 +1118,18 @@ impl Datapath {
         }))
     }
 
-    /// The tracked connections to VIPs (client flow → backend).
+    /// The tracked connections to VIPs (client flow → backend) of every
+    /// endpoint.
     pub fn connections(&self) -> Result<Vec<(CtKey, CtValue)>> {
+        let mut all = Vec::new();
+        for ifindex in self.flow_table_ifindexes()? {
+            all.extend(self.endpoint_connections(ifindex)?);
+        }
+        Ok(all)
+    }
+
+    /// The routing mesh's tracked connections (clients outside).
+    pub fn mesh_connections(&self) -> Result<Vec<(CtKey, CtValue)>> {
         self.entries("ct")
     }
 
@@ -960,6 +1174,9 @@ impl Datapath {
             sum.to_packets += c.to_packets;
             sum.to_bytes += c.to_bytes;
             for (s, d) in sum.drops.iter_mut().zip(c.drops.iter()) {
+                *s += d;
+            }
+            for (s, d) in sum.full.iter_mut().zip(c.full.iter()) {
                 *s += d;
             }
         }
@@ -1090,8 +1307,11 @@ mod tests {
         assert_eq!(offset_of!(EndpointInfo, gw_mac), 24);
         assert_eq!(offset_of!(EndpointInfo, mac), 4);
         assert_eq!(offset_of!(EndpointInfo, net_id), 12);
-        assert_eq!(size_of::<EndpointCounters>(), 96);
+        assert_eq!(size_of::<EndpointCounters>(), 128);
         assert_eq!(offset_of!(EndpointCounters, drops), 32);
+        assert_eq!(offset_of!(EndpointCounters, full), 104);
+        assert_eq!(DropReason::TableFull as usize, 8);
+        assert_eq!(Table::Events as usize, 2);
         assert_eq!(DropReason::Malformed as usize, 4);
         assert_eq!(size_of::<FlowEvent>(), 20);
         assert_eq!(offset_of!(FlowEvent, proto), 16);
@@ -1104,8 +1324,10 @@ mod tests {
         assert_eq!(size_of::<BackendKey>(), 8);
         assert_eq!(size_of::<BackendInfo>(), 8);
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtValue>(), 16);
+        assert_eq!(size_of::<CtValue>(), 32);
         assert_eq!(offset_of!(CtValue, mac), 6);
+        assert_eq!(offset_of!(CtValue, seen), 24);
+        assert_eq!(size_of::<RnatValue>(), 16);
         assert_eq!(size_of::<SvcStats>(), 16);
         assert_eq!(size_of::<DnsKey>(), 68);
         assert_eq!(std::mem::offset_of!(DnsKey, name), 4);

@@ -12,6 +12,7 @@ use trellis_ebpf::{
     BackendInfo, BackendKey, CFG_DNS_KERNEL, CFG_DNS_RA, CtKey, CtValue, DnsAnswer, DnsKey, DropReason, EP_DNS_FAST,
     EP_INTERNAL, EndpointInfo, MAGLEV_M, MaglevTable, NetInfo, SvcInfo, SvcKey, VipInfo, be,
 };
+use trellis_ebpf::{Table, conntrack};
 use trellis_integration::require_root;
 
 mod common;
@@ -91,7 +92,7 @@ fn spoofed_sources_are_dropped_and_the_endpoints_own_pass() {
         let r = lab.send(&f);
         assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f), "IPv6 from {src}");
     }
-    assert_eq!(lab.dp.counters(RunLab::IFINDEX).unwrap().drops, [0; 8]);
+    assert_eq!(lab.dp.counters(RunLab::IFINDEX).unwrap().drops, [0; trellis_ebpf::DROP_REASONS]);
 
     // Another source MAC (with the endpoint's IP, or anything).
     let r = lab.send(&udp_frame([2, 0, 0, 0, 0, 0x66], EP_IP, GW_IP, 7));
@@ -219,8 +220,20 @@ fn tcp_to_a_vip_is_dnated_to_its_backend_and_the_replies_come_from_the_vip() {
         proto: PROTO_TCP,
         pad: [0; 3],
     };
-    let want = CtValue { backend: be(BACKEND_IP), bport: 8080u16.to_be(), mac: BACKEND_MAC, svc_id: 7 };
-    assert_eq!(lab.dp.connections().unwrap(), vec![(key, want)]);
+    let flows = lab.dp.connections().unwrap();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let seen = flows[0].1.seen;
+    assert!(seen > 0 && seen <= trellis_ebpf::flow_clock(), "stamped with the monotonic clock: {seen}");
+    let want = CtValue {
+        backend: be(BACKEND_IP),
+        bport: 8080u16.to_be(),
+        mac: BACKEND_MAC,
+        svc_id: 7,
+        state: conntrack::CT_OPEN,
+        pad: [0; 3],
+        seen,
+    };
+    assert_eq!(flows, vec![(key, want)]);
     assert_eq!(lab.dp.svc_stats(7).unwrap().selections, 1);
 
     // The backend's answer leaves as the VIP's.
@@ -234,6 +247,7 @@ fn tcp_to_a_vip_is_dnated_to_its_backend_and_the_replies_come_from_the_vip() {
     let r = lab.send(&to_vip(1001, 5001, ACK, b"GET / HTTP/1.0\r\n\r\n"));
     assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &at_backend(1001, 5001, ACK, b"GET / HTTP/1.0\r\n\r\n")));
     assert_eq!(lab.dp.svc_stats(7).unwrap().selections, 1);
+    assert_eq!(lab.dp.connections().unwrap()[0].1.state, conntrack::CT_ESTABLISHED, "the handshake was acknowledged");
     // Traffic not from a backend's flow is not rewritten.
     let other = tcp_frame((EP_MAC, GW_MAC), (GW_IP, 8080), (EP_IP, 40000), 1, 1, ACK, b"");
     let r = lab.deliver(&other);
@@ -427,4 +441,109 @@ fn plain_a_queries_are_answered_in_place_by_the_dns_fast_path() {
     }
     let st = lab.dp.dns_stats().unwrap();
     assert_eq!((st.answered, st.passed), (2, 5), "{st:?}");
+}
+
+/// A UDP frame from the endpoint to VIP:`vport` from port `sport`.
+fn udp_to_vip(sport: u16, vport: u16) -> Vec<u8> {
+    eth(GW_MAC, EP_MAC, ETH_P_IP, &ipv4(EP_IP, VIP, PROTO_UDP, &udp(EP_IP, VIP, sport, vport, b"q")))
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_full_flow_table_refuses_new_flows_and_keeps_every_old_one() {
+    let mut lab = lab();
+    // The endpoint again, its tables made with a quota of 4 flows.
+    lab.dp.remove_endpoint(RunLab::IFINDEX).unwrap();
+    lab.dp.set_flow_quota(4);
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint()).unwrap();
+    service(&mut lab, 7, PROTO_UDP, 0, 0);
+    for port in 1..=4 {
+        assert_eq!(lab.send(&udp_to_vip(40000, port)).verdict, TC_ACT_OK, "flow {port} of 4");
+    }
+    let r = lab.send(&udp_to_vip(40000, 5));
+    assert_eq!(r.verdict, TC_ACT_SHOT, "a fifth flow does not fit");
+    let c = lab.dp.counters(RunLab::IFINDEX).unwrap();
+    assert_eq!((c.full(Table::Ct), c.dropped(DropReason::TableFull)), (1, 1), "{c:?}");
+    // Nothing was pushed out for it: the four flows still go to the
+    // backend, and their replies still come back from the VIP.
+    for port in 1..=4 {
+        let r = lab.send(&udp_to_vip(40000, port));
+        assert_eq!((r.verdict, ip_dst(&r.frame)), (TC_ACT_OK, BACKEND_IP), "flow {port}");
+        let reply =
+            eth(EP_MAC, BACKEND_MAC, ETH_P_IP, &ipv4(BACKEND_IP, EP_IP, PROTO_UDP, &udp(BACKEND_IP, EP_IP, port, 40000, b"a")));
+        assert_eq!(ip_src(&lab.deliver(&reply).frame), VIP, "flow {port}'s reply");
+    }
+    assert_eq!(lab.dp.endpoint_connections(RunLab::IFINDEX).unwrap().len(), 4);
+    assert_eq!(lab.dp.endpoint_reverse_nat(RunLab::IFINDEX).unwrap().len(), 4);
+
+    // A sweep at the current time removes nothing; a minute and more
+    // later the idle UDP flows are over and room is made.
+    let life = conntrack::Lifetimes::default();
+    let now = trellis_ebpf::flow_clock();
+    assert_eq!(lab.dp.sweep_flows(now, &life).unwrap().removed_ct, 0);
+    let later = now + 61_000_000_000;
+    let swept = lab.dp.sweep_flows(later, &life).unwrap();
+    assert_eq!((swept.removed_ct, swept.removed_rnat, swept.live), (4, 4, 0), "{swept:?}");
+    assert_eq!(lab.send(&udp_to_vip(40000, 5)).verdict, TC_ACT_OK, "room for the fifth flow");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_client_reset_ends_its_flow_at_once_and_established_flows_outlive_idle_udp() {
+    let mut lab = lab();
+    service(&mut lab, 7, PROTO_TCP, 80, 8080);
+    let to_vip = |sport, seq, ack, flags| tcp_frame((GW_MAC, EP_MAC), (EP_IP, sport), (VIP, 80), seq, ack, flags, b"");
+    // One connection ended by the client's reset: translated, then gone.
+    assert_eq!(lab.send(&to_vip(41000, 1, 0, SYN)).verdict, TC_ACT_OK);
+    assert_eq!(lab.dp.endpoint_reverse_nat(RunLab::IFINDEX).unwrap().len(), 1);
+    let r = lab.send(&to_vip(41000, 2, 0, RST));
+    assert_eq!((r.verdict, ip_dst(&r.frame)), (TC_ACT_OK, BACKEND_IP), "the reset reaches the backend");
+    assert!(lab.dp.endpoint_connections(RunLab::IFINDEX).unwrap().is_empty(), "its entries went with it");
+    assert!(lab.dp.endpoint_reverse_nat(RunLab::IFINDEX).unwrap().is_empty());
+    // One established, one that sent a FIN.
+    assert_eq!(lab.send(&to_vip(41001, 1, 0, SYN)).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&to_vip(41001, 2, 1, ACK)).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&to_vip(41002, 1, 0, SYN)).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&to_vip(41002, 2, 1, ACK)).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&to_vip(41002, 2, 1, FIN | ACK)).verdict, TC_ACT_OK);
+    let states: std::collections::BTreeMap<u16, u8> = lab
+        .dp
+        .endpoint_connections(RunLab::IFINDEX)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (u16::from_be(k.cport), v.state))
+        .collect();
+    assert_eq!(states, [(41001, conntrack::CT_ESTABLISHED), (41002, conntrack::CT_CLOSING)].into());
+    // An hour idle: the closed one is over, the established one is not.
+    let swept = lab.dp.sweep_flows(trellis_ebpf::flow_clock() + 3_600_000_000_000, &conntrack::Lifetimes::default());
+    assert_eq!(swept.unwrap().removed_ct, 1);
+    let left: Vec<u16> =
+        lab.dp.endpoint_connections(RunLab::IFINDEX).unwrap().iter().map(|(k, _)| u16::from_be(k.cport)).collect();
+    assert_eq!(left, vec![41001]);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn an_endpoint_gets_only_its_share_of_a_monitor_ring_that_is_filling_up() {
+    let mut lab = lab();
+    lab.dp.set_events(true).unwrap();
+    let mut ring = lab.dp.take_events().unwrap();
+    // 10,000 new connections (each a flow-start event), no one reading.
+    // The ring holds 8,192 events (256 KiB, 32 bytes a record).
+    let sent = 10_000u32;
+    for i in 0..sent {
+        let port = 20000 + (i % 40000) as u16;
+        let syn = tcp_frame((GW_MAC, EP_MAC), (EP_IP, port), (GW_IP, 80), 1, 0, SYN, b"");
+        assert_eq!(lab.send(&syn).verdict, TC_ACT_OK);
+    }
+    let mut queued = 0u32;
+    while ring.next().is_some() {
+        queued += 1;
+    }
+    let full = lab.dp.counters(RunLab::IFINDEX).unwrap().full(Table::Events);
+    // Past half the ring (4,096), the endpoint had its share (1,024, and
+    // 1,024 more a second of the run).
+    assert_eq!(u64::from(queued) + full, u64::from(sent), "every event was either queued or counted");
+    assert!(full > 0, "the endpoint was held to its share ({queued} queued)");
+    assert!(queued < 8192 - 1024, "room is left for other endpoints: {queued} of 8192 queued");
 }

@@ -8,6 +8,7 @@
 
 #include "counters.h"
 #include "events.h"
+#include "flows.h"
 #include "maps.h"
 #include "nat.h"
 #include "parse.h"
@@ -175,11 +176,22 @@ static __always_inline int answer_dns(struct __sk_buff *skb, struct endpoint_cou
 static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint_counters *c,
 					  const struct endpoint_info *ep, const struct flow *f)
 {
+	void *rnats = rnat_table_of(skb->ifindex);
+	if (!rnats) {
+		table_full(c, TABLE_RNAT);
+		return drop(c, DROP_TABLE_FULL, skb->ifindex, f);
+	}
 	struct rnat_key rk = { .client = f->saddr, .backend = ep->gateway, .cport = f->sport, .bport = f->dport, .proto = f->proto };
-	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	struct rnat_value *rv = bpf_map_lookup_elem(rnats, &rk);
+	__u64 now = bpf_ktime_get_coarse_ns();
 	if (!rv || rv->vip != f->daddr) {
-		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport };
-		bpf_map_update_elem(&rnat, &rk, &nv, BPF_ANY);
+		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport, .seen = now };
+		if (bpf_map_update_elem(rnats, &rk, &nv, BPF_ANY)) {
+			table_full(c, TABLE_RNAT);
+			return drop(c, DROP_TABLE_FULL, skb->ifindex, f);
+		}
+	} else if (now - rv->seen > SEEN_STEP) {
+		rv->seen = now;
 	}
 	if (rewrite(skb, f, 1, f->daddr, ep->gateway, f->dport, f->dport))
 		return drop(c, DROP_MALFORMED, skb->ifindex, f);

@@ -1,12 +1,48 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* Monitor events (a drop, or the start of a flow) into the `events` ring
- * buffer, sent only while the agent says someone watches; and drop(): the
- * verdict of every refused packet, counted by reason and reported. */
+ * buffer, sent only while the agent says someone watches, each endpoint
+ * held to its share of the ring while the ring is more than half full
+ * (`event_budget`); and drop(): the verdict of every refused packet,
+ * counted by reason and reported. */
 #ifndef TRELLIS_LIB_EVENTS_H
 #define TRELLIS_LIB_EVENTS_H
 
+#include "counters.h"
 #include "maps.h"
 #include "parse.h"
+
+/* The ring's size (maps.h). */
+#define EVENTS_BYTES (1 << 18)
+
+/* May endpoint `ifindex` add an event to a ring more than half full? Its
+ * budget refills at EVENT_SHARE a second up to EVENT_SHARE. (Updated
+ * without a lock: two CPUs at once may both spend a token, which only
+ * makes the share a little larger.) */
+static __always_inline int event_share_left(__u32 ifindex)
+{
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct event_budget *b = bpf_map_lookup_elem(&event_budget, &ifindex);
+	if (!b) {
+		struct event_budget fresh = { .stamp = now, .tokens = EVENT_SHARE - 1 };
+		bpf_map_update_elem(&event_budget, &ifindex, &fresh, BPF_ANY);
+		return 1;
+	}
+	__u64 elapsed = now - b->stamp;
+	if (elapsed >= 1000000ULL) {
+		/* Whole milliseconds' worth: EVENT_SHARE per 1000 ms. */
+		__u64 ms = elapsed / 1000000ULL;
+		__u64 add = ms * EVENT_SHARE / 1000;
+		if (add > 0) {
+			__u64 t = b->tokens + add;
+			b->tokens = t > EVENT_SHARE ? EVENT_SHARE : t;
+			b->stamp = now;
+		}
+	}
+	if (b->tokens == 0)
+		return 0;
+	b->tokens -= 1;
+	return 1;
+}
 
 static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdict, __u8 reason)
 {
@@ -16,6 +52,12 @@ static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdi
 	struct config *cfg = bpf_map_lookup_elem(&config, &zero);
 	if (!cfg || !(cfg->flags & CFG_EVENTS))
 		return;
+	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > EVENTS_BYTES / 2 && !event_share_left(ifindex)) {
+		struct endpoint_counters *c = counters_of(ifindex);
+		if (c)
+			c->full[TABLE_EVENTS] += 1;
+		return;
+	}
 	struct flow_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev)
 		return; /* full: the monitor is behind, the packet is not */

@@ -2,7 +2,8 @@
 /* Service VIPs (load balancing): a packet to a VIP of the endpoint's
  * network is answered here (ping; a TCP reset when no service or backend
  * takes it) or DNATed to a backend chosen by Maglev and remembered in the
- * `ct` LRU, with the `rnat` entry its replies are translated back by. A
+ * endpoint's own `ep_ct` table, with the `ep_rnat` entry its replies are
+ * translated back by (flows.h). A
  * flow whose backend left is reset (TCP) or moved (UDP). On the way back,
  * the replies of backends are translated back to the VIP (reverse_nat). */
 #ifndef TRELLIS_LIB_LB_H
@@ -11,6 +12,7 @@
 #include "arp.h"
 #include "counters.h"
 #include "events.h"
+#include "flows.h"
 #include "maps.h"
 #include "nat.h"
 #include "parse.h"
@@ -122,31 +124,35 @@ static __always_inline int tcp_reset(struct __sk_buff *skb, const struct flow *f
 #define SELECT_OK 0
 #define SELECT_NONE 1 /* the service has no backend */
 #define SELECT_LEFT 2 /* a TCP flow past its SYN whose backend left: reset it */
+#define SELECT_FULL 3 /* a new flow, and its table is full */
 
 /* The backend of flow `f` to service `svc_id` (`count` backends, on
- * `target_port`, 0: the port asked for): the one its `ct` entry (keyed by
- * the client and the address and port it asked) remembers while that
- * backend stays, else a new choice by the Maglev table, remembered. Shared
- * by VIPs and the routing mesh (the same table: a client gets the same
- * backend either way). */
+ * `target_port`, 0: the port asked for): the one its entry in `table`
+ * (keyed by the client and the address and port it asked) remembers
+ * while that backend stays, else a new choice by the Maglev table,
+ * remembered. `table` is the client endpoint's own (ep_ct), or for the
+ * routing mesh the shared `ct` LRU; the Maglev table is the same either
+ * way, so a client gets the same backend. */
 static __always_inline int select_backend(struct __sk_buff *skb, const struct flow *f, __u32 svc_id, __u32 count,
-					  __u16 target_port, struct ct_value *out)
+					  __u16 target_port, struct ct_value *out, void *table)
 {
 	struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
-	struct ct_value *known = bpf_map_lookup_elem(&ct, &ck);
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct ct_value *known = bpf_map_lookup_elem(table, &ck);
 	if (known) {
 		struct backend_key bk = { .svc_id = known->svc_id, .ip = known->backend };
 		if (known->svc_id == svc_id && bpf_map_lookup_elem(&backends, &bk)) {
+			ct_seen(known, f, now);
 			*out = *known;
 			return SELECT_OK;
 		}
 		/* Its backend left: TCP is told at once; UDP moves on. */
-		bpf_map_delete_elem(&ct, &ck);
+		bpf_map_delete_elem(table, &ck);
 		if (f->proto == PROTO_TCP && !f->syn)
 			return SELECT_LEFT;
 	}
-	struct maglev_table *table = bpf_map_lookup_elem(&maglev, &svc_id);
-	if (!table || count == 0)
+	struct maglev_table *mt = bpf_map_lookup_elem(&maglev, &svc_id);
+	if (!mt || count == 0)
 		return SELECT_NONE;
 	__u32 slot = bpf_get_hash_recalc(skb) % MAGLEV_M;
 	/* Keep the bound check the compiler would prove redundant: the
@@ -154,7 +160,7 @@ static __always_inline int select_backend(struct __sk_buff *skb, const struct fl
 	asm volatile("" : "+r"(slot));
 	if (slot >= MAGLEV_M)
 		return SELECT_NONE;
-	__u32 ip = table->ip[slot];
+	__u32 ip = mt->ip[slot];
 	struct backend_key bk = { .svc_id = svc_id, .ip = ip };
 	struct backend_info *b = ip ? bpf_map_lookup_elem(&backends, &bk) : 0;
 	if (!b)
@@ -163,7 +169,13 @@ static __always_inline int select_backend(struct __sk_buff *skb, const struct fl
 	out->bport = target_port ? target_port : f->dport;
 	__builtin_memcpy(out->mac, b->mac, ETH_ALEN);
 	out->svc_id = svc_id;
-	bpf_map_update_elem(&ct, &ck, out, BPF_ANY);
+	out->state = CT_OPEN;
+	out->seen = now;
+	ct_seen(out, f, now);
+	/* A full table (an endpoint's quota) refuses the flow: nothing in it
+	 * is pushed out for a newcomer. */
+	if (bpf_map_update_elem(table, &ck, out, BPF_ANY))
+		return SELECT_FULL;
 	struct svc_stats *st = stats_of(svc_id);
 	if (st)
 		st->selections += 1;
@@ -200,8 +212,20 @@ static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counter
 	__u32 svc_id = svc->id;
 	__u16 target_port = svc->target_port;
 
+	void *cts = ct_table_of(ifindex);
+	void *rnats = rnat_table_of(ifindex);
+	if (!cts || !rnats) {
+		/* The agent has not made its tables (yet): nothing to keep the
+		 * flow in. */
+		table_full(c, cts ? TABLE_RNAT : TABLE_CT);
+		return drop(c, DROP_TABLE_FULL, ifindex, f);
+	}
 	struct ct_value cv = {};
-	int chosen = select_backend(skb, f, svc_id, svc->count, target_port, &cv);
+	int chosen = select_backend(skb, f, svc_id, svc->count, target_port, &cv, cts);
+	if (chosen == SELECT_FULL) {
+		table_full(c, TABLE_CT);
+		return drop(c, DROP_TABLE_FULL, ifindex, f);
+	}
 	if (chosen == SELECT_LEFT) {
 		struct svc_stats *st = stats_of(svc_id);
 		if (st)
@@ -214,15 +238,30 @@ static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counter
 	if (chosen != SELECT_OK)
 		goto no_backend;
 	struct rnat_key rk = { .client = f->saddr, .backend = cv.backend, .cport = f->sport, .bport = cv.bport, .proto = f->proto };
-	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	struct rnat_value *rv = bpf_map_lookup_elem(rnats, &rk);
 	if (!rv || rv->vip != f->daddr || rv->vport != f->dport) {
-		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport };
-		bpf_map_update_elem(&rnat, &rk, &nv, BPF_ANY);
+		struct rnat_value nv = { .vip = f->daddr, .vport = f->dport, .seen = cv.seen };
+		if (bpf_map_update_elem(rnats, &rk, &nv, BPF_ANY)) {
+			/* Its replies could not be translated: the flow does not
+			 * start (and leaves nothing behind). */
+			struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
+			bpf_map_delete_elem(cts, &ck);
+			table_full(c, TABLE_RNAT);
+			return drop(c, DROP_TABLE_FULL, ifindex, f);
+		}
 	}
 	if (rewrite(skb, f, 1, f->daddr, cv.backend, f->dport, cv.bport))
 		return drop(c, DROP_MALFORMED, ifindex, f);
 	if (bpf_skb_store_bytes(skb, 0, cv.mac, ETH_ALEN, 0))
 		return drop(c, DROP_MALFORMED, ifindex, f);
+	if (f->proto == PROTO_TCP && f->rst) {
+		/* The client ended it: its entries go now, not when the agent
+		 * next sweeps (a client that closes with resets opens and ends
+		 * thousands a second). */
+		struct ct_key ck = { .client = f->saddr, .vip = f->daddr, .cport = f->sport, .vport = f->dport, .proto = f->proto };
+		bpf_map_delete_elem(cts, &ck);
+		bpf_map_delete_elem(rnats, &rk);
+	}
 	if (f->start)
 		emit(ifindex, f, 0, 0);
 	return TC_ACT_OK;
@@ -239,10 +278,14 @@ no_backend:
  * its source. */
 static __always_inline int reverse_nat(struct __sk_buff *skb, const struct flow *f)
 {
+	void *rnats = rnat_table_of(skb->ifindex);
+	if (!rnats)
+		return TC_ACT_OK;
 	struct rnat_key rk = { .client = f->daddr, .backend = f->saddr, .cport = f->dport, .bport = f->sport, .proto = f->proto };
-	struct rnat_value *rv = bpf_map_lookup_elem(&rnat, &rk);
+	struct rnat_value *rv = bpf_map_lookup_elem(rnats, &rk);
 	if (!rv)
 		return TC_ACT_OK;
+	rnat_seen(rv, f, bpf_ktime_get_coarse_ns());
 	struct rnat_value v = *rv;
 	if (rewrite(skb, f, 0, f->saddr, v.vip, f->sport, v.vport))
 		return TC_ACT_SHOT;

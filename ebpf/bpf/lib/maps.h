@@ -28,7 +28,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 18);
+	__uint(max_entries, 1 << 18); /* EVENTS_BYTES (events.h) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
 
@@ -101,6 +101,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } backends SEC(".maps");
 
+/* The routing mesh's connections (clients outside, no endpoint's). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 262144);
@@ -109,13 +110,51 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ct SEC(".maps");
 
+/* An endpoint's own connection and reverse-NAT tables: the agent makes
+ * them (with the endpoint's quota as max_entries: an inner map's size may
+ * differ from this template's) when it programs the endpoint. Not
+ * preallocated, so an endpoint's share costs memory only as it is used. */
+struct ep_ct_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	/* Sizes, not types: the BTF of a type reached only through the
+	 * outer map is a forward declaration, which has no size. */
+	__uint(key_size, sizeof(struct ct_key));
+	__uint(value_size, sizeof(struct ct_value));
+};
+
+struct ep_rnat_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(struct rnat_key));
+	__uint(value_size, sizeof(struct rnat_value));
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
-	__type(key, struct rnat_key);
-	__type(value, struct rnat_value);
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} rnat SEC(".maps");
+	__array(values, struct ep_ct_table);
+} ep_ct SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct ep_rnat_table);
+} ep_rnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct event_budget);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} event_budget SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);

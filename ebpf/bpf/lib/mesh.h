@@ -119,7 +119,7 @@ static __always_inline int mesh_from_uplink(struct __sk_buff *skb)
 	__u8 mesh_mac[ETH_ALEN];
 	__builtin_memcpy(mesh_mac, mc->mac, ETH_ALEN);
 	struct ct_value cv = {};
-	int chosen = select_backend(skb, &f, pub.id, pub.count, pub.target_port, &cv);
+	int chosen = select_backend(skb, &f, pub.id, pub.count, pub.target_port, &cv, &ct);
 	if (chosen != SELECT_OK) {
 		if (chosen == SELECT_LEFT) {
 			struct svc_stats *st = stats_of(pub.id);

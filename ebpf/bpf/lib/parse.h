@@ -71,6 +71,10 @@ struct flow {
 	__u8 syn;
 	__u8 echo;
 	__u32 l4off; /* from the start of the frame; 0 if no L4 header */
+	__u8 fin;    /* TCP flags the connection tables follow */
+	__u8 rst;
+	__u8 ack;
+	__u8 pad;
 };
 
 static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, struct flow *f)
@@ -88,6 +92,9 @@ static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, 
 			f->dport = t->dest;
 			f->syn = t->syn && !t->ack;
 			f->start = f->syn;
+			f->fin = t->fin;
+			f->rst = t->rst;
+			f->ack = t->ack;
 			f->l4off = l4 - data;
 		}
 	} else if (ip->protocol == PROTO_UDP) {

@@ -1,0 +1,57 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* An endpoint's own flow tables (`ep_ct`, `ep_rnat`: one hash map each,
+ * made by the agent with the endpoint's quota as its size) and what the
+ * packets of a flow keep in them: when it was last seen, to a second, and
+ * how far a TCP connection got. New flows never evict old ones: a table
+ * that is full refuses them (counted in endpoint_counters.full); the agent
+ * removes flows gone idle or closed (ebpf/src/conntrack.rs). */
+#ifndef TRELLIS_LIB_FLOWS_H
+#define TRELLIS_LIB_FLOWS_H
+
+#include "maps.h"
+#include "parse.h"
+
+static __always_inline void *ct_table_of(__u32 ifindex)
+{
+	return bpf_map_lookup_elem(&ep_ct, &ifindex);
+}
+
+static __always_inline void *rnat_table_of(__u32 ifindex)
+{
+	return bpf_map_lookup_elem(&ep_rnat, &ifindex);
+}
+
+/* An endpoint's share of `table` was spent. */
+static __always_inline void table_full(struct endpoint_counters *c, __u32 table)
+{
+	if (c && table < TABLES)
+		c->full[table] += 1;
+}
+
+/* A packet of the flow `v` from its client: refresh `seen` (at most once
+ * a second: a write per packet would bounce its cache line between CPUs)
+ * and follow the TCP handshake and close. */
+static __always_inline void ct_seen(struct ct_value *v, const struct flow *f, __u64 now)
+{
+	if (now - v->seen > SEEN_STEP)
+		v->seen = now;
+	if (f->proto != PROTO_TCP)
+		return;
+	if (f->fin || f->rst) {
+		if (v->state != CT_CLOSING)
+			v->state = CT_CLOSING;
+	} else if (v->state == CT_OPEN && f->ack && !f->syn) {
+		v->state = CT_ESTABLISHED;
+	}
+}
+
+/* A reply of the flow whose reverse translation is `v`. */
+static __always_inline void rnat_seen(struct rnat_value *v, const struct flow *f, __u64 now)
+{
+	if (now - v->seen > SEEN_STEP)
+		v->seen = now;
+	if (f->proto == PROTO_TCP && (f->fin || f->rst) && !(v->flags & RNAT_CLOSING))
+		v->flags |= RNAT_CLOSING;
+}
+
+#endif
