@@ -47,6 +47,8 @@ pub struct Stats {
     pub forward_failed: AtomicU64,
     pub refused: AtomicU64,
     pub malformed: AtomicU64,
+    /// Queries dropped unanswered: their client was past its rate.
+    pub rate_limited: AtomicU64,
 }
 
 impl Stats {
@@ -59,6 +61,7 @@ impl Stats {
             ("forward_failed", self.forward_failed.load(Ordering::Relaxed)),
             ("refused", self.refused.load(Ordering::Relaxed)),
             ("malformed", self.malformed.load(Ordering::Relaxed)),
+            ("rate_limited", self.rate_limited.load(Ordering::Relaxed)),
         ]
     }
 }
@@ -129,6 +132,8 @@ pub struct Core {
     upstream: Option<TokioResolver>,
     inflight: Semaphore,
     pub stats: Stats,
+    /// Each client's share (UDP queries).
+    limits: std::sync::Mutex<crate::limit::ClientLimits>,
 }
 
 impl Core {
@@ -144,7 +149,29 @@ impl Core {
             upstream: upstreams.resolver(),
             inflight: Semaphore::new(MAX_INFLIGHT),
             stats: Stats::default(),
+            limits: std::sync::Mutex::new(crate::limit::ClientLimits::new(crate::limit::DEFAULT_CLIENT_QPS)),
         })
+    }
+
+    /// Queries a second each client address may have answered over UDP
+    /// (0: no limit).
+    pub fn set_client_qps(&self, qps: u32) {
+        *self.limits.lock().unwrap_or_else(|p| p.into_inner()) = crate::limit::ClientLimits::new(qps);
+    }
+
+    /// Which of the clients of a batch of queries (arriving now) are
+    /// within their rate; the others' queries are counted and dropped.
+    pub fn admit(&self, clients: impl Iterator<Item = IpAddr>, out: &mut Vec<bool>) {
+        out.clear();
+        let now = std::time::Instant::now();
+        let mut limits = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        for c in clients {
+            let ok = limits.admit(c, now);
+            if !ok {
+                self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
+            out.push(ok);
+        }
     }
 
     /// Replace the zone (the agent does on every change of the records).

@@ -9,6 +9,9 @@
 //! their context switches), and each query cost two system calls. A
 //! blocked `recvmmsg` is woken only by queries; a batch costs two calls.
 //!
+//! Each client address is held to its rate ([`crate::limit`]) before a
+//! query is parsed.
+//!
 //! Queries that need the upstream are handed to the tokio runtime, which
 //! sends their answers on the same socket (never blocking: a full send
 //! buffer drops the answer and the client asks again, as over any UDP).
@@ -79,6 +82,7 @@ fn serve(socket: &Arc<socket2::Socket>, core: &Arc<Core>, runtime: &tokio::runti
     let mut tx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
     let mut got: Vec<(usize, Option<SocketAddr>, bool)> = Vec::with_capacity(BATCH);
     let mut out: Vec<Out> = Vec::with_capacity(BATCH);
+    let mut admitted: Vec<bool> = Vec::with_capacity(BATCH);
     while !stop.load(Ordering::Acquire) {
         got.clear();
         {
@@ -104,8 +108,15 @@ fn serve(socket: &Arc<socket2::Socket>, core: &Arc<Core>, runtime: &tokio::runti
             break;
         }
         out.clear();
+        // Each client's share first, for the whole batch under one lock: a
+        // flooder's excess costs a lookup, not a parse and an answer.
+        let unknown = std::net::IpAddr::from([0u8, 0, 0, 0]);
+        core.admit(got.iter().map(|g| g.1.map_or(unknown, |a| a.ip())), &mut admitted);
         for (i, &(n, src, truncated)) in got.iter().enumerate() {
             let Some(src) = src else { continue };
+            if !admitted[i] {
+                continue;
+            }
             if truncated || n == 0 {
                 core.stats.malformed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 continue;

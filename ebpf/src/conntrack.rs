@@ -180,13 +180,10 @@ mod tests {
         let life = Lifetimes::default();
         let now = 100_000 * S;
         let dns = |cport, proto, flags, seen| {
-            (RnatKey { client: 1, backend: 7, cport, bport: 53, proto, pad: [0; 3] }, RnatValue {
-                vip: 8,
-                vport: 53,
-                flags,
-                pad: 0,
-                seen,
-            })
+            (
+                RnatKey { client: 1, backend: 7, cport, bport: 53, proto, pad: [0; 3] },
+                RnatValue { vip: 8, vport: 53, flags, pad: 0, seen },
+            )
         };
         let rnat = [
             dns(1, UDP, 0, now - 30 * S),

@@ -684,12 +684,18 @@ impl Datapath {
         self.flow_quota = quota.max(1);
     }
 
-    fn outer<V: aya::maps::InnerMap>(&self, name: &'static str) -> Result<aya::maps::HashOfMaps<&aya::maps::MapData, u32, V>> {
+    fn outer<V: aya::maps::InnerMap>(
+        &self,
+        name: &'static str,
+    ) -> Result<aya::maps::HashOfMaps<&aya::maps::MapData, u32, V>> {
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
         aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
     }
 
-    fn outer_mut<V: aya::maps::InnerMap>(&mut self, name: &'static str) -> Result<aya::maps::HashOfMaps<&mut aya::maps::MapData, u32, V>> {
+    fn outer_mut<V: aya::maps::InnerMap>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<aya::maps::HashOfMaps<&mut aya::maps::MapData, u32, V>> {
         let map = self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?;
         aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
     }
@@ -714,7 +720,10 @@ impl Datapath {
 
     /// The endpoints (ifindexes) that have flow tables.
     pub fn flow_table_ifindexes(&self) -> Result<Vec<u32>> {
-        self.outer::<CtTable>("ep_ct")?.keys().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list flow tables"))
+        self.outer::<CtTable>("ep_ct")?
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err("list flow tables"))
     }
 
     fn ct_table(&self, ifindex: u32) -> Result<Option<CtTable>> {
@@ -757,7 +766,8 @@ impl Datapath {
             let (Some(mut ct), rnat) = (self.ct_table(ifindex)?, self.rnat_table(ifindex)?) else { continue };
             let flows = ct.iter().filter_map(|r| r.ok()).collect::<Vec<_>>();
             let mut rnat = rnat;
-            let replies = rnat.as_ref().map(|t| t.iter().filter_map(|r| r.ok()).collect::<Vec<_>>()).unwrap_or_default();
+            let replies =
+                rnat.as_ref().map(|t| t.iter().filter_map(|r| r.ok()).collect::<Vec<_>>()).unwrap_or_default();
             let gone = conntrack::expired(now, &flows, &replies, life);
             for k in &gone.ct {
                 removed(ct.remove(k), "remove a flow")?;

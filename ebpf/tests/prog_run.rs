@@ -469,8 +469,12 @@ fn a_full_flow_table_refuses_new_flows_and_keeps_every_old_one() {
     for port in 1..=4 {
         let r = lab.send(&udp_to_vip(40000, port));
         assert_eq!((r.verdict, ip_dst(&r.frame)), (TC_ACT_OK, BACKEND_IP), "flow {port}");
-        let reply =
-            eth(EP_MAC, BACKEND_MAC, ETH_P_IP, &ipv4(BACKEND_IP, EP_IP, PROTO_UDP, &udp(BACKEND_IP, EP_IP, port, 40000, b"a")));
+        let reply = eth(
+            EP_MAC,
+            BACKEND_MAC,
+            ETH_P_IP,
+            &ipv4(BACKEND_IP, EP_IP, PROTO_UDP, &udp(BACKEND_IP, EP_IP, port, 40000, b"a")),
+        );
         assert_eq!(ip_src(&lab.deliver(&reply).frame), VIP, "flow {port}'s reply");
     }
     assert_eq!(lab.dp.endpoint_connections(RunLab::IFINDEX).unwrap().len(), 4);

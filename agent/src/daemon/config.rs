@@ -42,6 +42,8 @@ pub struct FileConfig {
     pub dns_kernel: Option<bool>,
     pub drain_ms: Option<u64>,
     pub cluster_key_file: Option<PathBuf>,
+    pub flows_per_endpoint: Option<u32>,
+    pub dns_client_qps: Option<u32>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -106,6 +108,11 @@ pub struct Overrides {
     /// nftables rules).
     #[arg(long, env = "TRELLIS_EBPF", num_args = 0..=1, default_missing_value = "true")]
     pub ebpf: Option<bool>,
+    /// How many connections to service VIPs one endpoint may track at once
+    /// (its own tables: a neighbour flooding new flows fills only its own;
+    /// a full table refuses new flows and keeps the old). Default 65536.
+    #[arg(long, env = "TRELLIS_FLOWS_PER_ENDPOINT")]
+    pub flows_per_endpoint: Option<u32>,
     /// How the eBPF programs attach: `clsact` (tc filters in a clsact
     /// qdisc, any kernel; the default) or `auto`/`tcx` (tcx links on
     /// kernels from 6.6, clsact below). A tcx attachment waits for RCU
@@ -133,6 +140,11 @@ pub struct Overrides {
     /// datapath and DNS on port 53). On by default.
     #[arg(long, env = "TRELLIS_DNS_KERNEL", num_args = 0..=1, default_missing_value = "true")]
     pub dns_kernel: Option<bool>,
+    /// Queries a second the DNS server answers one client address over UDP
+    /// (a flooding client's excess is dropped, others are unaffected; the
+    /// in-kernel path's answers do not count). 0: no limit. Default 2000.
+    #[arg(long, env = "TRELLIS_DNS_CLIENT_QPS")]
+    pub dns_client_qps: Option<u32>,
     /// Upstream resolvers for names that are not Trellis's: `IP[:PORT],…`
     /// (default: the nameservers of /etc/resolv.conf).
     #[arg(long, env = "TRELLIS_DNS_UPSTREAM")]
@@ -208,6 +220,10 @@ pub struct Config {
     pub drain: Duration,
     /// Where the cluster keys are (none: no encrypted networks here).
     pub cluster_key_file: Option<PathBuf>,
+    /// The size of each endpoint's own flow tables.
+    pub flows_per_endpoint: u32,
+    /// Each DNS client's rate (0: none).
+    pub dns_client_qps: u32,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
@@ -237,6 +253,8 @@ pub enum ConfigError {
     MetricsAddr(String),
     #[error("invalid docker_host {0:?}: expected unix:///PATH")]
     DockerHost(String),
+    #[error("flows_per_endpoint must be at least 1")]
+    FlowsPerEndpoint,
     #[error("invalid ebpf_attach {0:?}: expected clsact, tcx or auto")]
     EbpfAttach(String),
     #[error("invalid default_prefix_len {len} for pool {pool}: must be between the pool's length and 30")]
@@ -314,6 +332,11 @@ impl Config {
             dns_kernel: o.dns_kernel.or(f.dns_kernel).unwrap_or(true),
             drain: Duration::from_millis(o.drain_ms.or(f.drain_ms).unwrap_or(DEFAULT_DRAIN_MS)),
             cluster_key_file: o.cluster_key_file.clone().or(f.cluster_key_file),
+            dns_client_qps: o.dns_client_qps.or(f.dns_client_qps).unwrap_or(trellis_dns::limit::DEFAULT_CLIENT_QPS),
+            flows_per_endpoint: match o.flows_per_endpoint.or(f.flows_per_endpoint) {
+                Some(0) => return Err(ConfigError::FlowsPerEndpoint),
+                n => n.unwrap_or(trellis_ebpf::FLOWS_PER_ENDPOINT),
+            },
             ebpf_attach: match o.ebpf_attach.clone().or(f.ebpf_attach).as_deref() {
                 Some("auto") | Some("tcx") => trellis_ebpf::AttachMode::Auto,
                 None | Some("clsact") => trellis_ebpf::AttachMode::Clsact,
@@ -420,6 +443,11 @@ mod tests {
         assert_eq!(Config::merge(file, &Overrides::default()).unwrap().drain, Duration::from_millis(500));
         let none = Overrides { drain_ms: Some(0), ..Overrides::default() };
         assert!(Config::merge(FileConfig::default(), &none).unwrap().drain.is_zero());
+        assert_eq!(d.flows_per_endpoint, 65536, "an endpoint tracks up to 65536 flows");
+        assert_eq!(d.dns_client_qps, 2000, "a DNS client is answered 2000 queries a second");
+        let zero = Overrides { flows_per_endpoint: Some(0), ..Overrides::default() };
+        let err = Config::merge(FileConfig::default(), &zero).unwrap_err().to_string();
+        assert!(err.contains("flows_per_endpoint"), "{err}");
         assert_eq!(d.metrics_addr, Some("127.0.0.1:9473".parse().unwrap()));
         let m = Overrides { metrics_addr: Some("off".into()), ..Overrides::default() };
         assert_eq!(Config::merge(FileConfig::default(), &m).unwrap().metrics_addr, None);

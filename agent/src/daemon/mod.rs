@@ -171,6 +171,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = bind_api(&cfg.socket)?;
 
     let dns_core = cfg.dns.then(|| trellis_dns::Core::new(&cfg.dns_upstream));
+    if let Some(core) = &dns_core {
+        core.set_client_qps(cfg.dns_client_qps);
+    }
     if let Some(p) = &prober {
         tasks.spawn(tasks::probe_peers(
             p.clone(),
@@ -255,6 +258,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         xfrm_seen,
     ));
     tasks.spawn(tasks::finish_drains(cluster.clone(), informer.clone(), app.drains.clone(), every));
+    tasks.spawn(tasks::sweep_flows(dataplane.clone()));
     tasks.spawn(tasks::follow_store(reconciler, informer, cluster, dataplane));
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -303,7 +307,7 @@ fn open_datapath(cfg: &Config) -> anyhow::Result<(NetlinkDataplane, bool)> {
     let (netlink, ebpf) = if !cfg.ebpf {
         (netlink, false)
     } else {
-        match netlink.with_ebpf(&cfg.run_dir.join("bpf"), cfg.ebpf_attach) {
+        match netlink.with_ebpf(&cfg.run_dir.join("bpf"), cfg.ebpf_attach, cfg.flows_per_endpoint) {
             Ok(n) => (n, true),
             Err(e) => {
                 tracing::warn!(error = %e, "the eBPF endpoint program is not available; endpoints run without it");

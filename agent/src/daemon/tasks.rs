@@ -30,6 +30,30 @@ pub async fn events_off_when_unwatched(tx: broadcast::Sender<trellis_ebpf::FlowE
     }
 }
 
+/// How often the endpoints' flow tables are swept: the shortest lifetime
+/// (a closed TCP connection's, 10 s) is kept to within this.
+pub const FLOW_SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The endpoints' own flow tables keep every flow until this removes it
+/// (the programs evict nothing: a full table refuses new flows), so this
+/// is what gives a flooded endpoint room again.
+pub async fn sweep_flows(dp: Arc<dyn Dataplane>) {
+    let mut tick = tokio::time::interval(FLOW_SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let dp = dp.clone();
+        match tokio::task::spawn_blocking(move || dp.sweep_flows()).await {
+            Ok(Ok(s)) if s.removed_ct + s.removed_rnat > 0 => {
+                tracing::debug!(live = s.live, removed = s.removed_ct, reverse = s.removed_rnat, "swept flows")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the endpoints' flow tables"),
+            Err(e) => tracing::warn!(error = %e, "the flow sweep's thread"),
+        }
+    }
+}
+
 /// The prober follows the present hosts (every peer but this one: the
 /// live ones, and those kept while they answer), and a kept host whose
 /// probes stop answering (or that registers again) triggers a pass.

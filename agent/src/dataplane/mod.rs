@@ -142,6 +142,12 @@ pub trait Dataplane: Send + Sync + 'static {
     fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
         Vec::new()
     }
+    /// Remove the tracked flows that are over from every endpoint's flow
+    /// tables (`trellis_ebpf::conntrack`). Blocking (reads every table):
+    /// call it off the runtime.
+    fn sweep_flows(&self) -> Result<trellis_ebpf::FlowSweep> {
+        Ok(Default::default())
+    }
     /// Turn the datapath's monitor events on (someone watches) or off.
     fn set_events(&self, _on: bool) {}
     /// A service's datapath counters on this host (by datapath id).

@@ -141,6 +141,9 @@ pub struct Snapshot {
     pub services: Vec<(String, u32)>,
     /// Encrypted networks: name, VXLAN port, the epoch senders use.
     pub keys: Vec<(String, u16, u32)>,
+    /// This host's endpoints by host-side interface: endpoint name and
+    /// network name (the labels of per-endpoint datapath metrics).
+    pub endpoints: std::collections::HashMap<String, (String, String)>,
 }
 
 /// The scrape-time part.
@@ -407,7 +410,27 @@ impl AgentCollector {
                         .encode(m.encode_family(&[("interface", ifname.as_str()), ("reason", r.name())])?)?;
                 }
             }
-            let services = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).services.clone();
+            let snap = self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut m = enc.encode_descriptor(
+                "trellis_datapath_table_full",
+                "Times an endpoint found its share of a shared table spent: a new flow refused (conntrack, \
+                 reverse_nat) or a monitor event not sent (monitor_events).",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (ifname, c) in &counters {
+                let (endpoint, network) =
+                    snap.endpoints.get(ifname).map(|(e, n)| (e.as_str(), n.as_str())).unwrap_or((ifname.as_str(), ""));
+                for t in trellis_ebpf::Table::ALL {
+                    ConstCounter::new(c.full(t)).encode(m.encode_family(&[
+                        ("table", t.name()),
+                        ("endpoint", endpoint),
+                        ("network", network),
+                        ("interface", ifname.as_str()),
+                    ])?)?;
+                }
+            }
+            let services = snap.services.clone();
             let stats: Vec<(String, trellis_ebpf::SvcStats)> =
                 services.into_iter().filter_map(|(name, id)| Some((name, self.dataplane.service_stats(id)?))).collect();
             for (name, help, pick) in [
@@ -465,6 +488,12 @@ pub async fn refresh(
                     as u64;
             out.networks.push((n.name.clone(), taken, usable, local));
         }
+        out.endpoints = v
+            .endpoints
+            .iter()
+            .filter(|e| e.host == cluster.host)
+            .map(|e| (crate::model::host_ifname(&e.id), (e.name.clone(), e.network.clone())))
+            .collect();
         out.services = v.services.iter().filter_map(|s| Some((s.name.clone(), s.datapath_id()?))).collect();
         out.keys = v
             .networks

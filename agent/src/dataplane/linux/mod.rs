@@ -139,6 +139,7 @@ impl NetlinkDataplane {
         mut self,
         dir: &std::path::Path,
         mode: trellis_ebpf::AttachMode,
+        flows_per_endpoint: u32,
     ) -> std::result::Result<NetlinkDataplane, String> {
         self.attach_mode = mode;
         trellis_ebpf::mount_bpffs(dir)?;
@@ -148,6 +149,7 @@ impl NetlinkDataplane {
             std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
         }
         let mut dp = trellis_ebpf::Datapath::load_pinned(&maps).map_err(|e| e.to_string())?;
+        dp.set_flow_quota(flows_per_endpoint);
         match dp.take_events() {
             Ok(ring) => *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring),
             Err(e) => tracing::warn!(error = %e, "no monitor events"),
@@ -266,6 +268,13 @@ impl Dataplane for NetlinkDataplane {
 
     fn endpoint_counters(&self) -> Vec<(String, trellis_ebpf::EndpointCounters)> {
         self.read_endpoint_counters()
+    }
+
+    fn sweep_flows(&self) -> Result<trellis_ebpf::FlowSweep> {
+        let Some((dp, _)) = &self.bpf else { return Ok(Default::default()) };
+        let dp = dp.lock().unwrap_or_else(|p| p.into_inner());
+        dp.sweep_flows(trellis_ebpf::flow_clock(), &trellis_ebpf::conntrack::Lifetimes::default())
+            .map_err(|e| DataplaneError::Ebpf(format!("sweeping flows: {e}")))
     }
 
     async fn container_link(&self, netns: &std::path::Path, ifname: &str) -> Result<Option<ContainerLink>> {
