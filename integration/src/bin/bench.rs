@@ -36,6 +36,9 @@ mod ipsec;
 #[path = "bench/sim.rs"]
 mod sim;
 
+#[path = "bench/fairness.rs"]
+mod fairness;
+
 const CNI_DIR: &str = "/usr/lib/cni";
 
 struct Args {
@@ -79,7 +82,7 @@ fn parse_args() -> Result<Args> {
             "--vip-secs" => a.vip_secs = val()?.parse()?,
             "--out" => a.out = val()?.into(),
             other => bail!(
-                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,mesh,attach,ipsec,sim; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
+                "unknown argument {other:?} (--only ipam,cluster,scale,docker,dns,vip,mesh,attach,ipsec,sim,fairness; --dns-secs N; --vip-secs S; --endpoints N; --allocations N; \
                  --docker-runs N; --convergence N; --scale-hosts N; --scale-per-host N; --out FILE)"
             ),
         }
@@ -507,7 +510,12 @@ fn bench_dns(secs: u32, rate: u32) -> Result<Vec<DnsRow>> {
     std::fs::write(&queries, (0..DNS_NAMES).map(|i| format!("t{i} A\n")).collect::<String>())?;
 
     // Trellis: its server on the gateway, the client a managed endpoint.
-    let host = Host::new()?;
+    // dnsperf sends every query from one address: without the per-client
+    // rate (2,000 a second by default), which would measure the limit,
+    // not the server.
+    let mut host = Host::bare()?;
+    host.extra_args = vec!["--dns-client-qps".into(), "0".into()];
+    host.start()?;
     host.ctl(&["network", "create", "dnsb", "--subnet", "10.94.0.0/24", "--attachable"])?;
     for i in 0..DNS_NAMES {
         host.ctl(&["attach", "dnsb", "--name", &format!("t{i}")])?;
@@ -626,7 +634,9 @@ fn md_dns(md: &mut String, rows: &[DnsRow], secs: u32, rate: u32) -> Result<()> 
          network's gateway, aardvark-dns (Debian's, as netavark runs it), and Docker's embedded DNS \
          (127.0.0.11 in a container of a bridge network). CPU is the server process's user + system time \
          over the run divided by the answered queries. Latency from a second run at a fixed {rate} queries/s \
-         (each query's time as dnsperf reports it). Best of two rounds.\n"
+         (each query's time as dnsperf reports it). Best of two rounds. Trellis runs with `--dns-client-qps 0`: \
+         dnsperf asks from one address, and the default per-client share (2,000 queries a second, \
+         `tests/fairness.rs`) would be measured instead of the server.\n"
     )?;
     writeln!(
         md,
@@ -1108,6 +1118,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let fair = if on("fairness") {
+        eprintln!("trellis-bench: fairness: a victim's round trips through a VIP beside a neighbour's flood");
+        Some(fairness::bench(5)?)
+    } else {
+        None
+    };
     let simulated = if on("sim") { Some(sim::bench(&[(100, 10), (300, 10), (1000, 10)], 50)?) } else { None };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
@@ -1153,6 +1169,9 @@ fn main() -> Result<()> {
     }
     if let Some(esp) = &esp {
         ipsec::md(&mut md, esp)?;
+    }
+    if let Some(f) = &fair {
+        fairness::md(&mut md, f)?;
     }
     if let Some(rows) = &simulated {
         sim::md(&mut md, rows)?;

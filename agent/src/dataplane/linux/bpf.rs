@@ -47,7 +47,7 @@ impl NetlinkDataplane {
     /// Drop what the datapath keeps for interfaces that are gone (a
     /// container's veth dies with its namespace, a veth deleted by hand):
     /// attachment markers of names no interface has, and entries and
-    /// counters of ifindexes no interface has. `links` (a dump) picks the
+    /// counters and flow tables of ifindexes no interface has. `links` (a dump) picks the
     /// candidates; each is checked again now, under the datapath's lock
     /// that attachments take too, so one made since the dump stays.
     pub(super) fn sweep_gone_interfaces(&self, links: &HashMap<u32, String>) {
@@ -70,6 +70,7 @@ impl NetlinkDataplane {
         }
         let mut indexes: BTreeSet<u32> = dp.endpoint_ifindexes().unwrap_or_default().into_iter().collect();
         indexes.extend(dp.counter_ifindexes().unwrap_or_default());
+        indexes.extend(dp.flow_table_ifindexes().unwrap_or_default());
         for index in indexes.into_iter().filter(|i| !links.contains_key(i)) {
             if !index_exists(index)
                 && let Err(e) = dp.remove_endpoint(index)
