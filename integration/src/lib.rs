@@ -641,6 +641,9 @@ pub struct Lab {
     pub underlay: Netns,
     /// Each host's uplink interface (in the host's namespace).
     pub uplinks: Vec<String>,
+    /// The underlay bridge's port of each host (its uplink's peer, in the
+    /// underlay namespace).
+    pub ports: Vec<String>,
 }
 
 impl Lab {
@@ -657,6 +660,16 @@ impl Lab {
     /// A lab whose agent `i` (0-based) gets the flags `extra(i)` too (a
     /// mixed cluster: some hosts with `--ebpf=false`).
     pub fn with_host_args(n: usize, lease_ms: u64, extra: impl Fn(usize) -> Vec<String>) -> Result<Lab> {
+        let mut lab = Lab::unstarted(n, lease_ms, extra)?;
+        for h in lab.hosts.iter_mut() {
+            h.start()?;
+        }
+        Ok(lab)
+    }
+
+    /// The lab of [`Lab::with_host_args`] with no agent started yet (a test
+    /// that changes the hosts' wiring first starts them itself).
+    pub fn unstarted(n: usize, lease_ms: u64, extra: impl Fn(usize) -> Vec<String>) -> Result<Lab> {
         let underlay = Netns::new("tru")?;
         underlay.ip(&["link", "add", "ul0", "type", "bridge"])?;
         underlay.ip(&["addr", "add", &format!("{UNDERLAY_GATEWAY}/24"), "dev", "ul0"])?;
@@ -664,6 +677,7 @@ impl Lab {
         let etcd = Etcd::start_in(Some(&underlay.path()), UNDERLAY_GATEWAY)?;
         let mut hosts = Vec::with_capacity(n);
         let mut uplinks = Vec::with_capacity(n);
+        let mut ports = Vec::with_capacity(n);
         for i in 1..=n {
             let mut h = Host::bare()?;
             let a = unique("tl");
@@ -684,11 +698,17 @@ impl Lab {
             h.extra_args.extend(extra(i - 1));
             hosts.push(h);
             uplinks.push(a);
+            ports.push(b);
         }
-        for h in hosts.iter_mut() {
-            h.start()?;
-        }
-        Ok(Lab { hosts, etcd, underlay, uplinks })
+        Ok(Lab { hosts, etcd, underlay, uplinks, ports })
+    }
+
+    /// Host `i`'s (0-based) wire to the underlay carries `mtu`: its
+    /// uplink and the bridge's port to it.
+    pub fn set_uplink_mtu(&self, i: usize, mtu: u32) -> Result<()> {
+        self.hosts[i].ns.ip(&["link", "set", &self.uplinks[i], "mtu", &mtu.to_string()])?;
+        self.underlay.ip(&["link", "set", &self.ports[i], "mtu", &mtu.to_string()])?;
+        Ok(())
     }
 }
 

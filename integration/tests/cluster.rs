@@ -683,3 +683,126 @@ fn the_advertise_address_is_never_a_guess() {
         "{err}"
     );
 }
+
+/// The MTU of `ifname` inside the namespace at `ns` (as `ip` shows it:
+/// /sys would be the root namespace's).
+fn mtu_in(ns: &std::path::Path, ifname: &str) -> u32 {
+    let out = in_netns(ns, "ip", &["-o", "link", "show", ifname]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split(" mtu ").nth(1).and_then(|r| r.split(' ').next()).and_then(|m| m.parse().ok()).unwrap_or(0)
+}
+
+/// `ping -c N -s SIZE` (with `-M do`: never fragmented) from `ns` to `dst`:
+/// whether every reply came.
+fn ping_sized(ns: &std::path::Path, dst: &str, size: u32, dont_fragment: bool) -> bool {
+    let size = size.to_string();
+    let mut args = vec!["-q", "-c", "5", "-i", "0.2", "-W", "2", "-s", &size];
+    if dont_fragment {
+        args.extend(["-M", "do"]);
+    }
+    args.push(dst);
+    in_netns(ns, "ping", &args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn hosts_with_jumbo_frames_and_a_small_vpn_size_the_network_for_the_smallest() {
+    require_root();
+    let mut lab = Lab::unstarted(2, 3000, |_| Vec::new()).unwrap();
+    // Host 1 on jumbo frames, host 2 behind a 1400-byte wire.
+    lab.set_uplink_mtu(0, 9000).unwrap();
+    lab.set_uplink_mtu(1, 1400).unwrap();
+    lab.hosts[0].start().unwrap();
+    lab.hosts[0].ctl(&["network", "create", "jumbo", "--subnet", "10.134.0.0/24", "--attachable"]).unwrap();
+    let a = lab.hosts[0].attach("jumbo", "a", &[]).unwrap();
+    let ans = netns_of(&a);
+    assert_eq!(mtu_in(&ans, "eth0"), 8950, "alone on jumbo frames: 9000 less VXLAN's 50");
+    // The small host joins: every network shrinks to what its wire
+    // carries, live, the running container's interface too.
+    lab.hosts[1].start().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || mtu_in(&ans, "eth0") == 1350),
+        "a's interface never went to 1350: {}",
+        mtu_in(&ans, "eth0")
+    );
+    let b = lab.hosts[1].attach("jumbo", "b", &[]).unwrap();
+    let bns = netns_of(&b);
+    assert_eq!(mtu_in(&bns, "eth0"), 1350);
+    let net = lab.hosts[0].ctl_json(&["network", "inspect", "jumbo"]).unwrap();
+    let (aip, bip) = (ip_of(&a), ip_of(&b));
+    assert!(wait_for(Duration::from_secs(10), || ping(&ans, &bip, 1)), "a never reached b: {net}");
+    // 8,000- and 1,400-byte payloads both ways (fragmented in the
+    // containers, as on any 1350-byte link), and the largest unfragmented
+    // one; one byte more does not leave the container.
+    for (from, to) in [(&ans, &bip), (&bns, &aip)] {
+        assert!(ping_sized(from, to, 8000, false), "8000 bytes to {to}");
+        assert!(ping_sized(from, to, 1400, false), "1400 bytes to {to}");
+        assert!(ping_sized(from, to, 1322, true), "1350 less 28 unfragmented to {to}");
+        assert!(!ping_sized(from, to, 1323, true), "one byte over the MTU with DF set to {to}");
+    }
+    // A TCP stream of 8,000-byte writes.
+    let server =
+        trellis_integration::sockets::in_ns(&bns, || std::net::TcpListener::bind("0.0.0.0:7000")).unwrap().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut c, _) = server.accept().unwrap();
+        let mut buf = Vec::new();
+        c.read_to_end(&mut buf).unwrap();
+        buf
+    });
+    let to: std::net::SocketAddr = format!("{bip}:7000").parse().unwrap();
+    let mut c = trellis_integration::sockets::connect(&ans, to, Duration::from_secs(3)).unwrap();
+    let chunk: Vec<u8> = (0..8000u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..256 {
+        std::io::Write::write_all(&mut c, &chunk).unwrap();
+    }
+    drop(c);
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), 256 * 8000, "every byte of the stream arrived");
+    assert!(got.chunks(8000).all(|c| c == chunk.as_slice()), "and intact");
+    // host ls: each host's advertised MTU, and the path to it as probed.
+    let path_mtu = |from: usize, to: &str| {
+        let hosts = lab.hosts[from].ctl_json(&["host", "ls"]).unwrap();
+        let h = hosts.as_array().unwrap().iter().find(|h| h["id"] == to).cloned().unwrap();
+        (h["underlay_mtu"].as_u64().unwrap(), h["path_mtu"].as_u64().unwrap())
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || path_mtu(0, "host2") == (1400, 1400)),
+        "host 1 sees host 2 at {:?}",
+        path_mtu(0, "host2")
+    );
+    assert!(wait_for(Duration::from_secs(10), || path_mtu(1, "host1") == (9000, 1400)), "{:?}", path_mtu(1, "host1"));
+    let table = lab.hosts[0].ctl(&["host", "ls"]).unwrap();
+    assert!(table.contains("1400 (1400)"), "{table}");
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_path_narrower_than_both_hosts_is_found_by_the_probes() {
+    require_root();
+    let mut lab = Lab::unstarted(2, 3000, |_| Vec::new()).unwrap();
+    // Both hosts on jumbo frames, but the wire into host 2 (the underlay
+    // bridge's port) carries 1400: a hop neither host can see.
+    lab.set_uplink_mtu(0, 9000).unwrap();
+    lab.set_uplink_mtu(1, 9000).unwrap();
+    lab.underlay.ip(&["link", "set", &lab.ports[1], "mtu", "1400"]).unwrap();
+    for h in lab.hosts.iter_mut() {
+        h.start().unwrap();
+    }
+    let found = || {
+        let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
+        let h = hosts.as_array().unwrap().iter().find(|h| h["id"] == "host2").cloned().unwrap();
+        (h["underlay_mtu"].as_u64().unwrap(), h["path_mtu"].as_u64().unwrap())
+    };
+    // A search of a size a second: within 20 s.
+    assert!(
+        wait_for(Duration::from_secs(25), || {
+            let (adv, path) = found();
+            adv == 9000 && (1392..=1400).contains(&path)
+        }),
+        "host 1 sees host 2 as {:?}",
+        found()
+    );
+    let log = std::fs::read_to_string(lab.hosts[0].log_path()).unwrap();
+    assert!(log.contains("carries less than both hosts' underlays advertise"), "the agent warns");
+}

@@ -227,6 +227,8 @@ fn host_to_proto(v: &HostView) -> proto::Host {
         probe_state: probe_state(v.probe) as i32,
         tunnel_state: tunnel_state(v.tunnel) as i32,
         kept: v.kept,
+        underlay_mtu: h.underlay_mtu,
+        path_mtu: v.path_mtu.unwrap_or(0),
     }
 }
 

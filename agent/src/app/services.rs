@@ -344,6 +344,7 @@ mod tests {
             capabilities: [("ebpf".to_string(), ebpf)].into(),
             version: "test".into(),
             started_unix: 0,
+            underlay_mtu: 0,
         };
         let value = serde_json::to_vec(&rec).unwrap();
         store.txn(vec![], vec![trellis_store::Op::put(crate::model::host_key(id), value)]).await.unwrap();

@@ -89,6 +89,8 @@ pub struct HostView {
     pub tunnel_probe_rtt: Option<Duration>,
     /// No registration, kept while this host's probes of it answer.
     pub kept: bool,
+    /// The largest packet the path to it carries, as probed.
+    pub path_mtu: Option<u32>,
 }
 
 /// This host's health.
@@ -191,6 +193,7 @@ impl App {
                     probe_rtt: health.as_ref().and_then(|x| x.rtt),
                     tunnel_probe_rtt: health.as_ref().and_then(|x| x.tunnel.rtt),
                     kept: kept_ids.contains(&h.id),
+                    path_mtu: health.as_ref().and_then(|x| x.mtu.verified),
                     host: h,
                 }
             })

@@ -207,6 +207,7 @@ mod tests {
             capabilities: Default::default(),
             version: "t".into(),
             started_unix: 0,
+            underlay_mtu: 0,
         };
         let live = vec![rec("a", "10.0.0.1"), rec("b", "10.0.0.2"), rec("z", "0.0.0.0")];
         assert_eq!(super::sharing_underlay(&live, &rec("c", "10.0.0.2")).map(|h| h.id.as_str()), Some("b"));

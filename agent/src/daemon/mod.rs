@@ -88,6 +88,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     let vtep_mac = crate::state::hosts::vtep_mac(&cfg.state_dir).context("reading the VTEP MAC")?;
+    // Advertised so every host sizes every network for the smallest wire.
+    let underlay_mtu = match dataplane.underlay_mtu().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the underlay MTU: not advertised");
+            0
+        }
+    };
     let uplink = match underlay {
         Some(a) => dataplane.link_with_addr(a).await.context("finding the uplink interface")?,
         None => None,
@@ -122,6 +130,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         capabilities: caps.clone().into_iter().collect(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_unix: model::now_unix(),
+        underlay_mtu,
     };
     refuse_shared_underlay(store.as_ref(), &record, cfg.lease_ttl).await?;
     let lease = match crate::state::hosts::register_under(store.as_ref(), &record, cfg.lease_ttl, previous_lease).await
@@ -147,6 +156,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     // Probes of every peer's tunnel endpoint, once a second: the data
     // path's word on which hosts are present, beside the store's.
     let prober = Arc::new(crate::telemetry::probe::Prober::default());
+    prober.set_own_mtu(underlay_mtu);
     let prober = match dataplane.probe_sockets().and_then(|sockets| prober.start(sockets, Duration::from_secs(1))) {
         Ok(()) => Some(prober),
         Err(e) => {

@@ -50,6 +50,7 @@ pub fn host_record(id: &str, index: u32) -> HostRecord {
         capabilities: Default::default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         started_unix: model::now_unix(),
+        underlay_mtu: 0,
     }
 }
 

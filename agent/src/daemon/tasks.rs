@@ -72,11 +72,11 @@ pub async fn probe_peers(
         // The verdicts first, then the peers: a host that just lost its
         // registration keeps its probe history.
         let (hosts, changed) = present.hosts(&v.hosts);
-        prober.set_peers(
+        prober.set_peers_sized(
             hosts
                 .iter()
                 .filter(|h| h.id != cluster.host)
-                .map(|h| (h.id.clone(), h.underlay, Some(h.vtep_mac)))
+                .map(|h| (h.id.clone(), h.underlay, Some(h.vtep_mac), h.underlay_mtu))
                 .collect(),
         );
         if changed {

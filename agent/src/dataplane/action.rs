@@ -104,6 +104,14 @@ pub enum Action {
         mtu: u32,
         master: Option<String>,
     },
+    /// The MTU of an endpoint's interface inside its container (its
+    /// network's MTU changed: a host with a smaller underlay joined or
+    /// left). Set before the host side when it goes down.
+    SetContainerMtu {
+        netns: std::path::PathBuf,
+        ifname: String,
+        mtu: u32,
+    },
     AddAddress {
         link: String,
         addr: IpNet,

@@ -45,6 +45,9 @@ pub struct FakePeers {
     pub tunnel: BTreeSet<std::net::Ipv6Addr>,
     /// There is a probe device to probe through.
     pub probe_device: bool,
+    /// The largest unfragmented packet each underlay path carries (absent:
+    /// any size).
+    pub path_mtu: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
 }
 
 /// Probe sockets whose echoes the [`FakePeers`] answer at once.
@@ -60,6 +63,13 @@ impl super::ProbeSockets for FakeProbeSockets {
     }
     fn send_underlay(&mut self, to: std::net::Ipv4Addr, id: u16, seq: u16) -> std::io::Result<()> {
         if self.peers.lock().unwrap().underlay.contains(&to) {
+            self.replies.push_back((to, id, seq));
+        }
+        Ok(())
+    }
+    fn send_underlay_sized(&mut self, to: std::net::Ipv4Addr, id: u16, seq: u16, size: u32) -> std::io::Result<()> {
+        let p = self.peers.lock().unwrap();
+        if p.underlay.contains(&to) && p.path_mtu.get(&to).is_none_or(|m| size <= *m) {
             self.replies.push_back((to, id, seq));
         }
         Ok(())

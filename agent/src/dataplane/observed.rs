@@ -103,6 +103,8 @@ impl Observed {
             Action::DelNeigh { link, ip, mac } => {
                 self.links.get_mut(link).ok_or_else(|| missing(link))?.neigh.remove(&(*ip, *mac));
             }
+            // Inside a container: nothing the host's links show.
+            Action::SetContainerMtu { .. } => {}
             Action::SetLink { name, mtu, master } => {
                 let l = self.links.get_mut(name).ok_or_else(|| missing(name))?;
                 l.mtu = *mtu;

@@ -88,6 +88,7 @@ mod tests {
             capabilities: Default::default(),
             version: "t".into(),
             started_unix: 0,
+            underlay_mtu: 0,
         }
     }
 

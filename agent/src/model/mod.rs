@@ -220,6 +220,34 @@ pub struct HostRecord {
     pub capabilities: BTreeMap<String, bool>,
     pub version: String,
     pub started_unix: i64,
+    /// MTU of its underlay (the interface of its default route), 0 when
+    /// not known (an older agent): every network's MTU is the smallest
+    /// any host's underlay carries ([`network_mtu`]).
+    #[serde(default)]
+    pub underlay_mtu: u32,
+}
+
+/// VXLAN's overhead on an IPv4 underlay: outer Ethernet is not counted,
+/// outer IPv4 (20), UDP (8), VXLAN (8) and the inner Ethernet header (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// The smallest MTU a network gets (IPv4's minimum reassembly size).
+pub const MIN_NETWORK_MTU: u32 = 576;
+
+/// The MTU network `n` runs with given the cluster's `hosts`: its record's
+/// (the creating host's underlay less the overhead, or the operator's
+/// `--mtu`), lowered to what the smallest underlay among the hosts
+/// carries, so a frame one host's endpoint sends fits every other host's
+/// wire (jumbo frames on some hosts, a 1400-byte VPN on others). It
+/// follows the hosts: lower as soon as a smaller host joins, back up when
+/// it leaves.
+pub fn network_mtu(n: &NetworkRecord, hosts: &[HostRecord]) -> u32 {
+    let overhead = VXLAN_OVERHEAD + if n.encrypted { trellis_ipsec::xfrm::ESP_OVERHEAD } else { 0 };
+    hosts
+        .iter()
+        .filter(|h| h.underlay_mtu > 0)
+        .map(|h| h.underlay_mtu.saturating_sub(overhead).max(MIN_NETWORK_MTU))
+        .min()
+        .map_or(n.mtu, |m| n.mtu.min(m))
 }
 
 /// A host's own address on a network, for the routing mesh's nftables

@@ -132,6 +132,7 @@ fn host(id: &str, underlay: &str) -> HostRecord {
         capabilities: Default::default(),
         version: "test".into(),
         started_unix: 0,
+        underlay_mtu: 0,
     }
 }
 
@@ -551,6 +552,7 @@ fn service_tables_hold_reachable_backends_and_change_in_a_safe_order() {
         capabilities: Default::default(),
         version: String::new(),
         started_unix: 0,
+        underlay_mtu: 0,
     };
     // h3 is not live: its backend is not used.
     let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
@@ -1441,4 +1443,71 @@ fn incremental_passes_equal_full_ones_over_random_events() {
     // Both paths were taken, the incremental one most.
     assert!(patched > 1000, "{patched} patched steps");
     assert!(computed > 100, "{computed} computed steps");
+}
+
+#[test]
+fn a_host_with_a_smaller_underlay_sizes_every_network_down_and_the_containers_follow() {
+    // Created on a jumbo-frame host (9000 - 50), then a host on a
+    // 1400-byte VPN joins.
+    let mut net = network("aaaa", "10.1.0.0/24", false);
+    net.mtu = 8950;
+    let big = HostRecord { underlay_mtu: 9000, ..host("h1", "198.19.0.1") };
+    let small = HostRecord { underlay_mtu: 1400, ..host("h2", "198.19.0.2") };
+    let me = Identity { underlay: Some("198.19.0.1".parse().unwrap()), ..Identity::local("h1") };
+    let eps: Vec<EndpointRecord> =
+        vec![endpoint("e1", "aaaa", "10.1.0.2", "h1"), endpoint("e2", "aaaa", "10.1.0.3", "h2")];
+    let snap = |hosts: Vec<HostRecord>| Snapshot {
+        networks: Arc::new(vec![net.clone()]),
+        endpoints: eps.clone().into(),
+        hosts: Arc::new(hosts),
+        ..Snapshot::default()
+    };
+    let alone = desired::desired_host(&snap(vec![big.clone()]), &me);
+    assert_eq!(alone.bridges["trb-aaaa"].mtu, 8950, "alone, the record's MTU");
+    let d = desired::desired_host(&snap(vec![big.clone(), small.clone()]), &me);
+    assert_eq!(d.bridges["trb-aaaa"].mtu, 1350, "the bridge");
+    assert_eq!(d.endpoints["trv-e1"].mtu, 1350, "the endpoint's veth");
+    assert_eq!(d.vxlans[&model::vxlan_name("aaaa")].spec.mtu, 1350, "the VXLAN device");
+    // The kernel has the old size: the container's end is set first.
+    let mut obs = Observed::default();
+    obs.links.insert(
+        "trv-e1".into(),
+        ObservedLink {
+            kind: LinkKind::Veth,
+            up: true,
+            mtu: 8950,
+            master: Some("trb-aaaa".into()),
+            ..Default::default()
+        },
+    );
+    let mut acts = Vec::new();
+    crate::reconcile::diff::links::endpoints(&d, &obs, &mut acts);
+    let spec = &d.endpoints["trv-e1"];
+    assert_eq!(
+        acts,
+        vec![
+            Action::SetContainerMtu { netns: spec.netns.clone(), ifname: spec.ifname.clone(), mtu: 1350 },
+            Action::SetLink { name: "trv-e1".into(), mtu: 1350, master: Some("trb-aaaa".into()) },
+        ]
+    );
+    // The small host leaves: back to the record's.
+    let after = desired::desired_host(&snap(vec![big.clone()]), &me);
+    assert_eq!(after.endpoints["trv-e1"].mtu, 8950);
+}
+
+#[test]
+fn a_network_is_sized_for_the_smallest_underlay_that_advertises_one() {
+    let mut net = network("aaaa", "10.1.0.0/24", false);
+    net.mtu = 8950;
+    let h = |mtu| HostRecord { underlay_mtu: mtu, ..host("h", "198.19.0.1") };
+    assert_eq!(model::network_mtu(&net, &[]), 8950);
+    assert_eq!(model::network_mtu(&net, &[h(9000), h(0)]), 8950, "0: an older agent, not known");
+    assert_eq!(model::network_mtu(&net, &[h(9000), h(1400), h(1500)]), 1350);
+    net.encrypted = true;
+    assert_eq!(model::network_mtu(&net, &[h(9000), h(1400)]), 1310, "ESP's overhead too");
+    net.encrypted = false;
+    net.mtu = 1200;
+    assert_eq!(model::network_mtu(&net, &[h(1500)]), 1200, "an operator's smaller --mtu stays");
+    net.mtu = 8950;
+    assert_eq!(model::network_mtu(&net, &[h(600)]), 576, "never below 576");
 }

@@ -339,6 +339,7 @@ mod tests {
             capabilities: keys.iter().map(|k| (model::cluster_key_capability(k), true)).collect(),
             version: "t".into(),
             started_unix: 0,
+            underlay_mtu: 0,
         };
         crate::state::hosts::register(c.store.as_ref(), &rec, std::time::Duration::from_secs(30)).await.unwrap();
     }
@@ -471,6 +472,7 @@ mod tests {
             capabilities: Default::default(),
             version: "t".into(),
             started_unix: 0,
+            underlay_mtu: 0,
         };
         crate::state::hosts::register(c.store.as_ref(), &rec, std::time::Duration::from_secs(30)).await.unwrap();
         c.create_endpoint(endpoint_on("sec", "e1e1e1e1e1e1")).await.unwrap();

@@ -1153,6 +1153,7 @@ mod tests {
             capabilities: Default::default(),
             version: "t".into(),
             started_unix: 0,
+            underlay_mtu: 0,
         };
         crate::state::hosts::register(store.as_ref(), &rec, std::time::Duration::from_secs(60)).await.unwrap();
     }

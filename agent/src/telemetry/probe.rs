@@ -7,8 +7,17 @@
 //!   its own probe device — encapsulated on the hosts' VXLAN port, so a
 //!   blocked port or a broken VXLAN path shows even while ICMP passes.
 //!
-//! What `host ls` and `status` show: reachable or not over each, and the
-//! round trips.
+//! * **path MTU**: an echo of the largest size the path must carry (the
+//!   smaller of the two hosts' advertised underlay MTUs, the basis of every
+//!   network's MTU) with Don't Fragment set, to the peer's underlay
+//!   address, which its VXLAN packets share; when it goes unanswered while
+//!   small probes answer, a search one size a round finds what the path
+//!   does carry ([`PathMtu`]). VXLAN's own packets carry no DF bit, so a
+//!   narrower path fragments (or, on a layer-2 hop, drops) them: `host
+//!   ls` shows the verified size, and the agent warns.
+//!
+//! What `host ls` and `status` show: reachable or not over each, the round
+//! trips, and the path MTU.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -31,6 +40,97 @@ pub struct PeerHealth {
     pub missed: u32,
     /// The same through the probe tunnel.
     pub tunnel: TunnelHealth,
+    /// The largest packet the underlay path carries unfragmented.
+    pub mtu: PathMtu,
+}
+
+/// The smallest size a path MTU search tries (IPv4's minimum reassembly
+/// size: any path carries it).
+pub const PMTU_FLOOR: u32 = 576;
+/// A search stops when the sizes that passed and failed are this close.
+const PMTU_STEP: u32 = 8;
+/// Rounds between two verifications of a found path MTU.
+const PMTU_RECHECK: u32 = 30;
+
+/// The path MTU towards one peer: a search by Don't-Fragment probes, one
+/// size a round (pure: the prober sends what [`PathMtu::next_size`] says
+/// and reports with [`PathMtu::record`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PathMtu {
+    /// What the path must carry: the smaller of both hosts' advertised
+    /// underlay MTUs (0: not known, nothing is probed).
+    pub expected: u32,
+    /// The largest size whose probe was answered, when the last search
+    /// ended (`None`: none ended yet).
+    pub verified: Option<u32>,
+    /// This search: the largest size answered, the smallest not (0: none).
+    ok: u32,
+    bad: u32,
+    /// A first unanswered probe at `expected` is tried again (a probe may
+    /// be lost) before the search goes lower.
+    retried: bool,
+    /// Rounds until the next search.
+    wait: u32,
+}
+
+impl PathMtu {
+    /// A peer's advertised MTU changed (or is first known): search again.
+    pub fn expect(&mut self, expected: u32) {
+        if expected != self.expected {
+            *self = PathMtu { expected, ..PathMtu::default() };
+        }
+    }
+
+    /// The size to probe this round, if any.
+    pub fn next_size(&mut self) -> Option<u32> {
+        if self.expected == 0 {
+            return None;
+        }
+        if self.wait > 0 {
+            self.wait -= 1;
+            return None;
+        }
+        if self.bad == 0 {
+            return Some(self.expected);
+        }
+        Some((self.ok.max(PMTU_FLOOR) + self.bad) / 2)
+    }
+
+    /// The probe of `size` was answered (or not).
+    pub fn record(&mut self, size: u32, answered: bool) {
+        if answered {
+            self.ok = self.ok.max(size);
+            if size >= self.expected || (self.bad > 0 && self.bad - self.ok <= PMTU_STEP) {
+                self.finish(self.ok);
+            }
+            return;
+        }
+        if size == self.expected && !self.retried {
+            self.retried = true;
+            return;
+        }
+        self.bad = if self.bad == 0 { size } else { self.bad.min(size) };
+        if self.bad <= PMTU_FLOOR || self.bad - self.ok.max(PMTU_FLOOR) <= PMTU_STEP {
+            self.finish(self.ok.max(PMTU_FLOOR).min(self.bad));
+        }
+    }
+
+    fn finish(&mut self, verified: u32) {
+        let before = self.verified;
+        self.verified = Some(verified);
+        if verified < self.expected && before != Some(verified) {
+            tracing::warn!(
+                carries = verified,
+                expected = self.expected,
+                "the path to a peer carries less than both hosts' underlays advertise: VXLAN packets to it \
+                 are fragmented or lost; lower the uplink's MTU (or give networks a smaller --mtu)"
+            );
+        }
+        self.ok = 0;
+        self.bad = 0;
+        self.retried = false;
+        self.wait = PMTU_RECHECK;
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -72,27 +172,46 @@ impl PeerHealth {
 /// Probes missed in a row before a peer counts as unreachable.
 pub const MISSED_FOR_DOWN: u32 = 2;
 
-/// A peer to probe: its id, underlay address, and probe-tunnel address.
-type Peer = (String, Ipv4Addr, Option<Ipv6Addr>);
+/// A peer to probe: its id, underlay address, probe-tunnel address, and
+/// the largest packet the path to it must carry.
+type Peer = (String, Ipv4Addr, Option<Ipv6Addr>, u32);
 
 #[derive(Default)]
 pub struct Prober {
     peers: Mutex<Vec<Peer>>,
     health: Mutex<HashMap<String, PeerHealth>>,
+    /// This host's underlay MTU (0: not known).
+    own_mtu: std::sync::atomic::AtomicU32,
 }
 
 impl Prober {
     /// The peers to probe (the live hosts but this one): id, underlay
     /// address, VTEP MAC (its probe-tunnel address derives from it).
     pub fn set_peers(&self, peers: Vec<(String, IpAddr, Option<crate::model::Mac>)>) {
+        self.set_peers_sized(peers.into_iter().map(|(id, ip, mac)| (id, ip, mac, 0)).collect());
+    }
+
+    /// This host's underlay MTU, what the path MTU probes compare with.
+    pub fn set_own_mtu(&self, mtu: u32) {
+        self.own_mtu.store(mtu, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`Prober::set_peers`] with each peer's advertised underlay MTU (0:
+    /// not known): the path to it is probed for the smaller of its and
+    /// this host's.
+    pub fn set_peers_sized(&self, peers: Vec<(String, IpAddr, Option<crate::model::Mac>, u32)>) {
+        let own = self.own_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let v4: Vec<Peer> = peers
             .into_iter()
-            .filter_map(|(id, ip, mac)| match ip {
-                IpAddr::V4(v4) => Some((id, v4, mac.map(|m| m.link_local()))),
+            .filter_map(|(id, ip, mac, mtu)| match ip {
+                IpAddr::V4(v4) => {
+                    let expected = if own > 0 && mtu > 0 { own.min(mtu) } else { 0 };
+                    Some((id, v4, mac.map(|m| m.link_local()), expected))
+                }
                 _ => None,
             })
             .collect();
-        let ids: Vec<&String> = v4.iter().map(|(id, _, _)| id).collect();
+        let ids: Vec<&String> = v4.iter().map(|(id, ..)| id).collect();
         self.health.lock().unwrap_or_else(|p| p.into_inner()).retain(|id, _| ids.contains(&id));
         *self.peers.lock().unwrap_or_else(|p| p.into_inner()) = v4;
     }
@@ -143,11 +262,34 @@ impl Prober {
             let t0 = Instant::now();
             let mut pending: HashMap<Ipv4Addr, String> = HashMap::new();
             let mut pending6: HashMap<Ipv6Addr, String> = HashMap::new();
-            for (host, ip, ll) in &peers {
+            // Sized probes carry another id: (peer, size).
+            let sized_id = id ^ 0x8000;
+            let mut pending_sized: HashMap<Ipv4Addr, (String, u32)> = HashMap::new();
+            let sizes: Vec<(String, u32)> = {
+                let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+                peers
+                    .iter()
+                    .filter_map(|(host, _, _, expected)| {
+                        let m = &mut health.entry(host.clone()).or_default().mtu;
+                        m.expect(*expected);
+                        Some((host.clone(), m.next_size()?))
+                    })
+                    .collect()
+            };
+            for (host, ip, ll, _) in &peers {
                 if let Err(e) = sockets.send_underlay(*ip, id, seq) {
                     tracing::debug!(peer = %host, error = %e, "probe not sent");
                 }
                 pending.insert(*ip, host.clone());
+                if let Some((_, size)) = sizes.iter().find(|(h, _)| h == host) {
+                    match sockets.send_underlay_sized(*ip, sized_id, seq, *size) {
+                        Ok(()) => {
+                            pending_sized.insert(*ip, (host.clone(), *size));
+                        }
+                        // Larger than this host's own link: not answered.
+                        Err(e) => tracing::debug!(peer = %host, size, error = %e, "path MTU probe not sent"),
+                    }
+                }
                 if let (true, Some(ll)) = (tunnel, ll) {
                     match sockets.send_tunnel(*ll, id, seq) {
                         Ok(()) => {
@@ -158,18 +300,27 @@ impl Prober {
                 }
             }
             let probed6: Vec<String> = pending6.values().cloned().collect();
+            let probed_sized: Vec<(String, u32)> = pending_sized.values().cloned().collect();
+            let mut answered_sized: Vec<String> = Vec::new();
             let mut answered: HashMap<String, Duration> = HashMap::new();
             let mut answered6: HashMap<String, Duration> = HashMap::new();
             // Replies within the interval (at most a second).
             let deadline = t0 + every.min(Duration::from_secs(1));
-            while !(pending.is_empty() && pending6.is_empty()) && Instant::now() < deadline {
-                if !pending.is_empty()
+            while !(pending.is_empty() && pending6.is_empty() && pending_sized.is_empty()) && Instant::now() < deadline
+            {
+                if !(pending.is_empty() && pending_sized.is_empty())
                     && let Some((src, rid, rseq)) = sockets.recv_underlay()
-                    && rid == id
                     && rseq == seq
-                    && let Some(host) = pending.remove(&src)
                 {
-                    answered.insert(host, t0.elapsed());
+                    if rid == id
+                        && let Some(host) = pending.remove(&src)
+                    {
+                        answered.insert(host, t0.elapsed());
+                    } else if rid == sized_id
+                        && let Some((host, _)) = pending_sized.remove(&src)
+                    {
+                        answered_sized.push(host);
+                    }
                 }
                 if !pending6.is_empty()
                     && tunnel
@@ -179,13 +330,21 @@ impl Prober {
                 {
                     answered6.insert(host, t0.elapsed());
                 }
-                if pending.is_empty() && !tunnel {
+                if pending.is_empty() && pending_sized.is_empty() && !tunnel {
                     break;
                 }
             }
             {
                 let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-                for (host, _, _) in &peers {
+                for (host, size) in &probed_sized {
+                    let h = health.entry(host.clone()).or_default();
+                    // Only a path that answers small probes says anything
+                    // of its size.
+                    if answered.contains_key(host) {
+                        h.mtu.record(*size, answered_sized.contains(host));
+                    }
+                }
+                for (host, ..) in &peers {
                     let h = health.entry(host.clone()).or_default();
                     h.sent += 1;
                     match answered.get(host) {
@@ -296,5 +455,69 @@ mod tests {
         h.missed = 0;
         h.tunnel = TunnelHealth { sent: 2, answered: 0, missed: 2, rtt: None };
         assert_eq!(h.path(), Path::Silent, "the tunnel silent is silent");
+    }
+
+    #[test]
+    fn a_path_mtu_search_finds_what_the_path_carries() {
+        // The path carries 1380 where both ends advertise 9000.
+        let carries = 1380;
+        let mut m = PathMtu::default();
+        m.expect(9000);
+        let mut rounds = 0;
+        while m.verified.is_none() {
+            let size = m.next_size().expect("a size to probe");
+            m.record(size, size <= carries);
+            rounds += 1;
+            assert!(rounds < 20, "the search ends");
+        }
+        let found = m.verified.unwrap();
+        assert!(found <= carries && carries - found <= PMTU_STEP, "found {found}");
+        // Then it waits before checking again.
+        assert_eq!((0..PMTU_RECHECK).filter_map(|_| m.next_size()).count(), 0);
+        assert_eq!(m.next_size(), Some(9000), "a new search starts at the advertised size");
+    }
+
+    #[test]
+    fn a_path_that_carries_what_is_advertised_is_verified_at_once_and_one_loss_is_forgiven() {
+        let mut m = PathMtu::default();
+        m.expect(1400);
+        assert_eq!(m.next_size(), Some(1400));
+        m.record(1400, false); // lost
+        assert_eq!(m.next_size(), Some(1400), "tried again before searching lower");
+        m.record(1400, true);
+        assert_eq!(m.verified, Some(1400));
+        // Nothing known of a peer's MTU: nothing probed.
+        let mut unknown = PathMtu::default();
+        unknown.expect(0);
+        assert_eq!(unknown.next_size(), None);
+    }
+
+    #[test]
+    fn the_prober_probes_each_path_for_the_smaller_advertised_mtu() {
+        use crate::dataplane::{Dataplane, FakeDataplane};
+        let dp = FakeDataplane::default();
+        let (h2, h3) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3));
+        {
+            let mut p = dp.peers.lock().unwrap();
+            p.underlay.extend([h2, h3]);
+            p.path_mtu.insert(h3, 1300);
+        }
+        let prober = Prober::default();
+        prober.set_own_mtu(9000);
+        prober.set_peers_sized(vec![
+            ("h2".into(), h2.into(), None, 1400),
+            // A jumbo peer behind something that carries 1300.
+            ("h3".into(), h3.into(), None, 9000),
+        ]);
+        let mut sockets = dp.probe_sockets().unwrap();
+        for seq in 1..=20u16 {
+            prober.round(sockets.as_mut(), 7, seq, Duration::from_millis(20));
+        }
+        let mtu = |id: &str| prober.health(id).unwrap().mtu;
+        assert_eq!((mtu("h2").expected, mtu("h2").verified), (1400, Some(1400)));
+        assert_eq!(mtu("h3").expected, 9000);
+        let found = mtu("h3").verified.expect("the search ended");
+        assert!((1300 - PMTU_STEP..=1300).contains(&found), "found {found}");
+        assert!(!prober.health("h3").unwrap().unreachable(MISSED_FOR_DOWN), "small probes still answer");
     }
 }

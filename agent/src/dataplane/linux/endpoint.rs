@@ -176,6 +176,18 @@ impl NetlinkDataplane {
             .map_err(attach_err(&s.host_if, &s.bridge))
     }
 
+    /// Set the MTU of interface `ifname` inside the namespace `netns` (a
+    /// namespace gone with its container is no error: its endpoint goes).
+    pub(super) async fn set_container_mtu(&self, netns: &std::path::Path, ifname: &str, mtu: u32) -> Result<()> {
+        if !netns.exists() {
+            return Ok(());
+        }
+        let c = netns::handle_in(netns)?;
+        let object = format!("{ifname} in {}", netns.display());
+        let Some(index) = Self::index_of(&c, ifname).await? else { return Ok(()) };
+        c.link().set(messages::set_mtu(index, mtu)).execute().await.map_err(nl("set container MTU", object))
+    }
+
     /// The interface `ifname` inside the namespace `netns`: its MAC, MTU,
     /// state and IPv4 addresses.
     pub(super) async fn read_container_link(

@@ -30,6 +30,11 @@ pub fn set_mac(index: u32, mac: Mac) -> LinkMessage {
     LinkUnspec::new_with_index(index).address(mac.0.to_vec()).build()
 }
 
+/// Only the MTU of link `index`.
+pub fn set_mtu(index: u32, mtu: u32) -> LinkMessage {
+    LinkUnspec::new_with_index(index).mtu(mtu).build()
+}
+
 /// Link `index` sized, up, and a port of the bridge `master` when given.
 pub fn set_link(index: u32, mtu: u32, master: Option<u32>) -> LinkMessage {
     let mut msg = LinkUnspec::new_with_index(index).mtu(mtu).up();

@@ -340,6 +340,7 @@ impl Dataplane for NetlinkDataplane {
             Action::CreateBridge { name, mtu, mac } => self.create_bridge(name, *mtu, *mac).await,
             Action::SetMac { link, mac } => self.set_mac(link, *mac).await,
             Action::SetLink { name, mtu, master } => self.set_link(name, *mtu, master.as_deref()).await,
+            Action::SetContainerMtu { netns, ifname, mtu } => self.set_container_mtu(netns, ifname, *mtu).await,
             Action::AddAddress { link, addr } => self.add_address(link, addr).await,
             Action::DelAddress { link, addr } => self.del_address(link, addr).await,
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,

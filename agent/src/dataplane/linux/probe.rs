@@ -25,6 +25,9 @@ impl IcmpSockets {
     pub fn open() -> std::io::Result<IcmpSockets> {
         let v4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
         v4.set_read_timeout(Some(READ_TIMEOUT))?;
+        // Its probes are written with their IP header (Don't Fragment set);
+        // the kernel fills in the source, id, length and checksum.
+        v4.set_header_included_v4(true)?;
         Ok(IcmpSockets { v4, tunnel: None, buf: [MaybeUninit::uninit(); 1500] })
     }
 
@@ -49,7 +52,12 @@ impl ProbeSockets for IcmpSockets {
 
     fn send_underlay(&mut self, to: Ipv4Addr, id: u16, seq: u16) -> std::io::Result<()> {
         let addr: SocketAddr = (IpAddr::V4(to), 0).into();
-        self.v4.send_to(&echo_request(id, seq), &addr.into()).map(drop)
+        self.v4.send_to(&echo_datagram(to, id, seq, 36), &addr.into()).map(drop)
+    }
+
+    fn send_underlay_sized(&mut self, to: Ipv4Addr, id: u16, seq: u16, size: u32) -> std::io::Result<()> {
+        let addr: SocketAddr = (IpAddr::V4(to), 0).into();
+        self.v4.send_to(&echo_datagram(to, id, seq, size as usize), &addr.into()).map(drop)
     }
 
     fn send_tunnel(&mut self, to: Ipv6Addr, id: u16, seq: u16) -> std::io::Result<()> {
@@ -87,6 +95,28 @@ pub fn echo_request(id: u16, seq: u16) -> [u8; 16] {
     let sum = checksum(&p);
     p[2..4].copy_from_slice(&sum.to_be_bytes());
     p
+}
+
+/// An IPv4 datagram of `size` bytes (at least header and echo) carrying
+/// an echo request, Don't Fragment set; source, id, total length and
+/// header checksum left for the kernel (a raw socket with IP_HDRINCL fills
+/// them in).
+pub fn echo_datagram(to: Ipv4Addr, id: u16, seq: u16, size: usize) -> Vec<u8> {
+    let size = size.max(36);
+    let mut d = vec![0u8; size];
+    d[0] = 0x45;
+    d[6] = 0x40; // DF
+    d[8] = 64;
+    d[9] = 1; // ICMP
+    d[16..20].copy_from_slice(&to.octets());
+    let icmp = &mut d[20..];
+    icmp[0] = 8;
+    icmp[4..6].copy_from_slice(&id.to_be_bytes());
+    icmp[6..8].copy_from_slice(&seq.to_be_bytes());
+    icmp[8..16].copy_from_slice(b"trellis!");
+    let sum = checksum(icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    d
 }
 
 /// The Internet checksum.
@@ -129,6 +159,16 @@ pub fn parse_reply_v6(icmp: &[u8]) -> Option<(u16, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sized_echoes_are_whole_datagrams_with_dont_fragment() {
+        let d = echo_datagram(Ipv4Addr::new(192, 0, 2, 7), 0x8001, 9, 1400);
+        assert_eq!(d.len(), 1400);
+        assert_eq!((d[0], d[6] & 0x40, d[9]), (0x45, 0x40, 1), "IPv4, DF, ICMP");
+        assert_eq!(&d[16..20], &[192, 0, 2, 7]);
+        assert_eq!(checksum(&d[20..]), 0, "the echo's checksum covers its padding");
+        assert_eq!(echo_datagram(Ipv4Addr::LOCALHOST, 1, 1, 0).len(), 36, "never shorter than header and echo");
+    }
 
     #[test]
     fn echo_requests_carry_a_valid_checksum() {

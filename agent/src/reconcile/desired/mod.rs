@@ -20,7 +20,7 @@ use ipnet::IpNet;
 use super::{Identity, Snapshot};
 use crate::dataplane::egress::EgressRules;
 use crate::dataplane::{EndpointSpec, Mac, ProgramSpec, Tables, VxlanSpec};
-use crate::model::{EndpointRecord, HostRecord, NetworkRecord, Records};
+use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, Records};
 
 /// A network's VXLAN device with its static entries for remote endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,9 +109,20 @@ pub fn desired(
 /// programs and tunnels, what the routing mesh adds to them, then the tables (which look at the endpoints and
 /// tunnels `d` holds) and the IPsec state (which looks at its tunnels).
 pub fn desired_host(s: &Snapshot, me: &Identity) -> DesiredHost {
-    let mut d = desired(&s.networks, &s.endpoints, &s.hosts, me);
-    mesh::mesh(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, &s.mesh_addrs, me, &mut d);
-    d.tables = tables::tables_holding(&s.networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &d);
-    encryption::encryption(&s.networks, &s.keys, &mut d, me);
+    let nets = sized_for(&s.networks, &s.hosts);
+    let networks: &[NetworkRecord] = nets.as_deref().unwrap_or(s.networks.as_slice());
+    let mut d = desired(networks, &s.endpoints, &s.hosts, me);
+    mesh::mesh(networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, &s.mesh_addrs, me, &mut d);
+    d.tables = tables::tables_holding(networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &d);
+    encryption::encryption(networks, &s.keys, &mut d, me);
     d
+}
+
+/// The networks with the MTU the hosts' underlays allow
+/// ([`model::network_mtu`]); `None` when every one keeps its record's.
+fn sized_for(networks: &[NetworkRecord], hosts: &[HostRecord]) -> Option<Vec<NetworkRecord>> {
+    if networks.iter().all(|n| model::network_mtu(n, hosts) == n.mtu) {
+        return None;
+    }
+    Some(networks.iter().map(|n| NetworkRecord { mtu: model::network_mtu(n, hosts), ..n.clone() }).collect())
 }

@@ -68,6 +68,15 @@ pub fn endpoints(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Acti
     for (name, spec) in &desired.endpoints {
         match observed.links.get(name) {
             Some(l) if l.kind == LinkKind::Veth => {
+                if l.mtu != spec.mtu {
+                    // The network's MTU moved: the container's end first
+                    // (the host's end would drop its larger frames).
+                    acts.push(Action::SetContainerMtu {
+                        netns: spec.netns.clone(),
+                        ifname: spec.ifname.clone(),
+                        mtu: spec.mtu,
+                    });
+                }
                 if l.master.as_deref() != Some(spec.bridge.as_str()) || !l.up || l.mtu != spec.mtu {
                     acts.push(Action::SetLink { name: name.clone(), mtu: spec.mtu, master: Some(spec.bridge.clone()) });
                 }
