@@ -117,4 +117,29 @@ fn encrypted_networks_carry_only_esp_rotate_without_loss_and_fail_closed() {
     let repaired: i64 = get("repaired_ms").parse().unwrap();
     assert!(repaired >= 0, "traffic never came back\n{logs}");
     println!("repaired in {repaired} ms after the agent resumed");
+
+    // Protocol 50 filtered on the wire: plain ESP stops; with guest 2
+    // asking for ESP in UDP (guest 1 following its record), the encrypted
+    // network works again, every packet of it UDP to port 4500, nothing of
+    // it in the clear.
+    assert_eq!(get("noesp_rc"), "0", "the filter went in\n{logs}");
+    assert_ne!(get("esp_filtered_ping_rc"), "0", "plain ESP passed the filter");
+    let ready: i64 = get("udp_ready_s").parse().unwrap();
+    assert!(ready >= 0, "the encrypted network never came back over ESP in UDP\n{logs}");
+    assert_eq!(get("udp_ping"), "20/20", "{logs}");
+    assert_eq!(get("udp_tcp_rc"), "0", "TCP over ESP in UDP\n{logs}");
+    let wire = vm::packets(&out.join("g2-udp-wire.pcap")).unwrap();
+    let encap = wire.iter().filter(|l| l.contains(".4500: UDP-encap: ESP(")).count();
+    let bare_esp = wire.iter().filter(|l| l.contains("ESP(") && !l.contains("UDP-encap")).count();
+    let clear_sec = wire.iter().filter(|l| l.contains(&format!(".{port}: "))).count();
+    assert!(encap >= 40, "ESP in UDP on the wire: {encap}\n{}", wire.join("\n"));
+    assert_eq!(bare_esp, 0, "protocol 50 left guest 2");
+    assert_eq!(clear_sec, 0, "cleartext VXLAN of the encrypted network on the wire");
+    assert_eq!(vm::occurrences(&out.join("g2-udp-wire.pcap"), b"UDPSECRT"), 0, "the marker leaked");
+    let states = std::fs::read_to_string(out.join("g2-xfrm-state-udp.txt")).unwrap_or_default();
+    assert!(states.contains("encap type espinudp sport 4500 dport 4500"), "{states}");
+    let hosts: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("hosts-udp.json")).unwrap_or_default()).unwrap();
+    let g2 = hosts.as_array().unwrap().iter().find(|h| h["id"] == "g2").unwrap();
+    assert_eq!(g2["capabilities"]["esp_in_udp"], true, "{g2}");
 }

@@ -63,7 +63,7 @@ start_agent() {
   TRELLIS_LOG=info,trellis_agent=debug "$BIN/trellisd" --store "etcd://$ETCD:2379" --host-id "g$IDX" \
     --state-dir /run/trellis/state --run-dir /run/trellis --advertise-addr "$ME" --no-docker-plugin \
     --cluster-key-file /run/trellis/cluster.key \
-    --metrics-addr 127.0.0.1:9473 --resync-interval-ms 1000 --lease-ttl-ms 30000 >> "$OUT/trellisd-g$IDX.log" 2>&1 &
+    --metrics-addr 127.0.0.1:9473 --resync-interval-ms 1000 --lease-ttl-ms 30000 ${AGENT_EXTRA:-} >> "$OUT/trellisd-g$IDX.log" 2>&1 &
   AGENT=$!
 }
 start_agent
@@ -230,5 +230,37 @@ else
 fi
 ip -s xfrm state > "$OUT/g2-xfrm-state.txt"
 ip xfrm policy > "$OUT/g2-xfrm-policy.txt"
+
+# 6. Where the wire filters IP protocol 50 (this guest drops it both ways
+#    from here on): plain ESP stops; ESP in UDP, asked for by this host
+#    alone (--encryption-transport udp; its peer follows its record), with
+#    the same keys and policies, carries the encrypted network again.
+nft -f - <<'NFT'
+table inet trellis_test_noesp {
+  chain pre { type filter hook prerouting priority -300; meta l4proto esp drop; }
+  chain post { type filter hook postrouting priority 300; meta l4proto esp drop; }
+}
+NFT
+result noesp_rc $?
+in_ns s2 ping -c 3 -W 1 10.70.0.10 > /dev/null 2>&1
+result esp_filtered_ping_rc $?
+kill $AGENT
+wait $AGENT 2>/dev/null
+AGENT_EXTRA="--encryption-transport udp"
+start_agent
+wait_until 120 ctl status
+tcpdump -U -n -i eth0 -w "$OUT/g2-udp-wire.pcap" "host $PEER" 2>/dev/null &
+CAP=$!
+sleep 1
+t0=$SECONDS
+if wait_until 180 in_ns s2 ping -c 1 -W 1 10.70.0.10; then result udp_ready_s $((SECONDS - t0)); else result udp_ready_s -1; fi
+in_ns s2 ping -c 20 -i 0.1 -W 2 -p "$(hexof UDPSECRT)" 10.70.0.10 > /tmp/ping-udp.txt 2>&1
+result udp_ping "$(grep -o '[0-9]* packets transmitted, [0-9]* received' /tmp/ping-udp.txt | tr -d ',' | awk '{print $1"/"$4}')"
+in_ns s2 iperf3 -c 10.70.0.10 -t 3 -J > "$OUT/iperf-sec-udp.json" 2>&1
+result udp_tcp_rc $?
+sleep 1
+kill $CAP; wait $CAP 2>/dev/null
+ip xfrm state > "$OUT/g2-xfrm-state-udp.txt"
+ctl host ls --json > "$OUT/hosts-udp.json"
 touch "$OUT/done"
 sleep 3

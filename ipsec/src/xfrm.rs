@@ -9,16 +9,23 @@
 //! transport template. The "in" policy makes the kernel drop cleartext sent
 //! to that port; an "out" policy without a usable SA stops traffic
 //! instead of letting it leave in the clear.
+//!
+//! Transport: ESP (IP protocol 50), or ESP in UDP (RFC 3948, the kernel's
+//! `espinudp`) towards a peer where either host asks for it, for paths
+//! that filter protocol 50 (most clouds): the same SAs, keys and
+//! policies, each SA with an encapsulation template (source and
+//! destination port the cluster's ESP-in-UDP port); the receiving host
+//! decapsulates on a UDP socket marked for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use netlink_packet_xfrm::{
-    Address, AlgAead, Id, LifetimeConfig, Selector, UserPolicyId, UserPolicyInfo, UserSaId, UserSaInfo, UserTemplate,
-    XfrmAttrs, XfrmMessage,
+    Address, AlgAead, EncapTmpl, Id, LifetimeConfig, Selector, UserPolicyId, UserPolicyInfo, UserSaId, UserSaInfo,
+    UserTemplate, XfrmAttrs, XfrmMessage,
     constants::{
-        AF_INET, AF_INET6, IPPROTO_ESP, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW, XFRM_POLICY_IN,
-        XFRM_POLICY_OUT, XFRM_STATE_ESN,
+        AF_INET, AF_INET6, IPPROTO_ESP, UDP_ENCAP_ESPINUDP, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW,
+        XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_STATE_ESN,
     },
     nlas::{ReplayEsn, XFRM_ALG_AEAD_NAME_LEN},
     policy::{DelGetMessage as PolicyDelGet, ModifyMessage as PolicyModify},
@@ -36,6 +43,11 @@ pub const REPLAY_WINDOW: u32 = 128;
 /// SPI + sequence (8), IV (8), padding (≤3) + pad length + next header (2),
 /// ICV (16) — rounded up.
 pub const ESP_OVERHEAD: u32 = 40;
+/// ESP in UDP adds a UDP header (8 bytes) to ESP's overhead.
+pub const ESP_IN_UDP_OVERHEAD: u32 = ESP_OVERHEAD + 8;
+/// The ESP-in-UDP port (RFC 3948's, IKE's NAT traversal port) unless the
+/// cluster says otherwise.
+pub const ESP_IN_UDP_PORT: u16 = 4500;
 /// Request ids of Trellis's SAs and policies carry this prefix (the low 16
 /// bits are the network's port), so the agent never touches others'.
 pub const REQID_BASE: u32 = 0x7472_0000;
@@ -76,6 +88,8 @@ pub struct SaSpec {
     /// re-created after it vanished continues past what the peer has seen
     /// (the peer's anti-replay window would drop a restart from 0).
     pub start_seq: u64,
+    /// ESP in UDP on this port (both ends'), or plain ESP.
+    pub encap: Option<u16>,
 }
 
 impl SaSpec {
@@ -107,6 +121,8 @@ pub struct ObservedSa {
     pub reqid: u32,
     /// Packets sent on it (outbound SAs).
     pub oseq: u64,
+    /// Its ESP-in-UDP port, if it is encapsulated.
+    pub encap: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -131,6 +147,8 @@ pub struct EncryptedNet<'a> {
     pub port: u16,
     pub ring: &'a KeyRing,
     pub peers: BTreeSet<IpAddr>,
+    /// The peers whose SAs carry ESP in UDP on this port (`None`: none).
+    pub udp: Option<(u16, BTreeSet<IpAddr>)>,
 }
 
 /// What host `me` should have: per network, one "in" policy for its port
@@ -142,6 +160,7 @@ pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
     for n in nets {
         s.policies.insert(PolicyId { dir: Dir::In, src: unspecified(me), dst: me, port: n.port });
         for &peer in n.peers.iter().filter(|p| **p != me) {
+            let encap = n.udp.as_ref().and_then(|(port, peers)| peers.contains(&peer).then_some(*port));
             for k in &n.ring.keys {
                 let m = keys::derive(&k.secret, k.epoch, peer, me, n.port);
                 let sa = SaSpec {
@@ -152,6 +171,7 @@ pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
                     dir: Dir::In,
                     material: m,
                     start_seq: 0,
+                    encap,
                 };
                 s.sas.insert(sa.id(), sa);
             }
@@ -165,6 +185,7 @@ pub fn plan(me: IpAddr, nets: &[EncryptedNet<'_>]) -> XfrmState {
                     dir: Dir::Out,
                     material: m,
                     start_seq: 0,
+                    encap,
                 };
                 s.sas.insert(sa.id(), sa);
             }
@@ -188,7 +209,11 @@ pub struct XfrmDiff {
 
 pub fn diff(want: &XfrmState, have: &ObservedXfrm) -> XfrmDiff {
     let mut d = XfrmDiff::default();
-    let missing = |sa: &&SaSpec| have.sas.get(&sa.id()).is_none_or(|o| o.src != sa.src || !is_ours(o.reqid));
+    // (A change of transport, ESP to ESP in UDP or back, makes the SA
+    // again.)
+    let missing = |sa: &&SaSpec| {
+        have.sas.get(&sa.id()).is_none_or(|o| o.src != sa.src || !is_ours(o.reqid) || o.encap != sa.encap)
+    };
     let (inbound, outbound): (Vec<&SaSpec>, Vec<&SaSpec>) =
         want.sas.values().filter(missing).partition(|sa| sa.dir == Dir::In);
     // An SA under the same id that is not the one wanted goes first.
@@ -264,6 +289,30 @@ pub fn add_sa(sa: &SaSpec) -> XfrmMessage {
     let mut name = [0u8; XFRM_ALG_AEAD_NAME_LEN];
     name[..AEAD.len()].copy_from_slice(AEAD.as_bytes());
     let words = REPLAY_WINDOW.div_ceil(32);
+    let mut nlas = vec![
+        XfrmAttrs::EncryptionAlgAead(AlgAead {
+            alg_name: name,
+            alg_key_len: (SA_KEY_LEN * 8) as u32,
+            alg_icv_len: ICV_BITS,
+            alg_key: sa.material.key.to_vec(),
+        }),
+        XfrmAttrs::ReplayStateEsn(ReplayEsn {
+            bmp_len: words,
+            replay_window: REPLAY_WINDOW,
+            bmp: vec![0; words as usize],
+            oseq: sa.start_seq as u32,
+            oseq_hi: (sa.start_seq >> 32) as u32,
+            ..Default::default()
+        }),
+    ];
+    if let Some(port) = sa.encap {
+        nlas.push(XfrmAttrs::EncapsulationTemplate(EncapTmpl {
+            encap_type: UDP_ENCAP_ESPINUDP,
+            encap_sport: port,
+            encap_dport: port,
+            encap_oa: Address::default(),
+        }));
+    }
     XfrmMessage::AddSa(StateModify {
         user_sa_info: UserSaInfo {
             selector: selector(sa.src, sa.dst, sa.port),
@@ -276,22 +325,7 @@ pub fn add_sa(sa: &SaSpec) -> XfrmMessage {
             flags: XFRM_STATE_ESN,
             ..Default::default()
         },
-        nlas: vec![
-            XfrmAttrs::EncryptionAlgAead(AlgAead {
-                alg_name: name,
-                alg_key_len: (SA_KEY_LEN * 8) as u32,
-                alg_icv_len: ICV_BITS,
-                alg_key: sa.material.key.to_vec(),
-            }),
-            XfrmAttrs::ReplayStateEsn(ReplayEsn {
-                bmp_len: words,
-                replay_window: REPLAY_WINDOW,
-                bmp: vec![0; words as usize],
-                oseq: sa.start_seq as u32,
-                oseq_hi: (sa.start_seq >> 32) as u32,
-                ..Default::default()
-            }),
-        ],
+        nlas,
     })
 }
 
@@ -366,8 +400,12 @@ pub fn observed_sa(msg: &XfrmMessage) -> Option<(SaId, ObservedSa)> {
         XfrmAttrs::ReplayState(r) => Some(r.oseq as u64),
         _ => None,
     });
+    let encap = m.nlas.iter().find_map(|a| match a {
+        XfrmAttrs::EncapsulationTemplate(t) if t.encap_type == UDP_ENCAP_ESPINUDP => Some(t.encap_dport),
+        _ => None,
+    });
     let id = SaId { dst: ip_of(&info.id.daddr, info.family), spi: info.id.spi };
-    Some((id, ObservedSa { src: ip_of(&info.saddr, info.family), reqid: info.reqid, oseq: oseq.unwrap_or(0) }))
+    Some((id, ObservedSa { src: ip_of(&info.saddr, info.family), reqid: info.reqid, oseq: oseq.unwrap_or(0), encap }))
 }
 
 /// One message of a policy dump, if it is one of Trellis's.
@@ -409,7 +447,7 @@ mod tests {
             sas: s
                 .sas
                 .iter()
-                .map(|(id, sa)| (*id, ObservedSa { src: sa.src, reqid: reqid(sa.port), oseq: 0 }))
+                .map(|(id, sa)| (*id, ObservedSa { src: sa.src, reqid: reqid(sa.port), oseq: 0, encap: sa.encap }))
                 .collect(),
             policies: s.policies.clone(),
         }
@@ -426,7 +464,7 @@ mod tests {
     #[test]
     fn a_host_gets_sas_and_policies_for_every_peer_of_every_encrypted_network() {
         let r = ring();
-        let nets = [EncryptedNet { port: 4790, ring: &r, peers: [ip(1), ip(2), ip(3)].into() }];
+        let nets = [EncryptedNet { port: 4790, ring: &r, peers: [ip(1), ip(2), ip(3)].into(), udp: None }];
         let s = plan(ip(1), &nets);
         // Two peers: one inbound and one outbound SA each and an out
         // policy each; one in policy for the port, from anywhere.
@@ -443,7 +481,7 @@ mod tests {
         assert!(s.policies.contains(&PolicyId { dir: Dir::In, src: any, dst: ip(1), port: 4790 }));
         assert!(s.policies.contains(&PolicyId { dir: Dir::Out, src: ip(1), dst: ip(3), port: 4790 }));
         // With no peer yet, the port is already closed to cleartext.
-        let alone = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [].into() }]);
+        let alone = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [].into(), udp: None }]);
         assert!(alone.sas.is_empty());
         assert_eq!(
             alone.policies.iter().collect::<Vec<_>>(),
@@ -461,7 +499,7 @@ mod tests {
         let r2 = r1.apply(Step::Rotate { epoch: 2, reason: Reason::OnDemand }, || Secret::from_bytes([4; 32]), 1);
         let r3 = r2.apply(Step::Switch { to: 2 }, || unreachable!(), 2);
         let r4 = r3.apply(Step::Retire { epoch: 1 }, || unreachable!(), 3);
-        let at = |r: &KeyRing| plan(ip(1), &[EncryptedNet { port: 4790, ring: r, peers: [ip(2)].into() }]);
+        let at = |r: &KeyRing| plan(ip(1), &[EncryptedNet { port: 4790, ring: r, peers: [ip(2)].into(), udp: None }]);
         let (s1, s2, s3, s4) = (at(&r1), at(&r2), at(&r3), at(&r4));
         // Rotate: only a new inbound SA.
         let ops = diff(&s2, &observe(&s1)).all();
@@ -483,14 +521,17 @@ mod tests {
     #[test]
     fn diff_repairs_a_missing_sa_and_removes_what_is_not_wanted() {
         let r = ring();
-        let want = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [ip(2)].into() }]);
+        let want = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [ip(2)].into(), udp: None }]);
         assert!(diff(&want, &observe(&want)).is_empty());
         let mut have = observe(&want);
         let gone = *have.sas.keys().next().unwrap();
         have.sas.remove(&gone);
         let stale = PolicyId { dir: Dir::Out, src: ip(1), dst: ip(9), port: 4790 };
         have.policies.insert(stale);
-        have.sas.insert(SaId { dst: ip(9), spi: 0x8000_1234 }, ObservedSa { src: ip(1), reqid: reqid(4790), oseq: 5 });
+        have.sas.insert(
+            SaId { dst: ip(9), spi: 0x8000_1234 },
+            ObservedSa { src: ip(1), reqid: reqid(4790), oseq: 5, encap: None },
+        );
         let d = diff(&want, &have);
         assert_eq!((d.first.len(), d.last.len()), (1, 2));
         let ops = d.all();
@@ -510,7 +551,7 @@ mod tests {
     #[test]
     fn sa_messages_carry_esp_transport_gcm_and_esn() {
         let r = ring();
-        let s = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [ip(2)].into() }]);
+        let s = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [ip(2)].into(), udp: None }]);
         let sa = s.sas.values().find(|sa| sa.dir == Dir::Out).unwrap();
         let msg = add_sa(sa);
         let XfrmMessage::AddSa(m) = &msg else { panic!("{msg:?}") };
@@ -530,7 +571,10 @@ mod tests {
         // The wire form parses back to an SA the observer recognises.
         let back = round_trip(&msg);
         assert_eq!(back, msg);
-        assert_eq!(observed_sa(&back), Some((sa.id(), ObservedSa { src: ip(1), reqid: reqid(4790), oseq: 0 })));
+        assert_eq!(
+            observed_sa(&back),
+            Some((sa.id(), ObservedSa { src: ip(1), reqid: reqid(4790), oseq: 0, encap: None }))
+        );
         let XfrmMessage::DeleteSa(d) = del_sa(sa.id()) else { panic!() };
         assert_eq!(
             (d.user_sa_id.spi, d.user_sa_id.proto, d.user_sa_id.daddr),
@@ -555,5 +599,34 @@ mod tests {
         foreign.nlas = vec![XfrmAttrs::Template(vec![UserTemplate { reqid: 7, ..Default::default() }])];
         assert_eq!(observed_policy(&XfrmMessage::AddPolicy(foreign)), None);
         assert!(is_ours(reqid(4789)) && !is_ours(7));
+    }
+
+    #[test]
+    fn esp_in_udp_towards_the_peers_that_need_it_with_the_same_keys() {
+        let r = ring();
+        let udp = Some((ESP_IN_UDP_PORT, [ip(3)].into()));
+        let s = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [ip(2), ip(3)].into(), udp }]);
+        let plain = plan(ip(1), &[EncryptedNet { port: 4790, ring: &r, peers: [ip(2), ip(3)].into(), udp: None }]);
+        for sa in s.sas.values() {
+            let to_3 = sa.src == ip(3) || sa.dst == ip(3);
+            assert_eq!(sa.encap, to_3.then_some(ESP_IN_UDP_PORT), "{sa:?}");
+            assert_eq!(sa.material, plain.sas[&sa.id()].material, "the same keys and SPIs either way");
+        }
+        assert_eq!(s.policies, plain.policies, "the same policies");
+        // The message carries the template; a dump reads it back.
+        let sa = s.sas.values().find(|sa| sa.dst == ip(3)).unwrap();
+        let back = round_trip(&add_sa(sa));
+        let XfrmMessage::AddSa(m) = &back else { panic!("{back:?}") };
+        let t = m.nlas.iter().find_map(|a| if let XfrmAttrs::EncapsulationTemplate(t) = a { Some(t) } else { None });
+        let t = t.expect("an encapsulation template");
+        assert_eq!((t.encap_type, t.encap_sport, t.encap_dport), (UDP_ENCAP_ESPINUDP, 4500, 4500));
+        assert_eq!(observed_sa(&back).unwrap().1.encap, Some(4500));
+        // Switching a peer's transport makes its SAs again, nothing else.
+        let d = diff(&s, &observe(&plain));
+        let remade: BTreeSet<SaId> =
+            d.first.iter().filter_map(|op| if let XfrmOp::AddSa(sa) = op { Some(sa.id()) } else { None }).collect();
+        let to_3: BTreeSet<SaId> = s.sas.values().filter(|sa| sa.encap.is_some()).map(|sa| sa.id()).collect();
+        assert_eq!(remade, to_3);
+        assert!(d.last.is_empty(), "{d:?}");
     }
 }

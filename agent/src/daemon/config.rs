@@ -44,6 +44,8 @@ pub struct FileConfig {
     pub cluster_key_file: Option<PathBuf>,
     pub flows_per_endpoint: Option<u32>,
     pub dns_client_qps: Option<u32>,
+    pub encryption_transport: Option<String>,
+    pub esp_udp_port: Option<u16>,
 }
 
 /// Flags and environment variables (`None` when not given).
@@ -113,6 +115,15 @@ pub struct Overrides {
     /// a full table refuses new flows and keeps the old). Default 65536.
     #[arg(long, env = "TRELLIS_FLOWS_PER_ENDPOINT")]
     pub flows_per_endpoint: Option<u32>,
+    /// How encrypted networks' packets cross the underlay: `esp` (IP
+    /// protocol 50, the default) or `udp` (ESP in UDP, RFC 3948, for paths
+    /// that filter protocol 50, as most clouds do). `udp` on one host makes
+    /// every tunnel to it ESP in UDP (its peers follow its record).
+    #[arg(long, env = "TRELLIS_ENCRYPTION_TRANSPORT")]
+    pub encryption_transport: Option<String>,
+    /// The UDP port of ESP in UDP (default 4500; the same on every host).
+    #[arg(long, env = "TRELLIS_ESP_UDP_PORT")]
+    pub esp_udp_port: Option<u16>,
     /// How the eBPF programs attach: `clsact` (tc filters in a clsact
     /// qdisc, any kernel; the default) or `auto`/`tcx` (tcx links on
     /// kernels from 6.6, clsact below). A tcx attachment waits for RCU
@@ -224,6 +235,9 @@ pub struct Config {
     pub flows_per_endpoint: u32,
     /// Each DNS client's rate (0: none).
     pub dns_client_qps: u32,
+    /// This host's encrypted tunnels carry ESP in UDP.
+    pub esp_in_udp: bool,
+    pub esp_udp_port: u16,
 }
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9473";
@@ -253,6 +267,10 @@ pub enum ConfigError {
     MetricsAddr(String),
     #[error("invalid docker_host {0:?}: expected unix:///PATH")]
     DockerHost(String),
+    #[error("invalid encryption_transport {0:?}: expected esp or udp")]
+    EncryptionTransport(String),
+    #[error("esp_udp_port {0} is not a port ESP in UDP can use (1-65535, not the VXLAN port)")]
+    EspUdpPort(u16),
     #[error("flows_per_endpoint must be at least 1")]
     FlowsPerEndpoint,
     #[error("invalid ebpf_attach {0:?}: expected clsact, tcx or auto")]
@@ -332,6 +350,18 @@ impl Config {
             dns_kernel: o.dns_kernel.or(f.dns_kernel).unwrap_or(true),
             drain: Duration::from_millis(o.drain_ms.or(f.drain_ms).unwrap_or(DEFAULT_DRAIN_MS)),
             cluster_key_file: o.cluster_key_file.clone().or(f.cluster_key_file),
+            esp_in_udp: match o.encryption_transport.clone().or(f.encryption_transport).as_deref() {
+                None | Some("esp") => false,
+                Some("udp") => true,
+                Some(other) => return Err(ConfigError::EncryptionTransport(other.to_string())),
+            },
+            esp_udp_port: match o.esp_udp_port.or(f.esp_udp_port) {
+                None => trellis_ipsec::xfrm::ESP_IN_UDP_PORT,
+                Some(p) if p == 0 || p == o.vxlan_port.or(f.vxlan_port).unwrap_or(4789) => {
+                    return Err(ConfigError::EspUdpPort(p));
+                }
+                Some(p) => p,
+            },
             dns_client_qps: o.dns_client_qps.or(f.dns_client_qps).unwrap_or(trellis_dns::limit::DEFAULT_CLIENT_QPS),
             flows_per_endpoint: match o.flows_per_endpoint.or(f.flows_per_endpoint) {
                 Some(0) => return Err(ConfigError::FlowsPerEndpoint),
@@ -445,6 +475,14 @@ mod tests {
         assert!(Config::merge(FileConfig::default(), &none).unwrap().drain.is_zero());
         assert_eq!(d.flows_per_endpoint, 65536, "an endpoint tracks up to 65536 flows");
         assert_eq!(d.dns_client_qps, 2000, "a DNS client is answered 2000 queries a second");
+        assert!(!d.esp_in_udp && d.esp_udp_port == 4500, "plain ESP by default; ESP in UDP on 4500");
+        let udp = Overrides { encryption_transport: Some("udp".into()), ..Overrides::default() };
+        assert!(Config::merge(FileConfig::default(), &udp).unwrap().esp_in_udp);
+        let bad = Overrides { encryption_transport: Some("tcp".into()), ..Overrides::default() };
+        let err = Config::merge(FileConfig::default(), &bad).unwrap_err().to_string();
+        assert!(err.contains("encryption_transport") && err.contains("tcp"), "{err}");
+        let clash = Overrides { esp_udp_port: Some(4789), ..Overrides::default() };
+        assert!(Config::merge(FileConfig::default(), &clash).unwrap_err().to_string().contains("4789"));
         let zero = Overrides { flows_per_endpoint: Some(0), ..Overrides::default() };
         let err = Config::merge(FileConfig::default(), &zero).unwrap_err().to_string();
         assert!(err.contains("flows_per_endpoint"), "{err}");

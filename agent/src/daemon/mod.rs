@@ -112,8 +112,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         vtep_mac,
         vxlan_port: cfg.vxlan_port,
         ebpf,
+        esp_in_udp: cfg.esp_in_udp,
+        esp_udp_port: cfg.esp_udp_port,
     };
     let mut caps = capabilities();
+    if cfg.esp_in_udp {
+        caps.insert(model::ESP_IN_UDP_CAPABILITY.to_string(), true);
+    }
     caps.insert("ebpf".to_string(), ebpf);
     caps.insert("esp".to_string(), cluster.esp_unsupported.is_none());
     for id in cluster_keys.iter().flat_map(|k| k.ids()) {

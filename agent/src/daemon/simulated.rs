@@ -77,6 +77,8 @@ impl SimulatedHost {
             vtep_mac: record.vtep_mac,
             vxlan_port: 4789,
             ebpf: false,
+            esp_in_udp: false,
+            esp_udp_port: trellis_ipsec::xfrm::ESP_IN_UDP_PORT,
             dns_intercept: false,
             dns_kernel: false,
         };

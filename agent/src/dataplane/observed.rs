@@ -191,6 +191,7 @@ impl Observed {
                         src: sa.src,
                         reqid: trellis_ipsec::xfrm::reqid(sa.port),
                         oseq: 0,
+                        encap: sa.encap,
                     };
                     self.xfrm.sas.insert(sa.id(), seen);
                 }

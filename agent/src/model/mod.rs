@@ -241,13 +241,28 @@ pub const MIN_NETWORK_MTU: u32 = 576;
 /// follows the hosts: lower as soon as a smaller host joins, back up when
 /// it leaves.
 pub fn network_mtu(n: &NetworkRecord, hosts: &[HostRecord]) -> u32 {
-    let overhead = VXLAN_OVERHEAD + if n.encrypted { trellis_ipsec::xfrm::ESP_OVERHEAD } else { 0 };
+    use trellis_ipsec::xfrm::{ESP_IN_UDP_OVERHEAD, ESP_OVERHEAD};
+    // ESP in UDP adds its 8 bytes where any host carries it (the record's
+    // MTU left room for ESP alone).
+    let udp_extra =
+        if n.encrypted && hosts.iter().any(asks_esp_in_udp) { ESP_IN_UDP_OVERHEAD - ESP_OVERHEAD } else { 0 };
+    let record = if udp_extra > 0 { n.mtu.saturating_sub(udp_extra).max(MIN_NETWORK_MTU) } else { n.mtu };
+    let overhead = VXLAN_OVERHEAD + if n.encrypted { ESP_OVERHEAD + udp_extra } else { 0 };
     hosts
         .iter()
         .filter(|h| h.underlay_mtu > 0)
         .map(|h| h.underlay_mtu.saturating_sub(overhead).max(MIN_NETWORK_MTU))
         .min()
-        .map_or(n.mtu, |m| n.mtu.min(m))
+        .map_or(record, |m| record.min(m))
+}
+
+/// The capability a host advertises when its encrypted tunnels carry ESP
+/// in UDP (`--encryption-transport udp`).
+pub const ESP_IN_UDP_CAPABILITY: &str = "esp_in_udp";
+
+/// Does host `h` ask for ESP in UDP?
+pub fn asks_esp_in_udp(h: &HostRecord) -> bool {
+    h.capabilities.get(ESP_IN_UDP_CAPABILITY).copied().unwrap_or(false)
 }
 
 /// A host's own address on a network, for the routing mesh's nftables

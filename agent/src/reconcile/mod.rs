@@ -40,6 +40,12 @@ pub struct Identity {
     pub dns_intercept: bool,
     /// The datapath answers plain A queries itself (the in-kernel DNS path).
     pub dns_kernel: bool,
+    /// This host's encrypted tunnels carry ESP in UDP (`--encryption-transport
+    /// udp`): towards every peer. Towards a peer that asks for it, they do
+    /// either way.
+    pub esp_in_udp: bool,
+    /// The cluster's ESP-in-UDP port.
+    pub esp_udp_port: u16,
 }
 
 impl Identity {
@@ -54,6 +60,8 @@ impl Identity {
             ebpf: false,
             dns_intercept: false,
             dns_kernel: false,
+            esp_in_udp: false,
+            esp_udp_port: trellis_ipsec::xfrm::ESP_IN_UDP_PORT,
         }
     }
 }

@@ -851,7 +851,7 @@ fn encrypted_networks_get_their_port_sas_and_policies_before_any_tunnel_entry() 
     let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
     let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
     let mut d = desired(&nets, &eps, &hosts, &me);
-    encryption(&nets, &keys, &mut d, &me);
+    encryption(&nets, &keys, &[], &mut d, &me);
     assert_eq!(d.vxlans["trx-aaaa"].spec.port, 4790, "an encrypted network's VXLAN uses its own port");
     assert_eq!((d.xfrm.sas.len(), d.xfrm.policies.len()), (2, 2), "in (from anywhere) and out to the peer");
     assert_eq!(d.acks["aaaa"], trellis_ipsec::Ack { rx: 1, tx: 1 });
@@ -867,7 +867,7 @@ fn encrypted_networks_get_their_port_sas_and_policies_before_any_tunnel_entry() 
         obs.record(a).unwrap();
     }
     let mut gone = desired(&nets, &eps[..1], &hosts, &me);
-    encryption(&nets, &keys, &mut gone, &me);
+    encryption(&nets, &keys, &[], &mut gone, &me);
     let acts = diff(&gone, &obs);
     let del_fdb = acts.iter().position(|a| matches!(a, Action::DelFdb { .. })).unwrap();
     let first_xfrm = acts.iter().position(|a| matches!(a, Action::Xfrm { .. })).unwrap();
@@ -879,14 +879,14 @@ fn encrypted_networks_get_their_port_sas_and_policies_before_any_tunnel_entry() 
     // No key ring: the policies still go in, so traffic stops rather
     // than leave in the clear.
     let mut bare = desired(&nets, &eps, &hosts, &me);
-    encryption(&nets, &BTreeMap::new(), &mut bare, &me);
+    encryption(&nets, &BTreeMap::new(), &[], &mut bare, &me);
     assert_eq!((bare.xfrm.sas.len(), bare.xfrm.policies.len()), (0, 2));
     // Plain networks get none of it.
     let mut plain = nets.clone();
     plain[0].encrypted = false;
     plain[0].vxlan_port = None;
     let mut p = desired(&plain, &eps, &hosts, &me);
-    encryption(&plain, &keys, &mut p, &me);
+    encryption(&plain, &keys, &[], &mut p, &me);
     assert!(p.xfrm.sas.is_empty() && p.xfrm.policies.is_empty() && p.acks.is_empty());
     assert_eq!(p.vxlans["trx-aaaa"].spec.port, 4789);
 }
@@ -897,7 +897,7 @@ fn an_encrypted_networks_ipsec_state_goes_after_its_device() {
     let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
     let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
     let mut d = desired(&nets, &eps, &hosts, &me);
-    encryption(&nets, &keys, &mut d, &me);
+    encryption(&nets, &keys, &[], &mut d, &me);
     let mut obs = Observed::default();
     for a in diff(&d, &Observed::default()) {
         obs.record(&a).unwrap();
@@ -906,7 +906,7 @@ fn an_encrypted_networks_ipsec_state_goes_after_its_device() {
     // The network goes: every SA and policy of it goes, after its
     // VXLAN device (no packet of it leaves without its policy).
     let mut gone = desired(&[], &[], &hosts, &me);
-    encryption(&[], &keys, &mut gone, &me);
+    encryption(&[], &keys, &[], &mut gone, &me);
     let acts = diff(&gone, &obs);
     let ops: Vec<_> = acts
         .iter()
@@ -1510,4 +1510,31 @@ fn a_network_is_sized_for_the_smallest_underlay_that_advertises_one() {
     assert_eq!(model::network_mtu(&net, &[h(1500)]), 1200, "an operator's smaller --mtu stays");
     net.mtu = 8950;
     assert_eq!(model::network_mtu(&net, &[h(600)]), 576, "never below 576");
+}
+
+#[test]
+fn a_host_that_asks_for_esp_in_udp_gets_it_from_every_peer() {
+    let (nets, eps, mut hosts, me) = encrypted_lab();
+    let ring = trellis_ipsec::KeyRing::new(trellis_ipsec::Secret::from_bytes([1; 32]), 0);
+    let keys = BTreeMap::from([("aaaa".to_string(), ring)]);
+    let encaps = |hosts: &[HostRecord], me: &Identity| {
+        let mut d = desired(&nets, &eps, hosts, me);
+        encryption(&nets, &keys, hosts, &mut d, me);
+        d.xfrm.sas.values().map(|sa| sa.encap).collect::<Vec<_>>()
+    };
+    assert_eq!(encaps(&hosts, &me), vec![None, None], "plain ESP unless someone asks");
+    // The peer asks (its record says so): this host follows.
+    hosts[1].capabilities.insert(model::ESP_IN_UDP_CAPABILITY.into(), true);
+    assert_eq!(encaps(&hosts, &me), vec![Some(4500), Some(4500)]);
+    // This host asks: towards every peer.
+    hosts[1].capabilities.clear();
+    let asking = Identity { esp_in_udp: true, esp_udp_port: 14500, ..me.clone() };
+    assert_eq!(encaps(&hosts, &asking), vec![Some(14500), Some(14500)]);
+    // The MTU leaves room for the UDP header where anyone carries it.
+    let mut n = nets[0].clone();
+    n.mtu = 1410;
+    hosts[0].capabilities.insert(model::ESP_IN_UDP_CAPABILITY.into(), true);
+    assert_eq!(model::network_mtu(&n, &hosts), 1402);
+    let sized: Vec<HostRecord> = hosts.iter().map(|h| HostRecord { underlay_mtu: 1500, ..h.clone() }).collect();
+    assert_eq!(model::network_mtu(&n, &sized), 1402, "1500 - 50 - 48");
 }

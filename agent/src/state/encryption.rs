@@ -505,8 +505,12 @@ mod tests {
         );
         // Outbound SAs past the threshold name their network.
         let mut seen = trellis_ipsec::ObservedXfrm::default();
-        let sa =
-            trellis_ipsec::xfrm::ObservedSa { src: rec.underlay, reqid: trellis_ipsec::xfrm::reqid(4790), oseq: 10 };
+        let sa = trellis_ipsec::xfrm::ObservedSa {
+            src: rec.underlay,
+            reqid: trellis_ipsec::xfrm::reqid(4790),
+            oseq: 10,
+            encap: None,
+        };
         seen.sas.insert(trellis_ipsec::SaId { dst: "192.0.2.2".parse().unwrap(), spi: 0x8000_0001 }, sa);
         let nets = c.networks().await.unwrap();
         assert_eq!(exhausted_networks(&nets, &seen, 10), BTreeSet::from([net.id.clone()]));

@@ -103,6 +103,9 @@ pub struct NetlinkDataplane {
     dump: tokio::sync::Mutex<()>,
     /// The monitor's ring buffer, until the daemon takes it.
     events: std::sync::Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
+    /// The UDP socket the kernel decapsulates ESP in UDP on, while any SA
+    /// of this host's carries it (see [`xfrm::EspUdpSocket`]).
+    esp_udp: std::sync::Mutex<Option<xfrm::EspUdpSocket>>,
 }
 
 impl NetlinkDataplane {
@@ -124,6 +127,7 @@ impl NetlinkDataplane {
             egress_seen: Default::default(),
             dump: tokio::sync::Mutex::new(()),
             events: Default::default(),
+            esp_udp: Default::default(),
         })
     }
 
@@ -174,8 +178,26 @@ impl NetlinkDataplane {
         }
     }
 
+    /// The ESP-in-UDP socket on `port` (made if this host has none on it):
+    /// without it the kernel would answer the peer's encapsulated ESP with
+    /// "port unreachable".
+    fn ensure_esp_udp(&self, port: u16) -> Result<()> {
+        let mut s = self.esp_udp.lock().unwrap_or_else(|p| p.into_inner());
+        if s.as_ref().is_some_and(|s| s.port == port) {
+            return Ok(());
+        }
+        *s = Some(xfrm::EspUdpSocket::open(port)?);
+        tracing::info!(port, "receiving ESP in UDP");
+        Ok(())
+    }
+
     /// One IPsec SA or policy change, on a blocking thread.
     async fn apply_xfrm(&self, op: &trellis_ipsec::XfrmOp) -> Result<()> {
+        if let trellis_ipsec::XfrmOp::AddSa(sa) = op
+            && let Some(port) = sa.encap
+        {
+            self.ensure_esp_udp(port)?;
+        }
         let op = op.clone();
         tokio::task::spawn_blocking(move || xfrm::XfrmSocket::open()?.apply(&op)).await.map_err(|e| {
             DataplaneError::Io { call: "xfrm", object: "executor".into(), source: std::io::Error::other(e) }
@@ -300,6 +322,12 @@ impl Dataplane for NetlinkDataplane {
         let mesh_links = self.observe_mesh_links(&links);
         let (tables, tables_cached, tables_generation) = self.observe_tables(rules)?;
         let xfrm = self.observe_xfrm_async().await?;
+        // SAs an earlier run made carry ESP in UDP: receive it again.
+        if let Some(port) = xfrm.sas.values().find_map(|sa| sa.encap)
+            && let Err(e) = self.ensure_esp_udp(port)
+        {
+            tracing::warn!(port, error = %e, "the ESP-in-UDP socket");
+        }
         let mut observed = Observed {
             egress,
             programs,

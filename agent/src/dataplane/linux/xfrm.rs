@@ -156,7 +156,7 @@ pub fn esp_support() -> Result<(), String> {
     let (src, dst) = (IpAddr::V4(Ipv4Addr::new(127, 0, 0, 61)), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 62)));
     let mut material = keys::derive(&Secret::generate(), 1, src, dst, 1);
     material.spi = 0x7fff_f00d;
-    let sa = SaSpec { src, dst, port: 1, epoch: 1, dir: Dir::Out, material, start_seq: 0 };
+    let sa = SaSpec { src, dst, port: 1, epoch: 1, dir: Dir::Out, material, start_seq: 0, encap: None };
     let mut msg = ipx::add_sa(&sa);
     if let XfrmMessage::AddSa(m) = &mut msg {
         m.user_sa_info.reqid = 0;
@@ -175,4 +175,50 @@ pub fn esp_support() -> Result<(), String> {
         _ => e.to_string(),
     })?;
     s.apply(&XfrmOp::DelSa(sa.id())).map_err(|e| e.to_string())
+}
+
+/// A UDP socket marked for ESP in UDP (`UDP_ENCAP_ESPINUDP`, RFC 3948):
+/// what arrives on its port with a non-zero first word is ESP, handed to
+/// xfrm by the kernel; it is never read. Closed when dropped.
+pub struct EspUdpSocket {
+    pub port: u16,
+    _socket: std::net::UdpSocket,
+}
+
+/// `UDP_ENCAP` (linux/udp.h) and its `UDP_ENCAP_ESPINUDP` type.
+const UDP_ENCAP: nix::libc::c_int = 100;
+const UDP_ENCAP_ESPINUDP: nix::libc::c_int = 2;
+
+impl EspUdpSocket {
+    pub fn open(port: u16) -> Result<EspUdpSocket, DataplaneError> {
+        let object = format!("ESP in UDP on port {port}");
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).map_err(|e| DataplaneError::Io {
+            call: "bind",
+            object: if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!("{object} (another process, an IKE daemon perhaps, holds the port: see --esp-udp-port)")
+            } else {
+                object.clone()
+            },
+            source: e,
+        })?;
+        let kind: nix::libc::c_int = UDP_ENCAP_ESPINUDP;
+        // SAFETY: a valid socket, a c_int option value of the size given.
+        let rc = unsafe {
+            nix::libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                nix::libc::SOL_UDP,
+                UDP_ENCAP,
+                (&kind as *const nix::libc::c_int).cast(),
+                std::mem::size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(DataplaneError::Io {
+                call: "setsockopt UDP_ENCAP",
+                object,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(EspUdpSocket { port, _socket: socket })
+    }
 }

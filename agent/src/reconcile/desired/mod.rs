@@ -114,7 +114,7 @@ pub fn desired_host(s: &Snapshot, me: &Identity) -> DesiredHost {
     let mut d = desired(networks, &s.endpoints, &s.hosts, me);
     mesh::mesh(networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, &s.mesh_addrs, me, &mut d);
     d.tables = tables::tables_holding(networks, &s.endpoints, &s.hosts, &s.services, &s.held_ports, me, &d);
-    encryption::encryption(networks, &s.keys, &mut d, me);
+    encryption::encryption(networks, &s.keys, &s.hosts, &mut d, me);
     d
 }
 
