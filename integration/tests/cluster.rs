@@ -692,6 +692,14 @@ fn mtu_in(ns: &std::path::Path, ifname: &str) -> u32 {
     text.split(" mtu ").nth(1).and_then(|r| r.split(' ').next()).and_then(|m| m.parse().ok()).unwrap_or(0)
 }
 
+/// What `h`'s `host ls` says of host `id`: the MTU it advertises, and the
+/// path MTU to it as probed (0: not yet).
+fn mtus_seen(h: &trellis_integration::Host, id: &str) -> (u64, u64) {
+    let hosts = h.ctl_json(&["host", "ls"]).unwrap();
+    let x = hosts.as_array().unwrap().iter().find(|x| x["id"] == id).cloned().unwrap();
+    (x["underlay_mtu"].as_u64().unwrap(), x["path_mtu"].as_u64().unwrap())
+}
+
 /// `ping -c N -s SIZE` (with `-M do`: never fragmented) from `ns` to `dst`:
 /// whether every reply came.
 fn ping_sized(ns: &std::path::Path, dst: &str, size: u32, dont_fragment: bool) -> bool {
@@ -761,11 +769,7 @@ fn hosts_with_jumbo_frames_and_a_small_vpn_size_the_network_for_the_smallest() {
     assert_eq!(got.len(), 256 * 8000, "every byte of the stream arrived");
     assert!(got.chunks(8000).all(|c| c == chunk.as_slice()), "and intact");
     // host ls: each host's advertised MTU, and the path to it as probed.
-    let path_mtu = |from: usize, to: &str| {
-        let hosts = lab.hosts[from].ctl_json(&["host", "ls"]).unwrap();
-        let h = hosts.as_array().unwrap().iter().find(|h| h["id"] == to).cloned().unwrap();
-        (h["underlay_mtu"].as_u64().unwrap(), h["path_mtu"].as_u64().unwrap())
-    };
+    let path_mtu = |from: usize, to: &str| mtus_seen(&lab.hosts[from], to);
     assert!(
         wait_for(Duration::from_secs(10), || path_mtu(0, "host2") == (1400, 1400)),
         "host 1 sees host 2 at {:?}",
@@ -789,11 +793,7 @@ fn a_path_narrower_than_both_hosts_is_found_by_the_probes() {
     for h in lab.hosts.iter_mut() {
         h.start().unwrap();
     }
-    let found = || {
-        let hosts = lab.hosts[0].ctl_json(&["host", "ls"]).unwrap();
-        let h = hosts.as_array().unwrap().iter().find(|h| h["id"] == "host2").cloned().unwrap();
-        (h["underlay_mtu"].as_u64().unwrap(), h["path_mtu"].as_u64().unwrap())
-    };
+    let found = || mtus_seen(&lab.hosts[0], "host2");
     // A search of a size a second: within 20 s.
     assert!(
         wait_for(Duration::from_secs(25), || {
