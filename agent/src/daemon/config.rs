@@ -151,9 +151,10 @@ pub struct Overrides {
     /// datapath and DNS on port 53). On by default.
     #[arg(long, env = "TRELLIS_DNS_KERNEL", num_args = 0..=1, default_missing_value = "true")]
     pub dns_kernel: Option<bool>,
-    /// Queries a second the DNS server answers one client address over UDP
-    /// (a flooding client's excess is dropped, others are unaffected; the
-    /// in-kernel path's answers do not count). 0: no limit. Default 2000.
+    /// Queries a second the DNS server answers one client address, UDP and
+    /// TCP together (a flooding client's excess is dropped, or refused over
+    /// TCP; others are unaffected; the in-kernel path's answers do not
+    /// count). 0: no limit. Default 2000.
     #[arg(long, env = "TRELLIS_DNS_CLIENT_QPS")]
     pub dns_client_qps: Option<u32>,
     /// Upstream resolvers for names that are not Trellis's: `IP[:PORT],…`
