@@ -14,6 +14,17 @@ fn main() {
     println!("cargo:rerun-if-changed=bpf");
     println!("cargo:rerun-if-changed=bpf/lib");
     println!("cargo:rerun-if-changed=include");
+    // The maps' layouts (names, kinds, keys and values): an agent finding
+    // pins of another layout starts the datapath afresh.
+    let mut layout: u64 = 0xcbf2_9ce4_8422_2325;
+    for f in ["include/trellis.h", "bpf/lib/maps.h"] {
+        let bytes = std::fs::read(f).unwrap_or_else(|e| panic!("reading {f}: {e}"));
+        for b in bytes {
+            layout ^= u64::from(b);
+            layout = layout.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    println!("cargo:rustc-env=TRELLIS_MAP_LAYOUT={layout:016x}");
     let clang = std::env::var("TRELLIS_CLANG").unwrap_or_else(|_| "clang-19".into());
     for prog in PROGRAMS {
         let src = format!("bpf/{prog}.bpf.c");

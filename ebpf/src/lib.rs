@@ -22,6 +22,11 @@ use aya::programs::tc::{NlOptions, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
 
+/// The layout of the pinned maps (a hash of `include/trellis.h` and
+/// `bpf/lib/maps.h`, made by `build.rs`): pins of another layout cannot be
+/// reused by these programs.
+pub const MAP_LAYOUT: &str = env!("TRELLIS_MAP_LAYOUT");
+
 /// The compiled endpoint program.
 pub static ENDPOINT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/endpoint.bpf.o"));
 
@@ -1283,10 +1288,14 @@ pub fn mount_bpffs(dir: &std::path::Path) -> std::result::Result<(), String> {
 /// Add a clsact qdisc to `ifname` (one already there is fine).
 fn add_clsact(ifname: &str) -> Result<()> {
     match aya::programs::tc::qdisc_add_clsact(ifname) {
-        Err(e) if !e.to_string().contains("exists") => {
+        Ok(()) => Ok(()),
+        // One is there already (the kernel's words vary: "File exists", or
+        // with extended acks "Exclusivity flag on, cannot modify"; EEXIST).
+        Err(aya::programs::tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => Ok(()),
+        Err(e) if e.to_string().contains("exists") => Ok(()),
+        Err(e) => {
             Err(DatapathError::Clsact { ifname: ifname.to_string(), source: std::io::Error::other(e.to_string()) })
         }
-        _ => Ok(()),
     }
 }
 

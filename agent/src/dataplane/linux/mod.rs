@@ -149,10 +149,27 @@ impl NetlinkDataplane {
         trellis_ebpf::mount_bpffs(dir)?;
         let maps = dir.join("maps");
         let links = dir.join("links");
+        // Pins of another layout (an agent upgraded across a change of the
+        // maps) cannot be reused: the datapath starts afresh, its programs
+        // detached here and attached again by the first pass (a connection
+        // through a VIP keeps its backend: Maglev chooses it again).
+        let stamp = dir.with_extension("layout");
+        let pinned = std::fs::read_dir(&maps).map(|d| d.count() > 0).unwrap_or(false);
+        let same = std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == trellis_ebpf::MAP_LAYOUT);
+        if pinned && !same {
+            tracing::warn!(
+                layout = trellis_ebpf::MAP_LAYOUT,
+                "the datapath's pinned maps are of another layout (an upgrade): starting the datapath afresh"
+            );
+            bpf::remove_leftover_datapath(dir);
+        }
         for d in [&maps, &links, &dir.join("mesh")] {
             std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
         }
         let mut dp = trellis_ebpf::Datapath::load_pinned(&maps).map_err(|e| e.to_string())?;
+        if let Err(e) = std::fs::write(&stamp, trellis_ebpf::MAP_LAYOUT) {
+            tracing::warn!(path = %stamp.display(), error = %e, "recording the datapath's layout");
+        }
         dp.set_flow_quota(flows_per_endpoint);
         match dp.take_events() {
             Ok(ring) => *self.events.lock().unwrap_or_else(|p| p.into_inner()) = Some(ring),
