@@ -455,9 +455,20 @@ fn bind_udp(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     // The gateway address may not be on its bridge yet.
     s.set_freebind_v4(true)?;
     s.set_reuse_address(true)?;
+    // Room for a flood's burst while the server's thread waits for a CPU:
+    // a small query costs ~800 bytes of buffer, so the default (~208 KiB)
+    // overflows after ~250 of them, and what overflows is every client's,
+    // not only the flooder's (whose excess the server drops cheaply once
+    // it reads it). Past `rmem_max` where the agent may (it is root).
+    if nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &UDP_RCVBUF).is_err() {
+        let _ = s.set_recv_buffer_size(UDP_RCVBUF);
+    }
     s.bind(&addr.into())?;
     Ok(s)
 }
+
+/// The UDP sockets' receive buffer: about 10,000 small queries.
+const UDP_RCVBUF: usize = 8 << 20;
 
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;

@@ -193,7 +193,9 @@ fn a_client_flooding_the_dns_server_is_held_to_its_rate_while_another_resolves()
     let (sent, took) = flood.join().unwrap();
     let rate = sent as f64 / took.as_secs_f64();
     eprintln!("flooder: {sent} queries in {took:?} ({rate:.0}/s); victim: {answered}/{asked} answered");
-    assert!(rate > 20_000.0, "the flood was a flood: {rate:.0} queries/s");
+    // A flood: many times the client's share (2,000 a second), however
+    // busy the machine is.
+    assert!(rate > 10_000.0, "the flood was a flood: {rate:.0} queries/s");
     assert_eq!(answered, asked, "every one of the victim's queries was answered within its one try");
     let limited = metric(&h, "trellis_dns_queries_total", &["outcome=\"rate_limited\""]);
     assert!(limited > sent / 2, "the flooder's excess was dropped: {limited} of {sent}");
