@@ -694,10 +694,10 @@ fn mtu_in(ns: &std::path::Path, ifname: &str) -> u32 {
 
 /// What `h`'s `host ls` says of host `id`: the MTU it advertises, and the
 /// path MTU to it as probed (0: not yet).
-fn mtus_seen(h: &trellis_integration::Host, id: &str) -> (u64, u64) {
+fn mtus_seen(h: &trellis_integration::Host, id: &str) -> (u64, u64, u64) {
     let hosts = h.ctl_json(&["host", "ls"]).unwrap();
     let x = hosts.as_array().unwrap().iter().find(|x| x["id"] == id).cloned().unwrap();
-    (x["underlay_mtu"].as_u64().unwrap(), x["path_mtu"].as_u64().unwrap())
+    (x["underlay_mtu"].as_u64().unwrap(), x["path_mtu"].as_u64().unwrap(), x["tunnel_mtu"].as_u64().unwrap())
 }
 
 /// `ping -c N -s SIZE` (with `-M do`: never fragmented) from `ns` to `dst`:
@@ -768,16 +768,21 @@ fn hosts_with_jumbo_frames_and_a_small_vpn_size_the_network_for_the_smallest() {
     let got = reader.join().unwrap();
     assert_eq!(got.len(), 256 * 8000, "every byte of the stream arrived");
     assert!(got.chunks(8000).all(|c| c == chunk.as_slice()), "and intact");
-    // host ls: each host's advertised MTU, and the path to it as probed.
+    // host ls: each host's advertised MTU, and the path to it as probed
+    // over the underlay and through the tunnel.
     let path_mtu = |from: usize, to: &str| mtus_seen(&lab.hosts[from], to);
     assert!(
-        wait_for(Duration::from_secs(10), || path_mtu(0, "host2") == (1400, 1400)),
+        wait_for(Duration::from_secs(10), || path_mtu(0, "host2") == (1400, 1400, 1400)),
         "host 1 sees host 2 at {:?}",
         path_mtu(0, "host2")
     );
-    assert!(wait_for(Duration::from_secs(10), || path_mtu(1, "host1") == (9000, 1400)), "{:?}", path_mtu(1, "host1"));
+    assert!(
+        wait_for(Duration::from_secs(10), || path_mtu(1, "host1") == (9000, 1400, 1400)),
+        "{:?}",
+        path_mtu(1, "host1")
+    );
     let table = lab.hosts[0].ctl(&["host", "ls"]).unwrap();
-    assert!(table.contains("1400 (1400)"), "{table}");
+    assert!(table.contains("1400 (1400/1400)"), "{table}");
 }
 
 #[test]
@@ -794,15 +799,53 @@ fn a_path_narrower_than_both_hosts_is_found_by_the_probes() {
         h.start().unwrap();
     }
     let found = || mtus_seen(&lab.hosts[0], "host2");
-    // A search of a size a second: within 20 s.
+    // A search of a size a second, both probes at once: within 20 s.
     assert!(
         wait_for(Duration::from_secs(25), || {
-            let (adv, path) = found();
-            adv == 9000 && (1392..=1400).contains(&path)
+            let (adv, path, tunnel) = found();
+            adv == 9000 && (1392..=1400).contains(&path) && (1392..=1400).contains(&tunnel)
         }),
         "host 1 sees host 2 as {:?}",
         found()
     );
     let log = std::fs::read_to_string(lab.hosts[0].log_path()).unwrap();
     assert!(log.contains("carries less than both hosts' underlays advertise"), "the agent warns");
+    assert!(log.contains("peer=\"host2\"") || log.contains("peer=host2"), "naming the peer");
+}
+
+/// A middlebox that passes large ICMP but drops large VXLAN packets (an
+/// MTU clamp on one UDP port, a firewall's size rule): the underlay's
+/// echoes see a 1500-byte path, only the probes through the tunnel find
+/// what VXLAN gets through, and `host ls` shows both.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_hop_that_drops_large_vxlan_packets_is_found_through_the_tunnel() {
+    require_root();
+    let mut lab = Lab::unstarted(2, 3000, |_| Vec::new()).unwrap();
+    // Host 2 takes in no VXLAN packet over 1300 bytes; ICMP of any size.
+    let rules = "table inet small_vxlan {\n chain vxlan_in {\n type filter hook input priority -10;\n \
+                 udp dport 4789 ip length > 1300 drop\n }\n}\n";
+    let mut nft = lab.hosts[1].ns.cmd("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success(), "nft {rules}");
+    for h in lab.hosts.iter_mut() {
+        h.start().unwrap();
+    }
+    // Both ways: host 1's probes do not get in, host 2's replies do not.
+    for (from, to) in [(0, "host2"), (1, "host1")] {
+        let found = || mtus_seen(&lab.hosts[from], to);
+        assert!(
+            wait_for(Duration::from_secs(25), || {
+                let (adv, path, tunnel) = found();
+                adv == 1500 && path == 1500 && (1292..=1300).contains(&tunnel)
+            }),
+            "host{} sees {to} as {:?}",
+            from + 1,
+            found()
+        );
+    }
+    let table = lab.hosts[0].ctl(&["host", "ls"]).unwrap();
+    assert!(table.lines().any(|l| l.starts_with("host2") && l.contains("1500 (1500/129")), "{table}");
+    let log = std::fs::read_to_string(lab.hosts[0].log_path()).unwrap();
+    assert!(log.contains("probe=\"tunnel\"") || log.contains("probe=tunnel"), "the agent warns of the tunnel");
 }

@@ -229,6 +229,7 @@ fn host_to_proto(v: &HostView) -> proto::Host {
         kept: v.kept,
         underlay_mtu: h.underlay_mtu,
         path_mtu: v.path_mtu.unwrap_or(0),
+        tunnel_mtu: v.tunnel_mtu.unwrap_or(0),
     }
 }
 

@@ -91,6 +91,9 @@ pub struct HostView {
     pub kept: bool,
     /// The largest packet the path to it carries, as probed.
     pub path_mtu: Option<u32>,
+    /// The largest VXLAN packet the path to it carries, as probed through
+    /// the probe tunnel.
+    pub tunnel_mtu: Option<u32>,
 }
 
 /// This host's health.
@@ -194,6 +197,7 @@ impl App {
                     tunnel_probe_rtt: health.as_ref().and_then(|x| x.tunnel.rtt),
                     kept: kept_ids.contains(&h.id),
                     path_mtu: health.as_ref().and_then(|x| x.mtu.verified),
+                    tunnel_mtu: health.as_ref().and_then(|x| x.tunnel.mtu.verified),
                     host: h,
                 }
             })

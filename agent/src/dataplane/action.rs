@@ -32,6 +32,11 @@ pub struct VxlanSpec {
     /// a failure is logged, the device stays. Chosen by the desired state
     /// (the probe device's IPv6 settings), not by the executor.
     pub sysctls: Vec<Sysctl>,
+    /// Its outer packets carry Don't Fragment (`df set`): the probe
+    /// device's, so that a sized probe through it finds what the path
+    /// carries of VXLAN itself. A network's device leaves it unset: a
+    /// narrower hop fragments its packets rather than dropping them.
+    pub dont_fragment: bool,
 }
 
 /// The veth that holds this host's mesh address on a network (see

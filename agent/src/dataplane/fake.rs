@@ -23,6 +23,8 @@ pub struct FakeDataplane {
     pub fail_every_endpoint: std::sync::atomic::AtomicBool,
     /// Every xfrm change fails (a kernel without ESP or xfrm).
     pub failing_xfrm: std::sync::atomic::AtomicBool,
+    /// Every endpoint program attachment fails.
+    pub failing_attach: std::sync::atomic::AtomicBool,
     /// The namespaces the agent created and has not removed.
     pub namespaces: Mutex<BTreeSet<PathBuf>>,
     /// Creating a namespace fails.
@@ -48,6 +50,8 @@ pub struct FakePeers {
     /// The largest unfragmented packet each underlay path carries (absent:
     /// any size).
     pub path_mtu: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
+    /// The largest VXLAN packet each tunnel path carries (absent: any).
+    pub tunnel_mtu: std::collections::BTreeMap<std::net::Ipv6Addr, u32>,
 }
 
 /// Probe sockets whose echoes the [`FakePeers`] answer at once.
@@ -76,6 +80,13 @@ impl super::ProbeSockets for FakeProbeSockets {
     }
     fn send_tunnel(&mut self, to: std::net::Ipv6Addr, id: u16, seq: u16) -> std::io::Result<()> {
         if self.peers.lock().unwrap().tunnel.contains(&to) {
+            self.replies6.push_back((to, id, seq));
+        }
+        Ok(())
+    }
+    fn send_tunnel_sized(&mut self, to: std::net::Ipv6Addr, id: u16, seq: u16, size: u32) -> std::io::Result<()> {
+        let p = self.peers.lock().unwrap();
+        if p.tunnel.contains(&to) && p.tunnel_mtu.get(&to).is_none_or(|m| size <= *m) {
             self.replies6.push_back((to, id, seq));
         }
         Ok(())
@@ -129,6 +140,15 @@ impl Dataplane for FakeDataplane {
                 call: "add xfrm state",
                 object: "fake".into(),
                 source: std::io::Error::from_raw_os_error(2),
+            });
+        }
+        if matches!(action, Action::AttachProgram { .. })
+            && self.failing_attach.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(DataplaneError::Io {
+                call: "attach endpoint program",
+                object: "fake".into(),
+                source: std::io::Error::from_raw_os_error(22),
             });
         }
         if matches!(action, Action::UpdateTables(_)) {

@@ -85,6 +85,10 @@ pub trait ProbeSockets: Send {
     /// An echo of `size` bytes (IP header included) to `to` that no router
     /// may fragment (Don't Fragment set): the path MTU probe.
     fn send_underlay_sized(&mut self, to: std::net::Ipv4Addr, id: u16, seq: u16, size: u32) -> std::io::Result<()>;
+    /// An echo through the probe device whose VXLAN packet (the outer IPv4
+    /// datagram) is `size` bytes, never fragmented: the tunnel's path MTU
+    /// probe.
+    fn send_tunnel_sized(&mut self, to: std::net::Ipv6Addr, id: u16, seq: u16, size: u32) -> std::io::Result<()>;
     /// An echo reply that arrived: (from, id, sequence).
     fn recv_underlay(&mut self) -> Option<(std::net::Ipv4Addr, u16, u16)>;
     fn recv_tunnel(&mut self) -> Option<(std::net::Ipv6Addr, u16, u16)>;

@@ -33,6 +33,8 @@ pub struct ObservedLink {
     /// VXLAN devices: the VNI, the static FDB entries (MAC → remote VTEP)
     /// and the permanent neighbour entries (IP → MAC).
     pub vni: Option<u32>,
+    /// VXLAN devices: outer packets carry Don't Fragment.
+    pub dont_fragment: bool,
     /// Bridges: the MAC (fixed by the agent, so it never follows its
     /// ports); the host end of a mesh veth: its MAC.
     pub mac: Option<Mac>,
@@ -88,7 +90,13 @@ impl Observed {
             Action::CreateVxlan(v) => {
                 self.links.insert(
                     v.name.clone(),
-                    ObservedLink { kind: LinkKind::Vxlan, mtu: v.mtu, vni: Some(v.vni), ..Default::default() },
+                    ObservedLink {
+                        kind: LinkKind::Vxlan,
+                        mtu: v.mtu,
+                        vni: Some(v.vni),
+                        dont_fragment: v.dont_fragment,
+                        ..Default::default()
+                    },
                 );
             }
             Action::AddFdb { link, mac, dst } => {
@@ -128,7 +136,8 @@ impl Observed {
                         kind: LinkKind::Veth,
                         master: Some(spec.bridge.clone()),
                         mtu: spec.mtu,
-                        up: true,
+                        // Down until a `SetLink` (after its program).
+                        up: false,
                         ..Default::default()
                     },
                 );

@@ -286,7 +286,7 @@ impl Reconciler {
         let tables_changed = actions.iter().any(|a| matches!(a, Action::UpdateTables(_)));
         let mut report = PassReport { generation, actions: actions.len(), ..PassReport::default() };
         // A failed endpoint creation must not stop the others, but the
-        // remaining steps of a failed bridge are skipped.
+        // remaining steps of a failed bridge, veth or attach are skipped.
         let mut failed_links: Vec<String> = Vec::new();
         let mut xfrm_failed = false;
         let mut trust_cache = true;
@@ -322,6 +322,15 @@ impl Reconciler {
                 }
                 if let Action::CreateVxlan(v) = a {
                     failed_links.push(v.name.clone());
+                }
+                // A veth that was not made, or whose program did not go
+                // on, is not brought up (fail closed: it stays down until
+                // a pass attaches its program).
+                if let Action::CreateEndpoint(s) = a {
+                    failed_links.push(s.host_if.clone());
+                }
+                if let Action::AttachProgram { ifname, .. } = a {
+                    failed_links.push(ifname.clone());
                 }
                 // Fail closed: an encrypted network whose SAs or policies
                 // did not go in gets no new tunnel entries this pass.

@@ -640,6 +640,16 @@ fn the_endpoint_program_follows_the_veths() {
             < pos(&|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1")),
         "the veth exists before the program is attached"
     );
+    let up = |acts: &[Action], name: &str| {
+        acts.iter().position(|a| matches!(a, Action::SetLink { name: n, .. } if n == name))
+    };
+    let attached = |acts: &[Action], name: &str| {
+        acts.iter().position(|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == name))
+    };
+    for name in ["trv-e1", "trv-e2"] {
+        assert!(up(&acts, name) > attached(&acts, name), "{name} comes up only once its program is on: {acts:?}");
+        assert_eq!(acts.iter().filter(|a| matches!(a, Action::SetLink { name: n, .. } if n == name)).count(), 1);
+    }
     let mut obs = Observed::default();
     for a in &acts {
         obs.record(a).unwrap();
@@ -650,8 +660,47 @@ fn the_endpoint_program_follows_the_veths() {
     obs.links.remove("trv-e1");
     obs.programs.insert("trv-gone".into());
     let acts = diff(&d, &obs);
-    assert!(acts.iter().any(|a| matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1")), "{acts:?}");
+    assert!(up(&acts, "trv-e1") > attached(&acts, "trv-e1"), "the repaired veth too: {acts:?}");
     assert!(acts.contains(&Action::DetachProgram { ifname: "trv-gone".into() }), "{acts:?}");
+    // A veth found down without its program (an attach that failed):
+    // program first, then up; one found down with its program is just
+    // brought up.
+    let mut half = Observed::default();
+    for a in diff(&d, &Observed::default())
+        .iter()
+        .filter(|a| !matches!(a, Action::SetLink { name, .. } if name.starts_with("trv-")))
+    {
+        if !matches!(a, Action::AttachProgram { ifname, .. } if ifname == "trv-e1") {
+            half.record(a).unwrap();
+        }
+    }
+    assert!(!half.links["trv-e1"].up && !half.links["trv-e2"].up);
+    let acts = diff(&d, &half);
+    assert!(up(&acts, "trv-e1") > attached(&acts, "trv-e1"), "{acts:?}");
+    assert!(attached(&acts, "trv-e2").is_none() && up(&acts, "trv-e2").is_some(), "{acts:?}");
+}
+
+/// An attachment that fails leaves its veth down: the endpoint passes no
+/// frame unguarded, and comes up with the pass that attaches its program.
+#[tokio::test]
+async fn a_veth_whose_program_did_not_go_on_stays_down() {
+    let dp = Arc::new(FakeDataplane::default());
+    dp.failing_attach.store(true, Ordering::Relaxed);
+    let src = Arc::new(Fixed(Mutex::new((
+        vec![network("aaaa", "10.1.0.0/24", false)],
+        vec![endpoint("e1", "aaaa", "10.1.0.2", "h1")],
+    ))));
+    let r = Reconciler::new(dp.clone(), src, Identity { ebpf: true, ..Identity::local("h1") });
+    let report = r.pass().await.unwrap();
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert!(dp.inspect(|s| s.links.contains_key("trv-e1") && !s.links["trv-e1"].up), "the veth is made, and down");
+    assert!(!dp.take_log().iter().any(|a| matches!(a, Action::SetLink { name, .. } if name == "trv-e1")));
+    dp.failing_attach.store(false, Ordering::Relaxed);
+    let report = r.full_pass().await.unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(dp.inspect(|s| s.links["trv-e1"].up && s.programs.contains("trv-e1")));
+    let log = dp.take_log();
+    assert!(!log.iter().any(|a| matches!(a, Action::CreateEndpoint(_))), "the veth is kept: {log:?}");
 }
 
 #[test]
@@ -672,7 +721,7 @@ fn diff_from_scratch_creates_in_order() {
             _ => "tunnel",
         })
         .collect();
-    assert_eq!(kinds, ["bridge", "set", "addr", "endpoint", "egress"]);
+    assert_eq!(kinds, ["bridge", "set", "addr", "endpoint", "set", "egress"]);
 }
 
 #[test]
@@ -1019,7 +1068,7 @@ async fn passes_converge_and_then_do_nothing() {
     let r = Reconciler::new(dp.clone(), src.clone(), Identity::local("h1"));
     let first = r.pass().await.unwrap();
     assert!(first.errors.is_empty(), "{:?}", first.errors);
-    assert_eq!(first.actions, 6);
+    assert_eq!(first.actions, 8);
     let second = r.pass().await.unwrap();
     assert_eq!(second.actions, 0, "a converged host needs nothing: {:?}", dp.take_log());
     assert!(second.generation > first.generation);
@@ -1493,6 +1542,23 @@ fn a_host_with_a_smaller_underlay_sizes_every_network_down_and_the_containers_fo
     // The small host leaves: back to the record's.
     let after = desired::desired_host(&snap(vec![big.clone()]), &me);
     assert_eq!(after.endpoints["trv-e1"].mtu, 8950);
+    // The probe device is as large as this host's underlay carries, its
+    // packets never fragmented; a network's device fragments.
+    let probe = &d.vxlans[model::PROBE_VXLAN].spec;
+    assert_eq!((probe.mtu, probe.dont_fragment), (8950, true));
+    assert!(!d.vxlans[&model::vxlan_name("aaaa")].spec.dont_fragment);
+    let unknown = desired::desired_host(&snap(vec![HostRecord { underlay_mtu: 0, ..big.clone() }]), &me);
+    assert_eq!(unknown.vxlans[model::PROBE_VXLAN].spec.mtu, 1280, "IPv6's minimum when this host's is not known");
+    // A probe device of an older agent (fragmenting) is made again.
+    let mut obs = Observed::default();
+    for a in diff(&d, &Observed::default()) {
+        obs.record(&a).unwrap();
+    }
+    assert!(diff(&d, &obs).is_empty());
+    obs.links.get_mut(model::PROBE_VXLAN).unwrap().dont_fragment = false;
+    let acts = diff(&d, &obs);
+    assert!(acts.contains(&Action::DeleteLink { name: model::PROBE_VXLAN.into() }), "{acts:?}");
+    assert!(acts.iter().any(|a| matches!(a, Action::CreateVxlan(v) if v.dont_fragment)), "{acts:?}");
 }
 
 #[test]

@@ -7,17 +7,23 @@
 //!   its own probe device — encapsulated on the hosts' VXLAN port, so a
 //!   blocked port or a broken VXLAN path shows even while ICMP passes.
 //!
-//! * **path MTU**: an echo of the largest size the path must carry (the
-//!   smaller of the two hosts' advertised underlay MTUs, the basis of every
-//!   network's MTU) with Don't Fragment set, to the peer's underlay
-//!   address, which its VXLAN packets share; when it goes unanswered while
-//!   small probes answer, a search one size a round finds what the path
-//!   does carry ([`PathMtu`]). VXLAN's own packets carry no DF bit, so a
-//!   narrower path fragments (or, on a layer-2 hop, drops) them: `host
-//!   ls` shows the verified size, and the agent warns.
+//! * **path MTU**, both ways: an echo of the largest size the path must
+//!   carry (the smaller of the two hosts' advertised underlay MTUs, the
+//!   basis of every network's MTU) with Don't Fragment set, to the peer's
+//!   underlay address, which its VXLAN packets share; and an ICMPv6 echo
+//!   through the probe device whose VXLAN packet is that size (the device
+//!   sets Don't Fragment on its outer packets, and its MTU is the
+//!   underlay's less VXLAN's 50 bytes), which finds what the path carries
+//!   of VXLAN itself: a firewall or middlebox that passes large ICMP but
+//!   not large UDP on the VXLAN port shows there only. When a size goes
+//!   unanswered while small probes answer, a search one size a round
+//!   finds what the path does carry ([`PathMtu`]). The networks' devices
+//!   carry no DF bit, so a narrower path fragments (or, on a layer-2 hop,
+//!   drops) their packets: `host ls` shows both verified sizes, and the
+//!   agent warns, naming the peer.
 //!
 //! What `host ls` and `status` show: reachable or not over each, the round
-//! trips, and the path MTU.
+//! trips, and the path MTUs.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -96,40 +102,35 @@ impl PathMtu {
         Some((self.ok.max(PMTU_FLOOR) + self.bad) / 2)
     }
 
-    /// The probe of `size` was answered (or not).
-    pub fn record(&mut self, size: u32, answered: bool) {
+    /// The probe of `size` was answered (or not). Returns what the path
+    /// carries when a search has just found it narrower than expected, and
+    /// other than the last search found (the caller warns).
+    pub fn record(&mut self, size: u32, answered: bool) -> Option<u32> {
         if answered {
             self.ok = self.ok.max(size);
             if size >= self.expected || (self.bad > 0 && self.bad - self.ok <= PMTU_STEP) {
-                self.finish(self.ok);
+                return self.finish(self.ok);
             }
-            return;
+            return None;
         }
         if size == self.expected && !self.retried {
             self.retried = true;
-            return;
+            return None;
         }
         self.bad = if self.bad == 0 { size } else { self.bad.min(size) };
         if self.bad <= PMTU_FLOOR || self.bad - self.ok.max(PMTU_FLOOR) <= PMTU_STEP {
-            self.finish(self.ok.max(PMTU_FLOOR).min(self.bad));
+            return self.finish(self.ok.max(PMTU_FLOOR).min(self.bad));
         }
+        None
     }
 
-    fn finish(&mut self, verified: u32) {
-        let before = self.verified;
-        self.verified = Some(verified);
-        if verified < self.expected && before != Some(verified) {
-            tracing::warn!(
-                carries = verified,
-                expected = self.expected,
-                "the path to a peer carries less than both hosts' underlays advertise: VXLAN packets to it \
-                 are fragmented or lost; lower the uplink's MTU (or give networks a smaller --mtu)"
-            );
-        }
+    fn finish(&mut self, verified: u32) -> Option<u32> {
+        let before = self.verified.replace(verified);
         self.ok = 0;
         self.bad = 0;
         self.retried = false;
         self.wait = PMTU_RECHECK;
+        (verified < self.expected && before != Some(verified)).then_some(verified)
     }
 }
 
@@ -139,6 +140,8 @@ pub struct TunnelHealth {
     pub sent: u64,
     pub answered: u64,
     pub missed: u32,
+    /// The largest VXLAN packet (outer IPv4 datagram) the path carries.
+    pub mtu: PathMtu,
 }
 
 impl PeerHealth {
@@ -167,6 +170,32 @@ impl PeerHealth {
             Path::Answering
         }
     }
+}
+
+/// Whether a path MTU probe counts: sent, or refused by the kernel as too
+/// big to send unfragmented (this host's link, or a router's Packet Too
+/// Big it remembers, says the path does not carry it: it goes unanswered).
+fn sent_or_too_big(sent: std::io::Result<()>, peer: &str, size: u32) -> bool {
+    match sent {
+        Ok(()) => true,
+        Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => true,
+        Err(e) => {
+            tracing::debug!(%peer, size, error = %e, "path MTU probe not sent");
+            false
+        }
+    }
+}
+
+/// A search found the path to `peer` narrower than both hosts advertise.
+fn narrower(peer: &str, probe: &str, carries: u32, expected: u32) {
+    tracing::warn!(
+        %peer,
+        probe,
+        carries,
+        expected,
+        "the path to a peer carries less than both hosts' underlays advertise: VXLAN packets to it are \
+         fragmented or lost; lower the uplink's MTU (or give networks a smaller --mtu)"
+    );
 }
 
 /// Probes missed in a row before a peer counts as unreachable.
@@ -265,14 +294,18 @@ impl Prober {
             // Sized probes carry another id: (peer, size).
             let sized_id = id ^ 0x8000;
             let mut pending_sized: HashMap<Ipv4Addr, (String, u32)> = HashMap::new();
-            let sizes: Vec<(String, u32)> = {
+            let mut pending6_sized: HashMap<Ipv6Addr, (String, u32)> = HashMap::new();
+            // This round's sizes: (peer, underlay size, tunnel size).
+            let sizes: Vec<(String, Option<u32>, Option<u32>)> = {
                 let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
                 peers
                     .iter()
-                    .filter_map(|(host, _, _, expected)| {
-                        let m = &mut health.entry(host.clone()).or_default().mtu;
-                        m.expect(*expected);
-                        Some((host.clone(), m.next_size()?))
+                    .map(|(host, _, ll, expected)| {
+                        let h = health.entry(host.clone()).or_default();
+                        h.mtu.expect(*expected);
+                        h.tunnel.mtu.expect(*expected);
+                        let through = if tunnel && ll.is_some() { h.tunnel.mtu.next_size() } else { None };
+                        (host.clone(), h.mtu.next_size(), through)
                     })
                     .collect()
             };
@@ -281,13 +314,18 @@ impl Prober {
                     tracing::debug!(peer = %host, error = %e, "probe not sent");
                 }
                 pending.insert(*ip, host.clone());
-                if let Some((_, size)) = sizes.iter().find(|(h, _)| h == host) {
-                    match sockets.send_underlay_sized(*ip, sized_id, seq, *size) {
-                        Ok(()) => {
-                            pending_sized.insert(*ip, (host.clone(), *size));
-                        }
-                        // Larger than this host's own link: not answered.
-                        Err(e) => tracing::debug!(peer = %host, size, error = %e, "path MTU probe not sent"),
+                let (underlay_size, tunnel_size) =
+                    sizes.iter().find(|(h, ..)| h == host).map_or((None, None), |(_, u, t)| (*u, *t));
+                if let Some(size) = underlay_size {
+                    let sent = sockets.send_underlay_sized(*ip, sized_id, seq, size);
+                    if sent_or_too_big(sent, host, size) {
+                        pending_sized.insert(*ip, (host.clone(), size));
+                    }
+                }
+                if let (Some(size), Some(ll)) = (tunnel_size, ll) {
+                    let sent = sockets.send_tunnel_sized(*ll, sized_id, seq, size);
+                    if sent_or_too_big(sent, host, size) {
+                        pending6_sized.insert(*ll, (host.clone(), size));
                     }
                 }
                 if let (true, Some(ll)) = (tunnel, ll) {
@@ -301,12 +339,15 @@ impl Prober {
             }
             let probed6: Vec<String> = pending6.values().cloned().collect();
             let probed_sized: Vec<(String, u32)> = pending_sized.values().cloned().collect();
+            let probed6_sized: Vec<(String, u32)> = pending6_sized.values().cloned().collect();
             let mut answered_sized: Vec<String> = Vec::new();
+            let mut answered6_sized: Vec<String> = Vec::new();
             let mut answered: HashMap<String, Duration> = HashMap::new();
             let mut answered6: HashMap<String, Duration> = HashMap::new();
             // Replies within the interval (at most a second).
             let deadline = t0 + every.min(Duration::from_secs(1));
-            while !(pending.is_empty() && pending6.is_empty() && pending_sized.is_empty()) && Instant::now() < deadline
+            while !(pending.is_empty() && pending6.is_empty() && pending_sized.is_empty() && pending6_sized.is_empty())
+                && Instant::now() < deadline
             {
                 if !(pending.is_empty() && pending_sized.is_empty())
                     && let Some((src, rid, rseq)) = sockets.recv_underlay()
@@ -322,13 +363,20 @@ impl Prober {
                         answered_sized.push(host);
                     }
                 }
-                if !pending6.is_empty()
+                if !(pending6.is_empty() && pending6_sized.is_empty())
                     && tunnel
                     && let Some((from, rid, rseq)) = sockets.recv_tunnel()
-                    && (rid, rseq) == (id, seq)
-                    && let Some(host) = pending6.remove(&from)
+                    && rseq == seq
                 {
-                    answered6.insert(host, t0.elapsed());
+                    if rid == id
+                        && let Some(host) = pending6.remove(&from)
+                    {
+                        answered6.insert(host, t0.elapsed());
+                    } else if rid == sized_id
+                        && let Some((host, _)) = pending6_sized.remove(&from)
+                    {
+                        answered6_sized.push(host);
+                    }
                 }
                 if pending.is_empty() && pending_sized.is_empty() && !tunnel {
                     break;
@@ -340,8 +388,18 @@ impl Prober {
                     let h = health.entry(host.clone()).or_default();
                     // Only a path that answers small probes says anything
                     // of its size.
-                    if answered.contains_key(host) {
-                        h.mtu.record(*size, answered_sized.contains(host));
+                    if answered.contains_key(host)
+                        && let Some(carries) = h.mtu.record(*size, answered_sized.contains(host))
+                    {
+                        narrower(host, "underlay", carries, h.mtu.expected);
+                    }
+                }
+                for (host, size) in &probed6_sized {
+                    let h = health.entry(host.clone()).or_default();
+                    if answered6.contains_key(host)
+                        && let Some(carries) = h.tunnel.mtu.record(*size, answered6_sized.contains(host))
+                    {
+                        narrower(host, "tunnel", carries, h.tunnel.mtu.expected);
                     }
                 }
                 for (host, ..) in &peers {
@@ -435,7 +493,7 @@ mod tests {
     fn a_tunnel_that_does_not_answer_makes_the_peer_unreachable() {
         let mut h = PeerHealth { sent: 3, answered: 3, ..Default::default() };
         assert!(!h.unreachable(MISSED_FOR_DOWN));
-        h.tunnel = TunnelHealth { sent: 3, answered: 1, missed: 2, rtt: None };
+        h.tunnel = TunnelHealth { sent: 3, answered: 1, missed: 2, ..Default::default() };
         assert!(h.tunnel_down(MISSED_FOR_DOWN) && !h.underlay_down(MISSED_FOR_DOWN));
         assert!(h.unreachable(MISSED_FOR_DOWN));
     }
@@ -453,7 +511,7 @@ mod tests {
         assert!(h.unreachable(MISSED_FOR_DOWN));
         assert_eq!(h.path(), Path::Silent);
         h.missed = 0;
-        h.tunnel = TunnelHealth { sent: 2, answered: 0, missed: 2, rtt: None };
+        h.tunnel = TunnelHealth { sent: 2, answered: 0, missed: 2, ..Default::default() };
         assert_eq!(h.path(), Path::Silent, "the tunnel silent is silent");
     }
 
@@ -519,5 +577,49 @@ mod tests {
         let found = mtu("h3").verified.expect("the search ended");
         assert!((1300 - PMTU_STEP..=1300).contains(&found), "found {found}");
         assert!(!prober.health("h3").unwrap().unreachable(MISSED_FOR_DOWN), "small probes still answer");
+    }
+
+    #[test]
+    fn the_tunnel_is_probed_for_the_vxlan_packets_it_carries() {
+        use crate::dataplane::{Dataplane, FakeDataplane};
+        let dp = FakeDataplane::default();
+        let (h2, h3) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 3));
+        let (m2, m3): (crate::model::Mac, crate::model::Mac) =
+            ("02:00:00:00:aa:02".parse().unwrap(), "02:00:00:00:aa:03".parse().unwrap());
+        {
+            let mut p = dp.peers.lock().unwrap();
+            p.underlay.extend([h2, h3]);
+            p.tunnel.extend([m2.link_local(), m3.link_local()]);
+            p.probe_device = true;
+            // Large ICMP passes to h3, large VXLAN packets do not (a
+            // middlebox on the UDP port).
+            p.tunnel_mtu.insert(m3.link_local(), 1450);
+        }
+        let prober = Prober::default();
+        prober.set_own_mtu(9000);
+        prober
+            .set_peers_sized(vec![("h2".into(), h2.into(), Some(m2), 9000), ("h3".into(), h3.into(), Some(m3), 9000)]);
+        let mut sockets = dp.probe_sockets().unwrap();
+        for seq in 1..=20u16 {
+            prober.round(sockets.as_mut(), 7, seq, Duration::from_millis(20));
+        }
+        let h = |id: &str| prober.health(id).unwrap();
+        assert_eq!((h("h2").mtu.verified, h("h2").tunnel.mtu.verified), (Some(9000), Some(9000)));
+        assert_eq!(h("h3").mtu.verified, Some(9000), "the underlay's echoes pass");
+        let found = h("h3").tunnel.mtu.verified.expect("the tunnel's search ended");
+        assert!((1450 - PMTU_STEP..=1450).contains(&found), "found {found}");
+        assert!(!h("h3").unreachable(MISSED_FOR_DOWN), "small probes through the tunnel still answer");
+        // Without a probe device nothing is probed through it.
+        dp.peers.lock().unwrap().probe_device = false;
+        let sent = h("h2").tunnel.sent;
+        prober.round(sockets.as_mut(), 7, 21, Duration::from_millis(20));
+        assert_eq!(h("h2").tunnel.sent, sent);
+    }
+
+    #[test]
+    fn a_size_the_kernel_refuses_as_too_big_counts_as_not_carried() {
+        assert!(sent_or_too_big(Ok(()), "h2", 1500));
+        assert!(sent_or_too_big(Err(std::io::Error::from_raw_os_error(nix::libc::EMSGSIZE)), "h2", 9000));
+        assert!(!sent_or_too_big(Err(std::io::Error::from_raw_os_error(nix::libc::ENETUNREACH)), "h2", 1500));
     }
 }

@@ -76,7 +76,7 @@ pub fn host_json(h: &proto::Host) -> Value {
         "last_seen_ms": h.last_seen_ms,
         "capabilities": h.capabilities, "probe": h.probe, "probe_rtt_us": h.probe_rtt_us,
         "tunnel_probe_rtt_us": h.tunnel_probe_rtt_us, "kept": h.kept,
-        "underlay_mtu": h.underlay_mtu, "path_mtu": h.path_mtu,
+        "underlay_mtu": h.underlay_mtu, "path_mtu": h.path_mtu, "tunnel_mtu": h.tunnel_mtu,
     })
 }
 
@@ -200,8 +200,8 @@ pub fn service_table(list: &[proto::Service]) {
 
 pub fn host_table(list: &[proto::Host]) {
     println!(
-        "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} {:<16} TUNNEL",
-        "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP", "LAST SEEN", "PROBE", "MTU (PATH)"
+        "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} {:<19} TUNNEL",
+        "ID", "HOSTNAME", "UNDERLAY", "ENDPOINTS", "UP", "LAST SEEN", "PROBE", "MTU (PATH/TUNNEL)"
     );
     let now =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
@@ -216,7 +216,7 @@ pub fn host_table(list: &[proto::Host]) {
             format!("{:.1}s ago", h.last_seen_ms as f64 / 1e3)
         };
         println!(
-            "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} {:<16} {}",
+            "{:<18} {:<16} {:<16} {:<9} {:<10} {:<10} {:<22} {:<19} {}",
             id,
             h.hostname,
             h.underlay,
@@ -231,17 +231,12 @@ pub fn host_table(list: &[proto::Host]) {
 }
 
 /// A host's MTU column: what it advertises, and what the path to it
-/// carries as probed ("?" until the first search ends; nothing for this
-/// host itself).
+/// carries as probed, over the underlay and through the tunnel ("?" until
+/// a search ends; nothing for this host itself).
 fn mtu_text(h: &proto::Host) -> String {
-    let own = if h.underlay_mtu == 0 { "?".to_string() } else { h.underlay_mtu.to_string() };
-    if h.local {
-        own
-    } else if h.path_mtu == 0 {
-        format!("{own} (?)")
-    } else {
-        format!("{own} ({})", h.path_mtu)
-    }
+    let known = |m: u32| if m == 0 { "?".to_string() } else { m.to_string() };
+    let own = known(h.underlay_mtu);
+    if h.local { own } else { format!("{own} ({}/{})", known(h.path_mtu), known(h.tunnel_mtu)) }
 }
 
 /// A host's probe column: the round trip (underlay/tunnel) when it answers,

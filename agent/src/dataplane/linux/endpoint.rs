@@ -102,7 +102,7 @@ impl NetlinkDataplane {
         self.delete_link(&s.peer_if).await?;
         let pair = messages::veth(&s.host_if, &s.peer_if, s.mac, s.mtu, None);
         self.handle.link().add(pair).execute().await.map_err(nl("create veth", &s.host_if))?;
-        let plugged = self.port_up(s).await;
+        let plugged = self.plug_port(s).await;
         if plugged.is_err()
             && let Err(e) = self.delete_link(&s.host_if).await
         {
@@ -161,16 +161,18 @@ impl NetlinkDataplane {
                 .await
                 .map_err(nl("add default route", object.clone()))?;
         }
-        self.port_up(s).await
+        self.plug_port(s).await
     }
 
-    /// The endpoint's host veth as a port of its bridge, sized and up.
-    async fn port_up(&self, s: &EndpointSpec) -> Result<()> {
+    /// The endpoint's host veth as a port of its bridge, sized, and left
+    /// down: the reconciler brings it up once its program is on (or at
+    /// once when it has none), with a `SetLink`.
+    async fn plug_port(&self, s: &EndpointSpec) -> Result<()> {
         let bridge = Self::require(&self.handle, &s.bridge).await?;
         let host = Self::require(&self.handle, &s.host_if).await?;
         self.handle
             .link()
-            .set(messages::set_link(host, s.mtu, Some(bridge)))
+            .set(messages::port_of(host, s.mtu, bridge))
             .execute()
             .await
             .map_err(attach_err(&s.host_if, &s.bridge))

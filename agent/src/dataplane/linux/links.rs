@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, VxlanDf,
 };
 
 use super::{EADDRNOTAVAIL, EEXIST, ENODEV, ENOENT, ESRCH, NetlinkDataplane, errno, messages, nl};
@@ -24,6 +24,7 @@ pub(super) struct LinkSummary {
     pub(super) mtu: u32,
     pub(super) up: bool,
     pub(super) vni: Option<u32>,
+    pub(super) dont_fragment: bool,
     pub(super) mac: Option<Mac>,
 }
 
@@ -36,6 +37,7 @@ fn summarize(msg: &LinkMessage) -> LinkSummary {
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         vni: None,
+        dont_fragment: false,
         mac: None,
     };
     for a in &msg.attributes {
@@ -64,6 +66,7 @@ fn summarize(msg: &LinkMessage) -> LinkSummary {
                                 InfoVxlan::Id(id) => Some(*id),
                                 _ => None,
                             });
+                            s.dont_fragment = data.contains(&InfoVxlan::Df(VxlanDf::Set));
                         }
                         _ => {}
                     }

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::RawFd;
 
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkMessage, VxlanDf};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -44,6 +44,12 @@ pub fn set_link(index: u32, mtu: u32, master: Option<u32>) -> LinkMessage {
     msg.build()
 }
 
+/// Link `index` sized and a port of `master`, its up/down state left as
+/// it is (a new veth is down).
+pub fn port_of(index: u32, mtu: u32, master: u32) -> LinkMessage {
+    LinkUnspec::new_with_index(index).mtu(mtu).controller(master).build()
+}
+
 /// Link `index` up (nothing else changed).
 pub fn up(index: u32) -> LinkMessage {
     LinkUnspec::new_with_index(index).up().build()
@@ -54,14 +60,14 @@ pub fn up(index: u32) -> LinkMessage {
 /// locally from the neighbour entries (proxy), the host's VTEP MAC.
 /// Created down (set up by a later `SetLink`).
 pub fn vxlan(v: &VxlanSpec, local: Ipv4Addr) -> LinkMessage {
-    LinkVxlan::new(&v.name, v.vni)
+    let dev = LinkVxlan::new(&v.name, v.vni)
         .port(v.port)
         .local(local)
         .learning(false)
         .proxy(true)
         .mtu(v.mtu)
-        .address(v.mac.0.to_vec())
-        .build()
+        .address(v.mac.0.to_vec());
+    if v.dont_fragment { dev.df(VxlanDf::Set) } else { dev }.build()
 }
 
 /// A veth pair: `host_if` in the agent's namespace, and its peer named
@@ -229,6 +235,14 @@ mod tests {
     }
 
     #[test]
+    fn a_port_is_plugged_without_touching_its_state() {
+        let port = port_of(7, 1450, 3);
+        assert_eq!(port.header.index, 7);
+        assert!(!is_up(&port) && port.header.change_mask.is_empty(), "{port:?}");
+        assert_eq!(port.attributes, vec![LinkAttribute::Mtu(1450), LinkAttribute::Controller(3)]);
+    }
+
+    #[test]
     fn up_changes_only_the_up_flag() {
         let msg = up(5);
         assert_eq!(msg.header.index, 5);
@@ -247,6 +261,7 @@ mod tests {
             mtu: 1450,
             mac: MAC,
             sysctls: Vec::new(),
+            dont_fragment: false,
         };
         let msg = vxlan(&spec, Ipv4Addr::new(192, 0, 2, 1));
         assert!(has(&msg, &LinkAttribute::IfName("trx-aaaa".into())), "{msg:?}");
@@ -268,6 +283,12 @@ mod tests {
         assert!(!is_up(&msg), "{msg:?}");
         // Unicast only: no multicast group, no remote.
         assert!(!data.iter().any(|d| matches!(d, InfoVxlan::Group(_) | InfoVxlan::Group6(_))), "{data:?}");
+        // The kernel's default (unset) unless asked: the probe device's
+        // packets carry Don't Fragment.
+        assert!(!data.iter().any(|d| matches!(d, InfoVxlan::Df(_))), "{data:?}");
+        let probe = vxlan(&VxlanSpec { dont_fragment: true, ..spec }, Ipv4Addr::new(192, 0, 2, 1));
+        let (_, Some(InfoData::Vxlan(data))) = info(&probe) else { panic!("no vxlan data: {probe:?}") };
+        assert!(data.contains(&InfoVxlan::Df(VxlanDf::Set)), "{data:?}");
     }
 
     /// The peer end of a veth message.

@@ -366,6 +366,7 @@ impl Dataplane for NetlinkDataplane {
                     up: l.up,
                     addrs: addrs.remove(&index).unwrap_or_default(),
                     vni: l.vni,
+                    dont_fragment: l.dont_fragment,
                     mac: if l.kind == LinkKind::Bridge || l.name.starts_with(model::MESH_PREFIX) {
                         l.mac
                     } else {

@@ -36,6 +36,8 @@ impl IcmpSockets {
         let index = nix::net::if_::if_nametoindex(crate::model::PROBE_VXLAN).ok()?;
         let sock = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).ok()?;
         sock.bind_device(Some(crate::model::PROBE_VXLAN.as_bytes())).ok()?;
+        // Sized probes are never fragmented: too big is refused (EMSGSIZE).
+        nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::Ipv6DontFrag, &true).ok()?;
         sock.set_read_timeout(Some(READ_TIMEOUT)).ok()?;
         Some((sock, index))
     }
@@ -66,6 +68,14 @@ impl ProbeSockets for IcmpSockets {
         };
         let addr = SocketAddr::V6(SocketAddrV6::new(to, 0, 0, *index));
         s6.send_to(&echo_request_v6(id, seq), &addr.into()).map(drop)
+    }
+
+    fn send_tunnel_sized(&mut self, to: Ipv6Addr, id: u16, seq: u16, size: u32) -> std::io::Result<()> {
+        let Some((s6, index)) = &self.tunnel else {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no probe device"));
+        };
+        let addr = SocketAddr::V6(SocketAddrV6::new(to, 0, 0, *index));
+        s6.send_to(&echo_request_v6_sized(id, seq, size), &addr.into()).map(drop)
     }
 
     fn recv_underlay(&mut self) -> Option<(Ipv4Addr, u16, u16)> {
@@ -150,6 +160,19 @@ pub fn echo_request_v6(id: u16, seq: u16) -> [u8; 16] {
     p
 }
 
+/// The ICMPv6 echo request whose VXLAN packet is `size` bytes: the outer
+/// IPv4, UDP and VXLAN headers and the inner Ethernet header
+/// ([`crate::model::VXLAN_OVERHEAD`]) and IPv6 header (40) around it.
+pub fn echo_request_v6_sized(id: u16, seq: u16, size: u32) -> Vec<u8> {
+    let len = (size.saturating_sub(crate::model::VXLAN_OVERHEAD + IPV6_HEADER) as usize).max(16);
+    let mut p = vec![0u8; len];
+    p[..16].copy_from_slice(&echo_request_v6(id, seq));
+    p
+}
+
+/// An IPv6 header's size.
+const IPV6_HEADER: u32 = 40;
+
 /// An ICMPv6 echo reply as a raw ICMPv6 socket reads it: (id, sequence).
 pub fn parse_reply_v6(icmp: &[u8]) -> Option<(u16, u16)> {
     let h = icmp.get(..8)?;
@@ -187,6 +210,15 @@ mod tests {
         d[20] = 8; // a request, not a reply
         assert_eq!(parse_reply(&d), None);
         assert_eq!(parse_reply(&d[..22]), None, "truncated");
+    }
+
+    #[test]
+    fn a_sized_tunnel_probe_makes_a_vxlan_packet_of_that_size() {
+        let p = echo_request_v6_sized(5, 6, 1500);
+        // 1500 = 20 IPv4 + 8 UDP + 8 VXLAN + 14 Ethernet + 40 IPv6 + ICMPv6.
+        assert_eq!(p.len(), 1410);
+        assert_eq!(&p[..16], &echo_request_v6(5, 6));
+        assert_eq!(echo_request_v6_sized(5, 6, 0).len(), 16, "never shorter than an echo");
     }
 
     #[test]

@@ -11,6 +11,10 @@ use crate::dataplane::{Sysctl, VxlanSpec};
 use crate::model::{self, EndpointRecord, HostRecord, NetworkRecord, Records};
 use crate::reconcile::Identity;
 
+/// The probe device's MTU when this host's underlay MTU is not known (or
+/// small): IPv6's minimum.
+pub const PROBE_MIN_MTU: u32 = 1280;
+
 /// The VXLAN devices of a host whose underlay address is `local` (call
 /// after [`super::links`]: a network gets a device where `d` has endpoints).
 pub fn tunnels(
@@ -23,14 +27,17 @@ pub fn tunnels(
 ) {
     let host = me.host.as_str();
     let live: BTreeMap<&str, &HostRecord> = hosts.iter().filter(|h| h.id != host).map(|h| (h.id.as_str(), h)).collect();
-    // The probe tunnel to every peer (see [`model::PROBE_VXLAN`]).
+    // The probe tunnel to every peer (see [`model::PROBE_VXLAN`]), as
+    // large as this host's underlay carries, its packets not fragmented:
+    // the path MTU probes through it find what VXLAN itself gets through.
+    let own_mtu = hosts.iter().find(|h| h.id == host).map_or(0, |h| h.underlay_mtu);
     let mut probe = DesiredVxlan {
         spec: VxlanSpec {
             name: model::PROBE_VXLAN.into(),
             vni: model::PROBE_VNI,
             port: me.vxlan_port,
             local,
-            mtu: 1280,
+            mtu: own_mtu.saturating_sub(model::VXLAN_OVERHEAD).max(PROBE_MIN_MTU),
             mac: me.vtep_mac,
             // Its link-local address answers probes from the moment it is
             // up: IPv6 on (a host may have it off by default), no DAD wait.
@@ -40,6 +47,7 @@ pub fn tunnels(
                     value: "0".into(),
                 })
                 .into(),
+            dont_fragment: true,
         },
         bridge: String::new(),
         fdb: BTreeSet::new(),
@@ -85,6 +93,7 @@ pub fn network_vxlan(
             mac: me.vtep_mac,
             // A network's device carries IPv4 only: nothing to set.
             sysctls: Vec::new(),
+            dont_fragment: false,
         },
         bridge: model::bridge_name(&n.id),
         fdb: BTreeSet::new(),

@@ -1,6 +1,7 @@
 //! Links: stale ones removed (ports and leftovers first, bridges after),
 //! bridges made right, endpoint veths and mesh veths created or repaired.
 
+use super::programs;
 use crate::dataplane::{Action, LinkKind, Observed};
 use crate::model;
 use crate::reconcile::DesiredHost;
@@ -77,7 +78,8 @@ pub fn endpoints(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Acti
                         mtu: spec.mtu,
                     });
                 }
-                if l.master.as_deref() != Some(spec.bridge.as_str()) || !l.up || l.mtu != spec.mtu {
+                // A port that waits for its program comes up after it.
+                if port_unready(l, spec) && !programs::attach_due(desired, observed, name, false) {
                     acts.push(Action::SetLink { name: name.clone(), mtu: spec.mtu, master: Some(spec.bridge.clone()) });
                 }
             }
@@ -85,10 +87,21 @@ pub fn endpoints(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Acti
                 if other.is_some() {
                     acts.push(Action::DeleteLink { name: name.clone() });
                 }
+                // The veth is made down; with a program to carry it comes
+                // up only once the program is on ([`programs::attach`]).
                 acts.push(Action::CreateEndpoint(Box::new(spec.clone())));
+                if !desired.programs.contains_key(name) {
+                    acts.push(Action::SetLink { name: name.clone(), mtu: spec.mtu, master: Some(spec.bridge.clone()) });
+                }
             }
         }
     }
+}
+
+/// An endpoint's host veth that is not yet an up port of its bridge of
+/// the right size.
+pub(super) fn port_unready(l: &crate::dataplane::ObservedLink, spec: &crate::dataplane::EndpointSpec) -> bool {
+    l.master.as_deref() != Some(spec.bridge.as_str()) || !l.up || l.mtu != spec.mtu
 }
 
 /// The mesh veths: made whole where missing or not as desired (both ends,

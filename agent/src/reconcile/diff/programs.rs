@@ -8,9 +8,11 @@ use crate::dataplane::{Action, Observed};
 use crate::reconcile::DesiredHost;
 
 /// Call after the links' phases: it looks at the veths they (re)create.
+/// A veth made in this pass, or found down, comes up only after its
+/// program is on: no frame crosses an endpoint that its anti-spoofing and
+/// isolation program does not yet guard (a failed attach leaves it down,
+/// see the runner).
 pub fn attach(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>) {
-    // The endpoint program: on every endpoint veth, again whenever the veth
-    // was (re)created in this pass; off interfaces that are no endpoint's.
     let created: BTreeSet<String> = acts
         .iter()
         .filter_map(|a| match a {
@@ -19,12 +21,26 @@ pub fn attach(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>
         })
         .collect();
     for (name, p) in &desired.programs {
-        let changed = observed.program_flags.get(name).is_some_and(|f| *f != p.flags());
-        if !observed.programs.contains(name) || created.contains(name) || changed {
-            let spec = &desired.endpoints[name];
-            acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, program: *p });
+        let made = created.contains(name);
+        if !attach_due(desired, observed, name, made) {
+            continue;
+        }
+        let spec = &desired.endpoints[name];
+        acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, program: *p });
+        if made || observed.links.get(name).is_some_and(|l| super::links::port_unready(l, spec)) {
+            acts.push(Action::SetLink { name: name.clone(), mtu: spec.mtu, master: Some(spec.bridge.clone()) });
         }
     }
+}
+
+/// The endpoint program goes (again) on `name` in this pass: it is wanted
+/// there and not on, or its flags changed, or its veth is (re)`created`.
+pub(super) fn attach_due(desired: &DesiredHost, observed: &Observed, name: &str, created: bool) -> bool {
+    desired.programs.get(name).is_some_and(|p| {
+        created
+            || !observed.programs.contains(name)
+            || observed.program_flags.get(name).is_some_and(|f| *f != p.flags())
+    })
 }
 
 /// The routing mesh's programs: on the uplink and the network devices that

@@ -10,7 +10,11 @@ pub fn vxlans(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>
         let master = (!v.bridge.is_empty()).then(|| v.bridge.clone());
         let set_link = Action::SetLink { name: name.clone(), mtu: v.spec.mtu, master: master.clone() };
         match observed.links.get(name) {
-            Some(l) if l.kind == LinkKind::Vxlan && l.vni == Some(v.spec.vni) => {
+            Some(l)
+                if l.kind == LinkKind::Vxlan
+                    && l.vni == Some(v.spec.vni)
+                    && l.dont_fragment == v.spec.dont_fragment =>
+            {
                 if l.master != master || !l.up || l.mtu != v.spec.mtu {
                     acts.push(set_link);
                 }
