@@ -72,7 +72,7 @@ pub async fn probe_peers(
         // The verdicts first, then the peers: a host that just lost its
         // registration keeps its probe history.
         let (hosts, changed) = present.hosts(&v.hosts);
-        prober.set_peers_sized(
+        prober.set_peers(
             hosts
                 .iter()
                 .filter(|h| h.id != cluster.host)

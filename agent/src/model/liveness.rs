@@ -29,6 +29,21 @@ pub enum Path {
     Unprobed,
 }
 
+/// What one [`Liveness::update`] changed: hosts newly kept (their record
+/// went, their path answers) and hosts no longer kept (registered again,
+/// or gone).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeptChange {
+    pub kept: Vec<String>,
+    pub released: Vec<String>,
+}
+
+impl KeptChange {
+    pub fn changed(&self) -> bool {
+        !(self.kept.is_empty() && self.released.is_empty())
+    }
+}
+
 /// The hosts seen live, and those kept after their record went.
 #[derive(Clone, Debug, Default)]
 pub struct Liveness {
@@ -42,8 +57,8 @@ impl Liveness {
     /// Follow the live records (`me` excluded) and the probes: a host that
     /// left the records is kept while its path answers; a kept host goes
     /// when its path stops answering or it registers again (then it is
-    /// live). True if the kept set changed.
-    pub fn update(&mut self, live: &[HostRecord], me: &str, path: impl Fn(&str) -> Path) -> bool {
+    /// live). Returns who joined and who left the kept set.
+    pub fn update(&mut self, live: &[HostRecord], me: &str, path: impl Fn(&str) -> Path) -> KeptChange {
         let before: Vec<String> = self.kept.keys().cloned().collect();
         let now: BTreeMap<String, HostRecord> =
             live.iter().filter(|h| h.id != me).map(|h| (h.id.clone(), h.clone())).collect();
@@ -54,7 +69,10 @@ impl Liveness {
         }
         self.kept.retain(|id, _| !now.contains_key(id) && path(id) == Path::Answering);
         self.seen = now;
-        !self.kept.keys().eq(before.iter())
+        KeptChange {
+            kept: self.kept.keys().filter(|id| !before.contains(id)).cloned().collect(),
+            released: before.into_iter().filter(|id| !self.kept.contains_key(id)).collect(),
+        }
     }
 
     /// The hosts kept, by id.
@@ -96,22 +114,24 @@ mod tests {
     fn a_host_whose_record_went_is_kept_while_its_path_answers() {
         let mut l = Liveness::default();
         let (me, a, b) = (host("me"), host("aa"), host("bbb"));
-        assert!(!l.update(&[me.clone(), a.clone(), b.clone()], "me", |_| Path::Answering));
+        assert!(!l.update(&[me.clone(), a.clone(), b.clone()], "me", |_| Path::Answering).changed());
         assert!(l.kept().is_empty());
         // b's lease expires; its probes still answer: kept, record and all.
-        assert!(l.update(&[me.clone(), a.clone()], "me", |_| Path::Answering));
+        assert_eq!(
+            l.update(&[me.clone(), a.clone()], "me", |_| Path::Answering),
+            KeptChange { kept: vec!["bbb".into()], released: vec![] }
+        );
         assert_eq!(l.kept().get("bbb"), Some(&b));
         let present = l.present(&[me.clone(), a.clone()]);
         assert_eq!(present.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["me", "aa", "bbb"]);
         // Still answering a while later: nothing changes.
-        assert!(!l.update(&[me.clone(), a.clone()], "me", |_| Path::Answering));
+        assert!(!l.update(&[me.clone(), a.clone()], "me", |_| Path::Answering).changed());
         assert!(l.is_kept("bbb"));
         // Its probes go unanswered: both say it is gone.
-        assert!(l.update(&[me.clone(), a.clone()], "me", |id| if id == "bbb" {
-            Path::Silent
-        } else {
-            Path::Answering
-        }));
+        assert_eq!(
+            l.update(&[me.clone(), a.clone()], "me", |id| if id == "bbb" { Path::Silent } else { Path::Answering }),
+            KeptChange { kept: vec![], released: vec!["bbb".into()] }
+        );
         assert!(l.kept().is_empty());
         assert_eq!(l.present(&[me, a]).len(), 2);
     }
@@ -121,7 +141,7 @@ mod tests {
         for verdict in [Path::Silent, Path::Unprobed] {
             let mut l = Liveness::default();
             l.update(&[host("me"), host("aa")], "me", |_| verdict);
-            assert!(!l.update(&[host("me")], "me", |_| verdict), "{verdict:?}");
+            assert!(!l.update(&[host("me")], "me", |_| verdict).changed(), "{verdict:?}");
             assert!(l.kept().is_empty(), "{verdict:?}");
         }
     }
@@ -130,15 +150,15 @@ mod tests {
     fn a_kept_host_that_registers_again_is_live_not_kept() {
         let mut l = Liveness::default();
         l.update(&[host("aa")], "me", |_| Path::Answering);
-        assert!(l.update(&[], "me", |_| Path::Answering));
+        assert!(l.update(&[], "me", |_| Path::Answering).changed());
         // It comes back (a new record: its agent restarted meanwhile).
         let mut back = host("aa");
         back.started_unix = 7;
-        assert!(l.update(std::slice::from_ref(&back), "me", |_| Path::Answering));
+        assert!(l.update(std::slice::from_ref(&back), "me", |_| Path::Answering).changed());
         assert!(l.kept().is_empty());
         assert_eq!(l.present(std::slice::from_ref(&back)), vec![back.clone()]);
         // It goes again: the newer record is the one kept.
-        assert!(l.update(&[], "me", |_| Path::Answering));
+        assert!(l.update(&[], "me", |_| Path::Answering).changed());
         assert_eq!(l.kept().get("aa"), Some(&back));
     }
 
@@ -146,9 +166,9 @@ mod tests {
     fn this_host_is_never_kept_and_a_host_never_seen_live_is_not_invented() {
         let mut l = Liveness::default();
         l.update(&[host("me")], "me", |_| Path::Answering);
-        assert!(!l.update(&[], "me", |_| Path::Answering));
+        assert!(!l.update(&[], "me", |_| Path::Answering).changed());
         assert!(l.kept().is_empty());
-        assert!(!l.update(&[], "me", |_| Path::Answering));
+        assert!(!l.update(&[], "me", |_| Path::Answering).changed());
         assert!(l.present(&[]).is_empty());
     }
 }

@@ -44,22 +44,19 @@ impl Present {
     /// probes; and whether the kept set changed.
     pub fn hosts(&self, live: &Arc<Vec<HostRecord>>) -> (Arc<Vec<HostRecord>>, bool) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let before: Vec<String> = inner.liveness.kept().keys().cloned().collect();
-        let changed = inner.liveness.update(live, &self.me, |id| (self.verdicts)(id));
-        if changed {
-            let after: Vec<&String> = inner.liveness.kept().keys().collect();
-            for id in after.iter().filter(|id| !before.contains(id)) {
-                tracing::warn!(peer = %id, "the peer's registration expired but its data path answers: its endpoints stay until both say it is gone");
-            }
-            for id in before.iter().filter(|id| !after.contains(id)) {
-                match live.iter().any(|h| h.id == **id) {
-                    true => tracing::info!(peer = %id, "the peer registered again"),
-                    false => {
-                        tracing::warn!(peer = %id, "the peer's registration expired and its probes go unanswered: it is gone")
-                    }
+        let change = inner.liveness.update(live, &self.me, |id| (self.verdicts)(id));
+        for id in &change.kept {
+            tracing::warn!(peer = %id, "the peer's registration expired but its data path answers: its endpoints stay until both say it is gone");
+        }
+        for id in &change.released {
+            match live.iter().any(|h| &h.id == id) {
+                true => tracing::info!(peer = %id, "the peer registered again"),
+                false => {
+                    tracing::warn!(peer = %id, "the peer's registration expired and its probes go unanswered: it is gone")
                 }
             }
         }
+        let changed = change.changed();
         if inner.liveness.kept().is_empty() {
             inner.merged = None;
             return (live.clone(), changed);

@@ -214,21 +214,16 @@ pub struct Prober {
 }
 
 impl Prober {
-    /// The peers to probe (the live hosts but this one): id, underlay
-    /// address, VTEP MAC (its probe-tunnel address derives from it).
-    pub fn set_peers(&self, peers: Vec<(String, IpAddr, Option<crate::model::Mac>)>) {
-        self.set_peers_sized(peers.into_iter().map(|(id, ip, mac)| (id, ip, mac, 0)).collect());
-    }
-
     /// This host's underlay MTU, what the path MTU probes compare with.
     pub fn set_own_mtu(&self, mtu: u32) {
         self.own_mtu.store(mtu, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// [`Prober::set_peers`] with each peer's advertised underlay MTU (0:
-    /// not known): the path to it is probed for the smaller of its and
-    /// this host's.
-    pub fn set_peers_sized(&self, peers: Vec<(String, IpAddr, Option<crate::model::Mac>, u32)>) {
+    /// The peers to probe (the live hosts but this one): id, underlay
+    /// address, VTEP MAC (its probe-tunnel address derives from it), and
+    /// advertised underlay MTU (0: not known): the path to it is probed for
+    /// the smaller of its and this host's.
+    pub fn set_peers(&self, peers: Vec<(String, IpAddr, Option<crate::model::Mac>, u32)>) {
         let own = self.own_mtu.load(std::sync::atomic::Ordering::Relaxed);
         let v4: Vec<Peer> = peers
             .into_iter()
@@ -463,11 +458,11 @@ mod tests {
         }
         let prober = Prober::default();
         prober.set_peers(vec![
-            ("h2".into(), "192.0.2.2".parse().unwrap(), Some(mac)),
+            ("h2".into(), "192.0.2.2".parse().unwrap(), Some(mac), 0),
             // Its underlay answers, its tunnel does not (a blocked VXLAN port).
-            ("h3".into(), "192.0.2.3".parse().unwrap(), Some("02:00:00:00:aa:03".parse().unwrap())),
+            ("h3".into(), "192.0.2.3".parse().unwrap(), Some("02:00:00:00:aa:03".parse().unwrap()), 0),
             // Nothing answers.
-            ("h4".into(), "192.0.2.4".parse().unwrap(), None),
+            ("h4".into(), "192.0.2.4".parse().unwrap(), None, 0),
         ]);
         let mut sockets = dp.probe_sockets().unwrap();
         for seq in 1..=MISSED_FOR_DOWN as u16 {
@@ -485,7 +480,7 @@ mod tests {
         assert_eq!(h("h2").tunnel.sent, 2);
         assert_eq!(h("h2").sent, 3);
         // A peer that left is forgotten.
-        prober.set_peers(vec![("h2".into(), "192.0.2.2".parse().unwrap(), Some(mac))]);
+        prober.set_peers(vec![("h2".into(), "192.0.2.2".parse().unwrap(), Some(mac), 0)]);
         assert!(prober.health("h3").is_none());
     }
 
@@ -562,7 +557,7 @@ mod tests {
         }
         let prober = Prober::default();
         prober.set_own_mtu(9000);
-        prober.set_peers_sized(vec![
+        prober.set_peers(vec![
             ("h2".into(), h2.into(), None, 1400),
             // A jumbo peer behind something that carries 1300.
             ("h3".into(), h3.into(), None, 9000),
@@ -597,8 +592,7 @@ mod tests {
         }
         let prober = Prober::default();
         prober.set_own_mtu(9000);
-        prober
-            .set_peers_sized(vec![("h2".into(), h2.into(), Some(m2), 9000), ("h3".into(), h3.into(), Some(m3), 9000)]);
+        prober.set_peers(vec![("h2".into(), h2.into(), Some(m2), 9000), ("h3".into(), h3.into(), Some(m3), 9000)]);
         let mut sockets = dp.probe_sockets().unwrap();
         for seq in 1..=20u16 {
             prober.round(sockets.as_mut(), 7, seq, Duration::from_millis(20));

@@ -95,18 +95,6 @@ impl ProbeSockets for IcmpSockets {
     }
 }
 
-/// An ICMP echo request (RFC 792): type 8, code 0, checksum, id, sequence.
-pub fn echo_request(id: u16, seq: u16) -> [u8; 16] {
-    let mut p = [0u8; 16];
-    p[0] = 8;
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    p[6..8].copy_from_slice(&seq.to_be_bytes());
-    p[8..16].copy_from_slice(b"trellis!");
-    let sum = checksum(&p);
-    p[2..4].copy_from_slice(&sum.to_be_bytes());
-    p
-}
-
 /// An IPv4 datagram of `size` bytes (at least header and echo) carrying
 /// an echo request, Don't Fragment set; source, id, total length and
 /// header checksum left for the kernel (a raw socket with IP_HDRINCL fills
@@ -195,15 +183,16 @@ mod tests {
 
     #[test]
     fn echo_requests_carry_a_valid_checksum() {
-        let p = echo_request(0x1234, 7);
-        assert_eq!(checksum(&p), 0, "a packet with its checksum sums to zero");
+        let d = echo_datagram(Ipv4Addr::LOCALHOST, 0x1234, 7, 36);
+        let p = &d[20..];
+        assert_eq!(checksum(p), 0, "a packet with its checksum sums to zero");
         assert_eq!((p[0], u16::from_be_bytes([p[4], p[5]]), u16::from_be_bytes([p[6], p[7]])), (8, 0x1234, 7));
     }
 
     #[test]
     fn replies_are_read_from_raw_datagrams() {
         let mut d = vec![0x45u8, 0, 0, 36, 0, 0, 0, 0, 64, 1, 0, 0, 198, 19, 0, 2, 198, 19, 0, 1];
-        let mut icmp = echo_request(9, 3);
+        let mut icmp = echo_datagram(Ipv4Addr::LOCALHOST, 9, 3, 36)[20..].to_vec();
         icmp[0] = 0;
         d.extend_from_slice(&icmp);
         assert_eq!(parse_reply(&d), Some((Ipv4Addr::new(198, 19, 0, 2), 9, 3)));
