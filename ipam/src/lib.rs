@@ -11,6 +11,14 @@
 //!   the host's (fencing) and carries the caller's own records, so an
 //!   endpoint and its address appear or fail together.
 //!
+//! * Both families work the same way. An IPv6 subnet (a network's second
+//!   subnet, beside its IPv4 one) is cut into /122 blocks — 64 addresses,
+//!   as an IPv4 /26 — so a host claims one block per 64 endpoints whatever
+//!   the subnet's size (a /64 has 2^58 of them: claiming is by CAS on the
+//!   block's key, so their number costs nothing). Without a subnet asked
+//!   for, IPv6 subnets are /64s of one ULA /48 chosen at random once per
+//!   cluster and kept in the store ([`Ipam::ula_pool`]).
+//!
 //! [`pure`] holds the arithmetic, unit-tested without a store.
 
 pub mod pure;
@@ -54,9 +62,9 @@ pub enum IpamError {
     NotReserved(IpAddr),
     #[error("address {ip} is reserved ({why}) in {subnet}")]
     Reserved { ip: IpAddr, subnet: IpNet, why: &'static str },
-    #[error("{0} is not supported yet: Trellis allocates IPv4 only for now")]
-    Ipv6Unsupported(IpNet),
-    #[error("subnet {0} is too small for containers (at least /30 for IPv4)")]
+    #[error("{subnet} is not an {want} subnet")]
+    WrongFamily { subnet: IpNet, want: &'static str },
+    #[error("subnet {0} is too small for containers (at least /30 for IPv4, /120 for IPv6)")]
     TooSmall(IpNet),
     #[error("no VNI left (all of {FIRST_VNI}..={MAX_VNI} are in use)")]
     VniExhausted,
@@ -80,6 +88,15 @@ pub type Result<T, E = IpamError> = std::result::Result<T, E>;
 pub struct NetAllocation {
     pub subnet: IpNet,
     pub vni: u32,
+    /// A dual-stack network's IPv6 subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<IpNet>,
+}
+
+impl NetAllocation {
+    fn subnets(&self) -> impl Iterator<Item = &IpNet> {
+        std::iter::once(&self.subnet).chain(&self.subnet6)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +136,9 @@ pub enum SubnetRequest {
 pub struct NetworkPlan {
     pub subnet: IpNet,
     pub gateway: Option<IpAddr>,
+    /// The IPv6 subnet and gateway of a dual-stack network.
+    pub subnet6: Option<IpNet>,
+    pub gateway6: Option<IpAddr>,
     pub vni: u32,
     pub compares: Vec<Compare>,
     pub ops: Vec<Op>,
@@ -203,14 +223,32 @@ fn parse_block_name(s: &str) -> Option<IpNet> {
 
 /// Checks a subnet a user asks for.
 pub fn validate_subnet(subnet: &IpNet) -> Result<()> {
-    if subnet.network().is_ipv6() {
-        return Err(IpamError::Ipv6Unsupported(*subnet));
-    }
-    if subnet.prefix_len() > 30 {
+    let smallest = if subnet.network().is_ipv4() { 30 } else { 120 };
+    if subnet.prefix_len() > smallest {
         return Err(IpamError::TooSmall(*subnet));
     }
     Ok(())
 }
+
+/// One address family of a network being created: its subnet and, if
+/// given, its gateway.
+#[derive(Clone, Debug)]
+pub struct FamilyRequest {
+    pub subnet: SubnetRequest,
+    pub gateway: Option<IpAddr>,
+}
+
+impl SubnetRequest {
+    fn is_ipv4(&self) -> bool {
+        match self {
+            SubnetRequest::Specific(s) => s.network().is_ipv4(),
+            SubnetRequest::FromPool { pool, .. } => pool.network().is_ipv4(),
+        }
+    }
+}
+
+/// The store key of the cluster's ULA pool, under the IPAM root.
+const ULA_KEY: &str = "ula48";
 
 impl Ipam {
     /// IPAM for `host`, keeping its records under `root` (ends with `/`).
@@ -230,6 +268,12 @@ impl Ipam {
     /// Use blocks of this length for IPv4 subnets.
     pub fn with_block_len_v4(mut self, len: u8) -> Ipam {
         self.block_v4 = len.clamp(8, 32);
+        self
+    }
+
+    /// Use blocks of this length for IPv6 subnets.
+    pub fn with_block_len_v6(mut self, len: u8) -> Ipam {
+        self.block_v6 = len.clamp(64, 128);
         self
     }
 
@@ -276,17 +320,74 @@ impl Ipam {
         gateway: Option<IpAddr>,
         avoid: &[IpNet],
     ) -> Result<NetworkPlan> {
+        let v4 = FamilyRequest { subnet: request.clone(), gateway };
+        self.plan_dual_network(net_id, &v4, None, avoid).await
+    }
+
+    /// [`Ipam::plan_network`] for an IPv4 subnet and, with `v6`, an IPv6
+    /// one: both checked against every network's subnets, both gateways
+    /// reserved, one index update.
+    pub async fn plan_dual_network(
+        &self,
+        net_id: &str,
+        v4: &FamilyRequest,
+        v6: Option<&FamilyRequest>,
+        avoid: &[IpNet],
+    ) -> Result<NetworkPlan> {
         let (mut index, rev) = self.index().await?;
         if index.nets.contains_key(net_id) {
             return Err(IpamError::NetworkExists(net_id.to_string()));
         }
-        let taken: Vec<IpNet> = index.nets.values().map(|a| a.subnet).collect();
+        let (subnet, gateway) = Self::choose(&index, &v4.subnet, v4.gateway, avoid, true)?;
+        let (subnet6, gateway6) = match v6 {
+            Some(r) => {
+                let (s, gw) = Self::choose(&index, &r.subnet, r.gateway, avoid, false)?;
+                (Some(s), gw)
+            }
+            None => (None, None),
+        };
+        let used: BTreeSet<u32> = index.nets.values().map(|a| a.vni).collect();
+        let vni = (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or(IpamError::VniExhausted)?;
+        index.nets.insert(net_id.to_string(), NetAllocation { subnet, vni, subnet6 });
+        let index_cmp =
+            if rev == 0 { Compare::Absent(self.index_key()) } else { Compare::ModRevision(self.index_key(), rev) };
+        let mut compares = vec![index_cmp];
+        let mut ops = vec![Op::put(self.index_key(), encode(&index))];
+        for gw in gateway.into_iter().chain(gateway6) {
+            let k = self.addr_key(net_id, gw);
+            compares.push(Compare::Absent(k.clone()));
+            ops.push(Op::put(k, encode(&AddrRecord { owner: "gateway".into(), host: self.host.clone() })));
+        }
+        Ok(NetworkPlan { subnet, gateway, subnet6, gateway6, vni, compares, ops })
+    }
+
+    /// One family's subnet (checked against every network's, of either
+    /// family, and the host's routes) and gateway.
+    fn choose(
+        index: &SubnetIndex,
+        request: &SubnetRequest,
+        gateway: Option<IpAddr>,
+        avoid: &[IpNet],
+        ipv4: bool,
+    ) -> Result<(IpNet, Option<IpAddr>)> {
+        let want = if ipv4 { "IPv4" } else { "IPv6" };
+        if request.is_ipv4() != ipv4 {
+            let subnet = match request {
+                SubnetRequest::Specific(s) => *s,
+                SubnetRequest::FromPool { pool, .. } => *pool,
+            };
+            return Err(IpamError::WrongFamily { subnet, want });
+        }
+        let taken: Vec<IpNet> = index.nets.values().flat_map(|a| a.subnets().copied()).collect();
         let subnet = match request {
             SubnetRequest::Specific(s) => {
                 let s = s.trunc();
                 validate_subnet(&s)?;
-                if let Some((net, a)) = index.nets.iter().find(|(_, a)| pure::overlaps(&a.subnet, &s)) {
-                    return Err(IpamError::Overlap { subnet: s, other: a.subnet, network: net.clone() });
+                let clash = index.nets.iter().find_map(|(net, a)| {
+                    a.subnets().find(|other| pure::overlaps(other, &s)).map(|other| (net.clone(), *other))
+                });
+                if let Some((network, other)) = clash {
+                    return Err(IpamError::Overlap { subnet: s, other, network });
                 }
                 if let Some(route) = avoid.iter().find(|r| pure::overlaps(r, &s)) {
                     return Err(IpamError::OverlapsHostRoute { subnet: s, route: *route });
@@ -308,19 +409,37 @@ impl Ipam {
             }
             None => pure::default_gateway(&subnet),
         };
-        let used: BTreeSet<u32> = index.nets.values().map(|a| a.vni).collect();
-        let vni = (FIRST_VNI..=MAX_VNI).find(|v| !used.contains(v)).ok_or(IpamError::VniExhausted)?;
-        index.nets.insert(net_id.to_string(), NetAllocation { subnet, vni });
-        let index_cmp =
-            if rev == 0 { Compare::Absent(self.index_key()) } else { Compare::ModRevision(self.index_key(), rev) };
-        let mut compares = vec![index_cmp];
-        let mut ops = vec![Op::put(self.index_key(), encode(&index))];
-        if let Some(gw) = gateway {
-            let k = self.addr_key(net_id, gw);
-            compares.push(Compare::Absent(k.clone()));
-            ops.push(Op::put(k, encode(&AddrRecord { owner: "gateway".into(), host: self.host.clone() })));
+        Ok((subnet, gateway))
+    }
+
+    /// The cluster's ULA /48 (RFC 4193: `fd` and a random 40-bit global
+    /// id), chosen by the first host that needs it and kept in the store:
+    /// every default IPv6 subnet is a /64 of it.
+    pub async fn ula_pool(&self) -> Result<IpNet> {
+        let key = format!("{}{ULA_KEY}", self.root);
+        let parse = |kv: &KeyValue| -> Result<IpNet> {
+            std::str::from_utf8(&kv.value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| IpamError::Corrupt { key: kv.key.clone(), reason: "not an IPv6 prefix".into() })
+        };
+        if let Some(kv) = self.store.get(&key).await? {
+            return parse(&kv);
         }
-        Ok(NetworkPlan { subnet, gateway, vni, compares, ops })
+        let id: [u8; 5] = rand::random();
+        let pool = pure::ula_48(id);
+        let put =
+            self.store.txn(vec![Compare::Absent(key.clone())], vec![Op::put(key.clone(), pool.to_string())]).await?;
+        if put.succeeded {
+            tracing::info!(%pool, "chose the cluster's IPv6 pool");
+            return Ok(pool);
+        }
+        // Another host chose first.
+        let kv = self.store.get(&key).await?.ok_or_else(|| IpamError::Corrupt {
+            key: key.clone(),
+            reason: "written by another host and gone again".into(),
+        })?;
+        parse(&kv)
     }
 
     /// Plan the removal of everything IPAM holds for a network: its index
@@ -409,9 +528,6 @@ impl Ipam {
     where
         F: Fn(IpAddr) -> (Vec<Compare>, Vec<Op>),
     {
-        if pool.subnet.network().is_ipv6() {
-            return Err(IpamError::Ipv6Unsupported(pool.subnet));
-        }
         match request {
             AddrRequest::Specific(ip) => self.allocate_specific(pool, ip, owner, &extra).await,
             AddrRequest::Claim(ip) => self.claim(pool, ip, owner, &extra).await,
@@ -543,7 +659,7 @@ impl Ipam {
         if !net.loaded {
             return None;
         }
-        for (b, block) in net.blocks.iter_mut() {
+        for (b, block) in net.blocks.iter_mut().filter(|(b, _)| pool.subnet.contains(*b)) {
             if block.full {
                 continue;
             }
@@ -563,7 +679,9 @@ impl Ipam {
         let cache = self.cache();
         cache.get(&pool.net_id).is_some_and(|net| {
             net.loaded
-                && net.blocks.iter().any(|(b, blk)| !blk.full && pure::first_free(b, &blk.used, &reserved).is_some())
+                && net.blocks.iter().any(|(b, blk)| {
+                    pool.subnet.contains(b) && !blk.full && pure::first_free(b, &blk.used, &reserved).is_some()
+                })
         })
     }
 
@@ -697,7 +815,7 @@ impl Ipam {
         if self.has_free(pool) {
             return Ok(Grown::Block);
         }
-        for (b, ..) in &all {
+        for (b, ..) in all.iter().filter(|(b, ..)| pool.subnet.contains(b)) {
             if let Some(ip) = pure::first_free(b, &used, &reserved) {
                 return Ok(Grown::Borrow(ip));
             }

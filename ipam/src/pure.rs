@@ -82,6 +82,14 @@ pub fn default_gateway(subnet: &IpNet) -> Option<IpAddr> {
     Some(nth(subnet, 1))
 }
 
+/// The ULA /48 of a 40-bit global id (RFC 4193: `fd` then the id).
+pub fn ula_48(id: [u8; 5]) -> IpNet {
+    let mut o = [0u8; 16];
+    o[0] = 0xfd;
+    o[1..6].copy_from_slice(&id);
+    IpNet::new(IpAddr::V6(std::net::Ipv6Addr::from(o)), 48).expect("/48 is a valid prefix")
+}
+
 /// The first address of `block` neither used nor reserved.
 pub fn first_free(block: &IpNet, used: &BTreeSet<IpAddr>, reserved: &[IpAddr]) -> Option<IpAddr> {
     let n = size(block).min(1 << 20);
@@ -164,6 +172,11 @@ mod tests {
         assert_eq!(first_free(&b, &used, &res), Some(ip("10.30.0.3")));
         let used: BTreeSet<_> = [ip("10.30.0.2"), ip("10.30.0.3")].into();
         assert_eq!(first_free(&b, &used, &res), None);
+    }
+
+    #[test]
+    fn a_ula_48_is_fd_and_the_global_id() {
+        assert_eq!(ula_48([0x12, 0x34, 0x56, 0x78, 0x9a]), net("fd12:3456:789a::/48"));
     }
 
     #[test]

@@ -88,7 +88,7 @@ async fn bad_subnets_and_gateways_are_refused() {
     let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/31")), None, &[]).await.unwrap_err();
     assert!(matches!(e, IpamError::TooSmall(_)), "{e}");
     let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("fd00::/64")), None, &[]).await.unwrap_err();
-    assert!(matches!(e, IpamError::Ipv6Unsupported(_)), "{e}");
+    assert!(matches!(e, IpamError::WrongFamily { want: "IPv4", .. }), "{e}");
     let e = ipam
         .plan_network("n2", &SubnetRequest::FromPool { pool: net("10.30.0.0/24"), prefix_len: 24 }, None, &[])
         .await
