@@ -110,10 +110,9 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			 * into the container): answered here when it can be,
 			 * else by the agent at the gateway, the reply coming back
 			 * from the address asked. */
-			struct endpoint_info e = *ep;
-			if (dns_query && trellis_dns_fast(skb, e.net_id, f.l4off) > 0)
+			if (dns_query && trellis_dns_fast(skb, ep->net_id, f.l4off) > 0)
 				return answer_dns(skb, c);
-			return to_gateway_dns(skb, c, &e, &f);
+			return to_gateway_dns(skb, c, ep, &f);
 		} else if (ep->flags & EP_INTERNAL) {
 			/* Nothing else leaves an internal network. */
 			return drop(c, DROP_ISOLATION, ifindex, &f);
@@ -140,8 +139,8 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	case bpf_htons(ETH_P_IPV6): {
-		/* No IPv6 addresses are assigned yet: only the kernel's own
-		 * link-local and unspecified sources may pass. */
+		/* The kernel's own link-local and unspecified (DAD) sources,
+		 * and the endpoint's IPv6 address on a dual-stack network. */
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return drop(c, DROP_MALFORMED, ifindex, &f);
@@ -150,7 +149,13 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		int link_local = b0 == 0xfe && (b1 & 0xc0) == 0x80;
 		int unspecified = ip6->saddr.in6_u.u6_addr32[0] == 0 && ip6->saddr.in6_u.u6_addr32[1] == 0 &&
 				  ip6->saddr.in6_u.u6_addr32[2] == 0 && ip6->saddr.in6_u.u6_addr32[3] == 0;
-		if (!link_local && !unspecified)
+		/* Read in place from the map value (4-byte aligned): no copy
+		 * on the program's stack, which is near its limit. */
+		const __u32 *own = (const __u32 *)ep->ip6;
+		const __u32 *src = ip6->saddr.in6_u.u6_addr32;
+		int is_own = (own[0] | own[1] | own[2] | own[3]) && src[0] == own[0] && src[1] == own[1] &&
+			     src[2] == own[2] && src[3] == own[3];
+		if (!link_local && !unspecified && !is_own)
 			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
 		return TC_ACT_OK;
 	}

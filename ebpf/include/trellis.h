@@ -25,6 +25,7 @@ struct endpoint_info {
 	__u32 gateway; /* the network's gateway (its DNS server), 0: none */
 	__u8 gw_mac[6];
 	__u16 pad2;
+	__u8 ip6[16];  /* its IPv6 address on a dual-stack network; all zero: none */
 };
 
 /* Why a packet was dropped (index into endpoint_counters.drops). */
@@ -207,7 +208,8 @@ struct svc_stats {
 
 _Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
 _Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
-_Static_assert(sizeof(struct endpoint_info) == 32, "endpoint_info layout");
+_Static_assert(sizeof(struct endpoint_info) == 48, "endpoint_info layout");
+_Static_assert(__builtin_offsetof(struct endpoint_info, ip6) == 32, "endpoint_info.ip6");
 _Static_assert(__builtin_offsetof(struct endpoint_info, gw_mac) == 24, "endpoint_info.gw_mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, mac) == 4, "endpoint_info.mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, net_id) == 12, "endpoint_info.net_id");

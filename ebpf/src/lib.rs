@@ -45,6 +45,8 @@ pub struct EndpointInfo {
     pub gateway: u32,
     pub gw_mac: [u8; 6],
     pub pad2: u16,
+    /// Its IPv6 address on a dual-stack network (all zero: none).
+    pub ip6: [u8; 16],
 }
 
 // SAFETY: plain old data with no padding the compiler may leave
@@ -69,7 +71,13 @@ pub const EP_DNS: u32 = 2;
 
 impl EndpointInfo {
     pub fn new(ip: Ipv4Addr, mac: [u8; 6], net_id: u32) -> EndpointInfo {
-        EndpointInfo { ip: be(ip), mac, pad: 0, net_id, flags: 0, gateway: 0, gw_mac: [0; 6], pad2: 0 }
+        EndpointInfo { ip: be(ip), mac, pad: 0, net_id, flags: 0, gateway: 0, gw_mac: [0; 6], pad2: 0, ip6: [0; 16] }
+    }
+
+    /// Its IPv6 address: a global source it may send from.
+    pub fn with_ip6(mut self, ip6: std::net::Ipv6Addr) -> EndpointInfo {
+        self.ip6 = ip6.octets();
+        self
     }
 
     pub fn with_flags(mut self, flags: u32) -> EndpointInfo {
@@ -1322,7 +1330,8 @@ mod tests {
     /// The same numbers as the `_Static_assert`s of `trellis.h`.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(size_of::<EndpointInfo>(), 32);
+        assert_eq!(size_of::<EndpointInfo>(), 48);
+        assert_eq!(offset_of!(EndpointInfo, ip6), 32);
         assert_eq!(offset_of!(EndpointInfo, gw_mac), 24);
         assert_eq!(offset_of!(EndpointInfo, mac), 4);
         assert_eq!(offset_of!(EndpointInfo, net_id), 12);

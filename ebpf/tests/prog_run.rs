@@ -77,6 +77,26 @@ fn frame_builders_compute_textbook_checksums() {
 
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_dual_stack_endpoint_sends_from_its_ipv6_address_only() {
+    let mut lab = lab();
+    let own: Ipv6Addr = "fd00:210::2".parse().unwrap();
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint().with_ip6(own)).unwrap();
+    let echo = |src: Ipv6Addr| {
+        eth([0x33, 0x33, 0, 0, 0, 1], EP_MAC, ETH_P_IPV6, &ipv6(src, "fd00:210::3".parse().unwrap(), &[128, 0, 0, 0]))
+    };
+    let f = echo(own);
+    let r = lab.send(&f);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f), "from its own address");
+    let link_local = echo(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2));
+    assert_eq!(lab.send(&link_local).verdict, TC_ACT_OK, "from link-local");
+    for other in ["fd00:210::99", "fd00:210::2:0", "fd01:210::2"] {
+        assert_eq!(lab.send(&echo(other.parse().unwrap())).verdict, TC_ACT_SHOT, "from {other}");
+    }
+    assert_eq!(drops(&lab, DropReason::SpoofIpv6), 3);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn spoofed_sources_are_dropped_and_the_endpoints_own_pass() {
     let mut lab = lab();
     // The endpoint's own frames pass, untouched.

@@ -631,6 +631,14 @@ impl Ipam {
         }
     }
 
+    /// The comparison and operation that hand this host's reservation of
+    /// `ip` to `owner`, for the caller's transaction (a second family's
+    /// address claimed in the transaction that allocates the first).
+    pub fn claim_ops(&self, net_id: &str, ip: IpAddr, owner: &str) -> (Compare, Op) {
+        let key = self.addr_key(net_id, ip);
+        (Compare::Value(key.clone(), self.record(RESERVED)), Op::put(key, self.record(owner)))
+    }
+
     /// Release an address only if it is still this host's reservation
     /// (an endpoint that claimed it releases it itself). True if released.
     pub async fn release_reservation(&self, pool: &Pool, ip: IpAddr) -> Result<bool> {

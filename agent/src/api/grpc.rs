@@ -63,6 +63,8 @@ pub fn network_to_proto(n: &NetworkRecord, endpoints: u32) -> proto::Network {
         endpoints,
         vxlan_port: n.vxlan_port.unwrap_or(0) as u32,
         key: None,
+        subnet6: n.subnet6.map(|s| s.to_string()).unwrap_or_default(),
+        gateway6: n.gateway6.map(|g| g.to_string()).unwrap_or_default(),
     }
 }
 
@@ -75,6 +77,11 @@ pub fn endpoint_to_proto(e: &EndpointRecord, net: Option<&NetworkRecord>) -> pro
         network_id: e.network_id.clone(),
         host: e.host.clone(),
         address: format!("{}/{prefix}", e.ip),
+        address6: match (e.ip6, net.and_then(|n| n.subnet6)) {
+            (Some(a), Some(s)) => format!("{a}/{}", s.prefix_len()),
+            _ => String::new(),
+        },
+        gateway6: net.and_then(|n| n.gateway6).map(|g| g.to_string()).unwrap_or_default(),
         gateway: net.and_then(|n| n.gateway).map(|g| g.to_string()).unwrap_or_default(),
         mac: e.mac.to_string(),
         mtu: net.map(|n| n.mtu).unwrap_or(0),
@@ -389,6 +396,9 @@ impl proto::agent_server::Agent for AgentService {
         let new = NewNetwork {
             subnet: optional(&r.subnet).map(validate::subnet).transpose().map_err(bad)?,
             gateway: optional(&r.gateway).map(|g| validate::ip("gateway", g)).transpose().map_err(bad)?,
+            subnet6: optional(&r.subnet6).map(validate::subnet).transpose().map_err(bad)?,
+            gateway6: optional(&r.gateway6).map(|g| validate::ip("gateway", g)).transpose().map_err(bad)?,
+            ipv6: r.ipv6,
             name: r.name,
             attachable: r.attachable,
             internal: r.internal,

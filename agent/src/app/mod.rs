@@ -233,7 +233,7 @@ pub(crate) mod testing {
             internal: false,
             encrypted: false,
             mtu: 0,
-            labels: Default::default(),
+            ..Default::default()
         }
     }
 

@@ -79,6 +79,10 @@ pub struct EndpointSpec {
     pub addr: IpNet,
     /// Default route via this address (none on internal networks).
     pub default_via: Option<IpAddr>,
+    /// A dual-stack network's IPv6 address, and the IPv6 default route's
+    /// gateway (none on internal networks).
+    pub addr6: Option<IpNet>,
+    pub default_via6: Option<IpAddr>,
     /// The engine moves the container end into its sandbox and configures
     /// it (Docker): both ends are created in the host's namespace, the
     /// container end named `peer_if`.
@@ -155,6 +159,8 @@ pub enum Action {
     AttachProgram {
         ifname: String,
         ip: IpAddr,
+        /// Its IPv6 address on a dual-stack network.
+        ip6: Option<IpAddr>,
         mac: Mac,
         program: crate::dataplane::ProgramSpec,
     },

@@ -49,12 +49,24 @@ pub struct NetworkRecord {
     /// the hosts' port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vxlan_port: Option<u16>,
+    /// A dual-stack network's IPv6 subnet and gateway (beside the IPv4
+    /// `subnet` and `gateway`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<IpAddr>,
 }
 
 impl NetworkRecord {
     /// The gateway with the subnet's prefix length, as set on the bridge.
     pub fn gateway_cidr(&self) -> Option<IpNet> {
         self.gateway.map(|gw| IpNet::new(gw, self.subnet.prefix_len()).expect("prefix of the subnet"))
+    }
+
+    /// The IPv6 gateway with its subnet's prefix length.
+    pub fn gateway6_cidr(&self) -> Option<IpNet> {
+        let (gw, s) = (self.gateway6?, self.subnet6?);
+        IpNet::new(gw, s.prefix_len()).ok()
     }
 }
 
@@ -74,6 +86,9 @@ pub struct EndpointRecord {
     pub network: String,
     pub host: String,
     pub ip: IpAddr,
+    /// Its IPv6 address on a dual-stack network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<IpAddr>,
     pub mac: Mac,
     pub netns: PathBuf,
     pub ifname: String,

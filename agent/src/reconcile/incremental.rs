@@ -4,7 +4,7 @@
 //! host. [`remote_endpoints`] finds such a change between two snapshots,
 //! patches the last desired state with it and returns just the actions it
 //! needs, in the order a full [`super::diff()`] would give them; anything
-//! else (this host's endpoints, encrypted networks, whose tunnel entries'
+//! else (this host's endpoints, dual-stack networks, encrypted networks, whose tunnel entries'
 //! hosts are their IPsec peers, networks, hosts, services, keys, a kernel
 //! that does not match the last desired state) is left to the full
 //! computation. The property test in `tests.rs` holds the two equal over
@@ -32,6 +32,9 @@ pub struct Index {
     networks: Option<Arc<Vec<NetworkRecord>>>,
     /// Encrypted networks: an endpoint there may add or drop an IPsec peer.
     encrypted: HashSet<String>,
+    /// Dual-stack networks: an endpoint there has two neighbour entries
+    /// (left to the full computation).
+    dual: HashSet<String>,
 }
 
 impl Index {
@@ -46,13 +49,14 @@ impl Index {
         }
         if !self.networks.as_ref().is_some_and(|n| Arc::ptr_eq(n, &s.networks)) {
             self.encrypted = s.networks.iter().filter(|n| n.encrypted).map(|n| n.id.clone()).collect();
+            self.dual = s.networks.iter().filter(|n| n.subnet6.is_some()).map(|n| n.id.clone()).collect();
             self.networks = Some(s.networks.clone());
         }
     }
 
     /// A change of another host's endpoint on `network` is this module's.
     fn patchable(&self, network: &str) -> bool {
-        !self.service_nets.contains(network) && !self.encrypted.contains(network)
+        !self.service_nets.contains(network) && !self.encrypted.contains(network) && !self.dual.contains(network)
     }
 }
 

@@ -27,6 +27,8 @@ fn network(id: &str, subnet: &str, internal: bool) -> NetworkRecord {
         labels: Default::default(),
         created_unix: 0,
         vxlan_port: None,
+        subnet6: None,
+        gateway6: None,
     }
 }
 
@@ -38,6 +40,7 @@ fn endpoint(id: &str, net: &str, ip: &str, host: &str) -> EndpointRecord {
         network: format!("net-{net}"),
         host: host.into(),
         ip: ip.parse().unwrap(),
+        ip6: None,
         mac: "02:00:00:00:00:01".parse().unwrap(),
         netns: format!("/run/netns/{id}").into(),
         ifname: "eth0".into(),

@@ -73,6 +73,11 @@ pub struct NewNetwork {
     pub name: String,
     pub subnet: Option<IpNet>,
     pub gateway: Option<IpAddr>,
+    /// An IPv6 subnet beside the IPv4 one; with `ipv6` and none, a /64 of
+    /// the cluster's ULA pool.
+    pub subnet6: Option<IpNet>,
+    pub gateway6: Option<IpAddr>,
+    pub ipv6: bool,
     pub attachable: bool,
     pub internal: bool,
     pub encrypted: bool,
@@ -228,6 +233,26 @@ impl Cluster {
             Some(s) => SubnetRequest::Specific(s),
             None => SubnetRequest::FromPool { pool: self.default_pool, prefix_len: self.default_prefix_len },
         };
+        // An IPv6 subnet alone asks for an IPv6-only network; with --ipv6
+        // (or an IPv4 subnet) it is the second family of a dual-stack one.
+        let v6_alone = req.subnet6.filter(|_| req.subnet.is_none() && !req.ipv6);
+        if let Some(s) = req.subnet.filter(|s| s.network().is_ipv6()).or(v6_alone) {
+            return Err(AgentError::InvalidArgument(format!(
+                "{s} is an IPv6 subnet: IPv6-only networks are not supported yet; give an IPv4 --subnet beside it, or --ipv6 to take the IPv4 subnet from the pool (dual stack)"
+            )));
+        }
+        if req.gateway6.is_some() && req.subnet6.is_none() && !req.ipv6 {
+            return Err(AgentError::InvalidArgument(
+                "an IPv6 gateway needs an IPv6 subnet (--subnet with an IPv6 CIDR, or --ipv6)".into(),
+            ));
+        }
+        let v6 = match (req.subnet6, req.ipv6) {
+            (Some(s), _) => Some(SubnetRequest::Specific(s)),
+            (None, true) => Some(SubnetRequest::FromPool { pool: self.ipam.ula_pool().await?, prefix_len: 64 }),
+            (None, false) => None,
+        }
+        .map(|subnet| trellis_ipam::FamilyRequest { subnet, gateway: req.gateway6 });
+        let v4 = trellis_ipam::FamilyRequest { subnet: request, gateway: req.gateway };
         let esp = if req.encrypted { trellis_ipsec::xfrm::ESP_OVERHEAD } else { 0 };
         let mtu = if req.mtu == 0 { underlay_mtu.saturating_sub(50 + esp).max(576) } else { req.mtu };
         for _ in 0..CREATE_ATTEMPTS {
@@ -236,7 +261,7 @@ impl Cluster {
                 return Err(AgentError::AlreadyExists(format!("network {:?} already exists", req.name)));
             }
             let id = model::new_id();
-            let plan = self.ipam.plan_network(&id, &request, req.gateway, host_routes).await?;
+            let plan = self.ipam.plan_dual_network(&id, &v4, v6.as_ref(), host_routes).await?;
             let record = NetworkRecord {
                 id: id.clone(),
                 name: req.name.clone(),
@@ -250,6 +275,8 @@ impl Cluster {
                 labels: req.labels.clone(),
                 created_unix: model::now_unix(),
                 vxlan_port: None,
+                subnet6: plan.subnet6,
+                gateway6: plan.gateway6,
             };
             let mut compares = plan.compares;
             compares.push(Compare::Absent(key.clone()));
@@ -534,6 +561,11 @@ impl Cluster {
         Pool { net_id: net.id.clone(), subnet: net.subnet, gateway: net.gateway }
     }
 
+    /// A dual-stack network's IPv6 pool.
+    pub fn pool6(net: &NetworkRecord) -> Option<Pool> {
+        Some(Pool { net_id: net.id.clone(), subnet: net.subnet6?, gateway: net.gateway6 })
+    }
+
     /// Write an endpoint and its address in one transaction.
     pub async fn create_endpoint(&self, req: NewEndpoint) -> Result<EndpointRecord> {
         let net = self.network(&req.network).await?;
@@ -556,6 +588,7 @@ impl Cluster {
             network: net.name.clone(),
             host: self.host.clone(),
             ip: IpAddr::from([0, 0, 0, 0]),
+            ip6: None,
             mac: model::Mac::default(),
             netns: req.netns.clone(),
             ifname: req.ifname.clone(),
@@ -577,6 +610,18 @@ impl Cluster {
             None => AddrRequest::Any,
         };
         let container_key = Self::container_key_of(&template);
+        // A dual-stack network's IPv6 address: reserved first, then claimed
+        // in the transaction that writes the endpoint and its IPv4 address
+        // (released again if that fails: nothing is left half-made).
+        let pool6 = Self::pool6(&net);
+        let ip6 = match &pool6 {
+            Some(p) => {
+                Some(self.ipam.allocate(p, AddrRequest::Any, trellis_ipam::RESERVED, |_| (vec![], vec![])).await?)
+            }
+            None => None,
+        };
+        let template = EndpointRecord { ip6, ..template };
+        let claim6 = ip6.map(|a| self.ipam.claim_ops(&net.id, a, &req.id));
         let build = |ip: IpAddr| {
             let mut rec = template.clone();
             rec.ip = ip;
@@ -586,6 +631,10 @@ impl Cluster {
                 Op::put(name_key.clone(), rec.id.clone().into_bytes()),
                 Op::put(model::endpoint_key(&rec.id), encode(&rec)),
             ];
+            if let Some((c, o)) = &claim6 {
+                compares.push(c.clone());
+                ops.push(o.clone());
+            }
             if let Some(k) = &container_key {
                 compares.push(Compare::Absent(k.clone()));
                 ops.push(Op::put(k.clone(), rec.id.clone().into_bytes()));
@@ -593,6 +642,12 @@ impl Cluster {
             (compares, ops)
         };
         let result = self.ipam.allocate(&Self::pool(&net), request, &req.id, build).await;
+        if result.is_err()
+            && let (Some(p), Some(a)) = (&pool6, ip6)
+            && let Err(e) = self.ipam.release_reservation(p, a).await
+        {
+            tracing::warn!(address = %a, error = %e, "releasing the IPv6 address of an endpoint that was not created");
+        }
         let ip = match result {
             Ok(ip) => ip,
             Err(IpamError::CallerConflict) => {
@@ -632,9 +687,13 @@ impl Cluster {
 
     /// Remove an endpoint's records and release its address, atomically.
     pub async fn delete_endpoint_records(&self, net: &NetworkRecord, e: &EndpointRecord) -> Result<()> {
-        let ops = vec![Op::delete(model::endpoint_key(&e.id)), self.ipam.release_op(&e.network_id, e.ip)];
+        let mut ops = vec![Op::delete(model::endpoint_key(&e.id)), self.ipam.release_op(&e.network_id, e.ip)];
+        ops.extend(e.ip6.map(|a| self.ipam.release_op(&e.network_id, a)));
         self.store.txn(vec![], ops).await?;
         self.ipam.released(&Self::pool(net), e.ip);
+        if let (Some(p), Some(a)) = (Self::pool6(net), e.ip6) {
+            self.ipam.released(&p, a);
+        }
         self.release_name(e).await
     }
 

@@ -231,7 +231,7 @@ async fn main() -> Result<()> {
                 internal: false,
                 encrypted: false,
                 mtu: 0,
-                labels: Default::default(),
+                ..Default::default()
             },
             &[],
             1500,

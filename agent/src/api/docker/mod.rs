@@ -156,7 +156,7 @@ impl DockerDriver {
 
     async fn request_pool(&self, r: dp::RequestPoolRequest) -> Answer {
         if r.v6 {
-            return Err("Trellis networks are IPv4 only for now: create the network without --ipv6".into());
+            return Err("Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6".into());
         }
         if !r.sub_pool.is_empty() {
             return Err("--ip-range is not supported: Trellis allocates from the whole subnet".into());
@@ -259,7 +259,7 @@ impl DockerDriver {
 
     async fn create_network(self: &Arc<Self>, r: dp::CreateNetworkRequest) -> Answer {
         if r.ipv6_data.as_ref().is_some_and(|d| d.iter().any(|p| !p.pool.is_empty())) {
-            return Err("Trellis networks are IPv4 only for now: create the network without --ipv6".into());
+            return Err("Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6".into());
         }
         let v4 = r.ipv4_data.as_ref().and_then(|d| d.first()).cloned().unwrap_or_default();
         if v4.pool.is_empty() {
@@ -384,6 +384,9 @@ impl DockerDriver {
                 name: name.clone(),
                 subnet: Some(dn.pool),
                 gateway: dn.gateway,
+                subnet6: None,
+                gateway6: None,
+                ipv6: false,
                 attachable: dn.attachable,
                 internal: dn.internal,
                 encrypted: dn.encrypted,
@@ -441,7 +444,7 @@ impl DockerDriver {
     async fn create_endpoint(&self, r: dp::CreateEndpointRequest) -> Answer {
         let iface = r.interface.unwrap_or_default();
         if !iface.address_ipv6.is_empty() {
-            return Err("Trellis networks are IPv4 only for now".into());
+            return Err("Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack)".into());
         }
         if iface.address.is_empty() {
             return Err("the endpoint has no address: the trellis network driver needs --ipam-driver trellis".into());

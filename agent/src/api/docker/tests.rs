@@ -518,7 +518,7 @@ async fn ipv6_is_refused_and_dockerd_s_rollback_leaves_nothing() {
     let v6 = json!({ "AddressSpace": "trellis", "Pool": "", "SubPool": "", "Options": {}, "V6": true });
     assert_eq!(
         h.refused("IpamDriver.RequestPool", v6).await,
-        "Trellis networks are IPv4 only for now: create the network without --ipv6"
+        "Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6"
     );
     h.release(&p).await;
     h.nothing_left().await;
@@ -528,7 +528,7 @@ async fn ipv6_is_refused_and_dockerd_s_rollback_leaves_nothing() {
     body["IPv6Data"] = json!([{ "AddressSpace": "trellis", "Gateway": "fd00::1/64", "Pool": "fd00::/64" }]);
     assert_eq!(
         h.refused("NetworkDriver.CreateNetwork", body).await,
-        "Trellis networks are IPv4 only for now: create the network without --ipv6"
+        "Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6"
     );
     assert!(h.docker_net("d1").await.is_none());
     h.release(&p).await;
@@ -716,7 +716,10 @@ async fn endpoints_the_driver_does_not_know_are_refused() {
         "the endpoint has no address: the trellis network driver needs --ipam-driver trellis"
     );
     let v6 = json!({ "NetworkID": "d1", "EndpointID": "e1", "Interface": { "Address": "10.0.0.2/24", "AddressIPv6": "fd00::2/64" } });
-    assert_eq!(h.refused("NetworkDriver.CreateEndpoint", v6).await, "Trellis networks are IPv4 only for now");
+    assert_eq!(
+        h.refused("NetworkDriver.CreateEndpoint", v6).await,
+        "Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack)"
+    );
     let a = h.ok("IpamDriver.RequestAddress", address_request(&p.id, "")).await;
     let addr = a["Address"].as_str().unwrap().to_string();
     h.ok("NetworkDriver.CreateEndpoint", create_endpoint("d1", "e1", &addr)).await;

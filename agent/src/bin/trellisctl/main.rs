@@ -115,10 +115,18 @@ enum NetworkCmd {
     /// Create a network.
     Create {
         name: String,
+        /// The network's subnet, CIDR; once per family: an IPv4 one and,
+        /// for dual stack, an IPv6 one (default: from the pools).
         #[arg(long)]
-        subnet: Option<String>,
+        subnet: Vec<String>,
+        /// The gateway, once per family (default: each subnet's first
+        /// address).
         #[arg(long)]
-        gateway: Option<String>,
+        gateway: Vec<String>,
+        /// Dual stack: an IPv6 /64 from the cluster's ULA pool when no
+        /// IPv6 --subnet is given.
+        #[arg(long)]
+        ipv6: bool,
         /// Accept ad-hoc endpoints (trellisctl attach, standalone containers).
         #[arg(long)]
         attachable: bool,

@@ -9,11 +9,16 @@ use crate::{Client, NetworkCmd, labels, output};
 
 pub async fn run(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        NetworkCmd::Create { name, subnet, gateway, attachable, internal, encrypted, mtu, labels: l, json } => {
+        NetworkCmd::Create { name, subnet, gateway, ipv6, attachable, internal, encrypted, mtu, labels: l, json } => {
+            let (subnet, subnet6) = by_family("--subnet", &subnet, |s| s.split('/').next().unwrap_or(s))?;
+            let (gateway, gateway6) = by_family("--gateway", &gateway, |s| s)?;
             let req = proto::CreateNetworkRequest {
                 name,
-                subnet: subnet.unwrap_or_default(),
-                gateway: gateway.unwrap_or_default(),
+                subnet,
+                gateway,
+                subnet6,
+                gateway6,
+                ipv6,
                 attachable,
                 internal,
                 encrypted,
@@ -30,12 +35,34 @@ pub async fn run(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A repeatable flag's values sorted by address family, at most one of
+/// each: (IPv4, IPv6), empty where not given. A value that is no address
+/// goes as IPv4, for the agent to refuse with its reason.
+fn by_family(flag: &str, values: &[String], addr: impl Fn(&str) -> &str) -> anyhow::Result<(String, String)> {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for v in values {
+        match addr(v).parse::<std::net::IpAddr>() {
+            Ok(ip) if ip.is_ipv6() => v6.push(v.clone()),
+            _ => v4.push(v.clone()),
+        }
+    }
+    if v4.len() > 1 || v6.len() > 1 {
+        anyhow::bail!("{flag} is given once per address family (an IPv4 value and an IPv6 one), not {values:?}");
+    }
+    Ok((v4.pop().unwrap_or_default(), v6.pop().unwrap_or_default()))
+}
+
 async fn create(c: &mut Client, req: proto::CreateNetworkRequest, json: bool) -> anyhow::Result<()> {
     let n = c.create_network(req).await?.into_inner();
     if json {
         output::print_json(&output::network_json(&n));
     } else {
-        println!("{} {} subnet={} gateway={} vni={} mtu={}", n.name, n.id, n.subnet, n.gateway, n.vni, n.mtu);
+        let v6 = if n.subnet6.is_empty() {
+            String::new()
+        } else {
+            format!(" subnet6={} gateway6={}", n.subnet6, n.gateway6)
+        };
+        println!("{} {} subnet={} gateway={}{v6} vni={} mtu={}", n.name, n.id, n.subnet, n.gateway, n.vni, n.mtu);
     }
     Ok(())
 }

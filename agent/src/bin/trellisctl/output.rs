@@ -10,7 +10,9 @@ pub fn print_json(v: &Value) {
 
 pub fn network_json(n: &proto::Network) -> Value {
     json!({
-        "id": n.id, "name": n.name, "subnet": n.subnet, "gateway": n.gateway, "vni": n.vni,
+        "id": n.id, "name": n.name, "subnet": n.subnet, "gateway": n.gateway,
+        "subnet6": (!n.subnet6.is_empty()).then_some(&n.subnet6),
+        "gateway6": (!n.gateway6.is_empty()).then_some(&n.gateway6), "vni": n.vni,
         "mtu": n.mtu, "attachable": n.attachable, "internal": n.internal, "encrypted": n.encrypted,
         "labels": n.labels, "created_unix": n.created_unix, "bridge": n.bridge, "endpoints": n.endpoints,
         "vxlan_port": (n.vxlan_port != 0).then_some(n.vxlan_port),
@@ -26,7 +28,9 @@ pub fn endpoint_json(e: &proto::Endpoint) -> Value {
         .unwrap_or_default();
     json!({
         "id": e.id, "name": e.name, "network": e.network, "network_id": e.network_id, "host": e.host,
-        "address": e.address, "gateway": e.gateway, "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
+        "address": e.address, "gateway": e.gateway,
+        "address6": (!e.address6.is_empty()).then_some(&e.address6),
+        "gateway6": (!e.gateway6.is_empty()).then_some(&e.gateway6), "mac": e.mac, "mtu": e.mtu, "netns": e.netns,
         "ifname": e.ifname, "host_ifname": e.host_ifname, "labels": e.labels, "kind": kind,
         "managed_netns": e.managed_netns, "container_id": e.container_id, "aliases": e.aliases,
         "ports": e.ports.iter().map(|p| json!({
@@ -160,7 +164,7 @@ pub fn network_table(list: &[proto::Network]) {
             "{:<20} {:<16} {:<18} {:<8} {:<6} {:<9} {}",
             n.name,
             n.id,
-            n.subnet,
+            if n.subnet6.is_empty() { n.subnet.clone() } else { format!("{},{}", n.subnet, n.subnet6) },
             n.vni,
             n.mtu,
             n.endpoints,

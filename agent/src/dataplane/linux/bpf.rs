@@ -191,7 +191,14 @@ impl NetlinkDataplane {
         (programs, program_flags)
     }
 
-    pub(super) async fn attach_program(&self, ifname: &str, ip: IpAddr, mac: Mac, program: &ProgramSpec) -> Result<()> {
+    pub(super) async fn attach_program(
+        &self,
+        ifname: &str,
+        ip: IpAddr,
+        ip6: Option<IpAddr>,
+        mac: Mac,
+        program: &ProgramSpec,
+    ) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
         let IpAddr::V4(v4) = ip else { return Ok(()) };
         let index = Self::require(&self.handle, ifname).await?;
@@ -200,6 +207,9 @@ impl NetlinkDataplane {
         let mut info = trellis_ebpf::EndpointInfo::new(v4, mac.0, program.vni);
         if let Some((gw, gw_mac)) = program.dns_at {
             info = info.with_dns_at(gw, gw_mac.0);
+        }
+        if let Some(IpAddr::V6(a6)) = ip6 {
+            info = info.with_ip6(a6);
         }
         let info = info.with_flags(program.flags());
         dp.set_endpoint(index, info).map_err(ebpf)?;

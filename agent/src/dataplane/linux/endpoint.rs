@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
 use super::{EEXIST, ENODEV, ENOENT, EXFULL, NetlinkDataplane, errno, messages, netns, nl};
@@ -132,11 +132,22 @@ impl NetlinkDataplane {
         // that stays bound to it.
         let sysctl = format!("/proc/sys/net/ipv4/neigh/{}/retrans_time_ms", s.ifname);
         let rs = format!("/proc/sys/net/ipv6/conf/{}/router_solicitations", s.ifname);
+        let ra = format!("/proc/sys/net/ipv6/conf/{}/accept_ra", s.ifname);
+        let dad = format!("/proc/sys/net/ipv6/conf/{}/accept_dad", s.ifname);
+        let v6 = s.addr6.is_some();
         let rt = tokio::runtime::Handle::current();
         let (conn, c) = netns::run_in(&s.netns, move || {
             std::fs::write(&sysctl, b"20")?;
             // Absent when IPv6 is disabled: nothing to quiet then.
             let _ = std::fs::write(&rs, b"0");
+            // Addresses and routes come from the agent only: no router
+            // advertisement changes them; the addresses are the cluster
+            // IPAM's, unique by construction, so no duplicate detection
+            // holds them tentative.
+            let _ = std::fs::write(&ra, b"0");
+            if v6 {
+                std::fs::write(&dad, b"0")?;
+            }
             let _enter = rt.enter();
             let (conn, handle, _) = rtnetlink::new_connection()?;
             Ok((conn, handle))
@@ -160,6 +171,19 @@ impl NetlinkDataplane {
                 .execute()
                 .await
                 .map_err(nl("add default route", object.clone()))?;
+        }
+        if let Some(a6) = s.addr6 {
+            let mut req = c.address().add(inside, a6.addr(), a6.prefix_len());
+            req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+            req.execute().await.map_err(nl("add container IPv6 address", object.clone()))?;
+        }
+        if let Some(IpAddr::V6(gw)) = s.default_via6 {
+            c.route()
+                .add(messages::default_route6(gw, inside))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl("add IPv6 default route", object.clone()))?;
         }
         self.plug_port(s).await
     }

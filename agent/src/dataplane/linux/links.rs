@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{
     InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkMessage, VxlanDf,
 };
@@ -98,18 +98,21 @@ impl NetlinkDataplane {
         // IPv4 only: the agent configures no IPv6 yet, and every veth has
         // an IPv6 link-local address that would double the dump.
         let _dump = self.dump.lock().await;
-        let mut request = self.handle.address().get();
-        request.message_mut().header.family = AddressFamily::Inet;
-        let mut stream = request.execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "all"))? {
-            if !owned.contains_key(&msg.header.index) {
-                continue;
-            }
-            for a in &msg.attributes {
-                if let AddressAttribute::Address(ip) = a {
-                    let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
-                    if !link_local && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
-                        addrs.entry(msg.header.index).or_default().push(net);
+        // Both families; IPv6 link-local addresses are the kernel's.
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = self.handle.address().get();
+            request.message_mut().header.family = family;
+            let mut stream = request.execute();
+            while let Some(msg) = stream.try_next().await.map_err(nl("dump addresses", "all"))? {
+                if !owned.contains_key(&msg.header.index) {
+                    continue;
+                }
+                for a in &msg.attributes {
+                    if let AddressAttribute::Address(ip) = a {
+                        let link_local = matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
+                        if !link_local && let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
+                            addrs.entry(msg.header.index).or_default().push(net);
+                        }
                     }
                 }
             }
@@ -168,7 +171,13 @@ impl NetlinkDataplane {
     /// Add `addr` to `link`; one already there is no error.
     pub(super) async fn add_address(&self, link: &str, addr: &IpNet) -> Result<()> {
         let index = Self::require(&self.handle, link).await?;
-        match self.handle.address().add(index, addr.addr(), addr.prefix_len()).execute().await {
+        let mut req = self.handle.address().add(index, addr.addr(), addr.prefix_len());
+        if addr.addr().is_ipv6() {
+            // The agent owns the address cluster-wide: no duplicate address
+            // detection (it would leave the gateway tentative for a second).
+            req.message_mut().attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match req.execute().await {
             Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
             r => r.map_err(nl("add address", format!("{addr} on {link}"))),
         }

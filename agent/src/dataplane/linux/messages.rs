@@ -161,6 +161,11 @@ pub fn default_route(gw: Ipv4Addr, oif: u32) -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).output_interface(oif).build()
 }
 
+/// The IPv6 default route via `gw` out of `oif`.
+pub fn default_route6(gw: std::net::Ipv6Addr, oif: u32) -> RouteMessage {
+    RouteMessageBuilder::<std::net::Ipv6Addr>::new().gateway(gw).output_interface(oif).build()
+}
+
 /// The request for the IPv4 routes of every table (a dump).
 pub fn ipv4_routes() -> RouteMessage {
     RouteMessageBuilder::<Ipv4Addr>::new().build()

@@ -391,7 +391,9 @@ impl Dataplane for NetlinkDataplane {
             Action::DelAddress { link, addr } => self.del_address(link, addr).await,
             Action::CreateEndpoint(spec) => self.create_endpoint(spec).await,
             Action::CreateMeshVeth(v) => self.create_mesh_veth(v).await,
-            Action::AttachProgram { ifname, ip, mac, program } => self.attach_program(ifname, *ip, *mac, program).await,
+            Action::AttachProgram { ifname, ip, ip6, mac, program } => {
+                self.attach_program(ifname, *ip, *ip6, *mac, program).await
+            }
             Action::UpdateTables(ops) => self.update_tables(ops),
             Action::DetachProgram { ifname } => self.detach_program(ifname).await,
             Action::AttachMesh { ifname, role } => self.attach_mesh(ifname, *role),

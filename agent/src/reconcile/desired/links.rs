@@ -21,7 +21,10 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
         // The same on every host (the gateway is anycast), never an
         // endpoint's (no endpoint has the subnet's network address).
         let mac = model::Mac::for_ip(n.subnet.network());
-        d.bridges.insert(bridge.clone(), DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), mac });
+        d.bridges.insert(
+            bridge.clone(),
+            DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), addr6: n.gateway6_cidr(), mac },
+        );
         egress.push(EgressNet { bridge, subnet: n.subnet, gateway: n.gateway, internal: n.internal });
     }
     d.egress = EgressRules::new(egress);
@@ -77,6 +80,8 @@ pub fn endpoints(
                 mac: e.mac,
                 addr: IpNet::new(e.ip, n.subnet.prefix_len()).expect("prefix of the subnet"),
                 default_via: if n.internal { None } else { n.gateway },
+                addr6: e.ip6.zip(n.subnet6).and_then(|(a, s)| IpNet::new(a, s.prefix_len()).ok()),
+                default_via6: if n.internal { None } else { n.gateway6 },
                 engine_moves: e.kind == model::EndpointKind::Docker,
                 created_unix: e.created_unix,
             },

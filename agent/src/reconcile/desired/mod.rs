@@ -41,6 +41,8 @@ pub struct DesiredVxlan {
 pub struct DesiredBridge {
     pub mtu: u32,
     pub addr: Option<IpNet>,
+    /// A dual-stack network's IPv6 gateway address.
+    pub addr6: Option<IpNet>,
     pub mac: Mac,
 }
 

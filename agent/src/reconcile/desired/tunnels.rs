@@ -109,6 +109,13 @@ pub fn network_vxlan(
         if !v.neigh.insert((e.ip, e.mac)) {
             *v.dup_neigh.entry((e.ip, e.mac)).or_default() += 1;
         }
+        // Its IPv6 address too: the device answers neighbour solicitations
+        // for it as it answers ARP (no multicast NDP over the tunnels).
+        if let Some(ip6) = e.ip6
+            && !v.neigh.insert((ip6, e.mac))
+        {
+            *v.dup_neigh.entry((ip6, e.mac)).or_default() += 1;
+        }
     }
     v
 }

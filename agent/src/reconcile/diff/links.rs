@@ -42,12 +42,10 @@ pub fn bridges(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action
                 if l.mac.is_some_and(|m| m != b.mac) {
                     acts.push(Action::SetMac { link: name.clone(), mac: b.mac });
                 }
-                for a in l.addrs.iter().filter(|a| Some(**a) != b.addr) {
+                for a in l.addrs.iter().filter(|a| Some(**a) != b.addr && Some(**a) != b.addr6) {
                     acts.push(Action::DelAddress { link: name.clone(), addr: *a });
                 }
-                if let Some(addr) = b.addr
-                    && !l.addrs.contains(&addr)
-                {
+                for addr in b.addr.into_iter().chain(b.addr6).filter(|a| !l.addrs.contains(a)) {
                     acts.push(Action::AddAddress { link: name.clone(), addr });
                 }
             }
@@ -57,7 +55,7 @@ pub fn bridges(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action
                 }
                 acts.push(Action::CreateBridge { name: name.clone(), mtu: b.mtu, mac: b.mac });
                 acts.push(Action::SetLink { name: name.clone(), mtu: b.mtu, master: None });
-                if let Some(addr) = b.addr {
+                for addr in b.addr.into_iter().chain(b.addr6) {
                     acts.push(Action::AddAddress { link: name.clone(), addr });
                 }
             }

@@ -26,7 +26,13 @@ pub fn attach(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>
             continue;
         }
         let spec = &desired.endpoints[name];
-        acts.push(Action::AttachProgram { ifname: name.clone(), ip: spec.addr.addr(), mac: spec.mac, program: *p });
+        acts.push(Action::AttachProgram {
+            ifname: name.clone(),
+            ip: spec.addr.addr(),
+            ip6: spec.addr6.map(|a| a.addr()),
+            mac: spec.mac,
+            program: *p,
+        });
         if made || observed.links.get(name).is_some_and(|l| super::links::port_unready(l, spec)) {
             acts.push(Action::SetLink { name: name.clone(), mtu: spec.mtu, master: Some(spec.bridge.clone()) });
         }

@@ -1,0 +1,110 @@
+//! Dual stack: networks with an IPv6 subnet beside the IPv4 one, in real
+//! namespaces on a two-host lab — addresses from the cluster IPAM, routes,
+//! traffic on one host and across the tunnel (static neighbour entries, no
+//! multicast NDP over VXLAN), and the datapath's IPv6 anti-spoofing.
+
+use std::time::Duration;
+
+use trellis_integration::{Lab, in_netns, netns_of, ping, require_root, wait_for};
+
+fn addr6(e: &serde_json::Value) -> String {
+    e["address6"].as_str().expect("an IPv6 address").split('/').next().unwrap().to_string()
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
+    require_root();
+    let lab = Lab::new(2, 3000).unwrap();
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let net = h1
+        .ctl_json(&["network", "create", "app", "--subnet", "10.94.0.0/24", "--subnet", "fd00:94::/64", "--attachable"])
+        .unwrap();
+    assert_eq!(
+        (net["subnet6"].as_str(), net["gateway6"].as_str()),
+        (Some("fd00:94::/64"), Some("fd00:94::1")),
+        "{net}"
+    );
+    let a = h1.attach("app", "a", &[]).unwrap();
+    let b = h1.attach("app", "b", &[]).unwrap();
+    let c = h2.attach("app", "c", &[]).unwrap();
+    let (a6, b6, c6) = (addr6(&a), addr6(&b), addr6(&c));
+    assert!([&a6, &b6, &c6].iter().all(|x| x.starts_with("fd00:94::")), "{a6} {b6} {c6}");
+    assert!(a6 != b6 && b6 != c6 && a6 != c6, "addresses are unique");
+    let ans = netns_of(&a);
+    // The container's address is there, not tentative, and the default
+    // route goes via the gateway.
+    let shown = in_netns(&ans, "ip", &["-6", "addr", "show", "dev", "eth0"]).output().unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains(&format!("{a6}/64")) && !shown.contains("tentative"), "{shown}");
+    let route = in_netns(&ans, "ip", &["-6", "route", "show", "default"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&route.stdout).contains("via fd00:94::1"), "{route:?}");
+    // On one host, to the gateway, and across the tunnel.
+    for (to, what) in [(b6.as_str(), "b on the same host"), ("fd00:94::1", "the gateway"), (c6.as_str(), "c on host 2")]
+    {
+        assert!(wait_for(Duration::from_secs(10), || ping(&ans, to, 1)), "a cannot reach {what} ({to}) over IPv6");
+    }
+    assert!(ping(&netns_of(&c), &a6, 2), "c cannot reach a over IPv6");
+    // IPv4 still works beside it.
+    let ip4 = |e: &serde_json::Value| e["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    assert!(ping(&ans, &ip4(&c), 2));
+    // Host 1's VXLAN device knows c's IPv6 address statically.
+    let id = net["id"].as_str().unwrap();
+    let dev = format!("trx-{}", &id[..10]);
+    let neigh = h1.ns.ip(&["-6", "neigh", "show", "dev", &dev, "nud", "permanent"]).unwrap();
+    assert!(neigh.contains(&c6), "{neigh}");
+    // A spoofed IPv6 source is dropped by the endpoint's program.
+    in_netns(&ans, "ip", &["-6", "addr", "add", "fd00:94::99/64", "dev", "eth0", "nodad"]).status().unwrap();
+    let spoofed = in_netns(&ans, "ping", &["-c", "2", "-i", "0.2", "-W", "1", "-I", "fd00:94::99", &b6])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    assert!(!spoofed, "a spoofed IPv6 source got through");
+    // Detached: both addresses go back to the pool.
+    h1.ctl(&["detach", "b"]).unwrap();
+    assert!(wait_for(Duration::from_secs(10), || !h1.ctl(&["endpoint", "ls"]).unwrap().contains(" b ")), "b stayed");
+    let again = h1.attach("app", "d", &[]).unwrap();
+    assert!(again["address6"].as_str().is_some());
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn ipv6_subnets_from_the_cluster_pool_and_bad_requests_refused() {
+    require_root();
+    let lab = Lab::new(2, 3000).unwrap();
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let n1 = h1.ctl_json(&["network", "create", "one", "--subnet", "10.95.0.0/24", "--ipv6"]).unwrap();
+    let n2 = h2.ctl_json(&["network", "create", "two", "--subnet", "10.96.0.0/24", "--ipv6"]).unwrap();
+    let (s1, s2) = (n1["subnet6"].as_str().unwrap().to_string(), n2["subnet6"].as_str().unwrap().to_string());
+    assert!(s1.starts_with("fd") && s1.ends_with("/64") && s2.ends_with("/64"), "{s1} {s2}");
+    assert_ne!(s1, s2, "two networks, two /64s");
+    let prefix = |s: &str| s.split(':').take(3).collect::<Vec<_>>().join(":");
+    assert_eq!(prefix(&s1), prefix(&s2), "one ULA /48 for the cluster, whichever host asks");
+    let refused = |args: &[&str], says: &str| {
+        let out = h1.ctl_output(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    };
+    refused(&["network", "create", "v6only", "--subnet", "fd00:97::/64"], "IPv6-only networks are not supported yet");
+    refused(
+        &["network", "create", "twice", "--subnet", "10.97.0.0/24", "--subnet", "10.98.0.0/24"],
+        "once per address family",
+    );
+    refused(&["network", "create", "clash", "--subnet", "10.97.0.0/24", "--subnet", &s1], "overlaps");
+    refused(&["network", "create", "small", "--subnet", "10.97.0.0/24", "--subnet", "fd00:97::/124"], "too small");
+    refused(
+        &["network", "create", "gw", "--subnet", "10.97.0.0/24", "--subnet", "fd00:97::/64", "--gateway", "fd00:98::1"],
+        "not inside subnet",
+    );
+    // Nothing half-made by the refusals.
+    let names: Vec<String> = h1
+        .ctl_json(&["network", "ls"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
