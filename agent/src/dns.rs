@@ -18,6 +18,10 @@ pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
         aliases: e.aliases.clone(),
         network_id: e.network_id.clone(),
         ip: e.ip,
+        ip6: match e.ip6 {
+            Some(std::net::IpAddr::V6(v6)) => Some(v6),
+            _ => None,
+        },
         // Namespace paths are per host.
         sandbox: format!("{}:{}", e.host, e.netns.display()),
         // A task of its service's name while ready.
@@ -26,7 +30,7 @@ pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
 }
 
 pub fn zone_network(n: &NetworkRecord) -> trellis_dns::Network {
-    trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet }
+    trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet, subnet6: n.subnet6 }
 }
 
 /// The zone of `networks`, the live endpoints of live `hosts` and the

@@ -19,7 +19,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts};
@@ -235,6 +235,14 @@ impl Core {
                 self.stats.local_answered.fetch_add(1, Ordering::Relaxed);
                 let recs =
                     ips.into_iter().map(|ip| Record::from_rdata(name.clone(), LOCAL_TTL, RData::A(A(ip)))).collect();
+                Ok(Outcome::Records(recs, ResponseCode::NoError, true))
+            }
+            Answer::Addrs6(ips) => {
+                self.stats.local_answered.fetch_add(1, Ordering::Relaxed);
+                let recs = ips
+                    .into_iter()
+                    .map(|ip| Record::from_rdata(name.clone(), LOCAL_TTL, RData::AAAA(AAAA(ip))))
+                    .collect();
                 Ok(Outcome::Records(recs, ResponseCode::NoError, true))
             }
             Answer::Names(names) => {

@@ -14,7 +14,7 @@
 //! reverse names of Trellis subnets are never forwarded upstream.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -24,6 +24,8 @@ pub struct Network {
     pub id: String,
     pub name: String,
     pub subnet: IpNet,
+    /// A dual-stack network's IPv6 subnet.
+    pub subnet6: Option<IpNet>,
 }
 
 /// An endpoint as DNS needs it.
@@ -36,6 +38,8 @@ pub struct Endpoint {
     pub aliases: Vec<String>,
     pub network_id: String,
     pub ip: IpAddr,
+    /// Its IPv6 address on a dual-stack network.
+    pub ip6: Option<Ipv6Addr>,
     /// What ties a container's endpoints together (its namespace path).
     pub sandbox: String,
     /// The service it is a task of, if any.
@@ -68,6 +72,8 @@ pub enum QType {
 pub enum Answer {
     /// Authoritative addresses (A).
     Addrs(Vec<Ipv4Addr>),
+    /// Authoritative IPv6 addresses (AAAA) of dual-stack endpoints.
+    Addrs6(Vec<Ipv6Addr>),
     /// Authoritative names (PTR), fully qualified.
     Names(Vec<String>),
     /// The name exists, not with this type.
@@ -134,6 +140,9 @@ struct NetNames {
     records: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// `vip` services → their VIP.
     vips: HashMap<String, Ipv4Addr>,
+    /// The IPv6 addresses of `hosts` and `services` (dual-stack endpoints).
+    hosts6: HashMap<String, Counted<Ipv6Addr>>,
+    services6: HashMap<String, Counted<Ipv6Addr>>,
 }
 
 /// The scoped names of a cluster at one moment.
@@ -249,20 +258,43 @@ impl Zone {
                 names.services.entry(norm(s)).or_default().add(&v4);
             }
         }
+        if let Some(v6) = e.ip6 {
+            for n in std::iter::once(&e.name).chain(&e.aliases) {
+                names.hosts6.entry(norm(n)).or_default().add(&v6);
+            }
+            if let Some(s) = &e.service {
+                names.services6.entry(norm(s)).or_default().add(&v6);
+            }
+            self.by_ip.entry(IpAddr::V6(v6)).or_default().push((
+                e.network_id.clone(),
+                e.name.clone(),
+                e.sandbox.clone(),
+            ));
+        }
     }
 
     fn entries_out(&mut self, e: &Endpoint) {
-        if let Some(at_ip) = self.by_ip.get_mut(&e.ip) {
-            if let Some(i) =
-                at_ip.iter().position(|(n, name, sb)| *n == e.network_id && *name == e.name && *sb == e.sandbox)
-            {
-                at_ip.remove(i);
-            }
-            if at_ip.is_empty() {
-                self.by_ip.remove(&e.ip);
+        for ip in std::iter::once(e.ip).chain(e.ip6.map(IpAddr::V6)) {
+            if let Some(at_ip) = self.by_ip.get_mut(&ip) {
+                if let Some(i) =
+                    at_ip.iter().position(|(n, name, sb)| *n == e.network_id && *name == e.name && *sb == e.sandbox)
+                {
+                    at_ip.remove(i);
+                }
+                if at_ip.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
             }
         }
         take_from(&mut self.sandboxes, e.sandbox.clone(), &e.network_id);
+        if let (Some(names), Some(v6)) = (self.names.get_mut(&e.network_id), e.ip6) {
+            for n in std::iter::once(&e.name).chain(&e.aliases) {
+                take_from(&mut names.hosts6, norm(n), &v6);
+            }
+            if let Some(s) = &e.service {
+                take_from(&mut names.services6, norm(s), &v6);
+            }
+        }
         let (Some(names), IpAddr::V4(v4)) = (self.names.get_mut(&e.network_id), e.ip) else { return };
         for n in std::iter::once(&e.name).chain(&e.aliases) {
             take_from(&mut names.hosts, norm(n), &v4);
@@ -284,7 +316,11 @@ impl Zone {
         for (net, _, sandbox) in self.by_ip.get(&src).into_iter().flatten() {
             // The address must be the client's on that network (the same
             // address can exist in two networks' subnets).
-            if self.nets.get(net).is_some_and(|n| n.subnet.contains(&src)) {
+            if self
+                .nets
+                .get(net)
+                .is_some_and(|n| n.subnet.contains(&src) || n.subnet6.is_some_and(|s| s.contains(&src)))
+            {
                 out.extend(self.sandboxes.get(sandbox).into_iter().flat_map(Counted::keys).cloned());
             }
         }
@@ -315,6 +351,23 @@ impl Zone {
             return Some(vec![*vip]);
         }
         tasks_of(name)
+    }
+
+    /// The IPv6 addresses of a name [`Zone::lookup_in`] knows (none for a
+    /// VIP or a service's explicit backends: those are IPv4).
+    fn lookup6_in(&self, net: &str, name: &str, tasks: bool) -> Vec<Ipv6Addr> {
+        let Some(names) = self.names.get(net) else { return Vec::new() };
+        let tasks_of = || names.services6.get(name).map(|s| s.keys().copied().collect()).unwrap_or_default();
+        if tasks {
+            return if names.records.contains_key(name) { Vec::new() } else { tasks_of() };
+        }
+        if let Some(h) = names.hosts6.get(name) {
+            return h.keys().copied().collect();
+        }
+        if names.hosts.contains_key(name) || names.vips.contains_key(name) || names.records.contains_key(name) {
+            return Vec::new();
+        }
+        tasks_of()
     }
 
     /// The names a client attached to one network only gets exactly one
@@ -363,9 +416,10 @@ impl Zone {
         vec![(name, bare), (qualified, full)]
     }
 
-    fn answer_addrs(found: Vec<Ipv4Addr>, qtype: QType) -> Answer {
+    fn answer_addrs(found: Vec<Ipv4Addr>, found6: Vec<Ipv6Addr>, qtype: QType) -> Answer {
         match qtype {
             QType::A | QType::Any if !found.is_empty() => Answer::Addrs(found),
+            QType::Aaaa if !found6.is_empty() => Answer::Addrs6(found6),
             _ => Answer::NoData,
         }
     }
@@ -379,6 +433,9 @@ impl Zone {
         if let Some(rev) = name.strip_suffix(".in-addr.arpa") {
             return self.reverse(rev, qtype, scope);
         }
+        if let Some(rev) = name.strip_suffix(".ip6.arpa") {
+            return self.reverse6(rev, qtype, scope);
+        }
         let labels: Vec<&str> = name.split('.').collect();
         let (tasks, rest) = match labels.as_slice() {
             ["tasks", rest @ ..] if !rest.is_empty() => (true, rest),
@@ -387,14 +444,20 @@ impl Zone {
         match rest {
             [single] => {
                 let mut found: BTreeSet<Ipv4Addr> = BTreeSet::new();
+                let mut found6: BTreeSet<Ipv6Addr> = BTreeSet::new();
                 let mut any = false;
                 for net in scope {
                     if let Some(a) = self.lookup_in(net, single, tasks) {
                         any = true;
                         found.extend(a);
+                        found6.extend(self.lookup6_in(net, single, tasks));
                     }
                 }
-                if any { Self::answer_addrs(found.into_iter().collect(), qtype) } else { Answer::NxDomain }
+                if any {
+                    Self::answer_addrs(found.into_iter().collect(), found6.into_iter().collect(), qtype)
+                } else {
+                    Answer::NxDomain
+                }
             }
             [host, netname] if self.by_name.contains_key(*netname) => {
                 let net = &self.by_name[*netname];
@@ -402,7 +465,7 @@ impl Zone {
                     return Answer::NxDomain;
                 }
                 match self.lookup_in(net, host, tasks) {
-                    Some(a) => Self::answer_addrs(a, qtype),
+                    Some(a) => Self::answer_addrs(a, self.lookup6_in(net, host, tasks), qtype),
                     None => Answer::NxDomain,
                 }
             }
@@ -417,7 +480,25 @@ impl Zone {
             return Answer::Forward;
         }
         let ip = IpAddr::V4(Ipv4Addr::new(octets[3], octets[2], octets[1], octets[0]));
-        if !self.nets.values().any(|n| n.subnet.contains(&ip)) {
+        self.reverse_of(ip, qtype, scope)
+    }
+
+    /// `ip6.arpa`: 32 nibbles, the least significant first.
+    fn reverse6(&self, rev: &str, qtype: QType, scope: &BTreeSet<String>) -> Answer {
+        let nibbles: Vec<u8> =
+            rev.split('.').filter(|n| n.len() == 1).filter_map(|n| u8::from_str_radix(n, 16).ok()).collect();
+        if nibbles.len() != 32 || rev.split('.').count() != 32 {
+            return Answer::Forward;
+        }
+        let mut o = [0u8; 16];
+        for (i, pair) in nibbles.chunks(2).rev().enumerate() {
+            o[i] = (pair[1] << 4) | pair[0];
+        }
+        self.reverse_of(IpAddr::V6(Ipv6Addr::from(o)), qtype, scope)
+    }
+
+    fn reverse_of(&self, ip: IpAddr, qtype: QType, scope: &BTreeSet<String>) -> Answer {
+        if !self.nets.values().any(|n| n.subnet.contains(&ip) || n.subnet6.is_some_and(|s| s.contains(&ip))) {
             return Answer::Forward;
         }
         let names: Vec<String> = self
@@ -443,7 +524,7 @@ mod tests {
     use super::*;
 
     fn net(id: &str, name: &str, subnet: &str) -> Network {
-        Network { id: id.into(), name: name.into(), subnet: subnet.parse().unwrap() }
+        Network { id: id.into(), name: name.into(), subnet: subnet.parse().unwrap(), subnet6: None }
     }
 
     fn ep(name: &str, net: &str, ip: &str, sandbox: &str, service: Option<&str>, aliases: &[&str]) -> Endpoint {
@@ -453,6 +534,7 @@ mod tests {
             aliases: aliases.iter().map(|a| a.to_string()).collect(),
             network_id: net.into(),
             ip: ip.parse().unwrap(),
+            ip6: None,
             sandbox: sandbox.into(),
             service: service.map(str::to_string),
         }
@@ -695,5 +777,50 @@ mod tests {
     fn endpoints_of_unknown_networks_are_ignored() {
         let z = Zone::build(&[net("n1", "app", "10.1.0.0/24")], &[ep("x", "gone", "10.9.0.2", "/c/x", None, &[])]);
         assert!(scope_of(&z, "10.9.0.2").is_empty());
+    }
+
+    #[test]
+    fn dual_stack_endpoints_answer_aaaa_and_ip6_arpa() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let dual = |name: &str, ip: &str, ip6: &str, service: Option<&str>| Endpoint {
+            ip6: Some(v6(ip6)),
+            ..ep(name, "n1", ip, &format!("/c/{name}"), service, &[])
+        };
+        let mut n = net("n1", "app", "10.1.0.0/24");
+        n.subnet6 = Some("fd00:1::/64".parse().unwrap());
+        let mut z = Zone::build_with_services(
+            &[n.clone(), net("n2", "db", "10.2.0.0/24")],
+            &[
+                dual("web1", "10.1.0.2", "fd00:1::2", Some("web")),
+                dual("web2", "10.1.0.3", "fd00:1::3", Some("web")),
+                ep("old", "n1", "10.1.0.4", "/c/old", None, &[]),
+                ep("db1", "n2", "10.2.0.2", "/c/db1", None, &[]),
+            ],
+            &[Service { name: "api".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.250")), backends: vec![] }],
+        );
+        // A client asking from its IPv6 address sees its networks.
+        let s = z.scope("fd00:1::2".parse().unwrap());
+        assert_eq!(s, BTreeSet::from(["n1".to_string()]));
+        assert_eq!(z.resolve("web1", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::2")]));
+        assert_eq!(z.resolve("web1.app", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::2")]));
+        assert_eq!(z.resolve("web1", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.2")]), "A as before");
+        assert_eq!(z.resolve("tasks.web", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::2"), v6("fd00:1::3")]));
+        assert_eq!(z.resolve("web", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::2"), v6("fd00:1::3")]));
+        assert_eq!(z.resolve("old", QType::Aaaa, &s), Answer::NoData, "an IPv4-only endpoint: NODATA");
+        assert_eq!(z.resolve("api", QType::Aaaa, &s), Answer::NoData, "VIPs are IPv4");
+        assert_eq!(z.resolve("db1", QType::Aaaa, &s), Answer::NxDomain, "out of scope");
+        // ip6.arpa of fd00:1::2.
+        let rev = "2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.0.0.d.f.ip6.arpa.";
+        assert_eq!(z.resolve(rev, QType::Ptr, &s), Answer::Names(vec!["web1.app.".into()]));
+        let unused = "9.9.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.0.0.d.f.ip6.arpa";
+        assert_eq!(z.resolve(unused, QType::Ptr, &s), Answer::NxDomain, "ours, unused");
+        let outside = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa";
+        assert_eq!(z.resolve(outside, QType::Ptr, &s), Answer::Forward, "not a Trellis subnet");
+        assert_eq!(z.resolve("1.0.ip6.arpa", QType::Ptr, &s), Answer::Forward);
+        // Removed: its AAAA and PTR go with it.
+        z.remove(&dual("web1", "10.1.0.2", "fd00:1::2", Some("web")));
+        assert_eq!(z.resolve("web1", QType::Aaaa, &s), Answer::NxDomain);
+        assert_eq!(z.resolve("tasks.web", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::3")]));
+        assert_eq!(z.resolve(rev, QType::Ptr, &s), Answer::NxDomain);
     }
 }

@@ -76,13 +76,14 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
 fn the_query_handler_survives_mutated_packets() {
     let core = Core::new(&Upstreams { servers: vec![], timeout: Duration::from_millis(10) });
     core.set_zone(Zone::build(
-        &[Network { id: "n1".into(), name: "app".into(), subnet: "10.1.0.0/24".parse().unwrap() }],
+        &[Network { id: "n1".into(), name: "app".into(), subnet: "10.1.0.0/24".parse().unwrap(), subnet6: None }],
         &[Endpoint {
             id: "web".into(),
             name: "web".into(),
             aliases: vec!["www".into()],
             network_id: "n1".into(),
             ip: "10.1.0.2".parse().unwrap(),
+            ip6: None,
             sandbox: "s".into(),
             service: Some("svc".into()),
         }],

@@ -22,6 +22,7 @@ fn zone(backends: u8) -> Zone {
         aliases: vec![],
         network_id: "n1".into(),
         ip: "127.0.0.1".parse().unwrap(),
+        ip6: None,
         sandbox: "s-client".into(),
         service: None,
     }];
@@ -32,11 +33,15 @@ fn zone(backends: u8) -> Zone {
             aliases: vec![],
             network_id: "n1".into(),
             ip: IpAddr::from([127, 0, 1, i]),
+            ip6: None,
             sandbox: format!("s{i}"),
             service: Some("big".into()),
         });
     }
-    Zone::build(&[Network { id: "n1".into(), name: "lo".into(), subnet: "127.0.0.0/8".parse().unwrap() }], &eps)
+    Zone::build(
+        &[Network { id: "n1".into(), name: "lo".into(), subnet: "127.0.0.0/8".parse().unwrap(), subnet6: None }],
+        &eps,
+    )
 }
 
 async fn server(backends: u8) -> (SocketAddr, Listeners) {

@@ -61,6 +61,18 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
         .unwrap()
         .success();
     assert!(!spoofed, "a spoofed IPv6 source got through");
+    // DNS: AAAA for endpoint names on this host and others, A beside it,
+    // and the IPv6 address's PTR, over the gateway's server.
+    let dig = |args: &[&str]| {
+        let mut a = vec!["@10.94.0.1", "+short", "+time=1", "+tries=2"];
+        a.extend(args);
+        let out = in_netns(&ans, "dig", &a).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(wait_for(Duration::from_secs(10), || dig(&["AAAA", "c"]) == c6), "AAAA c: {:?}", dig(&["AAAA", "c"]));
+    assert_eq!(dig(&["AAAA", "b.app"]), b6);
+    assert_eq!(dig(&["A", "c"]), ip4(&c));
+    assert_eq!(dig(&["-x", &c6]), "c.app.");
     // Detached: both addresses go back to the pool.
     h1.ctl(&["detach", "b"]).unwrap();
     assert!(wait_for(Duration::from_secs(10), || !h1.ctl(&["endpoint", "ls"]).unwrap().contains(" b ")), "b stayed");
