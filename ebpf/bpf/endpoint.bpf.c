@@ -157,6 +157,21 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			     src[2] == own[2] && src[3] == own[3];
 		if (!link_local && !unspecified && !is_own)
 			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
+		/* Isolation: nothing to another network's IPv6 subnet; from an
+		 * internal network nothing but link-local and multicast beyond
+		 * its own. */
+		struct net6_key k6 = {.prefixlen = 128};
+		__builtin_memcpy(k6.ip, &ip6->daddr, 16);
+		struct net_info *n6 = bpf_map_lookup_elem(&nets6, &k6);
+		if (n6) {
+			if (n6->net_id != ep->net_id)
+				return drop(c, DROP_ISOLATION, ifindex, &f);
+		} else if (ep->flags & EP_INTERNAL) {
+			__u8 d0 = ip6->daddr.in6_u.u6_addr8[0];
+			__u8 d1 = ip6->daddr.in6_u.u6_addr8[1];
+			if (d0 != 0xff && !(d0 == 0xfe && (d1 & 0xc0) == 0x80))
+				return drop(c, DROP_ISOLATION, ifindex, &f);
+		}
 		return TC_ACT_OK;
 	}
 	default:

@@ -100,6 +100,12 @@ struct net_key {
 	__u32 ip;
 };
 
+/* Key of the `nets6` LPM trie: every IPv6 subnet of a dual-stack network. */
+struct net6_key {
+	__u32 prefixlen;
+	__u8 ip[16];
+};
+
 struct net_info {
 	__u32 net_id;  /* VNI */
 	__u32 flags;
@@ -217,6 +223,7 @@ _Static_assert(sizeof(struct endpoint_counters) == 128, "endpoint_counters layou
 _Static_assert(__builtin_offsetof(struct endpoint_counters, full) == 104, "endpoint_counters.full");
 _Static_assert(__builtin_offsetof(struct endpoint_counters, drops) == 32, "endpoint_counters.drops");
 _Static_assert(sizeof(struct net_key) == 8, "net_key layout");
+_Static_assert(sizeof(struct net6_key) == 20, "net6_key layout");
 _Static_assert(sizeof(struct net_info) == 8, "net_info layout");
 _Static_assert(sizeof(struct vip_info) == 8, "vip_info layout");
 _Static_assert(sizeof(struct svc_key) == 8, "svc_key layout");

@@ -1031,6 +1031,35 @@ impl Datapath {
         removed(self.nets_map_mut()?.remove(&LpmKey::new(len as u32, be(ip))), "remove net")
     }
 
+    fn nets6_map(&self) -> Result<LpmTrie<&aya::maps::MapData, [u8; 16], NetInfo>> {
+        let map = self.ebpf.map("nets6").ok_or(DatapathError::Missing("nets6"))?;
+        LpmTrie::try_from(map).map_err(map_err("open"))
+    }
+
+    fn nets6_map_mut(&mut self) -> Result<LpmTrie<&mut aya::maps::MapData, [u8; 16], NetInfo>> {
+        let map = self.ebpf.map_mut("nets6").ok_or(DatapathError::Missing("nets6"))?;
+        LpmTrie::try_from(map).map_err(map_err("open"))
+    }
+
+    /// Every IPv6 subnet the isolation check knows, with its network.
+    pub fn nets6(&self) -> Result<Vec<((std::net::Ipv6Addr, u8), NetInfo)>> {
+        let m = self.nets6_map()?;
+        let mut out = Vec::new();
+        for kv in m.iter() {
+            let (k, v) = kv.map_err(map_err("list IPv6 nets"))?;
+            out.push(((std::net::Ipv6Addr::from(k.data()), k.prefix_len() as u8), v));
+        }
+        Ok(out)
+    }
+
+    pub fn put_net6(&mut self, (ip, len): (std::net::Ipv6Addr, u8), info: NetInfo) -> Result<()> {
+        self.nets6_map_mut()?.insert(&LpmKey::new(len as u32, ip.octets()), info, 0).map_err(map_err("insert IPv6 net"))
+    }
+
+    pub fn remove_net6(&mut self, (ip, len): (std::net::Ipv6Addr, u8)) -> Result<()> {
+        removed(self.nets6_map_mut()?.remove(&LpmKey::new(len as u32, ip.octets())), "remove IPv6 net")
+    }
+
     pub fn vips(&self) -> Result<Vec<(Ipv4Addr, VipInfo)>> {
         Ok(self.entries::<u32, VipInfo>("vips")?.into_iter().map(|(k, v)| (ip_of(k), v)).collect())
     }

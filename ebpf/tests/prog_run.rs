@@ -97,6 +97,31 @@ fn a_dual_stack_endpoint_sends_from_its_ipv6_address_only() {
 
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn ipv6_to_another_network_is_dropped_and_an_internal_one_is_sealed() {
+    let mut lab = lab();
+    let own: Ipv6Addr = "fd00:210::2".parse().unwrap();
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint().with_ip6(own)).unwrap();
+    lab.dp.put_net6(("fd00:210::".parse().unwrap(), 64), NetInfo { net_id: NET, flags: 0 }).unwrap();
+    lab.dp.put_net6(("fd00:211::".parse().unwrap(), 64), NetInfo { net_id: NET + 1, flags: 0 }).unwrap();
+    let to = |dst: &str| eth([2, 0, 0, 0, 0, 3], EP_MAC, ETH_P_IPV6, &ipv6(own, dst.parse().unwrap(), &[128, 0, 0, 0]));
+    assert_eq!(lab.send(&to("fd00:210::3")).verdict, TC_ACT_OK, "its own network");
+    assert_eq!(lab.send(&to("fd00:211::3")).verdict, TC_ACT_SHOT, "another network");
+    assert_eq!(lab.send(&to("2001:db8::1")).verdict, TC_ACT_OK, "outside, from a plain network");
+    assert_eq!(drops(&lab, DropReason::Isolation), 1);
+    assert_eq!(lab.dp.nets6().unwrap().len(), 2, "read back");
+    // Internal: its own network, link-local and multicast only.
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint().with_ip6(own).with_flags(trellis_ebpf::EP_INTERNAL)).unwrap();
+    assert_eq!(lab.send(&to("fd00:210::3")).verdict, TC_ACT_OK);
+    assert_eq!(lab.send(&to("ff02::1")).verdict, TC_ACT_OK, "multicast (neighbour discovery)");
+    assert_eq!(lab.send(&to("fe80::1")).verdict, TC_ACT_OK, "link-local");
+    assert_eq!(lab.send(&to("2001:db8::1")).verdict, TC_ACT_SHOT, "outside, from an internal network");
+    assert_eq!(drops(&lab, DropReason::Isolation), 2);
+    lab.dp.remove_net6(("fd00:211::".parse().unwrap(), 64)).unwrap();
+    assert_eq!(lab.dp.nets6().unwrap().len(), 1);
+}
+
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn spoofed_sources_are_dropped_and_the_endpoints_own_pass() {
     let mut lab = lab();
     // The endpoint's own frames pass, untouched.

@@ -7,6 +7,16 @@ use std::time::Duration;
 
 use trellis_integration::{Lab, in_netns, netns_of, ping, require_root, wait_for};
 
+/// The sum of a metric's samples whose labels contain `filter`.
+fn metric(h: &trellis_integration::Host, name: &str, filter: &str) -> u64 {
+    let out = h.ns.cmd("curl").args(["-s", "http://127.0.0.1:9473/metrics"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
 fn addr6(e: &serde_json::Value) -> String {
     e["address6"].as_str().expect("an IPv6 address").split('/').next().unwrap().to_string()
 }
@@ -61,6 +71,35 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
         .unwrap()
         .success();
     assert!(!spoofed, "a spoofed IPv6 source got through");
+    in_netns(&ans, "ip", &["-6", "addr", "del", "fd00:94::99/64", "dev", "eth0"]).status().unwrap();
+    // Another dual-stack network on the same host: its IPv6 subnet is out
+    // of a's reach, in the program (counted), even with the host
+    // forwarding IPv6 (the bridges' nftables rules are the second wall).
+    h1.ctl(&["network", "create", "other", "--subnet", "10.99.0.0/24", "--subnet", "fd00:99::/64", "--attachable"])
+        .unwrap();
+    let x = h1.attach("other", "x", &[]).unwrap();
+    let x6 = addr6(&x);
+    h1.ns.cmd("sysctl").args(["-qw", "net.ipv6.conf.all.forwarding=1"]).status().unwrap();
+    let isolation = || metric(h1, "trellis_endpoint_drops", "reason=\"isolation\"");
+    let before = isolation();
+    assert!(!ping(&ans, &x6, 2), "a reached another network's endpoint over IPv6");
+    let dump = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(h1.run_dir().join("bpf/maps/nets6"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || isolation() >= before + 2),
+        "dropped by the program: {} (nets6: {})",
+        isolation(),
+        dump()
+    );
+    assert!(ping(&netns_of(&x), "fd00:99::1", 1), "x reaches its own gateway");
+    let spoofed6 = || metric(h1, "trellis_endpoint_drops", "reason=\"spoofed_ipv6\"");
+    assert!(spoofed6() >= 2, "the spoofed echoes were counted: {}", spoofed6());
     // DNS: AAAA for endpoint names on this host and others, A beside it,
     // and the IPv6 address's PTR, over the gateway's server.
     let dig = |args: &[&str]| {

@@ -23,6 +23,8 @@ pub struct Published {
 pub struct Tables {
     /// Every Trellis subnet of the cluster → its network.
     pub nets: BTreeMap<(Ipv4Addr, u8), NetInfo>,
+    /// Every IPv6 subnet of a dual-stack network → its network.
+    pub nets6: BTreeMap<(std::net::Ipv6Addr, u8), NetInfo>,
     pub vips: BTreeMap<Ipv4Addr, VipInfo>,
     pub services: BTreeMap<SvcKey, SvcInfo>,
     /// Service id → its backends (observed: empty).
@@ -45,6 +47,7 @@ pub struct TableOps {
     pub put_backends: Vec<(BackendKey, BackendInfo)>,
     pub put_maglev: Vec<(u32, Vec<Ipv4Addr>)>,
     pub put_nets: Vec<((Ipv4Addr, u8), NetInfo)>,
+    pub put_nets6: Vec<((std::net::Ipv6Addr, u8), NetInfo)>,
     pub put_services: Vec<(SvcKey, SvcInfo)>,
     pub put_vips: Vec<(Ipv4Addr, VipInfo)>,
     pub put_mesh_addrs: Vec<Ipv4Addr>,
@@ -58,6 +61,7 @@ pub struct TableOps {
     pub del_maglev: Vec<u32>,
     pub del_backends: Vec<BackendKey>,
     pub del_nets: Vec<(Ipv4Addr, u8)>,
+    pub del_nets6: Vec<(std::net::Ipv6Addr, u8)>,
 }
 
 impl TableOps {
@@ -70,6 +74,7 @@ impl TableOps {
         self.put_backends.len()
             + self.put_maglev.len()
             + self.put_nets.len()
+            + self.put_nets6.len()
             + self.put_services.len()
             + self.put_vips.len()
             + self.put_mesh_addrs.len()
@@ -82,6 +87,7 @@ impl TableOps {
             + self.del_maglev.len()
             + self.del_backends.len()
             + self.del_nets.len()
+            + self.del_nets6.len()
     }
 }
 
@@ -150,11 +156,13 @@ impl Tables {
         }
         let (put_backends, del_backends) = delta(&self.backends, &want.backends, |_, _| {});
         let (put_nets, del_nets) = delta(&self.nets, &want.nets, |_, _| {});
+        let (put_nets6, del_nets6) = delta(&self.nets6, &want.nets6, |_, _| {});
         let (put_vips, del_vips) = delta(&self.vips, &want.vips, |_, _| {});
         TableOps {
             put_backends,
             put_maglev,
             put_nets,
+            put_nets6,
             put_services,
             put_vips,
             put_mesh_addrs: want.mesh_addrs.difference(&self.mesh_addrs).copied().collect(),
@@ -167,6 +175,7 @@ impl Tables {
             del_maglev,
             del_backends,
             del_nets,
+            del_nets6,
         }
     }
 
@@ -175,6 +184,7 @@ impl Tables {
         self.backends.extend(ops.put_backends.iter().cloned());
         self.maglev.extend(ops.put_maglev.iter().map(|(id, _)| (*id, Vec::new())));
         self.nets.extend(ops.put_nets.iter().cloned());
+        self.nets6.extend(ops.put_nets6.iter().cloned());
         self.services.extend(ops.put_services.iter().cloned());
         self.vips.extend(ops.put_vips.iter().cloned());
         self.mesh_addrs.extend(ops.put_mesh_addrs.iter().copied());
@@ -202,6 +212,9 @@ impl Tables {
         }
         for k in &ops.del_nets {
             self.nets.remove(k);
+        }
+        for k in &ops.del_nets6 {
+            self.nets6.remove(k);
         }
     }
 }

@@ -65,6 +65,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } nets SEC(".maps");
 
+/* The IPv6 subnets of dual-stack networks, as `nets`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct net6_key);
+	__type(value, struct net_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} nets6 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);

@@ -261,6 +261,9 @@ impl NetlinkDataplane {
         for (k, v) in &ops.put_nets {
             dp.put_net(*k, *v).map_err(e("subnet"))?;
         }
+        for (k, v) in &ops.put_nets6 {
+            dp.put_net6(*k, *v).map_err(e("IPv6 subnet"))?;
+        }
         for (k, v) in &ops.put_services {
             dp.put_service(*k, *v).map_err(e("service"))?;
         }
@@ -305,6 +308,9 @@ impl NetlinkDataplane {
         for k in &ops.del_nets {
             dp.remove_net(*k).map_err(e("subnet"))?;
         }
+        for k in &ops.del_nets6 {
+            dp.remove_net6(*k).map_err(e("IPv6 subnet"))?;
+        }
         Ok(())
     }
 
@@ -339,6 +345,7 @@ impl NetlinkDataplane {
         let e = |err: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("reading the tables: {err}"));
         Ok(Tables {
             nets: dp.nets().map_err(e)?.into_iter().collect(),
+            nets6: dp.nets6().map_err(e)?.into_iter().collect(),
             vips: dp.vips().map_err(e)?.into_iter().collect(),
             services: dp.services().map_err(e)?.into_iter().collect(),
             maglev: dp.maglev_ids().map_err(e)?.into_iter().map(|id| (id, Vec::new())).collect(),

@@ -49,11 +49,12 @@ pub fn tables_holding(
     let mut vni_of = BTreeMap::new();
     for n in networks {
         vni_of.insert(n.id.as_str(), n.vni);
+        let info = NetInfo { net_id: n.vni, flags: if n.internal { trellis_ebpf::EP_INTERNAL } else { 0 } };
         if let IpNet::V4(v4) = n.subnet {
-            t.nets.insert(
-                (v4.network(), v4.prefix_len()),
-                NetInfo { net_id: n.vni, flags: if n.internal { trellis_ebpf::EP_INTERNAL } else { 0 } },
-            );
+            t.nets.insert((v4.network(), v4.prefix_len()), info);
+        }
+        if let Some(IpNet::V6(v6)) = n.subnet6 {
+            t.nets6.insert((v6.network(), v6.prefix_len()), info);
         }
     }
     let local_ids: BTreeSet<&str> = d.endpoints.values().map(|e| e.endpoint_id.as_str()).collect();
