@@ -100,6 +100,13 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
     assert!(ping(&netns_of(&x), "fd00:99::1", 1), "x reaches its own gateway");
     let spoofed6 = || metric(h1, "trellis_endpoint_drops", "reason=\"spoofed_ipv6\"");
     assert!(spoofed6() >= 2, "the spoofed echoes were counted: {}", spoofed6());
+    // Egress: an IPv6 address outside (on the underlay, which has no
+    // route back to the ULA subnet) answers only because host 1
+    // masquerades the network's IPv6 subnet (forwarding on: above).
+    lab.underlay.ip(&["-6", "addr", "add", "fd00:ffff::254/64", "dev", "ul0", "nodad"]).unwrap();
+    h1.ns.ip(&["-6", "addr", "add", "fd00:ffff::1/64", "dev", &lab.uplinks[0], "nodad"]).unwrap();
+    h1.ns.ip(&["-6", "route", "add", "default", "via", "fd00:ffff::254"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || ping(&ans, "fd00:ffff::254", 1)), "no IPv6 egress");
     // DNS: AAAA for endpoint names on this host and others, A beside it,
     // and the IPv6 address's PTR, over the gateway's server.
     let dig = |args: &[&str]| {

@@ -88,6 +88,8 @@ pub struct EgressNet {
     pub subnet: IpNet,
     pub gateway: Option<IpAddr>,
     pub internal: bool,
+    /// A dual-stack network's IPv6 subnet: masqueraded as the IPv4 one.
+    pub subnet6: Option<IpNet>,
 }
 
 /// A host port published to an endpoint of this host (IPv4).
@@ -611,7 +613,6 @@ impl EgressRules {
         let (mesh_first, mesh_rest) = self.mesh_rules();
         let mut out = mesh_first;
         for n in &self.nets {
-            let fam = family_of(&n.subnet.network());
             if let (true, Some(IpAddr::V4(gw))) = (self.dns_intercept, n.gateway) {
                 for proto in ["udp", "tcp"] {
                     out.push((
@@ -681,14 +682,16 @@ impl EgressRules {
                         Statement::Drop(None),
                     ],
                 ));
-                out.push((
-                    "postrouting".to_string(),
-                    vec![
-                        m(payload(fam, "saddr"), Operator::EQ, prefix(&n.subnet)),
-                        m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
-                        Statement::Masquerade(None),
-                    ],
-                ));
+                for subnet in std::iter::once(&n.subnet).chain(&n.subnet6) {
+                    out.push((
+                        "postrouting".to_string(),
+                        vec![
+                            m(payload(family_of(&subnet.network()), "saddr"), Operator::EQ, prefix(subnet)),
+                            m(meta(MetaKey::Oifname), Operator::NEQ, s(&n.bridge)),
+                            Statement::Masquerade(None),
+                        ],
+                    ));
+                }
             }
         }
         self.published_rules(&mut out);
@@ -941,7 +944,27 @@ mod tests {
             subnet,
             gateway: Some(ipnet::IpNet::hosts(&subnet).next().unwrap()),
             internal,
+            subnet6: None,
         }
+    }
+
+    #[test]
+    fn a_dual_stack_networks_ipv6_subnet_is_masqueraded_too() {
+        let dual = EgressNet { subnet6: Some("fd00:1::/64".parse().unwrap()), ..net("trb-a", "10.1.0.0/24", false) };
+        let r = EgressRules::new(vec![
+            dual,
+            EgressNet { subnet6: Some("fd00:2::/64".parse().unwrap()), ..net("trb-b", "10.2.0.0/24", true) },
+        ]);
+        let masq: Vec<String> = r
+            .rules()
+            .into_iter()
+            .filter(|(c, st)| c == "postrouting" && st.iter().any(|x| matches!(x, Statement::Masquerade(_))))
+            .map(|(_, st)| serde_json::to_string(&st).unwrap())
+            .collect();
+        assert_eq!(masq.len(), 2, "{masq:?}");
+        assert!(masq[0].contains("10.1.0.0") && masq[0].contains("\"ip\""), "{}", masq[0]);
+        assert!(masq[1].contains("fd00:1::") && masq[1].contains("\"ip6\""), "{}", masq[1]);
+        assert!(!masq.iter().any(|m| m.contains("fd00:2::")), "an internal network is never masqueraded");
     }
 
     #[test]

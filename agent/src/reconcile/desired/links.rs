@@ -25,7 +25,13 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
             bridge.clone(),
             DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), addr6: n.gateway6_cidr(), mac },
         );
-        egress.push(EgressNet { bridge, subnet: n.subnet, gateway: n.gateway, internal: n.internal });
+        egress.push(EgressNet {
+            bridge,
+            subnet: n.subnet,
+            gateway: n.gateway,
+            internal: n.internal,
+            subnet6: n.subnet6,
+        });
     }
     d.egress = EgressRules::new(egress);
     // The eBPF program redirects DNS itself; nftables does without it.
