@@ -318,7 +318,7 @@ fn rebuild(
         dp.sync_dns(&table).map_err(|e| e.to_string())?;
     }
     core.set_zone(zone);
-    let gateways: Vec<IpAddr> = v.networks.iter().filter_map(|n| n.gateway).collect();
+    let gateways: Vec<IpAddr> = v.networks.iter().flat_map(|n| n.gateway.into_iter().chain(n.gateway6)).collect();
     for (ip, e) in listeners.set(&gateways) {
         tracing::warn!(address = %ip, error = %e, "DNS cannot listen on a network's gateway");
     }

@@ -119,6 +119,9 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
     assert_eq!(dig(&["AAAA", "b.app"]), b6);
     assert_eq!(dig(&["A", "c"]), ip4(&c));
     assert_eq!(dig(&["-x", &c6]), "c.app.");
+    // The server listens on the gateway's IPv6 address too.
+    let over6 = in_netns(&ans, "dig", &["@fd00:94::1", "+short", "+time=1", "+tries=3", "AAAA", "c"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&over6.stdout).trim(), c6, "AAAA over IPv6");
     // Detached: both addresses go back to the pool.
     h1.ctl(&["detach", "b"]).unwrap();
     assert!(wait_for(Duration::from_secs(10), || !h1.ctl(&["endpoint", "ls"]).unwrap().contains(" b ")), "b stayed");
