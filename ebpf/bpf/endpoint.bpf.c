@@ -34,6 +34,7 @@
 #include "lib/flows.h"
 #include "lib/nat.h"
 #include "lib/arp.h"
+#include "lib/ndp.h"
 #include "lib/lb.h"
 #include "lib/dns.h"
 #include "lib/mesh.h"
@@ -139,23 +140,19 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	case bpf_htons(ETH_P_IPV6): {
-		/* The kernel's own link-local and unspecified (DAD) sources,
-		 * and the endpoint's IPv6 address on a dual-stack network. */
+		/* Its own link-local address, the unspecified one (DAD) and
+		 * its IPv6 address on a dual-stack network; no neighbour
+		 * advertisement for another's address, no router
+		 * advertisement. */
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return drop(c, DROP_MALFORMED, ifindex, &f);
-		__u8 b0 = ip6->saddr.in6_u.u6_addr8[0];
-		__u8 b1 = ip6->saddr.in6_u.u6_addr8[1];
-		int link_local = b0 == 0xfe && (b1 & 0xc0) == 0x80;
+		const __u8 *src = ip6->saddr.in6_u.u6_addr8;
 		int unspecified = ip6->saddr.in6_u.u6_addr32[0] == 0 && ip6->saddr.in6_u.u6_addr32[1] == 0 &&
 				  ip6->saddr.in6_u.u6_addr32[2] == 0 && ip6->saddr.in6_u.u6_addr32[3] == 0;
-		/* Read in place from the map value (4-byte aligned): no copy
-		 * on the program's stack, which is near its limit. */
-		const __u32 *own = (const __u32 *)ep->ip6;
-		const __u32 *src = ip6->saddr.in6_u.u6_addr32;
-		int is_own = (own[0] | own[1] | own[2] | own[3]) && src[0] == own[0] && src[1] == own[1] &&
-			     src[2] == own[2] && src[3] == own[3];
-		if (!link_local && !unspecified && !is_own)
+		if (!unspecified && !own_link_local(src, ep->mac) && !own_ip6(src, ep))
+			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
+		if (ndp_spoofed(ip6, end, ep))
 			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
 		/* Isolation: nothing to another network's IPv6 subnet; from an
 		 * internal network nothing but link-local and multicast beyond

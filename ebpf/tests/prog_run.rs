@@ -23,6 +23,8 @@ const NET: u32 = 4096;
 const OTHER_NET: u32 = 4097;
 const EP_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 2);
 const EP_MAC: Mac = [2, 0, 0, 0, 0, 2];
+/// fe80::/64 and the modified EUI-64 of EP_MAC.
+const OWN_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0xff, 0xfe00, 2);
 const GW_IP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 1);
 const GW_MAC: Mac = [2, 0, 0, 0, 0, 1];
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 210, 0, 100);
@@ -87,12 +89,29 @@ fn a_dual_stack_endpoint_sends_from_its_ipv6_address_only() {
     let f = echo(own);
     let r = lab.send(&f);
     assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f), "from its own address");
-    let link_local = echo(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2));
-    assert_eq!(lab.send(&link_local).verdict, TC_ACT_OK, "from link-local");
-    for other in ["fd00:210::99", "fd00:210::2:0", "fd01:210::2"] {
+    assert_eq!(lab.send(&echo(OWN_LINK_LOCAL)).verdict, TC_ACT_OK, "from its own link-local address");
+    for other in ["fd00:210::99", "fd00:210::2:0", "fd01:210::2", "fe80::2", "fe80::ff:fe00:3"] {
         assert_eq!(lab.send(&echo(other.parse().unwrap())).verdict, TC_ACT_SHOT, "from {other}");
     }
-    assert_eq!(drops(&lab, DropReason::SpoofIpv6), 3);
+    assert_eq!(drops(&lab, DropReason::SpoofIpv6), 5);
+    // Neighbour advertisements for its own addresses only; no router
+    // advertisement at all.
+    let na = |target: Ipv6Addr| {
+        let mut body = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+        body.extend_from_slice(&target.octets());
+        eth([0x33, 0x33, 0, 0, 0, 1], EP_MAC, ETH_P_IPV6, &ipv6(OWN_LINK_LOCAL, "ff02::1".parse().unwrap(), &body))
+    };
+    assert_eq!(lab.send(&na(own)).verdict, TC_ACT_OK, "an advertisement of its own address");
+    assert_eq!(lab.send(&na(OWN_LINK_LOCAL)).verdict, TC_ACT_OK, "of its own link-local address");
+    assert_eq!(lab.send(&na("fd00:210::3".parse().unwrap())).verdict, TC_ACT_SHOT, "of a neighbour's address");
+    let ra = eth(
+        [0x33, 0x33, 0, 0, 0, 1],
+        EP_MAC,
+        ETH_P_IPV6,
+        &ipv6(OWN_LINK_LOCAL, "ff02::1".parse().unwrap(), &[134, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    );
+    assert_eq!(lab.send(&ra).verdict, TC_ACT_SHOT, "a router advertisement");
+    assert_eq!(drops(&lab, DropReason::SpoofIpv6), 7);
 }
 
 #[test]
@@ -131,7 +150,7 @@ fn spoofed_sources_are_dropped_and_the_endpoints_own_pass() {
     let arp_own = eth([0xff; 6], EP_MAC, ETH_P_ARP, &arp(1, EP_MAC, EP_IP, [0; 6], GW_IP));
     let r = lab.send(&arp_own);
     assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &arp_own), "an ARP request for the gateway");
-    for src in [Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2), Ipv6Addr::UNSPECIFIED] {
+    for src in [OWN_LINK_LOCAL, Ipv6Addr::UNSPECIFIED] {
         let f =
             eth([0x33, 0x33, 0, 0, 0, 2], EP_MAC, ETH_P_IPV6, &ipv6(src, "ff02::2".parse().unwrap(), &[133, 0, 0, 0]));
         let r = lab.send(&f);

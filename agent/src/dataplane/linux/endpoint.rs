@@ -134,6 +134,7 @@ impl NetlinkDataplane {
         let rs = format!("/proc/sys/net/ipv6/conf/{}/router_solicitations", s.ifname);
         let ra = format!("/proc/sys/net/ipv6/conf/{}/accept_ra", s.ifname);
         let dad = format!("/proc/sys/net/ipv6/conf/{}/accept_dad", s.ifname);
+        let gen_mode = format!("/proc/sys/net/ipv6/conf/{}/addr_gen_mode", s.ifname);
         let v6 = s.addr6.is_some();
         let rt = tokio::runtime::Handle::current();
         let (conn, c) = netns::run_in(&s.netns, move || {
@@ -145,6 +146,9 @@ impl NetlinkDataplane {
             // IPAM's, unique by construction, so no duplicate detection
             // holds them tentative.
             let _ = std::fs::write(&ra, b"0");
+            // Its link-local address from its MAC (EUI-64), the one the
+            // endpoint program lets it send from.
+            let _ = std::fs::write(&gen_mode, b"0");
             if v6 {
                 std::fs::write(&dad, b"0")?;
             }
