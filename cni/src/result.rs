@@ -20,12 +20,27 @@ pub fn add_result(version: &str, ep: &proto::Endpoint, internal: bool, dns: &Dns
     if version != "0.4.0" && ep.mtu > 0 {
         container["mtu"] = json!(ep.mtu);
     }
-    let routes: Vec<Value> =
+    let mut routes: Vec<Value> =
         if internal || ep.gateway.is_empty() { vec![] } else { vec![json!({ "dst": "0.0.0.0/0", "gw": ep.gateway })] };
+    let mut ips = vec![ip];
+    // A dual-stack network's IPv6 address and default route.
+    if !ep.address6.is_empty() {
+        let mut ip6 = json!({ "address": ep.address6, "interface": 1 });
+        if !ep.gateway6.is_empty() {
+            ip6["gateway"] = Value::String(ep.gateway6.clone());
+            if !internal {
+                routes.push(json!({ "dst": "::/0", "gw": ep.gateway6 }));
+            }
+        }
+        if version == "0.4.0" {
+            ip6["version"] = Value::String("6".into());
+        }
+        ips.push(ip6);
+    }
     let mut out = json!({
         "cniVersion": version,
         "interfaces": [ { "name": ep.host_ifname }, container ],
-        "ips": [ip],
+        "ips": ips,
         "routes": routes,
     });
     // The configuration's dns section wins; else the agent's resolver.
@@ -83,6 +98,17 @@ mod tests {
         let old = add_result("0.4.0", &ep(), false, &Dns::default());
         assert_eq!(old["ips"][0]["version"], "4", "0.4.0 results carry the IP version");
         assert!(old["interfaces"][1].get("mtu").is_none());
+    }
+
+    #[test]
+    fn a_dual_stack_endpoint_reports_both_addresses_and_default_routes() {
+        let dual = proto::Endpoint { address6: "fd00:1::5/64".into(), gateway6: "fd00:1::1".into(), ..ep() };
+        let r = add_result("1.1.0", &dual, false, &Dns::default());
+        assert_eq!(r["ips"][1], json!({"address":"fd00:1::5/64","gateway":"fd00:1::1","interface":1}));
+        assert_eq!(r["routes"], json!([{"dst":"0.0.0.0/0","gw":"10.1.0.1"},{"dst":"::/0","gw":"fd00:1::1"}]));
+        assert_eq!(add_result("0.4.0", &dual, false, &Dns::default())["ips"][1]["version"], "6");
+        assert_eq!(add_result("1.1.0", &dual, true, &Dns::default())["routes"], json!([]), "internal: no routes");
+        assert_eq!(prev_addresses(&r), vec!["10.1.0.5/24", "fd00:1::5/64"]);
     }
 
     #[test]

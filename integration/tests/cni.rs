@@ -75,6 +75,45 @@ fn add_check_del_in_every_version() {
     }
 }
 
+/// A dual-stack network through CNI: the result carries both addresses
+/// and both default routes, the container has them, CHECK agrees, DEL
+/// releases both.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn a_dual_stack_network_through_cni() {
+    require_root();
+    let h = Host::new().unwrap();
+    h.ctl(&["network", "create", "dual", "--subnet", "10.49.0.0/24", "--subnet", "fd00:49::/64", "--attachable"])
+        .unwrap();
+    let c = Netns::new("trc").unwrap();
+    let conf = conf(&h, "1.1.0", "dual");
+    let (code, res) = trellis_cni("ADD", &conf, "dual0", Some(&c.path()), "eth0");
+    assert_eq!(code, 0, "{res}");
+    let addr6 = res["ips"][1]["address"].as_str().unwrap().to_string();
+    assert!(addr6.starts_with("fd00:49::") && addr6.ends_with("/64"), "{res}");
+    assert_eq!(res["ips"][1]["gateway"], "fd00:49::1");
+    assert_eq!(res["routes"][1], json!({"dst": "::/0", "gw": "fd00:49::1"}));
+    let shown = run(&mut in_netns(&c.path(), "ip", &["-o", "-6", "addr", "show", "dev", "eth0"])).unwrap_or_default();
+    assert!(shown.contains(&addr6), "{shown}");
+    assert!(wait_for(Duration::from_secs(5), || ping(&c.path(), "fd00:49::1", 1)), "IPv6 gateway unreachable");
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = res.clone();
+    let (code, out) = trellis_cni("CHECK", &with_prev, "dual0", Some(&c.path()), "eth0");
+    assert_eq!((code, &out), (0, &Value::Null), "CHECK of a fresh dual-stack ADD");
+    assert_eq!(trellis_cni("DEL", &with_prev, "dual0", Some(&c.path()), "eth0").0, 0);
+    assert!(wait_for(Duration::from_secs(5), || cni_endpoints(&h, "dual").is_empty()), "DEL left the endpoint");
+    // Both addresses back: the network holds its two gateways only.
+    let allocated = || {
+        let out = h.ns.cmd("curl").args(["-s", "http://127.0.0.1:9473/metrics"]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("trellis_ipam_addresses_allocated") && l.contains("network=\"dual\""))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(wait_for(Duration::from_secs(10), || allocated() == 2.0), "addresses left allocated: {}", allocated());
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn check_reports_what_changed() {
