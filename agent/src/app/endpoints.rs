@@ -453,6 +453,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_dual_stack_endpoint_gets_both_addresses_and_gives_both_back() {
+        let l = lab();
+        let mut req = attachable("n", Some("10.7.9.0/24"));
+        req.subnet6 = Some("fd00:79::/64".parse().unwrap());
+        let net = l.app.create_network(req).await.unwrap();
+        assert_eq!(
+            (net.subnet6.map(|s| s.to_string()), net.gateway6.map(|g| g.to_string())),
+            (Some("fd00:79::/64".into()), Some("fd00:79::1".into()))
+        );
+        let taken = || async { l.app.cluster.ipam.addresses(&net.id).await.unwrap().len() };
+        assert_eq!(taken().await, 2, "both gateways");
+        let a = l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.unwrap();
+        assert_eq!(a.endpoint.ip6.map(|x| x.to_string()).as_deref(), Some("fd00:79::2"));
+        let spec = l.dp.take_log().into_iter().find_map(|x| match x {
+            Action::CreateEndpoint(s) if s.endpoint_id == a.endpoint.id => Some(s),
+            _ => None,
+        });
+        let spec = spec.expect("created");
+        assert_eq!(spec.addr6.map(|x| x.to_string()).as_deref(), Some("fd00:79::2/64"));
+        assert_eq!(spec.default_via6.map(|x| x.to_string()).as_deref(), Some("fd00:79::1"));
+        assert_eq!(taken().await, 4);
+        // A failed attach leaves neither address taken.
+        l.dp.failing_netns.store(true, Ordering::Relaxed);
+        assert!(l.app.attach(AttachRequest::new("n", EndpointKind::Adhoc)).await.is_err());
+        l.dp.failing_netns.store(false, Ordering::Relaxed);
+        assert_eq!(taken().await, 4, "the failed attach's addresses went back");
+        // An engine that configures the interface itself (Docker) gets no
+        // IPv6 address it would not put on the container.
+        let docker = crate::state::NewEndpoint {
+            id: model::new_id(),
+            network: "n".into(),
+            name: Some("d".into()),
+            ip: None,
+            labels: Default::default(),
+            netns: "/run/netns/none".into(),
+            managed_netns: false,
+            ifname: "eth0".into(),
+            kind: EndpointKind::Docker,
+            container_id: String::new(),
+            reserved: false,
+        };
+        let d = l.app.cluster.create_endpoint(docker).await.unwrap();
+        assert_eq!(d.ip6, None);
+        assert_eq!(taken().await, 5);
+        // Its records removed: both of its addresses go with them.
+        l.app.cluster.delete_endpoint_records(&net, &a.endpoint).await.unwrap();
+        let left: Vec<String> =
+            l.app.cluster.ipam.addresses(&net.id).await.unwrap().into_iter().map(|(ip, _)| ip.to_string()).collect();
+        assert_eq!(left.len(), 3, "the gateways and d's address: {left:?}");
+        assert!(!left.contains(&"fd00:79::2".to_string()) && !left.contains(&"10.7.9.2".to_string()), "{left:?}");
+    }
+
+    #[tokio::test]
     async fn attach_to_a_missing_network_creates_nothing() {
         let l = lab();
         let err = l.app.attach(AttachRequest::new("nope", EndpointKind::Adhoc)).await.unwrap_err();

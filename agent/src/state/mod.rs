@@ -613,7 +613,11 @@ impl Cluster {
         // A dual-stack network's IPv6 address: reserved first, then claimed
         // in the transaction that writes the endpoint and its IPv4 address
         // (released again if that fails: nothing is left half-made).
-        let pool6 = Self::pool6(&net);
+        // Not for an engine that configures the container's interface
+        // itself (Docker: it is given one address per family by its IPAM
+        // driver, and Trellis takes no IPv6 from Docker yet): an address
+        // the container does not have must not resolve.
+        let pool6 = if req.kind == EndpointKind::Docker { None } else { Self::pool6(&net) };
         let ip6 = match &pool6 {
             Some(p) => {
                 Some(self.ipam.allocate(p, AddrRequest::Any, trellis_ipam::RESERVED, |_| (vec![], vec![])).await?)
