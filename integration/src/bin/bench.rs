@@ -36,6 +36,9 @@ mod ipsec;
 #[path = "bench/sim.rs"]
 mod sim;
 
+
+#[path = "bench/dualstack.rs"]
+mod dualstack;
 #[path = "bench/fairness.rs"]
 mod fairness;
 
@@ -1124,6 +1127,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let dual = if on("dualstack") {
+        eprintln!("trellis-bench: dual stack: IPv6 vs IPv4 throughput across hosts, attach latency");
+        Some(dualstack::bench(5, 3, 10)?)
+    } else {
+        None
+    };
     let simulated = if on("sim") { Some(sim::bench(&[(100, 10), (300, 10), (1000, 10)], 50)?) } else { None };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
@@ -1172,6 +1181,9 @@ fn main() -> Result<()> {
     }
     if let Some(f) = &fair {
         fairness::md(&mut md, f)?;
+    }
+    if let Some(d) = &dual {
+        dualstack::md(&mut md, d)?;
     }
     if let Some(rows) = &simulated {
         sim::md(&mut md, rows)?;
