@@ -55,6 +55,25 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
         assert!(wait_for(Duration::from_secs(10), || ping(&ans, to, 1)), "a cannot reach {what} ({to}) over IPv6");
     }
     assert!(ping(&netns_of(&c), &a6, 2), "c cannot reach a over IPv6");
+    // TCP over IPv6 across the hosts: 1 MiB through, intact.
+    let cns = netns_of(&c);
+    let server =
+        trellis_integration::sockets::in_ns(&cns, || std::net::TcpListener::bind("[::]:7000")).unwrap().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, from) = server.accept().unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        (buf, from)
+    });
+    let to: std::net::SocketAddr = format!("[{c6}]:7000").parse().unwrap();
+    let mut conn = trellis_integration::sockets::connect(&ans, to, Duration::from_secs(3)).unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::io::Write::write_all(&mut conn, &data).unwrap();
+    drop(conn);
+    let (got, from) = reader.join().unwrap();
+    assert!(got == data, "the stream arrived whole ({} of {} bytes)", got.len(), data.len());
+    assert_eq!(from.ip().to_string(), a6, "the server sees a's IPv6 address");
     // IPv4 still works beside it.
     let ip4 = |e: &serde_json::Value| e["address"].as_str().unwrap().split('/').next().unwrap().to_string();
     assert!(ping(&ans, &ip4(&c), 2));

@@ -631,12 +631,36 @@ impl Ipam {
         }
     }
 
-    /// The comparison and operation that hand this host's reservation of
-    /// `ip` to `owner`, for the caller's transaction (a second family's
-    /// address claimed in the transaction that allocates the first).
-    pub fn claim_ops(&self, net_id: &str, ip: IpAddr, owner: &str) -> (Compare, Op) {
-        let key = self.addr_key(net_id, ip);
-        (Compare::Value(key.clone(), self.record(RESERVED)), Op::put(key, self.record(owner)))
+    /// Choose a free address of `pool` for `owner` without writing it:
+    /// the comparisons and operations that take it, for the caller's own
+    /// transaction (a second family's address taken in the transaction
+    /// that allocates the first: one commit for both). The address is
+    /// marked taken in this host's cache until [`Ipam::unpick`] (the
+    /// transaction failed) or for good (it committed). A block claimed on
+    /// the way is claimed in a transaction of its own, as by
+    /// [`Ipam::allocate`].
+    pub async fn pick_for_txn(&self, pool: &Pool, owner: &str) -> Result<(IpAddr, Vec<Compare>, Vec<Op>)> {
+        for _ in 0..MAX_ATTEMPTS {
+            let (ip, block) = match self.pick_cached(pool) {
+                Some((ip, b, rev)) => (ip, Some((b, rev))),
+                None => match self.grow(pool).await? {
+                    Grown::Block => continue,
+                    Grown::Borrow(ip) => (ip, None),
+                },
+            };
+            let key = self.addr_key(&pool.net_id, ip);
+            let mut compares = vec![Compare::Absent(key.clone())];
+            // Fencing, as for an allocation: the block is still ours.
+            compares.extend(block.map(|(b, rev)| Compare::ModRevision(self.block_key(&pool.net_id, &b), rev)));
+            return Ok((ip, compares, vec![Op::put(key, self.record(owner))]));
+        }
+        Err(IpamError::Contention(MAX_ATTEMPTS))
+    }
+
+    /// An address [`Ipam::pick_for_txn`] chose whose transaction did not
+    /// commit: free in the cache again.
+    pub fn unpick(&self, pool: &Pool, ip: IpAddr) {
+        self.unmark(pool, ip);
     }
 
     /// Release an address only if it is still this host's reservation

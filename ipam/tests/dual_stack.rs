@@ -168,3 +168,37 @@ async fn a_dead_hosts_ipv6_share_is_reclaimed_fenced() {
     assert!(!left.iter().any(|(ip, _)| *ip == x4), "b's IPv4 address went with its IPv6 one");
     assert!(a.blocks("n").await.unwrap().iter().all(|(_, r, _)| r.host != "b"));
 }
+
+/// A second family's address taken in the caller's transaction: picks in
+/// flight never collide, one that did not commit is free again, one that
+/// committed is taken for good.
+#[tokio::test]
+async fn an_address_picked_for_the_callers_transaction_commits_with_it_or_not_at_all() {
+    let s: Arc<dyn Store> = Arc::new(LocalStore::memory());
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    let (_, v6) = create(&ipam, &s, "n", "10.9.0.0/24", "fd00:9::/64").await;
+    let (a, ca, oa) = ipam.pick_for_txn(&v6, "ea").await.unwrap();
+    let (b, _, _) = ipam.pick_for_txn(&v6, "eb").await.unwrap();
+    assert_ne!(a, b, "two picks in flight");
+    // b's transaction fails: b is free again, and picked next.
+    ipam.unpick(&v6, b);
+    assert!(s.txn(ca, oa).await.unwrap().succeeded, "a commits in the caller's transaction");
+    let (c, cc, oc) = ipam.pick_for_txn(&v6, "ec").await.unwrap();
+    assert_eq!(c, b, "the unpicked address is handed out again");
+    assert!(s.txn(cc, oc).await.unwrap().succeeded);
+    let owners: Vec<(IpAddr, String)> = ipam
+        .addresses("n")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(ip, r)| (ip, r.owner))
+        .filter(|(_, o)| o != "gateway")
+        .collect();
+    assert_eq!(owners, vec![(a, "ea".to_string()), (c, "ec".to_string())]);
+    // A stale pick (the address taken meanwhile by another host) fails the
+    // caller's transaction rather than taking it twice.
+    let (d, cd, od) = ipam.pick_for_txn(&v6, "ed").await.unwrap();
+    let other = Ipam::new(s.clone(), "/t/ipam/", "h2");
+    assert_eq!(other.allocate(&v6, AddrRequest::Specific(d), "theirs", none).await.unwrap(), d);
+    assert!(!s.txn(cd, od).await.unwrap().succeeded, "the address was taken meanwhile");
+}

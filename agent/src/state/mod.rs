@@ -610,22 +610,21 @@ impl Cluster {
             None => AddrRequest::Any,
         };
         let container_key = Self::container_key_of(&template);
-        // A dual-stack network's IPv6 address: reserved first, then claimed
-        // in the transaction that writes the endpoint and its IPv4 address
-        // (released again if that fails: nothing is left half-made).
+        // A dual-stack network's IPv6 address: chosen here, taken in the
+        // transaction that writes the endpoint and its IPv4 address (one
+        // commit; nothing is left half-made if it fails).
         // Not for an engine that configures the container's interface
         // itself (Docker: it is given one address per family by its IPAM
         // driver, and Trellis takes no IPv6 from Docker yet): an address
         // the container does not have must not resolve.
         let pool6 = if req.kind == EndpointKind::Docker { None } else { Self::pool6(&net) };
-        let ip6 = match &pool6 {
-            Some(p) => {
-                Some(self.ipam.allocate(p, AddrRequest::Any, trellis_ipam::RESERVED, |_| (vec![], vec![])).await?)
-            }
+        let picked6 = match &pool6 {
+            Some(p) => Some(self.ipam.pick_for_txn(p, &req.id).await?),
             None => None,
         };
+        let ip6 = picked6.as_ref().map(|(a, ..)| *a);
         let template = EndpointRecord { ip6, ..template };
-        let claim6 = ip6.map(|a| self.ipam.claim_ops(&net.id, a, &req.id));
+        let claim6 = picked6.map(|(_, c, o)| (c, o));
         let build = |ip: IpAddr| {
             let mut rec = template.clone();
             rec.ip = ip;
@@ -636,8 +635,8 @@ impl Cluster {
                 Op::put(model::endpoint_key(&rec.id), encode(&rec)),
             ];
             if let Some((c, o)) = &claim6 {
-                compares.push(c.clone());
-                ops.push(o.clone());
+                compares.extend(c.iter().cloned());
+                ops.extend(o.iter().cloned());
             }
             if let Some(k) = &container_key {
                 compares.push(Compare::Absent(k.clone()));
@@ -648,9 +647,8 @@ impl Cluster {
         let result = self.ipam.allocate(&Self::pool(&net), request, &req.id, build).await;
         if result.is_err()
             && let (Some(p), Some(a)) = (&pool6, ip6)
-            && let Err(e) = self.ipam.release_reservation(p, a).await
         {
-            tracing::warn!(address = %a, error = %e, "releasing the IPv6 address of an endpoint that was not created");
+            self.ipam.unpick(p, a);
         }
         let ip = match result {
             Ok(ip) => ip,

@@ -36,7 +36,6 @@ mod ipsec;
 #[path = "bench/sim.rs"]
 mod sim;
 
-
 #[path = "bench/dualstack.rs"]
 mod dualstack;
 #[path = "bench/fairness.rs"]
