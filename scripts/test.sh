@@ -17,10 +17,18 @@ echo "== build"
 cargo build --workspace --bins --locked
 
 echo "== fuzz smoke runs (cargo-fuzz, 20,000 inputs per target; longer runs: README)"
+fuzz_log=$(mktemp)
 for target in $(cd fuzz && cargo fuzz list); do
-  (cd fuzz && cargo fuzz run --sanitizer none "$target" -- -runs=20000 -max_len=1024 2>&1 | grep -E '^(Done|==|SUMMARY|thread)' ) \
-    || { echo "fuzz target $target failed" >&2; exit 1; }
+  if (cd fuzz && cargo fuzz run --sanitizer none "$target" -- -runs=20000 -max_len=1024 >"$fuzz_log" 2>&1); then
+    grep -E '^(Done|==|SUMMARY|thread)' "$fuzz_log" || true
+  else
+    # A build error or a crash: show what cargo-fuzz said.
+    tail -n 40 "$fuzz_log" >&2
+    echo "fuzz target $target failed" >&2
+    exit 1
+  fi
 done
+rm -f "$fuzz_log"
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "test.sh: not root: root tests will show as ignored" >&2

@@ -14,13 +14,20 @@ fn core() -> &'static std::sync::Arc<Core> {
     CORE.get_or_init(|| {
         let core = Core::new(&Upstreams { servers: vec![], timeout: Duration::from_millis(10) });
         core.set_zone(Zone::build_with_services(
-            &[Network { id: "n1".into(), name: "app".into(), subnet: "10.1.0.0/24".parse().unwrap() }],
+            // Dual stack: AAAA and ip6.arpa are answered too.
+            &[Network {
+                id: "n1".into(),
+                name: "app".into(),
+                subnet: "10.1.0.0/24".parse().unwrap(),
+                subnet6: Some("fd00:1::/64".parse().unwrap()),
+            }],
             &[Endpoint {
                 id: "web".into(),
                 name: "web".into(),
                 aliases: vec!["www".into()],
                 network_id: "n1".into(),
                 ip: "10.1.0.2".parse().unwrap(),
+                ip6: Some("fd00:1::2".parse().unwrap()),
                 sandbox: "s".into(),
                 service: Some("svc".into()),
             }],
