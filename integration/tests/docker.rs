@@ -262,6 +262,109 @@ fn two_hosts_two_dockerds_one_network() {
     );
 }
 
+fn container_ip6(d: &Dockerd, name: &str, network: &str) -> String {
+    d.ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{network}\").GlobalIPv6Address}}}}"),
+        name,
+    ])
+    .unwrap()
+}
+
+/// `docker network create --ipv6` on two hosts: each container gets the
+/// IPv6 address the trellis IPAM driver reserved for it (Docker configures
+/// it), an IPv6 default route via the network's IPv6 gateway, reaches the
+/// other host's container over IPv6 through the tunnel, and finds it by
+/// name with AAAA; everything is released when the containers and the
+/// networks go.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn docker_ipv6_networks_carry_ipv6_between_containers_on_two_hosts() {
+    require_root();
+    let lab = trellis_integration::Lab::new(2, 3000).unwrap();
+    let (ha, hb) = (&lab.hosts[0], &lab.hosts[1]);
+    let da = Dockerd::start(ha).unwrap();
+    let db = Dockerd::start(hb).unwrap();
+    for d in [&da, &db] {
+        d.ok(&[
+            "network",
+            "create",
+            "-d",
+            "trellis",
+            "--ipam-driver",
+            "trellis",
+            "--ipv6",
+            "--subnet",
+            "10.93.0.0/24",
+            "--subnet",
+            "fd00:93::/64",
+            "-o",
+            "trellis.attachable=true",
+            "v6net",
+        ])
+        .unwrap();
+    }
+    assert!(wait_for(Duration::from_secs(5), || hb.ctl_output(&["network", "inspect", "v6net"]).status.success()));
+    let net = ha.ctl_json(&["network", "inspect", "v6net"]).unwrap();
+    assert_eq!(
+        (net["subnet6"].as_str(), net["gateway6"].as_str()),
+        (Some("fd00:93::/64"), Some("fd00:93::1")),
+        "{net}"
+    );
+    da.ok(&["run", "-d", "--name", "a1", "--network", "v6net", IMAGE, "sleep", "600"]).unwrap();
+    db.ok(&["run", "-d", "--name", "b1", "--network", "v6net", IMAGE, "sleep", "600"]).unwrap();
+    let (a6, b6) = (container_ip6(&da, "a1", "v6net"), container_ip6(&db, "b1", "v6net"));
+    assert!(a6.starts_with("fd00:93::") && b6.starts_with("fd00:93::") && a6 != b6, "{a6} {b6}");
+    // Trellis's records agree with what Docker configured.
+    let own6 = |h: &Host, host: &str| -> Vec<String> {
+        endpoints(h)
+            .into_iter()
+            .filter(|e| e["host"] == host)
+            .filter_map(|e| Some(e["address6"].as_str()?.split('/').next()?.to_string()))
+            .collect()
+    };
+    assert_eq!(own6(ha, "host1"), vec![a6.clone()], "{:?}", endpoints(ha));
+    assert_eq!(own6(hb, "host2"), vec![b6.clone()], "{:?}", endpoints(hb));
+    let route = da.ok(&["exec", "a1", "ip", "-6", "route", "show", "default"]).unwrap();
+    assert!(route.contains("via fd00:93::1"), "a1's IPv6 default route: {route}");
+    let ping6 = |d: &Dockerd, from: &str, to: &str| {
+        d.docker(&["exec", from, "ping", "-6", "-c", "1", "-W", "2", to]).output().is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || ping6(&da, "a1", &b6)),
+        "a1 on host1 cannot reach b1 ({b6}) over IPv6"
+    );
+    assert!(ping6(&db, "b1", &a6), "b1 on host2 cannot reach a1 ({a6}) over IPv6");
+    assert!(ping6(&da, "a1", "fd00:93::1"), "the IPv6 gateway does not answer");
+    // b1's AAAA, from host1 (Docker's embedded DNS forwards the name it
+    // does not know; Trellis answers with every host's names).
+    let aaaa = || da.ok(&["exec", "a1", "nslookup", "-type=AAAA", "b1"]).unwrap_or_default();
+    assert!(wait_for(Duration::from_secs(10), || aaaa().contains(&b6)), "AAAA b1 from host1: {}", aaaa());
+    // `--ipv6` without an IPv6 subnet: a /64 of the cluster's ULA /48.
+    da.ok(&["network", "create", "-d", "trellis", "--ipam-driver", "trellis", "--ipv6", "auto6"]).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || ha.ctl_output(&["network", "inspect", "auto6"]).status.success()));
+    let auto = ha.ctl_json(&["network", "inspect", "auto6"]).unwrap();
+    let s6 = auto["subnet6"].as_str().unwrap_or_default().to_string();
+    assert!(s6.starts_with("fd") && s6.ends_with("/64") && s6 != "fd00:93::/64", "{auto}");
+    da.ok(&["network", "rm", "auto6"]).unwrap();
+    // Torn down: the addresses go, then the cluster network with the last
+    // Docker network.
+    da.ok(&["rm", "-f", "a1"]).unwrap();
+    db.ok(&["rm", "-f", "b1"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || taken_addresses(ha, "v6net") == 0),
+        "addresses left: {}",
+        taken_addresses(ha, "v6net")
+    );
+    da.ok(&["network", "rm", "v6net"]).unwrap();
+    db.ok(&["network", "rm", "v6net"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || !ha.ctl_output(&["network", "inspect", "v6net"]).status.success()),
+        "the last Docker network took the cluster network with it"
+    );
+}
+
 /// What a Docker user types works as Docker means it: Docker's own
 /// `--attachable` (which the engine does not pass to its driver) makes the
 /// network attachable, and without it a standalone container is refused

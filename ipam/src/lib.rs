@@ -657,6 +657,26 @@ impl Ipam {
         Err(IpamError::Contention(MAX_ATTEMPTS))
     }
 
+    /// The comparisons and operations that hand this host's reservation
+    /// of `ip` (owner [`RESERVED`]) over to `owner`, for the caller's own
+    /// transaction: what [`AddrRequest::Claim`] does, for a second family's
+    /// address. The transaction fails if the reservation is not this
+    /// host's (any more); [`Ipam::claim_failure`] then says why.
+    pub fn claim_for_txn(&self, pool: &Pool, ip: IpAddr, owner: &str) -> (Vec<Compare>, Vec<Op>) {
+        let key = self.addr_key(&pool.net_id, ip);
+        (vec![Compare::Value(key.clone(), self.record(RESERVED))], vec![Op::put(key, self.record(owner))])
+    }
+
+    /// Why a claim of `ip` would fail now: `None` while it is still this
+    /// host's reservation.
+    pub async fn claim_failure(&self, pool: &Pool, ip: IpAddr) -> Result<Option<IpamError>> {
+        let Some(kv) = self.store.get(&self.addr_key(&pool.net_id, ip)).await? else {
+            return Ok(Some(IpamError::NotReserved(ip)));
+        };
+        let rec = decode::<AddrRecord>(&kv)?;
+        Ok((rec.owner != RESERVED || rec.host != self.host).then_some(IpamError::InUse { ip, owner: rec.owner }))
+    }
+
     /// An address [`Ipam::pick_for_txn`] chose whose transaction did not
     /// commit: free in the cache again.
     pub fn unpick(&self, pool: &Pool, ip: IpAddr) {

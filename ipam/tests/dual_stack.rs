@@ -202,3 +202,40 @@ async fn an_address_picked_for_the_callers_transaction_commits_with_it_or_not_at
     assert_eq!(other.allocate(&v6, AddrRequest::Specific(d), "theirs", none).await.unwrap(), d);
     assert!(!s.txn(cd, od).await.unwrap().succeeded, "the address was taken meanwhile");
 }
+
+/// An engine's IPAM reserves an IPv6 address before the endpoint exists
+/// (Docker's RequestAddress); the endpoint's transaction claims it. Only
+/// this host's reservation can be claimed, once, and a failed claim says
+/// why.
+#[tokio::test]
+async fn a_reserved_ipv6_address_is_claimed_in_the_callers_transaction_once() {
+    let s: Arc<dyn Store> = Arc::new(LocalStore::memory());
+    let ipam = Ipam::new(s.clone(), "/t/ipam/", "h");
+    let (_, v6) = create(&ipam, &s, "n", "10.8.0.0/24", "fd00:8::/64").await;
+    let r = ipam.allocate(&v6, AddrRequest::Any, trellis_ipam::RESERVED, none).await.unwrap();
+    assert!(ipam.claim_failure(&v6, r).await.unwrap().is_none(), "still this host's reservation");
+    // Another host cannot claim this host's reservation.
+    let other = Ipam::new(s.clone(), "/t/ipam/", "h2");
+    let (c, o) = other.claim_for_txn(&v6, r, "theirs");
+    assert!(!s.txn(c, o).await.unwrap().succeeded, "another host claimed this host's reservation");
+    assert!(matches!(other.claim_failure(&v6, r).await.unwrap(), Some(IpamError::InUse { .. })));
+    // This host claims it, with its own record in the same transaction.
+    let (mut c, mut o) = ipam.claim_for_txn(&v6, r, "ep1");
+    c.push(Compare::Absent("/t/ep1".into()));
+    o.push(Op::put("/t/ep1".to_string(), b"x".to_vec()));
+    assert!(s.txn(c, o).await.unwrap().succeeded);
+    let owner = ipam.addresses("n").await.unwrap().into_iter().find(|(ip, _)| *ip == r).unwrap().1;
+    assert_eq!((owner.owner.as_str(), owner.host.as_str()), ("ep1", "h"));
+    // Claimed once: a second claim fails and says the address is in use.
+    let (c, o) = ipam.claim_for_txn(&v6, r, "ep2");
+    assert!(!s.txn(c, o).await.unwrap().succeeded, "a reservation was claimed twice");
+    match ipam.claim_failure(&v6, r).await.unwrap() {
+        Some(IpamError::InUse { owner, .. }) => assert_eq!(owner, "ep1"),
+        other => panic!("expected InUse by ep1, got {other:?}"),
+    }
+    // An address never reserved cannot be claimed.
+    let free = ip("fd00:8::77");
+    let (c, o) = ipam.claim_for_txn(&v6, free, "ep3");
+    assert!(!s.txn(c, o).await.unwrap().succeeded);
+    assert!(matches!(ipam.claim_failure(&v6, free).await.unwrap(), Some(IpamError::NotReserved(_))));
+}

@@ -161,6 +161,8 @@ pub struct JoinResponse {
     pub interface_name: InterfaceName,
     #[serde(rename = "Gateway", skip_serializing_if = "String::is_empty", default)]
     pub gateway: String,
+    #[serde(rename = "GatewayIPv6", skip_serializing_if = "String::is_empty", default)]
+    pub gateway_ipv6: String,
     #[serde(rename = "StaticRoutes", skip_serializing_if = "Vec::is_empty", default)]
     pub static_routes: Vec<StaticRoute>,
     #[serde(rename = "DisableGatewayService")]

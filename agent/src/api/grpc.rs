@@ -273,6 +273,7 @@ fn attach_request(r: proto::AttachRequest) -> Result<AttachRequest, Status> {
         network: r.network,
         name: optional(&r.name).map(str::to_string),
         ip: optional(&r.ip).map(|ip| validate::ip("ip", ip)).transpose().map_err(bad)?,
+        ip6: None,
         reserved: r.reserved,
         ifname: r.ifname,
         labels: labels(r.labels),

@@ -18,7 +18,10 @@ pub struct AttachRequest {
     pub network: String,
     pub name: Option<String>,
     pub ip: Option<IpAddr>,
-    /// `ip` is this host's reservation (Docker's IPAM), to be claimed.
+    /// The IPv6 address on a dual-stack network, only as a reservation.
+    pub ip6: Option<IpAddr>,
+    /// `ip` (and `ip6`) are this host's reservations (Docker's IPAM), to
+    /// be claimed.
     pub reserved: bool,
     /// The interface inside the namespace (`eth0` when empty).
     pub ifname: String,
@@ -37,6 +40,7 @@ impl AttachRequest {
             network: network.to_string(),
             name: None,
             ip: None,
+            ip6: None,
             reserved: false,
             ifname: String::new(),
             labels: BTreeMap::new(),
@@ -139,6 +143,7 @@ impl App {
             ifname,
             kind: req.kind,
             container_id: req.container_id.clone(),
+            ip6: req.ip6,
             reserved: req.reserved,
         };
         let rec = match self.cluster.create_endpoint(new).await {
@@ -492,6 +497,7 @@ mod tests {
             ifname: "eth0".into(),
             kind: EndpointKind::Docker,
             container_id: String::new(),
+            ip6: None,
             reserved: false,
         };
         let d = l.app.cluster.create_endpoint(docker).await.unwrap();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use trellis_ipam::{AddrRequest, RESERVED};
+use trellis_ipam::{AddrRequest, Pool, RESERVED};
 use trellis_store::{Compare, Op, Store};
 
 use super::{AgentError, Cluster, Result};
@@ -24,6 +24,14 @@ pub struct DockerNet {
     pub gateway: Option<IpAddr>,
     /// The user gave --subnet (else the pool was chosen by the driver).
     pub user_subnet: bool,
+    /// The IPv6 pool of a network created with `--ipv6`.
+    #[serde(default)]
+    pub pool6: Option<IpNet>,
+    #[serde(default)]
+    pub gateway6: Option<IpAddr>,
+    /// The user gave an IPv6 --subnet.
+    #[serde(default)]
+    pub user_subnet6: bool,
     pub attachable: bool,
     pub internal: bool,
     pub encrypted: bool,
@@ -47,6 +55,9 @@ pub struct DockerEp {
     pub docker_id: String,
     pub docker_net: String,
     pub ip: IpAddr,
+    /// Its IPv6 address, on a network created with `--ipv6`.
+    #[serde(default)]
+    pub ip6: Option<IpAddr>,
     pub endpoint_id: Option<String>,
 }
 
@@ -95,10 +106,10 @@ impl DockerRecords {
     pub async fn delete_net(&self, docker_id: &str) -> Result<()> {
         self.delete(model::docker_net_key(&self.host, docker_id)).await
     }
-    /// This host's Docker network whose pool is `subnet`.
+    /// This host's Docker network whose pool (of either family) is `subnet`.
     pub async fn net_by_pool(&self, subnet: &IpNet) -> Result<Option<DockerNet>> {
         let prefix = format!("{}nets/", model::docker_host_prefix(&self.host));
-        Ok(self.list::<DockerNet>(&prefix).await?.into_iter().find(|n| &n.pool == subnet))
+        Ok(self.list::<DockerNet>(&prefix).await?.into_iter().find(|n| &n.pool == subnet || n.pool6 == Some(*subnet)))
     }
     /// Is a Docker network on any host bound to the cluster network `id`?
     pub async fn bound_anywhere(&self, network_id: &str) -> Result<bool> {
@@ -166,14 +177,30 @@ impl DockerRecords {
 }
 
 impl Cluster {
+    /// The pool of `net` of `subnet`'s family (its IPv4 or IPv6 one).
+    pub fn pool_of_family(net: &NetworkRecord, v6: bool) -> Result<Pool> {
+        if !v6 {
+            return Ok(Cluster::pool(net));
+        }
+        Cluster::pool6(net).ok_or_else(|| {
+            AgentError::FailedPrecondition(format!(
+                "Trellis network {:?} has no IPv6 subnet (it was created without one)",
+                net.name
+            ))
+        })
+    }
+
     /// Reserve an address in `net` for an endpoint Docker will create (its
-    /// IPAM asks before the endpoint exists): the attach claims it.
-    pub async fn reserve_address(&self, net: &NetworkRecord, request: AddrRequest) -> Result<IpAddr> {
-        Ok(self.ipam.allocate(&Cluster::pool(net), request, RESERVED, |_| (vec![], vec![])).await?)
+    /// IPAM asks before the endpoint exists): the attach claims it. `v6`:
+    /// from the network's IPv6 subnet.
+    pub async fn reserve_address(&self, net: &NetworkRecord, v6: bool, request: AddrRequest) -> Result<IpAddr> {
+        let pool = Self::pool_of_family(net, v6)?;
+        Ok(self.ipam.allocate(&pool, request, RESERVED, |_| (vec![], vec![])).await?)
     }
 
     /// Release a reservation that no endpoint claimed (false: there was none).
     pub async fn release_reservation(&self, net: &NetworkRecord, ip: IpAddr) -> Result<bool> {
-        Ok(self.ipam.release_reservation(&Cluster::pool(net), ip).await?)
+        let pool = Self::pool_of_family(net, ip.is_ipv6())?;
+        Ok(self.ipam.release_reservation(&pool, ip).await?)
     }
 }

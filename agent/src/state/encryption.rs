@@ -421,6 +421,7 @@ mod tests {
             ifname: "eth0".into(),
             kind: model::EndpointKind::Adhoc,
             container_id: String::new(),
+            ip6: None,
             reserved: false,
         }
     }

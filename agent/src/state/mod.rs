@@ -98,7 +98,10 @@ pub struct NewEndpoint {
     pub ifname: String,
     pub kind: EndpointKind,
     pub container_id: String,
-    /// `ip` is this host's reservation, to be claimed.
+    /// The IPv6 address, on a dual-stack network: only as this host's
+    /// reservation (with `reserved`), as an engine's IPAM made it.
+    pub ip6: Option<IpAddr>,
+    /// `ip` (and `ip6`) are this host's reservations, to be claimed.
     pub reserved: bool,
 }
 
@@ -610,21 +613,43 @@ impl Cluster {
             None => AddrRequest::Any,
         };
         let container_key = Self::container_key_of(&template);
-        // A dual-stack network's IPv6 address: chosen here, taken in the
-        // transaction that writes the endpoint and its IPv4 address (one
-        // commit; nothing is left half-made if it fails).
-        // Not for an engine that configures the container's interface
-        // itself (Docker: it is given one address per family by its IPAM
-        // driver, and Trellis takes no IPv6 from Docker yet): an address
-        // the container does not have must not resolve.
-        let pool6 = if req.kind == EndpointKind::Docker { None } else { Self::pool6(&net) };
-        let picked6 = match &pool6 {
-            Some(p) => Some(self.ipam.pick_for_txn(p, &req.id).await?),
-            None => None,
+        // A dual-stack network's IPv6 address: chosen here (or the
+        // engine's reservation claimed), taken in the transaction that
+        // writes the endpoint and its IPv4 address (one commit; nothing is
+        // left half-made if it fails). An engine that configures the
+        // container's interface itself (Docker) gets none it did not ask
+        // its IPAM driver for: an address the container does not have must
+        // not resolve.
+        let pool6 = Self::pool6(&net);
+        let (ip6, claim6, picked) = match (&pool6, req.ip6) {
+            (None, Some(a)) => {
+                return Err(AgentError::InvalidArgument(format!(
+                    "IPv6 address {a}: network {:?} has no IPv6 subnet",
+                    net.name
+                )));
+            }
+            (Some(p), Some(a)) => {
+                if !p.subnet.contains(&a) {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "IPv6 address {a} is not in network {:?}'s subnet {}",
+                        net.name, p.subnet
+                    )));
+                }
+                if !req.reserved {
+                    return Err(AgentError::InvalidArgument(
+                        "an IPv6 address can be named only as this host's reservation".into(),
+                    ));
+                }
+                let (c, o) = self.ipam.claim_for_txn(p, a, &req.id);
+                (Some(a), Some((c, o)), false)
+            }
+            (Some(p), None) if req.kind != EndpointKind::Docker => {
+                let (a, c, o) = self.ipam.pick_for_txn(p, &req.id).await?;
+                (Some(a), Some((c, o)), true)
+            }
+            _ => (None, None, false),
         };
-        let ip6 = picked6.as_ref().map(|(a, ..)| *a);
         let template = EndpointRecord { ip6, ..template };
-        let claim6 = picked6.map(|(_, c, o)| (c, o));
         let build = |ip: IpAddr| {
             let mut rec = template.clone();
             rec.ip = ip;
@@ -646,6 +671,7 @@ impl Cluster {
         };
         let result = self.ipam.allocate(&Self::pool(&net), request, &req.id, build).await;
         if result.is_err()
+            && picked
             && let (Some(p), Some(a)) = (&pool6, ip6)
         {
             self.ipam.unpick(p, a);
@@ -653,6 +679,14 @@ impl Cluster {
         let ip = match result {
             Ok(ip) => ip,
             Err(IpamError::CallerConflict) => {
+                // The IPv6 reservation, if one was claimed, may be what
+                // failed the transaction.
+                if !picked
+                    && let (Some(p), Some(a)) = (&pool6, ip6)
+                    && let Some(e) = self.ipam.claim_failure(p, a).await?
+                {
+                    return Err(e.into());
+                }
                 if let Some(k) = &container_key
                     && let Some(kv) = self.store.get(k).await?
                 {
@@ -1200,6 +1234,7 @@ mod tests {
             ifname: "eth0".into(),
             kind: EndpointKind::Adhoc,
             container_id: String::new(),
+            ip6: None,
             reserved: false,
         }
     }

@@ -195,6 +195,7 @@ fn new_endpoint(network: &str, name: String) -> NewEndpoint {
         ifname: "eth0".into(),
         kind: EndpointKind::Cni,
         container_id: name,
+        ip6: None,
         reserved: false,
     }
 }

@@ -155,19 +155,26 @@ impl DockerDriver {
     // ---- IPAM ----
 
     async fn request_pool(&self, r: dp::RequestPoolRequest) -> Answer {
-        if r.v6 {
-            return Err("Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6".into());
-        }
         if !r.sub_pool.is_empty() {
-            return Err("--ip-range is not supported: Trellis allocates from the whole subnet".into());
+            let flag = if r.v6 { "--ip-range for IPv6" } else { "--ip-range" };
+            return Err(format!("{flag} is not supported: Trellis allocates from the whole subnet"));
         }
         let (subnet, user_subnet) = if r.pool.is_empty() {
-            (self.reserve_subnet().await?, false)
+            (self.reserve_subnet(r.v6).await?, false)
         } else {
             let subnet = validate::subnet(&r.pool).map_err(err)?;
+            if subnet.addr().is_ipv6() != r.v6 {
+                let want = if r.v6 { "an IPv6" } else { "an IPv4" };
+                return Err(format!("subnet {subnet} given where Docker asks for {want} pool"));
+            }
+            if r.v6 && subnet.prefix_len() > 120 {
+                return Err(format!("IPv6 subnet {subnet} is too small: give a /120 or larger (a /64 is usual)"));
+            }
             for n in self.app.cluster.networks().await.map_err(err)? {
-                if n.subnet != subnet && pure::overlaps(&n.subnet, &subnet) {
-                    return Err(format!("subnet {subnet} overlaps {} of Trellis network {:?}", n.subnet, n.name));
+                for theirs in std::iter::once(n.subnet).chain(n.subnet6) {
+                    if theirs != subnet && pure::overlaps(&theirs, &subnet) {
+                        return Err(format!("subnet {subnet} overlaps {theirs} of Trellis network {:?}", n.name));
+                    }
                 }
             }
             (subnet, true)
@@ -176,16 +183,25 @@ impl DockerDriver {
         Ok(json!({ "PoolID": pool_id(&subnet), "Pool": subnet.to_string(), "Data": {} }))
     }
 
-    /// A subnet from the default pool, reserved cluster-wide until a
-    /// network takes it (or the pool is released).
-    async fn reserve_subnet(&self) -> Result<IpNet, String> {
+    /// A subnet from the default pool (IPv6: a /64 of the cluster's ULA
+    /// /48), reserved cluster-wide until a network takes it (or the pool
+    /// is released).
+    async fn reserve_subnet(&self, v6: bool) -> Result<IpNet, String> {
         let c = &self.app.cluster;
         let avoid = self.app.dataplane.host_routes().await.map_err(err)?;
+        let (pool, prefix_len) =
+            if v6 { (c.ipam.ula_pool().await.map_err(err)?, 64) } else { (c.default_pool, c.default_prefix_len) };
         for _ in 0..16 {
-            let mut taken: Vec<IpNet> = c.networks().await.map_err(err)?.iter().map(|n| n.subnet).collect();
+            let mut taken: Vec<IpNet> = c
+                .networks()
+                .await
+                .map_err(err)?
+                .iter()
+                .flat_map(|n| std::iter::once(n.subnet).chain(n.subnet6))
+                .collect();
             taken.extend(self.records.reserved_subnets().await.map_err(err)?);
-            let Some(subnet) = pure::choose_subnet(&c.default_pool, c.default_prefix_len, &taken, &avoid) else {
-                return Err(format!("the default pool {} has no free /{} left", c.default_pool, c.default_prefix_len));
+            let Some(subnet) = pure::choose_subnet(&pool, prefix_len, &taken, &avoid) else {
+                return Err(format!("the default pool {pool} has no free /{prefix_len} left"));
             };
             if self.records.reserve_subnet(&subnet).await.map_err(err)? {
                 return Ok(subnet);
@@ -212,11 +228,16 @@ impl DockerDriver {
 
     async fn request_address(self: &Arc<Self>, r: dp::RequestAddressRequest) -> Answer {
         let subnet = parse_pool_id(&r.pool_id)?;
+        let v6 = subnet.addr().is_ipv6();
         if r.is_gateway() {
             // The network's gateway: the cluster network's if it exists,
             // else the one asked for, else the subnet's first address.
-            let existing = self.app.cluster.networks().await.map_err(err)?.into_iter().find(|n| n.subnet == subnet);
-            let gw = match (existing.and_then(|n| n.gateway), r.address.is_empty()) {
+            let networks = self.app.cluster.networks().await.map_err(err)?;
+            let existing = networks.into_iter().find_map(|n| match v6 {
+                false => (n.subnet == subnet).then_some(n.gateway).flatten(),
+                true => (n.subnet6 == Some(subnet)).then_some(n.gateway6).flatten(),
+            });
+            let gw = match (existing, r.address.is_empty()) {
                 (Some(g), _) => g,
                 (None, false) => validate::ip("gateway", &r.address).map_err(err)?,
                 (None, true) => pure::default_gateway(&subnet).ok_or_else(|| format!("{subnet} has no gateway"))?,
@@ -232,8 +253,9 @@ impl DockerDriver {
         } else {
             AddrRequest::Specific(validate::ip("address", &r.address).map_err(err)?)
         };
-        let ip = self.app.cluster.reserve_address(&net, request).await.map_err(err)?;
-        Ok(json!({ "Address": format!("{ip}/{}", net.subnet.prefix_len()), "Data": {} }))
+        let ip = self.app.cluster.reserve_address(&net, v6, request).await.map_err(err)?;
+        let prefix = if v6 { net.subnet6.map_or(64, |s| s.prefix_len()) } else { net.subnet.prefix_len() };
+        Ok(json!({ "Address": format!("{ip}/{prefix}"), "Data": {} }))
     }
 
     async fn release_address(&self, r: dp::ReleaseAddressRequest) -> Answer {
@@ -246,7 +268,7 @@ impl DockerDriver {
             Err(AgentError::NotFound(_)) => return Ok(json!({})),
             Err(e) => return Err(e.to_string()),
         };
-        if net.gateway == Some(ip) {
+        if net.gateway == Some(ip) || net.gateway6 == Some(ip) {
             return Ok(json!({}));
         }
         // Still a reservation (the endpoint never joined): released here;
@@ -258,17 +280,39 @@ impl DockerDriver {
     // ---- Network driver ----
 
     async fn create_network(self: &Arc<Self>, r: dp::CreateNetworkRequest) -> Answer {
-        if r.ipv6_data.as_ref().is_some_and(|d| d.iter().any(|p| !p.pool.is_empty())) {
-            return Err("Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6".into());
-        }
         let v4 = r.ipv4_data.as_ref().and_then(|d| d.first()).cloned().unwrap_or_default();
         if v4.pool.is_empty() {
             return Err("the trellis network driver needs the trellis IPAM driver: add --ipam-driver trellis".into());
+        }
+        if r.ipv6_data.as_ref().is_some_and(|d| d.iter().filter(|p| !p.pool.is_empty()).count() > 1) {
+            return Err("a Trellis network has one IPv6 subnet: give one IPv6 --subnet".into());
+        }
+        if r.ipv4_data.as_ref().is_some_and(|d| d.len() > 1) {
+            return Err("a Trellis network has one IPv4 subnet: give one IPv4 --subnet".into());
         }
         let pool = validate::subnet(&v4.pool).map_err(err)?;
         let Some(p) = self.records.pool(&pool).await.map_err(err)? else {
             return Err(format!("pool {pool} was not allocated by the trellis IPAM driver: add --ipam-driver trellis"));
         };
+        // `--ipv6`: the IPv6 pool, from the same IPAM driver.
+        let (pool6, gateway6, user_subnet6) =
+            match r.ipv6_data.as_ref().and_then(|d| d.iter().find(|p| !p.pool.is_empty())) {
+                None => (None, None, false),
+                Some(d6) => {
+                    let pool6 = validate::subnet(&d6.pool).map_err(err)?;
+                    let Some(p6) = self.records.pool(&pool6).await.map_err(err)? else {
+                        return Err(format!(
+                            "IPv6 pool {pool6} was not allocated by the trellis IPAM driver: add --ipam-driver trellis"
+                        ));
+                    };
+                    let gw = if d6.gateway.is_empty() {
+                        None
+                    } else {
+                        Some(validate::address("IPv6 gateway", &d6.gateway).map_err(err)?)
+                    };
+                    (Some(pool6), gw, p6.user_subnet)
+                }
+            };
         let generic = r.generic();
         let known = [OPT_ATTACHABLE, OPT_ENCRYPTED, OPT_DOCKER_ENCRYPTED, OPT_NETWORK, OPT_MTU];
         if let Some(k) = generic.keys().find(|k| !known.contains(&k.as_str())) {
@@ -297,6 +341,9 @@ impl DockerDriver {
             pool,
             gateway,
             user_subnet: p.user_subnet,
+            pool6,
+            gateway6,
+            user_subnet6,
             attachable: flag(OPT_ATTACHABLE)?,
             internal: r.flag("com.docker.network.internal"),
             encrypted: flag(OPT_ENCRYPTED)? || flag(OPT_DOCKER_ENCRYPTED)?,
@@ -375,6 +422,19 @@ impl DockerDriver {
                             n.subnet, n.subnet
                         ));
                     }
+                    match (dn.pool6, n.subnet6) {
+                        (Some(_), None) => {
+                            return Err(format!(
+                                "Trellis network {name:?} already exists without IPv6 (created on another host); create the Docker network without --ipv6"
+                            ));
+                        }
+                        (Some(mine), Some(theirs)) if dn.user_subnet6 && mine != theirs => {
+                            return Err(format!(
+                                "Trellis network {name:?} already exists with IPv6 subnet {theirs} (created on another host); create the Docker network with --subnet {theirs} or without an IPv6 --subnet"
+                            ));
+                        }
+                        _ => {}
+                    }
                     break n;
                 }
                 Err(AgentError::NotFound(_)) => {}
@@ -384,8 +444,8 @@ impl DockerDriver {
                 name: name.clone(),
                 subnet: Some(dn.pool),
                 gateway: dn.gateway,
-                subnet6: None,
-                gateway6: None,
+                subnet6: dn.pool6,
+                gateway6: dn.gateway6,
                 ipv6: false,
                 attachable: dn.attachable,
                 internal: dn.internal,
@@ -403,6 +463,9 @@ impl DockerDriver {
         // reservation goes.
         if !dn.user_subnet {
             self.drop_reservation(&dn.pool).await?;
+        }
+        if let Some(p6) = dn.pool6.filter(|_| !dn.user_subnet6) {
+            self.drop_reservation(&p6).await?;
         }
         dn.name = Some(net.name.clone());
         dn.network_id = Some(net.id.clone());
@@ -426,6 +489,9 @@ impl DockerDriver {
         if !dn.user_subnet {
             self.drop_reservation(&dn.pool).await?;
         }
+        if let Some(p6) = dn.pool6.filter(|_| !dn.user_subnet6) {
+            self.drop_reservation(&p6).await?;
+        }
         let Some(net_id) = dn.network_id else { return Ok(json!({})) };
         // The cluster network goes with the last Docker network bound to it
         // on any host, if the driver created it and nothing is attached.
@@ -443,17 +509,27 @@ impl DockerDriver {
 
     async fn create_endpoint(&self, r: dp::CreateEndpointRequest) -> Answer {
         let iface = r.interface.unwrap_or_default();
-        if !iface.address_ipv6.is_empty() {
-            return Err("Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack)".into());
-        }
         if iface.address.is_empty() {
             return Err("the endpoint has no address: the trellis network driver needs --ipam-driver trellis".into());
         }
         let ip = validate::address("address", &iface.address).map_err(err)?;
-        if self.records.net(&r.network_id).await.map_err(err)?.is_none() {
+        let ip6 = if iface.address_ipv6.is_empty() {
+            None
+        } else {
+            Some(validate::address("IPv6 address", &iface.address_ipv6).map_err(err)?)
+        };
+        let Some(dn) = self.records.net(&r.network_id).await.map_err(err)? else {
             return Err(format!("Docker network {} is unknown to the trellis driver", r.network_id));
+        };
+        if let Some(a) = ip6
+            && !dn.pool6.is_some_and(|p| p.contains(&a))
+        {
+            return Err(match dn.pool6 {
+                Some(p) => format!("IPv6 address {a} is not in the network's IPv6 pool {p}"),
+                None => format!("IPv6 address {a} on a network created without --ipv6"),
+            });
         }
-        let de = DockerEp { docker_id: r.endpoint_id.clone(), docker_net: r.network_id, ip, endpoint_id: None };
+        let de = DockerEp { docker_id: r.endpoint_id.clone(), docker_net: r.network_id, ip, ip6, endpoint_id: None };
         self.records.save_ep(&de).await.map_err(err)?;
         Ok(json!({}))
     }
@@ -468,6 +544,7 @@ impl DockerDriver {
         let net = self.bind(&de.docker_net).await?;
         let mut req = AttachRequest::new(&net.id, EndpointKind::Docker);
         req.ip = Some(de.ip);
+        req.ip6 = de.ip6;
         req.reserved = true;
         req.netns = Some(r.sandbox_key.clone().into());
         req.ifname = DST_PREFIX.to_string();
@@ -481,6 +558,11 @@ impl DockerDriver {
         Ok(serde_json::to_value(dp::JoinResponse {
             interface_name: dp::InterfaceName { src_name: model::peer_ifname(&ep.id), dst_prefix: DST_PREFIX.into() },
             gateway: if net.internal { String::new() } else { net.gateway.map(|g| g.to_string()).unwrap_or_default() },
+            // The IPv6 default route, for a container with an IPv6 address.
+            gateway_ipv6: match (net.internal, ep.ip6, net.gateway6) {
+                (false, Some(_), Some(g)) => g.to_string(),
+                _ => String::new(),
+            },
             static_routes: vec![],
             disable_gateway_service: true,
         })

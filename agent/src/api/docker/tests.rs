@@ -510,29 +510,204 @@ async fn a_network_named_by_the_engine_is_refused_while_the_engine_is_unreachabl
 
 // ---- Refusals ----
 
+fn request_pool6(pool: &str) -> Value {
+    json!({ "AddressSpace": "trellis", "Pool": pool, "SubPool": "", "Options": {}, "V6": true })
+}
+
+fn create_endpoint6(net: &str, ep: &str, address: &str, address6: &str) -> Value {
+    json!({
+        "NetworkID": net,
+        "EndpointID": ep,
+        "Interface": { "Address": address, "AddressIPv6": address6, "MacAddress": "" },
+        "Options": endpoint_options(),
+    })
+}
+
+impl Host {
+    /// `docker network create --ipv6 [--subnet S4] [--subnet S6]`: both
+    /// pools and both gateways, then CreateNetwork with both families.
+    async fn network6(&self, docker_id: &str, subnet: &str, subnet6: &str, generic: Value) -> (Pool, Pool) {
+        let p = self.pool(subnet).await;
+        let q = self.ok("IpamDriver.RequestPool", request_pool6(subnet6)).await;
+        let id6 = q["PoolID"].as_str().unwrap().to_string();
+        let gw6 = self.ok("IpamDriver.RequestAddress", gateway_request(&id6, "")).await;
+        let p6 = Pool { id: id6, gateway: gw6["Address"].as_str().unwrap().to_string() };
+        let mut body = create_network(docker_id, &parse_pool_id(&p.id).unwrap().to_string(), &p.gateway, generic);
+        body["Options"]["com.docker.network.enable_ipv6"] = json!(true);
+        body["IPv6Data"] = json!([{
+            "AddressSpace": "trellis",
+            "Gateway": p6.gateway,
+            "Pool": parse_pool_id(&p6.id).unwrap().to_string(),
+        }]);
+        assert_eq!(self.ok("NetworkDriver.CreateNetwork", body).await, json!({}));
+        (p, p6)
+    }
+
+    /// Everything in the store but the cluster's ULA /48 (chosen once and
+    /// kept, by design).
+    async fn nothing_left_but_the_ula_pool(&self) {
+        let ula = format!("{}ula48", model::ipam_root());
+        self.lab.store.txn(vec![], vec![trellis_store::Op::delete(ula)]).await.unwrap();
+        self.nothing_left().await;
+    }
+}
+
+/// `docker network create --ipv6` and `docker run` on it: a pool of each
+/// family (the IPv6 one a /64 of the cluster's ULA /48 when no subnet is
+/// given), an address of each family reserved, then claimed by the
+/// endpoint in one transaction, the IPv6 gateway in Join's answer, and
+/// everything released as dockerd tears it down.
 #[tokio::test]
-async fn ipv6_is_refused_and_dockerd_s_rollback_leaves_nothing() {
+async fn docker_ipv6_networks_give_each_container_both_families() {
     let h = one_host();
-    // `docker network create --ipv6`: the v4 pool first, then the v6 one.
-    let p = h.pool("").await;
-    let v6 = json!({ "AddressSpace": "trellis", "Pool": "", "SubPool": "", "Options": {}, "V6": true });
-    assert_eq!(
-        h.refused("IpamDriver.RequestPool", v6).await,
-        "Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6"
+    let (p, p6) = h.network6("d1", "", "", named("app")).await;
+    let subnet6 = parse_pool_id(&p6.id).unwrap();
+    let ula = h.lab.app.cluster.ipam.ula_pool().await.unwrap();
+    assert!(subnet6.prefix_len() == 64 && ula.contains(&subnet6), "{subnet6} is not a /64 of {ula}");
+    assert_eq!(p6.gateway, format!("{}/64", trellis_ipam::pure::default_gateway(&subnet6).unwrap()));
+    // The IPv6 subnet is reserved cluster-wide until the network binds.
+    let reserved = h.driver.records.reserved_subnets().await.unwrap();
+    assert!(reserved.contains(&subnet6), "{reserved:?}");
+
+    let a4 =
+        h.ok("IpamDriver.RequestAddress", address_request(&p.id, "")).await["Address"].as_str().unwrap().to_string();
+    let a6 =
+        h.ok("IpamDriver.RequestAddress", address_request(&p6.id, "")).await["Address"].as_str().unwrap().to_string();
+    assert!(a6.ends_with("/64"), "{a6}");
+    let ip6: IpAddr = a6.split('/').next().unwrap().parse().unwrap();
+    assert!(subnet6.contains(&ip6));
+    let net = h.lab.app.cluster.network("app").await.unwrap();
+    assert_eq!(net.subnet6, Some(subnet6), "the cluster network is dual-stack");
+    assert_eq!(net.gateway6.map(|g| format!("{g}/64")), Some(p6.gateway.clone()));
+    assert!(h.driver.records.reserved_subnets().await.unwrap().is_empty(), "reservations stay after the bind");
+    assert!(
+        h.addresses(&net.id).await.contains(&(ip6.to_string(), RESERVED.to_string(), "h1".to_string())),
+        "the IPv6 address is reserved"
     );
-    h.release(&p).await;
-    h.nothing_left().await;
-    // Had a v6 pool come from elsewhere, CreateNetwork refuses it too.
-    let p = h.pool("10.99.0.0/24").await;
-    let mut body = create_network("d1", "10.99.0.0/24", &p.gateway, named("app"));
-    body["IPv6Data"] = json!([{ "AddressSpace": "trellis", "Gateway": "fd00::1/64", "Pool": "fd00::/64" }]);
+
+    assert_eq!(h.ok("NetworkDriver.CreateEndpoint", create_endpoint6("d1", "e1", &a4, &a6)).await, json!({}));
+    let joined = h.ok("NetworkDriver.Join", join("d1", "e1")).await;
+    assert_eq!(joined["GatewayIPv6"], json!(net.gateway6.unwrap().to_string()), "{joined}");
+    assert_eq!(joined["Gateway"], json!(net.gateway.unwrap().to_string()), "{joined}");
+    let ep = h.only_endpoint().await;
+    assert_eq!(ep.ip6, Some(ip6), "the endpoint has the address Docker gave the container");
+    let owners = h.addresses(&net.id).await;
     assert_eq!(
-        h.refused("NetworkDriver.CreateNetwork", body).await,
-        "Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack): create the network without --ipv6"
+        owners.iter().filter(|(_, o, _)| o == &ep.id).count(),
+        2,
+        "both addresses are the endpoint's, none still a reservation: {owners:?}"
     );
-    assert!(h.docker_net("d1").await.is_none());
+
+    // Torn down as dockerd does: both addresses released.
+    assert_eq!(h.ok("NetworkDriver.Leave", endpoint_ids("d1", "e1")).await, json!({}));
+    h.lab.app.converge().await.unwrap();
+    assert_eq!(h.ok("NetworkDriver.DeleteEndpoint", endpoint_ids("d1", "e1")).await, json!({}));
+    for (pool, a) in [(&p, &a4), (&p6, &a6)] {
+        let ip = a.split('/').next().unwrap();
+        assert_eq!(h.ok("IpamDriver.ReleaseAddress", release_address(&pool.id, ip)).await, json!({}));
+    }
+    assert!(h.addresses(&net.id).await.is_empty(), "{:?}", h.addresses(&net.id).await);
+    assert_eq!(h.ok("NetworkDriver.DeleteNetwork", network_id("d1")).await, json!({}));
     h.release(&p).await;
+    h.release(&p6).await;
+    assert!(h.network_names().await.is_empty(), "the driver's cluster network went with it");
+    h.nothing_left_but_the_ula_pool().await;
+}
+
+/// A user's IPv6 subnet is the network's; the IPv6 address Docker names
+/// (`--ip6`) is the container's.
+#[tokio::test]
+async fn a_docker_ipv6_subnet_and_a_named_ipv6_address_are_honoured() {
+    let h = one_host();
+    let (_, p6) = h.network6("d1", "10.97.0.0/24", "fd00:97::/64", named("app")).await;
+    assert_eq!(p6.id, "trellis-fd00:97::/64");
+    let a4 = h.ok("IpamDriver.RequestAddress", address_request("trellis-10.97.0.0/24", "")).await["Address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let a6 = h.ok("IpamDriver.RequestAddress", address_request(&p6.id, "fd00:97::99")).await;
+    assert_eq!(a6["Address"], json!("fd00:97::99/64"));
+    h.ok("NetworkDriver.CreateEndpoint", create_endpoint6("d1", "e1", &a4, "fd00:97::99/64")).await;
+    h.ok("NetworkDriver.Join", join("d1", "e1")).await;
+    assert_eq!(h.only_endpoint().await.ip6, Some("fd00:97::99".parse().unwrap()));
+    // Taken: asked again, refused naming the holder.
+    let again = h.refused("IpamDriver.RequestAddress", address_request(&p6.id, "fd00:97::99")).await;
+    assert!(again.contains("fd00:97::99") && again.contains("in use"), "{again}");
+}
+
+/// What a user can get wrong, refused before anything is half-made: the
+/// wrong family's subnet, an IPv6 --ip-range, a too-small IPv6 subnet, an
+/// overlap with another network's IPv6 subnet, an IPv6 address on a
+/// network without IPv6, an IPv6 reservation gone before the Join
+/// (nothing of the endpoint written), and `--ipv6` on a host whose
+/// cluster network another host created without IPv6.
+#[tokio::test]
+async fn docker_ipv6_mistakes_are_refused_and_leave_nothing_half_made() {
+    let (h, h2) = two_hosts();
+    assert_eq!(
+        h.refused("IpamDriver.RequestPool", request_pool6("10.96.0.0/24")).await,
+        "subnet 10.96.0.0/24 given where Docker asks for an IPv6 pool"
+    );
+    assert_eq!(
+        h.refused("IpamDriver.RequestPool", request_pool("fd00:96::/64")).await,
+        "subnet fd00:96::/64 given where Docker asks for an IPv4 pool"
+    );
+    let range = json!({ "AddressSpace": "trellis", "Pool": "fd00:96::/64", "SubPool": "fd00:96::/80", "Options": {}, "V6": true });
+    assert_eq!(
+        h.refused("IpamDriver.RequestPool", range).await,
+        "--ip-range for IPv6 is not supported: Trellis allocates from the whole subnet"
+    );
+    assert_eq!(
+        h.refused("IpamDriver.RequestPool", request_pool6("fd00:96::/126")).await,
+        "IPv6 subnet fd00:96::/126 is too small: give a /120 or larger (a /64 is usual)"
+    );
     h.nothing_left().await;
+
+    let (p, p6) = h.network6("d1", "10.96.0.0/24", "fd00:96::/64", named("app")).await;
+    let a4 =
+        h.ok("IpamDriver.RequestAddress", address_request(&p.id, "")).await["Address"].as_str().unwrap().to_string();
+    assert_eq!(
+        h2.refused("IpamDriver.RequestPool", request_pool6("fd00:96:0:0:8000::/65")).await,
+        "subnet fd00:96:0:0:8000::/65 overlaps fd00:96::/64 of Trellis network \"app\""
+    );
+    // An IPv6 reservation released (or never made) before the Join: the
+    // attach fails saying so, and no endpoint record is left.
+    let a6 =
+        h.ok("IpamDriver.RequestAddress", address_request(&p6.id, "")).await["Address"].as_str().unwrap().to_string();
+    h.ok("NetworkDriver.CreateEndpoint", create_endpoint6("d1", "e1", &a4, &a6)).await;
+    h.ok("IpamDriver.ReleaseAddress", release_address(&p6.id, a6.split('/').next().unwrap())).await;
+    let refused = h.refused("NetworkDriver.Join", join("d1", "e1")).await;
+    assert!(refused.contains("was not reserved"), "{refused}");
+    assert!(h.lab.app.cluster.all_endpoints().await.unwrap().is_empty());
+    let net = h.lab.app.cluster.network("app").await.unwrap();
+    let left = h.addresses(&net.id).await;
+    assert_eq!(left, vec![(a4.split('/').next().unwrap().to_string(), RESERVED.to_string(), "h1".to_string())]);
+    // An IPv6 address outside the network's IPv6 pool.
+    assert_eq!(
+        h.refused("NetworkDriver.CreateEndpoint", create_endpoint6("d1", "e2", &a4, "fd00:95::2/64")).await,
+        "IPv6 address fd00:95::2 is not in the network's IPv6 pool fd00:96::/64"
+    );
+
+    // A network without --ipv6: an IPv6 address for it is refused.
+    let q = h.network("d2", "10.95.0.0/24", named("plain")).await;
+    let b4 =
+        h.ok("IpamDriver.RequestAddress", address_request(&q.id, "")).await["Address"].as_str().unwrap().to_string();
+    assert_eq!(
+        h.refused("NetworkDriver.CreateEndpoint", create_endpoint6("d2", "e3", &b4, "fd00:96::3/64")).await,
+        "IPv6 address fd00:96::3 on a network created without --ipv6"
+    );
+    // The other host's `--ipv6` network of the same name as this host's
+    // IPv4-only one: refused when it binds, saying why.
+    let (r, r6) = h2.network6("x2", "", "", named("plain")).await;
+    let refused = h2.refused("IpamDriver.RequestAddress", address_request(&r.id, "")).await;
+    assert_eq!(
+        refused,
+        "Trellis network \"plain\" already exists without IPv6 (created on another host); create the Docker network without --ipv6"
+    );
+    assert_eq!(h2.ok("NetworkDriver.DeleteNetwork", network_id("x2")).await, json!({}));
+    h2.release(&r).await;
+    h2.release(&r6).await;
+    assert!(h2.driver_keys().await.is_empty(), "{:?}", h2.driver_keys().await);
 }
 
 #[tokio::test]
@@ -714,11 +889,6 @@ async fn endpoints_the_driver_does_not_know_are_refused() {
     assert_eq!(
         h.refused("NetworkDriver.CreateEndpoint", no_address).await,
         "the endpoint has no address: the trellis network driver needs --ipam-driver trellis"
-    );
-    let v6 = json!({ "NetworkID": "d1", "EndpointID": "e1", "Interface": { "Address": "10.0.0.2/24", "AddressIPv6": "fd00::2/64" } });
-    assert_eq!(
-        h.refused("NetworkDriver.CreateEndpoint", v6).await,
-        "Trellis takes IPv6 from Docker not yet (trellisctl networks can be dual-stack)"
     );
     let a = h.ok("IpamDriver.RequestAddress", address_request(&p.id, "")).await;
     let addr = a["Address"].as_str().unwrap().to_string();
