@@ -166,8 +166,8 @@ pub fn kernel_entries(
     let mut out = Vec::new();
     for (net, name) in names {
         let Some(vni) = networks.iter().find(|n| &n.id == net).map(|n| n.vni) else { continue };
-        for (form, ip) in zone.single_answer_forms(net, name) {
-            if let Some(key) = trellis_ebpf::DnsKey::new(vni, &form) {
+        for (form, qtype, ip) in zone.single_answer_forms(net, name) {
+            if let Some(key) = trellis_ebpf::DnsKey::of_type(vni, &form, kernel_qtype(qtype)) {
                 out.push((key, ip.map(|ip| trellis_ebpf::DnsAnswer::new(ip, trellis_dns::LOCAL_TTL))));
             }
         }
@@ -287,8 +287,18 @@ pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 /// The in-kernel table is synced (and now and then read back) this often.
 pub const KERNEL_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The in-kernel table's record type of a zone's query type (the zone
+/// gives single answers for A and AAAA only).
+fn kernel_qtype(q: trellis_dns::QType) -> u16 {
+    match q {
+        trellis_dns::QType::Aaaa => trellis_ebpf::DNS_TYPE_AAAA,
+        _ => trellis_ebpf::DNS_TYPE_A,
+    }
+}
+
 /// The in-kernel DNS table of `zone`: every name a one-network client gets
-/// exactly one address for, keyed by its network's VNI.
+/// exactly one address of a family for, keyed by its network's VNI and
+/// the record type.
 pub fn kernel_table(
     zone: &Zone,
     networks: &[NetworkRecord],
@@ -296,8 +306,8 @@ pub fn kernel_table(
     let vni: std::collections::HashMap<&str, u32> = networks.iter().map(|n| (n.id.as_str(), n.vni)).collect();
     zone.single_answers()
         .into_iter()
-        .filter_map(|(net, name, ip)| {
-            let key = trellis_ebpf::DnsKey::new(*vni.get(net.as_str())?, &name)?;
+        .filter_map(|(net, name, qtype, ip)| {
+            let key = trellis_ebpf::DnsKey::of_type(*vni.get(net.as_str())?, &name, kernel_qtype(qtype))?;
             Some((key, trellis_ebpf::DnsAnswer::new(ip, trellis_dns::LOCAL_TTL)))
         })
         .collect()
@@ -381,6 +391,32 @@ mod tests {
         // Its own name still resolves (it is attached), the draining one's not.
         assert_eq!(a("b"), Answer::Addrs(vec!["10.1.0.3".parse().unwrap()]));
         assert_eq!(a("c"), Answer::NxDomain);
+    }
+
+    /// The in-kernel table of a dual-stack network: each one-address name
+    /// under A and, with its IPv6 address, under AAAA (bare and
+    /// qualified); a two-address service name under neither.
+    #[test]
+    fn the_kernel_table_holds_a_and_aaaa_of_one_address_names() {
+        let net: NetworkRecord = serde_json::from_value(serde_json::json!({
+            "id": "n1", "name": "app", "subnet": "10.1.0.0/24", "gateway": "10.1.0.1", "vni": 4096, "mtu": 1450,
+            "attachable": true, "internal": false, "encrypted": false, "created_unix": 0,
+            "subnet6": "fd00:1::/64", "gateway6": "fd00:1::1",
+        }))
+        .unwrap();
+        let mut eps = vec![endpoint("a", "10.1.0.2", "web"), endpoint("b", "10.1.0.3", "web")];
+        eps[0].ip6 = Some("fd00:1::2".parse().unwrap());
+        eps[1].ip6 = Some("fd00:1::3".parse().unwrap());
+        let zone = zone_of(std::slice::from_ref(&net), &eps, &["h1".to_string()], &[]);
+        let table = kernel_table(&zone, &[net]);
+        let get = |name: &str, qtype: u16| table.get(&trellis_ebpf::DnsKey::of_type(4096, name, qtype).unwrap());
+        let aaaa = trellis_ebpf::DNS_TYPE_AAAA;
+        let v6: std::net::Ipv6Addr = "fd00:1::2".parse().unwrap();
+        assert_eq!(get("a", aaaa).map(|x| x.addr), Some(v6.octets()), "{table:?}");
+        assert_eq!(get("a.app", aaaa).map(|x| x.addr), Some(v6.octets()));
+        assert_eq!(get("a", trellis_ebpf::DNS_TYPE_A).map(|x| x.addr[..4].to_vec()), Some(vec![10, 1, 0, 2]));
+        assert!(get("web", aaaa).is_none() && get("web", trellis_ebpf::DNS_TYPE_A).is_none(), "{table:?}");
+        assert_eq!(table.len(), 8, "a and b, bare and qualified, A and AAAA: {table:?}");
     }
 
     /// A zone followed change by change answers as one rebuilt from the

@@ -57,7 +57,7 @@ pub struct Service {
 }
 
 /// The record types the zone distinguishes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum QType {
     A,
     Aaaa,
@@ -371,10 +371,11 @@ impl Zone {
     }
 
     /// The names a client attached to one network only gets exactly one
-    /// address for (an A query): per network id, the single-label name and
-    /// the name qualified by the network's name. What the in-kernel fast
-    /// path may answer; every other query goes to the server.
-    pub fn single_answers(&self) -> Vec<(String, String, Ipv4Addr)> {
+    /// address for, per query type (A, and AAAA on its own): per network
+    /// id, the single-label name and the name qualified by the network's
+    /// name. What the in-kernel fast path may answer; every other query
+    /// goes to the server.
+    pub fn single_answers(&self) -> Vec<(String, String, QType, IpAddr)> {
         let mut out = Vec::new();
         for (net, names) in &self.names {
             let candidates: BTreeSet<&String> = names
@@ -384,23 +385,25 @@ impl Zone {
                 .chain(names.services.keys())
                 .chain(names.records.keys())
                 .collect();
-            for name in candidates {
-                for (form, ip) in self.single_answer_forms(net, name) {
+            for name in candidates.into_iter().chain(names.hosts6.keys()) {
+                for (form, qtype, ip) in self.single_answer_forms(net, name) {
                     if let Some(ip) = ip {
-                        out.push((net.clone(), form, ip));
+                        out.push((net.clone(), form, qtype, ip));
                     }
                 }
             }
         }
         out.sort();
+        out.dedup();
         out
     }
 
     /// What [`Zone::single_answers`] has for one name of network `net`:
     /// the name itself and qualified by the network's name (normalized),
-    /// each with its one address, or `None` where it has none (how a
-    /// change to the name is followed without going through them all).
-    pub fn single_answer_forms(&self, net: &str, name: &str) -> Vec<(String, Option<Ipv4Addr>)> {
+    /// for A and for AAAA, each with its one address, or `None` where it
+    /// has none (how a change to the name is followed without going
+    /// through them all).
+    pub fn single_answer_forms(&self, net: &str, name: &str) -> Vec<(String, QType, Option<IpAddr>)> {
         let name = norm(name);
         let Some(n) = self.nets.get(net) else { return Vec::new() };
         if name.contains('.') || name.is_empty() {
@@ -408,12 +411,21 @@ impl Zone {
         }
         let scope = BTreeSet::from([net.to_string()]);
         let qualified = format!("{name}.{}", norm(&n.name));
-        let bare = match self.resolve(&name, QType::A, &scope) {
-            Answer::Addrs(a) if a.len() == 1 => Some(a[0]),
-            _ => None,
+        let one = |qname: &str, qtype: QType| -> Option<IpAddr> {
+            match self.resolve(qname, qtype, &scope) {
+                Answer::Addrs(a) if a.len() == 1 => Some(IpAddr::V4(a[0])),
+                Answer::Addrs6(a) if a.len() == 1 => Some(IpAddr::V6(a[0])),
+                _ => None,
+            }
         };
-        let full = bare.filter(|ip| self.resolve(&qualified, QType::A, &scope) == Answer::Addrs(vec![*ip]));
-        vec![(name, bare), (qualified, full)]
+        let mut out = Vec::with_capacity(4);
+        for qtype in [QType::A, QType::Aaaa] {
+            let bare = one(&name, qtype);
+            let full = bare.filter(|ip| one(&qualified, qtype) == Some(*ip));
+            out.push((name.clone(), qtype, bare));
+            out.push((qualified.clone(), qtype, full));
+        }
+        out
     }
 
     fn answer_addrs(found: Vec<Ipv4Addr>, found6: Vec<Ipv6Addr>, qtype: QType) -> Answer {
@@ -567,7 +579,11 @@ mod tests {
     fn single_answers_are_what_a_one_network_client_resolves_to_one_address() {
         let z = zone();
         let all = z.single_answers();
-        let names: Vec<(&str, &str)> = all.iter().map(|(n, name, _)| (n.as_str(), name.as_str())).collect();
+        let names: Vec<(&str, &str)> = all
+            .iter()
+            .filter(|(_, _, t, _)| *t == QType::A)
+            .map(|(n, name, _, _)| (n.as_str(), name.as_str()))
+            .collect();
         // web has two backends: never; web1, its alias, client, api (one
         // address per network) and pg: with and without the network name.
         for want in
@@ -577,9 +593,13 @@ mod tests {
         }
         assert!(!names.iter().any(|(_, n)| *n == "web" || *n == "web.app"), "a two-address name: {names:?}");
         // Each agrees with what the resolver answers a client of that network.
-        for (net, name, ip) in &all {
+        for (net, name, qtype, ip) in &all {
             let scope = BTreeSet::from([net.clone()]);
-            assert_eq!(z.resolve(name, QType::A, &scope), Answer::Addrs(vec![*ip]), "{net} {name}");
+            let want = match ip {
+                IpAddr::V4(a) => Answer::Addrs(vec![*a]),
+                IpAddr::V6(a) => Answer::Addrs6(vec![*a]),
+            };
+            assert_eq!(z.resolve(name, *qtype, &scope), want, "{net} {name} {qtype:?}");
         }
     }
 
@@ -817,6 +837,18 @@ mod tests {
         let outside = "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa";
         assert_eq!(z.resolve(outside, QType::Ptr, &s), Answer::Forward, "not a Trellis subnet");
         assert_eq!(z.resolve("1.0.ip6.arpa", QType::Ptr, &s), Answer::Forward);
+        // The in-kernel path's AAAA: a name with one IPv6 address, bare and
+        // qualified; never a name with two (web), none (old, a VIP), and
+        // its A beside it.
+        let single = z.single_answers();
+        let has = |name: &str, qtype: QType| single.iter().find(|(_, n, t, _)| n == name && *t == qtype).map(|x| x.3);
+        assert_eq!(has("web1", QType::Aaaa), Some(IpAddr::V6(v6("fd00:1::2"))), "{single:?}");
+        assert_eq!(has("web1.app", QType::Aaaa), Some(IpAddr::V6(v6("fd00:1::2"))));
+        assert_eq!(has("web1", QType::A), Some(IpAddr::V4(v4("10.1.0.2"))));
+        for (name, qtype) in [("web", QType::Aaaa), ("old", QType::Aaaa), ("api", QType::Aaaa), ("web", QType::A)] {
+            assert_eq!(has(name, qtype), None, "{name} {qtype:?}: {single:?}");
+        }
+        assert_eq!(has("old", QType::A), Some(IpAddr::V4(v4("10.1.0.4"))));
         // Removed: its AAAA and PTR go with it.
         z.remove(&dual("web1", "10.1.0.2", "fd00:1::2", Some("web")));
         assert_eq!(z.resolve("web1", QType::Aaaa, &s), Answer::NxDomain);

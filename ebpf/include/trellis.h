@@ -292,18 +292,24 @@ _Static_assert(sizeof(struct mesh_config) == 8, "mesh_config layout");
 _Static_assert(sizeof(struct mesh_flow) == 24, "mesh_flow layout");
 _Static_assert(__builtin_offsetof(struct mesh_flow, peer_mac) == 12, "mesh_flow.peer_mac");
 
-/* The in-kernel DNS fast path: names with exactly one A record, per
- * network. `name` is the query name in wire format (length-prefixed labels
- * and the root's 0), lower case, zero-padded. */
+/* The in-kernel DNS fast path: names with exactly one A record (and,
+ * apart, names with exactly one AAAA record), per network. `name` is the
+ * query name in wire format (length-prefixed labels and the root's 0),
+ * lower case, zero-padded; `qtype` the record type asked for (DNS_TYPE_*,
+ * host byte order). */
 #define DNS_NAME_MAX 64
+#define DNS_TYPE_A 1
+#define DNS_TYPE_AAAA 28
 struct dns_key {
 	__u32 net_id;
+	__u16 qtype;
+	__u16 pad;
 	__u8 name[DNS_NAME_MAX];
 };
 
 struct dns_answer {
-	__u32 ip;  /* network byte order */
-	__u32 ttl; /* host byte order */
+	__u32 ttl;     /* host byte order */
+	__u8 addr[16]; /* network byte order: A in the first 4 bytes */
 };
 
 /* `dns_stats` (an array of one, per CPU). */
@@ -312,8 +318,9 @@ struct dns_stats {
 	__u64 passed;   /* queries it looked at and left to the agent */
 };
 
-_Static_assert(sizeof(struct dns_key) == 68, "dns_key layout");
-_Static_assert(sizeof(struct dns_answer) == 8, "dns_answer layout");
+_Static_assert(sizeof(struct dns_key) == 72, "dns_key layout");
+_Static_assert(__builtin_offsetof(struct dns_key, name) == 8, "dns_key.name");
+_Static_assert(sizeof(struct dns_answer) == 20, "dns_answer layout");
 _Static_assert(sizeof(struct dns_stats) == 16, "dns_stats layout");
 
 #endif

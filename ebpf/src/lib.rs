@@ -340,20 +340,32 @@ pod!(
 /// Longest query name (wire format) the in-kernel DNS path answers.
 pub const DNS_NAME_MAX: usize = 64;
 
-/// A name of the in-kernel DNS table: its network and the name in wire
-/// format (length-prefixed labels, the root's 0), lower case, zero-padded.
+/// The record types the in-kernel DNS path answers.
+pub const DNS_TYPE_A: u16 = 1;
+pub const DNS_TYPE_AAAA: u16 = 28;
+
+/// A name of the in-kernel DNS table: its network, the record type asked
+/// for and the name in wire format (length-prefixed labels, the root's 0),
+/// lower case, zero-padded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DnsKey {
     pub net_id: u32,
+    pub qtype: u16,
+    pub pad: u16,
     pub name: [u8; DNS_NAME_MAX],
 }
 
 impl DnsKey {
-    /// The key of `name` (dotted, case-insensitive) in network `net_id`;
+    /// The A key of `name` (dotted, case-insensitive) in network `net_id`;
     /// `None` when its wire form does not fit or it is not a valid name.
     pub fn new(net_id: u32, name: &str) -> Option<DnsKey> {
-        let mut k = DnsKey { net_id, name: [0; DNS_NAME_MAX] };
+        Self::of_type(net_id, name, DNS_TYPE_A)
+    }
+
+    /// The key of `name`'s record of type `qtype` (A or AAAA).
+    pub fn of_type(net_id: u32, name: &str, qtype: u16) -> Option<DnsKey> {
+        let mut k = DnsKey { net_id, qtype, pad: 0, name: [0; DNS_NAME_MAX] };
         let mut at = 0;
         for label in name.trim_end_matches('.').split('.') {
             let b = label.as_bytes();
@@ -370,18 +382,24 @@ impl DnsKey {
     }
 }
 
-/// The one address a name of the in-kernel DNS table has.
+/// The one address (of the key's family) a name of the in-kernel DNS
+/// table has.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DnsAnswer {
-    /// Network byte order.
-    pub ip: u32,
     pub ttl: u32,
+    /// Network byte order; an IPv4 address in the first 4 bytes.
+    pub addr: [u8; 16],
 }
 
 impl DnsAnswer {
-    pub fn new(ip: Ipv4Addr, ttl: u32) -> DnsAnswer {
-        DnsAnswer { ip: be(ip), ttl }
+    pub fn new(ip: impl Into<std::net::IpAddr>, ttl: u32) -> DnsAnswer {
+        let mut addr = [0; 16];
+        match ip.into() {
+            std::net::IpAddr::V4(v4) => addr[..4].copy_from_slice(&v4.octets()),
+            std::net::IpAddr::V6(v6) => addr = v6.octets(),
+        }
+        DnsAnswer { ttl, addr }
     }
 }
 
@@ -1353,7 +1371,12 @@ mod tests {
         assert_eq!(DnsKey::new(7, &"x".repeat(64)), None, "a label over 63 bytes");
         assert!(DnsKey::new(7, &"x".repeat(62)).is_some(), "62 + 2 bytes fit");
         assert_eq!(DnsKey::new(7, &"x".repeat(63)), None, "63 + 2 bytes do not");
-        assert_eq!(DnsAnswer::new(Ipv4Addr::new(10, 0, 0, 1), 5).ip.to_ne_bytes(), [10, 0, 0, 1]);
+        assert_eq!(DnsAnswer::new(Ipv4Addr::new(10, 0, 0, 1), 5).addr[..4], [10, 0, 0, 1]);
+        let v6: std::net::Ipv6Addr = "fd00::7".parse().unwrap();
+        assert_eq!(DnsAnswer::new(v6, 5).addr, v6.octets());
+        let aaaa = DnsKey::of_type(7, "web.app", DNS_TYPE_AAAA).unwrap();
+        assert_eq!((aaaa.qtype, aaaa.name), (DNS_TYPE_AAAA, k.name));
+        assert_ne!(aaaa, k, "A and AAAA are distinct keys");
     }
 
     /// The same numbers as the `_Static_assert`s of `trellis.h`.
@@ -1386,9 +1409,9 @@ mod tests {
         assert_eq!(offset_of!(CtValue, seen), 24);
         assert_eq!(size_of::<RnatValue>(), 16);
         assert_eq!(size_of::<SvcStats>(), 16);
-        assert_eq!(size_of::<DnsKey>(), 68);
-        assert_eq!(std::mem::offset_of!(DnsKey, name), 4);
-        assert_eq!(size_of::<DnsAnswer>(), 8);
+        assert_eq!(size_of::<DnsKey>(), 72);
+        assert_eq!(std::mem::offset_of!(DnsKey, name), 8);
+        assert_eq!(size_of::<DnsAnswer>(), 20);
         assert_eq!(size_of::<DnsStats>(), 16);
         assert_eq!(DropReason::NoBackend as usize, 7);
         assert_eq!(size_of::<PubKey>(), 4);

@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::process::Command;
 
-use trellis_ebpf::{AttachMode, CFG_DNS_KERNEL, DnsAnswer, DnsKey, EP_DNS_FAST, EndpointInfo};
+use trellis_ebpf::{AttachMode, CFG_DNS_KERNEL, DNS_TYPE_AAAA, DnsAnswer, DnsKey, EP_DNS_FAST, EndpointInfo};
 use trellis_integration::{Netns, require_root};
 
 mod common;
@@ -39,6 +39,9 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
     dp.put_dns(DnsKey::new(4096, "q@r[s`t{z").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 202, 0, 8), 5)).unwrap();
     // Another network's name: never answered for this endpoint.
     dp.put_dns(DnsKey::new(4097, "db").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 203, 0, 9), 5)).unwrap();
+    // web's IPv6 address (its AAAA), beside its A; web.app has none.
+    let web6: std::net::Ipv6Addr = "fd00:202::7".parse().unwrap();
+    dp.put_dns(DnsKey::of_type(4096, "web", DNS_TYPE_AAAA).unwrap(), DnsAnswer::new(web6, 5)).unwrap();
 
     // Off: nobody answers (nothing listens on the gateway).
     let (ok, out) = dig(ctr, "web", &["+noedns"]);
@@ -57,6 +60,21 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
             "the answer names the query as asked, TTL 5: {out}"
         );
     }
+    // AAAA: the IPv6 address, a 16-byte record, the A query unchanged.
+    for name in ["web", "WEB."] {
+        let (ok, out) = dig(ctr, name, &["+noedns", "AAAA"]);
+        assert!(ok, "{name} AAAA: {out}");
+        assert!(
+            out.contains("status: NOERROR") && out.contains("flags: qr aa rd;") && out.contains("ANSWER: 1,"),
+            "{out}"
+        );
+        let owner = format!("{}.", name.trim_end_matches('.'));
+        assert!(
+            out.lines().any(|l| l.starts_with(&owner) && l.ends_with("\t5\tIN\tAAAA\tfd00:202::7")),
+            "{name} AAAA: {out}"
+        );
+        assert!(!out.contains("\tIN\tA\t"), "an A record in the AAAA answer: {out}");
+    }
     for name in ["q@r[s`t{z", "Q@R[S`T{Z"] {
         let (ok, out) = dig(ctr, name, &["+noedns"]);
         assert!(ok && out.contains("\tIN\tA\t10.202.0.8"), "{name}: {out}");
@@ -66,7 +84,7 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
         assert!(!ok, "{name} is another name: {out}");
     }
     let answered = dp.dns_stats().unwrap().answered;
-    assert!(answered >= 6, "{answered}");
+    assert!(answered >= 8, "{answered}");
     // The answers are counted as sent to the endpoint (they go straight
     // into its namespace, past this veth's egress program).
     let sent = dp.counters(idx).unwrap().to_packets;
@@ -76,7 +94,8 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
     for (name, extra) in [
         ("db", vec!["+noedns"]),
         ("nope", vec!["+noedns"]),
-        ("web", vec!["+noedns", "AAAA"]),
+        ("web.app", vec!["+noedns", "AAAA"]),
+        ("web", vec!["+noedns", "MX"]),
         ("web", vec![]),
         ("web", vec!["+noedns", "+tcp"]),
     ] {
@@ -85,7 +104,7 @@ fn a_queries_for_known_names_are_answered_by_the_program() {
     }
     let st = dp.dns_stats().unwrap();
     assert_eq!(st.answered, answered, "{st:?}");
-    assert!(st.passed >= 4, "{st:?}");
+    assert!(st.passed >= 5, "{st:?}");
     // Malformed queries never crash or stall it: the next query is answered.
     let junk = Command::new("nsenter")
         .arg(format!("--net={}", ctr.path().display()))

@@ -269,18 +269,20 @@ fn kernel_answered(h: &Host) -> u64 {
         .unwrap_or(0)
 }
 
-/// The in-kernel path answers plain A queries for names with one address
-/// exactly as the server does: every query of a generated set is asked
-/// with the kernel path off (the server answers) and on, and the answers
-/// compared; queries it must not take (two-network clients, several
-/// addresses, other types, unknown and other networks' names) still
-/// answer the same, from the server.
+/// The in-kernel path answers plain A and AAAA queries for names with one
+/// address of the family exactly as the server does: every query of a
+/// generated set is asked with the kernel path off (the server answers)
+/// and on, and the answers compared; queries it must not take
+/// (two-network clients, several addresses, other types, unknown and other
+/// networks' names, AAAA of IPv4-only names) still answer the same, from
+/// the server. `app` is dual-stack, `db` IPv4-only.
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn kernel_and_userspace_paths_give_identical_answers() {
     require_root();
     let h = Host::new().unwrap();
-    h.ctl(&["network", "create", "app", "--subnet", "10.54.0.0/24", "--attachable"]).unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.54.0.0/24", "--subnet", "fd00:54::/64", "--attachable"])
+        .unwrap();
     h.ctl(&["network", "create", "db", "--subnet", "10.55.0.0/24", "--attachable"]).unwrap();
     h.attach("app", "web1", &["--label", "trellis.service=web"]).unwrap();
     h.attach("app", "web2", &["--label", "trellis.service=web", "--label", "team=a"]).unwrap();
@@ -328,7 +330,8 @@ fn kernel_and_userspace_paths_give_identical_answers() {
         for (ns, server) in [(&c, gw), (&both_ns, gw), (&c, "192.0.2.53")] {
             let qtype = ["A", "A", "AAAA", "ANY"][i % 4];
             queries.push((ns.clone(), server, vec![*n, "A"]));
-            if qtype != "A" {
+            queries.push((ns.clone(), server, vec![*n, "AAAA"]));
+            if qtype != "A" && qtype != "AAAA" {
                 queries.push((ns.clone(), server, vec![*n, qtype]));
             }
         }
@@ -349,9 +352,26 @@ fn kernel_and_userspace_paths_give_identical_answers() {
     // The kernel took the plain A queries of one-network names from the
     // one-network client: web1, WEB1, Web2.App, web2.app., front,
     // FRONT.app, dup, dup.app, client (to the gateway and intercepted).
-    assert!(answered >= 18, "the kernel path answered {answered} queries");
+    assert!(answered >= 18 + 14, "the kernel path answered {answered} queries");
+    // AAAA on its own: the one-network client's AAAA queries for app's
+    // one-address names (web1, WEB1, Web2.App, web2.app., dup, dup.app,
+    // client: to the gateway and intercepted) are the kernel's.
+    let before6 = kernel_answered(&h);
+    let aaaa: Vec<String> = queries
+        .iter()
+        .filter(|(ns, _, q)| ns == &c && q.get(1) == Some(&"AAAA"))
+        .map(|(ns, s, q)| answer_of(ns, s, q))
+        .collect();
+    let answered6 = kernel_answered(&h) - before6;
+    assert!(answered6 >= 14, "the kernel answered {answered6} AAAA queries: {aaaa:#?}");
+    assert!(aaaa.iter().any(|a| a.contains(r"\tin\taaaa\tfd00:54::")), "{aaaa:#?}");
     assert!(userspace.iter().any(|a| a.contains("status=NXDOMAIN")), "the set has misses too");
     assert!(userspace.iter().filter(|a| a.contains(r"\tin\ta\t")).count() >= 20, "and hits: {userspace:#?}");
+    assert!(userspace.iter().filter(|a| a.contains(r"\tin\taaaa\t")).count() >= 14, "AAAA hits: {userspace:#?}");
+    assert!(
+        userspace.iter().any(|a| a.contains("status=NOERROR") && a.contains("answers=[]")),
+        "and NODATA (AAAA of IPv4-only names): {userspace:#?}"
+    );
 }
 
 #[test]

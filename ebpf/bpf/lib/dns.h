@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* DNS: the in-kernel fast path (a plain A query for a name of the `dns`
- * map answered in place and sent straight back into the endpoint's
+/* DNS: the in-kernel fast path (a plain A or AAAA query for a name of the
+ * `dns` map answered in place and sent straight back into the endpoint's
  * namespace), and queries to resolvers outside Trellis redirected to the
  * gateway, where the agent answers them. */
 #ifndef TRELLIS_LIB_DNS_H
@@ -16,12 +16,15 @@
 /* Where a query's parts are (IPv4 without options). */
 #define DNS_UDP_OFF (ETH_HLEN_ + 20)
 #define DNS_HDR_END (DNS_UDP_OFF + 8 + 12)
-/* The answer record appended: name pointer, type, class, TTL, length, address. */
-#define DNS_RR_LEN 16
+/* The answer record appended: name pointer, type, class, TTL, length,
+ * address (4 bytes for A, 16 for AAAA). */
+#define DNS_RR_HDR 12
+#define DNS_RR_LEN (DNS_RR_HDR + 4)
+#define DNS_RR_LEN6 (DNS_RR_HDR + 16)
 
 /* The in-kernel DNS fast path: a plain query (one question, no EDNS or
- * other records) for the A record of a name in `dns` (the client's
- * network's names with exactly one address) is turned into the reply the
+ * other records) for the A or AAAA record of a name in `dns` (the
+ * client's network's names with exactly one address of that family) is turned into the reply the
  * agent's server would write, and 1 returned: the caller sends it back
  * (answer_dns). Anything else returns -1 and goes on to the server. */
 /* A global (not inlined) function: the verifier checks it once, on its
@@ -90,17 +93,22 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	__u8 *q = data + DNS_HDR_END + (qlen & (DNS_NAME_MAX * 2 - 1));
 	if ((void *)(q + 4) > end)
 		goto pass;
-	if (q[0] != 0 || q[1] != 1 || q[2] != 0 || q[3] != 1)
-		goto pass; /* not A / IN */
-	struct dns_answer *a = bpf_map_lookup_elem(&dns, &k);
-	if (!a)
+	if (q[0] != 0 || (q[1] != DNS_TYPE_A && q[1] != DNS_TYPE_AAAA) || q[2] != 0 || q[3] != 1)
+		goto pass; /* not A or AAAA / IN */
+	int six = q[1] == DNS_TYPE_AAAA;
+	k.qtype = q[1];
+	/* Read in place (map values outlive the packet helpers below): the
+	 * stack is tight, shared with the program that calls this. */
+	struct dns_answer *ans = bpf_map_lookup_elem(&dns, &k);
+	if (!ans)
 		goto pass;
-	struct dns_answer ans = *a;
 	__u8 ra = (config_flags() & CFG_DNS_RA) ? 0x80 : 0;
+	__u32 rrlen = six ? DNS_RR_LEN6 : DNS_RR_LEN;
 
 	/* The reply: the query with QR, AA (and RA as the server says), one
-	 * answer (a pointer to the question's name, A, IN, TTL, the address). */
-	if (bpf_skb_change_tail(skb, skb->len + DNS_RR_LEN, 0))
+	 * answer (a pointer to the question's name, the type asked, IN, TTL,
+	 * the address). */
+	if (bpf_skb_change_tail(skb, skb->len + rrlen, 0))
 		goto pass;
 	data = skb_data(skb);
 	end = skb_end(skb);
@@ -114,14 +122,18 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	udp = data + DNS_UDP_OFF;
 	h = data + DNS_UDP_OFF + 8;
 
-	__u8 mac[ETH_ALEN];
-	__builtin_memcpy(mac, eth->h_source, ETH_ALEN);
-	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	__builtin_memcpy(eth->h_dest, mac, ETH_ALEN);
+	/* The MACs swapped in registers, two bytes at a time. */
+	__u16 *src16 = (__u16 *)eth->h_source, *dst16 = (__u16 *)eth->h_dest;
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN / 2; i++) {
+		__u16 t = src16[i];
+		src16[i] = dst16[i];
+		dst16[i] = t;
+	}
 	__u32 a4 = ip->saddr;
 	ip->saddr = ip->daddr;
 	ip->daddr = a4;
-	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + DNS_RR_LEN);
+	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + rrlen);
 	ip->ttl = 64;
 	ip->check = 0;
 	__u32 sum = 0;
@@ -135,7 +147,7 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	__u16 port = udp->source;
 	udp->source = udp->dest;
 	udp->dest = port;
-	udp->len = bpf_htons(ulen + DNS_RR_LEN);
+	udp->len = bpf_htons(ulen + rrlen);
 	udp->check = 0; /* optional over IPv4 */
 	h[2] = 0x80 | 0x04 | rd;
 	h[3] = ra;
@@ -143,14 +155,21 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	rr[0] = 0xc0;
 	rr[1] = 0x0c;
 	rr[2] = 0;
-	rr[3] = 1;
+	rr[3] = six ? DNS_TYPE_AAAA : DNS_TYPE_A;
 	rr[4] = 0;
 	rr[5] = 1;
-	__u32 ttl = bpf_htonl(ans.ttl);
+	__u32 ttl = bpf_htonl(ans->ttl);
 	__builtin_memcpy(&rr[6], &ttl, 4);
 	rr[10] = 0;
-	rr[11] = 4;
-	__builtin_memcpy(&rr[12], &ans.ip, 4);
+	if (six) {
+		if ((void *)(rr + DNS_RR_LEN6) > end)
+			return TC_ACT_SHOT;
+		rr[11] = 16;
+		__builtin_memcpy(&rr[12], ans->addr, 16);
+	} else {
+		rr[11] = 4;
+		__builtin_memcpy(&rr[12], ans->addr, 4);
+	}
 	dns_count(1);
 	return 1;
 pass:
