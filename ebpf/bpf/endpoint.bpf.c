@@ -157,12 +157,23 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		/* Isolation: nothing to another network's IPv6 subnet; from an
 		 * internal network nothing but link-local and multicast beyond
 		 * its own. */
+		int verdict6;
 		struct net6_key k6 = {.prefixlen = 128};
 		__builtin_memcpy(k6.ip, &ip6->daddr, 16);
 		struct net_info *n6 = bpf_map_lookup_elem(&nets6, &k6);
 		if (n6) {
 			if (n6->net_id != ep->net_id)
 				return drop(c, DROP_ISOLATION, ifindex, &f);
+		} else if ((ep->flags & EP_DNS) && (verdict6 = to_gateway_dns6(skb, ep)) != DNS6_NOT_QUERY) {
+			/* DNS to a resolver outside Trellis, over IPv6: to the
+			 * gateway's IPv6 address, as over IPv4. */
+			if (verdict6 == DNS6_TABLE_FULL) {
+				table_full(c, TABLE_RNAT);
+				return drop(c, DROP_TABLE_FULL, ifindex, &f);
+			}
+			if (verdict6 != DNS6_SENT)
+				return drop(c, DROP_MALFORMED, ifindex, &f);
+			return TC_ACT_OK;
 		} else if (ep->flags & EP_INTERNAL) {
 			__u8 d0 = ip6->daddr.in6_u.u6_addr8[0];
 			__u8 d1 = ip6->daddr.in6_u.u6_addr8[1];
@@ -191,7 +202,11 @@ int trellis_to_endpoint(struct __sk_buff *skb)
 	void *data = skb_data(skb);
 	void *end = skb_end(skb);
 	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if ((void *)(eth + 1) > end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return reverse_dns6(skb, ep);
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	struct iphdr *ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end)

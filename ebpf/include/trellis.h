@@ -26,6 +26,8 @@ struct endpoint_info {
 	__u8 gw_mac[6];
 	__u16 pad2;
 	__u8 ip6[16];  /* its IPv6 address on a dual-stack network; all zero: none */
+	__u8 gw6[16];  /* the network's IPv6 gateway (DNS over IPv6 to outside
+			* resolvers goes there); all zero: none */
 };
 
 /* Why a packet was dropped (index into endpoint_counters.drops). */
@@ -194,6 +196,21 @@ struct rnat_key {
 	__u8 pad[3];
 };
 
+/* An endpoint's DNS over IPv6 sent to the gateway instead of the outside
+ * resolver it asked (`ep_rnat6`, one table per endpoint): by the client's
+ * port and protocol (its address is the endpoint's own), the resolver its
+ * replies come back from. */
+struct rnat6_key {
+	__u16 cport;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct rnat6_value {
+	__u8 resolver[16];
+	__u64 seen; /* bpf_ktime_get_coarse_ns */
+};
+
 #define RNAT_CLOSING 1 /* a reply carried a FIN or a reset */
 struct rnat_value {
 	__u32 vip;
@@ -214,7 +231,8 @@ struct svc_stats {
 
 _Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
 _Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
-_Static_assert(sizeof(struct endpoint_info) == 48, "endpoint_info layout");
+_Static_assert(sizeof(struct endpoint_info) == 64, "endpoint_info layout");
+_Static_assert(__builtin_offsetof(struct endpoint_info, gw6) == 48, "endpoint_info.gw6");
 _Static_assert(__builtin_offsetof(struct endpoint_info, ip6) == 32, "endpoint_info.ip6");
 _Static_assert(__builtin_offsetof(struct endpoint_info, gw_mac) == 24, "endpoint_info.gw_mac");
 _Static_assert(__builtin_offsetof(struct endpoint_info, mac) == 4, "endpoint_info.mac");
@@ -238,6 +256,8 @@ _Static_assert(__builtin_offsetof(struct ct_value, seen) == 24, "ct_value.seen")
 _Static_assert(__builtin_offsetof(struct ct_value, mac) == 6, "ct_value.mac");
 _Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
 _Static_assert(sizeof(struct rnat_value) == 16, "rnat_value layout");
+_Static_assert(sizeof(struct rnat6_key) == 4, "rnat6_key layout");
+_Static_assert(sizeof(struct rnat6_value) == 24, "rnat6_value layout");
 _Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
 _Static_assert(sizeof(struct config) == 4, "config layout");
 _Static_assert(sizeof(struct event_budget) == 16, "event_budget layout");

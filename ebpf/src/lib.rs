@@ -47,6 +47,9 @@ pub struct EndpointInfo {
     pub pad2: u16,
     /// Its IPv6 address on a dual-stack network (all zero: none).
     pub ip6: [u8; 16],
+    /// The network's IPv6 gateway, where DNS over IPv6 to outside
+    /// resolvers goes (all zero: none).
+    pub gw6: [u8; 16],
 }
 
 // SAFETY: plain old data with no padding the compiler may leave
@@ -71,7 +74,18 @@ pub const EP_DNS: u32 = 2;
 
 impl EndpointInfo {
     pub fn new(ip: Ipv4Addr, mac: [u8; 6], net_id: u32) -> EndpointInfo {
-        EndpointInfo { ip: be(ip), mac, pad: 0, net_id, flags: 0, gateway: 0, gw_mac: [0; 6], pad2: 0, ip6: [0; 16] }
+        EndpointInfo {
+            ip: be(ip),
+            mac,
+            pad: 0,
+            net_id,
+            flags: 0,
+            gateway: 0,
+            gw_mac: [0; 6],
+            pad2: 0,
+            ip6: [0; 16],
+            gw6: [0; 16],
+        }
     }
 
     /// Its IPv6 address: a global source it may send from.
@@ -91,6 +105,13 @@ impl EndpointInfo {
         self.flags |= EP_DNS;
         self.gateway = be(gateway);
         self.gw_mac = mac;
+        self
+    }
+
+    /// And DNS over IPv6 to resolvers outside Trellis goes to `gateway6`
+    /// (the same bridge, the same MAC as [`EndpointInfo::with_dns_at`]).
+    pub fn with_dns6_at(mut self, gateway6: std::net::Ipv6Addr) -> EndpointInfo {
+        self.gw6 = gateway6.octets();
         self
     }
 }
@@ -278,6 +299,25 @@ pub struct RnatValue {
     pub seen: u64,
 }
 
+/// `struct rnat6_key`: an endpoint's DNS query over IPv6 sent to its
+/// gateway, by the client's port (network byte order) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rnat6Key {
+    pub cport: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct rnat6_value`: the resolver the query was for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rnat6Value {
+    pub resolver: [u8; 16],
+    /// As [`CtValue::seen`].
+    pub seen: u64,
+}
+
 /// `MESH_INGRESS`: this host took the connection.
 pub const MESH_INGRESS: u8 = 1;
 /// `MESH_RETURN`: another host did; replies go back to its mesh MAC.
@@ -334,6 +374,8 @@ pod!(
     MeshConfig,
     RnatKey,
     RnatValue,
+    Rnat6Key,
+    Rnat6Value,
     MeshFlow
 );
 
@@ -657,6 +699,7 @@ pub struct FlowSweep {
 
 type CtTable = HashMap<aya::maps::MapData, CtKey, CtValue>;
 type RnatTable = HashMap<aya::maps::MapData, RnatKey, RnatValue>;
+type Rnat6Table = HashMap<aya::maps::MapData, Rnat6Key, Rnat6Value>;
 
 /// The monotonic clock the programs stamp flows with, in ns.
 pub fn flow_clock() -> u64 {
@@ -746,7 +789,31 @@ impl Datapath {
                 "add a reverse-NAT table",
             )?;
         }
+        if self.rnat6_table(ifindex)?.is_none() {
+            let table = Rnat6Table::create(quota, NO_PREALLOC).map_err(map_err("create an IPv6 DNS table"))?;
+            exists_ok(
+                self.outer_mut::<Rnat6Table>("ep_rnat6")?.insert(ifindex, &table, NOEXIST),
+                "add an IPv6 DNS table",
+            )?;
+        }
         Ok(())
+    }
+
+    fn rnat6_table(&self, ifindex: u32) -> Result<Option<Rnat6Table>> {
+        match self.outer::<Rnat6Table>("ep_rnat6")?.get(&ifindex, 0) {
+            Ok(m) => Ok(Some(m)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { call: "open an IPv6 DNS table", source }),
+        }
+    }
+
+    /// The IPv6 DNS queries endpoint `ifindex` sent to its gateway (client
+    /// port and protocol → the resolver asked).
+    pub fn endpoint_dns6(&self, ifindex: u32) -> Result<Vec<(Rnat6Key, Rnat6Value)>> {
+        match self.rnat6_table(ifindex)? {
+            Some(t) => t.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list IPv6 DNS")),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The endpoints (ifindexes) that have flow tables.
@@ -811,6 +878,20 @@ impl Datapath {
             sweep.live += flows.len() - gone.ct.len();
             sweep.removed_ct += gone.ct.len();
             sweep.removed_rnat += gone.rnat.len();
+            // DNS over IPv6 to the gateway: an exchange, over once idle
+            // for a UDP flow's life (TCP's DNS connections are short too).
+            if let Some(mut t) = self.rnat6_table(ifindex)? {
+                let idle: Vec<Rnat6Key> = t
+                    .iter()
+                    .filter_map(|r| r.ok())
+                    .filter(|(_, v)| now.saturating_sub(v.seen) > life.other.as_nanos() as u64)
+                    .map(|(k, _)| k)
+                    .collect();
+                for k in &idle {
+                    removed(t.remove(k), "remove an IPv6 DNS entry")?;
+                }
+                sweep.removed_rnat += idle.len();
+            }
         }
         Ok(sweep)
     }
@@ -987,6 +1068,7 @@ impl Datapath {
         // the last reference goes), and its share of the monitor's ring.
         removed(self.outer_mut::<CtTable>("ep_ct")?.remove(&ifindex), "remove a flow table")?;
         removed(self.outer_mut::<RnatTable>("ep_rnat")?.remove(&ifindex), "remove a reverse-NAT table")?;
+        removed(self.outer_mut::<Rnat6Table>("ep_rnat6")?.remove(&ifindex), "remove an IPv6 DNS table")?;
         self.delete::<u32, [u8; 16]>("event_budget", ifindex)?;
         let map = self.ebpf.map_mut("counters").ok_or(DatapathError::Missing("counters map"))?;
         let mut per_cpu: PerCpuHashMap<_, u32, EndpointCounters> =
@@ -1382,7 +1464,10 @@ mod tests {
     /// The same numbers as the `_Static_assert`s of `trellis.h`.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(size_of::<EndpointInfo>(), 48);
+        assert_eq!(size_of::<EndpointInfo>(), 64);
+        assert_eq!(offset_of!(EndpointInfo, gw6), 48);
+        assert_eq!(size_of::<Rnat6Key>(), 4);
+        assert_eq!(size_of::<Rnat6Value>(), 24);
         assert_eq!(offset_of!(EndpointInfo, ip6), 32);
         assert_eq!(offset_of!(EndpointInfo, gw_mac), 24);
         assert_eq!(offset_of!(EndpointInfo, mac), 4);

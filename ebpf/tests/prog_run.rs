@@ -114,6 +114,62 @@ fn a_dual_stack_endpoint_sends_from_its_ipv6_address_only() {
     assert_eq!(drops(&lab, DropReason::SpoofIpv6), 7);
 }
 
+/// DNS over IPv6 to a resolver outside Trellis: sent to the network's
+/// IPv6 gateway (its MAC), the reply's source made the resolver asked
+/// again, each frame exactly as built from scratch (checksums computed,
+/// not patched); a query from the link-local address, to a Trellis
+/// subnet's address or without an IPv6 gateway is left alone.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn dns_over_ipv6_to_an_outside_resolver_goes_to_the_gateway_and_back() {
+    let mut lab = lab();
+    let own: Ipv6Addr = "fd00:210::2".parse().unwrap();
+    let gw6: Ipv6Addr = "fd00:210::1".parse().unwrap();
+    let resolver: Ipv6Addr = "2001:db8:53::53".parse().unwrap();
+    let info = endpoint().with_ip6(own).with_dns_at(GW_IP, GW_MAC).with_dns6_at(gw6);
+    lab.dp.set_endpoint(RunLab::IFINDEX, info).unwrap();
+    let router_mac: Mac = [2, 0, 0, 0, 0, 0x77];
+    let q = query_frame(0x1234, 0x0100, "web.app", 28);
+    let frame = |dst_mac: Mac, src_mac: Mac, from: Ipv6Addr, to: Ipv6Addr, sport: u16, dport: u16| {
+        eth(dst_mac, src_mac, ETH_P_IPV6, &ipv6_udp(from, to, sport, dport, &q[L4 + 8..]))
+    };
+    let sent = lab.send(&frame(router_mac, EP_MAC, own, resolver, 40000, 53));
+    assert_eq!(sent.verdict, TC_ACT_OK);
+    assert_eq!(sent.frame, frame(GW_MAC, EP_MAC, own, gw6, 40000, 53), "to the gateway, checksum right");
+    let kept = lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].0.cport, kept[0].0.proto, kept[0].1.resolver),
+        (40000u16.to_be(), PROTO_UDP, resolver.octets())
+    );
+    // The gateway's reply comes back from the resolver asked.
+    let reply = lab.deliver(&frame(EP_MAC, GW_MAC, gw6, own, 53, 40000));
+    assert_eq!(reply.verdict, TC_ACT_OK);
+    assert_eq!(reply.frame, frame(EP_MAC, GW_MAC, resolver, own, 53, 40000), "from the resolver, checksum right");
+    // A reply to a port that asked nothing, and a reply from elsewhere:
+    // untouched.
+    for f in [frame(EP_MAC, GW_MAC, gw6, own, 53, 40001), frame(EP_MAC, GW_MAC, resolver, own, 53, 40000)] {
+        let r = lab.deliver(&f);
+        assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f));
+    }
+    // Not intercepted: from the link-local address, to another port, to
+    // a multicast address.
+    for f in [
+        frame(router_mac, EP_MAC, OWN_LINK_LOCAL, resolver, 40002, 53),
+        frame(router_mac, EP_MAC, own, resolver, 40003, 5353),
+        frame([0x33, 0x33, 0, 0, 0, 0xfb], EP_MAC, own, "ff02::fb".parse().unwrap(), 40004, 53),
+    ] {
+        let r = lab.send(&f);
+        assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f), "left alone");
+    }
+    // Without an IPv6 gateway nothing is intercepted.
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint().with_ip6(own).with_dns_at(GW_IP, GW_MAC)).unwrap();
+    let f = frame(router_mac, EP_MAC, own, resolver, 40005, 53);
+    let r = lab.send(&f);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f));
+    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1, "nothing new kept");
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn ipv6_to_another_network_is_dropped_and_an_internal_one_is_sealed() {

@@ -141,6 +141,23 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
     // The server listens on the gateway's IPv6 address too.
     let over6 = in_netns(&ans, "dig", &["@fd00:94::1", "+short", "+time=1", "+tries=3", "AAAA", "c"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&over6.stdout).trim(), c6, "AAAA over IPv6");
+    // DNS over IPv6 to a resolver outside Trellis (none is there) is sent
+    // to the gateway's IPv6 address by the endpoint's program, and the
+    // answer comes back from the address asked (dig checks), over UDP and
+    // over TCP.
+    for proto in ["+notcp", "+tcp"] {
+        let out = in_netns(&ans, "dig", &["@2001:db8:53::53", "+short", "+time=1", "+tries=3", proto, "AAAA", "c"])
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(got, c6, "AAAA c via an outside IPv6 resolver ({proto}): {got:?} {:?}", out.stderr);
+    }
+    let intercepted = in_netns(&ans, "dig", &["@2001:db8:53::53", "+time=1", "+tries=2", "A", "c"]).output().unwrap();
+    let intercepted = String::from_utf8_lossy(&intercepted.stdout).into_owned();
+    assert!(
+        intercepted.contains(&ip4(&c)) && intercepted.contains("SERVER: 2001:db8:53::53#53"),
+        "the reply comes from the resolver asked: {intercepted}"
+    );
     // Detached: both addresses go back to the pool.
     h1.ctl(&["detach", "b"]).unwrap();
     assert!(wait_for(Duration::from_secs(10), || !h1.ctl(&["endpoint", "ls"]).unwrap().contains(" b ")), "b stayed");

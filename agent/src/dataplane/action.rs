@@ -207,6 +207,9 @@ pub struct ProgramSpec {
     pub internal: bool,
     /// DNS to resolvers outside Trellis goes to this gateway (and MAC).
     pub dns_at: Option<(std::net::Ipv4Addr, Mac)>,
+    /// And DNS over IPv6 to outside resolvers goes to this IPv6 gateway
+    /// (a dual-stack network's, on the same bridge).
+    pub dns6_at: Option<std::net::Ipv6Addr>,
     /// Its container is on this network only: plain A queries for names
     /// with one address may be answered in the kernel.
     pub dns_fast: bool,

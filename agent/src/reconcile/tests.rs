@@ -625,9 +625,16 @@ fn the_endpoint_program_follows_the_veths() {
     );
     assert!(!d2.egress.dns_intercept, "no nftables DNAT beside the program");
     assert!(d2.egress.dns_notrack, "DNS to the gateway untracked beside the program");
-    let no_ebpf = desired(&nets, &eps, &[], &Identity { ebpf: false, ..dns });
+    let no_ebpf = desired(&nets, &eps, &[], &Identity { ebpf: false, ..dns.clone() });
     assert!(no_ebpf.egress.dns_intercept && !no_ebpf.egress.dns_notrack);
     assert!(desired(&nets, &eps, &[], &Identity::local("h1")).programs.is_empty(), "none without eBPF");
+    assert_eq!(d2.programs["trv-e1"].dns6_at, None, "an IPv4-only network");
+    // On a dual-stack network DNS over IPv6 goes to the IPv6 gateway too.
+    let mut dual = nets.clone();
+    dual[0].subnet6 = Some("fd00:1::/64".parse().unwrap());
+    dual[0].gateway6 = Some("fd00:1::1".parse().unwrap());
+    assert_eq!(desired(&dual, &eps, &[], &dns).programs["trv-e1"].dns6_at, Some("fd00:1::1".parse().unwrap()));
+    assert_eq!(desired(&dual, &eps, &[], &me).programs["trv-e1"].dns6_at, None, "not without DNS interception");
     let acts = diff(&d, &Observed::default());
     let attach: Vec<_> = acts
         .iter()

@@ -51,12 +51,16 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	if ((h[2] & 0xfa) != 0 || h[4] != 0 || h[5] != 1 || h[6] || h[7] || h[8] || h[9] || h[10] || h[11])
 		goto pass;
 	__u8 rd = h[2] & 0x01;
-	struct dns_key k = {};
-	k.net_id = net_id;
+	__u32 zero = 0;
+	struct dns_key *k = bpf_map_lookup_elem(&dns_scratch, &zero);
+	if (!k)
+		goto pass;
+	__builtin_memset(k, 0, sizeof(*k));
+	k->net_id = net_id;
 	__u32 qlen = ulen - 8 - 12 - 4;
 	if (qlen < 1 || qlen > DNS_NAME_MAX)
 		goto pass;
-	if (bpf_skb_load_bytes(skb, DNS_HDR_END, k.name, qlen))
+	if (bpf_skb_load_bytes(skb, DNS_HDR_END, k->name, qlen))
 		goto pass;
 	/* Labels of at most 63 bytes (no compression in a question), ending
 	 * with the root exactly at the end: walked label by label (a name of
@@ -66,7 +70,7 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	for (int l = 0; l < DNS_NAME_MAX / 2; l++) {
 		if (pos >= qlen)
 			break;
-		__u8 len = k.name[pos & (DNS_NAME_MAX - 1)];
+		__u8 len = k->name[pos & (DNS_NAME_MAX - 1)];
 		if (len == 0) {
 			ended = pos == qlen - 1;
 			break;
@@ -80,7 +84,7 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	/* Lower case for the lookup (length bytes are below 64: untouched),
 	 * four bytes at a time (the name is 4-aligned in the key): a byte's
 	 * top bit marks it as 'A'..'Z'. */
-	__u32 *words = (__u32 *)k.name;
+	__u32 *words = (__u32 *)k->name;
 #pragma clang loop unroll(disable)
 	for (int i = 0; i < DNS_NAME_MAX / 4; i++) {
 		__u32 x = words[i];
@@ -96,10 +100,10 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	if (q[0] != 0 || (q[1] != DNS_TYPE_A && q[1] != DNS_TYPE_AAAA) || q[2] != 0 || q[3] != 1)
 		goto pass; /* not A or AAAA / IN */
 	int six = q[1] == DNS_TYPE_AAAA;
-	k.qtype = q[1];
+	k->qtype = q[1];
 	/* Read in place (map values outlive the packet helpers below): the
 	 * stack is tight, shared with the program that calls this. */
-	struct dns_answer *ans = bpf_map_lookup_elem(&dns, &k);
+	struct dns_answer *ans = bpf_map_lookup_elem(&dns, k);
 	if (!ans)
 		goto pass;
 	__u8 ra = (config_flags() & CFG_DNS_RA) ? 0x80 : 0;
@@ -158,8 +162,11 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	rr[3] = six ? DNS_TYPE_AAAA : DNS_TYPE_A;
 	rr[4] = 0;
 	rr[5] = 1;
-	__u32 ttl = bpf_htonl(ans->ttl);
-	__builtin_memcpy(&rr[6], &ttl, 4);
+	__u32 ttl = ans->ttl;
+	rr[6] = ttl >> 24;
+	rr[7] = ttl >> 16;
+	rr[8] = ttl >> 8;
+	rr[9] = ttl;
 	rr[10] = 0;
 	if (six) {
 		if ((void *)(rr + DNS_RR_LEN6) > end)
@@ -216,6 +223,117 @@ static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint
 		return drop(c, DROP_MALFORMED, skb->ifindex, f);
 	if (bpf_skb_store_bytes(skb, 0, ep->gw_mac, ETH_ALEN, 0))
 		return drop(c, DROP_MALFORMED, skb->ifindex, f);
+	return TC_ACT_OK;
+}
+
+/* IPv6 DNS interception. */
+#define IPV6_SRC_OFF (ETH_HLEN_ + 8)
+#define IPV6_DST_OFF (ETH_HLEN_ + 24)
+#define IPV6_L4_OFF (ETH_HLEN_ + 40)
+
+static __always_inline int addr6_eq(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline int addr6_zero(const __u8 *a)
+{
+	const __u32 *x = (const __u32 *)a;
+	return !(x[0] | x[1] | x[2] | x[3]);
+}
+
+/* Rewrite the source or destination (`dst`) address of an IPv6 TCP/UDP
+ * packet without extension headers, the L4 checksum with it (IPv6 has no
+ * header checksum). `old` may point into the packet: it is read before
+ * anything is written. */
+static __always_inline int rewrite6(struct __sk_buff *skb, __u8 proto, int dst, const __u8 *old, const __u8 *new_addr)
+{
+	__u32 csum_off = IPV6_L4_OFF + (proto == PROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
+							   : __builtin_offsetof(struct udphdr, check));
+	__s64 diff = bpf_csum_diff((__be32 *)old, 16, (__be32 *)new_addr, 16, 0);
+	if (diff < 0)
+		return -1;
+	__u64 flags = proto == PROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, flags | BPF_F_PSEUDO_HDR))
+		return -1;
+	return bpf_skb_store_bytes(skb, dst ? IPV6_DST_OFF : IPV6_SRC_OFF, new_addr, 16, 0);
+}
+
+/* What to_gateway_dns6 did. */
+#define DNS6_SENT 0	  /* sent to the gateway */
+#define DNS6_NOT_QUERY 1  /* not such a query: the caller goes on */
+#define DNS6_TABLE_FULL 2 /* the endpoint's table is full: drop */
+#define DNS6_MALFORMED 3  /* could not be rewritten: drop */
+
+/* A DNS query over IPv6 from the endpoint's own address to a resolver
+ * outside Trellis (the caller checked the destination is in no Trellis
+ * subnet), sent to the network's IPv6 gateway instead; the client's port
+ * remembers the resolver, whose address the reply gets back
+ * (reverse_dns6). Not inlined, and the drops left to the caller: its
+ * locals stay off the endpoint program's frame, whose stack with
+ * trellis_dns_fast's is near the limit. */
+static __attribute__((noinline)) int to_gateway_dns6(struct __sk_buff *skb, const struct endpoint_info *ep)
+{
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	struct ipv6hdr *ip6 = data + ETH_HLEN_;
+	__u16 *ports = data + IPV6_L4_OFF;
+	if (!ep || (void *)(ports + 2) > end)
+		return DNS6_NOT_QUERY;
+	__u8 proto = ip6->nexthdr;
+	if ((proto != PROTO_UDP && proto != PROTO_TCP) || ports[1] != bpf_htons(53) || addr6_zero(ep->gw6) ||
+	    !addr6_eq(ip6->saddr.in6_u.u6_addr8, ep->ip6))
+		return DNS6_NOT_QUERY;
+	__u8 d0 = ip6->daddr.in6_u.u6_addr8[0];
+	if (d0 == 0xff || (d0 == 0xfe && (ip6->daddr.in6_u.u6_addr8[1] & 0xc0) == 0x80))
+		return DNS6_NOT_QUERY; /* multicast, link-local: not a resolver outside */
+	__u32 ifindex = skb->ifindex;
+	void *t = bpf_map_lookup_elem(&ep_rnat6, &ifindex);
+	if (!t)
+		return DNS6_TABLE_FULL;
+	struct rnat6_key k = { .cport = ports[0], .proto = proto };
+	struct rnat6_value *v = bpf_map_lookup_elem(t, &k);
+	__u64 now = bpf_ktime_get_coarse_ns();
+	if (!v || !addr6_eq(v->resolver, ip6->daddr.in6_u.u6_addr8)) {
+		struct rnat6_value nv = { .seen = now };
+		__builtin_memcpy(nv.resolver, ip6->daddr.in6_u.u6_addr8, 16);
+		if (bpf_map_update_elem(t, &k, &nv, BPF_ANY))
+			return DNS6_TABLE_FULL;
+	} else if (now - v->seen > SEEN_STEP) {
+		v->seen = now;
+	}
+	if (rewrite6(skb, proto, 1, ip6->daddr.in6_u.u6_addr8, ep->gw6))
+		return DNS6_MALFORMED;
+	if (bpf_skb_store_bytes(skb, 0, ep->gw_mac, ETH_ALEN, 0))
+		return DNS6_MALFORMED;
+	return DNS6_SENT;
+}
+
+/* A reply from the gateway's IPv6 address to a query to_gateway_dns6 sent
+ * there: its source becomes the resolver the endpoint asked. */
+static __always_inline int reverse_dns6(struct __sk_buff *skb, const struct endpoint_info *ep)
+{
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	struct ipv6hdr *ip6 = data + ETH_HLEN_;
+	__u16 *ports = data + IPV6_L4_OFF;
+	if ((void *)(ports + 2) > end)
+		return TC_ACT_OK;
+	__u8 proto = ip6->nexthdr;
+	if ((proto != PROTO_UDP && proto != PROTO_TCP) || ports[0] != bpf_htons(53) || addr6_zero(ep->gw6) ||
+	    !addr6_eq(ip6->saddr.in6_u.u6_addr8, ep->gw6))
+		return TC_ACT_OK;
+	__u32 ifindex = skb->ifindex;
+	void *t = bpf_map_lookup_elem(&ep_rnat6, &ifindex);
+	if (!t)
+		return TC_ACT_OK;
+	struct rnat6_key k = { .cport = ports[1], .proto = proto };
+	struct rnat6_value *v = bpf_map_lookup_elem(t, &k);
+	if (!v)
+		return TC_ACT_OK;
+	if (rewrite6(skb, proto, 0, ip6->saddr.in6_u.u6_addr8, v->resolver))
+		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }
 

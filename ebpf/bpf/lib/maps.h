@@ -48,6 +48,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } dns SEC(".maps");
 
+/* The in-kernel DNS path's key, built here rather than on the stack (the
+ * endpoint program's stack and the DNS path's together are near the
+ * verifier's 512 bytes). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dns_key);
+} dns_scratch SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -157,6 +167,22 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, struct ep_rnat_table);
 } ep_rnat SEC(".maps");
+
+struct ep_rnat6_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(struct rnat6_key));
+	__uint(value_size, sizeof(struct rnat6_value));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct ep_rnat6_table);
+} ep_rnat6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

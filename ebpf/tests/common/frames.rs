@@ -152,6 +152,36 @@ pub fn ipv6(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, payload: &[u8]) ->
     p
 }
 
+/// An IPv6 UDP packet (no extension headers, hop limit 64) from
+/// `src`:`sport` to `dst`:`dport`, its checksum computed.
+pub fn ipv6_udp(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut u = Vec::with_capacity(len);
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&(len as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let mut ph = Vec::with_capacity(40 + len);
+    ph.extend_from_slice(&src.octets());
+    ph.extend_from_slice(&dst.octets());
+    ph.extend_from_slice(&(len as u32).to_be_bytes());
+    ph.extend_from_slice(&[0, 0, 0, PROTO_UDP]);
+    ph.extend_from_slice(&u);
+    let c = match checksum(&ph) {
+        0 => 0xffff,
+        c => c,
+    };
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p.extend_from_slice(&[PROTO_UDP, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&u);
+    p
+}
+
 /// `name` (dotted, as given: case kept) in DNS wire format.
 pub fn dns_name(name: &str) -> Vec<u8> {
     let mut n = Vec::new();

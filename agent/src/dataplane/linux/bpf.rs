@@ -211,6 +211,9 @@ impl NetlinkDataplane {
         if let Some(IpAddr::V6(a6)) = ip6 {
             info = info.with_ip6(a6);
         }
+        if let Some(gw6) = program.dns6_at {
+            info = info.with_dns6_at(gw6);
+        }
         let info = info.with_flags(program.flags());
         dp.set_endpoint(index, info).map_err(ebpf)?;
         if links.join(ifname).is_dir() {

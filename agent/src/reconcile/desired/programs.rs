@@ -30,8 +30,12 @@ pub fn programs(
             (true, Some(IpAddr::V4(gw))) => Some((gw, model::Mac::for_ip(n.subnet.network()))),
             _ => None,
         };
+        let dns6_at = match (dns_at, n.gateway6) {
+            (Some(_), Some(IpAddr::V6(gw6))) => Some(gw6),
+            _ => None,
+        };
         let alone = nets_of_sandbox.get(spec.netns.as_path()).is_none_or(|s| s.len() <= 1);
         let dns_fast = me.dns_kernel && dns_at.is_some() && alone;
-        d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns_fast });
+        d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns6_at, dns_fast });
     }
 }
