@@ -721,6 +721,30 @@ fn exists_ok(r: std::result::Result<(), aya::maps::MapError>, call: &'static str
     }
 }
 
+/// The maps of maps holding an endpoint's own tables, by its ifindex.
+const PER_ENDPOINT_OUTER: [&str; 3] = ["ep_ct", "ep_rnat", "ep_rnat6"];
+
+/// Put `table` into the outer map `outer` under `ifindex` (present
+/// already is fine).
+fn insert_inner<V: aya::maps::InnerMap>(
+    outer: Option<&mut aya::maps::Map>,
+    ifindex: u32,
+    table: &V,
+    call: &'static str,
+) -> Result<()> {
+    let outer = outer.ok_or(DatapathError::Missing(call))?;
+    let mut m = aya::maps::HashOfMaps::<_, u32, V>::try_from(outer).map_err(map_err("open"))?;
+    exists_ok(m.insert(ifindex, table, NOEXIST), call)
+}
+
+/// Take `ifindex`'s table out of the outer map `outer` (gone already is
+/// fine).
+fn remove_inner(outer: Option<&mut aya::maps::Map>, ifindex: u32, call: &'static str) -> Result<()> {
+    let outer = outer.ok_or(DatapathError::Missing(call))?;
+    let mut m = aya::maps::HashOfMaps::<_, u32, CtTable>::try_from(outer).map_err(map_err("open"))?;
+    removed(m.remove(&ifindex), call)
+}
+
 /// A removal of something already gone is fine.
 fn removed(r: std::result::Result<(), aya::maps::MapError>, call: &'static str) -> Result<()> {
     match r {
@@ -766,37 +790,49 @@ impl Datapath {
         aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
     }
 
-    fn outer_mut<V: aya::maps::InnerMap>(
-        &mut self,
-        name: &'static str,
-    ) -> Result<aya::maps::HashOfMaps<&mut aya::maps::MapData, u32, V>> {
-        let map = self.ebpf.map_mut(name).ok_or(DatapathError::Missing(name))?;
-        aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
-    }
-
     /// Make the endpoint's own flow tables unless it has them (an agent
     /// restarted finds them pinned, flows and all).
+    ///
+    /// Every insert into (or removal from) a map of maps waits for an RCU
+    /// grace period (the kernel's `maybe_wait_bpf_programs`: 10–15 ms each
+    /// on the test machine, most of an attach's time): the three tables go
+    /// into their outer maps from three threads at once, whose waits share
+    /// one grace period.
     fn ensure_flow_tables(&mut self, ifindex: u32) -> Result<()> {
         let quota = self.flow_quota;
-        if self.ct_table(ifindex)?.is_none() {
-            let table = CtTable::create(quota, NO_PREALLOC).map_err(map_err("create a flow table"))?;
-            exists_ok(self.outer_mut::<CtTable>("ep_ct")?.insert(ifindex, &table, NOEXIST), "add a flow table")?;
+        let ct = match self.ct_table(ifindex)? {
+            None => Some(CtTable::create(quota, NO_PREALLOC).map_err(map_err("create a flow table"))?),
+            Some(_) => None,
+        };
+        let rnat = match self.rnat_table(ifindex)? {
+            None => Some(RnatTable::create(quota, NO_PREALLOC).map_err(map_err("create a reverse-NAT table"))?),
+            Some(_) => None,
+        };
+        let rnat6 = match self.rnat6_table(ifindex)? {
+            None => Some(Rnat6Table::create(quota, NO_PREALLOC).map_err(map_err("create an IPv6 DNS table"))?),
+            Some(_) => None,
+        };
+        let mut outers = self.outer_maps()?;
+        let (o_ct, o_rnat, o_rnat6) = (outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_rnat6"));
+        std::thread::scope(|scope| {
+            let a = ct.map(|t| scope.spawn(move || insert_inner(o_ct, ifindex, &t, "add a flow table")));
+            let b = rnat.map(|t| scope.spawn(move || insert_inner(o_rnat, ifindex, &t, "add a reverse-NAT table")));
+            let c = rnat6.map(|t| scope.spawn(move || insert_inner(o_rnat6, ifindex, &t, "add an IPv6 DNS table")));
+            for h in [a, b, c].into_iter().flatten() {
+                h.join().map_err(|_| DatapathError::Missing("a flow-table thread"))??;
+            }
+            Ok(())
+        })
+    }
+
+    /// The per-endpoint outer maps (maps of maps), each on its own.
+    fn outer_maps(&mut self) -> Result<std::collections::HashMap<&str, &mut aya::maps::Map>> {
+        let maps: std::collections::HashMap<&str, &mut aya::maps::Map> =
+            self.ebpf.maps_mut().filter(|(n, _)| PER_ENDPOINT_OUTER.contains(n)).collect();
+        if let Some(missing) = PER_ENDPOINT_OUTER.iter().find(|n| !maps.contains_key(*n)) {
+            return Err(DatapathError::Missing(missing));
         }
-        if self.rnat_table(ifindex)?.is_none() {
-            let table = RnatTable::create(quota, NO_PREALLOC).map_err(map_err("create a reverse-NAT table"))?;
-            exists_ok(
-                self.outer_mut::<RnatTable>("ep_rnat")?.insert(ifindex, &table, NOEXIST),
-                "add a reverse-NAT table",
-            )?;
-        }
-        if self.rnat6_table(ifindex)?.is_none() {
-            let table = Rnat6Table::create(quota, NO_PREALLOC).map_err(map_err("create an IPv6 DNS table"))?;
-            exists_ok(
-                self.outer_mut::<Rnat6Table>("ep_rnat6")?.insert(ifindex, &table, NOEXIST),
-                "add an IPv6 DNS table",
-            )?;
-        }
-        Ok(())
+        Ok(maps)
     }
 
     fn rnat6_table(&self, ifindex: u32) -> Result<Option<Rnat6Table>> {
@@ -1065,10 +1101,21 @@ impl Datapath {
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
         self.delete::<u32, EndpointInfo>("endpoints", ifindex)?;
         // Its flow tables go with it (the kernel frees an inner map when
-        // the last reference goes), and its share of the monitor's ring.
-        removed(self.outer_mut::<CtTable>("ep_ct")?.remove(&ifindex), "remove a flow table")?;
-        removed(self.outer_mut::<RnatTable>("ep_rnat")?.remove(&ifindex), "remove a reverse-NAT table")?;
-        removed(self.outer_mut::<Rnat6Table>("ep_rnat6")?.remove(&ifindex), "remove an IPv6 DNS table")?;
+        // the last reference goes), from three threads at once (each
+        // removal waits for a grace period: see `ensure_flow_tables`), and
+        // its share of the monitor's ring.
+        {
+            let mut outers = self.outer_maps()?;
+            let (a, b, c) = (outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_rnat6"));
+            std::thread::scope(|scope| {
+                let hs = [
+                    scope.spawn(move || remove_inner(a, ifindex, "remove a flow table")),
+                    scope.spawn(move || remove_inner(b, ifindex, "remove a reverse-NAT table")),
+                    scope.spawn(move || remove_inner(c, ifindex, "remove an IPv6 DNS table")),
+                ];
+                hs.into_iter().try_for_each(|h| h.join().map_err(|_| DatapathError::Missing("a flow-table thread"))?)
+            })?;
+        }
         self.delete::<u32, [u8; 16]>("event_budget", ifindex)?;
         let map = self.ebpf.map_mut("counters").ok_or(DatapathError::Missing("counters map"))?;
         let mut per_cpu: PerCpuHashMap<_, u32, EndpointCounters> =
