@@ -84,14 +84,14 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			if (v->net_id != ep->net_id)
 				return drop(c, DROP_ISOLATION, ifindex, &f);
 			struct vip_info vv = *v;
-			return to_vip(skb, c, &vv, &f);
+			return to_vip(skb, c, &vv, &f, ep->slot);
 		}
 		/* A flow that is not to a VIP now owns its addresses and ports: a
 		 * reverse translation left by an earlier VIP flow with the same
 		 * client port must not rewrite its replies. */
 		if ((f.proto == PROTO_TCP && f.syn) || f.proto == PROTO_UDP) {
 			struct rnat_key stale = { .client = f.saddr, .backend = daddr, .cport = f.sport, .bport = f.dport, .proto = f.proto };
-			void *rnats = rnat_table_of(ifindex);
+			void *rnats = rnat_table_of(ep->slot);
 			/* Looked up first: the lookup takes no lock, a delete does. */
 			if (rnats && bpf_map_lookup_elem(rnats, &stale))
 				bpf_map_delete_elem(rnats, &stale);
@@ -216,7 +216,7 @@ int trellis_to_endpoint(struct __sk_buff *skb)
 	if ((f.proto != PROTO_TCP && f.proto != PROTO_UDP) || !f.l4off)
 		return TC_ACT_OK;
 	mesh_to_endpoint(skb, &f);
-	return reverse_nat(skb, &f);
+	return reverse_nat(skb, &f, ep->slot);
 }
 
 /* tc ingress of the host's uplink: the routing mesh's published ports. */

@@ -28,6 +28,8 @@ struct endpoint_info {
 	__u8 ip6[16];  /* its IPv6 address on a dual-stack network; all zero: none */
 	__u8 gw6[16];  /* the network's IPv6 gateway (DNS over IPv6 to outside
 			* resolvers goes there); all zero: none */
+	__u32 slot;    /* its own tables' key in ep_ct, ep_rnat, ep_rnat6 (0: none) */
+	__u32 pad3;
 };
 
 /* Why a packet was dropped (index into endpoint_counters.drops). */
@@ -231,7 +233,8 @@ struct svc_stats {
 
 _Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
 _Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
-_Static_assert(sizeof(struct endpoint_info) == 64, "endpoint_info layout");
+_Static_assert(sizeof(struct endpoint_info) == 72, "endpoint_info layout");
+_Static_assert(__builtin_offsetof(struct endpoint_info, slot) == 64, "endpoint_info.slot");
 _Static_assert(__builtin_offsetof(struct endpoint_info, gw6) == 48, "endpoint_info.gw6");
 _Static_assert(__builtin_offsetof(struct endpoint_info, ip6) == 32, "endpoint_info.ip6");
 _Static_assert(__builtin_offsetof(struct endpoint_info, gw_mac) == 24, "endpoint_info.gw_mac");

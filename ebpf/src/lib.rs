@@ -50,6 +50,10 @@ pub struct EndpointInfo {
     /// The network's IPv6 gateway, where DNS over IPv6 to outside
     /// resolvers goes (all zero: none).
     pub gw6: [u8; 16],
+    /// Its own tables' key in the per-endpoint maps of maps (0: none);
+    /// set by [`Datapath::set_endpoint`] ([`slots`]).
+    pub slot: u32,
+    pub pad3: u32,
 }
 
 // SAFETY: plain old data with no padding the compiler may leave
@@ -85,6 +89,8 @@ impl EndpointInfo {
             pad2: 0,
             ip6: [0; 16],
             gw6: [0; 16],
+            slot: 0,
+            pad3: 0,
         }
     }
 
@@ -455,6 +461,7 @@ pub struct DnsStats {
 
 pub mod conntrack;
 pub mod maglev;
+pub mod slots;
 
 /// `enum drop_reason` of `trellis.h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -674,6 +681,22 @@ pub struct Datapath {
     ebpf: Ebpf,
     /// The size of each endpoint's own flow tables made from now on.
     flow_quota: u32,
+    /// Where its maps are pinned (the refiller opens the outer maps there).
+    pin_dir: std::path::PathBuf,
+    /// The per-endpoint tables' slots, and the thread that prepares spare
+    /// ones (started with the first endpoint).
+    slots: std::sync::Arc<slots::Shared>,
+    refiller: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        self.slots.lock().stop = true;
+        self.slots.wake.notify_all();
+        if let Some(t) = self.refiller.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How many flows an endpoint may track at once by default (its
@@ -684,8 +707,6 @@ pub const FLOWS_PER_ENDPOINT: u32 = 65536;
 /// `BPF_F_NO_PREALLOC`, the flag of the flow tables' template (an inner
 /// map must have the template's flags).
 const NO_PREALLOC: u32 = 1;
-/// `BPF_NOEXIST`.
-const NOEXIST: u64 = 1;
 
 /// What one sweep of the endpoints' flow tables did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -713,36 +734,42 @@ fn map_err(call: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathEr
     move |source| DatapathError::Map { call, source }
 }
 
-/// An insertion of something already there is fine (a racing maker won).
-fn exists_ok(r: std::result::Result<(), aya::maps::MapError>, call: &'static str) -> Result<()> {
-    match r {
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        r => r.map_err(|source| DatapathError::Map { call, source }),
-    }
-}
-
 /// The maps of maps holding an endpoint's own tables, by its ifindex.
 const PER_ENDPOINT_OUTER: [&str; 3] = ["ep_ct", "ep_rnat", "ep_rnat6"];
 
-/// Put `table` into the outer map `outer` under `ifindex` (present
-/// already is fine).
+/// `BPF_ANY`: put, replacing what is there.
+const BPF_ANY_FLAG: u64 = 0;
+
+/// Put `table` into the outer map `outer` under `slot`.
 fn insert_inner<V: aya::maps::InnerMap>(
     outer: Option<&mut aya::maps::Map>,
-    ifindex: u32,
+    slot: u32,
     table: &V,
+    flags: u64,
     call: &'static str,
 ) -> Result<()> {
     let outer = outer.ok_or(DatapathError::Missing(call))?;
     let mut m = aya::maps::HashOfMaps::<_, u32, V>::try_from(outer).map_err(map_err("open"))?;
-    exists_ok(m.insert(ifindex, table, NOEXIST), call)
+    m.insert(slot, table, flags).map_err(|source| DatapathError::Map { call, source })
 }
 
-/// Take `ifindex`'s table out of the outer map `outer` (gone already is
-/// fine).
-fn remove_inner(outer: Option<&mut aya::maps::Map>, ifindex: u32, call: &'static str) -> Result<()> {
-    let outer = outer.ok_or(DatapathError::Missing(call))?;
-    let mut m = aya::maps::HashOfMaps::<_, u32, CtTable>::try_from(outer).map_err(map_err("open"))?;
-    removed(m.remove(&ifindex), call)
+/// Fresh tables of `quota` entries for `slot` in the three outer maps
+/// (`ep_ct`, `ep_rnat`, `ep_rnat6`, in that order), replacing what the
+/// slot had. Each put waits for an RCU grace period: the three go from
+/// three threads at once.
+fn prepare_slot(outers: [Option<&mut aya::maps::Map>; 3], slot: u32, quota: u32, flags: u64) -> Result<()> {
+    let ct = CtTable::create(quota, NO_PREALLOC).map_err(map_err("create a flow table"))?;
+    let rnat = RnatTable::create(quota, NO_PREALLOC).map_err(map_err("create a reverse-NAT table"))?;
+    let rnat6 = Rnat6Table::create(quota, NO_PREALLOC).map_err(map_err("create an IPv6 DNS table"))?;
+    let [a, b, c] = outers;
+    std::thread::scope(|scope| {
+        let hs = [
+            scope.spawn(move || insert_inner(a, slot, &ct, flags, "add a flow table")),
+            scope.spawn(move || insert_inner(b, slot, &rnat, flags, "add a reverse-NAT table")),
+            scope.spawn(move || insert_inner(c, slot, &rnat6, flags, "add an IPv6 DNS table")),
+        ];
+        hs.into_iter().try_for_each(|h| h.join().map_err(|_| DatapathError::Missing("a flow-table thread"))?)
+    })
 }
 
 /// A removal of something already gone is fine.
@@ -773,13 +800,51 @@ impl Datapath {
                 .map_err(|source| DatapathError::Program { call: "lookup", source })?;
             prog.load().map_err(|source| DatapathError::Program { call: "load", source })?;
         }
-        Ok(Datapath { ebpf, flow_quota: FLOWS_PER_ENDPOINT })
+        let dp = Datapath {
+            ebpf,
+            flow_quota: FLOWS_PER_ENDPOINT,
+            pin_dir: pin_dir.to_path_buf(),
+            slots: std::sync::Arc::new(slots::Shared::default()),
+            refiller: None,
+        };
+        // Slots found pinned: those with tables, those endpoints hold.
+        let mut present = std::collections::BTreeSet::new();
+        for name in PER_ENDPOINT_OUTER {
+            let keys = dp.outer::<CtTable>(name)?.keys().collect::<std::result::Result<Vec<u32>, _>>();
+            present.extend(keys.map_err(map_err("list the per-endpoint tables"))?);
+        }
+        let used = dp.entries::<u32, EndpointInfo>("endpoints")?.into_iter().map(|(_, e)| e.slot).collect();
+        *dp.slots.lock() = slots::Pool::recovered(&present, &used, FLOWS_PER_ENDPOINT);
+        Ok(dp)
     }
 
     /// The size of the flow tables of endpoints programmed from now on
-    /// (an endpoint's tables, once made, keep theirs).
+    /// (an endpoint's tables, once made, keep theirs; spare ones of
+    /// another size are made again).
     pub fn set_flow_quota(&mut self, quota: u32) {
         self.flow_quota = quota.max(1);
+        self.slots.lock().quota = self.flow_quota;
+        self.slots.wake.notify_all();
+    }
+
+    /// Start the thread that keeps spare slots ready (once).
+    fn start_refiller(&mut self) {
+        if self.refiller.is_some() {
+            return;
+        }
+        let shared = self.slots.clone();
+        let dir = self.pin_dir.clone();
+        let spawned = std::thread::Builder::new().name("trellis-slots".into()).spawn(move || {
+            let open =
+                |name: &str| aya::maps::MapData::from_pin(dir.join(name)).and_then(aya::maps::Map::from_map_data);
+            let (Ok(mut ct), Ok(mut rnat), Ok(mut rnat6)) = (open("ep_ct"), open("ep_rnat"), open("ep_rnat6")) else {
+                return; // (unpinned: every slot is prepared by the caller)
+            };
+            slots::refill(shared, |slot, quota| {
+                prepare_slot([Some(&mut ct), Some(&mut rnat), Some(&mut rnat6)], slot, quota, BPF_ANY_FLAG).is_ok()
+            });
+        });
+        self.refiller = spawned.ok();
     }
 
     fn outer<V: aya::maps::InnerMap>(
@@ -788,41 +853,6 @@ impl Datapath {
     ) -> Result<aya::maps::HashOfMaps<&aya::maps::MapData, u32, V>> {
         let map = self.ebpf.map(name).ok_or(DatapathError::Missing(name))?;
         aya::maps::HashOfMaps::try_from(map).map_err(map_err("open"))
-    }
-
-    /// Make the endpoint's own flow tables unless it has them (an agent
-    /// restarted finds them pinned, flows and all).
-    ///
-    /// Every insert into (or removal from) a map of maps waits for an RCU
-    /// grace period (the kernel's `maybe_wait_bpf_programs`: 10–15 ms each
-    /// on the test machine, most of an attach's time): the three tables go
-    /// into their outer maps from three threads at once, whose waits share
-    /// one grace period.
-    fn ensure_flow_tables(&mut self, ifindex: u32) -> Result<()> {
-        let quota = self.flow_quota;
-        let ct = match self.ct_table(ifindex)? {
-            None => Some(CtTable::create(quota, NO_PREALLOC).map_err(map_err("create a flow table"))?),
-            Some(_) => None,
-        };
-        let rnat = match self.rnat_table(ifindex)? {
-            None => Some(RnatTable::create(quota, NO_PREALLOC).map_err(map_err("create a reverse-NAT table"))?),
-            Some(_) => None,
-        };
-        let rnat6 = match self.rnat6_table(ifindex)? {
-            None => Some(Rnat6Table::create(quota, NO_PREALLOC).map_err(map_err("create an IPv6 DNS table"))?),
-            Some(_) => None,
-        };
-        let mut outers = self.outer_maps()?;
-        let (o_ct, o_rnat, o_rnat6) = (outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_rnat6"));
-        std::thread::scope(|scope| {
-            let a = ct.map(|t| scope.spawn(move || insert_inner(o_ct, ifindex, &t, "add a flow table")));
-            let b = rnat.map(|t| scope.spawn(move || insert_inner(o_rnat, ifindex, &t, "add a reverse-NAT table")));
-            let c = rnat6.map(|t| scope.spawn(move || insert_inner(o_rnat6, ifindex, &t, "add an IPv6 DNS table")));
-            for h in [a, b, c].into_iter().flatten() {
-                h.join().map_err(|_| DatapathError::Missing("a flow-table thread"))??;
-            }
-            Ok(())
-        })
     }
 
     /// The per-endpoint outer maps (maps of maps), each on its own.
@@ -835,8 +865,30 @@ impl Datapath {
         Ok(maps)
     }
 
+    /// The slot of endpoint `ifindex`'s tables (none: no such endpoint, or
+    /// it has none).
+    pub fn endpoint_slot(&self, ifindex: u32) -> Result<Option<u32>> {
+        self.slot_of(ifindex)
+    }
+
+    /// How many slots are ready for new endpoints.
+    pub fn spare_slots(&self) -> usize {
+        self.slots.lock().spare.len()
+    }
+
+    fn slot_of(&self, ifindex: u32) -> Result<Option<u32>> {
+        let map = self.ebpf.map("endpoints").ok_or(DatapathError::Missing("endpoints"))?;
+        let m: HashMap<_, u32, EndpointInfo> = HashMap::try_from(map).map_err(map_err("open endpoints"))?;
+        match m.get(&ifindex, 0) {
+            Ok(e) => Ok(Some(e.slot).filter(|s| *s != 0)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(DatapathError::Map { call: "look up an endpoint", source }),
+        }
+    }
+
     fn rnat6_table(&self, ifindex: u32) -> Result<Option<Rnat6Table>> {
-        match self.outer::<Rnat6Table>("ep_rnat6")?.get(&ifindex, 0) {
+        let Some(slot) = self.slot_of(ifindex)? else { return Ok(None) };
+        match self.outer::<Rnat6Table>("ep_rnat6")?.get(&slot, 0) {
             Ok(m) => Ok(Some(m)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(DatapathError::Map { call: "open an IPv6 DNS table", source }),
@@ -854,14 +906,17 @@ impl Datapath {
 
     /// The endpoints (ifindexes) that have flow tables.
     pub fn flow_table_ifindexes(&self) -> Result<Vec<u32>> {
-        self.outer::<CtTable>("ep_ct")?
-            .keys()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(map_err("list flow tables"))
+        Ok(self
+            .entries::<u32, EndpointInfo>("endpoints")?
+            .into_iter()
+            .filter(|(_, e)| e.slot != 0)
+            .map(|(k, _)| k)
+            .collect())
     }
 
     fn ct_table(&self, ifindex: u32) -> Result<Option<CtTable>> {
-        match self.outer::<CtTable>("ep_ct")?.get(&ifindex, 0) {
+        let Some(slot) = self.slot_of(ifindex)? else { return Ok(None) };
+        match self.outer::<CtTable>("ep_ct")?.get(&slot, 0) {
             Ok(m) => Ok(Some(m)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(DatapathError::Map { call: "open a flow table", source }),
@@ -869,7 +924,8 @@ impl Datapath {
     }
 
     fn rnat_table(&self, ifindex: u32) -> Result<Option<RnatTable>> {
-        match self.outer::<RnatTable>("ep_rnat")?.get(&ifindex, 0) {
+        let Some(slot) = self.slot_of(ifindex)? else { return Ok(None) };
+        match self.outer::<RnatTable>("ep_rnat")?.get(&slot, 0) {
             Ok(m) => Ok(Some(m)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(source) => Err(DatapathError::Map { call: "open a reverse-NAT table", source }),
@@ -1099,22 +1155,14 @@ impl Datapath {
     /// Remove an endpoint's entry and its counters (both keyed by the
     /// ifindex of its veth: nothing else removes them when it goes).
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
-        self.delete::<u32, EndpointInfo>("endpoints", ifindex)?;
-        // Its flow tables go with it (the kernel frees an inner map when
-        // the last reference goes), from three threads at once (each
-        // removal waits for a grace period: see `ensure_flow_tables`), and
+        // Its slot goes back to be given fresh tables (its flows go with
+        // the old ones, freed by the kernel with their last reference), and
         // its share of the monitor's ring.
-        {
-            let mut outers = self.outer_maps()?;
-            let (a, b, c) = (outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_rnat6"));
-            std::thread::scope(|scope| {
-                let hs = [
-                    scope.spawn(move || remove_inner(a, ifindex, "remove a flow table")),
-                    scope.spawn(move || remove_inner(b, ifindex, "remove a reverse-NAT table")),
-                    scope.spawn(move || remove_inner(c, ifindex, "remove an IPv6 DNS table")),
-                ];
-                hs.into_iter().try_for_each(|h| h.join().map_err(|_| DatapathError::Missing("a flow-table thread"))?)
-            })?;
+        let slot = self.slot_of(ifindex)?;
+        self.delete::<u32, EndpointInfo>("endpoints", ifindex)?;
+        if let Some(s) = slot {
+            self.slots.lock().release(s);
+            self.slots.wake.notify_all();
         }
         self.delete::<u32, [u8; 16]>("event_budget", ifindex)?;
         let map = self.ebpf.map_mut("counters").ok_or(DatapathError::Missing("counters map"))?;
@@ -1141,11 +1189,35 @@ impl Datapath {
         Ok(self.entries::<u32, EndpointInfo>("endpoints")?.into_iter().map(|(k, _)| k).collect())
     }
 
-    /// Program (or update) an endpoint, keyed by its host-side ifindex.
-    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
-        // Its tables first: a VIP flow of an endpoint without them is
-        // refused.
-        self.ensure_flow_tables(ifindex)?;
+    /// Program (or update) an endpoint, keyed by its host-side ifindex,
+    /// with its own tables: the slot it has (an update, or an agent
+    /// restarted: flows and all), else a spare one, else one prepared now
+    /// (which waits for RCU grace periods: see [`slots`]).
+    pub fn set_endpoint(&mut self, ifindex: u32, mut info: EndpointInfo) -> Result<()> {
+        self.start_refiller();
+        info.slot = match self.slot_of(ifindex)? {
+            Some(s) => s,
+            None => {
+                let spare = self.slots.lock().take();
+                match spare {
+                    Some(s) => s,
+                    None => {
+                        let (slot, quota) = {
+                            let mut pool = self.slots.lock();
+                            (pool.fresh(), pool.quota)
+                        };
+                        let mut outers = self.outer_maps()?;
+                        let maps = [outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_rnat6")];
+                        if let Err(e) = prepare_slot(maps, slot, quota, BPF_ANY_FLAG) {
+                            self.slots.lock().release(slot);
+                            return Err(e);
+                        }
+                        slot
+                    }
+                }
+            }
+        };
+        self.slots.wake.notify_all();
         self.put("endpoints", ifindex, info)
     }
 
@@ -1511,7 +1583,8 @@ mod tests {
     /// The same numbers as the `_Static_assert`s of `trellis.h`.
     #[test]
     fn layouts_match_the_c_header() {
-        assert_eq!(size_of::<EndpointInfo>(), 64);
+        assert_eq!(size_of::<EndpointInfo>(), 72);
+        assert_eq!(offset_of!(EndpointInfo, slot), 64);
         assert_eq!(offset_of!(EndpointInfo, gw6), 48);
         assert_eq!(size_of::<Rnat6Key>(), 4);
         assert_eq!(size_of::<Rnat6Value>(), 24);

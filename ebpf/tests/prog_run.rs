@@ -170,6 +170,47 @@ fn dns_over_ipv6_to_an_outside_resolver_goes_to_the_gateway_and_back() {
     assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1, "nothing new kept");
 }
 
+/// An endpoint's tables are its own: a new endpoint takes a slot made
+/// ready ahead of time (no wait on the attach path), a slot an endpoint
+/// left comes back only with fresh tables (nothing of its flows reaches
+/// the next endpoint), and an agent restarted finds every endpoint with
+/// its slot and its entries.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn each_endpoint_has_its_own_tables_and_a_left_slot_comes_back_empty() {
+    let mut lab = lab();
+    let own: Ipv6Addr = "fd00:210::2".parse().unwrap();
+    let gw6: Ipv6Addr = "fd00:210::1".parse().unwrap();
+    let info = endpoint().with_ip6(own).with_dns_at(GW_IP, GW_MAC).with_dns6_at(gw6);
+    lab.dp.set_endpoint(RunLab::IFINDEX, info).unwrap();
+    let first = lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap().expect("a slot");
+    let q = query_frame(0x1234, 0x0100, "web.app", 28);
+    let query =
+        eth(GW_MAC, EP_MAC, ETH_P_IPV6, &ipv6_udp(own, "2001:db8::53".parse().unwrap(), 40000, 53, &q[L4 + 8..]));
+    assert_eq!(lab.send(&query).verdict, TC_ACT_OK);
+    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1);
+    // Spare slots are made in the background.
+    let t0 = std::time::Instant::now();
+    while lab.dp.spare_slots() < trellis_ebpf::slots::SPARE_SLOTS && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(lab.dp.spare_slots(), trellis_ebpf::slots::SPARE_SLOTS);
+    // Restarted: the same slot, its entry still there.
+    lab.reload();
+    assert_eq!(lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap(), Some(first));
+    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1, "flows outlive the agent");
+    // Gone and back (the same ifindex, as a new veth may get): another
+    // slot or the same one prepared again, and empty either way.
+    lab.dp.remove_endpoint(RunLab::IFINDEX).unwrap();
+    assert_eq!(lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap(), None);
+    lab.dp.set_endpoint(RunLab::IFINDEX, info).unwrap();
+    assert!(lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap().is_some());
+    assert!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().is_empty(), "a new endpoint sees no old flow");
+    // And the program uses the new tables.
+    assert_eq!(lab.send(&query).verdict, TC_ACT_OK);
+    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1);
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn ipv6_to_another_network_is_dropped_and_an_internal_one_is_sealed() {

@@ -202,7 +202,7 @@ static __always_inline int answer_dns(struct __sk_buff *skb, struct endpoint_cou
 static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint_counters *c,
 					  const struct endpoint_info *ep, const struct flow *f)
 {
-	void *rnats = rnat_table_of(skb->ifindex);
+	void *rnats = rnat_table_of(ep->slot);
 	if (!rnats) {
 		table_full(c, TABLE_RNAT);
 		return drop(c, DROP_TABLE_FULL, skb->ifindex, f);
@@ -288,8 +288,7 @@ static __attribute__((noinline)) int to_gateway_dns6(struct __sk_buff *skb, cons
 	__u8 d0 = ip6->daddr.in6_u.u6_addr8[0];
 	if (d0 == 0xff || (d0 == 0xfe && (ip6->daddr.in6_u.u6_addr8[1] & 0xc0) == 0x80))
 		return DNS6_NOT_QUERY; /* multicast, link-local: not a resolver outside */
-	__u32 ifindex = skb->ifindex;
-	void *t = bpf_map_lookup_elem(&ep_rnat6, &ifindex);
+	void *t = rnat6_table_of(ep->slot);
 	if (!t)
 		return DNS6_TABLE_FULL;
 	struct rnat6_key k = { .cport = ports[0], .proto = proto };
@@ -324,8 +323,7 @@ static __always_inline int reverse_dns6(struct __sk_buff *skb, const struct endp
 	if ((proto != PROTO_UDP && proto != PROTO_TCP) || ports[0] != bpf_htons(53) || addr6_zero(ep->gw6) ||
 	    !addr6_eq(ip6->saddr.in6_u.u6_addr8, ep->gw6))
 		return TC_ACT_OK;
-	__u32 ifindex = skb->ifindex;
-	void *t = bpf_map_lookup_elem(&ep_rnat6, &ifindex);
+	void *t = rnat6_table_of(ep->slot);
 	if (!t)
 		return TC_ACT_OK;
 	struct rnat6_key k = { .cport = ports[1], .proto = proto };

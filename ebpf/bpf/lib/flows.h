@@ -1,6 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* An endpoint's own flow tables (`ep_ct`, `ep_rnat`: one hash map each,
- * made by the agent with the endpoint's quota as its size) and what the
+ * made by the agent with the endpoint's quota as its size, found by the
+ * endpoint's slot: the agent keeps tables ready under spare slots, since
+ * putting a table into a map of maps waits for an RCU grace period) and what the
  * packets of a flow keep in them: when it was last seen, to a second, and
  * how far a TCP connection got. New flows never evict old ones: a table
  * that is full refuses them (counted in endpoint_counters.full); the agent
@@ -11,14 +13,19 @@
 #include "maps.h"
 #include "parse.h"
 
-static __always_inline void *ct_table_of(__u32 ifindex)
+static __always_inline void *ct_table_of(__u32 slot)
 {
-	return bpf_map_lookup_elem(&ep_ct, &ifindex);
+	return bpf_map_lookup_elem(&ep_ct, &slot);
 }
 
-static __always_inline void *rnat_table_of(__u32 ifindex)
+static __always_inline void *rnat_table_of(__u32 slot)
 {
-	return bpf_map_lookup_elem(&ep_rnat, &ifindex);
+	return bpf_map_lookup_elem(&ep_rnat, &slot);
+}
+
+static __always_inline void *rnat6_table_of(__u32 slot)
+{
+	return bpf_map_lookup_elem(&ep_rnat6, &slot);
 }
 
 /* An endpoint's share of `table` was spent. */

@@ -184,7 +184,7 @@ static __always_inline int select_backend(struct __sk_buff *skb, const struct fl
 
 /* A packet the endpoint sends to a VIP of its network. */
 static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counters *c, const struct vip_info *v,
-				  const struct flow *f)
+				  const struct flow *f, __u32 slot)
 {
 	__u32 ifindex = skb->ifindex;
 	if (f->proto == PROTO_ICMP) {
@@ -212,8 +212,8 @@ static __always_inline int to_vip(struct __sk_buff *skb, struct endpoint_counter
 	__u32 svc_id = svc->id;
 	__u16 target_port = svc->target_port;
 
-	void *cts = ct_table_of(ifindex);
-	void *rnats = rnat_table_of(ifindex);
+	void *cts = ct_table_of(slot);
+	void *rnats = rnat_table_of(slot);
 	if (!cts || !rnats) {
 		/* The agent has not made its tables (yet): nothing to keep the
 		 * flow in. */
@@ -276,9 +276,9 @@ no_backend:
 /* A TCP/UDP packet to the endpoint (`f` parsed, with an L4 header): a
  * backend's reply to one of its VIP flows gets the VIP and port back as
  * its source. */
-static __always_inline int reverse_nat(struct __sk_buff *skb, const struct flow *f)
+static __always_inline int reverse_nat(struct __sk_buff *skb, const struct flow *f, __u32 slot)
 {
-	void *rnats = rnat_table_of(skb->ifindex);
+	void *rnats = rnat_table_of(slot);
 	if (!rnats)
 		return TC_ACT_OK;
 	struct rnat_key rk = { .client = f->daddr, .backend = f->saddr, .cport = f->dport, .bport = f->sport, .proto = f->proto };

@@ -195,6 +195,11 @@ impl RunLab {
         })
     }
 
+    /// The datapath loaded again from its pins (as by an agent restarted).
+    pub fn reload(&mut self) {
+        self.dp = Datapath::load_pinned(self._dir.path()).expect("loading the endpoint program again");
+    }
+
     /// Run `trellis_from_endpoint` on a frame the endpoint sends.
     pub fn send(&self, frame: &[u8]) -> Run {
         self.run(Prog::FromEndpoint, frame)
