@@ -664,6 +664,12 @@ fn the_advertise_address_is_never_a_guess() {
     for part in [format!("198.18.5.2 on {a}"), format!("198.18.5.3 on {a}"), "--advertise-addr".to_string()] {
         assert!(err.contains(&part), "{part:?} not in: {err}");
     }
+    // An IPv6 address (global, on the default route's interface too) is
+    // no candidate, and given it is refused saying why.
+    h.ns.ip(&["-6", "addr", "add", "2001:db8:5::2/64", "dev", &a, "nodad"]).unwrap();
+    h.extra_args = vec!["--advertise-addr".into(), "2001:db8:5::2".into()];
+    let err = h.start().unwrap_err().to_string();
+    assert!(err.contains("an IPv6 underlay is not supported yet"), "{err}");
     h.extra_args = vec!["--advertise-addr".into(), "198.18.5.3".into()];
     h.start().unwrap();
     let hosts = h.ctl_json(&["host", "ls"]).unwrap();

@@ -119,6 +119,19 @@ pub fn choose_advertise_addr(candidates: &[(String, IpAddr)]) -> Result<Option<I
     }
 }
 
+/// The advertise address must be IPv4: the tunnels, their probes, the
+/// routing mesh and IPsec run over an IPv4 underlay only (an IPv6 one is
+/// not built yet); an IPv6 address is refused at start rather than giving
+/// a host that half works.
+pub fn require_ipv4_underlay(addr: IpAddr) -> Result<(), String> {
+    match addr {
+        IpAddr::V4(_) => Ok(()),
+        IpAddr::V6(v6) => Err(format!(
+            "--advertise-addr {v6}: an IPv6 underlay is not supported yet (VXLAN tunnels, their probes, the routing mesh and IPsec run over IPv4): advertise this host's IPv4 address; networks can still be dual-stack inside"
+        )),
+    }
+}
+
 /// A live host other than `me` that advertises `me`'s address: hosts
 /// behind one NAT address cannot be told apart by their peers (their
 /// tunnels would go to one of them).
@@ -192,6 +205,15 @@ mod tests {
         );
         let err = choose(&c(&[("eth0", "10.0.0.5"), ("eth0", "10.0.0.6"), ("eth1", "192.168.7.2")])).unwrap_err();
         for part in ["10.0.0.5 on eth0", "10.0.0.6 on eth0", "192.168.7.2 on eth1", "--advertise-addr"] {
+            assert!(err.contains(part), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_advertise_address_is_refused_saying_why() {
+        assert_eq!(super::require_ipv4_underlay("10.0.0.5".parse().unwrap()), Ok(()));
+        let err = super::require_ipv4_underlay("2001:db8::5".parse().unwrap()).unwrap_err();
+        for part in ["--advertise-addr 2001:db8::5", "IPv6 underlay is not supported", "IPv4 address"] {
             assert!(err.contains(part), "{err}");
         }
     }

@@ -27,7 +27,7 @@ use crate::app::App;
 use crate::daemon::config::Config;
 use crate::daemon::host::{
     capabilities, choose_advertise_addr, open_store, read_cluster_keys, refuse_shared_underlay,
-    remove_orphan_namespaces,
+    remove_orphan_namespaces, require_ipv4_underlay,
 };
 use crate::dataplane::Dataplane;
 pub use crate::dataplane::HOST_LIMITS;
@@ -81,7 +81,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let cluster = Arc::new(cluster);
     let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
     let underlay = match cfg.advertise_addr {
-        Some(a) => Some(a),
+        Some(a) => {
+            require_ipv4_underlay(a).map_err(anyhow::Error::msg)?;
+            Some(a)
+        }
         None => {
             let candidates = dataplane.underlay_candidates().await.context("finding the underlay address")?;
             choose_advertise_addr(&candidates).map_err(anyhow::Error::msg)?
