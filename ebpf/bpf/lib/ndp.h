@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /* IPv6 from an endpoint: the addresses it may send from, and the neighbour
  * discovery messages it may send (no advertisement of another's address,
- * no router advertisement: a container is no router). */
+ * no router advertisement: a container is no router), behind extension
+ * headers too. */
 #ifndef TRELLIS_LIB_NDP_H
 #define TRELLIS_LIB_NDP_H
 
@@ -31,14 +32,41 @@ static __always_inline int own_ip6(const __u8 *a, const struct endpoint_info *ep
 	       x[3] == own[3];
 }
 
-/* An ICMPv6 message right after the header that the endpoint may not
- * send: a neighbour advertisement for an address not its own, or a router
- * advertisement. (NDP behind extension headers is not looked at.) */
+/* IPv6 extension headers an NDP message may hide behind (hop-by-hop,
+ * routing, destination options; a fragmented NDP message the kernel drops
+ * itself, RFC 6980), and how many of them the program walks: a longer
+ * chain before an ICMPv6 message is dropped rather than left unread. */
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_DEST 60
+#define EXT_HDRS_MAX 4
+
+static __always_inline int ext_hdr(__u8 nh)
+{
+	return nh == NEXTHDR_HOP || nh == NEXTHDR_ROUTING || nh == NEXTHDR_DEST;
+}
+
+/* An ICMPv6 message the endpoint may not send, right after the header or
+ * behind extension headers: a neighbour advertisement for an address not
+ * its own, or a router advertisement. A chain of extension headers too
+ * long to walk, or cut short, counts as one. */
 static __always_inline int ndp_spoofed(const struct ipv6hdr *ip6, const void *end, const struct endpoint_info *ep)
 {
-	if (ip6->nexthdr != NEXTHDR_ICMPV6)
-		return 0;
+	__u8 nh = ip6->nexthdr;
 	const __u8 *icmp = (const void *)(ip6 + 1);
+#pragma unroll
+	for (int i = 0; i < EXT_HDRS_MAX; i++) {
+		if (!ext_hdr(nh))
+			break;
+		if ((const void *)(icmp + 2) > end)
+			return 1;
+		nh = icmp[0];
+		icmp += ((__u32)icmp[1] + 1) * 8;
+	}
+	if (ext_hdr(nh))
+		return 1;
+	if (nh != NEXTHDR_ICMPV6)
+		return 0;
 	if ((const void *)(icmp + 1) > end)
 		return 0;
 	if (icmp[0] == ICMPV6_ROUTER_ADVERT)
