@@ -815,8 +815,72 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The reference path: two namespaces on hosts `hosts` of `lab` joined by
+/// what Trellis builds, by hand — a bridge, a veth, a VXLAN device (`vni`,
+/// UDP `port`) with a static FDB entry and static neighbour entries per
+/// side — with no program on the veths and no agent involved (MTU 1450).
+/// Side k (0, 1) has MAC 02:`tag`:00:00:00:0(k+1) and, for each
+/// (`prefix`, `len`) of `subnets`, the address `prefix` + (k+1).
+fn hand_built_path(
+    lab: &trellis_integration::Lab,
+    hosts: [usize; 2],
+    vni: u32,
+    port: u16,
+    tag: u8,
+    subnets: &[(&str, u8)],
+) -> Result<(Netns, Netns)> {
+    use trellis_integration::{ip, underlay_ip};
+    let sides = (Netns::new("thc")?, Netns::new("thc")?);
+    let (vni, port) = (vni.to_string(), port.to_string());
+    for (k, c) in [&sides.0, &sides.1].into_iter().enumerate() {
+        let host = &lab.hosts[hosts[k]];
+        let (vx, br, ve) = (format!("hvx{tag:x}{k}"), format!("hbr{tag:x}{k}"), trellis_integration::unique("hv"));
+        host.ns.ip(&["link", "add", &br, "type", "bridge"])?;
+        host.ns.ip(&["link", "set", &br, "up"])?;
+        let local = underlay_ip(hosts[k] + 1);
+        host.ns.ip(&[
+            "link",
+            "add",
+            &vx,
+            "type",
+            "vxlan",
+            "id",
+            &vni,
+            "dstport",
+            &port,
+            "local",
+            &local,
+            "nolearning",
+            "proxy",
+        ])?;
+        host.ns.ip(&["link", "set", &vx, "master", &br, "mtu", "1450", "up"])?;
+        ip(&["link", "add", &ve, "netns", &host.ns.name, "type", "veth", "peer", "name", "eth0", "netns", &c.name])?;
+        host.ns.ip(&["link", "set", &ve, "master", &br, "mtu", "1450", "up"])?;
+        c.ip(&["link", "set", "eth0", "mtu", "1450", "address", &format!("02:{tag:02x}:00:00:00:0{}", k + 1), "up"])?;
+        let peer_mac = format!("02:{tag:02x}:00:00:00:0{}", 2 - k);
+        for (prefix, len) in subnets {
+            let six = prefix.contains(':');
+            let mut add = vec!["addr", "add"];
+            let mine = format!("{prefix}{}/{len}", k + 1);
+            add.extend([mine.as_str(), "dev", "eth0"]);
+            if six {
+                add.push("nodad");
+            }
+            c.ip(&add)?;
+            let peer = format!("{prefix}{}", 2 - k);
+            host.ns.ip(&["neigh", "add", &peer, "lladdr", &peer_mac, "dev", &vx, "nud", "permanent"])?;
+        }
+        let other = underlay_ip(hosts[1 - k] + 1);
+        host.ns
+            .cmd("bridge")
+            .args(["fdb", "add", &peer_mac, "dev", &vx, "dst", &other, "self", "permanent"])
+            .output()?;
+    }
+    Ok(sides)
+}
+
 fn bench_cluster(hosts: usize, samples: usize) -> Result<ClusterResult> {
-    use trellis_integration::{Lab, ip, ip_of, netns_of, underlay_ip};
+    use trellis_integration::{Lab, ip_of, netns_of};
     let lab = Lab::new(hosts, 10_000)?;
     lab.hosts[0].ctl(&["network", "create", "bench", "--subnet", "10.66.0.0/16", "--attachable"])?;
     // The prober on host 2 pings endpoints created on the other hosts.
@@ -875,50 +939,7 @@ fn bench_cluster(hosts: usize, samples: usize) -> Result<ClusterResult> {
     // hand-built bridge + veth + VXLAN path between the same two hosts.
     let a = lab.hosts[0].attach("bench", "tput-a", &[])?;
     let b = lab.hosts[2].attach("bench", "tput-b", &[])?;
-    let (ha, hb) = (Netns::new("thc")?, Netns::new("thc")?);
-    for (k, (host, c, other)) in [(&lab.hosts[0], &ha, 3), (&lab.hosts[2], &hb, 1)].into_iter().enumerate() {
-        let vx = format!("hvx{k}");
-        let br = format!("hbr{k}");
-        let ve = trellis_integration::unique("hv");
-        host.ns.ip(&["link", "add", &br, "type", "bridge"])?;
-        host.ns.ip(&["link", "set", &br, "up"])?;
-        host.ns.ip(&[
-            "link",
-            "add",
-            &vx,
-            "type",
-            "vxlan",
-            "id",
-            "999",
-            "dstport",
-            "4790",
-            "local",
-            &underlay_ip(if k == 0 { 1 } else { 3 }),
-            "nolearning",
-            "proxy",
-        ])?;
-        host.ns.ip(&["link", "set", &vx, "master", &br, "mtu", "1450", "up"])?;
-        ip(&["link", "add", &ve, "netns", &host.ns.name, "type", "veth", "peer", "name", "eth0", "netns", &c.name])?;
-        host.ns.ip(&["link", "set", &ve, "master", &br, "mtu", "1450", "up"])?;
-        c.ip(&["link", "set", "eth0", "mtu", "1450", "address", &format!("02:99:00:00:00:0{}", k + 1), "up"])?;
-        c.ip(&["addr", "add", &format!("10.99.0.{}/24", k + 1), "dev", "eth0"])?;
-        let peer_mac = format!("02:99:00:00:00:0{}", 2 - k);
-        host.ns
-            .cmd("bridge")
-            .args(["fdb", "add", &peer_mac, "dev", &vx, "dst", &underlay_ip(other), "self", "permanent"])
-            .output()?;
-        host.ns.ip(&[
-            "neigh",
-            "add",
-            &format!("10.99.0.{}", 2 - k),
-            "lladdr",
-            &peer_mac,
-            "dev",
-            &vx,
-            "nud",
-            "permanent",
-        ])?;
-    }
+    let (ha, hb) = hand_built_path(&lab, [0, 2], 999, 4790, 0x99, &[("10.99.0.", 24)])?;
     if !trellis_integration::ping(&ha.path(), "10.99.0.2", 2) {
         bail!("the hand-built VXLAN path does not work");
     }

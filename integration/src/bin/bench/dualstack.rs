@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use trellis_integration::{Lab, Netns, bin, ip, netns_of, underlay_ip};
+use trellis_integration::{Lab, Netns, bin, netns_of};
 
 pub struct DualStack {
     /// Per round: (IPv4 bits/s, IPv6 bits/s).
@@ -116,68 +116,11 @@ pub fn bench(rounds: usize, secs: u32, attaches: usize) -> Result<DualStack> {
     Ok(r)
 }
 
-/// The reference: two namespaces on hosts 1 and 2 joined by what Trellis
-/// builds, by hand — a bridge, a veth, a VXLAN device with a static FDB
-/// entry and static neighbour entries per side — with no program on the
-/// veths and no agent involved (fd00:99::1 and ::2, 10.99.0.1 and .2,
-/// MTU 1450): the kernel's own IPv6 and IPv4 over the same devices.
+/// The reference: the hand-built VXLAN path between hosts 1 and 2
+/// ([`super::hand_built_path`]) with fd00:99::1 and ::2 and 10.99.0.1 and
+/// .2: the kernel's own IPv6 and IPv4 over the same devices.
 fn hand_built6(lab: &Lab) -> Result<(Netns, Netns)> {
-    let (ha, hb) = (Netns::new("th6")?, Netns::new("th6")?);
-    for (k, (host, c, other)) in [(&lab.hosts[0], &ha, 2), (&lab.hosts[1], &hb, 1)].into_iter().enumerate() {
-        let (vx, br, ve) = (format!("h6vx{k}"), format!("h6br{k}"), trellis_integration::unique("h6"));
-        host.ns.ip(&["link", "add", &br, "type", "bridge"])?;
-        host.ns.ip(&["link", "set", &br, "up"])?;
-        let local = underlay_ip(k + 1);
-        host.ns.ip(&[
-            "link",
-            "add",
-            &vx,
-            "type",
-            "vxlan",
-            "id",
-            "998",
-            "dstport",
-            "4791",
-            "local",
-            &local,
-            "nolearning",
-            "proxy",
-        ])?;
-        host.ns.ip(&["link", "set", &vx, "master", &br, "mtu", "1450", "up"])?;
-        ip(&["link", "add", &ve, "netns", &host.ns.name, "type", "veth", "peer", "name", "eth0", "netns", &c.name])?;
-        host.ns.ip(&["link", "set", &ve, "master", &br, "mtu", "1450", "up"])?;
-        c.ip(&["link", "set", "eth0", "mtu", "1450", "address", &format!("02:98:00:00:00:0{}", k + 1), "up"])?;
-        c.ip(&["-6", "addr", "add", &format!("fd00:99::{}/64", k + 1), "dev", "eth0", "nodad"])?;
-        c.ip(&["addr", "add", &format!("10.99.0.{}/24", k + 1), "dev", "eth0"])?;
-        let peer_mac = format!("02:98:00:00:00:0{}", 2 - k);
-        host.ns
-            .cmd("bridge")
-            .args(["fdb", "add", &peer_mac, "dev", &vx, "dst", &underlay_ip(other), "self", "permanent"])
-            .output()?;
-        host.ns.ip(&[
-            "-6",
-            "neigh",
-            "add",
-            &format!("fd00:99::{}", 2 - k),
-            "lladdr",
-            &peer_mac,
-            "dev",
-            &vx,
-            "nud",
-            "permanent",
-        ])?;
-        host.ns.ip(&[
-            "neigh",
-            "add",
-            &format!("10.99.0.{}", 2 - k),
-            "lladdr",
-            &peer_mac,
-            "dev",
-            &vx,
-            "nud",
-            "permanent",
-        ])?;
-    }
+    let (ha, hb) = super::hand_built_path(lab, [0, 1], 998, 4791, 0x98, &[("fd00:99::", 64), ("10.99.0.", 24)])?;
     anyhow::ensure!(
         trellis_integration::wait_for(Duration::from_secs(10), || trellis_integration::ping(
             &ha.path(),
