@@ -1149,7 +1149,7 @@ fn main() -> Result<()> {
     };
     let dual = if on("dualstack") {
         eprintln!("trellis-bench: dual stack: IPv6 vs IPv4 throughput across hosts, attach latency");
-        Some(dualstack::bench(5, 3, 10)?)
+        Some(dualstack::bench(7, 5, 10)?)
     } else {
         None
     };

@@ -192,8 +192,8 @@ pub fn md(md: &mut String, r: &DualStack) -> Result<()> {
          on host 1, so the pass after each of its detaches tore its VXLAN device down (20–40 ms) while the \
          next, dual-stack, attach waited for it; the agent's own log then put the two attaches' actions \
          at the same cost (creating the endpoint 1.6 vs 1.8 ms, its program 41 vs 39 ms, of which three \
-         RCU grace periods, one per per-endpoint table put into its map of maps: now one, the three put \
-         from three threads at once).\n",
+         RCU grace periods, one per per-endpoint table put into its map of maps: none now, the tables \
+         are made ahead of time under spare slots, `ebpf/src/slots.rs`).\n",
         super::verdict(tmin >= 0.97),
         super::verdict(hmin >= 0.97),
         super::verdict(amax <= 1.1)
