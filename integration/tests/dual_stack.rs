@@ -205,3 +205,35 @@ fn ipv6_subnets_from_the_cluster_pool_and_bad_requests_refused() {
         .collect();
     assert_eq!(names.len(), 2, "{names:?}");
 }
+
+/// Without the eBPF datapath, DNS over IPv6 to a resolver outside Trellis
+/// is still answered by the gateway (nftables DNAT to its IPv6 address),
+/// over UDP and TCP, the reply coming from the address asked.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn without_ebpf_dns_over_ipv6_goes_to_the_gateway_too() {
+    require_root();
+    let mut h = trellis_integration::Host::bare().unwrap();
+    h.extra_args = vec!["--ebpf=false".into()];
+    h.start().unwrap();
+    h.ctl(&["network", "create", "app", "--subnet", "10.93.0.0/24", "--subnet", "fd00:93::/64", "--attachable"])
+        .unwrap();
+    let a = h.attach("app", "a", &[]).unwrap();
+    let b = h.attach("app", "b", &[]).unwrap();
+    let (ans, b6) = (netns_of(&a), addr6(&b));
+    for proto in ["+notcp", "+tcp"] {
+        let dig = || {
+            let out = in_netns(&ans, "dig", &["@2001:db8:53::53", "+time=1", "+tries=2", proto, "AAAA", "b"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || dig().contains(&b6)),
+            "AAAA b via an outside IPv6 resolver ({proto}): {}\nlog:\n{}",
+            dig(),
+            h.log()
+        );
+        assert!(dig().contains("SERVER: 2001:db8:53::53#53"), "{}", dig());
+    }
+}

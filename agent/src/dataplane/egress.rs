@@ -90,6 +90,8 @@ pub struct EgressNet {
     pub internal: bool,
     /// A dual-stack network's IPv6 subnet: masqueraded as the IPv4 one.
     pub subnet6: Option<IpNet>,
+    /// Its IPv6 gateway: DNS over IPv6 to other resolvers goes there.
+    pub gateway6: Option<IpAddr>,
 }
 
 /// A host port published to an endpoint of this host (IPv4).
@@ -632,6 +634,29 @@ impl EgressRules {
                     ));
                 }
             }
+            // The same over IPv6, from the network's IPv6 subnet to its
+            // IPv6 gateway (not link-local or multicast resolvers).
+            if let (true, Some(sub6), Some(IpAddr::V6(gw6))) = (self.dns_intercept, n.subnet6, n.gateway6) {
+                for proto in ["udp", "tcp"] {
+                    out.push((
+                        "prerouting".to_string(),
+                        vec![
+                            m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
+                            m(payload("ip6", "saddr"), Operator::EQ, prefix(&sub6)),
+                            m(payload("ip6", "daddr"), Operator::NEQ, s(gw6.to_string())),
+                            m(payload("ip6", "daddr"), Operator::NEQ, prefix(&"fe80::/10".parse().expect("a prefix"))),
+                            m(payload("ip6", "daddr"), Operator::NEQ, prefix(&"ff00::/8".parse().expect("a prefix"))),
+                            m(payload(proto, "dport"), Operator::EQ, Expression::Number(53)),
+                            Statement::DNAT(Some(nftables::stmt::NAT {
+                                addr: Some(s(gw6.to_string())),
+                                family: Some(nftables::stmt::NATFamily::IP6),
+                                port: None,
+                                flags: None,
+                            })),
+                        ],
+                    ));
+                }
+            }
             if let (true, false, Some(IpAddr::V4(gw))) = (self.dns_notrack, self.dns_intercept, n.gateway) {
                 // Queries in from the bridge, answers out to it.
                 for (chain, dev, addr, port) in [
@@ -945,6 +970,7 @@ mod tests {
             gateway: Some(ipnet::IpNet::hosts(&subnet).next().unwrap()),
             internal,
             subnet6: None,
+            gateway6: None,
         }
     }
 
@@ -993,6 +1019,35 @@ mod tests {
         let json = serde_json::to_string(&r.batch()).unwrap();
         assert!(json.contains("\"dnat\"") && json.contains("\"prerouting\""), "{json}");
         assert!(json.contains("\"dport\"") && json.contains("53"));
+    }
+
+    #[test]
+    fn dns_over_ipv6_to_other_resolvers_goes_to_the_ipv6_gateway() {
+        let dual = EgressNet {
+            subnet6: Some("fd00:1::/64".parse().unwrap()),
+            gateway6: Some("fd00:1::1".parse().unwrap()),
+            ..net("trb-a", "10.1.0.0/24", false)
+        };
+        let mut r = EgressRules::new(vec![dual, net("trb-b", "10.2.0.0/24", false)]);
+        r.dns_intercept = true;
+        let pre: Vec<String> = r
+            .rules()
+            .into_iter()
+            .filter(|(c, _)| c == "prerouting")
+            .map(|(_, st)| serde_json::to_string(&st).unwrap())
+            .collect();
+        assert_eq!(pre.len(), 6, "udp and tcp, IPv4 for both networks, IPv6 for the dual-stack one: {pre:?}");
+        let six: Vec<&String> = pre.iter().filter(|j| j.contains("\"ip6\"")).collect();
+        assert_eq!(six.len(), 2, "{six:?}");
+        for j in &six {
+            assert!(
+                j.contains("fd00:1::1") && j.contains("\"dnat\"") && j.contains("trb-a") && j.contains("53"),
+                "{j}"
+            );
+            assert!(j.contains("fe80::") && j.contains("ff00::"), "link-local and multicast resolvers left alone: {j}");
+        }
+        r.dns_intercept = false;
+        assert!(!r.rules().iter().any(|(c, _)| c == "prerouting"), "nothing without interception");
     }
 
     #[test]

@@ -31,6 +31,7 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
             gateway: n.gateway,
             internal: n.internal,
             subnet6: n.subnet6,
+            gateway6: n.gateway6,
         });
     }
     d.egress = EgressRules::new(egress);
