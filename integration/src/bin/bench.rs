@@ -36,6 +36,8 @@ mod ipsec;
 #[path = "bench/sim.rs"]
 mod sim;
 
+#[path = "bench/attach_scale.rs"]
+mod attach_scale;
 #[path = "bench/dualstack.rs"]
 mod dualstack;
 #[path = "bench/fairness.rs"]
@@ -1153,6 +1155,12 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let scale_at = if on("attachscale") {
+        eprintln!("trellis-bench: attach latency with 10 and with 1,000 endpoints on the host");
+        Some(attach_scale::bench(10, 1000, 5, 10)?)
+    } else {
+        None
+    };
     let simulated = if on("sim") { Some(sim::bench(&[(100, 10), (300, 10), (1000, 10)], 50)?) } else { None };
     let at = if on("attach") {
         eprintln!("trellis-bench: attach/detach ({} endpoints each)", args.endpoints);
@@ -1204,6 +1212,9 @@ fn main() -> Result<()> {
     }
     if let Some(d) = &dual {
         dualstack::md(&mut md, d)?;
+    }
+    if let Some(a) = &scale_at {
+        attach_scale::md(&mut md, a)?;
     }
     if let Some(rows) = &simulated {
         sim::md(&mut md, rows)?;
