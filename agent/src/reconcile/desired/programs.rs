@@ -1,7 +1,7 @@
 //! The endpoint programs: on every endpoint veth of this host, with what
 //! they need to know of the endpoint's network (isolation, DNS).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use super::DesiredHost;
@@ -19,10 +19,12 @@ pub fn programs(
     let host = me.host.as_str();
     let net_of: BTreeMap<&str, &str> = endpoints.each().map(|e| (e.id.as_str(), e.network_id.as_str())).collect();
     // Containers (namespaces) of this host on more than one network see
-    // the names of all of them: their queries go to the server.
-    let mut nets_of_sandbox: BTreeMap<&std::path::Path, BTreeSet<&str>> = BTreeMap::new();
+    // the names of all of them: their queries go to the server. Keyed by
+    // the path's bytes (a `Path` compares component by component: most of
+    // this function's time on a host with a thousand endpoints).
+    let mut nets_of_sandbox: HashMap<&std::ffi::OsStr, BTreeSet<&str>> = HashMap::new();
     for e in endpoints.each().filter(|e| e.host == host && e.in_datapath()) {
-        nets_of_sandbox.entry(e.netns.as_path()).or_default().insert(e.network_id.as_str());
+        nets_of_sandbox.entry(e.netns.as_os_str()).or_default().insert(e.network_id.as_str());
     }
     for (name, spec) in &d.endpoints {
         let Some(n) = net_of.get(spec.endpoint_id.as_str()).and_then(|id| by_id.get(id)) else { continue };
@@ -34,7 +36,7 @@ pub fn programs(
             (Some(_), Some(IpAddr::V6(gw6))) => Some(gw6),
             _ => None,
         };
-        let alone = nets_of_sandbox.get(spec.netns.as_path()).is_none_or(|s| s.len() <= 1);
+        let alone = nets_of_sandbox.get(spec.netns.as_os_str()).is_none_or(|s| s.len() <= 1);
         let dns_fast = me.dns_kernel && dns_at.is_some() && alone;
         d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns6_at, dns_fast });
     }
