@@ -886,13 +886,33 @@ impl Datapath {
         }
     }
 
-    fn rnat6_table(&self, ifindex: u32) -> Result<Option<Rnat6Table>> {
-        let Some(slot) = self.slot_of(ifindex)? else { return Ok(None) };
-        match self.outer::<Rnat6Table>("ep_rnat6")?.get(&slot, 0) {
+    /// The table of `slot` in the per-endpoint outer map `outer`.
+    fn slot_table<V: aya::maps::FromMapData + aya::maps::InnerMap>(
+        &self,
+        outer: &'static str,
+        slot: u32,
+    ) -> Result<Option<V>> {
+        match self.outer::<V>(outer)?.get(&slot, 0) {
             Ok(m) => Ok(Some(m)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map { call: "open an IPv6 DNS table", source }),
+            Err(source) => Err(DatapathError::Map { call: "open a per-endpoint table", source }),
         }
+    }
+
+    /// Endpoint `ifindex`'s table in the per-endpoint outer map `outer`.
+    fn endpoint_table<V: aya::maps::FromMapData + aya::maps::InnerMap>(
+        &self,
+        outer: &'static str,
+        ifindex: u32,
+    ) -> Result<Option<V>> {
+        match self.slot_of(ifindex)? {
+            Some(slot) => self.slot_table(outer, slot),
+            None => Ok(None),
+        }
+    }
+
+    fn rnat6_table(&self, ifindex: u32) -> Result<Option<Rnat6Table>> {
+        self.endpoint_table("ep_rnat6", ifindex)
     }
 
     /// The IPv6 DNS queries endpoint `ifindex` sent to its gateway (client
@@ -915,21 +935,11 @@ impl Datapath {
     }
 
     fn ct_table(&self, ifindex: u32) -> Result<Option<CtTable>> {
-        let Some(slot) = self.slot_of(ifindex)? else { return Ok(None) };
-        match self.outer::<CtTable>("ep_ct")?.get(&slot, 0) {
-            Ok(m) => Ok(Some(m)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map { call: "open a flow table", source }),
-        }
+        self.endpoint_table("ep_ct", ifindex)
     }
 
     fn rnat_table(&self, ifindex: u32) -> Result<Option<RnatTable>> {
-        let Some(slot) = self.slot_of(ifindex)? else { return Ok(None) };
-        match self.outer::<RnatTable>("ep_rnat")?.get(&slot, 0) {
-            Ok(m) => Ok(Some(m)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(DatapathError::Map { call: "open a reverse-NAT table", source }),
-        }
+        self.endpoint_table("ep_rnat", ifindex)
     }
 
     /// The flows endpoint `ifindex` tracks (client flow → backend).
@@ -952,8 +962,19 @@ impl Datapath {
     /// the [`flow_clock`]) from every endpoint's tables.
     pub fn sweep_flows(&self, now: u64, life: &conntrack::Lifetimes) -> Result<FlowSweep> {
         let mut sweep = FlowSweep::default();
-        for ifindex in self.flow_table_ifindexes()? {
-            let (Some(mut ct), rnat) = (self.ct_table(ifindex)?, self.rnat_table(ifindex)?) else { continue };
+        // Each endpoint's slot read once, with the endpoint entries.
+        let slots: Vec<u32> = self
+            .entries::<u32, EndpointInfo>("endpoints")?
+            .into_iter()
+            .map(|(_, e)| e.slot)
+            .filter(|s| *s != 0)
+            .collect();
+        for slot in slots {
+            let (Some(mut ct), rnat) =
+                (self.slot_table::<CtTable>("ep_ct", slot)?, self.slot_table::<RnatTable>("ep_rnat", slot)?)
+            else {
+                continue;
+            };
             let flows = ct.iter().filter_map(|r| r.ok()).collect::<Vec<_>>();
             let mut rnat = rnat;
             let replies =
@@ -972,7 +993,7 @@ impl Datapath {
             sweep.removed_rnat += gone.rnat.len();
             // DNS over IPv6 to the gateway: an exchange, over once idle
             // for a UDP flow's life (TCP's DNS connections are short too).
-            if let Some(mut t) = self.rnat6_table(ifindex)? {
+            if let Some(mut t) = self.slot_table::<Rnat6Table>("ep_rnat6", slot)? {
                 let idle: Vec<Rnat6Key> = t
                     .iter()
                     .filter_map(|r| r.ok())
