@@ -8,7 +8,8 @@
  *   backend chosen by Maglev, remembered in a conntrack LRU; flows whose
  *   backend left are reset), counters and monitor events.
  * trellis_to_endpoint (egress: what the endpoint receives):
- *   reverse translation of backends' replies to the VIP, counters.
+ *   reverse translation of backends' replies to the VIP (IPv4 and IPv6),
+ *   counters.
  * trellis_from_uplink, trellis_from_tunnel: the routing mesh (mesh.h).
  *
  * This file holds the two entry points: the order of the checks above
@@ -23,6 +24,9 @@
  *   arp.h       ARP headers, the VIP MAC, ARP answers for VIPs
  *   lb.h        service VIPs: ping/reset answers, Maglev, conntrack, DNAT,
  *               reverse NAT
+ *   nat6.h      IPv6 rewriting, the reverse translation of IPv6 replies
+ *   lb6.h       IPv6 service VIPs: NDP/ping/reset answers, Maglev, DNAT
+ *   ndp.h       IPv6 neighbour discovery an endpoint may not send
  *   dns.h       the in-kernel DNS fast path, DNS redirected to the gateway
  *   mesh.h      the routing mesh: published ports on every host (the
  *               programs of uplinks and tunnels below, and the backends'
@@ -36,6 +40,8 @@
 #include "lib/arp.h"
 #include "lib/ndp.h"
 #include "lib/lb.h"
+#include "lib/nat6.h"
+#include "lib/lb6.h"
 #include "lib/dns.h"
 #include "lib/mesh.h"
 
@@ -154,6 +160,15 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
 		if (ndp_spoofed(ip6, end, ep))
 			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
+		/* To an IPv6 VIP (or soliciting one's address): lb6.h. */
+		int vip6 = vip6_from_endpoint(skb, ep, c);
+		if (vip6 != VIP6_NOT)
+			return vip6;
+		data = skb_data(skb);
+		end = skb_end(skb);
+		ip6 = data + ETH_HLEN_;
+		if ((void *)(ip6 + 1) > end)
+			return drop(c, DROP_MALFORMED, ifindex, &f);
 		/* Isolation: nothing to another network's IPv6 subnet; from an
 		 * internal network nothing but link-local and multicast beyond
 		 * its own. */
@@ -205,7 +220,7 @@ int trellis_to_endpoint(struct __sk_buff *skb)
 	if ((void *)(eth + 1) > end)
 		return TC_ACT_OK;
 	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-		return reverse_dns6(skb, ep);
+		return reverse6(skb, ep);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	struct iphdr *ip = (void *)(eth + 1);

@@ -28,7 +28,7 @@ struct endpoint_info {
 	__u8 ip6[16];  /* its IPv6 address on a dual-stack network; all zero: none */
 	__u8 gw6[16];  /* the network's IPv6 gateway (DNS over IPv6 to outside
 			* resolvers goes there); all zero: none */
-	__u32 slot;    /* its own tables' key in ep_ct, ep_rnat, ep_rnat6 (0: none) */
+	__u32 slot;    /* its own tables' key in ep_ct, ep_rnat, ep_flows6 (0: none) */
 	__u32 pad3;
 };
 
@@ -198,19 +198,54 @@ struct rnat_key {
 	__u8 pad[3];
 };
 
-/* An endpoint's DNS over IPv6 sent to the gateway instead of the outside
- * resolver it asked (`ep_rnat6`, one table per endpoint): by the client's
- * port and protocol (its address is the endpoint's own), the resolver its
- * replies come back from. */
-struct rnat6_key {
-	__u16 cport;
+/* An endpoint's IPv6 flows (`ep_flows6`, one table per endpoint, both
+ * directions in one: the client's address is always the endpoint's own).
+ * FLOW6_VIP: its flow to an IPv6 VIP (`addr`, `port`: the VIP and its port)
+ * → the backend chosen (`addr`, `port`, `mac`, `svc_id`, `state`), as a
+ * ct_value. FLOW6_REPLY: what comes back from `addr`, `port` (a backend,
+ * or the gateway's DNS for a query sent on to it) to the endpoint's `cport`
+ * → the address and port it must come from (`addr`, `port`; `flags`
+ * RNAT_*), as an rnat_value. */
+#define FLOW6_VIP 1
+#define FLOW6_REPLY 2
+struct flow6_key {
+	__u8 addr[16];
+	__u16 cport;   /* the endpoint's port */
+	__u16 port;
+	__u8 proto;
+	__u8 kind;     /* FLOW6_* */
+	__u8 pad[2];
+};
+
+struct flow6_value {
+	__u8 addr[16];
+	__u16 port;
+	__u8 mac[6];   /* FLOW6_VIP: the backend's MAC */
+	__u32 svc_id;  /* FLOW6_VIP */
+	__u8 state;    /* FLOW6_VIP: CT_* */
+	__u8 flags;    /* FLOW6_REPLY: RNAT_* */
+	__u8 pad[2];
+	__u64 seen;    /* bpf_ktime_get_coarse_ns, to a second */
+};
+
+/* IPv6 service VIPs (dual-stack networks), as the IPv4 tables: `vips6`
+ * (the VIP's 16 bytes → vip_info), `services6`, `maglev6` (service id →
+ * backend address per slot, all zero: none) and `backends6`, the service
+ * ids those of the same services' IPv4 entries. */
+struct svc6_key {
+	__u8 vip[16];
+	__u16 port;
 	__u8 proto;
 	__u8 pad;
 };
 
-struct rnat6_value {
-	__u8 resolver[16];
-	__u64 seen; /* bpf_ktime_get_coarse_ns */
+struct maglev6_table {
+	__u8 ip[MAGLEV_M][16];
+};
+
+struct backend6_key {
+	__u32 svc_id;
+	__u8 ip[16];
 };
 
 #define RNAT_CLOSING 1 /* a reply carried a FIN or a reset */
@@ -259,8 +294,14 @@ _Static_assert(__builtin_offsetof(struct ct_value, seen) == 24, "ct_value.seen")
 _Static_assert(__builtin_offsetof(struct ct_value, mac) == 6, "ct_value.mac");
 _Static_assert(sizeof(struct rnat_key) == 16, "rnat_key layout");
 _Static_assert(sizeof(struct rnat_value) == 16, "rnat_value layout");
-_Static_assert(sizeof(struct rnat6_key) == 4, "rnat6_key layout");
-_Static_assert(sizeof(struct rnat6_value) == 24, "rnat6_value layout");
+_Static_assert(sizeof(struct flow6_key) == 24, "flow6_key layout");
+_Static_assert(__builtin_offsetof(struct flow6_key, kind) == 21, "flow6_key.kind");
+_Static_assert(sizeof(struct flow6_value) == 40, "flow6_value layout");
+_Static_assert(__builtin_offsetof(struct flow6_value, seen) == 32, "flow6_value.seen");
+_Static_assert(__builtin_offsetof(struct flow6_value, svc_id) == 24, "flow6_value.svc_id");
+_Static_assert(sizeof(struct svc6_key) == 20, "svc6_key layout");
+_Static_assert(sizeof(struct maglev6_table) == 16 * MAGLEV_M, "maglev6_table layout");
+_Static_assert(sizeof(struct backend6_key) == 20, "backend6_key layout");
 _Static_assert(sizeof(struct svc_stats) == 16, "svc_stats layout");
 _Static_assert(sizeof(struct config) == 4, "config layout");
 _Static_assert(sizeof(struct event_budget) == 16, "event_budget layout");

@@ -1,5 +1,6 @@
 //! Which of an endpoint's tracked flows are over: the rule the agent's
-//! sweep applies to the endpoint's own tables (`ep_ct`, `ep_rnat`).
+//! sweep applies to the endpoint's own tables (`ep_ct`, `ep_rnat`, and
+//! `ep_flows6`, which holds both directions of its IPv6 flows).
 //!
 //! The programs never evict a flow to make room for another (a full table
 //! refuses the newcomer, see `bpf/lib/flows.h`), so flows leave only here:
@@ -13,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::{CtKey, CtValue, RnatKey, RnatValue};
+use crate::{CtKey, CtValue, FLOW6_REPLY, FLOW6_VIP, Flow6Key, Flow6Value, RnatKey, RnatValue};
 
 /// `CT_OPEN`: UDP, or TCP before the client acknowledged the handshake.
 pub const CT_OPEN: u8 = 0;
@@ -87,33 +88,100 @@ fn idle(now: u64, seen: u64) -> Duration {
 /// left) lives by its own replies, as a flow of its protocol that has not
 /// been acknowledged.
 pub fn expired(now: u64, ct: &[(CtKey, CtValue)], rnat: &[(RnatKey, RnatValue)], life: &Lifetimes) -> Expired {
-    let replies: HashMap<RnatKey, &RnatValue> = rnat.iter().map(|(k, v)| (*k, v)).collect();
-    let mut out = Expired::default();
+    let (ct, rnat) = expire(
+        now,
+        ct.iter().map(|(k, v)| Client {
+            key: *k,
+            reply: reply_key(k, v),
+            proto: k.proto,
+            state: v.state,
+            seen: v.seen,
+        }),
+        rnat.iter().map(|(k, v)| Reply { key: *k, proto: k.proto, closing: v.flags & RNAT_CLOSING != 0, seen: v.seen }),
+        life,
+    );
+    Expired { ct, rnat }
+}
+
+/// The `FLOW6_REPLY` entry the replies of IPv6 VIP flow (`k`, `v`) are
+/// translated by.
+pub fn reply_key6(k: &Flow6Key, v: &Flow6Value) -> Flow6Key {
+    Flow6Key { addr: v.addr, cport: k.cport, port: v.port, proto: k.proto, kind: FLOW6_REPLY, pad: [0; 2] }
+}
+
+/// [`expired`] for an endpoint's IPv6 table (`ep_flows6`), which holds
+/// both directions: the keys to remove.
+pub fn expired6(now: u64, flows: &[(Flow6Key, Flow6Value)], life: &Lifetimes) -> Vec<Flow6Key> {
+    let clients = flows.iter().filter(|(k, _)| k.kind == FLOW6_VIP).map(|(k, v)| Client {
+        key: *k,
+        reply: reply_key6(k, v),
+        proto: k.proto,
+        state: v.state,
+        seen: v.seen,
+    });
+    let replies = flows.iter().filter(|(k, _)| k.kind == FLOW6_REPLY).map(|(k, v)| Reply {
+        key: *k,
+        proto: k.proto,
+        closing: v.flags & RNAT_CLOSING != 0,
+        seen: v.seen,
+    });
+    let (mut gone, replies_gone) = expire(now, clients, replies, life);
+    gone.extend(replies_gone);
+    gone
+}
+
+/// A client's side of a flow: its key, the key of its replies' side, and
+/// what its packets kept.
+struct Client<K, R> {
+    key: K,
+    reply: R,
+    proto: u8,
+    state: u8,
+    seen: u64,
+}
+
+/// A replies' side.
+struct Reply<R> {
+    key: R,
+    proto: u8,
+    closing: bool,
+    seen: u64,
+}
+
+/// The rule, for either family's tables: the clients' and the replies'
+/// keys of the flows that are over.
+fn expire<K, R: Copy + Eq + std::hash::Hash>(
+    now: u64,
+    clients: impl Iterator<Item = Client<K, R>>,
+    replies: impl Iterator<Item = Reply<R>>,
+    life: &Lifetimes,
+) -> (Vec<K>, Vec<R>) {
+    let replies: Vec<Reply<R>> = replies.collect();
+    let by_key: HashMap<R, &Reply<R>> = replies.iter().map(|r| (r.key, r)).collect();
+    let (mut gone, mut gone_replies) = (Vec::new(), Vec::new());
     let mut partnered = std::collections::HashSet::new();
-    for (k, v) in ct {
-        let rk = reply_key(k, v);
-        let reply = replies.get(&rk);
-        let last = reply.map_or(v.seen, |r| r.seen.max(v.seen));
-        let closing = reply.is_some_and(|r| r.flags & RNAT_CLOSING != 0);
-        if idle(now, last) > life.of(k.proto, v.state, closing) {
-            out.ct.push(*k);
+    for c in clients {
+        let reply = by_key.get(&c.reply);
+        let last = reply.map_or(c.seen, |r| r.seen.max(c.seen));
+        let closing = reply.is_some_and(|r| r.closing);
+        if idle(now, last) > life.of(c.proto, c.state, closing) {
             if reply.is_some() {
-                out.rnat.push(rk);
+                gone_replies.push(c.reply);
             }
+            gone.push(c.key);
         }
-        partnered.insert(rk);
+        partnered.insert(c.reply);
     }
-    for (k, v) in rnat {
-        if partnered.contains(k) {
+    for r in &replies {
+        if partnered.contains(&r.key) {
             continue;
         }
-        let closing = v.flags & RNAT_CLOSING != 0;
-        let state = if k.proto == TCP { CT_ESTABLISHED } else { CT_OPEN };
-        if idle(now, v.seen) > life.of(k.proto, state, closing) {
-            out.rnat.push(*k);
+        let state = if r.proto == TCP { CT_ESTABLISHED } else { CT_OPEN };
+        if idle(now, r.seen) > life.of(r.proto, state, r.closing) {
+            gone_replies.push(r.key);
         }
     }
-    out
+    (gone, gone_replies)
 }
 
 #[cfg(test)]
@@ -194,6 +262,43 @@ mod tests {
         let gone = expired(now, &[], &rnat, &life);
         let ports: Vec<u16> = gone.rnat.iter().map(|k| k.cport).collect();
         assert_eq!(ports, vec![2, 4]);
+    }
+
+    /// The IPv6 table holds both directions: the same rule, the reply
+    /// entry found by the backend the client entry records.
+    #[test]
+    fn ipv6_flows_expire_by_the_same_rule_both_directions_in_one_table() {
+        let life = Lifetimes::default();
+        let now = 100_000 * S;
+        let vip = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x64];
+        let backend = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        let client = |cport, proto, state, seen| {
+            let k = Flow6Key { addr: vip, cport, port: 80, proto, kind: FLOW6_VIP, pad: [0; 2] };
+            let v = Flow6Value { addr: backend, port: 8080, svc_id: 7, state, seen, ..Default::default() };
+            (k, v)
+        };
+        let reply = |c: &(Flow6Key, Flow6Value), flags, seen| {
+            (reply_key6(&c.0, &c.1), Flow6Value { addr: vip, port: 80, flags, seen, ..Default::default() })
+        };
+        let streamed = client(1, UDP, CT_OPEN, now - 120 * S);
+        let quiet = client(2, UDP, CT_OPEN, now - 120 * S);
+        let closed = client(3, TCP, CT_ESTABLISHED, now - 20 * S);
+        let dns = (
+            Flow6Key { addr: [0xfd; 16], cport: 4, port: 53, proto: UDP, kind: FLOW6_REPLY, pad: [0; 2] },
+            Flow6Value { addr: [0x20; 16], port: 53, seen: now - 61 * S, ..Default::default() },
+        );
+        let table = [
+            streamed,
+            reply(&streamed, 0, now - S),
+            quiet,
+            reply(&quiet, 0, now - 90 * S),
+            closed,
+            reply(&closed, RNAT_CLOSING, now - 20 * S),
+            dns,
+        ];
+        let gone = expired6(now, &table, &life);
+        assert_eq!(gone, vec![quiet.0, closed.0, table[3].0, table[5].0, dns.0]);
+        assert_eq!(reply_key6(&quiet.0, &quiet.1).addr, backend, "replies come from the backend");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! receives, the reverse translation of backends' replies. Both count per
 //! endpoint. [`maglev`] builds the lookup tables the agent writes.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
@@ -305,23 +305,72 @@ pub struct RnatValue {
     pub seen: u64,
 }
 
-/// `struct rnat6_key`: an endpoint's DNS query over IPv6 sent to its
-/// gateway, by the client's port (network byte order) and protocol.
+/// `FLOW6_VIP`: an endpoint's flow to an IPv6 VIP (in `ep_flows6`).
+pub const FLOW6_VIP: u8 = 1;
+/// `FLOW6_REPLY`: what comes back to an endpoint's port from a backend of
+/// an IPv6 VIP flow, or from the gateway's DNS (in `ep_flows6`).
+pub const FLOW6_REPLY: u8 = 2;
+
+/// `struct flow6_key`: one direction of an endpoint's IPv6 flow (its own
+/// address is the client's): [`FLOW6_VIP`] the VIP and port asked, or
+/// [`FLOW6_REPLY`] the address and port replies come from, with the
+/// endpoint's port; ports in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Rnat6Key {
+pub struct Flow6Key {
+    pub addr: [u8; 16],
     pub cport: u16,
+    pub port: u16,
+    pub proto: u8,
+    pub kind: u8,
+    pub pad: [u8; 2],
+}
+
+/// `struct flow6_value`: for a [`FLOW6_VIP`] key the backend chosen (as a
+/// [`CtValue`]), for a [`FLOW6_REPLY`] key the address and port the
+/// replies must come from (as an [`RnatValue`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow6Value {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub mac: [u8; 6],
+    pub svc_id: u32,
+    pub state: u8,
+    pub flags: u8,
+    pub pad: [u8; 2],
+    pub seen: u64,
+}
+
+/// `struct svc6_key`: an IPv6 VIP, port (network order) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Svc6Key {
+    pub vip: [u8; 16],
+    pub port: u16,
     pub proto: u8,
     pub pad: u8,
 }
 
-/// `struct rnat6_value`: the resolver the query was for.
+impl Svc6Key {
+    pub fn new(vip: Ipv6Addr, port: u16, proto: u8) -> Svc6Key {
+        Svc6Key { vip: vip.octets(), port: port.to_be(), proto, pad: 0 }
+    }
+}
+
+/// `struct maglev6_table`: backend address per slot (all zero: none).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Rnat6Value {
-    pub resolver: [u8; 16],
-    /// As [`CtValue::seen`].
-    pub seen: u64,
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Maglev6Table {
+    pub ip: [[u8; 16]; MAGLEV_M],
+}
+
+/// `struct backend6_key`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend6Key {
+    pub svc_id: u32,
+    pub ip: [u8; 16],
 }
 
 /// `MESH_INGRESS`: this host took the connection.
@@ -380,8 +429,11 @@ pod!(
     MeshConfig,
     RnatKey,
     RnatValue,
-    Rnat6Key,
-    Rnat6Value,
+    Flow6Key,
+    Flow6Value,
+    Svc6Key,
+    Maglev6Table,
+    Backend6Key,
     MeshFlow
 );
 
@@ -720,7 +772,7 @@ pub struct FlowSweep {
 
 type CtTable = HashMap<aya::maps::MapData, CtKey, CtValue>;
 type RnatTable = HashMap<aya::maps::MapData, RnatKey, RnatValue>;
-type Rnat6Table = HashMap<aya::maps::MapData, Rnat6Key, Rnat6Value>;
+type Flows6Table = HashMap<aya::maps::MapData, Flow6Key, Flow6Value>;
 
 /// The monotonic clock the programs stamp flows with, in ns.
 pub fn flow_clock() -> u64 {
@@ -735,7 +787,7 @@ fn map_err(call: &'static str) -> impl FnOnce(aya::maps::MapError) -> DatapathEr
 }
 
 /// The maps of maps holding an endpoint's own tables, by its ifindex.
-const PER_ENDPOINT_OUTER: [&str; 3] = ["ep_ct", "ep_rnat", "ep_rnat6"];
+const PER_ENDPOINT_OUTER: [&str; 3] = ["ep_ct", "ep_rnat", "ep_flows6"];
 
 /// `BPF_ANY`: put, replacing what is there.
 const BPF_ANY_FLAG: u64 = 0;
@@ -754,19 +806,21 @@ fn insert_inner<V: aya::maps::InnerMap>(
 }
 
 /// Fresh tables of `quota` entries for `slot` in the three outer maps
-/// (`ep_ct`, `ep_rnat`, `ep_rnat6`, in that order), replacing what the
-/// slot had. Each put waits for an RCU grace period: the three go from
-/// three threads at once.
+/// (`ep_ct`, `ep_rnat`, `ep_flows6`, in that order: the last twice the
+/// quota, as it holds both directions of a flow), replacing what the slot
+/// had. Each put waits for an RCU grace period: the three go from three
+/// threads at once.
 fn prepare_slot(outers: [Option<&mut aya::maps::Map>; 3], slot: u32, quota: u32, flags: u64) -> Result<()> {
     let ct = CtTable::create(quota, NO_PREALLOC).map_err(map_err("create a flow table"))?;
     let rnat = RnatTable::create(quota, NO_PREALLOC).map_err(map_err("create a reverse-NAT table"))?;
-    let rnat6 = Rnat6Table::create(quota, NO_PREALLOC).map_err(map_err("create an IPv6 DNS table"))?;
+    let flows6 =
+        Flows6Table::create(quota.saturating_mul(2), NO_PREALLOC).map_err(map_err("create an IPv6 flow table"))?;
     let [a, b, c] = outers;
     std::thread::scope(|scope| {
         let hs = [
             scope.spawn(move || insert_inner(a, slot, &ct, flags, "add a flow table")),
             scope.spawn(move || insert_inner(b, slot, &rnat, flags, "add a reverse-NAT table")),
-            scope.spawn(move || insert_inner(c, slot, &rnat6, flags, "add an IPv6 DNS table")),
+            scope.spawn(move || insert_inner(c, slot, &flows6, flags, "add an IPv6 flow table")),
         ];
         hs.into_iter().try_for_each(|h| h.join().map_err(|_| DatapathError::Missing("a flow-table thread"))?)
     })
@@ -837,11 +891,11 @@ impl Datapath {
         let spawned = std::thread::Builder::new().name("trellis-slots".into()).spawn(move || {
             let open =
                 |name: &str| aya::maps::MapData::from_pin(dir.join(name)).and_then(aya::maps::Map::from_map_data);
-            let (Ok(mut ct), Ok(mut rnat), Ok(mut rnat6)) = (open("ep_ct"), open("ep_rnat"), open("ep_rnat6")) else {
+            let (Ok(mut ct), Ok(mut rnat), Ok(mut flows6)) = (open("ep_ct"), open("ep_rnat"), open("ep_flows6")) else {
                 return; // (unpinned: every slot is prepared by the caller)
             };
             slots::refill(shared, |slot, quota| {
-                prepare_slot([Some(&mut ct), Some(&mut rnat), Some(&mut rnat6)], slot, quota, BPF_ANY_FLAG).is_ok()
+                prepare_slot([Some(&mut ct), Some(&mut rnat), Some(&mut flows6)], slot, quota, BPF_ANY_FLAG).is_ok()
             });
         });
         self.refiller = spawned.ok();
@@ -911,15 +965,12 @@ impl Datapath {
         }
     }
 
-    fn rnat6_table(&self, ifindex: u32) -> Result<Option<Rnat6Table>> {
-        self.endpoint_table("ep_rnat6", ifindex)
-    }
-
-    /// The IPv6 DNS queries endpoint `ifindex` sent to its gateway (client
-    /// port and protocol → the resolver asked).
-    pub fn endpoint_dns6(&self, ifindex: u32) -> Result<Vec<(Rnat6Key, Rnat6Value)>> {
-        match self.rnat6_table(ifindex)? {
-            Some(t) => t.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list IPv6 DNS")),
+    /// Endpoint `ifindex`'s IPv6 flows, both directions: its connections
+    /// to IPv6 VIPs ([`FLOW6_VIP`]) and what their replies and its DNS
+    /// sent to the gateway come back as ([`FLOW6_REPLY`]).
+    pub fn endpoint_flows6(&self, ifindex: u32) -> Result<Vec<(Flow6Key, Flow6Value)>> {
+        match self.endpoint_table::<Flows6Table>("ep_flows6", ifindex)? {
+            Some(t) => t.iter().collect::<std::result::Result<Vec<_>, _>>().map_err(map_err("list IPv6 flows")),
             None => Ok(Vec::new()),
         }
     }
@@ -991,19 +1042,17 @@ impl Datapath {
             sweep.live += flows.len() - gone.ct.len();
             sweep.removed_ct += gone.ct.len();
             sweep.removed_rnat += gone.rnat.len();
-            // DNS over IPv6 to the gateway: an exchange, over once idle
-            // for a UDP flow's life (TCP's DNS connections are short too).
-            if let Some(mut t) = self.slot_table::<Rnat6Table>("ep_rnat6", slot)? {
-                let idle: Vec<Rnat6Key> = t
-                    .iter()
-                    .filter_map(|r| r.ok())
-                    .filter(|(_, v)| now.saturating_sub(v.seen) > life.other.as_nanos() as u64)
-                    .map(|(k, _)| k)
-                    .collect();
-                for k in &idle {
-                    removed(t.remove(k), "remove an IPv6 DNS entry")?;
+            if let Some(mut t) = self.slot_table::<Flows6Table>("ep_flows6", slot)? {
+                let flows6 = t.iter().filter_map(|r| r.ok()).collect::<Vec<_>>();
+                let gone = conntrack::expired6(now, &flows6, life);
+                for k in &gone {
+                    removed(t.remove(k), "remove an IPv6 flow")?;
                 }
-                sweep.removed_rnat += idle.len();
+                let live6 = flows6.iter().filter(|(k, _)| k.kind == FLOW6_VIP).count();
+                let gone6 = gone.iter().filter(|k| k.kind == FLOW6_VIP).count();
+                sweep.live += live6 - gone6;
+                sweep.removed_ct += gone6;
+                sweep.removed_rnat += gone.len() - gone6;
             }
         }
         Ok(sweep)
@@ -1228,7 +1277,7 @@ impl Datapath {
                             (pool.fresh(), pool.quota)
                         };
                         let mut outers = self.outer_maps()?;
-                        let maps = [outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_rnat6")];
+                        let maps = [outers.remove("ep_ct"), outers.remove("ep_rnat"), outers.remove("ep_flows6")];
                         if let Err(e) = prepare_slot(maps, slot, quota, BPF_ANY_FLAG) {
                             self.slots.lock().release(slot);
                             return Err(e);
@@ -1358,6 +1407,58 @@ impl Datapath {
 
     pub fn remove_backend(&mut self, key: BackendKey) -> Result<()> {
         self.delete::<BackendKey, BackendInfo>("backends", key)
+    }
+
+    pub fn vips6(&self) -> Result<Vec<(Ipv6Addr, VipInfo)>> {
+        Ok(self.entries::<[u8; 16], VipInfo>("vips6")?.into_iter().map(|(k, v)| (Ipv6Addr::from(k), v)).collect())
+    }
+
+    pub fn put_vip6(&mut self, vip: Ipv6Addr, info: VipInfo) -> Result<()> {
+        self.put("vips6", vip.octets(), info)
+    }
+
+    pub fn remove_vip6(&mut self, vip: Ipv6Addr) -> Result<()> {
+        self.delete::<[u8; 16], VipInfo>("vips6", vip.octets())
+    }
+
+    pub fn services6(&self) -> Result<Vec<(Svc6Key, SvcInfo)>> {
+        self.entries("services6")
+    }
+
+    pub fn put_service6(&mut self, key: Svc6Key, info: SvcInfo) -> Result<()> {
+        self.put("services6", key, info)
+    }
+
+    pub fn remove_service6(&mut self, key: Svc6Key) -> Result<()> {
+        self.delete::<Svc6Key, SvcInfo>("services6", key)
+    }
+
+    /// The service ids that have an IPv6 Maglev table.
+    pub fn maglev6_ids(&self) -> Result<Vec<u32>> {
+        self.hash::<u32, Maglev6Table>("maglev6")?
+            .keys()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(map_err("list maglev6"))
+    }
+
+    pub fn put_maglev6(&mut self, id: u32, table: &Maglev6Table) -> Result<()> {
+        self.put("maglev6", id, *table)
+    }
+
+    pub fn remove_maglev6(&mut self, id: u32) -> Result<()> {
+        self.delete::<u32, Maglev6Table>("maglev6", id)
+    }
+
+    pub fn backends6(&self) -> Result<Vec<(Backend6Key, BackendInfo)>> {
+        self.entries("backends6")
+    }
+
+    pub fn put_backend6(&mut self, key: Backend6Key, info: BackendInfo) -> Result<()> {
+        self.put("backends6", key, info)
+    }
+
+    pub fn remove_backend6(&mut self, key: Backend6Key) -> Result<()> {
+        self.delete::<Backend6Key, BackendInfo>("backends6", key)
     }
 
     /// Turn the `config` switches in `mask` on or off (the others kept).
@@ -1607,8 +1708,14 @@ mod tests {
         assert_eq!(size_of::<EndpointInfo>(), 72);
         assert_eq!(offset_of!(EndpointInfo, slot), 64);
         assert_eq!(offset_of!(EndpointInfo, gw6), 48);
-        assert_eq!(size_of::<Rnat6Key>(), 4);
-        assert_eq!(size_of::<Rnat6Value>(), 24);
+        assert_eq!(size_of::<Flow6Key>(), 24);
+        assert_eq!(offset_of!(Flow6Key, kind), 21);
+        assert_eq!(size_of::<Flow6Value>(), 40);
+        assert_eq!(offset_of!(Flow6Value, seen), 32);
+        assert_eq!(offset_of!(Flow6Value, svc_id), 24);
+        assert_eq!(size_of::<Svc6Key>(), 20);
+        assert_eq!(size_of::<Maglev6Table>(), 16 * MAGLEV_M);
+        assert_eq!(size_of::<Backend6Key>(), 20);
         assert_eq!(offset_of!(EndpointInfo, ip6), 32);
         assert_eq!(offset_of!(EndpointInfo, gw_mac), 24);
         assert_eq!(offset_of!(EndpointInfo, mac), 4);

@@ -1,4 +1,4 @@
-//! Slots: where an endpoint's own tables (`ep_ct`, `ep_rnat`, `ep_rnat6`,
+//! Slots: where an endpoint's own tables (`ep_ct`, `ep_rnat`, `ep_flows6`,
 //! maps of maps) are found. Putting a table into a map of maps waits for an
 //! RCU grace period (the kernel's `maybe_wait_bpf_programs`, 10–15 ms each
 //! on the test machine: most of an attach's time when it was done per

@@ -9,8 +9,9 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use trellis_ebpf::{
-    BackendInfo, BackendKey, CFG_DNS_KERNEL, CFG_DNS_RA, CtKey, CtValue, DnsAnswer, DnsKey, DropReason, EP_DNS_FAST,
-    EP_INTERNAL, EndpointInfo, MAGLEV_M, MaglevTable, NetInfo, SvcInfo, SvcKey, VipInfo, be,
+    Backend6Key, BackendInfo, BackendKey, CFG_DNS_KERNEL, CFG_DNS_RA, CtKey, CtValue, DnsAnswer, DnsKey, DropReason,
+    EP_DNS_FAST, EP_INTERNAL, EndpointInfo, FLOW6_REPLY, FLOW6_VIP, MAGLEV_M, Maglev6Table, MaglevTable, NetInfo,
+    Svc6Key, SvcInfo, SvcKey, VipInfo, be,
 };
 use trellis_ebpf::{Table, conntrack};
 use trellis_integration::require_root;
@@ -136,11 +137,13 @@ fn dns_over_ipv6_to_an_outside_resolver_goes_to_the_gateway_and_back() {
     let sent = lab.send(&frame(router_mac, EP_MAC, own, resolver, 40000, 53));
     assert_eq!(sent.verdict, TC_ACT_OK);
     assert_eq!(sent.frame, frame(GW_MAC, EP_MAC, own, gw6, 40000, 53), "to the gateway, checksum right");
-    let kept = lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap();
+    let kept = lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap();
     assert_eq!(kept.len(), 1);
+    let (k, v) = kept[0];
     assert_eq!(
-        (kept[0].0.cport, kept[0].0.proto, kept[0].1.resolver),
-        (40000u16.to_be(), PROTO_UDP, resolver.octets())
+        (k.addr, k.cport, k.port, k.proto, k.kind, v.addr, v.port),
+        (gw6.octets(), 40000u16.to_be(), 53u16.to_be(), PROTO_UDP, FLOW6_REPLY, resolver.octets(), 53u16.to_be()),
+        "replies from the gateway's port 53 to the client's port come from the resolver asked"
     );
     // The gateway's reply comes back from the resolver asked.
     let reply = lab.deliver(&frame(EP_MAC, GW_MAC, gw6, own, 53, 40000));
@@ -167,7 +170,7 @@ fn dns_over_ipv6_to_an_outside_resolver_goes_to_the_gateway_and_back() {
     let f = frame(router_mac, EP_MAC, own, resolver, 40005, 53);
     let r = lab.send(&f);
     assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f));
-    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1, "nothing new kept");
+    assert_eq!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().len(), 1, "nothing new kept");
 }
 
 /// An endpoint's tables are its own: a new endpoint takes a slot made
@@ -188,7 +191,7 @@ fn each_endpoint_has_its_own_tables_and_a_left_slot_comes_back_empty() {
     let query =
         eth(GW_MAC, EP_MAC, ETH_P_IPV6, &ipv6_udp(own, "2001:db8::53".parse().unwrap(), 40000, 53, &q[L4 + 8..]));
     assert_eq!(lab.send(&query).verdict, TC_ACT_OK);
-    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1);
+    assert_eq!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().len(), 1);
     // Spare slots are made in the background.
     let t0 = std::time::Instant::now();
     while lab.dp.spare_slots() < trellis_ebpf::slots::SPARE_SLOTS && t0.elapsed() < std::time::Duration::from_secs(10) {
@@ -198,17 +201,17 @@ fn each_endpoint_has_its_own_tables_and_a_left_slot_comes_back_empty() {
     // Restarted: the same slot, its entry still there.
     lab.reload();
     assert_eq!(lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap(), Some(first));
-    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1, "flows outlive the agent");
+    assert_eq!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().len(), 1, "flows outlive the agent");
     // Gone and back (the same ifindex, as a new veth may get): another
     // slot or the same one prepared again, and empty either way.
     lab.dp.remove_endpoint(RunLab::IFINDEX).unwrap();
     assert_eq!(lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap(), None);
     lab.dp.set_endpoint(RunLab::IFINDEX, info).unwrap();
     assert!(lab.dp.endpoint_slot(RunLab::IFINDEX).unwrap().is_some());
-    assert!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().is_empty(), "a new endpoint sees no old flow");
+    assert!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().is_empty(), "a new endpoint sees no old flow");
     // And the program uses the new tables.
     assert_eq!(lab.send(&query).verdict, TC_ACT_OK);
-    assert_eq!(lab.dp.endpoint_dns6(RunLab::IFINDEX).unwrap().len(), 1);
+    assert_eq!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().len(), 1);
 }
 
 /// Neighbour and router advertisements cannot hide behind extension
@@ -764,4 +767,163 @@ fn an_endpoint_gets_only_its_share_of_a_monitor_ring_that_is_filling_up() {
     assert_eq!(u64::from(queued) + full, u64::from(sent), "every event was either queued or counted");
     assert!(full > 0, "the endpoint was held to its share ({queued} queued)");
     assert!(queued < 8192 - 1024, "room is left for other endpoints: {queued} of 8192 queued");
+}
+
+const OWN6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 2);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0xffff, 0xffff, 0xffff, 0xfffe);
+/// The MAC VIP6 answers with: 02:42 and its last four bytes.
+const VIP6_MAC: Mac = [2, 0x42, 0xff, 0xff, 0xff, 0xfe];
+const BACKEND6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x210, 0, 0, 0, 0, 0, 9);
+
+/// A dual-stack endpoint (OWN6) with an IPv6 VIP of its network whose
+/// service 7 takes TCP port 80 to port 8080 of BACKEND6 (every slot), and
+/// an IPv6 VIP of another network.
+fn lab6() -> RunLab {
+    let mut lab = lab();
+    lab.dp.set_endpoint(RunLab::IFINDEX, endpoint().with_ip6(OWN6)).unwrap();
+    lab.dp.put_net6(("fd00:210::".parse().unwrap(), 64), NetInfo { net_id: NET, flags: 0 }).unwrap();
+    lab.dp.put_vip6(VIP6, VipInfo { net_id: NET, backends: 1 }).unwrap();
+    lab.dp.put_vip6("fd00:211::ffff".parse().unwrap(), VipInfo { net_id: OTHER_NET, backends: 1 }).unwrap();
+    let info = SvcInfo { id: 7, target_port: 8080u16.to_be(), pad: 0, count: 1, revision: 1 };
+    lab.dp.put_service6(Svc6Key::new(VIP6, 80, PROTO_TCP), info).unwrap();
+    lab.dp.put_maglev6(7, &Maglev6Table { ip: [BACKEND6.octets(); MAGLEV_M] }).unwrap();
+    lab.dp
+        .put_backend6(Backend6Key { svc_id: 7, ip: BACKEND6.octets() }, BackendInfo { mac: BACKEND_MAC, pad: 0 })
+        .unwrap();
+    lab
+}
+
+fn tcp6_frame(
+    (dmac, smac): (Mac, Mac),
+    (src, sport): (Ipv6Addr, u16),
+    (dst, dport): (Ipv6Addr, u16),
+    (seq, ack, flags): (u32, u32, u8),
+    payload: &[u8],
+) -> Vec<u8> {
+    let t = tcp_bare(sport, dport, seq, ack, flags, 64240, payload);
+    eth(dmac, smac, ETH_P_IPV6, &ipv6_l4(src, dst, PROTO_TCP, 64, &t))
+}
+
+/// An IPv6 VIP answers its neighbour solicitations and pings in place,
+/// DNATs TCP to its backend (the replies leaving as the VIP's), resets TCP
+/// to a port no service has and a flow whose backend left, refuses UDP
+/// there, and is another network's to no one else: every frame exactly as
+/// built from scratch, checksums computed, not patched.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn ipv6_vips_answer_ndp_and_ping_dnat_to_their_backend_and_reset_what_no_backend_takes() {
+    let mut lab = lab6();
+    // Neighbour solicitation for the VIP → advertisement from it.
+    let solicited: Ipv6Addr = "ff02::1:ffff:fffe".parse().unwrap();
+    let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    ns.extend_from_slice(&VIP6.octets());
+    ns.extend_from_slice(&[1, 1]);
+    ns.extend_from_slice(&EP_MAC);
+    let r = lab.send(&eth(
+        [0x33, 0x33, 0xff, 0xff, 0xff, 0xfe],
+        EP_MAC,
+        ETH_P_IPV6,
+        &ipv6_l4(OWN6, solicited, 58, 255, &ns),
+    ));
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let mut na = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+    na.extend_from_slice(&VIP6.octets());
+    na.extend_from_slice(&[2, 1]);
+    na.extend_from_slice(&VIP6_MAC);
+    assert_eq!(r.frame, eth(EP_MAC, VIP6_MAC, ETH_P_IPV6, &ipv6_l4(VIP6, OWN6, 58, 255, &na)), "{:02x?}", r.frame);
+    // A solicitation for someone else's address is left alone.
+    let mut other_ns = ns.clone();
+    other_ns[8..24].copy_from_slice(&BACKEND6.octets());
+    let f = eth([0x33, 0x33, 0xff, 0, 0, 9], EP_MAC, ETH_P_IPV6, &ipv6_l4(OWN6, solicited, 58, 255, &other_ns));
+    let r = lab.send(&f);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &f));
+
+    // Ping → echo reply from the VIP.
+    let echo = |kind: u8| {
+        let mut m = vec![kind, 0, 0, 0, 0, 0x77, 0, 3];
+        m.extend_from_slice(b"abcdefgh");
+        m
+    };
+    let r = lab.send(&eth(GW_MAC, EP_MAC, ETH_P_IPV6, &ipv6_l4(OWN6, VIP6, 58, 64, &echo(128))));
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    assert_eq!(r.frame, eth(EP_MAC, VIP6_MAC, ETH_P_IPV6, &ipv6_l4(VIP6, OWN6, 58, 64, &echo(129))));
+
+    // TCP to the VIP's port 80 → the backend's port 8080, and back.
+    let r = lab.send(&tcp6_frame((VIP6_MAC, EP_MAC), (OWN6, 40000), (VIP6, 80), (1000, 0, SYN), b""));
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!(r.frame, tcp6_frame((BACKEND_MAC, EP_MAC), (OWN6, 40000), (BACKEND6, 8080), (1000, 0, SYN), b""));
+    let mut kept = lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap();
+    kept.sort_by_key(|(k, _)| k.kind);
+    let summary: Vec<_> = kept.iter().map(|(k, v)| (k.kind, k.addr, k.port, k.cport, v.addr, v.port)).collect();
+    let (p80, p8080, p40000) = (80u16.to_be(), 8080u16.to_be(), 40000u16.to_be());
+    assert_eq!(
+        summary,
+        vec![
+            (FLOW6_VIP, VIP6.octets(), p80, p40000, BACKEND6.octets(), p8080),
+            (FLOW6_REPLY, BACKEND6.octets(), p8080, p40000, VIP6.octets(), p80),
+        ]
+    );
+    assert_eq!(lab.dp.svc_stats(7).unwrap().selections, 1);
+    let reply = tcp6_frame((EP_MAC, BACKEND_MAC), (BACKEND6, 8080), (OWN6, 40000), (5000, 1001, SYN | ACK), b"");
+    let r = lab.deliver(&reply);
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!(r.frame, tcp6_frame((EP_MAC, BACKEND_MAC), (VIP6, 80), (OWN6, 40000), (5000, 1001, SYN | ACK), b""));
+    // The flow goes on to the same backend, its choice counted once.
+    let data = tcp6_frame((VIP6_MAC, EP_MAC), (OWN6, 40000), (VIP6, 80), (1001, 5001, ACK), b"GET /");
+    let r = lab.send(&data);
+    assert_eq!(
+        r.frame,
+        tcp6_frame((BACKEND_MAC, EP_MAC), (OWN6, 40000), (BACKEND6, 8080), (1001, 5001, ACK), b"GET /")
+    );
+    assert_eq!(lab.dp.svc_stats(7).unwrap().selections, 1);
+
+    // A port no service has: a reset from the VIP (the data and SYN acked).
+    let r = lab.send(&tcp6_frame((VIP6_MAC, EP_MAC), (OWN6, 40001), (VIP6, 81), (2000, 0, SYN), b"xyz"));
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let rst = tcp_bare(81, 40001, 0, 2000 + 3 + 1, RST | ACK, 0, b"");
+    assert_eq!(r.frame, eth(EP_MAC, VIP6_MAC, ETH_P_IPV6, &ipv6_l4(VIP6, OWN6, PROTO_TCP, 64, &rst)));
+    // UDP there is dropped.
+    let u = eth(VIP6_MAC, EP_MAC, ETH_P_IPV6, &ipv6_l4(OWN6, VIP6, PROTO_UDP, 64, &udp_bare(40002, 81, b"x")));
+    assert_eq!(lab.send(&u).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&lab, DropReason::NoService), 2);
+
+    // Its backend leaves: the flow's next segment is reset (seq: its ack).
+    lab.dp.remove_backend6(Backend6Key { svc_id: 7, ip: BACKEND6.octets() }).unwrap();
+    let r = lab.send(&data);
+    assert_eq!(r.verdict, TC_ACT_REDIRECT);
+    let rst = tcp_bare(80, 40000, 5001, 0, RST, 0, b"");
+    assert_eq!(r.frame, eth(EP_MAC, VIP6_MAC, ETH_P_IPV6, &ipv6_l4(VIP6, OWN6, PROTO_TCP, 64, &rst)));
+    assert_eq!(lab.dp.svc_stats(7).unwrap().resets, 1);
+    assert_eq!(drops(&lab, DropReason::NoBackend), 1);
+
+    // Another network's IPv6 VIP: isolation.
+    let other =
+        tcp6_frame((VIP6_MAC, EP_MAC), (OWN6, 40003), ("fd00:211::ffff".parse().unwrap(), 80), (1, 0, SYN), b"");
+    assert_eq!(lab.send(&other).verdict, TC_ACT_SHOT);
+    assert_eq!(drops(&lab, DropReason::Isolation), 1);
+}
+
+/// UDP to an IPv6 VIP: DNATed with its checksum, the reply translated
+/// back; a flow's entries leave with the sweep once idle.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn udp_to_an_ipv6_vip_is_dnated_and_translated_back_and_swept_when_idle() {
+    let mut lab = lab6();
+    let info = SvcInfo { id: 7, target_port: 5353u16.to_be(), pad: 0, count: 1, revision: 1 };
+    lab.dp.put_service6(Svc6Key::new(VIP6, 53, PROTO_UDP), info).unwrap();
+    let q = |src, dst, sport, dport, body: &[u8]| ipv6_l4(src, dst, PROTO_UDP, 64, &udp_bare(sport, dport, body));
+    let r = lab.send(&eth(VIP6_MAC, EP_MAC, ETH_P_IPV6, &q(OWN6, VIP6, 40000, 53, b"ask")));
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!(r.frame, eth(BACKEND_MAC, EP_MAC, ETH_P_IPV6, &q(OWN6, BACKEND6, 40000, 5353, b"ask")));
+    let r = lab.deliver(&eth(EP_MAC, BACKEND_MAC, ETH_P_IPV6, &q(BACKEND6, OWN6, 5353, 40000, b"tell")));
+    assert_eq!(r.verdict, TC_ACT_OK);
+    assert_eq!(r.frame, eth(EP_MAC, BACKEND_MAC, ETH_P_IPV6, &q(VIP6, OWN6, 53, 40000, b"tell")));
+    assert_eq!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().len(), 2);
+    let life = conntrack::Lifetimes::default();
+    let swept = lab.dp.sweep_flows(trellis_ebpf::flow_clock(), &life).unwrap();
+    assert_eq!((swept.removed_ct, swept.removed_rnat), (0, 0), "fresh: kept");
+    let later = trellis_ebpf::flow_clock() + life.other.as_nanos() as u64 + 2_000_000_000;
+    let swept = lab.dp.sweep_flows(later, &life).unwrap();
+    assert_eq!((swept.removed_ct, swept.removed_rnat), (1, 1), "idle past UDP's lifetime: both directions go");
+    assert!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().is_empty());
 }

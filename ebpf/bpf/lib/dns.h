@@ -11,6 +11,7 @@
 #include "flows.h"
 #include "maps.h"
 #include "nat.h"
+#include "nat6.h"
 #include "parse.h"
 
 /* Where a query's parts are (IPv4 without options). */
@@ -226,40 +227,6 @@ static __always_inline int to_gateway_dns(struct __sk_buff *skb, struct endpoint
 	return TC_ACT_OK;
 }
 
-/* IPv6 DNS interception. */
-#define IPV6_SRC_OFF (ETH_HLEN_ + 8)
-#define IPV6_DST_OFF (ETH_HLEN_ + 24)
-#define IPV6_L4_OFF (ETH_HLEN_ + 40)
-
-static __always_inline int addr6_eq(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
-
-static __always_inline int addr6_zero(const __u8 *a)
-{
-	const __u32 *x = (const __u32 *)a;
-	return !(x[0] | x[1] | x[2] | x[3]);
-}
-
-/* Rewrite the source or destination (`dst`) address of an IPv6 TCP/UDP
- * packet without extension headers, the L4 checksum with it (IPv6 has no
- * header checksum). `old` may point into the packet: it is read before
- * anything is written. */
-static __always_inline int rewrite6(struct __sk_buff *skb, __u8 proto, int dst, const __u8 *old, const __u8 *new_addr)
-{
-	__u32 csum_off = IPV6_L4_OFF + (proto == PROTO_TCP ? __builtin_offsetof(struct tcphdr, check)
-							   : __builtin_offsetof(struct udphdr, check));
-	__s64 diff = bpf_csum_diff((__be32 *)old, 16, (__be32 *)new_addr, 16, 0);
-	if (diff < 0)
-		return -1;
-	__u64 flags = proto == PROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
-	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, flags | BPF_F_PSEUDO_HDR))
-		return -1;
-	return bpf_skb_store_bytes(skb, dst ? IPV6_DST_OFF : IPV6_SRC_OFF, new_addr, 16, 0);
-}
-
 /* What to_gateway_dns6 did. */
 #define DNS6_SENT 0	  /* sent to the gateway */
 #define DNS6_NOT_QUERY 1  /* not such a query: the caller goes on */
@@ -268,9 +235,9 @@ static __always_inline int rewrite6(struct __sk_buff *skb, __u8 proto, int dst, 
 
 /* A DNS query over IPv6 from the endpoint's own address to a resolver
  * outside Trellis (the caller checked the destination is in no Trellis
- * subnet), sent to the network's IPv6 gateway instead; the client's port
- * remembers the resolver, whose address the reply gets back
- * (reverse_dns6). Not inlined, and the drops left to the caller: its
+ * subnet), sent to the network's IPv6 gateway instead; a FLOW6_REPLY
+ * entry remembers the resolver, whose address the reply gets back
+ * (reverse6, nat6.h). Not inlined, and the drops left to the caller: its
  * locals stay off the endpoint program's frame, whose stack with
  * trellis_dns_fast's is near the limit. */
 static __attribute__((noinline)) int to_gateway_dns6(struct __sk_buff *skb, const struct endpoint_info *ep)
@@ -288,15 +255,17 @@ static __attribute__((noinline)) int to_gateway_dns6(struct __sk_buff *skb, cons
 	__u8 d0 = ip6->daddr.in6_u.u6_addr8[0];
 	if (d0 == 0xff || (d0 == 0xfe && (ip6->daddr.in6_u.u6_addr8[1] & 0xc0) == 0x80))
 		return DNS6_NOT_QUERY; /* multicast, link-local: not a resolver outside */
-	void *t = rnat6_table_of(ep->slot);
+	void *t = flows6_table_of(ep->slot);
 	if (!t)
 		return DNS6_TABLE_FULL;
-	struct rnat6_key k = { .cport = ports[0], .proto = proto };
-	struct rnat6_value *v = bpf_map_lookup_elem(t, &k);
+	/* The reply will come from the gateway's port 53 to the client's port. */
+	struct flow6_key k = { .cport = ports[0], .port = bpf_htons(53), .proto = proto, .kind = FLOW6_REPLY };
+	__builtin_memcpy(k.addr, ep->gw6, 16);
+	struct flow6_value *v = bpf_map_lookup_elem(t, &k);
 	__u64 now = bpf_ktime_get_coarse_ns();
-	if (!v || !addr6_eq(v->resolver, ip6->daddr.in6_u.u6_addr8)) {
-		struct rnat6_value nv = { .seen = now };
-		__builtin_memcpy(nv.resolver, ip6->daddr.in6_u.u6_addr8, 16);
+	if (!v || !addr6_eq(v->addr, ip6->daddr.in6_u.u6_addr8)) {
+		struct flow6_value nv = { .port = bpf_htons(53), .seen = now };
+		__builtin_memcpy(nv.addr, ip6->daddr.in6_u.u6_addr8, 16);
 		if (bpf_map_update_elem(t, &k, &nv, BPF_ANY))
 			return DNS6_TABLE_FULL;
 	} else if (now - v->seen > SEEN_STEP) {
@@ -307,32 +276,6 @@ static __attribute__((noinline)) int to_gateway_dns6(struct __sk_buff *skb, cons
 	if (bpf_skb_store_bytes(skb, 0, ep->gw_mac, ETH_ALEN, 0))
 		return DNS6_MALFORMED;
 	return DNS6_SENT;
-}
-
-/* A reply from the gateway's IPv6 address to a query to_gateway_dns6 sent
- * there: its source becomes the resolver the endpoint asked. */
-static __always_inline int reverse_dns6(struct __sk_buff *skb, const struct endpoint_info *ep)
-{
-	void *data = skb_data(skb);
-	void *end = skb_end(skb);
-	struct ipv6hdr *ip6 = data + ETH_HLEN_;
-	__u16 *ports = data + IPV6_L4_OFF;
-	if ((void *)(ports + 2) > end)
-		return TC_ACT_OK;
-	__u8 proto = ip6->nexthdr;
-	if ((proto != PROTO_UDP && proto != PROTO_TCP) || ports[0] != bpf_htons(53) || addr6_zero(ep->gw6) ||
-	    !addr6_eq(ip6->saddr.in6_u.u6_addr8, ep->gw6))
-		return TC_ACT_OK;
-	void *t = rnat6_table_of(ep->slot);
-	if (!t)
-		return TC_ACT_OK;
-	struct rnat6_key k = { .cport = ports[1], .proto = proto };
-	struct rnat6_value *v = bpf_map_lookup_elem(t, &k);
-	if (!v)
-		return TC_ACT_OK;
-	if (rewrite6(skb, proto, 0, ip6->saddr.in6_u.u6_addr8, v->resolver))
-		return TC_ACT_SHOT;
-	return TC_ACT_OK;
 }
 
 #endif

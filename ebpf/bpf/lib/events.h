@@ -53,7 +53,9 @@ static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdi
 	if (!cfg || !(cfg->flags & CFG_EVENTS))
 		return;
 	if (bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > EVENTS_BYTES / 2 && !event_share_left(ifindex)) {
-		struct endpoint_counters *c = counters_of(ifindex);
+		/* (Made at the program's start: looked up, not made here, which
+		 * would put a zeroed entry on every caller's stack.) */
+		struct endpoint_counters *c = bpf_map_lookup_elem(&counters, &ifindex);
 		if (c)
 			c->full[TABLE_EVENTS] += 1;
 		return;

@@ -168,12 +168,13 @@ struct {
 	__array(values, struct ep_rnat_table);
 } ep_rnat SEC(".maps");
 
-struct ep_rnat6_table {
+/* An endpoint's IPv6 flows, both directions (trellis.h: flow6_key). */
+struct ep_flows6_table {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(key_size, sizeof(struct rnat6_key));
-	__uint(value_size, sizeof(struct rnat6_value));
+	__uint(key_size, sizeof(struct flow6_key));
+	__uint(value_size, sizeof(struct flow6_value));
 };
 
 struct {
@@ -181,8 +182,50 @@ struct {
 	__uint(max_entries, 65536);
 	__type(key, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-	__array(values, struct ep_rnat6_table);
-} ep_rnat6 SEC(".maps");
+	__array(values, struct ep_flows6_table);
+} ep_flows6 SEC(".maps");
+
+/* IPv6 VIPs and their services, as `vips`, `services`, `maglev`,
+ * `backends`. */
+struct vip6_key {
+	__u8 vip[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct vip6_key);
+	__type(value, struct vip_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} vips6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct svc6_key);
+	__type(value, struct svc_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} services6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, struct maglev6_table);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} maglev6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct backend6_key);
+	__type(value, struct backend_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} backends6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

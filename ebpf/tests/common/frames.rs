@@ -243,3 +243,61 @@ pub fn icmp_checksum_ok(f: &[u8]) -> bool {
     let total = u16::from_be_bytes([f[IP + 2], f[IP + 3]]) as usize;
     sum16(&f[L4..IP + total], 0) == 0xffff
 }
+
+/// An IPv6 packet (hop limit `hops`) carrying `l4` of protocol `nexthdr`
+/// (TCP, UDP or ICMPv6), whose checksum (its field zero in `l4`) is
+/// computed here over the IPv6 pseudo-header.
+pub fn ipv6_l4(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, nexthdr: u8, hops: u8, l4: &[u8]) -> Vec<u8> {
+    let mut l4 = l4.to_vec();
+    let mut ph = Vec::with_capacity(40 + l4.len());
+    ph.extend_from_slice(&src.octets());
+    ph.extend_from_slice(&dst.octets());
+    ph.extend_from_slice(&(l4.len() as u32).to_be_bytes());
+    ph.extend_from_slice(&[0, 0, 0, nexthdr]);
+    ph.extend_from_slice(&l4);
+    let at = match nexthdr {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => 2,
+    };
+    let c = match checksum(&ph) {
+        0 if nexthdr == PROTO_UDP => 0xffff,
+        c => c,
+    };
+    l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[nexthdr, hops]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&l4);
+    p
+}
+
+/// A TCP header (no options) and payload, its checksum field zero (for
+/// [`ipv6_l4`]).
+pub fn tcp_bare(sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, window: u16, payload: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20 + payload.len());
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&seq.to_be_bytes());
+    t.extend_from_slice(&ack.to_be_bytes());
+    t.extend_from_slice(&[5 << 4, flags]);
+    t.extend_from_slice(&window.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 0]);
+    t.extend_from_slice(payload);
+    t
+}
+
+/// A UDP header and payload, its checksum field zero (for [`ipv6_l4`]).
+pub fn udp_bare(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+pub const PROTO_ICMPV6: u8 = 58;
