@@ -71,6 +71,20 @@ pub fn zone_of(
                     _ => None,
                 })
                 .collect(),
+            vip6: match (s.mode, s.vip6) {
+                (ServiceMode::Vip, Some(IpAddr::V6(v6))) => Some(v6),
+                _ => None,
+            },
+            backends6: by_net
+                .get(s.network_id.as_str())
+                .into_iter()
+                .flatten()
+                .filter(|e| s.serves(e))
+                .filter_map(|e| match e.ip6 {
+                    Some(IpAddr::V6(v6)) => Some(v6),
+                    _ => None,
+                })
+                .collect(),
         })
         .collect();
     Zone::build_with_services(&nets, &eps, &svcs)
@@ -376,6 +390,7 @@ mod tests {
             network: "app".into(),
             mode: ServiceMode::Dnsrr,
             vip: None,
+            vip6: None,
             ports: vec![],
             selector: crate::model::default_selector("web"),
             created_unix: 0,
@@ -451,6 +466,7 @@ mod tests {
             network: "db".into(),
             mode: ServiceMode::Dnsrr,
             vip: None,
+            vip6: None,
             ports: vec![],
             selector: crate::model::default_selector("api"),
             created_unix: 0,

@@ -54,6 +54,10 @@ pub struct Service {
     pub network_id: String,
     pub vip: Option<Ipv4Addr>,
     pub backends: Vec<Ipv4Addr>,
+    /// On a dual-stack network: its IPv6 VIP, and its backends' IPv6
+    /// addresses.
+    pub vip6: Option<Ipv6Addr>,
+    pub backends6: Vec<Ipv6Addr>,
 }
 
 /// The record types the zone distinguishes.
@@ -140,6 +144,9 @@ struct NetNames {
     records: HashMap<String, BTreeSet<Ipv4Addr>>,
     /// `vip` services → their VIP.
     vips: HashMap<String, Ipv4Addr>,
+    /// The IPv6 ones of `records` and `vips` (dual-stack networks).
+    records6: HashMap<String, BTreeSet<Ipv6Addr>>,
+    vips6: HashMap<String, Ipv6Addr>,
     /// The IPv6 addresses of `hosts` and `services` (dual-stack endpoints).
     hosts6: HashMap<String, Counted<Ipv6Addr>>,
     services6: HashMap<String, Counted<Ipv6Addr>>,
@@ -186,9 +193,18 @@ impl Zone {
         for s in services {
             let Some(names) = z.names.get_mut(&s.network_id) else { continue };
             names.records.insert(norm(&s.name), s.backends.iter().copied().collect());
+            names.records6.insert(norm(&s.name), s.backends6.iter().copied().collect());
             if let Some(vip) = s.vip {
                 names.vips.insert(norm(&s.name), vip);
                 z.by_ip.entry(IpAddr::V4(vip)).or_default().push((s.network_id.clone(), s.name.clone(), String::new()));
+            }
+            if let (Some(vip6), true) = (s.vip6, s.vip.is_some()) {
+                names.vips6.insert(norm(&s.name), vip6);
+                z.by_ip.entry(IpAddr::V6(vip6)).or_default().push((
+                    s.network_id.clone(),
+                    s.name.clone(),
+                    String::new(),
+                ));
             }
         }
         z
@@ -353,19 +369,26 @@ impl Zone {
         tasks_of(name)
     }
 
-    /// The IPv6 addresses of a name [`Zone::lookup_in`] knows (none for a
-    /// VIP or a service's explicit backends: those are IPv4).
+    /// The IPv6 addresses of a name [`Zone::lookup_in`] knows, by the same
+    /// precedence: an endpoint's, a service's IPv6 VIP, a service record's
+    /// backends, a label's tasks.
     fn lookup6_in(&self, net: &str, name: &str, tasks: bool) -> Vec<Ipv6Addr> {
         let Some(names) = self.names.get(net) else { return Vec::new() };
-        let tasks_of = || names.services6.get(name).map(|s| s.keys().copied().collect()).unwrap_or_default();
+        let tasks_of = || match names.records6.get(name) {
+            Some(r) => r.iter().copied().collect(),
+            None => names.services6.get(name).map(|s| s.keys().copied().collect()).unwrap_or_default(),
+        };
         if tasks {
-            return if names.records.contains_key(name) { Vec::new() } else { tasks_of() };
+            return tasks_of();
         }
         if let Some(h) = names.hosts6.get(name) {
             return h.keys().copied().collect();
         }
-        if names.hosts.contains_key(name) || names.vips.contains_key(name) || names.records.contains_key(name) {
+        if names.hosts.contains_key(name) {
             return Vec::new();
+        }
+        if names.vips.contains_key(name) {
+            return names.vips6.get(name).map(|v| vec![*v]).unwrap_or_default();
         }
         tasks_of()
     }
@@ -639,9 +662,25 @@ mod tests {
                 network_id: "n1".into(),
                 vip: Some(v4("10.1.0.254")),
                 backends: vec![v4("10.1.0.2"), v4("10.1.0.3")],
+                vip6: None,
+                backends6: vec![],
             },
-            Service { name: "rr".into(), network_id: "n1".into(), vip: None, backends: vec![v4("10.1.0.3")] },
-            Service { name: "empty".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.253")), backends: vec![] },
+            Service {
+                name: "rr".into(),
+                network_id: "n1".into(),
+                vip: None,
+                backends: vec![v4("10.1.0.3")],
+                vip6: None,
+                backends6: vec![],
+            },
+            Service {
+                name: "empty".into(),
+                network_id: "n1".into(),
+                vip: Some(v4("10.1.0.253")),
+                backends: vec![],
+                vip6: None,
+                backends6: vec![],
+            },
         ];
         let z = Zone::build_with_services(&nets, &eps, &svcs);
         let s = scope_of(&z, "10.1.0.4");
@@ -663,6 +702,45 @@ mod tests {
         let other = scope_of(&z, "10.2.0.4");
         assert_eq!(z.resolve("web", QType::A, &other), Answer::NxDomain, "another network's service");
         assert_eq!(z.resolve("254.0.1.10.in-addr.arpa", QType::Ptr, &other), Answer::NxDomain);
+    }
+
+    /// On a dual-stack network a service answers AAAA as it answers A: a
+    /// `vip` service its IPv6 VIP (PTR in ip6.arpa too), a `dnsrr` one and
+    /// `tasks.` every backend's IPv6 address.
+    #[test]
+    fn service_records_answer_aaaa_with_the_ipv6_vip_and_backends() {
+        let mut n = net("n1", "app", "10.1.0.0/24");
+        n.subnet6 = Some("fd00:1::/64".parse().unwrap());
+        let nets = [n];
+        let eps = [ep("client", "n1", "10.1.0.4", "/c/client", None, &[])];
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let svc = |name: &str, vip, vip6, backends6: &[&str]| Service {
+            name: name.into(),
+            network_id: "n1".into(),
+            vip,
+            backends: vec![v4("10.1.0.2"), v4("10.1.0.3")],
+            vip6,
+            backends6: backends6.iter().map(|b| v6(b)).collect(),
+        };
+        let svcs = [
+            svc("web", Some(v4("10.1.0.254")), Some(v6("fd00:1::ffff:ffff:ffff:ff7f")), &["fd00:1::2", "fd00:1::3"]),
+            svc("rr", None, None, &["fd00:1::3"]),
+            svc("v4only", Some(v4("10.1.0.253")), None, &["fd00:1::2"]),
+        ];
+        let z = Zone::build_with_services(&nets, &eps, &svcs);
+        let s = scope_of(&z, "10.1.0.4");
+        assert_eq!(z.resolve("web", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::ffff:ffff:ffff:ff7f")]));
+        assert_eq!(z.resolve("web", QType::A, &s), Answer::Addrs(vec![v4("10.1.0.254")]), "A as before");
+        assert_eq!(z.resolve("tasks.web", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::2"), v6("fd00:1::3")]));
+        assert_eq!(z.resolve("rr", QType::Aaaa, &s), Answer::Addrs6(vec![v6("fd00:1::3")]), "dnsrr: the backends");
+        assert_eq!(z.resolve("v4only", QType::Aaaa, &s), Answer::NoData, "a VIP without an IPv6 one: no backend's");
+        let ptr = "f.7.f.f.f.f.f.f.f.f.f.f.f.f.f.f.0.0.0.0.0.0.0.0.1.0.0.0.0.0.d.f.ip6.arpa";
+        assert_eq!(z.resolve(ptr, QType::Ptr, &s), Answer::Names(vec!["web.app.".into()]), "PTR of the IPv6 VIP");
+        let singles = z.single_answers();
+        assert!(
+            singles.contains(&("n1".into(), "web".into(), QType::Aaaa, IpAddr::V6(v6("fd00:1::ffff:ffff:ffff:ff7f")))),
+            "the in-kernel path answers it too: {singles:?}"
+        );
     }
 
     #[test]
@@ -816,7 +894,14 @@ mod tests {
                 ep("old", "n1", "10.1.0.4", "/c/old", None, &[]),
                 ep("db1", "n2", "10.2.0.2", "/c/db1", None, &[]),
             ],
-            &[Service { name: "api".into(), network_id: "n1".into(), vip: Some(v4("10.1.0.250")), backends: vec![] }],
+            &[Service {
+                name: "api".into(),
+                network_id: "n1".into(),
+                vip: Some(v4("10.1.0.250")),
+                backends: vec![],
+                vip6: None,
+                backends6: vec![],
+            }],
         );
         // A client asking from its IPv6 address sees its networks.
         let s = z.scope("fd00:1::2".parse().unwrap());

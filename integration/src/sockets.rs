@@ -24,8 +24,9 @@ pub fn in_ns<T: Send + 'static>(netns: &Path, f: impl FnOnce() -> T + Send + 'st
     .map_err(|_| anyhow::anyhow!("thread in {} panicked", netns.display()))?
 }
 
-/// A backend: answers every TCP connection and UDP datagram on `port` with
-/// `NAME CLIENT_IP\n` (the client's address as the backend saw it). TCP
+/// A backend: answers every TCP connection and UDP datagram on `port`, over
+/// IPv4 and IPv6, with `NAME CLIENT_IP\n` (the client's address as the
+/// backend saw it, an IPv4 one as such, not IPv4-mapped). TCP
 /// connections stay open until the client closes them, answering every
 /// line it sends. Stops when dropped.
 pub struct Backend {
@@ -36,7 +37,13 @@ pub struct Backend {
 impl Backend {
     pub fn start(netns: &Path, port: u16, name: &str) -> Result<Backend> {
         let (tcp, udp) = in_ns(netns, move || -> Result<(TcpListener, UdpSocket)> {
-            Ok((TcpListener::bind(("0.0.0.0", port))?, UdpSocket::bind(("0.0.0.0", port))?))
+            // One socket of each for both families (bindv6only is off);
+            // IPv4 alone where the namespace has no IPv6.
+            let both = TcpListener::bind(("::", port)).and_then(|t| Ok((t, UdpSocket::bind(("::", port))?)));
+            match both {
+                Ok(pair) => Ok(pair),
+                Err(_) => Ok((TcpListener::bind(("0.0.0.0", port))?, UdpSocket::bind(("0.0.0.0", port))?)),
+            }
         })??;
         let addr = tcp.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -60,7 +67,7 @@ impl Backend {
             let mut buf = [0u8; 512];
             while !s.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(format!("{n} {}\n", peer.ip()).as_bytes(), peer);
+                    let _ = udp.send_to(format!("{n} {}\n", peer.ip().to_canonical()).as_bytes(), peer);
                 }
             }
         });
@@ -75,7 +82,7 @@ impl Backend {
 fn serve(mut conn: TcpStream, peer: SocketAddr, name: &str, stop: &AtomicBool) {
     let _ = conn.set_nonblocking(false);
     let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
-    let line = format!("{name} {}\n", peer.ip());
+    let line = format!("{name} {}\n", peer.ip().to_canonical());
     if conn.write_all(line.as_bytes()).is_err() {
         return;
     }

@@ -237,3 +237,90 @@ fn without_ebpf_dns_over_ipv6_goes_to_the_gateway_too() {
         assert!(dig().contains("SERVER: 2001:db8:53::53#53"), "{}", dig());
     }
 }
+
+/// A dual-stack network's service has an IPv6 VIP beside its IPv4 one:
+/// named by AAAA (its tasks by their IPv6 addresses), answering ping, and
+/// balancing TCP over backends on three hosts by Maglev, each backend
+/// seeing the client's own IPv6 address; a backend that leaves gets no new
+/// connection.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn an_ipv6_vip_balances_over_backends_on_three_hosts() {
+    use std::collections::BTreeMap;
+    use trellis_integration::sockets::{Backend, Client};
+    require_root();
+    let lab = Lab::new(3, 3000).unwrap();
+    let h = &lab.hosts;
+    h[0].ctl(&["network", "create", "app6", "--subnet", "10.95.0.0/24", "--subnet", "fd00:95::/64"]).unwrap();
+    let mut backends = Vec::new();
+    let mut servers = Vec::new();
+    for (i, host) in h.iter().enumerate() {
+        let ep = host.attach("app6", &format!("web{i}"), &["--label", "trellis.service=web"]).unwrap();
+        servers.push(Backend::start(&netns_of(&ep), 8080, &format!("web{i}")).unwrap());
+        backends.push(ep);
+    }
+    let svc = h[1].ctl_json(&["service", "create", "web", "--network", "app6", "--port", "80:8080"]).unwrap();
+    assert_eq!(svc["vip"], "10.95.0.254");
+    let vip6 = svc["vip6"].as_str().unwrap_or_else(|| panic!("no IPv6 VIP: {svc}")).to_string();
+    assert_eq!(vip6, "fd00:95::ffff:ffff:ffff:ff7f", "the top of the subnet below its anycast addresses");
+    let ls = h[0].ctl(&["service", "ls"]).unwrap();
+    assert!(ls.contains(&format!("10.95.0.254,{vip6}")), "both VIPs shown: {ls}");
+    let cep = h[0].attach("app6", "client", &["--label", "trellis.service=client"]).unwrap();
+    let (cns, c6) = (netns_of(&cep), addr6(&cep));
+    let client = Client::new(&cns).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let s = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+            s["backends"].as_array().unwrap().iter().filter(|b| b["programmed"] == true).count() == 3
+        }),
+        "host 0 never programmed all three backends: {}",
+        h[0].ctl(&["service", "inspect", "web"]).unwrap()
+    );
+    // Names: AAAA of the service is its IPv6 VIP, of its tasks their
+    // IPv6 addresses; PTR of the VIP is the service.
+    let dig = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["@10.95.0.1", "+short", "+time=1", "+tries=2"];
+        a.extend(args);
+        let out = in_netns(&cns, "dig", &a).output().unwrap();
+        let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        v.sort();
+        v
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), || dig(&["AAAA", "web"]) == vec![vip6.clone()]),
+        "{:?}",
+        dig(&["AAAA", "web"])
+    );
+    let mut task6: Vec<String> = backends.iter().map(addr6).collect();
+    task6.sort();
+    assert_eq!(dig(&["AAAA", "tasks.web"]), task6);
+    assert_eq!(dig(&["-x", &vip6]), vec!["web.app6.".to_string()]);
+    // The VIP answers ping (its neighbour solicitation answered first).
+    assert!(ping(&cns, &vip6, 2), "no answer to ping from the IPv6 VIP");
+    // 3,000 connections: each backend within ±10 % of a third (a
+    // backend's count is binomial, σ ≈ 26: ±100 is 3.9 σ), each seeing the
+    // client's own address.
+    let to: std::net::SocketAddr = format!("[{vip6}]:80").parse().unwrap();
+    let spread = |n: usize| {
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..n {
+            let line = client.request(to).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
+            let (name, saw) = line.split_once(' ').unwrap();
+            assert_eq!(saw, c6, "the backend must see the client's IPv6 address");
+            *seen.entry(name.to_string()).or_default() += 1;
+        }
+        seen
+    };
+    let seen = spread(3000);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (name, n) in &seen {
+        assert!((900..=1100).contains(n), "{name} got {n} of 3000 connections: {seen:?}");
+    }
+    let inspect = h[0].ctl_json(&["service", "inspect", "web"]).unwrap();
+    assert!(inspect["selections"].as_u64().unwrap() >= 3000, "counted by the datapath: {inspect}");
+    // A backend leaves: new connections go to the other two.
+    h[2].ctl(&["detach", "web2"]).unwrap();
+    assert!(wait_for(Duration::from_secs(10), || !spread(30).contains_key("web2")), "web2 still gets connections");
+    assert_eq!(spread(200).len(), 2);
+    drop(servers);
+}

@@ -657,6 +657,20 @@ impl Ipam {
         Err(IpamError::Contention(MAX_ATTEMPTS))
     }
 
+    /// The highest free address of `pool` for `owner`, without writing
+    /// it: the comparison and operation that take it, for the caller's own
+    /// transaction (a service's IPv6 VIP, taken in the transaction that
+    /// allocates its IPv4 one). Another taking it first fails that
+    /// transaction; the caller chooses again.
+    pub async fn pick_top_for_txn(&self, pool: &Pool, owner: &str) -> Result<(IpAddr, Vec<Compare>, Vec<Op>)> {
+        let reserved = pure::reserved(&pool.subnet, pool.gateway);
+        let used: BTreeSet<IpAddr> = self.addresses(&pool.net_id).await?.into_iter().map(|(ip, _)| ip).collect();
+        let ip = pure::last_free(&pool.subnet, &used, &reserved)
+            .ok_or_else(|| IpamError::Exhausted { network: pool.net_id.clone(), subnet: pool.subnet })?;
+        let key = self.addr_key(&pool.net_id, ip);
+        Ok((ip, vec![Compare::Absent(key.clone())], vec![Op::put(key, self.record(owner))]))
+    }
+
     /// The comparisons and operations that hand this host's reservation
     /// of `ip` (owner [`RESERVED`]) over to `owner`, for the caller's own
     /// transaction: what [`AddrRequest::Claim`] does, for a second family's

@@ -102,10 +102,14 @@ pub fn prev(subnet: &IpNet, ip: IpAddr) -> Option<IpAddr> {
     (off > 0 && subnet.contains(&ip)).then(|| nth(subnet, off - 1))
 }
 
-/// The highest address of `subnet` that is neither used nor reserved.
+/// The highest address of `subnet` that is neither used nor reserved
+/// (among its top 2^20: a /64 is not walked to the bottom), below an IPv6
+/// subnet's top 128, the subnet anycast addresses of RFC 2526.
 pub fn last_free(subnet: &IpNet, used: &BTreeSet<IpAddr>, reserved: &[IpAddr]) -> Option<IpAddr> {
-    let n = size(subnet).min(1 << 20);
-    (0..n).rev().map(|o| nth(subnet, o)).find(|ip| !used.contains(ip) && !reserved.contains(ip))
+    let anycast = if subnet.network().is_ipv6() && subnet.prefix_len() <= 120 { 128 } else { 0 };
+    let top = size(subnet) - anycast;
+    let n = top.min(1 << 20);
+    (top - n..top).rev().map(|o| nth(subnet, o)).find(|ip| !used.contains(ip) && !reserved.contains(ip))
 }
 
 #[cfg(test)]
@@ -127,6 +131,10 @@ mod tests {
         let tiny = net("10.0.0.0/30");
         let all: BTreeSet<IpAddr> = [ip("10.0.0.1"), ip("10.0.0.2")].into();
         assert_eq!(last_free(&tiny, &all, &reserved(&tiny, None)), None);
+        // A /64's top (not the top of its first 2^20 addresses), below
+        // its subnet anycast addresses.
+        let v6 = net("fd00:1::/64");
+        assert_eq!(last_free(&v6, &BTreeSet::new(), &reserved(&v6, None)), Some(ip("fd00:1::ffff:ffff:ffff:ff7f")));
     }
 
     #[test]

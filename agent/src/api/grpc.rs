@@ -139,6 +139,7 @@ pub fn service_to_proto(v: &ServiceView) -> proto::Service {
             model::ServiceMode::Dnsrr => "dnsrr".into(),
         },
         vip: s.vip.map(|v| v.to_string()).unwrap_or_default(),
+        vip6: s.vip6.map(|v| v.to_string()).unwrap_or_default(),
         ports: s
             .ports
             .iter()

@@ -73,6 +73,7 @@ impl App {
                 network: net.name.clone(),
                 mode: new.mode,
                 vip: None,
+                vip6: None,
                 ports: new.ports.clone(),
                 selector: BTreeMap::new(),
                 created_unix: 0,
@@ -330,6 +331,37 @@ mod tests {
         let any = l.app.create_service(svc("any", vec![])).await.unwrap();
         assert!(any.service.vip.is_some() && any.service.ports.is_empty());
         assert!(matches!(l.app.service("web").await.unwrap_err(), AgentError::NotFound(_)));
+    }
+
+    /// A service on a dual-stack network gets an IPv6 VIP too (the top of
+    /// the IPv6 subnet below its anycast addresses), taken in the same
+    /// transaction, each service its own; removing the service gives both
+    /// back; a v4-only network's service has none.
+    #[tokio::test]
+    async fn a_dual_stack_networks_service_gets_an_ipv6_vip_and_gives_it_back() {
+        let l = lab();
+        let mut req = attachable("n", Some("10.8.1.0/24"));
+        req.subnet6 = Some("fd00:81::/64".parse().unwrap());
+        let net = l.app.create_network(req).await.unwrap();
+        let taken = || async { l.app.cluster.ipam.addresses(&net.id).await.unwrap().len() };
+        let before = taken().await;
+        let p80 = ServicePort { port: 80, proto: Proto::Tcp, target: 80 };
+        let web = l.app.create_service(svc("web", vec![p80])).await.unwrap().service;
+        let api = l.app.create_service(svc("api", vec![p80])).await.unwrap().service;
+        let vip6 = |s: &crate::model::ServiceRecord| s.vip6.map(|v| v.to_string());
+        assert_eq!(vip6(&web).as_deref(), Some("fd00:81::ffff:ffff:ffff:ff7f"));
+        assert_eq!(vip6(&api).as_deref(), Some("fd00:81::ffff:ffff:ffff:ff7e"), "each its own");
+        assert!(web.vip.is_some_and(|v| v.is_ipv4()));
+        assert_eq!(taken().await, before + 4, "two VIPs each");
+        assert_eq!(l.app.service("web").await.unwrap().service.vip6, web.vip6, "stored with the record");
+        l.app.remove_service("web").await.unwrap();
+        assert_eq!(taken().await, before + 2, "both of web's back");
+        let again = l.app.create_service(svc("web", vec![p80])).await.unwrap().service;
+        assert_eq!(again.vip6, web.vip6, "the freed one is the top again");
+        l.app.create_network(attachable("v4", Some("10.8.2.0/24"))).await.unwrap();
+        let mut v4 = svc("only4", vec![p80]);
+        v4.service.network = "v4".into();
+        assert_eq!(l.app.create_service(v4).await.unwrap().service.vip6, None);
     }
 
     /// Register host `id` (underlay `ip`, eBPF or not) in `store`, as its

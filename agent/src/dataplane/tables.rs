@@ -2,9 +2,9 @@
 //! Maglev tables, backends), and the ordered changes between two of them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, SvcInfo, SvcKey, VipInfo};
+use trellis_ebpf::{Backend6Key, BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, Svc6Key, SvcInfo, SvcKey, VipInfo};
 
 /// A port published on the routing mesh: the service behind it (`info`,
 /// whose `bridge` is 0 here) and the bridge of its network, by name (the
@@ -30,6 +30,12 @@ pub struct Tables {
     /// Service id → its backends (observed: empty).
     pub maglev: BTreeMap<u32, Vec<Ipv4Addr>>,
     pub backends: BTreeMap<BackendKey, BackendInfo>,
+    /// IPv6 VIPs (dual-stack networks) and theirs, as the above; a
+    /// service's ids are those of its IPv4 entries.
+    pub vips6: BTreeMap<Ipv6Addr, VipInfo>,
+    pub services6: BTreeMap<Svc6Key, SvcInfo>,
+    pub maglev6: BTreeMap<u32, Vec<Ipv6Addr>>,
+    pub backends6: BTreeMap<Backend6Key, BackendInfo>,
     /// The routing mesh: published ports of this host.
     pub published: BTreeMap<PubKey, Published>,
     /// The host's addresses the mesh answers on.
@@ -45,11 +51,15 @@ pub struct Tables {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableOps {
     pub put_backends: Vec<(BackendKey, BackendInfo)>,
+    pub put_backends6: Vec<(Backend6Key, BackendInfo)>,
     pub put_maglev: Vec<(u32, Vec<Ipv4Addr>)>,
+    pub put_maglev6: Vec<(u32, Vec<Ipv6Addr>)>,
     pub put_nets: Vec<((Ipv4Addr, u8), NetInfo)>,
     pub put_nets6: Vec<((std::net::Ipv6Addr, u8), NetInfo)>,
     pub put_services: Vec<(SvcKey, SvcInfo)>,
+    pub put_services6: Vec<(Svc6Key, SvcInfo)>,
     pub put_vips: Vec<(Ipv4Addr, VipInfo)>,
+    pub put_vips6: Vec<(Ipv6Addr, VipInfo)>,
     pub put_mesh_addrs: Vec<Ipv4Addr>,
     pub put_published: Vec<(PubKey, Published)>,
     /// The mesh switched on (with the MAC) or off (`Some(None)`).
@@ -57,9 +67,13 @@ pub struct TableOps {
     pub del_published: Vec<PubKey>,
     pub del_mesh_addrs: Vec<Ipv4Addr>,
     pub del_services: Vec<SvcKey>,
+    pub del_services6: Vec<Svc6Key>,
     pub del_vips: Vec<Ipv4Addr>,
+    pub del_vips6: Vec<Ipv6Addr>,
     pub del_maglev: Vec<u32>,
+    pub del_maglev6: Vec<u32>,
     pub del_backends: Vec<BackendKey>,
+    pub del_backends6: Vec<Backend6Key>,
     pub del_nets: Vec<(Ipv4Addr, u8)>,
     pub del_nets6: Vec<(std::net::Ipv6Addr, u8)>,
 }
@@ -72,7 +86,15 @@ impl TableOps {
     /// How many entries change.
     pub fn len(&self) -> usize {
         self.put_backends.len()
+            + self.put_backends6.len()
             + self.put_maglev.len()
+            + self.put_maglev6.len()
+            + self.put_services6.len()
+            + self.put_vips6.len()
+            + self.del_services6.len()
+            + self.del_vips6.len()
+            + self.del_maglev6.len()
+            + self.del_backends6.len()
             + self.put_nets.len()
             + self.put_nets6.len()
             + self.put_services.len()
@@ -129,6 +151,25 @@ fn delta<K: Ord + Clone, V: PartialEq + Clone>(
     (put, del)
 }
 
+/// The Maglev tables to write (missing, or of a service whose entries
+/// record another backend set: `stale`) and to remove.
+fn maglev_delta<B: Clone + PartialEq>(
+    have: &BTreeMap<u32, Vec<B>>,
+    want: &BTreeMap<u32, Vec<B>>,
+    stale: &BTreeSet<u32>,
+) -> (Vec<(u32, Vec<B>)>, Vec<u32>) {
+    let mut put = Vec::new();
+    let (_, del) = delta(have, want, |_, _| {});
+    let mut have_ids = have.keys().peekable();
+    for (id, b) in want {
+        while have_ids.next_if(|h| *h < id).is_some() {}
+        if have_ids.peek() != Some(&id) || stale.contains(id) {
+            put.push((*id, b.clone()));
+        }
+    }
+    (put, del)
+}
+
 impl Tables {
     /// The operations that turn `self` (observed) into `want`.
     pub fn ops_to(&self, want: &Tables) -> TableOps {
@@ -145,22 +186,31 @@ impl Tables {
                 stale.insert(v.info.id);
             }
         });
-        let mut put_maglev = Vec::new();
-        let (_, del_maglev) = delta(&self.maglev, &want.maglev, |_, _| {});
-        let mut have_ids = self.maglev.keys().peekable();
-        for (id, b) in &want.maglev {
-            while have_ids.next_if(|h| *h < id).is_some() {}
-            if have_ids.peek() != Some(&id) || stale.contains(id) {
-                put_maglev.push((*id, b.clone()));
+        let (put_maglev, del_maglev) = maglev_delta(&self.maglev, &want.maglev, &stale);
+        let mut stale6: BTreeSet<u32> = BTreeSet::new();
+        let (put_services6, del_services6) = delta(&self.services6, &want.services6, |have, v| {
+            if have.is_none_or(|o| o.revision != v.revision) {
+                stale6.insert(v.id);
             }
-        }
+        });
+        let (put_maglev6, del_maglev6) = maglev_delta(&self.maglev6, &want.maglev6, &stale6);
         let (put_backends, del_backends) = delta(&self.backends, &want.backends, |_, _| {});
+        let (put_backends6, del_backends6) = delta(&self.backends6, &want.backends6, |_, _| {});
+        let (put_vips6, del_vips6) = delta(&self.vips6, &want.vips6, |_, _| {});
         let (put_nets, del_nets) = delta(&self.nets, &want.nets, |_, _| {});
         let (put_nets6, del_nets6) = delta(&self.nets6, &want.nets6, |_, _| {});
         let (put_vips, del_vips) = delta(&self.vips, &want.vips, |_, _| {});
         TableOps {
             put_backends,
+            put_backends6,
             put_maglev,
+            put_maglev6,
+            put_services6,
+            put_vips6,
+            del_services6,
+            del_vips6,
+            del_maglev6,
+            del_backends6,
             put_nets,
             put_nets6,
             put_services,
@@ -183,6 +233,22 @@ impl Tables {
     pub fn apply(&mut self, ops: &TableOps) {
         self.backends.extend(ops.put_backends.iter().cloned());
         self.maglev.extend(ops.put_maglev.iter().map(|(id, _)| (*id, Vec::new())));
+        self.backends6.extend(ops.put_backends6.iter().cloned());
+        self.maglev6.extend(ops.put_maglev6.iter().map(|(id, _)| (*id, Vec::new())));
+        self.services6.extend(ops.put_services6.iter().cloned());
+        self.vips6.extend(ops.put_vips6.iter().cloned());
+        for k in &ops.del_services6 {
+            self.services6.remove(k);
+        }
+        for k in &ops.del_vips6 {
+            self.vips6.remove(k);
+        }
+        for k in &ops.del_maglev6 {
+            self.maglev6.remove(k);
+        }
+        for k in &ops.del_backends6 {
+            self.backends6.remove(k);
+        }
         self.nets.extend(ops.put_nets.iter().cloned());
         self.nets6.extend(ops.put_nets6.iter().cloned());
         self.services.extend(ops.put_services.iter().cloned());

@@ -356,6 +356,9 @@ pub struct ServiceRecord {
     pub mode: ServiceMode,
     /// `vip` mode only.
     pub vip: Option<IpAddr>,
+    /// `vip` mode on a dual-stack network: its IPv6 VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<IpAddr>,
     pub ports: Vec<ServicePort>,
     pub selector: BTreeMap<String, String>,
     pub created_unix: i64,
@@ -511,6 +514,7 @@ mod tests {
             network: "app".into(),
             mode: ServiceMode::Vip,
             vip: Some("10.1.0.254".parse().unwrap()),
+            vip6: None,
             ports: vec![],
             selector: default_selector("web"),
             created_unix: 0,

@@ -226,6 +226,7 @@ fn service(name: &str, net: &str, vip: &str) -> ServiceRecord {
         network: format!("net-{net}"),
         mode: model::ServiceMode::Vip,
         vip: Some(vip.parse().unwrap()),
+        vip6: None,
         ports: vec![model::ServicePort { port: 80, proto: model::Proto::Tcp, target: 8080 }],
         selector: model::default_selector(name),
         created_unix: 0,
@@ -607,6 +608,88 @@ fn service_tables_hold_reachable_backends_and_change_in_a_safe_order() {
         (1, 1, 1, 3)
     );
     assert!(ops.put_maglev.is_empty() && ops.del_nets.is_empty());
+}
+
+/// A dual-stack network's service: its IPv6 VIP's tables beside the IPv4
+/// ones, with the backends' IPv6 addresses (the live, reachable, serving
+/// ones: a draining backend keeps only its backend entry), under the same
+/// service id; the IPv6 table is rewritten when its backend set changes,
+/// and its entries go first when the service goes.
+#[test]
+fn a_dual_stack_service_has_ipv6_vip_tables_beside_the_ipv4_ones() {
+    use trellis_ebpf::{Backend6Key, Svc6Key};
+    let mut net = network("aaaa", "10.1.0.0/24", false);
+    net.subnet6 = Some("fd00:1::/64".parse().unwrap());
+    net.gateway6 = Some("fd00:1::1".parse().unwrap());
+    let nets = vec![net];
+    let backend = |id: &str, ip: &str, ip6: &str, host: &str| {
+        let mut b = endpoint(id, "aaaa", ip, host);
+        b.ip6 = Some(ip6.parse().unwrap());
+        b.labels.insert(model::SERVICE_LABEL.into(), "web".into());
+        b
+    };
+    let mut eps = vec![
+        backend("b1", "10.1.0.2", "fd00:1::2", "h1"),
+        backend("b2", "10.1.0.3", "fd00:1::3", "h2"),
+        backend("b3", "10.1.0.4", "fd00:1::4", "h3"),
+        endpoint("c1", "aaaa", "10.1.0.9", "h1"),
+    ];
+    let hosts: Vec<HostRecord> = [("h1", "192.0.2.1"), ("h2", "192.0.2.2")]
+        .iter()
+        .map(|(id, ip)| HostRecord {
+            id: (*id).into(),
+            hostname: (*id).into(),
+            underlay: ip.parse().unwrap(),
+            vtep_mac: "02:00:00:00:00:09".parse().unwrap(),
+            vxlan_port: 4789,
+            capabilities: Default::default(),
+            version: String::new(),
+            started_unix: 0,
+            underlay_mtu: 0,
+        })
+        .collect();
+    let me = Identity { ebpf: true, underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
+    let vip6: std::net::Ipv6Addr = "fd00:1::ffff:ffff:ffff:ff7f".parse().unwrap();
+    let mut web = service("web", "aaaa", "10.1.0.254");
+    web.vip6 = Some(vip6.into());
+    let svcs = vec![web];
+    let d = desired(&nets, &eps, &hosts, &me);
+    let t = tables(&nets, &eps, &hosts, &svcs, &me, &d);
+    let id = u32::from("10.1.0.254".parse::<std::net::Ipv4Addr>().unwrap());
+    let six = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap();
+    assert_eq!(t.maglev6[&id], vec![six("fd00:1::2"), six("fd00:1::3")], "h3 is not live");
+    let svc = t.services6[&Svc6Key::new(vip6, 80, 6)];
+    assert_eq!((svc.id, u16::from_be(svc.target_port), svc.count), (id, 8080, 2));
+    assert_eq!(svc.revision, trellis_ebpf::maglev::digest6(&t.maglev6[&id]));
+    assert_eq!(t.vips6[&vip6], trellis_ebpf::VipInfo { net_id: 4096, backends: 2 });
+    assert_eq!(
+        t.backends6.keys().copied().collect::<Vec<_>>(),
+        vec![
+            Backend6Key { svc_id: id, ip: six("fd00:1::2").octets() },
+            Backend6Key { svc_id: id, ip: six("fd00:1::3").octets() },
+        ]
+    );
+    assert_eq!(t.maglev[&id].len(), 2, "the IPv4 VIP's as before");
+    // Converges from nothing.
+    let mut obs = Observed::default();
+    for a in diff(&DesiredHost { tables: t.clone(), ..d.clone() }, &obs) {
+        obs.record(&a).unwrap();
+    }
+    assert!(obs.tables.ops_to(&t).is_empty());
+    // b2 drains: out of the IPv6 Maglev table, its backend entry kept.
+    eps[1].drain_until_ms = Some(u64::MAX);
+    eps[1].deleting = true;
+    let t2 = tables(&nets, &eps, &hosts, &svcs, &me, &d);
+    let ops = obs.tables.ops_to(&t2);
+    assert_eq!(ops.put_maglev6, vec![(id, vec![six("fd00:1::2")])]);
+    assert!(ops.del_backends6.is_empty(), "draining keeps its entry: {ops:?}");
+    Arc::make_mut(&mut obs.tables).apply(&ops);
+    // The service goes: the IPv6 entries too.
+    let ops = obs.tables.ops_to(&tables(&nets, &eps, &hosts, &[], &me, &d));
+    assert_eq!(
+        (ops.del_services6.len(), ops.del_vips6.len(), ops.del_maglev6.len(), ops.del_backends6.len()),
+        (1, 1, 1, 2)
+    );
 }
 
 #[test]

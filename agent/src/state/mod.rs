@@ -335,6 +335,7 @@ impl Cluster {
             network: net.name.clone(),
             mode: req.mode,
             vip: None,
+            vip6: None,
             ports: req.ports,
             selector,
             created_unix: model::now_unix(),
@@ -370,30 +371,69 @@ impl Cluster {
             }
             model::ServiceMode::Vip => {
                 let owner = model::vip_owner(&req.name);
-                let extra = |ip: IpAddr| {
-                    let mut compares = vec![Compare::Absent(key.clone())];
-                    compares.extend(claim_compares.iter().cloned());
-                    let mut ops = vec![Op::put(key.clone(), encode(&with_vip(Some(ip))))];
-                    ops.extend(claim_ops.iter().cloned());
-                    (compares, ops)
-                };
-                match self.ipam.allocate(&Self::pool(&net), AddrRequest::Top, &owner, extra).await {
-                    Ok(ip) => with_vip(Some(ip)),
-                    Err(IpamError::CallerConflict) => {
-                        self.mesh_claims_free(&req.publish).await?;
-                        return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
+                let pool6 = Self::pool6(&net);
+                let mut attempts = 0;
+                loop {
+                    attempts += 1;
+                    // A dual-stack network's service has an IPv6 VIP too,
+                    // taken in the same transaction (the top free address
+                    // of the IPv6 subnet: another taking it first fails the
+                    // transaction, and the choice is made again).
+                    let six = match &pool6 {
+                        Some(p) => match self.ipam.pick_top_for_txn(p, &owner).await {
+                            Ok(picked) => Some(picked),
+                            Err(IpamError::Exhausted { .. }) => {
+                                self.mesh_claims_free(&req.publish).await?;
+                                return Err(AgentError::FailedPrecondition(format!(
+                                    "network {:?} ({}) has no free IPv6 address left for the VIP of service {:?}",
+                                    net.name, p.subnet, req.name
+                                )));
+                            }
+                            Err(e) => return Err(e.into()),
+                        },
+                        None => None,
+                    };
+                    let vip6 = six.as_ref().map(|(ip, _, _)| *ip);
+                    let extra = |ip: IpAddr| {
+                        let mut compares = vec![Compare::Absent(key.clone())];
+                        compares.extend(claim_compares.iter().cloned());
+                        let mut rec = with_vip(Some(ip));
+                        rec.vip6 = vip6;
+                        let mut ops = vec![Op::put(key.clone(), encode(&rec))];
+                        ops.extend(claim_ops.iter().cloned());
+                        if let Some((_, c, o)) = &six {
+                            compares.extend(c.iter().cloned());
+                            ops.extend(o.iter().cloned());
+                        }
+                        (compares, ops)
+                    };
+                    match self.ipam.allocate(&Self::pool(&net), AddrRequest::Top, &owner, extra).await {
+                        Ok(ip) => {
+                            let mut rec = with_vip(Some(ip));
+                            rec.vip6 = vip6;
+                            break rec;
+                        }
+                        Err(IpamError::CallerConflict) => {
+                            // The IPv6 VIP taken meanwhile (the service
+                            // itself not): choose again.
+                            if vip6.is_some() && attempts < 8 && self.store.get(&key).await?.is_none() {
+                                continue;
+                            }
+                            self.mesh_claims_free(&req.publish).await?;
+                            return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
+                        }
+                        Err(IpamError::Exhausted { .. }) => {
+                            return Err(AgentError::FailedPrecondition(format!(
+                                "network {:?} ({}) has no free address left for the VIP of service {:?}",
+                                net.name, net.subnet, req.name
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(IpamError::Exhausted { .. }) => {
-                        return Err(AgentError::FailedPrecondition(format!(
-                            "network {:?} ({}) has no free address left for the VIP of service {:?}",
-                            net.name, net.subnet, req.name
-                        )));
-                    }
-                    Err(e) => return Err(e.into()),
                 }
             }
         };
-        tracing::info!(service = %rec.name, network = %net.name, vip = ?rec.vip, "service created");
+        tracing::info!(service = %rec.name, network = %net.name, vip = ?rec.vip, vip6 = ?rec.vip6, "service created");
         Ok(rec)
     }
 
@@ -404,8 +444,8 @@ impl Cluster {
             self.store.get(&key).await?.ok_or_else(|| AgentError::NotFound(format!("service {name:?} not found")))?;
         let rec: model::ServiceRecord = decode(&kv.key, &kv.value)?;
         let mut ops = vec![Op::delete(key.clone())];
-        if let Some(vip) = rec.vip {
-            ops.push(self.ipam.release_op(&rec.network_id, vip));
+        for vip in rec.vip.iter().chain(&rec.vip6) {
+            ops.push(self.ipam.release_op(&rec.network_id, *vip));
         }
         ops.extend(rec.publish.iter().map(|p| Op::delete(model::mesh_port_key(p.proto, p.host_port))));
         if !self.store.txn(vec![Compare::ModRevision(key, kv.mod_revision)], ops).await?.succeeded {

@@ -58,7 +58,7 @@ pub fn backends_text(s: &proto::Service) -> String {
 
 pub fn service_json(s: &proto::Service) -> Value {
     json!({
-        "name": s.name, "network": s.network, "network_id": s.network_id, "mode": s.mode, "vip": s.vip,
+        "name": s.name, "network": s.network, "network_id": s.network_id, "mode": s.mode, "vip": s.vip, "vip6": s.vip6,
         "ports": s.ports.iter().map(|p| json!({"port": p.port, "protocol": p.protocol, "target": p.target})).collect::<Vec<_>>(),
         "selector": s.selector,
         "backends": s.backends.iter().map(|b| json!({
@@ -147,9 +147,14 @@ pub fn publish_text(s: &proto::Service) -> String {
         .join(",")
 }
 
-/// A service's VIP, `-` for none (dnsrr mode).
+/// A service's VIP (both, on a dual-stack network), `-` for none (dnsrr
+/// mode).
 pub fn vip_text(s: &proto::Service) -> String {
-    if s.vip.is_empty() { "-".to_string() } else { s.vip.clone() }
+    match (s.vip.is_empty(), s.vip6.is_empty()) {
+        (true, _) => "-".to_string(),
+        (false, true) => s.vip.clone(),
+        (false, false) => format!("{},{}", s.vip, s.vip6),
+    }
 }
 
 pub fn network_table(list: &[proto::Network]) {

@@ -267,11 +267,23 @@ impl NetlinkDataplane {
         for (k, v) in &ops.put_nets6 {
             dp.put_net6(*k, *v).map_err(e("IPv6 subnet"))?;
         }
+        for (k, v) in &ops.put_backends6 {
+            dp.put_backend6(*k, *v).map_err(e("IPv6 backend"))?;
+        }
+        for (id, ips) in &ops.put_maglev6 {
+            dp.put_maglev6(*id, &trellis_ebpf::maglev::table6(ips)).map_err(e("IPv6 maglev table"))?;
+        }
         for (k, v) in &ops.put_services {
             dp.put_service(*k, *v).map_err(e("service"))?;
         }
+        for (k, v) in &ops.put_services6 {
+            dp.put_service6(*k, *v).map_err(e("IPv6 service"))?;
+        }
         for (k, v) in &ops.put_vips {
             dp.put_vip(*k, *v).map_err(e("VIP"))?;
+        }
+        for (k, v) in &ops.put_vips6 {
+            dp.put_vip6(*k, *v).map_err(e("IPv6 VIP"))?;
         }
         for a in &ops.put_mesh_addrs {
             dp.put_mesh_addr(*a).map_err(e("mesh address"))?;
@@ -298,8 +310,20 @@ impl NetlinkDataplane {
         for k in &ops.del_services {
             dp.remove_service(*k).map_err(e("service"))?;
         }
+        for k in &ops.del_services6 {
+            dp.remove_service6(*k).map_err(e("IPv6 service"))?;
+        }
         for k in &ops.del_vips {
             dp.remove_vip(*k).map_err(e("VIP"))?;
+        }
+        for k in &ops.del_vips6 {
+            dp.remove_vip6(*k).map_err(e("IPv6 VIP"))?;
+        }
+        for k in &ops.del_maglev6 {
+            dp.remove_maglev6(*k).map_err(e("IPv6 maglev table"))?;
+        }
+        for k in &ops.del_backends6 {
+            dp.remove_backend6(*k).map_err(e("IPv6 backend"))?;
         }
         for k in &ops.del_maglev {
             dp.remove_maglev(*k).map_err(e("maglev table"))?;
@@ -353,6 +377,10 @@ impl NetlinkDataplane {
             services: dp.services().map_err(e)?.into_iter().collect(),
             maglev: dp.maglev_ids().map_err(e)?.into_iter().map(|id| (id, Vec::new())).collect(),
             backends: dp.backends().map_err(e)?.into_iter().collect(),
+            vips6: dp.vips6().map_err(e)?.into_iter().collect(),
+            services6: dp.services6().map_err(e)?.into_iter().collect(),
+            maglev6: dp.maglev6_ids().map_err(e)?.into_iter().map(|id| (id, Vec::new())).collect(),
+            backends6: dp.backends6().map_err(e)?.into_iter().collect(),
             published: dp
                 .published()
                 .map_err(e)?

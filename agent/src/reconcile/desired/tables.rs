@@ -41,7 +41,9 @@ pub fn tables_holding(
     d: &DesiredHost,
 ) -> Tables {
     use crate::dataplane::tables::Published;
-    use trellis_ebpf::{BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, SvcInfo, SvcKey, VipInfo, maglev};
+    use trellis_ebpf::{
+        Backend6Key, BackendInfo, BackendKey, NetInfo, PubInfo, PubKey, Svc6Key, SvcInfo, SvcKey, VipInfo, maglev,
+    };
     let mut t = Tables::default();
     if !me.ebpf {
         return t;
@@ -85,6 +87,11 @@ pub fn tables_holding(
         // the draining ones keep their backend entries, so the connections
         // they have keep flowing; unready ones get neither.
         let mut ips = Vec::new();
+        let mut ips6 = Vec::new();
+        let vip6 = match s.vip6 {
+            Some(IpAddr::V6(v6)) => Some(v6),
+            _ => None,
+        };
         for e in by_net.get(s.network_id.as_str()).into_iter().flatten() {
             let serving = match s.backend_state(e) {
                 Some(model::BackendState::Serving) => true,
@@ -92,17 +99,29 @@ pub fn tables_holding(
                 Some(model::BackendState::Unready) | None => continue,
             };
             let reachable = local_ids.contains(e.id.as_str()) || remote.contains(e.host.as_str());
-            let (IpAddr::V4(ip), Some(mac)) = (e.ip, Some(e.mac)) else { continue };
-            if reachable {
-                t.backends
-                    .insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, BackendInfo { mac: mac.0, pad: 0 });
+            if !reachable {
+                continue;
+            }
+            let info = BackendInfo { mac: e.mac.0, pad: 0 };
+            if let IpAddr::V4(ip) = e.ip {
+                t.backends.insert(BackendKey { svc_id: id, ip: trellis_ebpf::be(ip) }, info);
                 if serving {
                     ips.push(ip);
+                }
+            }
+            // The IPv6 VIP's backends: their IPv6 addresses (for this
+            // host's endpoints only: published ports are IPv4).
+            if let (true, Some(IpAddr::V6(ip6))) = (vip6.is_some() && vip_here, e.ip6) {
+                t.backends6.insert(Backend6Key { svc_id: id, ip: ip6.octets() }, info);
+                if serving {
+                    ips6.push(ip6);
                 }
             }
         }
         ips.sort();
         ips.dedup();
+        ips6.sort();
+        ips6.dedup();
         let revision = maglev::digest(&ips);
         for p in published {
             let info = PubInfo {
@@ -140,6 +159,20 @@ pub fn tables_holding(
             }
         }
         t.vips.insert(vip, VipInfo { net_id: vni, backends: ips.len() as u32 });
+        if let Some(vip6) = vip6 {
+            let (revision, count) = (maglev::digest6(&ips6), ips6.len() as u32);
+            let info = |target: u16| SvcInfo { id, target_port: target.to_be(), pad: 0, count, revision };
+            for p in &s.ports {
+                t.services6.insert(Svc6Key::new(vip6, p.port, p.proto.number()), info(p.target));
+            }
+            if s.ports.is_empty() {
+                for proto in [model::Proto::Tcp, model::Proto::Udp] {
+                    t.services6.insert(Svc6Key::new(vip6, 0, proto.number()), info(0));
+                }
+            }
+            t.maglev6.insert(id, ips6);
+            t.vips6.insert(vip6, VipInfo { net_id: vni, backends: count });
+        }
     }
     if !t.published.is_empty()
         && let Some(IpAddr::V4(u)) = me.underlay
