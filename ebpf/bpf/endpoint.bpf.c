@@ -153,13 +153,18 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return drop(c, DROP_MALFORMED, ifindex, &f);
+		/* Its addresses for the monitor, off the stack (lb6.h). */
+		struct v6_scratch *s6 = v6_scratch_get();
+		struct flow6 *f6 = s6 ? &s6->f6 : 0;
+		if (f6)
+			parse_flow6(ip6, data, end, f6);
 		const __u8 *src = ip6->saddr.in6_u.u6_addr8;
 		int unspecified = ip6->saddr.in6_u.u6_addr32[0] == 0 && ip6->saddr.in6_u.u6_addr32[1] == 0 &&
 				  ip6->saddr.in6_u.u6_addr32[2] == 0 && ip6->saddr.in6_u.u6_addr32[3] == 0;
 		if (!unspecified && !own_link_local(src, ep->mac) && !own_ip6(src, ep))
-			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
+			return drop6(c, DROP_SPOOF_IPV6, ifindex, f6);
 		if (ndp_spoofed(ip6, end, ep))
-			return drop(c, DROP_SPOOF_IPV6, ifindex, &f);
+			return drop6(c, DROP_SPOOF_IPV6, ifindex, f6);
 		/* To an IPv6 VIP (or soliciting one's address): lb6.h. */
 		int vip6 = vip6_from_endpoint(skb, ep, c);
 		if (vip6 != VIP6_NOT)
@@ -168,7 +173,7 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		end = skb_end(skb);
 		ip6 = data + ETH_HLEN_;
 		if ((void *)(ip6 + 1) > end)
-			return drop(c, DROP_MALFORMED, ifindex, &f);
+			return drop6(c, DROP_MALFORMED, ifindex, f6);
 		/* Isolation: nothing to another network's IPv6 subnet; from an
 		 * internal network nothing but link-local and multicast beyond
 		 * its own. */
@@ -178,23 +183,25 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		struct net_info *n6 = bpf_map_lookup_elem(&nets6, &k6);
 		if (n6) {
 			if (n6->net_id != ep->net_id)
-				return drop(c, DROP_ISOLATION, ifindex, &f);
+				return drop6(c, DROP_ISOLATION, ifindex, f6);
 		} else if ((ep->flags & EP_DNS) && (verdict6 = to_gateway_dns6(skb, ep)) != DNS6_NOT_QUERY) {
 			/* DNS to a resolver outside Trellis, over IPv6: to the
 			 * gateway's IPv6 address, as over IPv4. */
 			if (verdict6 == DNS6_TABLE_FULL) {
 				table_full(c, TABLE_RNAT);
-				return drop(c, DROP_TABLE_FULL, ifindex, &f);
+				return drop6(c, DROP_TABLE_FULL, ifindex, f6);
 			}
 			if (verdict6 != DNS6_SENT)
-				return drop(c, DROP_MALFORMED, ifindex, &f);
+				return drop6(c, DROP_MALFORMED, ifindex, f6);
 			return TC_ACT_OK;
 		} else if (ep->flags & EP_INTERNAL) {
 			__u8 d0 = ip6->daddr.in6_u.u6_addr8[0];
 			__u8 d1 = ip6->daddr.in6_u.u6_addr8[1];
 			if (d0 != 0xff && !(d0 == 0xfe && (d1 & 0xc0) == 0x80))
-				return drop(c, DROP_ISOLATION, ifindex, &f);
+				return drop6(c, DROP_ISOLATION, ifindex, f6);
 		}
+		if (f6 && f6->f.start)
+			emit6(ifindex, f6, 0, 0);
 		return TC_ACT_OK;
 	}
 	default:

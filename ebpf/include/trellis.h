@@ -65,17 +65,17 @@ struct endpoint_counters {
 };
 
 /* One event of the monitor ring buffer: a drop, or the start of a flow
- * (a TCP SYN, an ICMP echo request) that passed. */
+ * (a TCP SYN, an ICMP or ICMPv6 echo request) that passed. */
 struct flow_event {
 	__u32 ifindex;
-	__u32 saddr;
-	__u32 daddr;
+	__u8 saddr[16]; /* IPv4: the first 4 bytes */
+	__u8 daddr[16];
 	__u16 sport;
 	__u16 dport;
-	__u8 proto;    /* IP protocol; 0 when not IPv4 */
+	__u8 proto;    /* IP protocol (IPv6: next header); 0 when neither */
 	__u8 verdict;  /* 0 passed, 1 dropped */
 	__u8 reason;   /* enum drop_reason, when dropped */
-	__u8 pad;
+	__u8 family;   /* 4, 6, or 0: neither (ARP, ...) */
 };
 
 /* `event_budget`: an endpoint's share of the monitor's ring buffer. While
@@ -266,8 +266,8 @@ struct svc_stats {
 	__u64 resets;     /* flows reset because their backend left */
 };
 
-_Static_assert(sizeof(struct flow_event) == 20, "flow_event layout");
-_Static_assert(__builtin_offsetof(struct flow_event, proto) == 16, "flow_event.proto");
+_Static_assert(sizeof(struct flow_event) == 44, "flow_event layout");
+_Static_assert(__builtin_offsetof(struct flow_event, proto) == 40, "flow_event.proto");
 _Static_assert(sizeof(struct endpoint_info) == 72, "endpoint_info layout");
 _Static_assert(__builtin_offsetof(struct endpoint_info, slot) == 64, "endpoint_info.slot");
 _Static_assert(__builtin_offsetof(struct endpoint_info, gw6) == 48, "endpoint_info.gw6");

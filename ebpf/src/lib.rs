@@ -610,16 +610,18 @@ unsafe impl Pod for EndpointCounters {}
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEvent {
     pub ifindex: u32,
-    /// Network byte order.
-    pub saddr: u32,
-    pub daddr: u32,
+    /// IPv4: the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
     pub sport: u16,
     pub dport: u16,
+    /// IP protocol (IPv6: next header).
     pub proto: u8,
     /// 0 passed, 1 dropped.
     pub verdict: u8,
     pub reason: u8,
-    pub pad: u8,
+    /// 4, 6, or 0: neither (ARP and such).
+    pub family: u8,
 }
 
 impl FlowEvent {
@@ -628,26 +630,35 @@ impl FlowEvent {
         if b.len() < std::mem::size_of::<FlowEvent>() {
             return None;
         }
-        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let addr = |i: usize| -> [u8; 16] { b[i..i + 16].try_into().expect("16 bytes") };
         Some(FlowEvent {
-            ifindex: u32_at(0),
-            saddr: u32_at(4),
-            daddr: u32_at(8),
-            sport: u16::from_be_bytes([b[12], b[13]]),
-            dport: u16::from_be_bytes([b[14], b[15]]),
-            proto: b[16],
-            verdict: b[17],
-            reason: b[18],
-            pad: b[19],
+            ifindex: u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+            saddr: addr(4),
+            daddr: addr(20),
+            sport: u16::from_be_bytes([b[36], b[37]]),
+            dport: u16::from_be_bytes([b[38], b[39]]),
+            proto: b[40],
+            verdict: b[41],
+            reason: b[42],
+            family: b[43],
         })
     }
 
-    pub fn src(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.saddr.to_ne_bytes())
+    fn addr(&self, a: &[u8; 16]) -> Option<std::net::IpAddr> {
+        match self.family {
+            4 => Some(Ipv4Addr::new(a[0], a[1], a[2], a[3]).into()),
+            6 => Some(Ipv6Addr::from(*a).into()),
+            _ => None,
+        }
     }
 
-    pub fn dst(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.daddr.to_ne_bytes())
+    /// The source address (none for a frame neither IPv4 nor IPv6).
+    pub fn src(&self) -> Option<std::net::IpAddr> {
+        self.addr(&self.saddr)
+    }
+
+    pub fn dst(&self) -> Option<std::net::IpAddr> {
+        self.addr(&self.daddr)
     }
 
     pub fn reason_name(&self) -> &'static str {
@@ -1726,8 +1737,8 @@ mod tests {
         assert_eq!(DropReason::TableFull as usize, 8);
         assert_eq!(Table::Events as usize, 2);
         assert_eq!(DropReason::Malformed as usize, 4);
-        assert_eq!(size_of::<FlowEvent>(), 20);
-        assert_eq!(offset_of!(FlowEvent, proto), 16);
+        assert_eq!(size_of::<FlowEvent>(), 44);
+        assert_eq!(offset_of!(FlowEvent, proto), 40);
         assert_eq!(size_of::<NetInfo>(), 8);
         assert_eq!(size_of::<VipInfo>(), 8);
         assert_eq!(size_of::<SvcKey>(), 8);
@@ -1777,22 +1788,31 @@ mod tests {
 
     #[test]
     fn flow_events_decode() {
-        let mut b = vec![0u8; 20];
+        let mut b = vec![0u8; 44];
         b[0..4].copy_from_slice(&7u32.to_ne_bytes());
         b[4..8].copy_from_slice(&[10, 1, 0, 99]);
-        b[8..12].copy_from_slice(&[10, 1, 0, 3]);
-        b[12..14].copy_from_slice(&40000u16.to_be_bytes());
-        b[14..16].copy_from_slice(&53u16.to_be_bytes());
-        b[16] = 17;
-        b[17] = 1;
-        b[18] = 1;
+        b[20..24].copy_from_slice(&[10, 1, 0, 3]);
+        b[36..38].copy_from_slice(&40000u16.to_be_bytes());
+        b[38..40].copy_from_slice(&53u16.to_be_bytes());
+        b[40] = 17;
+        b[41] = 1;
+        b[42] = 1;
+        b[43] = 4;
         let e = FlowEvent::from_bytes(&b).unwrap();
         assert_eq!(
             (e.ifindex, e.src(), e.dst(), e.sport, e.dport),
-            (7, Ipv4Addr::new(10, 1, 0, 99), Ipv4Addr::new(10, 1, 0, 3), 40000, 53)
+            (7, Some(Ipv4Addr::new(10, 1, 0, 99).into()), Some(Ipv4Addr::new(10, 1, 0, 3).into()), 40000, 53)
         );
         assert_eq!((e.proto, e.verdict, e.reason_name()), (17, 1, "spoofed_ip"));
-        assert!(FlowEvent::from_bytes(&b[..19]).is_none());
+        assert!(FlowEvent::from_bytes(&b[..43]).is_none());
+        let (src6, dst6): (Ipv6Addr, Ipv6Addr) = ("fd00::2".parse().unwrap(), "fd00::ffff".parse().unwrap());
+        b[4..20].copy_from_slice(&src6.octets());
+        b[20..36].copy_from_slice(&dst6.octets());
+        b[43] = 6;
+        let e = FlowEvent::from_bytes(&b).unwrap();
+        assert_eq!((e.src(), e.dst()), (Some(src6.into()), Some(dst6.into())));
+        b[43] = 0;
+        assert_eq!(FlowEvent::from_bytes(&b).unwrap().src(), None, "neither family: no address");
     }
 
     #[test]

@@ -104,3 +104,58 @@ fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
     let err = plain.ctl_err(&["monitor"]);
     assert!(err.contains("--ebpf"), "{err}");
 }
+
+/// The monitor shows IPv6 flows with their IPv6 addresses: a ping6 that
+/// passed (icmpv6, from the endpoint's address) and a spoofed one dropped.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn monitor_shows_ipv6_flow_starts_and_drops_with_their_addresses() {
+    use std::io::{BufRead, BufReader};
+    require_root();
+    let mut h = Host::bare().unwrap();
+    h.extra_args = vec!["--ebpf".into()];
+    h.start().unwrap();
+    h.ctl(&["network", "create", "app6", "--subnet", "10.58.0.0/24", "--subnet", "fd00:58::/64", "--attachable"])
+        .unwrap();
+    let a = h.attach("app6", "a", &[]).unwrap();
+    let b = h.attach("app6", "b", &[]).unwrap();
+    let v6 = |e: &serde_json::Value| e["address6"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let (a6, b6) = (v6(&a), v6(&b));
+    let monitor = |args: &[&str]| {
+        Command::new(trellis_integration::bin("trellisctl"))
+            .arg("--socket")
+            .arg(h.socket())
+            .args(["monitor", "--json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut drops = monitor(&["--verdict", "dropped", "--endpoint", "a", "--count", "1"]);
+    let mut passes = monitor(&["--verdict", "passed", "--endpoint", "a", "--count", "1"]);
+    std::thread::sleep(Duration::from_millis(500)); // subscribed
+    assert!(ping(&netns_of(&a), &b6, 1), "a cannot ping b over IPv6");
+    in_netns(&netns_of(&a), "ip", &["-6", "addr", "add", "fd00:58::99/64", "dev", "eth0", "nodad"]).status().unwrap();
+    let _ = in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "fd00:58::99", &b6])
+        .stdout(Stdio::null())
+        .status();
+    let first_line = |child: &mut std::process::Child| {
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let p = first_line(&mut passes);
+    assert_eq!(
+        (p["protocol"].as_str(), p["src"].as_str(), p["dst"].as_str()),
+        (Some("icmpv6"), Some(a6.as_str()), Some(b6.as_str())),
+        "{p}"
+    );
+    let d = first_line(&mut drops);
+    assert_eq!(
+        (d["reason"].as_str(), d["protocol"].as_str(), d["src"].as_str(), d["dst"].as_str()),
+        (Some("spoofed_ipv6"), Some("icmpv6"), Some("fd00:58::99"), Some(b6.as_str())),
+        "{d}"
+    );
+    assert!(drops.wait().unwrap().success() && passes.wait().unwrap().success(), "--count ends the stream");
+}

@@ -313,6 +313,8 @@ impl Ipam {
     /// Plan the address side of a network's creation: choose (or check) its
     /// subnet and gateway, pick a VNI, and reserve the gateway address.
     /// `avoid` are the host's routes a chosen subnet must not overlap.
+    /// The subnet may be of either family (an IPv6 one: an IPv6-only
+    /// network, whose plan's `subnet` is that one).
     pub async fn plan_network(
         &self,
         net_id: &str,
@@ -320,8 +322,8 @@ impl Ipam {
         gateway: Option<IpAddr>,
         avoid: &[IpNet],
     ) -> Result<NetworkPlan> {
-        let v4 = FamilyRequest { subnet: request.clone(), gateway };
-        self.plan_dual_network(net_id, &v4, None, avoid).await
+        let one = FamilyRequest { subnet: request.clone(), gateway };
+        self.plan(net_id, &one, request.is_ipv4(), None, avoid).await
     }
 
     /// [`Ipam::plan_network`] for an IPv4 subnet and, with `v6`, an IPv6
@@ -334,11 +336,24 @@ impl Ipam {
         v6: Option<&FamilyRequest>,
         avoid: &[IpNet],
     ) -> Result<NetworkPlan> {
+        self.plan(net_id, v4, true, v6, avoid).await
+    }
+
+    /// A network's plan: its first subnet (`first`, IPv4 if `first_v4`)
+    /// and, on a dual-stack network, its IPv6 one.
+    async fn plan(
+        &self,
+        net_id: &str,
+        first: &FamilyRequest,
+        first_v4: bool,
+        v6: Option<&FamilyRequest>,
+        avoid: &[IpNet],
+    ) -> Result<NetworkPlan> {
         let (mut index, rev) = self.index().await?;
         if index.nets.contains_key(net_id) {
             return Err(IpamError::NetworkExists(net_id.to_string()));
         }
-        let (subnet, gateway) = Self::choose(&index, &v4.subnet, v4.gateway, avoid, true)?;
+        let (subnet, gateway) = Self::choose(&index, &first.subnet, first.gateway, avoid, first_v4)?;
         let (subnet6, gateway6) = match v6 {
             Some(r) => {
                 let (s, gw) = Self::choose(&index, &r.subnet, r.gateway, avoid, false)?;

@@ -16,6 +16,7 @@ fn protocol(p: u8) -> &'static str {
     match p {
         0 => "",
         1 => "icmp",
+        58 => "icmpv6",
         6 => "tcp",
         17 => "udp",
         _ => "other",
@@ -54,7 +55,6 @@ pub fn describe(
     if !req.endpoint.is_empty() && req.endpoint != name && !(req.endpoint.len() >= 6 && id.starts_with(&req.endpoint)) {
         return None;
     }
-    let ipv4 = ev.proto != 0 || ev.saddr != 0;
     Some(proto::FlowEvent {
         unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -67,8 +67,8 @@ pub fn describe(
         verdict: verdict.to_string(),
         reason: if ev.verdict == 1 { ev.reason_name().to_string() } else { String::new() },
         protocol: protocol(ev.proto).to_string(),
-        src: if ipv4 { ev.src().to_string() } else { String::new() },
-        dst: if ipv4 { ev.dst().to_string() } else { String::new() },
+        src: ev.src().map(|a| a.to_string()).unwrap_or_default(),
+        dst: ev.dst().map(|a| a.to_string()).unwrap_or_default(),
         src_port: ev.sport as u32,
         dst_port: ev.dport as u32,
     })
@@ -121,17 +121,48 @@ mod tests {
     use super::*;
 
     fn ev(verdict: u8) -> FlowEvent {
+        let v4 = |a: [u8; 4]| {
+            let mut x = [0; 16];
+            x[..4].copy_from_slice(&a);
+            x
+        };
         FlowEvent {
             ifindex: 3,
-            saddr: u32::from_ne_bytes([10, 1, 0, 99]),
-            daddr: u32::from_ne_bytes([10, 1, 0, 3]),
+            saddr: v4([10, 1, 0, 99]),
+            daddr: v4([10, 1, 0, 3]),
             sport: 0,
             dport: 0,
             proto: 1,
             verdict,
             reason: 1,
-            pad: 0,
+            family: 4,
         }
+    }
+
+    #[test]
+    fn ipv6_events_show_ipv6_addresses() {
+        let (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+            ("fd00:1::2".parse().unwrap(), "fd00:1::ffff".parse().unwrap());
+        let e = FlowEvent {
+            saddr: src.octets(),
+            daddr: dst.octets(),
+            sport: 40000,
+            dport: 80,
+            proto: 6,
+            family: 6,
+            verdict: 0,
+            ..ev(0)
+        };
+        let d = describe(&e, "trv-x", None, &proto::MonitorRequest::default()).unwrap();
+        assert_eq!(
+            (d.src.as_str(), d.dst.as_str(), d.protocol.as_str(), d.src_port, d.dst_port),
+            ("fd00:1::2", "fd00:1::ffff", "tcp", 40000, 80)
+        );
+        let ping = FlowEvent { proto: 58, ..e };
+        assert_eq!(describe(&ping, "trv-x", None, &proto::MonitorRequest::default()).unwrap().protocol, "icmpv6");
+        let arp = FlowEvent { family: 0, proto: 0, ..ev(1) };
+        let d = describe(&arp, "trv-x", None, &proto::MonitorRequest::default()).unwrap();
+        assert_eq!((d.src.as_str(), d.protocol.as_str()), ("", ""), "no address for a frame of neither family");
     }
 
     #[test]

@@ -12,7 +12,7 @@
 #include "parse.h"
 
 /* The ring's size (maps.h). */
-#define EVENTS_BYTES (1 << 18)
+#define EVENTS_BYTES (1 << 19)
 
 /* May endpoint `ifindex` add an event to a ring more than half full? Its
  * budget refills at EVENT_SHARE a second up to EVENT_SHARE. (Updated
@@ -44,7 +44,9 @@ static __always_inline int event_share_left(__u32 ifindex)
 	return 1;
 }
 
-static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdict, __u8 reason)
+/* The event of a flow, IPv4 (`f`) or IPv6 (`f6`: then `f` is its flow). */
+static __always_inline void emit_flow(__u32 ifindex, const struct flow *f, const struct flow6 *f6, __u8 verdict,
+				      __u8 reason)
 {
 	/* Only while a monitor watches: every event wakes the agent, which
 	 * would cost each new connection tens of microseconds. */
@@ -64,15 +66,33 @@ static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdi
 	if (!ev)
 		return; /* full: the monitor is behind, the packet is not */
 	ev->ifindex = ifindex;
-	ev->saddr = f->saddr;
-	ev->daddr = f->daddr;
+	if (f6) {
+		__builtin_memcpy(ev->saddr, f6->saddr, 16);
+		__builtin_memcpy(ev->daddr, f6->daddr, 16);
+		ev->family = 6;
+	} else {
+		__builtin_memset(ev->saddr, 0, 16);
+		__builtin_memset(ev->daddr, 0, 16);
+		__builtin_memcpy(ev->saddr, &f->saddr, 4);
+		__builtin_memcpy(ev->daddr, &f->daddr, 4);
+		ev->family = f->family == 4 ? 4 : 0;
+	}
 	ev->sport = f->sport;
 	ev->dport = f->dport;
 	ev->proto = f->proto;
 	ev->verdict = verdict;
 	ev->reason = reason;
-	ev->pad = 0;
 	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void emit(__u32 ifindex, const struct flow *f, __u8 verdict, __u8 reason)
+{
+	emit_flow(ifindex, f, 0, verdict, reason);
+}
+
+static __always_inline void emit6(__u32 ifindex, const struct flow6 *f6, __u8 verdict, __u8 reason)
+{
+	emit_flow(ifindex, &f6->f, f6, verdict, reason);
 }
 
 static __always_inline int drop(struct endpoint_counters *c, __u32 reason, __u32 ifindex, const struct flow *f)
@@ -80,6 +100,16 @@ static __always_inline int drop(struct endpoint_counters *c, __u32 reason, __u32
 	if (c && reason < DROP_REASONS)
 		c->drops[reason] += 1;
 	emit(ifindex, f, 1, reason);
+	return TC_ACT_SHOT;
+}
+
+/* drop() of an IPv6 packet (`f6` none: no event, counted still). */
+static __always_inline int drop6(struct endpoint_counters *c, __u32 reason, __u32 ifindex, const struct flow6 *f6)
+{
+	if (c && reason < DROP_REASONS)
+		c->drops[reason] += 1;
+	if (f6)
+		emit6(ifindex, f6, 1, reason);
 	return TC_ACT_SHOT;
 }
 

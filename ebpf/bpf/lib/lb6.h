@@ -29,7 +29,7 @@
 /* The IPv6 VIP path's locals, here rather than on the stack: the endpoint
  * program's own frame leaves a called function about a hundred bytes. */
 struct v6_scratch {
-	struct flow f;
+	struct flow6 f6; /* the packet, as the endpoint program parsed it */
 	struct vip6_key vk;
 	struct svc6_key sk;
 	struct flow6_key fk;
@@ -56,6 +56,12 @@ struct {
 	__type(key, __u32);
 	__type(value, struct v6_scratch);
 } v6_scratch SEC(".maps");
+
+static __always_inline struct v6_scratch *v6_scratch_get(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&v6_scratch, &zero);
+}
 
 /* The MAC an IPv6 VIP answers with: 02:42 and its last four bytes (it
  * never leaves the endpoint's veth: the program rewrites every frame to
@@ -236,12 +242,12 @@ static __always_inline int select_backend6(struct __sk_buff *skb, struct v6_scra
 	if (known) {
 		__builtin_memcpy(s->bk.ip, known->addr, 16);
 		if (known->svc_id == svc_id && bpf_map_lookup_elem(&backends6, &s->bk)) {
-			flow_seen(&known->seen, &known->state, &s->f, now);
+			flow_seen(&known->seen, &known->state, &s->f6.f, now);
 			s->cv = *known;
 			return SELECT_OK;
 		}
 		bpf_map_delete_elem(table, &s->fk);
-		if (s->f.proto == PROTO_TCP && !s->f.syn)
+		if (s->f6.f.proto == PROTO_TCP && !s->f6.f.syn)
 			return SELECT_LEFT;
 	}
 	struct maglev6_table *mt = bpf_map_lookup_elem(&maglev6, &svc_id);
@@ -259,12 +265,12 @@ static __always_inline int select_backend6(struct __sk_buff *skb, struct v6_scra
 		return SELECT_NONE;
 	__builtin_memset(&s->cv, 0, sizeof(s->cv));
 	__builtin_memcpy(s->cv.addr, s->bk.ip, 16);
-	s->cv.port = target_port ? target_port : s->f.dport;
+	s->cv.port = target_port ? target_port : s->f6.f.dport;
 	__builtin_memcpy(s->cv.mac, b->mac, ETH_ALEN);
 	s->cv.svc_id = svc_id;
 	s->cv.state = CT_OPEN;
 	s->cv.seen = now;
-	flow_seen(&s->cv.seen, &s->cv.state, &s->f, now);
+	flow_seen(&s->cv.seen, &s->cv.state, &s->f6.f, now);
 	if (bpf_map_update_elem(table, &s->fk, &s->cv, BPF_ANY))
 		return SELECT_FULL;
 	struct svc_stats *st = stats_of(svc_id);
@@ -276,22 +282,21 @@ static __always_inline int select_backend6(struct __sk_buff *skb, struct v6_scra
 /* vip6_from_endpoint's answer when the packet is no VIP's business. */
 #define VIP6_NOT -1
 
-/* An IPv6 packet from the endpoint (its source checked): if it is to an
+/* An IPv6 packet from the endpoint (its source checked, parsed into
+ * `v6_scratch`'s f6 by the caller): if it is to an
  * IPv6 VIP, or solicits a VIP's address, what becomes of it (a TC
  * verdict); else VIP6_NOT. Not inlined, its locals in `v6_scratch`: the
  * endpoint program's frame leaves little room. */
 static __attribute__((noinline)) int vip6_from_endpoint(struct __sk_buff *skb, const struct endpoint_info *ep,
 							 struct endpoint_counters *c)
 {
-	__u32 zero = 0;
-	struct v6_scratch *s = bpf_map_lookup_elem(&v6_scratch, &zero);
+	struct v6_scratch *s = v6_scratch_get();
 	void *data = skb_data(skb);
 	void *end = skb_end(skb);
 	struct ipv6hdr *ip6 = data + ETH_HLEN_;
 	if (!s || !ep || (void *)(ip6 + 1) > end)
 		return VIP6_NOT;
 	__u32 ifindex = skb->ifindex;
-	__builtin_memset(&s->f, 0, sizeof(s->f));
 	__builtin_memcpy(s->vk.vip, ip6->daddr.in6_u.u6_addr8, 16);
 	struct vip_info *v = bpf_map_lookup_elem(&vips6, &s->vk);
 	__u8 proto = ip6->nexthdr;
@@ -309,39 +314,39 @@ static __attribute__((noinline)) int vip6_from_endpoint(struct __sk_buff *skb, c
 		return na_reply(skb, s);
 	}
 	if (v->net_id != ep->net_id)
-		return drop(c, DROP_ISOLATION, ifindex, &s->f);
+		return drop6(c, DROP_ISOLATION, ifindex, &s->f6);
 	__u32 backends = v->backends;
-	s->f.proto = proto;
+	s->f6.f.proto = proto;
 	if (proto == NEXTHDR_ICMPV6) {
 		struct icmp_hdr *icmp = (void *)(ip6 + 1);
 		if ((void *)(icmp + 1) > end)
-			return drop(c, DROP_MALFORMED, ifindex, &s->f);
+			return drop6(c, DROP_MALFORMED, ifindex, &s->f6);
 		if (icmp->type == ICMPV6_ECHO_REQUEST && icmp->code == 0 && backends > 0)
 			return echo6_reply(skb, s);
-		return drop(c, backends ? DROP_NO_SERVICE : DROP_NO_BACKEND, ifindex, &s->f);
+		return drop6(c, backends ? DROP_NO_SERVICE : DROP_NO_BACKEND, ifindex, &s->f6);
 	}
 	/* Only from its own address (a link-local one could not be answered
 	 * by a backend), and TCP or UDP right after the header. */
 	if ((proto != PROTO_TCP && proto != PROTO_UDP) || !addr6_eq(ip6->saddr.in6_u.u6_addr8, ep->ip6))
-		return drop(c, DROP_NO_SERVICE, ifindex, &s->f);
+		return drop6(c, DROP_NO_SERVICE, ifindex, &s->f6);
 	__u16 *ports = data + IPV6_L4_OFF;
 	if ((void *)(ports + 2) > end)
-		return drop(c, DROP_MALFORMED, ifindex, &s->f);
-	s->f.sport = ports[0];
-	s->f.dport = ports[1];
-	s->f.l4off = IPV6_L4_OFF;
+		return drop6(c, DROP_MALFORMED, ifindex, &s->f6);
+	s->f6.f.sport = ports[0];
+	s->f6.f.dport = ports[1];
+	s->f6.f.l4off = IPV6_L4_OFF;
 	if (proto == PROTO_TCP) {
 		struct tcphdr *t = (void *)ports;
 		if ((void *)(t + 1) > end)
-			return drop(c, DROP_MALFORMED, ifindex, &s->f);
-		s->f.syn = t->syn && !t->ack;
-		s->f.start = s->f.syn;
-		s->f.fin = t->fin;
-		s->f.rst = t->rst;
-		s->f.ack = t->ack;
+			return drop6(c, DROP_MALFORMED, ifindex, &s->f6);
+		s->f6.f.syn = t->syn && !t->ack;
+		s->f6.f.start = s->f6.f.syn;
+		s->f6.f.fin = t->fin;
+		s->f6.f.rst = t->rst;
+		s->f6.f.ack = t->ack;
 	}
 	__builtin_memcpy(s->sk.vip, s->vk.vip, 16);
-	s->sk.port = s->f.dport;
+	s->sk.port = s->f6.f.dport;
 	s->sk.proto = proto;
 	s->sk.pad = 0;
 	struct svc_info *svc = bpf_map_lookup_elem(&services6, &s->sk);
@@ -352,7 +357,7 @@ static __attribute__((noinline)) int vip6_from_endpoint(struct __sk_buff *skb, c
 	if (!svc) {
 		if (c)
 			c->drops[DROP_NO_SERVICE] += 1;
-		emit(ifindex, &s->f, 1, DROP_NO_SERVICE);
+		emit6(ifindex, &s->f6, 1, DROP_NO_SERVICE);
 		return proto == PROTO_TCP ? tcp_reset6(skb, s) : TC_ACT_SHOT;
 	}
 	__u32 svc_id = svc->id, count = svc->count;
@@ -360,18 +365,18 @@ static __attribute__((noinline)) int vip6_from_endpoint(struct __sk_buff *skb, c
 	void *table = flows6_table_of(ep->slot);
 	if (!table) {
 		table_full(c, TABLE_CT);
-		return drop(c, DROP_TABLE_FULL, ifindex, &s->f);
+		return drop6(c, DROP_TABLE_FULL, ifindex, &s->f6);
 	}
 	__builtin_memcpy(s->fk.addr, s->vk.vip, 16);
-	s->fk.cport = s->f.sport;
-	s->fk.port = s->f.dport;
+	s->fk.cport = s->f6.f.sport;
+	s->fk.port = s->f6.f.dport;
 	s->fk.proto = proto;
 	s->fk.kind = FLOW6_VIP;
 	__builtin_memset(s->fk.pad, 0, 2);
 	int chosen = select_backend6(skb, s, svc_id, count, target_port, table);
 	if (chosen == SELECT_FULL) {
 		table_full(c, TABLE_CT);
-		return drop(c, DROP_TABLE_FULL, ifindex, &s->f);
+		return drop6(c, DROP_TABLE_FULL, ifindex, &s->f6);
 	}
 	if (chosen != SELECT_OK) {
 		if (chosen == SELECT_LEFT) {
@@ -381,36 +386,36 @@ static __attribute__((noinline)) int vip6_from_endpoint(struct __sk_buff *skb, c
 		}
 		if (c)
 			c->drops[DROP_NO_BACKEND] += 1;
-		emit(ifindex, &s->f, 1, DROP_NO_BACKEND);
+		emit6(ifindex, &s->f6, 1, DROP_NO_BACKEND);
 		return proto == PROTO_TCP ? tcp_reset6(skb, s) : TC_ACT_SHOT;
 	}
 	__builtin_memcpy(s->rk.addr, s->cv.addr, 16);
-	s->rk.cport = s->f.sport;
+	s->rk.cport = s->f6.f.sport;
 	s->rk.port = s->cv.port;
 	s->rk.proto = proto;
 	s->rk.kind = FLOW6_REPLY;
 	__builtin_memset(s->rk.pad, 0, 2);
 	struct flow6_value *rv = bpf_map_lookup_elem(table, &s->rk);
-	if (!rv || !addr6_eq(rv->addr, s->vk.vip) || rv->port != s->f.dport) {
+	if (!rv || !addr6_eq(rv->addr, s->vk.vip) || rv->port != s->f6.f.dport) {
 		__builtin_memset(&s->nv, 0, sizeof(s->nv));
 		__builtin_memcpy(s->nv.addr, s->vk.vip, 16);
-		s->nv.port = s->f.dport;
+		s->nv.port = s->f6.f.dport;
 		s->nv.seen = s->cv.seen;
 		if (bpf_map_update_elem(table, &s->rk, &s->nv, BPF_ANY)) {
 			bpf_map_delete_elem(table, &s->fk);
 			table_full(c, TABLE_RNAT);
-			return drop(c, DROP_TABLE_FULL, ifindex, &s->f);
+			return drop6(c, DROP_TABLE_FULL, ifindex, &s->f6);
 		}
 	}
-	if (rewrite6(skb, proto, 1, s->vk.vip, s->cv.addr) || rewrite6_port(skb, proto, 1, s->f.dport, s->cv.port) ||
+	if (rewrite6(skb, proto, 1, s->vk.vip, s->cv.addr) || rewrite6_port(skb, proto, 1, s->f6.f.dport, s->cv.port) ||
 	    bpf_skb_store_bytes(skb, 0, s->cv.mac, ETH_ALEN, 0))
-		return drop(c, DROP_MALFORMED, ifindex, &s->f);
-	if (proto == PROTO_TCP && s->f.rst) {
+		return drop6(c, DROP_MALFORMED, ifindex, &s->f6);
+	if (proto == PROTO_TCP && s->f6.f.rst) {
 		bpf_map_delete_elem(table, &s->fk);
 		bpf_map_delete_elem(table, &s->rk);
 	}
-	if (s->f.start)
-		emit(ifindex, &s->f, 0, 0);
+	if (s->f6.f.start)
+		emit6(ifindex, &s->f6, 0, 0);
 	return TC_ACT_OK;
 }
 

@@ -28,7 +28,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 18); /* EVENTS_BYTES (events.h) */
+	__uint(max_entries, 1 << 19); /* EVENTS_BYTES (events.h) */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
 
