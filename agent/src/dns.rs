@@ -18,7 +18,8 @@ pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
         aliases: e.aliases.clone(),
         network_id: e.network_id.clone(),
         ip: e.ip,
-        ip6: match e.ip6 {
+        // (An IPv6-only endpoint's one address is both.)
+        ip6: match e.ipv6() {
             Some(std::net::IpAddr::V6(v6)) => Some(v6),
             _ => None,
         },
@@ -30,7 +31,7 @@ pub fn zone_endpoint(e: &EndpointRecord) -> trellis_dns::Endpoint {
 }
 
 pub fn zone_network(n: &NetworkRecord) -> trellis_dns::Network {
-    trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet, subnet6: n.subnet6 }
+    trellis_dns::Network { id: n.id.clone(), name: n.name.clone(), subnet: n.subnet, subnet6: n.subnet_v6() }
 }
 
 /// The zone of `networks`, the live endpoints of live `hosts` and the
@@ -80,7 +81,7 @@ pub fn zone_of(
                 .into_iter()
                 .flatten()
                 .filter(|e| s.serves(e))
-                .filter_map(|e| match e.ip6 {
+                .filter_map(|e| match e.ipv6() {
                     Some(IpAddr::V6(v6)) => Some(v6),
                     _ => None,
                 })
@@ -406,6 +407,25 @@ mod tests {
         // Its own name still resolves (it is attached), the draining one's not.
         assert_eq!(a("b"), Answer::Addrs(vec!["10.1.0.3".parse().unwrap()]));
         assert_eq!(a("c"), Answer::NxDomain);
+    }
+
+    /// An IPv6-only network's endpoints: AAAA for their names (no A), PTR
+    /// in ip6.arpa, for a client asking from its own address.
+    #[test]
+    fn an_ipv6_only_networks_names_answer_aaaa_and_ptr() {
+        let net: NetworkRecord = serde_json::from_value(serde_json::json!({
+            "id": "n1", "name": "six", "subnet": "fd00:96::/64", "gateway": "fd00:96::1", "vni": 4096, "mtu": 1450,
+            "attachable": true, "internal": false, "encrypted": false, "created_unix": 0,
+        }))
+        .unwrap();
+        let eps = vec![endpoint("a", "fd00:96::2", "web"), endpoint("c", "fd00:96::4", "web")];
+        let zone = zone_of(&[net], &eps, &["h1".to_string()], &[]);
+        let scope = zone.scope("fd00:96::2".parse().unwrap());
+        assert_eq!(scope, BTreeSet::from(["n1".to_string()]));
+        assert_eq!(zone.resolve("c", QType::Aaaa, &scope), Answer::Addrs6(vec!["fd00:96::4".parse().unwrap()]));
+        assert_eq!(zone.resolve("c.six", QType::A, &scope), Answer::NoData);
+        let ptr = "4.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.6.9.0.0.0.0.d.f.ip6.arpa";
+        assert_eq!(zone.resolve(ptr, QType::Ptr, &scope), Answer::Names(vec!["c.six.".into()]), "once");
     }
 
     /// The in-kernel table of a dual-stack network: each one-address name

@@ -9,19 +9,22 @@ use crate::conf::Dns;
 /// endpoint's address on the container interface, the default route
 /// (none on internal networks) and the DNS settings.
 pub fn add_result(version: &str, ep: &proto::Endpoint, internal: bool, dns: &Dns) -> Value {
+    // (An IPv6-only network's endpoint has its one, IPv6, address here.)
+    let v6_only = ep.address.contains(':');
     let mut ip = json!({ "address": ep.address, "interface": 1 });
     if !ep.gateway.is_empty() {
         ip["gateway"] = Value::String(ep.gateway.clone());
     }
     if version == "0.4.0" {
-        ip["version"] = Value::String("4".into());
+        ip["version"] = Value::String(if v6_only { "6" } else { "4" }.into());
     }
     let mut container = json!({ "name": ep.ifname, "mac": ep.mac, "sandbox": ep.netns });
     if version != "0.4.0" && ep.mtu > 0 {
         container["mtu"] = json!(ep.mtu);
     }
+    let default = if v6_only { "::/0" } else { "0.0.0.0/0" };
     let mut routes: Vec<Value> =
-        if internal || ep.gateway.is_empty() { vec![] } else { vec![json!({ "dst": "0.0.0.0/0", "gw": ep.gateway })] };
+        if internal || ep.gateway.is_empty() { vec![] } else { vec![json!({ "dst": default, "gw": ep.gateway })] };
     let mut ips = vec![ip];
     // A dual-stack network's IPv6 address and default route.
     if !ep.address6.is_empty() {
@@ -109,6 +112,16 @@ mod tests {
         assert_eq!(add_result("0.4.0", &dual, false, &Dns::default())["ips"][1]["version"], "6");
         assert_eq!(add_result("1.1.0", &dual, true, &Dns::default())["routes"], json!([]), "internal: no routes");
         assert_eq!(prev_addresses(&r), vec!["10.1.0.5/24", "fd00:1::5/64"]);
+    }
+
+    #[test]
+    fn an_ipv6_only_endpoint_has_one_ipv6_address_and_an_ipv6_default_route() {
+        let only6 = proto::Endpoint { address: "fd00:9::5/64".into(), gateway: "fd00:9::1".into(), ..ep() };
+        let r = add_result("1.1.0", &only6, false, &Dns::default());
+        assert_eq!(r["ips"], json!([{"address":"fd00:9::5/64","gateway":"fd00:9::1","interface":1}]));
+        assert_eq!(r["routes"], json!([{"dst":"::/0","gw":"fd00:9::1"}]));
+        let old = add_result("0.4.0", &only6, false, &Dns::default());
+        assert_eq!(old["ips"][0]["version"], "6");
     }
 
     #[test]

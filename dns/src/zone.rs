@@ -281,16 +281,20 @@ impl Zone {
             if let Some(s) = &e.service {
                 names.services6.entry(norm(s)).or_default().add(&v6);
             }
-            self.by_ip.entry(IpAddr::V6(v6)).or_default().push((
-                e.network_id.clone(),
-                e.name.clone(),
-                e.sandbox.clone(),
-            ));
+            // (Once for an IPv6-only endpoint, whose `ip` it is.)
+            let dup = e.ip == IpAddr::V6(v6);
+            if !dup {
+                self.by_ip.entry(IpAddr::V6(v6)).or_default().push((
+                    e.network_id.clone(),
+                    e.name.clone(),
+                    e.sandbox.clone(),
+                ));
+            }
         }
     }
 
     fn entries_out(&mut self, e: &Endpoint) {
-        for ip in std::iter::once(e.ip).chain(e.ip6.map(IpAddr::V6)) {
+        for ip in std::iter::once(e.ip).chain(e.ip6.map(IpAddr::V6).filter(|a| *a != e.ip)) {
             if let Some(at_ip) = self.by_ip.get_mut(&ip) {
                 if let Some(i) =
                     at_ip.iter().position(|(n, name, sb)| *n == e.network_id && *name == e.name && *sb == e.sandbox)
@@ -369,6 +373,13 @@ impl Zone {
         tasks_of(name)
     }
 
+    /// A name of IPv6 addresses only (an IPv6-only network's endpoints and
+    /// their services' tasks): one [`Zone::lookup_in`] does not know.
+    fn known6(&self, net: &str, name: &str, tasks: bool) -> bool {
+        let Some(names) = self.names.get(net) else { return false };
+        names.services6.contains_key(name) || (!tasks && names.hosts6.contains_key(name))
+    }
+
     /// The IPv6 addresses of a name [`Zone::lookup_in`] knows, by the same
     /// precedence: an endpoint's, a service's IPv6 VIP, a service record's
     /// backends, a label's tasks.
@@ -408,7 +419,7 @@ impl Zone {
                 .chain(names.services.keys())
                 .chain(names.records.keys())
                 .collect();
-            for name in candidates.into_iter().chain(names.hosts6.keys()) {
+            for name in candidates.into_iter().chain(names.hosts6.keys()).chain(names.services6.keys()) {
                 for (form, qtype, ip) in self.single_answer_forms(net, name) {
                     if let Some(ip) = ip {
                         out.push((net.clone(), form, qtype, ip));
@@ -482,9 +493,10 @@ impl Zone {
                 let mut found6: BTreeSet<Ipv6Addr> = BTreeSet::new();
                 let mut any = false;
                 for net in scope {
-                    if let Some(a) = self.lookup_in(net, single, tasks) {
+                    let v4 = self.lookup_in(net, single, tasks);
+                    if v4.is_some() || self.known6(net, single, tasks) {
                         any = true;
-                        found.extend(a);
+                        found.extend(v4.unwrap_or_default());
                         found6.extend(self.lookup6_in(net, single, tasks));
                     }
                 }
@@ -501,6 +513,9 @@ impl Zone {
                 }
                 match self.lookup_in(net, host, tasks) {
                     Some(a) => Self::answer_addrs(a, self.lookup6_in(net, host, tasks), qtype),
+                    None if self.known6(net, host, tasks) => {
+                        Self::answer_addrs(Vec::new(), self.lookup6_in(net, host, tasks), qtype)
+                    }
                     None => Answer::NxDomain,
                 }
             }

@@ -75,7 +75,8 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return drop(c, DROP_MALFORMED, ifindex, &f);
-		if (ip->saddr != ep->ip)
+		/* (An IPv6-only endpoint has no IPv4 address: it sends none.) */
+		if (ip->saddr != ep->ip || !ep->ip)
 			return drop(c, DROP_SPOOF_IP, ifindex, &f);
 		__u32 daddr = ip->daddr;
 		int verdict;
@@ -136,7 +137,7 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		__u32 sip = 0, tip = 0;
 		__builtin_memcpy(&sip, body->sip, 4);
 		__builtin_memcpy(&tip, body->tip, 4);
-		if (!mac_eq(body->sha, ep->mac) || sip != ep->ip)
+		if (!mac_eq(body->sha, ep->mac) || sip != ep->ip || !ep->ip)
 			return drop(c, DROP_SPOOF_ARP, ifindex, &f);
 		if (arp->ar_op == bpf_htons(ARP_REQUEST)) {
 			struct vip_info *v = bpf_map_lookup_elem(&vips, &tip);

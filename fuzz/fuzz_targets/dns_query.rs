@@ -20,6 +20,12 @@ fn core() -> &'static std::sync::Arc<Core> {
                 name: "app".into(),
                 subnet: "10.1.0.0/24".parse().unwrap(),
                 subnet6: Some("fd00:1::/64".parse().unwrap()),
+            }, Network {
+                // IPv6-only: its one subnet IPv6.
+                id: "n2".into(),
+                name: "six".into(),
+                subnet: "fd00:2::/64".parse().unwrap(),
+                subnet6: Some("fd00:2::/64".parse().unwrap()),
             }],
             &[Endpoint {
                 id: "web".into(),
@@ -30,12 +36,23 @@ fn core() -> &'static std::sync::Arc<Core> {
                 ip6: Some("fd00:1::2".parse().unwrap()),
                 sandbox: "s".into(),
                 service: Some("svc".into()),
+            }, Endpoint {
+                id: "db".into(),
+                name: "db".into(),
+                aliases: vec![],
+                network_id: "n2".into(),
+                ip: "fd00:2::2".parse().unwrap(),
+                ip6: Some("fd00:2::2".parse().unwrap()),
+                sandbox: "s2".into(),
+                service: Some("svc6".into()),
             }],
             &[Service {
                 name: "api".into(),
                 network_id: "n1".into(),
                 vip: Some("10.1.0.254".parse().unwrap()),
                 backends: vec!["10.1.0.2".parse().unwrap()],
+                vip6: Some("fd00:1::ffff:ffff:ffff:ff7f".parse().unwrap()),
+                backends6: vec!["fd00:1::2".parse().unwrap()],
             }],
         ));
         core

@@ -183,7 +183,7 @@ fn ipv6_subnets_from_the_cluster_pool_and_bad_requests_refused() {
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
     };
-    refused(&["network", "create", "v6only", "--subnet", "fd00:97::/64"], "IPv6-only networks are not supported yet");
+    refused(&["network", "create", "v6only", "--subnet", "fd00:97::/64", "--gateway", "10.97.0.1"], "IPv6-only");
     refused(
         &["network", "create", "twice", "--subnet", "10.97.0.0/24", "--subnet", "10.98.0.0/24"],
         "once per address family",
@@ -323,4 +323,107 @@ fn an_ipv6_vip_balances_over_backends_on_three_hosts() {
     assert!(wait_for(Duration::from_secs(10), || !spread(30).contains_key("web2")), "web2 still gets connections");
     assert_eq!(spread(200).len(), 2);
     drop(servers);
+}
+
+/// An IPv6-only network: endpoints with one IPv6 address (no IPv4 at all,
+/// none sent), ping6 and TCP on a host and across hosts, names by AAAA
+/// (and PTR) from the gateway's server and through an outside resolver,
+/// isolation from another IPv6-only network, dnsrr services, and VIP
+/// services refused saying why (published ports too: app::ports' tests).
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn an_ipv6_only_network_carries_traffic_on_a_host_and_across_hosts() {
+    require_root();
+    let lab = Lab::new(2, 3000).unwrap();
+    let (h1, h2) = (&lab.hosts[0], &lab.hosts[1]);
+    let net = h1.ctl_json(&["network", "create", "six", "--subnet", "fd00:96::/64", "--attachable"]).unwrap();
+    assert_eq!((net["subnet"].as_str(), net["gateway"].as_str()), (Some("fd00:96::/64"), Some("fd00:96::1")), "{net}");
+    let v6 = |e: &serde_json::Value| e["address"].as_str().unwrap().split('/').next().unwrap().to_string();
+    let a = h1.attach("six", "a", &[]).unwrap();
+    let b = h1.attach("six", "b", &[]).unwrap();
+    let c = h2.attach("six", "c", &[]).unwrap();
+    let (a6, b6, c6) = (v6(&a), v6(&b), v6(&c));
+    assert!([&a6, &b6, &c6].iter().all(|x| x.starts_with("fd00:96::")), "{a6} {b6} {c6}");
+    assert_eq!(a["mac"].as_str().unwrap()[..5].to_string(), "02:42", "a MAC of the scheme: {a}");
+    let ans = netns_of(&a);
+    let v4 = in_netns(&ans, "ip", &["-4", "addr", "show", "dev", "eth0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&v4.stdout).trim().is_empty(), "no IPv4 address: {v4:?}");
+    let route = in_netns(&ans, "ip", &["-6", "route", "show", "default"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&route.stdout).contains("via fd00:96::1"), "{route:?}");
+    for (to, what) in [(b6.as_str(), "b on the same host"), ("fd00:96::1", "the gateway"), (c6.as_str(), "c on host 2")]
+    {
+        assert!(wait_for(Duration::from_secs(10), || ping(&ans, to, 1)), "a cannot reach {what} ({to})");
+    }
+    // TCP across the hosts: 1 MiB, whole, from a's address.
+    let server = trellis_integration::sockets::in_ns(&netns_of(&c), || std::net::TcpListener::bind("[::]:7000"))
+        .unwrap()
+        .unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, from) = server.accept().unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        (buf, from)
+    });
+    let to: std::net::SocketAddr = format!("[{c6}]:7000").parse().unwrap();
+    let mut conn = trellis_integration::sockets::connect(&ans, to, Duration::from_secs(3)).unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::io::Write::write_all(&mut conn, &data).unwrap();
+    drop(conn);
+    let (got, from) = reader.join().unwrap();
+    assert!(got == data, "the stream arrived whole ({} of {} bytes)", got.len(), data.len());
+    assert_eq!(from.ip().to_string(), a6);
+    // Names: AAAA (and no A), PTR, from the gateway's server; through an
+    // outside resolver's address too (the program sends it there).
+    let dig = |args: &[&str]| {
+        let out = in_netns(&ans, "dig", args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let at = ["@fd00:96::1", "+short", "+time=1", "+tries=3"];
+    let ask = |more: &[&str]| dig(&[at.as_slice(), more].concat());
+    assert!(
+        wait_for(Duration::from_secs(10), || ask(&["AAAA", "c"]) == c6),
+        "AAAA c: {:?}",
+        dig(&["@fd00:96::1", "+time=1", "+tries=1", "AAAA", "c"])
+    );
+    assert_eq!(ask(&["A", "c"]), "", "no A record");
+    assert_eq!(ask(&["-x", &c6]), "c.six.");
+    let outside = dig(&["@2001:db8:53::53", "+short", "+time=1", "+tries=3", "AAAA", "b.six"]);
+    assert_eq!(outside, b6, "through an outside resolver's address");
+    // Nothing of IPv4 leaves it, not even from an address it gives itself.
+    // (A static neighbour: the IPv4 packet itself, not only its ARP.)
+    in_netns(&ans, "ip", &["addr", "add", "10.96.0.5/24", "dev", "eth0"]).status().unwrap();
+    in_netns(&ans, "ip", &["neigh", "add", "10.96.0.6", "lladdr", b["mac"].as_str().unwrap(), "dev", "eth0"])
+        .status()
+        .unwrap();
+    let spoofed = |why: &str| metric(h1, "trellis_endpoint_drops", &format!("reason=\"{why}\""));
+    let (ip_before, arp_before) = (spoofed("spoofed_ip"), spoofed("spoofed_arp"));
+    assert!(!ping(&ans, "10.96.0.6", 1));
+    // (No neighbour entry for this one: it asks by ARP.)
+    assert!(!ping(&ans, "10.96.0.7", 1));
+    assert!(
+        wait_for(Duration::from_secs(5), || spoofed("spoofed_ip") > ip_before),
+        "IPv4 from an IPv6-only endpoint was not dropped"
+    );
+    assert!(wait_for(Duration::from_secs(5), || spoofed("spoofed_arp") > arp_before), "its ARP was not dropped");
+    // Another IPv6-only network is out of reach.
+    h1.ctl(&["network", "create", "seven", "--subnet", "fd00:97::/64", "--attachable"]).unwrap();
+    let x = h1.attach("seven", "x", &[]).unwrap();
+    h1.ns.cmd("sysctl").args(["-qw", "net.ipv6.conf.all.forwarding=1"]).status().unwrap();
+    assert!(!ping(&ans, &v6(&x), 2), "a reached another IPv6-only network");
+    // Services: dnsrr resolves to the tasks; a VIP is refused, as are
+    // published ports.
+    let out = h1.ctl_output(&["service", "create", "web", "--network", "six", "--port", "80"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("IPv6-only") && err.contains("dnsrr"), "{err}");
+    h1.ctl(&["service", "create", "rr", "--network", "six", "--mode", "dnsrr", "--selector", "trellis.service=db"])
+        .unwrap();
+    let d = h2.attach("six", "d", &["--label", "trellis.service=db"]).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || ask(&["AAAA", "rr"]) == v6(&d)),
+        "AAAA rr: {:?}",
+        ask(&["AAAA", "rr"])
+    );
+    let ls = h1.ctl(&["network", "ls"]).unwrap();
+    assert!(ls.contains("fd00:96::/64"), "{ls}");
 }

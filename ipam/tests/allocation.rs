@@ -87,7 +87,12 @@ async fn bad_subnets_and_gateways_are_refused() {
     assert!(matches!(e, IpamError::Reserved { .. }), "{e}");
     let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("10.31.0.0/31")), None, &[]).await.unwrap_err();
     assert!(matches!(e, IpamError::TooSmall(_)), "{e}");
-    let e = ipam.plan_network("n2", &SubnetRequest::Specific(net("fd00::/64")), None, &[]).await.unwrap_err();
+    // Either family: an IPv6 subnet alone plans an IPv6-only network…
+    let only6 = ipam.plan_network("n2", &SubnetRequest::Specific(net("fd00::/64")), None, &[]).await.unwrap();
+    assert_eq!((only6.subnet, only6.gateway, only6.subnet6), (net("fd00::/64"), Some(ip("fd00::1")), None));
+    // …and as a dual-stack network's IPv4 subnet it is the wrong family.
+    let v6 = trellis_ipam::FamilyRequest { subnet: SubnetRequest::Specific(net("fd00::/64")), gateway: None };
+    let e = ipam.plan_dual_network("n2", &v6, None, &[]).await.unwrap_err();
     assert!(matches!(e, IpamError::WrongFamily { want: "IPv4", .. }), "{e}");
     let e = ipam
         .plan_network("n2", &SubnetRequest::FromPool { pool: net("10.30.0.0/24"), prefix_len: 24 }, None, &[])

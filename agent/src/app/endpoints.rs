@@ -366,6 +366,12 @@ impl App {
             Some(_) => {}
         }
         let want = ipnet::IpNet::new(e.ip, net.subnet.prefix_len()).map_err(|e| AgentError::Internal(e.to_string()))?;
+        let want6 = match (e.ip6, net.subnet6) {
+            (Some(a), Some(s)) => {
+                Some(ipnet::IpNet::new(a, s.prefix_len()).map_err(|e| AgentError::Internal(e.to_string()))?)
+            }
+            _ => None,
+        };
         match self.dataplane.container_link(&e.netns, &e.ifname).await {
             Err(err) => problems.push(err.to_string()),
             Ok(None) => problems.push(format!("interface {} is missing in {}", e.ifname, e.netns.display())),
@@ -373,7 +379,7 @@ impl App {
                 if !l.up {
                     problems.push(format!("interface {} is down", e.ifname));
                 }
-                if !l.addrs.contains(&want) {
+                for want in std::iter::once(want).chain(want6).filter(|w| !l.addrs.contains(w)) {
                     problems.push(format!("interface {} lacks address {want}", e.ifname));
                 }
                 if l.mac != e.mac {
@@ -455,6 +461,44 @@ mod tests {
         assert!(
             l.dp.take_log().iter().any(|x| matches!(x, Action::CreateEndpoint(s) if s.endpoint_id == a.endpoint.id))
         );
+    }
+
+    /// An IPv6-only network: its one subnet and gateway IPv6, an
+    /// endpoint's one address IPv6 (its MAC from it), its spec with no IPv4
+    /// address or route and the IPv6 ones, its program entry with its
+    /// IPv6 address; refusals for a second IPv6 subnet and an IPv4 gateway.
+    #[tokio::test]
+    async fn an_ipv6_only_endpoint_has_one_ipv6_address() {
+        let l = crate::app::testing::ebpf_lab(std::time::Duration::ZERO);
+        let net = l.app.create_network(attachable("six", Some("fd00:7a::/64"))).await.unwrap();
+        assert_eq!(
+            (net.subnet.to_string(), net.gateway.map(|g| g.to_string())),
+            ("fd00:7a::/64".into(), Some("fd00:7a::1".into()))
+        );
+        assert_eq!((net.subnet6, net.gateway6, net.ipv6_only()), (None, None, true));
+        let a = l.app.attach(AttachRequest::new("six", EndpointKind::Adhoc)).await.unwrap().endpoint;
+        assert_eq!((a.ip.to_string(), a.ip6), ("fd00:7a::2".into(), None));
+        assert_eq!(a.mac.to_string(), "02:42:00:00:00:02", "derived from the IPv6 address");
+        let log = l.dp.take_log();
+        let spec = log.iter().find_map(|x| match x {
+            Action::CreateEndpoint(s) if s.endpoint_id == a.id => Some(s.clone()),
+            _ => None,
+        });
+        let spec = spec.expect("created");
+        assert_eq!((spec.addr, spec.default_via), (None, None), "no IPv4");
+        assert_eq!(spec.addr6.map(|x| x.to_string()).as_deref(), Some("fd00:7a::2/64"));
+        assert_eq!(spec.default_via6.map(|x| x.to_string()).as_deref(), Some("fd00:7a::1"));
+        let prog = log.iter().find_map(|x| match x {
+            Action::AttachProgram { ifname, ip, ip6, .. } if *ifname == spec.host_if => Some((*ip, *ip6)),
+            _ => None,
+        });
+        assert_eq!(prog, Some((None, Some(a.ip))), "the program knows its IPv6 address");
+        let mut two = attachable("two", Some("fd00:7b::/64"));
+        two.subnet6 = Some("fd00:7c::/64".parse().unwrap());
+        assert!(l.app.create_network(two).await.unwrap_err().to_string().contains("two IPv6 subnets"));
+        let mut gw4 = attachable("gw4", Some("fd00:7d::/64"));
+        gw4.gateway = Some("10.0.0.1".parse().unwrap());
+        assert!(l.app.create_network(gw4).await.unwrap_err().to_string().contains("IPv6-only"));
     }
 
     #[tokio::test]

@@ -30,8 +30,14 @@ impl App {
     /// pass) and converge this host.
     pub async fn create_network(&self, new: NewNetwork) -> Result<NetworkRecord> {
         validate::name("network name", &new.name)?;
-        if new.gateway.is_some() && new.subnet.is_none() {
-            return Err(AgentError::InvalidArgument("--gateway needs --subnet".into()));
+        if let (Some(gw), None) = (new.gateway, new.subnet) {
+            return Err(AgentError::InvalidArgument(if new.subnet6.is_some() {
+                format!(
+                    "gateway {gw} is an IPv4 address: the network is IPv6-only (give an IPv4 --subnet for dual stack)"
+                )
+            } else {
+                format!("--gateway {gw} needs a --subnet of its family")
+            }));
         }
         validate::mtu(new.mtu)?;
         validate::labels(&new.labels)?;

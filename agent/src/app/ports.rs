@@ -55,11 +55,20 @@ impl App {
         if ports.is_empty() && ep.ports.is_empty() {
             return Ok(Vec::new());
         }
-        if !ports.is_empty() && self.cluster.network(&ep.network_id).await?.internal {
-            return Err(AgentError::InvalidArgument(format!(
-                "network {:?} is internal: nothing outside it reaches its endpoints, so no port can be published to them",
-                ep.network
-            )));
+        if !ports.is_empty() {
+            let net = self.cluster.network(&ep.network_id).await?;
+            if net.internal {
+                return Err(AgentError::InvalidArgument(format!(
+                    "network {:?} is internal: nothing outside it reaches its endpoints, so no port can be published to them",
+                    ep.network
+                )));
+            }
+            if net.ipv6_only() {
+                return Err(AgentError::InvalidArgument(format!(
+                    "network {:?} is IPv6-only: published ports are IPv4 only for now (use a dual-stack network)",
+                    ep.network
+                )));
+            }
         }
         let others: Vec<(EndpointRecord, PublishedPort)> = self
             .cluster
@@ -305,5 +314,12 @@ mod tests {
         let v6 = PortRequest { host_ip: Some("::1".parse().unwrap()), ..tcp(8080, 80) };
         assert!(l.app.publish(&e.id, &[v6]).await.unwrap_err().to_string().contains("IPv4"));
         assert!(l.app.publish(&e.id, &[tcp(8080, 0)]).await.is_err());
+        // An IPv6-only network's endpoint: refused, nothing published.
+        l.app.create_network(attachable("six", Some("fd00:9::/64"))).await.unwrap();
+        let e = endpoint(&l, "six").await;
+        assert!(e.ip.is_ipv6(), "{e:?}");
+        let msg = l.app.publish(&e.id, &[tcp(8080, 80)]).await.unwrap_err().to_string();
+        assert!(msg.contains("IPv6-only"), "{msg}");
+        assert!(l.app.cluster.find_endpoint(&e.id, None).await.unwrap().ports.is_empty());
     }
 }

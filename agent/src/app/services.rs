@@ -364,6 +364,23 @@ mod tests {
         assert_eq!(l.app.create_service(v4).await.unwrap().service.vip6, None);
     }
 
+    /// On an IPv6-only network a VIP service is refused saying why (and
+    /// what to do instead); a dnsrr one is made, with no VIP.
+    #[tokio::test]
+    async fn an_ipv6_only_network_takes_dnsrr_services_and_refuses_vips() {
+        let l = lab();
+        l.app.create_network(attachable("n", Some("fd00:82::/64"))).await.unwrap();
+        let p80 = ServicePort { port: 80, proto: Proto::Tcp, target: 80 };
+        let err = l.app.create_service(svc("web", vec![p80])).await.unwrap_err();
+        assert!(matches!(err, AgentError::FailedPrecondition(_)), "{err}");
+        assert!(err.to_string().contains("IPv6-only") && err.to_string().contains("dnsrr"), "{err}");
+        assert!(matches!(l.app.service("web").await.unwrap_err(), AgentError::NotFound(_)), "nothing half-made");
+        let mut rr = svc("rr", vec![]);
+        rr.service.mode = ServiceMode::Dnsrr;
+        let made = l.app.create_service(rr).await.unwrap().service;
+        assert_eq!((made.vip, made.vip6), (None, None));
+    }
+
     /// Register host `id` (underlay `ip`, eBPF or not) in `store`, as its
     /// agent would.
     async fn register(store: &std::sync::Arc<dyn trellis_store::Store>, id: &str, ip: &str, ebpf: bool) {

@@ -76,7 +76,8 @@ pub struct EndpointSpec {
     pub netns: PathBuf,
     pub ifname: String,
     pub mac: Mac,
-    pub addr: IpNet,
+    /// Its IPv4 address (none on an IPv6-only network).
+    pub addr: Option<IpNet>,
     /// Default route via this address (none on internal networks).
     pub default_via: Option<IpAddr>,
     /// A dual-stack network's IPv6 address, and the IPv6 default route's
@@ -158,8 +159,9 @@ pub enum Action {
     /// program its entry (replacing any earlier attachment).
     AttachProgram {
         ifname: String,
-        ip: IpAddr,
-        /// Its IPv6 address on a dual-stack network.
+        /// Its IPv4 address (none on an IPv6-only network).
+        ip: Option<IpAddr>,
+        /// Its IPv6 address (dual-stack and IPv6-only networks).
         ip6: Option<IpAddr>,
         mac: Mac,
         program: crate::dataplane::ProgramSpec,

@@ -85,10 +85,12 @@ pub const TABLE: &str = "trellis";
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct EgressNet {
     pub bridge: String,
-    pub subnet: IpNet,
+    /// Its IPv4 subnet and gateway (none on an IPv6-only network).
+    pub subnet: Option<IpNet>,
     pub gateway: Option<IpAddr>,
     pub internal: bool,
-    /// A dual-stack network's IPv6 subnet: masqueraded as the IPv4 one.
+    /// Its IPv6 subnet (dual-stack or IPv6-only): masqueraded as the IPv4
+    /// one.
     pub subnet6: Option<IpNet>,
     /// Its IPv6 gateway: DNS over IPv6 to other resolvers goes there.
     pub gateway6: Option<IpAddr>,
@@ -615,13 +617,13 @@ impl EgressRules {
         let (mesh_first, mesh_rest) = self.mesh_rules();
         let mut out = mesh_first;
         for n in &self.nets {
-            if let (true, Some(IpAddr::V4(gw))) = (self.dns_intercept, n.gateway) {
+            if let (true, Some(IpAddr::V4(gw)), Some(sub)) = (self.dns_intercept, n.gateway, n.subnet) {
                 for proto in ["udp", "tcp"] {
                     out.push((
                         "prerouting".to_string(),
                         vec![
                             m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
-                            m(payload("ip", "saddr"), Operator::EQ, prefix(&n.subnet)),
+                            m(payload("ip", "saddr"), Operator::EQ, prefix(&sub)),
                             m(payload("ip", "daddr"), Operator::NEQ, s(gw.to_string())),
                             m(payload(proto, "dport"), Operator::EQ, Expression::Number(53)),
                             Statement::DNAT(Some(nftables::stmt::NAT {
@@ -691,12 +693,29 @@ impl EgressRules {
                         Statement::Drop(None),
                     ],
                 ));
+                // Into the host: its gateway only (DNS), per family; over
+                // IPv6 neighbour discovery too (link-local, multicast).
                 let mut input = vec![m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge))];
-                if let Some(gw) = n.gateway {
-                    input.push(m(payload(family_of(&gw), "daddr"), Operator::NEQ, s(gw.to_string())));
+                match (n.gateway, n.gateway6) {
+                    (Some(gw), _) => input.push(m(payload(family_of(&gw), "daddr"), Operator::NEQ, s(gw.to_string()))),
+                    // IPv6-only: no IPv4 at all (its IPv6 rule below).
+                    (None, Some(_)) => input.push(m(meta(MetaKey::Nfproto), Operator::EQ, s("ipv4"))),
+                    (None, None) => {}
                 }
                 input.push(Statement::Drop(None));
                 out.push(("input".to_string(), input));
+                if let Some(gw6) = n.gateway6 {
+                    out.push((
+                        "input".to_string(),
+                        vec![
+                            m(meta(MetaKey::Iifname), Operator::EQ, s(&n.bridge)),
+                            m(payload("ip6", "daddr"), Operator::NEQ, s(gw6.to_string())),
+                            m(payload("ip6", "daddr"), Operator::NEQ, prefix(&"fe80::/10".parse().expect("a prefix"))),
+                            m(payload("ip6", "daddr"), Operator::NEQ, prefix(&"ff00::/8".parse().expect("a prefix"))),
+                            Statement::Drop(None),
+                        ],
+                    ));
+                }
             } else {
                 out.push((
                     "forward".to_string(),
@@ -707,7 +726,7 @@ impl EgressRules {
                         Statement::Drop(None),
                     ],
                 ));
-                for subnet in std::iter::once(&n.subnet).chain(&n.subnet6) {
+                for subnet in n.subnet.iter().chain(&n.subnet6) {
                     out.push((
                         "postrouting".to_string(),
                         vec![
@@ -966,7 +985,7 @@ mod tests {
         let subnet: IpNet = subnet.parse().unwrap();
         EgressNet {
             bridge: bridge.into(),
-            subnet,
+            subnet: Some(subnet),
             gateway: Some(ipnet::IpNet::hosts(&subnet).next().unwrap()),
             internal,
             subnet6: None,
@@ -991,6 +1010,35 @@ mod tests {
         assert!(masq[0].contains("10.1.0.0") && masq[0].contains("\"ip\""), "{}", masq[0]);
         assert!(masq[1].contains("fd00:1::") && masq[1].contains("\"ip6\""), "{}", masq[1]);
         assert!(!masq.iter().any(|m| m.contains("fd00:2::")), "an internal network is never masqueraded");
+    }
+
+    /// An IPv6-only network: its IPv6 subnet masqueraded; internal, the
+    /// host takes no IPv4 from it at all and over IPv6 only what is for its
+    /// gateway, link-local or multicast (neighbour discovery).
+    #[test]
+    fn an_ipv6_only_networks_rules_are_ipv6_ones() {
+        let six = |bridge: &str, internal| EgressNet {
+            bridge: bridge.into(),
+            subnet: None,
+            gateway: None,
+            internal,
+            subnet6: Some("fd00:6::/64".parse().unwrap()),
+            gateway6: Some("fd00:6::1".parse().unwrap()),
+        };
+        let open = EgressRules::new(vec![six("trb-o", false)]).rules();
+        let masq: Vec<String> =
+            open.iter().filter(|(c, _)| c == "postrouting").map(|(_, st)| serde_json::to_string(st).unwrap()).collect();
+        assert!(masq.len() == 1 && masq[0].contains("fd00:6::") && masq[0].contains("\"ip6\""), "{masq:?}");
+        let sealed = EgressRules::new(vec![six("trb-i", true)]).rules();
+        let input: Vec<String> =
+            sealed.iter().filter(|(c, _)| c == "input").map(|(_, st)| serde_json::to_string(st).unwrap()).collect();
+        assert_eq!(input.len(), 2, "{input:?}");
+        assert!(input[0].contains("nfproto") && input[0].contains("ipv4"), "no IPv4 into the host: {}", input[0]);
+        assert!(
+            input[1].contains("fd00:6::1") && input[1].contains("fe80::") && input[1].contains("ff00::"),
+            "{}",
+            input[1]
+        );
     }
 
     #[test]

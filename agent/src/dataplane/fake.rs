@@ -242,7 +242,7 @@ impl Dataplane for FakeDataplane {
             mac: s.mac,
             mtu: s.mtu,
             up: true,
-            addrs: vec![s.addr],
+            addrs: s.addr.into_iter().chain(s.addr6).collect(),
         }))
     }
 }

@@ -65,8 +65,37 @@ impl NetworkRecord {
 
     /// The IPv6 gateway with its subnet's prefix length.
     pub fn gateway6_cidr(&self) -> Option<IpNet> {
-        let (gw, s) = (self.gateway6?, self.subnet6?);
+        let (gw, s) = (self.gateway_v6()?, self.subnet_v6()?);
         IpNet::new(gw, s.prefix_len()).ok()
+    }
+
+    /// An IPv6-only network: its one subnet (`subnet`) is IPv6.
+    pub fn ipv6_only(&self) -> bool {
+        self.subnet.network().is_ipv6()
+    }
+
+    /// Its IPv4 subnet (none on an IPv6-only network).
+    pub fn subnet_v4(&self) -> Option<IpNet> {
+        Some(self.subnet).filter(|s| s.network().is_ipv4())
+    }
+
+    pub fn gateway_v4(&self) -> Option<IpAddr> {
+        self.gateway.filter(|_| !self.ipv6_only())
+    }
+
+    /// The IPv4 gateway with the subnet's prefix length.
+    pub fn gateway4_cidr(&self) -> Option<IpNet> {
+        self.gateway_cidr().filter(|_| !self.ipv6_only())
+    }
+
+    /// Its IPv6 subnet: a dual-stack network's second, an IPv6-only
+    /// network's only one.
+    pub fn subnet_v6(&self) -> Option<IpNet> {
+        if self.ipv6_only() { Some(self.subnet) } else { self.subnet6 }
+    }
+
+    pub fn gateway_v6(&self) -> Option<IpAddr> {
+        if self.ipv6_only() { self.gateway } else { self.gateway6 }
     }
 }
 
@@ -136,6 +165,17 @@ fn is_true(b: &bool) -> bool {
 }
 
 impl EndpointRecord {
+    /// Its IPv4 address (none on an IPv6-only network).
+    pub fn ipv4(&self) -> Option<IpAddr> {
+        Some(self.ip).filter(IpAddr::is_ipv4)
+    }
+
+    /// Its IPv6 address: on a dual-stack network its second, on an
+    /// IPv6-only one its only one.
+    pub fn ipv6(&self) -> Option<IpAddr> {
+        self.ip6.or(Some(self.ip).filter(IpAddr::is_ipv6))
+    }
+
     /// Detached, its open connections still flowing for a while.
     pub fn draining(&self) -> bool {
         self.deleting && self.drain_until_ms.is_some()

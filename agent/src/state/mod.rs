@@ -232,29 +232,38 @@ impl Cluster {
         if req.encrypted {
             self.require_esp(&req.name)?;
         }
-        let request = match req.subnet {
-            Some(s) => SubnetRequest::Specific(s),
-            None => SubnetRequest::FromPool { pool: self.default_pool, prefix_len: self.default_prefix_len },
-        };
         // An IPv6 subnet alone asks for an IPv6-only network; with --ipv6
         // (or an IPv4 subnet) it is the second family of a dual-stack one.
-        let v6_alone = req.subnet6.filter(|_| req.subnet.is_none() && !req.ipv6);
-        if let Some(s) = req.subnet.filter(|s| s.network().is_ipv6()).or(v6_alone) {
+        let v6_subnet = req.subnet6.or(req.subnet.filter(|s| s.network().is_ipv6()));
+        let v6_only = v6_subnet.is_some() && !req.subnet.is_some_and(|s| s.network().is_ipv4()) && !req.ipv6;
+        if let (Some(first), Some(second)) = (req.subnet.filter(|s| s.network().is_ipv6()), req.subnet6) {
             return Err(AgentError::InvalidArgument(format!(
-                "{s} is an IPv6 subnet: IPv6-only networks are not supported yet; give an IPv4 --subnet beside it, or --ipv6 to take the IPv4 subnet from the pool (dual stack)"
+                "two IPv6 subnets ({first} and {second}): a network has at most one of each family"
             )));
         }
-        if req.gateway6.is_some() && req.subnet6.is_none() && !req.ipv6 {
+        if req.gateway6.is_some() && v6_subnet.is_none() && !req.ipv6 {
             return Err(AgentError::InvalidArgument(
                 "an IPv6 gateway needs an IPv6 subnet (--subnet with an IPv6 CIDR, or --ipv6)".into(),
             ));
         }
-        let v6 = match (req.subnet6, req.ipv6) {
+        if let (true, Some(gw)) = (v6_only, req.gateway.filter(|g| g.is_ipv4())) {
+            return Err(AgentError::InvalidArgument(format!(
+                "gateway {gw} is an IPv4 address: the network is IPv6-only (give an IPv4 --subnet for dual stack)"
+            )));
+        }
+        let v6 = match (v6_subnet, req.ipv6) {
             (Some(s), _) => Some(SubnetRequest::Specific(s)),
             (None, true) => Some(SubnetRequest::FromPool { pool: self.ipam.ula_pool().await?, prefix_len: 64 }),
             (None, false) => None,
         }
-        .map(|subnet| trellis_ipam::FamilyRequest { subnet, gateway: req.gateway6 });
+        .map(|subnet| trellis_ipam::FamilyRequest {
+            subnet,
+            gateway: req.gateway6.or(req.gateway.filter(|g| g.is_ipv6())),
+        });
+        let request = match req.subnet.filter(|s| s.network().is_ipv4()) {
+            Some(s) => SubnetRequest::Specific(s),
+            None => SubnetRequest::FromPool { pool: self.default_pool, prefix_len: self.default_prefix_len },
+        };
         let v4 = trellis_ipam::FamilyRequest { subnet: request, gateway: req.gateway };
         let esp = if req.encrypted { trellis_ipsec::xfrm::ESP_OVERHEAD } else { 0 };
         let mtu = if req.mtu == 0 { underlay_mtu.saturating_sub(50 + esp).max(576) } else { req.mtu };
@@ -264,7 +273,12 @@ impl Cluster {
                 return Err(AgentError::AlreadyExists(format!("network {:?} already exists", req.name)));
             }
             let id = model::new_id();
-            let plan = self.ipam.plan_dual_network(&id, &v4, v6.as_ref(), host_routes).await?;
+            // IPv6-only: its one subnet is the record's `subnet` (and its
+            // endpoints' one address their `ip`).
+            let plan = match (&v6, v6_only) {
+                (Some(r), true) => self.ipam.plan_network(&id, &r.subnet, r.gateway, host_routes).await?,
+                _ => self.ipam.plan_dual_network(&id, &v4, v6.as_ref(), host_routes).await?,
+            };
             let record = NetworkRecord {
                 id: id.clone(),
                 name: req.name.clone(),
@@ -368,6 +382,12 @@ impl Cluster {
                     return Err(AgentError::AlreadyExists(format!("service {:?} already exists", req.name)));
                 }
                 rec
+            }
+            model::ServiceMode::Vip if net.ipv6_only() => {
+                return Err(AgentError::FailedPrecondition(format!(
+                    "network {:?} is IPv6-only: VIP services need an IPv4 VIP beside the IPv6 one for now (the datapath keys a service by it); use --mode dnsrr, or a dual-stack network",
+                    net.name
+                )));
             }
             model::ServiceMode::Vip => {
                 let owner = model::vip_owner(&req.name);

@@ -194,13 +194,19 @@ impl NetlinkDataplane {
     pub(super) async fn attach_program(
         &self,
         ifname: &str,
-        ip: IpAddr,
+        ip: Option<IpAddr>,
         ip6: Option<IpAddr>,
         mac: Mac,
         program: &ProgramSpec,
     ) -> Result<()> {
         let Some((dp, links)) = &self.bpf else { return Ok(()) };
-        let IpAddr::V4(v4) = ip else { return Ok(()) };
+        // An IPv6-only endpoint has no IPv4 address: 0.0.0.0 in its entry
+        // (every IPv4 source but the unspecified one is spoofed then).
+        let v4 = match ip {
+            Some(IpAddr::V4(v4)) => v4,
+            _ if ip6.is_some() => std::net::Ipv4Addr::UNSPECIFIED,
+            _ => return Ok(()),
+        };
         let index = Self::require(&self.handle, ifname).await?;
         let mut dp = dp.lock().unwrap_or_else(|p| p.into_inner());
         let ebpf = |e: trellis_ebpf::DatapathError| DataplaneError::Ebpf(format!("{ifname}: {e}"));

@@ -8,7 +8,6 @@ use std::os::fd::AsRawFd;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 
@@ -163,11 +162,13 @@ impl NetlinkDataplane {
         if let Some(lo) = Self::index_of(&c, "lo").await? {
             c.link().set(messages::up(lo)).execute().await.map_err(nl("set lo up", object.clone()))?;
         }
-        c.address()
-            .add(inside, s.addr.addr(), s.addr.prefix_len())
-            .execute()
-            .await
-            .map_err(nl("add container address", object.clone()))?;
+        if let Some(a) = s.addr {
+            c.address()
+                .add(inside, a.addr(), a.prefix_len())
+                .execute()
+                .await
+                .map_err(nl("add container address", object.clone()))?;
+        }
         if let Some(IpAddr::V4(gw)) = s.default_via {
             c.route()
                 .add(messages::default_route(gw, inside))
@@ -242,9 +243,8 @@ impl NetlinkDataplane {
                 _ => {}
             }
         }
-        let mut request = c.address().get().set_link_index_filter(msg.header.index);
-        request.message_mut().header.family = AddressFamily::Inet;
-        let mut addrs = request.execute();
+        // Both families (an IPv6-only endpoint's address is IPv6).
+        let mut addrs = c.address().get().set_link_index_filter(msg.header.index).execute();
         while let Some(m) = addrs.try_next().await.map_err(nl("dump container addresses", object.clone()))? {
             for a in &m.attributes {
                 if let AddressAttribute::Address(ip) = a

@@ -23,15 +23,15 @@ pub fn bridges(networks: &[NetworkRecord], me: &Identity, d: &mut DesiredHost) {
         let mac = model::Mac::for_ip(n.subnet.network());
         d.bridges.insert(
             bridge.clone(),
-            DesiredBridge { mtu: n.mtu, addr: n.gateway_cidr(), addr6: n.gateway6_cidr(), mac },
+            DesiredBridge { mtu: n.mtu, addr: n.gateway4_cidr(), addr6: n.gateway6_cidr(), mac },
         );
         egress.push(EgressNet {
             bridge,
-            subnet: n.subnet,
-            gateway: n.gateway,
+            subnet: n.subnet_v4(),
+            gateway: n.gateway_v4(),
             internal: n.internal,
-            subnet6: n.subnet6,
-            gateway6: n.gateway6,
+            subnet6: n.subnet_v6(),
+            gateway6: n.gateway_v6(),
         });
     }
     d.egress = EgressRules::new(egress);
@@ -85,10 +85,10 @@ pub fn endpoints(
                 netns: e.netns.clone(),
                 ifname: e.ifname.clone(),
                 mac: e.mac,
-                addr: IpNet::new(e.ip, n.subnet.prefix_len()).expect("prefix of the subnet"),
-                default_via: if n.internal { None } else { n.gateway },
-                addr6: e.ip6.zip(n.subnet6).and_then(|(a, s)| IpNet::new(a, s.prefix_len()).ok()),
-                default_via6: if n.internal { None } else { n.gateway6 },
+                addr: e.ipv4().zip(n.subnet_v4()).and_then(|(a, s)| IpNet::new(a, s.prefix_len()).ok()),
+                default_via: if n.internal { None } else { n.gateway_v4() },
+                addr6: e.ipv6().zip(n.subnet_v6()).and_then(|(a, s)| IpNet::new(a, s.prefix_len()).ok()),
+                default_via6: if n.internal { None } else { n.gateway_v6() },
                 engine_moves: e.kind == model::EndpointKind::Docker,
                 created_unix: e.created_unix,
             },

@@ -28,16 +28,19 @@ pub fn programs(
     }
     for (name, spec) in &d.endpoints {
         let Some(n) = net_of.get(spec.endpoint_id.as_str()).and_then(|id| by_id.get(id)) else { continue };
-        let dns_at = match (me.dns_intercept, n.gateway) {
-            (true, Some(IpAddr::V4(gw))) => Some((gw, model::Mac::for_ip(n.subnet.network()))),
+        // (An IPv6-only network's IPv4 gateway is the unspecified address:
+        // its DNS over IPv6 is redirected, to its gateway's MAC.)
+        let dns_at = match (me.dns_intercept, n.gateway_v4(), n.ipv6_only()) {
+            (true, Some(IpAddr::V4(gw)), _) => Some((gw, model::Mac::for_ip(n.subnet.network()))),
+            (true, None, true) => Some((std::net::Ipv4Addr::UNSPECIFIED, model::Mac::for_ip(n.subnet.network()))),
             _ => None,
         };
-        let dns6_at = match (dns_at, n.gateway6) {
+        let dns6_at = match (dns_at, n.gateway_v6()) {
             (Some(_), Some(IpAddr::V6(gw6))) => Some(gw6),
             _ => None,
         };
         let alone = nets_of_sandbox.get(spec.netns.as_os_str()).is_none_or(|s| s.len() <= 1);
-        let dns_fast = me.dns_kernel && dns_at.is_some() && alone;
+        let dns_fast = me.dns_kernel && dns_at.is_some() && alone && !n.ipv6_only();
         d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns6_at, dns_fast });
     }
 }

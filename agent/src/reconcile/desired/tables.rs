@@ -52,10 +52,10 @@ pub fn tables_holding(
     for n in networks {
         vni_of.insert(n.id.as_str(), n.vni);
         let info = NetInfo { net_id: n.vni, flags: if n.internal { trellis_ebpf::EP_INTERNAL } else { 0 } };
-        if let IpNet::V4(v4) = n.subnet {
+        if let Some(IpNet::V4(v4)) = n.subnet_v4() {
             t.nets.insert((v4.network(), v4.prefix_len()), info);
         }
-        if let Some(IpNet::V6(v6)) = n.subnet6 {
+        if let Some(IpNet::V6(v6)) = n.subnet_v6() {
             t.nets6.insert((v6.network(), v6.prefix_len()), info);
         }
     }
@@ -111,7 +111,7 @@ pub fn tables_holding(
             }
             // The IPv6 VIP's backends: their IPv6 addresses (for this
             // host's endpoints only: published ports are IPv4).
-            if let (true, Some(IpAddr::V6(ip6))) = (vip6.is_some() && vip_here, e.ip6) {
+            if let (true, Some(IpAddr::V6(ip6))) = (vip6.is_some() && vip_here, e.ipv6()) {
                 t.backends6.insert(Backend6Key { svc_id: id, ip: ip6.octets() }, info);
                 if serving {
                     ips6.push(ip6);

@@ -28,7 +28,7 @@ pub fn attach(desired: &DesiredHost, observed: &Observed, acts: &mut Vec<Action>
         let spec = &desired.endpoints[name];
         acts.push(Action::AttachProgram {
             ifname: name.clone(),
-            ip: spec.addr.addr(),
+            ip: spec.addr.map(|a| a.addr()),
             ip6: spec.addr6.map(|a| a.addr()),
             mac: spec.mac,
             program: *p,

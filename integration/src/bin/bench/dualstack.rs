@@ -2,8 +2,9 @@
 //! dual-stack network and against a hand-built IPv6 VXLAN path between
 //! the same hosts (one iperf3 stream each, interleaved in rounds), and
 //! the attach latency of an endpoint on a dual-stack network against one
-//! on an IPv4-only network of the same host (interleaved too). Every ratio
-//! with the min–max of its rounds.
+//! on an IPv4-only network of the same host (interleaved too), and the
+//! connection rate through a service's IPv6 VIP against its IPv4 one (a
+//! backend on the other host). Every ratio with the min–max of its rounds.
 
 use std::fmt::Write as _;
 use std::process::Command;
@@ -22,6 +23,9 @@ pub struct DualStack {
     /// Per round: median attach time on the IPv4-only and on the
     /// dual-stack network.
     pub attach: Vec<(Duration, Duration)>,
+    /// Per round: connections a second through the IPv4 VIP and the IPv6
+    /// one.
+    pub vip: Vec<(f64, f64)>,
     pub secs: u32,
     pub attaches: usize,
 }
@@ -34,6 +38,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// How long each VIP's connection rate is measured per round (s).
+const VIP_SECS: f64 = 3.0;
 
 pub fn bench(rounds: usize, secs: u32, attaches: usize) -> Result<DualStack> {
     let lab = Lab::new(2, 10_000)?;
@@ -58,8 +65,27 @@ pub fn bench(rounds: usize, secs: u32, attaches: usize) -> Result<DualStack> {
         );
     }
     let (ha, hb) = hand_built6(&lab)?;
-    let mut r =
-        DualStack { throughput: Vec::new(), hand6: Vec::new(), hand4: Vec::new(), attach: Vec::new(), secs, attaches };
+    // A service of one backend on host 2, by both VIPs.
+    let backend = h2.attach("dual", "web", &["--label", "trellis.service=web"])?;
+    super::services::serve(&netns_of(&backend), 9000)?;
+    let svc = h1.ctl_json(&["service", "create", "web", "--network", "dual", "--port", "80:9000"])?;
+    let vip4: std::net::SocketAddr = format!("{}:80", svc["vip"].as_str().context("a VIP")?).parse()?;
+    let vip6: std::net::SocketAddr = format!("[{}]:80", svc["vip6"].as_str().context("an IPv6 VIP")?).parse()?;
+    anyhow::ensure!(
+        trellis_integration::wait_for(Duration::from_secs(10), || {
+            super::services::loaded(&cns, vip4, 0.2, 1).is_ok() && super::services::loaded(&cns, vip6, 0.2, 1).is_ok()
+        }),
+        "the service's VIPs do not answer"
+    );
+    let mut r = DualStack {
+        throughput: Vec::new(),
+        hand6: Vec::new(),
+        hand4: Vec::new(),
+        attach: Vec::new(),
+        vip: Vec::new(),
+        secs,
+        attaches,
+    };
     let attach_once = |net: &str, i: usize, round: usize| -> Result<Duration> {
         let ns = Netns::new("tds")?;
         let name = format!("{net}-{round}-{i}");
@@ -112,6 +138,17 @@ pub fn bench(rounds: usize, secs: u32, attaches: usize) -> Result<DualStack> {
             dual.push(attach_once("dual", i, round)?);
         }
         r.attach.push((median(four), median(dual)));
+        let clients = super::services::LOADED_CLIENTS;
+        let rate = |to| super::services::loaded(&cns, to, VIP_SECS, clients);
+        let (c4, c6) = if round % 2 == 0 {
+            let c4 = rate(vip4)?;
+            (c4, rate(vip6)?)
+        } else {
+            let c6 = rate(vip6)?;
+            (rate(vip4)?, c6)
+        };
+        eprintln!("  round {}: VIP connections/s IPv4 {c4:.0}, IPv6 {c6:.0}", round + 1);
+        r.vip.push((c4, c6));
     }
     Ok(r)
 }
@@ -197,6 +234,24 @@ pub fn md(md: &mut String, r: &DualStack) -> Result<()> {
         super::verdict(tmin >= 0.97),
         super::verdict(hmin >= 0.97),
         super::verdict(amax <= 1.1)
+    )?;
+    writeln!(
+        md,
+        "Service VIPs: a service of one backend on host 2 on the same network; {} client threads on host 1 \
+         open one connection after another (connect, read a line, close) for {VIP_SECS} s to its IPv4 VIP \
+         and to its IPv6 VIP, per round, the first family alternating.\n",
+        super::services::LOADED_CLIENTS
+    )?;
+    writeln!(md, "| round | IPv4 VIP conn/s | IPv6 VIP conn/s | IPv6 ÷ IPv4 |")?;
+    writeln!(md, "|---|---|---|---|")?;
+    for (i, (c4, c6)) in r.vip.iter().enumerate() {
+        writeln!(md, "| {} | {c4:.0} | {c6:.0} | {:.2} |", i + 1, c6 / c4)?;
+    }
+    let (vmin, vmed, vmax) = spread(r.vip.iter().map(|(a, b)| b / a));
+    writeln!(
+        md,
+        "\nConnections through the IPv6 VIP ÷ the IPv4 VIP: **{vmed:.2}×** [{vmin:.2}–{vmax:.2}] (no target: \
+         the IPv6 path's cost beside the IPv4 one's).\n"
     )?;
     Ok(())
 }

@@ -87,12 +87,13 @@ pub struct Result_ {
     pub tput_off: f64,
 }
 
-/// A backend on `port` (connection rate) and `port + 1` (round trips):
-/// greets each connection with a line, then answers a line per byte
-/// received until the connection ends. Four threads accept on each.
+/// A backend on `port` (connection rate) and `port + 1` (round trips),
+/// over IPv4 and IPv6: greets each connection with a line, then answers a
+/// line per byte received until the connection ends. Four threads accept
+/// on each.
 pub(super) fn serve(netns: &Path, port: u16) -> Result<()> {
     for p in [port, port + 1] {
-        let l = Arc::new(in_ns(netns, move || TcpListener::bind(("0.0.0.0", p)))??);
+        let l = Arc::new(in_ns(netns, move || TcpListener::bind(("::", p)))??);
         for _ in 0..4 {
             let l = l.clone();
             std::thread::spawn(move || {
