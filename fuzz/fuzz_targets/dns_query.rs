@@ -15,37 +15,43 @@ fn core() -> &'static std::sync::Arc<Core> {
         let core = Core::new(&Upstreams { servers: vec![], timeout: Duration::from_millis(10) });
         core.set_zone(Zone::build_with_services(
             // Dual stack: AAAA and ip6.arpa are answered too.
-            &[Network {
-                id: "n1".into(),
-                name: "app".into(),
-                subnet: "10.1.0.0/24".parse().unwrap(),
-                subnet6: Some("fd00:1::/64".parse().unwrap()),
-            }, Network {
-                // IPv6-only: its one subnet IPv6.
-                id: "n2".into(),
-                name: "six".into(),
-                subnet: "fd00:2::/64".parse().unwrap(),
-                subnet6: Some("fd00:2::/64".parse().unwrap()),
-            }],
-            &[Endpoint {
-                id: "web".into(),
-                name: "web".into(),
-                aliases: vec!["www".into()],
-                network_id: "n1".into(),
-                ip: "10.1.0.2".parse().unwrap(),
-                ip6: Some("fd00:1::2".parse().unwrap()),
-                sandbox: "s".into(),
-                service: Some("svc".into()),
-            }, Endpoint {
-                id: "db".into(),
-                name: "db".into(),
-                aliases: vec![],
-                network_id: "n2".into(),
-                ip: "fd00:2::2".parse().unwrap(),
-                ip6: Some("fd00:2::2".parse().unwrap()),
-                sandbox: "s2".into(),
-                service: Some("svc6".into()),
-            }],
+            &[
+                Network {
+                    id: "n1".into(),
+                    name: "app".into(),
+                    subnet: "10.1.0.0/24".parse().unwrap(),
+                    subnet6: Some("fd00:1::/64".parse().unwrap()),
+                },
+                Network {
+                    // IPv6-only: its one subnet IPv6.
+                    id: "n2".into(),
+                    name: "six".into(),
+                    subnet: "fd00:2::/64".parse().unwrap(),
+                    subnet6: Some("fd00:2::/64".parse().unwrap()),
+                },
+            ],
+            &[
+                Endpoint {
+                    id: "web".into(),
+                    name: "web".into(),
+                    aliases: vec!["www".into()],
+                    network_id: "n1".into(),
+                    ip: "10.1.0.2".parse().unwrap(),
+                    ip6: Some("fd00:1::2".parse().unwrap()),
+                    sandbox: "s".into(),
+                    service: Some("svc".into()),
+                },
+                Endpoint {
+                    id: "db".into(),
+                    name: "db".into(),
+                    aliases: vec![],
+                    network_id: "n2".into(),
+                    ip: "fd00:2::2".parse().unwrap(),
+                    ip6: Some("fd00:2::2".parse().unwrap()),
+                    sandbox: "s2".into(),
+                    service: Some("svc6".into()),
+                },
+            ],
             &[Service {
                 name: "api".into(),
                 network_id: "n1".into(),
