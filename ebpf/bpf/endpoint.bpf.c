@@ -154,9 +154,10 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		if ((void *)(ip6 + 1) > end)
 			return drop(c, DROP_MALFORMED, ifindex, &f);
-		/* Its addresses for the monitor, off the stack (lb6.h). */
+		/* Its addresses for the monitor, off the stack (lb6.h): parsed
+		 * only while someone watches (events are sent only then). */
 		struct v6_scratch *s6 = v6_scratch_get();
-		struct flow6 *f6 = s6 ? &s6->f6 : 0;
+		struct flow6 *f6 = s6 && (config_flags() & CFG_EVENTS) ? &s6->f6 : 0;
 		if (f6)
 			parse_flow6(ip6, data, end, f6);
 		const __u8 *src = ip6->saddr.in6_u.u6_addr8;

@@ -17,6 +17,29 @@ fn metric(h: &trellis_integration::Host, name: &str, filter: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// 1 MiB over TCP from namespace `from` to port 7000 of `to` (an IPv6
+/// address) in namespace `server_ns`, checked whole: the address the
+/// server saw it from.
+fn stream_whole(from: &std::path::Path, server_ns: &std::path::Path, to: &str) -> String {
+    let server =
+        trellis_integration::sockets::in_ns(server_ns, || std::net::TcpListener::bind("[::]:7000")).unwrap().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let (mut s, peer) = server.accept().unwrap();
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).unwrap();
+        (buf, peer)
+    });
+    let addr: std::net::SocketAddr = format!("[{to}]:7000").parse().unwrap();
+    let mut conn = trellis_integration::sockets::connect(from, addr, Duration::from_secs(3)).unwrap();
+    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::io::Write::write_all(&mut conn, &data).unwrap();
+    drop(conn);
+    let (got, peer) = reader.join().unwrap();
+    assert!(got == data, "the stream arrived whole ({} of {} bytes)", got.len(), data.len());
+    peer.ip().to_string()
+}
+
 fn addr6(e: &serde_json::Value) -> String {
     e["address6"].as_str().expect("an IPv6 address").split('/').next().unwrap().to_string()
 }
@@ -56,24 +79,7 @@ fn a_dual_stack_network_carries_ipv6_on_a_host_and_across_hosts() {
     }
     assert!(ping(&netns_of(&c), &a6, 2), "c cannot reach a over IPv6");
     // TCP over IPv6 across the hosts: 1 MiB through, intact.
-    let cns = netns_of(&c);
-    let server =
-        trellis_integration::sockets::in_ns(&cns, || std::net::TcpListener::bind("[::]:7000")).unwrap().unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut s, from) = server.accept().unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).unwrap();
-        (buf, from)
-    });
-    let to: std::net::SocketAddr = format!("[{c6}]:7000").parse().unwrap();
-    let mut conn = trellis_integration::sockets::connect(&ans, to, Duration::from_secs(3)).unwrap();
-    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
-    std::io::Write::write_all(&mut conn, &data).unwrap();
-    drop(conn);
-    let (got, from) = reader.join().unwrap();
-    assert!(got == data, "the stream arrived whole ({} of {} bytes)", got.len(), data.len());
-    assert_eq!(from.ip().to_string(), a6, "the server sees a's IPv6 address");
+    assert_eq!(stream_whole(&ans, &netns_of(&c), &c6), a6, "the server sees a's IPv6 address");
     // IPv4 still works beside it.
     let ip4 = |e: &serde_json::Value| e["address"].as_str().unwrap().split('/').next().unwrap().to_string();
     assert!(ping(&ans, &ip4(&c), 2));
@@ -355,24 +361,7 @@ fn an_ipv6_only_network_carries_traffic_on_a_host_and_across_hosts() {
         assert!(wait_for(Duration::from_secs(10), || ping(&ans, to, 1)), "a cannot reach {what} ({to})");
     }
     // TCP across the hosts: 1 MiB, whole, from a's address.
-    let server = trellis_integration::sockets::in_ns(&netns_of(&c), || std::net::TcpListener::bind("[::]:7000"))
-        .unwrap()
-        .unwrap();
-    let reader = std::thread::spawn(move || {
-        use std::io::Read;
-        let (mut s, from) = server.accept().unwrap();
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).unwrap();
-        (buf, from)
-    });
-    let to: std::net::SocketAddr = format!("[{c6}]:7000").parse().unwrap();
-    let mut conn = trellis_integration::sockets::connect(&ans, to, Duration::from_secs(3)).unwrap();
-    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
-    std::io::Write::write_all(&mut conn, &data).unwrap();
-    drop(conn);
-    let (got, from) = reader.join().unwrap();
-    assert!(got == data, "the stream arrived whole ({} of {} bytes)", got.len(), data.len());
-    assert_eq!(from.ip().to_string(), a6);
+    assert_eq!(stream_whole(&ans, &netns_of(&c), &c6), a6);
     // Names: AAAA (and no A), PTR, from the gateway's server; through an
     // outside resolver's address too (the program sends it there).
     let dig = |args: &[&str]| {

@@ -50,10 +50,30 @@ fn metrics_pass_promtool_and_count_what_happens() {
     trellis_integration::promtool_check(&text);
 }
 
+/// `trellisctl monitor --json ARGS` against host `h`, its output piped.
+fn monitor(h: &Host, args: &[&str]) -> std::process::Child {
+    Command::new(trellis_integration::bin("trellisctl"))
+        .arg("--socket")
+        .arg(h.socket())
+        .args(["monitor", "--json"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A monitor's first event.
+fn first_line(child: &mut std::process::Child) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+}
+
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
-    use std::io::{BufRead, BufReader};
     require_root();
     let mut h = Host::bare().unwrap();
     h.extra_args = vec!["--ebpf".into()];
@@ -61,17 +81,7 @@ fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
     h.ctl(&["network", "create", "app", "--subnet", "10.59.0.0/24", "--attachable"]).unwrap();
     let a = h.attach("app", "a", &[]).unwrap();
     let b = h.attach("app", "b", &[]).unwrap();
-    let monitor = |args: &[&str]| {
-        Command::new(trellis_integration::bin("trellisctl"))
-            .arg("--socket")
-            .arg(h.socket())
-            .args(["monitor", "--json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let monitor = |args: &[&str]| monitor(&h, args);
     let mut drops = monitor(&["--verdict", "dropped", "--network", "app", "--count", "1"]);
     let mut passes = monitor(&["--verdict", "passed", "--endpoint", "a", "--count", "1"]);
     std::thread::sleep(Duration::from_millis(500)); // subscribed
@@ -81,11 +91,6 @@ fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
     let _ = in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "10.59.0.99", &ip_of(&b)])
         .stdout(Stdio::null())
         .status();
-    let first_line = |child: &mut std::process::Child| {
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    };
     let d = first_line(&mut drops);
     assert_eq!(d["verdict"], "dropped", "{d}");
     assert_eq!(d["reason"], "spoofed_ip", "{d}");
@@ -110,7 +115,6 @@ fn monitor_shows_a_spoofed_packets_drop_and_flow_starts() {
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn monitor_shows_ipv6_flow_starts_and_drops_with_their_addresses() {
-    use std::io::{BufRead, BufReader};
     require_root();
     let mut h = Host::bare().unwrap();
     h.extra_args = vec!["--ebpf".into()];
@@ -121,17 +125,7 @@ fn monitor_shows_ipv6_flow_starts_and_drops_with_their_addresses() {
     let b = h.attach("app6", "b", &[]).unwrap();
     let v6 = |e: &serde_json::Value| e["address6"].as_str().unwrap().split('/').next().unwrap().to_string();
     let (a6, b6) = (v6(&a), v6(&b));
-    let monitor = |args: &[&str]| {
-        Command::new(trellis_integration::bin("trellisctl"))
-            .arg("--socket")
-            .arg(h.socket())
-            .args(["monitor", "--json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let monitor = |args: &[&str]| monitor(&h, args);
     let mut drops = monitor(&["--verdict", "dropped", "--endpoint", "a", "--count", "1"]);
     let mut passes = monitor(&["--verdict", "passed", "--endpoint", "a", "--count", "1"]);
     std::thread::sleep(Duration::from_millis(500)); // subscribed
@@ -140,11 +134,6 @@ fn monitor_shows_ipv6_flow_starts_and_drops_with_their_addresses() {
     let _ = in_netns(&netns_of(&a), "ping", &["-c", "1", "-W", "1", "-I", "fd00:58::99", &b6])
         .stdout(Stdio::null())
         .status();
-    let first_line = |child: &mut std::process::Child| {
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
-    };
     let p = first_line(&mut passes);
     assert_eq!(
         (p["protocol"].as_str(), p["src"].as_str(), p["dst"].as_str()),

@@ -47,6 +47,36 @@ static __always_inline int echo_reply(struct __sk_buff *skb, const struct flow *
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* What a reset answering TCP segment `t` (with `payload` bytes of data)
+ * says: the segment's ack as its sequence number, or, to a segment
+ * without one, an ack of everything the segment carried. */
+struct reset_numbers {
+	__u32 seq;
+	__u32 ack_seq;
+	int has_ack;
+};
+
+static __always_inline void reset_numbers_of(const struct tcphdr *t, __u32 payload, struct reset_numbers *r)
+{
+	r->has_ack = t->ack;
+	r->seq = r->has_ack ? t->ack_seq : 0;
+	r->ack_seq = r->has_ack ? 0 : bpf_htonl(bpf_ntohl(t->seq) + payload + t->syn + t->fin);
+}
+
+/* Write that reset's TCP header (no options) over `t`, from `sport` to
+ * `dport`; its checksum is the caller's. */
+static __always_inline void write_reset(struct tcphdr *t, __u16 sport, __u16 dport, const struct reset_numbers *r)
+{
+	__builtin_memset(t, 0, sizeof(*t));
+	t->source = sport;
+	t->dest = dport;
+	t->seq = r->seq;
+	t->ack_seq = r->ack_seq;
+	t->doff = 5;
+	t->rst = 1;
+	t->ack = !r->has_ack;
+}
+
 /* Answer a TCP segment to a VIP with a reset from the VIP (no such port,
  * no backend, or the flow's backend left). The frame is cut down to the
  * headers and turned around. */
@@ -62,13 +92,8 @@ static __always_inline int tcp_reset(struct __sk_buff *skb, const struct flow *f
 		return TC_ACT_SHOT;
 	if (t->rst)
 		return TC_ACT_SHOT;
-	__u32 payload = bpf_ntohs(ip->tot_len) - 20 - t->doff * 4;
-	__u32 seq = 0, ack_seq = 0;
-	int has_ack = t->ack;
-	if (has_ack)
-		seq = t->ack_seq;
-	else
-		ack_seq = bpf_htonl(bpf_ntohl(t->seq) + payload + t->syn + t->fin);
+	struct reset_numbers r;
+	reset_numbers_of(t, bpf_ntohs(ip->tot_len) - 20 - t->doff * 4, &r);
 	__u8 client_mac[ETH_ALEN];
 	struct ethhdr *eth = data;
 	__builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
@@ -97,14 +122,7 @@ static __always_inline int tcp_reset(struct __sk_buff *skb, const struct flow *f
 	ip->check = 0;
 	ip->check = csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, 20, 0));
 
-	__builtin_memset(t, 0, sizeof(*t));
-	t->source = f->dport;
-	t->dest = f->sport;
-	t->seq = seq;
-	t->ack_seq = ack_seq;
-	t->doff = 5;
-	t->rst = 1;
-	t->ack = !has_ack;
+	write_reset(t, f->dport, f->sport, &r);
 	struct {
 		__u32 saddr, daddr;
 		__u8 zero, proto;

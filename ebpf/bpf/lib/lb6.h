@@ -29,7 +29,7 @@
 /* The IPv6 VIP path's locals, here rather than on the stack: the endpoint
  * program's own frame leaves a called function about a hundred bytes. */
 struct v6_scratch {
-	struct flow6 f6; /* the packet, as the endpoint program parsed it */
+	struct flow6 f6; /* the packet (a VIP's, or any while events are on) */
 	struct vip6_key vk;
 	struct svc6_key sk;
 	struct flow6_key fk;
@@ -187,13 +187,8 @@ static __always_inline int tcp_reset6(struct __sk_buff *skb, struct v6_scratch *
 	struct tcphdr *t = (void *)(ip6 + 1);
 	if ((void *)(t + 1) > end || t->rst)
 		return TC_ACT_SHOT;
-	__u32 payload = bpf_ntohs(ip6->payload_len) - t->doff * 4;
-	__u32 seq = 0, ack_seq = 0;
-	int has_ack = t->ack;
-	if (has_ack)
-		seq = t->ack_seq;
-	else
-		ack_seq = bpf_htonl(bpf_ntohl(t->seq) + payload + t->syn + t->fin);
+	struct reset_numbers r;
+	reset_numbers_of(t, bpf_ntohs(ip6->payload_len) - t->doff * 4, &r);
 	__u16 cport = t->source, vport = t->dest;
 	__builtin_memcpy(s->client_mac, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(s->client, ip6->saddr.in6_u.u6_addr8, 16);
@@ -215,14 +210,7 @@ static __always_inline int tcp_reset6(struct __sk_buff *skb, struct v6_scratch *
 	ip6->hop_limit = 64;
 	__builtin_memcpy(ip6->saddr.in6_u.u6_addr8, s->vip, 16);
 	__builtin_memcpy(ip6->daddr.in6_u.u6_addr8, s->client, 16);
-	__builtin_memset(t, 0, sizeof(*t));
-	t->source = vport;
-	t->dest = cport;
-	t->seq = seq;
-	t->ack_seq = ack_seq;
-	t->doff = 5;
-	t->rst = 1;
-	t->ack = !has_ack;
+	write_reset(t, vport, cport, &r);
 	__s64 sum = csum6(s, s->vip, s->client, PROTO_TCP, t, 20);
 	if (sum < 0)
 		return TC_ACT_SHOT;
@@ -282,8 +270,7 @@ static __always_inline int select_backend6(struct __sk_buff *skb, struct v6_scra
 /* vip6_from_endpoint's answer when the packet is no VIP's business. */
 #define VIP6_NOT -1
 
-/* An IPv6 packet from the endpoint (its source checked, parsed into
- * `v6_scratch`'s f6 by the caller): if it is to an
+/* An IPv6 packet from the endpoint (its source checked): if it is to an
  * IPv6 VIP, or solicits a VIP's address, what becomes of it (a TC
  * verdict); else VIP6_NOT. Not inlined, its locals in `v6_scratch`: the
  * endpoint program's frame leaves little room. */
@@ -313,6 +300,7 @@ static __attribute__((noinline)) int vip6_from_endpoint(struct __sk_buff *skb, c
 		__builtin_memcpy(s->vip, s->vk.vip, 16);
 		return na_reply(skb, s);
 	}
+	parse_flow6(ip6, data, end, &s->f6);
 	if (v->net_id != ep->net_id)
 		return drop6(c, DROP_ISOLATION, ifindex, &s->f6);
 	__u32 backends = v->backends;

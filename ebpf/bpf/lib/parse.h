@@ -86,16 +86,12 @@ struct flow6 {
 	__u8 saddr[16], daddr[16];
 };
 
-static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, struct flow *f)
+/* The ports and kind of the L4 header at `l4` (protocol `proto`; an echo
+ * request is ICMP's `echo_type` of protocol `icmp`), if it is whole. */
+static __always_inline void parse_l4(void *l4, void *data, void *end, __u8 proto, __u8 icmp, __u8 echo_type,
+				     struct flow *f)
 {
-	f->family = 4;
-	f->saddr = ip->saddr;
-	f->daddr = ip->daddr;
-	f->proto = ip->protocol;
-	if (ip->ihl < 5)
-		return;
-	void *l4 = (void *)ip + ip->ihl * 4;
-	if (ip->protocol == PROTO_TCP) {
+	if (proto == PROTO_TCP) {
 		struct tcphdr *t = l4;
 		if ((void *)(t + 1) <= end) {
 			f->sport = t->source;
@@ -107,21 +103,32 @@ static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, 
 			f->ack = t->ack;
 			f->l4off = l4 - data;
 		}
-	} else if (ip->protocol == PROTO_UDP) {
+	} else if (proto == PROTO_UDP) {
 		struct udphdr *u = l4;
 		if ((void *)(u + 1) <= end) {
 			f->sport = u->source;
 			f->dport = u->dest;
 			f->l4off = l4 - data;
 		}
-	} else if (ip->protocol == PROTO_ICMP) {
+	} else if (proto == icmp) {
 		struct icmp_hdr *i = l4;
 		if ((void *)(i + 1) <= end) {
-			f->echo = i->type == ICMP_ECHO_REQUEST && i->code == 0;
+			f->echo = i->type == echo_type && i->code == 0;
 			f->start = f->echo;
 			f->l4off = l4 - data;
 		}
 	}
+}
+
+static __always_inline void parse_flow(struct iphdr *ip, void *data, void *end, struct flow *f)
+{
+	f->family = 4;
+	f->saddr = ip->saddr;
+	f->daddr = ip->daddr;
+	f->proto = ip->protocol;
+	if (ip->ihl < 5)
+		return;
+	parse_l4((void *)ip + ip->ihl * 4, data, end, ip->protocol, PROTO_ICMP, ICMP_ECHO_REQUEST, f);
 }
 
 /* The addresses, ports and kind of an IPv6 packet into `f6` (ports and
@@ -135,34 +142,7 @@ static __always_inline void parse_flow6(struct ipv6hdr *ip6, void *data, void *e
 	__builtin_memcpy(f6->saddr, ip6->saddr.in6_u.u6_addr8, 16);
 	__builtin_memcpy(f6->daddr, ip6->daddr.in6_u.u6_addr8, 16);
 	f->proto = ip6->nexthdr;
-	void *l4 = (void *)(ip6 + 1);
-	if (ip6->nexthdr == PROTO_TCP) {
-		struct tcphdr *t = l4;
-		if ((void *)(t + 1) <= end) {
-			f->sport = t->source;
-			f->dport = t->dest;
-			f->syn = t->syn && !t->ack;
-			f->start = f->syn;
-			f->fin = t->fin;
-			f->rst = t->rst;
-			f->ack = t->ack;
-			f->l4off = l4 - data;
-		}
-	} else if (ip6->nexthdr == PROTO_UDP) {
-		struct udphdr *u = l4;
-		if ((void *)(u + 1) <= end) {
-			f->sport = u->source;
-			f->dport = u->dest;
-			f->l4off = l4 - data;
-		}
-	} else if (ip6->nexthdr == 58) {
-		struct icmp_hdr *i = l4;
-		if ((void *)(i + 1) <= end) {
-			f->echo = i->type == 128 && i->code == 0;
-			f->start = f->echo;
-			f->l4off = l4 - data;
-		}
-	}
+	parse_l4((void *)(ip6 + 1), data, end, ip6->nexthdr, 58 /* ICMPv6 */, 128 /* echo request */, f);
 }
 
 #endif

@@ -92,15 +92,7 @@ pub fn tcp(
     flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut t = Vec::with_capacity(20 + payload.len());
-    t.extend_from_slice(&sport.to_be_bytes());
-    t.extend_from_slice(&dport.to_be_bytes());
-    t.extend_from_slice(&seq.to_be_bytes());
-    t.extend_from_slice(&ack.to_be_bytes());
-    t.extend_from_slice(&[5 << 4, flags]);
-    t.extend_from_slice(&64240u16.to_be_bytes());
-    t.extend_from_slice(&[0, 0, 0, 0]);
-    t.extend_from_slice(payload);
+    let mut t = tcp_bare(sport, dport, seq, ack, flags, 64240, payload);
     let c = l4_checksum(src, dst, PROTO_TCP, &t);
     t[16..18].copy_from_slice(&c.to_be_bytes());
     t
