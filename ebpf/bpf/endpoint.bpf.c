@@ -167,6 +167,15 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 			return drop6(c, DROP_SPOOF_IPV6, ifindex, f6);
 		if (ndp_spoofed(ip6, end, ep))
 			return drop6(c, DROP_SPOOF_IPV6, ifindex, f6);
+		/* A plain query over UDP to the network's resolver, its IPv6
+		 * gateway: answered here when it can be, as over IPv4. */
+		int dns6_fast = ip6->nexthdr == PROTO_UDP && (ep->flags & EP_DNS_FAST) && (config_flags() & CFG_DNS_KERNEL);
+		__u16 *ports6 = (void *)(ip6 + 1);
+		if (dns6_fast && ((void *)(ports6 + 2) > end || ports6[1] != bpf_htons(53)))
+			dns6_fast = 0;
+		if (dns6_fast && addr6_eq(ip6->daddr.in6_u.u6_addr8, ep->gw6) &&
+		    trellis_dns_fast(skb, ep->net_id, DNS_UDP_OFF6) > 0)
+			return answer_dns(skb, c);
 		/* To an IPv6 VIP (or soliciting one's address): lb6.h. */
 		int vip6 = vip6_from_endpoint(skb, ep, c);
 		if (vip6 != VIP6_NOT)
@@ -183,6 +192,17 @@ int trellis_from_endpoint(struct __sk_buff *skb)
 		struct net6_key k6 = {.prefixlen = 128};
 		__builtin_memcpy(k6.ip, &ip6->daddr, 16);
 		struct net_info *n6 = bpf_map_lookup_elem(&nets6, &k6);
+		if (!n6 && (ep->flags & EP_DNS) && dns6_fast && own_ip6(ip6->saddr.in6_u.u6_addr8, ep)) {
+			/* To a resolver outside Trellis: answered here too when it
+			 * can be, from the address asked. */
+			if (trellis_dns_fast(skb, ep->net_id, DNS_UDP_OFF6) > 0)
+				return answer_dns(skb, c);
+			data = skb_data(skb);
+			end = skb_end(skb);
+			ip6 = data + ETH_HLEN_;
+			if ((void *)(ip6 + 1) > end)
+				return drop6(c, DROP_MALFORMED, ifindex, f6);
+		}
 		if (n6) {
 			if (n6->net_id != ep->net_id)
 				return drop6(c, DROP_ISOLATION, ifindex, f6);

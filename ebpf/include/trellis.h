@@ -12,7 +12,8 @@
 #define EP_DNS 2      /* the agent answers DNS on the gateway: queries to
 		       * resolvers outside Trellis are sent there */
 #define EP_DNS_FAST 4 /* its container is on this network only: its plain
-		       * A queries may be answered from the `dns` map */
+		       * A and AAAA queries (over IPv4 or IPv6) may be
+		       * answered from the `dns` map */
 
 /* What the datapath knows of an endpoint, keyed by the ifindex of its
  * host-side veth. */

@@ -932,3 +932,56 @@ fn udp_to_an_ipv6_vip_is_dnated_and_translated_back_and_swept_when_idle() {
     assert_eq!((swept.removed_ct, swept.removed_rnat), (1, 1), "idle past UDP's lifetime: both directions go");
     assert!(lab.dp.endpoint_flows6(RunLab::IFINDEX).unwrap().is_empty());
 }
+
+/// The in-kernel DNS path over IPv6 transport: a plain AAAA (or A) query
+/// to the network's IPv6 gateway, or to a resolver outside Trellis, is
+/// answered in place with the reply the server would write, its UDP
+/// checksum computed (mandatory over IPv6), from the address asked; a
+/// query to another endpoint's address (a DNS server of its own) is not.
+#[test]
+#[ignore = "needs root: run the suite as root with --run-ignored all"]
+fn dns_queries_over_ipv6_are_answered_in_place_too() {
+    let mut lab = lab();
+    let gw6: Ipv6Addr = "fd00:210::1".parse().unwrap();
+    let ep = endpoint().with_ip6(OWN6).with_dns_at(GW_IP, GW_MAC).with_dns6_at(gw6);
+    lab.dp.set_endpoint(RunLab::IFINDEX, ep.with_flags(ep.flags | EP_DNS_FAST)).unwrap();
+    lab.dp.put_net6(("fd00:210::".parse().unwrap(), 64), NetInfo { net_id: NET, flags: 0 }).unwrap();
+    let web6: Ipv6Addr = "fd00:210::7".parse().unwrap();
+    let aaaa = trellis_ebpf::DNS_TYPE_AAAA;
+    lab.dp.put_dns(DnsKey::of_type(NET, "web.app", aaaa).unwrap(), DnsAnswer::new(web6, 5)).unwrap();
+    lab.dp.put_dns(DnsKey::new(NET, "web.app").unwrap(), DnsAnswer::new(Ipv4Addr::new(10, 210, 0, 7), 5)).unwrap();
+    lab.dp.set_config(CFG_DNS_KERNEL, true).unwrap();
+    let query = |to: Ipv6Addr, name: &str, qtype: u16| {
+        let d = dns_query(0x2222, 0x0100, name, qtype);
+        eth(GW_MAC, EP_MAC, ETH_P_IPV6, &ipv6_l4(OWN6, to, PROTO_UDP, 64, &udp_bare(40000, 53, &d)))
+    };
+    let reply = |q: &[u8], from: Ipv6Addr, rr: &[u8]| {
+        let asked = &q[14 + 40 + 8..];
+        let mut d = asked.to_vec();
+        d[2] = 0x80 | 0x04 | (asked[2] & 0x01);
+        d[3] = 0;
+        d[7] = 1;
+        d.extend_from_slice(&[0xc0, 0x0c, 0, rr[0], 0, 1, 0, 0, 0, 5, 0, (rr.len() - 1) as u8]);
+        d.extend_from_slice(&rr[1..]);
+        eth(EP_MAC, GW_MAC, ETH_P_IPV6, &ipv6_l4(from, OWN6, PROTO_UDP, 64, &udp_bare(53, 40000, &d)))
+    };
+    let mut aaaa_rr = vec![28u8];
+    aaaa_rr.extend_from_slice(&web6.octets());
+    for (to, what) in [(gw6, "the gateway"), ("2001:db8:53::53".parse().unwrap(), "an outside resolver")] {
+        let q = query(to, "WeB.app", aaaa);
+        let r = lab.send(&q);
+        assert_eq!(r.verdict, TC_ACT_REDIRECT, "to {what}");
+        let want = reply(&q, to, &aaaa_rr);
+        assert_eq!(r.frame, want, "to {what}\n got {:02x?}\nwant {want:02x?}", r.frame);
+    }
+    // An A query over IPv6 too (the name's IPv4 address).
+    let q = query(gw6, "web.app", 1);
+    let r = lab.send(&q);
+    assert_eq!((r.verdict, r.frame), (TC_ACT_REDIRECT, reply(&q, gw6, &[1, 10, 210, 0, 7])));
+    assert_eq!(lab.dp.dns_stats().unwrap().answered, 3);
+    // To another endpoint of the network (its own DNS server): through.
+    let q = query("fd00:210::9".parse().unwrap(), "web.app", aaaa);
+    let r = lab.send(&q);
+    assert_eq!((r.verdict, &r.frame), (TC_ACT_OK, &q));
+    assert_eq!(lab.dp.dns_stats().unwrap().answered, 3);
+}

@@ -377,6 +377,13 @@ fn an_ipv6_only_network_carries_traffic_on_a_host_and_across_hosts() {
     );
     assert_eq!(ask(&["A", "c"]), "", "no A record");
     assert_eq!(ask(&["-x", &c6]), "c.six.");
+    // A one-address name's AAAA over IPv6 is answered by the endpoint's
+    // program (the in-kernel path), as over IPv4 (a plain query, as libc
+    // resolvers send: no EDNS).
+    let kernel = || metric(h1, "trellis_dns_queries", "path=\"kernel\"");
+    let before = kernel();
+    assert_eq!(ask(&["+noedns", "AAAA", "b"]), b6);
+    assert!(wait_for(Duration::from_secs(3), || kernel() > before), "not answered in the kernel: {}", kernel());
     let outside = dig(&["@2001:db8:53::53", "+short", "+time=1", "+tries=3", "AAAA", "b.six"]);
     assert_eq!(outside, b6, "through an outside resolver's address");
     // Nothing of IPv4 leaves it, not even from an address it gives itself.

@@ -14,8 +14,10 @@
 #include "nat6.h"
 #include "parse.h"
 
-/* Where a query's parts are (IPv4 without options). */
+/* Where a query's parts are (IPv4 without options; IPv6 without
+ * extension headers). */
 #define DNS_UDP_OFF (ETH_HLEN_ + 20)
+#define DNS_UDP_OFF6 (ETH_HLEN_ + 40)
 #define DNS_HDR_END (DNS_UDP_OFF + 8 + 12)
 /* The answer record appended: name pointer, type, class, TTL, length,
  * address (4 bytes for A, 16 for AAAA). */
@@ -28,25 +30,73 @@
  * client's network's names with exactly one address of that family) is turned into the reply the
  * agent's server would write, and 1 returned: the caller sends it back
  * (answer_dns). Anything else returns -1 and goes on to the server. */
-/* A global (not inlined) function: the verifier checks it once, on its
- * own, rather than at every path that reaches it. */
-__attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_id, __u32 off)
+/* An IPv6 reply's UDP segment, copied out for its checksum (the verifier
+ * takes a map value of a bounded length where it would not take the
+ * packet's). */
+struct dns_segment {
+	__u8 b[128];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dns_segment);
+} dns_segment SEC(".maps");
+
+/* The UDP checksum of an IPv6 reply built in place (`len` bytes of UDP
+ * header and payload after a fixed IPv6 header): the pseudo-header's
+ * addresses, length and next header, then the segment (zero-padded to
+ * four bytes). */
+static __always_inline int udp6_checksum(struct __sk_buff *skb, __u32 len)
 {
-	if (!skb || off != DNS_UDP_OFF)
-		return -1; /* IP options: leave it to the server */
+	__u32 zero = 0;
+	struct dns_segment *seg = bpf_map_lookup_elem(&dns_segment, &zero);
+	if (!seg || len < 8 || len > 120)
+		return -1;
+	__builtin_memset(seg->b, 0, sizeof(seg->b));
+	if (bpf_skb_load_bytes(skb, DNS_UDP_OFF6, seg->b, len))
+		return -1;
+	void *data = skb_data(skb);
+	void *end = skb_end(skb);
+	struct ipv6hdr *ip6 = data + ETH_HLEN_;
+	struct udphdr *udp = data + DNS_UDP_OFF6;
+	if ((void *)(udp + 1) > end)
+		return -1;
+	__be32 tail[2] = { bpf_htonl(len), bpf_htonl(PROTO_UDP) };
+	__s64 sum = bpf_csum_diff(0, 0, (__be32 *)&ip6->saddr, 32, 0);
+	if (sum < 0)
+		return -1;
+	sum = bpf_csum_diff(0, 0, tail, sizeof(tail), sum);
+	if (sum < 0)
+		return -1;
+	__u32 size4 = (len + 3) & 0x7c;
+	sum = bpf_csum_diff(0, 0, (__be32 *)seg->b, size4, sum);
+	if (sum < 0)
+		return -1;
+	__u16 c = csum_fold(sum);
+	udp->check = c ? c : 0xffff;
+	return 0;
+}
+
+/* The fast path for a query whose UDP header is at `udp_off` (a constant:
+ * DNS_UDP_OFF, or DNS_UDP_OFF6 with `v6`). */
+static __always_inline int dns_fast_at(struct __sk_buff *skb, __u32 net_id, const __u32 udp_off, const int v6)
+{
+	const __u32 hdr_end = udp_off + 8 + 12;
 	/* Read and written in place (one helper call to copy the name for the
 	 * lookup, one to grow the packet): each bpf_skb_load_bytes or
 	 * bpf_skb_store_bytes call cost about as much as the rest together. */
 	void *data = skb_data(skb);
 	void *end = skb_end(skb);
-	if (data + DNS_HDR_END > end)
+	if (data + hdr_end > end)
 		return -1;
-	struct udphdr *udp = data + DNS_UDP_OFF;
-	__u8 *h = data + DNS_UDP_OFF + 8;
+	struct udphdr *udp = data + udp_off;
+	__u8 *h = data + udp_off + 8;
 	__u32 ulen = bpf_ntohs(udp->len);
 	/* The whole query in the linear part (so is its reply after growing). */
-	if (ulen < 8 + 12 + 1 + 4 || ulen > 8 + 12 + DNS_NAME_MAX + 4 || DNS_UDP_OFF + ulen != skb->len ||
-	    data + DNS_UDP_OFF + ulen != end)
+	if (ulen < 8 + 12 + 1 + 4 || ulen > 8 + 12 + DNS_NAME_MAX + 4 || udp_off + ulen != skb->len ||
+	    data + udp_off + ulen != end)
 		return -1;
 	/* QR=0, opcode QUERY, not truncated; one question, nothing else. */
 	if ((h[2] & 0xfa) != 0 || h[4] != 0 || h[5] != 1 || h[6] || h[7] || h[8] || h[9] || h[10] || h[11])
@@ -61,7 +111,7 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 	__u32 qlen = ulen - 8 - 12 - 4;
 	if (qlen < 1 || qlen > DNS_NAME_MAX)
 		goto pass;
-	if (bpf_skb_load_bytes(skb, DNS_HDR_END, k->name, qlen))
+	if (bpf_skb_load_bytes(skb, hdr_end, k->name, qlen))
 		goto pass;
 	/* Labels of at most 63 bytes (no compression in a question), ending
 	 * with the root exactly at the end: walked label by label (a name of
@@ -95,7 +145,7 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 		words[i] = x | ((ge_a & ~gt_z & ~x & 0x80808080) >> 2); /* 0x80 >> 2 = 0x20 */
 	}
 	/* Type and class, after the name (qlen is at most 64 here). */
-	__u8 *q = data + DNS_HDR_END + (qlen & (DNS_NAME_MAX * 2 - 1));
+	__u8 *q = data + hdr_end + (qlen & (DNS_NAME_MAX * 2 - 1));
 	if ((void *)(q + 4) > end)
 		goto pass;
 	if (q[0] != 0 || (q[1] != DNS_TYPE_A && q[1] != DNS_TYPE_AAAA) || q[2] != 0 || q[3] != 1)
@@ -117,15 +167,14 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 		goto pass;
 	data = skb_data(skb);
 	end = skb_end(skb);
-	if (data + DNS_HDR_END > end)
+	if (data + hdr_end > end)
 		return TC_ACT_SHOT;
-	__u8 *rr = data + DNS_UDP_OFF + (ulen & 0x7f);
+	__u8 *rr = data + udp_off + (ulen & 0x7f);
 	if ((void *)(rr + DNS_RR_LEN) > end)
 		return TC_ACT_SHOT;
 	struct ethhdr *eth = data;
-	struct iphdr *ip = data + ETH_HLEN_;
-	udp = data + DNS_UDP_OFF;
-	h = data + DNS_UDP_OFF + 8;
+	udp = data + udp_off;
+	h = data + udp_off + 8;
 
 	/* The MACs swapped in registers, two bytes at a time. */
 	__u16 *src16 = (__u16 *)eth->h_source, *dst16 = (__u16 *)eth->h_dest;
@@ -135,25 +184,39 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 		src16[i] = dst16[i];
 		dst16[i] = t;
 	}
-	__u32 a4 = ip->saddr;
-	ip->saddr = ip->daddr;
-	ip->daddr = a4;
-	ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + rrlen);
-	ip->ttl = 64;
-	ip->check = 0;
-	__u32 sum = 0;
-	__u16 *w = (__u16 *)ip;
+	if (v6) {
+		struct ipv6hdr *ip6 = data + ETH_HLEN_;
+		__u32 *s6 = (__u32 *)ip6->saddr.in6_u.u6_addr32, *d6 = (__u32 *)ip6->daddr.in6_u.u6_addr32;
 #pragma unroll
-	for (int i = 0; i < 10; i++)
-		sum += w[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	ip->check = ~sum & 0xffff;
+		for (int i = 0; i < 4; i++) {
+			__u32 t = s6[i];
+			s6[i] = d6[i];
+			d6[i] = t;
+		}
+		ip6->payload_len = bpf_htons(ulen + rrlen);
+		ip6->hop_limit = 64;
+	} else {
+		struct iphdr *ip = data + ETH_HLEN_;
+		__u32 a4 = ip->saddr;
+		ip->saddr = ip->daddr;
+		ip->daddr = a4;
+		ip->tot_len = bpf_htons(bpf_ntohs(ip->tot_len) + rrlen);
+		ip->ttl = 64;
+		ip->check = 0;
+		__u32 sum = 0;
+		__u16 *w = (__u16 *)ip;
+#pragma unroll
+		for (int i = 0; i < 10; i++)
+			sum += w[i];
+		sum = (sum & 0xffff) + (sum >> 16);
+		sum = (sum & 0xffff) + (sum >> 16);
+		ip->check = ~sum & 0xffff;
+	}
 	__u16 port = udp->source;
 	udp->source = udp->dest;
 	udp->dest = port;
 	udp->len = bpf_htons(ulen + rrlen);
-	udp->check = 0; /* optional over IPv4 */
+	udp->check = 0; /* optional over IPv4; over IPv6 computed below */
 	h[2] = 0x80 | 0x04 | rd;
 	h[3] = ra;
 	h[7] = 1;
@@ -178,10 +241,26 @@ __attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_
 		rr[11] = 4;
 		__builtin_memcpy(&rr[12], ans->addr, 4);
 	}
+	if (v6 && udp6_checksum(skb, ulen + rrlen))
+		return TC_ACT_SHOT;
 	dns_count(1);
 	return 1;
 pass:
 	dns_count(0);
+	return -1;
+}
+
+/* A global (not inlined) function: the verifier checks it once, on its
+ * own, rather than at every path that reaches it. `off`: where the UDP
+ * header is (IPv4 options, IPv6 extension headers: left to the server). */
+__attribute__((noinline)) int trellis_dns_fast(struct __sk_buff *skb, __u32 net_id, __u32 off)
+{
+	if (!skb)
+		return -1;
+	if (off == DNS_UDP_OFF)
+		return dns_fast_at(skb, net_id, DNS_UDP_OFF, 0);
+	if (off == DNS_UDP_OFF6)
+		return dns_fast_at(skb, net_id, DNS_UDP_OFF6, 1);
 	return -1;
 }
 

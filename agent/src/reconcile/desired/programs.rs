@@ -40,7 +40,7 @@ pub fn programs(
             _ => None,
         };
         let alone = nets_of_sandbox.get(spec.netns.as_os_str()).is_none_or(|s| s.len() <= 1);
-        let dns_fast = me.dns_kernel && dns_at.is_some() && alone && !n.ipv6_only();
+        let dns_fast = me.dns_kernel && dns_at.is_some() && alone;
         d.programs.insert(name.clone(), ProgramSpec { vni: n.vni, internal: n.internal, dns_at, dns6_at, dns_fast });
     }
 }
