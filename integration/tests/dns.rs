@@ -327,7 +327,10 @@ fn kernel_and_userspace_paths_give_identical_answers() {
     ];
     let mut queries: Vec<(std::path::PathBuf, &str, Vec<&str>)> = Vec::new();
     for (i, n) in names.iter().enumerate() {
-        for (ns, server) in [(&c, gw), (&both_ns, gw), (&c, "192.0.2.53")] {
+        // Over IPv4 and over IPv6 transport (the gateway's IPv6 address,
+        // an outside IPv6 resolver's).
+        for (ns, server) in [(&c, gw), (&both_ns, gw), (&c, "192.0.2.53"), (&c, "fd00:54::1"), (&c, "2001:db8:53::53")]
+        {
             let qtype = ["A", "A", "AAAA", "ANY"][i % 4];
             queries.push((ns.clone(), server, vec![*n, "A"]));
             queries.push((ns.clone(), server, vec![*n, "AAAA"]));
@@ -365,6 +368,16 @@ fn kernel_and_userspace_paths_give_identical_answers() {
     let answered6 = kernel_answered(&h) - before6;
     assert!(answered6 >= 14, "the kernel answered {answered6} AAAA queries: {aaaa:#?}");
     assert!(aaaa.iter().any(|a| a.contains(r"\tin\taaaa\tfd00:54::")), "{aaaa:#?}");
+    // Over IPv6 transport the one-network client's plain queries are the
+    // kernel's as well.
+    let before_v6 = kernel_answered(&h);
+    for server in ["fd00:54::1", "2001:db8:53::53"] {
+        for t in ["A", "AAAA"] {
+            assert!(answer_of(&c, server, &["web1", t]).contains("status=NOERROR"), "web1 {t} via {server}");
+        }
+    }
+    let over_v6 = kernel_answered(&h) - before_v6;
+    assert_eq!(over_v6, 4, "the kernel answered {over_v6} of 4 queries over IPv6 transport");
     assert!(userspace.iter().any(|a| a.contains("status=NXDOMAIN")), "the set has misses too");
     assert!(userspace.iter().filter(|a| a.contains(r"\tin\ta\t")).count() >= 20, "and hits: {userspace:#?}");
     assert!(userspace.iter().filter(|a| a.contains(r"\tin\taaaa\t")).count() >= 14, "AAAA hits: {userspace:#?}");
