@@ -180,6 +180,19 @@ impl Client {
         Ok(c)
     }
 
+    /// `n` requests to `to`, counted by the backend that answered (the
+    /// first word of its line), each checked to have seen `client_ip`.
+    pub fn spread(&self, to: SocketAddr, n: usize, client_ip: &str) -> std::collections::BTreeMap<String, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        for i in 0..n {
+            let line = self.request(to).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
+            let (name, saw) = line.split_once(' ').unwrap_or_else(|| panic!("a backend's line: {line:?}"));
+            assert_eq!(saw, client_ip, "the backend must see the client's address");
+            *seen.entry(name.to_string()).or_default() += 1;
+        }
+        seen
+    }
+
     /// One request: the backend's line.
     pub fn request(&self, to: SocketAddr) -> std::io::Result<String> {
         let mut c = self.connect(to)?;

@@ -252,7 +252,6 @@ fn without_ebpf_dns_over_ipv6_goes_to_the_gateway_too() {
 #[test]
 #[ignore = "needs root: run the suite as root with --run-ignored all"]
 fn an_ipv6_vip_balances_over_backends_on_three_hosts() {
-    use std::collections::BTreeMap;
     use trellis_integration::sockets::{Backend, Client};
     require_root();
     let lab = Lab::new(3, 3000).unwrap();
@@ -307,16 +306,7 @@ fn an_ipv6_vip_balances_over_backends_on_three_hosts() {
     // backend's count is binomial, σ ≈ 26: ±100 is 3.9 σ), each seeing the
     // client's own address.
     let to: std::net::SocketAddr = format!("[{vip6}]:80").parse().unwrap();
-    let spread = |n: usize| {
-        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-        for i in 0..n {
-            let line = client.request(to).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
-            let (name, saw) = line.split_once(' ').unwrap();
-            assert_eq!(saw, c6, "the backend must see the client's IPv6 address");
-            *seen.entry(name.to_string()).or_default() += 1;
-        }
-        seen
-    };
+    let spread = |n: usize| client.spread(to, n, &c6);
     let seen = spread(3000);
     assert_eq!(seen.len(), 3, "{seen:?}");
     for (name, n) in &seen {

@@ -21,14 +21,7 @@ fn vip_of(svc: &serde_json::Value) -> SocketAddr {
 /// Requests `n` times; counts answers by backend name, and checks every
 /// backend saw the client's own address.
 fn spread(client: &Client, to: SocketAddr, n: usize, client_ip: &str) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for i in 0..n {
-        let line = client.request(to).unwrap_or_else(|e| panic!("request {i} to {to}: {e}"));
-        let (name, saw) = line.split_once(' ').unwrap();
-        assert_eq!(saw, client_ip, "the backend must see the client's address");
-        *seen.entry(name.to_string()).or_default() += 1;
-    }
-    seen
+    client.spread(to, n, client_ip)
 }
 
 /// Metric value `name{labels…}` from a host's /metrics (sum over series

@@ -634,20 +634,7 @@ fn a_dual_stack_service_has_ipv6_vip_tables_beside_the_ipv4_ones() {
         backend("b3", "10.1.0.4", "fd00:1::4", "h3"),
         endpoint("c1", "aaaa", "10.1.0.9", "h1"),
     ];
-    let hosts: Vec<HostRecord> = [("h1", "192.0.2.1"), ("h2", "192.0.2.2")]
-        .iter()
-        .map(|(id, ip)| HostRecord {
-            id: (*id).into(),
-            hostname: (*id).into(),
-            underlay: ip.parse().unwrap(),
-            vtep_mac: "02:00:00:00:00:09".parse().unwrap(),
-            vxlan_port: 4789,
-            capabilities: Default::default(),
-            version: String::new(),
-            started_unix: 0,
-            underlay_mtu: 0,
-        })
-        .collect();
+    let hosts = vec![host("h1", "192.0.2.1"), host("h2", "192.0.2.2")];
     let me = Identity { ebpf: true, underlay: Some("192.0.2.1".parse().unwrap()), ..Identity::local("h1") };
     let vip6: std::net::Ipv6Addr = "fd00:1::ffff:ffff:ffff:ff7f".parse().unwrap();
     let mut web = service("web", "aaaa", "10.1.0.254");

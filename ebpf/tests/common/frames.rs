@@ -100,12 +100,7 @@ pub fn tcp(
 
 /// A UDP datagram with its checksum.
 pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::with_capacity(8 + payload.len());
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
+    let mut u = udp_bare(sport, dport, payload);
     let c = l4_checksum(src, dst, PROTO_UDP, &u);
     u[6..8].copy_from_slice(&c.to_be_bytes());
     u
